@@ -1,0 +1,122 @@
+"""The one operation every backend implements: evaluate one stage of a step plan.
+
+Signature (the backend contract, shared by the torch reference, Triton and C++/CUDA)::
+
+    fused_step(z, out, model_out, model_out_uncond, history, table, step,
+               seeds=None, noise=None, x_out=None, model_in_out=None, clip=None,
+               use_noise=False) -> None
+
+* ``z``: state ``[B, ...]`` (float32, bfloat16, float16 or float64 for the reference).
+* ``out``: the next state, same shape and dtype as ``z``; may be ``z`` itself.
+* ``model_out``: model output (the conditional one when guided), same shape as ``z``,
+  any floating dtype. ``model_out_uncond``: the unconditional output, or None.
+* ``history``: 0 to 3 tensors shaped like ``z``, bound to slots ``h0, h1, h2``.
+* ``table``: coefficient table ``[stages, NUM_COEFS]`` on ``z``'s device
+  (float32 for kernels; the reference computes in float64 for float64 states).
+* ``step``: the row to use, a Python int or an integer tensor of one element on
+  ``z``'s device (graph mode: read on the device, never on the host). It is also
+  the noise counter's step index.
+* ``seeds``: int64 ``[B]`` per-sample seeds, needed when ``use_noise`` and ``noise``
+  is None. ``noise``: explicit standard-normal noise shaped like ``z``.
+* ``x_out``: if given, receives x_hat (after clipping), same shape as ``z``.
+* ``model_in_out``: if given, receives ``CIN * z_next`` cast to its dtype; its batch
+  may be ``2B``, in which case both halves receive it (classifier-free guidance).
+* ``clip``: clamp x_hat to ``[-clip, clip]`` when not None.
+
+Arithmetic is float32 (float64 for float64 states); every output is rounded once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+
+from ..plan import MAX_HISTORY
+
+
+class Backend(Protocol):
+    name: str
+
+    def availability(self) -> str | None:
+        """None when usable, else the reason it is not."""
+
+    def supports(self, device: torch.device) -> str | None:
+        """None when this backend runs on ``device``, else the reason it does not."""
+
+    def fused_step(
+        self,
+        z: torch.Tensor,
+        out: torch.Tensor,
+        model_out: torch.Tensor,
+        model_out_uncond: torch.Tensor | None,
+        history: Sequence[torch.Tensor],
+        table: torch.Tensor,
+        step: int | torch.Tensor,
+        seeds: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+        x_out: torch.Tensor | None = None,
+        model_in_out: torch.Tensor | None = None,
+        clip: float | None = None,
+        use_noise: bool = False,
+    ) -> None: ...
+
+
+def check_step_args(
+    z: torch.Tensor,
+    out: torch.Tensor,
+    model_out: torch.Tensor,
+    model_out_uncond: torch.Tensor | None,
+    history: Sequence[torch.Tensor],
+    table: torch.Tensor,
+    seeds: torch.Tensor | None,
+    noise: torch.Tensor | None,
+    x_out: torch.Tensor | None,
+    model_in_out: torch.Tensor | None,
+    use_noise: bool,
+) -> None:
+    """Shape, dtype and device checks shared by all backends (metadata only: no sync)."""
+    if not z.is_floating_point():
+        raise TypeError(f"state must be floating point, got {z.dtype}")
+    if z.dim() < 1:
+        raise ValueError("state must have a batch dimension")
+
+    def same(name: str, t: torch.Tensor) -> None:
+        if t.shape != z.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, state has {tuple(z.shape)}")
+        if t.device != z.device:
+            raise ValueError(f"{name} is on {t.device}, state is on {z.device}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be floating point, got {t.dtype}")
+
+    same("model output", model_out)
+    same("output state", out)
+    if out.dtype != z.dtype:
+        raise TypeError(f"output state dtype {out.dtype} differs from the state's {z.dtype}")
+    if model_out_uncond is not None:
+        same("unconditional model output", model_out_uncond)
+    if len(history) > MAX_HISTORY:
+        raise ValueError(f"at most {MAX_HISTORY} history tensors, got {len(history)}")
+    for k, h in enumerate(history):
+        same(f"history tensor h{k}", h)
+    if x_out is not None:
+        same("x_hat output", x_out)
+    if noise is not None:
+        same("noise", noise)
+    if use_noise and noise is None:
+        if seeds is None:
+            raise ValueError("this stage draws noise: pass seeds or an explicit noise tensor")
+        if seeds.dtype != torch.int64 or seeds.shape != (z.shape[0],) or seeds.device != z.device:
+            raise ValueError(f"seeds must be int64 [{z.shape[0]}] on {z.device}")
+    if table.device != z.device or table.dim() != 2:
+        raise ValueError(f"coefficient table must be 2-D on {z.device}")
+    if model_in_out is not None:
+        b = z.shape[0]
+        if model_in_out.shape[1:] != z.shape[1:] or model_in_out.shape[0] not in (b, 2 * b):
+            raise ValueError(
+                f"model input output has shape {tuple(model_in_out.shape)}; expected batch {b} or {2 * b} "
+                f"and sample shape {tuple(z.shape[1:])}"
+            )
+        if model_in_out.device != z.device:
+            raise ValueError(f"model input output is on {model_in_out.device}, state is on {z.device}")

@@ -1,0 +1,78 @@
+"""The torch reference backend: a step plan evaluated with plain torch ops.
+
+It runs on any device and dtype (float64 included), is the oracle every kernel is
+tested against, and never syncs the host: the coefficient row is indexed on the
+device, so it also runs under CUDA-graph capture and on the meta device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .. import noise as noise_spec
+from ..plan import AO, AZ, CIN, CN, CX, CZ, H0, W
+from .base import check_step_args
+
+
+class TorchBackend:
+    name = "torch"
+
+    def availability(self) -> str | None:
+        return None
+
+    def supports(self, device: torch.device) -> str | None:
+        return None
+
+    def fused_step(
+        self,
+        z: torch.Tensor,
+        out: torch.Tensor,
+        model_out: torch.Tensor,
+        model_out_uncond: torch.Tensor | None,
+        history: Sequence[torch.Tensor],
+        table: torch.Tensor,
+        step: int | torch.Tensor,
+        seeds: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+        x_out: torch.Tensor | None = None,
+        model_in_out: torch.Tensor | None = None,
+        clip: float | None = None,
+        use_noise: bool = False,
+    ) -> None:
+        check_step_args(z, out, model_out, model_out_uncond, history, table, seeds, noise, x_out, model_in_out, use_noise)
+        cdt = torch.float64 if z.dtype == torch.float64 else torch.float32
+        row = _row(table, step).to(cdt)
+        o = model_out.to(cdt)
+        if model_out_uncond is not None:
+            ou = model_out_uncond.to(cdt)
+            o = ou + row[W] * (o - ou)
+        zc = z.to(cdt)
+        x = row[AZ] * zc + row[AO] * o
+        if clip is not None:
+            x = x.clamp(-clip, clip)
+        z_next = row[CZ] * zc + row[CX] * x
+        for k, h in enumerate(history):
+            z_next = z_next + row[H0 + k] * h.to(cdt)
+        if use_noise:
+            if noise is None:
+                xi = noise_spec.normal(seeds, z.shape[1:], step=step, dtype=cdt)
+            else:
+                xi = noise.to(cdt)
+            z_next = z_next + row[CN] * xi
+        if x_out is not None:
+            x_out.copy_(x)
+        if model_in_out is not None:
+            mi = (row[CIN] * z_next).to(model_in_out.dtype)
+            if model_in_out.shape[0] == z.shape[0]:
+                model_in_out.copy_(mi)
+            else:
+                model_in_out.copy_(torch.cat([mi, mi]))
+        out.copy_(z_next)
+
+
+def _row(table: torch.Tensor, step: int | torch.Tensor) -> torch.Tensor:
+    if isinstance(step, torch.Tensor):
+        return table.index_select(0, step.reshape(1).to(torch.int64)).reshape(-1)
+    return table[step]

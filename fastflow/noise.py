@@ -1,0 +1,162 @@
+"""fastflow's counter-based normal noise: the spec and its torch implementation.
+
+Every backend draws the same numbers, so a sample's noise depends only on its
+seed, the step and the element's position inside the sample, never on the batch
+it is in, the launch configuration or the backend.
+
+Spec (Philox4x32-10, four normals per call)
+-------------------------------------------
+For a sample with 64-bit seed ``s``, noise stream ``tag`` (``STEP_TAG`` for the
+noise of step ``i``, ``INIT_TAG`` for the initial noise, where ``i = 0``), and the
+element at flat index ``e`` inside the sample (row-major over the sample's
+shape):
+
+* key     ``k = (s & 0xFFFFFFFF, s >> 32)``
+* counter ``c = (g & 0xFFFFFFFF, g >> 32, i, tag)`` with group ``g = e >> 2``
+* ``(x0, x1, x2, x3) = Philox4x32-10(c, k)`` (Salmon et al. 2011; round
+  multipliers 0xD2511F53, 0xCD9E8D57; Weyl key increments 0x9E3779B9, 0xBB67AE85;
+  the key is bumped between rounds, not before the first)
+* per 32-bit word: ``m = x >> 9`` (23 bits); radius uniform
+  ``u = (2m + 1) * 2**-24`` in (0, 1) and angle uniform
+  ``v = (2m + 1) * 2**-23 - 1`` in (-1, 1), both exact in float32
+* Box-Muller on the pairs (x0, x1) and (x2, x3):
+  ``r = sqrt(-2 ln u0)``, ``n0 = r cos(pi v1)``, ``n1 = r sin(pi v1)``;
+  ``r' = sqrt(-2 ln u2)``, ``n2 = r' cos(pi v3)``, ``n3 = r' sin(pi v3)``
+* element ``e`` takes ``n[e & 3]``.
+
+The Philox words are the contract bit for bit; the normals involve ``log``,
+``cos`` and ``sin`` and agree across backends to float32 round-off (about 1e-6).
+The angle is centred on zero so that fast device ``sin``/``cos`` stay accurate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+PHILOX_M0 = 0xD2511F53
+PHILOX_M1 = 0xCD9E8D57
+PHILOX_W0 = 0x9E3779B9
+PHILOX_W1 = 0xBB67AE85
+PHILOX_ROUNDS = 10
+STEP_TAG = 0
+INIT_TAG = 1
+_MASK32 = 0xFFFFFFFF
+_SEED_MAX = 2**64 - 1
+
+__all__ = [
+    "INIT_TAG",
+    "STEP_TAG",
+    "as_seed_tensor",
+    "normal",
+    "philox4x32_numpy",
+    "philox4x32_torch",
+    "words_to_normals",
+]
+
+
+def philox4x32_numpy(c0, c1, c2, c3, k0, k1, rounds: int = PHILOX_ROUNDS):
+    """Plain numpy Philox4x32: the executable statement of the spec (uint32 arrays in and out)."""
+    c = [np.asarray(v, dtype=np.uint64) & _MASK32 for v in (c0, c1, c2, c3)]
+    k0 = np.asarray(k0, dtype=np.uint64) & _MASK32
+    k1 = np.asarray(k1, dtype=np.uint64) & _MASK32
+    for r in range(rounds):
+        if r:
+            k0 = (k0 + PHILOX_W0) & _MASK32
+            k1 = (k1 + PHILOX_W1) & _MASK32
+        p0 = np.uint64(PHILOX_M0) * c[0]
+        p1 = np.uint64(PHILOX_M1) * c[2]
+        c = [
+            (p1 >> np.uint64(32)) ^ c[1] ^ k0,
+            p1 & _MASK32,
+            (p0 >> np.uint64(32)) ^ c[3] ^ k1,
+            p0 & _MASK32,
+        ]
+    return tuple(v.astype(np.uint32) for v in c)
+
+
+def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """High and low 32 bits of ``a * b`` for a 32-bit constant ``a`` and int64 tensor ``b < 2**32``."""
+    a_hi, a_lo = a >> 16, a & 0xFFFF
+    p_lo = b * a_lo  # < 2**48
+    p_hi = b * a_hi  # < 2**48
+    hi = (p_hi + (p_lo >> 16)) >> 16
+    lo = ((p_hi & 0xFFFF) << 16).add_(p_lo).bitwise_and_(_MASK32)
+    return hi, lo
+
+
+def philox4x32_torch(c0, c1, c2, c3, k0, k1, rounds: int = PHILOX_ROUNDS):
+    """Philox4x32 on int64 tensors holding uint32 values; works on any device and under graph capture."""
+    for r in range(rounds):
+        if r:
+            k0 = (k0 + PHILOX_W0) & _MASK32
+            k1 = (k1 + PHILOX_W1) & _MASK32
+        hi0, lo0 = _mulhilo(PHILOX_M0, c0)
+        hi1, lo1 = _mulhilo(PHILOX_M1, c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+    return c0, c1, c2, c3
+
+
+def words_to_normals(x0, x1, x2, x3):
+    """The spec's uniform and Box-Muller transform, in float64, for int64 tensors of uint32 words."""
+    m = [(w >> 9).to(torch.float64) for w in (x0, x1, x2, x3)]
+    u0 = (2 * m[0] + 1) * 2.0**-24
+    u2 = (2 * m[2] + 1) * 2.0**-24
+    v1 = (2 * m[1] + 1) * 2.0**-23 - 1
+    v3 = (2 * m[3] + 1) * 2.0**-23 - 1
+    r0 = torch.sqrt(-2 * torch.log(u0))
+    r2 = torch.sqrt(-2 * torch.log(u2))
+    return (
+        r0 * torch.cos(torch.pi * v1),
+        r0 * torch.sin(torch.pi * v1),
+        r2 * torch.cos(torch.pi * v3),
+        r2 * torch.sin(torch.pi * v3),
+    )
+
+
+def as_seed_tensor(seed: int | Sequence[int] | torch.Tensor, batch: int, device) -> torch.Tensor:
+    """Per-sample seeds as an int64 tensor of shape ``[batch]`` (an int seeds sample b with ``seed + b``)."""
+    if isinstance(seed, torch.Tensor):
+        if seed.dtype != torch.int64 or seed.shape != (batch,):
+            raise ValueError(f"seed tensor must be int64 of shape ({batch},), got {seed.dtype} {tuple(seed.shape)}")
+        return seed.to(device)
+    if isinstance(seed, (int, np.integer)):
+        seeds = [int(seed) + b for b in range(batch)]
+    else:
+        seeds = [int(s) for s in seed]
+        if len(seeds) != batch:
+            raise ValueError(f"got {len(seeds)} seeds for a batch of {batch}")
+    for s in seeds:
+        if not 0 <= s <= _SEED_MAX:
+            raise ValueError(f"seed {s} is outside [0, 2**64)")
+    # int64 holds the seed's 64 bits (values past 2**63 wrap to negatives).
+    return torch.tensor([s - 2**64 if s >= 2**63 else s for s in seeds], dtype=torch.int64, device=device)
+
+
+def normal(
+    seeds: torch.Tensor,
+    sample_shape: Sequence[int],
+    step: int | torch.Tensor = 0,
+    tag: int = STEP_TAG,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Noise of the spec for each sample: shape ``[len(seeds), *sample_shape]``.
+
+    ``step`` may be a device tensor (graph mode); the result never syncs the host.
+    """
+    device = seeds.device
+    n = int(np.prod(sample_shape)) if len(sample_shape) else 1
+    groups = (n + 3) // 4
+    g = torch.arange(groups, device=device, dtype=torch.int64)
+    k0 = (seeds & _MASK32).view(-1, 1)
+    k1 = ((seeds >> 32) & _MASK32).view(-1, 1)
+    step_t = torch.as_tensor(step, dtype=torch.int64, device=device).reshape(1, 1) & _MASK32
+    c0 = (g & _MASK32).view(1, -1).expand(seeds.numel(), -1)
+    c1 = (g >> 32).view(1, -1).expand(seeds.numel(), -1)
+    c2 = step_t.expand_as(c0)
+    c3 = torch.full_like(c0, tag)
+    words = philox4x32_torch(c0, c1, c2, c3, k0, k1)
+    normals = torch.stack(words_to_normals(*words), dim=-1).reshape(seeds.numel(), groups * 4)
+    return normals[:, :n].to(dtype).reshape(seeds.numel(), *sample_shape)
