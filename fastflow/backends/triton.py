@@ -1,18 +1,183 @@
-"""Triton backend: the fused step kernel of ``kernels/`` (``fastflow.kernels``)."""
+"""Triton backend: the fused step kernel of ``kernels/`` (``fastflow.kernels``).
+
+One launch per stage, no host sync: checks read tensor metadata only, and in graph
+mode the step row is read on the device. Runs on CUDA devices, and on the CPU under
+``TRITON_INTERPRET=1`` (how CI tests the kernel without a GPU).
+"""
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+
 import torch
+
+from ..plan import NUM_COEFS
+from .base import check_step_args
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _load_kernels() -> ModuleType:
+    """``fastflow.kernels.step``; from a source checkout that is not installed, ``kernels/`` beside ``fastflow/``."""
+    try:
+        return importlib.import_module("fastflow.kernels.step")
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("fastflow.kernels", "fastflow.kernels.step"):
+            raise
+    folder = Path(__file__).resolve().parents[2] / "kernels"
+    spec = importlib.util.spec_from_file_location(
+        "fastflow.kernels", folder / "__init__.py", submodule_search_locations=[str(folder)]
+    )
+    if spec is None or spec.loader is None:
+        raise ModuleNotFoundError("fastflow.kernels is not installed and no kernels/ folder was found")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["fastflow.kernels"] = module
+    spec.loader.exec_module(module)
+    return importlib.import_module("fastflow.kernels.step")
+
+
+def _check_layout(name: str, t: torch.Tensor | None, dtypes: tuple[torch.dtype, ...]) -> None:
+    if t is None:
+        return
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (the Triton kernel indexes flat row-major memory); call .contiguous()")
+    if t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} has dtype {t.dtype}; the Triton kernel takes {names}")
 
 
 class TritonBackend:
+    """The fused step as one Triton kernel launch."""
+
     name = "triton"
 
+    def __init__(self) -> None:
+        self._unavailable: str | None = None
+        self._checked = False
+        self._kernels: ModuleType | None = None
+
     def availability(self) -> str | None:
-        return "the Triton step kernel is not implemented yet"
+        if not self._checked:
+            self._unavailable = self._probe()
+            self._checked = True
+        return self._unavailable
+
+    def _probe(self) -> str | None:
+        if importlib.util.find_spec("triton") is None:
+            return "Triton is not installed (pip install triton)"
+        if not torch.cuda.is_available() and not _interpret():
+            return "no CUDA device (set TRITON_INTERPRET=1 to run the kernel on the CPU interpreter)"
+        try:
+            self._kernels = _load_kernels()
+        except Exception as exc:  # a broken Triton install must read as "unavailable", not crash dispatch
+            return f"the Triton kernels failed to import: {type(exc).__name__}: {exc}"
+        return None
 
     def supports(self, device: torch.device) -> str | None:
-        return self.availability()
+        device = torch.device(device)
+        if device.type == "cuda":
+            return None
+        if device.type == "cpu":
+            if _interpret():
+                return None
+            return "CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter)"
+        return f"Triton runs on CUDA devices, not {device.type}"
 
-    def fused_step(self, *args, **kwargs) -> None:
-        raise RuntimeError(self.availability())
+    def fused_step(
+        self,
+        z: torch.Tensor,
+        out: torch.Tensor,
+        model_out: torch.Tensor,
+        model_out_uncond: torch.Tensor | None,
+        history: Sequence[torch.Tensor],
+        table: torch.Tensor,
+        step: int | torch.Tensor,
+        seeds: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+        x_out: torch.Tensor | None = None,
+        model_in_out: torch.Tensor | None = None,
+        clip: float | None = None,
+        use_noise: bool = False,
+        block: int | None = None,
+    ) -> None:
+        """Evaluate one plan stage (the contract of :mod:`fastflow.backends.base`) in one launch.
+
+        ``block`` overrides the elements per program (a power of two; tests use it
+        to get several programs per sample).
+        """
+        check_step_args(z, out, model_out, model_out_uncond, history, table, seeds, noise, x_out, model_in_out, use_noise)
+        kernels = self._kernels
+        if kernels is None:
+            reason = self.availability()
+            if reason is not None:
+                raise RuntimeError(f"Triton backend unavailable: {reason}")
+            kernels = self._kernels
+        reason = self.supports(z.device)
+        if reason is not None:
+            raise RuntimeError(f"Triton backend cannot run on {z.device}: {reason}")
+
+        _check_layout("state", z, _KERNEL_DTYPES)
+        _check_layout("output state", out, _KERNEL_DTYPES)
+        _check_layout("model output", model_out, _INPUT_DTYPES)
+        _check_layout("unconditional model output", model_out_uncond, _INPUT_DTYPES)
+        for k, h in enumerate(history):
+            _check_layout(f"history tensor h{k}", h, _INPUT_DTYPES)
+        _check_layout("x_hat output", x_out, _INPUT_DTYPES)
+        _check_layout("model input output", model_in_out, _INPUT_DTYPES)
+        if table.dtype not in (torch.float32, torch.float64) or table.shape[1] != NUM_COEFS or not table.is_contiguous():
+            raise ValueError(
+                f"coefficient table must be a contiguous float32 [stages, {NUM_COEFS}] tensor, "
+                f"got {table.dtype} {tuple(table.shape)}"
+            )
+        if use_noise:
+            if noise is not None:
+                _check_layout("noise", noise, _INPUT_DTYPES)
+            else:
+                _check_layout("seeds", seeds, (torch.int64,))
+        if isinstance(step, torch.Tensor):
+            if step.numel() != 1 or step.dtype not in (torch.int32, torch.int64) or step.device != z.device:
+                raise ValueError(f"step tensor must be one int32/int64 element on {z.device}")
+        else:
+            step = int(step)
+            if not 0 <= step < table.shape[0]:
+                raise IndexError(f"step {step} is outside the coefficient table's {table.shape[0]} rows")
+        if z.shape[0] > kernels.MAX_GRID_Y:
+            raise ValueError(f"batch {z.shape[0]} exceeds the kernel's limit of {kernels.MAX_GRID_Y} samples per launch")
+        kernels.launch_fused_step(
+            z,
+            out,
+            model_out,
+            model_out_uncond,
+            history,
+            table,
+            step,
+            seeds,
+            noise,
+            x_out,
+            model_in_out,
+            clip,
+            use_noise,
+            block,
+        )
+
+    def noise(
+        self, seeds: torch.Tensor, sample_shape: Sequence[int], step: int = 0, tag: int = 0, dtype=torch.float32
+    ) -> torch.Tensor:
+        """The noise of :func:`fastflow.noise.normal`, drawn by the kernel's own Philox path."""
+        reason = self.availability() or self.supports(seeds.device)
+        if reason is not None:
+            raise RuntimeError(f"Triton backend unavailable: {reason}")
+        out = torch.empty((seeds.shape[0], *sample_shape), dtype=dtype, device=seeds.device)
+        self._kernels.launch_noise(out, seeds.contiguous(), int(step), tag)
+        return out
