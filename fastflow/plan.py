@@ -81,3 +81,60 @@ class StepPlan:
         if device.type == "cuda":
             return host.pin_memory().to(device, non_blocking=True)
         return host.to(device)
+
+
+def compile_plan(
+    stages: list,
+    prediction: str,
+    guidance_scale: float | None = None,
+    clip: float | None = None,
+    input_scale: np.ndarray | None = None,
+) -> StepPlan:
+    """Turn a solver's stages into a table: prediction conversion, guidance, history slots.
+
+    ``input_scale[i]`` multiplies the state to form stage ``i``'s model input (default 1);
+    column CIN of stage ``i`` holds the next stage's scale.
+    """
+    from .predictions import to_x_eps
+    from .solvers.base import NOISE
+
+    n = len(stages)
+    if n == 0:
+        raise ValueError("a plan needs at least one stage")
+    if clip is not None and not (clip > 0 and np.isfinite(clip)):
+        raise ValueError(f"clip must be a positive finite number, got {clip}")
+    scale = np.ones(n) if input_scale is None else np.asarray(input_scale, dtype=np.float64)
+    coefs = np.zeros((n, NUM_COEFS))
+    coefs[:, W] = 1.0 if guidance_scale is None else float(guidance_scale)
+    history: list[tuple[HistoryRef, ...]] = []
+    write_x = [False] * n
+    keep_z = [False] * n
+    uses_noise = [False] * n
+    for i, stage in enumerate(stages):
+        p = stage.point
+        (xz, xo), _ = to_x_eps(prediction, p.alpha[0], p.sigma[0], p.d_alpha[0], p.d_sigma[0])
+        coefs[i, AZ], coefs[i, AO] = xz, xo
+        refs: list[tuple[HistoryRef, float]] = []
+        for (kind, j), c in stage.update:
+            if c == 0.0:
+                continue
+            if (kind, j) == ("z", i):
+                coefs[i, CZ] += c
+            elif (kind, j) == ("x", i):
+                coefs[i, CX] += c
+            elif (kind, j) == NOISE:
+                coefs[i, CN] += c
+                uses_noise[i] = True
+            elif kind in ("x", "z") and 0 <= j < i:
+                refs.append((HistoryRef(kind, j), c))
+            else:
+                raise ValueError(f"stage {i} refers to {kind}{j}, which is not available")
+        refs.sort(key=lambda rc: (-rc[0].stage, rc[0].kind))
+        if len(refs) > MAX_HISTORY:
+            raise ValueError(f"stage {i} needs {len(refs)} stored tensors; at most {MAX_HISTORY} are supported")
+        for slot, (ref, c) in enumerate(refs):
+            coefs[i, H0 + slot] = c
+            (write_x if ref.kind == "x" else keep_z)[ref.stage] = True
+        history.append(tuple(ref for ref, _ in refs))
+        coefs[i, CIN] = scale[i + 1] if i + 1 < n else 1.0
+    return StepPlan(coefs, tuple(history), tuple(write_x), tuple(keep_z), tuple(uses_noise), clip)

@@ -20,7 +20,9 @@ from __future__ import annotations
 import numpy as np
 
 PREDICTION_NAMES = ("eps", "x0", "v", "flow", "score")
-_ALIASES = {"epsilon": "eps", "sample": "x0", "x": "x0", "v_prediction": "v", "velocity": "flow", "flow_prediction": "flow"}
+_ALIASES = {
+    "epsilon": "eps", "sample": "x0", "x": "x0", "v_prediction": "v", "velocity": "flow", "flow_prediction": "flow",
+}
 
 __all__ = ["PREDICTION_NAMES", "canonical_prediction", "to_x_eps", "from_x_eps"]
 

@@ -41,7 +41,9 @@ class TorchBackend:
         clip: float | None = None,
         use_noise: bool = False,
     ) -> None:
-        check_step_args(z, out, model_out, model_out_uncond, history, table, seeds, noise, x_out, model_in_out, use_noise)
+        check_step_args(
+            z, out, model_out, model_out_uncond, history, table, seeds, noise, x_out, model_in_out, use_noise
+        )
         cdt = torch.float64 if z.dtype == torch.float64 else torch.float32
         row = _row(table, step).to(cdt)
         o = model_out.to(cdt)
@@ -56,10 +58,7 @@ class TorchBackend:
         for k, h in enumerate(history):
             z_next = z_next + row[H0 + k] * h.to(cdt)
         if use_noise:
-            if noise is None:
-                xi = noise_spec.normal(seeds, z.shape[1:], step=step, dtype=cdt)
-            else:
-                xi = noise.to(cdt)
+            xi = noise_spec.normal(seeds, z.shape[1:], step=step, dtype=cdt) if noise is None else noise.to(cdt)
             z_next = z_next + row[CN] * xi
         if x_out is not None:
             x_out.copy_(x)

@@ -1,0 +1,306 @@
+"""The user-facing sampler: a schedule, a solver and a prediction type compiled into a step plan.
+
+A :class:`Sampler` computes every coefficient once, at construction, in float64.
+Each :meth:`Sampler.step` is then one call into a backend: no host sync, no
+per-step coefficient work, so loops can run ahead of the GPU and be captured in
+a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import sys
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from . import noise as noise_spec
+from .backends import BACKEND_NAMES, resolve_backend
+from .grids import Points, make_points
+from .plan import StepPlan, compile_plan
+from .predictions import canonical_prediction
+from .schedules import EDM, Schedule
+from .solvers import Solver, Stage, get_solver
+
+__all__ = ["Sampler", "sample"]
+
+ModelOutput = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+
+
+def _default_grid(schedule: Schedule) -> str:
+    return "karras" if isinstance(schedule, EDM) else "uniform"
+
+
+class Sampler:
+    """A compiled sampling loop.
+
+    Args:
+        schedule: a :mod:`fastflow.schedules` schedule.
+        solver: a name from :data:`fastflow.solvers.SOLVER_NAMES` or a Solver instance.
+        prediction: what the model outputs: ``eps``, ``x0``, ``v``, ``flow`` or ``score``.
+        steps: number of steps (Heun makes two model calls per step but the last).
+        eta: noise scale for ``ddim``, ``ddpm`` and ``euler-ancestral``.
+        guidance_scale: classifier-free guidance scale, or None for unguided models.
+        clip: clamp the data prediction to ``[-clip, clip]``.
+        backend: ``auto``, ``torch``, ``triton`` or ``cuda``.
+        grid: a grid name (:data:`fastflow.grids.GRID_NAMES`) or explicit evaluation times.
+        final: ``clean`` (end at sigma = 0) or ``t_min`` (end at the grid's last time).
+        input_scale: per-stage factor on the state to form the model input (default 1).
+        **solver_options: passed to the solver (``s_churn``, ``order``, ``variant``, ...).
+    """
+
+    def __init__(
+        self,
+        schedule: Schedule,
+        solver: str | Solver = "ddim",
+        prediction: str = "eps",
+        steps: int = 20,
+        eta: float | None = None,
+        guidance_scale: float | None = None,
+        clip: float | None = None,
+        backend: str = "auto",
+        grid: str | Sequence[float] | np.ndarray | None = None,
+        final: str = "clean",
+        t_min: float | None = None,
+        t_max: float | None = None,
+        rho: float | None = None,
+        input_scale: Sequence[float] | np.ndarray | None = None,
+        **solver_options,
+    ):
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+            raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+        if backend not in BACKEND_NAMES:
+            raise ValueError(f"unknown backend {backend!r}; valid: {', '.join(BACKEND_NAMES)}")
+        if guidance_scale is not None and not math.isfinite(guidance_scale):
+            raise ValueError(f"guidance_scale must be finite, got {guidance_scale}")
+        schedule.validate()
+        if eta is not None:
+            solver_options["eta"] = eta
+        self.schedule = schedule
+        self.solver = get_solver(solver, **solver_options)
+        self.prediction = canonical_prediction(prediction)
+        self.steps = int(steps)
+        self.guidance_scale = guidance_scale
+        self.backend = backend
+        grid = _default_grid(schedule) if grid is None else grid
+        grid_options = {k: v for k, v in (("t_min", t_min), ("t_max", t_max), ("rho", rho)) if v is not None}
+        if not isinstance(grid, str):
+            grid = np.asarray(grid, dtype=np.float64)
+        self.points: Points = make_points(schedule, self.steps, grid, final, **grid_options)
+        self.stages: list[Stage] = self.solver.build(schedule, self.points)
+        n = len(self.stages)
+        if input_scale is not None:
+            input_scale = np.asarray(input_scale, dtype=np.float64)
+            if input_scale.shape != (n,):
+                raise ValueError(f"input_scale must have one value per stage ({n}), got shape {input_scale.shape}")
+        self.input_scale = np.ones(n) if input_scale is None else input_scale
+        self.plan: StepPlan = compile_plan(self.stages, self.prediction, guidance_scale, clip, self.input_scale)
+        self.stage_alpha = np.array([st.point.alpha[0] for st in self.stages])
+        self.stage_sigma = np.array([st.point.sigma[0] for st in self.stages])
+        self.timesteps = torch.tensor([st.point.t[0] for st in self.stages], dtype=torch.float64)
+        self.seeds: torch.Tensor | None = None
+        self._tables: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        self._times: dict[torch.device, torch.Tensor] = {}
+        self._store: dict[tuple[str, int], torch.Tensor] = {}
+        self._last_use = self._history_lifetimes()
+
+    # ----------------------------------------------------------------- metadata
+    @property
+    def num_stages(self) -> int:
+        """Model evaluations per loop (``steps``, or more for Heun)."""
+        return len(self.stages)
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance_scale is not None
+
+    def __len__(self) -> int:
+        return self.num_stages
+
+    def __repr__(self) -> str:
+        return (
+            f"Sampler({self.schedule!r}, solver={self.solver.name!r}, prediction={self.prediction!r}, "
+            f"steps={self.steps}, stages={self.num_stages}, backend={self.backend!r})"
+        )
+
+    def _history_lifetimes(self) -> dict[tuple[str, int], int]:
+        last: dict[tuple[str, int], int] = {}
+        for i, refs in enumerate(self.plan.history):
+            for ref in refs:
+                last[(ref.kind, ref.stage)] = i
+        return last
+
+    # ----------------------------------------------------------------- device data
+    def table(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The plan's coefficient table on ``device`` (cached; float64 for float64 states)."""
+        key = (torch.device(device), dtype)
+        if key not in self._tables:
+            self._tables[key] = self.plan.table(device, dtype)
+        return self._tables[key]
+
+    def timesteps_on(self, device: torch.device | str) -> torch.Tensor:
+        """``timesteps`` on ``device`` (cached, so indexing it in a loop never syncs)."""
+        device = torch.device(device)
+        if device not in self._times:
+            host = self.timesteps
+            if device.type == "cuda":
+                self._times[device] = host.pin_memory().to(device, non_blocking=True)
+            else:
+                self._times[device] = host.to(device)
+        return self._times[device]
+
+    def prepare(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> Sampler:
+        """Upload the table and timesteps now, so the first step does no host-to-device copy."""
+        self.table(device, torch.float64 if dtype == torch.float64 else torch.float32)
+        self.timesteps_on(device)
+        return self
+
+    # ----------------------------------------------------------------- loop pieces
+    def init_noise(
+        self,
+        shape: Sequence[int],
+        seed: int | Sequence[int] | torch.Tensor = 0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
+        """The initial state: fastflow noise scaled to the first stage's marginal ``sqrt(alpha^2 + sigma^2)``.
+
+        ``seed`` is one int (sample ``b`` gets ``seed + b``) or one per sample. The
+        seeds are kept for the stochastic stages of the loop that follows.
+        """
+        shape = tuple(int(s) for s in shape)
+        if len(shape) < 1 or shape[0] < 1:
+            raise ValueError(f"shape needs a batch dimension of at least 1, got {shape}")
+        device = torch.device("cpu") if device is None else torch.device(device)
+        self.seeds = noise_spec.as_seed_tensor(seed, shape[0], device)
+        scale = math.hypot(self.stage_alpha[0], self.stage_sigma[0])
+        z = noise_spec.normal(self.seeds, shape[1:], step=0, tag=noise_spec.INIT_TAG, dtype=torch.float32)
+        return (z * scale).to(dtype)
+
+    def model_input(self, z: torch.Tensor, i: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The model input of stage ``i``: the state times its input scale, cast to ``dtype``."""
+        self._check_index(i)
+        c = self.input_scale[i]
+        out = z if c == 1.0 else z * c
+        return out.to(dtype or z.dtype)
+
+    def _check_index(self, i: int) -> None:
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+            raise TypeError(f"step index must be an int, got {type(i).__name__}")
+        if not 0 <= i < self.num_stages:
+            raise IndexError(f"step index {i} is out of range for {self.num_stages} stages")
+
+    def _split_output(self, model_output: ModelOutput, z: torch.Tensor):
+        if isinstance(model_output, (tuple, list)):
+            if len(model_output) != 2:
+                raise ValueError("a guided model output pair must be (cond, uncond)")
+            if not self.guided:
+                raise ValueError("got a (cond, uncond) pair but this sampler has no guidance_scale")
+            return model_output[0], model_output[1]
+        if self.guided:
+            if model_output.shape[0] != 2 * z.shape[0]:
+                raise ValueError(
+                    f"guided model output must be a (cond, uncond) pair or a batch of {2 * z.shape[0]} "
+                    f"(uncond first), got batch {model_output.shape[0]}"
+                )
+            uncond, cond = model_output.chunk(2)
+            return cond, uncond
+        return model_output, None
+
+    def step(
+        self,
+        model_output: ModelOutput,
+        z: torch.Tensor,
+        i: int,
+        *,
+        seed: int | Sequence[int] | torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+        out: torch.Tensor | None = None,
+        return_model_input: bool = False,
+        model_input_dtype: torch.dtype | None = None,
+        duplicate_model_input: bool = False,
+        return_x0: bool = False,
+    ):
+        """Stage ``i``: from the model output at state ``z`` to the next state, in one backend call.
+
+        Stages must run in order from 0 when the solver keeps history. Returns the
+        next state; with ``return_model_input``, also the next model input (cast to
+        ``model_input_dtype``, batch doubled if ``duplicate_model_input``); with
+        ``return_x0``, also the data prediction.
+        """
+        self._check_index(i)
+        cond, uncond = self._split_output(model_output, z)
+        plan = self.plan
+        if i == 0:
+            self._store.clear()
+        history = []
+        for ref in plan.history[i]:
+            key = (ref.kind, ref.stage)
+            if key not in self._store:
+                raise RuntimeError(f"stage {i} needs {ref.kind} of stage {ref.stage}; run the stages in order from 0")
+            history.append(self._store[key])
+        seeds = None
+        if plan.noise[i] and noise is None:
+            if seed is not None:
+                seeds = noise_spec.as_seed_tensor(seed, z.shape[0], z.device)
+            elif self.seeds is not None and self.seeds.shape[0] == z.shape[0]:
+                seeds = self.seeds if self.seeds.device == z.device else self.seeds.to(z.device)
+            else:
+                raise ValueError(f"stage {i} draws noise: call init_noise first or pass seed= or noise=")
+        out = torch.empty_like(z) if out is None else out
+        x_out = torch.empty_like(z) if (plan.write_x[i] or return_x0) else None
+        model_in = None
+        if return_model_input:
+            batch = 2 * z.shape[0] if duplicate_model_input else z.shape[0]
+            model_in = torch.empty((batch, *z.shape[1:]), dtype=model_input_dtype or z.dtype, device=z.device)
+        table = self.table(z.device, torch.float64 if z.dtype == torch.float64 else torch.float32)
+        backend = resolve_backend(self.backend, z.device)
+        backend.fused_step(
+            z, out, cond, uncond, history, table, i,
+            seeds=seeds, noise=noise, x_out=x_out, model_in_out=model_in, clip=plan.clip, use_noise=plan.noise[i],
+        )
+        if plan.write_x[i]:
+            self._store[("x", i)] = x_out
+        if plan.keep_z[i]:
+            self._store[("z", i)] = z
+        for key in [k for k in self._store if self._last_use.get(k, -1) <= i]:
+            del self._store[key]
+        result = (out,)
+        if return_model_input:
+            result += (model_in,)
+        if return_x0:
+            result += (x_out,)
+        return result[0] if len(result) == 1 else result
+
+
+def sample(
+    model_fn: Callable[[torch.Tensor, torch.Tensor], ModelOutput],
+    noise: torch.Tensor,
+    sampler: Sampler,
+    progress: bool = False,
+    callback: Callable[..., None] | None = None,
+    model_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Run a whole loop: ``model_fn(z_in, t)`` at every stage, then the sampler's step.
+
+    ``t`` is a float64 0-d tensor on the state's device, in the schedule's own
+    time. For guidance, ``model_fn`` returns ``(cond, uncond)`` or a doubled
+    batch (uncond first). ``callback(i, t, z)`` sees each new state.
+    """
+    z = noise
+    sampler.prepare(z.device, z.dtype)
+    times = sampler.timesteps_on(z.device)
+    z_in = sampler.model_input(z, 0, model_dtype)
+    accepts = len(inspect.signature(callback).parameters) if callback is not None else 0
+    n = sampler.num_stages
+    for i in range(n):
+        t = times[i]
+        output = model_fn(z_in, t)
+        z, z_in = sampler.step(output, z, i, return_model_input=True, model_input_dtype=model_dtype or z.dtype)
+        if callback is not None:
+            callback(*(i, t, z)[:accepts])
+        if progress:
+            print(f"\rfastflow: step {i + 1}/{n}", end="" if i + 1 < n else "\n", file=sys.stderr, flush=True)
+    return z

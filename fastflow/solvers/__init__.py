@@ -1,0 +1,62 @@
+"""Solvers by name. Each only computes coefficients; see :mod:`fastflow.solvers.base`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from .base import Lin, Solver, Stage, X, Z, eps_of, noise
+from .ddim import DDIM, DDPM
+from .dpmpp import DPMSolverPP
+from .euler import Euler, EulerAncestral, FlowEuler, Heun
+from .unipc import UniPC
+
+_FACTORIES: dict[str, Callable[..., Solver]] = {
+    "ddim": DDIM,
+    "ddpm": DDPM,
+    "flow-euler": FlowEuler,
+    "euler": Euler,
+    "euler-ancestral": EulerAncestral,
+    "heun": Heun,
+    "dpm++1": lambda **kw: DPMSolverPP(order=1, **kw),
+    "dpm++2m": lambda **kw: DPMSolverPP(order=2, **kw),
+    "dpm++3m": lambda **kw: DPMSolverPP(order=3, **kw),
+    "sde-dpm++2m": lambda **kw: DPMSolverPP(order=2, sde=True, **kw),
+    "unipc": UniPC,
+}
+_ALIASES = {
+    "fm-euler": "flow-euler",
+    "euler-a": "euler-ancestral",
+    "dpmpp1": "dpm++1",
+    "dpmpp2m": "dpm++2m",
+    "dpmpp3m": "dpm++3m",
+    "dpm++2m-sde": "sde-dpm++2m",
+    "dpmpp2m-sde": "sde-dpm++2m",
+    "sde-dpmpp2m": "sde-dpm++2m",
+}
+SOLVER_NAMES = tuple(_FACTORIES)
+
+__all__ = [
+    "DDIM", "DDPM", "DPMSolverPP", "Euler", "EulerAncestral", "FlowEuler", "Heun", "Lin", "SOLVER_NAMES",
+    "Solver", "Stage", "UniPC", "X", "Z", "canonical_solver", "eps_of", "get_solver", "noise",
+]
+
+
+def canonical_solver(name: str) -> str:
+    key = name.lower().replace("_", "-")
+    key = _ALIASES.get(key, key)
+    if key not in _FACTORIES:
+        raise ValueError(f"unknown solver {name!r}; valid: {', '.join(SOLVER_NAMES)}")
+    return key
+
+
+def get_solver(name: str | Solver, **options) -> Solver:
+    """A solver from its name and options; a TypeError names an option the solver does not take."""
+    if isinstance(name, Solver):
+        if options:
+            raise TypeError("options are given with a solver name, not with a solver instance")
+        return name
+    key = canonical_solver(name)
+    try:
+        return _FACTORIES[key](**options)
+    except TypeError as exc:
+        raise TypeError(f"solver {key!r} does not take option(s) {sorted(options)}: {exc}") from None
