@@ -17,10 +17,11 @@ import numpy as np
 import torch
 
 from . import noise as noise_spec
-from .backends import BACKEND_NAMES, resolve_backend
+from .backends import BACKEND_NAMES
 from .grids import Points, make_points
 from .plan import StepPlan, compile_plan
 from .predictions import canonical_prediction
+from .runner import PlanRunner
 from .schedules import EDM, Schedule
 from .solvers import Solver, Stage, get_solver
 
@@ -101,10 +102,8 @@ class Sampler:
         self.stage_sigma = np.array([st.point.sigma[0] for st in self.stages])
         self.timesteps = torch.tensor([st.point.t[0] for st in self.stages], dtype=torch.float64)
         self.seeds: torch.Tensor | None = None
-        self._tables: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        self.runner = PlanRunner(self.plan, backend)
         self._times: dict[torch.device, torch.Tensor] = {}
-        self._store: dict[tuple[str, int], torch.Tensor] = {}
-        self._last_use = self._history_lifetimes()
 
     # ----------------------------------------------------------------- metadata
     @property
@@ -125,20 +124,10 @@ class Sampler:
             f"steps={self.steps}, stages={self.num_stages}, backend={self.backend!r})"
         )
 
-    def _history_lifetimes(self) -> dict[tuple[str, int], int]:
-        last: dict[tuple[str, int], int] = {}
-        for i, refs in enumerate(self.plan.history):
-            for ref in refs:
-                last[(ref.kind, ref.stage)] = i
-        return last
-
     # ----------------------------------------------------------------- device data
     def table(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The plan's coefficient table on ``device`` (cached; float64 for float64 states)."""
-        key = (torch.device(device), dtype)
-        if key not in self._tables:
-            self._tables[key] = self.plan.table(device, dtype)
-        return self._tables[key]
+        return self.runner.table(device, dtype)
 
     def timesteps_on(self, device: torch.device | str) -> torch.Tensor:
         """``timesteps`` on ``device`` (cached, so indexing it in a loop never syncs)."""
@@ -232,41 +221,21 @@ class Sampler:
         """
         self._check_index(i)
         cond, uncond = self._split_output(model_output, z)
-        plan = self.plan
-        if i == 0:
-            self._store.clear()
-        history = []
-        for ref in plan.history[i]:
-            key = (ref.kind, ref.stage)
-            if key not in self._store:
-                raise RuntimeError(f"stage {i} needs {ref.kind} of stage {ref.stage}; run the stages in order from 0")
-            history.append(self._store[key])
         seeds = None
-        if plan.noise[i] and noise is None:
+        if self.plan.noise[i] and noise is None:
             if seed is not None:
                 seeds = noise_spec.as_seed_tensor(seed, z.shape[0], z.device)
             elif self.seeds is not None and self.seeds.shape[0] == z.shape[0]:
                 seeds = self.seeds if self.seeds.device == z.device else self.seeds.to(z.device)
             else:
                 raise ValueError(f"stage {i} draws noise: call init_noise first or pass seed= or noise=")
-        out = torch.empty_like(z) if out is None else out
-        x_out = torch.empty_like(z) if (plan.write_x[i] or return_x0) else None
         model_in = None
         if return_model_input:
             batch = 2 * z.shape[0] if duplicate_model_input else z.shape[0]
             model_in = torch.empty((batch, *z.shape[1:]), dtype=model_input_dtype or z.dtype, device=z.device)
-        table = self.table(z.device, torch.float64 if z.dtype == torch.float64 else torch.float32)
-        backend = resolve_backend(self.backend, z.device)
-        backend.fused_step(
-            z, out, cond, uncond, history, table, i,
-            seeds=seeds, noise=noise, x_out=x_out, model_in_out=model_in, clip=plan.clip, use_noise=plan.noise[i],
+        out, x_out = self.runner.run(
+            i, z, cond, uncond, seeds=seeds, noise=noise, out=out, want_x=return_x0, model_in=model_in
         )
-        if plan.write_x[i]:
-            self._store[("x", i)] = x_out
-        if plan.keep_z[i]:
-            self._store[("z", i)] = z
-        for key in [k for k in self._store if self._last_use.get(k, -1) <= i]:
-            del self._store[key]
         result = (out,)
         if return_model_input:
             result += (model_in,)
