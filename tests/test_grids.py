@@ -1,0 +1,61 @@
+"""Step grids: shapes, ordering, end points, and diffusers' integer spacings."""
+
+import numpy as np
+import pytest
+
+from fastflow.grids import GRID_NAMES, grid_times, make_points
+from fastflow.schedules import EDM, VP, FlowMatching
+
+
+@pytest.mark.parametrize("kind", ["uniform", "logsnr", "exponential", "karras"])
+@pytest.mark.parametrize("schedule", [VP(), VP.cosine(), EDM(), FlowMatching()], ids=repr)
+def test_continuous_grids_span_the_domain(kind, schedule):
+    t_max = 0.99 if isinstance(schedule, FlowMatching) and kind != "uniform" else None  # sigma/alpha is inf at 1
+    t = grid_times(schedule, 12, kind, t_max=t_max)
+    assert len(t) == 12 and np.all(np.diff(t) < 0)
+    assert t[0] == pytest.approx(t_max or schedule.t_max) and t[-1] == pytest.approx(schedule.t_min)
+
+
+def test_karras_and_logsnr_spacing():
+    s = EDM()
+    sig = s.sigma_ve(grid_times(s, 10, "karras"))
+    r = sig ** (1 / 7)
+    np.testing.assert_allclose(np.diff(r), np.diff(r)[0], rtol=1e-9)
+    lam = VP.cosine().logsnr(grid_times(VP.cosine(), 10, "logsnr"))
+    np.testing.assert_allclose(np.diff(lam), np.diff(lam)[0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
+def test_integer_spacings_match_diffusers(spacing):
+    diffusers = pytest.importorskip("diffusers")
+    sched = diffusers.DDIMScheduler(timestep_spacing=spacing, steps_offset=1 if spacing == "leading" else 0)
+    sched.set_timesteps(25)
+    ours = grid_times(VP(), 25, spacing, steps_offset=1 if spacing == "leading" else 0)
+    np.testing.assert_array_equal(ours, sched.timesteps.numpy().astype(np.float64))
+
+
+def test_final_modes():
+    p = make_points(VP.cosine(), 5, "uniform", final="clean")
+    assert len(p) == 6 and p.sigma[-1] == 0 and p.alpha[-1] == 1
+    p = make_points(VP.cosine(), 5, "uniform", final="t_min")
+    assert len(p) == 6 and p.t[-1] == pytest.approx(VP.cosine().t_min)
+    p = make_points(VP(), 5, "uniform")
+    assert np.isnan(p.t[-1]) and p.sigma[-1] == 0  # discrete VP has no clean time
+
+
+def test_bad_grids_raise():
+    with pytest.raises(ValueError, match="unknown grid"):
+        grid_times(VP(), 5, "cosmic")
+    with pytest.raises(ValueError, match="at least 1"):
+        grid_times(VP(), 0)
+    with pytest.raises(ValueError, match="t_min < t_max"):
+        grid_times(VP(), 5, t_min=10, t_max=5)
+    with pytest.raises(ValueError, match="high noise to low"):
+        make_points(VP(), 3, np.array([10.0, 500.0, 900.0]))
+    with pytest.raises(ValueError, match="unknown final"):
+        make_points(VP(), 3, final="x")
+    with pytest.raises(ValueError, match="finite positive noise"):
+        grid_times(FlowMatching(), 5, "karras")
+    with pytest.raises(ValueError, match="exceed"):
+        grid_times(VP(), 2000, "leading")
+    assert set(GRID_NAMES) >= {"uniform", "karras", "leading"}

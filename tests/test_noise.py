@@ -1,0 +1,91 @@
+"""The noise spec: Philox known answers, the torch implementation against numpy, batch independence."""
+
+import numpy as np
+import pytest
+import torch
+
+from fastflow import noise
+
+# Known-answer vectors of Philox4x32-10 (Salmon et al. 2011, Random123's kat_vectors).
+KAT = [
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    (
+        (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+        (0xA4093822, 0x299F31D0),
+        (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+    ),
+]
+
+
+@pytest.mark.parametrize("ctr,key,expected", KAT)
+def test_philox_known_answers(ctr, key, expected):
+    assert tuple(int(v) for v in noise.philox4x32_numpy(*ctr, *key)) == expected
+    t = [torch.tensor([v], dtype=torch.int64) for v in (*ctr, *key)]
+    assert tuple(int(v) for v in noise.philox4x32_torch(*t)) == expected
+
+
+def test_torch_philox_matches_numpy_bit_for_bit():
+    rng = np.random.default_rng(0)
+    words = rng.integers(0, 2**32, size=(6, 4096), dtype=np.uint64)
+    ref = noise.philox4x32_numpy(*words)
+    got = noise.philox4x32_torch(*[torch.from_numpy(w.astype(np.int64)) for w in words])
+    for r, g in zip(ref, got, strict=True):
+        np.testing.assert_array_equal(r.astype(np.int64), g.numpy())
+
+
+def _spec_normals(seed: int, n: int, step: int, tag: int) -> np.ndarray:
+    """The spec written out with numpy only, element by element order."""
+    e = np.arange(n, dtype=np.uint64)
+    g = e >> np.uint64(2)
+    words = noise.philox4x32_numpy(g & 0xFFFFFFFF, g >> np.uint64(32), np.full_like(g, step), np.full_like(g, tag),
+                                   seed & 0xFFFFFFFF, seed >> 32)
+    m = [w.astype(np.float64) // 512 for w in words]
+    u0, u2 = (2 * m[0] + 1) * 2.0**-24, (2 * m[2] + 1) * 2.0**-24
+    v1, v3 = (2 * m[1] + 1) * 2.0**-23 - 1, (2 * m[3] + 1) * 2.0**-23 - 1
+    r0, r2 = np.sqrt(-2 * np.log(u0)), np.sqrt(-2 * np.log(u2))
+    four = np.stack([r0 * np.cos(np.pi * v1), r0 * np.sin(np.pi * v1), r2 * np.cos(np.pi * v3), r2 * np.sin(np.pi * v3)])
+    return four[(e & np.uint64(3)).astype(np.int64), np.arange(n)]
+
+
+@pytest.mark.parametrize("seed", [0, 12345, 2**63 + 7, 2**64 - 1])
+def test_normal_matches_spec(seed):
+    seeds = noise.as_seed_tensor([seed], 1, "cpu")
+    got = noise.normal(seeds, (3, 7), step=5, tag=noise.STEP_TAG, dtype=torch.float64).reshape(-1).numpy()
+    np.testing.assert_allclose(got, _spec_normals(seed, 21, 5, noise.STEP_TAG), rtol=0, atol=1e-12)
+
+
+def test_sample_noise_independent_of_batch():
+    alone = noise.normal(noise.as_seed_tensor([42], 1, "cpu"), (5, 9), step=3)
+    batch = noise.normal(noise.as_seed_tensor([7, 42, 9, 1], 4, "cpu"), (5, 9), step=3)
+    torch.testing.assert_close(alone[0], batch[1], rtol=0, atol=0)
+
+
+def test_streams_differ_by_step_tag_and_seed():
+    s = noise.as_seed_tensor(1, 1, "cpu")
+    a = noise.normal(s, (64,), step=0)
+    assert not torch.equal(a, noise.normal(s, (64,), step=1))
+    assert not torch.equal(a, noise.normal(s, (64,), step=0, tag=noise.INIT_TAG))
+    assert not torch.equal(a, noise.normal(noise.as_seed_tensor(2, 1, "cpu"), (64,), step=0))
+
+
+def test_step_may_be_a_tensor():
+    s = noise.as_seed_tensor(3, 2, "cpu")
+    torch.testing.assert_close(noise.normal(s, (10,), step=torch.tensor([4])), noise.normal(s, (10,), step=4))
+
+
+def test_normal_statistics():
+    x = noise.normal(noise.as_seed_tensor(0, 1, "cpu"), (200_000,), dtype=torch.float64)[0]
+    assert abs(float(x.mean())) < 4 / 200_000**0.5
+    assert abs(float(x.std()) - 1) < 0.01
+    assert abs(float((x**4).mean()) - 3) < 0.1  # kurtosis of a normal
+    assert float(x.abs().max()) < 5.8  # the 23-bit uniform bounds the tail
+
+
+def test_seed_validation():
+    with pytest.raises(ValueError, match="seeds for a batch"):
+        noise.as_seed_tensor([1, 2], 3, "cpu")
+    with pytest.raises(ValueError, match="outside"):
+        noise.as_seed_tensor(-1, 1, "cpu")
+    with pytest.raises(ValueError, match="int64"):
+        noise.as_seed_tensor(torch.zeros(2, dtype=torch.int32), 2, "cpu")

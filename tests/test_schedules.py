@@ -1,0 +1,105 @@
+"""Schedules: values, derivatives, inverses, diffusers' beta schedules, validation."""
+
+import numpy as np
+import pytest
+
+from fastflow.schedules import EDM, VP, FlowMatching, Rescaled
+
+SCHEDULES = [
+    FlowMatching(),
+    VP(),
+    VP(beta_schedule="linear", beta_start=1e-4, beta_end=0.02),
+    VP(beta_schedule="squaredcos_cap_v2"),
+    VP(rescale_betas_zero_snr=True),
+    VP.cosine(),
+    EDM(),
+    Rescaled(VP(), 2.5),
+    Rescaled(VP.cosine(), lambda t: 1 + t, lambda t: np.ones_like(t)),
+]
+
+
+def _interior(s, n=9):
+    return np.linspace(s.t_min, s.t_max, n + 2)[1:-1] + 0.123  # off the integer knots
+
+
+@pytest.mark.parametrize("s", SCHEDULES, ids=repr)
+def test_derivatives_match_finite_differences(s):
+    t = np.clip(_interior(s), s.t_min + 1e-3, s.t_max - 1e-3)
+    h = 1e-6 * max(1.0, s.t_max)
+    for f, df in ((s.alpha, s.d_alpha), (s.sigma, s.d_sigma)):
+        np.testing.assert_allclose(df(t), (f(t + h) - f(t - h)) / (2 * h), rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("s", SCHEDULES, ids=repr)
+def test_sigma_ve_inverse_and_monotone_logsnr(s):
+    t = _interior(s)
+    t = t[t < s.t_max]
+    np.testing.assert_allclose(s.t_from_sigma_ve(s.sigma_ve(t)), t, rtol=1e-7, atol=1e-7 * s.t_max)
+    s.validate()
+    assert np.all(np.diff(s.logsnr(t)) < 0)
+
+
+def test_vp_is_variance_preserving_and_matches_diffusers_alphas():
+    diffusers = pytest.importorskip("diffusers")
+    for kw in (
+        dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
+        dict(beta_schedule="linear", beta_start=0.0001, beta_end=0.02),
+        dict(beta_schedule="squaredcos_cap_v2"),
+        dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, rescale_betas_zero_snr=True),
+    ):
+        ours = VP(**kw)
+        theirs = diffusers.DDIMScheduler(**kw).alphas_cumprod.double().numpy()
+        if kw.get("rescale_betas_zero_snr"):
+            theirs = theirs.copy()
+            theirs[-1] = ours.alphas_cumprod[-1]  # both keep the last step finite; values differ by design
+        np.testing.assert_allclose(ours.alphas_cumprod, theirs, rtol=1e-5, atol=1e-7)
+        t = np.arange(1000.0)
+        np.testing.assert_allclose(ours.alpha(t) ** 2 + ours.sigma(t) ** 2, 1.0, atol=1e-12)
+        np.testing.assert_allclose(ours.alpha(t) ** 2, ours.alphas_cumprod, rtol=1e-12)
+
+
+def test_zero_terminal_snr_rescale_reaches_near_zero():
+    s = VP(rescale_betas_zero_snr=True)
+    assert s.alphas_cumprod[-1] < 1e-6
+    assert s.alphas_cumprod[0] == pytest.approx(VP().alphas_cumprod[0], rel=1e-12)
+
+
+def test_flow_matching_shift_and_mu_warp_the_grid():
+    t = np.linspace(0, 1, 11)
+    np.testing.assert_allclose(FlowMatching().warp(t), t)
+    shifted = FlowMatching(shift=3.0).warp(t)
+    np.testing.assert_allclose(shifted, 3 * t / (1 + 2 * t))
+    mu = FlowMatching(mu=np.log(3.0)).warp(t)
+    np.testing.assert_allclose(mu, shifted, atol=1e-12)  # exp(mu) = shift is the same warp
+
+
+def test_rescaled_scales_alpha_and_sigma():
+    base = VP.cosine()
+    s = Rescaled(base, 3.0)
+    t = np.array([0.2, 0.7])
+    np.testing.assert_allclose(s.alpha(t), 3 * base.alpha(t))
+    np.testing.assert_allclose(s.logsnr(t), base.logsnr(t))
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda: FlowMatching(shift=0), "shift"),
+        (lambda: FlowMatching(shift=float("nan")), "shift"),
+        (lambda: EDM(sigma_min=1.0, sigma_max=0.5), "sigma_min"),
+        (lambda: EDM(rho=float("nan")), "rho"),
+        (lambda: VP(alphas_cumprod=np.array([0.9, 0.95, 0.5])), "decreasing"),
+        (lambda: VP(alphas_cumprod=np.array([0.9, np.nan, 0.5])), "alphas_cumprod"),
+        (lambda: VP(beta_schedule="cosine-ish"), "unknown beta schedule"),
+        (lambda: Rescaled(VP(), -1.0), "scale"),
+        (lambda: Rescaled(VP(), lambda t: t), "derivative"),
+    ],
+)
+def test_bad_schedule_parameters_raise(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_nan_time_raises():
+    with pytest.raises(ValueError, match="NaN"):
+        VP().alpha(np.nan)
