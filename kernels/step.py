@@ -168,7 +168,7 @@ def fused_step_kernel(
     mask = offs < n
     idx = pid_b.to(tl.int64) * n + offs
 
-    if STEP_PTR:
+    if STEP_PTR:  # noqa: SIM108 (compile-time switch)
         row_step = tl.load(step).to(tl.int64)
     else:
         row_step = step.to(tl.int64)

@@ -21,6 +21,7 @@ from ..plan import NUM_COEFS
 from .base import check_step_args
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_TABLE_DTYPES = (torch.float32, torch.float64)
 _INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
@@ -51,7 +52,7 @@ def _check_layout(name: str, t: torch.Tensor | None, dtypes: tuple[torch.dtype, 
     if t is None:
         return
     if not t.is_contiguous():
-        raise ValueError(f"{name} must be contiguous (the Triton kernel indexes flat row-major memory); call .contiguous()")
+        raise ValueError(f"{name} must be contiguous (the Triton kernel reads flat row-major memory)")
     if t.dtype not in dtypes:
         names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
         raise TypeError(f"{name} has dtype {t.dtype}; the Triton kernel takes {names}")
@@ -116,7 +117,9 @@ class TritonBackend:
         ``block`` overrides the elements per program (a power of two; tests use it
         to get several programs per sample).
         """
-        check_step_args(z, out, model_out, model_out_uncond, history, table, seeds, noise, x_out, model_in_out, use_noise)
+        check_step_args(
+            z, out, model_out, model_out_uncond, history, table, seeds, noise, x_out, model_in_out, use_noise
+        )
         kernels = self._kernels
         if kernels is None:
             reason = self.availability()
@@ -135,7 +138,7 @@ class TritonBackend:
             _check_layout(f"history tensor h{k}", h, _INPUT_DTYPES)
         _check_layout("x_hat output", x_out, _INPUT_DTYPES)
         _check_layout("model input output", model_in_out, _INPUT_DTYPES)
-        if table.dtype not in (torch.float32, torch.float64) or table.shape[1] != NUM_COEFS or not table.is_contiguous():
+        if table.dtype not in _TABLE_DTYPES or table.shape[1] != NUM_COEFS or not table.is_contiguous():
             raise ValueError(
                 f"coefficient table must be a contiguous float32 [stages, {NUM_COEFS}] tensor, "
                 f"got {table.dtype} {tuple(table.shape)}"
@@ -153,7 +156,7 @@ class TritonBackend:
             if not 0 <= step < table.shape[0]:
                 raise IndexError(f"step {step} is outside the coefficient table's {table.shape[0]} rows")
         if z.shape[0] > kernels.MAX_GRID_Y:
-            raise ValueError(f"batch {z.shape[0]} exceeds the kernel's limit of {kernels.MAX_GRID_Y} samples per launch")
+            raise ValueError(f"batch {z.shape[0]} exceeds the kernel's {kernels.MAX_GRID_Y} samples per launch")
         kernels.launch_fused_step(
             z,
             out,

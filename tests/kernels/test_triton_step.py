@@ -1,0 +1,694 @@
+"""The Triton fused step against the torch reference.
+
+On the CPU these run under ``TRITON_INTERPRET=1`` (set by ``tests/conftest.py``), so
+sizes stay tiny; the ``gpu`` tests repeat the matrix at realistic sizes and check
+CUDA-graph capture and the absence of host syncs.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+
+from fastflow import noise as noise_spec
+from fastflow.backends import get_backend, resolve_backend
+from fastflow.backends.reference import TorchBackend
+from fastflow.backends.triton import TritonBackend, _load_kernels
+from fastflow.plan import AO, AZ, CIN, CN, CX, CZ, H0, NUM_COEFS, W
+
+triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
+_K = _load_kernels()
+philox4x32 = _K.philox4x32
+philox_normals = _K.philox_normals
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# (rtol, atol) per output dtype: both sides round the same float32 value once, so
+# low-precision outputs differ by at most one unit in the last place.
+TOL = {
+    torch.float32: (2e-5, 2e-5),
+    torch.float64: (2e-5, 2e-5),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+    torch.float16: (2e-3, 2e-3),
+}
+NOISE_MODES = ("none", "philox", "tensor")
+MI_MODES = (None, "same", "dup-bf16", "dup-fp16")
+REF = TorchBackend()
+
+
+def _dev() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(scope="module")
+def tb() -> TritonBackend:
+    backend = get_backend("triton")
+    reason = backend.availability()
+    if reason is not None:
+        pytest.skip(reason)
+    return backend
+
+
+@dataclass
+class Case:
+    """Inputs of one fused step, with the outputs it asks for."""
+
+    z: torch.Tensor
+    model_out: torch.Tensor
+    uncond: torch.Tensor | None
+    history: list[torch.Tensor]
+    table: torch.Tensor
+    step: int | torch.Tensor
+    seeds: torch.Tensor | None
+    noise: torch.Tensor | None
+    use_noise: bool
+    clip: float | None
+    x_dtype: torch.dtype | None
+    mi_dtype: torch.dtype | None
+    mi_dup: bool
+
+    def run(self, backend, in_place: bool = False, **kw) -> dict[str, torch.Tensor]:
+        z = self.z.clone()
+        out = z if in_place else torch.full_like(z, float("nan"))
+        x = None if self.x_dtype is None else torch.full(z.shape, float("nan"), dtype=self.x_dtype, device=z.device)
+        mi = None
+        if self.mi_dtype is not None:
+            b = z.shape[0] * (2 if self.mi_dup else 1)
+            mi = torch.full((b, *z.shape[1:]), float("nan"), dtype=self.mi_dtype, device=z.device)
+        backend.fused_step(
+            z,
+            out,
+            self.model_out,
+            self.uncond,
+            list(self.history),
+            self.table,
+            self.step,
+            seeds=self.seeds,
+            noise=self.noise,
+            x_out=x,
+            model_in_out=mi,
+            clip=self.clip,
+            use_noise=self.use_noise,
+            **kw,
+        )
+        res = {"out": out}
+        if x is not None:
+            res["x"] = x
+        if mi is not None:
+            res["mi"] = mi
+        return res
+
+
+def make_case(
+    shape: tuple[int, ...],
+    zdt: torch.dtype,
+    odt: torch.dtype,
+    *,
+    guided: bool = True,
+    hist: int = 2,
+    clip: bool = False,
+    noise: str = "philox",
+    x_dtype: torch.dtype | None = None,
+    mi: str | None = None,
+    step_kind: str = "int",
+    seed: int = 0,
+    device: str | None = None,
+    hist_dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16),
+) -> Case:
+    """Fresh random inputs and a random coefficient table (5 rows; row 3 is used)."""
+    device = device or _dev()
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(shape, generator=g) * scale).to(dtype).to(device)
+
+    table = (torch.randn(5, NUM_COEFS, generator=g) * 0.7).to(device)
+    step_row = 3
+    if step_kind == "int":
+        step: int | torch.Tensor = step_row
+    else:
+        step = torch.tensor([step_row], dtype=torch.int32 if step_kind == "i32" else torch.int64, device=device)
+    seeds = torch.randint(-(2**62), 2**62, (shape[0],), generator=g, dtype=torch.int64).to(device)
+    mi_dtype = {None: None, "same": zdt, "dup-bf16": torch.bfloat16, "dup-fp16": torch.float16}[mi]
+    return Case(
+        z=rnd(zdt, 2.0),
+        model_out=rnd(odt),
+        uncond=rnd(odt) if guided else None,
+        history=[rnd(hist_dtypes[k % len(hist_dtypes)]) for k in range(hist)],
+        table=table,
+        step=step,
+        seeds=seeds if noise == "philox" else None,
+        noise=rnd(odt) if noise == "tensor" else None,
+        use_noise=noise != "none",
+        clip=0.8 if clip else None,
+        x_dtype=x_dtype,
+        mi_dtype=mi_dtype,
+        mi_dup=mi is not None and mi.startswith("dup"),
+    )
+
+
+def assert_matches(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert got.keys() == want.keys()
+    for key, w in want.items():
+        a = got[key]
+        assert a.dtype == w.dtype and a.shape == w.shape, key
+        assert not torch.isnan(a).any(), f"{key}: elements left unwritten"
+        rtol, atol = TOL[w.dtype]
+        torch.testing.assert_close(a.double(), w.double(), rtol=rtol, atol=atol, msg=lambda m, k=key: f"{k}: {m}")
+
+
+# --------------------------------------------------------------------------- matrix
+
+
+@pytest.mark.parametrize("noise", NOISE_MODES)
+@pytest.mark.parametrize("hist", [0, 1, 2, 3])
+@pytest.mark.parametrize("clip", [False, True], ids=["noclip", "clip"])
+@pytest.mark.parametrize("guided", [False, True], ids=["cond", "cfg"])
+@pytest.mark.parametrize("odt", DTYPES, ids=lambda d: f"o_{str(d)[6:]}")
+@pytest.mark.parametrize("zdt", DTYPES, ids=lambda d: f"z_{str(d)[6:]}")
+def test_matrix_tiny(tb, zdt, odt, guided, clip, hist, noise):
+    """Full product of dtype pair, guidance, clip, history depth and noise mode on a 2 x 105 state.
+
+    The secondary options (x_hat output, model-input output and its dtype/duplication,
+    step as int or int32/int64 device tensor) rotate with the case so each is
+    exercised against every primary option without multiplying the product.
+    """
+    ni = NOISE_MODES.index(noise)
+    case = make_case(
+        (2, 3, 5, 7),
+        zdt,
+        odt,
+        guided=guided,
+        hist=hist,
+        clip=clip,
+        noise=noise,
+        x_dtype=(zdt, None, torch.float32)[(hist + guided) % 3],
+        mi=MI_MODES[(hist + ni + clip) % 4],
+        step_kind=("int", "i64", "i32")[(ni + guided + 2 * clip) % 3],
+        seed=zlib.crc32(repr((zdt, odt, guided, clip, hist, noise)).encode()),
+    )
+    assert_matches(case.run(tb), case.run(REF))
+
+
+@pytest.mark.parametrize("block", [8, 64, None])
+@pytest.mark.parametrize("shape", [(1, 1), (2, 3), (3, 4), (2, 5), (2, 130), (2, 3, 7, 11), (1, 517)], ids=str)
+def test_odd_sizes_and_blocks(tb, shape, block):
+    """Tails, samples not a multiple of 4, and several programs per sample (noise groups must align)."""
+    for zdt, odt in ((torch.float32, torch.bfloat16), (torch.bfloat16, torch.float16)):
+        case = make_case(shape, zdt, odt, hist=2, clip=True, x_dtype=torch.float32, mi="dup-bf16", seed=len(shape))
+        assert_matches(case.run(tb, block=block), case.run(REF))
+
+
+@pytest.mark.parametrize("zdt", DTYPES, ids=str)
+def test_in_place(tb, zdt):
+    """``out`` is ``z`` and ``x_out`` is the history tensor it reads: loads precede stores per element."""
+
+    def case() -> Case:
+        return make_case(
+            (3, 2, 45),
+            zdt,
+            torch.bfloat16,
+            hist=2,
+            clip=True,
+            noise="philox",
+            mi="same",
+            x_dtype=zdt,
+            seed=7,
+            hist_dtypes=(zdt, torch.float32),
+        )
+
+    want = case().run(REF)
+    c = case()
+    z, x = c.z, c.history[0]  # x_hat overwrites the buffer it reads as h0
+    mi = torch.empty_like(z)
+    tb.fused_step(
+        z,
+        z,
+        c.model_out,
+        c.uncond,
+        c.history,
+        c.table,
+        c.step,
+        seeds=c.seeds,
+        x_out=x,
+        model_in_out=mi,
+        clip=c.clip,
+        use_noise=True,
+        block=32,
+    )
+    assert_matches({"out": z, "x": x, "mi": mi}, want)
+
+
+def test_float64_inputs_and_table(tb):
+    """History, model output and explicit noise may be float64; the table may be float64."""
+    case = make_case(
+        (2, 33),
+        torch.float32,
+        torch.float64,
+        hist=3,
+        noise="tensor",
+        x_dtype=torch.float64,
+        hist_dtypes=(torch.float64,),
+        seed=3,
+    )
+    case.table = case.table.double()
+    assert_matches(case.run(tb), case.run(REF))
+
+
+def test_step_tensor_equals_int(tb):
+    base = make_case((2, 70), torch.float32, torch.float32, hist=1, noise="philox", mi="dup-bf16", seed=11)
+    got = []
+    for step in (3, torch.tensor([3], device=base.z.device), torch.tensor(3, dtype=torch.int32, device=base.z.device)):
+        base.step = step
+        got.append(base.run(tb))
+    for other in got[1:]:
+        for key in got[0]:
+            assert torch.equal(got[0][key], other[key])
+
+
+def test_unused_coefficients_ignored(tb):
+    """Columns of absent inputs (H1, H2 without history, CN without noise) do not leak into the result."""
+    case = make_case((1, 40), torch.float32, torch.float32, guided=False, hist=0, noise="none", seed=5)
+    want = case.run(REF)
+    case.table[:, W] = float("nan")  # guidance off: W unused
+    case.table[:, H0 : CN + 1] = float("nan")
+    case.table[:, CIN] = float("nan")
+    assert_matches(case.run(tb), want)
+
+
+# --------------------------------------------------------------------------- noise
+
+
+@pytest.mark.parametrize("step", [0, 1, 7, 2**31 + 5])
+def test_noise_kernel_matches_spec(tb, step):
+    """The kernel's noise equals the float64 spec to 1e-6 (relative above 1) for awkward seeds."""
+    seeds = torch.tensor([0, 1, 2**63 - 1, -(2**63), 0x0123456789ABCDEF, -17], dtype=torch.int64, device=_dev())
+    shape = (5, 411)  # 2055 elements per sample: the last group is partial
+    got = tb.noise(seeds, shape, step=step).double()
+    want = noise_spec.normal(seeds, shape, step=step, dtype=torch.float64)
+    err = (got - want).abs() / want.abs().clamp(min=1.0)
+    assert err.max().item() <= 1e-6, err.max().item()
+
+
+def test_noise_many_normals(tb):
+    """65536 normals per sample (the tails of the radius included) stay within 1e-6 of the spec."""
+    seeds = torch.tensor([12345, -99], dtype=torch.int64, device=_dev())
+    got = torch.empty(2, 65536, device=_dev())
+    _K.launch_noise(got, seeds, 3, block=16384)
+    want = noise_spec.normal(seeds, (65536,), step=3, dtype=torch.float64)
+    err = (got.double() - want).abs() / want.abs().clamp(min=1.0)
+    assert err.max().item() <= 1e-6, err.max().item()
+    assert abs(got.mean().item()) < 0.02 and abs(got.std().item() - 1) < 0.02
+
+
+def test_step_noise_equals_spec(tb):
+    """The noise the step itself adds (CZ = CX = 0, CN = 1) is the spec's, for int and device steps."""
+    b, n = 3, 301
+    seeds = torch.tensor([5, 2**40 + 3, -1], dtype=torch.int64, device=_dev())
+    table = torch.zeros(9, NUM_COEFS, device=_dev())
+    table[:, CN] = 1.0
+    want = noise_spec.normal(seeds, (n,), step=8, dtype=torch.float64)
+    z = torch.randn(b, n, device=_dev())
+    for step in (8, torch.tensor([8], device=_dev())):
+        out = torch.empty_like(z)
+        tb.fused_step(z, out, z, None, [], table, step, seeds=seeds, use_noise=True, block=64)
+        err = (out.double() - want).abs() / want.abs().clamp(min=1.0)
+        assert err.max().item() <= 1e-6
+
+
+def test_batch_independence(tb):
+    """A sample's result is the same alone and at any position inside a batch of four."""
+    shape = (2, 9, 13)
+    g = torch.Generator().manual_seed(1)
+    full = {k: torch.randn(4, *shape, generator=g).to(_dev()) for k in ("z", "o", "u", "h0", "h1")}
+    seeds = torch.tensor([101, 202, 303, 404], dtype=torch.int64, device=_dev())
+    table = (torch.randn(4, NUM_COEFS, generator=g)).to(_dev())
+
+    def run(idx: list[int]) -> tuple[torch.Tensor, ...]:
+        sel = {k: v[idx].contiguous() for k, v in full.items()}
+        out = torch.empty_like(sel["z"])
+        x = torch.empty_like(sel["z"])
+        mi = torch.empty(2 * len(idx), *shape, dtype=torch.bfloat16, device=_dev())
+        tb.fused_step(
+            sel["z"],
+            out,
+            sel["o"],
+            sel["u"],
+            [sel["h0"], sel["h1"]],
+            table,
+            2,
+            seeds=seeds[idx].contiguous(),
+            x_out=x,
+            model_in_out=mi,
+            clip=1.0,
+            use_noise=True,
+            block=64,
+        )
+        return out, x, mi
+
+    alone = run([2])
+    batch = run([0, 1, 2, 3])
+    moved = run([3, 2, 1, 0])
+    for a, bt, mv, key in zip(alone, batch, moved, ("out", "x", "mi"), strict=True):
+        if key == "mi":  # both halves of the duplicated model input
+            assert torch.equal(a[0], bt[2]) and torch.equal(a[1], bt[6]) and torch.equal(a[0], mv[5])
+        else:
+            assert torch.equal(a[0], bt[2]) and torch.equal(a[0], mv[1]), key
+
+
+@triton.jit
+def _philox_probe(c_ptr, out_ptr, N: tl.constexpr):
+    i = tl.arange(0, N)
+    c0 = tl.load(c_ptr + i * 6 + 0).to(tl.uint32)
+    c1 = tl.load(c_ptr + i * 6 + 1).to(tl.uint32)
+    c2 = tl.load(c_ptr + i * 6 + 2).to(tl.uint32)
+    c3 = tl.load(c_ptr + i * 6 + 3).to(tl.uint32)
+    k0 = tl.load(c_ptr + i * 6 + 4).to(tl.uint32)
+    k1 = tl.load(c_ptr + i * 6 + 5).to(tl.uint32)
+    x0, x1, x2, x3 = philox4x32(c0, c1, c2, c3, k0, k1)
+    tl.store(out_ptr + i * 4 + 0, x0.to(tl.int64))
+    tl.store(out_ptr + i * 4 + 1, x1.to(tl.int64))
+    tl.store(out_ptr + i * 4 + 2, x2.to(tl.int64))
+    tl.store(out_ptr + i * 4 + 3, x3.to(tl.int64))
+
+
+@triton.jit
+def _normals_probe(g_ptr, seed_ptr, out_ptr, step, N: tl.constexpr):
+    i = tl.arange(0, N)
+    g = tl.load(g_ptr + i)
+    seed = tl.load(seed_ptr)
+    n0, n1, n2, n3 = philox_normals(g, step, seed, 0)
+    tl.store(out_ptr + i * 4 + 0, n0)
+    tl.store(out_ptr + i * 4 + 1, n1)
+    tl.store(out_ptr + i * 4 + 2, n2)
+    tl.store(out_ptr + i * 4 + 3, n3)
+
+
+def test_philox_words_bit_exact(tb):
+    """The kernel's Philox equals the numpy statement of the spec bit for bit (all counter words and keys)."""
+    rng = np.random.default_rng(0)
+    words = rng.integers(0, 2**32, size=(64, 6), dtype=np.uint64)
+    words[0] = 0
+    words[1] = 2**32 - 1
+    c = torch.from_numpy(words.astype(np.int64)).to(_dev())
+    out = torch.empty(64, 4, dtype=torch.int64, device=_dev())
+    _philox_probe[(1,)](c, out, N=64)
+    want = noise_spec.philox4x32_numpy(*(words[:, j] for j in range(6)))
+    got = out.cpu().numpy().astype(np.uint64)
+    for j in range(4):
+        np.testing.assert_array_equal(got[:, j], want[j].astype(np.uint64))
+
+
+def test_group_counter_high_word(tb):
+    """Groups past 2**32 (samples past 2**34 elements) put the high word in counter c1 as the spec says."""
+    g = torch.tensor([0, 1, 2**32 - 1, 2**32, 2**32 + 5, 3 * 2**32 + 77, 2**40 + 2**33 + 1, 12345] * 4, device=_dev())
+    seed = torch.tensor([-(2**50) + 3], dtype=torch.int64, device=_dev())
+    out = torch.empty(g.numel(), 4, device=_dev())
+    _normals_probe[(1,)](g, seed, out, 9, N=g.numel())
+    m = 0xFFFFFFFF
+    gv = g.cpu()
+    words = noise_spec.philox4x32_torch(
+        gv & m, gv >> 32, torch.full_like(gv, 9), torch.zeros_like(gv), seed.cpu() & m, (seed.cpu() >> 32) & m
+    )
+    want = torch.stack(noise_spec.words_to_normals(*words), dim=-1)
+    err = (out.cpu().double() - want).abs() / want.abs().clamp(min=1.0)
+    assert err.max().item() <= 1e-6
+
+
+# --------------------------------------------------------------------------- errors and dispatch
+
+
+def _bad(tb, **over):
+    case = make_case((2, 12), torch.float32, torch.float32, guided=False, hist=1, noise="none", seed=2)
+    args = dict(
+        z=case.z,
+        out=torch.empty_like(case.z),
+        model_out=case.model_out,
+        model_out_uncond=None,
+        history=case.history,
+        table=case.table,
+        step=1,
+    )
+    args.update(over)
+    tb.fused_step(**args)
+
+
+def test_errors(tb):
+    z = torch.randn(2, 12, device=_dev())
+    with pytest.raises(ValueError, match="shape"):
+        _bad(tb, model_out=torch.randn(2, 13, device=_dev()))
+    with pytest.raises(TypeError, match="dtype"):
+        _bad(tb, out=torch.empty(2, 12, dtype=torch.float16, device=_dev()))
+    with pytest.raises(TypeError, match="float64"):
+        z64 = z.double()
+        _bad(tb, z=z64, out=torch.empty_like(z64), model_out=z64, history=[])
+    with pytest.raises(ValueError, match="contiguous"):
+        zt = torch.randn(12, 2, device=_dev()).t()
+        _bad(tb, z=zt, out=torch.empty(2, 12, device=_dev()), model_out=z, history=[])
+    with pytest.raises(ValueError, match="contiguous"):
+        _bad(tb, out=torch.empty(12, 2, device=_dev()).t())
+    with pytest.raises(ValueError, match="contiguous"):
+        _bad(tb, history=[torch.randn(2, 24, device=_dev())[:, ::2]])
+    with pytest.raises(ValueError, match="seeds"):
+        _bad(tb, use_noise=True)
+    with pytest.raises(ValueError, match="seeds"):
+        _bad(tb, use_noise=True, seeds=torch.tensor([1, 2], dtype=torch.int32, device=_dev()))
+    with pytest.raises(IndexError, match="step"):
+        _bad(tb, step=5)
+    with pytest.raises(ValueError, match="step tensor"):
+        _bad(tb, step=torch.tensor([1, 2], device=_dev()))
+    with pytest.raises(ValueError, match="step tensor"):
+        _bad(tb, step=torch.tensor([1.0], device=_dev()))
+    with pytest.raises(ValueError, match="table"):
+        _bad(tb, table=torch.zeros(5, NUM_COEFS - 1, device=_dev()))
+    with pytest.raises(ValueError, match="table"):
+        _bad(tb, table=torch.zeros(5, NUM_COEFS, device=_dev(), dtype=torch.float16))
+    with pytest.raises(ValueError, match="model input"):
+        _bad(tb, model_in_out=torch.empty(3, 12, device=_dev()))
+    with pytest.raises(ValueError, match="at most"):
+        _bad(tb, history=[z, z, z, z])
+    with pytest.raises(ValueError, match="block"):
+        _bad(tb, block=48)
+
+
+def test_empty_batch_is_a_no_op(tb):
+    z = torch.empty(0, 3, 4, device=_dev())
+    tb.fused_step(z, z, z, None, [], torch.zeros(2, NUM_COEFS, device=_dev()), 0)
+
+
+def test_dispatch(tb, monkeypatch):
+    assert tb.supports(torch.device("cuda")) is None
+    assert "meta" in tb.supports(torch.device("meta"))
+    assert isinstance(resolve_backend("triton", _dev()), TritonBackend)
+    if not torch.cuda.is_available():
+        assert tb.supports(torch.device("cpu")) is None  # the interpreter is on in CI
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        assert "TRITON_INTERPRET" in tb.supports(torch.device("cpu"))
+        assert "TRITON_INTERPRET" in TritonBackend().availability()
+
+
+# --------------------------------------------------------------------------- GPU
+
+GPU_SHAPES = [(1, 16, 128, 128), (3, 4, 33, 65)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("noise", NOISE_MODES)
+@pytest.mark.parametrize("odt", DTYPES, ids=str)
+@pytest.mark.parametrize("zdt", DTYPES, ids=str)
+def test_gpu_matrix_realistic(tb, zdt, odt, noise):
+    """Every dtype pair and noise mode at (1, 16, 128, 128), with every option on."""
+    case = make_case(
+        GPU_SHAPES[0],
+        zdt,
+        odt,
+        hist=3,
+        clip=True,
+        noise=noise,
+        x_dtype=zdt,
+        mi="dup-bf16",
+        step_kind="i64",
+        seed=1,
+        device="cuda",
+    )
+    assert_matches(case.run(tb), case.run(REF))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "opts",
+    [
+        dict(guided=False, hist=0, clip=False, noise="none"),
+        dict(guided=True, hist=1, clip=False, noise="philox", mi="same"),
+        dict(guided=False, hist=2, clip=True, noise="tensor", x_dtype=torch.float32),
+        dict(guided=True, hist=3, clip=True, noise="philox", x_dtype=torch.bfloat16, mi="dup-fp16", step_kind="i32"),
+    ],
+    ids=["plain", "cfg-h1-noise", "h2-clip-xi", "all"],
+)
+@pytest.mark.parametrize("shape", GPU_SHAPES + [(2, 1, 1, 4097), (5, 3)], ids=str)
+@pytest.mark.parametrize("dts", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16)], ids=str)
+def test_gpu_options(tb, dts, shape, opts):
+    case = make_case(shape, *dts, device="cuda", seed=4, **opts)
+    want = case.run(REF)
+    assert_matches(case.run(tb), want)
+    assert_matches(case.run(tb, in_place=True), want)
+
+
+@pytest.mark.gpu
+def test_gpu_noise_matches_spec(tb):
+    seeds = torch.tensor([0, 7, -(2**63), 2**63 - 1], dtype=torch.int64, device="cuda")
+    got = tb.noise(seeds, (16, 128, 128), step=11).double()
+    want = noise_spec.normal(seeds, (16, 128, 128), step=11, dtype=torch.float64)
+    err = (got - want).abs() / want.abs().clamp(min=1.0)
+    assert err.max().item() <= 1e-6, err.max().item()
+
+
+@pytest.mark.gpu
+def test_gpu_past_2_31_elements(tb):
+    """One sample of 2**31 + 4100 elements: int64 offsets, and the noise counter of a large group index."""
+    n = 2**31 + 4100
+    free, _ = torch.cuda.mem_get_info()
+    if free < n * 7 + 2**30:
+        pytest.skip("needs about 16 GB of free GPU memory")
+    z = torch.empty(1, n, device="cuda").uniform_(-1, 1)
+    o = torch.empty(1, n, device="cuda", dtype=torch.bfloat16).uniform_(-1, 1)
+    table = torch.tensor([[1.0, 0.5, 0.25, 0.75, 0.5, 0, 0, 0, 0.3, 1.0]], device="cuda")
+    seeds = torch.tensor([2**33 + 9], dtype=torch.int64, device="cuda")
+    spans = [slice(0, 4096), slice(2**31 - 2048, 2**31 + 2048), slice(n - 4100, n)]
+    before = [(z[0, s].clone(), o[0, s].float()) for s in spans]
+    tb.fused_step(z, z, o, None, [], table, 0, seeds=seeds, use_noise=True)
+    m = 0xFFFFFFFF
+    for s, (zs, os_) in zip(spans, before, strict=True):
+        g = torch.arange(s.start // 4, (s.stop + 3) // 4, device="cuda", dtype=torch.int64)
+        words = noise_spec.philox4x32_torch(
+            g & m, g >> 32, torch.zeros_like(g), torch.zeros_like(g), seeds & m, (seeds >> 32) & m
+        )
+        xi = torch.stack(noise_spec.words_to_normals(*words), -1).reshape(-1)[: s.stop - s.start].float()
+        x = 0.5 * zs + 0.25 * os_
+        want = 0.75 * zs + 0.5 * x + 0.3 * xi
+        torch.testing.assert_close(z[0, s], want, rtol=1e-5, atol=1e-5)
+    del z, o
+    torch.cuda.empty_cache()
+
+
+class _TinyModel(torch.nn.Module):
+    def __init__(self, ch: int) -> None:
+        super().__init__()
+        self.a = torch.nn.Conv2d(ch, 16, 3, padding=1)
+        self.b = torch.nn.Conv2d(16, ch, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.nn.functional.silu(self.a(x)))
+
+
+def _loop_table(stages: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    t = torch.zeros(stages, NUM_COEFS)
+    t[:, W] = 3.0
+    t[:, AZ] = 1.0
+    t[:, AO] = -0.2
+    t[:, CZ] = 0.8 + 0.05 * torch.rand(stages, generator=g)
+    t[:, CX] = 0.15
+    t[:, H0] = 0.05
+    t[:, CN] = 0.1
+    t[:, CIN] = 0.9
+    return t.cuda()
+
+
+def _run_loop(tb, model, z, hist, mi, table, seeds, step_t, stages):
+    """A CFG sampling loop: model on the duplicated input, then one fused step (x_hat kept as h0)."""
+    b = z.shape[0]
+    for i in range(stages):
+        out = model(mi)
+        step = i if step_t is None else step_t
+        tb.fused_step(
+            z,
+            z,
+            out[:b],
+            out[b:],
+            [hist],
+            table,
+            step,
+            seeds=seeds,
+            x_out=hist,
+            model_in_out=mi,
+            clip=2.0,
+            use_noise=True,
+        )
+        if step_t is not None:
+            step_t.add_(1)
+
+
+@pytest.mark.gpu
+def test_gpu_graph_capture_matches_eager(tb):
+    torch.manual_seed(0)
+    stages, b, shape = 20, 2, (4, 32, 32)
+    model = _TinyModel(4).cuda().to(torch.bfloat16)
+    table = _loop_table(stages)
+    z0 = torch.randn(b, *shape, device="cuda")
+    seeds_a = torch.tensor([1, 2], dtype=torch.int64, device="cuda")
+    seeds_b = torch.tensor([3, 4], dtype=torch.int64, device="cuda")
+
+    def eager(seeds: torch.Tensor) -> torch.Tensor:
+        z, hist = z0.clone(), torch.zeros_like(z0)
+        mi = torch.cat([z, z]).to(torch.bfloat16)
+        _run_loop(tb, model, z, hist, mi, table, seeds, None, stages)
+        return z
+
+    want_a, want_b = eager(seeds_a), eager(seeds_b)
+
+    z, hist = torch.empty_like(z0), torch.empty_like(z0)
+    mi = torch.empty(2 * b, *shape, dtype=torch.bfloat16, device="cuda")
+    step_t = torch.zeros(1, dtype=torch.int64, device="cuda")
+    seeds = seeds_a.clone()
+
+    def body() -> None:
+        step_t.zero_()
+        hist.zero_()
+        mi.copy_(torch.cat([z, z]))
+        _run_loop(tb, model, z, hist, mi, table, seeds, step_t, stages)
+
+    z.copy_(z0)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        body()  # warm-up: compiles every variant outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        body()
+    for sd, want in ((seeds_a, want_a), (seeds_b, want_b), (seeds_a, want_a)):
+        z.copy_(z0)
+        seeds.copy_(sd)
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(z, want, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(want_a, want_b)
+
+
+@pytest.mark.gpu
+def test_gpu_no_host_sync(tb):
+    stages, b, shape = 20, 2, (4, 16, 16)
+    model = _TinyModel(4).cuda().to(torch.bfloat16)
+    table = _loop_table(stages)
+    seeds = torch.tensor([1, 2], dtype=torch.int64, device="cuda")
+    z = torch.randn(b, *shape, device="cuda")
+    hist = torch.zeros_like(z)
+    mi = torch.cat([z, z]).to(torch.bfloat16)
+    step_t = torch.zeros(1, dtype=torch.int64, device="cuda")
+    _run_loop(tb, model, z, hist, mi, table, seeds, None, 2)  # compile outside the check
+    _run_loop(tb, model, z, hist, mi, table, seeds, step_t, 2)
+    torch.cuda.synchronize()
+    step_t.zero_()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        _run_loop(tb, model, z, hist, mi, table, seeds, None, stages)
+        _run_loop(tb, model, z, hist, mi, table, seeds, step_t, stages)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    assert torch.isfinite(z).all()
