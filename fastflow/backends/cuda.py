@@ -1,18 +1,192 @@
-"""C++/CUDA backend: the compiled extension of ``csrc/`` (``fastflow._C``)."""
+"""C++/CUDA backend: the compiled extension of ``csrc/`` (``fastflow._C``).
+
+The extension registers the operators ``torch.ops.fastflow.fused_step``, ``noise``
+and ``philox`` with a CPU kernel (always built) and a CUDA kernel (built when torch
+has CUDA and nvcc is found). This module loads it lazily, refuses an extension
+built for another torch (loading it could crash the process), records why the
+backend is missing, and registers fake (meta) implementations so
+``torch.compile(fullgraph=True)`` traces the operators.
+
+Per-call host cost: the backend calls the ``OpOverload``
+``torch.ops.fastflow.fused_step.default`` directly, which skips the overload
+resolution of ``torch.ops.fastflow.fused_step`` (see ``tests/csrc`` for the
+measurement); the extension has no pybind11 entry point, so there is one path.
+"""
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Sequence
+from typing import Any
+
 import torch
+
+from ..noise import STEP_TAG
+from .base import check_step_args
+
+_STATE: dict[str, Any] = {}
+
+
+def build_info() -> dict[str, Any] | None:
+    """How the extension was built (written by setup.py), or None when nothing was built."""
+    try:
+        from .._build_info import BUILD_INFO
+    except ImportError:
+        return None
+    return dict(BUILD_INFO)
+
+
+def _load() -> str | None:
+    """Import ``fastflow._C`` once; None on success, else why it is unavailable."""
+    if "reason" in _STATE:
+        return _STATE["reason"]
+    reason = _try_load()
+    _STATE["reason"] = reason
+    if reason is None:
+        _register_fakes()
+    return reason
+
+
+def _try_load() -> str | None:
+    info = build_info()
+    if info is None or not info.get("extension"):
+        why = "" if info is None else f" ({info.get('reason')})"
+        return (
+            "the C++/CUDA extension fastflow._C is not built"
+            f"{why}; build it with `pip install --no-build-isolation -e .` where torch is installed"
+        )
+    if info.get("torch") != torch.__version__:
+        return (
+            f"fastflow._C was built for torch {info.get('torch')} but torch {torch.__version__} is running; "
+            "rebuild it (`pip install --no-build-isolation -e .`)"
+        )
+    try:
+        importlib.import_module("fastflow._C")
+    except (ImportError, OSError) as exc:
+        return f"fastflow._C failed to import: {type(exc).__name__}: {exc}"
+    if not hasattr(torch.ops.fastflow, "fused_step"):
+        return "fastflow._C imported but registered no operators"
+    return None
+
+
+def has_cuda_kernels() -> bool:
+    """Whether the loaded extension has CUDA kernels (it was built with nvcc)."""
+    if _load() is not None:
+        return False
+    if "cuda" not in _STATE:
+        _STATE["cuda"] = torch._C._dispatch_has_kernel_for_dispatch_key("fastflow::fused_step", "CUDA")
+    return _STATE["cuda"]
+
+
+def _register_fakes() -> None:
+    """Meta implementations: shapes only, so tracing needs no kernel."""
+
+    @torch.library.register_fake("fastflow::fused_step")
+    def _fused_step_fake(
+        z, out, model_out, model_out_uncond, history, table, step, step_tensor, seeds, noise, x_out, model_in_out,
+        clip, use_noise,
+    ) -> None:
+        return None
+
+    @torch.library.register_fake("fastflow::noise")
+    def _noise_fake(seeds, sample_shape, step, step_tensor, tag) -> torch.Tensor:
+        return seeds.new_empty((seeds.shape[0], *sample_shape), dtype=torch.float32)
+
+    @torch.library.register_fake("fastflow::philox")
+    def _philox_fake(counter, key, rounds=10) -> torch.Tensor:
+        return counter.new_empty(counter.shape)
 
 
 class CudaBackend:
+    """The fused step as one call into the compiled extension (CPU or CUDA kernel by device)."""
+
     name = "cuda"
 
     def availability(self) -> str | None:
-        return "the C++/CUDA extension is not implemented yet"
+        return _load()
 
     def supports(self, device: torch.device) -> str | None:
-        return self.availability()
+        reason = _load()
+        if reason is not None:
+            return reason
+        device = torch.device(device)
+        if device.type == "cpu":
+            return None
+        if device.type == "cuda":
+            if has_cuda_kernels():
+                return None
+            info = build_info() or {}
+            why = info.get("cuda_skipped") or "it was built without nvcc"
+            return f"fastflow._C has no CUDA kernels: {why}"
+        return f"fastflow._C has kernels for cpu and cuda, not {device.type}"
 
-    def fused_step(self, *args, **kwargs) -> None:
-        raise RuntimeError(self.availability())
+    def fused_step(
+        self,
+        z: torch.Tensor,
+        out: torch.Tensor,
+        model_out: torch.Tensor,
+        model_out_uncond: torch.Tensor | None,
+        history: Sequence[torch.Tensor],
+        table: torch.Tensor,
+        step: int | torch.Tensor,
+        seeds: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+        x_out: torch.Tensor | None = None,
+        model_in_out: torch.Tensor | None = None,
+        clip: float | None = None,
+        use_noise: bool = False,
+    ) -> None:
+        """Evaluate one plan stage (the contract of :mod:`fastflow.backends.base`) in one operator call."""
+        check_step_args(z, out, model_out, model_out_uncond, history, table, seeds, noise, x_out, model_in_out, use_noise)
+        op = _STATE.get("op")
+        if op is None:
+            reason = _load()
+            if reason is not None:
+                raise RuntimeError(f"cuda backend unavailable: {reason}")
+            op = _STATE["op"] = torch.ops.fastflow.fused_step.default
+        if isinstance(step, torch.Tensor):
+            step_int, step_tensor = 0, step
+        else:
+            step_int, step_tensor = int(step), None
+        op(
+            z,
+            out,
+            model_out,
+            model_out_uncond,
+            list(history),
+            table,
+            step_int,
+            step_tensor,
+            seeds,
+            noise if use_noise else None,
+            x_out,
+            model_in_out,
+            None if clip is None else float(clip),
+            bool(use_noise),
+        )
+
+    def noise(
+        self,
+        seeds: torch.Tensor,
+        sample_shape: Sequence[int],
+        step: int | torch.Tensor = 0,
+        tag: int = STEP_TAG,
+        dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
+        """The noise of :func:`fastflow.noise.normal`, drawn by the extension's kernel."""
+        reason = self.supports(seeds.device)
+        if reason is not None:
+            raise RuntimeError(f"cuda backend unavailable: {reason}")
+        if isinstance(step, torch.Tensor):
+            out = torch.ops.fastflow.noise.default(seeds, list(sample_shape), 0, step, int(tag))
+        else:
+            out = torch.ops.fastflow.noise.default(seeds, list(sample_shape), int(step), None, int(tag))
+        return out if dtype == torch.float32 else out.to(dtype)
+
+
+def philox_words(counter: torch.Tensor, key: torch.Tensor, rounds: int = 10) -> torch.Tensor:
+    """Raw Philox4x32 words from the extension (int64 holding uint32): counter [..., 4], key [..., 2]."""
+    reason = _load()
+    if reason is not None:
+        raise RuntimeError(f"cuda backend unavailable: {reason}")
+    return torch.ops.fastflow.philox.default(counter, key, rounds)

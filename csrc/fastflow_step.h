@@ -1,0 +1,295 @@
+// fastflow's per-element step math, shared by the CPU and the CUDA kernels.
+//
+// Everything here is an inline function usable on the host and on the device,
+// with no torch and no CUDA runtime dependency, so the same code builds a CPU
+// kernel (tested without a GPU) and the CUDA kernel.
+//
+// The step plan (see fastflow/plan.py for the table layout), per element:
+//   o      = o_uncond + W * (o_cond - o_uncond)     (guided; else o = o_cond)
+//   x_hat  = AZ * z + AO * o, then clamp to [-clip, clip] when clipping
+//   z_next = CZ * z + CX * x_hat + H0 * h0 + H1 * h1 + H2 * h2 + CN * xi
+//   model_in_next = CIN * z_next
+// Terms for absent history tensors or absent noise are skipped (not multiplied
+// by zero), and operations are evaluated in exactly this order so the CPU build
+// reproduces the torch reference bit for bit.
+//
+// Noise (fastflow/noise.py is the spec): Philox4x32-10 keyed by the sample's
+// 64-bit seed, counter (group lo, group hi, step, tag), four normals per call,
+// element e of a sample takes normal (e & 3) of group (e >> 2).
+#pragma once
+
+#include <stdint.h>
+
+#include <cmath>
+
+#if defined(__CUDACC__)
+#define FF_HD __host__ __device__ __forceinline__
+#else
+#define FF_HD inline
+#endif
+
+namespace fastflow {
+
+// Columns of a coefficient table row (fastflow/plan.py).
+enum Coef : int { kW = 0, kAZ, kAO, kCZ, kCX, kH0, kH1, kH2, kCN, kCIN, kNumCoefs };
+constexpr int kMaxHistory = 3;
+
+// Storage dtypes a kernel reads and writes; values are stable across the ABI.
+enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
+
+constexpr uint32_t kPhiloxM0 = 0xD2511F53u;
+constexpr uint32_t kPhiloxM1 = 0xCD9E8D57u;
+constexpr uint32_t kPhiloxW0 = 0x9E3779B9u;
+constexpr uint32_t kPhiloxW1 = 0xBB67AE85u;
+constexpr int kPhiloxRounds = 10;
+constexpr uint32_t kStepTag = 0;
+constexpr uint32_t kInitTag = 1;
+
+struct Words4 {
+  uint32_t x[4];
+};
+
+FF_HD void mulhilo32(uint32_t a, uint32_t b, uint32_t& hi, uint32_t& lo) {
+#if defined(__CUDA_ARCH__)
+  lo = a * b;
+  hi = __umulhi(a, b);
+#else
+  const uint64_t p = static_cast<uint64_t>(a) * static_cast<uint64_t>(b);
+  lo = static_cast<uint32_t>(p);
+  hi = static_cast<uint32_t>(p >> 32);
+#endif
+}
+
+// Philox4x32 with `rounds` rounds; the key is bumped between rounds, not before the first.
+FF_HD Words4 philox4x32(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1,
+                        int rounds = kPhiloxRounds) {
+  for (int r = 0; r < rounds; ++r) {
+    if (r) {
+      k0 += kPhiloxW0;
+      k1 += kPhiloxW1;
+    }
+    uint32_t hi0, lo0, hi1, lo1;
+    mulhilo32(kPhiloxM0, c0, hi0, lo0);
+    mulhilo32(kPhiloxM1, c2, hi1, lo1);
+    const uint32_t n0 = hi1 ^ c1 ^ k0;
+    const uint32_t n2 = hi0 ^ c3 ^ k1;
+    c0 = n0;
+    c1 = lo1;
+    c2 = n2;
+    c3 = lo0;
+  }
+  return Words4{{c0, c1, c2, c3}};
+}
+
+// The four Philox words of group `group` of a sample seeded with `seed` at `step`.
+FF_HD Words4 noise_words(uint64_t seed, uint64_t group, uint32_t step, uint32_t tag) {
+  return philox4x32(static_cast<uint32_t>(group), static_cast<uint32_t>(group >> 32), step, tag,
+                    static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+}
+
+#if defined(__CUDACC__)
+// Precision-matched device math (float overloads call the float functions).
+__device__ __forceinline__ float dev_log(float x) { return logf(x); }
+__device__ __forceinline__ double dev_log(double x) { return log(x); }
+__device__ __forceinline__ float dev_sqrt(float x) { return sqrtf(x); }
+__device__ __forceinline__ double dev_sqrt(double x) { return sqrt(x); }
+__device__ __forceinline__ void dev_sincospi(float x, float* s, float* c) { sincospif(x, s, c); }
+__device__ __forceinline__ void dev_sincospi(double x, double* s, double* c) { sincospi(x, s, c); }
+#endif
+
+// The spec's transform of four words into four standard normals.
+//
+// On the host it is evaluated in double precision exactly as the torch reference
+// does (uniforms exact, log/sqrt/cos/sin in double, one rounding to T), so the CPU
+// build reproduces the reference's normals bit for bit up to libm differences in
+// the last bit of a double. On the device, float normals use logf, correctly
+// rounded sqrtf and sincospif (the angle is pi * v with v exact, so there is no
+// argument-reduction error): within a few float ulps, < 1e-6 relative. Double
+// normals on the device use the double versions of the same functions.
+template <typename T>
+FF_HD void words_to_normals(const Words4& w, T n[4]) {
+#if defined(__CUDA_ARCH__)
+  using C = T;  // float math for float results, double math for double results
+  const C c23 = static_cast<C>(0x1p-23);
+  const C c24 = static_cast<C>(0x1p-24);
+  const C u0 = static_cast<C>(2u * (w.x[0] >> 9) + 1u) * c24;
+  const C v1 = static_cast<C>(2u * (w.x[1] >> 9) + 1u) * c23 - C(1);
+  const C u2 = static_cast<C>(2u * (w.x[2] >> 9) + 1u) * c24;
+  const C v3 = static_cast<C>(2u * (w.x[3] >> 9) + 1u) * c23 - C(1);
+  const C r0 = dev_sqrt(C(-2) * dev_log(u0));
+  const C r2 = dev_sqrt(C(-2) * dev_log(u2));
+  C s1, c1, s3, c3;
+  dev_sincospi(v1, &s1, &c1);
+  dev_sincospi(v3, &s3, &c3);
+  n[0] = r0 * c1;
+  n[1] = r0 * s1;
+  n[2] = r2 * c3;
+  n[3] = r2 * s3;
+#else
+  constexpr double kPi = 3.141592653589793;  // the double nearest pi, as torch.pi
+  const double u0 = static_cast<double>(2u * (w.x[0] >> 9) + 1u) * 0x1p-24;
+  const double v1 = static_cast<double>(2u * (w.x[1] >> 9) + 1u) * 0x1p-23 - 1.0;
+  const double u2 = static_cast<double>(2u * (w.x[2] >> 9) + 1u) * 0x1p-24;
+  const double v3 = static_cast<double>(2u * (w.x[3] >> 9) + 1u) * 0x1p-23 - 1.0;
+  const double r0 = std::sqrt(-2.0 * std::log(u0));
+  const double r2 = std::sqrt(-2.0 * std::log(u2));
+  n[0] = static_cast<T>(r0 * std::cos(kPi * v1));
+  n[1] = static_cast<T>(r0 * std::sin(kPi * v1));
+  n[2] = static_cast<T>(r2 * std::cos(kPi * v3));
+  n[3] = static_cast<T>(r2 * std::sin(kPi * v3));
+#endif
+}
+
+// Everything a launch needs, as plain pointers and flags (no torch types), so the
+// same struct drives the CPU loop and the CUDA kernel. Tensors are contiguous;
+// `numel` is the number of elements of one sample, `batch` the number of samples.
+struct StepParams {
+  const void* z = nullptr;
+  void* out = nullptr;
+  const void* model_out = nullptr;
+  const void* model_out_uncond = nullptr;  // null: unguided
+  const void* history[kMaxHistory] = {nullptr, nullptr, nullptr};
+  const void* noise = nullptr;              // explicit noise, or null
+  void* x_out = nullptr;                    // null: x_hat not written
+  void* model_in_out = nullptr;             // null: next model input not written
+  const int64_t* seeds = nullptr;           // per-sample seeds when drawing noise
+  const void* table = nullptr;              // [rows, kNumCoefs]
+  const void* step_ptr = nullptr;           // device step index (graph mode), or null
+  int64_t step = 0;                         // host step index when step_ptr is null
+  int64_t table_rows = 0;
+  int64_t batch = 0;
+  int64_t numel = 0;
+  double clip = 0.0;
+  int z_dtype = kFloat32;  // also out's
+  int model_out_dtype = kFloat32;
+  int uncond_dtype = kFloat32;
+  int history_dtype[kMaxHistory] = {kFloat32, kFloat32, kFloat32};
+  int noise_dtype = kFloat32;
+  int x_out_dtype = kFloat32;
+  int model_in_dtype = kFloat32;
+  int table_dtype = kFloat32;  // kFloat32 or kFloat64
+  int step_is_int32 = 0;       // step_ptr points at int32 (else int64)
+  int num_history = 0;
+  int use_noise = 0;
+  int has_clip = 0;
+  int model_in_double = 0;  // model_in_out has batch 2B: write both halves
+  int vectorized = 0;       // all pointers 16-byte aligned and every sample a multiple of 16 bytes
+};
+
+// One row of coefficients in the compute type.
+template <typename T>
+struct Coefs {
+  T c[kNumCoefs];
+};
+
+FF_HD int64_t load_step_index(const StepParams& p) {
+  if (p.step_ptr == nullptr) return p.step;
+  return p.step_is_int32 ? static_cast<int64_t>(*static_cast<const int32_t*>(p.step_ptr))
+                         : *static_cast<const int64_t*>(p.step_ptr);
+}
+
+// The table row for `step`, converted once to the compute type (as the reference's
+// row.to(dtype)). A step outside the table yields NaN coefficients rather than an
+// out-of-bounds read: the device cannot raise, and NaN outputs make the error visible.
+template <typename T>
+FF_HD Coefs<T> load_coefs(const StepParams& p, int64_t step) {
+  Coefs<T> k;
+  const bool ok = step >= 0 && step < p.table_rows;
+  for (int i = 0; i < kNumCoefs; ++i) {
+    if (!ok) {
+      k.c[i] = static_cast<T>(NAN);
+    } else if (p.table_dtype == kFloat64) {
+      k.c[i] = static_cast<T>(static_cast<const double*>(p.table)[step * kNumCoefs + i]);
+    } else {
+      k.c[i] = static_cast<T>(static_cast<const float*>(p.table)[step * kNumCoefs + i]);
+    }
+  }
+  return k;
+}
+
+// Multiply and add with one rounding each, never contracted into an FMA, so the
+// kernels round exactly as the torch reference's separate mul and add ops do.
+FF_HD float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+FF_HD float add_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+FF_HD double mul_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+FF_HD double add_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+
+// Clamp that propagates NaN like torch.clamp.
+template <typename T>
+FF_HD T clamp_nan(T x, T lo, T hi) {
+  return x < lo ? lo : (x > hi ? hi : x);
+}
+
+// The plan in pieces, so a kernel can fold each input in as soon as it is loaded
+// (fewer live registers); eval_plan below composes them in the reference's order.
+template <typename T>
+FF_HD T guide(const Coefs<T>& k, T o_cond, T o_uncond) {
+  return add_rn(o_uncond, mul_rn(k.c[kW], o_cond - o_uncond));
+}
+
+template <typename T>
+FF_HD T data_prediction(const Coefs<T>& k, T z, T o, bool has_clip, T clip) {
+  const T x = add_rn(mul_rn(k.c[kAZ], z), mul_rn(k.c[kAO], o));
+  return has_clip ? clamp_nan(x, -clip, clip) : x;
+}
+
+template <typename T>
+FF_HD T update_base(const Coefs<T>& k, T z, T x) {
+  return add_rn(mul_rn(k.c[kCZ], z), mul_rn(k.c[kCX], x));
+}
+
+// z_next += coefficient `col` times `v` (a history tensor or the noise).
+template <typename T>
+FF_HD T add_term(const Coefs<T>& k, int col, T acc, T v) {
+  return add_rn(acc, mul_rn(k.c[col], v));
+}
+
+// The inputs of one element, already converted to the compute type.
+template <typename T>
+struct ElementIn {
+  T z;
+  T o;
+  T ou;
+  T h[kMaxHistory];
+  T xi;
+};
+
+// The plan evaluated for one element: returns z_next and writes x_hat.
+template <typename T>
+FF_HD T eval_plan(const Coefs<T>& k, const ElementIn<T>& in, bool guided, int num_history, bool use_noise,
+                  bool has_clip, T clip, T& x_hat) {
+  const T o = guided ? guide(k, in.o, in.ou) : in.o;
+  x_hat = data_prediction(k, in.z, o, has_clip, clip);
+  T zn = update_base(k, in.z, x_hat);
+  for (int j = 0; j < kMaxHistory; ++j) {
+    if (j < num_history) zn = add_term(k, kH0 + j, zn, in.h[j]);
+  }
+  if (use_noise) zn = add_term(k, kCN, zn, in.xi);
+  return zn;
+}
+
+}  // namespace fastflow
