@@ -233,12 +233,13 @@ MIN_BLOCK = 128
 MAX_GRID_Y = 65535
 
 
-def _launch_config(n: int, block: int | None) -> tuple[int, int]:
+def _launch_config(n: int, block: int | None) -> tuple[int, int, int]:
+    """(BLOCK, num_warps, programs per sample); plain integer math, since host time per launch counts."""
     if block is None:
-        block = min(MAX_BLOCK, max(MIN_BLOCK, triton.next_power_of_2(n)))
+        block = min(MAX_BLOCK, max(MIN_BLOCK, 1 << (n - 1).bit_length()))
     elif block < 4 or block & (block - 1):
         raise ValueError(f"block must be a power of two >= 4, got {block}")
-    return block, max(1, min(8, block // 256))
+    return block, max(1, min(8, block // 256)), -(-n // block)
 
 
 def launch_fused_step(
@@ -268,7 +269,7 @@ def launch_fused_step(
     n = z.numel() // batch
     if n == 0:
         return
-    blk, warps = _launch_config(n, block)
+    blk, warps, programs = _launch_config(n, block)
     nh = len(history)
     h0 = history[0] if nh > 0 else z
     h1 = history[1] if nh > 1 else z
@@ -280,7 +281,7 @@ def launch_fused_step(
     else:
         mode = NOISE_TENSOR
     step_ptr = not isinstance(step, int)
-    fused_step_kernel[(triton.cdiv(n, blk), batch)](
+    fused_step_kernel[(programs, batch)](
         z,
         out,
         model_out,
@@ -316,5 +317,5 @@ def launch_noise(out, seeds, step: int, tag: int = _noise_spec.STEP_TAG, block: 
     n = out.numel() // batch if batch else 0
     if n == 0:
         return
-    blk, warps = _launch_config(n, block)
-    noise_kernel[(triton.cdiv(n, blk), batch)](out, seeds, step, n, TAG=tag, BLOCK=blk, num_warps=warps)
+    blk, warps, programs = _launch_config(n, block)
+    noise_kernel[(programs, batch)](out, seeds, step, n, TAG=tag, BLOCK=blk, num_warps=warps)

@@ -126,28 +126,35 @@ class TritonBackend:
             if reason is not None:
                 raise RuntimeError(f"Triton backend unavailable: {reason}")
             kernels = self._kernels
-        reason = self.supports(z.device)
-        if reason is not None:
-            raise RuntimeError(f"Triton backend cannot run on {z.device}: {reason}")
+        if not z.is_cuda:
+            reason = self.supports(z.device)
+            if reason is not None:
+                raise RuntimeError(f"Triton backend cannot run on {z.device}: {reason}")
 
-        _check_layout("state", z, _KERNEL_DTYPES)
-        _check_layout("output state", out, _KERNEL_DTYPES)
-        _check_layout("model output", model_out, _INPUT_DTYPES)
-        _check_layout("unconditional model output", model_out_uncond, _INPUT_DTYPES)
-        for k, h in enumerate(history):
-            _check_layout(f"history tensor h{k}", h, _INPUT_DTYPES)
-        _check_layout("x_hat output", x_out, _INPUT_DTYPES)
-        _check_layout("model input output", model_in_out, _INPUT_DTYPES)
+        # Hot path: one pass over the tensors; the named checks below run only on failure.
+        inputs = [model_out, *history]
+        if model_out_uncond is not None:
+            inputs.append(model_out_uncond)
+        if x_out is not None:
+            inputs.append(x_out)
+        if model_in_out is not None:
+            inputs.append(model_in_out)
+        if use_noise and noise is not None:
+            inputs.append(noise)
+        if not (
+            z.dtype in _KERNEL_DTYPES
+            and z.is_contiguous()
+            and out.is_contiguous()
+            and all(t.is_contiguous() and t.dtype in _INPUT_DTYPES for t in inputs)
+        ):
+            self._explain_layout(z, out, model_out, model_out_uncond, history, x_out, model_in_out, noise, use_noise)
         if table.dtype not in _TABLE_DTYPES or table.shape[1] != NUM_COEFS or not table.is_contiguous():
             raise ValueError(
                 f"coefficient table must be a contiguous float32 [stages, {NUM_COEFS}] tensor, "
                 f"got {table.dtype} {tuple(table.shape)}"
             )
-        if use_noise:
-            if noise is not None:
-                _check_layout("noise", noise, _INPUT_DTYPES)
-            else:
-                _check_layout("seeds", seeds, (torch.int64,))
+        if use_noise and noise is None and not seeds.is_contiguous():
+            raise ValueError("seeds must be contiguous")
         if isinstance(step, torch.Tensor):
             if step.numel() != 1 or step.dtype not in (torch.int32, torch.int64) or step.device != z.device:
                 raise ValueError(f"step tensor must be one int32/int64 element on {z.device}")
@@ -173,6 +180,21 @@ class TritonBackend:
             use_noise,
             block,
         )
+
+    @staticmethod
+    def _explain_layout(z, out, model_out, model_out_uncond, history, x_out, model_in_out, noise, use_noise) -> None:
+        """Raise the error that names the tensor the hot-path check rejected."""
+        _check_layout("state", z, _KERNEL_DTYPES)
+        _check_layout("output state", out, _KERNEL_DTYPES)
+        _check_layout("model output", model_out, _INPUT_DTYPES)
+        _check_layout("unconditional model output", model_out_uncond, _INPUT_DTYPES)
+        for k, h in enumerate(history):
+            _check_layout(f"history tensor h{k}", h, _INPUT_DTYPES)
+        _check_layout("x_hat output", x_out, _INPUT_DTYPES)
+        _check_layout("model input output", model_in_out, _INPUT_DTYPES)
+        if use_noise:
+            _check_layout("noise", noise, _INPUT_DTYPES)
+        raise AssertionError("unreachable: a layout check failed without a reason")
 
     def noise(
         self, seeds: torch.Tensor, sample_shape: Sequence[int], step: int = 0, tag: int = 0, dtype=torch.float32
