@@ -1,0 +1,172 @@
+"""The public sampling API: every solver reachable, guidance, clipping, inputs, and clear errors."""
+
+import numpy as np
+import pytest
+import torch
+
+import fastflow as ff
+from fastflow.mixture import GaussianMixture
+from fastflow.solvers import SOLVER_NAMES
+
+MIX = GaussianMixture([[-1.0, 0.0], [1.0, 0.5]], [0.3, 0.5])
+
+
+@pytest.mark.parametrize("solver", SOLVER_NAMES)
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v", "flow", "score"])
+def test_every_solver_and_prediction_runs(solver, prediction):
+    schedule = ff.EDM() if solver in ("euler", "heun") else ff.VP.cosine()
+    s = ff.Sampler(schedule, solver, prediction=prediction, steps=8, backend="torch")
+    z = s.init_noise((16, 2), seed=3, dtype=torch.float64)
+    x = ff.sample(MIX.model(schedule, prediction), z, s)
+    assert x.shape == (16, 2) and torch.isfinite(x).all()
+    assert float((x.mean(0) - MIX.means.mean(0)).abs().max()) < 1.5
+
+
+def test_timesteps_are_schedule_times():
+    sched = ff.VP()
+    s = ff.Sampler(sched, "dpm++2m", steps=10)
+    assert s.timesteps.dtype == torch.float64 and len(s.timesteps) == 10
+    assert np.all(np.isfinite(sched.alpha(s.timesteps.numpy())))
+    assert float(s.timesteps[0]) == pytest.approx(999.0)
+    heun = ff.Sampler(ff.EDM(), "heun", steps=10)
+    assert heun.num_stages == 19 and len(heun.timesteps) == 19
+
+
+def test_init_noise_seeds_and_scale():
+    s = ff.Sampler(ff.EDM(), "euler", steps=4)
+    z = s.init_noise((3, 4, 5), seed=[10, 11, 12])
+    alone = s.init_noise((1, 4, 5), seed=11)
+    torch.testing.assert_close(z[1:2], alone, rtol=0, atol=0)
+    big = s.init_noise((1, 100_000), seed=0)
+    assert float(big.std()) == pytest.approx(np.hypot(1.0, 80.0), rel=0.02)
+    assert s.init_noise((2, 3), seed=0, dtype=torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_guidance_pair_and_doubled_batch():
+    s = ff.Sampler(ff.VP(), "ddim", steps=5, guidance_scale=4.0, backend="torch")
+    g = torch.Generator().manual_seed(0)
+    z, c, u = (torch.randn(2, 3, 4, generator=g) for _ in range(3))
+    a = s.step((c, u), z, 1)
+    b = s.step(torch.cat([u, c]), z, 1)
+    plain = ff.Sampler(ff.VP(), "ddim", steps=5, backend="torch")
+    ref = plain.step(u + 4.0 * (c - u), z, 1)
+    torch.testing.assert_close(a, ref)
+    torch.testing.assert_close(b, ref)
+    with pytest.raises(ValueError, match="batch of 4"):
+        s.step(c, z, 1)
+    with pytest.raises(ValueError, match="no guidance_scale"):
+        plain.step((c, u), z, 1)
+
+
+def test_clip_bounds_the_data_prediction():
+    s = ff.Sampler(ff.VP(), "ddim", prediction="x0", steps=5, clip=1.0, backend="torch")
+    z = torch.zeros(1, 8)
+    o = torch.linspace(-3, 3, 8).reshape(1, 8)
+    _, x0 = s.step(o, z, 0, return_x0=True)
+    torch.testing.assert_close(x0, o.clamp(-1, 1))
+
+
+def test_model_input_and_its_dtype():
+    scale = np.linspace(1.0, 2.0, 5)
+    s = ff.Sampler(ff.VP(), "ddim", steps=5, input_scale=scale, backend="torch")
+    z = torch.randn(2, 6)
+    torch.testing.assert_close(s.model_input(z, 3), z * scale[3])
+    z_next, z_in = s.step(torch.randn(2, 6), z, 2, return_model_input=True, model_input_dtype=torch.bfloat16)
+    assert z_in.dtype == torch.bfloat16
+    torch.testing.assert_close(z_in, (z_next * scale[3]).to(torch.bfloat16))
+    _, doubled = s.step(torch.randn(2, 6), z, 2, return_model_input=True, duplicate_model_input=True)
+    torch.testing.assert_close(doubled[:2], doubled[2:])
+
+
+def test_step_is_sync_free_on_the_meta_device():
+    s = ff.Sampler(ff.VP(), "sde-dpm++2m", steps=6, guidance_scale=2.0, backend="torch")
+    z = torch.empty(2, 4, 8, device="meta")
+    seeds = torch.empty(2, dtype=torch.int64, device="meta")
+    for i in range(3):
+        z = s.step((torch.empty_like(z), torch.empty_like(z)), z, i, seed=seeds)
+    assert z.device.type == "meta" and z.shape == (2, 4, 8)
+
+
+def test_step_index_as_device_tensor_matches_int():
+    s = ff.Sampler(ff.VP(), "ddpm", steps=5, backend="torch")
+    s.init_noise((2, 7), seed=1)
+    z, o = torch.randn(2, 7), torch.randn(2, 7)
+    table = s.table("cpu")
+    backend = ff.backends.get_backend("torch")
+    a, b = torch.empty_like(z), torch.empty_like(z)
+    backend.fused_step(z, a, o, None, [], table, 3, seeds=s.seeds, use_noise=True)
+    backend.fused_step(z, b, o, None, [], table, torch.tensor([3]), seeds=s.seeds, use_noise=True)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_callback_and_progress(capsys):
+    seen = []
+    s = ff.Sampler(ff.VP(), "ddim", steps=3, backend="torch")
+    ff.sample(lambda z, t: torch.zeros_like(z), torch.randn(1, 2), s, progress=True,
+              callback=lambda i, t, z: seen.append(i))
+    assert seen == [0, 1, 2]
+    assert "step 3/3" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- errors
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(solver="ddim3"), ValueError, "valid: ddim, ddpm"),
+        (dict(prediction="noise"), ValueError, "valid: eps"),
+        (dict(backend="jax"), ValueError, "valid: auto"),
+        (dict(steps=0), ValueError, "steps"),
+        (dict(steps=2.5), ValueError, "steps"),
+        (dict(steps=True), ValueError, "steps"),
+        (dict(solver="heun", eta=0.5), TypeError, "eta"),
+        (dict(solver="unipc", order=5), ValueError, "order"),
+        (dict(solver="dpm++2m", variant="bh1"), TypeError, "variant"),
+        (dict(eta=-1.0), ValueError, "eta"),
+        (dict(clip=0.0), ValueError, "clip"),
+        (dict(guidance_scale=float("nan")), ValueError, "guidance"),
+        (dict(grid="zigzag"), ValueError, "unknown grid"),
+        (dict(input_scale=[1.0, 2.0]), ValueError, "input_scale"),
+    ],
+)
+def test_bad_construction(kwargs, exc, match):
+    kw = dict(schedule=ff.VP(), steps=5) | kwargs
+    with pytest.raises(exc, match=match):
+        ff.Sampler(**kw)
+
+
+def test_bad_schedule_is_rejected():
+    with pytest.raises(ValueError):
+        ff.Sampler(ff.VP(alphas_cumprod=np.array([0.99, 0.9, float("nan")])), steps=2)
+    with pytest.raises(ValueError, match="decreasing"):
+        ff.Sampler(ff.VP(alphas_cumprod=np.array([0.5, 0.9, 0.1])), steps=2)
+
+
+def test_bad_steps_and_tensors():
+    s = ff.Sampler(ff.VP(), "dpm++2m", steps=4, backend="torch")
+    z = torch.randn(2, 3)
+    with pytest.raises(IndexError, match="out of range"):
+        s.step(torch.randn(2, 3), z, 4)
+    with pytest.raises(IndexError, match="out of range"):
+        s.step(torch.randn(2, 3), z, -1)
+    with pytest.raises(TypeError, match="int"):
+        s.step(torch.randn(2, 3), z, 1.0)
+    with pytest.raises(ValueError, match="shape"):
+        s.step(torch.randn(2, 4), z, 0)
+    with pytest.raises(TypeError, match="floating"):
+        s.step(torch.ones(2, 3, dtype=torch.int64), z, 0)
+    with pytest.raises(ValueError, match="on meta"):
+        s.step(torch.empty(2, 3, device="meta"), z, 0)
+    with pytest.raises(RuntimeError, match="in order"):
+        s.step(torch.randn(2, 3), z, 2)  # needs stage 1's x_hat
+    stochastic = ff.Sampler(ff.VP(), "ddpm", steps=4, backend="torch")
+    with pytest.raises(ValueError, match="init_noise"):
+        stochastic.step(torch.randn(2, 3), z, 0)
+
+
+def test_explicit_backend_that_cannot_run_says_why():
+    s = ff.Sampler(ff.VP(), "ddim", steps=2, backend="triton")
+    reason = ff.backends.get_backend("triton").supports(torch.device("cpu"))
+    if reason is None:
+        pytest.skip("triton runs on the CPU here (interpreter mode)")
+    with pytest.raises(RuntimeError, match="cannot run"):
+        s.step(torch.randn(1, 3), torch.randn(1, 3), 0)

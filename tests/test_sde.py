@@ -1,0 +1,38 @@
+"""SDE <-> flow-matching parameter conversions round-trip."""
+
+import numpy as np
+import pytest
+
+from fastflow.schedules import VP, FlowMatching
+from fastflow.sde import flow_to_sde, schedule_to_sde, sde_to_flow
+
+
+@pytest.mark.parametrize("schedule,t0,t1", [(VP.cosine(), 0.0, 0.9), (FlowMatching(), 0.0, 0.9)], ids=repr)
+def test_round_trip(schedule, t0, t1):
+    t = np.linspace(t0, t1, 20001)
+    eta = 0.5 + 0.5 * t  # a time-dependent sampler noise
+    f, g, eps = schedule_to_sde(schedule, t, eta)
+    alpha, sigma, eps_back = sde_to_flow(t, f, g, eta)
+    np.testing.assert_allclose(alpha, schedule.alpha(t), rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(sigma, schedule.sigma(t), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(eps_back, eps)
+    # and back to SDE coefficients from the integrated interpolant
+    f2, g2, eta2 = flow_to_sde(alpha, sigma, schedule.d_alpha(t), schedule.d_sigma(t), eps_back)
+    np.testing.assert_allclose(f2, f, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(g2, g, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(eta2[1:], eta[1:], rtol=1e-4)
+
+
+def test_known_values():
+    # Flow matching: f = -1/(1-t), g^2 = 2t/(1-t)
+    t = np.array([0.25, 0.5])
+    f, g, _ = schedule_to_sde(FlowMatching(), t)
+    np.testing.assert_allclose(f, -1 / (1 - t))
+    np.testing.assert_allclose(g**2, 2 * t / (1 - t))
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="increasing"):
+        sde_to_flow(np.array([0.0, 0.0]), np.zeros(2), np.ones(2))
+    with pytest.raises(ValueError, match="decrease"):
+        flow_to_sde(1.0, 0.5, 0.0, -1.0)
