@@ -6,6 +6,8 @@ capture, so every front end steps the same way.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from .backends import resolve_backend
@@ -49,8 +51,13 @@ class PlanRunner:
         want_x: bool = False,
         model_in: torch.Tensor | None = None,
         step: int | torch.Tensor | None = None,
+        extra_history: Sequence[torch.Tensor] = (),
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Stage ``i``; returns ``(z_next, x_hat or None)``. ``step`` overrides the table row (graph mode)."""
+        """Stage ``i``; returns ``(z_next, x_hat or None)``. ``step`` overrides the table row (graph mode).
+
+        ``extra_history`` binds caller tensors to the history slots after the plan's own
+        (a front end whose table puts coefficients there, e.g. on the raw model output).
+        """
         plan = self.plan
         if i == 0:
             self._store.clear()
@@ -60,6 +67,7 @@ class PlanRunner:
             if key not in self._store:
                 raise RuntimeError(f"stage {i} needs {ref.kind} of stage {ref.stage}; run the stages in order from 0")
             history.append(self._store[key])
+        history.extend(extra_history)
         if plan.noise[i] and noise is None and seeds is None:
             raise ValueError(f"stage {i} draws noise: pass seeds or noise")
         out = torch.empty_like(z) if out is None else out

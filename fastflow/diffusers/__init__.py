@@ -1,0 +1,52 @@
+"""Drop-in replacements for diffusers schedulers: same API and numbers, one fused step, no host sync.
+
+    pipe.scheduler = fastflow.diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler = fastflow.diffusers.from_scheduler(pipe.scheduler)
+
+Each class subclasses the diffusers scheduler of the same name; see
+:mod:`fastflow.diffusers._base` for step indexing and noise. This is the only
+place fastflow imports diffusers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._base import FastflowScheduler, registry
+from .ddim import DDIMScheduler, DDPMScheduler
+
+__all__ = [
+    "DDIMScheduler",
+    "DDPMScheduler",
+    "FastflowScheduler",
+    "from_scheduler",
+    "supported",
+]
+
+
+def supported() -> list[str]:
+    """Names of the diffusers schedulers that have a drop-in."""
+    return sorted(registry())
+
+
+def from_scheduler(scheduler: Any, backend: str | None = None) -> FastflowScheduler:
+    """The fastflow drop-in for a diffusers scheduler instance, built from its config.
+
+    ``backend`` sets the drop-in's fastflow backend (default: the class default, ``auto``).
+    """
+    classes = registry()
+    for cls in type(scheduler).__mro__:
+        if isinstance(scheduler, FastflowScheduler) and cls.__name__ in classes and cls is classes[cls.__name__]:
+            target = cls
+            break
+        if cls.__module__.startswith("diffusers.") and cls.__name__ in classes:
+            target = classes[cls.__name__]
+            break
+    else:
+        raise NotImplementedError(
+            f"fastflow.diffusers has no drop-in for {type(scheduler).__name__}; supported: {', '.join(supported())}"
+        )
+    new = target.from_config(scheduler.config)
+    if backend is not None:
+        new.backend = backend
+    return new

@@ -1,0 +1,391 @@
+"""Shared machinery of the drop-in diffusers schedulers.
+
+Each drop-in subclasses the diffusers scheduler of the same name, so its config,
+``from_config``/``save_config``, ``add_noise``, ``timesteps``, ``sigmas`` and
+``init_noise_sigma`` are diffusers' own. Only ``set_timesteps`` (which lets
+diffusers compute the schedule, then compiles a fastflow plan once, in float64 on
+the host) and ``step`` (one backend call, no host sync) are replaced.
+
+A family describes each ``step`` call as a :class:`StepSpec`: the conversion of the
+model output to the kernel's ``x_hat``, the next sample as a :class:`~fastflow.solvers.base.Lin`
+over ``Z(i)`` (the sample), ``X(i)`` (``x_hat`` after clipping), :func:`O` (the raw
+model output) and ``noise``, and the prediction field diffusers returns. Writing
+diffusers' own formulas this way keeps float32 parity without copying its code.
+
+Step index: a Python int, advanced by ``step``. A timestep given as a Python number
+or a CPU tensor locates the first step (as diffusers does); a device tensor is never
+read (that would sync), so a loop that does not start at the first timestep must call
+``set_begin_index`` first, as diffusers' img2img pipelines do.
+
+Noise of stochastic steps: ``variance_noise`` (where the original takes it) is used
+as given; a ``generator`` draws exactly the tensor diffusers would draw (same call,
+shape, device, dtype and order), so outputs match diffusers'. With neither, the
+kernel draws fastflow's counter-based noise (:mod:`fastflow.noise`), seeded once per
+``set_timesteps`` from torch's global CPU generator: the same distribution as
+diffusers' ``torch.randn``, not the same numbers.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import noise as noise_spec
+from ..grids import Points
+from ..plan import AO, AZ, H0, MAX_HISTORY, StepPlan, compile_plan
+from ..runner import PlanRunner
+from ..solvers.base import NOISE, Lin, Stage, X, Z, noise
+
+__all__ = ["O", "StepSpec", "Compiled", "FastflowScheduler", "compile_specs", "registry", "X", "Z", "noise"]
+
+_O_KIND = "o"
+_UNIT_POINT = Points(*(np.array([v]) for v in (1.0, 1.0, 1.0, 0.0, 0.0)))
+_REGISTRY: dict[str, type] = {}
+
+
+def registry() -> dict[str, type]:
+    """Drop-in classes by diffusers class name (filled as the family modules are imported)."""
+    return dict(_REGISTRY)
+
+
+def O(i: int) -> Lin:  # noqa: E743 - the symbol's name is the formula's
+    """The raw model output of stage ``i`` (bound to a free history slot of the kernel)."""
+    return Lin({(_O_KIND, i): 1.0})
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """One ``step`` call as a plan stage.
+
+    ``xz, xo``: the kernel's ``x_hat = clip(xz * z + xo * o)``. ``update``: the next
+    sample. ``pred``: the returned prediction field (None: ``X(i)`` itself).
+    ``draws``: diffusers draws a normal tensor in this call (even when its
+    coefficient is 0, so a generator advances the same way).
+    """
+
+    xz: float
+    xo: float
+    update: Lin
+    pred: Lin | None = None
+    draws: bool = False
+
+
+@dataclass
+class Compiled:
+    """A compiled loop from step ``start``: the plan, its runner and what each stage needs on the host."""
+
+    start: int
+    plan: StepPlan
+    runner: PlanRunner
+    uses_o: tuple[bool, ...]
+    preds: tuple[Lin | None, ...]
+    draws: tuple[bool, ...]
+
+
+def _split_o(i: int, lin: Lin) -> tuple[Lin, float]:
+    rest: dict = {}
+    c_o = 0.0
+    for (kind, j), c in lin:
+        if kind == _O_KIND:
+            if j != i:
+                raise ValueError(f"stage {i} refers to the model output of stage {j}; only its own is available")
+            c_o += c
+        else:
+            rest[(kind, j)] = c
+    return Lin(rest), c_o
+
+
+def compile_specs(specs: Sequence[StepSpec], clip: float | None, backend: str, start: int = 0) -> Compiled:
+    """Stages ``start, start+1, ...`` (``specs[k]`` is stage ``start + k``) as a plan and a runner.
+
+    Symbols inside the specs are numbered from 0 (stage ``start``).
+    """
+    stages, o_coefs = [], []
+    for k, spec in enumerate(specs):
+        update, c_o = _split_o(k, spec.update)
+        stages.append(Stage(_UNIT_POINT, update))
+        o_coefs.append(c_o)
+    plan = compile_plan(stages, "x0", clip=clip)
+    coefs = plan.coefs.copy()
+    coefs[:, AZ] = [s.xz for s in specs]
+    coefs[:, AO] = [s.xo for s in specs]
+    for k, c_o in enumerate(o_coefs):
+        if c_o != 0.0:
+            slot = len(plan.history[k])
+            if slot >= MAX_HISTORY:
+                raise ValueError(f"stage {k} needs {slot + 1} stored tensors; at most {MAX_HISTORY} are supported")
+            coefs[k, H0 + slot] = c_o
+    plan = StepPlan(coefs, plan.history, plan.write_x, plan.keep_z, plan.noise, plan.clip)
+    return Compiled(
+        start=start,
+        plan=plan,
+        runner=PlanRunner(plan, backend),
+        uses_o=tuple(c != 0.0 for c in o_coefs),
+        preds=tuple(s.pred for s in specs),
+        draws=tuple(s.draws for s in specs),
+    )
+
+
+def _host_number(timestep: Any) -> float | None:
+    """The value of a timestep when reading it costs no device sync (Python number or CPU tensor), else None."""
+    if isinstance(timestep, (int, float, np.integer, np.floating)):
+        return float(timestep)
+    if isinstance(timestep, torch.Tensor) and timestep.device.type == "cpu" and timestep.numel() >= 1:
+        return float(timestep.reshape(-1)[0])
+    return None
+
+
+def _diffusers_parent(cls: type) -> type | None:
+    for base in cls.__mro__[1:]:
+        if base.__module__.startswith("diffusers."):
+            return base
+    return None
+
+
+class FastflowScheduler:
+    """Mixin placed before a diffusers scheduler class; see the module docstring.
+
+    Subclasses implement :meth:`_ff_check_config` (raise for unsupported options),
+    :meth:`_ff_spec` (one step; or :meth:`_ff_specs` for solvers with history) and
+    ``step``, which calls :meth:`_ff_step`. Class attributes:
+
+    * ``backend``: fastflow backend for ``step`` (``auto``, ``torch``, ``triton``, ``cuda``).
+    * ``compute_pred_original_sample``: also write the prediction field ``step`` returns
+      (one more output tensor); set False to get ``None`` there and save the write.
+    """
+
+    backend: str = "auto"
+    compute_pred_original_sample: bool = True
+    # True where diffusers derives each step from the timestep value alone (DDIM, DDPM):
+    # then a host-readable timestep relocates the step index.
+    _ff_timestep_addressed: bool = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        parent = _diffusers_parent(cls)
+        if parent is None:  # an intermediate mixin
+            return
+        _REGISTRY.setdefault(parent.__name__, cls)
+        if "__init__" not in cls.__dict__:
+            cls.__init__ = _wrap_init(parent.__init__)
+        if "set_timesteps" not in cls.__dict__:
+            cls.set_timesteps = _wrap_set_timesteps(parent.set_timesteps)
+
+    # ------------------------------------------------------------ hooks for families
+    def _ff_check_config(self) -> None:
+        """Raise NotImplementedError naming any config option fastflow cannot reproduce."""
+
+    def _ff_num_steps(self) -> int:
+        """Number of ``step`` calls in a full loop."""
+        return len(self._ff_host_timesteps)
+
+    def _ff_spec(self, i: int, k: int, variant: Hashable) -> StepSpec:
+        """The spec of step ``i`` (``k = i - start`` numbers its symbols)."""
+        raise NotImplementedError
+
+    def _ff_specs(self, start: int, variant: Hashable) -> list[StepSpec]:
+        return [self._ff_spec(i, i - start, variant) for i in range(start, self._ff_num_steps())]
+
+    def _ff_clip(self) -> float | None:
+        return None
+
+    # ------------------------------------------------------------ state
+    def _ff_reset(self) -> None:
+        """Called after diffusers' ``set_timesteps``: host copies, a new noise seed, no compiled plans yet."""
+        self._step_index = None
+        self._begin_index = None
+        # One device read here (set_timesteps already copies to the device) keeps step free of them.
+        self._ff_host_timesteps = self.timesteps.detach().to("cpu", torch.float64).numpy()
+        self._ff_compiled: dict[tuple, Compiled] = {}
+        self._ff_seed: int | None = None
+        self._ff_seeds: dict[tuple, torch.Tensor] = {}
+        self._ff_host_cache: dict[str, Any] = {}
+        self._ff_prepare()
+
+    def _ff_prepare(self) -> None:
+        """Precompute host data of the new schedule (families override)."""
+
+    def _ff_ready(self) -> bool:
+        return getattr(self, "_ff_compiled", None) is not None
+
+    # diffusers' DDIM/DDPM have no step counter; these make every drop-in the same.
+    @property
+    def step_index(self) -> int | None:
+        """Index of the next step (None before the first step of a loop)."""
+        return getattr(self, "_step_index", None)
+
+    @property
+    def begin_index(self) -> int | None:
+        """First step index, set with :meth:`set_begin_index` (img2img pipelines)."""
+        return getattr(self, "_begin_index", None)
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        self._begin_index = int(begin_index)
+
+    def _ff_locate(self, value: float) -> int:
+        """Index of a timestep value in the schedule (diffusers' rule: the second match when repeated)."""
+        hits = np.flatnonzero(self._ff_host_timesteps == value)
+        if hits.size == 0:
+            raise ValueError(f"timestep {value} is not in this scheduler's timesteps")
+        return int(hits[1] if hits.size > 1 and not self._ff_timestep_addressed else hits[0])
+
+    def _ff_index(self, timestep: Any) -> int:
+        """The index of the step about to run, without reading device memory."""
+        idx = self.step_index
+        if idx is None or idx >= self._ff_num_steps():
+            if self.begin_index is not None:
+                idx = self.begin_index
+            else:
+                value = _host_number(timestep)
+                idx = 0 if value is None else self._ff_locate(value)
+            self._step_index = idx
+        elif (
+            self._ff_timestep_addressed
+            and isinstance(timestep, (int, float, np.integer, np.floating))
+            and self._ff_host_timesteps[idx] != float(timestep)
+        ):
+            idx = self._ff_locate(float(timestep))
+            self._step_index = idx
+        return idx
+
+    # ------------------------------------------------------------ the step
+    def _ff_get(self, idx: int, variant: Hashable) -> Compiled:
+        """The compiled loop containing step ``idx`` (built once per start and variant)."""
+        if not self._ff_ready():
+            raise ValueError("call set_timesteps before step")
+        key = (variant,)
+        comp = self._ff_compiled.get(key)
+        if comp is None or idx < comp.start:
+            comp = compile_specs(self._ff_specs(idx, variant), self._ff_clip(), self.backend, start=idx)
+            self._ff_compiled[key] = comp
+        return comp
+
+    def _ff_seed_tensor(self, batch: int, device: torch.device) -> torch.Tensor:
+        key = (device, batch)
+        seeds = self._ff_seeds.get(key)
+        if seeds is None:
+            if self._ff_seed is None:
+                # Drawn at the first noisy step, not in set_timesteps, so that a pipeline's
+                # initial latents drawn from the global generator stay what diffusers draws.
+                self._ff_seed = int(torch.randint(0, 2**62, (1,)).item())
+            seeds = torch.arange(batch, dtype=torch.int64, device=device) + self._ff_seed
+            self._ff_seeds[key] = seeds
+        return seeds
+
+    def _ff_step(
+        self,
+        model_output: torch.Tensor,
+        timestep: Any,
+        sample: torch.Tensor,
+        *,
+        variant: Hashable = None,
+        draw: Callable[[], torch.Tensor] | None = None,
+        noise: torch.Tensor | None = None,
+        state_dtype: torch.dtype | None = None,
+        out_dtype: torch.dtype | None = None,
+        want_pred: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run step ``step_index`` as one backend call; returns ``(prev_sample, prediction field)``.
+
+        ``draw()`` draws diffusers' noise tensor (generator path); ``noise`` is given
+        noise; with neither the kernel draws its own. ``state_dtype`` is the dtype the
+        update is written in, ``out_dtype`` the dtype returned.
+        """
+        if not self._ff_ready():
+            self._ff_reset()  # diffusers steps with its init-time schedule when set_timesteps was not called
+        idx = self._ff_index(timestep)
+        comp = self._ff_get(idx, variant)
+        k = idx - comp.start
+        if noise is None and draw is not None and comp.draws[k]:
+            noise = draw()
+        z = sample if state_dtype is None or sample.dtype == state_dtype else sample.to(state_dtype)
+        if not z.is_contiguous():
+            z = z.contiguous()
+        o = model_output if model_output.is_contiguous() else model_output.contiguous()
+        seeds = None
+        if comp.plan.noise[k] and noise is None:
+            seeds = self._ff_seed_tensor(z.shape[0], z.device)
+        if noise is not None and noise.shape != z.shape:
+            noise = noise.reshape(z.shape)
+        pred_lin = comp.preds[k]
+        want_x = want_pred and self.compute_pred_original_sample
+        extra = (o,) if comp.uses_o[k] else ()
+        out, x = comp.runner.run(k, z, o, None, seeds=seeds, noise=noise, want_x=want_x, extra_history=extra)
+        pred = None
+        if want_x:
+            pred = x if pred_lin is None else self._ff_eval(pred_lin, k, x, z, o, noise, seeds)
+        self._step_index = idx + 1
+        if out_dtype is not None and out.dtype != out_dtype:
+            out = out.to(out_dtype)
+        return out, pred
+
+    @staticmethod
+    def _ff_eval(
+        lin: Lin,
+        k: int,
+        x: torch.Tensor,
+        z: torch.Tensor,
+        o: torch.Tensor,
+        given_noise: torch.Tensor | None,
+        seeds: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """A prediction field that is not ``x_hat`` itself (e.g. churned or LCM's ``denoised``): plain torch ops."""
+        terms = {("x", k): x, ("z", k): z, (_O_KIND, k): o}
+        acc = None
+        for atom, c in lin:
+            if c == 0.0:
+                continue
+            if atom == NOISE:
+                if given_noise is None:  # the kernel's own draw, regenerated from the spec
+                    given_noise = noise_spec.normal(seeds, z.shape[1:], step=k, dtype=torch.float32)
+                t = given_noise
+            elif atom in terms:
+                t = terms[atom]
+            else:
+                raise ValueError(f"a prediction field cannot use {atom}")
+            term = t.to(x.dtype) * c if c != 1.0 else t.to(x.dtype)
+            acc = term if acc is None else acc + term
+        return acc if acc is not None else torch.zeros_like(x)
+
+
+def _wrap_init(parent_init: Callable) -> Callable:
+    """``__init__`` with the parent's exact signature (diffusers reads it for the config), then a config check."""
+
+    @functools.wraps(parent_init)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        parent_init(self, *args, **kwargs)
+        self._ff_compiled = None
+        self._ff_check_config()
+
+    return __init__
+
+
+def _wrap_set_timesteps(parent_set: Callable) -> Callable:
+    """``set_timesteps`` with the parent's signature (pipelines inspect it for ``timesteps``/``sigmas``/``mu``)."""
+
+    @functools.wraps(parent_set)
+    def set_timesteps(self, *args: Any, **kwargs: Any) -> None:
+        parent_set(self, *args, **kwargs)
+        self._ff_reset()
+
+    set_timesteps.__signature__ = inspect.signature(parent_set)
+    return set_timesteps
+
+
+def float32(x: float) -> float:
+    """``x`` rounded to float32, as diffusers' float32 tensors hold it."""
+    return float(np.float32(x))
+
+
+def sqrt(x: float) -> float:
+    """Square root that names a negative argument instead of returning NaN."""
+    if x < 0:
+        raise ValueError(f"negative variance {x}: this configuration has no real step")
+    return math.sqrt(x)
