@@ -7,8 +7,12 @@ CUDA-graph capture and the absence of host syncs.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import zlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -692,3 +696,55 @@ def test_gpu_no_host_sync(tb):
         torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize()
     assert torch.isfinite(z).all()
+
+
+_AOT_SCRIPT = r"""
+import sys
+import triton
+from fastflow.backends.triton import _load_kernels
+try:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+except ImportError as exc:
+    print("SKIP: no ahead-of-time compiler API:", exc)
+    sys.exit(0)
+k = _load_kernels()
+base = {"z_ptr": "*fp32", "out_ptr": "*fp32", "o_ptr": "*bf16", "ou_ptr": "*bf16", "h0_ptr": "*fp32",
+        "h1_ptr": "*fp16", "h2_ptr": "*bf16", "xi_ptr": "*fp16", "seeds_ptr": "*i64", "x_ptr": "*bf16",
+        "mi_ptr": "*bf16", "table_ptr": "*fp32", "step": "*i64", "n": "i64", "clip": "fp32"}
+full = dict(STEP_PTR=True, GUIDED=True, NUM_HIST=3, CLIP=True, NOISE=1, WRITE_X=True, WRITE_MI=True,
+            MI_DUP=True, TAG=0, BLOCK=1024)
+variants = [
+    (base, full),
+    ({**base, "z_ptr": "*bf16", "out_ptr": "*bf16", "step": "i32"}, {**full, "STEP_PTR": False, "NOISE": 2}),
+    ({**base, "z_ptr": "*fp16", "out_ptr": "*fp16", "n": "constexpr"},
+     {**full, "NOISE": 0, "NUM_HIST": 0, "GUIDED": False, "CLIP": False, "WRITE_X": False, "n": 1}),
+]
+for arch in (90, 80):
+    for sig, consts in variants:
+        sig = {**sig, **{c: "constexpr" for c in consts}}
+        try:
+            ck = triton.compile(ASTSource(fn=k.fused_step_kernel, signature=sig, constexprs=consts),
+                                target=GPUTarget("cuda", arch, 32))
+        except Exception as exc:
+            if "ptxas" in str(exc).lower() and "not found" in str(exc).lower():
+                print("SKIP: no ptxas:", exc)
+                sys.exit(0)
+            raise
+        ptx = ck.asm["ptx"]
+        assert "lg2.approx" not in ptx, "log must not lower to the approximate lg2"
+print("OK")
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile the kernel for real")
+def test_compiles_for_gpu_targets():
+    """The interpreter skips code generation: compile the main variants for sm_90 and sm_80 ahead of time."""
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    if proc.stdout.startswith("SKIP"):
+        pytest.skip(proc.stdout.strip())
+    assert proc.stdout.strip().endswith("OK"), proc.stdout
