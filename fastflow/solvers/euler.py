@@ -23,7 +23,9 @@ class FlowEuler(Solver):
 
     ``u = alpha' x_hat + sigma' eps_hat`` is the flow velocity. Under the
     flow-matching schedule this is exactly DDIM; elsewhere it depends on the
-    parameterization (the textbook example of a non-invariant solver).
+    parameterization (the textbook example of a non-invariant solver). A clean end
+    point without a schedule time (discrete VP) is reached with ``z' = x_hat``, the
+    limit every solver here takes at sigma = 0.
     """
 
     def __post_init__(self) -> None:
@@ -31,10 +33,13 @@ class FlowEuler(Solver):
 
     def build(self, schedule: Schedule, points: Points) -> list[Stage]:
         t = points.t
-        if np.any(np.isnan(t)):
-            raise ValueError("flow-euler needs a schedule time at every point; use final='t_min' for this schedule")
+        if np.any(np.isnan(t[:-1])):
+            raise ValueError("flow-euler needs a schedule time at every evaluation point")
         ups = []
         for i in range(len(points) - 1):
+            if np.isnan(t[i + 1]):
+                ups.append(X(i) * points.alpha[i + 1])
+                continue
             velocity = X(i) * points.d_alpha[i] + eps_of(i, points.alpha[i], points.sigma[i]) * points.d_sigma[i]
             ups.append(Z(i) + velocity * (t[i + 1] - t[i]))
         return stages_on_points(points, ups)
