@@ -3,6 +3,10 @@
 One launch per stage, no host sync: checks read tensor metadata only, and in graph
 mode the step row is read on the device. Runs on CUDA devices, and on the CPU under
 ``TRITON_INTERPRET=1`` (how CI tests the kernel without a GPU).
+
+Every tensor must be contiguous (a clear ValueError otherwise). Outputs may alias
+inputs exactly (``out is z``, ``x_out`` a history tensor): each element is read
+before it is written. Partially overlapping buffers are not supported.
 """
 
 from __future__ import annotations
@@ -164,22 +168,13 @@ class TritonBackend:
                 raise IndexError(f"step {step} is outside the coefficient table's {table.shape[0]} rows")
         if z.shape[0] > kernels.MAX_GRID_Y:
             raise ValueError(f"batch {z.shape[0]} exceeds the kernel's {kernels.MAX_GRID_Y} samples per launch")
-        kernels.launch_fused_step(
-            z,
-            out,
-            model_out,
-            model_out_uncond,
-            history,
-            table,
-            step,
-            seeds,
-            noise,
-            x_out,
-            model_in_out,
-            clip,
-            use_noise,
-            block,
-        )
+        args = (z, out, model_out, model_out_uncond, history, table, step, seeds, noise, x_out, model_in_out, clip)
+        if z.is_cuda and z.get_device() != torch.cuda.current_device():
+            # Triton launches on the current device; follow the tensors instead.
+            with torch.cuda.device(z.device):
+                kernels.launch_fused_step(*args, use_noise, block)
+        else:
+            kernels.launch_fused_step(*args, use_noise, block)
 
     @staticmethod
     def _explain_layout(z, out, model_out, model_out_uncond, history, x_out, model_in_out, noise, use_noise) -> None:
