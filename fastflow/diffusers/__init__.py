@@ -14,10 +14,18 @@ from typing import Any
 
 from ._base import FastflowScheduler, registry
 from .ddim import DDIMScheduler, DDPMScheduler
+from .euler import EDMEulerScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
+from .flow_match import FlowMatchEulerDiscreteScheduler
+from .lcm import LCMScheduler
 
 __all__ = [
     "DDIMScheduler",
     "DDPMScheduler",
+    "EDMEulerScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "EulerDiscreteScheduler",
+    "FlowMatchEulerDiscreteScheduler",
+    "LCMScheduler",
     "FastflowScheduler",
     "from_scheduler",
     "supported",

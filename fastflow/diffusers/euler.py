@@ -1,0 +1,276 @@
+"""Euler-family drop-ins (k-diffusion style, on diffusers' own float32 sigmas).
+
+The sample lives in the variance-exploding parameterization at noise level
+``sigma``. diffusers' Euler applies churn *inside* ``step``: the model saw the
+un-churned sample, then ``sample + c * noise`` is what the update and the
+``x0`` conversion use. With ``S = Z + c N`` these are still linear in
+``(z, o, N)``; the kernel's ``x_hat`` leaves out the noise part, which is added
+back (one extra op, churned steps only) to the returned ``pred_original_sample``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers.schedulers import scheduling_edm_euler, scheduling_euler_ancestral_discrete, scheduling_euler_discrete
+from diffusers.utils.torch_utils import randn_tensor
+
+from ._base import FastflowScheduler, Lin, StepSpec, X, Z, noise
+
+__all__ = ["EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "EDMEulerScheduler"]
+
+_SQRT2_M1 = 2**0.5 - 1
+
+
+class _SigmaMixin(FastflowScheduler):
+    """Host copies of diffusers' float32 ``sigmas`` and per-step model-input scales."""
+
+    def _ff_prepare(self) -> None:
+        sig = self.sigmas.detach().to("cpu", torch.float32)
+        self._ff_sig32 = sig
+        self._ff_sig = sig.to(torch.float64).numpy()
+        # diffusers' own scalar formula on its float32 sigma, so the scaled input is bit-identical.
+        self._ff_in_scale = [self._ff_input_scale(sig[i]) for i in range(len(sig) - 1)]
+
+    def _ff_input_scale(self, sigma: torch.Tensor) -> float:
+        return 1.0
+
+    def _ff_num_steps(self) -> int:
+        return len(self._ff_sig) - 1
+
+    def _ff_gamma(self, i: int, variant: Any) -> tuple[float, float, float]:
+        """``(sigma, sigma_hat, churn noise scale)`` of step ``i``; ``variant = (s_churn, s_tmin, s_tmax, s_noise)``."""
+        s_churn, s_tmin, s_tmax, s_noise = variant
+        sig = self._ff_sig[i]
+        gamma = min(s_churn / (len(self._ff_sig) - 1), _SQRT2_M1) if s_tmin <= sig <= s_tmax else 0.0
+        if gamma <= 0:
+            return sig, sig, 0.0
+        s_hat = float(np.float32(sig) * np.float32(gamma + 1))  # diffusers multiplies in float32
+        return sig, s_hat, s_noise * math.sqrt(s_hat**2 - sig**2)
+
+    def scale_model_input(self, sample: torch.Tensor, timestep: float | torch.Tensor) -> torch.Tensor:
+        """diffusers' input scaling of the current step, from a host scalar (no device read)."""
+        if not self._ff_ready():
+            self._ff_reset()
+        idx = self._ff_index(timestep)
+        self.is_scale_input_called = True
+        return self._ff_apply_input_scale(sample, idx)
+
+    def _ff_apply_input_scale(self, sample: torch.Tensor, idx: int) -> torch.Tensor:
+        return sample
+
+    @staticmethod
+    def _ff_churn_variant(s_churn: float, s_tmin: float, s_tmax: float, s_noise: float) -> tuple:
+        return (float(s_churn), float(s_tmin), float(s_tmax), float(s_noise))
+
+    def _ff_euler_spec(self, k: int, sig: float, s_hat: float, c: float, s_next: float, xz: float, xo: float,
+                       given_x0: bool = False) -> StepSpec:
+        """diffusers' churned Euler: ``S = z + c N``, ``x0 = xz S + xo o``, next ``S + (S - x0) dt / s_hat``."""
+        churned = Z(k) + noise(c) if c else Z(k)
+        x0 = X(k) if given_x0 or not c else X(k) + noise(xz * c)
+        update = churned + (churned - x0) * ((s_next - s_hat) / s_hat)
+        pred: Lin | None = x0 if (c and xz and not given_x0) else None
+        return StepSpec(xz, xo, update, pred=pred, draws=c > 0)
+
+
+class EulerDiscreteScheduler(_SigmaMixin, scheduling_euler_discrete.EulerDiscreteScheduler):
+    """diffusers' ``EulerDiscreteScheduler`` whose ``step`` is one fused fastflow call.
+
+    All sigma options (Karras/exponential/beta sigmas, ``interpolation_type``,
+    ``final_sigmas_type``, ``timestep_type``, custom ``timesteps``/``sigmas``) are
+    diffusers' own computation. Churn parameters are step arguments there; each
+    distinct set compiles a plan once per ``set_timesteps``.
+    """
+
+    _PREDICTIONS = ("epsilon", "v_prediction", "sample", "original_sample")
+
+    def _ff_check_config(self) -> None:
+        if self.config.prediction_type not in self._PREDICTIONS:
+            raise NotImplementedError(
+                f"prediction_type={self.config.prediction_type!r} is not supported by EulerDiscreteScheduler; "
+                f"valid: {', '.join(self._PREDICTIONS)}"
+            )
+
+    def _ff_input_scale(self, sigma: torch.Tensor) -> float:
+        return float((sigma**2 + 1) ** 0.5)
+
+    def _ff_apply_input_scale(self, sample: torch.Tensor, idx: int) -> torch.Tensor:
+        return sample / self._ff_in_scale[idx]
+
+    def _ff_spec(self, i: int, k: int, variant: Any) -> StepSpec:
+        sig, s_hat, c = self._ff_gamma(i, variant)
+        pt = self.config.prediction_type
+        if pt == "epsilon":
+            xz, xo = 1.0, -s_hat
+        elif pt == "v_prediction":
+            xz, xo = 1.0 / (sig**2 + 1), -sig / math.sqrt(sig**2 + 1)
+        else:
+            xz, xo = 0.0, 1.0
+        return self._ff_euler_spec(k, sig, s_hat, c, self._ff_sig[i + 1], xz, xo)
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: float | torch.Tensor,
+        sample: torch.Tensor,
+        s_churn: float = 0.0,
+        s_tmin: float = 0.0,
+        s_tmax: float = float("inf"),
+        s_noise: float = 1.0,
+        generator: torch.Generator | None = None,
+        return_dict: bool = True,
+    ) -> scheduling_euler_discrete.EulerDiscreteSchedulerOutput | tuple:
+        """diffusers' Euler step (same arguments and outputs), in one backend call."""
+        if isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)):
+            raise ValueError("pass one of scheduler.timesteps as timestep, not an integer index")
+        draw = None
+        if generator is not None:
+            def draw() -> torch.Tensor:
+                return randn_tensor(
+                    model_output.shape, dtype=model_output.dtype, device=model_output.device, generator=generator
+                )
+        prev, pred = self._ff_step(
+            model_output, timestep, sample,
+            variant=self._ff_churn_variant(s_churn, s_tmin, s_tmax, s_noise),
+            draw=draw, state_dtype=torch.float32, out_dtype=model_output.dtype,
+        )
+        if not return_dict:
+            return (prev, pred)
+        return scheduling_euler_discrete.EulerDiscreteSchedulerOutput(prev_sample=prev, pred_original_sample=pred)
+
+
+class EulerAncestralDiscreteScheduler(_SigmaMixin, scheduling_euler_ancestral_discrete.EulerAncestralDiscreteScheduler):
+    """diffusers' ``EulerAncestralDiscreteScheduler`` whose ``step`` is one fused fastflow call.
+
+    diffusers draws a noise tensor at every step (the last one with weight 0); with a
+    ``generator`` the drop-in draws the same tensors in the same order.
+    """
+
+    _PREDICTIONS = ("epsilon", "v_prediction")
+
+    def _ff_check_config(self) -> None:
+        if self.config.prediction_type not in self._PREDICTIONS:
+            raise NotImplementedError(
+                f"prediction_type={self.config.prediction_type!r} is not supported by "
+                f"EulerAncestralDiscreteScheduler (diffusers does not implement it either); "
+                f"valid: {', '.join(self._PREDICTIONS)}"
+            )
+
+    def _ff_input_scale(self, sigma: torch.Tensor) -> float:
+        return float((sigma**2 + 1) ** 0.5)
+
+    def _ff_apply_input_scale(self, sample: torch.Tensor, idx: int) -> torch.Tensor:
+        return sample / self._ff_in_scale[idx]
+
+    def _ff_spec(self, i: int, k: int, variant: Any) -> StepSpec:
+        s, s_to = self._ff_sig[i], self._ff_sig[i + 1]
+        if self.config.prediction_type == "epsilon":
+            xz, xo = 1.0, -s
+        else:
+            xz, xo = 1.0 / (s**2 + 1), -s / math.sqrt(s**2 + 1)
+        s_up = math.sqrt(max(0.0, s_to**2 * (s**2 - s_to**2) / s**2))
+        s_down = math.sqrt(max(0.0, s_to**2 - s_up**2))
+        update = Z(k) + (Z(k) - X(k)) * ((s_down - s) / s)
+        if s_up > 0:
+            update = update + noise(s_up)
+        return StepSpec(xz, xo, update, draws=True)
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: float | torch.Tensor,
+        sample: torch.Tensor,
+        generator: torch.Generator | None = None,
+        return_dict: bool = True,
+    ) -> scheduling_euler_ancestral_discrete.EulerAncestralDiscreteSchedulerOutput | tuple:
+        """diffusers' Euler-ancestral step (same arguments and outputs), in one backend call."""
+        if isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)):
+            raise ValueError("pass one of scheduler.timesteps as timestep, not an integer index")
+        draw = None
+        if generator is not None:
+            def draw() -> torch.Tensor:
+                return randn_tensor(
+                    model_output.shape, dtype=model_output.dtype, device=model_output.device, generator=generator
+                )
+        prev, pred = self._ff_step(
+            model_output, timestep, sample, draw=draw, state_dtype=torch.float32, out_dtype=model_output.dtype
+        )
+        if not return_dict:
+            return (prev, pred)
+        return scheduling_euler_ancestral_discrete.EulerAncestralDiscreteSchedulerOutput(
+            prev_sample=prev, pred_original_sample=pred
+        )
+
+
+class EDMEulerScheduler(_SigmaMixin, scheduling_edm_euler.EDMEulerScheduler):
+    """diffusers' ``EDMEulerScheduler`` whose ``step`` is one fused fastflow call (EDM preconditioning folded in)."""
+
+    _PREDICTIONS = ("epsilon", "v_prediction")
+
+    def _ff_check_config(self) -> None:
+        if self.config.prediction_type not in self._PREDICTIONS:
+            raise NotImplementedError(
+                f"prediction_type={self.config.prediction_type!r} is not supported by EDMEulerScheduler; "
+                f"valid: {', '.join(self._PREDICTIONS)}"
+            )
+
+    def _ff_input_scale(self, sigma: torch.Tensor) -> float:
+        sd = self.config.sigma_data
+        return float(1 / ((sigma**2 + sd**2) ** 0.5))
+
+    def _ff_apply_input_scale(self, sample: torch.Tensor, idx: int) -> torch.Tensor:
+        return sample * self._ff_in_scale[idx]
+
+    def _ff_spec(self, i: int, k: int, variant: Any) -> StepSpec:
+        churn, given_x0 = variant
+        sig, s_hat, c = self._ff_gamma(i, churn)
+        if given_x0:
+            xz, xo = 0.0, 1.0
+        else:
+            sd = self.config.sigma_data
+            xz = sd**2 / (s_hat**2 + sd**2)
+            xo = s_hat * sd / math.sqrt(s_hat**2 + sd**2)
+            if self.config.prediction_type == "v_prediction":
+                xo = -xo
+        return self._ff_euler_spec(k, sig, s_hat, c, self._ff_sig[i + 1], xz, xo, given_x0=given_x0)
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: float | torch.Tensor,
+        sample: torch.Tensor,
+        s_churn: float = 0.0,
+        s_tmin: float = 0.0,
+        s_tmax: float = float("inf"),
+        s_noise: float = 1.0,
+        generator: torch.Generator | None = None,
+        return_dict: bool = True,
+        pred_original_sample: torch.Tensor | None = None,
+    ) -> scheduling_edm_euler.EDMEulerSchedulerOutput | tuple:
+        """diffusers' EDM Euler step (same arguments and outputs), in one backend call.
+
+        A given ``pred_original_sample`` replaces the model's x0 (the kernel reads it
+        in place of the model output).
+        """
+        if isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)):
+            raise ValueError("pass one of scheduler.timesteps as timestep, not an integer index")
+        draw = None
+        if generator is not None:
+            def draw() -> torch.Tensor:
+                return randn_tensor(
+                    model_output.shape, dtype=model_output.dtype, device=model_output.device, generator=generator
+                )
+        given = pred_original_sample is not None
+        prev, pred = self._ff_step(
+            pred_original_sample if given else model_output, timestep, sample,
+            variant=(self._ff_churn_variant(s_churn, s_tmin, s_tmax, s_noise), given),
+            draw=draw, state_dtype=torch.float32, out_dtype=model_output.dtype, want_pred=not given,
+        )
+        if given:
+            pred = pred_original_sample
+        if not return_dict:
+            return (prev, pred)
+        return scheduling_edm_euler.EDMEulerSchedulerOutput(prev_sample=prev, pred_original_sample=pred)

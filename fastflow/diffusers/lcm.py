@@ -1,0 +1,69 @@
+"""LCMScheduler drop-in: consistency-model boundary scalings folded into the step plan.
+
+Without clipping the kernel's ``x_hat`` is LCM's ``denoised`` itself
+(``c_out * x0 + c_skip * sample`` is linear in ``(sample, o)``). With
+``clip_sample`` the kernel clips ``x0`` and the returned ``denoised`` is formed by
+one extra op.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from diffusers.schedulers import scheduling_lcm
+from diffusers.utils.torch_utils import randn_tensor
+
+from ._base import StepSpec, X, Z, noise
+from .ddim import _VPMixin, x0_coefs
+
+__all__ = ["LCMScheduler"]
+
+
+class LCMScheduler(_VPMixin, scheduling_lcm.LCMScheduler):
+    """diffusers' ``LCMScheduler`` whose ``step`` is one fused fastflow call (returns ``denoised`` too)."""
+
+    _ff_timestep_addressed = False  # diffusers' LCM counts steps like Euler
+
+    def _ff_spec(self, i: int, k: int, variant: Any) -> StepSpec:
+        cfg = self.config
+        ts = self._ff_host_timesteps
+        t = int(ts[i])
+        prev = int(ts[i + 1]) if i + 1 < len(ts) else t
+        a_t = self._ff_alpha(t)
+        a_p = self._ff_alpha(prev) if prev >= 0 else float(self.final_alpha_cumprod)
+        scaled = t * cfg.timestep_scaling
+        c_skip = 0.25 / (scaled**2 + 0.25)
+        c_out = scaled / math.sqrt(scaled**2 + 0.25)
+        xz, xo = x0_coefs(cfg.prediction_type, a_t)
+        if self._ff_clip() is None:
+            denoised, pred = X(k), None
+            xz, xo = c_out * xz + c_skip, c_out * xo
+        else:
+            denoised = X(k) * c_out + Z(k) * c_skip
+            pred = denoised
+        last = i == self.num_inference_steps - 1
+        update = denoised if last else denoised * math.sqrt(a_p) + noise(math.sqrt(1.0 - a_p))
+        return StepSpec(xz, xo, update, pred=pred, draws=not last)
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: int,
+        sample: torch.Tensor,
+        generator: torch.Generator | None = None,
+        return_dict: bool = True,
+    ) -> scheduling_lcm.LCMSchedulerOutput | tuple:
+        """diffusers' LCM step (same arguments and outputs), in one backend call."""
+        if self.num_inference_steps is None:
+            raise ValueError("num_inference_steps is None: call set_timesteps before step")
+        dtype = torch.promote_types(sample.dtype, model_output.dtype)
+        draw = None
+        if generator is not None:
+            def draw() -> torch.Tensor:
+                return randn_tensor(model_output.shape, generator=generator, device=model_output.device, dtype=dtype)
+        prev, denoised = self._ff_step(model_output, timestep, sample, draw=draw, state_dtype=dtype)
+        if not return_dict:
+            return (prev, denoised)
+        return scheduling_lcm.LCMSchedulerOutput(prev_sample=prev, denoised=denoised)

@@ -1,0 +1,97 @@
+"""Shared helpers for the drop-in scheduler tests: a model stand-in and pipeline-style loops.
+
+The stand-in depends on the sample and the timestep (nonlinearly in both), so a
+wrong step index, scaling or coefficient shows up over a loop.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+
+SHAPE = (2, 4, 16, 16)  # 2048 elements
+RTOL = ATOL = 1e-5
+
+
+def stand_in(x: torch.Tensor, t) -> torch.Tensor:
+    """``a(t) x + b(t) sin(x)`` with smooth, bounded ``a, b`` of the timestep value."""
+    tau = float(t)
+    a = 0.3 + 0.2 * math.cos(tau / 300.0)
+    b = 0.5 * math.sin(tau / 500.0 + 1.0)
+    return (a * x + b * torch.sin(x)).to(x.dtype)
+
+
+def start_noise(seed: int = 0, shape=SHAPE, dtype=torch.float32) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def run_loop(
+    scheduler,
+    steps: int | None = 12,
+    *,
+    set_kwargs: dict | None = None,
+    step_kwargs: Callable[[int], dict] | dict | None = None,
+    model: Callable = stand_in,
+    x: torch.Tensor | None = None,
+    seed: int = 0,
+) -> tuple[torch.Tensor, list]:
+    """A pipeline-style loop: set_timesteps, scale by init_noise_sigma, scale_model_input, step.
+
+    Returns the final sample and every step's output object (or tuple).
+    """
+    set_kwargs = dict(set_kwargs or {})
+    if steps is not None:
+        set_kwargs.setdefault("num_inference_steps", steps)
+    scheduler.set_timesteps(**set_kwargs)
+    x = start_noise(seed) if x is None else x.clone()
+    x = x * getattr(scheduler, "init_noise_sigma", 1.0)
+    outs = []
+    for i, t in enumerate(scheduler.timesteps):
+        inp = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
+        o = model(inp, t)
+        kw = step_kwargs(i) if callable(step_kwargs) else dict(step_kwargs or {})
+        out = scheduler.step(o, t, x, **kw)
+        outs.append(out)
+        x = out[0] if isinstance(out, tuple) else out.prev_sample
+    return x, outs
+
+
+def pair(name: str, backend: str = "torch", **config):
+    """(diffusers scheduler, fastflow drop-in) built from the same config."""
+    import fastflow.diffusers as ffd
+
+    ref = getattr(diffusers, name)(**config)
+    ff = getattr(ffd, name).from_config(ref.config)
+    ff.backend = backend
+    return ref, ff
+
+
+def assert_close(a: torch.Tensor, b: torch.Tensor, rtol: float = RTOL, atol: float = ATOL) -> None:
+    torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+
+
+def assert_loops_match(ref, ff, fields=("pred_original_sample",), rtol=RTOL, atol=ATOL, **loop_kwargs) -> None:
+    """Full loops of both schedulers agree in the final sample and each step's fields."""
+    xa, oa = run_loop(ref, **loop_kwargs)
+    xb, ob = run_loop(ff, **loop_kwargs)
+    torch.testing.assert_close(ref.timesteps, ff.timesteps, rtol=0, atol=0)
+    assert_close(xb, xa, rtol, atol)
+    for i, (a, b) in enumerate(zip(oa, ob, strict=True)):
+        for f in fields:
+            va, vb = getattr(a, f, None), getattr(b, f, None)
+            if va is None:
+                continue
+            try:
+                assert_close(vb, va, rtol, atol)
+            except AssertionError as exc:
+                raise AssertionError(f"step {i}: {f} differs: {exc}") from None
+
+
+@pytest.fixture
+def torch_backend():
+    return "torch"
