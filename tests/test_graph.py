@@ -1,0 +1,452 @@
+"""Whole-loop capture: validation and the eager fallback on the CPU; replay against eager on a GPU."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+
+import fastflow
+from fastflow import backends
+from fastflow import graph as ffgraph
+from fastflow.backends.reference import TorchBackend
+from fastflow.graph import CaptureFallbackWarning, GraphCache, capture, capture_blockers, sampler_key
+from fastflow.plan import W
+
+SHAPE = (2, 3, 4, 4)
+
+
+def toy_model(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """A smooth, time-dependent stand-in for a denoiser (no host sync)."""
+    return torch.tanh(0.7 * z + 0.001 * t.to(z.dtype)) * 0.9 + 0.05 * z.flip(-1)
+
+
+def guided_model(z: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    base = toy_model(z, t)
+    return base + 0.1 * c.to(z.dtype), base
+
+
+def doubled_model(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    base = toy_model(z, t)
+    return torch.cat([base, base * 0.8 + 0.1])
+
+
+def make_sampler(solver: str = "ddim", steps: int = 6, **kw) -> fastflow.Sampler:
+    schedule = fastflow.FlowMatching() if solver == "flow-euler" else fastflow.VP()
+    prediction = "flow" if solver == "flow-euler" else "eps"
+    kw.setdefault("backend", "torch")
+    return fastflow.Sampler(schedule, solver, prediction=prediction, steps=steps, **kw)
+
+
+@pytest.fixture(autouse=True)
+def _quiet_fallback():
+    ffgraph._WARNED.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CaptureFallbackWarning)
+        yield
+
+
+# ----------------------------------------------------------------------------- validation
+def test_rejects_bad_arguments():
+    s = make_sampler()
+    with pytest.raises(TypeError, match="callable"):
+        capture(None, s, SHAPE, device="cpu")
+    with pytest.raises(TypeError, match="fastflow.Sampler"):
+        capture(toy_model, "ddim", SHAPE, device="cpu")
+    for bad in [(), (0, 3), (2, -1)]:
+        with pytest.raises(ValueError, match="shape"):
+            capture(toy_model, s, bad, device="cpu")
+    for bad in [(2.0, 3), (True, 3), "23", 5]:
+        with pytest.raises(TypeError, match="shape"):
+            capture(toy_model, s, bad, device="cpu")
+    with pytest.raises(TypeError, match="dtype"):
+        capture(toy_model, s, SHAPE, device="cpu", dtype=torch.int32)
+    with pytest.raises(TypeError, match="model_dtype"):
+        capture(toy_model, s, SHAPE, device="cpu", model_dtype=torch.int8)
+    with pytest.raises(ValueError, match="warmup"):
+        capture(toy_model, s, SHAPE, device="cpu", warmup=0)
+    with pytest.raises(ValueError, match="unguided"):
+        capture(toy_model, s, SHAPE, device="cpu", guidance_scale=3.0)
+    with pytest.raises(TypeError, match="cond"):
+        capture(toy_model, s, SHAPE, device="cpu", cond=3)
+    with pytest.raises(TypeError, match="cond"):
+        capture(toy_model, s, SHAPE, device="cpu", cond={"a": 1.0})
+
+
+def test_rejects_backend_that_cannot_run(monkeypatch):
+    class GpuOnly(TorchBackend):
+        def supports(self, device):
+            return None if torch.device(device).type == "cuda" else "this backend runs on CUDA devices only"
+
+    monkeypatch.setitem(backends._CACHE, "torch", GpuOnly())
+    with pytest.raises(ValueError, match="cannot run on cpu.*CUDA devices only"):
+        capture(toy_model, make_sampler(), SHAPE, device="cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")
+def test_rejects_cuda_without_cuda():
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        capture(toy_model, make_sampler(), SHAPE, device="cuda")
+
+
+def test_rejects_bad_guidance_at_call():
+    s = make_sampler(guidance_scale=2.0)
+    c = torch.zeros(SHAPE)
+    loop = capture(guided_model, s, SHAPE, device="cpu", cond=c)
+    with pytest.raises(ValueError, match="finite"):
+        loop(seed=0, guidance_scale=math.inf)
+    with pytest.raises(TypeError, match="float"):
+        loop(seed=0, guidance_scale="3")
+    unguided = capture(toy_model, make_sampler(), SHAPE, device="cpu")
+    with pytest.raises(ValueError, match="unguided"):
+        unguided(seed=0, guidance_scale=2.0)
+
+
+def test_model_with_wrong_output_is_named():
+    s = make_sampler()
+    loop = capture(lambda z, t: z[:, :1], s, SHAPE, device="cpu")
+    with pytest.raises(ValueError, match=r"shape \(2, 1, 4, 4\) at stage 0; expected \(2, 3, 4, 4\)"):
+        loop(seed=0)
+    loop = capture(lambda z, t: z.sum().item(), s, SHAPE, device="cpu")
+    with pytest.raises(TypeError, match="must return a tensor"):
+        loop(seed=0)
+    guided = capture(lambda z, t: z, make_sampler(guidance_scale=2.0), SHAPE, device="cpu")
+    with pytest.raises(ValueError, match="guided model_fn returned batch 2"):
+        guided(seed=0)
+    pair = capture(lambda z, t: (z, z), s, SHAPE, device="cpu")
+    with pytest.raises(ValueError, match="unguided loop needs a tensor"):
+        pair(seed=0)
+
+
+def test_call_validation_leaves_buffers_alone():
+    c = torch.randn(SHAPE)
+    loop = capture(guided_model, make_sampler(guidance_scale=2.0), SHAPE, device="cpu", cond=c)
+    ref = loop(seed=1)
+    with pytest.raises(ValueError, match="noise has shape"):
+        loop(noise=torch.zeros(1, 3, 4, 4))
+    with pytest.raises(TypeError, match="noise has dtype"):
+        loop(noise=torch.zeros(SHAPE, dtype=torch.float64))
+    with pytest.raises(ValueError, match="captured with"):
+        loop(seed=1, cond=torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="structure"):
+        loop(seed=1, cond={"c": c})
+    with pytest.raises(ValueError, match="seed"):
+        loop(seed=[1, 2, 3])
+    with pytest.raises(ValueError, match="finite"):
+        loop(seed=5, cond=torch.ones(SHAPE), guidance_scale=math.nan)
+    assert torch.equal(loop(seed=1), ref)
+
+
+def test_fallback_reason_and_warning_once():
+    s = make_sampler()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        a = capture(toy_model, s, SHAPE, device="cpu")
+        b = capture(toy_model, s, SHAPE, device="cpu")
+    assert not a.captured and not b.captured
+    assert "CUDA device" in a.reason and a.reason == b.reason
+    assert a.output is None and a.memory_bytes == 0
+    ours = [w for w in caught if issubclass(w.category, CaptureFallbackWarning)]
+    assert len(ours) == 1 and "CUDA device" in str(ours[0].message)
+    assert "eager" in repr(a)
+
+
+def test_capture_blockers(monkeypatch):
+    s = make_sampler()
+    assert any("CUDA device" in r for r in capture_blockers(s, "cpu"))
+
+    class NotCapturable(TorchBackend):
+        capturable = False
+        capture_reason = "it reads its coefficients on the host"
+
+    monkeypatch.setitem(backends._CACHE, "torch", NotCapturable())
+    reasons = capture_blockers(s, "cpu")
+    assert any("'torch' backend cannot be captured: it reads its coefficients on the host" in r for r in reasons)
+
+
+# ----------------------------------------------------------------------------- eager fallback == fastflow.sample
+SOLVERS = ["ddim", "flow-euler", "heun", "dpm++2m", "dpm++3m", "unipc", "ddpm", "euler-ancestral", "sde-dpm++2m"]
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_fallback_equals_sample_bitwise(solver):
+    s = make_sampler(solver)
+    loop = capture(toy_model, s, SHAPE, device="cpu")
+    noise = s.init_noise(SHAPE, seed=11)
+    expected = fastflow.sample(toy_model, noise, s)
+    assert torch.equal(loop(seed=11), expected)
+    assert torch.equal(loop(noise=noise, seed=11), expected)
+    assert torch.equal(loop.eager(noise=noise, seed=11), expected)
+
+
+def test_fallback_model_dtype_and_float64():
+    s = make_sampler("dpm++2m")
+    loop = capture(toy_model, s, SHAPE, device="cpu", model_dtype=torch.bfloat16)
+    noise = s.init_noise(SHAPE, seed=3)
+    assert torch.equal(loop(noise=noise), fastflow.sample(toy_model, noise, s, model_dtype=torch.bfloat16))
+    s64 = make_sampler("unipc")
+    loop64 = capture(toy_model, s64, SHAPE, device="cpu", dtype=torch.float64)
+    noise64 = s64.init_noise(SHAPE, seed=3, dtype=torch.float64)
+    assert torch.equal(loop64(noise=noise64), fastflow.sample(toy_model, noise64, s64))
+
+
+def test_fallback_guidance_cond_and_new_scale():
+    s = make_sampler("dpm++2m", guidance_scale=3.0)
+    c1, c2 = torch.randn(SHAPE), torch.randn(SHAPE)
+    loop = capture(guided_model, s, SHAPE, device="cpu", cond=c1)
+    noise = s.init_noise(SHAPE, seed=5)
+    table_before = s.table("cpu").clone()
+    assert torch.equal(loop(noise=noise), fastflow.sample(lambda z, t: guided_model(z, t, c1), noise, s))
+    # new conditioning and a new scale, same loop
+    s2 = make_sampler("dpm++2m", guidance_scale=6.5)
+    got = loop(noise=noise, cond=c2, guidance_scale=6.5)
+    assert torch.equal(got, fastflow.sample(lambda z, t: guided_model(z, t, c2), noise, s2))
+    # the scale stays in effect; the user's sampler is untouched
+    assert torch.equal(loop(noise=noise), got)
+    assert torch.equal(s.table("cpu"), table_before) and s.plan.coefs[0, W] == 3.0
+    # a doubled-batch model works too
+    loop2 = capture(doubled_model, s, SHAPE, device="cpu")
+    assert torch.equal(loop2(noise=noise), fastflow.sample(doubled_model, noise, s))
+
+
+def test_fallback_cond_kinds():
+    s = make_sampler()
+    a, b = torch.randn(SHAPE), torch.randn(SHAPE)
+    noise = s.init_noise(SHAPE, seed=2)
+
+    def two(z, t, x, y):
+        return toy_model(z, t) + 0.1 * x - 0.2 * y
+
+    def named(z, t, *, x, y):
+        return two(z, t, x, y)
+
+    ref = fastflow.sample(lambda z, t: two(z, t, a, b), noise, s)
+    assert torch.equal(capture(two, s, SHAPE, device="cpu", cond=(a, b))(noise=noise), ref)
+    loop = capture(named, s, SHAPE, device="cpu", cond={"x": a, "y": b})
+    assert torch.equal(loop(noise=noise), ref)
+    swapped = fastflow.sample(lambda z, t: two(z, t, b, a), noise, s)
+    assert torch.equal(loop(noise=noise, cond={"x": b, "y": a}), swapped)
+
+
+def test_fallback_seeds():
+    s = make_sampler("ddpm")
+    loop = capture(toy_model, s, SHAPE, device="cpu")
+    torch.manual_seed(0)
+    first, second = loop(), loop()
+    assert not torch.equal(first, second)  # fresh seeds per call
+    assert torch.equal(loop(seed=[4, 9]), loop(seed=[4, 9]))
+    # per-sample seeds: a sample does not depend on its batch mates
+    pair = loop(seed=[4, 9])
+    swapped = loop(seed=[9, 4])
+    assert torch.equal(pair[0], swapped[1]) and torch.equal(pair[1], swapped[0])
+    # deterministic solver: given noise, no seed needed, same result every call
+    d = capture(toy_model, make_sampler(), SHAPE, device="cpu")
+    noise = torch.randn(SHAPE)
+    assert torch.equal(d(noise=noise), d(noise=noise))
+
+
+# ----------------------------------------------------------------------------- the cache
+def test_sampler_key():
+    assert sampler_key(make_sampler()) == sampler_key(make_sampler())
+    assert sampler_key(make_sampler(steps=6)) != sampler_key(make_sampler(steps=7))
+    assert sampler_key(make_sampler("ddim")) != sampler_key(make_sampler("dpm++2m"))
+    g1, g2 = make_sampler(guidance_scale=2.0), make_sampler(guidance_scale=5.0)
+    assert sampler_key(g1) == sampler_key(g2) != sampler_key(make_sampler())
+
+
+def test_graph_cache_bounded():
+    cache = GraphCache(toy_model, device="cpu", max_graphs=2)
+    noise = torch.randn(SHAPE)
+    s6, s7, s8 = make_sampler(steps=6), make_sampler(steps=7), make_sampler(steps=8)
+    assert torch.equal(cache(s6, noise=noise), fastflow.sample(toy_model, noise, s6))
+    cache(make_sampler(steps=6), noise=noise)
+    assert cache.captures == 1
+    cache(s7, noise=noise)
+    cache(s8, shape=SHAPE, seed=1)
+    assert cache.captures == 3 and cache.evictions == 1 and len(cache) == 2
+    cache(s8, noise=torch.randn(4, 3, 4, 4))  # a new shape is a new capture
+    assert cache.captures == 4 and len(cache) == 2
+    with pytest.raises(ValueError, match="noise= or shape="):
+        cache(s8)
+    with pytest.raises(ValueError, match="max_graphs"):
+        GraphCache(toy_model, device="cpu", max_graphs=0)
+    cache.clear()
+    assert len(cache) == 0 and cache.memory_bytes == 0
+
+
+def test_graph_cache_guidance_shares_capture():
+    cache = GraphCache(guided_model, device="cpu")
+    c = torch.randn(SHAPE)
+    noise = torch.randn(SHAPE)
+    for g in (2.0, 7.5, 2.0):
+        s = make_sampler(guidance_scale=g)
+        got = cache(s, noise=noise, cond=c)
+        assert torch.equal(got, fastflow.sample(lambda z, t: guided_model(z, t, c), noise, s))
+    assert cache.captures == 1
+
+
+# ----------------------------------------------------------------------------- GPU: replay == eager
+gpu = pytest.mark.gpu
+
+
+class TinyNet(torch.nn.Module):
+    """A small model with weights (a matmul over channels) and a time embedding."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.mix = torch.nn.Parameter(torch.randn(channels, channels, generator=g) * 0.3)
+        self.bias = torch.nn.Parameter(torch.randn(channels, generator=g) * 0.1)
+
+    def forward(self, z: torch.Tensor, t: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+        h = torch.einsum("bc...,dc->bd...", z, self.mix.to(z.dtype))
+        h = h + self.bias.to(z.dtype).view(1, -1, *([1] * (z.dim() - 2)))
+        out = torch.tanh(h) + 0.01 * torch.sin(t.to(z.dtype) / 100) * z
+        return out if c is None else out + 0.1 * c.to(z.dtype)
+
+
+def _backends_on_gpu() -> list[str]:
+    names = ["torch"]
+    if torch.cuda.is_available() and backends.get_backend("triton").availability() is None:
+        names.append("triton")
+    return names
+
+
+GPU_BACKENDS = ["torch", "triton"]
+DETERMINISTIC = ["ddim", "flow-euler", "heun", "dpm++2m", "dpm++3m", "unipc"]
+STOCHASTIC = ["ddpm", "euler-ancestral", "sde-dpm++2m"]
+GSHAPE = (4, 4, 16, 16)
+
+
+def _gpu_sampler(solver: str, backend: str, **kw) -> fastflow.Sampler:
+    if backend not in _backends_on_gpu():
+        pytest.skip(f"backend {backend} unavailable: {backends.get_backend(backend).availability()}")
+    return make_sampler(solver, steps=8, backend=backend, **kw)
+
+
+@gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("solver", DETERMINISTIC)
+def test_gpu_replay_equals_eager_deterministic(solver, backend):
+    dev = torch.device("cuda")
+    net = TinyNet(GSHAPE[1]).to(dev)
+    s = _gpu_sampler(solver, backend)
+    loop = capture(net, s, GSHAPE, device=dev)
+    assert loop.captured, loop.reason
+    assert loop.memory_bytes > 0
+    for seed in (0, 1):
+        noise = s.init_noise(GSHAPE, seed=seed, device=dev)
+        expected = fastflow.sample(net, noise, s)
+        got = loop(noise=noise)
+        torch.cuda.synchronize()
+        assert torch.equal(got, expected), (got - expected).abs().max()
+        assert torch.equal(loop(seed=seed), expected)  # initial noise drawn inside the small init graph
+
+
+@gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("solver", STOCHASTIC)
+def test_gpu_replay_stochastic_seeds(solver, backend):
+    dev = torch.device("cuda")
+    net = TinyNet(GSHAPE[1]).to(dev)
+    s = _gpu_sampler(solver, backend)
+    loop = capture(net, s, GSHAPE, device=dev)
+    assert loop.captured, loop.reason
+    a1, a2, b = loop(seed=10), loop(seed=10), loop(seed=20)
+    assert torch.equal(a1, a2)
+    assert not torch.equal(a1, b)
+    assert torch.equal(a1, loop.eager(seed=10))
+    noise = s.init_noise(GSHAPE, seed=10, device=dev)  # also sets s.seeds for the steps
+    assert torch.equal(a1, fastflow.sample(net, noise, s))
+    fresh = [loop() for _ in range(3)]
+    assert not torch.equal(fresh[0], fresh[1]) and not torch.equal(fresh[1], fresh[2])
+
+
+@gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_new_guidance_and_cond_without_recapture(backend):
+    dev = torch.device("cuda")
+    net = TinyNet(GSHAPE[1]).to(dev)
+
+    def model(z, t, c):
+        return net(z, t, c), net(z, t)
+
+    s = _gpu_sampler("dpm++2m", backend, guidance_scale=3.0)
+    c1, c2 = torch.randn(GSHAPE, device=dev), torch.randn(GSHAPE, device=dev)
+    loop = capture(model, s, GSHAPE, device=dev, cond=c1)
+    assert loop.captured, loop.reason
+    graph = loop._graph
+    noise = s.init_noise(GSHAPE, seed=1, device=dev)
+    assert torch.equal(loop(noise=noise), fastflow.sample(lambda z, t: model(z, t, c1), noise, s))
+    s2 = _gpu_sampler("dpm++2m", backend, guidance_scale=7.0)
+    got = loop(noise=noise, cond=c2, guidance_scale=7.0)
+    assert torch.equal(got, fastflow.sample(lambda z, t: model(z, t, c2), noise, s2))
+    assert loop._graph is graph
+
+
+@gpu
+def test_gpu_bf16_model_and_static_output():
+    dev = torch.device("cuda")
+    net = TinyNet(GSHAPE[1]).to(dev)
+    s = _gpu_sampler("unipc", "torch")
+    loop = capture(net, s, GSHAPE, device=dev, model_dtype=torch.bfloat16)
+    assert loop.captured, loop.reason
+    noise = s.init_noise(GSHAPE, seed=2, device=dev)
+    expected = fastflow.sample(net, noise, s, model_dtype=torch.bfloat16)
+    out = loop(noise=noise, copy=False)
+    assert out.data_ptr() == loop.output.data_ptr()
+    assert torch.equal(out, expected)
+    loop.release()
+    assert not loop.captured and loop.memory_bytes == 0
+    assert torch.equal(loop(noise=noise), expected)  # released: runs eagerly
+
+
+@gpu
+def test_gpu_syncing_model_falls_back():
+    dev = torch.device("cuda")
+    net = TinyNet(GSHAPE[1]).to(dev)
+
+    def syncing(z, t):
+        scale = float(z.abs().max())  # a host sync: cannot be captured
+        return net(z, t) / max(scale, 1.0)
+
+    s = _gpu_sampler("ddim", "torch")
+    with pytest.warns(CaptureFallbackWarning, match="model call at stage 0"):
+        loop = capture(syncing, s, GSHAPE, device=dev)
+    assert not loop.captured and "model call at stage 0 synchronizes" in loop.reason
+    noise = s.init_noise(GSHAPE, seed=0, device=dev)
+    assert torch.equal(loop(noise=noise), fastflow.sample(syncing, noise, s))
+
+
+@gpu
+def test_gpu_syncing_backend_falls_back(monkeypatch):
+    class Syncing(TorchBackend):
+        def fused_step(self, z, out, model_out, model_out_uncond, history, table, step, **kwargs):
+            table.sum().item()  # reads the table on the host: not capture-safe
+            return super().fused_step(z, out, model_out, model_out_uncond, history, table, step, **kwargs)
+
+    monkeypatch.setitem(backends._CACHE, "torch", Syncing())
+    dev = torch.device("cuda")
+    net = TinyNet(GSHAPE[1]).to(dev)
+    s = _gpu_sampler("ddim", "torch")
+    loop = capture(net, s, GSHAPE, device=dev)
+    assert not loop.captured and "'torch' backend's step at stage 0 synchronizes" in loop.reason
+    noise = s.init_noise(GSHAPE, seed=0, device=dev)
+    assert torch.equal(loop(noise=noise), fastflow.sample(net, noise, s))
+
+
+@gpu
+def test_gpu_cache_evicts_and_frees():
+    dev = torch.device("cuda")
+    net = TinyNet(GSHAPE[1]).to(dev)
+    cache = GraphCache(net, device=dev, max_graphs=2)
+    for steps in (4, 5, 6):
+        s = make_sampler("ddim", steps=steps)
+        noise = s.init_noise(GSHAPE, seed=0, device=dev)
+        assert torch.equal(cache(s, noise=noise), fastflow.sample(net, noise, s))
+    assert cache.captures == 3 and cache.evictions == 1 and len(cache) == 2
+    assert cache.memory_bytes > 0
+    cache.clear()
+    assert cache.memory_bytes == 0
