@@ -1,0 +1,274 @@
+"""Drop-in ``DPMSolverMultistepScheduler``: diffusers' DPM-Solver(++) as one fused step.
+
+diffusers decides each step's order from its own rules (warm-up, ``lower_order_final``
+below 15 steps, ``euler_at_final``, a final step to sigma = 0) and writes its
+updates in diffusers' sigma (``sigma / alpha``). The stages here follow those rules
+and formulas exactly, evaluated once in float64 from diffusers' own float32
+sigmas, so a loop reproduces diffusers' numbers to float32 round-off.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers.schedulers import scheduling_dpmsolver_multistep as _dpm
+from diffusers.utils.torch_utils import randn_tensor
+
+from ..solvers.base import Lin, eps_of
+from ._base import FastflowScheduler, StepSpec, X, Z, noise
+
+__all__ = ["DPMSolverMultistepScheduler", "alpha_sigma", "dpm_orders", "dpm_updates", "x0_coefs"]
+
+ALGORITHMS = ("dpmsolver++", "sde-dpmsolver++", "dpmsolver", "sde-dpmsolver")
+
+
+def alpha_sigma(sigmas: np.ndarray, flow: bool) -> tuple[np.ndarray, np.ndarray]:
+    """diffusers' ``_sigma_to_alpha_sigma_t`` in float64: VP (``alpha^2 + sigma^2 = 1``) or flow (``a + s = 1``)."""
+    s = np.asarray(sigmas, dtype=np.float64)
+    if flow:
+        return 1.0 - s, s.copy()
+    a = 1.0 / np.sqrt(s * s + 1.0)
+    return a, s * a
+
+
+def x0_coefs(prediction: str, alpha: float, sigma: float, sigma_ve: float) -> tuple[float, float]:
+    """diffusers' data prediction ``x0 = az * sample + ao * model_output`` for a multistep scheduler.
+
+    ``flow_prediction`` uses the raw diffusers sigma, as diffusers does, whatever the schedule.
+    """
+    if prediction == "epsilon":
+        return 1.0 / alpha, -sigma / alpha
+    if prediction == "sample":
+        return 0.0, 1.0
+    if prediction == "v_prediction":
+        return alpha, -sigma
+    if prediction == "flow_prediction":
+        return 1.0, -sigma_ve
+    raise ValueError(f"prediction_type {prediction!r} is not supported")
+
+
+def dpm_orders(n: int, start: int, solver_order: int, lower_order_final: bool, euler_at_final: bool,
+               final_zero: bool) -> list[int]:
+    """The order diffusers uses at each step ``start .. n-1`` (warm-up counts from the first step taken)."""
+    orders = []
+    for i in range(start, n):
+        taken = min(i - start, solver_order)  # diffusers' lower_order_nums
+        first = i == n - 1 and (euler_at_final or (lower_order_final and n < 15) or final_zero)
+        second = i == n - 2 and lower_order_final and n < 15
+        if solver_order == 1 or taken < 1 or first:
+            orders.append(1)
+        elif solver_order == 2 or taken < 2 or second:
+            orders.append(2)
+        else:
+            orders.append(3)
+    return orders
+
+
+def dpm_updates(
+    sigmas: Sequence[float],
+    *,
+    start: int = 0,
+    solver_order: int = 2,
+    algorithm_type: str = "dpmsolver++",
+    solver_type: str = "midpoint",
+    lower_order_final: bool = True,
+    euler_at_final: bool = False,
+    final_zero: bool = True,
+    flow: bool = False,
+) -> tuple[list[Lin], list[int]]:
+    """Next-sample formulas for steps ``start .. n-1`` of a diffusers DPM-Solver loop, and each step's order.
+
+    ``sigmas`` are diffusers' ``n + 1`` sigmas. Formula ``k`` is step ``start + k``;
+    ``X(k)`` is diffusers' converted model output (x0 for the ``++`` variants).
+    """
+    if algorithm_type not in ALGORITHMS:
+        raise ValueError(f"algorithm_type {algorithm_type!r} is not supported; valid: {', '.join(ALGORITHMS)}")
+    sig = np.asarray(sigmas, dtype=np.float64)
+    n = len(sig) - 1
+    a, s = alpha_sigma(sig, flow)
+    with np.errstate(divide="ignore"):
+        lam = np.log(a) - np.log(s)
+    orders = dpm_orders(n, start, solver_order, lower_order_final, euler_at_final, final_zero)
+    plus = algorithm_type.endswith("++")
+    sde = algorithm_type.startswith("sde")
+    if not plus and max(orders) > 2:
+        raise ValueError(f"algorithm_type {algorithm_type!r} with solver_order 3 is not supported (only 1 and 2)")
+
+    def m(i: int) -> Lin:
+        """Model output of step ``i`` as diffusers stores it: x0 (``++``) or eps."""
+        k = i - start
+        return X(k) if plus else eps_of(k, a[i], s[i])
+
+    updates = []
+    for i, p in zip(range(start, n), orders, strict=True):
+        k = i - start
+        a_t, s_t, s_s = a[i + 1], s[i + 1], s[i]
+        if s_t == 0:
+            if not plus:
+                raise ValueError(f"algorithm_type {algorithm_type!r} cannot step to sigma = 0")
+            updates.append(X(k) * a_t)
+            continue
+        h = lam[i + 1] - lam[i]
+        if h == 0:
+            # A zero-length step (Karras sigmas ending at sigma_min twice): diffusers leaves the
+            # sample unchanged at order 1 and 2M-midpoint, and divides 0 by 0 otherwise.
+            if p > 2 or (p == 2 and solver_type != "midpoint"):
+                raise ValueError(
+                    f"step {i} has zero length (sigma {sig[i]:.6g} twice; use_karras_sigmas with "
+                    f"final_sigmas_type='sigma_min'?); diffusers returns NaN there for order {p} with "
+                    f"solver_type={solver_type!r}. Use final_sigmas_type='zero', euler_at_final=True or "
+                    "solver_type='midpoint'"
+                )
+            updates.append(Z(k))
+            continue
+        d0, d1, d2 = m(i), None, None
+        if p >= 2:
+            r0 = (lam[i] - lam[i - 1]) / h
+            d1 = (m(i) - m(i - 1)) / r0
+            if p == 3:
+                r1 = (lam[i - 1] - lam[i - 2]) / h
+                d1_1 = (m(i - 1) - m(i - 2)) / r1
+                d2 = (d1 - d1_1) / (r0 + r1)
+                d1 = d1 + (d1 - d1_1) * (r0 / (r0 + r1))
+        z = Z(k)
+        if plus and not sde:
+            em1 = math.expm1(-h)
+            out = z * (s_t / s_s) - d0 * (a_t * em1)
+            if d1 is not None:
+                mid = solver_type == "midpoint" and d2 is None
+                out = out + d1 * (-0.5 * a_t * em1 if mid else a_t * (em1 / h + 1.0))
+            if d2 is not None:
+                out = out - d2 * (a_t * ((em1 + h) / h**2 - 0.5))
+        elif plus:
+            em2 = -math.expm1(-2.0 * h)  # 1 - e^-2h
+            out = z * (s_t / s_s * math.exp(-h)) + d0 * (a_t * em2) + noise(s_t * math.sqrt(em2))
+            if d1 is not None:
+                mid = solver_type == "midpoint" and d2 is None
+                out = out + d1 * (0.5 * a_t * em2 if mid else a_t * (em2 / (-2.0 * h) + 1.0))
+            if d2 is not None:
+                out = out + d2 * (a_t * ((em2 - 2.0 * h) / (2.0 * h) ** 2 - 0.5))
+        else:
+            ep1 = math.expm1(h)
+            c = 2.0 if sde else 1.0
+            out = z * (a_t / a[i]) - d0 * (c * s_t * ep1)
+            if d1 is not None:
+                w = 0.5 * c * s_t * ep1 if solver_type == "midpoint" else c * s_t * (ep1 / h - 1.0)
+                out = out - d1 * w
+            if sde:
+                out = out + noise(s_t * math.sqrt(math.expm1(2.0 * h)))
+        updates.append(out)
+    return updates, orders
+
+
+class DPMSolverMultistepScheduler(FastflowScheduler, _dpm.DPMSolverMultistepScheduler):
+    """diffusers' ``DPMSolverMultistepScheduler`` whose ``step`` is one fused fastflow call.
+
+    Algorithms ``dpmsolver++`` and ``sde-dpmsolver++`` (orders 1-3), ``dpmsolver``
+    and ``sde-dpmsolver`` (orders 1-2: their noise-prediction history needs a stored
+    sample per step). ``thresholding`` raises: it needs a per-sample quantile.
+    """
+
+    def _ff_check_config(self) -> None:
+        cfg = self.config
+        name = type(self).__name__
+        if cfg.thresholding:
+            raise NotImplementedError(
+                f"thresholding=True (dynamic thresholding) is not supported by fastflow's {name}: it needs a "
+                "per-sample quantile of x0, which the fused step does not compute"
+            )
+        if cfg.algorithm_type not in ALGORITHMS:
+            raise NotImplementedError(f"algorithm_type={cfg.algorithm_type!r} is not supported by fastflow's {name}")
+        if cfg.algorithm_type in ("dpmsolver", "sde-dpmsolver"):
+            if cfg.solver_order > 2:
+                raise NotImplementedError(
+                    f"algorithm_type={cfg.algorithm_type!r} with solver_order={cfg.solver_order} is not supported "
+                    f"by fastflow's {name} (orders 1 and 2 are): its noise-prediction history would need four "
+                    "stored tensors"
+                )
+            if cfg.prediction_type == "flow_prediction":
+                raise NotImplementedError(
+                    f"prediction_type='flow_prediction' with algorithm_type={cfg.algorithm_type!r} is not "
+                    "supported (diffusers rejects it too)"
+                )
+        if cfg.solver_order not in (1, 2, 3):
+            raise NotImplementedError(f"solver_order={cfg.solver_order} is not supported (1, 2 or 3)")
+        if cfg.prediction_type not in ("epsilon", "sample", "v_prediction", "flow_prediction"):
+            raise NotImplementedError(f"prediction_type={cfg.prediction_type!r} is not supported by {name}")
+
+    def _ff_prepare(self) -> None:
+        self._ff_sigmas = self.sigmas.detach().to("cpu", torch.float64).numpy()
+        if self.num_inference_steps is not None:
+            self._ff_host_cache["specs0"] = self._ff_build(0)  # raises now for a loop diffusers cannot run
+
+    def _ff_build(self, start: int) -> list[StepSpec]:
+        cfg = self.config
+        sig = self._ff_sigmas
+        updates, _ = dpm_updates(
+            sig,
+            start=start,
+            solver_order=cfg.solver_order,
+            algorithm_type=cfg.algorithm_type,
+            solver_type=cfg.solver_type,
+            lower_order_final=cfg.lower_order_final,
+            euler_at_final=cfg.euler_at_final,
+            final_zero=cfg.final_sigmas_type == "zero",
+            flow=cfg.use_flow_sigmas,
+        )
+        a, s = alpha_sigma(sig, cfg.use_flow_sigmas)
+        draws = cfg.algorithm_type.startswith("sde")
+        specs = []
+        for k, u in enumerate(updates):
+            i = start + k
+            xz, xo = x0_coefs(cfg.prediction_type, a[i], s[i], sig[i])
+            specs.append(StepSpec(xz, xo, u, draws=draws))
+        return specs
+
+    def _ff_specs(self, start: int, variant: Any) -> list[StepSpec]:
+        if start == 0 and "specs0" in self._ff_host_cache:
+            return self._ff_host_cache["specs0"]
+        return self._ff_build(start)
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: int | torch.Tensor,
+        sample: torch.Tensor,
+        generator: torch.Generator | None = None,
+        variance_noise: torch.Tensor | None = None,
+        return_dict: bool = True,
+    ) -> _dpm.SchedulerOutput | tuple:
+        """diffusers' step (same arguments and output), in one backend call.
+
+        SDE variants: ``variance_noise`` or ``generator`` give diffusers' exact numbers;
+        with neither, the kernel draws fastflow's own noise.
+        """
+        if self.num_inference_steps is None:
+            raise ValueError("num_inference_steps is None: call set_timesteps before step")
+        cfg = self.config
+        if cfg.variance_type in ("learned", "learned_range") and cfg.prediction_type == "epsilon":
+            model_output = model_output[:, :3]  # diffusers keeps the first three channels as the noise
+        draw = None
+        noise_in = None
+        if cfg.algorithm_type.startswith("sde"):
+            if variance_noise is not None:
+                noise_in = variance_noise.to(device=model_output.device, dtype=torch.float32)
+            elif generator is not None:
+                def draw() -> torch.Tensor:
+                    return randn_tensor(
+                        model_output.shape, generator=generator, device=model_output.device, dtype=torch.float32
+                    )
+        prev, _ = self._ff_step(
+            model_output, timestep, sample,
+            draw=draw,
+            noise=noise_in,
+            state_dtype=torch.float32,
+            out_dtype=model_output.dtype,
+            want_pred=False,
+        )
+        if not return_dict:
+            return (prev,)
+        return _dpm.SchedulerOutput(prev_sample=prev)

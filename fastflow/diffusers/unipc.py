@@ -1,0 +1,214 @@
+"""Drop-in ``UniPCMultistepScheduler``: diffusers' UniPC (bh1/bh2, orders 1-3) as one fused step.
+
+Each step corrects the incoming sample with the new prediction (UniC), then
+predicts the next sample (UniP). The correction is written as a change to the
+incoming sample, ``z + (C - P)``, where ``P`` is the previous predictor's
+higher-order term and ``C`` the corrector's, so a step stays linear in the sample
+and at most three stored predictions. In a loop this equals diffusers' form
+(which rebuilds the corrected sample from the previous step's input) to float32
+round-off; a pipeline that edits the sample between steps keeps its edit here,
+where diffusers' corrector discards it.
+
+Per-step orders follow diffusers: warm-up from the first step taken, and with
+``lower_order_final`` the order never exceeds the number of steps left (at any
+step count, unlike DPM-Solver's 15-step rule).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers.schedulers import scheduling_unipc_multistep as _unipc
+
+from ..solvers.base import Lin, eps_of
+from ..solvers.unipc import _predictor_rhos, _unipc_weights
+from ._base import FastflowScheduler, StepSpec, X, Z
+from .dpmsolver import alpha_sigma, x0_coefs
+
+__all__ = ["UniPCMultistepScheduler", "unipc_orders", "unipc_updates"]
+
+SOLVER_TYPES = ("bh1", "bh2")
+
+
+def unipc_orders(n: int, start: int, solver_order: int, lower_order_final: bool) -> list[int]:
+    """The predictor order diffusers uses at each step ``start .. n-1``."""
+    orders = []
+    for i in range(start, n):
+        p = min(solver_order, n - i) if lower_order_final else solver_order
+        orders.append(min(p, min(i - start, solver_order) + 1))
+    return orders
+
+
+def unipc_updates(
+    sigmas: Sequence[float],
+    *,
+    start: int = 0,
+    solver_order: int = 2,
+    solver_type: str = "bh2",
+    predict_x0: bool = True,
+    lower_order_final: bool = True,
+    disable_corrector: Sequence[int] = (),
+    flow: bool = False,
+) -> tuple[list[Lin], list[int]]:
+    """Next-sample formulas for steps ``start .. n-1`` of a diffusers UniPC loop, and each step's predictor order.
+
+    With ``predict_x0=False`` diffusers stores noise predictions; each needs a stored
+    state and data prediction, so only ``solver_order=1`` fits the three history slots.
+    """
+    if solver_type not in SOLVER_TYPES:
+        raise ValueError(f"solver_type {solver_type!r} is not supported; valid: {', '.join(SOLVER_TYPES)}")
+    if not predict_x0 and solver_order != 1:
+        raise ValueError("predict_x0=False is supported with solver_order=1 only")
+    sig = np.asarray(sigmas, dtype=np.float64)
+    n = len(sig) - 1
+    a, s = alpha_sigma(sig, flow)
+    with np.errstate(divide="ignore"):
+        lam = np.log(a) - np.log(s)
+    orders = unipc_orders(n, start, solver_order, lower_order_final)
+    skip = {int(j) for j in disable_corrector}
+    # x0 form steps with (sigma ratio, alpha); the noise form with (alpha ratio, sigma) and the opposite sign of h.
+    sign = -1.0 if predict_x0 else 1.0
+
+    def m(i: int) -> Lin:
+        k = i - start
+        return X(k) if predict_x0 else eps_of(k, a[i], s[i])
+
+    def ratio(t: int, f: int) -> float:
+        return s[t] / s[f] if predict_x0 else a[t] / a[f]
+
+    def scale(t: int) -> float:
+        return a[t] if predict_x0 else s[t]
+
+    def diffs(i: int, order: int) -> tuple[np.ndarray, list[Lin], float]:
+        """Ratios ``r_k`` and differences ``(m_{i-k} - m_i) / r_k`` for the step from ``i``."""
+        h = lam[i + 1] - lam[i]
+        rks, d1s = [], []
+        for j in range(1, order):
+            rk = (lam[i - j] - lam[i]) / h
+            rks.append(rk)
+            d1s.append((m(i - j) - m(i)) / rk)
+        return np.array([*rks, 1.0]), d1s, h
+
+    def check(i: int, order: int, what: str) -> None:
+        if s[i + 1] == 0 and solver_type == "bh1":
+            raise ValueError(
+                "solver_type='bh1' with final_sigmas_type='zero': diffusers multiplies an infinite B(h) by zero "
+                "on the last step (returns NaN); use final_sigmas_type='sigma_min' or solver_type='bh2'"
+            )
+        if not (math.isfinite(lam[i + 1]) and lam[i + 1] != lam[i]) and (order > 1 or not predict_x0):
+            raise ValueError(
+                f"the {what} of step {i} ends at sigma {sig[i + 1]:.6g} with order {order}"
+                f"{'' if predict_x0 else ' and predict_x0=False'}, where diffusers divides by zero "
+                "(returns NaN); use lower_order_final=True or final_sigmas_type='zero' / predict_x0=True"
+            )
+
+    updates = []
+    for i, p in zip(range(start, n), orders, strict=True):
+        k = i - start
+        z = Z(k)
+        if i > start and (i - 1) not in skip:
+            q = orders[k - 1]
+            rks, d1s, h = diffs(i - 1, q)
+            _, b_h, R, b = _unipc_weights(rks, sign * -h, solver_type)
+            rhos_p = _predictor_rhos(R, b, q)
+            rhos_c = np.array([0.5]) if q == 1 else np.linalg.solve(R, b)
+            corr = (m(i) - m(i - 1)) * rhos_c[-1]
+            for rc, rp, d in zip(rhos_c[:-1], rhos_p, d1s, strict=True):
+                corr = corr + d * (rc - rp)
+            z = z + corr * (-scale(i) * b_h)
+        check(i, p, "predictor")
+        if s[i + 1] == 0:
+            updates.append(X(k) * a[i + 1])
+            continue
+        if lam[i + 1] == lam[i]:
+            updates.append(z)  # zero-length order-1 step: diffusers leaves the sample as it is
+            continue
+        rks, d1s, h = diffs(i, p)
+        h_phi_1, b_h, R, b = _unipc_weights(rks, sign * -h, solver_type)
+        out = z * ratio(i + 1, i) - m(i) * (scale(i + 1) * h_phi_1)
+        for rho, d in zip(_predictor_rhos(R, b, p), d1s, strict=True):
+            out = out - d * (scale(i + 1) * b_h * rho)
+        updates.append(out)
+    return updates, orders
+
+
+class UniPCMultistepScheduler(FastflowScheduler, _unipc.UniPCMultistepScheduler):
+    """diffusers' ``UniPCMultistepScheduler`` whose ``step`` is one fused fastflow call.
+
+    bh1/bh2, orders 1-3, ``disable_corrector``, ``lower_order_final``, flow sigmas and
+    dynamic shifting. ``predict_x0=False`` works with ``solver_order=1``;
+    ``solver_p`` (another scheduler as predictor) and ``thresholding`` raise.
+    """
+
+    def _ff_check_config(self) -> None:
+        cfg = self.config
+        name = type(self).__name__
+        if cfg.thresholding:
+            raise NotImplementedError(
+                f"thresholding=True (dynamic thresholding) is not supported by fastflow's {name}: it needs a "
+                "per-sample quantile of x0, which the fused step does not compute"
+            )
+        if self.solver_p is not None:
+            raise NotImplementedError(f"solver_p (another scheduler as UniPC's predictor) is not supported by {name}")
+        if not cfg.predict_x0 and cfg.solver_order != 1:
+            raise NotImplementedError(
+                f"predict_x0=False with solver_order={cfg.solver_order} is not supported by fastflow's {name} "
+                "(solver_order=1 is): its noise-prediction history would need more than three stored tensors"
+            )
+        if not cfg.predict_x0 and cfg.prediction_type == "flow_prediction":
+            raise NotImplementedError("prediction_type='flow_prediction' with predict_x0=False is not supported "
+                                      "(diffusers rejects it too)")
+        if cfg.solver_order not in (1, 2, 3):
+            raise NotImplementedError(f"solver_order={cfg.solver_order} is not supported (1, 2 or 3)")
+        if cfg.prediction_type not in ("epsilon", "sample", "v_prediction", "flow_prediction"):
+            raise NotImplementedError(f"prediction_type={cfg.prediction_type!r} is not supported by {name}")
+
+    def _ff_prepare(self) -> None:
+        self._ff_sigmas = self.sigmas.detach().to("cpu", torch.float64).numpy()
+        if self.num_inference_steps is not None:
+            self._ff_host_cache["specs0"] = self._ff_build(0)  # raises now for a loop diffusers cannot run
+
+    def _ff_build(self, start: int) -> list[StepSpec]:
+        cfg = self.config
+        sig = self._ff_sigmas
+        updates, _ = unipc_updates(
+            sig,
+            start=start,
+            solver_order=cfg.solver_order,
+            solver_type=cfg.solver_type,
+            predict_x0=self.predict_x0,
+            lower_order_final=cfg.lower_order_final,
+            disable_corrector=self.disable_corrector,
+            flow=cfg.use_flow_sigmas,
+        )
+        a, s = alpha_sigma(sig, cfg.use_flow_sigmas)
+        specs = []
+        for k, u in enumerate(updates):
+            i = start + k
+            xz, xo = x0_coefs(cfg.prediction_type, a[i], s[i], sig[i])
+            specs.append(StepSpec(xz, xo, u))
+        return specs
+
+    def _ff_specs(self, start: int, variant: Any) -> list[StepSpec]:
+        if start == 0 and "specs0" in self._ff_host_cache:
+            return self._ff_host_cache["specs0"]
+        return self._ff_build(start)
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: int | torch.Tensor,
+        sample: torch.Tensor,
+        return_dict: bool = True,
+    ) -> _unipc.SchedulerOutput | tuple:
+        """diffusers' step (same arguments and output), in one backend call."""
+        if self.num_inference_steps is None:
+            raise ValueError("num_inference_steps is None: call set_timesteps before step")
+        prev, _ = self._ff_step(model_output, timestep, sample, want_pred=False)
+        if not return_dict:
+            return (prev,)
+        return _unipc.SchedulerOutput(prev_sample=prev)
