@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+from .cases import FAMILIES
 from .impls import BASELINES, IMPL_NAMES
 
 __all__ = ["markdown", "plot_bandwidth", "write_all"]
@@ -65,7 +66,12 @@ def _skip_reasons(cases: list[dict], cols: list[str]) -> list[str]:
 def markdown(results: dict) -> str:
     """The tables of a run, every figure from that one run."""
     m = results["machine"]
-    cases = results["cases"]
+    order = list(FAMILIES)
+    cases = sorted(
+        results["cases"],
+        key=lambda c: (order.index(c["family"]) if c["family"] in order else len(order), c["model_dtype"] != "bfloat16",
+                       c["elements"]),
+    )
     cols = _columns(cases)
     s = results["settings"]
     out = [
@@ -180,7 +186,11 @@ def plot_bandwidth(results: dict, path: Path) -> str | None:
         ax.set_ylabel("achieved GB/s")
     for ax in list(axes.flat)[len(families):]:
         ax.set_visible(False)
-    handles, labels = axes.flat[0].get_legend_handles_labels()
+    legend: dict = {}
+    for ax in axes.flat:
+        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+            legend.setdefault(lab, h)
+    labels, handles = list(legend), list(legend.values())
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False)
     fig.suptitle(f"fastflow step: achieved bandwidth, {results['machine']['card']}, {results['date'][:10]}")
     fig.tight_layout(rect=(0, 0.06, 1, 0.96))
