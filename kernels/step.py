@@ -11,7 +11,8 @@ Layout: grid ``(cdiv(n, BLOCK), B)`` where ``n`` is the number of elements of on
 sample. A program covers ``BLOCK`` consecutive elements of one sample, so the
 sample-local index that keys the noise is ``pid0 * BLOCK + lane`` and the noise
 groups of four never straddle programs (``BLOCK`` is a multiple of 4). Offsets are
-int64, so tensors past 2**31 elements are fine.
+int64, so tensors past 2**31 elements are fine. ``BLOCK`` is 1024 (smaller for small
+samples) with four elements per thread; see ``_launch_config``.
 
 Compile-time switches (each a small specialization, no dead loads):
 ``STEP_PTR`` (step row read from a device tensor: graph mode), ``GUIDED``,

@@ -274,6 +274,15 @@ def test_step_tensor_equals_int(tb):
             assert torch.equal(got[0][key], other[key])
 
 
+def test_guidance_from_one_doubled_batch(tb):
+    """cond/uncond may be the two halves (views) of one 2B model output; the model input may be doubled."""
+    case = make_case((3, 4, 9), torch.bfloat16, torch.bfloat16, hist=1, noise="philox", mi="dup-bf16", seed=9)
+    want = case.run(REF)
+    both = torch.cat([case.uncond, case.model_out])
+    case.uncond, case.model_out = both.chunk(2)
+    assert_matches(case.run(tb, block=16), want)
+
+
 def test_unused_coefficients_ignored(tb):
     """Columns of absent inputs (H1, H2 without history, CN without noise) do not leak into the result."""
     case = make_case((1, 40), torch.float32, torch.float32, guided=False, hist=0, noise="none", seed=5)
