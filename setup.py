@@ -73,8 +73,10 @@ def _extensions() -> tuple[list, dict]:
         import torch
         from torch.utils import cpp_extension
     except ImportError:
-        _say("torch is not importable at build time; building the pure-Python package without fastflow._C "
-             "(use `pip install --no-build-isolation .` with torch installed to build the extension)")
+        _say(
+            "torch is not importable at build time; building the pure-Python package without fastflow._C "
+            "(use `pip install --no-build-isolation .` with torch installed to build the extension)"
+        )
         _write_build_info({"extension": False, "reason": "built without torch (no extension)"})
         return [], {}
 

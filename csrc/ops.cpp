@@ -1,12 +1,19 @@
-// Operator schemas of the fastflow extension and the Python module entry point.
+// Operator schemas of the fastflow extension and the Python module.
 //
 // Implementations are registered per device in step_cpu.cpp and step_cuda.cpp;
 // fake (meta) implementations for torch.compile live in fastflow/backends/cuda.py.
-// The module has no Python functions: importing it runs the registrations, and
-// Python calls the operators through torch.ops.fastflow (no pybind11, which keeps
-// the build fast).
-#include <Python.h>
+//
+// The module also binds `fused_step` directly (pybind11), for eager calls: it runs
+// the same C++ function as the operator but skips the dispatcher's Python argument
+// parsing, which costs a few microseconds per call. Traced code (torch.compile)
+// calls the operator, which the tracer can see.
 #include <torch/library.h>
+#include <torch/python.h>
+
+#include <optional>
+#include <vector>
+
+#include "step_ops.h"
 
 TORCH_LIBRARY(fastflow, m) {
   // One stage of a step plan (fastflow/backends/base.py is the contract). `step` is
@@ -21,8 +28,39 @@ TORCH_LIBRARY(fastflow, m) {
   m.def("philox(Tensor counter, Tensor key, int rounds=10) -> Tensor");
 }
 
-static PyModuleDef fastflow_c_module = {
-    PyModuleDef_HEAD_INIT, "_C", "fastflow's compiled operators (registered under torch.ops.fastflow)", -1, nullptr,
-};
+namespace {
 
-PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&fastflow_c_module); }
+// The operator's body without the dispatcher: pick the kernel by the state's device.
+void fused_step_direct(const at::Tensor& z, const at::Tensor& out, const at::Tensor& model_out,
+                       const std::optional<at::Tensor>& model_out_uncond, const std::vector<at::Tensor>& history,
+                       const at::Tensor& table, int64_t step, const std::optional<at::Tensor>& step_tensor,
+                       const std::optional<at::Tensor>& seeds, const std::optional<at::Tensor>& noise,
+                       const std::optional<at::Tensor>& x_out, const std::optional<at::Tensor>& model_in_out,
+                       std::optional<double> clip, bool use_noise) {
+  if (z.is_cpu()) {
+    fastflow::fused_step_cpu(z, out, model_out, model_out_uncond, history, table, step, step_tensor, seeds, noise,
+                             x_out, model_in_out, clip, use_noise);
+    return;
+  }
+#if defined(FASTFLOW_WITH_CUDA)
+  if (z.is_cuda()) {
+    fastflow::fused_step_cuda(z, out, model_out, model_out_uncond, history, table, step, step_tensor, seeds, noise,
+                              x_out, model_in_out, clip, use_noise);
+    return;
+  }
+#endif
+  TORCH_CHECK_VALUE(false, "fastflow._C has no kernel for tensors on ", z.device());
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fastflow's compiled operators (registered under torch.ops.fastflow)";
+  m.def("fused_step", &fused_step_direct, "One stage of a step plan, without the dispatcher (eager calls).");
+  m.attr("with_cuda") =
+#if defined(FASTFLOW_WITH_CUDA)
+      true;
+#else
+      false;
+#endif
+}

@@ -17,6 +17,7 @@
 
 #include "fastflow_step.h"
 #include "step_host.h"
+#include "step_ops.h"
 
 namespace fastflow {
 namespace {
@@ -135,6 +136,8 @@ void run_step(const StepParams& p) {
   });
 }
 
+}  // namespace
+
 void fused_step_cpu(const at::Tensor& z, const at::Tensor& out, const at::Tensor& model_out,
                     const std::optional<at::Tensor>& model_out_uncond, at::TensorList history, const at::Tensor& table,
                     int64_t step, const std::optional<at::Tensor>& step_tensor, const std::optional<at::Tensor>& seeds,
@@ -207,8 +210,6 @@ at::Tensor philox_cpu(const at::Tensor& counter, const at::Tensor& key, int64_t 
   });
   return result;
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(fastflow, CPU, m) {
   m.impl("fused_step", &fused_step_cpu);

@@ -15,6 +15,7 @@
 #include "fastflow_cuda.h"
 #include "fastflow_step.h"
 #include "step_host.h"
+#include "step_ops.h"
 
 namespace fastflow {
 namespace {
@@ -22,6 +23,8 @@ namespace {
 void check_launch(int code, const char* what) {
   TORCH_CHECK(code == 0, "fastflow: launching the ", what, " kernel failed: ", cuda_error_string(code));
 }
+
+}  // namespace
 
 void fused_step_cuda(const at::Tensor& z, const at::Tensor& out, const at::Tensor& model_out,
                      const std::optional<at::Tensor>& model_out_uncond, at::TensorList history,
@@ -84,8 +87,6 @@ at::Tensor philox_cuda(const at::Tensor& counter, const at::Tensor& key, int64_t
                "philox");
   return result;
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(fastflow, CUDA, m) {
   m.impl("fused_step", &fused_step_cuda);

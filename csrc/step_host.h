@@ -1,7 +1,9 @@
 // Host side of the operators: validate at::Tensor arguments and turn them into
 // the torch-free StepParams the CPU loop and the CUDA kernel read.
 //
-// Checks are metadata only (no device sync). Inputs that are not contiguous are
+// Checks are metadata only (no device sync) and raise the Python exception types
+// of fastflow.backends.base.check_step_args (ValueError for shapes and devices,
+// TypeError for dtypes), so callers need no second, Python-side check. Inputs that are not contiguous are
 // copied to contiguous tensors; outputs that are not contiguous are written to a
 // contiguous temporary and copied back, so the kernels only see dense row-major
 // samples (the noise of element e depends on its row-major index in the sample).
@@ -11,6 +13,7 @@
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
+#include <array>
 #include <cstdint>
 #include <optional>
 #include <utility>
@@ -53,8 +56,8 @@ struct PreparedStep {
 namespace detail {
 
 inline void check_like(const at::Tensor& z, const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.sizes() == z.sizes(), "fastflow: ", name, " has shape ", t.sizes(), ", state has ", z.sizes());
-  TORCH_CHECK(t.device() == z.device(), "fastflow: ", name, " is on ", t.device(), ", state is on ", z.device());
+  TORCH_CHECK_VALUE(t.sizes() == z.sizes(), "fastflow: ", name, " has shape ", t.sizes(), ", state has ", z.sizes());
+  TORCH_CHECK_VALUE(t.device() == z.device(), "fastflow: ", name, " is on ", t.device(), ", state is on ", z.device());
 }
 
 inline bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
@@ -70,7 +73,7 @@ inline PreparedStep prepare_step(const at::Tensor& z, const at::Tensor& out, con
   using detail::check_like;
   PreparedStep s;
   StepParams& p = s.p;
-  TORCH_CHECK(z.dim() >= 1, "fastflow: the state needs a batch dimension");
+  TORCH_CHECK_VALUE(z.dim() >= 1, "fastflow: the state needs a batch dimension");
   p.z_dtype = dtype_code(z.scalar_type(), "the state");
   s.compute_double = p.z_dtype == kFloat64;
   check_like(z, out, "the output state");
@@ -78,31 +81,30 @@ inline PreparedStep prepare_step(const at::Tensor& z, const at::Tensor& out, con
                    " differs from the state's ", z.scalar_type());
   check_like(z, model_out, "the model output");
   p.model_out_dtype = dtype_code(model_out.scalar_type(), "the model output");
-  TORCH_CHECK(history.size() <= static_cast<size_t>(kMaxHistory), "fastflow: at most ", kMaxHistory,
-              " history tensors, got ", history.size());
+  TORCH_CHECK_VALUE(history.size() <= static_cast<size_t>(kMaxHistory), "fastflow: at most ", kMaxHistory,
+                    " history tensors, got ", history.size());
 
   // Table and step.
-  TORCH_CHECK(table.dim() == 2 && table.size(1) == kNumCoefs, "fastflow: the coefficient table must be [stages, ",
-              kNumCoefs, "], got ", table.sizes());
-  TORCH_CHECK(table.device() == z.device(), "fastflow: the coefficient table is on ", table.device(),
-              ", the state is on ", z.device());
+  TORCH_CHECK_VALUE(table.dim() == 2 && table.size(1) == kNumCoefs, "fastflow: the coefficient table must be [stages, ",
+                    kNumCoefs, "], got ", table.sizes());
+  TORCH_CHECK_VALUE(table.device() == z.device(), "fastflow: the coefficient table is on ", table.device(),
+                    ", the state is on ", z.device());
   TORCH_CHECK_TYPE(table.scalar_type() == at::kFloat || table.scalar_type() == at::kDouble,
                    "fastflow: the coefficient table must be float32 or float64, got ", table.scalar_type());
   const at::Tensor tab = table.contiguous();
-  s.keep.push_back(tab);
+  if (!tab.is_same(table)) s.keep.push_back(tab);
   p.table = tab.data_ptr();
   p.table_dtype = table.scalar_type() == at::kDouble ? kFloat64 : kFloat32;
   p.table_rows = table.size(0);
   if (step_tensor.has_value()) {
     const at::Tensor& st = *step_tensor;
-    TORCH_CHECK(st.numel() == 1, "fastflow: the step tensor must have one element, got ", st.numel());
-    TORCH_CHECK(st.device() == z.device(), "fastflow: the step tensor is on ", st.device(), ", the state is on ",
-                z.device());
+    TORCH_CHECK_VALUE(st.numel() == 1, "fastflow: the step tensor must have one element, got ", st.numel());
+    TORCH_CHECK_VALUE(st.device() == z.device(), "fastflow: the step tensor is on ", st.device(), ", the state is on ",
+                      z.device());
     TORCH_CHECK_TYPE(st.scalar_type() == at::kLong || st.scalar_type() == at::kInt,
                      "fastflow: the step tensor must be int64 or int32, got ", st.scalar_type());
     p.step_ptr = st.data_ptr();
     p.step_is_int32 = st.scalar_type() == at::kInt;
-    s.keep.push_back(st);
   } else {
     TORCH_CHECK_INDEX(step >= 0 && step < p.table_rows, "fastflow: step ", step, " is outside the table's ",
                       p.table_rows, " rows");
@@ -114,21 +116,23 @@ inline PreparedStep prepare_step(const at::Tensor& z, const at::Tensor& out, con
   p.numel = batch > 0 ? z.numel() / batch : 0;
   s.empty = z.numel() == 0;
 
-  std::vector<std::pair<const void*, int>> used;  // (pointer, element size) for the alignment test
+  // (pointer, element size) of every tensor the kernel touches, for the alignment test.
+  std::array<std::pair<const void*, int64_t>, 10> used{};
+  int num_used = 0;
   auto input = [&](const at::Tensor& t) -> const void* {
     at::Tensor c = t.contiguous();
     if (!c.is_same(t)) s.keep.push_back(c);
-    used.emplace_back(c.data_ptr(), static_cast<int>(c.element_size()));
+    used[num_used++] = {c.data_ptr(), c.element_size()};
     return c.data_ptr();
   };
   auto output = [&](const at::Tensor& t) -> void* {
     if (t.is_contiguous()) {
-      used.emplace_back(t.data_ptr(), static_cast<int>(t.element_size()));
+      used[num_used++] = {t.data_ptr(), t.element_size()};
       return t.data_ptr();
     }
     at::Tensor tmp = at::empty(t.sizes(), t.options());
     s.writeback.emplace_back(t, tmp);
-    used.emplace_back(tmp.data_ptr(), static_cast<int>(tmp.element_size()));
+    used[num_used++] = {tmp.data_ptr(), tmp.element_size()};
     return tmp.data_ptr();
   };
 
@@ -145,19 +149,19 @@ inline PreparedStep prepare_step(const at::Tensor& z, const at::Tensor& out, con
     p.history_dtype[j] = dtype_code(history[j].scalar_type(), "a history tensor");
     p.history[j] = input(history[j]);
   }
+  if (noise.has_value()) check_like(z, *noise, "the noise");  // checked even when unused, as the contract does
   p.use_noise = use_noise;
   if (use_noise) {
     if (noise.has_value()) {
-      check_like(z, *noise, "the noise");
       p.noise_dtype = dtype_code(noise->scalar_type(), "the noise");
       p.noise = input(*noise);
     } else {
-      TORCH_CHECK(seeds.has_value(), "fastflow: this stage draws noise: pass seeds or an explicit noise tensor");
+      TORCH_CHECK_VALUE(seeds.has_value(), "fastflow: this stage draws noise: pass seeds or an explicit noise tensor");
       const at::Tensor& sd = *seeds;
-      TORCH_CHECK(sd.scalar_type() == at::kLong && sd.dim() == 1 && sd.size(0) == batch && sd.device() == z.device(),
-                  "fastflow: seeds must be int64 [", batch, "] on ", z.device());
+      const bool ok = sd.scalar_type() == at::kLong && sd.dim() == 1 && sd.size(0) == batch;
+      TORCH_CHECK_VALUE(ok && sd.device() == z.device(), "fastflow: seeds must be int64 [", batch, "] on ", z.device());
       const at::Tensor c = sd.contiguous();
-      s.keep.push_back(c);
+      if (!c.is_same(sd)) s.keep.push_back(c);
       p.seeds = c.data_ptr<int64_t>();
     }
   }
@@ -172,12 +176,12 @@ inline PreparedStep prepare_step(const at::Tensor& z, const at::Tensor& out, con
   }
   if (model_in_out.has_value()) {
     const at::Tensor& mi = *model_in_out;
-    TORCH_CHECK(mi.dim() == z.dim() && mi.sizes().slice(1) == z.sizes().slice(1) &&
-                    (mi.size(0) == batch || mi.size(0) == 2 * batch),
-                "fastflow: the model input output has shape ", mi.sizes(), "; expected batch ", batch, " or ",
-                2 * batch, " and sample shape ", z.sizes().slice(1));
-    TORCH_CHECK(mi.device() == z.device(), "fastflow: the model input output is on ", mi.device(),
-                ", the state is on ", z.device());
+    TORCH_CHECK_VALUE(mi.dim() == z.dim() && mi.sizes().slice(1) == z.sizes().slice(1) &&
+                          (mi.size(0) == batch || mi.size(0) == 2 * batch),
+                      "fastflow: the model input output has shape ", mi.sizes(), "; expected batch ", batch, " or ",
+                      2 * batch, " and sample shape ", z.sizes().slice(1));
+    TORCH_CHECK_VALUE(mi.device() == z.device(), "fastflow: the model input output is on ", mi.device(),
+                      ", the state is on ", z.device());
     p.model_in_dtype = dtype_code(mi.scalar_type(), "the model input output");
     p.model_in_double = mi.size(0) == 2 * batch && batch > 0;
     p.model_in_out = output(mi);
@@ -186,8 +190,8 @@ inline PreparedStep prepare_step(const at::Tensor& z, const at::Tensor& out, con
 
   // Vector loads and stores need every base pointer and every sample start 16-byte aligned.
   bool vec = true;
-  for (const auto& u : used) {
-    vec = vec && detail::aligned16(u.first) && (p.numel * u.second) % 16 == 0;
+  for (int i = 0; i < num_used; ++i) {
+    vec = vec && detail::aligned16(used[i].first) && (p.numel * used[i].second) % 16 == 0;
   }
   p.vectorized = vec;
   return s;

@@ -1,0 +1,477 @@
+"""The C++ extension's CPU kernel against the torch reference, the noise spec and torch's op checks.
+
+The CPU kernel evaluates the plan in the reference's operation order with one
+rounding per operation and draws the normals in double precision like the
+reference, so its outputs are bit-identical to the reference's (noise included,
+checked on a million normals); the matrix demands bit equality without noise and
+one-ulp agreement with it.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from csrc_cases import DTYPES, MI_MODES, NOISE_MODES, REF, assert_matches, cuda_backend, make_case
+
+from fastflow import noise as noise_spec
+from fastflow.backends import cuda as cuda_mod
+from fastflow.backends import get_backend, resolve_backend
+from fastflow.backends.cuda import CudaBackend, philox_words
+from fastflow.plan import NUM_COEFS
+
+
+@pytest.fixture(scope="module")
+def cb() -> CudaBackend:
+    return cuda_backend()
+
+
+# --------------------------------------------------------------------------- matrix
+
+
+@pytest.mark.parametrize("noise", NOISE_MODES)
+@pytest.mark.parametrize("hist", [0, 1, 2, 3])
+@pytest.mark.parametrize("clip", [False, True], ids=["noclip", "clip"])
+@pytest.mark.parametrize("guided", [False, True], ids=["cond", "cfg"])
+@pytest.mark.parametrize("odt", DTYPES, ids=lambda d: f"o_{str(d)[6:]}")
+@pytest.mark.parametrize("zdt", DTYPES, ids=lambda d: f"z_{str(d)[6:]}")
+def test_matrix(cb, zdt, odt, guided, clip, hist, noise):
+    """Every dtype pair x guidance x clip x history depth x noise mode, on a 2 x 105 state.
+
+    The secondary options (x_hat output and its dtype, model-input output with batch
+    B or 2B, step as int or int32/int64 tensor, in place) rotate with the case so each
+    meets every primary option without multiplying the product.
+    """
+    ni = NOISE_MODES.index(noise)
+    case = make_case(
+        (2, 3, 5, 7),
+        zdt,
+        odt,
+        guided=guided,
+        hist=hist,
+        clip=clip,
+        noise=noise,
+        x_dtype=(zdt, None, torch.float32)[(hist + guided) % 3],
+        mi=MI_MODES[(hist + ni + clip) % 4],
+        step_kind=("int", "i64", "i32")[(ni + guided + 2 * clip) % 3],
+        seed=zlib.crc32(repr((zdt, odt, guided, clip, hist, noise)).encode()),
+    )
+    in_place = (hist + ni) % 2 == 1
+    assert_matches(case.run(cb, in_place=in_place), case.run(REF), exact=noise != "philox")
+
+
+@pytest.mark.parametrize("noise", NOISE_MODES)
+@pytest.mark.parametrize("table_dtype", [torch.float32, torch.float64], ids=["tab32", "tab64"])
+def test_float64_state(cb, noise, table_dtype):
+    """float64 states compute in float64, like the reference (normals in double too)."""
+    case = make_case(
+        (3, 4, 33),
+        torch.float64,
+        torch.float32,
+        hist=3,
+        clip=True,
+        noise=noise,
+        x_dtype=torch.float64,
+        mi="dup-bf16",
+        table_dtype=table_dtype,
+        hist_dtypes=(torch.float64, torch.float32, torch.bfloat16),
+    )
+    assert_matches(case.run(cb), case.run(REF), exact=noise != "philox")
+
+
+@pytest.mark.parametrize("odt", DTYPES, ids=lambda d: str(d)[6:])
+def test_float64_table_float32_state(cb, odt):
+    """A float64 table is rounded once to float32 for float32 states, as the reference's row.to(float32)."""
+    case = make_case((2, 40), torch.float32, odt, noise="tensor", table_dtype=torch.float64, x_dtype=torch.bfloat16)
+    assert_matches(case.run(cb), case.run(REF), exact=True)
+
+
+@pytest.mark.parametrize(
+    "shape", [(1, 1), (2, 3), (3, 4), (2, 5), (2, 130), (2, 3, 7, 11), (1, 517), (3, 1030), (2, 4, 8, 8)], ids=str
+)
+@pytest.mark.parametrize("noise", ["philox", "tensor"])
+def test_odd_sizes(cb, shape, noise):
+    """Samples that are not a multiple of 4 or of the CPU block (512), several blocks per sample."""
+    case = make_case(shape, torch.float32, torch.bfloat16, hist=1, noise=noise, x_dtype=torch.float16, mi="dup-bf16")
+    assert_matches(case.run(cb), case.run(REF), exact=noise != "philox")
+
+
+def test_large_batch(cb):
+    """A batch of 9 with every option on: per-sample seeds and offsets."""
+    case = make_case((9, 4, 17, 9), torch.bfloat16, torch.float16, hist=3, clip=True, x_dtype=torch.float32, mi="same")
+    assert_matches(case.run(cb), case.run(REF), exact=False)
+
+
+def test_noncontiguous_inputs_and_outputs(cb):
+    """Strided inputs are read in row-major order and strided outputs are written back."""
+    case = make_case((3, 6, 10), torch.float32, torch.float32, hist=2, noise="philox")
+    want = case.run(REF)
+    z = case.z.transpose(1, 2).contiguous().transpose(1, 2)  # same values, other strides
+    mo = case.model_out.transpose(1, 2).contiguous().transpose(1, 2)
+    out = torch.full((3, 10, 6), float("nan")).transpose(1, 2)
+    x = torch.full((3, 10, 6), float("nan")).transpose(1, 2)
+    mi = torch.full((6, 10, 6), float("nan"), dtype=torch.bfloat16).transpose(1, 2)
+    hist = [h.transpose(1, 2).contiguous().transpose(1, 2) for h in case.history]
+    assert not (z.is_contiguous() or out.is_contiguous() or mi.is_contiguous())
+    cb.fused_step(
+        z, out, mo, case.uncond, hist, case.table, case.step, seeds=case.seeds, x_out=x, model_in_out=mi, use_noise=True
+    )
+    torch.testing.assert_close(out, want["out"], rtol=1e-6, atol=1e-6)
+    ref_x = torch.empty_like(case.z)
+    ref_mi = torch.empty(mi.shape, dtype=torch.bfloat16)
+    REF.fused_step(
+        case.z,
+        torch.empty_like(case.z),
+        case.model_out,
+        case.uncond,
+        case.history,
+        case.table,
+        case.step,
+        seeds=case.seeds,
+        x_out=ref_x,
+        model_in_out=ref_mi,
+        use_noise=True,
+    )
+    assert torch.equal(x, ref_x)
+    torch.testing.assert_close(mi.float(), ref_mi.float(), rtol=1.6e-2, atol=1.6e-2)
+
+
+def test_in_place_all_outputs(cb):
+    """out is z, and x_out aliases a history tensor that is also read: each element is read before written."""
+    case = make_case((2, 3, 5, 7), torch.float32, torch.bfloat16, hist=2, noise="tensor", x_dtype=torch.float32)
+    want = case.run(REF)
+    z = case.z.clone()
+    h0 = case.history[0].float().clone()
+    cb.fused_step(
+        z,
+        z,
+        case.model_out,
+        case.uncond,
+        [h0, case.history[1]],
+        case.table,
+        case.step,
+        noise=case.noise,
+        x_out=h0,
+        use_noise=True,
+    )
+    assert torch.equal(z, want["out"])
+    assert torch.equal(h0, want["x"])
+
+
+def test_step_tensor_equals_int(cb):
+    """Graph mode (the step read from a tensor) gives the same numbers and the same noise as a Python int."""
+    case = make_case((2, 50), torch.float32, torch.float32, noise="philox", mi="dup-fp16", x_dtype=torch.float32)
+    a = case.run(cb)
+    for dt in (torch.int32, torch.int64):
+        case.step = torch.tensor(3, dtype=dt)  # a 0-d tensor works too
+        assert_matches(case.run(cb), a, exact=True)
+
+
+def test_step_out_of_range(cb):
+    """A host step outside the table raises; a device step outside it gives NaN outputs (the kernel cannot raise)."""
+    case = make_case((2, 8), torch.float32, torch.float32, noise="none")
+    case.step = 5
+    with pytest.raises(IndexError):
+        case.run(cb)
+    case.step = -1
+    with pytest.raises(IndexError):
+        case.run(cb)
+    case.step = torch.tensor([5])
+    assert torch.isnan(case.run(cb)["out"]).all()
+
+
+# --------------------------------------------------------------------------- noise
+
+
+def test_philox_words_bit_exact(cb):
+    """The extension's Philox4x32-10 words equal the numpy statement of the spec bit for bit."""
+    g = torch.Generator().manual_seed(1)
+    counter = torch.randint(0, 2**32, (4096, 4), generator=g, dtype=torch.int64)
+    key = torch.randint(0, 2**32, (4096, 2), generator=g, dtype=torch.int64)
+    counter[:4] = torch.tensor([[0, 0, 0, 0], [2**32 - 1] * 4, [1, 0, 0, 0], [0, 0, 2**32 - 1, 1]])
+    key[:4] = torch.tensor([[0, 0], [2**32 - 1] * 2, [0, 0], [2**32 - 1, 0]])
+    want = noise_spec.philox4x32_numpy(*counter.T.numpy(), *key.T.numpy())
+    got = philox_words(counter, key)
+    assert np.array_equal(got.numpy(), np.stack(want, axis=1).astype(np.int64))
+    for rounds in (1, 7):
+        want = noise_spec.philox4x32_numpy(*counter.T.numpy(), *key.T.numpy(), rounds=rounds)
+        assert np.array_equal(philox_words(counter, key, rounds).numpy(), np.stack(want, axis=1).astype(np.int64))
+
+
+def test_philox_known_answers(cb):
+    """Published Philox4x32-10 test vectors (zero, all-ones and digits-of-pi inputs)."""
+    counter = torch.tensor(
+        [[0, 0, 0, 0], [0xFFFFFFFF] * 4, [0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344]], dtype=torch.int64
+    )
+    key = torch.tensor([[0, 0], [0xFFFFFFFF] * 2, [0xA4093822, 0x299F31D0]], dtype=torch.int64)
+    want = torch.tensor(
+        [
+            [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8],
+            [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD],
+            [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1],
+        ],
+        dtype=torch.int64,
+    )
+    assert torch.equal(philox_words(counter, key), want)
+
+
+@pytest.mark.parametrize("tag", [noise_spec.STEP_TAG, noise_spec.INIT_TAG])
+def test_normals_bit_identical(cb, tag):
+    """The normals equal fastflow.noise.normal bit for bit (over a million of them, seeds past 2**63 included)."""
+    seeds = noise_spec.as_seed_tensor([0, 1, 2**32 + 7, 2**64 - 1], 4, "cpu")
+    for step, shape in ((0, (16, 128, 128)), (17, (3, 5, 7))):
+        got = cb.noise(seeds, shape, step=step, tag=tag)
+        want = noise_spec.normal(seeds, shape, step=step, tag=tag)
+        assert got.dtype == torch.float32 and got.shape == want.shape
+        assert torch.equal(got, want), f"{(got != want).sum().item()} normals differ"
+
+
+def test_noise_step_tensor(cb):
+    seeds = torch.tensor([5, 6], dtype=torch.int64)
+    want = noise_spec.normal(seeds, (9,), step=4)
+    assert torch.equal(cb.noise(seeds, (9,), step=torch.tensor([4], dtype=torch.int32)), want)
+
+
+def test_fused_noise_is_the_spec(cb):
+    """With z = 0 and only CN = 1, the fused step writes exactly the spec's noise."""
+    seeds = torch.tensor([3, 2**40], dtype=torch.int64)
+    table = torch.zeros(8, NUM_COEFS)
+    table[6, 8] = 1.0  # CN
+    z = torch.zeros(2, 3, 11, 13)
+    out = torch.empty_like(z)
+    cb.fused_step(z, out, torch.zeros_like(z), None, [], table, 6, seeds=seeds, use_noise=True)
+    assert torch.equal(out, noise_spec.normal(seeds, z.shape[1:], step=6))
+
+
+def test_sample_alone_equals_in_batch(cb):
+    """A sample's result (noise included) does not depend on the batch it is in."""
+    case = make_case((4, 3, 9, 9), torch.float32, torch.bfloat16, hist=2, noise="philox", mi="dup-bf16")
+    full = case.run(cb)
+    k = 2
+    alone = make_case((4, 3, 9, 9), torch.float32, torch.bfloat16, hist=2, noise="philox", mi="dup-bf16")
+    alone.z, alone.model_out, alone.uncond = case.z[k : k + 1], case.model_out[k : k + 1], case.uncond[k : k + 1]
+    alone.history = [h[k : k + 1] for h in case.history]
+    alone.seeds = case.seeds[k : k + 1]
+    got = alone.run(cb)
+    assert torch.equal(got["out"][0], full["out"][k])
+    assert torch.equal(got["mi"][0], full["mi"][k]) and torch.equal(got["mi"][1], full["mi"][4 + k])
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def _args(**kw):
+    z = torch.randn(2, 3)
+    a = dict(
+        z=z,
+        out=torch.empty_like(z),
+        model_out=torch.randn(2, 3),
+        model_out_uncond=None,
+        history=[],
+        table=torch.randn(4, NUM_COEFS),
+        step=1,
+    )
+    a.update(kw)
+    return a
+
+
+@pytest.mark.parametrize(
+    "kw, exc",
+    [
+        (dict(model_out=torch.randn(2, 4)), ValueError),
+        (dict(model_out=torch.randn(2, 3).int()), TypeError),
+        (dict(out=torch.empty(2, 3, dtype=torch.float16)), TypeError),
+        (dict(model_out_uncond=torch.randn(3, 3)), ValueError),
+        (dict(history=[torch.randn(2, 3)] * 4), ValueError),
+        (dict(history=[torch.randn(2, 2)]), ValueError),
+        (dict(use_noise=True), ValueError),
+        (dict(use_noise=True, seeds=torch.zeros(3, dtype=torch.int64)), ValueError),
+        (dict(use_noise=True, seeds=torch.zeros(2, dtype=torch.int32)), ValueError),
+        (dict(noise=torch.randn(2, 4), use_noise=True), ValueError),
+        (dict(table=torch.randn(4, 3, 10)), ValueError),
+        (dict(model_in_out=torch.empty(3, 3)), ValueError),
+        (dict(x_out=torch.empty(2, 2)), ValueError),
+        (dict(step=4), IndexError),
+    ],
+)
+def test_errors_match_reference(cb, kw, exc):
+    """Bad arguments raise the same exception type as the torch reference (the contract's check_step_args)."""
+    with pytest.raises(exc):
+        REF.fused_step(**_args(**kw))
+    with pytest.raises(exc):
+        cb.fused_step(**_args(**kw))
+
+
+def test_kernel_specific_errors(cb):
+    with pytest.raises(ValueError, match="coefficient table"):
+        cb.fused_step(**_args(table=torch.randn(4, 9)))
+    with pytest.raises(TypeError, match="step tensor"):
+        cb.fused_step(**_args(step=torch.tensor([1.0])))
+    with pytest.raises(TypeError, match="table"):
+        cb.fused_step(**_args(table=torch.randn(4, NUM_COEFS).half()))
+
+
+# --------------------------------------------------------------------------- torch integration
+
+
+def _op_samples():
+    case = make_case((2, 3, 8), torch.float32, torch.bfloat16, hist=2, noise="philox", clip=True)
+    z = case.z
+    yield (
+        z,
+        torch.empty_like(z),
+        case.model_out,
+        case.uncond,
+        case.history,
+        case.table,
+        3,
+        None,
+        case.seeds,
+        None,
+        torch.empty_like(z),
+        torch.empty((4, 3, 8), dtype=torch.bfloat16),
+        0.8,
+        True,
+    )
+    yield (
+        z,
+        torch.empty_like(z),
+        case.model_out,
+        None,
+        [],
+        case.table,
+        0,
+        torch.tensor([2]),
+        None,
+        None,
+        None,
+        None,
+        None,
+        False,
+    )
+    yield (
+        z,
+        torch.empty_like(z),
+        case.model_out,
+        None,
+        [case.history[0]],
+        case.table,
+        0,
+        None,
+        None,
+        torch.randn_like(z),
+        None,
+        torch.empty_like(z),
+        None,
+        True,
+    )
+
+
+def test_opcheck_fused_step(cb):
+    for args in _op_samples():
+        torch.library.opcheck(torch.ops.fastflow.fused_step.default, args)
+
+
+def test_opcheck_noise_and_philox(cb):
+    seeds = torch.tensor([1, 2], dtype=torch.int64)
+    torch.library.opcheck(torch.ops.fastflow.noise.default, (seeds, [3, 5], 2, None, 0))
+    torch.library.opcheck(torch.ops.fastflow.noise.default, (seeds, [7], 0, torch.tensor([3]), 1))
+    counter = torch.randint(0, 2**32, (5, 4), dtype=torch.int64)
+    key = torch.randint(0, 2**32, (5, 2), dtype=torch.int64)
+    torch.library.opcheck(torch.ops.fastflow.philox.default, (counter, key, 10))
+
+
+def test_compile_fullgraph(cb):
+    """torch.compile(fullgraph=True) traces a step through this backend (no graph break) and matches eager."""
+    torch._dynamo.reset()
+    case = make_case((2, 4, 6), torch.float32, torch.bfloat16, hist=1, noise="philox", mi="dup-bf16")
+
+    def step(z, mo, uncond, h, table, step_t, seeds):
+        out = torch.empty_like(z)
+        mi = torch.empty((2 * z.shape[0], *z.shape[1:]), dtype=torch.bfloat16)
+        cb.fused_step(z, out, mo, uncond, [h], table, step_t, seeds=seeds, model_in_out=mi, use_noise=True)
+        return out * 1.0, mi
+
+    args = (case.z, case.model_out, case.uncond, case.history[0], case.table, torch.tensor([3]), case.seeds)
+    eager = step(*args)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(*args)
+    assert torch.equal(eager[0], compiled[0]) and torch.equal(eager[1], compiled[1])
+
+
+def test_compile_fullgraph_inductor_in_place(cb):
+    """Inductor (functionalized, in place on the state) gives the eager result."""
+    torch._dynamo.reset()
+    case = make_case((2, 4, 6), torch.float32, torch.float32, hist=0, noise="tensor")
+
+    def step(z, mo, table, noise):
+        cb.fused_step(z, z, mo, None, [], table, 3, noise=noise, use_noise=True)
+        return z + 0.0
+
+    z_eager = case.z.clone()
+    eager = step(z_eager, case.model_out, case.table, case.noise)
+    z_comp = case.z.clone()
+    compiled = torch.compile(step, fullgraph=True)(z_comp, case.model_out, case.table, case.noise)
+    assert torch.equal(eager, compiled) and torch.equal(z_eager, z_comp)
+
+
+def test_compile_noise_op(cb):
+    torch._dynamo.reset()
+    seeds = torch.tensor([1, 2], dtype=torch.int64)
+    fn = torch.compile(lambda s: cb.noise(s, (4, 5), step=3) * 2.0, fullgraph=True, backend="aot_eager")
+    assert torch.equal(fn(seeds), noise_spec.normal(seeds, (4, 5), step=3) * 2.0)
+
+
+# --------------------------------------------------------------------------- availability and dispatch
+
+
+def test_dispatch_picks_extension_on_cpu(cb):
+    assert isinstance(resolve_backend("cuda", "cpu"), CudaBackend)
+    assert resolve_backend("auto", "cpu").name == "cuda"
+    assert get_backend("cuda").supports(torch.device("cpu")) is None
+
+
+def test_cuda_support_reason(cb):
+    reason = cb.supports(torch.device("cuda"))
+    if cuda_mod.has_cuda_kernels():
+        assert reason is None
+    else:
+        assert "no CUDA kernels" in reason
+    assert "not meta" in cb.supports(torch.device("meta"))
+
+
+def test_build_info_recorded(cb):
+    info = cuda_mod.build_info()
+    assert info is not None and info["extension"] and info["torch"] == torch.__version__
+    assert set(info) >= {"torch", "cuda", "cuda_archs", "python"}
+
+
+def test_torch_mismatch_is_refused(monkeypatch):
+    """An extension built for another torch is not loaded, and the reason says so."""
+    monkeypatch.setattr(cuda_mod, "_STATE", {})
+    monkeypatch.setattr(cuda_mod, "build_info", lambda: {"extension": True, "torch": "0.0.1"})
+    reason = CudaBackend().availability()
+    assert reason is not None and "built for torch 0.0.1" in reason
+    monkeypatch.setattr(cuda_mod, "_STATE", {})
+    monkeypatch.setattr(cuda_mod, "build_info", lambda: None)
+    assert "not built" in CudaBackend().availability()
+
+
+@pytest.mark.parametrize("solver, eta", [("ddim", 1.0), ("dpm++2m", None), ("sde-dpm++2m", None)])
+def test_compile_sampler_step(cb, solver, eta):
+    """A Sampler step with backend="cuda" compiles with fullgraph=True on CPU and matches eager."""
+    from fastflow import FlowMatching, Sampler
+
+    torch._dynamo.reset()
+    kw = {} if eta is None else {"eta": eta}
+    sampler = Sampler(FlowMatching(), solver=solver, prediction="flow", steps=4, backend="cuda", **kw)
+    z = sampler.init_noise((2, 4, 8, 8), seed=1)
+    mo = torch.randn_like(z)
+
+    def f(mo, z):
+        return sampler.step(mo, z, 0)
+
+    eager = f(mo, z)
+    sampler.runner.reset()
+    assert torch.equal(torch.compile(f, fullgraph=True)(mo, z), eager)
