@@ -504,6 +504,22 @@ def test_dispatch(tb, monkeypatch):
         assert "TRITON_INTERPRET" in TritonBackend().availability()
 
 
+def test_reports_missing_triton(monkeypatch):
+    """Without Triton the backend says so instead of failing at import (``import fastflow`` never needs it)."""
+    import fastflow.backends.triton as triton_backend
+
+    real = triton_backend.importlib.util.find_spec
+    monkeypatch.setattr(
+        triton_backend.importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real(name, *a)
+    )
+    reason = TritonBackend().availability()
+    assert reason is not None and "not installed" in reason
+    with pytest.raises(RuntimeError, match="not installed"):
+        b = TritonBackend()
+        z = torch.zeros(1, 4)
+        b.fused_step(z, z, z, None, [], torch.zeros(1, NUM_COEFS), 0)
+
+
 # --------------------------------------------------------------------------- GPU
 
 GPU_SHAPES = [(1, 16, 128, 128), (3, 4, 33, 65)]
