@@ -695,8 +695,11 @@ def test_gpu_graph_capture_matches_eager(tb):
         seeds.copy_(sd)
         graph.replay()
         torch.cuda.synchronize()
-        torch.testing.assert_close(z, want, rtol=1e-4, atol=1e-4)
-    assert not torch.allclose(want_a, want_b)
+        # Same kernels in the same order: equal up to bf16 model-output round-off if the
+        # library picks another convolution algorithm under capture.
+        torch.testing.assert_close(z, want, rtol=2e-3, atol=2e-3)
+    # New seeds give a new sample (the step noise alone moves z by O(0.1) per stage).
+    assert (want_a - want_b).abs().max().item() > 0.1
 
 
 @pytest.mark.gpu
