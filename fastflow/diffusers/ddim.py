@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 from diffusers.schedulers import scheduling_ddim, scheduling_ddpm
 from diffusers.utils.torch_utils import randn_tensor
@@ -21,6 +22,7 @@ from ._base import FastflowScheduler, O, StepSpec, X, Z, noise, sqrt
 __all__ = ["DDIMScheduler", "DDPMScheduler", "x0_coefs", "eps_coefs"]
 
 _PREDICTIONS = ("epsilon", "sample", "v_prediction")
+_ONE = np.float32(1.0)
 
 
 def x0_coefs(prediction: str, a: float) -> tuple[float, float]:
@@ -93,9 +95,11 @@ class DDIMScheduler(_VPMixin, scheduling_ddim.DDIMScheduler):
         a_t = self._ff_alpha(t)
         a_p = self._ff_alpha(prev) if prev >= 0 else float(self.final_alpha_cumprod)
         xz, xo = x0_coefs(cfg.prediction_type, a_t)
-        var = (1.0 - a_p) / (1.0 - a_t) * (1.0 - a_t / a_p)
-        std = eta * sqrt(var)
-        c_dir = sqrt(1.0 - a_p - std * std)
+        # The variance's ``1 - a_t / a_p`` cancels; float32 as diffusers computes it keeps parity.
+        at32, ap32 = np.float32(a_t), np.float32(a_p)
+        var = float((_ONE - ap32) / (_ONE - at32) * (_ONE - at32 / ap32))
+        std = float(np.float32(eta) * np.sqrt(np.float32(var)))
+        c_dir = sqrt(float(_ONE - ap32 - np.float32(std) ** 2))
         if self._ff_clip() is not None and not use_clipped:
             ez, eo = eps_coefs(cfg.prediction_type, a_t)
             eps = Z(k) * ez + O(k) * eo
@@ -175,19 +179,23 @@ class DDPMScheduler(_VPMixin, scheduling_ddpm.DDPMScheduler):
         prev = self._ff_prev_t(i)
         a_t = self._ff_alpha(t)
         a_p = self._ff_alpha(prev) if prev >= 0 else 1.0
-        b_t, b_p = 1.0 - a_t, 1.0 - a_p
-        cur_alpha = a_t / a_p
-        cur_beta = 1.0 - cur_alpha
         xz, xo = x0_coefs(cfg.prediction_type, a_t)
-        update = X(k) * (math.sqrt(a_p) * cur_beta / b_t) + Z(k) * (math.sqrt(cur_alpha) * b_p / b_t)
+        # diffusers' float32 order of operations: ``1 - a_t / a_p`` cancels at small steps.
+        at32, ap32 = np.float32(a_t), np.float32(a_p)
+        b_t, b_p = _ONE - at32, _ONE - ap32
+        cur_alpha = at32 / ap32
+        cur_beta = _ONE - cur_alpha
+        c_x = float(np.sqrt(ap32) * cur_beta / b_t)
+        c_z = float(np.sqrt(cur_alpha) * b_p / b_t)
+        update = X(k) * c_x + Z(k) * c_z
         if t > 0:
-            var = max(b_p / b_t * cur_beta, 1e-20)
+            var = max(b_p / b_t * cur_beta, np.float32(1e-20))
             if cfg.variance_type == "fixed_small":
-                std = math.sqrt(var)
+                std = float(np.sqrt(var))
             elif cfg.variance_type == "fixed_small_log":
-                std = math.exp(0.5 * math.log(var))
+                std = float(np.exp(np.float32(0.5) * np.log(var)))
             else:
-                std = sqrt(cur_beta)
+                std = sqrt(float(cur_beta))
             update = update + noise(std)
         return StepSpec(xz, xo, update, draws=t > 0)
 

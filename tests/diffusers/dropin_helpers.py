@@ -1,4 +1,4 @@
-"""Shared helpers for the drop-in scheduler tests: a model stand-in and pipeline-style loops.
+"""Helpers for the drop-in scheduler tests: a model stand-in and pipeline-style loops.
 
 The stand-in depends on the sample and the timestep (nonlinearly in both), so a
 wrong step index, scaling or coefficient shows up over a loop.
@@ -12,7 +12,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
-diffusers = pytest.importorskip("diffusers")
+diffusers = pytest.importorskip("diffusers")  # a test dependency; skip cleanly where absent
 
 SHAPE = (2, 4, 16, 16)  # 2048 elements
 RTOL = ATOL = 1e-5
@@ -90,8 +90,3 @@ def assert_loops_match(ref, ff, fields=("pred_original_sample",), rtol=RTOL, ato
                 assert_close(vb, va, rtol, atol)
             except AssertionError as exc:
                 raise AssertionError(f"step {i}: {f} differs: {exc}") from None
-
-
-@pytest.fixture
-def torch_backend():
-    return "torch"

@@ -1,0 +1,140 @@
+"""DDIMScheduler drop-in: parity with diffusers over full loops and a grid of configs."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from dropin_helpers import assert_close, assert_loops_match, pair, run_loop, stand_in, start_noise
+
+SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+
+GRID = [
+    dict(prediction_type=p, clip_sample=c, timestep_spacing=s, **extra)
+    for p, c, (s, extra) in itertools.product(
+        ("epsilon", "sample", "v_prediction"),
+        (False, True),
+        (("leading", dict(steps_offset=1)), ("trailing", {}), ("linspace", dict(set_alpha_to_one=False))),
+    )
+]
+
+
+@pytest.mark.parametrize("config", GRID, ids=lambda c: "-".join(str(v) for v in c.values()))
+def test_grid(config):
+    ref, ff = pair("DDIMScheduler", **config)
+    assert_loops_match(ref, ff, steps=10)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        dict(SD, clip_sample=False, set_alpha_to_one=False, steps_offset=1),  # Stable Diffusion 1.x
+        dict(SD, clip_sample=False, timestep_spacing="trailing", rescale_betas_zero_snr=True,
+             prediction_type="v_prediction"),
+        dict(beta_schedule="squaredcos_cap_v2", clip_sample_range=0.5),
+        dict(trained_betas=torch.linspace(1e-4, 0.02, 1000).tolist()),
+    ],
+    ids=["sd", "zero-snr-v", "cosine-clip", "trained-betas"],
+)
+def test_configs(config):
+    ref, ff = pair("DDIMScheduler", **config)
+    assert_loops_match(ref, ff, steps=25)
+
+
+@pytest.mark.parametrize("use_clipped", [False, True])
+def test_eta_generator(use_clipped):
+    ref, ff = pair("DDIMScheduler")  # clip_sample=True by default
+
+    def kwargs(key):
+        g = torch.Generator().manual_seed(7)
+        return lambda i: dict(eta=0.7, generator=g, use_clipped_model_output=use_clipped)
+
+    xa, _ = run_loop(ref, 10, step_kwargs=kwargs("a"))
+    xb, _ = run_loop(ff, 10, step_kwargs=kwargs("b"))
+    assert_close(xb, xa)
+
+
+def test_eta_variance_noise():
+    ref, ff = pair("DDIMScheduler", **SD, clip_sample=False)
+    noises = [start_noise(100 + i) for i in range(10)]
+    kw = lambda i: dict(eta=1.0, variance_noise=noises[i])  # noqa: E731
+    assert_loops_match(ref, ff, steps=10, step_kwargs=kw)
+
+
+def test_generator_and_variance_noise_is_an_error():
+    _, ff = pair("DDIMScheduler")
+    ff.set_timesteps(5)
+    x = start_noise()
+    with pytest.raises(ValueError, match="generator or variance_noise"):
+        ff.step(x, ff.timesteps[0], x, eta=1.0, generator=torch.Generator(), variance_noise=x)
+
+
+def test_return_tuple_and_int_timesteps():
+    ref, ff = pair("DDIMScheduler", **SD, clip_sample=False)
+    for s in (ref, ff):
+        s.set_timesteps(6)
+    x = start_noise()
+    xa = xb = x
+    for t in ref.timesteps.tolist():  # plain ints, as some callers pass
+        a = ref.step(stand_in(xa, t), t, xa, return_dict=False)
+        b = ff.step(stand_in(xb, t), t, xb, return_dict=False)
+        assert isinstance(b, tuple) and len(b) == 2
+        assert_close(b[1], a[1])
+        xa, xb = a[0], b[0]
+    assert_close(xb, xa)
+
+
+def test_partial_loop_from_begin_index():
+    """img2img: the loop starts mid-schedule; set_begin_index or a host timestep locates the start."""
+    ref, ff = pair("DDIMScheduler", **SD, clip_sample=False)
+    for s in (ref, ff):
+        s.set_timesteps(10)
+    x = start_noise()
+    for locate in ("begin_index", "timestep"):
+        if locate == "begin_index":
+            ff.set_begin_index(4)
+        xa = xb = x
+        for t in ref.timesteps[4:]:
+            xa = ref.step(stand_in(xa, t), t, xa).prev_sample
+            xb = ff.step(stand_in(xb, t), t, xb).prev_sample
+        assert_close(xb, xa)
+        ff.set_timesteps(10)  # resets the begin index
+
+
+def test_second_loop_without_set_timesteps():
+    ref, ff = pair("DDIMScheduler", **SD, clip_sample=False)
+    ref.set_timesteps(5)
+    ff.set_timesteps(5)
+    results = []
+    for s in (ref, ff):
+        x = start_noise()
+        for _ in range(2):
+            y = x
+            for t in s.timesteps:
+                y = s.step(stand_in(y, t), t, y).prev_sample
+        results.append(y)
+    assert_close(results[1], results[0])
+
+
+def test_thresholding_raises():
+    import fastflow.diffusers as ffd
+
+    with pytest.raises(NotImplementedError, match="thresholding"):
+        ffd.DDIMScheduler(thresholding=True)
+
+
+def test_step_before_set_timesteps_raises():
+    _, ff = pair("DDIMScheduler")
+    x = start_noise()
+    with pytest.raises(ValueError, match="set_timesteps"):
+        ff.step(x, 999, x)
+
+
+def test_pred_original_sample_can_be_skipped():
+    _, ff = pair("DDIMScheduler")
+    ff.compute_pred_original_sample = False
+    ff.set_timesteps(4)
+    x = start_noise()
+    out = ff.step(stand_in(x, ff.timesteps[0]), ff.timesteps[0], x)
+    assert out.pred_original_sample is None and out.prev_sample.shape == x.shape

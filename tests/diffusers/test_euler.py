@@ -1,0 +1,162 @@
+"""Euler, Euler ancestral and EDM Euler drop-ins: parity with diffusers over full loops."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from dropin_helpers import assert_close, assert_loops_match, pair, run_loop, stand_in, start_noise
+
+import fastflow.diffusers as ffd
+
+SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+
+
+def _gen(seed=11):
+    g = torch.Generator().manual_seed(seed)
+    return lambda i: dict(generator=g)
+
+
+EULER = [
+    dict(SD),
+    dict(SD, timestep_spacing="leading", steps_offset=1),
+    dict(SD, timestep_spacing="trailing", prediction_type="v_prediction"),
+    dict(SD, use_karras_sigmas=True),
+    dict(SD, use_exponential_sigmas=True, final_sigmas_type="sigma_min"),
+    dict(SD, interpolation_type="log_linear", prediction_type="sample"),
+    dict(SD, timestep_type="continuous", prediction_type="v_prediction"),
+    dict(beta_schedule="squaredcos_cap_v2", use_karras_sigmas=True, sigma_min=0.05, sigma_max=20.0),
+]
+
+
+@pytest.mark.parametrize("config", EULER, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items() if k not in SD))
+def test_euler_grid(config):
+    ref, ff = pair("EulerDiscreteScheduler", **config)
+    assert_loops_match(ref, ff, steps=12)
+
+
+def test_euler_zero_snr():
+    """Zero terminal SNR starts at sigma = 4096: diffusers' float32 step there loses ~12 bits to cancellation
+    (``sample - x0`` of magnitude 4096), so parity holds to that round-off, not to 1e-5."""
+    config = dict(SD, rescale_betas_zero_snr=True, timestep_spacing="trailing", prediction_type="v_prediction")
+    ref, ff = pair("EulerDiscreteScheduler", **config)
+    assert_loops_match(ref, ff, steps=12, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "set_kwargs",
+    [dict(timesteps=[999, 800, 500, 250, 90, 10]), dict(sigmas=[14.0, 6.0, 2.5, 1.0, 0.3, 0.05, 0.0])],
+    ids=["timesteps", "sigmas"],
+)
+def test_euler_custom_schedule(set_kwargs):
+    ref, ff = pair("EulerDiscreteScheduler", **SD)
+    assert_loops_match(ref, ff, steps=None, set_kwargs=set_kwargs)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_euler_churn_generator(prediction_type):
+    ref, ff = pair("EulerDiscreteScheduler", **SD, prediction_type=prediction_type)
+    churn = dict(s_churn=4.0, s_tmin=0.5, s_tmax=8.0, s_noise=1.003)
+    ga, gb = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    xa, oa = run_loop(ref, 10, step_kwargs=lambda i: dict(churn, generator=ga))
+    xb, ob = run_loop(ff, 10, step_kwargs=lambda i: dict(churn, generator=gb))
+    assert_close(xb, xa)
+    for a, b in zip(oa, ob, strict=True):  # churned steps return x0 of the churned sample
+        assert_close(b.pred_original_sample, a.pred_original_sample)
+
+
+def test_euler_half_precision_output_dtype():
+    ref, ff = pair("EulerDiscreteScheduler", **SD)
+    half = lambda x, t: stand_in(x.float(), t).half()  # noqa: E731
+    xa, _ = run_loop(ref, 6, model=half)
+    xb, _ = run_loop(ff, 6, model=half)
+    assert xb.dtype == xa.dtype == torch.float16
+    assert_close(xb.float(), xa.float(), rtol=4e-3, atol=4e-3)  # a few float16 ulps
+
+
+def test_scale_model_input_bit_identical():
+    ref, ff = pair("EulerDiscreteScheduler", **SD, use_karras_sigmas=True)
+    for s in (ref, ff):
+        s.set_timesteps(8)
+    x = start_noise()
+    for t in ref.timesteps:
+        assert torch.equal(ff.scale_model_input(x, t), ref.scale_model_input(x, t))
+        ref.step(x, t, x)
+        ff.step(x, t, x)
+
+
+def test_euler_img2img_begin_index():
+    ref, ff = pair("EulerDiscreteScheduler", **SD)
+    for s in (ref, ff):
+        s.set_timesteps(10)
+        s.set_begin_index(3)
+    x = start_noise()
+    xa = xb = x
+    for t in ref.timesteps[3:]:
+        xa = ref.step(stand_in(ref.scale_model_input(xa, t), t), t, xa).prev_sample
+        xb = ff.step(stand_in(ff.scale_model_input(xb, t), t), t, xb).prev_sample
+    assert ff.step_index == ref.step_index == 10
+    assert_close(xb, xa)
+
+
+def test_integer_timestep_rejected_like_diffusers():
+    _, ff = pair("EulerDiscreteScheduler")
+    ff.set_timesteps(4)
+    x = start_noise()
+    with pytest.raises(ValueError, match="timestep"):
+        ff.step(x, 3, x)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [dict(SD), dict(prediction_type="v_prediction", timestep_spacing="trailing"),
+     dict(SD, timestep_spacing="leading", steps_offset=1, rescale_betas_zero_snr=True)],
+    ids=["sd", "v-trailing", "leading-zero-snr"],
+)
+def test_euler_ancestral_generator(config):
+    if config.get("rescale_betas_zero_snr"):
+        config = dict(config, prediction_type="v_prediction")
+    ref, ff = pair("EulerAncestralDiscreteScheduler", **config)
+    xa, oa = run_loop(ref, 10, step_kwargs=_gen())
+    xb, ob = run_loop(ff, 10, step_kwargs=_gen())
+    assert_close(xb, xa)
+    for a, b in zip(oa, ob, strict=True):
+        assert_close(b.pred_original_sample, a.pred_original_sample)
+
+
+def test_euler_ancestral_sample_prediction_raises():
+    with pytest.raises(NotImplementedError, match="prediction_type"):
+        ffd.EulerAncestralDiscreteScheduler(prediction_type="sample")
+
+
+@pytest.mark.parametrize(
+    "config",
+    [dict(), dict(prediction_type="v_prediction", sigma_schedule="exponential"),
+     dict(final_sigmas_type="sigma_min", rho=5.0, sigma_data=1.0)],
+    ids=["karras", "v-exp", "sigma-min"],
+)
+def test_edm_euler(config):
+    ref, ff = pair("EDMEulerScheduler", **config)
+    assert_loops_match(ref, ff, steps=12)
+
+
+def test_edm_euler_churn_and_given_x0():
+    ref, ff = pair("EDMEulerScheduler")
+    churn = dict(s_churn=10.0, s_tmin=0.1, s_tmax=30.0)
+    ga, gb = torch.Generator().manual_seed(2), torch.Generator().manual_seed(2)
+    xa, oa = run_loop(ref, 8, step_kwargs=lambda i: dict(churn, generator=ga))
+    xb, ob = run_loop(ff, 8, step_kwargs=lambda i: dict(churn, generator=gb))
+    assert_close(xb, xa)
+    for a, b in zip(oa, ob, strict=True):
+        assert_close(b.pred_original_sample, a.pred_original_sample)
+    # a caller-supplied x0 replaces the model's
+    for s in (ref, ff):
+        s.set_timesteps(5)
+    x = start_noise()
+    xa = xb = x
+    for t in ref.timesteps:
+        x0a, x0b = torch.tanh(xa), torch.tanh(xb)
+        a = ref.step(stand_in(xa, t), t, xa, pred_original_sample=x0a)
+        b = ff.step(stand_in(xb, t), t, xb, pred_original_sample=x0b)
+        assert b.pred_original_sample is x0b
+        xa, xb = a.prev_sample, b.prev_sample
+    assert_close(xb, xa)
