@@ -1,0 +1,157 @@
+#!/usr/bin/env bash
+# shellcheck disable=SC2317  # the phase functions run through `bash -c` under timeout
+# One check of a fresh GPU machine, in one go: carried wheels, the C++/CUDA build,
+# the GPU tests, the step benchmarks and the end-to-end benchmark.
+#
+#   OUT=/some/dir bash scripts/gpu_check.sh        (OUT defaults to ./gpu_out)
+#
+# Run from a copy of the repository with the git-ignored .whl/ folder carried
+# along (diffusers' wheel; the machine has no network). Everything it writes
+# lands under $OUT: summary.log (one line per phase: exit code and seconds),
+# versions.txt, nvidia-smi.txt, wheels.log, build.log, gpu_tests.log, bench.log,
+# bench/ (results.json, results.md, bandwidth.png), e2e.log, e2e/.
+#
+# Each phase has its own time limit and a failing phase never stops the next
+# one. Limits shrink so the whole script ends within GPU_CHECK_BUDGET seconds
+# (default 390, under 7 minutes) even when every phase runs to its limit:
+# build <= 150 s, tests <= 150 s, benchmarks <= 150 s, end to end <= 90 s.
+set -u -o pipefail
+
+cd "$(dirname "$0")/.." || exit 1
+ROOT=$PWD
+OUT=${OUT:-$ROOT/gpu_out}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+PY=${PYTHON:-python3}
+BUDGET=${GPU_CHECK_BUDGET:-390}
+T0=$(date +%s)
+export PYTHONUNBUFFERED=1
+export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+export FASTFLOW_CUDA_ARCHS=${FASTFLOW_CUDA_ARCHS:-90}
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+export ROOT OUT PY
+
+log() { echo "[gpu_check +$(($(date +%s) - T0))s] $*" | tee -a "$OUT/summary.log"; }
+
+# Seconds a phase may take: its cap, but never eating the time reserved for the phases after it.
+limit_for() {
+    local cap=$1 reserve=$2 left
+    left=$((T0 + BUDGET - $(date +%s) - reserve))
+    ((left < cap)) && cap=$left
+    echo "$cap"
+}
+
+# phase NAME CAP RESERVE COMMAND...: run COMMAND under its limit, teeing to $OUT/NAME.log.
+phase() {
+    local name=$1 cap=$2 reserve=$3 lim start rc
+    shift 3
+    lim=$(limit_for "$cap" "$reserve")
+    if ((lim < 15)); then
+        log "phase $name: skipped (only ${lim}s left of the ${BUDGET}s budget)"
+        return 0
+    fi
+    log "phase $name: start (limit ${lim}s)"
+    start=$(date +%s)
+    # COMMAND is an exported shell function: run it in a child bash that timeout can kill as a group.
+    PHASE_LIMIT=$lim timeout -k 5 "$lim" bash -c "$*" 2>&1 | tee "$OUT/$name.log"
+    rc=$?
+    local took=$(($(date +%s) - start))
+    if ((rc == 124 || rc == 137)); then
+        log "phase $name: TIMED OUT after ${took}s (rc $rc)"
+    elif ((rc != 0)); then
+        log "phase $name: FAILED rc $rc after ${took}s"
+    else
+        log "phase $name: ok in ${took}s"
+    fi
+    return 0
+}
+
+: >"$OUT/summary.log"
+log "repository $ROOT, output $OUT, budget ${BUDGET}s, python $(command -v "$PY")"
+
+# 0. machine and versions (cheap; first, so they exist whatever happens later)
+{
+    nvidia-smi || echo "nvidia-smi failed"
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem,power.limit \
+        --format=csv || true
+} >"$OUT/nvidia-smi.txt" 2>&1
+versions() {
+    echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "host: $(hostname)  cores: $(nproc)"
+    echo "commit: $(git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo unknown)"
+    "$PY" --version
+    "$CUDA_HOME/bin/nvcc" --version 2>/dev/null | tail -n 2 || echo "nvcc: not found under $CUDA_HOME"
+    "$PY" - <<'EOF'
+import importlib
+import torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
+if torch.cuda.is_available():
+    print("device", torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0))
+for name in ("triton", "diffusers", "numpy", "pytest", "pytest_benchmark", "pytest_timeout", "matplotlib",
+             "huggingface_hub", "safetensors"):
+    try:
+        m = importlib.import_module(name)
+        print(name, getattr(m, "__version__", "?"), getattr(m, "__file__", ""))
+    except Exception as exc:
+        print(name, "MISSING", type(exc).__name__, exc)
+EOF
+}
+
+# 1. carried wheels (pure Python, e.g. diffusers) into /tmp/site, first on the path
+install_wheels() {
+    shopt -s nullglob
+    local wheels=("$ROOT"/.whl/*.whl)
+    if ((${#wheels[@]} == 0)); then
+        echo "no wheels under .whl/: nothing to install"
+        return 0
+    fi
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "${wheels[@]}"
+}
+export -f install_wheels
+phase wheels 60 300 install_wheels
+[ -d /tmp/site ] && export PYTHONPATH=/tmp/site:$PYTHONPATH
+versions >"$OUT/versions.txt" 2>&1
+cat "$OUT/versions.txt"
+
+# 2. the extension, built in place (fastflow/_C*.so), for sm_90 (H100 and H200)
+build() {
+    local s
+    s=$(date +%s)
+    "$PY" setup.py build_ext --inplace || return $?
+    echo "build time: $(($(date +%s) - s)) s"
+    "$PY" -c "import fastflow, json; print('backends:', json.dumps(fastflow.backend_report()))"
+}
+export -f build
+phase build 150 190 build
+
+# 3. the GPU tests (per-test timeout when pytest-timeout is there)
+gpu_tests() {
+    local extra=()
+    if "$PY" -c "import pytest_timeout" 2>/dev/null; then extra+=(--timeout=90); fi
+    "$PY" -m pytest -x -q -m gpu tests -p no:cacheprovider -rs "${extra[@]}"
+}
+export -f gpu_tests
+phase gpu_tests 150 130 gpu_tests
+
+# 4. the step benchmarks (quick settings; they write results after every case)
+bench() {
+    "$PY" -m benchmarks --quick --no-e2e --out "$OUT/bench" --budget $((PHASE_LIMIT - 20))
+}
+export -f bench
+phase bench 150 40 bench
+
+# 5. end to end: a small model's whole sampling loop, diffusers vs fastflow eager vs captured
+e2e() {
+    "$PY" -c "import sys, benchmarks.e2e_graph as m; m.main(sys.argv[1])" "$OUT/e2e"
+}
+if [ -f "$ROOT/benchmarks/e2e_graph.py" ]; then
+    mkdir -p "$OUT/e2e"
+    export -f e2e
+    phase e2e 90 5 e2e
+else
+    log "phase e2e: skipped (benchmarks/e2e_graph.py is not present)"
+fi
+
+log "done in $(($(date +%s) - T0))s"
+exit 0
