@@ -4,11 +4,12 @@ Usage: ``python tests/kernels/measure_triton_step.py [out.json]``. Prints one JS
 object (and writes it to the given path or to ``$OUT/triton_step.json``):
 
 * ``host_us``: Python time per ``fused_step`` call (validation plus launch), no sync;
-* ``graph_us_per_step``: a captured loop of 20 steps, replayed, per step;
-* ``device``: per-step device time and bandwidth at (1,16,128,128) and at 19.4M
-  elements against a device-to-device copy, with the issue's byte counts (10 bytes
-  per element for an fp32 state and bf16 output, 14 with a guidance pair), for a
-  few block sizes.
+* ``graph_us_per_step``: a captured loop of 20 steps at (1,16,128,128), replayed, per step;
+* ``device``: device time per step (launches captured in a graph, so host time is
+  excluded) and bandwidth at (1,16,128,128) and at 19.4M elements against a
+  device-to-device copy, counting the bytes of ``BYTES`` (fp32 state, bf16 model
+  tensors: 10 per element for a plain step, 14 with a guidance pair and the model
+  input), for a few block sizes.
 """
 
 from __future__ import annotations
@@ -71,17 +72,31 @@ def _call(tb, x: dict, table: torch.Tensor, v: dict, step, block=None) -> None:
     )
 
 
-def _device_us(fn, iters: int = 50) -> float:
-    for _ in range(3):
-        fn()
+def _capture(fn, reps: int) -> torch.cuda.CUDAGraph:
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()  # compile and warm up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    return graph
+
+
+def _device_us(fn, reps: int = 20, replays: int = 10) -> float:
+    """Device time per call: ``reps`` calls captured in one graph, so host time is excluded."""
+    graph = _capture(fn, reps)
+    graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize()
     start.record()
-    for _ in range(iters):
-        fn()
+    for _ in range(replays):
+        graph.replay()
     end.record()
     torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / iters
+    return start.elapsed_time(end) * 1e3 / (reps * replays)
 
 
 def main() -> dict:
@@ -131,15 +146,7 @@ def main() -> dict:
                     else:
                         _call(tb, small, table, v, steps[i : i + 1])
 
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                loop()
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                loop()
-            res["graph_us_per_step"][f"{name}/{mode}"] = round(_device_us(graph.replay, iters=20) / 20, 2)
+            res["graph_us_per_step"][f"{name}/{mode}"] = round(_device_us(loop, reps=1, replays=20) / 20, 2)
 
     for label, shape in (("1x16x128x128", (1, 16, 128, 128)), ("4x16x21x90x160", (4, 16, 21, 90, 160))):
         x = _inputs(shape)
