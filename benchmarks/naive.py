@@ -75,28 +75,29 @@ def euler_ancestral_step(
 
 
 def dpmpp2m_step(
-    z: Tensor, o: Tensor, x_prev: Tensor | None, a_t: float, s_t: float, a_s: float, s_s: float, h: float, r: float
+    z: Tensor, o: Tensor, x_prev: Tensor | None, a_t: float, s_t: float, c_z: float, c_d: float, r: float
 ) -> tuple[Tensor, Tensor]:
-    """DPM-Solver++(2M), midpoint form; first order when there is no previous prediction."""
+    """DPM-Solver++(2M), midpoint form; first order when there is no previous prediction.
+
+    ``c_z = sigma_s / sigma_t`` and ``c_d = -alpha_s * expm1(-h)`` come from the host.
+    """
     eps = o.to(z.dtype)
     x0 = (z - s_t * eps) / a_t
     d = x0 if x_prev is None else (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x_prev
-    z_next = (s_s / s_t) * z - a_s * math.expm1(-h) * d
-    return z_next, x0
+    return c_z * z + c_d * d, x0
 
 
 def sde_dpmpp2m_step(
-    z: Tensor, o: Tensor, x_prev: Tensor | None, a_t: float, s_t: float, a_s: float, s_s: float, h: float, r: float
+    z: Tensor, o: Tensor, x_prev: Tensor | None, a_t: float, s_t: float, c_z: float, c_x: float, c_d: float,
+    c_noise: float,
 ) -> tuple[Tensor, Tensor]:
-    """SDE-DPM-Solver++(2M), midpoint form, with fresh noise every step."""
+    """SDE-DPM-Solver++(2M), midpoint form, with fresh noise every step (coefficients from the host)."""
     eps = o.to(z.dtype)
     x0 = (z - s_t * eps) / a_t
-    decay = math.exp(-h)
-    gain = -math.expm1(-2 * h)
-    z_next = (s_s / s_t * decay) * z + (a_s * gain) * x0
+    z_next = c_z * z + c_x * x0
     if x_prev is not None:
-        z_next = z_next + (0.5 * a_s * gain / r) * (x0 - x_prev)
-    z_next = z_next + (s_s * math.sqrt(gain)) * torch.randn_like(z)
+        z_next = z_next + c_d * (x0 - x_prev)
+    z_next = z_next + c_noise * torch.randn_like(z)
     return z_next, x0
 
 
@@ -124,7 +125,7 @@ def unipc_step(
         if x_prev2 is not None:
             z = z + corr[3] * (x_prev2 - x_prev)
     z_next = pred[0] * z + pred[1] * x0
-    if x_prev is not None and pred[2] != 0.0:
+    if x_prev is not None:
         z_next = z_next + pred[2] * (x_prev - x0)
     return z_next, x0, z
 
@@ -234,13 +235,25 @@ class DPMpp2MStepper(NaiveStepper):
     def __call__(self, o, z, i):
         h, r, first_order = self._args(i)
         prev = None if first_order else self.x_prev
-        z_next, self.x_prev = self.fn(z, o, prev, self.a[i], self.s[i], self.a[i + 1], self.s[i + 1], h, r)
+        a_s, s_s = self.a[i + 1], self.s[i + 1]
+        z_next, self.x_prev = self.fn(z, o, prev, self.a[i], self.s[i], s_s / self.s[i], -a_s * math.expm1(-h), r)
         return z_next
 
 
 class SDEDPMpp2MStepper(DPMpp2MStepper):
     def default_fn(self) -> StepFn:
         return sde_dpmpp2m_step
+
+    def __call__(self, o, z, i):
+        h, r, first_order = self._args(i)
+        prev = None if first_order else self.x_prev
+        a_s, s_s = self.a[i + 1], self.s[i + 1]
+        gain = -math.expm1(-2 * h)
+        c_z = s_s / self.s[i] * math.exp(-h)
+        z_next, self.x_prev = self.fn(
+            z, o, prev, self.a[i], self.s[i], c_z, a_s * gain, 0.5 * a_s * gain / r, s_s * math.sqrt(gain)
+        )
+        return z_next
 
 
 class UniPCStepper(NaiveStepper):

@@ -174,7 +174,10 @@ def measure_impl(impl: Impl, case: Case, settings: dict, bytes_per_elem: int, co
         row.setdefault("device_us_error", impl.step_reason or "no single-step form")
     else:
         try:
-            us = timing.device_time_us(step, dev, budget_s=settings["device_budget_s"], min_reps=settings["min_reps"])
+            us = timing.device_time_us(
+                step, dev, budget_s=settings["device_budget_s"], min_reps=settings["min_reps"],
+                max_reps=settings["max_reps"],
+            )
             row["device_us"] = us
             row["gbs"] = bytes_per_elem * case.elements / (us * 1e-6) / 1e9
             row["copy_share"] = row["gbs"] / copy_gbs if copy_gbs else None
@@ -198,7 +201,11 @@ def measure_impl(impl: Impl, case: Case, settings: dict, bytes_per_elem: int, co
                 row["graph_us"] = timing.graph_loop_us(impl.prepare, impl.run, steps, dev, replays=settings["replays"])
             except Exception as exc:
                 row["graph_us_error"] = f"capture failed: {_err(exc)}"
-                torch.cuda.synchronize(dev)
+                try:
+                    torch.cuda.synchronize(dev)
+                except Exception as sync_exc:  # a broken capture can leave an error behind; record it too
+                    row["graph_us_error"] += f"; then {_err(sync_exc)}"
+
     else:
         row["graph_us_error"] = "CUDA graphs need a CUDA device"
     # the final state of a plain loop, for the agreement check
@@ -287,6 +294,7 @@ def run(args: argparse.Namespace) -> dict:
         "steps": steps,
         "device_budget_s": 0.02 if quick else 0.2,
         "min_reps": 10 if quick else 50,
+        "max_reps": 100 if quick else 500,
         "loop_reps": 3 if quick else 10,
         "replays": 3 if quick else 10,
         "budget_s": args.budget,

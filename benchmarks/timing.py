@@ -1,8 +1,8 @@
 """Timers: device time of one call, host-inclusive loop time, CUDA-graph loop time, host syncs, copy bandwidth.
 
 Device time uses CUDA events around each call with the L2 cache flushed before
-it, so a small step is timed from DRAM and the host's launch cost is hidden
-behind the flush. Host-inclusive time runs the Python loop and synchronizes
+it, so a small step is timed from DRAM, and the host's launch cost is hidden
+behind the flush and a short GPU spin. Host-inclusive time runs the Python loop and synchronizes
 only at its end. On a CPU every timer falls back to ``time.perf_counter``.
 """
 
@@ -30,6 +30,13 @@ def _flush_buffer(device: torch.device) -> torch.Tensor:
     if device not in _FLUSH:
         _FLUSH[device] = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device=device)
     return _FLUSH[device]
+
+
+def _gpu_spin(cycles: int = 200_000) -> None:
+    """About 100 us of GPU busy-wait (no-op where torch lacks the helper)."""
+    spin = getattr(torch.cuda, "_sleep", None)
+    if spin is not None:
+        spin(cycles)
 
 
 def _reps_for(estimate_s: float, budget_s: float, min_reps: int, max_reps: int) -> int:
@@ -67,6 +74,8 @@ def device_time_us(
     for s, e in zip(starts, ends, strict=True):
         if cache is not None:
             cache.zero_()
+        # Keep the GPU busy a little longer so the host has queued all of fn's launches before its start event.
+        _gpu_spin()
         s.record()
         fn()
         e.record()
