@@ -1,0 +1,70 @@
+"""Real diffusers pipelines, built offline with tiny random weights: same images with the drop-ins."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import fastflow.diffusers as ffd
+
+diffusers = pytest.importorskip("diffusers")
+
+
+def _unet() -> diffusers.UNet2DModel:
+    torch.manual_seed(0)
+    return diffusers.UNet2DModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+    ).eval()
+
+
+def _images(pipe_cls, scheduler, **kwargs) -> np.ndarray:
+    pipe = pipe_cls(unet=_unet(), scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        return pipe(generator=torch.Generator().manual_seed(0), output_type="np", batch_size=2, **kwargs).images
+
+
+@pytest.mark.parametrize(
+    "config,kwargs",
+    [
+        (dict(), dict(num_inference_steps=10)),  # clip_sample=True, eps from the unclipped output
+        (dict(clip_sample=False, timestep_spacing="trailing"), dict(num_inference_steps=8)),
+        (dict(), dict(num_inference_steps=10, eta=1.0)),  # stochastic: generator path
+        (dict(), dict(num_inference_steps=10, eta=0.5, use_clipped_model_output=True)),
+    ],
+    ids=["default", "trailing", "eta1", "eta-clipped-eps"],
+)
+def test_ddim_pipeline(config, kwargs):
+    ref = diffusers.DDIMScheduler(**config)
+    ff = ffd.from_scheduler(ref, backend="torch")
+    assert type(ff) is ffd.DDIMScheduler
+    a = _images(diffusers.DDIMPipeline, ref, **kwargs)
+    b = _images(diffusers.DDIMPipeline, ff, **kwargs)
+    assert a.shape == b.shape == (2, 8, 8, 3)
+    np.testing.assert_allclose(b, a, rtol=0, atol=1e-5)
+
+
+def test_ddpm_pipeline():
+    ref = diffusers.DDPMScheduler(num_train_timesteps=50)
+    ff = ffd.from_scheduler(ref, backend="torch")
+    a = _images(diffusers.DDPMPipeline, ref, num_inference_steps=50)
+    b = _images(diffusers.DDPMPipeline, ff, num_inference_steps=50)
+    np.testing.assert_allclose(b, a, rtol=0, atol=1e-5)
+
+
+def test_swap_by_from_config_on_a_pipeline():
+    pipe = diffusers.DDIMPipeline(unet=_unet(), scheduler=diffusers.DDIMScheduler())
+    pipe.scheduler = ffd.DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    assert isinstance(pipe.scheduler, diffusers.DDIMScheduler)
+    with torch.no_grad():
+        out = pipe(generator=torch.Generator().manual_seed(0), num_inference_steps=3, output_type="np").images
+    assert np.isfinite(out).all()
