@@ -73,16 +73,38 @@ def _try_load() -> str | None:
         return "fastflow._C imported but registered no operators"
     _STATE["direct"] = module.fused_step
     _STATE["op"] = torch.ops.fastflow.fused_step.default
+    _STATE["cuda"] = bool(getattr(module, "with_cuda", False))
     return None
 
 
 def has_cuda_kernels() -> bool:
     """Whether the loaded extension has CUDA kernels (it was built with nvcc)."""
-    if _load() is not None:
-        return False
-    if "cuda" not in _STATE:
-        _STATE["cuda"] = torch._C._dispatch_has_kernel_for_dispatch_key("fastflow::fused_step", "CUDA")
-    return _STATE["cuda"]
+    return _load() is None and _STATE["cuda"]
+
+
+def _arch_reason(device: torch.device) -> str | None:
+    """None when the build's CUDA archs can run on ``device``, else why not (cached per device)."""
+    cache = _STATE.setdefault("arch", {})
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in cache:
+        major, minor = torch.cuda.get_device_capability(index)
+        archs = (build_info() or {}).get("cuda_archs") or []
+        ok = not archs  # unknown: let the launch report it
+        for arch in archs:
+            ptx = arch.endswith("+PTX")
+            a_major, a_minor = (int(v) for v in arch.removesuffix("+PTX").rstrip("a").split("."))
+            # SASS runs on the same major version with an equal or newer minor; PTX on anything newer.
+            if (a_major == major and a_minor <= minor) or (ptx and (a_major, a_minor) <= (major, minor)):
+                ok = True
+        cache[index] = (
+            None
+            if ok
+            else (
+                f"fastflow._C was built for CUDA archs {', '.join(archs)}, the device is sm_{major}{minor} "
+                "(rebuild with FASTFLOW_CUDA_ARCHS)"
+            )
+        )
+    return cache[index]
 
 
 def _register_fakes() -> None:
@@ -133,7 +155,7 @@ class CudaBackend:
             return None
         if device.type == "cuda":
             if has_cuda_kernels():
-                return None
+                return _arch_reason(device)
             info = build_info() or {}
             why = info.get("cuda_skipped") or "it was built without nvcc"
             return f"fastflow._C has no CUDA kernels: {why}"

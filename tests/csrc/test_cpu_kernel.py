@@ -475,3 +475,25 @@ def test_compile_sampler_step(cb, solver, eta):
     eager = f(mo, z)
     sampler.runner.reset()
     assert torch.equal(torch.compile(f, fullgraph=True)(mo, z), eager)
+
+
+@pytest.mark.parametrize(
+    "archs, cap, ok",
+    [
+        (["9.0"], (9, 0), True),
+        (["8.0"], (8, 6), True),
+        (["9.0"], (8, 0), False),
+        (["8.0"], (9, 0), False),
+        (["8.0+PTX"], (9, 0), True),
+        (["8.0", "9.0"], (9, 0), True),
+    ],
+)
+def test_arch_check(monkeypatch, archs, cap, ok):
+    """A CUDA build is refused, with a reason, on a device its archs cannot run on."""
+    monkeypatch.setattr(cuda_mod, "_STATE", {})
+    monkeypatch.setattr(cuda_mod, "build_info", lambda: {"cuda_archs": archs})
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: cap)
+    reason = cuda_mod._arch_reason(torch.device("cuda", 0))
+    assert (reason is None) == ok
+    if not ok:
+        assert f"sm_{cap[0]}{cap[1]}" in reason
