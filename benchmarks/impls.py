@@ -97,7 +97,7 @@ class DiffusersImpl(Impl):
             self.reason = f"diffusers {module.__version__} has no {fam.diffusers_class}"
             return
         self.scheduler = cls(**fam.diffusers_config)
-        self.graph_reason = "diffusers' step keeps Python-side state and syncs the host (see syncs/loop)"
+        self.graph_reason = "not attempted: step() keeps Python-side state and may sync the host (see syncs/loop)"
 
     def prepare(self) -> None:
         self.scheduler.set_timesteps(self.case.steps, device=self.case.device)

@@ -57,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--families", nargs="+", choices=sorted(FAMILIES), default=None)
     p.add_argument("--compile-families", nargs="*", choices=sorted(FAMILIES), default=None,
                    help="families whose naive step is also run under torch.compile (default: all; quick: a few)")
-    p.add_argument("--steps", type=int, default=None, help="steps per loop (default 30; quick 20)")
+    p.add_argument("--steps", type=int, default=None, help="steps per loop (default 30; quick 10)")
     p.add_argument("--budget", type=float, default=None, help="seconds; cases left when it runs out are skipped")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--no-fp16", action="store_true", help="skip the float16 model-output run")
@@ -288,7 +288,7 @@ def run(args: argparse.Namespace) -> dict:
         compile_families = set(QUICK_COMPILE if cuda else QUICK_COMPILE_CPU)
     else:
         compile_families = set(FAMILIES)
-    steps = args.steps or (20 if quick else 30)
+    steps = args.steps or (10 if quick else 30)
     settings = {
         "quick": quick,
         "steps": steps,
