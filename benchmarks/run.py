@@ -278,6 +278,8 @@ def run(args: argparse.Namespace) -> dict:
     start = time.monotonic()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = device.type == "cuda"
+    if cuda and device.index is None:  # tensors report cuda:N; keep every cache keyed the same way
+        device = torch.device("cuda", torch.cuda.current_device())
     quick = args.quick
     sizes = args.sizes or (list(SIZES) if cuda else list(QUICK_CPU_SIZES if quick else SIZES[:2]))
     families = args.families or list(FAMILIES)
