@@ -1,0 +1,355 @@
+"""DPMSolverMultistepScheduler drop-in: parity with diffusers over full loops, noise modes, sync-free steps."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from dropin_helpers import SHAPE, assert_close, run_loop, stand_in, start_noise
+from posterior_model import posterior_model
+
+from fastflow.diffusers.dpmsolver import DPMSolverMultistepScheduler, dpm_orders
+
+diffusers = pytest.importorskip("diffusers")
+
+SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+ALGORITHMS = [
+    ("dpmsolver++", 1), ("dpmsolver++", 2), ("dpmsolver++", 3),
+    ("sde-dpmsolver++", 1), ("sde-dpmsolver++", 2), ("sde-dpmsolver++", 3),
+    ("dpmsolver", 1), ("dpmsolver", 2), ("sde-dpmsolver", 1), ("sde-dpmsolver", 2),
+]
+
+
+def pair(**config):
+    ref = diffusers.DPMSolverMultistepScheduler(**config)
+    ff = DPMSolverMultistepScheduler.from_config(ref.config)
+    ff.backend = "torch"
+    return ref, ff
+
+
+def loops(ref, ff, steps, step_kwargs=None, **kwargs):
+    """Final samples of full loops of both schedulers with the posterior stand-in; ``step_kwargs`` is a factory."""
+    model = posterior_model(ref)
+    xa, _ = run_loop(ref, steps, model=model, step_kwargs=step_kwargs() if step_kwargs else None, **kwargs)
+    xb, _ = run_loop(ff, steps, model=model, step_kwargs=step_kwargs() if step_kwargs else None, **kwargs)
+    torch.testing.assert_close(ff.timesteps, ref.timesteps, rtol=0, atol=0)
+    return xa, xb
+
+
+def _gen(seed: int = 7):
+    g = torch.Generator().manual_seed(seed)
+    return lambda i: dict(generator=g)
+
+
+def _diffusers_nan(cfg: dict, steps: int) -> bool:
+    """Karras sigmas ending at sigma_min twice make the last step zero-length; diffusers divides 0 by 0 there
+    unless that step is first order or 2M-midpoint."""
+    if not (cfg["use_karras_sigmas"] and cfg["final_sigmas_type"] == "sigma_min"):
+        return False
+    order = dpm_orders(steps, 0, cfg["solver_order"], cfg["lower_order_final"], False, False)[-1]
+    return order == 3 or (order == 2 and cfg["solver_type"] == "heun")
+
+
+# (solver_type, prediction_type) pairs cycled over the grid so each meets every other option.
+_PAIRS = [("midpoint", "epsilon"), ("heun", "v_prediction"), ("midpoint", "sample"),
+          ("heun", "epsilon"), ("midpoint", "v_prediction"), ("heun", "sample")]
+
+
+def _grid():
+    out = []
+    for (alg, order), (c, (karras, final, lof, steps)) in itertools.product(
+        ALGORITHMS, enumerate(itertools.product([False, True], ["zero", "sigma_min"], [True, False], [8, 20]))
+    ):
+        if alg in ("dpmsolver", "sde-dpmsolver") and final == "zero":
+            continue  # diffusers rejects it
+        st, pred = _PAIRS[(c + order) % len(_PAIRS)]
+        cfg = dict(algorithm_type=alg, solver_order=order, solver_type=st, prediction_type=pred,
+                   use_karras_sigmas=karras, final_sigmas_type=final, lower_order_final=lof)
+        out.append((cfg, steps, _diffusers_nan(cfg, steps)))
+    return out
+
+
+GRID = _grid()
+
+
+def _id(case):
+    cfg, steps, _ = case
+    short = {"dpmsolver++": "pp", "sde-dpmsolver++": "sdepp", "dpmsolver": "dpm", "sde-dpmsolver": "sde"}
+    return (f"{short[cfg['algorithm_type']]}{cfg['solver_order']}-{cfg['solver_type'][:3]}-{cfg['prediction_type'][:3]}"
+            f"-{'karras' if cfg['use_karras_sigmas'] else 'lin'}-{cfg['final_sigmas_type']}"
+            f"-lof{int(cfg['lower_order_final'])}-n{steps}")
+
+
+@pytest.mark.parametrize("case", [c for c in GRID if not c[2]], ids=_id)
+def test_grid_parity(case):
+    """Orders 1-3, every algorithm type, solver types, prediction types, Karras sigmas, final sigma types,
+    lower_order_final, below and above 15 steps: full loops agree to 1e-5 (SDE variants with a generator)."""
+    cfg, steps, _ = case
+    ref, ff = pair(**cfg)
+    xa, xb = loops(ref, ff, steps, _gen if cfg["algorithm_type"].startswith("sde") else None)
+    # sde-dpmsolver's float32 coefficients (2 sigma (e^h - 1), sqrt(e^2h - 1)) put diffusers ~8e-5 from the
+    # float64 result over 20 steps, where the drop-in stays within 1e-5 of it (see test_sde_dpmsolver_accuracy).
+    # With epsilon prediction, x0 = (z - sigma eps) / alpha at sigma ~ 15 (Karras start) carries ~15 ulp of z in
+    # either implementation; the SDE steps keep that instead of damping it, so 3e-5 there.
+    tol = 1e-5
+    if cfg["algorithm_type"] == "sde-dpmsolver":
+        tol = 2e-4
+    elif cfg["algorithm_type"] == "sde-dpmsolver++" and cfg["prediction_type"] == "epsilon":
+        tol = 3e-5
+    assert_close(xb, xa, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("case", [c for c in GRID if c[2]][::2], ids=_id)
+def test_zero_length_step_raises(case):
+    """Where diffusers returns NaN (0/0 on a zero-length last step), the drop-in raises at set_timesteps."""
+    cfg, steps, _ = case
+    ref, ff = pair(**cfg)
+    kw = _gen() if cfg["algorithm_type"].startswith("sde") else None
+    xa, _ = run_loop(ref, steps, step_kwargs=kw)
+    assert torch.isnan(xa).any()
+    with pytest.raises(ValueError, match="zero length"):
+        ff.set_timesteps(steps)
+
+
+OPTIONS = [
+    dict(SD),
+    dict(SD, timestep_spacing="leading", steps_offset=1),
+    dict(SD, timestep_spacing="trailing", prediction_type="v_prediction"),
+    dict(SD, use_exponential_sigmas=True),
+    dict(SD, use_lu_lambdas=True),
+    dict(SD, euler_at_final=True, solver_order=3),
+    dict(SD, lambda_min_clipped=-5.1, final_sigmas_type="sigma_min"),
+    dict(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction"),
+    dict(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction", algorithm_type="sde-dpmsolver++",
+         solver_type="heun"),
+    dict(trained_betas=[0.0001 + 0.02 * i / 999 for i in range(1000)]),
+    dict(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=3.0),
+    dict(use_flow_sigmas=True, prediction_type="flow_prediction", solver_order=3, final_sigmas_type="sigma_min"),
+    dict(use_flow_sigmas=True, prediction_type="flow_prediction", algorithm_type="sde-dpmsolver++"),
+    dict(use_flow_sigmas=True, prediction_type="v_prediction", flow_shift=2.0),
+]
+
+
+@pytest.mark.parametrize("config", OPTIONS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()
+                                                                    if k not in SD and k != "trained_betas") or "sd")
+@pytest.mark.parametrize("steps", [10, 25])
+def test_options_parity(config, steps):
+    ref, ff = pair(**config)
+    xa, xb = loops(ref, ff, steps, _gen if config.get("algorithm_type", "").startswith("sde") else None)
+    assert_close(xb, xa)
+
+
+def test_beta_sigmas():
+    pytest.importorskip("scipy")
+    ref, ff = pair(**SD, use_beta_sigmas=True, solver_order=3)
+    xa, xb = loops(ref, ff, 12)
+    assert_close(xb, xa)
+
+
+def test_sde_dpmsolver_accuracy():
+    """The drop-in's sde-dpmsolver loop is within float32 round-off of the same loop in float64."""
+    ref, ff = pair(**SD, algorithm_type="sde-dpmsolver", final_sigmas_type="sigma_min", prediction_type="v_prediction")
+    model = posterior_model(ref)
+    noises = [start_noise(200 + i) for i in range(20)]
+    outs = []
+    for dtype in (torch.float32, torch.float64):
+        ff.set_timesteps(20)
+        x = start_noise(0).to(dtype)
+        for i, t in enumerate(ff.timesteps):
+            o = model(x.float(), t).to(dtype)
+            z = x.to(dtype)
+            x = ff._ff_step(o, t, z, noise=noises[i].to(dtype), state_dtype=dtype, want_pred=False)[0]
+        outs.append(x.double())
+    assert_close(outs[0], outs[1])
+
+
+def test_zero_snr():
+    """Zero terminal SNR starts at sigma ~ 4096 (alpha ~ 2^-12); the first step's float32 terms are far larger
+    than the result, so agreement is to that round-off (1e-4), not 1e-5."""
+    config = dict(SD, rescale_betas_zero_snr=True, timestep_spacing="trailing", prediction_type="v_prediction")
+    ref, ff = pair(**config)
+    xa, xb = loops(ref, ff, 12)
+    assert_close(xb, xa, rtol=1e-4, atol=1e-4)
+
+
+def test_dynamic_shifting_mu():
+    config = dict(use_flow_sigmas=True, prediction_type="flow_prediction", use_dynamic_shifting=True)
+    ref, ff = pair(**config)
+    xa, xb = loops(ref, ff, None, set_kwargs=dict(num_inference_steps=12, mu=0.8))
+    assert_close(xb, xa)
+
+
+def test_custom_timesteps():
+    ref, ff = pair(**SD)
+    xa, xb = loops(ref, ff, None, set_kwargs=dict(timesteps=[999, 850, 600, 400, 200, 90, 10]))
+    assert_close(xb, xa)
+
+
+def test_learned_variance_channels():
+    """variance_type='learned_range': the model predicts noise and variance; diffusers keeps channels :3."""
+    ref, ff = pair(**SD, variance_type="learned_range")
+    x0 = start_noise(3, (2, 3, 8, 8))
+
+    def model(x, t):
+        return torch.cat([stand_in(x, t), torch.cos(x)], dim=1)
+
+    xa, _ = run_loop(ref, 10, model=model, x=x0)
+    xb, _ = run_loop(ff, 10, model=model, x=x0)
+    assert_close(xb, xa)
+
+
+def test_variance_noise_matches():
+    ref, ff = pair(**SD, algorithm_type="sde-dpmsolver++", solver_order=3)
+    noises = [start_noise(100 + i) for i in range(12)]
+    xa, xb = loops(ref, ff, 12, lambda: lambda i: dict(variance_noise=noises[i]))
+    assert_close(xb, xa)
+
+
+def test_generator_advances_like_diffusers():
+    """diffusers draws on every SDE step (the last too); the drop-in leaves the generator in the same state."""
+    ref, ff = pair(**SD, algorithm_type="sde-dpmsolver++")
+    ga, gb = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    run_loop(ref, 6, step_kwargs=lambda i: dict(generator=ga))
+    run_loop(ff, 6, step_kwargs=lambda i: dict(generator=gb))
+    assert torch.equal(ga.get_state(), gb.get_state())
+
+
+def test_kernel_noise_distribution():
+    """Without generator or noise, the kernel's own noise: the step minus its noiseless value, divided by the
+    noise coefficient, is standard normal."""
+    ff = DPMSolverMultistepScheduler(**SD, algorithm_type="sde-dpmsolver++")
+    ff.backend = "torch"
+    ff.set_timesteps(10)
+    x = start_noise(0, (4, 4, 32, 32))
+    t = ff.timesteps[0]
+    o = stand_in(x, t)
+    quiet = ff.step(o, t, x, variance_noise=torch.zeros_like(x)).prev_sample
+    ff.set_timesteps(10)
+    noisy = ff.step(o, t, x).prev_sample
+    s_t, s_s = ff.sigmas[1].double(), ff.sigmas[0].double()
+    a_t, a_s = 1 / (s_t**2 + 1).sqrt(), 1 / (s_s**2 + 1).sqrt()
+    h = torch.log(a_t / (s_t * a_t)) - torch.log(a_s / (s_s * a_s))
+    c = float(s_t * a_t * torch.sqrt(-torch.expm1(-2 * h)))
+    xi = ((noisy - quiet) / c).double().flatten()
+    assert abs(xi.mean().item()) < 0.03 and abs(xi.std().item() - 1) < 0.03
+    assert abs((xi**4).mean().item() - 3) < 0.2
+
+
+def test_begin_index_partial_loop():
+    """img2img: set_begin_index, then steps from there; warm-up counts from the first step taken, as diffusers."""
+    for order in (2, 3):
+        ref, ff = pair(**SD, solver_order=order)
+        model = posterior_model(ref)
+        outs = []
+        for s in (ref, ff):
+            s.set_timesteps(20)
+            s.set_begin_index(7)
+            x = start_noise(1)
+            for t in s.timesteps[7:]:
+                x = s.step(model(x, t), t, x).prev_sample
+            outs.append(x)
+        assert_close(outs[1], outs[0])
+
+
+def test_api_surface():
+    ref, ff = pair(**SD, solver_order=3)
+    ref.set_timesteps(10)
+    ff.set_timesteps(10)
+    assert ff.order == ref.order and ff.init_noise_sigma == ref.init_noise_sigma
+    torch.testing.assert_close(ff.sigmas, ref.sigmas, rtol=0, atol=0)
+    x = start_noise(2)
+    assert torch.equal(ff.scale_model_input(x, ff.timesteps[0]), x)
+    noise = start_noise(3)
+    assert_close(ff.add_noise(x, noise, ff.timesteps[2:3]), ref.add_noise(x, noise, ref.timesteps[2:3]))
+    out = ff.step(stand_in(x, ff.timesteps[0]), ff.timesteps[0], x, return_dict=False)
+    assert isinstance(out, tuple) and len(out) == 1 and ff.step_index == 1
+    assert type(DPMSolverMultistepScheduler.from_config(ff.config)) is DPMSolverMultistepScheduler
+
+
+def test_save_load_config(tmp_path):
+    ff = DPMSolverMultistepScheduler(**SD, solver_order=3, algorithm_type="sde-dpmsolver++")
+    ff.save_config(tmp_path)
+    again = DPMSolverMultistepScheduler.from_pretrained(tmp_path)
+    assert type(again) is DPMSolverMultistepScheduler
+    assert {k: v for k, v in again.config.items() if not k.startswith("_")} == {
+        k: v for k, v in ff.config.items() if not k.startswith("_")}
+
+
+@pytest.mark.parametrize(
+    "config, match",
+    [
+        (dict(thresholding=True), "thresholding"),
+        (dict(algorithm_type="dpmsolver", solver_order=3, final_sigmas_type="sigma_min"), "solver_order=3"),
+        (dict(algorithm_type="sde-dpmsolver", solver_order=3, final_sigmas_type="sigma_min"), "solver_order=3"),
+        (dict(algorithm_type="dpmsolver", prediction_type="flow_prediction", final_sigmas_type="sigma_min"),
+         "flow_prediction"),
+    ],
+)
+def test_unsupported_options_raise(config, match):
+    with pytest.raises(NotImplementedError, match=match):
+        DPMSolverMultistepScheduler(**config)
+
+
+@pytest.mark.parametrize("algorithm_type", ["dpmsolver++", "sde-dpmsolver++", "dpmsolver"])
+def test_meta_device_step(algorithm_type):
+    """A step reads no tensor data: it runs on meta tensors."""
+    final = "sigma_min" if algorithm_type == "dpmsolver" else "zero"
+    ff = DPMSolverMultistepScheduler(solver_order=2, algorithm_type=algorithm_type, final_sigmas_type=final)
+    ff.backend = "torch"
+    ff.set_timesteps(6)
+    x = torch.empty(SHAPE, device="meta")
+    for t in ff.timesteps:
+        x = ff.step(torch.empty_like(x), t, x).prev_sample
+    assert x.device.type == "meta" and x.shape == SHAPE
+
+
+def test_torch_compile_fullgraph():
+    """After the first (eager) step has built the plan, each step traces with fullgraph=True."""
+    from fastflow.backends import get_backend
+
+    get_backend("torch")
+    torch._dynamo.reset()
+    ref, ff = pair(**SD, solver_order=3)
+    ff.set_timesteps(6)
+    ref.set_timesteps(6)
+    xa = xb = start_noise(4)
+    ts = list(ff.timesteps)
+    xb = ff.step(stand_in(xb, ts[0]), ts[0], xb).prev_sample
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def step(o, t, x):
+        return ff.step(o, t, x).prev_sample
+
+    for t in ts[1:]:
+        xb = step(stand_in(xb, t), t, xb)
+    for t in ref.timesteps:
+        xa = ref.step(stand_in(xa, t), t, xa).prev_sample
+    assert_close(xb, xa)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+@pytest.mark.parametrize("algorithm_type", ["dpmsolver++", "sde-dpmsolver++"])
+def test_gpu_no_sync(backend, algorithm_type):
+    """A loop on the GPU never syncs the host, and matches diffusers (given noise for the SDE variant)."""
+    ref, ff = pair(**SD, solver_order=2, algorithm_type=algorithm_type)
+    ff.backend = backend
+    ref.set_timesteps(12)
+    ff.set_timesteps(12, device="cuda")
+    x0 = start_noise(0).cuda()
+    noises = [start_noise(50 + i).cuda() for i in range(12)]
+    xa = x0.clone()
+    for i, t in enumerate(ref.timesteps):
+        xa = ref.step(stand_in(xa, t), t, xa, variance_noise=noises[i]).prev_sample
+    ff.set_begin_index(0)
+    xb = x0.clone()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for i, t in enumerate(ff.timesteps):
+            xb = ff.step(stand_in(xb, t), t, xb, variance_noise=noises[i]).prev_sample
+        torch.cuda.set_sync_debug_mode("default")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert_close(xb, xa, rtol=1e-4, atol=1e-4)
