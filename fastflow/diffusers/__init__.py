@@ -14,18 +14,24 @@ from typing import Any
 
 from ._base import FastflowScheduler, registry
 from .ddim import DDIMScheduler, DDPMScheduler
+from .dpmsolver import DPMSolverMultistepScheduler
 from .euler import EDMEulerScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
 from .flow_match import FlowMatchEulerDiscreteScheduler
+from .heun import HeunDiscreteScheduler
 from .lcm import LCMScheduler
+from .unipc import UniPCMultistepScheduler
 
 __all__ = [
     "DDIMScheduler",
     "DDPMScheduler",
+    "DPMSolverMultistepScheduler",
     "EDMEulerScheduler",
     "EulerAncestralDiscreteScheduler",
     "EulerDiscreteScheduler",
     "FlowMatchEulerDiscreteScheduler",
+    "HeunDiscreteScheduler",
     "LCMScheduler",
+    "UniPCMultistepScheduler",
     "FastflowScheduler",
     "from_scheduler",
     "supported",
