@@ -120,8 +120,9 @@ def markdown(results: dict) -> str:
         keys = []
         for b in base:
             for meas, tag in (("device_us", "dev"), ("host_us", "loop"), ("graph_us", "graph")):
-                keys.append((b, meas))
-                head.append(f"vs {b} ({tag})")
+                if any(meas in r.get(b, {}) for c in cases for r in c.get("ratios", {}).values()):
+                    keys.append((b, meas))
+                    head.append(f"vs {b} ({tag})")
         out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for c in cases:
             for f in ff:
