@@ -342,7 +342,7 @@ class CapturedLoop:
     # ------------------------------------------------------------------ capture
     def _capture(self, warmup: int, check_syncs: bool) -> None:
         device = self.device
-        with torch.cuda.device(device):
+        with torch.cuda.device(device), torch.no_grad():
             side = torch.cuda.Stream(device)
             side.wait_stream(torch.cuda.current_stream(device))
             culprit = None
@@ -398,7 +398,7 @@ class CapturedLoop:
 
     def _capture_init(self) -> None:
         """Record the seeds-to-initial-state draw (about a hundred small ops) as a second, small graph."""
-        with torch.cuda.device(self.device):
+        with torch.cuda.device(self.device), torch.no_grad():
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
@@ -517,7 +517,8 @@ class CapturedLoop:
                 self._graph.replay()
                 out = self._out
             else:
-                out = self._loop(graph_mode=False)
+                with torch.no_grad():
+                    out = self._loop(graph_mode=False)
                 self._runner.reset()
         return out.clone() if copy and self._graph is not None else out
 

@@ -1,0 +1,195 @@
+"""End-to-end loop time: diffusers' DDIM eager, fastflow eager, fastflow with the whole loop captured.
+
+Two small random-weight models in bfloat16, batch 4, 4x32x32 latents, 30 DDIM
+steps: a ``UNet2DModel`` and a ``DiTTransformer2DModel`` (DiT-S/2-like). Small
+models are launch bound, which is where capturing the whole loop pays: the
+eager loop's GPU waits on Python, the replay issues one launch.
+
+Run on a GPU: ``python benchmarks/e2e_graph.py [out_dir]`` (about 30 s on an
+H100). Prints a table and writes ``e2e_graph.json`` with medians and ratios.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+BATCH = 4
+LATENT = (4, 32, 32)
+STEPS = 30
+REPEATS = 7
+
+
+def _time_ms(fn: Callable[[], object], repeats: int = REPEATS, warmup: int = 2) -> dict:
+    """Median wall time of ``fn`` in ms, host included (synchronized before and after each run)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "runs_ms": times}
+
+
+def _unet(device: torch.device) -> tuple[torch.nn.Module, Callable]:
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(
+        sample_size=LATENT[1],
+        in_channels=LATENT[0],
+        out_channels=LATENT[0],
+        layers_per_block=2,
+        block_out_channels=(64, 128, 256, 256),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    )
+    unet = unet.to(device, torch.bfloat16).eval()
+
+    def model_fn(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return unet(z, t).sample
+
+    return unet, model_fn
+
+
+def _dit(device: torch.device) -> tuple[torch.nn.Module, Callable]:
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    dit = DiTTransformer2DModel(
+        num_attention_heads=6,
+        attention_head_dim=64,
+        in_channels=LATENT[0],
+        num_layers=12,
+        sample_size=LATENT[1],
+        patch_size=2,
+    )
+    dit = dit.to(device, torch.bfloat16).eval()
+    labels = torch.arange(BATCH, device=device) % 1000
+
+    def model_fn(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        # DiT's time embedding takes one timestep per sample.
+        return dit(z, timestep=t.reshape(1).to(z.device).expand(z.shape[0]), class_labels=labels).sample
+
+    return dit, model_fn
+
+
+def _bench_model(name: str, build: Callable, device: torch.device) -> dict:
+    from diffusers import DDIMScheduler
+
+    import fastflow
+    from fastflow.backends import resolve_backend
+    from fastflow.graph import capture
+
+    _, model_fn = build(device)
+    shape = (BATCH, *LATENT)
+    result: dict = {"model": name, "shape": list(shape), "steps": STEPS, "model_dtype": "bfloat16"}
+
+    with torch.no_grad():
+        # 1. diffusers' DDIM scheduler, eager, as DDIMPipeline runs it: latents in the model's dtype,
+        #    timesteps on the host.
+        scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", clip_sample=False)
+        latents0 = torch.randn(shape, device=device, generator=torch.Generator(device).manual_seed(0))
+
+        def diffusers_loop() -> torch.Tensor:
+            scheduler.set_timesteps(STEPS)
+            x = latents0.to(torch.bfloat16)
+            for t in scheduler.timesteps:
+                x = scheduler.step(model_fn(x, t), t, x).prev_sample
+            return x
+
+        result["diffusers_ddim_eager"] = _time_ms(diffusers_loop)
+
+        # 2. fastflow eager: float32 state, bf16 model input, one fused step per stage.
+        sampler = fastflow.Sampler(fastflow.VP(), "ddim", prediction="eps", steps=STEPS)
+        result["backend"] = resolve_backend(sampler.backend, device).name
+        noise = sampler.init_noise(shape, seed=0, device=device)
+
+        def fastflow_loop() -> torch.Tensor:
+            return fastflow.sample(model_fn, noise, sampler, model_dtype=torch.bfloat16)
+
+        result["fastflow_eager"] = _time_ms(fastflow_loop)
+
+        # 3. fastflow, the whole loop (30 model calls + 30 steps) captured once and replayed.
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        loop = capture(model_fn, sampler, shape, device=device, model_dtype=torch.bfloat16)
+        torch.cuda.synchronize()
+        result["capture_s"] = time.perf_counter() - start
+        result["captured"] = loop.captured
+        result["fallback_reason"] = loop.reason
+        result["graph_pool_bytes"] = loop.memory_bytes
+        result["fastflow_captured"] = _time_ms(lambda: loop(noise=noise))
+
+        eager_out = fastflow_loop()
+        replay_out = loop(noise=noise)
+        result["replay_equals_eager"] = bool(torch.equal(eager_out, replay_out))
+        result["replay_max_abs_diff"] = float((eager_out - replay_out).abs().max())
+
+    d = result["diffusers_ddim_eager"]["median_ms"]
+    e = result["fastflow_eager"]["median_ms"]
+    c = result["fastflow_captured"]["median_ms"]
+    result["speedup_captured_vs_diffusers"] = d / c
+    result["speedup_captured_vs_fastflow_eager"] = e / c
+    result["speedup_fastflow_eager_vs_diffusers"] = d / e
+    return result
+
+
+def main(out_dir: str | os.PathLike | None = None) -> dict:
+    """Run both models; print a table and write ``e2e_graph.json`` under ``out_dir`` (default: cwd)."""
+    if not torch.cuda.is_available():
+        raise SystemExit("e2e_graph needs a CUDA device")
+    device = torch.device("cuda", torch.cuda.current_device())
+    report = {
+        "device": torch.cuda.get_device_name(device),
+        "torch": torch.__version__,
+        "batch": BATCH,
+        "latent": list(LATENT),
+        "steps": STEPS,
+        "repeats": REPEATS,
+        "results": [],
+    }
+    try:
+        import diffusers
+
+        report["diffusers"] = diffusers.__version__
+    except ImportError as exc:
+        raise SystemExit(f"e2e_graph needs diffusers: {exc}") from exc
+    for name, build in (("UNet2DModel", _unet), ("DiTTransformer2DModel", _dit)):
+        try:
+            report["results"].append(_bench_model(name, build, device))
+        except Exception as exc:  # one model failing must not lose the other's numbers
+            report["results"].append({"model": name, "error": f"{type(exc).__name__}: {exc}"})
+        torch.cuda.empty_cache()
+
+    print(f"{report['device']}: {STEPS}-step DDIM loop, batch {BATCH}, latents {LATENT}, bf16 model; median ms")
+    header = ("model", "diffusers", "ff eager", "ff graph", "x diffusers", "x ff eager")
+    print(f"{header[0]:24s} {header[1]:>10s} {header[2]:>10s} {header[3]:>10s} {header[4]:>12s} {header[5]:>11s}")
+    for r in report["results"]:
+        if "error" in r:
+            print(f"{r['model']:24s} error: {r['error']}")
+            continue
+        note = "" if r["captured"] else f"  (not captured: {r['fallback_reason']})"
+        print(
+            f"{r['model']:24s} {r['diffusers_ddim_eager']['median_ms']:10.2f} {r['fastflow_eager']['median_ms']:10.2f} "
+            f"{r['fastflow_captured']['median_ms']:10.2f} {r['speedup_captured_vs_diffusers']:11.2f}x "
+            f"{r['speedup_captured_vs_fastflow_eager']:10.2f}x{note}"
+        )
+    out = Path(out_dir or ".")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "e2e_graph.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else os.environ.get("OUT"))
