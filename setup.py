@@ -18,15 +18,18 @@ The build writes ``fastflow/_build_info.py`` (torch and CUDA versions, archs), w
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = Path(__file__).resolve().parent
 BUILD_INFO = ROOT / "fastflow" / "_build_info.py"
-PACKAGES = ["fastflow", "fastflow.backends", "fastflow.solvers", "fastflow.kernels"]
+# Every fastflow subpackage, found rather than listed (a new one must not silently miss the wheel);
+# kernels/ lives outside fastflow/ and installs as fastflow.kernels.
+PACKAGES = [*find_packages(include=["fastflow", "fastflow.*"]), "fastflow.kernels"]
 
 
 def _say(msg: str) -> None:
@@ -54,6 +57,19 @@ def _nvcc() -> str | None:
     if home and (Path(home) / "bin" / "nvcc").exists():
         return str(Path(home) / "bin" / "nvcc")
     return shutil.which("nvcc")
+
+
+def _version() -> str:
+    """The package version, plus FASTFLOW_LOCAL_VERSION as a PEP 440 local label (e.g. ``cu130.torch2.14``)
+    for binary wheels; ``_version.py`` stays the single base version."""
+    text = (ROOT / "fastflow" / "_version.py").read_text()
+    version = re.search(r"__version__\s*=\s*[\"']([^\"']+)[\"']", text).group(1)
+    local = os.environ.get("FASTFLOW_LOCAL_VERSION", "").strip().lstrip("+")
+    if local:
+        if not re.fullmatch(r"[A-Za-z0-9]+(\.[A-Za-z0-9]+)*", local):
+            raise SystemExit(f"FASTFLOW_LOCAL_VERSION={local!r} is not a PEP 440 local version label")
+        version = f"{version}+{local}"
+    return version
 
 
 def _write_build_info(info: dict) -> None:
@@ -128,6 +144,7 @@ def _extensions() -> tuple[list, dict]:
 ext_modules, cmdclass = _extensions()
 
 setup(
+    version=_version(),
     packages=PACKAGES,
     package_dir={"fastflow.kernels": "kernels"},
     ext_modules=ext_modules,
