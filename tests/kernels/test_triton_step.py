@@ -604,6 +604,52 @@ def test_gpu_past_2_31_elements(tb):
     torch.cuda.empty_cache()
 
 
+@pytest.mark.gpu
+def test_gpu_one_launch_per_step(tb):
+    """A whole stage (guidance, history, noise, x_hat, doubled model input) is one kernel on the device."""
+    case = make_case(
+        GPU_SHAPES[0],
+        torch.float32,
+        torch.bfloat16,
+        hist=2,
+        clip=True,
+        x_dtype=torch.float32,
+        mi="dup-bf16",
+        step_kind="i64",
+        device="cuda",
+    )
+    z, out = case.z, torch.empty_like(case.z)
+    x = torch.empty_like(z)
+    mi = torch.empty(2 * z.shape[0], *z.shape[1:], dtype=torch.bfloat16, device="cuda")
+
+    def step() -> None:
+        tb.fused_step(
+            z,
+            out,
+            case.model_out,
+            case.uncond,
+            case.history,
+            case.table,
+            case.step,
+            seeds=case.seeds,
+            x_out=x,
+            model_in_out=mi,
+            clip=case.clip,
+            use_noise=True,
+        )
+
+    step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    if not kernels:
+        pytest.skip("the profiler recorded no device activity here")
+    names = [e.name for e in kernels]
+    assert len(names) == 1 and "fused_step_kernel" in names[0], names
+
+
 class _TinyModel(torch.nn.Module):
     def __init__(self, ch: int) -> None:
         super().__init__()
