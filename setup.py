@@ -59,6 +59,15 @@ def _nvcc() -> str | None:
     return shutil.which("nvcc")
 
 
+def _default_cuda_home() -> None:
+    """Point CUDA_HOME at /usr/local/cuda when unset: torch otherwise derives it from the nvcc on PATH,
+    which may be a wrapper script outside the toolkit (then -lcudart is not found)."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    if (Path("/usr/local/cuda") / "bin" / "nvcc").exists():
+        os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+
 def _version() -> str:
     """The package version, plus FASTFLOW_LOCAL_VERSION as a PEP 440 local label (e.g. ``cu130.torch2.14``)
     for binary wheels; ``_version.py`` stays the single base version."""
@@ -85,6 +94,7 @@ def _write_build_info(info: dict) -> None:
 
 
 def _extensions() -> tuple[list, dict]:
+    _default_cuda_home()  # before cpp_extension reads it at import
     try:
         import torch
         from torch.utils import cpp_extension
