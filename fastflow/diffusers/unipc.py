@@ -99,11 +99,12 @@ def unipc_updates(
                 "solver_type='bh1' with final_sigmas_type='zero': diffusers multiplies an infinite B(h) by zero "
                 "on the last step (returns NaN); use final_sigmas_type='sigma_min' or solver_type='bh2'"
             )
-        if not (math.isfinite(lam[i + 1]) and lam[i + 1] != lam[i]) and (order > 1 or not predict_x0):
+        zero_length = lam[i + 1] == lam[i]
+        if (not math.isfinite(lam[i + 1]) and (order > 1 or not predict_x0)) or (zero_length and order > 2):
             raise ValueError(
                 f"the {what} of step {i} ends at sigma {sig[i + 1]:.6g} with order {order}"
                 f"{'' if predict_x0 else ' and predict_x0=False'}, where diffusers divides by zero "
-                "(returns NaN); use lower_order_final=True or final_sigmas_type='zero' / predict_x0=True"
+                "(returns NaN or fails); use lower_order_final=True, final_sigmas_type='zero' or predict_x0=True"
             )
 
     updates = []
@@ -125,7 +126,7 @@ def unipc_updates(
             updates.append(X(k) * a[i + 1])
             continue
         if lam[i + 1] == lam[i]:
-            updates.append(z)  # zero-length order-1 step: diffusers leaves the sample as it is
+            updates.append(z)  # zero-length step of order 1 or 2: diffusers' terms all vanish
             continue
         rks, d1s, h = diffs(i, p)
         h_phi_1, b_h, R, b = _unipc_weights(rks, sign * -h, solver_type)

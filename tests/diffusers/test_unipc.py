@@ -1,0 +1,245 @@
+"""UniPCMultistepScheduler drop-in: parity with diffusers over full loops, raises, sync-free steps."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from dropin_helpers import SHAPE, assert_close, run_loop, start_noise
+from posterior_model import posterior_model
+
+import fastflow.diffusers as ffd
+from fastflow.diffusers.unipc import UniPCMultistepScheduler, unipc_orders
+
+diffusers = pytest.importorskip("diffusers")
+
+SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+
+
+def pair(**config):
+    ref = diffusers.UniPCMultistepScheduler(**config)
+    ff = UniPCMultistepScheduler.from_config(ref.config)
+    ff.backend = "torch"
+    return ref, ff
+
+
+def loops(ref, ff, steps, **kwargs):
+    model = posterior_model(ref)
+    xa, _ = run_loop(ref, steps, model=model, **kwargs)
+    xb, _ = run_loop(ff, steps, model=model, **kwargs)
+    torch.testing.assert_close(ff.timesteps, ref.timesteps, rtol=0, atol=0)
+    return xa, xb
+
+
+_PAIRS = [("bh2", "epsilon"), ("bh1", "v_prediction"), ("bh2", "sample"),
+          ("bh1", "epsilon"), ("bh2", "v_prediction"), ("bh1", "sample")]
+
+
+def _grid():
+    out = []
+    for order, (c, (karras, final, lof, steps, corr)) in itertools.product(
+        [1, 2, 3],
+        enumerate(itertools.product([False, True], ["zero", "sigma_min"], [True, False], [6, 20], [(), (0, 3)])),
+    ):
+        st, pred = _PAIRS[(c + order) % len(_PAIRS)]
+        out.append((dict(solver_order=order, solver_type=st, prediction_type=pred, use_karras_sigmas=karras,
+                         final_sigmas_type=final, lower_order_final=lof, disable_corrector=list(corr)), steps))
+    for (c, (karras, lof, steps)), pred in zip(
+        enumerate(itertools.product([False, True], [True, False], [6, 20])),
+        itertools.cycle(["epsilon", "v_prediction", "sample"]),
+    ):
+        out.append((dict(solver_order=1, predict_x0=False, solver_type=("bh1", "bh2")[c % 2], prediction_type=pred,
+                         use_karras_sigmas=karras, final_sigmas_type="sigma_min", lower_order_final=lof), steps))
+    return out
+
+
+def _id(case):
+    cfg, steps = case
+    return (f"o{cfg['solver_order']}-{cfg['solver_type']}-{cfg['prediction_type'][:3]}"
+            f"-{'karras' if cfg['use_karras_sigmas'] else 'lin'}-{cfg['final_sigmas_type']}"
+            f"-lof{int(cfg['lower_order_final'])}-dc{len(cfg.get('disable_corrector', []))}"
+            f"{'-eps' if cfg.get('predict_x0') is False else ''}-n{steps}")
+
+
+@pytest.mark.parametrize("case", _grid(), ids=_id)
+def test_grid_parity(case):
+    """Orders 1-3, bh1/bh2, prediction types, Karras sigmas, final sigma types, lower_order_final,
+    disable_corrector, below and above 15 steps: full loops agree with diffusers, or, exactly where diffusers
+    returns NaN (bh1 or a high-order step onto sigma = 0 or a zero-length step), set_timesteps raises."""
+    cfg, steps = case
+    ref, ff = pair(**cfg)
+    model = posterior_model(ref)
+    try:
+        xa, _ = run_loop(ref, steps, model=model)
+    except torch.linalg.LinAlgError:  # diffusers' order-3 solve on a zero-length step
+        xa = torch.full(SHAPE, float("nan"))
+    if not torch.isfinite(xa).all():
+        with pytest.raises(ValueError, match="NaN"):
+            ff.set_timesteps(steps)
+        return
+    xb, _ = run_loop(ff, steps, model=model)
+    # The bound is float32 round-off of this loop, measured: 1e-5, or 3x the drop-in's own float32-vs-float64
+    # distance where the loop amplifies round-off more (the noise form at high noise, whose terms are ~5x the
+    # result; order 3 on 6 Karras steps, whose extrapolation weights are large).
+    xb64, _ = run_loop(ff, steps, model=model, x=start_noise(0).double())
+    roundoff = (xb.double() - xb64).abs().max().item()
+    assert roundoff < 1e-4
+    tol = max(1e-5, 3 * roundoff)
+    assert_close(xb, xa, rtol=tol, atol=tol)
+
+
+def test_orders_follow_diffusers():
+    """lower_order_final caps the order by the steps left at any step count (not only below 15)."""
+    assert unipc_orders(20, 0, 3, True) == [1, 2] + [3] * 16 + [2, 1]
+    assert unipc_orders(20, 5, 3, False) == [1, 2] + [3] * 13
+
+
+OPTIONS = [
+    dict(SD),
+    dict(SD, timestep_spacing="leading", steps_offset=1, solver_order=3),
+    dict(SD, timestep_spacing="trailing", prediction_type="v_prediction"),
+    dict(SD, use_exponential_sigmas=True, final_sigmas_type="sigma_min"),
+    dict(SD, disable_corrector=[0, 1, 2], solver_order=3),
+    dict(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction", solver_order=3),
+    dict(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=3.0),
+    dict(use_flow_sigmas=True, prediction_type="flow_prediction", solver_order=3, final_sigmas_type="sigma_min"),
+    dict(use_flow_sigmas=True, prediction_type="flow_prediction", use_karras_sigmas=True),
+    dict(use_flow_sigmas=True, prediction_type="flow_prediction", shift_terminal=0.1, flow_shift=2.0),
+]
+
+
+@pytest.mark.parametrize("config", OPTIONS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items() if k not in SD)
+                         or "sd")
+@pytest.mark.parametrize("steps", [10, 25])
+def test_options_parity(config, steps):
+    ref, ff = pair(**config)
+    xa, xb = loops(ref, ff, steps)
+    assert_close(xb, xa)
+
+
+def test_zero_snr():
+    """Zero terminal SNR starts at sigma ~ 4096: the first step's float32 terms dwarf the result, so 1e-4."""
+    ref, ff = pair(**SD, rescale_betas_zero_snr=True, timestep_spacing="trailing", prediction_type="v_prediction")
+    xa, xb = loops(ref, ff, 12)
+    assert_close(xb, xa, rtol=1e-4, atol=1e-4)
+
+
+def test_dynamic_shifting_mu():
+    ref, ff = pair(use_flow_sigmas=True, prediction_type="flow_prediction", use_dynamic_shifting=True)
+    xa, xb = loops(ref, ff, None, set_kwargs=dict(num_inference_steps=12, mu=0.7))
+    assert_close(xb, xa)
+
+
+def test_custom_flow_sigmas():
+    ref, ff = pair(use_flow_sigmas=True, prediction_type="flow_prediction", solver_order=3)
+    xa, xb = loops(ref, ff, None, set_kwargs=dict(sigmas=np.array([1.0, 0.9, 0.75, 0.6, 0.4, 0.25, 0.1])))
+    assert_close(xb, xa)
+
+
+def test_begin_index_partial_loop():
+    """img2img: no corrector on the first step taken and warm-up from there, as diffusers."""
+    ref, ff = pair(**SD, solver_order=3)
+    model = posterior_model(ref)
+    outs = []
+    for s in (ref, ff):
+        s.set_timesteps(20)
+        s.set_begin_index(6)
+        x = start_noise(1)
+        for t in s.timesteps[6:]:
+            x = s.step(model(x, t), t, x).prev_sample
+        outs.append(x)
+    assert_close(outs[1], outs[0])
+
+
+def test_api_surface():
+    ref, ff = pair(**SD, solver_order=3)
+    ref.set_timesteps(10)
+    ff.set_timesteps(10)
+    assert ff.order == ref.order and ff.init_noise_sigma == ref.init_noise_sigma
+    torch.testing.assert_close(ff.sigmas, ref.sigmas, rtol=0, atol=0)
+    x = start_noise(2)
+    assert torch.equal(ff.scale_model_input(x, ff.timesteps[0]), x)
+    noise = start_noise(3)
+    assert_close(ff.add_noise(x, noise, ff.timesteps[2:3]), ref.add_noise(x, noise, ref.timesteps[2:3]))
+    out = ff.step(x, ff.timesteps[0], x, return_dict=False)
+    assert isinstance(out, tuple) and len(out) == 1 and ff.step_index == 1
+    assert type(ffd.from_scheduler(ref)) is UniPCMultistepScheduler
+
+
+@pytest.mark.parametrize(
+    "config, match",
+    [
+        (dict(thresholding=True), "thresholding"),
+        (dict(predict_x0=False, solver_order=2), "predict_x0=False"),
+        (dict(solver_p=diffusers.DDIMScheduler()), "solver_p"),
+    ],
+)
+def test_unsupported_options_raise(config, match):
+    with pytest.raises(NotImplementedError, match=match):
+        UniPCMultistepScheduler(**config)
+
+
+def test_meta_device_step():
+    ff = UniPCMultistepScheduler(solver_order=3)
+    ff.backend = "torch"
+    ff.set_timesteps(6)
+    x = torch.empty(SHAPE, device="meta")
+    for t in ff.timesteps:
+        x = ff.step(torch.empty_like(x), t, x).prev_sample
+    assert x.device.type == "meta" and x.shape == SHAPE
+
+
+def test_torch_compile_fullgraph():
+    """After the first (eager) step has built the plan, each step traces with fullgraph=True."""
+    from fastflow.backends import get_backend
+
+    get_backend("torch")
+    torch._dynamo.reset()
+    ref, ff = pair(**SD, solver_order=3)
+    model = posterior_model(ref)
+    ff.set_timesteps(6)
+    ref.set_timesteps(6)
+    xa = xb = start_noise(4)
+    ts = list(ff.timesteps)
+    xb = ff.step(model(xb, ts[0]), ts[0], xb).prev_sample
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def step(o, t, x):
+        return ff.step(o, t, x).prev_sample
+
+    for t in ts[1:]:
+        xb = step(model(xb, t), t, xb)
+    for t in ref.timesteps:
+        xa = ref.step(model(xa, t), t, xa).prev_sample
+    assert_close(xb, xa)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_gpu_no_sync(backend):
+    ref, ff = pair(**SD, solver_order=3)
+    ff.backend = backend
+    model = posterior_model(ref)
+    ref.set_timesteps(12)
+    ff.set_timesteps(12, device="cuda")
+    x0 = start_noise(0).cuda()
+    xa = x0.clone()
+    for t in ref.timesteps:
+        xa = ref.step(model(xa, t), t, xa).prev_sample
+    ff.set_begin_index(0)
+    outs = [model(x0, ff.timesteps[0].cpu())]
+    xb = x0.clone()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for i, t in enumerate(ff.timesteps):
+            xb = ff.step(outs[-1], t, xb).prev_sample
+            torch.cuda.set_sync_debug_mode("default")
+            if i + 1 < len(ff.timesteps):
+                outs.append(model(xb, ref.timesteps[i + 1]))
+            torch.cuda.set_sync_debug_mode("error")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert_close(xb, xa, rtol=1e-4, atol=1e-4)
