@@ -48,6 +48,7 @@ __all__ = ["O", "StepSpec", "Compiled", "FastflowScheduler", "compile_specs", "r
 _O_KIND = "o"
 _UNIT_POINT = Points(*(np.array([v]) for v in (1.0, 1.0, 1.0, 0.0, 0.0)))
 _REGISTRY: dict[str, type] = {}
+_NO_DEFAULT = object()
 
 
 def registry() -> dict[str, type]:
@@ -166,6 +167,11 @@ class FastflowScheduler:
     # True where diffusers derives each step from the timestep value alone (DDIM, DDPM):
     # then a host-readable timestep relocates the step index.
     _ff_timestep_addressed: bool = False
+    # False for single-step solvers: one plan from step 0 serves a loop starting anywhere.
+    _ff_start_dependent: bool = True
+    # The variant plain ``step`` calls use, compiled ahead in set_timesteps.
+    _ff_default_variant: Hashable = None
+    _ff_loop_start: int = 0
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -207,7 +213,9 @@ class FastflowScheduler:
         self._ff_seed: int | None = None
         self._ff_seeds: dict[tuple, torch.Tensor] = {}
         self._ff_host_cache: dict[str, Any] = {}
+        self._ff_loop_start = 0
         self._ff_prepare()
+        self._ff_warm()
 
     def _ff_prepare(self) -> None:
         """Precompute host data of the new schedule (families override)."""
@@ -246,6 +254,7 @@ class FastflowScheduler:
                 value = _host_number(timestep)
                 idx = 0 if value is None else self._ff_locate(value)
             self._step_index = idx
+            self._ff_loop_start = idx
         elif (
             self._ff_timestep_addressed
             and isinstance(timestep, (int, float, np.integer, np.floating))
@@ -257,15 +266,35 @@ class FastflowScheduler:
 
     # ------------------------------------------------------------ the step
     def _ff_get(self, idx: int, variant: Hashable) -> Compiled:
-        """The compiled loop containing step ``idx`` (built once per start and variant)."""
+        """The compiled loop containing step ``idx`` (built once per loop start and variant).
+
+        Solvers whose stages read earlier stages compile from the step the loop
+        started at (``_ff_start_dependent``); single-step ones compile once from 0.
+        """
         if not self._ff_ready():
             raise ValueError("call set_timesteps before step")
-        key = (variant,)
+        start = self._ff_loop_start if self._ff_start_dependent else 0
+        if idx < start:
+            start = idx
+        key = (variant, start)
         comp = self._ff_compiled.get(key)
-        if comp is None or idx < comp.start:
-            comp = compile_specs(self._ff_specs(idx, variant), self._ff_clip(), self.backend, start=idx)
+        if comp is None:
+            comp = compile_specs(self._ff_specs(start, variant), self._ff_clip(), self.backend, start=start)
             self._ff_compiled[key] = comp
         return comp
+
+    def _ff_warm(self) -> None:
+        """Compile the default variant from step 0 and upload its table where the timesteps live.
+
+        Done in ``set_timesteps`` so that the first ``step`` does no host work or copy.
+        """
+        if self._ff_default_variant is _NO_DEFAULT:
+            return
+        self._ff_loop_start = 0
+        comp = self._ff_get(0, self._ff_default_variant)
+        device = self.timesteps.device
+        if device.type != "cpu":
+            comp.runner.table(device, torch.float32)
 
     def _ff_seed_tensor(self, batch: int, device: torch.device) -> torch.Tensor:
         key = (device, batch)

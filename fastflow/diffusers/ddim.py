@@ -52,6 +52,7 @@ class _VPMixin(FastflowScheduler):
     """Host copies of diffusers' ``alphas_cumprod`` and the options shared by DDIM, DDPM and LCM."""
 
     _ff_timestep_addressed = True
+    _ff_start_dependent = False
 
     def _ff_check_config(self) -> None:
         cfg = self.config
@@ -86,6 +87,8 @@ class DDIMScheduler(_VPMixin, scheduling_ddim.DDIMScheduler):
     ``eta`` and ``use_clipped_model_output`` are step arguments in diffusers; each
     distinct pair compiles its own plan once per ``set_timesteps``.
     """
+
+    _ff_default_variant = (0.0, False)
 
     def _ff_spec(self, i: int, k: int, variant: Any) -> StepSpec:
         eta, use_clipped = variant

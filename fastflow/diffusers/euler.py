@@ -28,6 +28,8 @@ _SQRT2_M1 = 2**0.5 - 1
 class _SigmaMixin(FastflowScheduler):
     """Host copies of diffusers' float32 ``sigmas`` and per-step model-input scales."""
 
+    _ff_start_dependent = False
+
     def _ff_prepare(self) -> None:
         sig = self.sigmas.detach().to("cpu", torch.float32)
         self._ff_sig32 = sig
@@ -84,6 +86,8 @@ class EulerDiscreteScheduler(_SigmaMixin, scheduling_euler_discrete.EulerDiscret
     diffusers' own computation. Churn parameters are step arguments there; each
     distinct set compiles a plan once per ``set_timesteps``.
     """
+
+    _ff_default_variant = (0.0, 0.0, float("inf"), 1.0)
 
     _PREDICTIONS = ("epsilon", "v_prediction", "sample", "original_sample")
 
@@ -207,6 +211,8 @@ class EulerAncestralDiscreteScheduler(_SigmaMixin, scheduling_euler_ancestral_di
 
 class EDMEulerScheduler(_SigmaMixin, scheduling_edm_euler.EDMEulerScheduler):
     """diffusers' ``EDMEulerScheduler`` whose ``step`` is one fused fastflow call (EDM preconditioning folded in)."""
+
+    _ff_default_variant = ((0.0, 0.0, float("inf"), 1.0), False)
 
     _PREDICTIONS = ("epsilon", "v_prediction")
 

@@ -1,0 +1,173 @@
+"""Drop-in API surface: no host sync (meta device, torch.compile, CUDA sync debug), from_scheduler, config IO."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+from dropin_helpers import SHAPE, assert_close, pair, stand_in, start_noise
+
+import fastflow.diffusers as ffd
+
+diffusers = pytest.importorskip("diffusers")
+
+SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+# (class name, config, step kwargs): deterministic and stochastic (default in-kernel noise) variants
+CLASSES = [
+    ("DDIMScheduler", dict(SD, clip_sample=False), {}),
+    ("DDIMScheduler", dict(), dict(eta=1.0)),  # clipped x0, unclipped eps from the raw output
+    ("DDPMScheduler", dict(), {}),
+    ("EulerDiscreteScheduler", dict(SD), {}),
+    ("EulerDiscreteScheduler", dict(SD), dict(s_churn=3.0)),
+    ("EulerAncestralDiscreteScheduler", dict(SD), {}),
+    ("FlowMatchEulerDiscreteScheduler", dict(shift=3.0), {}),
+    ("FlowMatchEulerDiscreteScheduler", dict(stochastic_sampling=True), {}),
+    ("LCMScheduler", dict(), {}),
+    ("EDMEulerScheduler", dict(), {}),
+]
+IDS = [f"{n}-{i}" for i, (n, _, _) in enumerate(CLASSES)]
+MINE = sorted({n for n, _, _ in CLASSES})
+
+
+@pytest.mark.parametrize("name,config,kw", CLASSES, ids=IDS)
+def test_meta_device_loop(name, config, kw):
+    """Every step reads no tensor data (timesteps on the meta device too): no sync is possible."""
+    _, ff = pair(name, **config)
+    ff.set_timesteps(5)
+    ts = ff.timesteps.to("meta")
+    x = torch.empty(SHAPE, device="meta")
+    for t in ts:
+        x_in = ff.scale_model_input(x, t) if hasattr(ff, "scale_model_input") else x
+        x = ff.step(torch.empty_like(x_in), t, x, **kw).prev_sample
+    assert x.device.type == "meta" and x.shape == SHAPE
+
+
+def test_meta_device_given_noise():
+    _, ff = pair("DDIMScheduler")
+    ff.set_timesteps(3)
+    x = torch.empty(SHAPE, device="meta")
+    for t in ff.timesteps.to("meta"):
+        x = ff.step(torch.empty_like(x), t, x, eta=0.5, variance_noise=torch.empty_like(x)).prev_sample
+    assert x.device.type == "meta"
+
+
+@pytest.mark.parametrize("name,config,kw", CLASSES, ids=IDS)
+def test_torch_compile_fullgraph(name, config, kw):
+    """Once the first (eager) step has compiled the plan, a step traces with fullgraph=True (no graph break)."""
+    torch._dynamo.reset()
+    ref, ff = pair(name, **config)
+    stochastic = any(k in kw for k in ("eta", "s_churn")) or name in ("DDPMScheduler", "LCMScheduler") or (
+        name.startswith("EulerAncestral") or config.get("stochastic_sampling", False)
+    )
+    for s in (ref, ff):
+        s.set_timesteps(5)
+    ts = list(ff.timesteps)
+    x = start_noise(3)
+    x = ff.step(stand_in(x, ts[0]), ts[0], x, **kw).prev_sample
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def step(o, t, x):
+        out = ff.step(o, t, x, **kw)
+        return out.prev_sample
+
+    for t in ts[1:2]:
+        x = step(stand_in(x, t), t, x)
+    if not stochastic:  # the compiled steps compute what diffusers does
+        xa = start_noise(3)
+        for t in ts[:2]:
+            xa = ref.step(stand_in(xa, t), t, xa, **kw).prev_sample
+        assert_close(x, xa)
+
+
+def test_torch_compile_return_tuple():
+    torch._dynamo.reset()
+    _, ff = pair("DDIMScheduler", **SD, clip_sample=False)
+    ff.set_timesteps(4)
+    x = start_noise()
+    t0 = ff.timesteps[0]
+    ff.step(stand_in(x, t0), t0, x)
+    fn = torch.compile(lambda o, t, x: ff.step(o, t, x, return_dict=False), fullgraph=True, backend="eager")
+    prev, pred = fn(stand_in(x, ff.timesteps[1]), ff.timesteps[1], x)
+    assert prev.shape == pred.shape == x.shape
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+@pytest.mark.parametrize("name,config,kw", CLASSES, ids=IDS)
+def test_gpu_loop_no_sync(backend, name, config, kw):
+    """A whole loop on the GPU under sync debug mode "error"; deterministic ones match diffusers."""
+    ref, ff = pair(name, backend=backend, **config)
+    ref.set_timesteps(8, device="cuda")
+    ff.set_timesteps(8, device="cuda")
+    x0 = start_noise(0).cuda()
+    gen_kw = lambda g: dict(kw, generator=g)  # noqa: E731  (a CUDA generator draws on the device: no sync)
+    ga, gb = torch.Generator("cuda").manual_seed(1), torch.Generator("cuda").manual_seed(1)
+    xa = x0.clone()
+    for t in ref.timesteps:
+        x_in = ref.scale_model_input(xa, t) if hasattr(ref, "scale_model_input") else xa
+        xa = ref.step(stand_in(x_in, 0.0) + 0.01 * x_in, t, xa, **gen_kw(ga)).prev_sample
+    xb = x0.clone()
+    ff.set_begin_index(0)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for t in ff.timesteps:
+            x_in = ff.scale_model_input(xb, t) if hasattr(ff, "scale_model_input") else xb
+            xb = ff.step(stand_in(x_in, 0.0) + 0.01 * x_in, t, xb, **gen_kw(gb)).prev_sample
+        # default in-kernel noise, too
+        ff.set_begin_index(0)
+        xc = x0.clone()
+        for t in ff.timesteps:
+            x_in = ff.scale_model_input(xc, t) if hasattr(ff, "scale_model_input") else xc
+            xc = ff.step(stand_in(x_in, 0.0) + 0.01 * x_in, t, xc, **kw).prev_sample
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert_close(xb, xa, rtol=1e-4, atol=1e-4)
+    assert torch.isfinite(xc).all()
+
+
+@pytest.mark.parametrize("name", MINE)
+def test_from_scheduler_and_signatures(name):
+    ref = getattr(diffusers, name)()
+    ff = ffd.from_scheduler(ref)
+    assert type(ff) is getattr(ffd, name) and isinstance(ff, type(ref))
+    assert dict(ff.config) == dict(ref.config)
+    assert ffd.from_scheduler(ff, backend="torch").backend == "torch"
+    for method in ("step", "set_timesteps"):
+        mine = inspect.signature(getattr(ff, method)).parameters
+        theirs = inspect.signature(getattr(ref, method)).parameters
+        assert list(mine) == list(theirs), method
+    assert ff.order == ref.order
+
+
+def test_from_scheduler_unsupported_names_the_class():
+    with pytest.raises(NotImplementedError, match="PNDMScheduler"):
+        ffd.from_scheduler(diffusers.PNDMScheduler())
+
+
+def test_from_config_of_another_scheduler_and_save_load(tmp_path):
+    src = diffusers.PNDMScheduler(**SD, steps_offset=1, skip_prk_steps=True)
+    ff = ffd.EulerDiscreteScheduler.from_config(src.config)
+    assert ff.config.beta_schedule == "scaled_linear" and ff.config.steps_offset == 1
+    ff.save_config(tmp_path)
+    back = diffusers.EulerDiscreteScheduler.from_pretrained(tmp_path)
+    assert type(back) is diffusers.EulerDiscreteScheduler  # the saved config names the diffusers class
+    again = ffd.EulerDiscreteScheduler.from_pretrained(tmp_path)
+    public = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}  # noqa: E731
+    assert type(again) is ffd.EulerDiscreteScheduler and public(again.config) == public(ff.config)
+
+
+def test_unsupported_prediction_type_names_the_option():
+    with pytest.raises(NotImplementedError, match="prediction_type"):
+        ffd.EDMEulerScheduler(prediction_type="sample")
+
+
+def test_add_noise_and_init_noise_sigma_are_diffusers():
+    ref, ff = pair("EulerDiscreteScheduler", **SD)
+    for s in (ref, ff):
+        s.set_timesteps(10)
+    x, n = start_noise(1), start_noise(2)
+    t = ref.timesteps[2:3]
+    assert torch.equal(ff.add_noise(x, n, t), ref.add_noise(x, n, t))
+    assert torch.equal(torch.as_tensor(ff.init_noise_sigma), torch.as_tensor(ref.init_noise_sigma))
