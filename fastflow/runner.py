@@ -73,7 +73,7 @@ class PlanRunner:
         out = torch.empty_like(z) if out is None else out
         x_out = torch.empty_like(z) if (plan.write_x[i] or want_x) else None
         table = self.table(z.device, torch.float64 if z.dtype == torch.float64 else torch.float32)
-        resolve_backend(self.backend, z.device).fused_step(
+        resolve_backend(self.backend, z.device, z.dtype).fused_step(
             z, out, cond, uncond, history, table, i if step is None else step,
             seeds=seeds, noise=noise, x_out=x_out, model_in_out=model_in, clip=plan.clip, use_noise=plan.noise[i],
         )

@@ -25,6 +25,7 @@ BACKEND_NAMES = ("auto", *_FACTORIES)
 # "auto" tries these in order and takes the first that runs on the tensor's device.
 _AUTO_ORDER = ("cuda", "triton", "torch")
 _CACHE: dict[str, Backend] = {}
+_RESOLVED: dict[tuple[str, torch.device, torch.dtype | None], Backend] = {}
 
 
 def _load(name: str) -> Backend:
@@ -42,22 +43,35 @@ def get_backend(name: str) -> Backend:
     return _load(name)
 
 
-def resolve_backend(name: str, device: torch.device | str) -> Backend:
+def resolve_backend(name: str, device: torch.device | str, dtype: torch.dtype | None = None) -> Backend:
     """The backend to use for tensors on ``device``: ``name`` itself, or the best one for ``auto``.
 
-    An explicit backend that cannot run raises a RuntimeError saying why.
+    ``auto`` picks a compiled kernel where one runs (Triton only on CUDA devices: its CPU
+    interpreter is a test tool) and the torch reference otherwise, including for float64
+    states, which only the reference computes. An explicit backend that cannot run
+    raises a RuntimeError saying why. Results are cached: this sits on the step's hot path.
     """
     device = torch.device(device)
+    key = (name, device, dtype)
+    backend = _RESOLVED.get(key)
+    if backend is not None:
+        return backend
     if name == "auto":
-        for candidate in _AUTO_ORDER:
-            backend = get_backend(candidate)
-            if backend.availability() is None and backend.supports(device) is None:
-                return backend
-        return get_backend("torch")
-    backend = get_backend(name)
-    reason = backend.availability() or backend.supports(device)
-    if reason is not None:
-        raise RuntimeError(f"backend {name!r} cannot run on {device}: {reason}")
+        backend = get_backend("torch")
+        if dtype != torch.float64:
+            for candidate in _AUTO_ORDER:
+                if candidate == "triton" and device.type != "cuda":
+                    continue
+                trial = get_backend(candidate)
+                if trial.availability() is None and trial.supports(device) is None:
+                    backend = trial
+                    break
+    else:
+        backend = get_backend(name)
+        reason = backend.availability() or backend.supports(device)
+        if reason is not None:
+            raise RuntimeError(f"backend {name!r} cannot run on {device}: {reason}")
+    _RESOLVED[key] = backend
     return backend
 
 
