@@ -1,0 +1,255 @@
+#!/usr/bin/env bash
+# Build fastflow's wheels into dist/ (see docs/wheels.md).
+#
+#   scripts/build_wheels.sh                     pure wheel + binary wheel for the current python's torch
+#   scripts/build_wheels.sh --pure              only fastflow-<ver>-py3-none-any.whl (no extension)
+#   scripts/build_wheels.sh --binary            only the binary wheel for the current python's torch
+#   scripts/build_wheels.sh --cuda 13.0         binary wheel in a throwaway venv with a CUDA 13.0 torch
+#   scripts/build_wheels.sh --cuda 12.8 --nvcc-from-pip    same with torch cu128 and nvcc from PyPI
+#
+# Options: --out DIR (default dist/), --archs "9.0;8.0" (CUDA archs, default 9.0), --python PY
+# (the interpreter for --binary, default python3 on PATH), --venv DIR (throwaway venv for --cuda,
+# default build/venv-cuXY; reused when its torch already fits).
+# Environment: TORCH_SPEC (torch requirement for --cuda; default torch==2.14.1 for 13.0, none for 12.x),
+# TORCH_INDEX_URL (extra index for that torch, e.g. the PyTorch cu128 index), CUDA_HOME (toolkit,
+# default /usr/local/cuda), FASTFLOW_SKIP_CUDA_BUILD=1 (binary wheel with the CPU kernel only),
+# MAX_JOBS (parallel compile jobs, default nproc).
+#
+# Every build runs on a copy of the sources (tracked and untracked, not ignored files), so the
+# checkout's own extension build and fastflow/_build_info.py are never overwritten and no stray
+# build output can end up inside a wheel.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+OUT="$ROOT/dist"
+PY="${PYTHON:-python3}"
+ARCHS="${FASTFLOW_CUDA_ARCHS:-9.0}"
+CUDA_VER=""
+VENV=""
+NVCC_FROM_PIP=0
+DO_PURE=0
+DO_BINARY=0
+
+usage() { sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+
+while (($#)); do
+  case "$1" in
+    --pure) DO_PURE=1 ;;
+    --binary) DO_BINARY=1 ;;
+    --cuda) CUDA_VER="$2"; shift ;;
+    --archs) ARCHS="$2"; shift ;;
+    --out) OUT="$2"; shift ;;
+    --python) PY="$2"; shift ;;
+    --venv) VENV="$2"; shift ;;
+    --nvcc-from-pip) NVCC_FROM_PIP=1 ;;
+    -h | --help) usage; exit 0 ;;
+    *) echo "build_wheels: unknown argument $1" >&2; usage >&2; exit 2 ;;
+  esac
+  shift
+done
+# No selection: the two wheels every release has.
+if ((DO_PURE == 0 && DO_BINARY == 0)) && [ -z "$CUDA_VER" ]; then
+  DO_PURE=1
+  DO_BINARY=1
+fi
+
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+TMP="$(mktemp -d)"
+trap 'rm -rf "$TMP"' EXIT
+export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+
+say() { echo "build_wheels: $*" >&2; }
+die() { say "error: $*"; exit 1; }
+
+# A fresh copy of the sources under $TMP/src-NAME; prints its path.
+stage_source() {
+  local dst="$TMP/src-$1"
+  mkdir -p "$dst"
+  if git -C "$ROOT" rev-parse --is-inside-work-tree > /dev/null 2>&1; then
+    (cd "$ROOT" && git ls-files -z -co --exclude-standard | while IFS= read -r -d '' f; do
+      # Files deleted in the work tree but still tracked are skipped.
+      [ -e "$f" ] && printf '%s\0' "$f"
+    done | xargs -0 cp --parents -t "$dst")
+  else
+    (cd "$ROOT" && tar --exclude=.git --exclude=.venv --exclude=build --exclude=dist \
+      --exclude='*.so' --exclude=fastflow/_build_info.py -cf - .) | tar -C "$dst" -xf -
+  fi
+  echo "$dst"
+}
+
+# The one wheel a build wrote into DIR (fails unless there is exactly one).
+only_wheel() {
+  local wheels=("$1"/*.whl)
+  if [ "${#wheels[@]}" -ne 1 ] || [ ! -f "${wheels[0]}" ]; then
+    die "expected one wheel in $1, found: ${wheels[*]}"
+  fi
+  echo "${wheels[0]}"
+}
+
+# Print the BUILD_INFO dict a wheel carries (fails when it has none).
+wheel_build_info() {
+  "$PY" - "$1" << 'EOF'
+import ast, sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as z:
+    text = z.read("fastflow/_build_info.py").decode()
+print(ast.literal_eval(text.split("BUILD_INFO = ", 1)[1].strip()))
+EOF
+}
+
+wheel_has_so() { "$PY" -c 'import sys, zipfile; sys.exit(not any(n.endswith(".so") for n in zipfile.ZipFile(sys.argv[1]).namelist()))' "$1"; }
+
+# Move a checked wheel to $OUT (replacing one of the same name) and report it.
+publish() {
+  local whl="$1" t0="$2"
+  mv -f "$whl" "$OUT/"
+  say "built $OUT/$(basename "$whl") ($(du -h "$OUT/$(basename "$whl")" | cut -f1), $(($(date +%s) - t0)) s)"
+  echo "$OUT/$(basename "$whl")"
+}
+
+build_pure() {
+  local t0 src dir whl info
+  t0=$(date +%s)
+  src="$(stage_source pure)"
+  dir="$TMP/pure"
+  say "pure wheel: isolated build (torch is not importable there, so no extension)"
+  # Build isolation is the point: the build environment has setuptools and wheel only.
+  env -u FASTFLOW_LOCAL_VERSION "$PY" -m pip wheel -q --no-deps --no-cache-dir -w "$dir" "$src" >&2
+  whl="$(only_wheel "$dir")"
+  case "$(basename "$whl")" in
+    fastflow-*-py3-none-any.whl) ;;
+    *) die "pure wheel has the wrong tag: $(basename "$whl")" ;;
+  esac
+  ! wheel_has_so "$whl" || die "pure wheel contains a compiled module"
+  info="$(wheel_build_info "$whl")"
+  [[ "$info" == *"'extension': False"* ]] || die "pure wheel's build info claims an extension: $info"
+  say "pure wheel build info: $info"
+  publish "$whl" "$t0"
+}
+
+# Binary wheel against the torch of interpreter $1.
+build_binary() {
+  local py="$1" t0 src dir whl info meta torch_ver torch_cuda label
+  t0=$(date +%s)
+  meta="$("$py" -c 'import torch, setuptools; print(torch.__version__, torch.version.cuda or "none")')" ||
+    die "$py cannot import torch and setuptools (the binary wheel is built against the installed torch)"
+  read -r torch_ver torch_cuda <<< "$meta"
+  local nvcc="${CUDA_HOME:-/usr/local/cuda}/bin/nvcc"
+  [ -x "$nvcc" ] || nvcc="$(command -v nvcc || true)"
+  # The label says what the wheel's kernels need: cpu, or the CUDA major.minor of torch (cu130, cu128).
+  if [ "$torch_cuda" = none ] || [ "${FASTFLOW_SKIP_CUDA_BUILD:-0}" != 0 ]; then
+    label=cpu
+  elif [ -z "$nvcc" ]; then
+    say "torch has CUDA $torch_cuda but nvcc is not found (set CUDA_HOME): building the CPU kernel only"
+    label=cpu
+    export FASTFLOW_SKIP_CUDA_BUILD=1
+  else
+    label="cu${torch_cuda//./}"
+    local nvcc_ver
+    nvcc_ver="$("$nvcc" --version | sed -n 's/.*release \([0-9.]*\),.*/\1/p')"
+    # nvcc and torch must agree on the CUDA major (one libcudart in the process).
+    [ "${nvcc_ver%%.*}" = "${torch_cuda%%.*}" ] ||
+      die "nvcc $nvcc_ver ($nvcc) does not match torch's CUDA $torch_cuda: set CUDA_HOME"
+    export CUDA_HOME="${CUDA_HOME:-$(cd "$(dirname "$nvcc")/.." && pwd)}"
+    export FASTFLOW_CUDA_ARCHS="$ARCHS"
+  fi
+  # The extension uses torch's C++ API (not its stable ABI), so the wheel fits one torch minor.
+  local minor
+  minor="$(echo "$torch_ver" | sed -E 's/^([0-9]+)\.([0-9]+).*/\1.\2/')"
+  label="$label.torch$minor"
+  src="$(stage_source "binary-$label")"
+  dir="$TMP/binary-$label"
+  say "binary wheel +$label: torch $torch_ver (CUDA $torch_cuda), $py, archs ${FASTFLOW_CUDA_ARCHS:-none}"
+  # No build isolation: the extension is compiled against this environment's torch.
+  FASTFLOW_LOCAL_VERSION="$label" "$py" -m pip wheel -q --no-deps --no-build-isolation --no-cache-dir \
+    -w "$dir" "$src" >&2
+  whl="$(only_wheel "$dir")"
+  wheel_has_so "$whl" || die "binary wheel has no compiled extension"
+  info="$(wheel_build_info "$whl")"
+  [[ "$info" == *"'extension': True"* ]] || die "binary wheel's build info has no extension: $info"
+  if [[ "$label" == cu* ]] && [[ "$info" == *"'cuda': None"* ]]; then
+    die "binary wheel +$label was built without CUDA kernels: $info"
+  fi
+  say "binary wheel build info: $info"
+  whl="$(repair "$whl" "$dir")"
+  publish "$whl" "$t0"
+}
+
+# manylinux tag through auditwheel when it is installed; torch's own libraries (and the CUDA
+# runtime that torch's wheel brings) are left out, since the wheel must use the ones torch loads.
+repair() {
+  local whl="$1" dir="$2"
+  if ! command -v auditwheel > /dev/null; then
+    say "auditwheel not found: keeping the linux_x86_64 platform tag"
+    echo "$whl"
+    return
+  fi
+  mkdir -p "$dir/repaired"
+  if auditwheel repair -w "$dir/repaired" --exclude 'libtorch*.so' --exclude 'libc10*.so' \
+    --exclude 'libcudart.so.*' --exclude 'libtorch_python.so' "$whl" >&2; then
+    only_wheel "$dir/repaired"
+  else
+    say "auditwheel repair failed: keeping the linux_x86_64 platform tag"
+    echo "$whl"
+  fi
+}
+
+# A CUDA toolkit directory (bin/, include/, lib64/) assembled from PyPI's nvidia-* packages of
+# venv $1, for machines without a system toolkit of that CUDA major.
+pip_cuda_home() {
+  local vpy="$1" major="$2" home="$3" site
+  "$vpy" -m pip install -q "nvidia-cuda-nvcc-cu$major==$CUDA_VER.*" "nvidia-cuda-runtime-cu$major==$CUDA_VER.*" \
+    "nvidia-cuda-cccl-cu$major==$CUDA_VER.*" >&2
+  site="$("$vpy" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/nvidia"
+  rm -rf "$home"
+  mkdir -p "$home/include" "$home/lib64"
+  ln -s "$site/cuda_nvcc/bin" "$home/bin"
+  [ -d "$site/cuda_nvcc/nvvm" ] && ln -s "$site/cuda_nvcc/nvvm" "$home/nvvm"
+  local d f
+  for d in "$site"/cuda_nvcc/include "$site"/cuda_runtime/include "$site"/cuda_cccl/include; do
+    [ -d "$d" ] || continue
+    for f in "$d"/*; do [ -e "$home/include/$(basename "$f")" ] || ln -s "$f" "$home/include/"; done
+  done
+  for f in "$site"/cuda_runtime/lib/*; do ln -s "$f" "$home/lib64/"; done
+  # The linker wants the unversioned name.
+  local cudart=("$home"/lib64/libcudart.so.*)
+  [ -e "$home/lib64/libcudart.so" ] || ln -s "${cudart[0]}" "$home/lib64/libcudart.so"
+  echo "$home"
+}
+
+build_cuda() {
+  local tag="cu${CUDA_VER//./}" major="${CUDA_VER%%.*}" t0 spec vpy
+  t0=$(date +%s)
+  VENV="${VENV:-$ROOT/build/venv-$tag}"
+  spec="${TORCH_SPEC:-}"
+  if [ -z "$spec" ]; then
+    [ "$CUDA_VER" = 13.0 ] || die "set TORCH_SPEC (and TORCH_INDEX_URL) to a torch built for CUDA $CUDA_VER"
+    spec="torch==2.14.1"
+  fi
+  [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+  vpy="$VENV/bin/python"
+  if ! "$vpy" -c "import sys, torch; sys.exit(torch.version.cuda != '$CUDA_VER')" 2> /dev/null; then
+    say "installing $spec into $VENV"
+    local extra=()
+    [ -n "${TORCH_INDEX_URL:-}" ] && extra=(--extra-index-url "$TORCH_INDEX_URL")
+    "$vpy" -m pip install -q "${extra[@]}" "setuptools>=77" wheel ninja "$spec" >&2
+  fi
+  local have
+  have="$("$vpy" -c 'import torch; print(torch.__version__, torch.version.cuda)')"
+  say "venv torch: $have ($(($(date +%s) - t0)) s so far)"
+  [ "${have#* }" = "$CUDA_VER" ] || die "torch in $VENV has CUDA ${have#* }, not $CUDA_VER"
+  if ((NVCC_FROM_PIP)); then
+    export CUDA_HOME
+    CUDA_HOME="$(pip_cuda_home "$vpy" "$major" "$ROOT/build/cuda-$CUDA_VER")"
+  else
+    export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
+  fi
+  PATH="$VENV/bin:$PATH" build_binary "$vpy"
+}
+
+# Subshells: each build's exported settings (CUDA_HOME, FASTFLOW_SKIP_CUDA_BUILD) stay its own.
+if ((DO_PURE)); then (build_pure); fi
+if ((DO_BINARY)); then (build_binary "$PY"); fi
+if [ -n "$CUDA_VER" ]; then (build_cuda); fi
+say "done; wheels in $OUT:"
+ls -l "$OUT"/*.whl >&2
