@@ -76,9 +76,15 @@ class HeunDiscreteScheduler(FastflowScheduler, _heun.HeunDiscreteScheduler):
     def _ff_prepare(self) -> None:
         sig = self.sigmas.detach().to("cpu", torch.float32)
         self._ff_sigmas = sig.to(torch.float64).numpy()
-        # diffusers' own scalar formula on its float32 sigma, so the scaled input is bit-identical.
-        self._ff_in_scale = [float((s**2 + 1) ** 0.5) for s in sig[: len(self._ff_host_timesteps)]]
+        # diffusers' own formula in float32, element by element, so the scaled input is bit-identical.
+        self._ff_in_scale = ((sig[: len(self._ff_host_timesteps)] ** 2 + 1) ** 0.5).tolist()
         self._ff_first: dict[int, list[bool]] = {}
+
+    def _ff_warm(self) -> None:
+        # diffusers' __init__ runs set_timesteps(num_train_timesteps) before it sets ``use_karras_sigmas``;
+        # a plan for that throwaway schedule would cost ~0.3 s per construction, so it is built on demand.
+        if "use_karras_sigmas" in self.__dict__:
+            super()._ff_warm()
 
     def _ff_clip(self) -> float | None:
         return float(self.config.clip_sample_range) if self.config.clip_sample else None
@@ -91,12 +97,12 @@ class HeunDiscreteScheduler(FastflowScheduler, _heun.HeunDiscreteScheduler):
     @property
     def state_in_first_order(self) -> bool:
         """Whether the next ``step`` call is a first-order (predictor) call."""
-        comp = (getattr(self, "_ff_compiled", None) or {}).get((None,))
         idx = self.step_index
-        if comp is None or idx is None:
+        start = self._ff_loop_start
+        flags = getattr(self, "_ff_first", {}).get(start)
+        if idx is None or flags is None:
             return True
-        flags = self._ff_first.get(comp.start, [])
-        k = idx - comp.start
+        k = idx - start
         return flags[k] if 0 <= k < len(flags) else True
 
     def scale_model_input(self, sample: torch.Tensor, timestep: float | torch.Tensor) -> torch.Tensor:
