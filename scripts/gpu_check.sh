@@ -72,8 +72,8 @@ log "repository $ROOT, output $OUT, budget ${BUDGET}s, python $(command -v "$PY"
 
 # 0. machine and versions (cheap; first, so they exist whatever happens later)
 {
-    nvidia-smi || echo "nvidia-smi failed"
-    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem,power.limit \
+    timeout 30 nvidia-smi || echo "nvidia-smi failed"
+    timeout 30 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem,power.limit \
         --format=csv || true
 } >"$OUT/nvidia-smi.txt" 2>&1
 versions() {
@@ -109,9 +109,10 @@ install_wheels() {
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "${wheels[@]}"
 }
 export -f install_wheels
-phase wheels 60 300 install_wheels
+phase wheels 60 0 install_wheels
 [ -d /tmp/site ] && export PYTHONPATH=/tmp/site:$PYTHONPATH
-versions >"$OUT/versions.txt" 2>&1
+export -f versions
+timeout -k 5 60 bash -c versions >"$OUT/versions.txt" 2>&1 || echo "versions: rc $?" >>"$OUT/versions.txt"
 cat "$OUT/versions.txt"
 
 # 2. the extension, built in place (fastflow/_C*.so), for sm_90 (H100 and H200)
