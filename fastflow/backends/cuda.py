@@ -155,6 +155,8 @@ class CudaBackend:
             return None
         if device.type == "cuda":
             if has_cuda_kernels():
+                if not torch.cuda.is_available():
+                    return "no CUDA device is available"
                 return _arch_reason(device)
             info = build_info() or {}
             why = info.get("cuda_skipped") or "it was built without nvcc"
