@@ -211,7 +211,7 @@ class FastflowScheduler:
         self._ff_host_timesteps = self.timesteps.detach().to("cpu", torch.float64).numpy()
         self._ff_compiled: dict[tuple, Compiled] = {}
         self._ff_seed: int | None = None
-        self._ff_seeds: dict[tuple, torch.Tensor] = {}
+        self._ff_seeds: dict[tuple, torch.Tensor] = {}  # per-device seeds and step counters
         self._ff_host_cache: dict[str, Any] = {}
         self._ff_loop_start = 0
         self._ff_prepare()
@@ -296,6 +296,15 @@ class FastflowScheduler:
         if device.type != "cpu":
             comp.runner.table(device, torch.float32)
 
+    def _ff_rows(self, n: int, device: torch.device) -> torch.Tensor:
+        """``arange(n)`` on ``device``, made once: step ``k`` reads the view ``[k:k+1]`` (no copy, no launch)."""
+        key = ("rows", device, n)
+        rows = self._ff_seeds.get(key)
+        if rows is None:
+            rows = torch.arange(n, dtype=torch.int64, device=device)
+            self._ff_seeds[key] = rows
+        return rows
+
     def _ff_seed_tensor(self, batch: int, device: torch.device) -> torch.Tensor:
         key = (device, batch)
         seeds = self._ff_seeds.get(key)
@@ -339,17 +348,24 @@ class FastflowScheduler:
             z = z.contiguous()
         o = model_output if model_output.is_contiguous() else model_output.contiguous()
         seeds = None
+        row: int | torch.Tensor = k
         if comp.plan.noise[k] and noise is None:
             seeds = self._ff_seed_tensor(z.shape[0], z.device)
+            if z.device.type != "cpu":
+                # The noise counter as a device tensor: an int would be copied to the device (a sync).
+                row = self._ff_rows(comp.plan.stages, z.device)[k : k + 1]
         if noise is not None and noise.shape != z.shape:
             noise = noise.reshape(z.shape)
         pred_lin = comp.preds[k]
         want_x = want_pred and self.compute_pred_original_sample
         extra = (o,) if comp.uses_o[k] else ()
-        out, x = comp.runner.run(k, z, o, None, seeds=seeds, noise=noise, want_x=want_x, extra_history=extra)
+        out, x = comp.runner.run(
+            k, z, o, None, seeds=seeds, noise=noise, want_x=want_x, extra_history=extra,
+            step=None if isinstance(row, int) else row,
+        )
         pred = None
         if want_x:
-            pred = x if pred_lin is None else self._ff_eval(pred_lin, k, x, z, o, noise, seeds)
+            pred = x if pred_lin is None else self._ff_eval(pred_lin, k, x, z, o, noise, seeds, row)
         self._step_index = idx + 1
         if out_dtype is not None and out.dtype != out_dtype:
             out = out.to(out_dtype)
@@ -364,6 +380,7 @@ class FastflowScheduler:
         o: torch.Tensor,
         given_noise: torch.Tensor | None,
         seeds: torch.Tensor | None,
+        row: int | torch.Tensor,
     ) -> torch.Tensor:
         """A prediction field that is not ``x_hat`` itself (e.g. churned or LCM's ``denoised``): plain torch ops."""
         terms = {("x", k): x, ("z", k): z, (_O_KIND, k): o}
@@ -373,7 +390,7 @@ class FastflowScheduler:
                 continue
             if atom == NOISE:
                 if given_noise is None:  # the kernel's own draw, regenerated from the spec
-                    given_noise = noise_spec.normal(seeds, z.shape[1:], step=k, dtype=torch.float32)
+                    given_noise = noise_spec.normal(seeds, z.shape[1:], step=row, dtype=torch.float32)
                 t = given_noise
             elif atom in terms:
                 t = terms[atom]

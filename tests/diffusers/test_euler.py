@@ -160,3 +160,11 @@ def test_edm_euler_churn_and_given_x0():
         assert b.pred_original_sample is x0b
         xa, xb = a.prev_sample, b.prev_sample
     assert_close(xb, xa)
+
+
+@pytest.mark.parametrize("name", ["EulerDiscreteScheduler", "FlowMatchEulerDiscreteScheduler"])
+def test_beta_sigmas(name):
+    pytest.importorskip("scipy")  # diffusers' beta sigmas need it
+    config = dict(SD, use_beta_sigmas=True) if name.startswith("Euler") else dict(use_beta_sigmas=True, shift=3.0)
+    ref, ff = pair(name, **config)
+    assert_loops_match(ref, ff, steps=10)
