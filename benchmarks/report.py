@@ -138,6 +138,12 @@ def markdown(results: dict) -> str:
         out += _table([c for c in cases if any(cc is c for cc, _ in agree)], cols,
                       lambda c, n: (f"{c['impls'][n]['rel_err_vs_torch']:.1e}"
                                     if "rel_err_vs_torch" in c["impls"].get(n, {}) else "-"))
+    check = results.get("naive_check")
+    if check:
+        out += ["", "## The naive baselines compute fastflow's update", "",
+                "float64, noise off on both sides, whole loop: max |z_naive - z_fastflow| / max |z_fastflow|", "",
+                "| " + " | ".join(check) + " |", "|" + "---|" * len(check),
+                "| " + " | ".join(f"{v:.1e}" if isinstance(v, float) else str(v) for v in check.values()) + " |"]
     reasons = _skip_reasons(cases, cols)
     if reasons or results.get("skipped"):
         out += ["", "## Not measured, and why", ""] + reasons

@@ -25,6 +25,7 @@ import torch
 
 from . import report, timing
 from .cases import FAMILIES, QUICK_CPU_SIZES, SIZES, Case, parse_size, step_bytes_per_element
+from .check import naive_agreement
 from .impls import BASELINES, FASTFLOW_BACKENDS, IMPL_NAMES, Impl, make_impl
 
 __all__ = ["main", "parse_args", "run"]
@@ -305,6 +306,7 @@ def run(args: argparse.Namespace) -> dict:
     info = machine_info(device)
     out = args.out or default_out(info["card"])
     out.mkdir(parents=True, exist_ok=True)
+    naive_check = naive_agreement()
     copy_gbs, copy_bytes = timing.copy_bandwidth_gbs(device)
     print(f"benchmarks: {info['card']} ({device}), copy bandwidth {copy_gbs:.0f} GB/s; writing {out}", flush=True)
     results: dict = {
@@ -312,6 +314,7 @@ def run(args: argparse.Namespace) -> dict:
         "machine": info,
         "settings": settings,
         "copy": {"gbs": copy_gbs, "buffer_bytes": copy_bytes},
+        "naive_check": naive_check,
         "cases": [],
         "skipped": [],
     }
