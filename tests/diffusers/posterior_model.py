@@ -32,7 +32,7 @@ def posterior_model(scheduler, prediction: str | None = None, flow: bool | None 
             ab = float(ac[min(max(round(tau), 0), len(ac) - 1)])
             a, s = math.sqrt(ab), math.sqrt(1.0 - ab)
         z = x.double()
-        m = 0.3 + 0.7 * torch.linspace(0, 1, z[0].numel(), dtype=torch.float64).reshape(z.shape[1:])
+        m = 0.3 + 0.7 * torch.linspace(0, 1, z[0].numel(), dtype=torch.float64, device=z.device).reshape(z.shape[1:])
         v = 0.09
         big_v = a * a * v + s * s
         th = torch.tanh(a * m * z / big_v)

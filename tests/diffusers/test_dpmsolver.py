@@ -343,13 +343,13 @@ def test_gpu_no_sync(backend, algorithm_type):
     for i, t in enumerate(ref.timesteps):
         xa = ref.step(stand_in(xa, t), t, xa, variance_noise=noises[i]).prev_sample
     ff.set_begin_index(0)
+    host_t = ff.timesteps.cpu()  # the stand-in reads its timestep on the host; the step must not
     xb = x0.clone()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for i, t in enumerate(ff.timesteps):
-            xb = ff.step(stand_in(xb, t), t, xb, variance_noise=noises[i]).prev_sample
-        torch.cuda.set_sync_debug_mode("default")
+            xb = ff.step(stand_in(xb, host_t[i]), t, xb, variance_noise=noises[i]).prev_sample
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert_close(xb, xa, rtol=1e-4, atol=1e-4)
