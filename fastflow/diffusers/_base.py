@@ -204,7 +204,7 @@ class FastflowScheduler:
 
     # ------------------------------------------------------------ state
     def _ff_reset(self) -> None:
-        """Called after diffusers' ``set_timesteps``: host copies, a new noise seed, no compiled plans yet."""
+        """After diffusers' ``set_timesteps``: host copies of the schedule, the default plan, a fresh noise seed."""
         self._step_index = None
         self._begin_index = None
         # One device read here (set_timesteps already copies to the device) keeps step free of them.

@@ -73,8 +73,14 @@ def test_euler_half_precision_output_dtype():
     assert_close(xb.float(), xa.float(), rtol=4e-3, atol=4e-3)  # a few float16 ulps
 
 
-def test_scale_model_input_bit_identical():
-    ref, ff = pair("EulerDiscreteScheduler", **SD, use_karras_sigmas=True)
+@pytest.mark.parametrize(
+    "name,config",
+    [("EulerDiscreteScheduler", dict(SD, use_karras_sigmas=True)), ("EulerAncestralDiscreteScheduler", SD),
+     ("EDMEulerScheduler", dict(sigma_data=0.7))],
+    ids=["euler", "ancestral", "edm"],
+)
+def test_scale_model_input_bit_identical(name, config):
+    ref, ff = pair(name, **config)
     for s in (ref, ff):
         s.set_timesteps(8)
     x = start_noise()
