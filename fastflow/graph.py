@@ -137,7 +137,7 @@ def capture_blockers(sampler: Sampler, device: torch.device | str, dtype: torch.
     elif not torch.cuda.is_available():
         reasons.append("CUDA is not available (no device, or a CPU-only torch build)")
     try:
-        backend = resolve_backend(sampler.backend, device)
+        backend = resolve_backend(sampler.backend, device, dtype)
     except Exception as exc:  # the reason is reported, not raised: eager reports it again if it runs
         reasons.append(f"backend {sampler.backend!r} cannot run on {device}: {exc}")
     else:
@@ -204,7 +204,7 @@ class CapturedLoop:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {self.device} requested, but CUDA is not available")
         try:
-            resolve_backend(sampler.backend, self.device)
+            resolve_backend(sampler.backend, self.device, dtype)
         except RuntimeError as exc:
             raise ValueError(f"this sampler cannot run on {self.device}: {exc}") from exc
         if guidance_scale is not None:

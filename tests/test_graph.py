@@ -40,6 +40,13 @@ def make_sampler(solver: str = "ddim", steps: int = 6, **kw) -> fastflow.Sampler
     return fastflow.Sampler(schedule, solver, prediction=prediction, steps=steps, **kw)
 
 
+def use_torch_backend(monkeypatch, backend) -> None:
+    """Stand ``backend`` in for the torch reference (dispatch caches resolutions, so reset that too)."""
+    monkeypatch.setitem(backends._CACHE, "torch", backend)
+    if hasattr(backends, "_RESOLVED"):
+        monkeypatch.setattr(backends, "_RESOLVED", {})
+
+
 @pytest.fixture(autouse=True)
 def _quiet_fallback():
     ffgraph._WARNED.clear()
@@ -80,7 +87,7 @@ def test_rejects_backend_that_cannot_run(monkeypatch):
         def supports(self, device):
             return None if torch.device(device).type == "cuda" else "this backend runs on CUDA devices only"
 
-    monkeypatch.setitem(backends._CACHE, "torch", GpuOnly())
+    use_torch_backend(monkeypatch, GpuOnly())
     with pytest.raises(ValueError, match="cannot run on cpu.*CUDA devices only"):
         capture(toy_model, make_sampler(), SHAPE, device="cpu")
 
@@ -161,7 +168,7 @@ def test_capture_blockers(monkeypatch):
         capturable = False
         capture_reason = "it reads its coefficients on the host"
 
-    monkeypatch.setitem(backends._CACHE, "torch", NotCapturable())
+    use_torch_backend(monkeypatch, NotCapturable())
     reasons = capture_blockers(s, "cpu")
     assert any("'torch' backend cannot be captured: it reads its coefficients on the host" in r for r in reasons)
 
@@ -427,7 +434,7 @@ def test_gpu_syncing_backend_falls_back(monkeypatch):
             table.sum().item()  # reads the table on the host: not capture-safe
             return super().fused_step(z, out, model_out, model_out_uncond, history, table, step, **kwargs)
 
-    monkeypatch.setitem(backends._CACHE, "torch", Syncing())
+    use_torch_backend(monkeypatch, Syncing())
     dev = torch.device("cuda")
     net = TinyNet(GSHAPE[1]).to(dev)
     s = _gpu_sampler("ddim", "torch")

@@ -1,0 +1,213 @@
+"""Pipeline capture: data-flow checks and the eager fallback on the CPU; capture and replay of DDIMPipeline on a GPU."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+ffd = pytest.importorskip("fastflow.diffusers", reason="fastflow.diffusers (the drop-in schedulers) is not importable")
+
+from diffusers import DDIMPipeline, DiffusionPipeline, UNet2DModel  # noqa: E402
+from diffusers import DDIMScheduler as DiffusersDDIM  # noqa: E402
+from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
+
+from fastflow import graph_pipeline as gp  # noqa: E402
+from fastflow.graph_pipeline import PipelineFallbackWarning, capture_pipeline  # noqa: E402
+
+
+def tiny_unet() -> UNet2DModel:
+    torch.manual_seed(0)
+    return UNet2DModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=1,
+        block_out_channels=(16, 32),
+        norm_num_groups=8,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    ).eval()
+
+
+def ddim_pipe(device: str = "cpu", fastflow_scheduler: bool = True) -> DDIMPipeline:
+    pipe = DDIMPipeline(unet=tiny_unet(), scheduler=DiffusersDDIM(num_train_timesteps=1000)).to(device)
+    if fastflow_scheduler:  # DDIMPipeline converts any scheduler to diffusers' DDIM on construction
+        pipe.scheduler = ffd.from_scheduler(pipe.scheduler, backend="torch")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+class LoopPipeline(DiffusionPipeline):
+    """A hand-written loop; ``mode`` breaks it the ways real pipelines do."""
+
+    def __init__(self, unet, scheduler, mode: str = "plain"):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler)
+        self.mode = mode
+
+    @torch.no_grad()
+    def __call__(self, batch_size: int = 2, num_inference_steps: int = 4, generator=None):
+        shape = (batch_size, 3, 8, 8)
+        device = self.unet.device
+        x = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
+        self.scheduler.set_timesteps(num_inference_steps)
+        for t in self.scheduler.timesteps:
+            if self.mode == "cfg":
+                o = self.unet(torch.cat([x] * 2), t).sample
+                uncond, cond = o.chunk(2)
+                o = uncond + 2.0 * (cond - uncond)
+            elif self.mode == "scaled_output":
+                o = self.unet(x, t).sample * 0.5
+            else:
+                o = self.unet(x, t).sample
+            x = self.scheduler.step(o, t, x).prev_sample
+            if self.mode == "sync" and torch.isnan(x).any():  # a data-dependent branch: a host sync
+                raise FloatingPointError("NaN latents")
+        return x
+
+
+@pytest.fixture(autouse=True)
+def _fresh_warnings():
+    gp._WARNED.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PipelineFallbackWarning)
+        yield
+
+
+# ----------------------------------------------------------------------------- CPU
+def test_validation():
+    pipe = ddim_pipe()
+    with pytest.raises(ValueError, match="max_graphs"):
+        capture_pipeline(pipe, max_graphs=0)
+    with pytest.raises(ValueError, match="warmup"):
+        capture_pipeline(pipe, warmup=0)
+    with pytest.raises(ValueError, match="not a torch.nn.Module"):
+        capture_pipeline(pipe, model_attr="scheduler")
+
+    class NoModel:
+        scheduler = None
+
+    with pytest.raises(ValueError, match="no denoiser"):
+        capture_pipeline(NoModel())
+
+
+def test_ddim_pipeline_loop_is_capturable_data_flow():
+    fast = capture_pipeline(ddim_pipe())
+    assert fast.explain(batch_size=2, num_inference_steps=3, output_type="np") is None
+    model = fast.model
+    assert "forward" not in model.__dict__ and "step" not in fast.scheduler.__dict__  # wrappers removed
+
+
+@pytest.mark.parametrize(
+    ("mode", "expected"),
+    [
+        ("cfg", "classifier-free guidance"),
+        ("scaled_output", "does not take the model's output as the model returned it"),
+        ("plain", None),
+    ],
+)
+def test_explain_names_what_breaks_the_loop(mode, expected):
+    pipe = LoopPipeline(tiny_unet(), ffd.from_scheduler(DiffusersDDIM(), backend="torch"), mode=mode)
+    reason = capture_pipeline(pipe).explain(batch_size=2, num_inference_steps=3)
+    if expected is None:
+        assert reason is None
+    else:
+        assert expected in reason
+
+
+def test_non_fastflow_scheduler_runs_eagerly():
+    pipe = ddim_pipe(fastflow_scheduler=False)
+    fast = capture_pipeline(pipe)
+    assert any("not a fastflow drop-in" in r for r in fast.blockers())
+    with pytest.warns(PipelineFallbackWarning, match="not a fastflow drop-in"):
+        got = fast(batch_size=1, num_inference_steps=3, generator=torch.manual_seed(0), output_type="np").images
+    ref = pipe(batch_size=1, num_inference_steps=3, generator=torch.manual_seed(0), output_type="np").images
+    assert (got == ref).all()
+    assert "not a fastflow drop-in" in fast.reason
+
+
+def test_cpu_pipeline_runs_eagerly_with_reason():
+    pipe = ddim_pipe()
+    fast = capture_pipeline(pipe)
+    got = fast(batch_size=2, num_inference_steps=3, generator=torch.manual_seed(1), output_type="np").images
+    ref = pipe(batch_size=2, num_inference_steps=3, generator=torch.manual_seed(1), output_type="np").images
+    assert (got == ref).all()
+    assert "CUDA" in fast.reason and fast.captures == 0
+
+
+def test_callbacks_block_capture():
+    fast = capture_pipeline(ddim_pipe())
+    assert any("callback_on_step_end" in r for r in fast.blockers({"callback_on_step_end": print}))
+
+
+# ----------------------------------------------------------------------------- GPU
+gpu = pytest.mark.gpu
+
+
+@gpu
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_gpu_ddim_pipeline_replay_equals_eager(backend):
+    pipe = ddim_pipe("cuda")
+    pipe.scheduler.backend = backend
+    fast = capture_pipeline(pipe)
+    kw = {"batch_size": 2, "num_inference_steps": 6, "output_type": "pt"}
+    ref0 = pipe(generator=torch.Generator("cpu").manual_seed(0), **kw).images
+    ref1 = pipe(generator=torch.Generator("cpu").manual_seed(1), **kw).images
+    first = fast(generator=torch.Generator("cpu").manual_seed(0), **kw).images  # records, then captures
+    assert fast.reason is None and fast.captures == 1, fast.reason
+    assert torch.equal(first, ref0)
+    second = fast(generator=torch.Generator("cpu").manual_seed(0), **kw).images  # replays
+    assert fast.replays == 1
+    assert torch.equal(second, ref0), (second - ref0).abs().max()
+    third = fast(generator=torch.Generator("cpu").manual_seed(1), **kw).images
+    assert fast.replays == 2
+    assert torch.equal(third, ref1) and not torch.equal(third, ref0)
+    assert fast.memory_bytes > 0
+    assert "forward" not in pipe.unet.__dict__ and "step" not in pipe.scheduler.__dict__
+    # a new signature (steps) is a new capture; the old one stays (max_graphs=2)
+    fast(generator=torch.Generator("cpu").manual_seed(0), batch_size=2, num_inference_steps=4, output_type="pt")
+    assert fast.captures == 2
+
+
+@gpu
+def test_gpu_stochastic_ddim_fresh_noise_per_replay():
+    pipe = ddim_pipe("cuda")
+    fast = capture_pipeline(pipe)
+    kw = {"batch_size": 2, "num_inference_steps": 5, "eta": 0.7, "output_type": "pt"}
+    torch.manual_seed(3)
+    ref = pipe(**kw).images
+    fast(**kw)  # record + capture
+    assert fast.reason is None, fast.reason
+    torch.manual_seed(3)
+    replay = fast(**kw).images  # same global RNG state: same latents and the same loop seed as eager
+    assert fast.replays == 1
+    assert torch.equal(replay, ref), (replay - ref).abs().max()
+    again = fast(**kw).images
+    assert not torch.equal(again, replay)
+
+
+@gpu
+def test_gpu_cpu_generator_noise_falls_back():
+    pipe = ddim_pipe("cuda")
+    fast = capture_pipeline(pipe)
+    kw = {"batch_size": 2, "num_inference_steps": 4, "eta": 0.5, "output_type": "pt"}
+    with pytest.warns(PipelineFallbackWarning, match="scheduler.step"):
+        got = fast(generator=torch.Generator("cpu").manual_seed(0), **kw).images
+    assert fast.captures == 0 and "synchroniz" in fast.reason
+    ref = pipe(generator=torch.Generator("cpu").manual_seed(0), **kw).images
+    assert torch.equal(got, ref)
+    assert torch.equal(fast(generator=torch.Generator("cpu").manual_seed(0), **kw).images, ref)
+
+
+@gpu
+def test_gpu_sync_in_pipeline_code_falls_back():
+    pipe = LoopPipeline(tiny_unet(), ffd.from_scheduler(DiffusersDDIM(), backend="torch"), mode="sync").to("cuda")
+    fast = capture_pipeline(pipe)
+    got = fast(batch_size=2, num_inference_steps=3, generator=torch.Generator("cpu").manual_seed(0))
+    assert fast.captures == 0
+    assert "pipeline's own code between scheduler.step at loop call 1" in fast.reason
+    ref = pipe(batch_size=2, num_inference_steps=3, generator=torch.Generator("cpu").manual_seed(0))
+    assert torch.equal(got, ref)
