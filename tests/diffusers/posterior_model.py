@@ -42,3 +42,26 @@ def posterior_model(scheduler, prediction: str | None = None, flow: bool | None 
         return outs[prediction].to(x.dtype)
 
     return model
+
+
+def tiny_unet():
+    """A real diffusers network with small random weights (offline), for pipeline-style loops."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    return UNet2DModel(
+        sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
+        norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+    ).eval()
+
+
+def unet_loop(scheduler, unet, steps: int, seed: int = 0, **step_kwargs) -> torch.Tensor:
+    """diffusers' pipeline loop: initial noise times ``init_noise_sigma``, ``scale_model_input``, the network, step."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 3, 8, 8, generator=g) * scheduler.init_noise_sigma
+    scheduler.set_timesteps(steps)
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            o = unet(scheduler.scale_model_input(x, t), t).sample
+            x = scheduler.step(o, t, x, **step_kwargs).prev_sample
+    return x

@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 from dropin_helpers import SHAPE, assert_close, run_loop, start_noise
-from posterior_model import posterior_model
+from posterior_model import posterior_model, tiny_unet, unet_loop
 
 import fastflow.diffusers as ffd
 from fastflow.diffusers.heun import HeunDiscreteScheduler
@@ -202,3 +202,12 @@ def test_gpu_no_sync(backend):
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert_close(xb, xa, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("config", [dict(SD), dict(SD, use_karras_sigmas=True, prediction_type="v_prediction")])
+def test_tiny_unet_loop(config):
+    """A real network (tiny random UNet, offline) in diffusers' pipeline loop: the same samples."""
+    ref = diffusers.HeunDiscreteScheduler(**config)
+    ff = ffd.from_scheduler(ref, backend="torch")
+    unet = tiny_unet()
+    assert_close(unet_loop(ff, unet, 8), unet_loop(ref, unet, 8))

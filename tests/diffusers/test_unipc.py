@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from dropin_helpers import SHAPE, assert_close, run_loop, start_noise
-from posterior_model import posterior_model
+from posterior_model import posterior_model, tiny_unet, unet_loop
 
 import fastflow.diffusers as ffd
 from fastflow.diffusers.unipc import UniPCMultistepScheduler, unipc_orders
@@ -243,3 +243,12 @@ def test_gpu_no_sync(backend):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert_close(xb, xa, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("config", [dict(solver_order=2), dict(solver_order=3, prediction_type="v_prediction")])
+def test_tiny_unet_loop(config):
+    """A real network (tiny random UNet, offline) in diffusers' pipeline loop: the same samples."""
+    ref = diffusers.UniPCMultistepScheduler(**config)
+    ff = ffd.from_scheduler(ref, backend="torch")
+    unet = tiny_unet()
+    assert_close(unet_loop(ff, unet, 12), unet_loop(ref, unet, 12))
