@@ -60,6 +60,37 @@ def test_ddpm_pipeline():
     np.testing.assert_allclose(b, a, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "name,config",
+    [
+        ("EulerDiscreteScheduler", dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)),
+        ("EulerDiscreteScheduler", dict(use_karras_sigmas=True, prediction_type="v_prediction")),
+        ("EDMEulerScheduler", dict()),
+        ("DDIMScheduler", dict(clip_sample=False, timestep_spacing="trailing")),
+    ],
+    ids=["euler", "euler-karras-v", "edm-euler", "ddim"],
+)
+def test_latent_pipeline(name, config):
+    """LDMPipeline: init_noise_sigma, scale_model_input, step's signature inspection and a VQ decoder."""
+    torch.manual_seed(0)
+    vq = diffusers.VQModel(
+        in_channels=3, out_channels=3, latent_channels=3, block_out_channels=(8,), layers_per_block=1,
+        norm_num_groups=4, num_vq_embeddings=16, down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+    ).eval()
+    unet = _unet()
+    ref = getattr(diffusers, name)(**config)
+    images = []
+    for scheduler in (ref, ffd.from_scheduler(ref, backend="torch")):
+        pipe = diffusers.LDMPipeline(vqvae=vq, unet=unet, scheduler=scheduler)
+        pipe.set_progress_bar_config(disable=True)
+        with torch.no_grad():
+            out = pipe(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=10,
+                       output_type="np")
+        images.append(out.images)
+    np.testing.assert_allclose(images[1], images[0], rtol=0, atol=1e-5)
+
+
 def test_swap_by_from_config_on_a_pipeline():
     pipe = diffusers.DDIMPipeline(unet=_unet(), scheduler=diffusers.DDIMScheduler())
     pipe.scheduler = ffd.DDIMScheduler.from_config(pipe.scheduler.config)
