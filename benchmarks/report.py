@@ -136,8 +136,9 @@ def markdown(results: dict) -> str:
         out += ["", "## Agreement (deterministic loops: max |z - z_ref| / max |z_ref| against fastflow's torch "
                 "backend on the same grid)", ""]
         out += _table([c for c in cases if any(cc is c for cc, _ in agree)], cols,
-                      lambda c, n: (f"{c['impls'][n]['rel_err_vs_torch']:.1e}"
-                                    if "rel_err_vs_torch" in c["impls"].get(n, {}) else "-"))
+                      lambda c, n: "ref" if n == "fastflow-torch" else (
+                          f"{c['impls'][n]['rel_err_vs_torch']:.1e}" if "rel_err_vs_torch" in c["impls"].get(n, {})
+                          else "-"))
     check = results.get("naive_check")
     if check:
         out += ["", "## The naive baselines compute fastflow's update", "",

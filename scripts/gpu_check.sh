@@ -5,6 +5,9 @@
 #
 #   OUT=/some/dir bash scripts/gpu_check.sh        (OUT defaults to ./gpu_out)
 #
+# Knobs: GPU_CHECK_BUDGET (seconds, default 390), BENCH_ARGS (default --quick),
+# FASTFLOW_CUDA_ARCHS (default 90), CUDA_HOME (default /usr/local/cuda), PYTHON.
+#
 # Run from a copy of the repository with the git-ignored .whl/ folder carried
 # along (diffusers' wheel; the machine has no network). Everything it writes
 # lands under $OUT: summary.log (one line per phase: exit code and seconds),
@@ -31,6 +34,7 @@ export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 export FASTFLOW_CUDA_ARCHS=${FASTFLOW_CUDA_ARCHS:-90}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 export ROOT OUT PY
+[ -n "${BENCH_ARGS+x}" ] && export BENCH_ARGS
 
 log() { echo "[gpu_check +$(($(date +%s) - T0))s] $*" | tee -a "$OUT/summary.log"; }
 
@@ -136,8 +140,10 @@ export -f gpu_tests
 phase gpu_tests 150 130 gpu_tests
 
 # 4. the step benchmarks (quick settings; they write results after every case)
+# BENCH_ARGS replaces the default --quick (e.g. BENCH_ARGS="" for the full settings, given the time).
 bench() {
-    "$PY" -m benchmarks --quick --no-e2e --out "$OUT/bench" --budget $((PHASE_LIMIT - 20))
+    # shellcheck disable=SC2086  # BENCH_ARGS is a list of words
+    "$PY" -m benchmarks ${BENCH_ARGS---quick} --no-e2e --out "$OUT/bench" --budget $((PHASE_LIMIT - 20))
 }
 export -f bench
 phase bench 150 40 bench
