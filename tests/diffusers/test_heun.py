@@ -211,3 +211,19 @@ def test_tiny_unet_loop(config):
     ff = ffd.from_scheduler(ref, backend="torch")
     unet = tiny_unet()
     assert_close(unet_loop(ff, unet, 8), unet_loop(ref, unet, 8))
+
+
+def test_bfloat16_sample():
+    """A bfloat16 loop returns bfloat16 as diffusers does and agrees to a few bfloat16 ulps (diffusers rounds
+    intermediates to bfloat16; the drop-in computes in float32 and rounds once per output)."""
+    ref, ff = pair()
+    model = posterior_model(ref)
+    outs = []
+    for s in (ref, ff):
+        s.set_timesteps(10)
+        x = (start_noise(0) * s.init_noise_sigma).to(torch.bfloat16)
+        for t in s.timesteps:
+            x = s.step(model(s.scale_model_input(x, t), t), t, x).prev_sample
+        outs.append(x)
+    assert outs[1].dtype == outs[0].dtype == torch.bfloat16
+    assert_close(outs[1].float(), outs[0].float(), rtol=0, atol=0.05)
