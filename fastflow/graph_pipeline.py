@@ -159,6 +159,7 @@ class _Trace:
     outputs: Any = None
     placeholders: dict[tuple, torch.Tensor] = field(default_factory=dict)
     stochastic: bool = False
+    keep: dict = field(default_factory=dict)
     reason: str | None = None
     memory_bytes: int = 0
 
@@ -174,6 +175,7 @@ class _Trace:
             self.graph.reset()
         self.graph = None
         self.outputs = None
+        self.keep = {}
         self.memory_bytes = 0
 
 
@@ -526,6 +528,9 @@ class CapturedPipeline:
             trace.memory_bytes = max(0, torch.cuda.memory_reserved(device) - before)
         trace.graph = graph
         trace.outputs = final
+        # The graph reads device tensors the scheduler made outside it (coefficient tables, seeds, step
+        # counters); set_timesteps replaces the scheduler's dicts of them, so hold this generation alive.
+        trace.keep = dict(vars(scheduler))
 
     # ------------------------------------------------------------------ replay
     def _replay(self, trace: _Trace, args: tuple, kwargs: dict) -> Any:
@@ -819,7 +824,10 @@ def _fresh_seed() -> int:
 
 def _write_seeds(seeds: torch.Tensor) -> None:
     host = torch.arange(seeds.shape[0], dtype=torch.int64) + _fresh_seed()
-    seeds.copy_(host.pin_memory(), non_blocking=True)
+    if seeds.device.type == "cuda":
+        seeds.copy_(host.pin_memory(), non_blocking=True)
+    else:
+        seeds.copy_(host)
 
 
 def capture_pipeline(

@@ -211,3 +211,89 @@ def test_gpu_sync_in_pipeline_code_falls_back():
     assert "pipeline's own code between scheduler.step at loop call 1" in fast.reason
     ref = pipe(batch_size=2, num_inference_steps=3, generator=torch.Generator("cpu").manual_seed(0))
     assert torch.equal(got, ref)
+
+
+# ----------------------------------------------------------------------------- CPU: replay logic with a stand-in graph
+class StandInGraph:
+    """Replays by rerunning the recorded loop and writing into the static outputs, as a CUDA graph would."""
+
+    def __init__(self, fast, trace, originals):
+        self.fast, self.trace, self.originals = fast, trace, originals
+
+    def replay(self) -> None:
+        trace, scheduler = self.trace, self.fast.scheduler
+        if trace.seeds is not None:  # a real graph reads the captured seed tensor, whatever Python state says
+            scheduler._ff_seed = 0
+            scheduler._ff_seeds[(trace.x0.device, trace.x0.shape[0])] = trace.seeds
+        with torch.no_grad():
+            final = self.fast._run_trace(trace, self.originals)
+        for (_, dst), (_, src) in zip(gp._tensor_fields(trace.outputs)[1], gp._tensor_fields(final)[1], strict=True):
+            dst.copy_(src)
+
+    def reset(self) -> None:
+        pass
+
+
+@pytest.fixture
+def stand_in_capture(monkeypatch):
+    def capture(self, trace):
+        originals = self._originals()
+        if trace.stochastic:
+            trace.seeds = self.scheduler._ff_seed_tensor(trace.x0.shape[0], trace.x0.device)
+        with torch.no_grad():
+            final = self._run_trace(trace, originals)
+        trace.outputs = gp._rebuild(final, {k: t.clone() for k, t in gp._tensor_fields(final)[1]})
+        trace.graph = StandInGraph(self, trace, originals)
+        trace.memory_bytes = 1
+
+    monkeypatch.setattr(gp.CapturedPipeline, "_capture", capture)
+    monkeypatch.setattr(gp.CapturedPipeline, "blockers", lambda self, kwargs=None: [])
+
+
+def test_replay_logic_ddim_pipeline(stand_in_capture):
+    pipe = ddim_pipe()
+    fast = capture_pipeline(pipe)
+    kw = {"batch_size": 2, "num_inference_steps": 4, "output_type": "np"}
+    ref0 = pipe(generator=torch.manual_seed(0), **kw).images
+    ref1 = pipe(generator=torch.manual_seed(1), **kw).images
+    assert (fast(generator=torch.manual_seed(0), **kw).images == ref0).all()
+    assert fast.captures == 1 and fast.replays == 0 and fast.reason is None
+    assert (fast(generator=torch.manual_seed(1), **kw).images == ref1).all()
+    assert (fast(generator=torch.manual_seed(0), **kw).images == ref0).all()
+    assert fast.replays == 2
+    assert "forward" not in pipe.unet.__dict__ and "step" not in pipe.scheduler.__dict__
+    # a third signature evicts the oldest (max_graphs=2)
+    fast(generator=torch.manual_seed(0), batch_size=1, num_inference_steps=4, output_type="np")
+    fast(generator=torch.manual_seed(0), batch_size=2, num_inference_steps=3, output_type="np")
+    assert fast.captures == 3 and len(fast._traces) == 2
+
+
+def test_replay_logic_stochastic_seeds(stand_in_capture):
+    pipe = ddim_pipe()
+    fast = capture_pipeline(pipe)
+    kw = {"batch_size": 2, "num_inference_steps": 4, "eta": 0.8, "output_type": "np"}
+    torch.manual_seed(5)
+    ref = pipe(**kw).images
+    fast(**kw)
+    assert fast.captures == 1
+    torch.manual_seed(5)
+    replay = fast(**kw).images
+    assert fast.replays == 1
+    assert (replay == ref).all()
+    assert not (fast(**kw).images == replay).all()
+
+
+def test_replay_divergence_is_reported(stand_in_capture):
+    pipe = LoopPipeline(tiny_unet(), ffd.from_scheduler(DiffusersDDIM(), backend="torch"))
+    fast = capture_pipeline(pipe)
+    fast(batch_size=2, num_inference_steps=3)
+    assert fast.captures == 1
+    pipe.mode = "scaled_output"  # the pipeline's code changes between calls
+    with pytest.raises(RuntimeError, match="diverged"):
+        fast(batch_size=2, num_inference_steps=3)
+    assert "forward" not in pipe.unet.__dict__
+    torch.manual_seed(0)
+    ref = pipe(batch_size=2, num_inference_steps=3)
+    torch.manual_seed(0)
+    got = fast(batch_size=2, num_inference_steps=3)  # this signature runs eagerly from now on
+    assert torch.equal(got, ref) and "diverged" in fast.reason
