@@ -254,6 +254,32 @@ def test_fallback_seeds():
     assert torch.equal(d(noise=noise), d(noise=noise))
 
 
+def _cpu_backends() -> list[str]:
+    names = ["torch"]
+    for name in ("triton", "cuda"):
+        try:
+            b = backends.get_backend(name)
+            if b.availability() is None and b.supports(torch.device("cpu")) is None:
+                names.append(name)
+        except Exception:  # an optional backend that fails to load is simply not tested here
+            pass
+    return names
+
+
+@pytest.mark.parametrize("backend", _cpu_backends())
+@pytest.mark.parametrize("solver", ["ddim", "dpm++2m", "ddpm", "sde-dpm++2m"])
+def test_graph_mode_loop_equals_eager(solver, backend):
+    """The captured loop reads step rows and noise counters from a device tensor; same numbers as int steps."""
+    s = make_sampler(solver, steps=4, backend=backend)
+    loop = capture(toy_model, s, SHAPE, device="cpu")
+    loop._set_seeds(7)
+    loop._draw_initial_state()
+    assert torch.equal(loop._z0, s.init_noise(SHAPE, seed=7))
+    graph_mode = loop._loop(graph_mode=True)
+    loop._runner.reset()
+    assert torch.equal(graph_mode, loop._loop(graph_mode=False))
+
+
 # ----------------------------------------------------------------------------- the cache
 def test_sampler_key():
     assert sampler_key(make_sampler()) == sampler_key(make_sampler())
