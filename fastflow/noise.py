@@ -152,10 +152,12 @@ def normal(
     g = torch.arange(groups, device=device, dtype=torch.int64)
     k0 = (seeds & _MASK32).view(-1, 1)
     k1 = ((seeds >> 32) & _MASK32).view(-1, 1)
-    step_t = torch.as_tensor(step, dtype=torch.int64, device=device).reshape(1, 1) & _MASK32
     c0 = (g & _MASK32).view(1, -1).expand(seeds.numel(), -1)
     c1 = (g >> 32).view(1, -1).expand(seeds.numel(), -1)
-    c2 = step_t.expand_as(c0)
+    if isinstance(step, torch.Tensor):
+        c2 = (step.to(device=device, dtype=torch.int64).reshape(1, 1) & _MASK32).expand_as(c0)
+    else:  # a fill, not a host-to-device copy: safe under graph capture and sync checks
+        c2 = torch.full_like(c0, int(step) & _MASK32)
     c3 = torch.full_like(c0, tag)
     words = philox4x32_torch(c0, c1, c2, c3, k0, k1)
     normals = torch.stack(words_to_normals(*words), dim=-1).reshape(seeds.numel(), groups * 4)

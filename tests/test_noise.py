@@ -44,7 +44,9 @@ def _spec_normals(seed: int, n: int, step: int, tag: int) -> np.ndarray:
     u0, u2 = (2 * m[0] + 1) * 2.0**-24, (2 * m[2] + 1) * 2.0**-24
     v1, v3 = (2 * m[1] + 1) * 2.0**-23 - 1, (2 * m[3] + 1) * 2.0**-23 - 1
     r0, r2 = np.sqrt(-2 * np.log(u0)), np.sqrt(-2 * np.log(u2))
-    four = np.stack([r0 * np.cos(np.pi * v1), r0 * np.sin(np.pi * v1), r2 * np.cos(np.pi * v3), r2 * np.sin(np.pi * v3)])
+    four = np.stack(
+        [r0 * np.cos(np.pi * v1), r0 * np.sin(np.pi * v1), r2 * np.cos(np.pi * v3), r2 * np.sin(np.pi * v3)]
+    )
     return four[(e & np.uint64(3)).astype(np.int64), np.arange(n)]
 
 

@@ -77,7 +77,10 @@ def test_dpmpp1_equals_ddim():
 
 
 def test_ddpm_step_is_ddim_to_twice_the_logsnr_then_renoise():
-    """One DDPM step t -> s equals, in distribution, DDIM t -> u (lambda_u = 2 lambda_s - lambda_t) + re-noising u -> s."""
+    """One DDPM step t -> s equals, in distribution, DDIM t -> u then re-noising u -> s.
+
+    ``lambda_u = 2 lambda_s - lambda_t``: DDIM goes twice as far in log-SNR.
+    """
     sched = ff.VP.cosine()
     t, s = 0.6, 0.45
     lam_t, lam_s = sched.logsnr(t), sched.logsnr(s)
