@@ -3,11 +3,12 @@
 from . import grids, noise, predictions, schedules, sde, solvers
 from ._version import __version__
 from .backends import backend_report
+from .graph import CapturedLoop, GraphCache, capture
 from .plan import StepPlan
 from .sampler import Sampler, sample
 from .schedules import EDM, VP, FlowMatching
 
 __all__ = [
-    "EDM", "VP", "FlowMatching", "Sampler", "StepPlan", "__version__", "backend_report", "grids", "noise",
-    "predictions", "sample", "schedules", "sde", "solvers",
+    "EDM", "VP", "CapturedLoop", "FlowMatching", "GraphCache", "Sampler", "StepPlan", "__version__", "backend_report",
+    "capture", "grids", "noise", "predictions", "sample", "schedules", "sde", "solvers",
 ]
