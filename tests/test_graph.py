@@ -342,12 +342,15 @@ class TinyNet(torch.nn.Module):
 
 def _backends_on_gpu() -> list[str]:
     names = ["torch"]
-    if torch.cuda.is_available() and backends.get_backend("triton").availability() is None:
-        names.append("triton")
+    if torch.cuda.is_available():
+        for name in ("triton", "cuda"):
+            b = backends.get_backend(name)
+            if b.availability() is None and b.supports(torch.device("cuda")) is None:
+                names.append(name)
     return names
 
 
-GPU_BACKENDS = ["torch", "triton"]
+GPU_BACKENDS = ["torch", "triton", "cuda"]
 DETERMINISTIC = ["ddim", "flow-euler", "heun", "dpm++2m", "dpm++3m", "unipc"]
 STOCHASTIC = ["ddpm", "euler-ancestral", "sde-dpm++2m"]
 GSHAPE = (4, 4, 16, 16)
