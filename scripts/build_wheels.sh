@@ -232,7 +232,7 @@ build_cuda() {
     say "installing $spec into $VENV"
     local extra=()
     [ -n "${TORCH_INDEX_URL:-}" ] && extra=(--extra-index-url "$TORCH_INDEX_URL")
-    "$vpy" -m pip install -q "${extra[@]}" "setuptools>=77" wheel ninja "$spec" >&2
+    "$vpy" -m pip install -q "${extra[@]}" "setuptools>=77" wheel ninja numpy "$spec" >&2
   fi
   local have
   have="$("$vpy" -c 'import torch; print(torch.__version__, torch.version.cuda)')"

@@ -1,0 +1,170 @@
+"""The wheels install and work: ``scripts/build_wheels.sh`` builds the pure wheel and the binary
+wheel for the running torch (CPU kernel), and each is installed in turn into one fresh virtual
+environment (torch installed there from the package index, no dev packages visible), where
+``import fastflow``, a sampler step on CPU tensors and ``fastflow info`` must work.
+
+One fresh environment for both wheels: installing torch takes about 35 s, building the binary
+wheel 1-2 minutes on two cores. Set FASTFLOW_SKIP_WHEEL_TEST=1 to skip it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "build_wheels.sh"
+
+pytestmark = [
+    pytest.mark.skipif(
+        os.environ.get("FASTFLOW_SKIP_WHEEL_TEST", "0") not in ("", "0"), reason="FASTFLOW_SKIP_WHEEL_TEST"
+    ),
+    pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash for scripts/build_wheels.sh"),
+    pytest.mark.skipif(sys.platform != "linux", reason="the wheel build script targets Linux"),
+]
+
+# Runs inside the fresh environment: one DDIM step through the requested backend, compared with the
+# torch reference, plus where fastflow was imported from and its build info and backend report.
+CHECK = r"""
+import json, sys
+from importlib.metadata import version
+import torch
+import fastflow
+from fastflow.backends import backend_report
+
+backend = sys.argv[1]
+shape = (2, 3, 4)
+results = {}
+for name in {backend, "torch"}:
+    sampler = fastflow.Sampler(fastflow.schedules.VP(), solver="ddim", prediction="eps", steps=4, backend=name)
+    z = sampler.init_noise(shape, seed=0)
+    eps = torch.linspace(-1.0, 1.0, z.numel()).reshape(shape)
+    results[name] = sampler.step(eps, z, 0)
+try:
+    from fastflow._build_info import BUILD_INFO
+except ImportError:
+    BUILD_INFO = None
+print(json.dumps({
+    "file": fastflow.__file__,
+    "version": version("fastflow"),
+    "max_diff": (results[backend] - results["torch"]).abs().max().item(),
+    "finite": bool(torch.isfinite(results[backend]).all()),
+    "build_info": BUILD_INFO,
+    "backends": backend_report(),
+}))
+"""
+
+
+def _run(cmd: list[str], timeout: float, extra_env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    # No PYTHONPATH: the fresh environment must see only what is installed in it.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | (extra_env or {})
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, **kw)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """A fresh venv with only torch (the running version) and numpy; the test's pip installs into it."""
+    venv = tmp_path_factory.mktemp("wheel-venv")
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    pip = [sys.executable, "-m", "pip", "--python", str(python)]
+    proc = subprocess.run(
+        [*pip, "install", "-q", f"torch=={torch.__version__}", "numpy"], capture_output=True, text=True, timeout=600
+    )
+    if proc.returncode != 0:
+        pytest.skip(f"cannot install torch {torch.__version__} into a fresh venv: {proc.stderr.strip()[-500:]}")
+    return python, pip
+
+
+@pytest.fixture(scope="module")
+def wheels(tmp_path_factory):
+    """Build both wheels once; the binary one only where a C++ compiler exists."""
+    out = tmp_path_factory.mktemp("dist")
+    cxx = os.environ.get("CXX") or sysconfig.get_config_var("CXX") or "c++"
+    args = ["--pure"]
+    if shutil.which(cxx.split()[0]):
+        args.append("--binary")
+    # The CPU kernel only, even where torch has CUDA: this is the CPU install test.
+    cmd = ["bash", str(SCRIPT), *args, "--out", str(out), "--python", sys.executable]
+    _run(cmd, timeout=900, extra_env={"FASTFLOW_SKIP_CUDA_BUILD": "1"})
+    return {("binary" if "linux" in w.name else "pure"): w for w in out.glob("*.whl")}
+
+
+def _install_and_check(env, wheel: Path, backend: str, tmp_path: Path) -> dict:
+    python, pip = env
+    _run([*pip, "uninstall", "-q", "-y", "fastflow"], timeout=120)
+    _run([*pip, "install", "-q", "--no-deps", str(wheel)], timeout=300)
+    # From an empty directory, so the checkout's fastflow/ cannot shadow the installed one.
+    proc = _run([str(python), "-c", CHECK, backend], timeout=300, cwd=tmp_path)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert Path(result["file"]).resolve().is_relative_to(python.parent.parent.resolve()), result["file"]
+    info = _run([str(python.parent / "fastflow"), "info"], timeout=300, cwd=tmp_path).stdout
+    return result, info
+
+
+def _names(wheel: Path) -> set[str]:
+    with zipfile.ZipFile(wheel) as z:
+        return set(z.namelist())
+
+
+def _expected_modules() -> set[str]:
+    """Every module of the source tree, as the wheel must name it."""
+    mods = {f"fastflow/{p.relative_to(ROOT / 'fastflow')}" for p in (ROOT / "fastflow").rglob("*.py")}
+    mods |= {f"fastflow/kernels/{p.relative_to(ROOT / 'kernels')}" for p in (ROOT / "kernels").rglob("*.py")}
+    return {m for m in mods if "__pycache__" not in m}
+
+
+def test_pure_wheel(env, wheels, tmp_path):
+    wheel = wheels["pure"]
+    assert wheel.name.endswith("-py3-none-any.whl")
+    names = _names(wheel)
+    assert not [n for n in names if n.endswith(".so")]
+    assert _expected_modules() <= names, sorted(_expected_modules() - names)
+
+    result, info = _install_and_check(env, wheel, "torch", tmp_path)
+    assert result["finite"] and result["max_diff"] == 0.0
+    assert result["build_info"]["extension"] is False
+    assert result["backends"]["torch"] is None
+    assert "not built" in result["backends"]["cuda"]
+    assert "'extension': False" in info
+    assert "cuda    unavailable" in info
+
+
+def test_binary_cpu_wheel(env, wheels, tmp_path):
+    if "binary" not in wheels:
+        pytest.skip("no C++ compiler: the binary wheel was not built")
+    wheel = wheels["binary"]
+    minor = ".".join(torch.__version__.split(".")[:2])
+    py = f"cp{sys.version_info.major}{sys.version_info.minor}"
+    assert wheel.name.startswith(f"fastflow-{_version()}+"), wheel.name
+    assert f".torch{minor}-{py}-{py}-" in wheel.name, wheel.name
+    names = _names(wheel)
+    assert [n for n in names if n.startswith("fastflow/_C") and n.endswith(".so")]
+    assert _expected_modules() <= names, sorted(_expected_modules() - names)
+
+    result, info = _install_and_check(env, wheel, "cuda", tmp_path)
+    assert result["backends"]["cuda"] is None, result["backends"]
+    assert result["finite"] and result["max_diff"] < 1e-5, result
+    assert result["version"] == wheel.name.split("-")[1]
+    build = result["build_info"]
+    assert build["extension"] is True and build["torch"] == torch.__version__
+    assert f"'torch': '{torch.__version__}'" in info
+    assert "cuda    available" in info
+
+
+def _version() -> str:
+    namespace: dict = {}
+    exec((ROOT / "fastflow" / "_version.py").read_text(), namespace)
+    return namespace["__version__"]
