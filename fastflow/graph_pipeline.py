@@ -191,7 +191,6 @@ class _Recorder:
         self.ids: dict[int, int] = {}
         self.problem: str | None = None
         self.keep: list[torch.Tensor] = []  # keeps recorded inputs alive so ids stay unique in this call
-        self.gap_warnings: list = []
         self.last_label = "the first loop call"
 
     def fail(self, reason: str) -> None:
