@@ -244,6 +244,19 @@ class FastflowScheduler:
             raise ValueError(f"timestep {value} is not in this scheduler's timesteps")
         return int(hits[1] if hits.size > 1 and not self._ff_timestep_addressed else hits[0])
 
+    def _ff_peek_index(self, timestep: Any) -> int:
+        """The index of the step about to run (set up on first use; ``step`` advances it)."""
+        if not self._ff_ready():
+            self._ff_reset()  # diffusers steps with its init-time schedule when set_timesteps was not called
+        return self._ff_index(timestep)
+
+    def _ff_noise_row(self, idx: int, device: torch.device) -> int | torch.Tensor:
+        """The in-kernel noise counter of step ``idx``: an int on the CPU, a device view elsewhere (no copy)."""
+        k = idx - self._ff_loop_start if self._ff_start_dependent else idx
+        if device.type == "cpu":
+            return k
+        return self._ff_rows(self._ff_num_steps(), device)[k : k + 1]
+
     def _ff_index(self, timestep: Any) -> int:
         """The index of the step about to run, without reading device memory."""
         idx = self.step_index
@@ -329,16 +342,17 @@ class FastflowScheduler:
         state_dtype: torch.dtype | None = None,
         out_dtype: torch.dtype | None = None,
         want_pred: bool = True,
+        kernel_output: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run step ``step_index`` as one backend call; returns ``(prev_sample, prediction field)``.
 
         ``draw()`` draws diffusers' noise tensor (generator path); ``noise`` is given
         noise; with neither the kernel draws its own. ``state_dtype`` is the dtype the
-        update is written in, ``out_dtype`` the dtype returned.
+        update is written in, ``out_dtype`` the dtype returned. ``kernel_output``
+        replaces the model output as the tensor the kernel converts to ``x_hat``
+        (e.g. a thresholded x0); :func:`O` still binds the model output.
         """
-        if not self._ff_ready():
-            self._ff_reset()  # diffusers steps with its init-time schedule when set_timesteps was not called
-        idx = self._ff_index(timestep)
+        idx = self._ff_peek_index(timestep)
         comp = self._ff_get(idx, variant)
         k = idx - comp.start
         if noise is None and draw is not None and comp.draws[k]:
@@ -347,20 +361,23 @@ class FastflowScheduler:
         if not z.is_contiguous():
             z = z.contiguous()
         o = model_output if model_output.is_contiguous() else model_output.contiguous()
+        k_in = o if kernel_output is None else kernel_output
+        if not k_in.is_contiguous():
+            k_in = k_in.contiguous()
         seeds = None
         row: int | torch.Tensor = k
         if comp.plan.noise[k] and noise is None:
             seeds = self._ff_seed_tensor(z.shape[0], z.device)
             if z.device.type != "cpu":
                 # The noise counter as a device tensor: an int would be copied to the device (a sync).
-                row = self._ff_rows(comp.plan.stages, z.device)[k : k + 1]
+                row = self._ff_rows(self._ff_num_steps(), z.device)[k : k + 1]
         if noise is not None and noise.shape != z.shape:
             noise = noise.reshape(z.shape)
         pred_lin = comp.preds[k]
         want_x = want_pred and self.compute_pred_original_sample
         extra = (o,) if comp.uses_o[k] else ()
         out, x = comp.runner.run(
-            k, z, o, None, seeds=seeds, noise=noise, want_x=want_x, extra_history=extra,
+            k, z, k_in, None, seeds=seeds, noise=noise, want_x=want_x, extra_history=extra,
             step=None if isinstance(row, int) else row,
         )
         pred = None

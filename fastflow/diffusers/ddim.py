@@ -17,9 +17,10 @@ import torch
 from diffusers.schedulers import scheduling_ddim, scheduling_ddpm
 from diffusers.utils.torch_utils import randn_tensor
 
+from .. import noise as noise_spec
 from ._base import FastflowScheduler, O, StepSpec, X, Z, noise, sqrt
 
-__all__ = ["DDIMScheduler", "DDPMScheduler", "x0_coefs", "eps_coefs"]
+__all__ = ["DDIMScheduler", "DDPMScheduler", "x0_coefs", "eps_coefs", "dynamic_threshold"]
 
 _PREDICTIONS = ("epsilon", "sample", "v_prediction")
 _ONE = np.float32(1.0)
@@ -48,8 +49,27 @@ def eps_coefs(prediction: str, a: float) -> tuple[float, float]:
     return sb, sa
 
 
+def dynamic_threshold(x0: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:
+    """Imagen's dynamic thresholding as diffusers defines it, per sample and sync-free.
+
+    ``s = clamp(quantile(|x0|, ratio), 1, max_value)``; ``clamp(x0, -s, s) / s``
+    (float32 at least, as diffusers computes it).
+    """
+    dtype = x0.dtype
+    flat = x0.reshape(x0.shape[0], -1)
+    if dtype not in (torch.float32, torch.float64):
+        flat = flat.float()
+    s = torch.quantile(flat.abs(), ratio, dim=1).clamp(min=1, max=max_value).unsqueeze(1)
+    return (flat.clamp(-s, s) / s).reshape(x0.shape).to(dtype)
+
+
 class _VPMixin(FastflowScheduler):
-    """Host copies of diffusers' ``alphas_cumprod`` and the options shared by DDIM, DDPM and LCM."""
+    """Host copies of diffusers' ``alphas_cumprod`` and the options shared by DDIM, DDPM and LCM.
+
+    Dynamic thresholding (``thresholding=True``) needs a per-sample quantile of
+    ``x0``: it runs as plain torch ops before the fused step (sync-free, not fused),
+    and the kernel then reads the thresholded ``x0`` in place of the model output.
+    """
 
     _ff_timestep_addressed = True
     _ff_start_dependent = False
@@ -61,24 +81,42 @@ class _VPMixin(FastflowScheduler):
                 f"prediction_type={cfg.prediction_type!r} is not supported by {type(self).__name__}; "
                 f"valid: {', '.join(_PREDICTIONS)}"
             )
-        if cfg.get("thresholding", False):
-            raise NotImplementedError(
-                "thresholding=True (dynamic thresholding) needs a per-sample quantile of x0, which fastflow's fused "
-                "step does not compute; use clip_sample instead"
-            )
 
     def _ff_prepare(self) -> None:
         ac = self.alphas_cumprod
         self._ff_ac = ac.detach().to("cpu", torch.float64).numpy()
+        # Python numbers for what step reads per call (torch.compile traces numpy reads as tensors).
+        self._ff_t = [int(v) for v in self._ff_host_timesteps]
+        if self._ff_thresholding:
+            self._ff_raw_x0 = [x0_coefs(self.config.prediction_type, self._ff_alpha(t)) for t in self._ff_t]
 
     def _ff_alpha(self, t: int) -> float:
         return float(self._ff_ac[t])
 
+    @property
+    def _ff_thresholding(self) -> bool:
+        return bool(self.config.get("thresholding", False))
+
     def _ff_clip(self) -> float | None:
         cfg = self.config
-        if cfg.get("clip_sample", False):
+        if cfg.get("clip_sample", False) and not self._ff_thresholding:
             return float(cfg.clip_sample_range)
         return None
+
+    def _ff_conversion(self, a_t: float) -> tuple[float, float]:
+        """The kernel's ``x_hat`` conversion: x0 from the output, or the given thresholded x0."""
+        if self._ff_thresholding:
+            return 0.0, 1.0
+        return x0_coefs(self.config.prediction_type, a_t)
+
+    def _ff_thresholded(self, idx: int, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor | None:
+        """The thresholded x0 of step ``idx`` (None when thresholding is off)."""
+        if not self._ff_thresholding:
+            return None
+        xz, xo = self._ff_raw_x0[idx]
+        x0 = model_output * xo if xz == 0.0 else sample * xz + model_output * xo
+        cfg = self.config
+        return dynamic_threshold(x0, cfg.dynamic_thresholding_ratio, cfg.sample_max_value)
 
 
 class DDIMScheduler(_VPMixin, scheduling_ddim.DDIMScheduler):
@@ -97,13 +135,13 @@ class DDIMScheduler(_VPMixin, scheduling_ddim.DDIMScheduler):
         prev = t - cfg.num_train_timesteps // self.num_inference_steps
         a_t = self._ff_alpha(t)
         a_p = self._ff_alpha(prev) if prev >= 0 else float(self.final_alpha_cumprod)
-        xz, xo = x0_coefs(cfg.prediction_type, a_t)
+        xz, xo = self._ff_conversion(a_t)
         # The variance's ``1 - a_t / a_p`` cancels; float32 as diffusers computes it keeps parity.
         at32, ap32 = np.float32(a_t), np.float32(a_p)
         var = float((_ONE - ap32) / (_ONE - at32) * (_ONE - at32 / ap32))
         std = float(np.float32(eta) * np.sqrt(np.float32(var)))
         c_dir = sqrt(float(_ONE - ap32 - np.float32(std) ** 2))
-        if self._ff_clip() is not None and not use_clipped:
+        if (self._ff_clip() is not None or self._ff_thresholding) and not use_clipped:
             ez, eo = eps_coefs(cfg.prediction_type, a_t)
             eps = Z(k) * ez + O(k) * eo
         else:
@@ -139,13 +177,15 @@ class DDIMScheduler(_VPMixin, scheduling_ddim.DDIMScheduler):
                     return randn_tensor(
                         model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype
                     )
-        use_clipped = bool(use_clipped_model_output) and self._ff_clip() is not None
+        use_clipped = bool(use_clipped_model_output) and (self._ff_clip() is not None or self._ff_thresholding)
+        idx = self._ff_peek_index(timestep)
         prev, pred = self._ff_step(
             model_output, timestep, sample,
             variant=(eta, use_clipped),
             draw=draw,
             noise=variance_noise if eta > 0 else None,
             state_dtype=torch.promote_types(sample.dtype, model_output.dtype),
+            kernel_output=self._ff_thresholded(idx, model_output, sample),
         )
         if not return_dict:
             return (prev, pred)
@@ -155,12 +195,15 @@ class DDIMScheduler(_VPMixin, scheduling_ddim.DDIMScheduler):
 class DDPMScheduler(_VPMixin, scheduling_ddpm.DDPMScheduler):
     """diffusers' ``DDPMScheduler`` whose ``step`` is one fused fastflow call.
 
-    Supported ``variance_type``: ``fixed_small``, ``fixed_small_log``, ``fixed_large``.
-    The learned variances need the model's second output half per element, and
-    ``fixed_large_log`` gives NaN in diffusers; they raise.
+    ``variance_type``: ``fixed_small``, ``fixed_small_log`` and ``fixed_large`` are
+    plan coefficients. ``learned`` and ``learned_range`` (DeepFloyd IF) read the
+    model's second channel half per element: the noise is scaled by it with plain
+    torch ops and handed to the kernel as explicit noise. ``fixed_large_log`` (NaN
+    in diffusers) raises.
     """
 
-    _VARIANCES = ("fixed_small", "fixed_small_log", "fixed_large")
+    _VARIANCES = ("fixed_small", "fixed_small_log", "fixed_large", "learned", "learned_range")
+    _LEARNED = ("learned", "learned_range")
 
     def _ff_check_config(self) -> None:
         super()._ff_check_config()
@@ -176,31 +219,61 @@ class DDPMScheduler(_VPMixin, scheduling_ddpm.DDPMScheduler):
             return int(ts[i + 1]) if i + 1 < len(ts) else -1
         return int(ts[i]) - 1
 
-    def _ff_spec(self, i: int, k: int, variant: Any) -> StepSpec:
-        cfg = self.config
+    def _ff_coefs(self, i: int) -> tuple[int, float, np.float32, np.float32, np.float32, np.float32]:
+        """``(t, a_t, a_prev, beta_prod_t, beta_prod_prev, current_beta)``, the last four in diffusers' float32."""
         t = int(self._ff_host_timesteps[i])
         prev = self._ff_prev_t(i)
         a_t = self._ff_alpha(t)
         a_p = self._ff_alpha(prev) if prev >= 0 else 1.0
-        xz, xo = x0_coefs(cfg.prediction_type, a_t)
         # diffusers' float32 order of operations: ``1 - a_t / a_p`` cancels at small steps.
         at32, ap32 = np.float32(a_t), np.float32(a_p)
-        b_t, b_p = _ONE - at32, _ONE - ap32
-        cur_alpha = at32 / ap32
-        cur_beta = _ONE - cur_alpha
+        return t, a_t, ap32, _ONE - at32, _ONE - ap32, _ONE - at32 / ap32
+
+    def _ff_spec(self, i: int, k: int, variant: Any) -> StepSpec:
+        cfg = self.config
+        t, a_t, ap32, b_t, b_p, cur_beta = self._ff_coefs(i)
+        xz, xo = self._ff_conversion(a_t)
         c_x = float(np.sqrt(ap32) * cur_beta / b_t)
-        c_z = float(np.sqrt(cur_alpha) * b_p / b_t)
+        c_z = float(np.sqrt(np.float32(a_t) / ap32) * b_p / b_t)
         update = X(k) * c_x + Z(k) * c_z
         if t > 0:
-            var = max(b_p / b_t * cur_beta, np.float32(1e-20))
-            if cfg.variance_type == "fixed_small":
-                std = float(np.sqrt(var))
-            elif cfg.variance_type == "fixed_small_log":
-                std = float(np.exp(np.float32(0.5) * np.log(var)))
+            if cfg.variance_type in self._LEARNED:
+                std = 1.0  # the step passes noise already scaled per element
             else:
-                std = sqrt(float(cur_beta))
+                var = max(b_p / b_t * cur_beta, np.float32(1e-20))
+                if cfg.variance_type == "fixed_small":
+                    std = float(np.sqrt(var))
+                elif cfg.variance_type == "fixed_small_log":
+                    std = float(np.exp(np.float32(0.5) * np.log(var)))
+                else:
+                    std = sqrt(float(cur_beta))
             update = update + noise(std)
         return StepSpec(xz, xo, update, draws=t > 0)
+
+    def _ff_prepare(self) -> None:
+        super()._ff_prepare()
+        if self.config.variance_type == "learned_range":
+            self._ff_logvar = []
+            for i in range(len(self._ff_t)):
+                _, _, _, b_t, b_p, cur_beta = self._ff_coefs(i)
+                with np.errstate(divide="ignore"):
+                    self._ff_logvar.append(
+                        (float(np.log(max(b_p / b_t * cur_beta, np.float32(1e-20)))), float(np.log(cur_beta)))
+                    )
+
+    def _ff_learned_noise(
+        self, idx: int, predicted_variance: torch.Tensor, xi: torch.Tensor | None, sample: torch.Tensor
+    ) -> torch.Tensor:
+        """diffusers' per-element noise of a learned variance: ``sqrt(v) xi`` or ``exp(log-var / 2) xi``."""
+        if xi is None:  # the in-kernel noise spec, drawn here because the kernel cannot scale it per element
+            seeds = self._ff_seed_tensor(sample.shape[0], sample.device)
+            row = self._ff_noise_row(idx, sample.device)
+            xi = noise_spec.normal(seeds, sample.shape[1:], step=row, dtype=predicted_variance.dtype)
+        if self.config.variance_type == "learned":
+            return predicted_variance**0.5 * xi
+        min_log, max_log = self._ff_logvar[idx]
+        frac = (predicted_variance + 1) / 2
+        return torch.exp(0.5 * (frac * max_log + (1 - frac) * min_log)) * xi
 
     def step(
         self,
@@ -211,16 +284,32 @@ class DDPMScheduler(_VPMixin, scheduling_ddpm.DDPMScheduler):
         return_dict: bool = True,
     ) -> scheduling_ddpm.DDPMSchedulerOutput | tuple:
         """diffusers' DDPM step (same arguments and outputs), in one backend call."""
+        learned = self.config.variance_type in self._LEARNED
+        predicted_variance = None
+        if learned and model_output.shape[1] == sample.shape[1] * 2:
+            model_output, predicted_variance = torch.split(model_output, sample.shape[1], dim=1)
         draw = None
         if generator is not None:
             def draw() -> torch.Tensor:
                 return randn_tensor(
                     model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype
                 )
+        idx = self._ff_peek_index(timestep)
+        given = None
+        if learned and self._ff_t[idx] > 0:
+            if predicted_variance is None:
+                raise ValueError(
+                    f"variance_type={self.config.variance_type!r} needs a model output with twice the sample's "
+                    "channels (noise prediction, then variance)"
+                )
+            given = self._ff_learned_noise(idx, predicted_variance, draw() if draw is not None else None, sample)
+            draw = None
         prev, pred = self._ff_step(
             model_output, timestep, sample,
             draw=draw,
+            noise=given,
             state_dtype=torch.promote_types(sample.dtype, model_output.dtype),
+            kernel_output=self._ff_thresholded(idx, model_output, sample),
         )
         if not return_dict:
             return (prev, pred)

@@ -16,7 +16,7 @@ from diffusers.schedulers import scheduling_lcm
 from diffusers.utils.torch_utils import randn_tensor
 
 from ._base import StepSpec, X, Z, noise
-from .ddim import _VPMixin, x0_coefs
+from .ddim import _VPMixin
 
 __all__ = ["LCMScheduler"]
 
@@ -36,8 +36,8 @@ class LCMScheduler(_VPMixin, scheduling_lcm.LCMScheduler):
         scaled = t * cfg.timestep_scaling
         c_skip = 0.25 / (scaled**2 + 0.25)
         c_out = scaled / math.sqrt(scaled**2 + 0.25)
-        xz, xo = x0_coefs(cfg.prediction_type, a_t)
-        if self._ff_clip() is None:
+        xz, xo = self._ff_conversion(a_t)
+        if self._ff_clip() is None and not self._ff_thresholding:
             denoised, pred = X(k), None
             xz, xo = c_out * xz + c_skip, c_out * xo
         else:
@@ -63,7 +63,11 @@ class LCMScheduler(_VPMixin, scheduling_lcm.LCMScheduler):
         if generator is not None:
             def draw() -> torch.Tensor:
                 return randn_tensor(model_output.shape, generator=generator, device=model_output.device, dtype=dtype)
-        prev, denoised = self._ff_step(model_output, timestep, sample, draw=draw, state_dtype=dtype)
+        idx = self._ff_peek_index(timestep)
+        prev, denoised = self._ff_step(
+            model_output, timestep, sample, draw=draw, state_dtype=dtype,
+            kernel_output=self._ff_thresholded(idx, model_output, sample),
+        )
         if not return_dict:
             return (prev, denoised)
         return scheduling_lcm.LCMSchedulerOutput(prev_sample=prev, denoised=denoised)

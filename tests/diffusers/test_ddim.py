@@ -117,11 +117,15 @@ def test_second_loop_without_set_timesteps():
     assert_close(results[1], results[0])
 
 
-def test_thresholding_raises():
-    import fastflow.diffusers as ffd
-
-    with pytest.raises(NotImplementedError, match="thresholding"):
-        ffd.DDIMScheduler(thresholding=True)
+@pytest.mark.parametrize("use_clipped", [False, True])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_dynamic_thresholding(prediction_type, use_clipped):
+    """Imagen's per-sample quantile threshold (torch ops before the fused step); some samples exceed 1."""
+    ref, ff = pair("DDIMScheduler", thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=1.6,
+                   prediction_type=prediction_type)
+    model = lambda x, t: 1.5 * stand_in(x, t)  # noqa: E731
+    kw = lambda i: dict(use_clipped_model_output=use_clipped)  # noqa: E731
+    assert_loops_match(ref, ff, steps=10, model=model, step_kwargs=kw)
 
 
 def test_step_before_set_timesteps_raises():

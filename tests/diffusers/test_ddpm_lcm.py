@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from dropin_helpers import assert_close, pair, run_loop
+from dropin_helpers import assert_close, pair, run_loop, stand_in
 
 import fastflow.diffusers as ffd
 
@@ -56,10 +56,45 @@ def test_ddpm_without_set_timesteps():
     assert_close(xb, xa)
 
 
-@pytest.mark.parametrize("variance_type", ["learned", "learned_range", "fixed_large_log"])
-def test_ddpm_unsupported_variance_raises(variance_type):
+def test_ddpm_fixed_large_log_raises():
     with pytest.raises(NotImplementedError, match="variance_type"):
-        ffd.DDPMScheduler(variance_type=variance_type)
+        ffd.DDPMScheduler(variance_type="fixed_large_log")
+
+
+def _with_variance(kind: str):
+    """A stand-in that also predicts a variance channel half (DeepFloyd IF's layout)."""
+
+    def model(x, t):
+        eps = stand_in(x, t)
+        v = torch.tanh(x) if kind == "learned_range" else 1e-3 * torch.sigmoid(x)
+        return torch.cat([eps, v], dim=1)
+
+    return model
+
+
+@pytest.mark.parametrize("variance_type", ["learned", "learned_range"])
+def test_ddpm_learned_variance(variance_type):
+    ref, ff = pair("DDPMScheduler", variance_type=variance_type)
+    (xa, _), (xb, _) = _gen_loops(ref, ff, model=_with_variance(variance_type))
+    assert_close(xb, xa)
+
+
+def test_ddpm_deepfloyd_if_config():
+    """IF stage I: cosine betas, learned_range variance and dynamic thresholding together."""
+    config = dict(beta_schedule="squaredcos_cap_v2", clip_sample=True, dynamic_thresholding_ratio=0.95,
+                  sample_max_value=1.5, thresholding=True, variance_type="learned_range")
+    ref, ff = pair("DDPMScheduler", **config)
+    model = _with_variance("learned_range")
+    (xa, oa), (xb, ob) = _gen_loops(ref, ff, model=lambda x, t: model(x, t) * 1.5)
+    assert_close(xb, xa)
+    for a, b in zip(oa, ob, strict=True):
+        assert_close(b.pred_original_sample, a.pred_original_sample)
+
+
+def test_ddpm_learned_variance_default_noise_runs():
+    _, ff = pair("DDPMScheduler", variance_type="learned_range")
+    x, _ = run_loop(ff, 4, model=_with_variance("learned_range"))
+    assert torch.isfinite(x).all()
 
 
 @pytest.mark.parametrize(
@@ -83,6 +118,9 @@ def test_lcm_generator(config, set_kwargs):
         assert_close(b.denoised, a.denoised)
 
 
-def test_lcm_thresholding_raises():
-    with pytest.raises(NotImplementedError, match="thresholding"):
-        ffd.LCMScheduler(thresholding=True)
+def test_lcm_thresholding():
+    ref, ff = pair("LCMScheduler", thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=1.4)
+    (xa, oa), (xb, ob) = _gen_loops(ref, ff, steps=4)
+    assert_close(xb, xa)
+    for a, b in zip(oa, ob, strict=True):
+        assert_close(b.denoised, a.denoised)

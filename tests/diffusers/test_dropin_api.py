@@ -18,6 +18,7 @@ CLASSES = [
     ("DDIMScheduler", dict(SD, clip_sample=False), {}),
     ("DDIMScheduler", dict(), dict(eta=1.0)),  # clipped x0, unclipped eps from the raw output
     ("DDPMScheduler", dict(), {}),
+    ("DDPMScheduler", dict(thresholding=True, sample_max_value=1.5), {}),  # quantile: torch ops, still sync-free
     ("EulerDiscreteScheduler", dict(SD), {}),
     ("EulerDiscreteScheduler", dict(SD), dict(s_churn=3.0)),
     ("EulerAncestralDiscreteScheduler", dict(SD), {}),
@@ -78,6 +79,24 @@ def test_torch_compile_fullgraph(name, config, kw):
         for t in ts[:2]:
             xa = ref.step(stand_in(xa, t), t, xa, **kw).prev_sample
         assert_close(x, xa)
+
+
+def test_learned_variance_meta_and_compile():
+    """DeepFloyd IF's DDPM config (learned_range + thresholding) on meta tensors and under fullgraph compile."""
+    _, ff = pair("DDPMScheduler", thresholding=True, variance_type="learned_range")
+    ff.set_timesteps(4)
+    x = torch.empty(SHAPE, device="meta")
+    wide = (SHAPE[0], 2 * SHAPE[1], *SHAPE[2:])
+    for t in ff.timesteps.to("meta"):
+        x = ff.step(torch.empty(wide, device="meta"), t, x).prev_sample
+    assert x.device.type == "meta"
+    torch._dynamo.reset()
+    ff.set_timesteps(4)
+    x = start_noise()
+    ts = list(ff.timesteps)
+    x = ff.step(torch.rand(wide), ts[0], x).prev_sample
+    step = torch.compile(lambda o, t, x: ff.step(o, t, x).prev_sample, fullgraph=True, backend="eager")
+    assert torch.isfinite(step(torch.rand(wide), ts[1], x)).all()
 
 
 def test_torch_compile_return_tuple():
