@@ -30,6 +30,7 @@ from ..noise import STEP_TAG
 from .base import check_step_args
 
 _STATE: dict[str, Any] = {}
+_FAKES_REGISTERED: list[bool] = []  # kept apart from _STATE: a fake may be registered only once per process
 
 
 def build_info() -> dict[str, Any] | None:
@@ -109,6 +110,9 @@ def _arch_reason(device: torch.device) -> str | None:
 
 def _register_fakes() -> None:
     """Meta implementations: shapes only, so tracing needs no kernel."""
+    if _FAKES_REGISTERED:
+        return
+    _FAKES_REGISTERED.append(True)
 
     @torch.library.register_fake("fastflow::fused_step")
     def _fused_step_fake(

@@ -497,3 +497,11 @@ def test_arch_check(monkeypatch, archs, cap, ok):
     assert (reason is None) == ok
     if not ok:
         assert f"sm_{cap[0]}{cap[1]}" in reason
+
+
+def test_reload_after_reset(monkeypatch):
+    """Loading again after the state is reset (fakes are registered once per process) works."""
+    cuda_backend()
+    monkeypatch.setattr(cuda_mod, "_STATE", {})
+    assert CudaBackend().availability() is None
+    assert CudaBackend().supports(torch.device("cpu")) is None
