@@ -61,6 +61,8 @@ def from_scheduler(scheduler: Any, backend: str | None = None) -> FastflowSchedu
             f"fastflow.diffusers has no drop-in for {type(scheduler).__name__}; supported: {', '.join(supported())}"
         )
     new = target.from_config(scheduler.config)
+    if hasattr(scheduler, "set_shift") and hasattr(new, "set_shift"):
+        new.set_shift(scheduler.shift)  # set_shift changes the instance, not its config
     if backend is not None:
         new.backend = backend
     return new

@@ -87,3 +87,17 @@ def test_per_token_timesteps_raises():
     x = start_noise()
     with pytest.raises(NotImplementedError, match="per_token_timesteps"):
         ff.step(x, ff.timesteps[0], x, per_token_timesteps=torch.ones(2, 16))
+
+
+def test_from_scheduler_keeps_set_shift():
+    import diffusers
+
+    import fastflow.diffusers as ffd
+
+    src = diffusers.FlowMatchEulerDiscreteScheduler()
+    src.set_shift(2.5)  # an instance setting, not in the config
+    ff = ffd.from_scheduler(src)
+    assert ff.shift == 2.5
+    src.set_timesteps(6)
+    ff.set_timesteps(6)
+    assert torch.equal(ff.sigmas, src.sigmas)
