@@ -20,9 +20,10 @@ read (that would sync), so a loop that does not start at the first timestep must
 Noise of stochastic steps: ``variance_noise`` (where the original takes it) is used
 as given; a ``generator`` draws exactly the tensor diffusers would draw (same call,
 shape, device, dtype and order), so outputs match diffusers'. With neither, the
-kernel draws fastflow's counter-based noise (:mod:`fastflow.noise`), seeded once per
-``set_timesteps`` from torch's global CPU generator: the same distribution as
-diffusers' ``torch.randn``, not the same numbers.
+kernel draws fastflow's counter-based noise (:mod:`fastflow.noise`), seeded from torch's
+global CPU generator at the first noisy step after each ``set_timesteps`` (so
+``torch.manual_seed`` reproduces it and a pipeline's initial latents are unchanged):
+the same distribution as diffusers' ``torch.randn``, not the same numbers.
 """
 
 from __future__ import annotations
