@@ -171,7 +171,7 @@ __device__ __forceinline__ void step_element(const StepParams& p, const Coefs<T>
 // Its loop stays rolled so it does not raise the vector path's register count.
 template <typename T>
 __device__ __forceinline__ void step_item_scalar(const StepParams& p, const Coefs<T>& k, int64_t b, int64_t e0,
-                                              int n, uint32_t step32) {
+                                                 int n, uint32_t step32) {
   const bool guided = p.model_out_uncond != nullptr;
   const bool has_clip = p.has_clip != 0;
   const T clip = static_cast<T>(p.clip);
@@ -206,8 +206,10 @@ __global__ void __launch_bounds__(kThreads) fused_step_kernel(const StepParams p
   const bool use_noise = p.use_noise != 0;
   const bool has_clip = p.has_clip != 0;
   const int nh = p.num_history;
+  const bool small = total <= 0xFFFFFFFFll;  // 32-bit division is several times cheaper than 64-bit
+  const uint32_t ips32 = static_cast<uint32_t>(items_per_sample);
   for (; item < total; item += stride) {
-    const int64_t b = item / items_per_sample;
+    const int64_t b = small ? static_cast<int64_t>(static_cast<uint32_t>(item) / ips32) : item / items_per_sample;
     const int64_t e0 = (item - b * items_per_sample) * kVec;
     const int64_t off = b * p.numel + e0;
     const int n = static_cast<int>(p.numel - e0 < kVec ? p.numel - e0 : kVec);
