@@ -5,7 +5,8 @@
 #   scripts/build_wheels.sh --pure              only fastflow-<ver>-py3-none-any.whl (no extension)
 #   scripts/build_wheels.sh --binary            only the binary wheel for the current python's torch
 #   scripts/build_wheels.sh --cuda 13.0         binary wheel in a throwaway venv with a CUDA 13.0 torch
-#   scripts/build_wheels.sh --cuda 12.8 --nvcc-from-pip    same with torch cu128 and nvcc from PyPI
+#   scripts/build_wheels.sh --cuda 13.0 --nvcc-from-pip    same, nvcc from PyPI instead of /usr/local/cuda
+#   TORCH_SPEC=... TORCH_INDEX_URL=... CUDA_HOME=/usr/local/cuda-12.8 scripts/build_wheels.sh --cuda 12.8
 #
 # Options: --out DIR (default dist/), --archs "9.0;8.0" (CUDA archs, default 9.0), --python PY
 # (the interpreter for --binary, default python3 on PATH), --venv DIR (throwaway venv for --cuda,
@@ -30,7 +31,8 @@ NVCC_FROM_PIP=0
 DO_PURE=0
 DO_BINARY=0
 
-usage() { sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+# The header comment above, as help text.
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"; }
 
 while (($#)); do
   case "$1" in
@@ -194,31 +196,31 @@ repair() {
   fi
 }
 
-# A CUDA toolkit directory (bin/, include/, lib64/) assembled from PyPI's nvidia-* packages of
-# venv $1, for machines without a system toolkit of that CUDA major.
+# A CUDA toolkit directory (bin/, nvvm/, include/, lib64/) for CUDA_HOME, assembled in $2 from
+# PyPI's CUDA 13 compiler packages installed into venv $1, which all unpack under nvidia/cu13/:
+# for machines without a system toolkit. (PyPI's CUDA 12 package nvidia-cuda-nvcc-cu12 holds
+# ptxas only, no nvcc driver or cudafe++, so CUDA 12 builds need a system toolkit.)
 pip_cuda_home() {
-  local vpy="$1" major="$2" home="$3" site
-  "$vpy" -m pip install -q "nvidia-cuda-nvcc-cu$major==$CUDA_VER.*" "nvidia-cuda-runtime-cu$major==$CUDA_VER.*" \
-    "nvidia-cuda-cccl-cu$major==$CUDA_VER.*" >&2
-  site="$("$vpy" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/nvidia"
+  local vpy="$1" home="$2" major="${CUDA_VER%%.*}" site
+  ((major >= 13)) || die "--nvcc-from-pip needs CUDA 13+: nvidia-cuda-nvcc-cu12 has no nvcc; set CUDA_HOME to a CUDA $CUDA_VER toolkit"
+  "$vpy" -m pip install -q "nvidia-cuda-nvcc==$CUDA_VER.*" "nvidia-nvvm==$CUDA_VER.*" "nvidia-cuda-crt==$CUDA_VER.*" \
+    "nvidia-cuda-cccl==$CUDA_VER.*" "nvidia-cuda-runtime==$CUDA_VER.*" >&2
+  site="$("$vpy" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/nvidia/cu$major"
+  [ -x "$site/bin/nvcc" ] || die "no nvcc in $site/bin after installing nvidia-cuda-nvcc"
   rm -rf "$home"
-  mkdir -p "$home/include" "$home/lib64"
-  ln -s "$site/cuda_nvcc/bin" "$home/bin"
-  [ -d "$site/cuda_nvcc/nvvm" ] && ln -s "$site/cuda_nvcc/nvvm" "$home/nvvm"
-  local d f
-  for d in "$site"/cuda_nvcc/include "$site"/cuda_runtime/include "$site"/cuda_cccl/include; do
-    [ -d "$d" ] || continue
-    for f in "$d"/*; do [ -e "$home/include/$(basename "$f")" ] || ln -s "$f" "$home/include/"; done
-  done
-  for f in "$site"/cuda_runtime/lib/*; do ln -s "$f" "$home/lib64/"; done
-  # The linker wants the unversioned name.
-  local cudart=("$home"/lib64/libcudart.so.*)
-  [ -e "$home/lib64/libcudart.so" ] || ln -s "${cudart[0]}" "$home/lib64/libcudart.so"
+  mkdir -p "$home/lib64"
+  ln -s "$site/bin" "$home/bin"
+  ln -s "$site/nvvm" "$home/nvvm"
+  ln -s "$site/include" "$home/include"
+  # torch links with -L$CUDA_HOME/lib64 -lcudart: the wheels have lib/ and only the versioned name.
+  local f
+  for f in "$site"/lib/*; do ln -s "$f" "$home/lib64/"; done
+  [ -e "$home/lib64/libcudart.so" ] || ln -s "$site/lib/libcudart.so.$major" "$home/lib64/libcudart.so"
   echo "$home"
 }
 
 build_cuda() {
-  local tag="cu${CUDA_VER//./}" major="${CUDA_VER%%.*}" t0 spec vpy
+  local tag="cu${CUDA_VER//./}" t0 spec vpy
   t0=$(date +%s)
   VENV="${VENV:-$ROOT/build/venv-$tag}"
   spec="${TORCH_SPEC:-}"
@@ -240,7 +242,7 @@ build_cuda() {
   [ "${have#* }" = "$CUDA_VER" ] || die "torch in $VENV has CUDA ${have#* }, not $CUDA_VER"
   if ((NVCC_FROM_PIP)); then
     export CUDA_HOME
-    CUDA_HOME="$(pip_cuda_home "$vpy" "$major" "$ROOT/build/cuda-$CUDA_VER")"
+    CUDA_HOME="$(pip_cuda_home "$vpy" "$ROOT/build/cuda-$CUDA_VER")"
   else
     export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
   fi
