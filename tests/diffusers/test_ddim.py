@@ -142,3 +142,16 @@ def test_pred_original_sample_can_be_skipped():
     x = start_noise()
     out = ff.step(stand_in(x, ff.timesteps[0]), ff.timesteps[0], x)
     assert out.pred_original_sample is None and out.prev_sample.shape == x.shape
+
+
+def test_undefined_steps_raise_instead_of_nan():
+    """Where diffusers' DDIM would return NaN or inf, the drop-in raises a ValueError saying why."""
+    _, ff = pair("DDIMScheduler", **SD, rescale_betas_zero_snr=True, timestep_spacing="trailing", clip_sample=False)
+    with pytest.raises(ValueError, match="zero terminal SNR"):
+        ff.set_timesteps(10)  # epsilon prediction has no x0 where alphas_cumprod = 0
+    _, ff = pair("DDIMScheduler", **SD, clip_sample=False)
+    ff.set_timesteps(10)
+    x = start_noise()
+    t = ff.timesteps[0]
+    with pytest.raises(ValueError, match="negative variance"):
+        ff.step(stand_in(x, t), t, x, eta=3.0)
