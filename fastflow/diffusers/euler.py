@@ -43,21 +43,23 @@ class _SigmaMixin(FastflowScheduler):
     def _ff_num_steps(self) -> int:
         return len(self._ff_sig) - 1
 
-    def _ff_gamma(self, i: int, variant: Any) -> tuple[float, float, float]:
-        """``(sigma, sigma_hat, churn noise scale)`` of step ``i``; ``variant = (s_churn, s_tmin, s_tmax, s_noise)``."""
+    def _ff_gamma(self, i: int, variant: Any) -> tuple[float, float, float, bool]:
+        """``(sigma, sigma_hat, churn noise scale, churned)`` of step ``i``.
+
+        ``variant = (s_churn, s_tmin, s_tmax, s_noise)``; a churned step draws noise in
+        diffusers even when ``s_noise = 0``.
+        """
         s_churn, s_tmin, s_tmax, s_noise = variant
-        sig = self._ff_sig[i]
+        sig = float(self._ff_sig[i])
         gamma = min(s_churn / (len(self._ff_sig) - 1), _SQRT2_M1) if s_tmin <= sig <= s_tmax else 0.0
         if gamma <= 0:
-            return sig, sig, 0.0
+            return sig, sig, 0.0, False
         s_hat = float(np.float32(sig) * np.float32(gamma + 1))  # diffusers multiplies in float32
-        return sig, s_hat, s_noise * math.sqrt(s_hat**2 - sig**2)
+        return sig, s_hat, s_noise * math.sqrt(s_hat**2 - sig**2), True
 
     def scale_model_input(self, sample: torch.Tensor, timestep: float | torch.Tensor) -> torch.Tensor:
         """diffusers' input scaling of the current step, from a host scalar (no device read)."""
-        if not self._ff_ready():
-            self._ff_reset()
-        idx = self._ff_index(timestep)
+        idx = self._ff_peek_index(timestep)
         self.is_scale_input_called = True
         return self._ff_apply_input_scale(sample, idx)
 
@@ -68,14 +70,15 @@ class _SigmaMixin(FastflowScheduler):
     def _ff_churn_variant(s_churn: float, s_tmin: float, s_tmax: float, s_noise: float) -> tuple:
         return (float(s_churn), float(s_tmin), float(s_tmax), float(s_noise))
 
-    def _ff_euler_spec(self, k: int, sig: float, s_hat: float, c: float, s_next: float, xz: float, xo: float,
+    def _ff_euler_spec(self, k: int, gamma: tuple[float, float, float, bool], s_next: float, xz: float, xo: float,
                        given_x0: bool = False) -> StepSpec:
         """diffusers' churned Euler: ``S = z + c N``, ``x0 = xz S + xo o``, next ``S + (S - x0) dt / s_hat``."""
+        _, s_hat, c, churned_step = gamma
         churned = Z(k) + noise(c) if c else Z(k)
         x0 = X(k) if given_x0 or not c else X(k) + noise(xz * c)
         update = churned + (churned - x0) * ((s_next - s_hat) / s_hat)
         pred: Lin | None = x0 if (c and xz and not given_x0) else None
-        return StepSpec(xz, xo, update, pred=pred, draws=c > 0)
+        return StepSpec(xz, xo, update, pred=pred, draws=churned_step)
 
 
 class EulerDiscreteScheduler(_SigmaMixin, scheduling_euler_discrete.EulerDiscreteScheduler):
@@ -105,7 +108,8 @@ class EulerDiscreteScheduler(_SigmaMixin, scheduling_euler_discrete.EulerDiscret
         return sample / self._ff_in_scale[idx]
 
     def _ff_spec(self, i: int, k: int, variant: Any) -> StepSpec:
-        sig, s_hat, c = self._ff_gamma(i, variant)
+        gamma = self._ff_gamma(i, variant)
+        sig, s_hat = gamma[0], gamma[1]
         pt = self.config.prediction_type
         if pt == "epsilon":
             xz, xo = 1.0, -s_hat
@@ -113,7 +117,7 @@ class EulerDiscreteScheduler(_SigmaMixin, scheduling_euler_discrete.EulerDiscret
             xz, xo = 1.0 / (sig**2 + 1), -sig / math.sqrt(sig**2 + 1)
         else:
             xz, xo = 0.0, 1.0
-        return self._ff_euler_spec(k, sig, s_hat, c, self._ff_sig[i + 1], xz, xo)
+        return self._ff_euler_spec(k, gamma, float(self._ff_sig[i + 1]), xz, xo)
 
     def step(
         self,
@@ -232,7 +236,8 @@ class EDMEulerScheduler(_SigmaMixin, scheduling_edm_euler.EDMEulerScheduler):
 
     def _ff_spec(self, i: int, k: int, variant: Any) -> StepSpec:
         churn, given_x0 = variant
-        sig, s_hat, c = self._ff_gamma(i, churn)
+        gamma = self._ff_gamma(i, churn)
+        s_hat = gamma[1]
         if given_x0:
             xz, xo = 0.0, 1.0
         else:
@@ -241,7 +246,7 @@ class EDMEulerScheduler(_SigmaMixin, scheduling_edm_euler.EDMEulerScheduler):
             xo = s_hat * sd / math.sqrt(s_hat**2 + sd**2)
             if self.config.prediction_type == "v_prediction":
                 xo = -xo
-        return self._ff_euler_spec(k, sig, s_hat, c, self._ff_sig[i + 1], xz, xo, given_x0=given_x0)
+        return self._ff_euler_spec(k, gamma, float(self._ff_sig[i + 1]), xz, xo, given_x0=given_x0)
 
     def step(
         self,

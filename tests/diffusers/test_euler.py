@@ -174,3 +174,15 @@ def test_beta_sigmas(name):
     config = dict(SD, use_beta_sigmas=True) if name.startswith("Euler") else dict(use_beta_sigmas=True, shift=3.0)
     ref, ff = pair(name, **config)
     assert_loops_match(ref, ff, steps=10)
+
+
+@pytest.mark.parametrize("name", ["EulerDiscreteScheduler", "EDMEulerScheduler", "EulerAncestralDiscreteScheduler"])
+def test_generator_advances_like_diffusers(name):
+    """Noise diffusers draws with weight 0 (s_noise = 0, the last ancestral step) still advances the generator."""
+    ref, ff = pair(name)
+    kw = {} if name.startswith("EulerAncestral") else dict(s_churn=2.0, s_noise=0.0)
+    ga, gb = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+    xa, _ = run_loop(ref, 6, step_kwargs=lambda i: dict(kw, generator=ga))
+    xb, _ = run_loop(ff, 6, step_kwargs=lambda i: dict(kw, generator=gb))
+    assert_close(xb, xa)
+    assert torch.equal(ga.get_state(), gb.get_state())
