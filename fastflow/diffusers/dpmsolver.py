@@ -20,6 +20,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..solvers.base import Lin, eps_of
 from ._base import FastflowScheduler, StepSpec, X, Z, noise
+from .ddim import dynamic_threshold
 
 __all__ = ["DPMSolverMultistepScheduler", "alpha_sigma", "dpm_orders", "dpm_updates", "x0_coefs"]
 
@@ -169,17 +170,14 @@ class DPMSolverMultistepScheduler(FastflowScheduler, _dpm.DPMSolverMultistepSche
 
     Algorithms ``dpmsolver++`` and ``sde-dpmsolver++`` (orders 1-3), ``dpmsolver``
     and ``sde-dpmsolver`` (orders 1-2: their noise-prediction history needs a stored
-    sample per step). ``thresholding`` raises: it needs a per-sample quantile.
+    sample per step). Dynamic thresholding needs a per-sample quantile of x0: it runs
+    as plain torch ops before the fused step (sync-free, not fused), and the kernel
+    reads the thresholded x0 in place of the model output.
     """
 
     def _ff_check_config(self) -> None:
         cfg = self.config
         name = type(self).__name__
-        if cfg.thresholding:
-            raise NotImplementedError(
-                f"thresholding=True (dynamic thresholding) is not supported by fastflow's {name}: it needs a "
-                "per-sample quantile of x0, which the fused step does not compute"
-            )
         if cfg.algorithm_type not in ALGORITHMS:
             raise NotImplementedError(f"algorithm_type={cfg.algorithm_type!r} is not supported by fastflow's {name}")
         if cfg.algorithm_type in ("dpmsolver", "sde-dpmsolver"):
@@ -199,8 +197,16 @@ class DPMSolverMultistepScheduler(FastflowScheduler, _dpm.DPMSolverMultistepSche
         if cfg.prediction_type not in ("epsilon", "sample", "v_prediction", "flow_prediction"):
             raise NotImplementedError(f"prediction_type={cfg.prediction_type!r} is not supported by {name}")
 
+    @property
+    def _ff_thresholding(self) -> bool:
+        return bool(self.config.thresholding)
+
     def _ff_prepare(self) -> None:
-        self._ff_sigmas = self.sigmas.detach().to("cpu", torch.float64).numpy()
+        cfg = self.config
+        sig = self.sigmas.detach().to("cpu", torch.float64).numpy()
+        self._ff_sigmas = sig
+        a, s = alpha_sigma(sig, cfg.use_flow_sigmas)
+        self._ff_conv = [x0_coefs(cfg.prediction_type, a[i], s[i], sig[i]) for i in range(len(sig) - 1)]
         if self.num_inference_steps is not None:
             self._ff_host_cache["specs0"] = self._ff_build(0)  # raises now for a loop diffusers cannot run
 
@@ -218,14 +224,20 @@ class DPMSolverMultistepScheduler(FastflowScheduler, _dpm.DPMSolverMultistepSche
             final_zero=cfg.final_sigmas_type == "zero",
             flow=cfg.use_flow_sigmas,
         )
-        a, s = alpha_sigma(sig, cfg.use_flow_sigmas)
         draws = cfg.algorithm_type.startswith("sde")
         specs = []
         for k, u in enumerate(updates):
-            i = start + k
-            xz, xo = x0_coefs(cfg.prediction_type, a[i], s[i], sig[i])
+            xz, xo = (0.0, 1.0) if self._ff_thresholding else self._ff_conv[start + k]
             specs.append(StepSpec(xz, xo, u, draws=draws))
         return specs
+
+    def _ff_thresholded(self, idx: int, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor | None:
+        """diffusers' thresholded x0 of step ``idx`` (None when thresholding is off)."""
+        if not self._ff_thresholding:
+            return None
+        xz, xo = self._ff_conv[idx]
+        x0 = model_output * xo if xz == 0.0 else sample * xz + model_output * xo
+        return dynamic_threshold(x0, self.config.dynamic_thresholding_ratio, self.config.sample_max_value)
 
     def _ff_specs(self, start: int, variant: Any) -> list[StepSpec]:
         if start == 0 and "specs0" in self._ff_host_cache:
@@ -261,6 +273,7 @@ class DPMSolverMultistepScheduler(FastflowScheduler, _dpm.DPMSolverMultistepSche
                     return randn_tensor(
                         model_output.shape, generator=generator, device=model_output.device, dtype=torch.float32
                     )
+        idx = self._ff_peek_index(timestep)
         prev, _ = self._ff_step(
             model_output, timestep, sample,
             draw=draw,
@@ -268,6 +281,7 @@ class DPMSolverMultistepScheduler(FastflowScheduler, _dpm.DPMSolverMultistepSche
             state_dtype=torch.float32,
             out_dtype=model_output.dtype,
             want_pred=False,
+            kernel_output=self._ff_thresholded(idx, model_output, sample),
         )
         if not return_dict:
             return (prev,)

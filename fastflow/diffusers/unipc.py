@@ -27,6 +27,7 @@ from diffusers.schedulers import scheduling_unipc_multistep as _unipc
 from ..solvers.base import Lin, eps_of
 from ..solvers.unipc import _predictor_rhos, _unipc_weights
 from ._base import FastflowScheduler, StepSpec, X, Z
+from .ddim import dynamic_threshold
 from .dpmsolver import alpha_sigma, x0_coefs
 
 __all__ = ["UniPCMultistepScheduler", "unipc_orders", "unipc_updates"]
@@ -142,17 +143,13 @@ class UniPCMultistepScheduler(FastflowScheduler, _unipc.UniPCMultistepScheduler)
 
     bh1/bh2, orders 1-3, ``disable_corrector``, ``lower_order_final``, flow sigmas and
     dynamic shifting. ``predict_x0=False`` works with ``solver_order=1``;
-    ``solver_p`` (another scheduler as predictor) and ``thresholding`` raise.
+    ``solver_p`` (another scheduler as predictor) raises. Dynamic thresholding runs
+    as plain torch ops before the fused step (sync-free, not fused), as in DPM-Solver.
     """
 
     def _ff_check_config(self) -> None:
         cfg = self.config
         name = type(self).__name__
-        if cfg.thresholding:
-            raise NotImplementedError(
-                f"thresholding=True (dynamic thresholding) is not supported by fastflow's {name}: it needs a "
-                "per-sample quantile of x0, which the fused step does not compute"
-            )
         if self.solver_p is not None:
             raise NotImplementedError(f"solver_p (another scheduler as UniPC's predictor) is not supported by {name}")
         if not cfg.predict_x0 and cfg.solver_order != 1:
@@ -168,8 +165,16 @@ class UniPCMultistepScheduler(FastflowScheduler, _unipc.UniPCMultistepScheduler)
         if cfg.prediction_type not in ("epsilon", "sample", "v_prediction", "flow_prediction"):
             raise NotImplementedError(f"prediction_type={cfg.prediction_type!r} is not supported by {name}")
 
+    @property
+    def _ff_thresholding(self) -> bool:
+        return bool(self.config.thresholding) and self.predict_x0  # diffusers thresholds x0 predictions only
+
     def _ff_prepare(self) -> None:
-        self._ff_sigmas = self.sigmas.detach().to("cpu", torch.float64).numpy()
+        cfg = self.config
+        sig = self.sigmas.detach().to("cpu", torch.float64).numpy()
+        self._ff_sigmas = sig
+        a, s = alpha_sigma(sig, cfg.use_flow_sigmas)
+        self._ff_conv = [x0_coefs(cfg.prediction_type, a[i], s[i], sig[i]) for i in range(len(sig) - 1)]
         if self.num_inference_steps is not None:
             self._ff_host_cache["specs0"] = self._ff_build(0)  # raises now for a loop diffusers cannot run
 
@@ -186,13 +191,19 @@ class UniPCMultistepScheduler(FastflowScheduler, _unipc.UniPCMultistepScheduler)
             disable_corrector=self.disable_corrector,
             flow=cfg.use_flow_sigmas,
         )
-        a, s = alpha_sigma(sig, cfg.use_flow_sigmas)
         specs = []
         for k, u in enumerate(updates):
-            i = start + k
-            xz, xo = x0_coefs(cfg.prediction_type, a[i], s[i], sig[i])
+            xz, xo = (0.0, 1.0) if self._ff_thresholding else self._ff_conv[start + k]
             specs.append(StepSpec(xz, xo, u))
         return specs
+
+    def _ff_thresholded(self, idx: int, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor | None:
+        """diffusers' thresholded x0 of step ``idx`` (None when thresholding is off)."""
+        if not self._ff_thresholding:
+            return None
+        xz, xo = self._ff_conv[idx]
+        x0 = model_output * xo if xz == 0.0 else sample * xz + model_output * xo
+        return dynamic_threshold(x0, self.config.dynamic_thresholding_ratio, self.config.sample_max_value)
 
     def _ff_specs(self, start: int, variant: Any) -> list[StepSpec]:
         if start == 0 and "specs0" in self._ff_host_cache:
@@ -209,7 +220,9 @@ class UniPCMultistepScheduler(FastflowScheduler, _unipc.UniPCMultistepScheduler)
         """diffusers' step (same arguments and output), in one backend call."""
         if self.num_inference_steps is None:
             raise ValueError("num_inference_steps is None: call set_timesteps before step")
-        prev, _ = self._ff_step(model_output, timestep, sample, want_pred=False)
+        idx = self._ff_peek_index(timestep)
+        kernel_output = self._ff_thresholded(idx, model_output, sample)
+        prev, _ = self._ff_step(model_output, timestep, sample, want_pred=False, kernel_output=kernel_output)
         if not return_dict:
             return (prev,)
         return _unipc.SchedulerOutput(prev_sample=prev)

@@ -153,6 +153,27 @@ def test_begin_index_partial_loop():
     assert_close(outs[1], outs[0])
 
 
+@pytest.mark.parametrize("config", [dict(solver_order=3), dict(solver_order=2, prediction_type="v_prediction"),
+                                    dict(solver_order=1, predict_x0=False, final_sigmas_type="sigma_min")])
+@pytest.mark.parametrize("sample_max_value", [1.0, 1.5])
+def test_dynamic_thresholding(config, sample_max_value):
+    """thresholding=True: per-sample quantile clamp of x0 predictions, as diffusers (which skips it when
+    predict_x0=False)."""
+    ref, ff = pair(**SD, **config, thresholding=True, sample_max_value=sample_max_value)
+    inner = posterior_model(ref, prediction="sample")
+
+    def model(x, t):  # x0 predictions twice the data's scale, so the quantile exceeds 1 and the clamp acts
+        x0 = 2.0 * inner(x, t)
+        ab = float(ref.alphas_cumprod[int(t)])
+        eps = (x - ab**0.5 * x0) / (1 - ab) ** 0.5
+        return {"sample": x0, "epsilon": eps, "v_prediction": ab**0.5 * eps - (1 - ab) ** 0.5 * x0}[
+            ref.config.prediction_type]
+
+    xa, _ = run_loop(ref, 12, model=model)
+    xb, _ = run_loop(ff, 12, model=model)
+    assert_close(xb, xa)
+
+
 def test_api_surface():
     ref, ff = pair(**SD, solver_order=3)
     ref.set_timesteps(10)
@@ -171,7 +192,6 @@ def test_api_surface():
 @pytest.mark.parametrize(
     "config, match",
     [
-        (dict(thresholding=True), "thresholding"),
         (dict(predict_x0=False, solver_order=2), "predict_x0=False"),
         (dict(solver_p=diffusers.DDIMScheduler()), "solver_p"),
     ],
