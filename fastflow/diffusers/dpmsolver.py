@@ -120,9 +120,9 @@ def dpm_updates(
             if p > 2 or (p == 2 and solver_type != "midpoint"):
                 raise ValueError(
                     f"step {i} has zero length (sigma {sig[i]:.6g} twice; use_karras_sigmas with "
-                    f"final_sigmas_type='sigma_min'?); diffusers returns NaN there for order {p} with "
-                    f"solver_type={solver_type!r}. Use final_sigmas_type='zero', euler_at_final=True or "
-                    "solver_type='midpoint'"
+                    f"final_sigmas_type='sigma_min'?); diffusers returns NaN there for a step of order {p}"
+                    f"{' with solver_type=' + repr(solver_type) if p == 2 else ''}. Use final_sigmas_type='zero' "
+                    f"or euler_at_final=True{', or solver_type=midpoint' if p == 2 else ''}"
                 )
             updates.append(Z(k))
             continue
