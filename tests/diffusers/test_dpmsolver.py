@@ -422,3 +422,24 @@ def test_bfloat16_sample():
         outs.append(x)
     assert outs[1].dtype == outs[0].dtype == torch.bfloat16
     assert_close(outs[1].float(), outs[0].float(), rtol=0, atol=0.05)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_gpu_kernel_noise_no_sync(backend):
+    """The SDE variant with fastflow's own noise (no generator, no noise given) never syncs either."""
+    ff = DPMSolverMultistepScheduler(**SD, algorithm_type="sde-dpmsolver++")
+    ff.backend = backend
+    ff.set_timesteps(10, device="cuda")
+    ff.set_begin_index(0)
+    host_t = ff.timesteps.cpu()
+    x = start_noise(0).cuda()
+    x = ff.step(stand_in(x, host_t[0]), ff.timesteps[0], x).prev_sample  # draws the loop seed on the host
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for i, t in enumerate(ff.timesteps[1:], start=1):
+            x = ff.step(stand_in(x, host_t[i]), t, x).prev_sample
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(x).all()
