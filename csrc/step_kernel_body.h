@@ -1,0 +1,286 @@
+// The CUDA kernel's per-thread work, as host-and-device inline functions: the
+// kernels in step_kernel.cu call them on the device, and a test harness
+// (tests/csrc/emulate_cuda_kernel.cpp) runs the very same code on the CPU, thread by
+// thread, so the vectorized and scalar paths, the 16-byte packing and the item
+// mapping are tested without a GPU. Needs only CUDA's host-usable fp16/bf16 and
+// vector-type headers.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+#include <string.h>
+#include <vector_functions.h>
+#include <vector_types.h>
+
+#include "fastflow_step.h"
+
+#if defined(__CUDACC__)
+#define FF_UNROLL _Pragma("unroll")
+#define FF_NO_UNROLL _Pragma("unroll 1")
+#else
+#define FF_UNROLL
+#define FF_NO_UNROLL
+#endif
+
+namespace fastflow {
+
+FF_HD float bits_to_float(uint32_t bits) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(bits);
+#else
+  float f;
+  memcpy(&f, &bits, sizeof f);
+  return f;
+#endif
+}
+
+constexpr int kVec = 8;
+
+FF_HD float half_bits_to_float(uint32_t bits) {
+  return __half2float(__ushort_as_half(static_cast<unsigned short>(bits & 0xFFFFu)));
+}
+FF_HD float bf16_bits_to_float(uint32_t bits) { return bits_to_float((bits & 0xFFFFu) << 16); }
+FF_HD uint32_t float_to_half_bits(float x) { return __half_as_ushort(__float2half_rn(x)); }
+FF_HD uint32_t float_to_bf16_bits(float x) {
+  return __bfloat16_as_ushort(__float2bfloat16_rn(x));
+}
+
+template <typename T>
+FF_HD T load1(const void* base, int dtype, int64_t i) {
+  switch (dtype) {
+    case kFloat32:
+      return static_cast<T>(static_cast<const float*>(base)[i]);
+    case kFloat16:
+      return static_cast<T>(half_bits_to_float(static_cast<const unsigned short*>(base)[i]));
+    case kBFloat16:
+      return static_cast<T>(bf16_bits_to_float(static_cast<const unsigned short*>(base)[i]));
+    default:
+      return static_cast<T>(static_cast<const double*>(base)[i]);
+  }
+}
+
+// Rounds once to the storage type (half types from double go through float, as torch's own copy does).
+template <typename T>
+FF_HD void store1(void* base, int dtype, int64_t i, T v) {
+  switch (dtype) {
+    case kFloat32:
+      static_cast<float*>(base)[i] = static_cast<float>(v);
+      break;
+    case kFloat16:
+      static_cast<unsigned short*>(base)[i] = static_cast<unsigned short>(float_to_half_bits(static_cast<float>(v)));
+      break;
+    case kBFloat16:
+      static_cast<unsigned short*>(base)[i] = static_cast<unsigned short>(float_to_bf16_bits(static_cast<float>(v)));
+      break;
+    default:
+      static_cast<double*>(base)[i] = static_cast<double>(v);
+      break;
+  }
+}
+
+// Eight elements from a 16-byte aligned address.
+template <typename T>
+FF_HD void load8(const void* base, int dtype, int64_t off, T v[kVec]) {
+  switch (dtype) {
+    case kFloat32: {
+      const float4* s = reinterpret_cast<const float4*>(static_cast<const float*>(base) + off);
+      const float4 a = s[0];
+      const float4 b = s[1];
+      v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w;
+      v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+      break;
+    }
+    case kFloat16:
+    case kBFloat16: {
+      const uint4 r = *reinterpret_cast<const uint4*>(static_cast<const unsigned short*>(base) + off);
+      const uint32_t w[4] = {r.x, r.y, r.z, r.w};
+      const bool half = dtype == kFloat16;
+FF_UNROLL
+      for (int j = 0; j < 4; ++j) {
+        v[2 * j] = static_cast<T>(half ? half_bits_to_float(w[j]) : bf16_bits_to_float(w[j]));
+        v[2 * j + 1] = static_cast<T>(half ? half_bits_to_float(w[j] >> 16) : bf16_bits_to_float(w[j] >> 16));
+      }
+      break;
+    }
+    default: {
+      const double2* s = reinterpret_cast<const double2*>(static_cast<const double*>(base) + off);
+FF_UNROLL
+      for (int j = 0; j < 4; ++j) {
+        const double2 d = s[j];
+        v[2 * j] = static_cast<T>(d.x);
+        v[2 * j + 1] = static_cast<T>(d.y);
+      }
+      break;
+    }
+  }
+}
+
+// Eight elements to a 16-byte aligned address.
+template <typename T>
+FF_HD void store8(void* base, int dtype, int64_t off, const T v[kVec]) {
+  switch (dtype) {
+    case kFloat32: {
+      float4* d = reinterpret_cast<float4*>(static_cast<float*>(base) + off);
+      d[0] = make_float4(static_cast<float>(v[0]), static_cast<float>(v[1]), static_cast<float>(v[2]),
+                         static_cast<float>(v[3]));
+      d[1] = make_float4(static_cast<float>(v[4]), static_cast<float>(v[5]), static_cast<float>(v[6]),
+                         static_cast<float>(v[7]));
+      break;
+    }
+    case kFloat16:
+    case kBFloat16: {
+      const bool half = dtype == kFloat16;
+      uint32_t w[4];
+FF_UNROLL
+      for (int j = 0; j < 4; ++j) {
+        const float a = static_cast<float>(v[2 * j]);
+        const float b = static_cast<float>(v[2 * j + 1]);
+        const uint32_t lo = half ? float_to_half_bits(a) : float_to_bf16_bits(a);
+        const uint32_t hi = half ? float_to_half_bits(b) : float_to_bf16_bits(b);
+        w[j] = lo | (hi << 16);
+      }
+      *reinterpret_cast<uint4*>(static_cast<unsigned short*>(base) + off) = make_uint4(w[0], w[1], w[2], w[3]);
+      break;
+    }
+    default: {
+      double2* d = reinterpret_cast<double2*>(static_cast<double*>(base) + off);
+FF_UNROLL
+      for (int j = 0; j < 4; ++j) d[j] = make_double2(static_cast<double>(v[2 * j]), static_cast<double>(v[2 * j + 1]));
+      break;
+    }
+  }
+}
+
+// One element through the plan with scalar accesses (xi: its normal when drawing noise).
+template <typename T>
+FF_HD void step_element(const StepParams& p, const Coefs<T>& k, int64_t i, T xi, bool guided,
+                                             bool has_clip, T clip) {
+  const T z = load1<T>(p.z, p.z_dtype, i);
+  T o = load1<T>(p.model_out, p.model_out_dtype, i);
+  if (guided) o = guide(k, o, load1<T>(p.model_out_uncond, p.uncond_dtype, i));
+  const T x = data_prediction(k, z, o, has_clip, clip);
+  T zn = update_base(k, z, x);
+FF_UNROLL
+  for (int j = 0; j < kMaxHistory; ++j) {  // unrolled: k.c stays in registers
+    if (j < p.num_history) zn = add_term(k, kH0 + j, zn, load1<T>(p.history[j], p.history_dtype[j], i));
+  }
+  if (p.use_noise) {
+    if (p.noise != nullptr) xi = load1<T>(p.noise, p.noise_dtype, i);
+    zn = add_term(k, kCN, zn, xi);
+  }
+  if (p.x_out != nullptr) store1(p.x_out, p.x_out_dtype, i, x);
+  if (p.model_in_out != nullptr) {
+    const T mi = mul_rn(k.c[kCIN], zn);
+    store1(p.model_in_out, p.model_in_dtype, i, mi);
+    if (p.model_in_double) store1(p.model_in_out, p.model_in_dtype, i + p.batch * p.numel, mi);
+  }
+  store1(p.out, p.z_dtype, i, zn);
+}
+
+// The slow path for an item that cannot use 16-byte accesses (a sample's last,
+// partial item, or unaligned tensors): one element at a time, one Philox per group.
+// Its loop stays rolled so it does not raise the vector path's register count.
+template <typename T>
+FF_HD void step_item_scalar(const StepParams& p, const Coefs<T>& k, int64_t b, int64_t e0,
+                                                 int n, uint32_t step32) {
+  const bool guided = p.model_out_uncond != nullptr;
+  const bool has_clip = p.has_clip != 0;
+  const T clip = static_cast<T>(p.clip);
+  const bool draw = p.use_noise && p.noise == nullptr;
+  const int64_t off = b * p.numel + e0;
+FF_NO_UNROLL
+  for (int g = 0; g < n; g += 4) {
+    T v[4] = {T(0), T(0), T(0), T(0)};
+    if (draw) {
+      words_to_normals(noise_words(static_cast<uint64_t>(p.seeds[b]), static_cast<uint64_t>((e0 + g) >> 2), step32,
+                                   kStepTag),
+                       v);
+    }
+FF_UNROLL
+    for (int j = 0; j < 4; ++j) {
+      if (g + j < n) step_element(p, k, off + g + j, v[j], guided, has_clip, clip);
+    }
+  }
+}
+
+// The work of one thread: items item, item + stride, ... of the launch (an item is
+// kVec consecutive elements of one sample).
+template <typename T>
+FF_HD void fused_step_items(const StepParams& p, int64_t items_per_sample, int64_t item, int64_t stride) {
+  const int64_t total = p.batch * items_per_sample;
+  if (item >= total) return;
+  const int64_t step = load_step_index(p);
+  const Coefs<T> k = load_coefs<T>(p, step);
+  const uint32_t step32 = static_cast<uint32_t>(step);
+  const T clip = static_cast<T>(p.clip);
+  const bool guided = p.model_out_uncond != nullptr;
+  const bool use_noise = p.use_noise != 0;
+  const bool has_clip = p.has_clip != 0;
+  const int nh = p.num_history;
+  const bool small = total <= 0xFFFFFFFFll;  // 32-bit division is several times cheaper than 64-bit
+  const uint32_t ips32 = static_cast<uint32_t>(items_per_sample);
+  for (; item < total; item += stride) {
+    const int64_t b = small ? static_cast<int64_t>(static_cast<uint32_t>(item) / ips32) : item / items_per_sample;
+    const int64_t e0 = (item - b * items_per_sample) * kVec;
+    const int64_t off = b * p.numel + e0;
+    const int n = static_cast<int>(p.numel - e0 < kVec ? p.numel - e0 : kVec);
+    if (!(p.vectorized && n == kVec)) {
+      step_item_scalar(p, k, b, e0, n, step32);
+      continue;
+    }
+
+    // Fold each input into the result as soon as it is loaded: few arrays stay live.
+    T x[kVec], zn[kVec];
+    {
+      T z[kVec], o[kVec];
+      load8(p.z, p.z_dtype, off, z);
+      load8(p.model_out, p.model_out_dtype, off, o);
+      if (guided) {
+        T ou[kVec];
+        load8(p.model_out_uncond, p.uncond_dtype, off, ou);
+FF_UNROLL
+        for (int i = 0; i < kVec; ++i) o[i] = guide(k, o[i], ou[i]);
+      }
+FF_UNROLL
+      for (int i = 0; i < kVec; ++i) {
+        x[i] = data_prediction(k, z[i], o[i], has_clip, clip);
+        zn[i] = update_base(k, z[i], x[i]);
+      }
+    }
+FF_UNROLL
+    for (int j = 0; j < kMaxHistory; ++j) {
+      if (j < nh) {
+        T h[kVec];
+        load8(p.history[j], p.history_dtype[j], off, h);
+FF_UNROLL
+        for (int i = 0; i < kVec; ++i) zn[i] = add_term(k, kH0 + j, zn[i], h[i]);
+      }
+    }
+    if (use_noise) {
+      T xi[kVec];
+      if (p.noise != nullptr) {
+        load8(p.noise, p.noise_dtype, off, xi);
+      } else {
+        const uint64_t seed = static_cast<uint64_t>(p.seeds[b]);
+FF_UNROLL
+        for (int g = 0; g < kVec / 4; ++g) {
+          words_to_normals(noise_words(seed, static_cast<uint64_t>(e0 >> 2) + g, step32, kStepTag), &xi[4 * g]);
+        }
+      }
+FF_UNROLL
+      for (int i = 0; i < kVec; ++i) zn[i] = add_term(k, kCN, zn[i], xi[i]);
+    }
+    if (p.x_out != nullptr) store8(p.x_out, p.x_out_dtype, off, x);
+    if (p.model_in_out != nullptr) {
+      T mi[kVec];
+FF_UNROLL
+      for (int i = 0; i < kVec; ++i) mi[i] = mul_rn(k.c[kCIN], zn[i]);
+      store8(p.model_in_out, p.model_in_dtype, off, mi);
+      if (p.model_in_double) store8(p.model_in_out, p.model_in_dtype, off + p.batch * p.numel, mi);
+    }
+    store8(p.out, p.z_dtype, off, zn);
+  }
+}
+
+}  // namespace fastflow

@@ -1,0 +1,140 @@
+"""The CUDA kernel's code, run on the CPU: the per-thread function of
+``csrc/step_kernel_body.h`` executed thread by thread (``emulate_cuda_kernel.cpp``).
+
+This checks the device code's item mapping, 16-byte vector loads and stores (bf16
+and fp16 packing), scalar tails, the grid-stride loop and the 2B model-input write
+without a GPU. Only the device-only arithmetic differs from the device (the normal
+transform takes its host branch, as in the CPU kernel), so the emulation must equal
+the CPU kernel bit for bit. Needs CUDA's headers (for the fp16/bf16 types) and a
+host compiler; skipped otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+from csrc_cases import DTYPES, MI_MODES, NOISE_MODES, REF, Case, assert_matches, cuda_backend, make_case
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _cuda_include() -> Path | None:
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home and (Path(home) / "include" / "cuda_fp16.h").exists():
+            return Path(home) / "include"
+    return None
+
+
+@pytest.fixture(scope="module")
+def emu():
+    cuda_backend()  # the CPU kernel is the oracle
+    include = _cuda_include()
+    if include is None:
+        pytest.skip("CUDA headers (cuda_fp16.h) not found; set CUDA_HOME")
+    from torch.utils.cpp_extension import load
+
+    return load(
+        name="fastflow_emulate_cuda_kernel",
+        sources=[str(Path(__file__).with_name("emulate_cuda_kernel.cpp"))],
+        extra_include_paths=[str(ROOT / "csrc"), str(include)],
+        extra_cflags=["-O2", "-ffp-contract=off", "-fno-strict-aliasing"],
+        verbose=False,
+    )
+
+
+class Emulated:
+    """A backend whose fused_step runs the emulated CUDA kernel with a given grid size."""
+
+    def __init__(self, module, threads: int = 0):
+        self.module, self.threads = module, threads
+
+    def fused_step(self, z, out, model_out, model_out_uncond, history, table, step, seeds=None, noise=None,
+                   x_out=None, model_in_out=None, clip=None, use_noise=False):  # fmt: skip
+        step_int, step_tensor = (0, step) if isinstance(step, torch.Tensor) else (int(step), None)
+        self.module.fused_step(
+            z, out, model_out, model_out_uncond, list(history), table, step_int, step_tensor, seeds,
+            noise, x_out, model_in_out, None if clip is None else float(clip), use_noise, self.threads,
+        )  # fmt: skip
+
+
+def _check(emu, case: Case, threads: int = 0) -> None:
+    assert_matches(case.run(Emulated(emu, threads)), case.run(cuda_backend()), exact=True)
+
+
+@pytest.mark.parametrize("noise", NOISE_MODES)
+@pytest.mark.parametrize("hist", [0, 3])
+@pytest.mark.parametrize("guided", [False, True], ids=["cond", "cfg"])
+@pytest.mark.parametrize("odt", DTYPES, ids=lambda d: f"o_{str(d)[6:]}")
+@pytest.mark.parametrize("zdt", DTYPES, ids=lambda d: f"z_{str(d)[6:]}")
+def test_matrix_vectorized(emu, zdt, odt, guided, hist, noise):
+    """Every dtype pair through the 16-byte path (sample of 2 x 64 elements), options rotating."""
+    ni = NOISE_MODES.index(noise)
+    case = make_case(
+        (3, 2, 64),
+        zdt,
+        odt,
+        guided=guided,
+        hist=hist,
+        clip=bool((hist + ni) % 2),
+        noise=noise,
+        x_dtype=(zdt, None, torch.float32, torch.bfloat16)[(hist + guided + ni) % 4],
+        mi=MI_MODES[(hist + ni + guided) % 4],
+        step_kind=("int", "i64", "i32")[(ni + guided) % 3],
+        seed=zlib.crc32(repr(("emu", zdt, odt, guided, hist, noise)).encode()),
+    )
+    assert emu.vectorized(case.z, torch.empty_like(case.z), case.model_out)
+    _check(emu, case)
+
+
+@pytest.mark.parametrize(
+    "shape", [(1, 1), (2, 3), (3, 4), (2, 5), (2, 12), (2, 130), (2, 3, 7, 11), (1, 517), (3, 1030)], ids=str
+)
+@pytest.mark.parametrize("zdt", [torch.float32, torch.bfloat16], ids=["z_f32", "z_bf16"])
+def test_tails_and_scalar_path(emu, shape, zdt):
+    """Partial last items, samples that break 16-byte alignment, float32 samples of 4 mod 8 (vector + tail)."""
+    case = make_case(shape, zdt, torch.float16, hist=2, noise="philox", x_dtype=torch.float32, mi="dup-bf16")
+    _check(emu, case)
+
+
+@pytest.mark.parametrize("threads", [1, 7, 64])
+def test_grid_stride_loop(emu, threads):
+    """Fewer threads than items: each thread walks the launch with the grid stride."""
+    case = make_case((3, 4, 8, 9), torch.float32, torch.bfloat16, hist=1, noise="philox", mi="dup-fp16")
+    _check(emu, case, threads)
+
+
+def test_unaligned_pointers(emu):
+    """A tensor starting 4 bytes past a 16-byte boundary turns the vector path off and still gives the same result."""
+    case = make_case((2, 4, 64), torch.float32, torch.bfloat16, hist=2, noise="philox", mi="same")
+    want = case.run(cuda_backend())
+    buf = torch.empty(case.z.numel() + 1)
+    shifted = buf[1:].view(case.z.shape)
+    shifted.copy_(case.z)
+    assert not emu.vectorized(shifted, torch.empty_like(shifted), case.model_out)
+    case.z = shifted
+    assert_matches(case.run(Emulated(emu)), want, exact=True)
+
+
+@pytest.mark.parametrize("noise", NOISE_MODES)
+def test_float64(emu, noise):
+    case = make_case(
+        (2, 3, 16),
+        torch.float64,
+        torch.bfloat16,
+        hist=3,
+        clip=True,
+        noise=noise,
+        x_dtype=torch.float64,
+        mi="dup-bf16",
+        hist_dtypes=(torch.float64, torch.float32, torch.float16),
+    )
+    _check(emu, case)
+
+
+def test_equals_reference_in_place(emu):
+    case = make_case((2, 16, 8, 8), torch.bfloat16, torch.bfloat16, hist=1, noise="tensor", mi="dup-bf16")
+    assert_matches(case.run(Emulated(emu), in_place=True), case.run(REF), exact=True)
