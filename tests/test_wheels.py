@@ -3,8 +3,9 @@ wheel for the running torch (CPU kernel), and each is installed in turn into one
 environment (torch installed there from the package index, no dev packages visible), where
 ``import fastflow``, a sampler step on CPU tensors and ``fastflow info`` must work.
 
-One fresh environment for both wheels: installing torch takes about 35 s, building the binary
-wheel 1-2 minutes on two cores. Set FASTFLOW_SKIP_WHEEL_TEST=1 to skip it.
+One fresh environment for both wheels: installing torch takes about 35 s and runs while the wheels
+are built (the binary one compiles for about a minute on two idle cores). Set
+FASTFLOW_SKIP_WHEEL_TEST=1 to skip it.
 """
 
 from __future__ import annotations
@@ -64,33 +65,23 @@ print(json.dumps({
 """
 
 
-def _run(cmd: list[str], timeout: float, extra_env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+def _env(extra: dict | None = None) -> dict:
     # No PYTHONPATH: the fresh environment must see only what is installed in it.
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | (extra_env or {})
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, **kw)
+    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | (extra or {})
+
+
+def _run(cmd: list[str], timeout: float, **kw) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env(), **kw)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """A fresh venv with only torch (the running version) and numpy; the test's pip installs into it."""
-    venv = tmp_path_factory.mktemp("wheel-venv")
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
-    python = venv / "bin" / "python"
-    pip = [sys.executable, "-m", "pip", "--python", str(python)]
-    proc = subprocess.run(
-        [*pip, "install", "-q", f"torch=={torch.__version__}", "numpy"], capture_output=True, text=True, timeout=600
-    )
-    if proc.returncode != 0:
-        pytest.skip(f"cannot install torch {torch.__version__} into a fresh venv: {proc.stderr.strip()[-500:]}")
-    return python, pip
-
-
-@pytest.fixture(scope="module")
-def wheels(tmp_path_factory):
-    """Build both wheels once; the binary one only where a C++ compiler exists."""
+def built(tmp_path_factory):
+    """Both wheels (the binary one only where a C++ compiler exists) and a fresh venv with only torch
+    (the running version) and numpy, which the test's own pip installs into. The build (CPU-bound)
+    runs while torch is installed (disk-bound)."""
     out = tmp_path_factory.mktemp("dist")
     cxx = os.environ.get("CXX") or sysconfig.get_config_var("CXX") or "c++"
     args = ["--pure"]
@@ -98,8 +89,49 @@ def wheels(tmp_path_factory):
         args.append("--binary")
     # The CPU kernel only, even where torch has CUDA: this is the CPU install test.
     cmd = ["bash", str(SCRIPT), *args, "--out", str(out), "--python", sys.executable]
-    _run(cmd, timeout=900, extra_env={"FASTFLOW_SKIP_CUDA_BUILD": "1"})
-    return {("binary" if "linux" in w.name else "pure"): w for w in out.glob("*.whl")}
+    build = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=_env({"FASTFLOW_SKIP_CUDA_BUILD": "1"}),
+    )
+    try:
+        venv = tmp_path_factory.mktemp("wheel-venv")
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+        python = venv / "bin" / "python"
+        pip = [sys.executable, "-m", "pip", "--python", str(python)]
+        proc = subprocess.run(
+            [*pip, "install", "-q", f"torch=={torch.__version__}", "numpy"],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=_env(),
+        )
+        no_torch = None
+        if proc.returncode != 0:
+            no_torch = f"cannot install torch {torch.__version__} into a fresh venv: {proc.stderr.strip()[-500:]}"
+        log, _ = build.communicate(timeout=900)
+    finally:
+        if build.poll() is None:
+            build.kill()
+            build.wait()
+    if build.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({build.returncode}):\n{log}")
+    wheels = {("binary" if "linux" in w.name else "pure"): w for w in out.glob("*.whl")}
+    return {"python": python, "pip": pip, "wheels": wheels, "no_torch": no_torch}
+
+
+@pytest.fixture(scope="module")
+def env(built):
+    if built["no_torch"]:
+        pytest.skip(built["no_torch"])
+    return built["python"], built["pip"]
+
+
+@pytest.fixture(scope="module")
+def wheels(built):
+    return built["wheels"]
 
 
 def _install_and_check(env, wheel: Path, backend: str, tmp_path: Path) -> dict:
