@@ -11,10 +11,16 @@ import torch
 
 def info() -> int:
     """Versions, devices, and for every backend whether it is available or why not."""
+    from importlib import metadata
+
     from . import __version__
     from .backends import backend_report
 
-    print(f"fastflow {__version__}")
+    try:  # the installed distribution's version carries the wheel's local label (+cu130.torch2.14)
+        version = metadata.version("fastflow")
+    except metadata.PackageNotFoundError:
+        version = __version__
+    print(f"fastflow {version}")
     print(f"python   {platform.python_version()} ({sys.executable})")
     print(f"torch    {torch.__version__} (CUDA {torch.version.cuda or 'none'})")
     try:
