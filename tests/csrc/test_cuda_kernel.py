@@ -329,6 +329,20 @@ def test_int64_indexing(cb):
     torch.cuda.empty_cache()
 
 
+def test_opcheck_cuda(cb):
+    """torch.library.opcheck on CUDA tensors (schema, fake impls, functionalization)."""
+    case = make_case((2, 3, 8), torch.float32, torch.bfloat16, hist=2, noise="philox", clip=True, device=DEV)
+    z = case.z
+    args = (z, torch.empty_like(z), case.model_out, case.uncond, case.history, case.table, 0,
+            torch.tensor([3], device=DEV), case.seeds, None, torch.empty_like(z),
+            torch.empty((4, 3, 8), dtype=torch.bfloat16, device=DEV), 0.8, True)  # fmt: skip
+    torch.library.opcheck(torch.ops.fastflow.fused_step.default, args)
+    torch.library.opcheck(torch.ops.fastflow.noise.default, (case.seeds, [3, 5], 2, None, 0))
+    counter = torch.randint(0, 2**32, (5, 4), dtype=torch.int64, device=DEV)
+    key = torch.randint(0, 2**32, (5, 2), dtype=torch.int64, device=DEV)
+    torch.library.opcheck(torch.ops.fastflow.philox.default, (counter, key, 10))
+
+
 # --------------------------------------------------------------------------- timing (report only)
 
 
