@@ -4,7 +4,13 @@ Both read diffusers' own float32 ``alphas_cumprod`` (so beta schedules, trained
 betas and zero-terminal-SNR rescaling are diffusers'), and both address each step
 by its timestep as diffusers does: DDIM steps from ``t`` to
 ``t - num_train_timesteps // num_inference_steps`` whatever the spacing; DDPM to the
-next timestep of the schedule.
+next timestep of the schedule. The few coefficients whose float32 evaluation in
+diffusers cancels (``1 - a_t / a_prev``) are computed in diffusers' float32 order,
+so loops agree to float32 round-off instead of to that cancellation.
+
+With ``clip_sample`` and diffusers' default ``use_clipped_model_output=False``, the
+noise estimate comes from the unclipped model output while ``x0`` is clipped: the
+raw output is bound to a kernel history slot (:func:`fastflow.diffusers._base.O`).
 """
 
 from __future__ import annotations
