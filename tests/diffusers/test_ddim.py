@@ -155,3 +155,17 @@ def test_undefined_steps_raise_instead_of_nan():
     t = ff.timesteps[0]
     with pytest.raises(ValueError, match="negative variance"):
         ff.step(stand_in(x, t), t, x, eta=3.0)
+
+
+def test_half_precision_sample_and_output():
+    """float16 in, float16 out (diffusers' dtype promotion). diffusers computes in float16, the kernel in
+    float32: both sit within float16 round-off of the float32 loop, fastflow no further than diffusers."""
+    ref, ff = pair("DDIMScheduler", **SD, clip_sample=False)
+    half = lambda x, t: stand_in(x.float(), t).half()  # noqa: E731
+    x = start_noise().half()
+    xa, _ = run_loop(ref, 10, model=half, x=x)
+    xb, _ = run_loop(ff, 10, model=half, x=x)
+    x32, _ = run_loop(ref, 10, model=lambda x, t: half(x, t).float(), x=x.float())
+    assert xa.dtype == xb.dtype == torch.float16
+    assert_close(xb.float(), x32, rtol=4e-3, atol=4e-3)
+    assert (xb.float() - x32).abs().max() <= 1.5 * (xa.float() - x32).abs().max()
