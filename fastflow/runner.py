@@ -70,8 +70,16 @@ class PlanRunner:
         history.extend(extra_history)
         if plan.noise[i] and noise is None and seeds is None:
             raise ValueError(f"stage {i} draws noise: pass seeds or noise")
-        out = torch.empty_like(z) if out is None else out
-        x_out = torch.empty_like(z) if (plan.write_x[i] or want_x) else None
+        # Kernels read flat row-major memory (the noise is keyed by the row-major index), so inputs
+        # in another layout (channels_last model outputs, say) are copied once here, and outputs
+        # are allocated row-major. Already contiguous tensors pass through untouched.
+        z = z.contiguous()
+        cond = cond.contiguous()
+        uncond = None if uncond is None else uncond.contiguous()
+        noise = None if noise is None else noise.contiguous()
+        history = [h.contiguous() for h in history]
+        out = torch.empty(z.shape, dtype=z.dtype, device=z.device) if out is None else out
+        x_out = torch.empty(z.shape, dtype=z.dtype, device=z.device) if (plan.write_x[i] or want_x) else None
         table = self.table(z.device, torch.float64 if z.dtype == torch.float64 else torch.float32)
         resolve_backend(self.backend, z.device, z.dtype).fused_step(
             z, out, cond, uncond, history, table, i if step is None else step,

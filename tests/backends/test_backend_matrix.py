@@ -58,3 +58,20 @@ def test_solver_matrix(backend, solver, prediction):
     for i, (a, b) in enumerate(zip(got, ref, strict=True)):
         scale = float(b.abs().max()) + 1.0
         torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5 * scale, msg=f"stage {i}")
+
+
+@pytest.mark.parametrize("backend", ("torch", *KERNEL_BACKENDS))
+def test_channels_last_state_and_output(backend):
+    """Model outputs in another memory layout (a conv net's channels_last) give the same step."""
+    _require(backend)
+    device = _device()
+    sampler = ff.Sampler(ff.VP(), "sde-dpm++2m", prediction="v", steps=4, backend="torch")
+    z0 = sampler.init_noise((2, 3, 6, 5), seed=[1, 2], device=device)
+    g = torch.Generator().manual_seed(1)
+    outs = [torch.randn(2, 3, 6, 5, generator=g).to(device) for _ in range(4)]
+    ref = _loop(sampler, "torch", z0, outs)
+    got = _loop(sampler, backend, z0.to(memory_format=torch.channels_last),
+                [o.to(memory_format=torch.channels_last) for o in outs])
+    for a, b in zip(got, ref, strict=True):
+        assert a.is_contiguous()
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
