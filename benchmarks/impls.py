@@ -22,7 +22,7 @@ __all__ = ["BASELINES", "FASTFLOW_BACKENDS", "IMPL_NAMES", "Impl", "make_impl"]
 
 FASTFLOW_BACKENDS = ("triton", "cuda", "torch")
 BASELINES = ("naive", "compile", "diffusers")
-IMPL_NAMES = (*BASELINES, *(f"fastflow-{b}" for b in FASTFLOW_BACKENDS))
+IMPL_NAMES = (*BASELINES, *(f"fastflow-{b}" for b in FASTFLOW_BACKENDS), "fastflow-dropin")
 
 
 class Impl:
@@ -124,6 +124,23 @@ class DiffusersImpl(Impl):
         return len(self.scheduler.timesteps)
 
 
+class DropinImpl(DiffusersImpl):
+    """fastflow's drop-in for the same diffusers scheduler, driven by the same pipeline-style loop."""
+
+    name = "fastflow-dropin"
+
+    def __init__(self, case: Case):
+        super().__init__(case)
+        if self.reason is not None:
+            return
+        try:
+            from fastflow.diffusers import from_scheduler
+
+            self.scheduler = from_scheduler(self.scheduler)
+        except Exception as exc:  # an unsupported class or config: say so, keep the other columns
+            self.reason = f"no drop-in: {exc}"
+
+
 class FastflowImpl(Impl):
     """fastflow's Sampler on one backend; device time is the backend's fused step alone."""
 
@@ -192,6 +209,8 @@ def make_impl(name: str, case: Case) -> Impl:
         impl: Impl = NaiveImpl(case, compiled=name == "compile")
     elif name == "diffusers":
         impl = DiffusersImpl(case)
+    elif name == "fastflow-dropin":
+        impl = DropinImpl(case)
     elif name.startswith("fastflow-"):
         impl = FastflowImpl(case, name.removeprefix("fastflow-"))
     else:

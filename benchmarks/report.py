@@ -18,6 +18,7 @@ SHORT = {
     "fastflow-triton": "ff-triton",
     "fastflow-cuda": "ff-cuda",
     "fastflow-torch": "ff-torch",
+    "fastflow-dropin": "ff-dropin",
 }
 
 
@@ -84,7 +85,8 @@ def markdown(results: dict) -> str:
         f"- state float32, model output bfloat16 unless noted; loops of {s['steps']} steps; "
         f"{'quick' if s['quick'] else 'full'} settings; commit {m.get('git_commit') or 'unknown'}",
         "- columns: naive = eager torch step as a user writes it; compile = torch.compile of it; "
-        "diffusers = the matching scheduler's step(); ff-* = fastflow backends",
+        "diffusers = the matching scheduler's step(); ff-* = fastflow backends; "
+        "ff-dropin = fastflow.diffusers' drop-in for the same scheduler",
         "",
         "## Device time of one step (us, median; floor = bytes / copy bandwidth)",
         "",

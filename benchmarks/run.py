@@ -268,7 +268,7 @@ def measure_case(case: Case, impl_names: list[str], compile_ok: bool, settings: 
     ref = finals.get("fastflow-torch")
     if ref is not None and not case.family.stochastic:
         for name, z in finals.items():
-            if name not in ("fastflow-torch", "diffusers") and z.shape == ref.shape:
+            if name not in ("fastflow-torch", "diffusers", "fastflow-dropin") and z.shape == ref.shape:
                 record["impls"][name]["rel_err_vs_torch"] = _rel_err(z, ref)
     add_ratios(record)
     return record

@@ -15,17 +15,27 @@ from .plan import StepPlan
 
 
 class PlanRunner:
-    """Evaluates stage ``i`` of ``plan`` with one backend call, keeping the history later stages read."""
+    """Evaluates stage ``i`` of ``plan`` with one backend call, keeping the history later stages read.
+
+    Everything that does not depend on the tensors (history keys, when each stored
+    tensor can be dropped, the table and backend per device) is worked out once,
+    since ``run`` is on every step's host path.
+    """
 
     def __init__(self, plan: StepPlan, backend: str = "auto"):
         self.plan = plan
         self.backend = backend
         self._tables: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        self._dispatch: dict[tuple[str, torch.device, torch.dtype], tuple[torch.Tensor, object]] = {}
         self._store: dict[tuple[str, int], torch.Tensor] = {}
-        self._last_use: dict[tuple[str, int], int] = {}
-        for i, refs in enumerate(plan.history):
-            for ref in refs:
-                self._last_use[(ref.kind, ref.stage)] = i
+        self._needs = [tuple((ref.kind, ref.stage) for ref in refs) for refs in plan.history]
+        last_use: dict[tuple[str, int], int] = {}
+        for i, keys in enumerate(self._needs):
+            for key in keys:
+                last_use[key] = i
+        self._free_after: list[list[tuple[str, int]]] = [[] for _ in plan.history]
+        for key, i in last_use.items():
+            self._free_after[i].append(key)
 
     def table(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The coefficient table on ``device`` (cached; float64 for float64 states)."""
@@ -37,6 +47,14 @@ class PlanRunner:
     def reset(self) -> None:
         """Forget stored history (a new loop starts)."""
         self._store.clear()
+
+    def _table_and_backend(self, z: torch.Tensor):
+        key = (self.backend, z.device, z.dtype)
+        found = self._dispatch.get(key)
+        if found is None:
+            table = self.table(z.device, torch.float64 if z.dtype == torch.float64 else torch.float32)
+            found = self._dispatch[key] = (table, resolve_backend(self.backend, z.device, z.dtype))
+        return found
 
     def run(
         self,
@@ -59,36 +77,45 @@ class PlanRunner:
         (a front end whose table puts coefficients there, e.g. on the raw model output).
         """
         plan = self.plan
+        store = self._store
         if i == 0:
-            self._store.clear()
-        history = []
-        for ref in plan.history[i]:
-            key = (ref.kind, ref.stage)
-            if key not in self._store:
-                raise RuntimeError(f"stage {i} needs {ref.kind} of stage {ref.stage}; run the stages in order from 0")
-            history.append(self._store[key])
-        history.extend(extra_history)
-        if plan.noise[i] and noise is None and seeds is None:
+            store.clear()
+        try:
+            history = [store[key] for key in self._needs[i]]
+        except KeyError:
+            missing = next(k for k in self._needs[i] if k not in store)
+            raise RuntimeError(
+                f"stage {i} needs {missing[0]} of stage {missing[1]}; run the stages in order from 0"
+            ) from None
+        if extra_history:
+            history.extend(extra_history)
+        use_noise = plan.noise[i]
+        if use_noise and noise is None and seeds is None:
             raise ValueError(f"stage {i} draws noise: pass seeds or noise")
         # Kernels read flat row-major memory (the noise is keyed by the row-major index), so inputs
         # in another layout (channels_last model outputs, say) are copied once here, and outputs
         # are allocated row-major. Already contiguous tensors pass through untouched.
         z = z.contiguous()
         cond = cond.contiguous()
-        uncond = None if uncond is None else uncond.contiguous()
-        noise = None if noise is None else noise.contiguous()
-        history = [h.contiguous() for h in history]
-        out = torch.empty(z.shape, dtype=z.dtype, device=z.device) if out is None else out
-        x_out = torch.empty(z.shape, dtype=z.dtype, device=z.device) if (plan.write_x[i] or want_x) else None
-        table = self.table(z.device, torch.float64 if z.dtype == torch.float64 else torch.float32)
-        resolve_backend(self.backend, z.device, z.dtype).fused_step(
+        if uncond is not None:
+            uncond = uncond.contiguous()
+        if noise is not None:
+            noise = noise.contiguous()
+        if history:
+            history = [h.contiguous() for h in history]
+        if out is None:
+            out = torch.empty(z.shape, dtype=z.dtype, device=z.device)
+        write_x = plan.write_x[i]
+        x_out = torch.empty(z.shape, dtype=z.dtype, device=z.device) if (write_x or want_x) else None
+        table, backend = self._table_and_backend(z)
+        backend.fused_step(
             z, out, cond, uncond, history, table, i if step is None else step,
-            seeds=seeds, noise=noise, x_out=x_out, model_in_out=model_in, clip=plan.clip, use_noise=plan.noise[i],
+            seeds=seeds, noise=noise, x_out=x_out, model_in_out=model_in, clip=plan.clip, use_noise=use_noise,
         )
-        if plan.write_x[i]:
-            self._store[("x", i)] = x_out
+        if write_x:
+            store[("x", i)] = x_out
         if plan.keep_z[i]:
-            self._store[("z", i)] = z
-        for key in [k for k in self._store if self._last_use.get(k, -1) <= i]:
-            del self._store[key]
+            store[("z", i)] = z
+        for key in self._free_after[i]:
+            store.pop(key, None)
         return out, x_out
