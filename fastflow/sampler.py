@@ -264,10 +264,18 @@ def sample(
     z_in = sampler.model_input(z, 0, model_dtype)
     accepts = len(inspect.signature(callback).parameters) if callback is not None else 0
     n = sampler.num_stages
+    # Without a callback nobody else sees the intermediate states, so two buffers take turns
+    # (one allocation less per step). Solvers that read an earlier state keep fresh tensors.
+    buffers = None
+    if callback is None and not any(sampler.plan.keep_z):
+        buffers = [torch.empty(z.shape, dtype=z.dtype, device=z.device) for _ in range(min(n, 2))]
     for i in range(n):
         t = times[i]
         output = model_fn(z_in, t)
-        z, z_in = sampler.step(output, z, i, return_model_input=True, model_input_dtype=model_dtype or z.dtype)
+        z, z_in = sampler.step(
+            output, z, i, out=None if buffers is None else buffers[i % 2],
+            return_model_input=True, model_input_dtype=model_dtype or z.dtype,
+        )
         if callback is not None:
             callback(*(i, t, z)[:accepts])
         if progress:
