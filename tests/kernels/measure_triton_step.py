@@ -68,7 +68,7 @@ def _call(tb, x: dict, table: torch.Tensor, v: dict, step, block=None) -> None:
         seeds=x["seeds"],
         model_in_out=None if v["mi"] is None else (x["mi"] if v["mi"] == "dup" else x["mi"][: x["z"].shape[0]]),
         use_noise=v["noise"],
-        block=block,
+        **({} if block is None else {"block": block}),  # only the Triton backend takes a block size
     )
 
 
