@@ -57,11 +57,8 @@ def points_at(schedule: Schedule, t: np.ndarray) -> Points:
 
 def clean_point(schedule: Schedule) -> Points:
     """The clean end point ``alpha=1, sigma=0``; its time is the schedule's clean time if it has one, else NaN."""
-    t_clean = 0.0 if float(schedule.sigma(0.0)) == 0.0 and float(schedule.alpha(0.0)) > 0 else np.nan
-    if np.isfinite(t_clean):
-        p = points_at(schedule, np.array([t_clean]))
-        scale = p.alpha  # a rescaled schedule's clean state is alpha(0) * x
-        return Points(p.t, scale, p.sigma, p.d_alpha, p.d_sigma)
+    if float(schedule.sigma(0.0)) == 0.0 and float(schedule.alpha(0.0)) > 0:
+        return points_at(schedule, np.array([0.0]))  # a rescaled schedule's clean state is alpha(0) * x
     return Points(np.array([np.nan]), np.array([1.0]), np.array([0.0]), np.array([np.nan]), np.array([np.nan]))
 
 

@@ -21,6 +21,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .predictions import to_x_eps
+from .solvers.base import NOISE, Stage
+
 # Column layout of a coefficient table row. Kernels index rows by these numbers.
 W, AZ, AO, CZ, CX, H0, H1, H2, CN, CIN = range(10)
 NUM_COEFS = 10
@@ -84,7 +87,7 @@ class StepPlan:
 
 
 def compile_plan(
-    stages: list,
+    stages: list[Stage],
     prediction: str,
     guidance_scale: float | None = None,
     clip: float | None = None,
@@ -95,9 +98,6 @@ def compile_plan(
     ``input_scale[i]`` multiplies the state to form stage ``i``'s model input (default 1);
     column CIN of stage ``i`` holds the next stage's scale.
     """
-    from .predictions import to_x_eps
-    from .solvers.base import NOISE
-
     n = len(stages)
     if n == 0:
         raise ValueError("a plan needs at least one stage")
