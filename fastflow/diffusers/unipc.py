@@ -25,7 +25,7 @@ import torch
 from diffusers.schedulers import scheduling_unipc_multistep as _unipc
 
 from ..solvers.base import Lin, eps_of
-from ..solvers.unipc import _predictor_rhos, _unipc_weights
+from ..solvers.unipc import correction, differences, predictor_update
 from ._base import FastflowScheduler, StepSpec, X, Z
 from .ddim import dynamic_threshold
 from .dpmsolver import alpha_sigma, x0_coefs
@@ -84,16 +84,6 @@ def unipc_updates(
     def scale(t: int) -> float:
         return a[t] if predict_x0 else s[t]
 
-    def diffs(i: int, order: int) -> tuple[np.ndarray, list[Lin], float]:
-        """Ratios ``r_k`` and differences ``(m_{i-k} - m_i) / r_k`` for the step from ``i``."""
-        h = lam[i + 1] - lam[i]
-        rks, d1s = [], []
-        for j in range(1, order):
-            rk = (lam[i - j] - lam[i]) / h
-            rks.append(rk)
-            d1s.append((m(i - j) - m(i)) / rk)
-        return np.array([*rks, 1.0]), d1s, h
-
     def check(i: int, order: int, what: str) -> None:
         if s[i + 1] == 0 and solver_type == "bh1":
             raise ValueError(
@@ -113,15 +103,8 @@ def unipc_updates(
         k = i - start
         z = Z(k)
         if i > start and (i - 1) not in skip:
-            q = orders[k - 1]
-            rks, d1s, h = diffs(i - 1, q)
-            _, b_h, R, b = _unipc_weights(rks, sign * -h, solver_type)
-            rhos_p = _predictor_rhos(R, b, q)
-            rhos_c = np.array([0.5]) if q == 1 else np.linalg.solve(R, b)
-            corr = (m(i) - m(i - 1)) * rhos_c[-1]
-            for rc, rp, d in zip(rhos_c[:-1], rhos_p, d1s, strict=True):
-                corr = corr + d * (rc - rp)
-            z = z + corr * (-scale(i) * b_h)
+            rks, d1s = differences(lam, i - 1, orders[k - 1], m)
+            z = z + correction(m(i), m(i - 1), rks, d1s, sign * -(lam[i] - lam[i - 1]), solver_type, scale(i))
         check(i, p, "predictor")
         if s[i + 1] == 0:
             updates.append(X(k) * a[i + 1])
@@ -129,12 +112,9 @@ def unipc_updates(
         if lam[i + 1] == lam[i]:
             updates.append(z)  # zero-length step of order 1 or 2: diffusers' terms all vanish
             continue
-        rks, d1s, h = diffs(i, p)
-        h_phi_1, b_h, R, b = _unipc_weights(rks, sign * -h, solver_type)
-        out = z * ratio(i + 1, i) - m(i) * (scale(i + 1) * h_phi_1)
-        for rho, d in zip(_predictor_rhos(R, b, p), d1s, strict=True):
-            out = out - d * (scale(i + 1) * b_h * rho)
-        updates.append(out)
+        rks, d1s = differences(lam, i, p, m)
+        h = sign * -(lam[i + 1] - lam[i])
+        updates.append(predictor_update(z, m(i), rks, d1s, h, solver_type, ratio(i + 1, i), scale(i + 1)))
     return updates, orders
 
 

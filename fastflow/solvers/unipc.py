@@ -10,6 +10,7 @@ interval, so the whole step stays linear in ``(z, x_hat, stored x_hats)``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,7 +23,7 @@ from .dpmpp import multistep_order
 VARIANTS = ("bh1", "bh2")
 
 
-def _unipc_weights(rks: np.ndarray, h: float, variant: str) -> tuple[float, float, np.ndarray, np.ndarray]:
+def unipc_weights(rks: np.ndarray, h: float, variant: str) -> tuple[float, float, np.ndarray, np.ndarray]:
     """``(h_phi_1, B_h, R, b)`` for ratios ``rks`` (ending in 1) on an interval of half-log-SNR step ``h``."""
     hh = -h
     h_phi_1 = math.expm1(hh)
@@ -39,23 +40,63 @@ def _unipc_weights(rks: np.ndarray, h: float, variant: str) -> tuple[float, floa
     return h_phi_1, b_h, R, b
 
 
-def _differences(lam: np.ndarray, i: int, order: int) -> tuple[np.ndarray, list[Lin]]:
-    """Ratios and scaled differences ``(x_{i-k} - x_i) / r_k`` for the step from point ``i``."""
+def differences(
+    lam: np.ndarray, i: int, order: int, pred: Callable[[int], Lin] = X
+) -> tuple[np.ndarray, list[Lin]]:
+    """Ratios ``r_k`` (ending in 1) and scaled differences ``(m_{i-k} - m_i) / r_k`` for the step from point ``i``.
+
+    ``pred(j)`` is the stored prediction of point ``j`` (``X(j)`` here; the diffusers
+    drop-in passes its own, e.g. noise predictions).
+    """
     h = lam[i + 1] - lam[i]
     rks, d1s = [], []
     for k in range(1, order):
         rk = (lam[i - k] - lam[i]) / h
         rks.append(rk)
-        d1s.append((X(i - k) - X(i)) / rk)
+        d1s.append((pred(i - k) - pred(i)) / rk)
     return np.array(rks + [1.0]), d1s
 
 
-def _predictor_rhos(R: np.ndarray, b: np.ndarray, order: int) -> np.ndarray:
+def predictor_rhos(R: np.ndarray, b: np.ndarray, order: int) -> np.ndarray:
+    """UniP's weights of the scaled differences (none at order 1, 1/2 at order 2)."""
     if order == 1:
         return np.zeros(0)
     if order == 2:
         return np.array([0.5])
     return np.linalg.solve(R[:-1, :-1], b[:-1])
+
+
+def predictor_update(
+    z: Lin, m: Lin, rks: np.ndarray, d1s: list[Lin], h: float, variant: str, ratio: float, scale: float
+) -> Lin:
+    """UniP: ``z * ratio - m * scale * h_phi_1 - sum_k d_k * scale * B_h * rho_k`` on an interval of step ``h``.
+
+    Data prediction: ``ratio = sigma'/sigma``, ``scale = alpha'`` (the drop-in's noise
+    form passes ``alpha'/alpha``, ``sigma'`` and ``-h``).
+    """
+    h_phi_1, b_h, R, b = unipc_weights(rks, h, variant)
+    out = z * ratio - m * (scale * h_phi_1)
+    for rho, d in zip(predictor_rhos(R, b, len(rks)), d1s, strict=True):
+        out = out - d * (scale * b_h * rho)
+    return out
+
+
+def correction(
+    m_new: Lin, m_old: Lin, rks: np.ndarray, d1s: list[Lin], h: float, variant: str, scale: float
+) -> Lin:
+    """UniC's change to the state, ``C - P``, for the interval of step ``h`` that ended where ``m_new`` was predicted.
+
+    ``rks``, ``d1s`` are that interval's :func:`differences` at the previous step's order;
+    ``scale`` is ``alpha`` at the interval's end (``sigma`` in the noise form).
+    """
+    order = len(rks)
+    _, b_h, R, b = unipc_weights(rks, h, variant)
+    rhos_p = predictor_rhos(R, b, order)
+    rhos_c = np.array([0.5]) if order == 1 else np.linalg.solve(R, b)
+    out = (m_new - m_old) * rhos_c[-1]
+    for rc, rp, d in zip(rhos_c[:-1], rhos_p, d1s, strict=True):
+        out = out + d * (rc - rp)
+    return out * (-scale * b_h)
 
 
 @dataclass
@@ -86,25 +127,12 @@ class UniPC(Solver):
             z = Z(i)
             if i > 0 and self.use_corrector and (i - 1) not in self.disable_corrector:
                 z = z + self._correction(lam, a, i, orders[i - 1])
-            p = orders[i]
             h = lam[i + 1] - lam[i]
-            rks, d1s = _differences(lam, i, p)
-            h_phi_1, b_h, R, b = _unipc_weights(rks, h, self.variant)
-            rhos = _predictor_rhos(R, b, p)
-            out = z * (s[i + 1] / s[i]) - X(i) * (a[i + 1] * h_phi_1)
-            for rho, d in zip(rhos, d1s, strict=True):
-                out = out - d * (a[i + 1] * b_h * rho)
-            ups.append(out)
+            rks, d1s = differences(lam, i, orders[i])
+            ups.append(predictor_update(z, X(i), rks, d1s, h, self.variant, s[i + 1] / s[i], a[i + 1]))
         return stages_on_points(points, ups)
 
     def _correction(self, lam: np.ndarray, a: np.ndarray, i: int, order: int) -> Lin:
         """``C - P`` for the interval from point ``i-1`` to ``i``, at the previous step's order."""
-        h = lam[i] - lam[i - 1]
-        rks, d1s = _differences(lam, i - 1, order)
-        _, b_h, R, b = _unipc_weights(rks, h, self.variant)
-        rhos_p = _predictor_rhos(R, b, order)
-        rhos_c = np.array([0.5]) if order == 1 else np.linalg.solve(R, b)
-        out = (X(i) - X(i - 1)) * rhos_c[-1]
-        for rc, rp, d in zip(rhos_c[:-1], rhos_p, d1s, strict=True):
-            out = out + d * (rc - rp)
-        return out * (-a[i] * b_h)
+        rks, d1s = differences(lam, i - 1, order)
+        return correction(X(i), X(i - 1), rks, d1s, lam[i] - lam[i - 1], self.variant, a[i])
