@@ -147,6 +147,15 @@ def capture_blockers(sampler: Sampler, device: torch.device | str, dtype: torch.
     return reasons
 
 
+def _is_sync_warning(w: warnings.WarningMessage) -> bool:
+    """Whether a caught warning reports a CUDA host sync.
+
+    torch's own notice that the sync debug mode is a prototype mentions syncs too; it is not one.
+    """
+    text = str(w.message).lower()
+    return "synchronizing" in text and "prototype" not in text
+
+
 class _SyncProbe:
     """Attributes CUDA sync warnings raised in warm-up to the part of the loop that caused them."""
 
@@ -160,11 +169,22 @@ class _SyncProbe:
         self.seen = len(self.caught)
         if self.culprit is None:
             for w in new:
-                text = str(w.message)
-                # torch's own notice that the debug mode is a prototype is not a sync
-                if "synchronizing" in text.lower() and "prototype" not in text.lower():
-                    self.culprit = f"{label} synchronizes with the host ({text.strip()})"
+                if _is_sync_warning(w):
+                    self.culprit = f"{label} synchronizes with the host ({str(w.message).strip()})"
                     return
+
+
+@contextlib.contextmanager
+def _probing_syncs():
+    """CUDA sync warnings on ("warn" debug mode) inside the block, recorded by the :class:`_SyncProbe` it yields."""
+    previous = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield _SyncProbe(caught)
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
 
 
 # ----------------------------------------------------------------------------- the captured loop
@@ -364,15 +384,8 @@ class CapturedLoop:
 
     def _probe_syncs(self) -> str | None:
         """One warm-up loop with CUDA sync warnings on; returns which part synced, if any."""
-        previous = torch.cuda.get_sync_debug_mode()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                probe = _SyncProbe(caught)
-                self._loop(graph_mode=True, probe=probe)
-            finally:
-                torch.cuda.set_sync_debug_mode(previous)
+        with _probing_syncs() as probe:
+            self._loop(graph_mode=True, probe=probe)
         return probe.culprit
 
     def _record(self, stream: torch.cuda.Stream, body: Callable[[], Any]) -> tuple[torch.cuda.CUDAGraph, Any]:

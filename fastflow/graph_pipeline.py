@@ -60,6 +60,8 @@ from typing import Any
 
 import torch
 
+from .graph import _is_sync_warning, _probing_syncs
+
 __all__ = ["CapturedPipeline", "PipelineFallbackWarning", "capture_pipeline"]
 
 _MODEL_ATTRS = ("unet", "transformer", "prior", "decoder")
@@ -479,8 +481,6 @@ class CapturedPipeline:
         return final
 
     def _capture(self, trace: _Trace) -> None:
-        from .graph import _SyncProbe
-
         originals = self._originals()
         scheduler = self.scheduler
         device = self.device
@@ -494,15 +494,8 @@ class CapturedPipeline:
             with torch.cuda.stream(side):
                 for _ in range(self.warmup - 1):
                     self._run_trace(trace, originals)
-                previous = torch.cuda.get_sync_debug_mode()
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always")
-                    torch.cuda.set_sync_debug_mode("warn")
-                    try:
-                        probe = _SyncProbe(caught)
-                        self._run_trace(trace, originals, probe.mark)
-                    finally:
-                        torch.cuda.set_sync_debug_mode(previous)
+                with _probing_syncs() as probe:
+                    self._run_trace(trace, originals, probe.mark)
                 culprit = probe.culprit
             torch.cuda.current_stream(device).wait_stream(side)
             torch.cuda.synchronize(device)
@@ -641,10 +634,7 @@ class _GapWatch:
     def _collect(self) -> list:
         torch.cuda.set_sync_debug_mode(self.previous)
         self.active = False
-        found = [
-            w for w in self.caught[self.mark :]
-            if "synchronizing" in str(w.message).lower() and "prototype" not in str(w.message).lower()
-        ]
+        found = [w for w in self.caught[self.mark :] if _is_sync_warning(w)]
         self.ours.extend(found)
         return found
 
