@@ -19,6 +19,7 @@ from diffusers.schedulers import scheduling_dpmsolver_multistep as _dpm
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..solvers.base import Lin, eps_of
+from ..solvers.dpmpp import dpmpp_differences, dpmpp_update, multistep_order
 from ._base import FastflowScheduler, StepSpec, X, Z, noise
 from .ddim import dynamic_threshold
 
@@ -54,19 +55,13 @@ def x0_coefs(prediction: str, alpha: float, sigma: float, sigma_ve: float) -> tu
 
 def dpm_orders(n: int, start: int, solver_order: int, lower_order_final: bool, euler_at_final: bool,
                final_zero: bool) -> list[int]:
-    """The order diffusers uses at each step ``start .. n-1`` (warm-up counts from the first step taken)."""
-    orders = []
-    for i in range(start, n):
-        taken = min(i - start, solver_order)  # diffusers' lower_order_nums
-        first = i == n - 1 and (euler_at_final or (lower_order_final and n < 15) or final_zero)
-        second = i == n - 2 and lower_order_final and n < 15
-        if solver_order == 1 or taken < 1 or first:
-            orders.append(1)
-        elif solver_order == 2 or taken < 2 or second:
-            orders.append(2)
-        else:
-            orders.append(3)
-    return orders
+    """The order diffusers uses at each step ``start .. n-1``: the core's :func:`multistep_order` rule, with
+    warm-up counted from the first step taken and a first-order last step with ``euler_at_final`` or ``final_zero``."""
+    last_first = euler_at_final or final_zero
+    return [
+        multistep_order(i, n, solver_order, lower_order_final, start=start, final_first_order=last_first)
+        for i in range(start, n)
+    ]
 
 
 def dpm_updates(
@@ -126,33 +121,12 @@ def dpm_updates(
                 )
             updates.append(Z(k))
             continue
-        d0, d1, d2 = m(i), None, None
-        if p >= 2:
-            r0 = (lam[i] - lam[i - 1]) / h
-            d1 = (m(i) - m(i - 1)) / r0
-            if p == 3:
-                r1 = (lam[i - 1] - lam[i - 2]) / h
-                d1_1 = (m(i - 1) - m(i - 2)) / r1
-                d2 = (d1 - d1_1) / (r0 + r1)
-                d1 = d1 + (d1 - d1_1) * (r0 / (r0 + r1))
-        z = Z(k)
-        if plus and not sde:
-            em1 = math.expm1(-h)
-            out = z * (s_t / s_s) - d0 * (a_t * em1)
-            if d1 is not None:
-                mid = solver_type == "midpoint" and d2 is None
-                out = out + d1 * (-0.5 * a_t * em1 if mid else a_t * (em1 / h + 1.0))
-            if d2 is not None:
-                out = out - d2 * (a_t * ((em1 + h) / h**2 - 0.5))
-        elif plus:
-            em2 = -math.expm1(-2.0 * h)  # 1 - e^-2h
-            out = z * (s_t / s_s * math.exp(-h)) + d0 * (a_t * em2) + noise(s_t * math.sqrt(em2))
-            if d1 is not None:
-                mid = solver_type == "midpoint" and d2 is None
-                out = out + d1 * (0.5 * a_t * em2 if mid else a_t * (em2 / (-2.0 * h) + 1.0))
-            if d2 is not None:
-                out = out + d2 * (a_t * ((em2 - 2.0 * h) / (2.0 * h) ** 2 - 0.5))
-        else:
+        # diffusers' 3M halves D2 (diffusers_3m); its SDE-3M adds the D2 term the core's SDE never uses.
+        d0, d1, d2 = dpmpp_differences(lam, i, p, m, diffusers_3m=True)
+        if plus:
+            out = dpmpp_update(Z(k), h, a_t, s_t, s_s, d0, d1, d2, sde=sde, solver_type=solver_type)
+        else:  # noise-prediction DPM-Solver (no core counterpart)
+            z = Z(k)
             ep1 = math.expm1(h)
             c = 2.0 if sde else 1.0
             out = z * (a_t / a[i]) - d0 * (c * s_t * ep1)

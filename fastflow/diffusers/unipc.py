@@ -25,6 +25,7 @@ import torch
 from diffusers.schedulers import scheduling_unipc_multistep as _unipc
 
 from ..solvers.base import Lin, eps_of
+from ..solvers.dpmpp import multistep_order
 from ..solvers.unipc import correction, differences, predictor_update
 from ._base import FastflowScheduler, StepSpec, X, Z
 from .ddim import dynamic_threshold
@@ -36,12 +37,12 @@ SOLVER_TYPES = ("bh1", "bh2")
 
 
 def unipc_orders(n: int, start: int, solver_order: int, lower_order_final: bool) -> list[int]:
-    """The predictor order diffusers uses at each step ``start .. n-1``."""
-    orders = []
-    for i in range(start, n):
-        p = min(solver_order, n - i) if lower_order_final else solver_order
-        orders.append(min(p, min(i - start, solver_order) + 1))
-    return orders
+    """The predictor order diffusers uses at each step ``start .. n-1``: the core's :func:`multistep_order` rule,
+    with warm-up counted from the first step taken and ``lower_order_final`` at any loop length."""
+    return [
+        multistep_order(i, n, solver_order, lower_order_final, start=start, lower_below=math.inf)
+        for i in range(start, n)
+    ]
 
 
 def unipc_updates(

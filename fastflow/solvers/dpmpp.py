@@ -17,7 +17,10 @@ the first steps are shorter.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+
+import numpy as np
 
 from ..grids import Points
 from ..schedules import Schedule
@@ -26,12 +29,88 @@ from .base import Lin, Solver, Stage, X, Z, noise, stages_on_points
 SOLVER_TYPES = ("midpoint", "heun")
 
 
-def multistep_order(i: int, n: int, order: int, lower_order_final: bool) -> int:
-    """Order used at step ``i`` of ``n``: warm-up from 1, and lower at the end of short loops (< 15 steps)."""
-    p = min(order, i + 1)
-    if lower_order_final and n < 15:
+def multistep_order(
+    i: int,
+    n: int,
+    order: int,
+    lower_order_final: bool,
+    *,
+    start: int = 0,
+    lower_below: float = 15,
+    final_first_order: bool = False,
+) -> int:
+    """Order used at step ``i`` of ``n``: warm-up from 1, and lower at the end of short loops (< 15 steps).
+
+    The diffusers drop-ins reuse this rule with their differences as parameters:
+    warm-up counted from step ``start`` (the first step a loop takes), the end-of-loop
+    lowering for loops shorter than ``lower_below`` steps (UniPC: any length), and a
+    first-order last step (``final_first_order``: diffusers' ``euler_at_final`` or a
+    final step to sigma = 0).
+    """
+    p = min(order, i - start + 1)
+    if lower_order_final and n < lower_below:
         p = min(p, n - i)
+    if final_first_order and i == n - 1:
+        p = 1
     return p
+
+
+def dpmpp_differences(
+    lam: np.ndarray, i: int, order: int, pred: Callable[[int], Lin] = X, diffusers_3m: bool = False
+) -> tuple[Lin, Lin | None, Lin | None]:
+    """``(D0, D1, D2)`` of the step from point ``i`` at ``order``: the prediction and its scaled differences.
+
+    ``pred(j)`` is the stored prediction of point ``j``; ``diffusers_3m`` halves ``D2``
+    as diffusers and k-diffusion do (see the module docstring).
+    """
+    d0, d1, d2 = pred(i), None, None
+    if order >= 2:
+        h = lam[i + 1] - lam[i]
+        r0 = (lam[i] - lam[i - 1]) / h
+        d1_0 = (pred(i) - pred(i - 1)) / r0
+        d1 = d1_0
+        if order == 3:
+            r1 = (lam[i - 1] - lam[i - 2]) / h
+            d1_1 = (pred(i - 1) - pred(i - 2)) / r1
+            d1 = d1_0 + (d1_0 - d1_1) * (r0 / (r0 + r1))
+            d2 = (d1_0 - d1_1) * ((1.0 if diffusers_3m else 2.0) / (r0 + r1))
+    return d0, d1, d2
+
+
+def dpmpp_update(
+    z: Lin,
+    h: float,
+    a_s: float,
+    s_s: float,
+    s_t: float,
+    d0: Lin,
+    d1: Lin | None,
+    d2: Lin | None,
+    *,
+    sde: bool,
+    solver_type: str,
+) -> Lin:
+    """DPM-Solver++ (ODE or SDE) from state ``z`` at ``sigma = s_t`` to ``(alpha, sigma) = (a_s, s_s)``, step ``h``.
+
+    ``d0, d1, d2`` from :func:`dpmpp_differences`; ``noise`` is the SDE's draw.
+    """
+    if sde:
+        em2 = -math.expm1(-2 * h)  # 1 - e^-2h
+        out = z * (s_s / s_t * math.exp(-h)) + d0 * (a_s * em2) + noise(s_s * math.sqrt(em2))
+        if d1 is not None:
+            midpoint = solver_type == "midpoint" and d2 is None
+            out = out + d1 * (0.5 * a_s * em2 if midpoint else a_s * (em2 / (-2 * h) + 1))
+        if d2 is not None:
+            out = out + d2 * (a_s * ((em2 - 2.0 * h) / (2.0 * h) ** 2 - 0.5))
+        return out
+    em1 = math.expm1(-h)  # e^-h - 1
+    out = z * (s_s / s_t) - d0 * (a_s * em1)
+    if d1 is not None:
+        midpoint = solver_type == "midpoint" and d2 is None
+        out = out + d1 * (-0.5 * a_s * em1 if midpoint else a_s * (em1 / h + 1))
+    if d2 is not None:
+        out = out - d2 * (a_s * ((em1 + h) / h**2 - 0.5))
+    return out
 
 
 @dataclass
@@ -62,32 +141,8 @@ class DPMSolverPP(Solver):
                 continue
             p = multistep_order(i, n, self.order, self.lower_order_final)
             h = lam[i + 1] - lam[i]
-            d0, d1, d2 = X(i), None, None
-            if p >= 2:
-                r0 = (lam[i] - lam[i - 1]) / h
-                d1_0 = (X(i) - X(i - 1)) / r0
-                d1 = d1_0
-                if p == 3:
-                    r1 = (lam[i - 1] - lam[i - 2]) / h
-                    d1_1 = (X(i - 1) - X(i - 2)) / r1
-                    d1 = d1_0 + (d1_0 - d1_1) * (r0 / (r0 + r1))
-                    d2 = (d1_0 - d1_1) * ((1.0 if self.diffusers_3m else 2.0) / (r0 + r1))
-            ups.append(self._update(i, h, a[i + 1], s[i + 1], s[i], d0, d1, d2))
+            d0, d1, d2 = dpmpp_differences(lam, i, p, diffusers_3m=self.diffusers_3m)
+            ups.append(
+                dpmpp_update(Z(i), h, a[i + 1], s[i + 1], s[i], d0, d1, d2, sde=self.sde, solver_type=self.solver_type)
+            )
         return stages_on_points(points, ups)
-
-    def _update(self, i: int, h: float, a_s: float, s_s: float, s_t: float, d0: Lin, d1, d2) -> Lin:
-        if self.sde:
-            em2 = -math.expm1(-2 * h)  # 1 - e^-2h
-            out = Z(i) * (s_s / s_t * math.exp(-h)) + d0 * (a_s * em2) + noise(s_s * math.sqrt(em2))
-            if d1 is not None:
-                w = 0.5 * a_s * em2 if self.solver_type == "midpoint" else a_s * (em2 / (-2 * h) + 1)
-                out = out + d1 * w
-            return out
-        em1 = math.expm1(-h)  # e^-h - 1
-        out = Z(i) * (s_s / s_t) - d0 * (a_s * em1)
-        if d1 is not None:
-            midpoint = self.solver_type == "midpoint" and d2 is None
-            out = out + d1 * (-0.5 * a_s * em1 if midpoint else a_s * (em1 / h + 1))
-        if d2 is not None:
-            out = out - d2 * (a_s * ((em1 + h) / h**2 - 0.5))
-        return out
