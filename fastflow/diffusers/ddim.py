@@ -69,6 +69,14 @@ def dynamic_threshold(x0: torch.Tensor, ratio: float, max_value: float) -> torch
     return (flat.clamp(-s, s) / s).reshape(x0.shape).to(dtype)
 
 
+def thresholded_x0(coefs: tuple[float, float], model_output: torch.Tensor, sample: torch.Tensor,
+                   config: Any) -> torch.Tensor:
+    """diffusers' thresholded ``x0 = xz * sample + xo * model_output`` for ``coefs = (xz, xo)`` and its config."""
+    xz, xo = coefs
+    x0 = model_output * xo if xz == 0.0 else sample * xz + model_output * xo
+    return dynamic_threshold(x0, config.dynamic_thresholding_ratio, config.sample_max_value)
+
+
 class _VPMixin(FastflowScheduler):
     """Host copies of diffusers' ``alphas_cumprod`` and the options shared by DDIM, DDPM and LCM.
 
@@ -119,10 +127,7 @@ class _VPMixin(FastflowScheduler):
         """The thresholded x0 of step ``idx`` (None when thresholding is off)."""
         if not self._ff_thresholding:
             return None
-        xz, xo = self._ff_raw_x0[idx]
-        x0 = model_output * xo if xz == 0.0 else sample * xz + model_output * xo
-        cfg = self.config
-        return dynamic_threshold(x0, cfg.dynamic_thresholding_ratio, cfg.sample_max_value)
+        return thresholded_x0(self._ff_raw_x0[idx], model_output, sample, self.config)
 
 
 class DDIMScheduler(_VPMixin, scheduling_ddim.DDIMScheduler):

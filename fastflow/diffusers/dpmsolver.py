@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import torch
@@ -20,37 +19,12 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..solvers.base import Lin, eps_of
 from ..solvers.dpmpp import dpmpp_differences, dpmpp_update, multistep_order
-from ._base import FastflowScheduler, StepSpec, X, Z, noise
-from .ddim import dynamic_threshold
+from ._base import X, Z, noise
+from ._multistep import MultistepScheduler, alpha_sigma, x0_coefs
 
 __all__ = ["DPMSolverMultistepScheduler", "alpha_sigma", "dpm_orders", "dpm_updates", "x0_coefs"]
 
 ALGORITHMS = ("dpmsolver++", "sde-dpmsolver++", "dpmsolver", "sde-dpmsolver")
-
-
-def alpha_sigma(sigmas: np.ndarray, flow: bool) -> tuple[np.ndarray, np.ndarray]:
-    """diffusers' ``_sigma_to_alpha_sigma_t`` in float64: VP (``alpha^2 + sigma^2 = 1``) or flow (``a + s = 1``)."""
-    s = np.asarray(sigmas, dtype=np.float64)
-    if flow:
-        return 1.0 - s, s.copy()
-    a = 1.0 / np.sqrt(s * s + 1.0)
-    return a, s * a
-
-
-def x0_coefs(prediction: str, alpha: float, sigma: float, sigma_ve: float) -> tuple[float, float]:
-    """diffusers' data prediction ``x0 = az * sample + ao * model_output`` for a multistep scheduler.
-
-    ``flow_prediction`` uses the raw diffusers sigma, as diffusers does, whatever the schedule.
-    """
-    if prediction == "epsilon":
-        return 1.0 / alpha, -sigma / alpha
-    if prediction == "sample":
-        return 0.0, 1.0
-    if prediction == "v_prediction":
-        return alpha, -sigma
-    if prediction == "flow_prediction":
-        return 1.0, -sigma_ve
-    raise ValueError(f"prediction_type {prediction!r} is not supported")
 
 
 def dpm_orders(n: int, start: int, solver_order: int, lower_order_final: bool, euler_at_final: bool,
@@ -139,7 +113,7 @@ def dpm_updates(
     return updates, orders
 
 
-class DPMSolverMultistepScheduler(FastflowScheduler, _dpm.DPMSolverMultistepScheduler):
+class DPMSolverMultistepScheduler(MultistepScheduler, _dpm.DPMSolverMultistepScheduler):
     """diffusers' ``DPMSolverMultistepScheduler`` whose ``step`` is one fused fastflow call.
 
     Algorithms ``dpmsolver++`` and ``sde-dpmsolver++`` (orders 1-3), ``dpmsolver``
@@ -172,23 +146,13 @@ class DPMSolverMultistepScheduler(FastflowScheduler, _dpm.DPMSolverMultistepSche
             raise NotImplementedError(f"prediction_type={cfg.prediction_type!r} is not supported by {name}")
 
     @property
-    def _ff_thresholding(self) -> bool:
-        return bool(self.config.thresholding)
+    def _ff_draws(self) -> bool:
+        return self.config.algorithm_type.startswith("sde")
 
-    def _ff_prepare(self) -> None:
+    def _ff_updates(self, start: int) -> list[Lin]:
         cfg = self.config
-        sig = self.sigmas.detach().to("cpu", torch.float64).numpy()
-        self._ff_sigmas = sig
-        a, s = alpha_sigma(sig, cfg.use_flow_sigmas)
-        self._ff_conv = [x0_coefs(cfg.prediction_type, a[i], s[i], sig[i]) for i in range(len(sig) - 1)]
-        if self.num_inference_steps is not None:
-            self._ff_host_cache["specs0"] = self._ff_build(0)  # raises now for a loop diffusers cannot run
-
-    def _ff_build(self, start: int) -> list[StepSpec]:
-        cfg = self.config
-        sig = self._ff_sigmas
         updates, _ = dpm_updates(
-            sig,
+            self._ff_sigmas,
             start=start,
             solver_order=cfg.solver_order,
             algorithm_type=cfg.algorithm_type,
@@ -198,25 +162,7 @@ class DPMSolverMultistepScheduler(FastflowScheduler, _dpm.DPMSolverMultistepSche
             final_zero=cfg.final_sigmas_type == "zero",
             flow=cfg.use_flow_sigmas,
         )
-        draws = cfg.algorithm_type.startswith("sde")
-        specs = []
-        for k, u in enumerate(updates):
-            xz, xo = (0.0, 1.0) if self._ff_thresholding else self._ff_conv[start + k]
-            specs.append(StepSpec(xz, xo, u, draws=draws))
-        return specs
-
-    def _ff_thresholded(self, idx: int, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor | None:
-        """diffusers' thresholded x0 of step ``idx`` (None when thresholding is off)."""
-        if not self._ff_thresholding:
-            return None
-        xz, xo = self._ff_conv[idx]
-        x0 = model_output * xo if xz == 0.0 else sample * xz + model_output * xo
-        return dynamic_threshold(x0, self.config.dynamic_thresholding_ratio, self.config.sample_max_value)
-
-    def _ff_specs(self, start: int, variant: Any) -> list[StepSpec]:
-        if start == 0 and "specs0" in self._ff_host_cache:
-            return self._ff_host_cache["specs0"]
-        return self._ff_build(start)
+        return updates
 
     def step(
         self,

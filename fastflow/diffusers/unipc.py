@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import torch
@@ -27,9 +26,8 @@ from diffusers.schedulers import scheduling_unipc_multistep as _unipc
 from ..solvers.base import Lin, eps_of
 from ..solvers.dpmpp import multistep_order
 from ..solvers.unipc import correction, differences, predictor_update
-from ._base import FastflowScheduler, StepSpec, X, Z
-from .ddim import dynamic_threshold
-from .dpmsolver import alpha_sigma, x0_coefs
+from ._base import X, Z
+from ._multistep import MultistepScheduler, alpha_sigma
 
 __all__ = ["UniPCMultistepScheduler", "unipc_orders", "unipc_updates"]
 
@@ -119,7 +117,7 @@ def unipc_updates(
     return updates, orders
 
 
-class UniPCMultistepScheduler(FastflowScheduler, _unipc.UniPCMultistepScheduler):
+class UniPCMultistepScheduler(MultistepScheduler, _unipc.UniPCMultistepScheduler):
     """diffusers' ``UniPCMultistepScheduler`` whose ``step`` is one fused fastflow call.
 
     bh1/bh2, orders 1-3, ``disable_corrector``, ``lower_order_final``, flow sigmas and
@@ -150,20 +148,10 @@ class UniPCMultistepScheduler(FastflowScheduler, _unipc.UniPCMultistepScheduler)
     def _ff_thresholding(self) -> bool:
         return bool(self.config.thresholding) and self.predict_x0  # diffusers thresholds x0 predictions only
 
-    def _ff_prepare(self) -> None:
+    def _ff_updates(self, start: int) -> list[Lin]:
         cfg = self.config
-        sig = self.sigmas.detach().to("cpu", torch.float64).numpy()
-        self._ff_sigmas = sig
-        a, s = alpha_sigma(sig, cfg.use_flow_sigmas)
-        self._ff_conv = [x0_coefs(cfg.prediction_type, a[i], s[i], sig[i]) for i in range(len(sig) - 1)]
-        if self.num_inference_steps is not None:
-            self._ff_host_cache["specs0"] = self._ff_build(0)  # raises now for a loop diffusers cannot run
-
-    def _ff_build(self, start: int) -> list[StepSpec]:
-        cfg = self.config
-        sig = self._ff_sigmas
         updates, _ = unipc_updates(
-            sig,
+            self._ff_sigmas,
             start=start,
             solver_order=cfg.solver_order,
             solver_type=cfg.solver_type,
@@ -172,24 +160,7 @@ class UniPCMultistepScheduler(FastflowScheduler, _unipc.UniPCMultistepScheduler)
             disable_corrector=self.disable_corrector,
             flow=cfg.use_flow_sigmas,
         )
-        specs = []
-        for k, u in enumerate(updates):
-            xz, xo = (0.0, 1.0) if self._ff_thresholding else self._ff_conv[start + k]
-            specs.append(StepSpec(xz, xo, u))
-        return specs
-
-    def _ff_thresholded(self, idx: int, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor | None:
-        """diffusers' thresholded x0 of step ``idx`` (None when thresholding is off)."""
-        if not self._ff_thresholding:
-            return None
-        xz, xo = self._ff_conv[idx]
-        x0 = model_output * xo if xz == 0.0 else sample * xz + model_output * xo
-        return dynamic_threshold(x0, self.config.dynamic_thresholding_ratio, self.config.sample_max_value)
-
-    def _ff_specs(self, start: int, variant: Any) -> list[StepSpec]:
-        if start == 0 and "specs0" in self._ff_host_cache:
-            return self._ff_host_cache["specs0"]
-        return self._ff_build(start)
+        return updates
 
     def step(
         self,

@@ -1,0 +1,89 @@
+"""Shared host side of the multistep drop-ins (DPM-Solver, UniPC).
+
+Both convert diffusers' model output to a data (or noise) prediction with the same
+per-step coefficients, build their next-sample formulas from diffusers' float32
+sigmas in float64, and apply dynamic thresholding as torch ops before the fused step.
+A family supplies only its formulas (:meth:`MultistepScheduler._ff_updates`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..solvers.base import Lin
+from ._base import FastflowScheduler, StepSpec
+from .ddim import thresholded_x0
+
+__all__ = ["MultistepScheduler", "alpha_sigma", "x0_coefs"]
+
+
+def alpha_sigma(sigmas: np.ndarray, flow: bool) -> tuple[np.ndarray, np.ndarray]:
+    """diffusers' ``_sigma_to_alpha_sigma_t`` in float64: VP (``alpha^2 + sigma^2 = 1``) or flow (``a + s = 1``)."""
+    s = np.asarray(sigmas, dtype=np.float64)
+    if flow:
+        return 1.0 - s, s.copy()
+    a = 1.0 / np.sqrt(s * s + 1.0)
+    return a, s * a
+
+
+def x0_coefs(prediction: str, alpha: float, sigma: float, sigma_ve: float) -> tuple[float, float]:
+    """diffusers' data prediction ``x0 = az * sample + ao * model_output`` for a multistep scheduler.
+
+    ``flow_prediction`` uses the raw diffusers sigma, as diffusers does, whatever the schedule.
+    """
+    if prediction == "epsilon":
+        return 1.0 / alpha, -sigma / alpha
+    if prediction == "sample":
+        return 0.0, 1.0
+    if prediction == "v_prediction":
+        return alpha, -sigma
+    if prediction == "flow_prediction":
+        return 1.0, -sigma_ve
+    raise ValueError(f"prediction_type {prediction!r} is not supported")
+
+
+class MultistepScheduler(FastflowScheduler):
+    """A multistep drop-in: per-step x0 conversion, formulas built once per loop start, optional thresholding."""
+
+    _ff_draws = False  # whether each step draws noise
+
+    @property
+    def _ff_thresholding(self) -> bool:
+        return bool(self.config.thresholding)
+
+    def _ff_updates(self, start: int) -> list[Lin]:
+        """Next-sample formulas of steps ``start .. n-1`` from ``self._ff_sigmas``.
+
+        Raises for a loop diffusers cannot run.
+        """
+        raise NotImplementedError
+
+    def _ff_prepare(self) -> None:
+        cfg = self.config
+        sig = self.sigmas.detach().to("cpu", torch.float64).numpy()
+        self._ff_sigmas = sig
+        a, s = alpha_sigma(sig, cfg.use_flow_sigmas)
+        self._ff_conv = [x0_coefs(cfg.prediction_type, a[i], s[i], sig[i]) for i in range(len(sig) - 1)]
+        if self.num_inference_steps is not None:
+            self._ff_host_cache["specs0"] = self._ff_build(0)  # raises now for a loop diffusers cannot run
+
+    def _ff_build(self, start: int) -> list[StepSpec]:
+        specs = []
+        for k, u in enumerate(self._ff_updates(start)):
+            xz, xo = (0.0, 1.0) if self._ff_thresholding else self._ff_conv[start + k]
+            specs.append(StepSpec(xz, xo, u, draws=self._ff_draws))
+        return specs
+
+    def _ff_thresholded(self, idx: int, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor | None:
+        """diffusers' thresholded x0 of step ``idx`` (None when thresholding is off)."""
+        if not self._ff_thresholding:
+            return None
+        return thresholded_x0(self._ff_conv[idx], model_output, sample, self.config)
+
+    def _ff_specs(self, start: int, variant: Any) -> list[StepSpec]:
+        if start == 0 and "specs0" in self._ff_host_cache:
+            return self._ff_host_cache["specs0"]
+        return self._ff_build(start)
