@@ -9,12 +9,11 @@ one-ulp agreement with it.
 
 from __future__ import annotations
 
-import zlib
-
 import numpy as np
 import pytest
 import torch
-from csrc_cases import DTYPES, MI_MODES, NOISE_MODES, REF, assert_matches, cuda_backend, make_case
+from backends.step_cases import DTYPES, NOISE_MODES, REF, step_matrix
+from csrc_cases import assert_matches, cuda_backend, make_case, matrix_case
 
 from fastflow import noise as noise_spec
 from fastflow.backends import cuda as cuda_mod
@@ -31,12 +30,7 @@ def cb() -> CudaBackend:
 # --------------------------------------------------------------------------- matrix
 
 
-@pytest.mark.parametrize("noise", NOISE_MODES)
-@pytest.mark.parametrize("hist", [0, 1, 2, 3])
-@pytest.mark.parametrize("clip", [False, True], ids=["noclip", "clip"])
-@pytest.mark.parametrize("guided", [False, True], ids=["cond", "cfg"])
-@pytest.mark.parametrize("odt", DTYPES, ids=lambda d: f"o_{str(d)[6:]}")
-@pytest.mark.parametrize("zdt", DTYPES, ids=lambda d: f"z_{str(d)[6:]}")
+@step_matrix
 def test_matrix(cb, zdt, odt, guided, clip, hist, noise):
     """Every dtype pair x guidance x clip x history depth x noise mode, on a 2 x 105 state.
 
@@ -45,19 +39,7 @@ def test_matrix(cb, zdt, odt, guided, clip, hist, noise):
     meets every primary option without multiplying the product.
     """
     ni = NOISE_MODES.index(noise)
-    case = make_case(
-        (2, 3, 5, 7),
-        zdt,
-        odt,
-        guided=guided,
-        hist=hist,
-        clip=clip,
-        noise=noise,
-        x_dtype=(zdt, None, torch.float32)[(hist + guided) % 3],
-        mi=MI_MODES[(hist + ni + clip) % 4],
-        step_kind=("int", "i64", "i32")[(ni + guided + 2 * clip) % 3],
-        seed=zlib.crc32(repr((zdt, odt, guided, clip, hist, noise)).encode()),
-    )
+    case = matrix_case((2, 3, 5, 7), zdt, odt, guided, clip, hist, noise)
     in_place = (hist + ni) % 2 == 1
     assert_matches(case.run(cb, in_place=in_place), case.run(REF), exact=noise != "philox")
 

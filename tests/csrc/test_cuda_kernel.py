@@ -7,12 +7,11 @@ Skipped without a CUDA device (the ``gpu`` marker) or without the CUDA build.
 
 from __future__ import annotations
 
-import zlib
-
 import numpy as np
 import pytest
 import torch
-from csrc_cases import DTYPES, MI_MODES, NOISE_MODES, REF, assert_matches, cuda_backend, make_case
+from backends.step_cases import DTYPES, NOISE_MODES, REF, step_matrix
+from csrc_cases import assert_matches, cuda_backend, make_case, matrix_case
 
 from fastflow import noise as noise_spec
 from fastflow.backends import get_backend
@@ -44,29 +43,11 @@ def tb():
 # --------------------------------------------------------------------------- matrix
 
 
-@pytest.mark.parametrize("noise", NOISE_MODES)
-@pytest.mark.parametrize("hist", [0, 1, 2, 3])
-@pytest.mark.parametrize("clip", [False, True], ids=["noclip", "clip"])
-@pytest.mark.parametrize("guided", [False, True], ids=["cond", "cfg"])
-@pytest.mark.parametrize("odt", DTYPES, ids=lambda d: f"o_{str(d)[6:]}")
-@pytest.mark.parametrize("zdt", DTYPES, ids=lambda d: f"z_{str(d)[6:]}")
+@step_matrix
 def test_matrix(cb, zdt, odt, guided, clip, hist, noise):
     """The CPU matrix at a realistic size (2 x 16 x 64 x 64), secondary options rotating."""
     ni = NOISE_MODES.index(noise)
-    case = make_case(
-        (2, 16, 64, 64),
-        zdt,
-        odt,
-        guided=guided,
-        hist=hist,
-        clip=clip,
-        noise=noise,
-        x_dtype=(zdt, None, torch.float32)[(hist + guided) % 3],
-        mi=MI_MODES[(hist + ni + clip) % 4],
-        step_kind=("int", "i64", "i32")[(ni + guided + 2 * clip) % 3],
-        seed=zlib.crc32(repr((zdt, odt, guided, clip, hist, noise)).encode()),
-        device=DEV,
-    )
+    case = matrix_case((2, 16, 64, 64), zdt, odt, guided, clip, hist, noise, device=DEV)
     in_place = (hist + ni) % 2 == 1
     assert_matches(case.run(cb, in_place=in_place), case.run(REF), exact=False)
 

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from csrc_cases import DTYPES, MI_MODES, NOISE_MODES, REF, Case, assert_matches, cuda_backend, make_case
+from backends.step_cases import DTYPES, MI_MODES, NOISE_MODES, REF, Case
+from csrc_cases import assert_matches, cuda_backend, make_case
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -10,17 +10,17 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import zlib
-from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from backends import step_cases
+from backends.step_cases import DTYPES, NOISE_MODES, REF, TRITON_TOL, Case, step_matrix
 
 from fastflow import noise as noise_spec
 from fastflow.backends import get_backend, resolve_backend
-from fastflow.backends.reference import TorchBackend
 from fastflow.backends.triton import TritonBackend, _load_kernels
 from fastflow.plan import AO, AZ, CIN, CN, CX, CZ, H0, NUM_COEFS, W
 
@@ -30,22 +30,15 @@ _K = _load_kernels()
 philox4x32 = _K.philox4x32
 philox_normals = _K.philox_normals
 
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# (rtol, atol) per output dtype: both sides round the same float32 value once, so
-# low-precision outputs differ by at most one unit in the last place.
-TOL = {
-    torch.float32: (2e-5, 2e-5),
-    torch.float64: (2e-5, 2e-5),
-    torch.bfloat16: (1.6e-2, 1.6e-2),
-    torch.float16: (2e-3, 2e-3),
-}
-NOISE_MODES = ("none", "philox", "tensor")
-MI_MODES = (None, "same", "dup-bf16", "dup-fp16")
-REF = TorchBackend()
-
 
 def _dev() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+make_case = partial(step_cases.make_case, device=_dev())
+matrix_case = partial(step_cases.matrix_case, device=_dev())
+# Compared within TRITON_TOL (the Triton tests never ask for bit equality).
+assert_matches = partial(step_cases.assert_matches, tol=TRITON_TOL)
 
 
 @pytest.fixture(scope="module")
@@ -57,123 +50,10 @@ def tb() -> TritonBackend:
     return backend
 
 
-@dataclass
-class Case:
-    """Inputs of one fused step, with the outputs it asks for."""
-
-    z: torch.Tensor
-    model_out: torch.Tensor
-    uncond: torch.Tensor | None
-    history: list[torch.Tensor]
-    table: torch.Tensor
-    step: int | torch.Tensor
-    seeds: torch.Tensor | None
-    noise: torch.Tensor | None
-    use_noise: bool
-    clip: float | None
-    x_dtype: torch.dtype | None
-    mi_dtype: torch.dtype | None
-    mi_dup: bool
-
-    def run(self, backend, in_place: bool = False, **kw) -> dict[str, torch.Tensor]:
-        z = self.z.clone()
-        out = z if in_place else torch.full_like(z, float("nan"))
-        x = None if self.x_dtype is None else torch.full(z.shape, float("nan"), dtype=self.x_dtype, device=z.device)
-        mi = None
-        if self.mi_dtype is not None:
-            b = z.shape[0] * (2 if self.mi_dup else 1)
-            mi = torch.full((b, *z.shape[1:]), float("nan"), dtype=self.mi_dtype, device=z.device)
-        backend.fused_step(
-            z,
-            out,
-            self.model_out,
-            self.uncond,
-            list(self.history),
-            self.table,
-            self.step,
-            seeds=self.seeds,
-            noise=self.noise,
-            x_out=x,
-            model_in_out=mi,
-            clip=self.clip,
-            use_noise=self.use_noise,
-            **kw,
-        )
-        res = {"out": out}
-        if x is not None:
-            res["x"] = x
-        if mi is not None:
-            res["mi"] = mi
-        return res
-
-
-def make_case(
-    shape: tuple[int, ...],
-    zdt: torch.dtype,
-    odt: torch.dtype,
-    *,
-    guided: bool = True,
-    hist: int = 2,
-    clip: bool = False,
-    noise: str = "philox",
-    x_dtype: torch.dtype | None = None,
-    mi: str | None = None,
-    step_kind: str = "int",
-    seed: int = 0,
-    device: str | None = None,
-    hist_dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16),
-) -> Case:
-    """Fresh random inputs and a random coefficient table (5 rows; row 3 is used)."""
-    device = device or _dev()
-    g = torch.Generator().manual_seed(seed)
-
-    def rnd(dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
-        return (torch.randn(shape, generator=g) * scale).to(dtype).to(device)
-
-    table = (torch.randn(5, NUM_COEFS, generator=g) * 0.7).to(device)
-    step_row = 3
-    if step_kind == "int":
-        step: int | torch.Tensor = step_row
-    else:
-        step = torch.tensor([step_row], dtype=torch.int32 if step_kind == "i32" else torch.int64, device=device)
-    seeds = torch.randint(-(2**62), 2**62, (shape[0],), generator=g, dtype=torch.int64).to(device)
-    mi_dtype = {None: None, "same": zdt, "dup-bf16": torch.bfloat16, "dup-fp16": torch.float16}[mi]
-    return Case(
-        z=rnd(zdt, 2.0),
-        model_out=rnd(odt),
-        uncond=rnd(odt) if guided else None,
-        history=[rnd(hist_dtypes[k % len(hist_dtypes)]) for k in range(hist)],
-        table=table,
-        step=step,
-        seeds=seeds if noise == "philox" else None,
-        noise=rnd(odt) if noise == "tensor" else None,
-        use_noise=noise != "none",
-        clip=0.8 if clip else None,
-        x_dtype=x_dtype,
-        mi_dtype=mi_dtype,
-        mi_dup=mi is not None and mi.startswith("dup"),
-    )
-
-
-def assert_matches(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
-    assert got.keys() == want.keys()
-    for key, w in want.items():
-        a = got[key]
-        assert a.dtype == w.dtype and a.shape == w.shape, key
-        assert not torch.isnan(a).any(), f"{key}: elements left unwritten"
-        rtol, atol = TOL[w.dtype]
-        torch.testing.assert_close(a.double(), w.double(), rtol=rtol, atol=atol, msg=lambda m, k=key: f"{k}: {m}")
-
-
 # --------------------------------------------------------------------------- matrix
 
 
-@pytest.mark.parametrize("noise", NOISE_MODES)
-@pytest.mark.parametrize("hist", [0, 1, 2, 3])
-@pytest.mark.parametrize("clip", [False, True], ids=["noclip", "clip"])
-@pytest.mark.parametrize("guided", [False, True], ids=["cond", "cfg"])
-@pytest.mark.parametrize("odt", DTYPES, ids=lambda d: f"o_{str(d)[6:]}")
-@pytest.mark.parametrize("zdt", DTYPES, ids=lambda d: f"z_{str(d)[6:]}")
+@step_matrix
 def test_matrix_tiny(tb, zdt, odt, guided, clip, hist, noise):
     """Full product of dtype pair, guidance, clip, history depth and noise mode on a 2 x 105 state.
 
@@ -181,20 +61,7 @@ def test_matrix_tiny(tb, zdt, odt, guided, clip, hist, noise):
     step as int or int32/int64 device tensor) rotate with the case so each is
     exercised against every primary option without multiplying the product.
     """
-    ni = NOISE_MODES.index(noise)
-    case = make_case(
-        (2, 3, 5, 7),
-        zdt,
-        odt,
-        guided=guided,
-        hist=hist,
-        clip=clip,
-        noise=noise,
-        x_dtype=(zdt, None, torch.float32)[(hist + guided) % 3],
-        mi=MI_MODES[(hist + ni + clip) % 4],
-        step_kind=("int", "i64", "i32")[(ni + guided + 2 * clip) % 3],
-        seed=zlib.crc32(repr((zdt, odt, guided, clip, hist, noise)).encode()),
-    )
+    case = matrix_case((2, 3, 5, 7), zdt, odt, guided, clip, hist, noise)
     assert_matches(case.run(tb), case.run(REF))
 
 
