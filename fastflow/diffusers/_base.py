@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 
 from .. import noise as noise_spec
 from ..grids import Points
@@ -44,7 +45,9 @@ from ..plan import AO, AZ, H0, MAX_HISTORY, StepPlan, compile_plan
 from ..runner import PlanRunner
 from ..solvers.base import NOISE, Lin, Stage, X, Z, noise
 
-__all__ = ["O", "StepSpec", "Compiled", "FastflowScheduler", "compile_specs", "registry", "X", "Z", "noise"]
+__all__ = [
+    "O", "StepSpec", "Compiled", "FastflowScheduler", "compile_specs", "generator_draw", "registry", "X", "Z", "noise",
+]
 
 _O_KIND = "o"
 _UNIT_POINT = Points(*(np.array([v]) for v in (1.0, 1.0, 1.0, 0.0, 0.0)))
@@ -55,6 +58,21 @@ _NO_DEFAULT = object()
 def registry() -> dict[str, type]:
     """Drop-in classes by diffusers class name (filled as the family modules are imported)."""
     return dict(_REGISTRY)
+
+
+def generator_draw(
+    generator: torch.Generator | None, like: torch.Tensor, dtype: torch.dtype | None = None
+) -> Callable[[], torch.Tensor] | None:
+    """diffusers' noise draw of a step: ``randn_tensor`` of ``like``'s shape on its device (``dtype``, by default
+    ``like``'s) from ``generator``; None without a generator (the kernel then draws its own noise)."""
+    if generator is None:
+        return None
+    shape, device, dtype = like.shape, like.device, like.dtype if dtype is None else dtype
+
+    def draw() -> torch.Tensor:
+        return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+
+    return draw
 
 
 def O(i: int) -> Lin:  # noqa: E743 - the symbol's name is the formula's

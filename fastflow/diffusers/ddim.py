@@ -21,10 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 from diffusers.schedulers import scheduling_ddim, scheduling_ddpm
-from diffusers.utils.torch_utils import randn_tensor
 
 from .. import noise as noise_spec
-from ._base import FastflowScheduler, O, StepSpec, X, Z, noise, sqrt
+from ._base import FastflowScheduler, O, StepSpec, X, Z, generator_draw, noise, sqrt
 
 __all__ = ["DDIMScheduler", "DDPMScheduler", "x0_coefs", "eps_coefs", "dynamic_threshold"]
 
@@ -183,11 +182,8 @@ class DDIMScheduler(_VPMixin, scheduling_ddim.DDIMScheduler):
         if eta > 0:
             if variance_noise is not None and generator is not None:
                 raise ValueError("pass either generator or variance_noise, not both")
-            if variance_noise is None and generator is not None:
-                def draw() -> torch.Tensor:
-                    return randn_tensor(
-                        model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype
-                    )
+            if variance_noise is None:
+                draw = generator_draw(generator, model_output)
         use_clipped = bool(use_clipped_model_output) and (self._ff_clip() is not None or self._ff_thresholding)
         idx = self._ff_peek_index(timestep)
         prev, pred = self._ff_step(
@@ -299,12 +295,7 @@ class DDPMScheduler(_VPMixin, scheduling_ddpm.DDPMScheduler):
         predicted_variance = None
         if learned and model_output.shape[1] == sample.shape[1] * 2:
             model_output, predicted_variance = torch.split(model_output, sample.shape[1], dim=1)
-        draw = None
-        if generator is not None:
-            def draw() -> torch.Tensor:
-                return randn_tensor(
-                    model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype
-                )
+        draw = generator_draw(generator, model_output)
         idx = self._ff_peek_index(timestep)
         given = None
         if learned and self._ff_t[idx] > 0:

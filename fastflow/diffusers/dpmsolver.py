@@ -15,11 +15,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from diffusers.schedulers import scheduling_dpmsolver_multistep as _dpm
-from diffusers.utils.torch_utils import randn_tensor
 
 from ..solvers.base import Lin, eps_of
 from ..solvers.dpmpp import dpmpp_differences, dpmpp_update, multistep_order
-from ._base import X, Z, noise
+from ._base import X, Z, generator_draw, noise
 from ._multistep import MultistepScheduler, alpha_sigma, x0_coefs
 
 __all__ = ["DPMSolverMultistepScheduler", "alpha_sigma", "dpm_orders", "dpm_updates", "x0_coefs"]
@@ -188,11 +187,8 @@ class DPMSolverMultistepScheduler(MultistepScheduler, _dpm.DPMSolverMultistepSch
         if cfg.algorithm_type.startswith("sde"):
             if variance_noise is not None:
                 noise_in = variance_noise.to(device=model_output.device, dtype=torch.float32)
-            elif generator is not None:
-                def draw() -> torch.Tensor:
-                    return randn_tensor(
-                        model_output.shape, generator=generator, device=model_output.device, dtype=torch.float32
-                    )
+            else:
+                draw = generator_draw(generator, model_output, torch.float32)
         idx = self._ff_peek_index(timestep)
         prev, _ = self._ff_step(
             model_output, timestep, sample,

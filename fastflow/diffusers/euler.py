@@ -16,9 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 from diffusers.schedulers import scheduling_edm_euler, scheduling_euler_ancestral_discrete, scheduling_euler_discrete
-from diffusers.utils.torch_utils import randn_tensor
 
-from ._base import FastflowScheduler, Lin, StepSpec, X, Z, noise
+from ._base import FastflowScheduler, Lin, StepSpec, X, Z, generator_draw, noise
 
 __all__ = ["EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "EDMEulerScheduler"]
 
@@ -67,6 +66,12 @@ class _SigmaMixin(FastflowScheduler):
         return sample
 
     @staticmethod
+    def _ff_check_timestep(timestep: float | torch.Tensor) -> None:
+        """diffusers' sigma schedulers take a timestep value, never an integer index."""
+        if isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)):
+            raise ValueError("pass one of scheduler.timesteps as timestep, not an integer index")
+
+    @staticmethod
     def _ff_churn_variant(s_churn: float, s_tmin: float, s_tmax: float, s_noise: float) -> tuple:
         return (float(s_churn), float(s_tmin), float(s_tmax), float(s_noise))
 
@@ -81,7 +86,26 @@ class _SigmaMixin(FastflowScheduler):
         return StepSpec(xz, xo, update, pred=pred, draws=churned_step)
 
 
-class EulerDiscreteScheduler(_SigmaMixin, scheduling_euler_discrete.EulerDiscreteScheduler):
+class _VEInputMixin(_SigmaMixin):
+    """diffusers' ``sample / sqrt(sigma^2 + 1)`` model input and x0 conversion of a variance-exploding sample."""
+
+    def _ff_input_scale(self, sigma: torch.Tensor) -> float:
+        return float((sigma**2 + 1) ** 0.5)
+
+    def _ff_apply_input_scale(self, sample: torch.Tensor, idx: int) -> torch.Tensor:
+        return sample / self._ff_in_scale[idx]
+
+    def _ff_x0_coefs(self, sigma: float, sigma_hat: float) -> tuple[float, float]:
+        """``x0 = xz * sample + xo * model_output`` at ``sigma`` (``sigma_hat`` after churn, for epsilon)."""
+        pt = self.config.prediction_type
+        if pt == "epsilon":
+            return 1.0, -sigma_hat
+        if pt == "v_prediction":
+            return 1.0 / (sigma**2 + 1), -sigma / math.sqrt(sigma**2 + 1)
+        return 0.0, 1.0
+
+
+class EulerDiscreteScheduler(_VEInputMixin, scheduling_euler_discrete.EulerDiscreteScheduler):
     """diffusers' ``EulerDiscreteScheduler`` whose ``step`` is one fused fastflow call.
 
     All sigma options (Karras/exponential/beta sigmas, ``interpolation_type``,
@@ -101,22 +125,10 @@ class EulerDiscreteScheduler(_SigmaMixin, scheduling_euler_discrete.EulerDiscret
                 f"valid: {', '.join(self._PREDICTIONS)}"
             )
 
-    def _ff_input_scale(self, sigma: torch.Tensor) -> float:
-        return float((sigma**2 + 1) ** 0.5)
-
-    def _ff_apply_input_scale(self, sample: torch.Tensor, idx: int) -> torch.Tensor:
-        return sample / self._ff_in_scale[idx]
-
     def _ff_spec(self, i: int, k: int, variant: Any) -> StepSpec:
         gamma = self._ff_gamma(i, variant)
         sig, s_hat = gamma[0], gamma[1]
-        pt = self.config.prediction_type
-        if pt == "epsilon":
-            xz, xo = 1.0, -s_hat
-        elif pt == "v_prediction":
-            xz, xo = 1.0 / (sig**2 + 1), -sig / math.sqrt(sig**2 + 1)
-        else:
-            xz, xo = 0.0, 1.0
+        xz, xo = self._ff_x0_coefs(sig, s_hat)
         return self._ff_euler_spec(k, gamma, float(self._ff_sig[i + 1]), xz, xo)
 
     def step(
@@ -132,14 +144,8 @@ class EulerDiscreteScheduler(_SigmaMixin, scheduling_euler_discrete.EulerDiscret
         return_dict: bool = True,
     ) -> scheduling_euler_discrete.EulerDiscreteSchedulerOutput | tuple:
         """diffusers' Euler step (same arguments and outputs), in one backend call."""
-        if isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)):
-            raise ValueError("pass one of scheduler.timesteps as timestep, not an integer index")
-        draw = None
-        if generator is not None:
-            def draw() -> torch.Tensor:
-                return randn_tensor(
-                    model_output.shape, dtype=model_output.dtype, device=model_output.device, generator=generator
-                )
+        self._ff_check_timestep(timestep)
+        draw = generator_draw(generator, model_output)
         prev, pred = self._ff_step(
             model_output, timestep, sample,
             variant=self._ff_churn_variant(s_churn, s_tmin, s_tmax, s_noise),
@@ -150,7 +156,9 @@ class EulerDiscreteScheduler(_SigmaMixin, scheduling_euler_discrete.EulerDiscret
         return scheduling_euler_discrete.EulerDiscreteSchedulerOutput(prev_sample=prev, pred_original_sample=pred)
 
 
-class EulerAncestralDiscreteScheduler(_SigmaMixin, scheduling_euler_ancestral_discrete.EulerAncestralDiscreteScheduler):
+class EulerAncestralDiscreteScheduler(
+    _VEInputMixin, scheduling_euler_ancestral_discrete.EulerAncestralDiscreteScheduler
+):
     """diffusers' ``EulerAncestralDiscreteScheduler`` whose ``step`` is one fused fastflow call.
 
     diffusers draws a noise tensor at every step (the last one with weight 0); with a
@@ -167,18 +175,9 @@ class EulerAncestralDiscreteScheduler(_SigmaMixin, scheduling_euler_ancestral_di
                 f"valid: {', '.join(self._PREDICTIONS)}"
             )
 
-    def _ff_input_scale(self, sigma: torch.Tensor) -> float:
-        return float((sigma**2 + 1) ** 0.5)
-
-    def _ff_apply_input_scale(self, sample: torch.Tensor, idx: int) -> torch.Tensor:
-        return sample / self._ff_in_scale[idx]
-
     def _ff_spec(self, i: int, k: int, variant: Any) -> StepSpec:
         s, s_to = self._ff_sig[i], self._ff_sig[i + 1]
-        if self.config.prediction_type == "epsilon":
-            xz, xo = 1.0, -s
-        else:
-            xz, xo = 1.0 / (s**2 + 1), -s / math.sqrt(s**2 + 1)
+        xz, xo = self._ff_x0_coefs(s, s)  # epsilon or v_prediction (checked)
         s_up = math.sqrt(max(0.0, s_to**2 * (s**2 - s_to**2) / s**2))
         s_down = math.sqrt(max(0.0, s_to**2 - s_up**2))
         update = Z(k) + (Z(k) - X(k)) * ((s_down - s) / s)
@@ -195,14 +194,8 @@ class EulerAncestralDiscreteScheduler(_SigmaMixin, scheduling_euler_ancestral_di
         return_dict: bool = True,
     ) -> scheduling_euler_ancestral_discrete.EulerAncestralDiscreteSchedulerOutput | tuple:
         """diffusers' Euler-ancestral step (same arguments and outputs), in one backend call."""
-        if isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)):
-            raise ValueError("pass one of scheduler.timesteps as timestep, not an integer index")
-        draw = None
-        if generator is not None:
-            def draw() -> torch.Tensor:
-                return randn_tensor(
-                    model_output.shape, dtype=model_output.dtype, device=model_output.device, generator=generator
-                )
+        self._ff_check_timestep(timestep)
+        draw = generator_draw(generator, model_output)
         prev, pred = self._ff_step(
             model_output, timestep, sample, draw=draw, state_dtype=torch.float32, out_dtype=model_output.dtype
         )
@@ -266,14 +259,8 @@ class EDMEulerScheduler(_SigmaMixin, scheduling_edm_euler.EDMEulerScheduler):
         A given ``pred_original_sample`` replaces the model's x0 (the kernel reads it
         in place of the model output).
         """
-        if isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)):
-            raise ValueError("pass one of scheduler.timesteps as timestep, not an integer index")
-        draw = None
-        if generator is not None:
-            def draw() -> torch.Tensor:
-                return randn_tensor(
-                    model_output.shape, dtype=model_output.dtype, device=model_output.device, generator=generator
-                )
+        self._ff_check_timestep(timestep)
+        draw = generator_draw(generator, model_output)
         given = pred_original_sample is not None
         prev, pred = self._ff_step(
             pred_original_sample if given else model_output, timestep, sample,

@@ -15,9 +15,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 from diffusers.schedulers import scheduling_flow_match_euler_discrete as fm
-from diffusers.utils.torch_utils import randn_tensor
 
-from ._base import StepSpec, X, Z, noise
+from ._base import StepSpec, X, Z, generator_draw, noise
 from .euler import _SigmaMixin
 
 __all__ = ["FlowMatchEulerDiscreteScheduler"]
@@ -51,17 +50,13 @@ class FlowMatchEulerDiscreteScheduler(_SigmaMixin, fm.FlowMatchEulerDiscreteSche
         return_dict: bool = True,
     ) -> fm.FlowMatchEulerDiscreteSchedulerOutput | tuple:
         """diffusers' flow-matching Euler step (same arguments and outputs), in one backend call."""
-        if isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)):
-            raise ValueError("pass one of scheduler.timesteps as timestep, not an integer index")
+        self._ff_check_timestep(timestep)
         if per_token_timesteps is not None:
             raise NotImplementedError(
                 "per_token_timesteps is not supported by fastflow's FlowMatchEulerDiscreteScheduler (its sigmas "
                 "are chosen per token by comparisons on device data)"
             )
-        draw = None
-        if generator is not None:
-            def draw() -> torch.Tensor:
-                return randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=torch.float32)
+        draw = generator_draw(generator, sample, torch.float32)
         prev, _ = self._ff_step(
             model_output, timestep, sample,
             draw=draw, state_dtype=torch.float32, out_dtype=model_output.dtype, want_pred=False,

@@ -13,9 +13,8 @@ from typing import Any
 
 import torch
 from diffusers.schedulers import scheduling_lcm
-from diffusers.utils.torch_utils import randn_tensor
 
-from ._base import StepSpec, X, Z, noise
+from ._base import StepSpec, X, Z, generator_draw, noise
 from .ddim import _VPMixin
 
 __all__ = ["LCMScheduler"]
@@ -59,10 +58,7 @@ class LCMScheduler(_VPMixin, scheduling_lcm.LCMScheduler):
         if self.num_inference_steps is None:
             raise ValueError("num_inference_steps is None: call set_timesteps before step")
         dtype = torch.promote_types(sample.dtype, model_output.dtype)
-        draw = None
-        if generator is not None:
-            def draw() -> torch.Tensor:
-                return randn_tensor(model_output.shape, generator=generator, device=model_output.device, dtype=dtype)
+        draw = generator_draw(generator, model_output, dtype)
         idx = self._ff_peek_index(timestep)
         prev, denoised = self._ff_step(
             model_output, timestep, sample, draw=draw, state_dtype=dtype,
