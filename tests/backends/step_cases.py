@@ -66,6 +66,16 @@ class Case:
         if self.mi_dtype is not None:
             b = z.shape[0] * (2 if self.mi_dup else 1)
             mi = torch.full((b, *z.shape[1:]), float("nan"), dtype=self.mi_dtype, device=z.device)
+        self.call(backend, z, out, x_out=x, model_in_out=mi, **kw)
+        res = {"out": out}
+        if x is not None:
+            res["x"] = x
+        if mi is not None:
+            res["mi"] = mi
+        return res
+
+    def call(self, backend, z: torch.Tensor, out: torch.Tensor, x_out=None, model_in_out=None, **kw) -> None:
+        """``backend.fused_step`` on this case's other inputs, with the given state and outputs."""
         backend.fused_step(
             z,
             out,
@@ -76,18 +86,12 @@ class Case:
             self.step,
             seeds=self.seeds,
             noise=self.noise,
-            x_out=x,
-            model_in_out=mi,
+            x_out=x_out,
+            model_in_out=model_in_out,
             clip=self.clip,
             use_noise=self.use_noise,
             **kw,
         )
-        res = {"out": out}
-        if x is not None:
-            res["x"] = x
-        if mi is not None:
-            res["mi"] = mi
-        return res
 
 
 def make_case(

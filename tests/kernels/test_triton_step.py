@@ -96,21 +96,7 @@ def test_in_place(tb, zdt):
     c = case()
     z, x = c.z, c.history[0]  # x_hat overwrites the buffer it reads as h0
     mi = torch.empty_like(z)
-    tb.fused_step(
-        z,
-        z,
-        c.model_out,
-        c.uncond,
-        c.history,
-        c.table,
-        c.step,
-        seeds=c.seeds,
-        x_out=x,
-        model_in_out=mi,
-        clip=c.clip,
-        use_noise=True,
-        block=32,
-    )
+    c.call(tb, z, z, x_out=x, model_in_out=mi, block=32)
     assert_matches({"out": z, "x": x, "mi": mi}, want)
 
 
@@ -490,20 +476,7 @@ def test_gpu_one_launch_per_step(tb):
     mi = torch.empty(2 * z.shape[0], *z.shape[1:], dtype=torch.bfloat16, device="cuda")
 
     def step() -> None:
-        tb.fused_step(
-            z,
-            out,
-            case.model_out,
-            case.uncond,
-            case.history,
-            case.table,
-            case.step,
-            seeds=case.seeds,
-            x_out=x,
-            model_in_out=mi,
-            clip=case.clip,
-            use_noise=True,
-        )
+        case.call(tb, z, out, x_out=x, model_in_out=mi)
 
     step()
     torch.cuda.synchronize()
