@@ -8,16 +8,17 @@ A family supplies only its formulas (:meth:`MultistepScheduler._ff_updates`).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..solvers.base import Lin
-from ._base import FastflowScheduler, StepSpec
+from ..solvers.base import Lin, eps_of
+from ._base import FastflowScheduler, StepSpec, X
 from .ddim import thresholded_x0
 
-__all__ = ["MultistepScheduler", "alpha_sigma", "x0_coefs"]
+__all__ = ["MultistepScheduler", "alpha_sigma", "half_logsnr", "stored_prediction", "x0_coefs"]
 
 
 def alpha_sigma(sigmas: np.ndarray, flow: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -43,6 +44,25 @@ def x0_coefs(prediction: str, alpha: float, sigma: float, sigma_ve: float) -> tu
     if prediction == "flow_prediction":
         return 1.0, -sigma_ve
     raise ValueError(f"prediction_type {prediction!r} is not supported")
+
+
+def half_logsnr(sigmas: Sequence[float], flow: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """diffusers' sigmas in float64 with their ``alpha``, ``sigma`` and ``lambda = log(alpha / sigma)``."""
+    sig = np.asarray(sigmas, dtype=np.float64)
+    a, s = alpha_sigma(sig, flow)
+    with np.errstate(divide="ignore"):
+        lam = np.log(a) - np.log(s)
+    return sig, a, s, lam
+
+
+def stored_prediction(start: int, a: np.ndarray, s: np.ndarray, data: bool) -> Callable[[int], Lin]:
+    """The model output of step ``i`` as diffusers stores it: x0 (``data``) or the noise it implies."""
+
+    def m(i: int) -> Lin:
+        k = i - start
+        return X(k) if data else eps_of(k, a[i], s[i])
+
+    return m
 
 
 class MultistepScheduler(FastflowScheduler):

@@ -12,14 +12,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 from diffusers.schedulers import scheduling_dpmsolver_multistep as _dpm
 
-from ..solvers.base import Lin, eps_of
+from ..solvers.base import Lin
 from ..solvers.dpmpp import dpmpp_differences, dpmpp_update, multistep_order
 from ._base import X, Z, generator_draw, noise
-from ._multistep import MultistepScheduler, alpha_sigma, x0_coefs
+from ._multistep import MultistepScheduler, alpha_sigma, half_logsnr, stored_prediction, x0_coefs
 
 __all__ = ["DPMSolverMultistepScheduler", "alpha_sigma", "dpm_orders", "dpm_updates", "x0_coefs"]
 
@@ -56,21 +55,15 @@ def dpm_updates(
     """
     if algorithm_type not in ALGORITHMS:
         raise ValueError(f"algorithm_type {algorithm_type!r} is not supported; valid: {', '.join(ALGORITHMS)}")
-    sig = np.asarray(sigmas, dtype=np.float64)
+    sig, a, s, lam = half_logsnr(sigmas, flow)
     n = len(sig) - 1
-    a, s = alpha_sigma(sig, flow)
-    with np.errstate(divide="ignore"):
-        lam = np.log(a) - np.log(s)
     orders = dpm_orders(n, start, solver_order, lower_order_final, euler_at_final, final_zero)
     plus = algorithm_type.endswith("++")
     sde = algorithm_type.startswith("sde")
     if not plus and max(orders) > 2:
         raise ValueError(f"algorithm_type {algorithm_type!r} with solver_order 3 is not supported (only 1 and 2)")
 
-    def m(i: int) -> Lin:
-        """Model output of step ``i`` as diffusers stores it: x0 (``++``) or eps."""
-        k = i - start
-        return X(k) if plus else eps_of(k, a[i], s[i])
+    m = stored_prediction(start, a, s, plus)  # x0 (``++``) or eps
 
     updates = []
     for i, p in zip(range(start, n), orders, strict=True):

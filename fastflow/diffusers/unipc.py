@@ -19,15 +19,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 from diffusers.schedulers import scheduling_unipc_multistep as _unipc
 
-from ..solvers.base import Lin, eps_of
+from ..solvers.base import Lin
 from ..solvers.dpmpp import multistep_order
 from ..solvers.unipc import correction, differences, predictor_update
 from ._base import X, Z
-from ._multistep import MultistepScheduler, alpha_sigma
+from ._multistep import MultistepScheduler, half_logsnr, stored_prediction
 
 __all__ = ["UniPCMultistepScheduler", "unipc_orders", "unipc_updates"]
 
@@ -63,19 +62,14 @@ def unipc_updates(
         raise ValueError(f"solver_type {solver_type!r} is not supported; valid: {', '.join(SOLVER_TYPES)}")
     if not predict_x0 and solver_order != 1:
         raise ValueError("predict_x0=False is supported with solver_order=1 only")
-    sig = np.asarray(sigmas, dtype=np.float64)
+    sig, a, s, lam = half_logsnr(sigmas, flow)
     n = len(sig) - 1
-    a, s = alpha_sigma(sig, flow)
-    with np.errstate(divide="ignore"):
-        lam = np.log(a) - np.log(s)
     orders = unipc_orders(n, start, solver_order, lower_order_final)
     skip = {int(j) for j in disable_corrector}
     # x0 form steps with (sigma ratio, alpha); the noise form with (alpha ratio, sigma) and the opposite sign of h.
     sign = -1.0 if predict_x0 else 1.0
 
-    def m(i: int) -> Lin:
-        k = i - start
-        return X(k) if predict_x0 else eps_of(k, a[i], s[i])
+    m = stored_prediction(start, a, s, predict_x0)
 
     def ratio(t: int, f: int) -> float:
         return s[t] / s[f] if predict_x0 else a[t] / a[f]
