@@ -90,3 +90,73 @@ def assert_loops_match(ref, ff, fields=("pred_original_sample",), rtol=RTOL, ato
                 assert_close(vb, va, rtol, atol)
             except AssertionError as exc:
                 raise AssertionError(f"step {i}: {f} differs: {exc}") from None
+
+
+def posterior_loops(ref, ff, steps, step_kwargs=None, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Final samples of full loops of both schedulers with the posterior stand-in (same timesteps checked).
+
+    ``step_kwargs`` is a factory: each loop gets a fresh one (a generator draws anew).
+    """
+    from posterior_model import posterior_model
+
+    model = posterior_model(ref)
+    xa, _ = run_loop(ref, steps, model=model, step_kwargs=step_kwargs() if step_kwargs else None, **kwargs)
+    xb, _ = run_loop(ff, steps, model=model, step_kwargs=step_kwargs() if step_kwargs else None, **kwargs)
+    torch.testing.assert_close(ff.timesteps, ref.timesteps, rtol=0, atol=0)
+    return xa, xb
+
+
+def meta_loop(ff, steps: int, scale_input: bool = False):
+    """A loop of ``ff`` on meta tensors (a step that read tensor data would fail); the last sample and output."""
+    ff.set_timesteps(steps)
+    x = torch.empty(SHAPE, device="meta")
+    out = None
+    for t in ff.timesteps:
+        out = ff.step(torch.empty_like(x), t, ff.scale_model_input(x, t) if scale_input else x)
+        x = out.prev_sample
+    return x, out
+
+
+def compiled_loops(
+    ref, ff, model: Callable, steps: int, scale_input: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Final samples of a drop-in loop whose steps after the first (eager, it builds the plan) are traced with
+    ``torch.compile(fullgraph=True)``, and of diffusers' eager loop."""
+    from fastflow.backends import get_backend
+
+    get_backend("torch")
+    torch._dynamo.reset()
+
+    def inp(s, x, t):
+        return s.scale_model_input(x, t) if scale_input else x
+
+    ff.set_timesteps(steps)
+    ref.set_timesteps(steps)
+    xa = xb = start_noise(4) * ref.init_noise_sigma if scale_input else start_noise(4)
+    ts = list(ff.timesteps)
+    xb = ff.step(model(inp(ff, xb, ts[0]), ts[0]), ts[0], xb).prev_sample
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def step(o, t, x):
+        return ff.step(o, t, x).prev_sample
+
+    for t in ts[1:]:
+        xb = step(model(inp(ff, xb, t), t), t, xb)
+    for t in ref.timesteps:
+        xa = ref.step(model(inp(ref, xa, t), t), t, xa).prev_sample
+    return xb, xa
+
+
+def bfloat16_loops(ref, ff, steps: int = 10) -> list[torch.Tensor]:
+    """Final samples of bfloat16 loops of both schedulers with the posterior stand-in."""
+    from posterior_model import posterior_model
+
+    model = posterior_model(ref)
+    outs = []
+    for s in (ref, ff):
+        s.set_timesteps(steps)
+        x = (start_noise(0) * s.init_noise_sigma).to(torch.bfloat16)
+        for t in s.timesteps:
+            x = s.step(model(s.scale_model_input(x, t), t), t, x).prev_sample
+        outs.append(x)
+    return outs

@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import pytest
 import torch
-from dropin_helpers import SHAPE, assert_close, run_loop, stand_in, start_noise
+from dropin_helpers import (
+    SHAPE,
+    assert_close,
+    bfloat16_loops,
+    compiled_loops,
+    meta_loop,
+    posterior_loops,
+    run_loop,
+    stand_in,
+    start_noise,
+)
+from dropin_helpers import pair as dropin_pair
 from posterior_model import posterior_model, tiny_unet
 
 from fastflow.diffusers.dpmsolver import DPMSolverMultistepScheduler, dpm_orders
@@ -21,20 +33,8 @@ ALGORITHMS = [
 ]
 
 
-def pair(**config):
-    ref = diffusers.DPMSolverMultistepScheduler(**config)
-    ff = DPMSolverMultistepScheduler.from_config(ref.config)
-    ff.backend = "torch"
-    return ref, ff
-
-
-def loops(ref, ff, steps, step_kwargs=None, **kwargs):
-    """Final samples of full loops of both schedulers with the posterior stand-in; ``step_kwargs`` is a factory."""
-    model = posterior_model(ref)
-    xa, _ = run_loop(ref, steps, model=model, step_kwargs=step_kwargs() if step_kwargs else None, **kwargs)
-    xb, _ = run_loop(ff, steps, model=model, step_kwargs=step_kwargs() if step_kwargs else None, **kwargs)
-    torch.testing.assert_close(ff.timesteps, ref.timesteps, rtol=0, atol=0)
-    return xa, xb
+pair = functools.partial(dropin_pair, "DPMSolverMultistepScheduler")
+loops = posterior_loops
 
 
 def _gen(seed: int = 7):
@@ -322,34 +322,14 @@ def test_meta_device_step(algorithm_type):
     final = "sigma_min" if algorithm_type == "dpmsolver" else "zero"
     ff = DPMSolverMultistepScheduler(solver_order=2, algorithm_type=algorithm_type, final_sigmas_type=final)
     ff.backend = "torch"
-    ff.set_timesteps(6)
-    x = torch.empty(SHAPE, device="meta")
-    for t in ff.timesteps:
-        x = ff.step(torch.empty_like(x), t, x).prev_sample
+    x, _ = meta_loop(ff, 6)
     assert x.device.type == "meta" and x.shape == SHAPE
 
 
 def test_torch_compile_fullgraph():
     """After the first (eager) step has built the plan, each step traces with fullgraph=True."""
-    from fastflow.backends import get_backend
-
-    get_backend("torch")
-    torch._dynamo.reset()
     ref, ff = pair(**SD, solver_order=3)
-    ff.set_timesteps(6)
-    ref.set_timesteps(6)
-    xa = xb = start_noise(4)
-    ts = list(ff.timesteps)
-    xb = ff.step(stand_in(xb, ts[0]), ts[0], xb).prev_sample
-
-    @torch.compile(fullgraph=True, backend="eager")
-    def step(o, t, x):
-        return ff.step(o, t, x).prev_sample
-
-    for t in ts[1:]:
-        xb = step(stand_in(xb, t), t, xb)
-    for t in ref.timesteps:
-        xa = ref.step(stand_in(xa, t), t, xa).prev_sample
+    xb, xa = compiled_loops(ref, ff, stand_in, 6)
     assert_close(xb, xa)
 
 
@@ -412,14 +392,7 @@ def test_bfloat16_sample():
     """A bfloat16 loop returns bfloat16 as diffusers does and agrees to a few bfloat16 ulps (diffusers rounds
     intermediates to bfloat16; the drop-in computes in float32 and rounds once per output)."""
     ref, ff = pair(solver_order=3)
-    model = posterior_model(ref)
-    outs = []
-    for s in (ref, ff):
-        s.set_timesteps(10)
-        x = (start_noise(0) * s.init_noise_sigma).to(torch.bfloat16)
-        for t in s.timesteps:
-            x = s.step(model(s.scale_model_input(x, t), t), t, x).prev_sample
-        outs.append(x)
+    outs = bfloat16_loops(ref, ff)
     assert outs[1].dtype == outs[0].dtype == torch.bfloat16
     assert_close(outs[1].float(), outs[0].float(), rtol=0, atol=0.05)
 

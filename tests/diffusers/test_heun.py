@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import pytest
 import torch
-from dropin_helpers import SHAPE, assert_close, run_loop, start_noise
+from dropin_helpers import assert_close, bfloat16_loops, compiled_loops, meta_loop, run_loop, start_noise
+from dropin_helpers import pair as dropin_pair
 from posterior_model import posterior_model, tiny_unet, unet_loop
 
 import fastflow.diffusers as ffd
@@ -17,11 +19,7 @@ diffusers = pytest.importorskip("diffusers")
 SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 
 
-def pair(**config):
-    ref = diffusers.HeunDiscreteScheduler(**config)
-    ff = HeunDiscreteScheduler.from_config(ref.config)
-    ff.backend = "torch"
-    return ref, ff
+pair = functools.partial(dropin_pair, "HeunDiscreteScheduler")
 
 
 def assert_loops(ref, ff, steps, rtol=1e-5, atol=1e-5, **kwargs):
@@ -139,36 +137,14 @@ def test_unsupported_prediction_raises():
 def test_meta_device_step():
     ff = HeunDiscreteScheduler(**SD)
     ff.backend = "torch"
-    ff.set_timesteps(4)
-    x = torch.empty(SHAPE, device="meta")
-    for t in ff.timesteps:
-        out = ff.step(torch.empty_like(x), t, ff.scale_model_input(x, t))
-        x = out.prev_sample
+    x, out = meta_loop(ff, 4, scale_input=True)
     assert x.device.type == "meta" and out.pred_original_sample.device.type == "meta"
 
 
 def test_torch_compile_fullgraph():
     """After the first (eager) call has built the plan, each call traces with fullgraph=True."""
-    from fastflow.backends import get_backend
-
-    get_backend("torch")
-    torch._dynamo.reset()
     ref, ff = pair(**SD)
-    model = posterior_model(ref)
-    ff.set_timesteps(4)
-    ref.set_timesteps(4)
-    xa = xb = start_noise(4) * ref.init_noise_sigma
-    ts = list(ff.timesteps)
-    xb = ff.step(model(ff.scale_model_input(xb, ts[0]), ts[0]), ts[0], xb).prev_sample
-
-    @torch.compile(fullgraph=True, backend="eager")
-    def step(o, t, x):
-        return ff.step(o, t, x).prev_sample
-
-    for t in ts[1:]:
-        xb = step(model(ff.scale_model_input(xb, t), t), t, xb)
-    for t in ref.timesteps:
-        xa = ref.step(model(ref.scale_model_input(xa, t), t), t, xa).prev_sample
+    xb, xa = compiled_loops(ref, ff, posterior_model(ref), 4, scale_input=True)
     assert_close(xb, xa)
 
 
@@ -217,13 +193,6 @@ def test_bfloat16_sample():
     """A bfloat16 loop returns bfloat16 as diffusers does and agrees to a few bfloat16 ulps (diffusers rounds
     intermediates to bfloat16; the drop-in computes in float32 and rounds once per output)."""
     ref, ff = pair()
-    model = posterior_model(ref)
-    outs = []
-    for s in (ref, ff):
-        s.set_timesteps(10)
-        x = (start_noise(0) * s.init_noise_sigma).to(torch.bfloat16)
-        for t in s.timesteps:
-            x = s.step(model(s.scale_model_input(x, t), t), t, x).prev_sample
-        outs.append(x)
+    outs = bfloat16_loops(ref, ff)
     assert outs[1].dtype == outs[0].dtype == torch.bfloat16
     assert_close(outs[1].float(), outs[0].float(), rtol=0, atol=0.05)

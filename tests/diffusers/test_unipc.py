@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import numpy as np
 import pytest
 import torch
-from dropin_helpers import SHAPE, assert_close, run_loop, start_noise
+from dropin_helpers import (
+    SHAPE,
+    assert_close,
+    bfloat16_loops,
+    compiled_loops,
+    meta_loop,
+    posterior_loops,
+    run_loop,
+    start_noise,
+)
+from dropin_helpers import pair as dropin_pair
 from posterior_model import posterior_model, tiny_unet, unet_loop
 
 import fastflow.diffusers as ffd
@@ -18,19 +29,8 @@ diffusers = pytest.importorskip("diffusers")
 SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 
 
-def pair(**config):
-    ref = diffusers.UniPCMultistepScheduler(**config)
-    ff = UniPCMultistepScheduler.from_config(ref.config)
-    ff.backend = "torch"
-    return ref, ff
-
-
-def loops(ref, ff, steps, **kwargs):
-    model = posterior_model(ref)
-    xa, _ = run_loop(ref, steps, model=model, **kwargs)
-    xb, _ = run_loop(ff, steps, model=model, **kwargs)
-    torch.testing.assert_close(ff.timesteps, ref.timesteps, rtol=0, atol=0)
-    return xa, xb
+pair = functools.partial(dropin_pair, "UniPCMultistepScheduler")
+loops = posterior_loops
 
 
 _PAIRS = [("bh2", "epsilon"), ("bh1", "v_prediction"), ("bh2", "sample"),
@@ -204,35 +204,14 @@ def test_unsupported_options_raise(config, match):
 def test_meta_device_step():
     ff = UniPCMultistepScheduler(solver_order=3)
     ff.backend = "torch"
-    ff.set_timesteps(6)
-    x = torch.empty(SHAPE, device="meta")
-    for t in ff.timesteps:
-        x = ff.step(torch.empty_like(x), t, x).prev_sample
+    x, _ = meta_loop(ff, 6)
     assert x.device.type == "meta" and x.shape == SHAPE
 
 
 def test_torch_compile_fullgraph():
     """After the first (eager) step has built the plan, each step traces with fullgraph=True."""
-    from fastflow.backends import get_backend
-
-    get_backend("torch")
-    torch._dynamo.reset()
     ref, ff = pair(**SD, solver_order=3)
-    model = posterior_model(ref)
-    ff.set_timesteps(6)
-    ref.set_timesteps(6)
-    xa = xb = start_noise(4)
-    ts = list(ff.timesteps)
-    xb = ff.step(model(xb, ts[0]), ts[0], xb).prev_sample
-
-    @torch.compile(fullgraph=True, backend="eager")
-    def step(o, t, x):
-        return ff.step(o, t, x).prev_sample
-
-    for t in ts[1:]:
-        xb = step(model(xb, t), t, xb)
-    for t in ref.timesteps:
-        xa = ref.step(model(xa, t), t, xa).prev_sample
+    xb, xa = compiled_loops(ref, ff, posterior_model(ref), 6)
     assert_close(xb, xa)
 
 
@@ -278,13 +257,6 @@ def test_bfloat16_sample():
     """A bfloat16 loop returns bfloat16 as diffusers does and agrees to a few bfloat16 ulps (diffusers rounds
     intermediates to bfloat16; the drop-in computes in float32 and rounds once per output)."""
     ref, ff = pair(solver_order=3)
-    model = posterior_model(ref)
-    outs = []
-    for s in (ref, ff):
-        s.set_timesteps(10)
-        x = (start_noise(0) * s.init_noise_sigma).to(torch.bfloat16)
-        for t in s.timesteps:
-            x = s.step(model(s.scale_model_input(x, t), t), t, x).prev_sample
-        outs.append(x)
+    outs = bfloat16_loops(ref, ff)
     assert outs[1].dtype == outs[0].dtype == torch.bfloat16
     assert_close(outs[1].float(), outs[0].float(), rtol=0, atol=0.05)
