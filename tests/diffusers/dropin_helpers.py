@@ -147,6 +147,24 @@ def compiled_loops(
     return xb, xa
 
 
+def assert_bfloat16_parity(ref, ff, steps: int = 10) -> None:
+    """bfloat16 loops of both schedulers (posterior stand-in) return bfloat16 and agree to a few bfloat16 ulps."""
+    outs = bfloat16_loops(ref, ff, steps)
+    assert outs[1].dtype == outs[0].dtype == torch.bfloat16
+    assert_close(outs[1].float(), outs[0].float(), rtol=0, atol=0.05)
+
+
+def assert_unet_loops_match(ref, steps: int) -> None:
+    """diffusers' pipeline loop with a tiny random UNet gives the same samples with ``ref`` and its drop-in."""
+    from posterior_model import tiny_unet, unet_loop
+
+    import fastflow.diffusers as ffd
+
+    ff = ffd.from_scheduler(ref, backend="torch")
+    unet = tiny_unet()
+    assert_close(unet_loop(ff, unet, steps), unet_loop(ref, unet, steps))
+
+
 def bfloat16_loops(ref, ff, steps: int = 10) -> list[torch.Tensor]:
     """Final samples of bfloat16 loops of both schedulers with the posterior stand-in."""
     from posterior_model import posterior_model

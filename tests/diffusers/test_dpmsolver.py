@@ -9,8 +9,8 @@ import pytest
 import torch
 from dropin_helpers import (
     SHAPE,
+    assert_bfloat16_parity,
     assert_close,
-    bfloat16_loops,
     compiled_loops,
     meta_loop,
     posterior_loops,
@@ -392,9 +392,7 @@ def test_bfloat16_sample():
     """A bfloat16 loop returns bfloat16 as diffusers does and agrees to a few bfloat16 ulps (diffusers rounds
     intermediates to bfloat16; the drop-in computes in float32 and rounds once per output)."""
     ref, ff = pair(solver_order=3)
-    outs = bfloat16_loops(ref, ff)
-    assert outs[1].dtype == outs[0].dtype == torch.bfloat16
-    assert_close(outs[1].float(), outs[0].float(), rtol=0, atol=0.05)
+    assert_bfloat16_parity(ref, ff)
 
 
 @pytest.mark.gpu

@@ -7,9 +7,17 @@ import itertools
 
 import pytest
 import torch
-from dropin_helpers import assert_close, bfloat16_loops, compiled_loops, meta_loop, run_loop, start_noise
+from dropin_helpers import (
+    assert_bfloat16_parity,
+    assert_close,
+    assert_unet_loops_match,
+    compiled_loops,
+    meta_loop,
+    run_loop,
+    start_noise,
+)
 from dropin_helpers import pair as dropin_pair
-from posterior_model import posterior_model, tiny_unet, unet_loop
+from posterior_model import posterior_model
 
 import fastflow.diffusers as ffd
 from fastflow.diffusers.heun import HeunDiscreteScheduler
@@ -183,16 +191,11 @@ def test_gpu_no_sync(backend):
 @pytest.mark.parametrize("config", [dict(SD), dict(SD, use_karras_sigmas=True, prediction_type="v_prediction")])
 def test_tiny_unet_loop(config):
     """A real network (tiny random UNet, offline) in diffusers' pipeline loop: the same samples."""
-    ref = diffusers.HeunDiscreteScheduler(**config)
-    ff = ffd.from_scheduler(ref, backend="torch")
-    unet = tiny_unet()
-    assert_close(unet_loop(ff, unet, 8), unet_loop(ref, unet, 8))
+    assert_unet_loops_match(diffusers.HeunDiscreteScheduler(**config), 8)
 
 
 def test_bfloat16_sample():
     """A bfloat16 loop returns bfloat16 as diffusers does and agrees to a few bfloat16 ulps (diffusers rounds
     intermediates to bfloat16; the drop-in computes in float32 and rounds once per output)."""
     ref, ff = pair()
-    outs = bfloat16_loops(ref, ff)
-    assert outs[1].dtype == outs[0].dtype == torch.bfloat16
-    assert_close(outs[1].float(), outs[0].float(), rtol=0, atol=0.05)
+    assert_bfloat16_parity(ref, ff)

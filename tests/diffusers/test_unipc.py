@@ -10,8 +10,9 @@ import pytest
 import torch
 from dropin_helpers import (
     SHAPE,
+    assert_bfloat16_parity,
     assert_close,
-    bfloat16_loops,
+    assert_unet_loops_match,
     compiled_loops,
     meta_loop,
     posterior_loops,
@@ -19,7 +20,7 @@ from dropin_helpers import (
     start_noise,
 )
 from dropin_helpers import pair as dropin_pair
-from posterior_model import posterior_model, tiny_unet, unet_loop
+from posterior_model import posterior_model
 
 import fastflow.diffusers as ffd
 from fastflow.diffusers.unipc import UniPCMultistepScheduler, unipc_orders
@@ -247,16 +248,11 @@ def test_gpu_no_sync(backend):
 @pytest.mark.parametrize("config", [dict(solver_order=2), dict(solver_order=3, prediction_type="v_prediction")])
 def test_tiny_unet_loop(config):
     """A real network (tiny random UNet, offline) in diffusers' pipeline loop: the same samples."""
-    ref = diffusers.UniPCMultistepScheduler(**config)
-    ff = ffd.from_scheduler(ref, backend="torch")
-    unet = tiny_unet()
-    assert_close(unet_loop(ff, unet, 12), unet_loop(ref, unet, 12))
+    assert_unet_loops_match(diffusers.UniPCMultistepScheduler(**config), 12)
 
 
 def test_bfloat16_sample():
     """A bfloat16 loop returns bfloat16 as diffusers does and agrees to a few bfloat16 ulps (diffusers rounds
     intermediates to bfloat16; the drop-in computes in float32 and rounds once per output)."""
     ref, ff = pair(solver_order=3)
-    outs = bfloat16_loops(ref, ff)
-    assert outs[1].dtype == outs[0].dtype == torch.bfloat16
-    assert_close(outs[1].float(), outs[0].float(), rtol=0, atol=0.05)
+    assert_bfloat16_parity(ref, ff)
