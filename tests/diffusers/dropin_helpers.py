@@ -16,6 +16,7 @@ diffusers = pytest.importorskip("diffusers")  # a test dependency; skip cleanly 
 
 SHAPE = (2, 4, 16, 16)  # 2048 elements
 RTOL = ATOL = 1e-5
+SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)  # Stable Diffusion's betas
 
 
 def stand_in(x: torch.Tensor, t) -> torch.Tensor:

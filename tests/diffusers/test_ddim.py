@@ -6,9 +6,7 @@ import itertools
 
 import pytest
 import torch
-from dropin_helpers import assert_close, assert_loops_match, pair, run_loop, stand_in, start_noise
-
-SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+from dropin_helpers import SD, assert_close, assert_loops_match, pair, run_loop, stand_in, start_noise
 
 GRID = [
     dict(prediction_type=p, clip_sample=c, timestep_spacing=s, **extra)

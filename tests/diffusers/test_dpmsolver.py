@@ -8,6 +8,7 @@ import itertools
 import pytest
 import torch
 from dropin_helpers import (
+    SD,
     SHAPE,
     assert_bfloat16_parity,
     assert_close,
@@ -25,7 +26,6 @@ from fastflow.diffusers.dpmsolver import DPMSolverMultistepScheduler, dpm_orders
 
 diffusers = pytest.importorskip("diffusers")
 
-SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 ALGORITHMS = [
     ("dpmsolver++", 1), ("dpmsolver++", 2), ("dpmsolver++", 3),
     ("sde-dpmsolver++", 1), ("sde-dpmsolver++", 2), ("sde-dpmsolver++", 3),

@@ -6,13 +6,12 @@ import inspect
 
 import pytest
 import torch
-from dropin_helpers import SHAPE, assert_close, pair, stand_in, start_noise
+from dropin_helpers import SD, SHAPE, assert_close, pair, stand_in, start_noise
 
 import fastflow.diffusers as ffd
 
 diffusers = pytest.importorskip("diffusers")
 
-SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 # (class name, config, step kwargs): deterministic and stochastic (default in-kernel noise) variants
 CLASSES = [
     ("DDIMScheduler", dict(SD, clip_sample=False), {}),

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from dropin_helpers import assert_close, assert_loops_match, pair, run_loop, stand_in, start_noise
+from dropin_helpers import SD, assert_close, assert_loops_match, pair, run_loop, stand_in, start_noise
 
 import fastflow.diffusers as ffd
-
-SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 
 
 def _gen(seed=11):

@@ -8,6 +8,7 @@ import itertools
 import pytest
 import torch
 from dropin_helpers import (
+    SD,
     assert_bfloat16_parity,
     assert_close,
     assert_unet_loops_match,
@@ -23,8 +24,6 @@ import fastflow.diffusers as ffd
 from fastflow.diffusers.heun import HeunDiscreteScheduler
 
 diffusers = pytest.importorskip("diffusers")
-
-SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 
 
 pair = functools.partial(dropin_pair, "HeunDiscreteScheduler")

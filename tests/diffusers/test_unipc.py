@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from dropin_helpers import (
+    SD,
     SHAPE,
     assert_bfloat16_parity,
     assert_close,
@@ -26,8 +27,6 @@ import fastflow.diffusers as ffd
 from fastflow.diffusers.unipc import UniPCMultistepScheduler, unipc_orders
 
 diffusers = pytest.importorskip("diffusers")
-
-SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 
 
 pair = functools.partial(dropin_pair, "UniPCMultistepScheduler")
