@@ -179,3 +179,52 @@ def bfloat16_loops(ref, ff, steps: int = 10) -> list[torch.Tensor]:
             x = s.step(model(s.scale_model_input(x, t), t), t, x).prev_sample
         outs.append(x)
     return outs
+
+
+def begin_index_loops(ref, ff, steps: int, begin: int, x0: torch.Tensor, scale_input: bool = False) -> list:
+    """img2img: final samples of both loops from step ``begin`` (``set_begin_index``), posterior stand-in."""
+    from posterior_model import posterior_model
+
+    model = posterior_model(ref)
+    outs = []
+    for s in (ref, ff):
+        s.set_timesteps(steps)
+        s.set_begin_index(begin)
+        x = x0
+        for t in s.timesteps[begin:]:
+            x = s.step(model(s.scale_model_input(x, t) if scale_input else x, t), t, x).prev_sample
+        outs.append(x)
+    return outs
+
+
+def doubled_x0_model(ref) -> Callable:
+    """The posterior stand-in with x0 predictions twice the data's scale, so a thresholding quantile exceeds 1 and
+    the clamp acts; it answers in ``ref``'s prediction type."""
+    from posterior_model import posterior_model
+
+    inner = posterior_model(ref, prediction="sample")
+
+    def model(x, t):
+        x0 = 2.0 * inner(x, t)
+        ab = float(ref.alphas_cumprod[int(t)])
+        eps = (x - ab**0.5 * x0) / (1 - ab) ** 0.5
+        return {"sample": x0, "epsilon": eps, "v_prediction": ab**0.5 * eps - (1 - ab) ** 0.5 * x0}[
+            ref.config.prediction_type]
+
+    return model
+
+
+def assert_multistep_api(ref, ff, steps: int = 10) -> torch.Tensor:
+    """A multistep drop-in's order, init_noise_sigma, sigmas, identity input scaling and add_noise are diffusers'.
+
+    Returns the sample it used (``start_noise(2)``).
+    """
+    ref.set_timesteps(steps)
+    ff.set_timesteps(steps)
+    assert ff.order == ref.order and ff.init_noise_sigma == ref.init_noise_sigma
+    torch.testing.assert_close(ff.sigmas, ref.sigmas, rtol=0, atol=0)
+    x = start_noise(2)
+    assert torch.equal(ff.scale_model_input(x, ff.timesteps[0]), x)
+    noise = start_noise(3)
+    assert_close(ff.add_noise(x, noise, ff.timesteps[2:3]), ref.add_noise(x, noise, ref.timesteps[2:3]))
+    return x

@@ -12,7 +12,10 @@ from dropin_helpers import (
     SHAPE,
     assert_bfloat16_parity,
     assert_close,
+    assert_multistep_api,
+    begin_index_loops,
     compiled_loops,
+    doubled_x0_model,
     meta_loop,
     posterior_loops,
     run_loop,
@@ -240,15 +243,7 @@ def test_begin_index_partial_loop():
     """img2img: set_begin_index, then steps from there; warm-up counts from the first step taken, as diffusers."""
     for order in (2, 3):
         ref, ff = pair(**SD, solver_order=order)
-        model = posterior_model(ref)
-        outs = []
-        for s in (ref, ff):
-            s.set_timesteps(20)
-            s.set_begin_index(7)
-            x = start_noise(1)
-            for t in s.timesteps[7:]:
-                x = s.step(model(x, t), t, x).prev_sample
-            outs.append(x)
+        outs = begin_index_loops(ref, ff, 20, 7, start_noise(1))
         assert_close(outs[1], outs[0])
 
 
@@ -262,15 +257,7 @@ def test_begin_index_partial_loop():
 def test_dynamic_thresholding(config, sample_max_value):
     """thresholding=True: per-sample quantile clamp of x0 (torch ops before the fused step), as diffusers."""
     ref, ff = pair(**SD, **config, thresholding=True, sample_max_value=sample_max_value)
-    inner = posterior_model(ref, prediction="sample")
-
-    def model(x, t):  # x0 predictions twice the data's scale, so the quantile exceeds 1 and the clamp acts
-        x0 = 2.0 * inner(x, t)
-        ab = float(ref.alphas_cumprod[int(t)])
-        eps = (x - ab**0.5 * x0) / (1 - ab) ** 0.5
-        return {"sample": x0, "epsilon": eps, "v_prediction": ab**0.5 * eps - (1 - ab) ** 0.5 * x0}[
-            ref.config.prediction_type]
-
+    model = doubled_x0_model(ref)
     gen = _gen if config.get("algorithm_type", "").startswith("sde") else (lambda: None)
     xa, _ = run_loop(ref, 12, model=model, step_kwargs=gen())
     xb, _ = run_loop(ff, 12, model=model, step_kwargs=gen())
@@ -280,14 +267,7 @@ def test_dynamic_thresholding(config, sample_max_value):
 
 def test_api_surface():
     ref, ff = pair(**SD, solver_order=3)
-    ref.set_timesteps(10)
-    ff.set_timesteps(10)
-    assert ff.order == ref.order and ff.init_noise_sigma == ref.init_noise_sigma
-    torch.testing.assert_close(ff.sigmas, ref.sigmas, rtol=0, atol=0)
-    x = start_noise(2)
-    assert torch.equal(ff.scale_model_input(x, ff.timesteps[0]), x)
-    noise = start_noise(3)
-    assert_close(ff.add_noise(x, noise, ff.timesteps[2:3]), ref.add_noise(x, noise, ref.timesteps[2:3]))
+    x = assert_multistep_api(ref, ff)
     out = ff.step(stand_in(x, ff.timesteps[0]), ff.timesteps[0], x, return_dict=False)
     assert isinstance(out, tuple) and len(out) == 1 and ff.step_index == 1
     assert type(DPMSolverMultistepScheduler.from_config(ff.config)) is DPMSolverMultistepScheduler

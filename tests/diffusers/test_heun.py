@@ -12,6 +12,7 @@ from dropin_helpers import (
     assert_bfloat16_parity,
     assert_close,
     assert_unet_loops_match,
+    begin_index_loops,
     compiled_loops,
     meta_loop,
     run_loop,
@@ -108,15 +109,7 @@ def test_scale_model_input_bit_identical():
 def test_begin_index_partial_loop():
     """img2img: set_begin_index(t_start * order), then the remaining calls, as diffusers."""
     ref, ff = pair(**SD)
-    model = posterior_model(ref)
-    outs = []
-    for s in (ref, ff):
-        s.set_timesteps(12)
-        s.set_begin_index(8)
-        x = start_noise(1) * 3
-        for t in s.timesteps[8:]:
-            x = s.step(model(s.scale_model_input(x, t), t), t, x).prev_sample
-        outs.append(x)
+    outs = begin_index_loops(ref, ff, 12, 8, start_noise(1) * 3, scale_input=True)
     assert_close(outs[1], outs[0])
 
 

@@ -13,8 +13,11 @@ from dropin_helpers import (
     SHAPE,
     assert_bfloat16_parity,
     assert_close,
+    assert_multistep_api,
     assert_unet_loops_match,
+    begin_index_loops,
     compiled_loops,
+    doubled_x0_model,
     meta_loop,
     posterior_loops,
     run_loop,
@@ -141,15 +144,7 @@ def test_custom_flow_sigmas():
 def test_begin_index_partial_loop():
     """img2img: no corrector on the first step taken and warm-up from there, as diffusers."""
     ref, ff = pair(**SD, solver_order=3)
-    model = posterior_model(ref)
-    outs = []
-    for s in (ref, ff):
-        s.set_timesteps(20)
-        s.set_begin_index(6)
-        x = start_noise(1)
-        for t in s.timesteps[6:]:
-            x = s.step(model(x, t), t, x).prev_sample
-        outs.append(x)
+    outs = begin_index_loops(ref, ff, 20, 6, start_noise(1))
     assert_close(outs[1], outs[0])
 
 
@@ -160,15 +155,7 @@ def test_dynamic_thresholding(config, sample_max_value):
     """thresholding=True: per-sample quantile clamp of x0 predictions, as diffusers (which skips it when
     predict_x0=False)."""
     ref, ff = pair(**SD, **config, thresholding=True, sample_max_value=sample_max_value)
-    inner = posterior_model(ref, prediction="sample")
-
-    def model(x, t):  # x0 predictions twice the data's scale, so the quantile exceeds 1 and the clamp acts
-        x0 = 2.0 * inner(x, t)
-        ab = float(ref.alphas_cumprod[int(t)])
-        eps = (x - ab**0.5 * x0) / (1 - ab) ** 0.5
-        return {"sample": x0, "epsilon": eps, "v_prediction": ab**0.5 * eps - (1 - ab) ** 0.5 * x0}[
-            ref.config.prediction_type]
-
+    model = doubled_x0_model(ref)
     xa, _ = run_loop(ref, 12, model=model)
     xb, _ = run_loop(ff, 12, model=model)
     assert_close(xb, xa)
@@ -176,14 +163,7 @@ def test_dynamic_thresholding(config, sample_max_value):
 
 def test_api_surface():
     ref, ff = pair(**SD, solver_order=3)
-    ref.set_timesteps(10)
-    ff.set_timesteps(10)
-    assert ff.order == ref.order and ff.init_noise_sigma == ref.init_noise_sigma
-    torch.testing.assert_close(ff.sigmas, ref.sigmas, rtol=0, atol=0)
-    x = start_noise(2)
-    assert torch.equal(ff.scale_model_input(x, ff.timesteps[0]), x)
-    noise = start_noise(3)
-    assert_close(ff.add_noise(x, noise, ff.timesteps[2:3]), ref.add_noise(x, noise, ref.timesteps[2:3]))
+    x = assert_multistep_api(ref, ff)
     out = ff.step(x, ff.timesteps[0], x, return_dict=False)
     assert isinstance(out, tuple) and len(out) == 1 and ff.step_index == 1
     assert type(ffd.from_scheduler(ref)) is UniPCMultistepScheduler
