@@ -70,6 +70,15 @@ class MultistepScheduler(FastflowScheduler):
 
     _ff_draws = False  # whether each step draws noise
 
+    def _ff_check_config(self) -> None:
+        """The checks every multistep family ends with: solver order and prediction type."""
+        cfg = self.config
+        name = type(self).__name__
+        if cfg.solver_order not in (1, 2, 3):
+            raise NotImplementedError(f"solver_order={cfg.solver_order} is not supported (1, 2 or 3)")
+        if cfg.prediction_type not in ("epsilon", "sample", "v_prediction", "flow_prediction"):
+            raise NotImplementedError(f"prediction_type={cfg.prediction_type!r} is not supported by {name}")
+
     @property
     def _ff_thresholding(self) -> bool:
         return bool(self.config.thresholding)

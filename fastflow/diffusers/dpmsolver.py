@@ -132,10 +132,7 @@ class DPMSolverMultistepScheduler(MultistepScheduler, _dpm.DPMSolverMultistepSch
                     f"prediction_type='flow_prediction' with algorithm_type={cfg.algorithm_type!r} is not "
                     "supported (diffusers rejects it too)"
                 )
-        if cfg.solver_order not in (1, 2, 3):
-            raise NotImplementedError(f"solver_order={cfg.solver_order} is not supported (1, 2 or 3)")
-        if cfg.prediction_type not in ("epsilon", "sample", "v_prediction", "flow_prediction"):
-            raise NotImplementedError(f"prediction_type={cfg.prediction_type!r} is not supported by {name}")
+        super()._ff_check_config()
 
     @property
     def _ff_draws(self) -> bool:
