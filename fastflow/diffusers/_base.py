@@ -203,6 +203,11 @@ class FastflowScheduler:
         if "set_timesteps" not in cls.__dict__:
             cls.set_timesteps = _wrap_set_timesteps(parent.set_timesteps)
 
+    def _ff_require_timesteps(self) -> None:
+        """diffusers' error for a ``step`` before ``set_timesteps`` (the schedulers that check it)."""
+        if self.num_inference_steps is None:
+            raise ValueError("num_inference_steps is None: call set_timesteps before step")
+
     # ------------------------------------------------------------ hooks for families
     def _ff_check_config(self) -> None:
         """Raise NotImplementedError naming any config option fastflow cannot reproduce."""

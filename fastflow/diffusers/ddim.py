@@ -173,8 +173,7 @@ class DDIMScheduler(_VPMixin, scheduling_ddim.DDIMScheduler):
         return_dict: bool = True,
     ) -> scheduling_ddim.DDIMSchedulerOutput | tuple:
         """diffusers' DDIM step (same arguments and outputs), in one backend call."""
-        if self.num_inference_steps is None:
-            raise ValueError("num_inference_steps is None: call set_timesteps before step")
+        self._ff_require_timesteps()
         eta = float(eta)
         if eta < 0 or not math.isfinite(eta):
             raise ValueError(f"eta must be finite and non-negative, got {eta}")

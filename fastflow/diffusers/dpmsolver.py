@@ -167,8 +167,7 @@ class DPMSolverMultistepScheduler(MultistepScheduler, _dpm.DPMSolverMultistepSch
         SDE variants: ``variance_noise`` or ``generator`` give diffusers' exact numbers;
         with neither, the kernel draws fastflow's own noise.
         """
-        if self.num_inference_steps is None:
-            raise ValueError("num_inference_steps is None: call set_timesteps before step")
+        self._ff_require_timesteps()
         cfg = self.config
         if cfg.variance_type in ("learned", "learned_range") and cfg.prediction_type == "epsilon":
             model_output = model_output[:, :3]  # diffusers keeps the first three channels as the noise

@@ -55,8 +55,7 @@ class LCMScheduler(_VPMixin, scheduling_lcm.LCMScheduler):
         return_dict: bool = True,
     ) -> scheduling_lcm.LCMSchedulerOutput | tuple:
         """diffusers' LCM step (same arguments and outputs), in one backend call."""
-        if self.num_inference_steps is None:
-            raise ValueError("num_inference_steps is None: call set_timesteps before step")
+        self._ff_require_timesteps()
         dtype = torch.promote_types(sample.dtype, model_output.dtype)
         draw = generator_draw(generator, model_output, dtype)
         idx = self._ff_peek_index(timestep)

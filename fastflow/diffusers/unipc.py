@@ -161,8 +161,7 @@ class UniPCMultistepScheduler(MultistepScheduler, _unipc.UniPCMultistepScheduler
         return_dict: bool = True,
     ) -> _unipc.SchedulerOutput | tuple:
         """diffusers' step (same arguments and output), in one backend call."""
-        if self.num_inference_steps is None:
-            raise ValueError("num_inference_steps is None: call set_timesteps before step")
+        self._ff_require_timesteps()
         idx = self._ff_peek_index(timestep)
         kernel_output = self._ff_thresholded(idx, model_output, sample)
         prev, _ = self._ff_step(model_output, timestep, sample, want_pred=False, kernel_output=kernel_output)
