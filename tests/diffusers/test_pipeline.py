@@ -5,28 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from posterior_model import tiny_unet
 
 import fastflow.diffusers as ffd
 
 diffusers = pytest.importorskip("diffusers")
 
 
-def _unet() -> diffusers.UNet2DModel:
-    torch.manual_seed(0)
-    return diffusers.UNet2DModel(
-        sample_size=8,
-        in_channels=3,
-        out_channels=3,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        norm_num_groups=4,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-    ).eval()
-
-
 def _images(pipe_cls, scheduler, **kwargs) -> np.ndarray:
-    pipe = pipe_cls(unet=_unet(), scheduler=scheduler)
+    pipe = pipe_cls(unet=tiny_unet(), scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     with torch.no_grad():
         return pipe(generator=torch.Generator().manual_seed(0), output_type="np", batch_size=2, **kwargs).images
@@ -78,7 +65,7 @@ def test_latent_pipeline(name, config):
         norm_num_groups=4, num_vq_embeddings=16, down_block_types=("DownEncoderBlock2D",),
         up_block_types=("UpDecoderBlock2D",),
     ).eval()
-    unet = _unet()
+    unet = tiny_unet()
     ref = getattr(diffusers, name)(**config)
     images = []
     for scheduler in (ref, ffd.from_scheduler(ref, backend="torch")):
@@ -92,7 +79,7 @@ def test_latent_pipeline(name, config):
 
 
 def test_swap_by_from_config_on_a_pipeline():
-    pipe = diffusers.DDIMPipeline(unet=_unet(), scheduler=diffusers.DDIMScheduler())
+    pipe = diffusers.DDIMPipeline(unet=tiny_unet(), scheduler=diffusers.DDIMScheduler())
     pipe.scheduler = ffd.DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     assert isinstance(pipe.scheduler, diffusers.DDIMScheduler)
