@@ -1,9 +1,10 @@
 """Host-overhead benchmarks that run anywhere (CPU is enough), so per-step Python regressions show without a GPU.
 
 Run: ``pytest benchmarks/test_host_overhead.py --benchmark-only``. Tensors are tiny
-(1x4x16x16), so the figures are the Python and dispatch work around a step, not
-memory traffic. Groups: plan building per solver; one ``Sampler.step`` per backend;
-a whole 10-step loop per family, fastflow's backends beside diffusers' scheduler.
+(1x4x16x16, or 1x4 for the entry points), so the figures are the Python and dispatch
+work around a step, not memory traffic. Groups: the C++ extension's entry points;
+plan building per solver; one ``Sampler.step`` per backend; a whole 10-step loop per
+family, fastflow's backends beside diffusers' scheduler.
 Speed is read from the report, never asserted.
 """
 
@@ -32,6 +33,41 @@ def _backend_reason(name: str) -> str | None:
         return b.availability() or b.supports(CPU)
     except Exception as exc:  # a half-built extension: skip, do not fail the run
         return f"failed to load: {exc}"
+
+
+ENTRY_POINTS = ("direct binding", "allocating binding", "backend.fused_step", "backend.fused_step_alloc",
+                "torch.ops overload", "check_step_args")
+
+
+@pytest.mark.benchmark(group="entry: one call into the C++ extension, 1x4")
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+def test_extension_entry(benchmark, entry: str) -> None:
+    """What each way into the compiled step costs per call: the bindings, the backend methods, the operator."""
+    from fastflow.backends import cuda as cuda_mod
+    from fastflow.backends.base import check_step_args
+    from fastflow.plan import NUM_COEFS
+
+    reason = _backend_reason("cuda")
+    if reason is not None:
+        pytest.skip(f"backend cuda: {reason}")
+    cb = get_backend("cuda")
+    z = torch.randn(1, 4)
+    mo, out, table, h = torch.randn_like(z), torch.empty_like(z), torch.randn(5, NUM_COEFS), [torch.randn_like(z)]
+    args = (z, out, mo, None, h, table, 2, None, None, None, None, None, None, False)
+    alloc_args = (z, None, mo, None, h, table, 2, None, None, None, False, None, 0, None, False)
+    calls = {
+        "direct binding": lambda: cuda_mod._STATE["direct"](*args),
+        "allocating binding": lambda: cuda_mod._STATE["alloc"](*alloc_args),
+        "backend.fused_step": lambda: cb.fused_step(z, out, mo, None, h, table, 2),
+        "backend.fused_step_alloc": lambda: cb.fused_step_alloc(z, mo, None, h, table, 2),
+        "torch.ops overload": lambda: torch.ops.fastflow.fused_step.default(*args),
+        "check_step_args": lambda: check_step_args(z, out, mo, None, h, table, None, None, None, None, False),
+    }
+    result = benchmark(calls[entry])
+    if "alloc" in entry:
+        assert torch.isfinite(result[0]).all()
+    elif entry != "check_step_args":
+        assert torch.isfinite(out).all()
 
 
 def _schedule(solver: str):

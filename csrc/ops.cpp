@@ -5,12 +5,15 @@
 //
 // The module also binds `fused_step` directly (pybind11), for eager calls: it runs
 // the same C++ function as the operator but skips the dispatcher's Python argument
-// parsing, which costs a few microseconds per call. Traced code (torch.compile)
+// parsing, which costs a few microseconds per call. `fused_step_alloc` is the same
+// call allocating its outputs in C++. Traced code (torch.compile)
 // calls the operator, which the tracer can see.
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 #include <torch/python.h>
 
 #include <optional>
+#include <tuple>
 #include <vector>
 
 #include "step_ops.h"
@@ -52,11 +55,40 @@ void fused_step_direct(const at::Tensor& z, const at::Tensor& out, const at::Ten
   TORCH_CHECK_VALUE(false, "fastflow._C has no kernel for tensors on ", z.device());
 }
 
+// The same stage, allocating the outputs the caller did not pass: the next state
+// (when `out` is None), x_hat (when `want_x`) and the next model input (when
+// `model_in_like` is given: its dtype, batch `model_in_batch`). Allocating here costs
+// a fraction of a Python-side torch.empty per tensor, and eager front ends make up to
+// three per step. Outputs are contiguous, shaped like the state.
+std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> fused_step_alloc_direct(
+    const at::Tensor& z, const std::optional<at::Tensor>& out, const at::Tensor& model_out,
+    const std::optional<at::Tensor>& model_out_uncond, const std::vector<at::Tensor>& history,
+    const at::Tensor& table, int64_t step, const std::optional<at::Tensor>& step_tensor,
+    const std::optional<at::Tensor>& seeds, const std::optional<at::Tensor>& noise, bool want_x,
+    const std::optional<at::Tensor>& model_in_like, int64_t model_in_batch, std::optional<double> clip,
+    bool use_noise) {
+  const at::Tensor next = out.has_value() ? *out : at::empty(z.sizes(), z.options());
+  std::optional<at::Tensor> x_out;
+  if (want_x) x_out = at::empty(z.sizes(), z.options());
+  std::optional<at::Tensor> model_in;
+  if (model_in_like.has_value()) {
+    TORCH_CHECK_VALUE(z.dim() >= 1, "fastflow: the state needs a batch dimension");
+    std::vector<int64_t> shape(z.sizes().begin(), z.sizes().end());
+    shape[0] = model_in_batch;
+    model_in = at::empty(shape, z.options().dtype(model_in_like->scalar_type()));
+  }
+  fused_step_direct(z, next, model_out, model_out_uncond, history, table, step, step_tensor, seeds, noise, x_out,
+                    model_in, clip, use_noise);
+  return {next, x_out, model_in};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastflow's compiled operators (registered under torch.ops.fastflow)";
   m.def("fused_step", &fused_step_direct, "One stage of a step plan, without the dispatcher (eager calls).");
+  m.def("fused_step_alloc", &fused_step_alloc_direct,
+        "fused_step that allocates the outputs not given; returns (out, x_out or None, model_in or None).");
   m.attr("with_cuda") =
 #if defined(FASTFLOW_WITH_CUDA)
       true;

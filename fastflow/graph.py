@@ -332,21 +332,19 @@ class CapturedLoop:
         sampler, runner, plan = self.sampler, self._runner, self._runner.plan
         z = self._z0
         z_in = sampler.model_input(z, 0, self.model_dtype)
-        b, rest = self.shape[0], self.shape[1:]
         for i in range(self.num_stages):
             output = self._call_model(z_in, self._times[i])
             self._check_output(output, i)
             if probe is not None:
                 probe.mark(f"the model call at stage {i}")
             cond, uncond = sampler._split_output(output, z)
-            model_in = torch.empty((b, *rest), dtype=self.model_dtype, device=self.device)
-            z, _ = runner.run(
+            z, _, model_in = runner.run(
                 i,
                 z,
                 cond,
                 uncond,
                 seeds=self._seeds if plan.noise[i] else None,
-                model_in=model_in,
+                model_in_dtype=self.model_dtype,
                 step=self._steps[i : i + 1] if graph_mode else None,
             )
             if probe is not None:

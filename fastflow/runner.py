@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import torch
 
 from .backends import resolve_backend
+from .backends.base import OutputTriple
 from .plan import StepPlan
 
 
@@ -28,14 +29,19 @@ class PlanRunner:
         self._tables: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
         self._dispatch: dict[tuple[str, torch.device, torch.dtype], tuple[torch.Tensor, object]] = {}
         self._store: dict[tuple[str, int], torch.Tensor] = {}
-        self._needs = [tuple((ref.kind, ref.stage) for ref in refs) for refs in plan.history]
+        needs = [tuple((ref.kind, ref.stage) for ref in refs) for refs in plan.history]
         last_use: dict[tuple[str, int], int] = {}
-        for i, keys in enumerate(self._needs):
+        for i, keys in enumerate(needs):
             for key in keys:
                 last_use[key] = i
-        self._free_after: list[list[tuple[str, int]]] = [[] for _ in plan.history]
+        free_after: list[list[tuple[str, int]]] = [[] for _ in plan.history]
         for key, i in last_use.items():
-            self._free_after[i].append(key)
+            free_after[i].append(key)
+        # What run() reads per stage, as plain Python values in one tuple (it is on every step's host path).
+        self._stages = [
+            (needs[i], bool(plan.noise[i]), bool(plan.write_x[i]), bool(plan.keep_z[i]), tuple(free_after[i]))
+            for i in range(len(plan.history))
+        ]
 
     def table(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The coefficient table on ``device`` (cached; float64 for float64 states)."""
@@ -67,55 +73,43 @@ class PlanRunner:
         noise: torch.Tensor | None = None,
         out: torch.Tensor | None = None,
         want_x: bool = False,
-        model_in: torch.Tensor | None = None,
+        model_in_dtype: torch.dtype | None = None,
+        model_in_double: bool = False,
         step: int | torch.Tensor | None = None,
         extra_history: Sequence[torch.Tensor] = (),
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Stage ``i``; returns ``(z_next, x_hat or None)``. ``step`` overrides the table row (graph mode).
+    ) -> OutputTriple:
+        """Stage ``i``; returns ``(z_next, x_hat or None, model input or None)``.
 
+        ``model_in_dtype`` asks for the next model input in that dtype (batch doubled with
+        ``model_in_double``). ``step`` overrides the table row (graph mode).
         ``extra_history`` binds caller tensors to the history slots after the plan's own
         (a front end whose table puts coefficients there, e.g. on the raw model output).
         """
-        plan = self.plan
+        needs, use_noise, write_x, keep_z, free_after = self._stages[i]
         store = self._store
         if i == 0:
             store.clear()
         try:
-            history = [store[key] for key in self._needs[i]]
+            history = [store[key] for key in needs]
         except KeyError:
-            missing = next(k for k in self._needs[i] if k not in store)
+            missing = next(k for k in needs if k not in store)
             raise RuntimeError(
                 f"stage {i} needs {missing[0]} of stage {missing[1]}; run the stages in order from 0"
             ) from None
         if extra_history:
             history.extend(extra_history)
-        use_noise = plan.noise[i]
         if use_noise and noise is None and seeds is None:
             raise ValueError(f"stage {i} draws noise: pass seeds or noise")
-        # Kernels read flat row-major memory (the noise is keyed by the row-major index), so inputs
-        # in another layout (channels_last model outputs, say) are copied once here, and outputs
-        # are allocated row-major. Already contiguous tensors pass through untouched.
-        z = z.contiguous()
-        cond = cond.contiguous()
-        if uncond is not None:
-            uncond = uncond.contiguous()
-        if noise is not None:
-            noise = noise.contiguous()
-        if history:
-            history = [h.contiguous() for h in history]
-        if out is None:
-            out = torch.empty(z.shape, dtype=z.dtype, device=z.device)
-        write_x = plan.write_x[i]
-        x_out = torch.empty(z.shape, dtype=z.dtype, device=z.device) if (write_x or want_x) else None
         table, backend = self._table_and_backend(z)
-        backend.fused_step(
-            z, out, cond, uncond, history, table, i if step is None else step,
-            seeds=seeds, noise=noise, x_out=x_out, model_in_out=model_in, clip=plan.clip, use_noise=use_noise,
+        out, x_out, model_in = backend.fused_step_alloc(
+            z, cond, uncond, history, table, i if step is None else step,
+            out=out, seeds=seeds, noise=noise, want_x=write_x or want_x, model_in_dtype=model_in_dtype,
+            model_in_double=model_in_double, clip=self.plan.clip, use_noise=use_noise,
         )
         if write_x:
             store[("x", i)] = x_out
-        if plan.keep_z[i]:
+        if keep_z:
             store[("z", i)] = z
-        for key in self._free_after[i]:
+        for key in free_after:
             store.pop(key, None)
-        return out, x_out
+        return out, x_out, model_in

@@ -103,6 +103,8 @@ class Sampler:
         self.timesteps = torch.tensor([st.point.t[0] for st in self.stages], dtype=torch.float64)
         self.seeds: torch.Tensor | None = None
         self.runner = PlanRunner(self.plan, backend)
+        self._num_stages = n
+        self._noisy = [bool(v) for v in self.plan.noise]
         self._times: dict[torch.device, torch.Tensor] = {}
 
     # ----------------------------------------------------------------- metadata
@@ -182,13 +184,9 @@ class Sampler:
             raise IndexError(f"step index {i} is out of range for {self.num_stages} stages")
 
     def _split_output(self, model_output: ModelOutput, z: torch.Tensor):
-        if isinstance(model_output, (tuple, list)):
-            if len(model_output) != 2:
-                raise ValueError("a guided model output pair must be (cond, uncond)")
+        if isinstance(model_output, torch.Tensor):
             if not self.guided:
-                raise ValueError("got a (cond, uncond) pair but this sampler has no guidance_scale")
-            return model_output[0], model_output[1]
-        if self.guided:
+                return model_output, None
             if model_output.shape[0] != 2 * z.shape[0]:
                 raise ValueError(
                     f"guided model output must be a (cond, uncond) pair or a batch of {2 * z.shape[0]} "
@@ -196,7 +194,22 @@ class Sampler:
                 )
             uncond, cond = model_output.chunk(2)
             return cond, uncond
-        return model_output, None
+        if isinstance(model_output, (tuple, list)):
+            if len(model_output) != 2:
+                raise ValueError("a guided model output pair must be (cond, uncond)")
+            if not self.guided:
+                raise ValueError("got a (cond, uncond) pair but this sampler has no guidance_scale")
+            return model_output[0], model_output[1]
+        raise TypeError(f"model output must be a tensor or a (cond, uncond) pair, got {type(model_output).__name__}")
+
+    def _stage_seeds(self, i: int, seed: int | Sequence[int] | torch.Tensor | None, z: torch.Tensor) -> torch.Tensor:
+        """The per-sample seeds of a noisy stage: ``seed`` if given, else those of :meth:`init_noise`."""
+        if seed is not None:
+            return noise_spec.as_seed_tensor(seed, z.shape[0], z.device)
+        seeds = self.seeds
+        if seeds is not None and seeds.shape[0] == z.shape[0]:
+            return seeds if seeds.device == z.device else seeds.to(z.device)
+        raise ValueError(f"stage {i} draws noise: call init_noise first or pass seed= or noise=")
 
     def step(
         self,
@@ -217,31 +230,21 @@ class Sampler:
         Stages must run in order from 0 when the solver keeps history. Returns the
         next state; with ``return_model_input``, also the next model input (cast to
         ``model_input_dtype``, batch doubled if ``duplicate_model_input``); with
-        ``return_x0``, also the data prediction.
+        ``return_x0``, also the data prediction. Every output is a new tensor unless
+        ``out`` is given.
         """
-        self._check_index(i)
+        if type(i) is not int or not 0 <= i < self._num_stages:  # the fast test first: this is the hot path
+            self._check_index(i)
         cond, uncond = self._split_output(model_output, z)
-        seeds = None
-        if self.plan.noise[i] and noise is None:
-            if seed is not None:
-                seeds = noise_spec.as_seed_tensor(seed, z.shape[0], z.device)
-            elif self.seeds is not None and self.seeds.shape[0] == z.shape[0]:
-                seeds = self.seeds if self.seeds.device == z.device else self.seeds.to(z.device)
-            else:
-                raise ValueError(f"stage {i} draws noise: call init_noise first or pass seed= or noise=")
-        model_in = None
-        if return_model_input:
-            batch = 2 * z.shape[0] if duplicate_model_input else z.shape[0]
-            model_in = torch.empty((batch, *z.shape[1:]), dtype=model_input_dtype or z.dtype, device=z.device)
-        out, x_out = self.runner.run(
-            i, z, cond, uncond, seeds=seeds, noise=noise, out=out, want_x=return_x0, model_in=model_in
+        seeds = self._stage_seeds(i, seed, z) if noise is None and self._noisy[i] else None
+        out, x_out, model_in = self.runner.run(
+            i, z, cond, uncond, seeds=seeds, noise=noise, out=out, want_x=return_x0,
+            model_in_dtype=(model_input_dtype or z.dtype) if return_model_input else None,
+            model_in_double=duplicate_model_input,
         )
-        result = (out,)
         if return_model_input:
-            result += (model_in,)
-        if return_x0:
-            result += (x_out,)
-        return result[0] if len(result) == 1 else result
+            return (out, model_in, x_out) if return_x0 else (out, model_in)
+        return (out, x_out) if return_x0 else out
 
 
 def sample(

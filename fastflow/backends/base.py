@@ -24,6 +24,11 @@ Signature (the backend contract, shared by the torch reference, Triton and C++/C
 * ``clip``: clamp x_hat to ``[-clip, clip]`` when not None.
 
 Arithmetic is float32 (float64 for float64 states); every output is rounded once.
+
+Front ends call the allocating form, :meth:`StepBackend.fused_step_alloc`, which makes
+the outputs not given and returns them. Its default (torch allocations around
+``fused_step``) serves every backend; a backend with a cheaper way to allocate (the
+C++ extension) overrides it.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ from typing import Protocol
 import torch
 
 from ..plan import MAX_HISTORY
+
+OutputTriple = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
 
 
 class Backend(Protocol):
@@ -61,6 +68,82 @@ class Backend(Protocol):
         clip: float | None = None,
         use_noise: bool = False,
     ) -> None: ...
+
+    def fused_step_alloc(
+        self,
+        z: torch.Tensor,
+        model_out: torch.Tensor,
+        model_out_uncond: torch.Tensor | None,
+        history: Sequence[torch.Tensor],
+        table: torch.Tensor,
+        step: int | torch.Tensor,
+        *,
+        out: torch.Tensor | None = None,
+        seeds: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+        want_x: bool = False,
+        model_in_dtype: torch.dtype | None = None,
+        model_in_double: bool = False,
+        clip: float | None = None,
+        use_noise: bool = False,
+    ) -> OutputTriple: ...
+
+
+class StepBackend:
+    """Base of the backends: the allocating form of the step, built on their ``fused_step``."""
+
+    name = "backend"
+
+    def fused_step(self, *args, **kwargs) -> None:  # pragma: no cover - every backend defines it
+        raise NotImplementedError
+
+    def fused_step_alloc(
+        self,
+        z: torch.Tensor,
+        model_out: torch.Tensor,
+        model_out_uncond: torch.Tensor | None,
+        history: Sequence[torch.Tensor],
+        table: torch.Tensor,
+        step: int | torch.Tensor,
+        *,
+        out: torch.Tensor | None = None,
+        seeds: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+        want_x: bool = False,
+        model_in_dtype: torch.dtype | None = None,
+        model_in_double: bool = False,
+        clip: float | None = None,
+        use_noise: bool = False,
+    ) -> OutputTriple:
+        """``fused_step`` with the outputs not given allocated here; returns ``(out, x_out, model_in)``.
+
+        ``x_out`` is allocated when ``want_x``, the model input when ``model_in_dtype`` is
+        given (batch doubled when ``model_in_double``); absent outputs come back as None.
+        Kernels read flat row-major memory (the noise is keyed by the row-major index), so
+        inputs in another layout (channels_last model outputs, say) are copied once here,
+        and outputs are allocated row-major.
+        """
+        if not z.is_contiguous():
+            z = z.contiguous()
+        if not model_out.is_contiguous():
+            model_out = model_out.contiguous()
+        if model_out_uncond is not None and not model_out_uncond.is_contiguous():
+            model_out_uncond = model_out_uncond.contiguous()
+        if noise is not None and not noise.is_contiguous():
+            noise = noise.contiguous()
+        history = [h if h.is_contiguous() else h.contiguous() for h in history]
+        if out is None:
+            out = torch.empty(z.shape, dtype=z.dtype, device=z.device)
+        x_out = torch.empty(z.shape, dtype=z.dtype, device=z.device) if want_x else None
+        model_in = None
+        if model_in_dtype is not None:
+            batch = 2 * z.shape[0] if model_in_double else z.shape[0]
+            model_in = torch.empty((batch, *z.shape[1:]), dtype=model_in_dtype, device=z.device)
+        self.fused_step(
+            z, out, model_out, model_out_uncond, history, table, step,
+            seeds=seeds, noise=noise, x_out=x_out, model_in_out=model_in, clip=clip, use_noise=use_noise,
+        )
+        return out, x_out, model_in
 
 
 def check_step_args(

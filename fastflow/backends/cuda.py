@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from ..noise import STEP_TAG
-from .base import check_step_args
+from .base import OutputTriple, StepBackend, check_step_args
 
 _STATE: dict[str, Any] = {}
 _FAKES_REGISTERED: list[bool] = []  # kept apart from _STATE: a fake may be registered only once per process
@@ -75,6 +75,7 @@ def _try_load() -> str | None:
     if not hasattr(torch.ops.fastflow, "fused_step"):
         return "fastflow._C imported but registered no operators"
     _STATE["direct"] = module.fused_step
+    _STATE["alloc"] = getattr(module, "fused_step_alloc", None)
     _STATE["op"] = torch.ops.fastflow.fused_step.default
     _STATE["cuda"] = bool(getattr(module, "with_cuda", False))
     return None
@@ -144,7 +145,18 @@ def _register_fakes() -> None:
         return counter.new_empty(counter.shape)
 
 
-class CudaBackend:
+_DTYPE_TOKENS: dict[torch.dtype, torch.Tensor] = {}
+
+
+def _dtype_token(dtype: torch.dtype) -> torch.Tensor:
+    """An empty CPU tensor of ``dtype``: how a dtype reaches the C++ binding (made once per dtype)."""
+    token = _DTYPE_TOKENS.get(dtype)
+    if token is None:
+        token = _DTYPE_TOKENS[dtype] = torch.empty(0, dtype=dtype)
+    return token
+
+
+class CudaBackend(StepBackend):
     """The fused step as one call into the compiled extension (CPU or CUDA kernel by device)."""
 
     name = "cuda"
@@ -219,6 +231,47 @@ class CudaBackend:
             x_out,
             model_in_out,
             clip,
+            bool(use_noise),
+        )
+
+    def fused_step_alloc(
+        self,
+        z: torch.Tensor,
+        model_out: torch.Tensor,
+        model_out_uncond: torch.Tensor | None,
+        history: Sequence[torch.Tensor],
+        table: torch.Tensor,
+        step: int | torch.Tensor,
+        *,
+        out: torch.Tensor | None = None,
+        seeds: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+        want_x: bool = False,
+        model_in_dtype: torch.dtype | None = None,
+        model_in_double: bool = False,
+        clip: float | None = None,
+        use_noise: bool = False,
+    ) -> OutputTriple:
+        """The allocating form (:class:`~fastflow.backends.base.StepBackend`) in one C++ call, outputs made there."""
+        alloc = _STATE.get("alloc")
+        if alloc is None or torch.compiler.is_compiling():
+            return super().fused_step_alloc(
+                z, model_out, model_out_uncond, history, table, step, out=out, seeds=seeds, noise=noise,
+                want_x=want_x, model_in_dtype=model_in_dtype, model_in_double=model_in_double, clip=clip,
+                use_noise=use_noise,
+            )
+        if isinstance(step, torch.Tensor):
+            step_int, step_tensor = 0, step
+        else:
+            step_int, step_tensor = int(step), None
+        like = None
+        batch = 0
+        if model_in_dtype is not None:
+            like = _dtype_token(model_in_dtype)
+            batch = 2 * z.shape[0] if model_in_double else z.shape[0]
+        return alloc(
+            z, out, model_out, model_out_uncond, history if isinstance(history, list) else list(history), table,
+            step_int, step_tensor, seeds, noise, bool(want_x), like, batch, None if clip is None else float(clip),
             bool(use_noise),
         )
 

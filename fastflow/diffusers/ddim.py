@@ -23,7 +23,7 @@ import torch
 from diffusers.schedulers import scheduling_ddim, scheduling_ddpm
 
 from .. import noise as noise_spec
-from ._base import FastflowScheduler, O, StepSpec, X, Z, generator_draw, noise, sqrt
+from ._base import FastflowScheduler, O, StepSpec, X, Z, generator_draw, noise, sqrt, step_output
 
 __all__ = ["DDIMScheduler", "DDPMScheduler", "x0_coefs", "eps_coefs", "dynamic_threshold"]
 
@@ -195,7 +195,7 @@ class DDIMScheduler(_VPMixin, scheduling_ddim.DDIMScheduler):
         )
         if not return_dict:
             return (prev, pred)
-        return scheduling_ddim.DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=pred)
+        return step_output(scheduling_ddim.DDIMSchedulerOutput, prev_sample=prev, pred_original_sample=pred)
 
 
 class DDPMScheduler(_VPMixin, scheduling_ddpm.DDPMScheduler):
@@ -314,4 +314,4 @@ class DDPMScheduler(_VPMixin, scheduling_ddpm.DDPMScheduler):
         )
         if not return_dict:
             return (prev, pred)
-        return scheduling_ddpm.DDPMSchedulerOutput(prev_sample=prev, pred_original_sample=pred)
+        return step_output(scheduling_ddpm.DDPMSchedulerOutput, prev_sample=prev, pred_original_sample=pred)

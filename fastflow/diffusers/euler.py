@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from diffusers.schedulers import scheduling_edm_euler, scheduling_euler_ancestral_discrete, scheduling_euler_discrete
 
-from ._base import FastflowScheduler, Lin, StepSpec, X, Z, generator_draw, noise
+from ._base import FastflowScheduler, Lin, StepSpec, X, Z, generator_draw, noise, step_output
 
 __all__ = ["EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "EDMEulerScheduler"]
 
@@ -153,7 +153,9 @@ class EulerDiscreteScheduler(_VEInputMixin, scheduling_euler_discrete.EulerDiscr
         )
         if not return_dict:
             return (prev, pred)
-        return scheduling_euler_discrete.EulerDiscreteSchedulerOutput(prev_sample=prev, pred_original_sample=pred)
+        return step_output(
+            scheduling_euler_discrete.EulerDiscreteSchedulerOutput, prev_sample=prev, pred_original_sample=pred
+        )
 
 
 class EulerAncestralDiscreteScheduler(
@@ -201,8 +203,9 @@ class EulerAncestralDiscreteScheduler(
         )
         if not return_dict:
             return (prev, pred)
-        return scheduling_euler_ancestral_discrete.EulerAncestralDiscreteSchedulerOutput(
-            prev_sample=prev, pred_original_sample=pred
+        return step_output(
+            scheduling_euler_ancestral_discrete.EulerAncestralDiscreteSchedulerOutput,
+            prev_sample=prev, pred_original_sample=pred,
         )
 
 
@@ -271,4 +274,4 @@ class EDMEulerScheduler(_SigmaMixin, scheduling_edm_euler.EDMEulerScheduler):
             pred = pred_original_sample
         if not return_dict:
             return (prev, pred)
-        return scheduling_edm_euler.EDMEulerSchedulerOutput(prev_sample=prev, pred_original_sample=pred)
+        return step_output(scheduling_edm_euler.EDMEulerSchedulerOutput, prev_sample=prev, pred_original_sample=pred)

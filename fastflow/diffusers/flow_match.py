@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from diffusers.schedulers import scheduling_flow_match_euler_discrete as fm
 
-from ._base import StepSpec, X, Z, generator_draw, noise
+from ._base import StepSpec, X, Z, generator_draw, noise, step_output
 from .euler import _SigmaMixin
 
 __all__ = ["FlowMatchEulerDiscreteScheduler"]
@@ -63,5 +63,5 @@ class FlowMatchEulerDiscreteScheduler(_SigmaMixin, fm.FlowMatchEulerDiscreteSche
         )
         if not return_dict:
             return (prev,)
-        return fm.FlowMatchEulerDiscreteSchedulerOutput(prev_sample=prev)
+        return step_output(fm.FlowMatchEulerDiscreteSchedulerOutput, prev_sample=prev)
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from diffusers.schedulers import scheduling_heun_discrete as _heun
 
-from ._base import FastflowScheduler, StepSpec, X, Z
+from ._base import FastflowScheduler, StepSpec, X, Z, step_output
 
 __all__ = ["HeunDiscreteScheduler", "heun_specs"]
 
@@ -125,4 +125,4 @@ class HeunDiscreteScheduler(FastflowScheduler, _heun.HeunDiscreteScheduler):
         )
         if not return_dict:
             return (prev, pred)
-        return _heun.HeunDiscreteSchedulerOutput(prev_sample=prev, pred_original_sample=pred)
+        return step_output(_heun.HeunDiscreteSchedulerOutput, prev_sample=prev, pred_original_sample=pred)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from diffusers.schedulers import scheduling_lcm
 
-from ._base import StepSpec, X, Z, generator_draw, noise
+from ._base import StepSpec, X, Z, generator_draw, noise, step_output
 from .ddim import _VPMixin
 
 __all__ = ["LCMScheduler"]
@@ -65,4 +65,4 @@ class LCMScheduler(_VPMixin, scheduling_lcm.LCMScheduler):
         )
         if not return_dict:
             return (prev, denoised)
-        return scheduling_lcm.LCMSchedulerOutput(prev_sample=prev, denoised=denoised)
+        return step_output(scheduling_lcm.LCMSchedulerOutput, prev_sample=prev, denoised=denoised)

@@ -25,7 +25,7 @@ from diffusers.schedulers import scheduling_unipc_multistep as _unipc
 from ..solvers.base import Lin
 from ..solvers.dpmpp import multistep_order
 from ..solvers.unipc import correction, differences, predictor_update
-from ._base import X, Z
+from ._base import X, Z, step_output
 from ._multistep import MultistepScheduler, half_logsnr, stored_prediction
 
 __all__ = ["UniPCMultistepScheduler", "unipc_orders", "unipc_updates"]
@@ -167,4 +167,4 @@ class UniPCMultistepScheduler(MultistepScheduler, _unipc.UniPCMultistepScheduler
         prev, _ = self._ff_step(model_output, timestep, sample, want_pred=False, kernel_output=kernel_output)
         if not return_dict:
             return (prev,)
-        return _unipc.SchedulerOutput(prev_sample=prev)
+        return step_output(_unipc.SchedulerOutput, prev_sample=prev)

@@ -476,24 +476,3 @@ def test_reload_after_reset(monkeypatch):
     assert CudaBackend().availability() is None
     assert CudaBackend().supports(torch.device("cpu")) is None
 
-
-def test_host_overhead_report(cb):
-    """Per-call host cost of the entry points on tiny CPU tensors (printed with -s; nothing asserted)."""
-    import timeit
-
-    from fastflow.backends.base import check_step_args
-
-    z = torch.randn(1, 4)
-    mo, out, table, h = torch.randn_like(z), torch.empty_like(z), torch.randn(5, NUM_COEFS), [torch.randn_like(z)]
-    direct = cuda_mod._STATE["direct"]
-    op = torch.ops.fastflow.fused_step.default
-    args = (z, out, mo, None, h, table, 2, None, None, None, None, None, None, False)
-    calls = {
-        "backend.fused_step": lambda: cb.fused_step(z, out, mo, None, h, table, 2),
-        "direct binding": lambda: direct(*args),
-        "torch.ops overload": lambda: op(*args),
-        "check_step_args": lambda: check_step_args(z, out, mo, None, h, table, None, None, None, None, False),
-    }
-    n = 2000
-    us = {name: min(timeit.repeat(f, number=n, repeat=3)) / n * 1e6 for name, f in calls.items()}
-    print("\nhost us per call: " + ", ".join(f"{k} {v:.2f}" for k, v in us.items()))

@@ -189,3 +189,52 @@ def test_add_noise_and_init_noise_sigma_are_diffusers():
     t = ref.timesteps[2:3]
     assert torch.equal(ff.add_noise(x, n, t), ref.add_noise(x, n, t))
     assert torch.equal(torch.as_tensor(ff.init_noise_sigma), torch.as_tensor(ref.init_noise_sigma))
+
+
+def _output_classes() -> list[type]:
+    """The diffusers output classes the drop-ins return, found from a step of each."""
+    classes = []
+    for name in MINE:
+        _, ff = pair(name)
+        ff.set_timesteps(4)
+        x = start_noise(4)
+        t = ff.timesteps[0]
+        classes.append(type(ff.step(stand_in(x, t), t, x)))
+    return classes
+
+
+def test_step_output_is_the_diffusers_output():
+    """The directly built step output equals diffusers' constructor's result in every way a pipeline reads it."""
+    import pickle
+    from dataclasses import fields
+
+    from fastflow.diffusers._base import _FAST_OUTPUT, step_output
+
+    a, b = torch.ones(2), torch.zeros(2)
+    for cls in _output_classes():
+        names = [f.name for f in fields(cls)]
+        for values in ((a, b), (a, None)):
+            kw = dict(zip(names, values, strict=False))
+            got, want = step_output(cls, **kw), cls(**kw)
+            assert _FAST_OUTPUT[cls], cls  # the direct build is in use for diffusers' own classes
+            assert type(got) is cls and got == want and got.keys() == want.keys()
+            assert vars(got) == vars(want) and got.to_tuple() == want.to_tuple() and got[0] is a
+            assert got.prev_sample is a and got["prev_sample"] is a and repr(got) == repr(want)
+            assert pickle.loads(pickle.dumps(got)).keys() == want.keys()
+
+
+def test_step_output_falls_back_for_a_class_that_builds_differently():
+    from dataclasses import dataclass
+
+    from diffusers.utils import BaseOutput
+
+    from fastflow.diffusers._base import _FAST_OUTPUT, step_output
+
+    @dataclass
+    class Extra(BaseOutput):  # a field the caller does not pass: only the constructor sets it
+        prev_sample: torch.Tensor
+        extra: torch.Tensor | None = None
+
+    got = step_output(Extra, prev_sample=torch.ones(1))
+    assert _FAST_OUTPUT[Extra] is False
+    assert got.extra is None and list(got.keys()) == ["prev_sample"]

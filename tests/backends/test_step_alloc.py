@@ -1,0 +1,106 @@
+"""The allocating form of the step (``fused_step_alloc``) equals ``fused_step`` into given outputs, per backend.
+
+Front ends (``Sampler.step``, graph capture, the diffusers drop-ins) call only the
+allocating form, and the C++ backend overrides it with allocations made in C++, so
+each backend's form is checked against its own ``fused_step`` and the reference.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from backends.step_cases import EXTENSION_TOL, REF, TRITON_TOL, assert_matches, make_case
+
+from fastflow.backends import get_backend
+
+BACKENDS = ("torch", "cuda", "triton")
+SHAPE = (3, 5, 7)  # 35 elements per sample: no multiple of a vector width or block
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _backend(name: str):
+    backend = get_backend(name)
+    reason = backend.availability() or backend.supports(_device())
+    if reason is not None:
+        pytest.skip(f"{name} backend: {reason}")
+    return backend
+
+
+def _alloc(backend, case, **kw):
+    return backend.fused_step_alloc(
+        case.z, case.model_out, case.uncond, list(case.history), case.table, case.step,
+        seeds=case.seeds, noise=case.noise, clip=case.clip, use_noise=case.use_noise, **kw,
+    )
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("guided", [False, True], ids=["cond", "cfg"])
+@pytest.mark.parametrize("noise", ["none", "philox", "tensor"])
+@pytest.mark.parametrize("mi", [None, "same", "dup-bf16"])
+def test_alloc_equals_fused_step(name, guided, noise, mi):
+    backend = _backend(name)
+    case = make_case(SHAPE, torch.float32, torch.bfloat16, guided=guided, hist=2, noise=noise,
+                     x_dtype=torch.float32, mi=mi, seed=7, device=str(_device()))
+    want = case.run(REF)
+    double = mi is not None and mi.startswith("dup")
+    out, x, model_in = _alloc(backend, case, want_x=True, model_in_dtype=case.mi_dtype, model_in_double=double)
+    got = {"out": out, "x": x}
+    if mi is None:
+        assert model_in is None
+    else:
+        assert model_in.dtype == case.mi_dtype and model_in.shape[0] == SHAPE[0] * (2 if double else 1)
+        got["mi"] = model_in
+    for t in got.values():
+        assert t.is_contiguous() and t.device == case.z.device
+    assert_matches(got, want, tol=TRITON_TOL if name == "triton" else EXTENSION_TOL)
+    # The same call into given buffers is the plain fused_step, bit for bit on one backend.
+    assert torch.equal(out, case.run(backend)["out"])
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_alloc_optional_outputs_and_given_out(name):
+    """Nothing asked, nothing made; a given ``out`` is written and returned (an in-place step included)."""
+    backend = _backend(name)
+    case = make_case(SHAPE, torch.float32, torch.float32, guided=False, hist=0, noise="none", seed=3,
+                     device=str(_device()))
+    want = case.run(REF)["out"]
+    out, x, model_in = _alloc(backend, case)
+    assert x is None and model_in is None
+    torch.testing.assert_close(out, want, rtol=2e-5, atol=2e-5)
+    buf = torch.full_like(case.z, float("nan"))
+    out2, _, _ = _alloc(backend, case, out=buf)
+    assert out2 is buf
+    torch.testing.assert_close(buf, want, rtol=2e-5, atol=2e-5)
+    z = case.z.clone()
+    out3, _, _ = backend.fused_step_alloc(z, case.model_out, None, [], case.table, case.step, out=z)
+    assert out3 is z
+    torch.testing.assert_close(z, want, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_alloc_non_contiguous_inputs(name):
+    """Inputs in another layout are read by value (the noise is keyed by the row-major index)."""
+    backend = _backend(name)
+    case = make_case((2, 4, 3, 5), torch.float32, torch.float32, guided=True, hist=1, noise="philox", seed=11,
+                     device=str(_device()))
+    want = case.run(REF)["out"]
+    cl = torch.channels_last
+    out, _, _ = backend.fused_step_alloc(
+        case.z.to(memory_format=cl), case.model_out.to(memory_format=cl), case.uncond.to(memory_format=cl),
+        [h.to(memory_format=cl) for h in case.history], case.table, case.step, seeds=case.seeds, use_noise=True,
+    )
+    assert out.is_contiguous()
+    torch.testing.assert_close(out, want, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_alloc_rejects_a_bad_model_input_shape(name):
+    """The allocating form checks what it is given like ``fused_step`` (a shape mismatch names the tensor)."""
+    backend = _backend(name)
+    case = make_case(SHAPE, torch.float32, torch.float32, guided=False, hist=0, noise="none", seed=5,
+                     device=str(_device()))
+    with pytest.raises(ValueError, match="model output"):
+        backend.fused_step_alloc(case.z, case.model_out[:, :4], None, [], case.table, case.step)
