@@ -411,6 +411,7 @@ class FastflowScheduler:
         out_dtype: torch.dtype | None = None,
         want_pred: bool = True,
         kernel_output: torch.Tensor | None = None,
+        index: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run step ``step_index`` as one backend call; returns ``(prev_sample, prediction field)``.
 
@@ -418,9 +419,10 @@ class FastflowScheduler:
         noise; with neither the kernel draws its own. ``state_dtype`` is the dtype the
         update is written in, ``out_dtype`` the dtype returned. ``kernel_output``
         replaces the model output as the tensor the kernel converts to ``x_hat``
-        (e.g. a thresholded x0); :func:`O` still binds the model output.
+        (e.g. a thresholded x0); :func:`O` still binds the model output. ``index`` is
+        what :meth:`_ff_peek_index` returned for this call, when the caller already asked.
         """
-        idx = self._ff_peek_index(timestep)
+        idx = self._ff_peek_index(timestep) if index is None else index
         comp = self._ff_get(idx, variant)
         k = idx - comp.start
         if noise is None and draw is not None and comp.draws[k]:

@@ -100,6 +100,7 @@ class _VPMixin(FastflowScheduler):
         self._ff_ac = ac.detach().to("cpu", torch.float64).numpy()
         # Python numbers for what step reads per call (torch.compile traces numpy reads as tensors).
         self._ff_t = [int(v) for v in self._ff_host_timesteps]
+        self._ff_thresholding_on = bool(self.config.get("thresholding", False))
         if self._ff_thresholding:
             self._ff_raw_x0 = [x0_coefs(self.config.prediction_type, self._ff_alpha(t)) for t in self._ff_t]
 
@@ -108,7 +109,8 @@ class _VPMixin(FastflowScheduler):
 
     @property
     def _ff_thresholding(self) -> bool:
-        return bool(self.config.get("thresholding", False))
+        cached = self.__dict__.get("_ff_thresholding_on")  # set by _ff_prepare; step reads it every call
+        return bool(self.config.get("thresholding", False)) if cached is None else cached
 
     def _ff_clip(self) -> float | None:
         cfg = self.config
@@ -192,6 +194,7 @@ class DDIMScheduler(_VPMixin, scheduling_ddim.DDIMScheduler):
             noise=variance_noise if eta > 0 else None,
             state_dtype=torch.promote_types(sample.dtype, model_output.dtype),
             kernel_output=self._ff_thresholded(idx, model_output, sample),
+            index=idx,
         )
         if not return_dict:
             return (prev, pred)
@@ -311,6 +314,7 @@ class DDPMScheduler(_VPMixin, scheduling_ddpm.DDPMScheduler):
             noise=given,
             state_dtype=torch.promote_types(sample.dtype, model_output.dtype),
             kernel_output=self._ff_thresholded(idx, model_output, sample),
+            index=idx,
         )
         if not return_dict:
             return (prev, pred)

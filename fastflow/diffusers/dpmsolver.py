@@ -187,6 +187,7 @@ class DPMSolverMultistepScheduler(MultistepScheduler, _dpm.DPMSolverMultistepSch
             out_dtype=model_output.dtype,
             want_pred=False,
             kernel_output=self._ff_thresholded(idx, model_output, sample),
+            index=idx,
         )
         if not return_dict:
             return (prev,)

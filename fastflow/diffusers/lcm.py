@@ -62,6 +62,7 @@ class LCMScheduler(_VPMixin, scheduling_lcm.LCMScheduler):
         prev, denoised = self._ff_step(
             model_output, timestep, sample, draw=draw, state_dtype=dtype,
             kernel_output=self._ff_thresholded(idx, model_output, sample),
+            index=idx,
         )
         if not return_dict:
             return (prev, denoised)

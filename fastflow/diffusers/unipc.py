@@ -164,7 +164,9 @@ class UniPCMultistepScheduler(MultistepScheduler, _unipc.UniPCMultistepScheduler
         self._ff_require_timesteps()
         idx = self._ff_peek_index(timestep)
         kernel_output = self._ff_thresholded(idx, model_output, sample)
-        prev, _ = self._ff_step(model_output, timestep, sample, want_pred=False, kernel_output=kernel_output)
+        prev, _ = self._ff_step(
+            model_output, timestep, sample, want_pred=False, kernel_output=kernel_output, index=idx
+        )
         if not return_dict:
             return (prev,)
         return step_output(_unipc.SchedulerOutput, prev_sample=prev)
