@@ -221,6 +221,7 @@ def test_generator_advances_like_diffusers():
 def test_kernel_noise_distribution():
     """Without generator or noise, the kernel's own noise: the step minus its noiseless value, divided by the
     noise coefficient, is standard normal."""
+    torch.manual_seed(2024)  # the kernel's seed comes from the global generator: fix it, whatever ran before
     ff = DPMSolverMultistepScheduler(**SD, algorithm_type="sde-dpmsolver++")
     ff.backend = "torch"
     ff.set_timesteps(10)
@@ -235,8 +236,9 @@ def test_kernel_noise_distribution():
     h = torch.log(a_t / (s_t * a_t)) - torch.log(a_s / (s_s * a_s))
     c = float(s_t * a_t * torch.sqrt(-torch.expm1(-2 * h)))
     xi = ((noisy - quiet) / c).double().flatten()
-    assert abs(xi.mean().item()) < 0.03 and abs(xi.std().item() - 1) < 0.03
-    assert abs((xi**4).mean().item() - 3) < 0.2
+    n = xi.numel()  # bounds at about 5 standard errors of each statistic of n normals
+    assert abs(xi.mean().item()) < 5 / n**0.5 and abs(xi.std().item() - 1) < 5 / (2 * n) ** 0.5
+    assert abs((xi**4).mean().item() - 3) < 5 * (96 / n) ** 0.5
 
 
 def test_begin_index_partial_loop():

@@ -13,7 +13,7 @@ import pytest
 import torch
 from dropin_helpers import pair, stand_in
 
-SHAPE = (2, 4, 64, 64)  # 32768 elements: mean within 4/sqrt(n) = 0.022, std within ~2 %
+SHAPE = (2, 4, 64, 64)  # 32768 elements: each statistic is bounded at 4 to 8 of its standard errors
 
 CASES = [
     ("DDIMScheduler", dict(clip_sample=False), dict(eta=1.0), "scheduling_ddim"),
@@ -43,6 +43,7 @@ def _ref_step(monkeypatch, ref, module: str, fill: float, o, t, x, kw):
 
 @pytest.mark.parametrize("name,config,kw,module", CASES, ids=[c[0] for c in CASES])
 def test_noise_distribution(monkeypatch, name, config, kw, module):
+    torch.manual_seed(7)  # the kernel's seed comes from the global generator: fix it, whatever ran before
     ref, ff = pair(name, **config)
     for s in (ref, ff):
         s.set_timesteps(6)
@@ -60,7 +61,8 @@ def test_noise_distribution(monkeypatch, name, config, kw, module):
         xi = (ff.step(o, t, x, **kw).prev_sample - zero) / scale
         assert abs(float(xi.mean())) < 4 / math.sqrt(xi.numel())
         assert abs(float(xi.std()) - 1.0) < 0.03
-        assert abs(float((xi**3).mean())) < 0.1 and abs(float((xi**4).mean()) - 3.0) < 0.15
+        # skewness and kurtosis have standard errors sqrt(15/n) = 0.021 and sqrt(96/n) = 0.054
+        assert abs(float((xi**3).mean())) < 0.1 and abs(float((xi**4).mean()) - 3.0) < 0.27
         draws.append(xi)
     a, b = draws
     assert abs(float((a * b).mean())) < 0.05, "steps must draw independent noise"
