@@ -245,7 +245,8 @@ FF_HD T clamp_nan(T x, T lo, T hi) {
 }
 
 // The plan in pieces, so a kernel can fold each input in as soon as it is loaded
-// (fewer live registers); eval_plan below composes them in the reference's order.
+// (fewer live registers) or run each as a vectorizable pass over a block (the CPU
+// kernel). Composed as the header comment writes the plan, they follow the reference's order.
 template <typename T>
 FF_HD T guide(const Coefs<T>& k, T o_cond, T o_uncond) {
   return add_rn(o_uncond, mul_rn(k.c[kW], o_cond - o_uncond));
@@ -266,30 +267,6 @@ FF_HD T update_base(const Coefs<T>& k, T z, T x) {
 template <typename T>
 FF_HD T add_term(const Coefs<T>& k, int col, T acc, T v) {
   return add_rn(acc, mul_rn(k.c[col], v));
-}
-
-// The inputs of one element, already converted to the compute type.
-template <typename T>
-struct ElementIn {
-  T z;
-  T o;
-  T ou;
-  T h[kMaxHistory];
-  T xi;
-};
-
-// The plan evaluated for one element: returns z_next and writes x_hat.
-template <typename T>
-FF_HD T eval_plan(const Coefs<T>& k, const ElementIn<T>& in, bool guided, int num_history, bool use_noise,
-                  bool has_clip, T clip, T& x_hat) {
-  const T o = guided ? guide(k, in.o, in.ou) : in.o;
-  x_hat = data_prediction(k, in.z, o, has_clip, clip);
-  T zn = update_base(k, in.z, x_hat);
-  for (int j = 0; j < kMaxHistory; ++j) {
-    if (j < num_history) zn = add_term(k, kH0 + j, zn, in.h[j]);
-  }
-  if (use_noise) zn = add_term(k, kCN, zn, in.xi);
-  return zn;
 }
 
 }  // namespace fastflow

@@ -95,6 +95,7 @@ void run_step(const StepParams& p) {
   const uint32_t step32 = static_cast<uint32_t>(step);
   const T clip = static_cast<T>(p.clip);
   const bool guided = p.model_out_uncond != nullptr;
+  const bool has_clip = p.has_clip != 0;
   const int64_t blocks = (p.numel + kBlock - 1) / kBlock;
   const int64_t total = p.batch * blocks;
   const int64_t grain = std::max<int64_t>(1, 32768 / kBlock);
@@ -116,14 +117,23 @@ void run_step(const StepParams& p) {
           draw_block(static_cast<uint64_t>(p.seeds[b]), e0, n, step32, kStepTag, xi);
         }
       }
-      ElementIn<T> in{};
-      for (int64_t i = 0; i < n; ++i) {
-        in.z = z[i];
-        in.o = o[i];
-        if (guided) in.ou = ou[i];
-        for (int j = 0; j < p.num_history; ++j) in.h[j] = h[j][i];
-        if (p.use_noise) in.xi = xi[i];
-        zn[i] = eval_plan(k, in, guided, p.num_history, p.use_noise != 0, p.has_clip != 0, clip, x[i]);
+      // The plan as passes over the block, one operation at a time in eval_plan's order (so the
+      // result is eval_plan's, bit for bit), with no branch inside a pass: each one vectorizes.
+      if (guided) {
+        for (int64_t i = 0; i < n; ++i) o[i] = guide(k, o[i], ou[i]);
+      }
+      if (has_clip) {
+        for (int64_t i = 0; i < n; ++i) x[i] = data_prediction(k, z[i], o[i], true, clip);
+      } else {
+        for (int64_t i = 0; i < n; ++i) x[i] = data_prediction(k, z[i], o[i], false, clip);
+      }
+      for (int64_t i = 0; i < n; ++i) zn[i] = update_base(k, z[i], x[i]);
+      for (int j = 0; j < p.num_history; ++j) {
+        const T* hj = h[j];
+        for (int64_t i = 0; i < n; ++i) zn[i] = add_term(k, kH0 + j, zn[i], hj[i]);
+      }
+      if (p.use_noise) {
+        for (int64_t i = 0; i < n; ++i) zn[i] = add_term(k, kCN, zn[i], xi[i]);
       }
       if (p.x_out != nullptr) store_block(p.x_out, p.x_out_dtype, off, n, x);
       if (p.model_in_out != nullptr) {
