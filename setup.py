@@ -108,6 +108,13 @@ def _extensions() -> tuple[list, dict]:
 
     sources = ["csrc/ops.cpp", "csrc/step_cpu.cpp"]
     cxx = ["-O3", "-ffp-contract=off", "-fvisibility=hidden"]
+    link: list[str] = []
+    # at::parallel_for threads only in code compiled with OpenMP (the same runtime torch loaded):
+    # without it the CPU kernel runs on one thread.
+    openmp = sys.platform.startswith("linux") and torch.backends.openmp.is_available()
+    if openmp:
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     nvcc_flags = ["-O3", "-lineinfo"]  # torch adds -std
     archs: list[str] = []
     cuda_reason = None
@@ -132,10 +139,13 @@ def _extensions() -> tuple[list, dict]:
             "fastflow._C",
             sources,
             extra_compile_args={"cxx": [*cxx, "-DFASTFLOW_WITH_CUDA"], "nvcc": nvcc_flags},
+            extra_link_args=link,
         )
         _say(f"building fastflow._C with CPU and CUDA kernels (archs {', '.join(archs)}, nvcc {nvcc})")
     else:
-        ext = cpp_extension.CppExtension("fastflow._C", sources, extra_compile_args={"cxx": cxx})
+        ext = cpp_extension.CppExtension(
+            "fastflow._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link
+        )
         _say(f"building fastflow._C with the CPU kernel only: {cuda_reason}")
 
     _write_build_info(
@@ -145,6 +155,7 @@ def _extensions() -> tuple[list, dict]:
             "cuda": torch.version.cuda if use_cuda else None,
             "cuda_archs": archs,
             "cuda_skipped": cuda_reason,
+            "openmp": openmp,
             "python": f"{sys.version_info.major}.{sys.version_info.minor}",
         }
     )

@@ -8,16 +8,16 @@ backend is missing, and registers fake (meta) implementations so
 ``torch.compile(fullgraph=True)`` traces the operators.
 
 Per-call host cost is part of the product. Eager calls go straight to the
-extension's pybind11 binding ``fastflow._C.fused_step`` (the same C++ function the
-operator runs, without the dispatcher's Python argument parsing), and the C++ side
-does the argument checks of :func:`fastflow.backends.base.check_step_args` with the
-same exception types, so there is no second Python-side check. Measured on tiny
-CPU tensors (``tests/csrc/test_cpu_kernel.py::test_host_overhead_report``): the
-whole ``CudaBackend.fused_step`` 1.2 us per call, of which the binding 0.6 us; the
-operator ``torch.ops.fastflow.fused_step.default`` costs 3.0 us and
-``check_step_args`` 2.5 us, so the operator path would cost about 6 us. Code
-being traced by ``torch.compile`` calls the operator (and ``check_step_args``, which
-tracing folds away), so graphs see the op.
+extension's pybind11 bindings, ``fastflow._C.fused_step`` and ``fused_step_alloc``
+(the same C++ function the operator runs, without the dispatcher's Python argument
+parsing; the second also allocates the outputs, in C++), and the C++ side does the
+argument checks of :func:`fastflow.backends.base.check_step_args` with the same
+exception types, so there is no second Python-side check. On tiny CPU tensors
+(``benchmarks/test_host_overhead.py``, group "entry") the operator
+``torch.ops.fastflow.fused_step.default`` costs about 2.5x ``CudaBackend.fused_step``
+and ``check_step_args`` about 1.8x, so the operator path would cost several times the
+binding path. Code being traced by ``torch.compile`` calls the operator (and
+``check_step_args``, which tracing folds away), so graphs see the op.
 """
 
 from __future__ import annotations

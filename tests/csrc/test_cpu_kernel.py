@@ -9,6 +9,8 @@ one-ulp agreement with it.
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -476,3 +478,21 @@ def test_reload_after_reset(monkeypatch):
     assert CudaBackend().availability() is None
     assert CudaBackend().supports(torch.device("cpu")) is None
 
+
+
+def test_threads_split_the_work_not_the_result(cb):
+    """The kernel runs on torch's intra-op threads (OpenMP where torch has it); any thread count gives the same bits."""
+    info = cuda_mod.build_info()
+    if torch.backends.openmp.is_available() and sys.platform.startswith("linux"):
+        assert info.get("openmp") is True, "built without OpenMP: at::parallel_for would run on one thread"
+    case = make_case((3, 70_001), torch.float32, torch.bfloat16, guided=True, hist=2, noise="philox",
+                     x_dtype=torch.float32, mi="dup-bf16", seed=4)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = case.run(cb)
+        torch.set_num_threads(max(2, before))
+        many = case.run(cb)
+    finally:
+        torch.set_num_threads(before)
+    assert_matches(many, one, exact=True)

@@ -1,0 +1,170 @@
+"""Host time per step of fastflow's front ends, for this tree against another checkout, side by side.
+
+    python benchmarks/host_ab.py                         # this tree only
+    python benchmarks/host_ab.py --base /path/to/other   # alternate rounds of both, print medians and ratios
+
+The other checkout needs its extension built in place (``python setup.py build_ext
+--inplace``). Each round runs every case in a fresh subprocess per tree (so the two
+``fastflow`` packages never share a process) and the rounds alternate, so drift of a
+shared machine hits both sides alike. Cases are CPU-only: host-bound loops on tiny
+tensors (``Sampler.step``, and the diffusers drop-ins' ``step`` with ``scale_model_input``
+with diffusers' own scheduler beside them), and the C++ CPU kernel at (1,16,128,128)
+beside the torch reference. Children run with fixed glibc malloc thresholds (see ``MALLOC_ENV``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# glibc returns freed megabyte buffers to the OS (mmap, heap trim) depending on what ran
+# before, and the page faults then cost a torch op up to 10x: fixed thresholds keep every
+# allocation in the heap, so both trees time the same allocator state.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(64 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
+TINY = (1, 4, 16, 16)
+KERNEL_SHAPE = (1, 16, 128, 128)
+LOOP_STEPS = 10
+DROPINS = ("DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler",
+           "UniPCMultistepScheduler")
+
+
+def _median_us(fn: Callable[[], object], per_call: int, calls: int, repeats: int = 7) -> float:
+    """Median over ``repeats`` of the time of ``calls`` calls of ``fn``, per unit (``per_call`` units a call)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter() - t0) / (calls * per_call) * 1e6)
+    return statistics.median(times)
+
+
+def _dropin_steps_us(sched, z0, o, loops: int = 30, repeats: int = 7) -> float:
+    """Median per-step time of a pipeline-style loop of ``step`` calls; ``set_timesteps`` runs untimed before each."""
+    times = []
+    for _ in range(repeats + 1):
+        total = 0.0
+        for _ in range(loops):
+            sched.set_timesteps(LOOP_STEPS)
+            z = z0
+            t0 = time.perf_counter()
+            for t in sched.timesteps:
+                z = sched.step(o, t, sched.scale_model_input(z, t)).prev_sample
+            total += time.perf_counter() - t0
+        times.append(total / (loops * LOOP_STEPS) * 1e6)
+    return statistics.median(times[1:])  # the first repeat warms up
+
+
+def _cases() -> dict[str, float]:
+    """Every case of this tree, in microseconds per step (run inside the subprocess)."""
+    import warnings
+
+    import torch
+
+    import fastflow
+
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(2)
+    results: dict[str, float] = {}
+    for solver, extra in (("ddim", {}), ("ddpm", {}), ("dpm++2m", {}), ("ddim", {"guidance_scale": 5.0})):
+        name = f"Sampler.step loop {solver}{' cfg' if extra else ''} (cuda backend)"
+        s = fastflow.Sampler(fastflow.VP(), solver, steps=LOOP_STEPS, backend="cuda", **extra)
+        s.prepare("cpu")
+        z0 = s.init_noise(TINY, seed=0)
+        o = torch.randn(TINY).to(torch.bfloat16)
+        o = torch.cat([o, o]) if extra else o
+        bufs = [torch.empty_like(z0), torch.empty_like(z0)]
+
+        def loop(s=s, z0=z0, o=o, bufs=bufs, guided=bool(extra)) -> None:
+            z = z0
+            for i in range(LOOP_STEPS):
+                z, _ = s.step(o, z, i, out=bufs[i % 2], return_model_input=True,
+                              model_input_dtype=torch.bfloat16, duplicate_model_input=guided)
+
+        results[name] = _median_us(loop, LOOP_STEPS, 200)
+
+    import diffusers
+
+    import fastflow.diffusers as ffd
+
+    for cls_name in DROPINS:
+        ref = getattr(diffusers, cls_name)()
+        for label, sched in (("diffusers", ref), ("fastflow drop-in", getattr(ffd, cls_name).from_config(ref.config))):
+            if label != "diffusers":
+                sched.backend = "cuda"
+            z0, o = torch.randn(TINY), torch.randn(TINY)
+            results[f"{cls_name} steps ({label})"] = _dropin_steps_us(sched, z0, o)
+
+    sys.path.insert(0, str(Path.cwd() / "tests"))  # the tree under test's helpers
+    from backends.step_cases import make_case
+
+    from fastflow.backends import get_backend
+
+    for name, kw in (("plain", dict(guided=False, hist=0, noise="none")),
+                     ("cfg", dict(guided=True, hist=0, noise="none")),
+                     ("2 history", dict(guided=False, hist=2, noise="none")),
+                     ("philox noise", dict(guided=False, hist=0, noise="philox"))):
+        c = make_case(KERNEL_SHAPE, torch.float32, torch.bfloat16, mi="same", **kw)
+        for backend in ("torch", "cuda"):
+            b = get_backend(backend)
+
+            def kernel(b=b, c=c) -> None:
+                b.fused_step(c.z, torch.empty_like(c.z), c.model_out, c.uncond, c.history, c.table, c.step,
+                             seeds=c.seeds, noise=c.noise, use_noise=c.use_noise,
+                             model_in_out=torch.empty(c.z.shape, dtype=c.mi_dtype))
+
+            results[f"step {KERNEL_SHAPE} {name} ({backend} backend)"] = _median_us(kernel, 1, 20, repeats=5)
+    return results
+
+
+def _run_tree(tree: Path) -> dict[str, float]:
+    """This file's cases in a subprocess that imports ``fastflow`` (and the test helpers) from ``tree``."""
+    env = dict(os.environ, PYTHONPATH=str(tree), **MALLOC_ENV)
+    out = subprocess.run(
+        [sys.executable, __file__, "--child"], cwd=tree, env=env, capture_output=True, text=True, check=True
+    )
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    where = Path(result.pop("fastflow")).resolve()
+    if tree not in where.parents:
+        raise RuntimeError(f"the run for {tree} imported fastflow from {where}")
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", type=Path, help="another checkout to compare with (its extension built in place)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        import fastflow
+
+        print(json.dumps({**_cases(), "fastflow": fastflow.__file__}))
+        return
+    trees = {"this": ROOT} if args.base is None else {"base": args.base.resolve(), "this": ROOT}
+    runs: dict[str, list[dict[str, float]]] = {k: [] for k in trees}
+    for _ in range(args.rounds):
+        for key, tree in trees.items():
+            runs[key].append(_run_tree(tree))
+    names = list(runs["this"][0])
+    ratio_head = " | this / base |" if args.base else " |"
+    print("| case (us per step, median of rounds) | " + " | ".join(trees) + ratio_head)
+    print("|---" * (len(trees) + 1 + bool(args.base)) + "|")
+    for name in names:
+        med = {k: statistics.median(r[name] for r in runs[k] if name in r) for k in trees}
+        cells = " | ".join(f"{med[k]:.1f}" for k in trees)
+        ratio = f" | {med['this'] / med['base']:.2f} |" if args.base else " |"
+        print(f"| {name} | {cells}{ratio}")
+
+
+if __name__ == "__main__":
+    main()
