@@ -1,7 +1,7 @@
 """Host time per step of fastflow's front ends, for this tree against another checkout, side by side.
 
     python benchmarks/host_ab.py                         # this tree only
-    python benchmarks/host_ab.py --base /path/to/other   # alternate rounds of both, print medians and ratios
+    python benchmarks/host_ab.py --base /path/to/other   # alternate rounds of both, print ratios
 
 The other checkout needs its extension built in place (``python setup.py build_ext
 --inplace``). Each round runs every case in a fresh subprocess per tree (so the two
@@ -143,6 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", type=Path, help="another checkout to compare with (its extension built in place)")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--absolute", action="store_true", help="also print the medians (us; this machine's)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -155,16 +156,39 @@ def main(argv: list[str] | None = None) -> None:
     for _ in range(args.rounds):
         for key, tree in trees.items():
             runs[key].append(_run_tree(tree))
-    names = list(runs["this"][0])
-    ratio_head = " | this / base |" if args.base else " |"
-    print("| case (us per step, median of rounds) | " + " | ".join(trees) + ratio_head)
-    print("|---" * (len(trees) + 1 + bool(args.base)) + "|")
-    for name in names:
-        med = {k: statistics.median(r[name] for r in runs[k] if name in r) for k in trees}
-        cells = " | ".join(f"{med[k]:.1f}" for k in trees)
-        ratio = f" | {med['this'] / med['base']:.2f} |" if args.base else " |"
-        print(f"| {name} | {cells}{ratio}")
+    med = {k: {name: statistics.median(r[name] for r in runs[k]) for name in runs[k][0]} for k in trees}
+    if args.absolute:
+        print("| case (us per step, median of rounds) | " + " | ".join(trees) + " |")
+        print("|---" * (len(trees) + 1) + "|")
+        for name in med["this"]:
+            print(f"| {name} | " + " | ".join(f"{med[k].get(name, float('nan')):.1f}" for k in trees) + " |")
+        print()
+    if args.base is not None:
+        print("| case | time this / base |")
+        print("|---|---|")
+        for name in med["this"]:
+            if name in med["base"]:
+                print(f"| {name} | {med['this'][name] / med['base'][name]:.2f} |")
+        print()
+    print("| within a tree | " + " | ".join(trees) + " |")
+    print("|---" * (len(trees) + 1) + "|")
+    for label, num, den in _pairs(med["this"]):
+        cells = " | ".join(f"{med[k][num] / med[k][den]:.2f}" if num in med[k] and den in med[k] else "-"
+                           for k in trees)
+        print(f"| {label} | {cells} |")
 
+
+def _pairs(names) -> list[tuple[str, str, str]]:
+    """(label, numerator, denominator): fastflow against the comparison run beside it in the same tree."""
+    pairs = []
+    for name in names:
+        if name.endswith("(fastflow drop-in)"):
+            ref = name.replace("(fastflow drop-in)", "(diffusers)")
+            pairs.append((f"{name.split(' steps')[0]}: drop-in / diffusers", name, ref))
+        elif name.endswith("(cuda backend)") and name.startswith("step "):
+            ref = name.replace("(cuda backend)", "(torch backend)")
+            pairs.append((f"{name.removesuffix(' (cuda backend)')}: C++ CPU kernel / torch reference", name, ref))
+    return pairs
 
 if __name__ == "__main__":
     main()
