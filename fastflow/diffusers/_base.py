@@ -279,7 +279,7 @@ class FastflowScheduler:
         self._ff_host_timesteps = self.timesteps.detach().to("cpu", torch.float64).numpy()
         self._ff_compiled: dict[tuple, Compiled] = {}
         self._ff_seed: int | None = None
-        self._ff_seeds: dict[tuple, torch.Tensor] = {}  # per-device seeds and step counters
+        self._ff_seeds: dict[tuple, Any] = {}  # per-device seeds and noise-counter rows
         self._ff_host_cache: dict[str, Any] = {}
         self._ff_loop_start = 0
         self._ff_prepare()
@@ -323,7 +323,7 @@ class FastflowScheduler:
         k = idx - self._ff_loop_start if self._ff_start_dependent else idx
         if device.type == "cpu":
             return k
-        return self._ff_rows(self._ff_num_steps(), device)[k : k + 1]
+        return self._ff_row(k, device)
 
     def _ff_index(self, timestep: Any) -> int:
         """The index of the step about to run, without reading device memory."""
@@ -377,14 +377,15 @@ class FastflowScheduler:
         if device.type != "cpu":
             comp.runner.table(device, torch.float32)
 
-    def _ff_rows(self, n: int, device: torch.device) -> torch.Tensor:
-        """``arange(n)`` on ``device``, made once: step ``k`` reads the view ``[k:k+1]`` (no copy, no launch)."""
-        key = ("rows", device, n)
-        rows = self._ff_seeds.get(key)
-        if rows is None:
-            rows = torch.arange(n, dtype=torch.int64, device=device)
-            self._ff_seeds[key] = rows
-        return rows
+    def _ff_row(self, k: int, device: torch.device) -> torch.Tensor:
+        """Row ``k`` of ``arange(steps)`` on ``device`` as a one-element view: the noise counter a kernel reads
+        there. The rows and their views are made once per schedule and device (no copy, no launch per step)."""
+        key = ("rows", device)
+        views = self._ff_seeds.get(key)
+        if views is None:
+            rows = torch.arange(self._ff_num_steps(), dtype=torch.int64, device=device)
+            views = self._ff_seeds[key] = [rows[j : j + 1] for j in range(rows.shape[0])]
+        return views[k]
 
     def _ff_seed_tensor(self, batch: int, device: torch.device) -> torch.Tensor:
         key = (device, batch)
@@ -440,7 +441,7 @@ class FastflowScheduler:
             seeds = self._ff_seed_tensor(z.shape[0], z.device)
             if z.device.type != "cpu":
                 # The noise counter as a device tensor: an int would be copied to the device (a sync).
-                row = self._ff_rows(self._ff_num_steps(), z.device)[k : k + 1]
+                row = self._ff_row(k, z.device)
         if noise is not None and noise.shape != z.shape:
             noise = noise.reshape(z.shape)
         pred_lin = comp.preds[k]
