@@ -104,3 +104,20 @@ def test_alloc_rejects_a_bad_model_input_shape(name):
                      device=str(_device()))
     with pytest.raises(ValueError, match="model output"):
         backend.fused_step_alloc(case.z, case.model_out[:, :4], None, [], case.table, case.step)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ("cuda", "triton"))
+@pytest.mark.parametrize("noise", ["none", "philox"])
+def test_alloc_on_gpu_realistic_size(name, noise):
+    """The allocating form on a CUDA device at a latent-sized state with an odd sample size, against the reference."""
+    backend = get_backend(name)
+    reason = backend.availability() or backend.supports(torch.device("cuda"))
+    if reason is not None:
+        pytest.skip(f"{name} backend: {reason}")
+    case = make_case((3, 16, 61, 67), torch.float32, torch.bfloat16, guided=True, hist=2, noise=noise,
+                     x_dtype=torch.float32, mi="dup-bf16", seed=21, device="cuda")
+    want = case.run(REF)
+    out, x, model_in = _alloc(backend, case, want_x=True, model_in_dtype=torch.bfloat16, model_in_double=True)
+    assert out.device.type == "cuda" and model_in.shape[0] == 6
+    assert_matches({"out": out, "x": x, "mi": model_in}, want, tol=TRITON_TOL if name == "triton" else EXTENSION_TOL)
