@@ -1,6 +1,6 @@
 """Backends and the one dispatch point that picks among them.
 
-Each backend implements :class:`fastflow.backends.base.Backend`. Adding one means
+Each backend subclasses :class:`fastflow.backends.base.Backend`. Adding one means
 adding a module here and a line in ``_FACTORIES``; no solver changes.
 """
 

@@ -25,7 +25,7 @@ Signature (the backend contract, shared by the torch reference, Triton and C++/C
 
 Arithmetic is float32 (float64 for float64 states); every output is rounded once.
 
-Front ends call the allocating form, :meth:`StepBackend.fused_step_alloc`, which makes
+Front ends call the allocating form, :meth:`Backend.fused_step_alloc`, which makes
 the outputs not given and returns them. Its default (torch allocations around
 ``fused_step``) serves every backend; a backend with a cheaper way to allocate (the
 C++ extension) overrides it.
@@ -34,7 +34,6 @@ C++ extension) overrides it.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
 
 import torch
 
@@ -43,14 +42,19 @@ from ..plan import MAX_HISTORY
 OutputTriple = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
 
 
-class Backend(Protocol):
-    name: str
+class Backend:
+    """What every backend is: availability checks, ``fused_step`` (the contract above), and the
+    allocating form built on it. Each backend subclasses this and defines the first three."""
+
+    name = "backend"
 
     def availability(self) -> str | None:
         """None when usable, else the reason it is not."""
+        raise NotImplementedError
 
     def supports(self, device: torch.device) -> str | None:
         """None when this backend runs on ``device``, else the reason it does not."""
+        raise NotImplementedError
 
     def fused_step(
         self,
@@ -67,34 +71,8 @@ class Backend(Protocol):
         model_in_out: torch.Tensor | None = None,
         clip: float | None = None,
         use_noise: bool = False,
-    ) -> None: ...
-
-    def fused_step_alloc(
-        self,
-        z: torch.Tensor,
-        model_out: torch.Tensor,
-        model_out_uncond: torch.Tensor | None,
-        history: Sequence[torch.Tensor],
-        table: torch.Tensor,
-        step: int | torch.Tensor,
-        *,
-        out: torch.Tensor | None = None,
-        seeds: torch.Tensor | None = None,
-        noise: torch.Tensor | None = None,
-        want_x: bool = False,
-        model_in_dtype: torch.dtype | None = None,
-        model_in_double: bool = False,
-        clip: float | None = None,
-        use_noise: bool = False,
-    ) -> OutputTriple: ...
-
-
-class StepBackend:
-    """Base of the backends: the allocating form of the step, built on their ``fused_step``."""
-
-    name = "backend"
-
-    def fused_step(self, *args, **kwargs) -> None:  # pragma: no cover - every backend defines it
+    ) -> None:
+        """Evaluate one plan stage into the given outputs (the module's contract)."""
         raise NotImplementedError
 
     def fused_step_alloc(

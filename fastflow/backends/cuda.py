@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from ..noise import STEP_TAG
-from .base import OutputTriple, StepBackend, check_step_args
+from .base import Backend, OutputTriple, check_step_args
 
 _STATE: dict[str, Any] = {}
 _FAKES_REGISTERED: list[bool] = []  # kept apart from _STATE: a fake may be registered only once per process
@@ -156,7 +156,7 @@ def _dtype_token(dtype: torch.dtype) -> torch.Tensor:
     return token
 
 
-class CudaBackend(StepBackend):
+class CudaBackend(Backend):
     """The fused step as one call into the compiled extension (CPU or CUDA kernel by device)."""
 
     name = "cuda"
@@ -252,7 +252,7 @@ class CudaBackend(StepBackend):
         clip: float | None = None,
         use_noise: bool = False,
     ) -> OutputTriple:
-        """The allocating form (:class:`~fastflow.backends.base.StepBackend`) in one C++ call, outputs made there."""
+        """The allocating form (:class:`~fastflow.backends.base.Backend`) in one C++ call, outputs made there."""
         alloc = _STATE.get("alloc")
         if alloc is None or torch.compiler.is_compiling():
             return super().fused_step_alloc(

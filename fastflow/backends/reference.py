@@ -13,10 +13,10 @@ import torch
 
 from .. import noise as noise_spec
 from ..plan import AO, AZ, CIN, CN, CX, CZ, H0, W
-from .base import StepBackend, check_step_args
+from .base import Backend, check_step_args
 
 
-class TorchBackend(StepBackend):
+class TorchBackend(Backend):
     name = "torch"
 
     def availability(self) -> str | None:

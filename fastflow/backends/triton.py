@@ -22,7 +22,7 @@ from types import ModuleType
 import torch
 
 from ..plan import NUM_COEFS
-from .base import StepBackend, check_step_args
+from .base import Backend, check_step_args
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _TABLE_DTYPES = (torch.float32, torch.float64)
@@ -62,7 +62,7 @@ def _check_layout(name: str, t: torch.Tensor | None, dtypes: tuple[torch.dtype, 
         raise TypeError(f"{name} has dtype {t.dtype}; the Triton kernel takes {names}")
 
 
-class TritonBackend(StepBackend):
+class TritonBackend(Backend):
     """The fused step as one Triton kernel launch."""
 
     name = "triton"
