@@ -6,23 +6,27 @@
     images = fast(batch_size=4, num_inference_steps=30).images   # later calls: one graph replay
 
 How: for the length of a call, the denoiser's ``forward`` and the scheduler's
-``step`` (and ``scale_model_input``) are wrapped. The first call with a given
-signature (its arguments' types, shapes and values; tensors by shape, dtype and
-device) runs eagerly and records the loop: the sequence of model calls and steps,
-and how each feeds the next. Right after it, that loop is replayed on static
-buffers, warmed up on a side stream and captured into one CUDA graph with its own
-memory pool. A later call with the same signature lets the pipeline's own code run
-(text encoding, initial noise, ``set_timesteps``, decoding, post-processing), but
-inside the loop the wrappers only copy the call's new inputs (the initial latents
-and any device tensor the model takes, such as prompt embeddings or class labels)
-into the static buffers and hand back placeholder tensors; at the last step the
-graph replays and the real final latents are returned.
+``step`` (and ``scale_model_input``) are wrapped, and from the first of those loop
+calls to the last step a torch function mode sees the pipeline's own tensor
+operations. The first call with a given signature (its arguments' types, shapes and
+values; tensors by shape, dtype and device) runs eagerly and records the loop: the
+model calls, the steps, and every operation the pipeline's code makes from their
+outputs in between (classifier-free guidance: ``torch.cat([latents] * 2)``,
+``chunk``, ``uncond + scale * (cond - uncond)``). Right after it, that loop is
+replayed on static buffers, warmed up on a side stream and captured into one CUDA
+graph with its own memory pool. A later call with the same signature lets the
+pipeline's own code run (text encoding, initial noise, ``set_timesteps``, decoding,
+post-processing), but inside the loop the wrappers and the mode only copy the call's
+new inputs (the initial latents and any device tensor from outside the loop, such as
+prompt embeddings, class labels or timesteps) into the static buffers and hand back
+placeholder tensors (no memory, no kernels); at the last step the graph replays and
+the real final latents are returned. Every call and operation is checked against the
+recording as it comes, so a loop that changed is reported, not replayed wrongly.
 
-What is captured: loops where each model call takes the latents the previous step
-returned (possibly through ``scheduler.scale_model_input``), and each step takes
-that model call's output as is, the same latents, and the loop's timestep:
-``DDIMPipeline``, ``DDPMPipeline`` and any pipeline written the same way, with
-conditioning tensors passed straight to the model.
+What is captured: loops of model calls and steps whose glue is tensor operations:
+``DDIMPipeline``, ``DDPMPipeline``, and text-to-image pipelines that do
+classifier-free guidance in their own code, with conditioning tensors passed to the
+model. A new guidance scale is a new signature (one more capture).
 
 What falls back to eager (``.reason`` says which and why, a warning is given once):
 
@@ -30,10 +34,9 @@ What falls back to eager (``.reason`` says which and why, a warning is given onc
   and keep their state in Python between calls);
 * the pipeline is not on a CUDA device, or the call passes per-step callbacks
   (they read intermediate latents on the host);
-* the pipeline's own code changes the data between the model and the step
-  (classifier-free guidance arithmetic, ``torch.cat([latents] * 2)``): that work
-  would not be in the graph. Capture such loops with :func:`fastflow.graph.capture`
-  and a ``model_fn`` that does the doubling and returns ``(cond, uncond)``;
+* the pipeline's code changes a loop tensor in place (``latents.mul_(...)``), makes
+  more than ``_MAX_OPS_BETWEEN_CALLS`` operations between two loop calls, or steps
+  with a tensor that is not made from the model's output;
 * the pipeline's code between loop calls, the model or the step syncs with the
   host (``.item()``, a data-dependent branch, per-step noise from a CPU
   ``torch.Generator`` at a stochastic step), or the capture itself fails;
@@ -53,12 +56,15 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
+from torch.overrides import TorchFunctionMode
 
 from .graph import _is_sync_warning, _probing_syncs
 
@@ -68,6 +74,9 @@ _MODEL_ATTRS = ("unet", "transformer", "prior", "decoder")
 _CHAIN_NAMES = ("sample", "hidden_states", "x")
 _CALLBACK_KWARGS = ("callback", "callback_on_step_end", "callback_steps")
 _WARNED: set[str] = set()
+# Tensor operations on loop tensors recorded between two loop calls, at most: guidance takes a handful;
+# past the limit the code is not a denoising loop's glue (it may be the decoding after the last step).
+_MAX_OPS_BETWEEN_CALLS = 64
 
 
 class PipelineFallbackWarning(UserWarning):
@@ -103,49 +112,51 @@ def _signature(value: Any) -> Any:
     return ("object", type(value).__qualname__, id(value))
 
 
-def _tensor_fields(out: Any) -> tuple[str, list[tuple[Any, torch.Tensor]]]:
-    """How a model or step output holds its tensors: ('tuple', [(i, t)]) or ('fields', [(name, t)])."""
-    if isinstance(out, torch.Tensor):
-        return "tensor", [(None, out)]
-    if isinstance(out, tuple) and not hasattr(out, "_fields"):
-        return "tuple", [(i, v) for i, v in enumerate(out) if isinstance(v, torch.Tensor)]
-    if is_dataclass(out):
-        return "fields", [
-            (f.name, getattr(out, f.name)) for f in fields(out) if isinstance(getattr(out, f.name), torch.Tensor)
-        ]
-    raise _Uncapturable(f"an output of type {type(out).__name__} is neither a tensor, a tuple nor a diffusers output")
+def _leaves(tree: Any) -> tuple[list[Any], pytree.TreeSpec]:
+    """The leaves of an argument or output structure (tuples, lists, dicts, diffusers outputs) and its shape."""
+    return pytree.tree_flatten(tree)
 
 
-def _rebuild(template: Any, replace: dict[Any, torch.Tensor | None]) -> Any:
-    """``template`` (an output) with its tensors replaced by ``replace[key]``."""
-    if isinstance(template, torch.Tensor):
-        return replace[None]
-    if isinstance(template, tuple):
-        return tuple(replace.get(i, v) for i, v in enumerate(template))
-    values = {f.name: replace.get(f.name, getattr(template, f.name)) for f in fields(template)}
-    return type(template)(**values)
+def _any_tensor(tree: Any, test: Callable[[torch.Tensor], bool]) -> bool:
+    """Whether a tensor in ``tree`` passes ``test``: the cheap first look at every operation inside the loop."""
+    if isinstance(tree, torch.Tensor):
+        return test(tree)
+    if isinstance(tree, (list, tuple)):
+        return any(_any_tensor(v, test) for v in tree)
+    if isinstance(tree, dict):
+        return any(_any_tensor(v, test) for v in tree.values())
+    return False
+
+
+def _tensors(tree: Any) -> list[torch.Tensor]:
+    return [leaf for leaf in pytree.tree_leaves(tree) if isinstance(leaf, torch.Tensor)]
 
 
 @dataclass
 class _Arg:
-    """One argument of a recorded call: the chain tensor, a device input (static buffer), a host constant."""
+    """One leaf of a recorded call's arguments.
 
-    kind: str  # "chain", "buffer", "host"
-    buffer: int = -1
+    ``value``: a tensor the loop itself made (an output of an earlier model call, step or
+    operation), by index; ``buffer``: a device tensor from outside the loop (prompt
+    embeddings, the initial latents, a timestep), copied into a static buffer on every
+    replay; ``host``: anything else, a constant of the loop checked on every replay.
+    """
+
+    kind: str  # "value", "buffer", "host"
+    index: int = -1
     host: Any = None
     device_copy: torch.Tensor | None = None
 
 
 @dataclass
 class _Event:
-    kind: str  # "scale", "model", "step"
+    kind: str  # "scale", "model", "step", "op"
     args: list[_Arg]
-    kwargs: dict[str, _Arg]
-    chain_in: Any  # the position or name of the chain tensor among the arguments
-    out_key: Any = None  # model/step: which output field continues the chain
-    template: Any = None  # the output's structure, tensors removed
-    out_meta: dict = field(default_factory=dict)  # output field -> (shape, dtype)
-    identity: bool = False  # scale_model_input returned its input
+    spec: pytree.TreeSpec  # (args, kwargs) structure
+    func: Any = None  # op: the torch function called
+    outs: list[int | None] = field(default_factory=list)  # output leaf -> value index (None: not a tensor)
+    out_spec: pytree.TreeSpec | None = None
+    out_consts: list[Any] = field(default_factory=list)  # the non-tensor output leaves
 
 
 @dataclass
@@ -154,23 +165,28 @@ class _Trace:
 
     events: list[_Event] = field(default_factory=list)
     buffers: list[torch.Tensor] = field(default_factory=list)
-    x0: torch.Tensor | None = None
+    value_meta: list[tuple[tuple[int, ...], torch.dtype]] = field(default_factory=list)
+    device: torch.device | None = None
+    batch: int = 0  # the batch of the first step's latents (per-sample seeds)
     host_timesteps: Any = None
     seeds: torch.Tensor | None = None
     graph: torch.cuda.CUDAGraph | None = None
     outputs: Any = None
-    placeholders: dict[tuple, torch.Tensor] = field(default_factory=dict)
+    placeholders: dict[int, torch.Tensor] = field(default_factory=dict)
     stochastic: bool = False
     keep: dict = field(default_factory=dict)
     reason: str | None = None
     memory_bytes: int = 0
 
-    def placeholder(self, role: str, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
-        """A tensor handed to the pipeline in place of an intermediate result (its values are meaningless)."""
-        key = (role, tuple(shape), dtype)
-        if key not in self.placeholders:
-            self.placeholders[key] = torch.empty(shape, dtype=dtype, device=self.x0.device)
-        return self.placeholders[key]
+    def placeholder(self, index: int) -> torch.Tensor:
+        """What the pipeline holds in place of loop value ``index`` during a replay: a tensor of its shape and
+        dtype with no memory of its own (one element broadcast), unique per value so the data flow is checkable."""
+        found = self.placeholders.get(index)
+        if found is None:
+            shape, dtype = self.value_meta[index]
+            found = torch.empty((), dtype=dtype, device=self.device).expand(shape)
+            self.placeholders[index] = found
+        return found
 
     def release(self) -> None:
         if self.graph is not None:
@@ -182,52 +198,75 @@ class _Trace:
 
 
 class _Recorder:
-    """The wrappers' state for one eager call: builds a _Trace and checks the loop's data flow."""
+    """The wrappers' state for one eager call: builds a _Trace of loop calls and the operations between them."""
 
     def __init__(self, device: torch.device):
-        self.trace = _Trace()
+        self.trace = _Trace(device=device)
         self.device = device
-        self.chain: torch.Tensor | None = None  # latents that the next model call / step must take
-        self.scaled: torch.Tensor | None = None
-        self.model_out: torch.Tensor | None = None
-        self.ids: dict[int, int] = {}
+        # id(tensor) -> (loop value index, weak reference): weak, so the decoding after the loop frees its memory
+        self.values: dict[int, tuple[int, weakref.ref]] = {}
+        self.ids: dict[int, int] = {}  # id(tensor) -> static buffer index
         self.problem: str | None = None
-        self.keep: list[torch.Tensor] = []  # keeps recorded inputs alive so ids stay unique in this call
+        self.keep: list[Any] = []  # keeps the outside inputs alive so their ids stay unique in this call
         self.last_label = "the first loop call"
+        self.inside = False  # in a model call, step or scale_model_input (their own ops are not the loop's)
+        self.ops_since_call = 0
+        self.overflow: str | None = None
+        self.done = False  # the scheduler has taken its last step
 
     def fail(self, reason: str) -> None:
         if self.problem is None:
             self.problem = reason
 
+    def value_index(self, leaf: Any) -> int | None:
+        if not isinstance(leaf, torch.Tensor):
+            return None
+        entry = self.values.get(id(leaf))
+        return entry[0] if entry is not None and entry[1]() is leaf else None
+
+    def is_value(self, leaf: Any) -> bool:
+        return self.value_index(leaf) is not None
+
     def classify(self, value: Any, for_model: bool = False) -> _Arg:
-        """A non-latents argument: a device tensor becomes a static buffer, anything else a host constant."""
+        """One argument leaf: a loop value, a device tensor from outside (a static buffer), or a host constant."""
         if isinstance(value, torch.Tensor):
+            index = self.value_index(value)
+            if index is not None:
+                return _Arg("value", index=index)
+            key = id(value)
             if value.device == self.device:
-                key = id(value)
                 if key not in self.ids:
                     self.ids[key] = len(self.trace.buffers)
                     self.trace.buffers.append(value.detach().clone())
                     self.keep.append(value)
-                return _Arg("buffer", buffer=self.ids[key])
+                return _Arg("buffer", index=self.ids[key])
             if value.device.type == "cpu":
                 # a host tensor (a timestep from a CPU schedule): a constant of the loop, moved once
                 copy = value.to(self.device) if for_model and self.device.type == "cuda" else None
                 return _Arg("host", host=value.clone(), device_copy=copy)
             raise _Uncapturable(f"an input lives on {value.device}, the loop on {self.device}")
-        if isinstance(value, torch.Generator):
-            if value.device.type != "cpu":
-                raise _Uncapturable("a CUDA torch.Generator is passed into the loop; its state is kept on the host")
-            return _Arg("host", host=value)
+        if isinstance(value, torch.Generator) and value.device.type != "cpu":
+            raise _Uncapturable("a CUDA torch.Generator is passed into the loop; its state is kept on the host")
         return _Arg("host", host=value)
 
-
-def _find_chain(args: tuple, kwargs: dict) -> tuple[Any, Any]:
-    if args:
-        return 0, args[0]
-    for name in _CHAIN_NAMES:
-        if name in kwargs:
-            return name, kwargs[name]
-    return None, None
+    def add_values(self, out: Any) -> tuple[list[int | None], pytree.TreeSpec, list[Any]]:
+        """Register the tensors of a call's output as new loop values."""
+        leaves, spec = _leaves(out)
+        outs: list[int | None] = []
+        consts: list[Any] = []
+        for leaf in leaves:
+            if isinstance(leaf, torch.Tensor):
+                if leaf.device != self.device:
+                    raise _Uncapturable(f"an output lives on {leaf.device}, the loop on {self.device}")
+                index = len(self.trace.value_meta)
+                self.trace.value_meta.append((tuple(leaf.shape), leaf.dtype))
+                self.values[id(leaf)] = (index, weakref.ref(leaf))
+                outs.append(index)
+                consts.append(None)
+            else:
+                outs.append(None)
+                consts.append(leaf)
+        return outs, spec, consts
 
 
 class CapturedPipeline:
@@ -403,22 +442,37 @@ class CapturedPipeline:
         forward, step, scale = self._originals()
         rec = _Recorder(self.device)
         watch = _GapWatch(rec.device.type == "cuda" and torch.cuda.is_available())
+        ops = _LoopOps(lambda func, a, k: _record_op(rec, func, a, k))
+        scheduler = self.scheduler
 
         def record(kind: str, fn: Callable, call_args: tuple, call_kwargs: dict) -> Any:
+            ops.start()  # from the first loop call on, the pipeline's own tensor operations are recorded
             watch.close(rec, kind)
             label = f"{_LABELS[kind]} at loop call {len(rec.trace.events)}"
+            if rec.overflow is not None:
+                rec.fail(rec.overflow)
+            if rec.done:  # the scheduler said its loop was over: the operations since were not recorded
+                rec.fail(f"{label} comes after the scheduler's last step")
+            rec.ops_since_call = 0
             try:
                 if rec.problem is None:
                     _note(rec, kind, call_args, call_kwargs)
             except _Uncapturable as exc:
                 rec.fail(f"{label}: {exc}")
-            out = fn(*call_args, **call_kwargs)
+            rec.inside = True
+            try:
+                out = fn(*call_args, **call_kwargs)
+            finally:
+                rec.inside = False
             try:
                 if rec.problem is None:
-                    _note_output(rec, kind, out, call_args, call_kwargs)
+                    _note_output(rec, kind, out)
             except _Uncapturable as exc:
                 rec.fail(f"{label}: {exc}")
             rec.last_label = label
+            if kind == "step" and _loop_finished(scheduler):
+                rec.done = True
+                ops.stop()
             watch.open()
             return out
 
@@ -438,6 +492,7 @@ class CapturedPipeline:
                 try:
                     result = self.pipe(*args, **kwargs)
                 finally:
+                    ops.stop()
                     watch.stop()
         for w in caught:  # pass on what the pipeline warned, minus the sync probes
             if not any(w is ours for ours in watch.ours):
@@ -445,39 +500,40 @@ class CapturedPipeline:
         trace = rec.trace
         if rec.problem is None and watch.culprit is not None:
             rec.fail(watch.culprit)
+        events = trace.events
+        while events and events[-1].kind == "op":  # after the last step: the pipeline's decoding, not the loop
+            events.pop()
         if rec.problem is None:
-            events = trace.events
             if not events or events[-1].kind != "step":
                 rec.fail("no denoising loop was seen (no call of the model followed by scheduler.step)")
             elif not any(e.kind == "model" for e in events):
                 rec.fail("no model call was seen inside the loop")
         trace.reason = rec.problem
-        trace.host_timesteps = _host_timesteps(self.scheduler)
+        trace.host_timesteps = _host_timesteps(scheduler)
         # The drop-ins draw a loop seed at the first noisy step that uses their own noise.
-        trace.stochastic = getattr(self.scheduler, "_ff_seed", None) is not None
+        trace.stochastic = getattr(scheduler, "_ff_seed", None) is not None
         return trace, result
 
     # ------------------------------------------------------------------ capture
     def _run_trace(self, trace: _Trace, originals: tuple, probe: Callable[[str], None] | None = None) -> Any:
         """The recorded loop on the static buffers (warm-up and capture); returns the last step's output."""
-        forward, step, scale = originals
-        latents = trace.x0
-        scaled = latents
-        model_out = None
+        calls = dict(zip(("model", "step", "scale"), originals, strict=True))
+        values: list[Any] = [None] * len(trace.value_meta)
         final = None
         for k, ev in enumerate(trace.events):
-            values = {"chain": latents, "scaled": scaled, "model_out": model_out}
-            a = [_value(x, trace, values, ev.kind) for x in ev.args]
-            kw = {name: _value(x, trace, values, ev.kind) for name, x in ev.kwargs.items()}
-            if ev.kind == "model":
-                model_out = _field(forward(*a, **kw), ev.out_key)
-            elif ev.kind == "scale":
-                scaled = scale(*a, **kw)
-            else:
-                final = step(*a, **kw)
-                latents = scaled = _field(final, ev.out_key)
+            leaves = [_resolve(arg, trace, values, ev.kind) for arg in ev.args]
+            a, kw = pytree.tree_unflatten(leaves, ev.spec)
+            out = ev.func(*a, **kw) if ev.kind == "op" else calls[ev.kind](*a, **kw)
+            out_leaves = pytree.tree_leaves(out)
+            if len(out_leaves) != len(ev.outs):
+                raise _Uncapturable(f"{_describe(ev)} at loop call {k} returned a different structure than recorded")
+            for index, leaf in zip(ev.outs, out_leaves, strict=True):
+                if index is not None:
+                    values[index] = leaf
+            if ev.kind == "step":
+                final = out
             if probe is not None:
-                probe(f"{_LABELS[ev.kind]} at loop call {k}")
+                probe(f"{_describe(ev)} at loop call {k}")
         return final
 
     def _capture(self, trace: _Trace) -> None:
@@ -486,7 +542,7 @@ class CapturedPipeline:
         device = self.device
         if trace.stochastic and hasattr(scheduler, "_ff_seed_tensor"):
             # The drop-in caches the seed tensor its steps read; creating it now makes it a static buffer.
-            trace.seeds = scheduler._ff_seed_tensor(trace.x0.shape[0], trace.x0.device)
+            trace.seeds = scheduler._ff_seed_tensor(trace.batch, trace.device)
         with torch.cuda.device(device), torch.no_grad():
             side = torch.cuda.Stream(device)
             side.wait_stream(torch.cuda.current_stream(device))
@@ -527,8 +583,9 @@ class CapturedPipeline:
     # ------------------------------------------------------------------ replay
     def _replay(self, trace: _Trace, args: tuple, kwargs: dict) -> Any:
         events = trace.events
-        state: dict[str, Any] = {"k": 0, "latents": None, "scaled": None, "model_out": None, "done": False}
+        state: dict[str, Any] = {"k": 0, "done": False}
         loaded: set[int] = set()
+        live: dict[int, int] = {}  # id(placeholder) -> loop value, for the placeholders handed out so far
 
         def diverged(why: str) -> None:
             trace.reason = f"the pipeline's loop diverged from the recorded one: {why}"
@@ -537,69 +594,82 @@ class CapturedPipeline:
                 f"{trace.reason}; this call cannot be completed from the graph (the next one runs eagerly)"
             )
 
-        def begin(kind: str, a: tuple, kw: dict) -> _Event:
+        def take(kind: str, func: Any, a: tuple, kw: dict) -> _Event:
+            """Match this call against the next recorded event; load its outside inputs into the static buffers."""
             k = state["k"]
             if k >= len(events):
                 diverged(f"more loop calls than the {len(events)} recorded")
             ev = events[k]
-            if ev.kind != kind:
-                diverged(f"loop call {k} is {_LABELS[kind]}, recorded {_LABELS[ev.kind]}")
+            if ev.kind != kind or (kind == "op" and ev.func != func):
+                diverged(f"loop call {k} is {_describe_call(kind, func)}, recorded {_describe(ev)}")
             if k == 0 and not _same_host(_host_timesteps(self.scheduler), trace.host_timesteps):
                 diverged("the scheduler's timesteps differ from the recorded ones")
-            if kind == "step":
-                o = a[0] if a else kw.get("model_output")
-                sample = a[2] if len(a) > 2 else kw.get("sample")
-                if o is not state["model_out"]:
-                    diverged(f"scheduler.step at loop call {k} does not take the model's output as returned")
-                if sample is not state["latents"]:
-                    diverged(f"scheduler.step at loop call {k} does not take the latents of the previous step")
-            else:
-                name, chain = _find_chain(a, kw)
-                if name != ev.chain_in:
-                    diverged(f"loop call {k} takes its latents as {name!r}, recorded {ev.chain_in!r}")
-                if state["latents"] is None:
-                    x0 = trace.x0
-                    if not isinstance(chain, torch.Tensor) or chain.shape != x0.shape or chain.dtype != x0.dtype:
-                        diverged("the initial latents differ in shape or dtype from the recorded ones")
-                    x0.copy_(chain)
-                    state["latents"] = state["scaled"] = chain
-                want = "scaled" if kind == "model" and _chain_kind(ev) == "scaled" else "latents"
-                if chain is not state[want]:
-                    diverged(f"loop call {k} does not take the latents the previous call returned")
-            _load_inputs(trace, ev, a, kw, diverged, k, loaded)
+            leaves, spec = _leaves((a, kw))
+            if spec != ev.spec:
+                diverged(f"loop call {k} ({_describe(ev)}) has different arguments than recorded")
+            for arg, leaf in zip(ev.args, leaves, strict=True):
+                if arg.kind == "value":
+                    if not isinstance(leaf, torch.Tensor) or live.get(id(leaf)) != arg.index:
+                        diverged(f"loop call {k} ({_describe(ev)}) does not take the tensors the recorded loop gave it")
+                elif arg.kind == "buffer":
+                    buf = trace.buffers[arg.index]
+                    if not isinstance(leaf, torch.Tensor) or leaf.shape != buf.shape or leaf.dtype != buf.dtype:
+                        diverged(f"an input of loop call {k} ({_describe(ev)}) changed shape or dtype")
+                    if arg.index not in loaded:
+                        buf.copy_(leaf)
+                        loaded.add(arg.index)
+                elif not _same_host(leaf, arg.host):
+                    diverged(f"a host input of loop call {k} ({_describe(ev)}) changed ({leaf!r} vs {arg.host!r})")
             state["k"] = k + 1
             return ev
 
-        def forward_r(*a: Any, **kw: Any) -> Any:
-            ev = begin("model", a, kw)
-            shape, dtype = ev.out_meta[ev.out_key]
-            state["model_out"] = trace.placeholder("model_out", shape, dtype)
-            return _rebuild(ev.template, {ev.out_key: state["model_out"]})
+        def placeholders(ev: _Event) -> Any:
+            leaves = []
+            for index, const in zip(ev.outs, ev.out_consts, strict=True):
+                if index is None:
+                    leaves.append(const)
+                else:
+                    ph = trace.placeholder(index)
+                    live[id(ph)] = index
+                    leaves.append(ph)
+            return pytree.tree_unflatten(leaves, ev.out_spec)
 
-        def scale_r(*a: Any, **kw: Any) -> Any:
-            ev = begin("scale", a, kw)
-            if not ev.identity:
-                x0 = trace.x0
-                state["scaled"] = trace.placeholder("scaled", x0.shape, x0.dtype)
-            return state["scaled"]
+        def loop_call(kind: str) -> Callable[..., Any]:
+            def call(*a: Any, **kw: Any) -> Any:
+                ops.start()
+                ev = take(kind, None, a, kw)
+                if kind == "step" and state["k"] == len(events):
+                    ops.stop()
+                    if trace.seeds is not None:
+                        _write_seeds(trace.seeds)
+                    trace.graph.replay()
+                    self.replays += 1
+                    state["done"] = True
+                    return pytree.tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, trace.outputs)
+                return placeholders(ev)
 
-        def step_r(*a: Any, **kw: Any) -> Any:
-            ev = begin("step", a, kw)
-            if state["k"] == len(events):
-                if trace.seeds is not None:
-                    _write_seeds(trace.seeds)
-                trace.graph.replay()
-                self.replays += 1
-                state["done"] = True
-                _, items = _tensor_fields(trace.outputs)
-                return _rebuild(trace.outputs, {key: t.clone() for key, t in items})
-            parts = {key: trace.placeholder(f"step.{key}", *meta) for key, meta in ev.out_meta.items()}
-            state["latents"] = state["scaled"] = parts[ev.out_key]
-            return _rebuild(ev.template, parts)
+            return call
 
+        def op(func: Any, a: tuple, kw: dict) -> Any:
+            if state["done"] or not _any_tensor((a, kw), lambda t: id(t) in live):
+                return func(*a, **kw)
+            k = state["k"]
+            if k < len(events) and events[k].kind == "op" and events[k].func == func:
+                return placeholders(take("op", func, a, kw))
+            out = func(*a, **kw)  # a read of metadata (shape, dtype) is fine; new tensors are not in the graph
+            if _new_tensors(out, pytree.tree_leaves((a, kw))):
+                diverged(f"the pipeline's code calls {_describe_call('op', func)} on loop tensors at loop call {k}, "
+                         "which the recorded loop does not")
+            return out
+
+        ops = _LoopOps(op)
         _, _, scale = self._originals()
-        with self._wrapped(forward_r, step_r, scale_r if scale is not None else None):
-            result = self.pipe(*args, **kwargs)
+        wrappers = (loop_call("model"), loop_call("step"), loop_call("scale") if scale is not None else None)
+        try:
+            with self._wrapped(*wrappers):
+                result = self.pipe(*args, **kwargs)
+        finally:
+            ops.stop()
         if not state["done"]:
             trace.reason = "the pipeline ended before the recorded loop's last step"
             trace.release()
@@ -654,11 +724,79 @@ class _GapWatch:
             self._collect()
 
 
-def _chain_kind(ev: _Event) -> str:
-    for arg in [*ev.args, *ev.kwargs.values()]:
-        if arg.kind in ("chain", "scaled"):
-            return arg.kind
-    return "chain"
+class _LoopOps(TorchFunctionMode):
+    """Hands every torch function call made while it is pushed to ``handler(func, args, kwargs)``.
+
+    Pushed at the first loop call and popped after the last step, so the pipeline's code
+    before the loop (text encoding) and after it (decoding) runs untouched.
+    """
+
+    def __init__(self, handler: Callable[[Any, tuple, dict], Any]):
+        super().__init__()
+        self.handler = handler
+        self.pushed = False
+
+    def start(self) -> None:
+        if not self.pushed:
+            self.__enter__()
+            self.pushed = True
+
+    def stop(self) -> None:
+        if self.pushed:
+            self.pushed = False
+            self.__exit__(None, None, None)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return self.handler(func, args, kwargs or {})
+
+
+def _record_op(rec: _Recorder, func: Any, args: tuple, kwargs: dict) -> Any:
+    """One torch function call of the pipeline's own code inside the loop: recorded when it makes new tensors from
+    loop tensors (classifier-free guidance, ``torch.cat([latents] * 2)``, a rescale), else just run."""
+    if rec.inside or rec.done or rec.problem is not None or rec.overflow is not None:
+        return func(*args, **kwargs)
+    if not _any_tensor((args, kwargs), rec.is_value):
+        return func(*args, **kwargs)
+    leaves, spec = _leaves((args, kwargs))
+    name = _describe_call("op", func)
+    if _in_place(func, kwargs):
+        rec.fail(f"{name} after {rec.last_label} changes a loop tensor in place; a replay could not follow it")
+        return func(*args, **kwargs)
+    out = func(*args, **kwargs)
+    if not _new_tensors(out, leaves):  # a read of metadata (shape, dtype), or an op that returned its input
+        return out
+    rec.ops_since_call += 1
+    if rec.ops_since_call > _MAX_OPS_BETWEEN_CALLS:
+        # Decoding after the last step also lands here; it only counts if another loop call follows.
+        rec.overflow = (
+            f"more than {_MAX_OPS_BETWEEN_CALLS} tensor operations on loop tensors after {rec.last_label} "
+            "before the next loop call"
+        )
+        return out
+    try:
+        event = _Event("op", [rec.classify(leaf) for leaf in leaves], spec, func=func)
+        event.outs, event.out_spec, event.out_consts = rec.add_values(out)
+    except _Uncapturable as exc:
+        rec.fail(f"{name} after {rec.last_label}: {exc}")
+        return out
+    rec.trace.events.append(event)
+    return out
+
+
+def _in_place(func: Any, kwargs: dict) -> bool:
+    """Writes into a tensor, by torch's naming (``mul_``, ``__iadd__``), item assignment or an ``out=`` argument."""
+    name = getattr(func, "__name__", "")
+    return (
+        (name.endswith("_") and not name.endswith("__"))
+        or name.startswith("__i")
+        or name == "__setitem__"
+        or kwargs.get("out") is not None
+    )
+
+
+def _new_tensors(out: Any, inputs: list[Any]) -> list[torch.Tensor]:
+    """The tensors of ``out`` that are not among ``inputs`` (an op may hand back its input unchanged)."""
+    return [t for t in _tensors(out) if not any(t is leaf for leaf in inputs)]
 
 
 def _step_parts(call_args: tuple, call_kwargs: dict) -> tuple[Any, Any]:
@@ -668,113 +806,57 @@ def _step_parts(call_args: tuple, call_kwargs: dict) -> tuple[Any, Any]:
 
 
 def _note(rec: _Recorder, kind: str, call_args: tuple, call_kwargs: dict) -> None:
-    """Record one loop call's inputs and check that it continues the chain (latents -> model -> step)."""
-    events = rec.trace.events
+    """Record one loop call's arguments: loop tensors by value, outside device tensors as buffers, the rest as is."""
     if kind == "step":
         o, sample = _step_parts(call_args, call_kwargs)
-        if o is None or o is not rec.model_out:
+        if not rec.is_value(o):
             raise _Uncapturable(
-                "the step does not take the model's output as the model returned it (the pipeline transforms it in "
-                "its own code, e.g. classifier-free guidance, which a graph of model calls and steps would miss)"
+                "the step does not take a tensor the loop made from the model's output (it takes a tensor made "
+                "outside the loop)"
             )
-        if sample is None or sample is not rec.chain:
-            raise _Uncapturable("the step does not take the latents the previous step returned")
-        roles = {0: "model_out", 2: "chain", "model_output": "model_out", "sample": "chain"}
-        args = [_Arg(roles[i]) if i in roles else rec.classify(v) for i, v in enumerate(call_args)]
-        kwargs = {n: _Arg(roles[n]) if n in roles else rec.classify(v) for n, v in call_kwargs.items()}
-        events.append(_Event("step", args, kwargs, chain_in=2 if len(call_args) > 2 else "sample"))
-        return
-    name, chain = _find_chain(call_args, call_kwargs)
-    if not isinstance(chain, torch.Tensor):
-        raise _Uncapturable("no latents tensor among its arguments")
-    role = "chain"
-    if not events:
-        if chain.device != rec.device:
-            raise _Uncapturable(f"the initial latents are on {chain.device}, the model on {rec.device}")
-        rec.trace.x0 = chain.detach().clone()
-        rec.chain = chain
-    elif kind == "scale":
-        if chain is not rec.chain:
-            raise _Uncapturable("scale_model_input does not take the latents the previous step returned")
-    elif chain is rec.chain:
-        role = "chain"
-    elif rec.scaled is not None and chain is rec.scaled:
-        role = "scaled"
-    else:
-        raise _Uncapturable(
-            "the model does not take the latents the previous step returned (the pipeline changes them in its own "
-            "code, e.g. torch.cat([latents] * 2) for classifier-free guidance)"
-        )
-    if kind == "model" and events and events[-1].kind == "model":
-        raise _Uncapturable("two model calls without a step between them")
-    args = [_Arg(role) if i == name else rec.classify(v, for_model=kind == "model") for i, v in enumerate(call_args)]
-    kwargs = {
-        n: _Arg(role) if n == name else rec.classify(v, for_model=kind == "model") for n, v in call_kwargs.items()
-    }
-    events.append(_Event(kind, args, kwargs, chain_in=name))
+        if not isinstance(sample, torch.Tensor):
+            raise _Uncapturable("the step takes no latents tensor")
+        if not rec.trace.batch:
+            rec.trace.batch = sample.shape[0]
+    leaves, spec = _leaves((call_args, call_kwargs))
+    args = [rec.classify(leaf, for_model=kind == "model") for leaf in leaves]
+    rec.trace.events.append(_Event(kind, args, spec))
 
 
-def _note_output(rec: _Recorder, kind: str, out: Any, call_args: tuple, call_kwargs: dict) -> None:
+def _note_output(rec: _Recorder, kind: str, out: Any) -> None:
+    if kind == "scale" and not isinstance(out, torch.Tensor):
+        raise _Uncapturable("scale_model_input did not return a tensor")
     ev = rec.trace.events[-1]
-    if kind == "scale":
-        if not isinstance(out, torch.Tensor):
-            raise _Uncapturable("scale_model_input did not return a tensor")
-        ev.identity = out is _find_chain(call_args, call_kwargs)[1]
-        rec.scaled = out
-        return
-    _, items = _tensor_fields(out)
-    if not items:
+    ev.outs, ev.out_spec, ev.out_consts = rec.add_values(out)
+    if all(index is None for index in ev.outs):
         raise _Uncapturable(f"{_LABELS[kind]} returned no tensor")
-    keys = [key for key, _ in items]
-    key = "prev_sample" if kind == "step" and "prev_sample" in keys else keys[0]
-    ev.out_key = key
-    ev.out_meta = {k: (tuple(t.shape), t.dtype) for k, t in items}
-    ev.template = _rebuild(out, {k: None for k in keys})
-    tensor = dict(items)[key]
-    if kind == "model":
-        if len(items) != 1:
-            raise _Uncapturable("the model returned several tensors; only single-output denoisers are captured")
-        rec.model_out = tensor
-    else:
-        rec.chain = tensor
-        rec.scaled = None
 
 
-def _value(arg: _Arg, trace: _Trace, values: dict, kind: str) -> Any:
-    if arg.kind in values:
-        return values[arg.kind]
+def _resolve(arg: _Arg, trace: _Trace, values: list[Any], kind: str) -> Any:
+    if arg.kind == "value":
+        return values[arg.index]
     if arg.kind == "buffer":
-        return trace.buffers[arg.buffer]
+        return trace.buffers[arg.index]
     if kind == "model" and arg.device_copy is not None:
         return arg.device_copy
     return arg.host
 
 
-def _field(out: Any, key: Any) -> torch.Tensor:
-    if key is None:
-        return out
-    if isinstance(out, tuple):
-        return out[key]
-    return getattr(out, key)
+def _describe_call(kind: str, func: Any) -> str:
+    if kind != "op":
+        return _LABELS[kind]
+    return f"the operation {getattr(func, '__qualname__', None) or getattr(func, '__name__', repr(func))}"
 
 
-def _load_inputs(
-    trace: _Trace, ev: _Event, call_args: tuple, call_kwargs: dict, diverged: Callable, k: int, loaded: set[int]
-) -> None:
-    """Copy this call's device inputs into the static buffers; check its host constants against the recording."""
-    if len(call_args) != len(ev.args) or set(call_kwargs) != set(ev.kwargs):
-        diverged(f"loop call {k} has different arguments than recorded")
-    pairs = [*zip(ev.args, call_args, strict=True), *((ev.kwargs[n], v) for n, v in call_kwargs.items())]
-    for arg, value in pairs:
-        if arg.kind == "buffer":
-            buf = trace.buffers[arg.buffer]
-            if not isinstance(value, torch.Tensor) or value.shape != buf.shape or value.dtype != buf.dtype:
-                diverged(f"an input of loop call {k} changed shape or dtype")
-            if arg.buffer not in loaded:
-                buf.copy_(value)
-                loaded.add(arg.buffer)
-        elif arg.kind == "host" and not _same_host(value, arg.host):
-            diverged(f"a host input of loop call {k} changed ({value!r} vs {arg.host!r})")
+def _describe(ev: _Event) -> str:
+    return _describe_call(ev.kind, ev.func)
+
+
+def _loop_finished(scheduler: Any) -> bool:
+    """Whether the drop-in scheduler has taken the last step of its loop (its step counter says so)."""
+    index = getattr(scheduler, "step_index", None)
+    total = getattr(scheduler, "_ff_num_steps", None)
+    return index is not None and total is not None and index >= total()
 
 
 def _same_host(a: Any, b: Any) -> bool:

@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+import torch.utils._pytree as pytree
 
 diffusers = pytest.importorskip("diffusers")
 ffd = pytest.importorskip("fastflow.diffusers", reason="fastflow.diffusers (the drop-in schedulers) is not importable")
@@ -41,7 +42,7 @@ def ddim_pipe(device: str = "cpu", fastflow_scheduler: bool = True) -> DDIMPipel
 
 
 class LoopPipeline(DiffusionPipeline):
-    """A hand-written loop; ``mode`` breaks it the ways real pipelines do."""
+    """A hand-written loop; ``mode`` writes it the ways real pipelines do, some of them uncapturable."""
 
     def __init__(self, unet, scheduler, mode: str = "plain"):
         super().__init__()
@@ -49,24 +50,40 @@ class LoopPipeline(DiffusionPipeline):
         self.mode = mode
 
     @torch.no_grad()
-    def __call__(self, batch_size: int = 2, num_inference_steps: int = 4, generator=None):
+    def __call__(self, batch_size: int = 2, num_inference_steps: int = 4, generator=None, guidance_scale: float = 2.0):
         shape = (batch_size, 3, 8, 8)
         device = self.unet.device
         x = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
         self.scheduler.set_timesteps(num_inference_steps)
         for t in self.scheduler.timesteps:
-            if self.mode == "cfg":
-                o = self.unet(torch.cat([x] * 2), t).sample
+            if self.mode in ("cfg", "cfg_scaled"):  # as StableDiffusionPipeline does it
+                inp = torch.cat([x] * 2)
+                if self.mode == "cfg_scaled":
+                    inp = self.scheduler.scale_model_input(inp, t)
+                o = self.unet(inp, t).sample
                 uncond, cond = o.chunk(2)
-                o = uncond + 2.0 * (cond - uncond)
+                o = uncond + guidance_scale * (cond - uncond)
             elif self.mode == "scaled_output":
                 o = self.unet(x, t).sample * 0.5
+            elif self.mode == "in_place":
+                o = self.unet(x, t).sample
+                o.mul_(0.5)
+            elif self.mode == "item_assignment":
+                o = self.unet(x, t).sample
+                o[:, 0] = 0.0
+            elif self.mode == "many_ops":
+                o = self.unet(x, t).sample
+                for _ in range(gp._MAX_OPS_BETWEEN_CALLS + 1):
+                    o = o + 0.0
+            elif self.mode == "outside_output":
+                self.unet(x, t)
+                o = torch.zeros_like(x) if x.device.type == "meta" else torch.ones(shape, device=device)
             else:
                 o = self.unet(x, t).sample
             x = self.scheduler.step(o, t, x).prev_sample
             if self.mode == "sync" and torch.isnan(x).any():  # a data-dependent branch: a host sync
                 raise FloatingPointError("NaN latents")
-        return x
+        return (x / 2 + 0.5).clamp(0, 1)  # post-processing after the loop: not part of it
 
 
 @pytest.fixture(autouse=True)
@@ -104,9 +121,14 @@ def test_ddim_pipeline_loop_is_capturable_data_flow():
 @pytest.mark.parametrize(
     ("mode", "expected"),
     [
-        ("cfg", "classifier-free guidance"),
-        ("scaled_output", "does not take the model's output as the model returned it"),
         ("plain", None),
+        ("cfg", None),
+        ("cfg_scaled", None),
+        ("scaled_output", None),
+        ("in_place", "changes a loop tensor in place"),
+        ("item_assignment", "changes a loop tensor in place"),
+        ("many_ops", f"more than {gp._MAX_OPS_BETWEEN_CALLS} tensor operations"),
+        ("outside_output", "the step does not take a tensor the loop made"),
     ],
 )
 def test_explain_names_what_breaks_the_loop(mode, expected):
@@ -116,6 +138,18 @@ def test_explain_names_what_breaks_the_loop(mode, expected):
         assert reason is None
     else:
         assert expected in reason
+
+
+def test_recorded_cfg_loop_has_the_guidance_ops():
+    """The pipeline's own guidance arithmetic is recorded between the model call and the step, every step."""
+    pipe = LoopPipeline(tiny_unet(), ffd.from_scheduler(DiffusersDDIM(), backend="torch"), mode="cfg_scaled")
+    trace, _ = capture_pipeline(pipe)._record((), {"batch_size": 2, "num_inference_steps": 3})
+    assert trace.reason is None
+    kinds = [ev.kind for ev in trace.events]
+    assert kinds.count("model") == 3 and kinds.count("step") == 3 and kinds[-1] == "step"
+    names = [gp._describe(ev) for ev in trace.events if ev.kind == "op"]
+    assert sum("cat" in n for n in names) == 2  # the first cat runs before the loop: an input of the graph
+    assert sum("chunk" in n for n in names) == 3 and sum("sub" in n for n in names) == 3
 
 
 def test_non_fastflow_scheduler_runs_eagerly():
@@ -173,6 +207,35 @@ def test_gpu_ddim_pipeline_replay_equals_eager(backend):
 
 
 @gpu
+@pytest.mark.parametrize("mode", ["cfg", "cfg_scaled"])
+def test_gpu_cfg_loop_replay_equals_eager(mode):
+    """Guidance arithmetic in the pipeline's own loop, captured into the graph with the model calls and steps."""
+    pipe = LoopPipeline(tiny_unet().to("cuda"), ffd.from_scheduler(DiffusersDDIM()), mode=mode)
+    fast = capture_pipeline(pipe)
+    kw = {"batch_size": 2, "num_inference_steps": 5}
+    refs = [pipe(generator=torch.Generator("cpu").manual_seed(s), **kw) for s in (0, 1)]
+    first = fast(generator=torch.Generator("cpu").manual_seed(0), **kw)
+    assert fast.reason is None and fast.captures == 1, fast.reason
+    assert torch.equal(first, refs[0])
+    for s in (1, 0):
+        assert torch.equal(fast(generator=torch.Generator("cpu").manual_seed(s), **kw), refs[s])
+    assert fast.replays == 2
+
+
+@gpu
+def test_gpu_dit_pipeline_replay_equals_eager():
+    pipe = dit_pipe().to("cuda")
+    fast = capture_pipeline(pipe)
+    kw = {"class_labels": [1, 2], "guidance_scale": 4.0, "num_inference_steps": 4, "output_type": "pt"}
+    refs = [pipe(generator=torch.Generator("cpu").manual_seed(s), **kw).images for s in (0, 1)]
+    first = fast(generator=torch.Generator("cpu").manual_seed(0), **kw).images
+    assert fast.reason is None and fast.captures == 1, fast.reason
+    assert torch.equal(first, refs[0])
+    assert torch.equal(fast(generator=torch.Generator("cpu").manual_seed(1), **kw).images, refs[1])
+    assert fast.replays == 1
+
+
+@gpu
 def test_gpu_stochastic_ddim_fresh_noise_per_replay():
     pipe = ddim_pipe("cuda")
     fast = capture_pipeline(pipe)
@@ -224,10 +287,10 @@ class StandInGraph:
         trace, scheduler = self.trace, self.fast.scheduler
         if trace.seeds is not None:  # a real graph reads the captured seed tensor, whatever Python state says
             scheduler._ff_seed = 0
-            scheduler._ff_seeds[(trace.x0.device, trace.x0.shape[0])] = trace.seeds
+            scheduler._ff_seeds[(trace.device, trace.batch)] = trace.seeds
         with torch.no_grad():
             final = self.fast._run_trace(trace, self.originals)
-        for (_, dst), (_, src) in zip(gp._tensor_fields(trace.outputs)[1], gp._tensor_fields(final)[1], strict=True):
+        for dst, src in zip(gp._tensors(trace.outputs), gp._tensors(final), strict=True):
             dst.copy_(src)
 
     def reset(self) -> None:
@@ -239,10 +302,10 @@ def stand_in_capture(monkeypatch):
     def capture(self, trace):
         originals = self._originals()
         if trace.stochastic:
-            trace.seeds = self.scheduler._ff_seed_tensor(trace.x0.shape[0], trace.x0.device)
+            trace.seeds = self.scheduler._ff_seed_tensor(trace.batch, trace.device)
         with torch.no_grad():
             final = self._run_trace(trace, originals)
-        trace.outputs = gp._rebuild(final, {k: t.clone() for k, t in gp._tensor_fields(final)[1]})
+        trace.outputs = pytree.tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, final)
         trace.graph = StandInGraph(self, trace, originals)
         trace.memory_bytes = 1
 
@@ -297,3 +360,82 @@ def test_replay_divergence_is_reported(stand_in_capture):
     torch.manual_seed(0)
     got = fast(batch_size=2, num_inference_steps=3)  # this signature runs eagerly from now on
     assert torch.equal(got, ref) and "diverged" in fast.reason
+
+
+@pytest.mark.parametrize("mode", ["cfg", "cfg_scaled"])
+def test_replay_logic_cfg_pipeline(stand_in_capture, mode):
+    """A loop with classifier-free guidance in the pipeline's own code replays to the eager images; a new
+    guidance scale is a new signature (its own capture), replayed just as well."""
+    pipe = LoopPipeline(tiny_unet(), ffd.from_scheduler(DiffusersDDIM(), backend="torch"), mode=mode)
+    fast = capture_pipeline(pipe)
+    kw = {"batch_size": 2, "num_inference_steps": 4}
+    refs = {(seed, g): pipe(generator=torch.manual_seed(seed), guidance_scale=g, **kw) for seed in (0, 1)
+            for g in (2.0, 5.0)}
+    assert torch.equal(fast(generator=torch.manual_seed(0), **kw), refs[0, 2.0])
+    assert fast.captures == 1 and fast.reason is None
+    for seed in (1, 0):
+        assert torch.equal(fast(generator=torch.manual_seed(seed), **kw), refs[seed, 2.0])
+    assert fast.replays == 2
+    assert torch.equal(fast(generator=torch.manual_seed(1), guidance_scale=5.0, **kw), refs[1, 5.0])
+    assert torch.equal(fast(generator=torch.manual_seed(0), guidance_scale=5.0, **kw), refs[0, 5.0])
+    assert fast.captures == 2 and fast.replays == 3
+    assert "forward" not in pipe.unet.__dict__ and "step" not in pipe.scheduler.__dict__
+    assert not torch.overrides._get_current_function_mode_stack()  # the op recorder is gone after each call
+
+
+def test_replay_of_cfg_loop_diverging_is_reported(stand_in_capture):
+    """The pipeline's guidance code changing between calls is caught op by op, and later calls run eagerly."""
+    pipe = LoopPipeline(tiny_unet(), ffd.from_scheduler(DiffusersDDIM(), backend="torch"), mode="cfg")
+    fast = capture_pipeline(pipe)
+    fast(batch_size=2, num_inference_steps=3)
+    assert fast.captures == 1
+    pipe.mode = "cfg_scaled"  # one more loop call (scale_model_input) where the recording has an operation
+    with pytest.raises(RuntimeError, match="diverged"):
+        fast(batch_size=2, num_inference_steps=3)
+    assert not torch.overrides._get_current_function_mode_stack()
+    torch.manual_seed(0)
+    ref = pipe(batch_size=2, num_inference_steps=3)
+    torch.manual_seed(0)
+    assert torch.equal(fast(batch_size=2, num_inference_steps=3), ref) and "diverged" in fast.reason
+
+
+@pytest.mark.parametrize("mode", ["in_place", "many_ops"])
+def test_uncapturable_glue_runs_eagerly(stand_in_capture, mode):
+    pipe = LoopPipeline(tiny_unet(), ffd.from_scheduler(DiffusersDDIM(), backend="torch"), mode=mode)
+    fast = capture_pipeline(pipe)
+    with pytest.warns(PipelineFallbackWarning):
+        got = [fast(batch_size=2, num_inference_steps=3, generator=torch.manual_seed(s)) for s in (0, 0)]
+    ref = pipe(batch_size=2, num_inference_steps=3, generator=torch.manual_seed(0))
+    assert fast.captures == 0 and fast.reason is not None
+    assert torch.equal(got[0], ref) and torch.equal(got[1], ref)
+
+
+def dit_pipe() -> diffusers.DiTPipeline:
+    """diffusers' DiTPipeline (class-conditional, classifier-free guidance in its own loop) with tiny random weights."""
+    torch.manual_seed(0)
+    transformer = diffusers.DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=1, sample_size=8,
+        patch_size=2, num_embeds_ada_norm=1000,
+    ).eval()
+    vae = diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,), layers_per_block=1,
+        norm_num_groups=4, down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+        sample_size=8,
+    ).eval()
+    pipe = diffusers.DiTPipeline(transformer=transformer, vae=vae,
+                                 scheduler=ffd.from_scheduler(DiffusersDDIM(), backend="torch"))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_replay_logic_dit_pipeline_with_guidance(stand_in_capture):
+    """A real diffusers pipeline whose loop slices, concatenates and guides in its own code replays to its images."""
+    pipe = dit_pipe()
+    fast = capture_pipeline(pipe)
+    kw = {"class_labels": [1, 2], "guidance_scale": 4.0, "num_inference_steps": 3, "output_type": "np"}
+    refs = [pipe(generator=torch.manual_seed(s), **kw).images for s in (0, 1)]
+    assert (fast(generator=torch.manual_seed(0), **kw).images == refs[0]).all()
+    assert fast.captures == 1 and fast.reason is None
+    assert (fast(generator=torch.manual_seed(1), **kw).images == refs[1]).all()
+    assert (fast(generator=torch.manual_seed(0), **kw).images == refs[0]).all()
+    assert fast.replays == 2
