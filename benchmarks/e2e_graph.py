@@ -3,7 +3,10 @@
 Two small random-weight models in bfloat16, batch 4, 4x32x32 latents, 30 DDIM
 steps: a ``UNet2DModel`` and a ``DiTTransformer2DModel`` (DiT-S/2-like). Small
 models are launch bound, which is where capturing the whole loop pays: the
-eager loop's GPU waits on Python, the replay issues one launch.
+eager loop's GPU waits on Python, the replay issues one launch. Then a whole
+diffusers ``DiTPipeline`` call (classifier-free guidance in the pipeline's own loop,
+so batch 2x4 through the model) with the same transformer: diffusers' DDIM, the
+fastflow drop-in, and the drop-in with ``capture_pipeline``.
 
 Run on a GPU: ``python benchmarks/e2e_graph.py [out_dir]`` (about 30 s on an
 H100). Prints a table and writes ``e2e_graph.json`` with medians and ratios.
@@ -62,7 +65,7 @@ def _unet(device: torch.device) -> tuple[torch.nn.Module, Callable]:
     return unet, model_fn
 
 
-def _dit(device: torch.device) -> tuple[torch.nn.Module, Callable]:
+def _dit(device: torch.device, out_channels: int | None = None) -> tuple[torch.nn.Module, Callable]:
     from diffusers import DiTTransformer2DModel
 
     torch.manual_seed(0)
@@ -70,6 +73,7 @@ def _dit(device: torch.device) -> tuple[torch.nn.Module, Callable]:
         num_attention_heads=6,
         attention_head_dim=64,
         in_channels=LATENT[0],
+        out_channels=out_channels,
         num_layers=12,
         sample_size=LATENT[1],
         patch_size=2,
@@ -145,6 +149,53 @@ def _bench_model(name: str, build: Callable, device: torch.device) -> dict:
     return result
 
 
+def _bench_pipeline(device: torch.device) -> dict:
+    """A DiTPipeline call (guidance 4.0, a tiny VAE so decoding stays cheap), eager and captured."""
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline
+
+    from fastflow.diffusers import from_scheduler
+    from fastflow.graph_pipeline import capture_pipeline
+
+    dit, _ = _dit(device, out_channels=2 * LATENT[0])  # noise and variance halves, as DiT's checkpoints
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=LATENT[0], block_out_channels=(32,), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",), sample_size=LATENT[1],
+    ).to(device, torch.bfloat16).eval()
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", clip_sample=False)
+    pipe = DiTPipeline(transformer=dit, vae=vae, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    kw = {"class_labels": list(range(BATCH)), "guidance_scale": 4.0, "num_inference_steps": STEPS, "output_type": "pt"}
+    result: dict = {"model": "DiTPipeline (CFG)", "shape": [BATCH, *LATENT], "steps": STEPS, "model_dtype": "bfloat16"}
+
+    def call(p) -> torch.Tensor:
+        return p(generator=torch.Generator("cpu").manual_seed(0), **kw).images
+
+    result["diffusers_ddim_eager"] = _time_ms(lambda: call(pipe))
+    pipe.scheduler = from_scheduler(scheduler)
+    result["backend"] = pipe.scheduler.backend
+    result["fastflow_eager"] = _time_ms(lambda: call(pipe))
+    eager_out = call(pipe)
+    fast = capture_pipeline(pipe)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    call(fast)  # records the loop and captures it
+    torch.cuda.synchronize()
+    result["capture_s"] = time.perf_counter() - start
+    result["captured"] = fast.captures == 1 and fast.reason is None
+    result["fallback_reason"] = fast.reason
+    result["graph_pool_bytes"] = fast.memory_bytes
+    result["fastflow_captured"] = _time_ms(lambda: call(fast))
+    replay_out = call(fast)
+    result["replay_equals_eager"] = bool(torch.equal(eager_out, replay_out))
+    result["replay_max_abs_diff"] = float((eager_out.float() - replay_out.float()).abs().max())
+    d, e, c = (result[k]["median_ms"] for k in ("diffusers_ddim_eager", "fastflow_eager", "fastflow_captured"))
+    result["speedup_captured_vs_diffusers"] = d / c
+    result["speedup_captured_vs_fastflow_eager"] = e / c
+    result["speedup_fastflow_eager_vs_diffusers"] = d / e
+    return result
+
+
 def main(out_dir: str | os.PathLike | None = None) -> dict:
     """Run both models; print a table and write ``e2e_graph.json`` under ``out_dir`` (default: cwd)."""
     if not torch.cuda.is_available():
@@ -165,10 +216,14 @@ def main(out_dir: str | os.PathLike | None = None) -> dict:
         report["diffusers"] = diffusers.__version__
     except ImportError as exc:
         raise SystemExit(f"e2e_graph needs diffusers: {exc}") from exc
-    for name, build in (("UNet2DModel", _unet), ("DiTTransformer2DModel", _dit)):
+    cases = [(name, lambda b=build, n=name: _bench_model(n, b, device))
+             for name, build in (("UNet2DModel", _unet), ("DiTTransformer2DModel", _dit))]
+    cases.append(("DiTPipeline (CFG)", lambda: _bench_pipeline(device)))
+    for name, run in cases:
         try:
-            report["results"].append(_bench_model(name, build, device))
-        except Exception as exc:  # one model failing must not lose the other's numbers
+            with torch.no_grad():
+                report["results"].append(run())
+        except Exception as exc:  # one case failing must not lose the others' numbers
             report["results"].append({"model": name, "error": f"{type(exc).__name__}: {exc}"})
         torch.cuda.empty_cache()
 

@@ -213,6 +213,7 @@ class _Recorder:
         self.ops_since_call = 0
         self.overflow: str | None = None
         self.done = False  # the scheduler has taken its last step
+        self.watch: _GapWatch | None = None
 
     def fail(self, reason: str) -> None:
         if self.problem is None:
@@ -441,7 +442,7 @@ class CapturedPipeline:
     def _record(self, args: tuple, kwargs: dict) -> tuple[_Trace, Any]:
         forward, step, scale = self._originals()
         rec = _Recorder(self.device)
-        watch = _GapWatch(rec.device.type == "cuda" and torch.cuda.is_available())
+        watch = rec.watch = _GapWatch(rec.device.type == "cuda" and torch.cuda.is_available())
         ops = _LoopOps(lambda func, a, k: _record_op(rec, func, a, k))
         scheduler = self.scheduler
 
@@ -683,7 +684,12 @@ _LABELS = {"model": "the model call", "step": "scheduler.step", "scale": "schedu
 
 
 class _GapWatch:
-    """CUDA sync warnings in the pipeline's own code between two loop calls (data-dependent branches, ``.item()``)."""
+    """CUDA sync warnings in the pipeline's own code between two loop calls (data-dependent branches, ``.item()``).
+
+    A sync in an operation on tensors from outside the loop (a CPU timestep moved to the
+    device each step) is excused: a replay runs it on the same real tensors, so it only
+    costs time. A sync on loop tensors would read placeholders on a replay.
+    """
 
     def __init__(self, enabled: bool):
         self.caught: list = []
@@ -692,7 +698,12 @@ class _GapWatch:
         self.mark = 0
         self.culprit: str | None = None
         self.ours: list = []
+        self.excused: list = []
         self.previous = 0
+
+    def excuse_since(self, start: int) -> None:
+        """The warnings caught from index ``start`` on came from an operation on outside tensors."""
+        self.excused.extend(self.caught[start:])
 
     def open(self) -> None:
         if self.enabled and not self.active:
@@ -706,7 +717,7 @@ class _GapWatch:
         self.active = False
         found = [w for w in self.caught[self.mark :] if _is_sync_warning(w)]
         self.ours.extend(found)
-        return found
+        return [w for w in found if not any(w is e for e in self.excused)]
 
     def close(self, rec: _Recorder, kind: str) -> None:
         if not self.active:
@@ -756,7 +767,13 @@ def _record_op(rec: _Recorder, func: Any, args: tuple, kwargs: dict) -> Any:
     if rec.inside or rec.done or rec.problem is not None or rec.overflow is not None:
         return func(*args, **kwargs)
     if not _any_tensor((args, kwargs), rec.is_value):
-        return func(*args, **kwargs)
+        watch = rec.watch
+        if watch is None or not watch.active:
+            return func(*args, **kwargs)
+        start = len(watch.caught)
+        out = func(*args, **kwargs)
+        watch.excuse_since(start)
+        return out
     leaves, spec = _leaves((args, kwargs))
     name = _describe_call("op", func)
     if _in_place(func, kwargs):
