@@ -236,6 +236,27 @@ def test_gpu_dit_pipeline_replay_equals_eager():
 
 
 @gpu
+def test_gpu_stable_diffusion_pipeline_replay_equals_eager():
+    pipe = sd_pipe().to("cuda")
+    pipe.scheduler.backend = "auto"
+    fast = capture_pipeline(pipe)
+    g = torch.Generator().manual_seed(3)
+    embeds = [(torch.randn(2, 5, 12, generator=g).cuda(), torch.randn(2, 5, 12, generator=g).cuda()) for _ in range(2)]
+    kw = {"num_inference_steps": 5, "guidance_scale": 7.5, "height": 8, "width": 8, "output_type": "pt"}
+
+    def call(p, k: int) -> torch.Tensor:
+        pe, ne = embeds[k]
+        gen = torch.Generator("cpu").manual_seed(k)
+        return p(prompt_embeds=pe, negative_prompt_embeds=ne, generator=gen, **kw).images
+
+    refs = [call(pipe, k) for k in (0, 1)]
+    assert torch.equal(call(fast, 0), refs[0])
+    assert fast.reason is None and fast.captures == 1, fast.reason
+    assert torch.equal(call(fast, 1), refs[1]) and torch.equal(call(fast, 0), refs[0])
+    assert fast.replays == 2
+
+
+@gpu
 def test_gpu_stochastic_ddim_fresh_noise_per_replay():
     pipe = ddim_pipe("cuda")
     fast = capture_pipeline(pipe)
@@ -439,3 +460,48 @@ def test_replay_logic_dit_pipeline_with_guidance(stand_in_capture):
     assert (fast(generator=torch.manual_seed(1), **kw).images == refs[1]).all()
     assert (fast(generator=torch.manual_seed(0), **kw).images == refs[0]).all()
     assert fast.replays == 2
+
+
+def sd_pipe():
+    """diffusers' StableDiffusionPipeline with tiny random weights, driven by prompt embeddings (no text encoder)."""
+    pytest.importorskip("transformers", reason="StableDiffusionPipeline needs transformers")
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+        norm_num_groups=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=12, attention_head_dim=2,
+    ).eval()
+    vae = diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,), layers_per_block=1,
+        norm_num_groups=4, down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+        sample_size=8,
+    ).eval()
+    scheduler = ffd.from_scheduler(diffusers.EulerDiscreteScheduler(beta_schedule="scaled_linear"), backend="torch")
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=scheduler, safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_replay_logic_stable_diffusion_pipeline(stand_in_capture):
+    """Stable Diffusion's loop (cat, scale_model_input, cross-attention UNet, guidance, Euler step) replays to its
+    images, and new prompt embeddings replay without a new capture (they are inputs of the graph)."""
+    pipe = sd_pipe()
+    fast = capture_pipeline(pipe)
+    g = torch.Generator().manual_seed(3)
+    embeds = [(torch.randn(2, 5, 12, generator=g), torch.randn(2, 5, 12, generator=g)) for _ in range(2)]
+    kw = {"num_inference_steps": 3, "guidance_scale": 7.5, "height": 8, "width": 8, "output_type": "np"}
+
+    def call(p, k: int, seed: int):
+        pe, ne = embeds[k]
+        return p(prompt_embeds=pe, negative_prompt_embeds=ne, generator=torch.manual_seed(seed), **kw).images
+
+    refs = {(k, s): call(pipe, k, s) for k in (0, 1) for s in (0, 1)}
+    assert (call(fast, 0, 0) == refs[0, 0]).all()
+    assert fast.captures == 1 and fast.reason is None, fast.reason
+    for k, s in ((1, 0), (0, 1), (1, 1)):
+        assert (call(fast, k, s) == refs[k, s]).all()
+    assert fast.captures == 1 and fast.replays == 3
+    assert not (refs[0, 0] == refs[1, 0]).all()  # the embeddings matter, so the replays did take them
