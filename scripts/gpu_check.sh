@@ -9,7 +9,8 @@
 # FASTFLOW_CUDA_ARCHS (default 90), CUDA_HOME (default /usr/local/cuda), PYTHON.
 #
 # Run from a copy of the repository with the git-ignored .whl/ folder carried
-# along (diffusers' wheel; the machine has no network). Everything it writes
+# along (the machine has no network): diffusers' wheel, and transformers' with
+# its tokenizers, regex and typer chain for the Stable Diffusion pipeline tests. Everything it writes
 # lands under $OUT: summary.log (one line per phase: exit code and seconds),
 # versions.txt, nvidia-smi.txt, wheels.log, build.log, gpu_tests.log, bench.log,
 # bench/ (results.json, results.md, bandwidth.png), e2e.log, e2e/.
@@ -92,7 +93,7 @@ import torch
 print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
 if torch.cuda.is_available():
     print("device", torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0))
-for name in ("triton", "diffusers", "numpy", "pytest", "pytest_benchmark", "pytest_timeout", "matplotlib",
+for name in ("triton", "diffusers", "transformers", "numpy", "pytest", "pytest_benchmark", "pytest_timeout", "matplotlib",
              "huggingface_hub", "safetensors"):
     try:
         m = importlib.import_module(name)
