@@ -447,7 +447,9 @@ class CapturedPipeline:
         scheduler = self.scheduler
 
         def record(kind: str, fn: Callable, call_args: tuple, call_kwargs: dict) -> Any:
-            ops.start()  # from the first loop call on, the pipeline's own tensor operations are recorded
+            # From the first loop call on, the pipeline's own tensor operations are recorded; the
+            # loop calls themselves (the model, the step) run without the mode.
+            ops.stop()
             watch.close(rec, kind)
             label = f"{_LABELS[kind]} at loop call {len(rec.trace.events)}"
             if rec.overflow is not None:
@@ -473,7 +475,8 @@ class CapturedPipeline:
             rec.last_label = label
             if kind == "step" and _loop_finished(scheduler):
                 rec.done = True
-                ops.stop()
+            else:
+                ops.start()
             watch.open()
             return out
 
