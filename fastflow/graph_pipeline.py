@@ -71,7 +71,6 @@ from .graph import _is_sync_warning, _probing_syncs
 __all__ = ["CapturedPipeline", "PipelineFallbackWarning", "capture_pipeline"]
 
 _MODEL_ATTRS = ("unet", "transformer", "prior", "decoder")
-_CHAIN_NAMES = ("sample", "hidden_states", "x")
 _CALLBACK_KWARGS = ("callback", "callback_on_step_end", "callback_steps")
 _WARNED: set[str] = set()
 # Tensor operations on loop tensors recorded between two loop calls, at most: guidance takes a handful;
