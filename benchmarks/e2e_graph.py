@@ -6,7 +6,9 @@ models are launch bound, which is where capturing the whole loop pays: the
 eager loop's GPU waits on Python, the replay issues one launch. Then a whole
 diffusers ``DiTPipeline`` call (classifier-free guidance in the pipeline's own loop,
 so batch 2x4 through the model) with the same transformer: diffusers' DDIM, the
-fastflow drop-in, and the drop-in with ``capture_pipeline``.
+fastflow drop-in, and the drop-in with ``capture_pipeline``. Last, a UNet of Stable
+Diffusion 1.x's widths on batch 2 of 4x64x64 latents (compute bound: the capture must
+not be slower than eager there; ``E2E_SKIP_LARGE=1`` skips it).
 
 Run on a GPU: ``python benchmarks/e2e_graph.py [out_dir]`` (about 30 s on an
 H100). Prints a table and writes ``e2e_graph.json`` with medians and ratios.
@@ -28,6 +30,9 @@ BATCH = 4
 LATENT = (4, 32, 32)
 STEPS = 30
 REPEATS = 7
+LARGE_BATCH = 2
+LARGE_LATENT = (4, 64, 64)
+LARGE_REPEATS = 3
 
 
 def _time_ms(fn: Callable[[], object], repeats: int = REPEATS, warmup: int = 2) -> dict:
@@ -88,7 +93,34 @@ def _dit(device: torch.device, out_channels: int | None = None) -> tuple[torch.n
     return dit, model_fn
 
 
-def _bench_model(name: str, build: Callable, device: torch.device) -> dict:
+def _unet_large(device: torch.device) -> tuple[torch.nn.Module, Callable]:
+    """A UNet of Stable Diffusion 1.x's widths (no cross-attention) on 4x64x64 latents: compute bound, where
+    a captured loop has little launch time to save and must not cost time either."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        unet = UNet2DModel(
+            sample_size=LARGE_LATENT[1],
+            in_channels=LARGE_LATENT[0],
+            out_channels=LARGE_LATENT[0],
+            layers_per_block=2,
+            block_out_channels=(320, 640, 1280, 1280),
+            down_block_types=("AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D"),
+        )
+    unet = unet.to(device, torch.bfloat16).eval()
+
+    def model_fn(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return unet(z, t).sample
+
+    return unet, model_fn
+
+
+def _bench_model(
+    name: str, build: Callable, device: torch.device, shape: tuple[int, ...] = (BATCH, *LATENT),
+    repeats: int = REPEATS,
+) -> dict:
     from diffusers import DDIMScheduler
 
     import fastflow
@@ -96,7 +128,6 @@ def _bench_model(name: str, build: Callable, device: torch.device) -> dict:
     from fastflow.graph import capture
 
     _, model_fn = build(device)
-    shape = (BATCH, *LATENT)
     result: dict = {"model": name, "shape": list(shape), "steps": STEPS, "model_dtype": "bfloat16"}
 
     with torch.no_grad():
@@ -112,7 +143,7 @@ def _bench_model(name: str, build: Callable, device: torch.device) -> dict:
                 x = scheduler.step(model_fn(x, t), t, x).prev_sample
             return x
 
-        result["diffusers_ddim_eager"] = _time_ms(diffusers_loop)
+        result["diffusers_ddim_eager"] = _time_ms(diffusers_loop, repeats)
 
         # 2. fastflow eager: float32 state, bf16 model input, one fused step per stage.
         sampler = fastflow.Sampler(fastflow.VP(), "ddim", prediction="eps", steps=STEPS)
@@ -122,7 +153,7 @@ def _bench_model(name: str, build: Callable, device: torch.device) -> dict:
         def fastflow_loop() -> torch.Tensor:
             return fastflow.sample(model_fn, noise, sampler, model_dtype=torch.bfloat16)
 
-        result["fastflow_eager"] = _time_ms(fastflow_loop)
+        result["fastflow_eager"] = _time_ms(fastflow_loop, repeats)
 
         # 3. fastflow, the whole loop (30 model calls + 30 steps) captured once and replayed.
         torch.cuda.synchronize()
@@ -133,7 +164,7 @@ def _bench_model(name: str, build: Callable, device: torch.device) -> dict:
         result["captured"] = loop.captured
         result["fallback_reason"] = loop.reason
         result["graph_pool_bytes"] = loop.memory_bytes
-        result["fastflow_captured"] = _time_ms(lambda: loop(noise=noise))
+        result["fastflow_captured"] = _time_ms(lambda: loop(noise=noise), repeats)
 
         eager_out = fastflow_loop()
         replay_out = loop(noise=noise)
@@ -197,7 +228,7 @@ def _bench_pipeline(device: torch.device) -> dict:
 
 
 def main(out_dir: str | os.PathLike | None = None) -> dict:
-    """Run both models; print a table and write ``e2e_graph.json`` under ``out_dir`` (default: cwd)."""
+    """Run every case; print a table and write ``e2e_graph.json`` under ``out_dir`` (default: cwd)."""
     if not torch.cuda.is_available():
         raise SystemExit("e2e_graph needs a CUDA device")
     device = torch.device("cuda", torch.cuda.current_device())
@@ -219,6 +250,12 @@ def main(out_dir: str | os.PathLike | None = None) -> dict:
     cases = [(name, lambda b=build, n=name: _bench_model(n, b, device))
              for name, build in (("UNet2DModel", _unet), ("DiTTransformer2DModel", _dit))]
     cases.append(("DiTPipeline (CFG)", lambda: _bench_pipeline(device)))
+    if os.environ.get("E2E_SKIP_LARGE", "0") in ("", "0"):
+        large = "UNet2DModel, SD-1.x widths"
+        cases.append((large, lambda: _bench_model(large, _unet_large, device, (LARGE_BATCH, *LARGE_LATENT),
+                                                  LARGE_REPEATS)))
+    out = Path(out_dir or ".")
+    out.mkdir(parents=True, exist_ok=True)
     for name, run in cases:
         try:
             with torch.no_grad():
@@ -226,23 +263,21 @@ def main(out_dir: str | os.PathLike | None = None) -> dict:
         except Exception as exc:  # one case failing must not lose the others' numbers
             report["results"].append({"model": name, "error": f"{type(exc).__name__}: {exc}"})
         torch.cuda.empty_cache()
+        (out / "e2e_graph.json").write_text(json.dumps(report, indent=2))  # after every case: a time limit loses one
 
-    print(f"{report['device']}: {STEPS}-step DDIM loop, batch {BATCH}, latents {LATENT}, bf16 model; median ms")
+    print(f"{report['device']}: {STEPS}-step DDIM loop, median ms (shapes per case in e2e_graph.json)")
     header = ("model", "diffusers", "ff eager", "ff graph", "x diffusers", "x ff eager")
-    print(f"{header[0]:24s} {header[1]:>10s} {header[2]:>10s} {header[3]:>10s} {header[4]:>12s} {header[5]:>11s}")
+    print(f"{header[0]:28s} {header[1]:>10s} {header[2]:>10s} {header[3]:>10s} {header[4]:>12s} {header[5]:>11s}")
     for r in report["results"]:
         if "error" in r:
-            print(f"{r['model']:24s} error: {r['error']}")
+            print(f"{r['model']:28s} error: {r['error']}")
             continue
         note = "" if r["captured"] else f"  (not captured: {r['fallback_reason']})"
         print(
-            f"{r['model']:24s} {r['diffusers_ddim_eager']['median_ms']:10.2f} {r['fastflow_eager']['median_ms']:10.2f} "
+            f"{r['model']:28s} {r['diffusers_ddim_eager']['median_ms']:10.2f} {r['fastflow_eager']['median_ms']:10.2f} "
             f"{r['fastflow_captured']['median_ms']:10.2f} {r['speedup_captured_vs_diffusers']:11.2f}x "
             f"{r['speedup_captured_vs_fastflow_eager']:10.2f}x{note}"
         )
-    out = Path(out_dir or ".")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "e2e_graph.json").write_text(json.dumps(report, indent=2))
     return report
 
 
