@@ -63,6 +63,9 @@ class LoopPipeline(DiffusionPipeline):
                 o = self.unet(inp, t).sample
                 uncond, cond = o.chunk(2)
                 o = uncond + guidance_scale * (cond - uncond)
+            elif self.mode == "cfg_lerp":  # the same guidance written with another operation
+                uncond, cond = self.unet(torch.cat([x] * 2), t).sample.chunk(2)
+                o = torch.lerp(uncond, cond, guidance_scale)
             elif self.mode == "scaled_output":
                 o = self.unet(x, t).sample * 0.5
             elif self.mode == "in_place":
@@ -83,6 +86,8 @@ class LoopPipeline(DiffusionPipeline):
             x = self.scheduler.step(o, t, x).prev_sample
             if self.mode == "sync" and torch.isnan(x).any():  # a data-dependent branch: a host sync
                 raise FloatingPointError("NaN latents")
+        if self.mode == "extra_call":  # one more model call after the scheduler's last step
+            x = self.unet(x, t).sample
         return (x / 2 + 0.5).clamp(0, 1)  # post-processing after the loop: not part of it
 
 
@@ -129,6 +134,7 @@ def test_ddim_pipeline_loop_is_capturable_data_flow():
         ("item_assignment", "changes a loop tensor in place"),
         ("many_ops", f"more than {gp._MAX_OPS_BETWEEN_CALLS} tensor operations"),
         ("outside_output", "the step does not take a tensor the loop made"),
+        ("extra_call", "comes after the scheduler's last step"),
     ],
 )
 def test_explain_names_what_breaks_the_loop(mode, expected):
@@ -404,15 +410,20 @@ def test_replay_logic_cfg_pipeline(stand_in_capture, mode):
     assert not torch.overrides._get_current_function_mode_stack()  # the op recorder is gone after each call
 
 
-def test_replay_of_cfg_loop_diverging_is_reported(stand_in_capture):
+@pytest.mark.parametrize(("changed", "message"), [
+    ("cfg_scaled", "loop call 0 is scheduler.scale_model_input, recorded the model call"),  # one more loop call
+    ("cfg_lerp", "calls the operation"),  # another operation on the loop's tensors
+])
+def test_replay_of_cfg_loop_diverging_is_reported(stand_in_capture, changed, message):
     """The pipeline's guidance code changing between calls is caught op by op, and later calls run eagerly."""
     pipe = LoopPipeline(tiny_unet(), ffd.from_scheduler(DiffusersDDIM(), backend="torch"), mode="cfg")
     fast = capture_pipeline(pipe)
     fast(batch_size=2, num_inference_steps=3)
     assert fast.captures == 1
-    pipe.mode = "cfg_scaled"  # one more loop call (scale_model_input) where the recording has an operation
-    with pytest.raises(RuntimeError, match="diverged"):
+    pipe.mode = changed
+    with pytest.raises(RuntimeError, match="diverged") as info:
         fast(batch_size=2, num_inference_steps=3)
+    assert message in str(info.value)
     assert not torch.overrides._get_current_function_mode_stack()
     torch.manual_seed(0)
     ref = pipe(batch_size=2, num_inference_steps=3)
