@@ -21,7 +21,9 @@ new inputs (the initial latents and any device tensor from outside the loop, suc
 prompt embeddings, class labels or timesteps) into the static buffers and hand back
 placeholder tensors (no memory, no kernels); at the last step the graph replays and
 the real final latents are returned. Every call and operation is checked against the
-recording as it comes, so a loop that changed is reported, not replayed wrongly.
+recording as it comes: a loop that changed is not replayed; that call reruns eagerly
+from the random state it started from (its generators and torch's), with a warning
+that says where it diverged, and so do later calls of that signature.
 
 What is captured: loops of model calls and steps whose glue is tensor operations:
 ``DDIMPipeline``, ``DDPMPipeline``, and text-to-image pipelines that do
@@ -84,6 +86,30 @@ class PipelineFallbackWarning(UserWarning):
 
 class _Uncapturable(Exception):
     pass
+
+
+class _Diverged(Exception):
+    """A replayed call's loop differs from the recorded one (its message says where)."""
+
+
+class _RngState:
+    """The random state a pipeline call starts from: its generators' and torch's global ones, to rerun it exactly."""
+
+    def __init__(self, args: tuple, kwargs: dict, device: torch.device):
+        found = [g for g in pytree.tree_leaves((args, kwargs)) if isinstance(g, torch.Generator)]
+        self.generators = [(g, g.get_state()) for g in found]
+        self.cpu = torch.get_rng_state()
+        self.cuda = None
+        if device.type == "cuda" and torch.cuda.is_initialized():
+            self.device = device
+            self.cuda = torch.cuda.get_rng_state(device)
+
+    def restore(self) -> None:
+        for g, state in self.generators:
+            g.set_state(state)
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda, self.device)
 
 
 def _warn_once(reason: str) -> None:
@@ -585,17 +611,25 @@ class CapturedPipeline:
 
     # ------------------------------------------------------------------ replay
     def _replay(self, trace: _Trace, args: tuple, kwargs: dict) -> Any:
+        """A call from the graph; if the pipeline's loop turns out to differ from the recording, the call is run
+        again eagerly from the same random state (as if it had never been replayed), and so are later ones."""
+        rng = _RngState(args, kwargs, self.device)
+        try:
+            return self._replay_once(trace, args, kwargs)
+        except _Diverged as exc:
+            trace.reason = str(exc)
+            trace.release()
+            rng.restore()
+            return self._eager(trace.reason, args, kwargs)
+
+    def _replay_once(self, trace: _Trace, args: tuple, kwargs: dict) -> Any:
         events = trace.events
         state: dict[str, Any] = {"k": 0, "done": False}
         loaded: set[int] = set()
         live: dict[int, int] = {}  # id(placeholder) -> loop value, for the placeholders handed out so far
 
         def diverged(why: str) -> None:
-            trace.reason = f"the pipeline's loop diverged from the recorded one: {why}"
-            trace.release()
-            raise RuntimeError(
-                f"{trace.reason}; this call cannot be completed from the graph (the next one runs eagerly)"
-            )
+            raise _Diverged(f"the pipeline's loop diverged from the recorded one: {why}")
 
         def take(kind: str, func: Any, a: tuple, kw: dict) -> _Event:
             """Match this call against the next recorded event; load its outside inputs into the static buffers."""
@@ -674,9 +708,7 @@ class CapturedPipeline:
         finally:
             ops.stop()
         if not state["done"]:
-            trace.reason = "the pipeline ended before the recorded loop's last step"
-            trace.release()
-            raise RuntimeError(f"{trace.reason}; its result came from placeholders (the next call runs eagerly)")
+            raise _Diverged("the pipeline ended before the recorded loop's last step")
         self.reason = None
         return result
 

@@ -379,12 +379,16 @@ def test_replay_divergence_is_reported(stand_in_capture):
     fast(batch_size=2, num_inference_steps=3)
     assert fast.captures == 1
     pipe.mode = "scaled_output"  # the pipeline's code changes between calls
-    with pytest.raises(RuntimeError, match="diverged"):
-        fast(batch_size=2, num_inference_steps=3)
-    assert "forward" not in pipe.unet.__dict__
     torch.manual_seed(0)
     ref = pipe(batch_size=2, num_inference_steps=3)
     torch.manual_seed(0)
+    with pytest.warns(PipelineFallbackWarning, match="diverged"):
+        got = fast(batch_size=2, num_inference_steps=3)  # found mid-call: the call reruns eagerly from its start
+    assert torch.equal(got, ref) and "diverged" in fast.reason and fast.replays == 0
+    assert "forward" not in pipe.unet.__dict__
+    torch.manual_seed(1)
+    ref = pipe(batch_size=2, num_inference_steps=3)
+    torch.manual_seed(1)
     got = fast(batch_size=2, num_inference_steps=3)  # this signature runs eagerly from now on
     assert torch.equal(got, ref) and "diverged" in fast.reason
 
@@ -415,20 +419,23 @@ def test_replay_logic_cfg_pipeline(stand_in_capture, mode):
     ("cfg_lerp", "calls the operation"),  # another operation on the loop's tensors
 ])
 def test_replay_of_cfg_loop_diverging_is_reported(stand_in_capture, changed, message):
-    """The pipeline's guidance code changing between calls is caught op by op, and later calls run eagerly."""
+    """The pipeline's guidance code changing between calls is caught op by op; that call and later ones run eagerly
+    (the first rerun from the random state it started from)."""
     pipe = LoopPipeline(tiny_unet(), ffd.from_scheduler(DiffusersDDIM(), backend="torch"), mode="cfg")
     fast = capture_pipeline(pipe)
-    fast(batch_size=2, num_inference_steps=3)
+    fast(batch_size=2, num_inference_steps=3, generator=torch.Generator().manual_seed(0))
     assert fast.captures == 1
     pipe.mode = changed
-    with pytest.raises(RuntimeError, match="diverged") as info:
-        fast(batch_size=2, num_inference_steps=3)
-    assert message in str(info.value)
+    gen = torch.Generator().manual_seed(4)
+    ref = pipe(batch_size=2, num_inference_steps=3, generator=gen)
+    gen.manual_seed(4)
+    with pytest.warns(PipelineFallbackWarning, match="diverged"):
+        got = fast(batch_size=2, num_inference_steps=3, generator=gen)  # reruns eagerly, generator rewound
+    assert message in fast.reason and torch.equal(got, ref) and fast.replays == 0
     assert not torch.overrides._get_current_function_mode_stack()
-    torch.manual_seed(0)
-    ref = pipe(batch_size=2, num_inference_steps=3)
-    torch.manual_seed(0)
-    assert torch.equal(fast(batch_size=2, num_inference_steps=3), ref) and "diverged" in fast.reason
+    ref = pipe(batch_size=2, num_inference_steps=3, generator=gen.manual_seed(5))
+    got = fast(batch_size=2, num_inference_steps=3, generator=gen.manual_seed(5))
+    assert torch.equal(got, ref) and "diverged" in fast.reason
 
 
 @pytest.mark.parametrize("mode", ["in_place", "many_ops"])
