@@ -49,19 +49,23 @@ def _time_ms(fn: Callable[[], object], repeats: int = REPEATS, warmup: int = 2) 
     return {"median_ms": statistics.median(times), "min_ms": min(times), "runs_ms": times}
 
 
-def _unet(device: torch.device) -> tuple[torch.nn.Module, Callable]:
+def _unet(device: torch.device, latent: tuple[int, ...] = LATENT, widths: tuple[int, ...] = (64, 128, 256, 256),
+          up_attention: bool = False) -> tuple[torch.nn.Module, Callable]:
     from diffusers import UNet2DModel
 
     torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=LATENT[1],
-        in_channels=LATENT[0],
-        out_channels=LATENT[0],
-        layers_per_block=2,
-        block_out_channels=(64, 128, 256, 256),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-    )
+    with torch.device(device):
+        unet = UNet2DModel(
+            sample_size=latent[1],
+            in_channels=latent[0],
+            out_channels=latent[0],
+            layers_per_block=2,
+            block_out_channels=widths,
+            down_block_types=("AttnDownBlock2D" if up_attention else "DownBlock2D", "AttnDownBlock2D",
+                              "AttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D",
+                            "AttnUpBlock2D" if up_attention else "UpBlock2D"),
+        )
     unet = unet.to(device, torch.bfloat16).eval()
 
     def model_fn(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -96,25 +100,7 @@ def _dit(device: torch.device, out_channels: int | None = None) -> tuple[torch.n
 def _unet_large(device: torch.device) -> tuple[torch.nn.Module, Callable]:
     """A UNet of Stable Diffusion 1.x's widths (no cross-attention) on 4x64x64 latents: compute bound, where
     a captured loop has little launch time to save and must not cost time either."""
-    from diffusers import UNet2DModel
-
-    torch.manual_seed(0)
-    with torch.device(device):
-        unet = UNet2DModel(
-            sample_size=LARGE_LATENT[1],
-            in_channels=LARGE_LATENT[0],
-            out_channels=LARGE_LATENT[0],
-            layers_per_block=2,
-            block_out_channels=(320, 640, 1280, 1280),
-            down_block_types=("AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D"),
-        )
-    unet = unet.to(device, torch.bfloat16).eval()
-
-    def model_fn(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return unet(z, t).sample
-
-    return unet, model_fn
+    return _unet(device, LARGE_LATENT, (320, 640, 1280, 1280), up_attention=True)
 
 
 def _bench_model(

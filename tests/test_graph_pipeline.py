@@ -449,6 +449,15 @@ def test_uncapturable_glue_runs_eagerly(stand_in_capture, mode):
     assert torch.equal(got[0], ref) and torch.equal(got[1], ref)
 
 
+def tiny_vae() -> diffusers.AutoencoderKL:
+    """A one-block VAE with random weights: 4 latent channels, no downsampling."""
+    return diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,), layers_per_block=1,
+        norm_num_groups=4, down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+        sample_size=8,
+    ).eval()
+
+
 def dit_pipe() -> diffusers.DiTPipeline:
     """diffusers' DiTPipeline (class-conditional, classifier-free guidance in its own loop) with tiny random weights."""
     torch.manual_seed(0)
@@ -456,11 +465,7 @@ def dit_pipe() -> diffusers.DiTPipeline:
         num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=1, sample_size=8,
         patch_size=2, num_embeds_ada_norm=1000,
     ).eval()
-    vae = diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,), layers_per_block=1,
-        norm_num_groups=4, down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
-        sample_size=8,
-    ).eval()
+    vae = tiny_vae()
     pipe = diffusers.DiTPipeline(transformer=transformer, vae=vae,
                                  scheduler=ffd.from_scheduler(DiffusersDDIM(), backend="torch"))
     pipe.set_progress_bar_config(disable=True)
@@ -489,11 +494,7 @@ def sd_pipe():
         norm_num_groups=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=12, attention_head_dim=2,
     ).eval()
-    vae = diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,), layers_per_block=1,
-        norm_num_groups=4, down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
-        sample_size=8,
-    ).eval()
+    vae = tiny_vae()
     scheduler = ffd.from_scheduler(diffusers.EulerDiscreteScheduler(beta_schedule="scaled_linear"), backend="torch")
     pipe = diffusers.StableDiffusionPipeline(
         vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=scheduler, safety_checker=None,
