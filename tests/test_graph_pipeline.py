@@ -524,3 +524,46 @@ def test_replay_logic_stable_diffusion_pipeline(stand_in_capture):
         assert (call(fast, k, s) == refs[k, s]).all()
     assert fast.captures == 1 and fast.replays == 3
     assert not (refs[0, 0] == refs[1, 0]).all()  # the embeddings matter, so the replays did take them
+
+
+def sdxl_pipe():
+    """diffusers' StableDiffusionXLPipeline with tiny random weights, driven by embeddings (no text encoders)."""
+    pytest.importorskip("transformers", reason="StableDiffusionXLPipeline needs transformers")
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+        norm_num_groups=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=12, attention_head_dim=2,
+        addition_embed_type="text_time", addition_time_embed_dim=4, projection_class_embeddings_input_dim=6 + 6 * 4,
+    ).eval()
+    scheduler = ffd.from_scheduler(diffusers.EulerDiscreteScheduler(beta_schedule="scaled_linear"), backend="torch")
+    pipe = diffusers.StableDiffusionXLPipeline(
+        vae=tiny_vae(), text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None, unet=unet,
+        scheduler=scheduler,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_replay_logic_sdxl_pipeline(stand_in_capture):
+    """SDXL's loop passes a dict of conditioning tensors (pooled embeddings, time ids) to the UNet: they are graph
+    inputs too, refreshed on every replay."""
+    pipe = sdxl_pipe()
+    fast = capture_pipeline(pipe)
+    g = torch.Generator().manual_seed(3)
+
+    def embeds() -> dict:
+        return {"prompt_embeds": torch.randn(1, 5, 12, generator=g),
+                "negative_prompt_embeds": torch.randn(1, 5, 12, generator=g),
+                "pooled_prompt_embeds": torch.randn(1, 6, generator=g),
+                "negative_pooled_prompt_embeds": torch.randn(1, 6, generator=g)}
+
+    conds = [embeds(), embeds()]
+    kw = {"num_inference_steps": 3, "guidance_scale": 5.0, "height": 8, "width": 8, "output_type": "np"}
+    refs = [pipe(generator=torch.manual_seed(0), **c, **kw).images for c in conds]
+    assert not (refs[0] == refs[1]).all()
+    assert (fast(generator=torch.manual_seed(0), **conds[0], **kw).images == refs[0]).all()
+    assert fast.captures == 1 and fast.reason is None, fast.reason
+    assert (fast(generator=torch.manual_seed(0), **conds[1], **kw).images == refs[1]).all()
+    assert (fast(generator=torch.manual_seed(0), **conds[0], **kw).images == refs[0]).all()
+    assert fast.replays == 2
