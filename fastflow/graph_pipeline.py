@@ -234,7 +234,6 @@ class _Recorder:
         self.problem: str | None = None
         self.keep: list[Any] = []  # keeps the outside inputs alive so their ids stay unique in this call
         self.last_label = "the first loop call"
-        self.inside = False  # in a model call, step or scale_model_input (their own ops are not the loop's)
         self.ops_since_call = 0
         self.overflow: str | None = None
         self.done = False  # the scheduler has taken its last step
@@ -487,11 +486,7 @@ class CapturedPipeline:
                     _note(rec, kind, call_args, call_kwargs)
             except _Uncapturable as exc:
                 rec.fail(f"{label}: {exc}")
-            rec.inside = True
-            try:
-                out = fn(*call_args, **call_kwargs)
-            finally:
-                rec.inside = False
+            out = fn(*call_args, **call_kwargs)
             try:
                 if rec.problem is None:
                     _note_output(rec, kind, out)
@@ -798,7 +793,7 @@ class _LoopOps(TorchFunctionMode):
 def _record_op(rec: _Recorder, func: Any, args: tuple, kwargs: dict) -> Any:
     """One torch function call of the pipeline's own code inside the loop: recorded when it makes new tensors from
     loop tensors (classifier-free guidance, ``torch.cat([latents] * 2)``, a rescale), else just run."""
-    if rec.inside or rec.done or rec.problem is not None or rec.overflow is not None:
+    if rec.done or rec.problem is not None or rec.overflow is not None:
         return func(*args, **kwargs)
     if not _any_tensor((args, kwargs), rec.is_value):
         watch = rec.watch

@@ -485,19 +485,26 @@ def test_replay_logic_dit_pipeline_with_guidance(stand_in_capture):
     assert fast.replays == 2
 
 
+def tiny_cond_unet(**extra) -> diffusers.UNet2DConditionModel:
+    """A cross-attention UNet with small random weights (``extra``: SDXL's added conditioning)."""
+    torch.manual_seed(0)
+    return diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+        norm_num_groups=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=12, attention_head_dim=2, **extra,
+    ).eval()
+
+
+def euler_dropin():
+    return ffd.from_scheduler(diffusers.EulerDiscreteScheduler(beta_schedule="scaled_linear"), backend="torch")
+
+
 def sd_pipe():
     """diffusers' StableDiffusionPipeline with tiny random weights, driven by prompt embeddings (no text encoder)."""
     pytest.importorskip("transformers", reason="StableDiffusionPipeline needs transformers")
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
-        norm_num_groups=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=12, attention_head_dim=2,
-    ).eval()
-    vae = tiny_vae()
-    scheduler = ffd.from_scheduler(diffusers.EulerDiscreteScheduler(beta_schedule="scaled_linear"), backend="torch")
     pipe = diffusers.StableDiffusionPipeline(
-        vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=scheduler, safety_checker=None,
+        vae=tiny_vae(), text_encoder=None, tokenizer=None, unet=tiny_cond_unet(), scheduler=euler_dropin(),
+        safety_checker=None,
         feature_extractor=None, requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
@@ -529,17 +536,12 @@ def test_replay_logic_stable_diffusion_pipeline(stand_in_capture):
 def sdxl_pipe():
     """diffusers' StableDiffusionXLPipeline with tiny random weights, driven by embeddings (no text encoders)."""
     pytest.importorskip("transformers", reason="StableDiffusionXLPipeline needs transformers")
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
-        norm_num_groups=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=12, attention_head_dim=2,
-        addition_embed_type="text_time", addition_time_embed_dim=4, projection_class_embeddings_input_dim=6 + 6 * 4,
-    ).eval()
-    scheduler = ffd.from_scheduler(diffusers.EulerDiscreteScheduler(beta_schedule="scaled_linear"), backend="torch")
+    unet = tiny_cond_unet(
+        addition_embed_type="text_time", addition_time_embed_dim=4, projection_class_embeddings_input_dim=6 + 6 * 4
+    )
     pipe = diffusers.StableDiffusionXLPipeline(
         vae=tiny_vae(), text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None, unet=unet,
-        scheduler=scheduler,
+        scheduler=euler_dropin(),
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
