@@ -23,9 +23,9 @@ namespace {
 
 constexpr int kThreads = 256;
 
-template <typename T>
-__global__ void __launch_bounds__(kThreads) fused_step_kernel(const StepParams p, int64_t items_per_sample) {
-  fused_step_items<T>(p, items_per_sample, static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x,
+template <typename T, bool kDraw>
+__global__ void __launch_bounds__(kThreads, 8) fused_step_kernel(const StepParams p, int64_t items_per_sample) {
+  fused_step_items<T, kDraw>(p, items_per_sample, static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x,
                       static_cast<int64_t>(gridDim.x) * blockDim.x);
 }
 
@@ -82,10 +82,14 @@ int launch_fused_step_cuda(const StepParams& p, bool compute_double, void* strea
   const int64_t total = p.batch * items_per_sample;
   if (total == 0) return 0;
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  if (compute_double) {
-    fused_step_kernel<double><<<grid_for(total), kThreads, 0, s>>>(p, items_per_sample);
+  const unsigned int grid = grid_for(total);
+  const bool draw = draws_noise(p);
+  if (compute_double) {  // rare (float64 state): one instantiation serves every launch
+    fused_step_kernel<double, true><<<grid, kThreads, 0, s>>>(p, items_per_sample);
+  } else if (draw) {
+    fused_step_kernel<float, true><<<grid, kThreads, 0, s>>>(p, items_per_sample);
   } else {
-    fused_step_kernel<float><<<grid_for(total), kThreads, 0, s>>>(p, items_per_sample);
+    fused_step_kernel<float, false><<<grid, kThreads, 0, s>>>(p, items_per_sample);
   }
   return static_cast<int>(cudaGetLastError());
 }

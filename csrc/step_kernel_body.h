@@ -178,16 +178,22 @@ FF_UNROLL
   store1(p.out, p.z_dtype, i, zn);
 }
 
+// Whether a launch draws its noise in the kernel (Philox). The launcher runs an
+// instantiation with kDraw = false when it does not, so deterministic steps run
+// without the Philox and Box-Muller code and its registers (higher occupancy);
+// kDraw = true handles every launch.
+FF_HD bool draws_noise(const StepParams& p) { return p.use_noise != 0 && p.noise == nullptr; }
+
 // The slow path for an item that cannot use 16-byte accesses (a sample's last,
 // partial item, or unaligned tensors): one element at a time, one Philox per group.
 // Its loop stays rolled so it does not raise the vector path's register count.
-template <typename T>
+template <typename T, bool kDraw>
 FF_HD void step_item_scalar(const StepParams& p, const Coefs<T>& k, int64_t b, int64_t e0,
                                                  int n, uint32_t step32) {
   const bool guided = p.model_out_uncond != nullptr;
   const bool has_clip = p.has_clip != 0;
   const T clip = static_cast<T>(p.clip);
-  const bool draw = p.use_noise && p.noise == nullptr;
+  const bool draw = kDraw && draws_noise(p);
   const int64_t off = b * p.numel + e0;
 FF_NO_UNROLL
   for (int g = 0; g < n; g += 4) {
@@ -205,8 +211,8 @@ FF_UNROLL
 }
 
 // The work of one thread: items item, item + stride, ... of the launch (an item is
-// kVec consecutive elements of one sample).
-template <typename T>
+// kVec consecutive elements of one sample). kDraw = false needs !draws_noise(p).
+template <typename T, bool kDraw>
 FF_HD void fused_step_items(const StepParams& p, int64_t items_per_sample, int64_t item, int64_t stride) {
   const int64_t total = p.batch * items_per_sample;
   if (item >= total) return;
@@ -226,7 +232,7 @@ FF_HD void fused_step_items(const StepParams& p, int64_t items_per_sample, int64
     const int64_t off = b * p.numel + e0;
     const int n = static_cast<int>(p.numel - e0 < kVec ? p.numel - e0 : kVec);
     if (!(p.vectorized && n == kVec)) {
-      step_item_scalar(p, k, b, e0, n, step32);
+      step_item_scalar<T, kDraw>(p, k, b, e0, n, step32);
       continue;
     }
 
@@ -259,7 +265,7 @@ FF_UNROLL
     }
     if (use_noise) {
       T xi[kVec];
-      if (p.noise != nullptr) {
+      if (!kDraw || p.noise != nullptr) {
         load8(p.noise, p.noise_dtype, off, xi);
       } else {
         const uint64_t seed = static_cast<uint64_t>(p.seeds[b]);

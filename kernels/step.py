@@ -50,6 +50,8 @@ _PHILOX_M1 = tl.constexpr(_noise_spec.PHILOX_M1)
 _PHILOX_W0 = tl.constexpr(_noise_spec.PHILOX_W0)
 _PHILOX_W1 = tl.constexpr(_noise_spec.PHILOX_W1)
 _PHILOX_ROUNDS = tl.constexpr(_noise_spec.PHILOX_ROUNDS)
+_S0, _S1, _S2 = (tl.constexpr(c) for c in _noise_spec.SIN_POLY)
+_C0, _C1, _C2, _C3 = (tl.constexpr(c) for c in _noise_spec.COS_POLY)
 
 NOISE_NONE = 0
 NOISE_PHILOX = 1
@@ -77,20 +79,25 @@ def philox4x32(c0, c1, c2, c3, k0, k1):
 def _box_muller(xa, xb):
     """Two normals from two Philox words: radius from ``xa``, centred angle from ``xb``.
 
-    The angle ``pi * v`` is reduced to ``[-pi/4, pi/4]`` by whole quarter turns (exact
-    in float32, since ``v`` has 23 fraction bits) so float32 sin/cos stay within a few
-    1e-7 of the float64 spec even at the largest radius.
+    The angle ``pi * v`` is reduced to ``t`` in ``[-pi/4, pi/4]`` by whole quarter
+    turns (exact in float32, since ``v`` has 23 fraction bits), where the short
+    polynomials of :data:`fastflow.noise.SIN_POLY` and ``COS_POLY`` are within an
+    ulp; the quarter turn then swaps and negates them.
     """
     u = ((xa >> 9).to(tl.float32) * 2.0 + 1.0) * 5.9604644775390625e-08  # (2m+1) * 2**-24
     v = ((xb >> 9).to(tl.float32) * 2.0 + 1.0) * 1.1920928955078125e-07 - 1.0  # (2m+1) * 2**-23 - 1
     r = tl.sqrt_rn(-2.0 * tl.log(u))
     q = tl.floor(v * 2.0 + 0.5)
     t = (v - q * 0.5) * 3.141592653589793
-    s = tl.sin(t)
-    c = tl.cos(t)
+    t2 = t * t
+    s = t + t * t2 * (_S0 + t2 * (_S1 + t2 * _S2))
+    c = 1.0 + t2 * (_C0 + t2 * (_C1 + t2 * (_C2 + t2 * _C3)))
     quarter = q.to(tl.int32) & 3
-    sin_v = tl.where(quarter == 0, s, tl.where(quarter == 1, c, tl.where(quarter == 2, -s, -c)))
-    cos_v = tl.where(quarter == 0, c, tl.where(quarter == 1, -s, tl.where(quarter == 2, -c, s)))
+    odd = (quarter & 1) != 0  # a quarter turn swaps sine and cosine
+    sin_v = tl.where(odd, c, s)
+    cos_v = tl.where(odd, s, c)
+    sin_v = tl.where((quarter & 2) != 0, -sin_v, sin_v)  # quarters 2, 3
+    cos_v = tl.where(((quarter + 1) & 2) != 0, -cos_v, cos_v)  # quarters 1, 2
     return r * cos_v, r * sin_v
 
 

@@ -6,7 +6,10 @@
 #   OUT=/some/dir bash scripts/gpu_check.sh        (OUT defaults to ./gpu_out)
 #
 # Knobs: GPU_CHECK_BUDGET (seconds, default 440), BENCH_ARGS (default --quick),
-# FASTFLOW_CUDA_ARCHS (default 90), CUDA_HOME (default /usr/local/cuda), PYTHON.
+# FASTFLOW_CUDA_ARCHS (default 90), CUDA_HOME (default /usr/local/cuda), PYTHON, and
+# AB_BASE: another checkout (e.g. `git archive OLD | tar -x -C .ab_base`, carried
+# along) whose extension is built and whose fastflow step benchmarks run on this
+# machine just before this tree's; bench/compare.md then has new / base per case.
 #
 # Run from a copy of the repository with the git-ignored .whl/ folder carried
 # along (the machine has no network): diffusers' wheel, and transformers' with
@@ -143,6 +146,24 @@ gpu_tests() {
 export -f gpu_tests
 phase gpu_tests 170 130 gpu_tests
 
+# 3b. optional A/B baseline: the other checkout's fastflow columns, same settings and machine
+base_bench() {
+    (cd "$AB_BASE" && "$PY" setup.py build_ext --inplace >"$OUT/base_build.log" 2>&1) || {
+        echo "the base checkout's build failed: see base_build.log"
+        return 1
+    }
+    # shellcheck disable=SC2086  # BENCH_ARGS is a list of words
+    (cd "$AB_BASE" && PYTHONPATH=${SITE:+$SITE:}$AB_BASE "$PY" -m benchmarks ${BENCH_ARGS---quick} --no-e2e \
+        --backends fastflow-triton fastflow-cuda fastflow-dropin --out "$OUT/bench_base" --budget $((PHASE_LIMIT - 60)))
+}
+if [ -n "${AB_BASE:-}" ] && [ -d "$AB_BASE" ]; then
+    AB_BASE=$(cd "$AB_BASE" && pwd)
+    SITE=$([ -d /tmp/site ] && echo /tmp/site)
+    export AB_BASE SITE
+    export -f base_bench
+    phase base_bench 150 200 base_bench
+fi
+
 # 4. the step benchmarks (quick settings; they write results after every case)
 # BENCH_ARGS replaces the default --quick (e.g. BENCH_ARGS="" for the full settings, given the time).
 bench() {
@@ -151,6 +172,10 @@ bench() {
 }
 export -f bench
 phase bench 150 40 bench
+if [ -f "$OUT/bench_base/results.json" ] && [ -f "$OUT/bench/results.json" ]; then
+    "$PY" benchmarks/compare.py "$OUT/bench_base/results.json" "$OUT/bench/results.json" \
+        --out "$OUT/bench/compare.md" >/dev/null 2>&1 || log "compare: failed"
+fi
 
 # 5. end to end: a small model's whole sampling loop, diffusers vs fastflow eager vs captured
 e2e() {

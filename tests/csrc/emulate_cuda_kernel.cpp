@@ -25,11 +25,14 @@ void fused_step_emulated(const at::Tensor& z, const at::Tensor& out, const at::T
   const int64_t items_per_sample = (s.p.numel + fastflow::kVec - 1) / fastflow::kVec;
   const int64_t total = s.p.batch * items_per_sample;
   const int64_t stride = threads > 0 ? std::min(threads, total) : total;
+  // The same instantiation choice as the launcher in csrc/step_kernel.cu.
+  const bool draw = fastflow::draws_noise(s.p);
   for (int64_t t = 0; t < stride; ++t) {
     if (s.compute_double) {
-      fastflow::fused_step_items<double>(s.p, items_per_sample, t, stride);
+      fastflow::fused_step_items<double, true>(s.p, items_per_sample, t, stride);
     } else {
-      fastflow::fused_step_items<float>(s.p, items_per_sample, t, stride);
+      draw ? fastflow::fused_step_items<float, true>(s.p, items_per_sample, t, stride)
+           : fastflow::fused_step_items<float, false>(s.p, items_per_sample, t, stride);
     }
   }
   s.finish();

@@ -1,0 +1,63 @@
+"""Device and host time of two benchmark runs side by side: ``new / base`` per case.
+
+    python benchmarks/compare.py BASE/results.json NEW/results.json [--out compare.md]
+
+Both runs should come from one machine in one session (``scripts/gpu_check.sh`` runs
+a base checkout's benchmarks right before this tree's when ``AB_BASE`` is set);
+ratios below 1 mean the new tree is faster. Cases and implementations found in only
+one run are left out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+METRICS = (("device_us", "device"), ("host_us", "loop"), ("graph_us", "graph"))
+
+
+def _cases(path: Path) -> dict[tuple[str, str, str], dict]:
+    data = json.loads(path.read_text())
+    return {(c["family"], c["size"], c.get("model_dtype", "")): c["impls"] for c in data["cases"]}
+
+
+def compare(base: Path, new: Path) -> str:
+    """A markdown table of ``new / base`` for every metric both runs measured."""
+    old, cur = _cases(base), _cases(new)
+    lines = [
+        f"# `{new}` against `{base}` (new / base; below 1 is faster)",
+        "",
+        "| family | size | model out | impl | " + " | ".join(f"{label} base us | {label} new us | {label} ratio"
+                                                   for _, label in METRICS) + " |",
+        "|---|---|---|---|" + "---|---|---|" * len(METRICS),
+    ]
+    for key in sorted(old.keys() & cur.keys()):
+        for impl in sorted(old[key].keys() & cur[key].keys()):
+            a, b = old[key][impl], cur[key][impl]
+            cells = []
+            for metric, _ in METRICS:
+                x, y = a.get(metric), b.get(metric)
+                if isinstance(x, (int, float)) and isinstance(y, (int, float)) and x > 0:
+                    cells += [f"{x:.1f}", f"{y:.1f}", f"{y / x:.2f}"]
+                else:
+                    cells += ["-", "-", "-"]
+            if any(c != "-" for c in cells):
+                lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {impl} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("base", type=Path)
+    parser.add_argument("new", type=Path)
+    parser.add_argument("--out", type=Path, help="also write the table here")
+    args = parser.parse_args(argv)
+    table = compare(args.base, args.new)
+    print(table)
+    if args.out:
+        args.out.write_text(table)
+
+
+if __name__ == "__main__":
+    main()
