@@ -28,8 +28,9 @@ def compare(base: Path, new: Path) -> str:
     lines = [
         f"# `{new}` against `{base}` (new / base; below 1 is faster)",
         "",
-        "| family | size | model out | impl | " + " | ".join(f"{label} base us | {label} new us | {label} ratio"
-                                                   for _, label in METRICS) + " |",
+        "| family | size | model out | impl | "
+        + " | ".join(f"{label} base us | {label} new us | {label} ratio" for _, label in METRICS)
+        + " |",
         "|---|---|---|---|" + "---|---|---|" * len(METRICS),
     ]
     for key in sorted(old.keys() & cur.keys()):

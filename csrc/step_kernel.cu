@@ -24,7 +24,7 @@ namespace {
 constexpr int kThreads = 256;
 
 template <typename T, bool kDraw>
-__global__ void __launch_bounds__(kThreads, 8) fused_step_kernel(const StepParams p, int64_t items_per_sample) {
+__global__ void __launch_bounds__(kThreads) fused_step_kernel(const StepParams p, int64_t items_per_sample) {
   fused_step_items<T, kDraw>(p, items_per_sample, static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x,
                       static_cast<int64_t>(gridDim.x) * blockDim.x);
 }
