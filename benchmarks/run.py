@@ -75,12 +75,27 @@ def _version(module: str) -> str | None:
 
 
 def _git_commit() -> str | None:
+    """HEAD of this checkout, marked when its tracked files differ from it.
+
+    A checkout without git metadata of its own (an exported tree inside another
+    repository) gives None rather than the outer repository's commit.
+    """
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str:
+        out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip()
+
     try:
-        root = Path(__file__).resolve().parents[1]
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or None
+        if Path(git("rev-parse", "--show-toplevel") or "/nonexistent").resolve() != root:
+            return None
+        head = git("rev-parse", "HEAD")
+        changed = git("status", "--porcelain", "--untracked-files=no").splitlines()
     except Exception:
         return None
+    if not head:
+        return None
+    return f"{head} + {len(changed)} changed files" if changed else head
 
 
 def machine_info(device: torch.device) -> dict:

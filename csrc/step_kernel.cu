@@ -11,7 +11,9 @@
 // use scalar accesses. Indexing is int64 throughout. The coefficient row and the
 // step index are read on the device, so a launch needs no host-side value and is
 // safe to capture in a CUDA graph. Dtypes are launch parameters (warp-uniform
-// switches), which keeps one kernel per compute type instead of one per dtype mix.
+// switches), which keeps a few kernels instead of one per dtype mix: float compute
+// with and without in-kernel noise (the Philox code would cost the deterministic
+// kernel 20 registers of occupancy), and double compute.
 #include <cuda_runtime.h>
 
 #include "fastflow_cuda.h"

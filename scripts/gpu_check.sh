@@ -87,7 +87,9 @@ log "repository $ROOT, output $OUT, budget ${BUDGET}s, python $(command -v "$PY"
 versions() {
     echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
     echo "host: $(hostname)  cores: $(nproc)"
-    echo "commit: $(git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo unknown)"
+    # Tracked files that differ from HEAD: nonzero when the copy's git metadata is older than its files.
+    echo "commit: $(git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo unknown)" \
+        "($(git -C "$ROOT" status --porcelain --untracked-files=no 2>/dev/null | wc -l) tracked files differ from it)"
     "$PY" --version
     "$CUDA_HOME/bin/nvcc" --version 2>/dev/null | tail -n 2 || echo "nvcc: not found under $CUDA_HOME"
     "$PY" - <<'EOF'
