@@ -28,7 +28,18 @@ that says where it diverged, and so do later calls of that signature.
 What is captured: loops of model calls and steps whose glue is tensor operations:
 ``DDIMPipeline``, ``DDPMPipeline``, and text-to-image pipelines that do
 classifier-free guidance in their own code, with conditioning tensors passed to the
-model. A new guidance scale is a new signature (one more capture).
+model.
+
+A new guidance scale needs no new capture. A float that the pipeline's code only
+multiplies a floating-point loop tensor by (``guidance_scale * (cond - uncond)``, a
+guidance rescale) is a parameter of the graph: the graph reads it from device memory
+(in the op's own precision, so replays stay bitwise equal to eager calls) and each
+replay writes the call's value there. A call whose signature differs from a captured
+one only in float arguments first replays that capture with its own values; if one
+of its floats reaches anything else (the step's ``eta``, a ``strength`` that changes
+the timesteps, guidance off at a scale of 1), the mismatch is found as the loop
+runs, and the call is recorded and captured as a signature of its own (from the
+random state it started from).
 
 What falls back to eager (``.reason`` says which and why, a warning is given once):
 
@@ -164,10 +175,12 @@ class _Arg:
     ``value``: a tensor the loop itself made (an output of an earlier model call, step or
     operation), by index; ``buffer``: a device tensor from outside the loop (prompt
     embeddings, the initial latents, a timestep), copied into a static buffer on every
-    replay; ``host``: anything else, a constant of the loop checked on every replay.
+    replay; ``param``: a float factor of a multiplication in the pipeline's code, by index
+    into the trace's parameters (read from device memory by the graph, written per replay);
+    ``host``: anything else, a constant of the loop checked on every replay.
     """
 
-    kind: str  # "value", "buffer", "host"
+    kind: str  # "value", "buffer", "param", "host"
     index: int = -1
     host: Any = None
     device_copy: torch.Tensor | None = None
@@ -202,6 +215,8 @@ class _Trace:
     keep: dict = field(default_factory=dict)
     reason: str | None = None
     memory_bytes: int = 0
+    params: list[float] = field(default_factory=list)  # the parameters' values the graph holds now
+    param_values: torch.Tensor | None = None  # the same, float64, on the device (the graph reads these)
 
     def placeholder(self, index: int) -> torch.Tensor:
         """What the pipeline holds in place of loop value ``index`` during a replay: a tensor of its shape and
@@ -325,6 +340,8 @@ class CapturedPipeline:
         self.captures = 0
         self.replays = 0
         self._traces: OrderedDict[tuple, _Trace] = OrderedDict()
+        # signature -> the captured signature whose graph it replays (it differs only in parameters' values)
+        self._aliases: dict[tuple, tuple] = {}
 
     # ------------------------------------------------------------------ static checks
     @property
@@ -375,6 +392,7 @@ class CapturedPipeline:
         for trace in self._traces.values():
             trace.release()
         self._traces.clear()
+        self._aliases.clear()
 
     # ------------------------------------------------------------------ calls
     def _key(self, args: tuple, kwargs: dict) -> tuple:
@@ -391,16 +409,31 @@ class CapturedPipeline:
         if blockers:
             return self._eager("; ".join(blockers), args, kwargs)
         key = self._key(args, kwargs)
-        trace = self._traces.get(key)
+        found = key if key in self._traces else self._aliases.get(key)
+        trace = self._traces.get(found) if found is not None else None
         if trace is not None:
-            self._traces.move_to_end(key)
+            self._traces.move_to_end(found)
             if trace.reason is not None:
                 return self._eager(trace.reason, args, kwargs)
             return self._replay(trace, args, kwargs)
+        self._aliases.pop(key, None)
+        for sibling_key in self._siblings(key):
+            # The same call but for float arguments: replay that capture with this call's parameter values.
+            rng = _RngState(args, kwargs, self.device)
+            try:
+                result = self._replay_once(self._traces[sibling_key], args, kwargs)
+            except _Diverged:
+                rng.restore()  # a float reached more than a multiplication: record this call on its own
+                break
+            self._aliases[key] = sibling_key
+            self._traces.move_to_end(sibling_key)
+            return result
         trace, result = self._record(args, kwargs)
         while len(self._traces) >= self.max_graphs:
-            _, old = self._traces.popitem(last=False)
+            old_key, old = self._traces.popitem(last=False)
             old.release()
+            for alias in [a for a, target in self._aliases.items() if target == old_key]:
+                del self._aliases[alias]
         self._traces[key] = trace
         if trace.reason is None:
             try:
@@ -413,6 +446,18 @@ class CapturedPipeline:
             _warn_once(trace.reason)
         self.reason = trace.reason
         return result
+
+    def _siblings(self, key: tuple) -> list[tuple]:
+        """Captured signatures that differ from ``key`` only in float values (most recently used first).
+
+        Replaying one of them is safe whatever the floats do: every loop call and operation is checked
+        against the recording as it comes, so a float that reaches more than a parameter shows as a divergence.
+        """
+        loose = _loosen(key)
+        return [
+            k for k, t in reversed(self._traces.items())
+            if t.reason is None and t.graph is not None and _loosen(k) == loose
+        ]
 
     def explain(self, *args: Any, **kwargs: Any) -> str | None:
         """Run one eager call while recording its loop; None when the loop's data flow can be captured, else why.
@@ -547,7 +592,11 @@ class CapturedPipeline:
         for k, ev in enumerate(trace.events):
             leaves = [_resolve(arg, trace, values, ev.kind) for arg in ev.args]
             a, kw = pytree.tree_unflatten(leaves, ev.spec)
-            out = ev.func(*a, **kw) if ev.kind == "op" else calls[ev.kind](*a, **kw)
+            if ev.kind != "op":
+                out = calls[ev.kind](*a, **kw)
+            else:  # a parameter is one of the two positional arguments of a multiplication (see _record_op)
+                factor = next((j for j, arg in enumerate(ev.args) if arg.kind == "param"), None)
+                out = ev.func(*a, **kw) if factor is None else _param_mul(a[1 - factor], a[factor])
             out_leaves = pytree.tree_leaves(out)
             if len(out_leaves) != len(ev.outs):
                 raise _Uncapturable(f"{_describe(ev)} at loop call {k} returned a different structure than recorded")
@@ -567,6 +616,7 @@ class CapturedPipeline:
         if trace.stochastic and hasattr(scheduler, "_ff_seed_tensor"):
             # The drop-in caches the seed tensor its steps read; creating it now makes it a static buffer.
             trace.seeds = scheduler._ff_seed_tensor(trace.batch, trace.device)
+        _make_param_values(trace)
         with torch.cuda.device(device), torch.no_grad():
             side = torch.cuda.Stream(device)
             side.wait_stream(torch.cuda.current_stream(device))
@@ -622,6 +672,7 @@ class CapturedPipeline:
         state: dict[str, Any] = {"k": 0, "done": False}
         loaded: set[int] = set()
         live: dict[int, int] = {}  # id(placeholder) -> loop value, for the placeholders handed out so far
+        params = list(trace.params)  # this call's parameter values, as its operations come
 
         def diverged(why: str) -> None:
             raise _Diverged(f"the pipeline's loop diverged from the recorded one: {why}")
@@ -650,6 +701,10 @@ class CapturedPipeline:
                     if arg.index not in loaded:
                         buf.copy_(leaf)
                         loaded.add(arg.index)
+                elif arg.kind == "param":
+                    if not _is_float(leaf):
+                        diverged(f"loop call {k} ({_describe(ev)}) multiplies by {leaf!r}, recorded a float")
+                    params[arg.index] = float(leaf)
                 elif not _same_host(leaf, arg.host):
                     diverged(f"a host input of loop call {k} ({_describe(ev)}) changed ({leaf!r} vs {arg.host!r})")
             state["k"] = k + 1
@@ -674,6 +729,7 @@ class CapturedPipeline:
                     ops.stop()
                     if trace.seeds is not None:
                         _write_seeds(trace.seeds)
+                    _write_params(trace, params)
                     trace.graph.replay()
                     self.replays += 1
                     state["done"] = True
@@ -821,6 +877,10 @@ def _record_op(rec: _Recorder, func: Any, args: tuple, kwargs: dict) -> Any:
         return out
     try:
         event = _Event("op", [rec.classify(leaf) for leaf in leaves], spec, func=func)
+        factor = _param_position(func, args, kwargs)
+        if factor is not None:
+            event.args[factor] = _Arg("param", index=len(rec.trace.params), host=args[factor])
+            rec.trace.params.append(float(args[factor]))
         event.outs, event.out_spec, event.out_consts = rec.add_values(out)
     except _Uncapturable as exc:
         rec.fail(f"{name} after {rec.last_label}: {exc}")
@@ -843,6 +903,62 @@ def _in_place(func: Any, kwargs: dict) -> bool:
 def _new_tensors(out: Any, inputs: list[Any]) -> list[torch.Tensor]:
     """The tensors of ``out`` that are not among ``inputs`` (an op may hand back its input unchanged)."""
     return [t for t in _tensors(out) if not any(t is leaf for leaf in inputs)]
+
+
+_MULTIPLY = frozenset({torch.Tensor.__mul__, torch.Tensor.__rmul__, torch.Tensor.mul, torch.mul})
+_PARAM_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _is_float(value: Any) -> bool:
+    return isinstance(value, float)  # bool and int are not floats; numpy's float64 is
+
+
+def _param_position(func: Any, args: tuple, kwargs: dict) -> int | None:
+    """Where the float factor is, when the call multiplies a floating-point tensor by a Python float."""
+    if func not in _MULTIPLY or kwargs or len(args) != 2:
+        return None
+    for factor in (1, 0):
+        tensor = args[1 - factor]
+        if _is_float(args[factor]) and isinstance(tensor, torch.Tensor) and tensor.dtype in _PARAM_DTYPES:
+            return factor
+    return None
+
+
+def _param_mul(tensor: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """``tensor * factor`` for a one-element float64 device tensor ``factor``, rounded as eager torch rounds a
+    Python float factor: the factor converted to the op's math type (float64 for float64 tensors, else float32),
+    one product in that type, one rounding to the tensor's dtype. (A tensor factor of the tensor's own dtype would
+    be rounded to it first, 7.3 to 7.3125 in bfloat16; on the CPU a 0-d one would be read as a scalar, which is
+    why the factor has one dimension: CPU and CUDA then compute alike.)"""
+    wide = tensor.dtype == torch.float64
+    product = tensor * factor if wide else (tensor.float() * factor.float()).to(tensor.dtype)
+    return product.reshape(()) if tensor.dim() == 0 else product
+
+
+def _make_param_values(trace: _Trace) -> None:
+    """The device tensor the graph reads the parameters from (one element per parameter)."""
+    if trace.params:
+        trace.param_values = torch.tensor(trace.params, dtype=torch.float64, device=trace.device)
+
+
+def _write_params(trace: _Trace, values: list[float]) -> None:
+    """Before a replay: this call's parameter values into the graph's (one host-to-device copy, when changed)."""
+    if values != trace.params and trace.param_values is not None:
+        host = torch.tensor(values, dtype=torch.float64)
+        if trace.param_values.device.type == "cuda":  # pinned and asynchronous: no host sync, as for the seeds
+            trace.param_values.copy_(host.pin_memory(), non_blocking=True)
+        else:
+            trace.param_values.copy_(host)
+        trace.params = list(values)
+
+
+def _loosen(signature: Any) -> Any:
+    """A signature with every float replaced by one token: signatures that differ only in float values match."""
+    if isinstance(signature, float):
+        return "<float>"
+    if isinstance(signature, tuple):
+        return tuple(_loosen(v) for v in signature)
+    return signature
 
 
 def _step_parts(call_args: tuple, call_kwargs: dict) -> tuple[Any, Any]:
@@ -883,6 +999,8 @@ def _resolve(arg: _Arg, trace: _Trace, values: list[Any], kind: str) -> Any:
         return values[arg.index]
     if arg.kind == "buffer":
         return trace.buffers[arg.index]
+    if arg.kind == "param":
+        return trace.param_values[arg.index : arg.index + 1]
     if kind == "model" and arg.device_copy is not None:
         return arg.device_copy
     return arg.host

@@ -63,6 +63,9 @@ class LoopPipeline(DiffusionPipeline):
                 o = self.unet(inp, t).sample
                 uncond, cond = o.chunk(2)
                 o = uncond + guidance_scale * (cond - uncond)
+            elif self.mode == "cfg_shifted":  # halves that differ, as a prompt and an empty prompt make them
+                uncond, cond = self.unet(torch.cat([x, x + 1.0]), t).sample.chunk(2)
+                o = uncond + guidance_scale * (cond - uncond)
             elif self.mode == "cfg_lerp":  # the same guidance written with another operation
                 uncond, cond = self.unet(torch.cat([x] * 2), t).sample.chunk(2)
                 o = torch.lerp(uncond, cond, guidance_scale)
@@ -229,6 +232,22 @@ def test_gpu_cfg_loop_replay_equals_eager(mode):
 
 
 @gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_new_guidance_scale_replays_equal_eager(dtype):
+    """New guidance scales replay the captured graph with their own value (read from device memory), bitwise equal
+    to eager calls; 7.3 is not a bfloat16 number, so a factor rounded to the tensor's dtype would show."""
+    pipe = LoopPipeline(tiny_unet().to("cuda", dtype), ffd.from_scheduler(DiffusersDDIM()), mode="cfg_shifted")
+    fast = capture_pipeline(pipe)
+    kw = {"batch_size": 2, "num_inference_steps": 4}
+    refs = {g: pipe(generator=torch.Generator("cpu").manual_seed(0), guidance_scale=g, **kw) for g in (2.0, 7.3)}
+    assert torch.equal(fast(generator=torch.Generator("cpu").manual_seed(0), guidance_scale=2.0, **kw), refs[2.0])
+    assert fast.reason is None and fast.captures == 1, fast.reason
+    for g in (7.3, 2.0, 7.3):
+        assert torch.equal(fast(generator=torch.Generator("cpu").manual_seed(0), guidance_scale=g, **kw), refs[g])
+    assert fast.captures == 1 and fast.replays == 3
+
+
+@gpu
 def test_gpu_dit_pipeline_replay_equals_eager():
     pipe = dit_pipe().to("cuda")
     fast = capture_pipeline(pipe)
@@ -330,6 +349,7 @@ def stand_in_capture(monkeypatch):
         originals = self._originals()
         if trace.stochastic:
             trace.seeds = self.scheduler._ff_seed_tensor(trace.batch, trace.device)
+        gp._make_param_values(trace)
         with torch.no_grad():
             final = self._run_trace(trace, originals)
         trace.outputs = pytree.tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, final)
@@ -414,6 +434,39 @@ def test_replay_logic_cfg_pipeline(stand_in_capture, mode):
     assert not torch.overrides._get_current_function_mode_stack()  # the op recorder is gone after each call
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_new_guidance_scale_replays_without_a_new_capture(stand_in_capture, dtype):
+    """The guidance scale is a parameter of the capture: new scales (7.3 is not a bfloat16 number) replay the same
+    graph with their own value, bitwise equal to the eager calls, and the old scale still replays as before."""
+    pipe = LoopPipeline(tiny_unet().to(dtype), ffd.from_scheduler(DiffusersDDIM(), backend="torch"), mode="cfg_shifted")
+    fast = capture_pipeline(pipe)
+    kw = {"batch_size": 2, "num_inference_steps": 3}
+    scales = (2.0, 5.0, 7.3)
+    refs = {(g, seed): pipe(generator=torch.manual_seed(seed), guidance_scale=g, **kw) for g in scales
+            for seed in (0, 1)}
+    assert torch.equal(fast(generator=torch.manual_seed(0), guidance_scale=2.0, **kw), refs[2.0, 0])
+    assert fast.captures == 1 and len(fast._traces[next(iter(fast._traces))].params) == 3  # one per step
+    for g, seed in ((5.0, 1), (7.3, 0), (2.0, 1), (7.3, 1), (5.0, 0)):
+        assert torch.equal(fast(generator=torch.manual_seed(seed), guidance_scale=g, **kw), refs[g, seed]), (g, seed)
+    assert fast.captures == 1 and fast.replays == 5 and fast.reason is None
+    assert not torch.equal(refs[5.0, 0], refs[7.3, 0])  # the scale matters, so the replays did take it
+
+
+def test_a_float_beyond_a_multiplication_gets_its_own_capture(stand_in_capture):
+    """Guidance written as torch.lerp takes the scale as an argument the graph holds fixed: a new scale is found to
+    differ as the loop runs, and that call is recorded (from its own random state) and captured on its own."""
+    pipe = LoopPipeline(tiny_unet(), ffd.from_scheduler(DiffusersDDIM(), backend="torch"), mode="cfg_lerp")
+    fast = capture_pipeline(pipe)
+    kw = {"batch_size": 2, "num_inference_steps": 3}
+    refs = {g: pipe(generator=torch.Generator().manual_seed(4), guidance_scale=g, **kw) for g in (2.0, 5.0)}
+    assert torch.equal(fast(generator=torch.Generator().manual_seed(4), guidance_scale=2.0, **kw), refs[2.0])
+    assert torch.equal(fast(generator=torch.Generator().manual_seed(4), guidance_scale=5.0, **kw), refs[5.0])
+    assert fast.captures == 2 and fast.replays == 0 and fast.reason is None
+    for g in (2.0, 5.0):
+        assert torch.equal(fast(generator=torch.Generator().manual_seed(4), guidance_scale=g, **kw), refs[g])
+    assert fast.captures == 2 and fast.replays == 2
+
+
 @pytest.mark.parametrize(("changed", "message"), [
     ("cfg_scaled", "loop call 0 is scheduler.scale_model_input, recorded the model call"),  # one more loop call
     ("cfg_lerp", "calls the operation"),  # another operation on the loop's tensors
@@ -483,6 +536,12 @@ def test_replay_logic_dit_pipeline_with_guidance(stand_in_capture):
     assert (fast(generator=torch.manual_seed(1), **kw).images == refs[1]).all()
     assert (fast(generator=torch.manual_seed(0), **kw).images == refs[0]).all()
     assert fast.replays == 2
+    # A new scale replays the same graph; a scale of 1 turns guidance off (another loop): its own capture.
+    for g, captures, replays in ((6.5, 1, 3), (1.0, 2, 3), (6.5, 2, 4), (1.0, 2, 5)):
+        ref = pipe(generator=torch.manual_seed(2), **{**kw, "guidance_scale": g}).images
+        got = fast(generator=torch.manual_seed(2), **{**kw, "guidance_scale": g}).images
+        assert (got == ref).all() and (fast.captures, fast.replays) == (captures, replays), g
+    assert not (ref == pipe(generator=torch.manual_seed(2), **kw).images).all()
 
 
 def tiny_cond_unet(**extra) -> diffusers.UNet2DConditionModel:
