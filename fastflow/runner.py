@@ -6,6 +6,7 @@ capture, so every front end steps the same way.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -50,16 +51,28 @@ class PlanRunner:
             self._tables[key] = self.plan.table(device, dtype)
         return self._tables[key]
 
+    def warm(self, device: torch.device | str) -> None:
+        """Resolve the backend for states on ``device`` (float32, float16, bfloat16) before the first step,
+        which may then run under torch.compile's tracing (it cannot import a backend). A backend that does not
+        resolve is left to the first step, which raises its error."""
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+            device = torch.device("cuda", torch.cuda.current_device())  # as a tensor's .device reads
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            with contextlib.suppress(Exception):
+                self._table_and_backend_for(device, dtype)
+
     def reset(self) -> None:
         """Forget stored history (a new loop starts)."""
         self._store.clear()
 
     def _table_and_backend(self, z: torch.Tensor):
-        key = (self.backend, z.device, z.dtype)
-        found = self._dispatch.get(key)
-        if found is None:
-            table = self.table(z.device, torch.float64 if z.dtype == torch.float64 else torch.float32)
-            found = self._dispatch[key] = (table, resolve_backend(self.backend, z.device, z.dtype))
+        found = self._dispatch.get((self.backend, z.device, z.dtype))
+        return found if found is not None else self._table_and_backend_for(z.device, z.dtype)
+
+    def _table_and_backend_for(self, device: torch.device, dtype: torch.dtype):
+        table = self.table(device, torch.float64 if dtype == torch.float64 else torch.float32)
+        found = self._dispatch[(self.backend, device, dtype)] = (table, resolve_backend(self.backend, device, dtype))
         return found
 
     def run(

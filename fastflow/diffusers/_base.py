@@ -17,6 +17,14 @@ or a CPU tensor locates the first step (as diffusers does); a device tensor is n
 read (that would sync), so a loop that does not start at the first timestep must call
 ``set_begin_index`` first, as diffusers' img2img pipelines do.
 
+``torch.compile``: ``step`` traces without a graph break (``fullgraph=True``) once its
+index is known without reading a tensor: after a first eager step, after
+``set_begin_index``, or with Python-number timesteps (a CPU-tensor timestep at a
+loop's first step raises an error that says so). The index is a Python int, so each
+step index traces its own graph: a compiled loop of N steps needs dynamo's
+``recompile_limit`` to be at least N, or compile the model alone (the step is one
+kernel launch already); :mod:`fastflow.graph_pipeline` captures a whole loop instead.
+
 Noise of stochastic steps: ``variance_noise`` (where the original takes it) is used
 as given; a ``generator`` draws exactly the tensor diffusers would draw (same call,
 shape, device, dtype and order), so outputs match diffusers'. With neither, the
@@ -197,6 +205,10 @@ def compile_specs(specs: Sequence[StepSpec], clip: float | None, backend: str, s
     )
 
 
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
 def _host_number(timestep: Any) -> float | None:
     """The value of a timestep when reading it costs no device sync (Python number or CPU tensor), else None."""
     if isinstance(timestep, (int, float, np.integer, np.floating)):
@@ -332,6 +344,13 @@ class FastflowScheduler:
             if self.begin_index is not None:
                 idx = self.begin_index
             else:
+                if isinstance(timestep, torch.Tensor) and timestep.device.type == "cpu" and _compiling():
+                    raise RuntimeError(
+                        f"{type(self).__name__}.step under torch.compile: the first step of a loop is located by "
+                        "its timestep's value, which a traced graph cannot read from a tensor; call "
+                        "set_begin_index(0) before the loop (as diffusers' img2img pipelines do), pass the "
+                        "timestep as a Python number, or take the first step eagerly"
+                    )
                 value = _host_number(timestep)
                 idx = 0 if value is None else self._ff_locate(value)
             self._step_index = idx
@@ -376,6 +395,7 @@ class FastflowScheduler:
         device = self.timesteps.device
         if device.type != "cpu":
             comp.runner.table(device, torch.float32)
+        comp.runner.warm(device)  # the backend too: a first step traced by torch.compile cannot import one
 
     def _ff_row(self, k: int, device: torch.device) -> torch.Tensor:
         """Row ``k`` of ``arange(steps)`` on ``device`` as a one-element view: the noise counter a kernel reads

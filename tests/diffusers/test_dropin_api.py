@@ -238,3 +238,34 @@ def test_step_output_falls_back_for_a_class_that_builds_differently():
     got = step_output(Extra, prev_sample=torch.ones(1))
     assert _FAST_OUTPUT[Extra] is False
     assert got.extra is None and list(got.keys()) == ["prev_sample"]
+
+
+def test_torch_compile_whole_loop_from_the_first_step():
+    """With set_begin_index(0) the first step traces too (the backend is resolved in set_timesteps), and with a
+    recompile limit of at least the number of steps every step of a loop runs compiled, equal to the eager loop."""
+    torch._dynamo.reset()
+    _, ff = pair("DDIMScheduler", **SD)
+    ff.set_timesteps(10)
+    ts = list(ff.timesteps)
+    xe = start_noise()
+    for t in ts:
+        xe = ff.step(stand_in(xe, t), t, xe).prev_sample
+    ff.set_timesteps(10)
+    ff.set_begin_index(0)
+    step = torch.compile(lambda o, t, x: ff.step(o, t, x).prev_sample, fullgraph=True, backend="eager")
+    x = start_noise()
+    with torch._dynamo.config.patch(recompile_limit=len(ts)):
+        for t in ts:
+            x = step(stand_in(x, t), t, x)
+    assert torch.equal(x, xe)
+
+
+def test_torch_compile_first_step_needs_its_index():
+    """Locating a loop's first step reads the timestep's value: under tracing, a CPU tensor says what to do."""
+    torch._dynamo.reset()
+    _, ff = pair("DDIMScheduler", **SD)
+    ff.set_timesteps(4)
+    t = ff.timesteps[0]
+    step = torch.compile(lambda o, t, x: ff.step(o, t, x).prev_sample, fullgraph=True, backend="eager")
+    with pytest.raises(Exception, match="set_begin_index"):
+        step(stand_in(start_noise(), t), t, start_noise())
