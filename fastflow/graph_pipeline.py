@@ -28,7 +28,7 @@ that says where it diverged, and so do later calls of that signature.
 What is captured: loops of model calls and steps whose glue is tensor operations:
 ``DDIMPipeline``, ``DDPMPipeline``, and text-to-image pipelines that do
 classifier-free guidance in their own code, with conditioning tensors passed to the
-model.
+model (Stable Diffusion 1.x/2.x, SDXL, SD3, FLUX.1 with its true CFG, DiT).
 
 A new guidance scale needs no new capture. A float that the pipeline's code only
 multiplies a floating-point loop tensor by (``guidance_scale * (cond - uncond)``, a

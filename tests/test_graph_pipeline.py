@@ -592,6 +592,110 @@ def test_replay_logic_stable_diffusion_pipeline(stand_in_capture):
     assert not (refs[0, 0] == refs[1, 0]).all()  # the embeddings matter, so the replays did take them
 
 
+def pooled_embeds(g: torch.Generator) -> dict:
+    """Prompt and negative prompt embeddings with pooled ones, as FLUX.1 and SD3 pipelines take them."""
+    return {"prompt_embeds": torch.randn(1, 5, 12, generator=g), "pooled_prompt_embeds": torch.randn(1, 6, generator=g),
+            "negative_prompt_embeds": torch.randn(1, 5, 12, generator=g),
+            "negative_pooled_prompt_embeds": torch.randn(1, 6, generator=g)}
+
+
+def flux_pipe():
+    """diffusers' FluxPipeline with tiny random weights (packed latents, rotary ids, guidance embedding, dynamic
+    shifting), driven by embeddings (no text encoders)."""
+    pytest.importorskip("transformers", reason="FluxPipeline needs transformers")
+    torch.manual_seed(0)
+    transformer = diffusers.FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=12, pooled_projection_dim=6, guidance_embeds=True, axes_dims_rope=(2, 2, 4),
+    ).eval()
+    vae = diffusers.AutoencoderKL(**{**tiny_vae().config, "shift_factor": 0.0})
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=16,
+                                                          max_image_seq_len=256)
+    pipe = diffusers.FluxPipeline(
+        scheduler=ffd.from_scheduler(scheduler, backend="torch"), vae=vae, text_encoder=None, tokenizer=None,
+        text_encoder_2=None, tokenizer_2=None, transformer=transformer,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_replay_logic_flux_pipeline(stand_in_capture):
+    """FLUX.1's loop replays to its images, with true classifier-free guidance (two transformer calls a step);
+    new embeddings, a new guidance embedding scale and a new true-CFG scale replay without a new capture."""
+    pipe = flux_pipe()
+    fast = capture_pipeline(pipe)
+    g = torch.Generator().manual_seed(3)
+    embeds = [pooled_embeds(g) for _ in range(2)]
+    kw = {"num_inference_steps": 3, "height": 16, "width": 16, "output_type": "np"}
+
+    def call(p, k: int, seed: int, guidance: float, true_cfg: float):
+        return p(generator=torch.manual_seed(seed), guidance_scale=guidance, true_cfg_scale=true_cfg, **embeds[k],
+                 **kw).images
+
+    cases = [(0, 0, 3.5, 2.0), (1, 1, 3.5, 2.0), (0, 1, 5.0, 2.0), (1, 0, 3.5, 4.5), (0, 0, 3.5, 2.0)]
+    refs = [call(pipe, *c) for c in cases]
+    for n, (case, ref) in enumerate(zip(cases, refs, strict=True)):
+        assert (call(fast, *case) == ref).all(), case
+        assert fast.captures == 1 and fast.replays == n and fast.reason is None, (case, fast.reason)
+    assert len({r.tobytes() for r in refs[:4]}) == 4  # embeddings and both scales matter
+
+
+def sd3_pipe():
+    """diffusers' StableDiffusion3Pipeline with tiny random weights, driven by embeddings (no text encoders)."""
+    pytest.importorskip("transformers", reason="StableDiffusion3Pipeline needs transformers")
+    torch.manual_seed(0)
+    transformer = diffusers.SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=12, caption_projection_dim=16, pooled_projection_dim=6, out_channels=4,
+        pos_embed_max_size=8,
+    ).eval()
+    pipe = diffusers.StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=ffd.from_scheduler(diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                                              backend="torch"),
+        vae=diffusers.AutoencoderKL(**{**tiny_vae().config, "shift_factor": 0.0}), text_encoder=None, tokenizer=None,
+        text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_replay_logic_sd3_pipeline(stand_in_capture):
+    """Stable Diffusion 3's loop (flow matching, guidance in its own code) replays to its images; a new guidance
+    scale replays without a new capture."""
+    pipe = sd3_pipe()
+    fast = capture_pipeline(pipe)
+    kw = {"num_inference_steps": 3, "height": 16, "width": 16, "output_type": "np",
+          **pooled_embeds(torch.Generator().manual_seed(3))}
+    cases = [(0, 5.0), (1, 5.0), (0, 7.3)]
+    refs = [pipe(generator=torch.manual_seed(seed), guidance_scale=gs, **kw).images for seed, gs in cases]
+    for n, ((seed, gs), ref) in enumerate(zip(cases, refs, strict=True)):
+        assert (fast(generator=torch.manual_seed(seed), guidance_scale=gs, **kw).images == ref).all(), (seed, gs)
+        assert fast.captures == 1 and fast.replays == n and fast.reason is None, fast.reason
+    assert not (refs[0] == refs[2]).all()
+
+
+@gpu
+@pytest.mark.parametrize("build", ["flux_pipe", "sd3_pipe"])
+def test_gpu_flow_matching_pipelines_replay_equal_eager(build):
+    """FLUX.1 (true CFG) and SD3 loops captured on the GPU replay to their eager images, a new scale included."""
+    pipe = globals()[build]().to("cuda")
+    pipe.scheduler.backend = "auto"
+    fast = capture_pipeline(pipe)
+    embeds = {k: v.cuda() for k, v in pooled_embeds(torch.Generator().manual_seed(3)).items()}
+    kw = {"num_inference_steps": 4, "height": 16, "width": 16, "output_type": "pt", **embeds}
+    if build == "flux_pipe":
+        kw["true_cfg_scale"] = 2.0
+
+    def call(p, seed: int, scale: float) -> torch.Tensor:
+        return p(generator=torch.Generator("cpu").manual_seed(seed), guidance_scale=scale, **kw).images
+
+    cases = [(0, 4.0), (1, 4.0), (0, 6.5)]
+    refs = [call(pipe, *c) for c in cases]
+    for n, (case, ref) in enumerate(zip(cases, refs, strict=True)):
+        assert torch.equal(call(fast, *case), ref), case
+        assert fast.captures == 1 and fast.replays == n and fast.reason is None, fast.reason
+
+
 def sdxl_pipe():
     """diffusers' StableDiffusionXLPipeline with tiny random weights, driven by embeddings (no text encoders)."""
     pytest.importorskip("transformers", reason="StableDiffusionXLPipeline needs transformers")
