@@ -207,6 +207,7 @@ class _Trace:
     device: torch.device | None = None
     batch: int = 0  # the batch of the first step's latents (per-sample seeds)
     host_timesteps: Any = None
+    begin_index: int | None = None  # the scheduler's first step (img2img pipelines set it)
     seeds: torch.Tensor | None = None
     graph: torch.cuda.CUDAGraph | None = None
     outputs: Any = None
@@ -579,6 +580,7 @@ class CapturedPipeline:
                 rec.fail("no model call was seen inside the loop")
         trace.reason = rec.problem
         trace.host_timesteps = _host_timesteps(scheduler)
+        trace.begin_index = getattr(scheduler, "begin_index", None)
         # The drop-ins draw a loop seed at the first noisy step that uses their own noise.
         trace.stochastic = getattr(scheduler, "_ff_seed", None) is not None
         return trace, result
@@ -687,6 +689,9 @@ class CapturedPipeline:
                 diverged(f"loop call {k} is {_describe_call(kind, func)}, recorded {_describe(ev)}")
             if k == 0 and not _same_host(_host_timesteps(self.scheduler), trace.host_timesteps):
                 diverged("the scheduler's timesteps differ from the recorded ones")
+            if k == 0 and getattr(self.scheduler, "begin_index", None) != trace.begin_index:
+                # the graph's steps are the recorded ones; a timestep tensor on the device is not compared
+                diverged("the scheduler's first step (begin_index) differs from the recorded one")
             leaves, spec = _leaves((a, kw))
             if spec != ev.spec:
                 diverged(f"loop call {k} ({_describe(ev)}) has different arguments than recorded")
@@ -731,7 +736,6 @@ class CapturedPipeline:
                         _write_seeds(trace.seeds)
                     _write_params(trace, params)
                     trace.graph.replay()
-                    self.replays += 1
                     state["done"] = True
                     return pytree.tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, trace.outputs)
                 return placeholders(ev)
@@ -760,6 +764,7 @@ class CapturedPipeline:
             ops.stop()
         if not state["done"]:
             raise _Diverged("the pipeline ended before the recorded loop's last step")
+        self.replays += 1  # counted once the call is over: a loop found longer after the replay is rerun eagerly
         self.reason = None
         return result
 

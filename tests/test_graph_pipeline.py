@@ -592,6 +592,29 @@ def test_replay_logic_stable_diffusion_pipeline(stand_in_capture):
     assert not (refs[0, 0] == refs[1, 0]).all()  # the embeddings matter, so the replays did take them
 
 
+def test_replay_logic_img2img_pipeline(stand_in_capture):
+    """An img2img loop starts mid-schedule (the pipeline sets the drop-in's begin index): new images replay the
+    captured loop; a new strength makes a longer loop, which the replay finds (after the graph, at the extra step:
+    that call reruns eagerly), and gets its own capture."""
+    pytest.importorskip("transformers", reason="StableDiffusionImg2ImgPipeline needs transformers")
+    pipe = diffusers.StableDiffusionImg2ImgPipeline(
+        vae=tiny_vae(), text_encoder=None, tokenizer=None, unet=tiny_cond_unet(), scheduler=euler_dropin(),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    fast = capture_pipeline(pipe)
+    g = torch.Generator().manual_seed(3)
+    kw = {"prompt_embeds": torch.randn(2, 5, 12, generator=g), "num_inference_steps": 5, "guidance_scale": 7.5,
+          "negative_prompt_embeds": torch.randn(2, 5, 12, generator=g), "output_type": "np"}
+    images = [torch.rand(2, 3, 8, 8, generator=g) for _ in range(2)]
+    cases = [(0, 0.6, 1, 0), (1, 0.6, 1, 1), (0, 0.9, 2, 1), (1, 0.9, 2, 2), (0, 0.6, 2, 3)]
+    for k, strength, captures, replays in cases:
+        ref = pipe(image=images[k], strength=strength, generator=torch.manual_seed(k), **kw).images
+        got = fast(image=images[k], strength=strength, generator=torch.manual_seed(k), **kw).images
+        assert (got == ref).all(), (k, strength)
+        assert (fast.captures, fast.replays) == (captures, replays) and fast.reason is None, (k, strength, fast.reason)
+
+
 def pooled_embeds(g: torch.Generator) -> dict:
     """Prompt and negative prompt embeddings with pooled ones, as FLUX.1 and SD3 pipelines take them."""
     return {"prompt_embeds": torch.randn(1, 5, 12, generator=g), "pooled_prompt_embeds": torch.randn(1, 6, generator=g),
