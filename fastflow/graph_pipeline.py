@@ -5,10 +5,10 @@
     images = fast(batch_size=4, num_inference_steps=30).images   # 1st call: eager, records the loop
     images = fast(batch_size=4, num_inference_steps=30).images   # later calls: one graph replay
 
-How: for the length of a call, the denoiser's ``forward`` and the scheduler's
-``step`` (and ``scale_model_input``) are wrapped, and from the first of those loop
-calls to the last step a torch function mode sees the pipeline's own tensor
-operations. The first call with a given signature (its arguments' types, shapes and
+How: for the length of a call, the denoiser's ``forward`` (and a ControlNet's, when
+the pipeline has one) and the scheduler's ``step`` (and ``scale_model_input``) are
+wrapped, and from the first of those loop calls to the last step a torch function
+mode sees the pipeline's own tensor operations. The first call with a given signature (its arguments' types, shapes and
 values; tensors by shape, dtype and device) runs eagerly and records the loop: the
 model calls, the steps, and every operation the pipeline's code makes from their
 outputs in between (classifier-free guidance: ``torch.cat([latents] * 2)``,
@@ -28,7 +28,9 @@ that says where it diverged, and so do later calls of that signature.
 What is captured: loops of model calls and steps whose glue is tensor operations:
 ``DDIMPipeline``, ``DDPMPipeline``, and text-to-image pipelines that do
 classifier-free guidance in their own code, with conditioning tensors passed to the
-model (Stable Diffusion 1.x/2.x, SDXL, SD3, FLUX.1 with its true CFG, DiT).
+model (Stable Diffusion 1.x/2.x, SDXL, SD3, FLUX.1 with its true CFG, DiT, img2img, and
+ControlNet pipelines: the ControlNet's calls are captured whole, like the denoiser's; a
+new control image is an input of the graph, a new conditioning scale a new capture).
 
 A new guidance scale needs no new capture. A float that the pipeline's code only
 multiplies a floating-point loop tensor by (``guidance_scale * (cond - uncond)``, a
@@ -84,6 +86,9 @@ from .graph import _is_sync_warning, _probing_syncs
 __all__ = ["CapturedPipeline", "PipelineFallbackWarning", "capture_pipeline"]
 
 _MODEL_ATTRS = ("unet", "transformer", "prior", "decoder")
+# Networks a loop calls besides the denoiser, at every step: their calls are loop calls too (a ControlNet's
+# residuals go into the denoiser), captured into the graph rather than recorded op by op.
+_AUX_MODEL_ATTRS = ("controlnet",)
 _CALLBACK_KWARGS = ("callback", "callback_on_step_end", "callback_steps")
 _WARNED: set[str] = set()
 # Tensor operations on loop tensors recorded between two loop calls, at most: guidance takes a handful;
@@ -188,7 +193,7 @@ class _Arg:
 
 @dataclass
 class _Event:
-    kind: str  # "scale", "model", "step", "op"
+    kind: str  # "scale", "model" (the denoiser), "model:<attr>" (another network, e.g. a ControlNet), "step", "op"
     args: list[_Arg]
     spec: pytree.TreeSpec  # (args, kwargs) structure
     func: Any = None  # op: the torch function called
@@ -398,7 +403,7 @@ class CapturedPipeline:
     # ------------------------------------------------------------------ calls
     def _key(self, args: tuple, kwargs: dict) -> tuple:
         return (
-            id(self.model),
+            tuple(id(net) for net in self._networks().values()),
             id(self.scheduler),
             type(self.scheduler).__name__,
             _signature(args),
@@ -477,40 +482,55 @@ class CapturedPipeline:
         return self.pipe(*args, **kwargs)
 
     # ------------------------------------------------------------------ wrapping
+    def _networks(self) -> dict[str, torch.nn.Module]:
+        """The networks the loop calls, by event kind: the denoiser, then the auxiliary ones."""
+        nets = {"model": self.model}
+        for attr in _AUX_MODEL_ATTRS:
+            net = getattr(self.pipe, attr, None)
+            if attr != self.model_attr and isinstance(net, torch.nn.Module):
+                nets[f"model:{attr}"] = net
+        return nets
+
     @contextlib.contextmanager
-    def _wrapped(self, forward: Callable, step: Callable, scale: Callable | None):
-        model, scheduler = self.model, self.scheduler
-        saved_forward = model.__dict__.get("forward")
+    def _wrapped(self, forwards: dict[str, Callable], step: Callable, scale: Callable | None):
+        nets, scheduler = self._networks(), self.scheduler
+        saved_forwards = {kind: nets[kind].__dict__.get("forward") for kind in forwards}
         saved = {name: scheduler.__dict__.get(name) for name in ("step", "scale_model_input")}
-        model.forward = forward
+        for kind, forward in forwards.items():
+            nets[kind].forward = forward
         scheduler.step = step
         if scale is not None:
             scheduler.scale_model_input = scale
         try:
             yield
         finally:
-            if saved_forward is None:
-                model.__dict__.pop("forward", None)
-            else:
-                model.forward = saved_forward
+            for kind, saved_forward in saved_forwards.items():
+                if saved_forward is None:
+                    nets[kind].__dict__.pop("forward", None)
+                else:
+                    nets[kind].forward = saved_forward
             for name, value in saved.items():
                 if value is None:
                     scheduler.__dict__.pop(name, None)
                 else:
                     setattr(scheduler, name, value)
 
-    def _originals(self) -> tuple[Callable, Callable, Callable | None]:
-        model, scheduler = self.model, self.scheduler
-        forward = model.__dict__.get("forward") or type(model).forward.__get__(model)
+    def _originals(self) -> tuple[dict[str, Callable], Callable, Callable | None]:
+        """The networks' forwards by event kind, the scheduler's step and its scale_model_input (or None)."""
+        scheduler = self.scheduler
+        forwards = {
+            kind: net.__dict__.get("forward") or type(net).forward.__get__(net)
+            for kind, net in self._networks().items()
+        }
         step = scheduler.__dict__.get("step") or type(scheduler).step.__get__(scheduler)
         scale = scheduler.__dict__.get("scale_model_input")
         if scale is None and hasattr(type(scheduler), "scale_model_input"):
             scale = type(scheduler).scale_model_input.__get__(scheduler)
-        return forward, step, scale
+        return forwards, step, scale
 
     # ------------------------------------------------------------------ record (eager call)
     def _record(self, args: tuple, kwargs: dict) -> tuple[_Trace, Any]:
-        forward, step, scale = self._originals()
+        forwards, step, scale = self._originals()
         rec = _Recorder(self.device)
         watch = rec.watch = _GapWatch(rec.device.type == "cuda" and torch.cuda.is_available())
         ops = _LoopOps(lambda func, a, k: _record_op(rec, func, a, k))
@@ -521,7 +541,7 @@ class CapturedPipeline:
             # loop calls themselves (the model, the step) run without the mode.
             ops.stop()
             watch.close(rec, kind)
-            label = f"{_LABELS[kind]} at loop call {len(rec.trace.events)}"
+            label = f"{_label(kind)} at loop call {len(rec.trace.events)}"
             if rec.overflow is not None:
                 rec.fail(rec.overflow)
             if rec.done:  # the scheduler said its loop was over: the operations since were not recorded
@@ -546,8 +566,8 @@ class CapturedPipeline:
             watch.open()
             return out
 
-        def forward_w(*a: Any, **k: Any) -> Any:
-            return record("model", forward, a, k)
+        def forward_w(kind: str, forward: Callable) -> Callable[..., Any]:
+            return lambda *a, **k: record(kind, forward, a, k)
 
         def step_w(*a: Any, **k: Any) -> Any:
             return record("step", step, a, k)
@@ -558,7 +578,8 @@ class CapturedPipeline:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             watch.caught = caught
-            with self._wrapped(forward_w, step_w, scale_w if scale is not None else None):
+            wrapped = {kind: forward_w(kind, forward) for kind, forward in forwards.items()}
+            with self._wrapped(wrapped, step_w, scale_w if scale is not None else None):
                 try:
                     result = self.pipe(*args, **kwargs)
                 finally:
@@ -588,7 +609,8 @@ class CapturedPipeline:
     # ------------------------------------------------------------------ capture
     def _run_trace(self, trace: _Trace, originals: tuple, probe: Callable[[str], None] | None = None) -> Any:
         """The recorded loop on the static buffers (warm-up and capture); returns the last step's output."""
-        calls = dict(zip(("model", "step", "scale"), originals, strict=True))
+        forwards, step, scale = originals
+        calls = {**forwards, "step": step, "scale": scale}
         values: list[Any] = [None] * len(trace.value_meta)
         final = None
         for k, ev in enumerate(trace.events):
@@ -755,8 +777,12 @@ class CapturedPipeline:
             return out
 
         ops = _LoopOps(op)
-        _, _, scale = self._originals()
-        wrappers = (loop_call("model"), loop_call("step"), loop_call("scale") if scale is not None else None)
+        forwards, _, scale = self._originals()
+        wrappers = (
+            {kind: loop_call(kind) for kind in forwards},
+            loop_call("step"),
+            loop_call("scale") if scale is not None else None,
+        )
         try:
             with self._wrapped(*wrappers):
                 result = self.pipe(*args, **kwargs)
@@ -771,6 +797,14 @@ class CapturedPipeline:
 
 # ----------------------------------------------------------------------------- helpers
 _LABELS = {"model": "the model call", "step": "scheduler.step", "scale": "scheduler.scale_model_input"}
+
+
+def _label(kind: str) -> str:
+    return f"the {kind.partition(':')[2]} call" if kind.startswith("model:") else _LABELS[kind]
+
+
+def _is_network(kind: str) -> bool:
+    return kind == "model" or kind.startswith("model:")
 
 
 class _GapWatch:
@@ -815,7 +849,7 @@ class _GapWatch:
         found = self._collect()
         if found and self.culprit is None:
             self.culprit = (
-                f"the pipeline's own code between {rec.last_label} and the next {_LABELS[kind]} "
+                f"the pipeline's own code between {rec.last_label} and the next {_label(kind)} "
                 f"synchronizes with the host ({str(found[0].message).strip()})"
             )
 
@@ -986,7 +1020,7 @@ def _note(rec: _Recorder, kind: str, call_args: tuple, call_kwargs: dict) -> Non
         if not rec.trace.batch:
             rec.trace.batch = sample.shape[0]
     leaves, spec = _leaves((call_args, call_kwargs))
-    args = [rec.classify(leaf, for_model=kind == "model") for leaf in leaves]
+    args = [rec.classify(leaf, for_model=_is_network(kind)) for leaf in leaves]
     rec.trace.events.append(_Event(kind, args, spec))
 
 
@@ -996,7 +1030,7 @@ def _note_output(rec: _Recorder, kind: str, out: Any) -> None:
     ev = rec.trace.events[-1]
     ev.outs, ev.out_spec, ev.out_consts = rec.add_values(out)
     if all(index is None for index in ev.outs):
-        raise _Uncapturable(f"{_LABELS[kind]} returned no tensor")
+        raise _Uncapturable(f"{_label(kind)} returned no tensor")
 
 
 def _resolve(arg: _Arg, trace: _Trace, values: list[Any], kind: str) -> Any:
@@ -1006,14 +1040,14 @@ def _resolve(arg: _Arg, trace: _Trace, values: list[Any], kind: str) -> Any:
         return trace.buffers[arg.index]
     if arg.kind == "param":
         return trace.param_values[arg.index : arg.index + 1]
-    if kind == "model" and arg.device_copy is not None:
+    if _is_network(kind) and arg.device_copy is not None:
         return arg.device_copy
     return arg.host
 
 
 def _describe_call(kind: str, func: Any) -> str:
     if kind != "op":
-        return _LABELS[kind]
+        return _label(kind)
     return f"the operation {getattr(func, '__qualname__', None) or getattr(func, '__name__', repr(func))}"
 
 
@@ -1079,6 +1113,7 @@ def capture_pipeline(
     """Wrap ``pipe`` so repeated same-signature calls replay its denoising loop from a CUDA graph.
 
     ``model_attr`` names the denoiser (default: the first of ``unet``, ``transformer``,
-    ``prior``, ``decoder``). See the module docstring for what is captured.
+    ``prior``, ``decoder``); a ``controlnet`` on the pipeline is wrapped too. See the module
+    docstring for what is captured.
     """
     return CapturedPipeline(pipe, model_attr=model_attr, max_graphs=max_graphs, warmup=warmup)

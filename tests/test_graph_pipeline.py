@@ -615,6 +615,64 @@ def test_replay_logic_img2img_pipeline(stand_in_capture):
         assert (fast.captures, fast.replays) == (captures, replays) and fast.reason is None, (k, strength, fast.reason)
 
 
+def controlnet_pipe():
+    """diffusers' StableDiffusionControlNetPipeline with a tiny UNet and a ControlNet made from it."""
+    pytest.importorskip("transformers", reason="StableDiffusionControlNetPipeline needs transformers")
+    unet = tiny_cond_unet()
+    torch.manual_seed(1)
+    controlnet = diffusers.ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(4,))
+    with torch.no_grad():  # its zero-initialized output convolutions would make the control image irrelevant
+        for param in controlnet.parameters():
+            if not param.any():
+                param.normal_(0.0, 0.1)
+    pipe = diffusers.StableDiffusionControlNetPipeline(
+        vae=tiny_vae(), text_encoder=None, tokenizer=None, unet=unet, controlnet=controlnet, scheduler=euler_dropin(),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_replay_logic_controlnet_pipeline(stand_in_capture):
+    """A ControlNet's calls are loop calls like the denoiser's (captured whole, not op by op): new control images,
+    prompts and guidance scales replay the graph; a new conditioning scale (used inside the ControlNet) gets its own
+    capture."""
+    pipe = controlnet_pipe()
+    fast = capture_pipeline(pipe)
+    assert list(fast._networks()) == ["model", "model:controlnet"]
+    g = torch.Generator().manual_seed(3)
+    prompts = [{"prompt_embeds": torch.randn(1, 5, 12, generator=g),
+                "negative_prompt_embeds": torch.randn(1, 5, 12, generator=g)} for _ in range(2)]
+    images = [torch.rand(1, 3, 8, 8, generator=g) for _ in range(2)]
+    kw = {"num_inference_steps": 3, "height": 8, "width": 8, "output_type": "np"}
+    # (prompt, image, guidance scale, conditioning scale) -> captures, replays after the call
+    cases = [((0, 0, 7.5, 1.0), 1, 0), ((1, 1, 7.5, 1.0), 1, 1), ((0, 1, 4.0, 1.0), 1, 2), ((0, 0, 7.5, 0.5), 2, 2),
+             ((1, 0, 7.5, 0.5), 2, 3)]
+    for (p, i, gs, cs), captures, replays in cases:
+        args = dict(image=images[i], guidance_scale=gs, controlnet_conditioning_scale=cs, **prompts[p], **kw)
+        ref = pipe(generator=torch.manual_seed(0), **args).images
+        assert (fast(generator=torch.manual_seed(0), **args).images == ref).all(), (p, i, gs, cs)
+        assert (fast.captures, fast.replays) == (captures, replays) and fast.reason is None, (p, i, gs, cs, fast.reason)
+    assert "forward" not in pipe.unet.__dict__ and "forward" not in pipe.controlnet.__dict__
+    two = [pipe(generator=torch.manual_seed(0), image=im, **prompts[0], **kw).images for im in images]
+    assert not (two[0] == two[1]).all()  # the control image matters, so the replays did take it
+
+
+@gpu
+def test_gpu_controlnet_pipeline_replay_equals_eager():
+    pipe = controlnet_pipe().to("cuda")
+    pipe.scheduler.backend = "auto"
+    fast = capture_pipeline(pipe)
+    g = torch.Generator().manual_seed(3)
+    kw = {"prompt_embeds": torch.randn(1, 5, 12, generator=g).cuda(), "num_inference_steps": 4, "height": 8,
+          "negative_prompt_embeds": torch.randn(1, 5, 12, generator=g).cuda(), "width": 8, "output_type": "pt"}
+    images = [torch.rand(1, 3, 8, 8, generator=g).cuda() for _ in range(2)]
+    refs = [pipe(image=im, generator=torch.Generator("cpu").manual_seed(0), **kw).images for im in images]
+    for n, (im, ref) in enumerate(zip(images, refs, strict=True)):
+        assert torch.equal(fast(image=im, generator=torch.Generator("cpu").manual_seed(0), **kw).images, ref)
+        assert fast.captures == 1 and fast.replays == n and fast.reason is None, fast.reason
+
+
 def pooled_embeds(g: torch.Generator) -> dict:
     """Prompt and negative prompt embeddings with pooled ones, as FLUX.1 and SD3 pipelines take them."""
     return {"prompt_embeds": torch.randn(1, 5, 12, generator=g), "pooled_prompt_embeds": torch.randn(1, 6, generator=g),
