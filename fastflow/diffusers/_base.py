@@ -205,10 +205,6 @@ def compile_specs(specs: Sequence[StepSpec], clip: float | None, backend: str, s
     )
 
 
-def _compiling() -> bool:
-    return torch.compiler.is_compiling()
-
-
 def _host_number(timestep: Any) -> float | None:
     """The value of a timestep when reading it costs no device sync (Python number or CPU tensor), else None."""
     if isinstance(timestep, (int, float, np.integer, np.floating)):
@@ -344,7 +340,8 @@ class FastflowScheduler:
             if self.begin_index is not None:
                 idx = self.begin_index
             else:
-                if isinstance(timestep, torch.Tensor) and timestep.device.type == "cpu" and _compiling():
+                on_host = isinstance(timestep, torch.Tensor) and timestep.device.type == "cpu"
+                if on_host and torch.compiler.is_compiling():
                     raise RuntimeError(
                         f"{type(self).__name__}.step under torch.compile: the first step of a loop is located by "
                         "its timestep's value, which a traced graph cannot read from a tensor; call "
