@@ -169,6 +169,29 @@ def _any_tensor(tree: Any, test: Callable[[torch.Tensor], bool]) -> bool:
     return False
 
 
+_LEAF_TYPES = frozenset({int, float, bool, str, type(None), slice, type(Ellipsis), torch.dtype, torch.device})
+
+
+def _flat_args(args: tuple, kwargs: dict) -> list[Any] | None:
+    """The leaves of ``(args, kwargs)`` when every argument is a leaf itself (a tensor, a number, None...), in
+    pytree's order, without pytree's walk: the common case of a loop call or operation. None otherwise."""
+    for value in (*args, *kwargs.values()):
+        if not isinstance(value, torch.Tensor) and type(value) not in _LEAF_TYPES:
+            return None
+    return [*args, *kwargs.values()]
+
+
+def _uses(args: tuple, kwargs: dict, ids: Mapping[int, Any]) -> bool:
+    """Whether a tensor among the arguments (or one level of lists inside them) has its id in ``ids``."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            if id(value) in ids:
+                return True
+        elif isinstance(value, (list, tuple, dict)) and _any_tensor(value, lambda t: id(t) in ids):
+            return True
+    return False
+
+
 def _tensors(tree: Any) -> list[torch.Tensor]:
     return [leaf for leaf in pytree.tree_leaves(tree) if isinstance(leaf, torch.Tensor)]
 
@@ -200,6 +223,7 @@ class _Event:
     outs: list[int | None] = field(default_factory=list)  # output leaf -> value index (None: not a tensor)
     out_spec: pytree.TreeSpec | None = None
     out_consts: list[Any] = field(default_factory=list)  # the non-tensor output leaves
+    flat: tuple[int, tuple[str, ...]] | None = None  # (positional count, keyword names) when every argument is a leaf
 
 
 @dataclass
@@ -714,9 +738,11 @@ class CapturedPipeline:
             if k == 0 and getattr(self.scheduler, "begin_index", None) != trace.begin_index:
                 # the graph's steps are the recorded ones; a timestep tensor on the device is not compared
                 diverged("the scheduler's first step (begin_index) differs from the recorded one")
-            leaves, spec = _leaves((a, kw))
-            if spec != ev.spec:
-                diverged(f"loop call {k} ({_describe(ev)}) has different arguments than recorded")
+            leaves = _flat_args(a, kw) if ev.flat == (len(a), tuple(kw)) else None
+            if leaves is None:  # arguments with structure: compare it whole
+                leaves, spec = _leaves((a, kw))
+                if spec != ev.spec:
+                    diverged(f"loop call {k} ({_describe(ev)}) has different arguments than recorded")
             for arg, leaf in zip(ev.args, leaves, strict=True):
                 if arg.kind == "value":
                     if not isinstance(leaf, torch.Tensor) or live.get(id(leaf)) != arg.index:
@@ -746,6 +772,8 @@ class CapturedPipeline:
                     ph = trace.placeholder(index)
                     live[id(ph)] = index
                     leaves.append(ph)
+            if len(leaves) == 1 and ev.out_spec.is_leaf():  # a lone tensor (most operations)
+                return leaves[0]
             return pytree.tree_unflatten(leaves, ev.out_spec)
 
         def loop_call(kind: str) -> Callable[..., Any]:
@@ -765,7 +793,7 @@ class CapturedPipeline:
             return call
 
         def op(func: Any, a: tuple, kw: dict) -> Any:
-            if state["done"] or not _any_tensor((a, kw), lambda t: id(t) in live):
+            if state["done"] or not _uses(a, kw, live):
                 return func(*a, **kw)
             k = state["k"]
             if k < len(events) and events[k].kind == "op" and events[k].func == func:
@@ -915,7 +943,7 @@ def _record_op(rec: _Recorder, func: Any, args: tuple, kwargs: dict) -> Any:
         )
         return out
     try:
-        event = _Event("op", [rec.classify(leaf) for leaf in leaves], spec, func=func)
+        event = _Event("op", [rec.classify(leaf) for leaf in leaves], spec, func=func, flat=_flat_shape(args, kwargs))
         factor = _param_position(func, args, kwargs)
         if factor is not None:
             event.args[factor] = _Arg("param", index=len(rec.trace.params), host=args[factor])
@@ -1000,6 +1028,10 @@ def _loosen(signature: Any) -> Any:
     return signature
 
 
+def _flat_shape(args: tuple, kwargs: dict) -> tuple[int, tuple[str, ...]] | None:
+    return (len(args), tuple(kwargs)) if _flat_args(args, kwargs) is not None else None
+
+
 def _step_parts(call_args: tuple, call_kwargs: dict) -> tuple[Any, Any]:
     o = call_args[0] if call_args else call_kwargs.get("model_output")
     sample = call_args[2] if len(call_args) > 2 else call_kwargs.get("sample")
@@ -1021,7 +1053,7 @@ def _note(rec: _Recorder, kind: str, call_args: tuple, call_kwargs: dict) -> Non
             rec.trace.batch = sample.shape[0]
     leaves, spec = _leaves((call_args, call_kwargs))
     args = [rec.classify(leaf, for_model=_is_network(kind)) for leaf in leaves]
-    rec.trace.events.append(_Event(kind, args, spec))
+    rec.trace.events.append(_Event(kind, args, spec, flat=_flat_shape(call_args, call_kwargs)))
 
 
 def _note_output(rec: _Recorder, kind: str, out: Any) -> None:
@@ -1063,6 +1095,8 @@ def _loop_finished(scheduler: Any) -> bool:
 
 
 def _same_host(a: Any, b: Any) -> bool:
+    if type(a) is type(b) and type(a) in _LEAF_TYPES:  # None, numbers, strings: the common host constants
+        return a == b or (isinstance(a, float) and math.isnan(a) and math.isnan(b))
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
             return False
