@@ -32,16 +32,18 @@ model (Stable Diffusion 1.x/2.x, SDXL, SD3, FLUX.1 with its true CFG, DiT, img2i
 ControlNet pipelines: the ControlNet's calls are captured whole, like the denoiser's; a
 new control image is an input of the graph, a new conditioning scale a new capture).
 
-A new guidance scale needs no new capture. A float that the pipeline's code only
-multiplies a floating-point loop tensor by (``guidance_scale * (cond - uncond)``, a
-guidance rescale) is a parameter of the graph: the graph reads it from device memory
-(in the op's own precision, so replays stay bitwise equal to eager calls) and each
-replay writes the call's value there. A call whose signature differs from a captured
-one only in float arguments first replays that capture with its own values; if one
-of its floats reaches anything else (the step's ``eta``, a ``strength`` that changes
-the timesteps, guidance off at a scale of 1), the mismatch is found as the loop
-runs, and the call is recorded and captured as a signature of its own (from the
-random state it started from).
+A new prompt or a new guidance scale needs no new capture. A float that the
+pipeline's code only multiplies a floating-point loop tensor by (``guidance_scale *
+(cond - uncond)``, a guidance rescale) is a parameter of the graph: the graph reads
+it from device memory (in the op's own precision, so replays stay bitwise equal to
+eager calls) and each replay writes the call's value there. A call whose signature
+differs from a captured one only in float or string arguments (a scale, a prompt
+string whose embeddings come in as graph inputs) first replays that capture with its
+own values; if one of them reaches anything else (the step's ``eta``, a ``strength``
+that changes the timesteps, guidance off at a scale of 1, a prompt whose embeddings
+have another shape), the mismatch is found as the loop runs, and the call is
+recorded and captured as a signature of its own (from the random state it started
+from).
 
 What falls back to eager (``.reason`` says which and why, a warning is given once):
 
@@ -136,6 +138,9 @@ def _warn_once(reason: str) -> None:
         )
 
 
+_TEXT = "<text>"  # tags a string argument's value in a signature (prompts), apart from the signature's own tags
+
+
 def _signature(value: Any) -> Any:
     """A hashable summary of a call argument: what a capture depends on (tensors by metadata, not values)."""
     if isinstance(value, torch.Tensor):
@@ -146,7 +151,9 @@ def _signature(value: Any) -> Any:
         return (type(value).__name__, tuple(_signature(v) for v in value))
     if isinstance(value, Mapping):
         return ("map", tuple(sorted((str(k), _signature(v)) for k, v in value.items())))
-    if value is None or isinstance(value, (bool, int, float, str, bytes)):
+    if isinstance(value, str):
+        return (_TEXT, value)
+    if value is None or isinstance(value, (bool, int, float, bytes)):
         return value
     if isinstance(value, torch.dtype | torch.device):
         return str(value)
@@ -448,12 +455,13 @@ class CapturedPipeline:
             return self._replay(trace, args, kwargs)
         self._aliases.pop(key, None)
         for sibling_key in self._siblings(key):
-            # The same call but for float arguments: replay that capture with this call's parameter values.
+            # The same call but for floats or strings (a guidance scale, a prompt): replay that capture, with this
+            # call's parameter values and inputs.
             rng = _RngState(args, kwargs, self.device)
             try:
                 result = self._replay_once(self._traces[sibling_key], args, kwargs)
             except _Diverged:
-                rng.restore()  # a float reached more than a multiplication: record this call on its own
+                rng.restore()  # a float or string reached the loop's structure or constants: record this call
                 break
             self._aliases[key] = sibling_key
             self._traces.move_to_end(sibling_key)
@@ -478,7 +486,7 @@ class CapturedPipeline:
         return result
 
     def _siblings(self, key: tuple) -> list[tuple]:
-        """Captured signatures that differ from ``key`` only in float values (most recently used first).
+        """Captured signatures that differ from ``key`` only in float or string values (most recently used first).
 
         Replaying one of them is safe whatever the floats do: every loop call and operation is checked
         against the recording as it comes, so a float that reaches more than a parameter shows as a divergence.
@@ -1020,10 +1028,13 @@ def _write_params(trace: _Trace, values: list[float]) -> None:
 
 
 def _loosen(signature: Any) -> Any:
-    """A signature with every float replaced by one token: signatures that differ only in float values match."""
+    """A signature with every float and string value replaced by a token: calls that differ only in those (a
+    guidance scale, a prompt, an output type) match; their ints, shapes and structure still have to agree."""
     if isinstance(signature, float):
         return "<float>"
     if isinstance(signature, tuple):
+        if len(signature) == 2 and signature[0] == _TEXT:
+            return (_TEXT, "<any>")
         return tuple(_loosen(v) for v in signature)
     return signature
 

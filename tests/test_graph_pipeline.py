@@ -50,10 +50,13 @@ class LoopPipeline(DiffusionPipeline):
         self.mode = mode
 
     @torch.no_grad()
-    def __call__(self, batch_size: int = 2, num_inference_steps: int = 4, generator=None, guidance_scale: float = 2.0):
+    def __call__(self, batch_size: int = 2, num_inference_steps: int = 4, generator=None, guidance_scale: float = 2.0,
+                 prompt: str = ""):
         shape = (batch_size, 3, 8, 8)
         device = self.unet.device
         x = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
+        # "Text encoding" before the loop: the prompt becomes a device tensor the loop reads.
+        cond = torch.full((1,), sum(map(ord, prompt)) % 17 / 17.0, device=device, dtype=self.unet.dtype)
         self.scheduler.set_timesteps(num_inference_steps)
         for t in self.scheduler.timesteps:
             if self.mode in ("cfg", "cfg_scaled"):  # as StableDiffusionPipeline does it
@@ -64,8 +67,8 @@ class LoopPipeline(DiffusionPipeline):
                 uncond, cond = o.chunk(2)
                 o = uncond + guidance_scale * (cond - uncond)
             elif self.mode == "cfg_shifted":  # halves that differ, as a prompt and an empty prompt make them
-                uncond, cond = self.unet(torch.cat([x, x + 1.0]), t).sample.chunk(2)
-                o = uncond + guidance_scale * (cond - uncond)
+                uncond, text = self.unet(torch.cat([x, x + 1.0 + cond]), t).sample.chunk(2)
+                o = uncond + guidance_scale * (text - uncond)
             elif self.mode == "cfg_lerp":  # the same guidance written with another operation
                 uncond, cond = self.unet(torch.cat([x] * 2), t).sample.chunk(2)
                 o = torch.lerp(uncond, cond, guidance_scale)
@@ -450,6 +453,20 @@ def test_new_guidance_scale_replays_without_a_new_capture(stand_in_capture, dtyp
         assert torch.equal(fast(generator=torch.manual_seed(seed), guidance_scale=g, **kw), refs[g, seed]), (g, seed)
     assert fast.captures == 1 and fast.replays == 5 and fast.reason is None
     assert not torch.equal(refs[5.0, 0], refs[7.3, 0])  # the scale matters, so the replays did take it
+
+
+def test_new_prompt_string_replays_without_a_new_capture(stand_in_capture):
+    """A prompt string reaches the loop only through tensors made before it (the text encoding): a new prompt
+    replays the captured graph with its embeddings as inputs, together with a new guidance scale too."""
+    pipe = LoopPipeline(tiny_unet(), ffd.from_scheduler(DiffusersDDIM(), backend="torch"), mode="cfg_shifted")
+    fast = capture_pipeline(pipe)
+    kw = {"batch_size": 2, "num_inference_steps": 3}
+    cases = [("a cat", 2.0), ("a dog on a sofa", 2.0), ("a cat", 5.5), ("", 2.0)]
+    refs = [pipe(generator=torch.manual_seed(0), prompt=p, guidance_scale=g, **kw) for p, g in cases]
+    for n, ((p, g), ref) in enumerate(zip(cases, refs, strict=True)):
+        assert torch.equal(fast(generator=torch.manual_seed(0), prompt=p, guidance_scale=g, **kw), ref), (p, g)
+        assert (fast.captures, fast.replays) == (1, n) and fast.reason is None, (p, g, fast.reason)
+    assert len({r.numpy().tobytes() for r in refs}) == len(refs)  # prompts and scales matter
 
 
 def test_a_float_beyond_a_multiplication_gets_its_own_capture(stand_in_capture):
