@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-METRICS = (("device_us", "device"), ("host_us", "loop"), ("graph_us", "graph"))
+METRICS = (("device_us", "device"), ("host_us", "loop"), ("step_us", "step"), ("graph_us", "graph"))
 
 
 def _cases(path: Path) -> dict[tuple[str, str, str], dict]:

@@ -119,6 +119,17 @@ class DiffusersImpl(Impl):
             z = sched.step(o, t, z, return_dict=False)[0]
         self.final = z
 
+    def run_steps(self) -> None:
+        """The same loop with the scheduler's ``step`` alone: no input scaling, cast or guidance between steps."""
+        c, sched = self.case, self.scheduler
+        o = c.o
+        if c.family.guided:  # the combined output, made once
+            uncond, cond = o.chunk(2)
+            o = uncond + c.family.guidance_scale * (cond - uncond)
+        z = c.z0
+        for t in sched.timesteps:
+            z = sched.step(o, t, z, return_dict=False)[0]
+
     @property
     def loop_steps(self) -> int:
         return len(self.scheduler.timesteps)

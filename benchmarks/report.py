@@ -54,7 +54,7 @@ def _skip_reasons(cases: list[dict], cols: list[str]) -> list[str]:
     for c in cases:
         for n in cols:
             r = c["impls"].get(n, {})
-            for key in ("skipped", "device_us_error", "graph_us_error", "host_us_error"):
+            for key in ("skipped", "device_us_error", "graph_us_error", "host_us_error", "step_us_error"):
                 if key in r:
                     reasons.setdefault(n, set()).add(f"{key.replace('_error', '')}: {r[key]}")
     lines = []
@@ -108,6 +108,10 @@ def markdown(results: dict) -> str:
     out += _table(cases, cols, bw, extra=("B/elem",))
     out += ["", "## Per-step time in a Python loop, host included (us; synchronized once per loop)", ""]
     out += _table(cases, cols, lambda c, n: _fmt(c["impls"].get(n, {}).get("host_us")))
+    stepped = [n for n in cols if any("step_us" in c["impls"].get(n, {}) for c in cases)]
+    if stepped:
+        out += ["", "## Per-step time of the scheduler's `step` alone in a loop, host included (us)", ""]
+        out += _table(cases, stepped, lambda c, n: _fmt(c["impls"].get(n, {}).get("step_us")))
     if any("graph_us" in r for c in cases for r in c["impls"].values()):
         out += ["", "## Per-step time of the loop captured in one CUDA graph (us)", ""]
         out += _table(cases, cols, lambda c, n: _fmt(c["impls"].get(n, {}).get("graph_us"), 2))

@@ -204,6 +204,11 @@ def measure_impl(impl: Impl, case: Case, settings: dict, bytes_per_elem: int, co
         row["host_us"] = timing.host_loop_us(impl.prepare, impl.run, steps, dev, reps=settings["loop_reps"])
     except Exception as exc:
         row["host_us_error"] = _err(exc)
+    if hasattr(impl, "run_steps"):  # schedulers: their step alone, without the pipeline's work between steps
+        try:
+            row["step_us"] = timing.host_loop_us(impl.prepare, impl.run_steps, steps, dev, reps=settings["loop_reps"])
+        except Exception as exc:
+            row["step_us_error"] = _err(exc)
     # host syncs in a loop, then the loop in a CUDA graph
     if dev.type == "cuda":
         try:
