@@ -8,11 +8,12 @@
 How: for the length of a call, the denoiser's ``forward`` (and a ControlNet's, when
 the pipeline has one) and the scheduler's ``step`` (and ``scale_model_input``) are
 wrapped, and from the first of those loop calls to the last step a torch function
-mode sees the pipeline's own tensor operations. The first call with a given signature (its arguments' types, shapes and
-values; tensors by shape, dtype and device) runs eagerly and records the loop: the
-model calls, the steps, and every operation the pipeline's code makes from their
-outputs in between (classifier-free guidance: ``torch.cat([latents] * 2)``,
-``chunk``, ``uncond + scale * (cond - uncond)``). Right after it, that loop is
+mode sees the pipeline's own tensor operations. The first call with a given
+signature (its arguments' types, shapes and values; tensors by shape, dtype and
+device) runs eagerly and records the loop: the model calls, the steps, and every
+operation the pipeline's code makes from their outputs in between (classifier-free
+guidance: ``torch.cat([latents] * 2)``, ``chunk``, ``uncond + scale * (cond -
+uncond)``). Right after it, that loop is
 replayed on static buffers, warmed up on a side stream and captured into one CUDA
 graph with its own memory pool. A later call with the same signature lets the
 pipeline's own code run (text encoding, initial noise, ``set_timesteps``, decoding,
@@ -189,7 +190,7 @@ def _flat_args(args: tuple, kwargs: dict) -> list[Any] | None:
 
 
 def _uses(args: tuple, kwargs: dict, ids: Mapping[int, Any]) -> bool:
-    """Whether a tensor among the arguments (or one level of lists inside them) has its id in ``ids``."""
+    """Whether a tensor among the arguments (or in lists, tuples and dicts among them) has its id in ``ids``."""
     for value in (*args, *kwargs.values()):
         if isinstance(value, torch.Tensor):
             if id(value) in ids:
