@@ -6,7 +6,8 @@ models are launch bound, which is where capturing the whole loop pays: the
 eager loop's GPU waits on Python, the replay issues one launch. Then a whole
 diffusers ``DiTPipeline`` call (classifier-free guidance in the pipeline's own loop,
 so batch 2x4 through the model) with the same transformer: diffusers' DDIM, the
-fastflow drop-in, and the drop-in with ``capture_pipeline``. Last, a UNet of Stable
+fastflow drop-in, and the drop-in with ``capture_pipeline`` (then at another guidance
+scale, which replays the same graph: ``new_scale_*`` in the JSON). Last, a UNet of Stable
 Diffusion 1.x's widths on batch 2 of 4x64x64 latents (compute bound: the capture must
 not be slower than eager there; ``E2E_SKIP_LARGE=1`` skips it).
 
@@ -206,6 +207,13 @@ def _bench_pipeline(device: torch.device) -> dict:
     replay_out = call(fast)
     result["replay_equals_eager"] = bool(torch.equal(eager_out, replay_out))
     result["replay_max_abs_diff"] = float((eager_out.float() - replay_out.float()).abs().max())
+    # Another guidance scale: the same graph, its scale written into device memory (no new capture).
+    kw["guidance_scale"] = 6.5
+    eager_new = call(pipe)
+    result["new_scale_captured"] = _time_ms(lambda: call(fast))
+    result["new_scale_replays_same_graph"] = fast.captures == 1 and fast.reason is None
+    result["new_scale_equals_eager"] = bool(torch.equal(call(fast), eager_new))
+    kw["guidance_scale"] = 4.0
     d, e, c = (result[k]["median_ms"] for k in ("diffusers_ddim_eager", "fastflow_eager", "fastflow_captured"))
     result["speedup_captured_vs_diffusers"] = d / c
     result["speedup_captured_vs_fastflow_eager"] = e / c
