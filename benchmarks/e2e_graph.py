@@ -7,7 +7,7 @@ eager loop's GPU waits on Python, the replay issues one launch. Then a whole
 diffusers ``DiTPipeline`` call (classifier-free guidance in the pipeline's own loop,
 so batch 2x4 through the model) with the same transformer: diffusers' DDIM, the
 fastflow drop-in, and the drop-in with ``capture_pipeline`` (then at another guidance
-scale, which replays the same graph: ``new_scale_*`` in the JSON). Last, a UNet of Stable
+scale, expected to replay the same graph: ``new_scale_*`` in the JSON say whether it did). Last, a UNet of Stable
 Diffusion 1.x's widths on batch 2 of 4x64x64 latents (compute bound: the capture must
 not be slower than eager there; ``E2E_SKIP_LARGE=1`` skips it).
 

@@ -106,26 +106,25 @@ class DiffusersImpl(Impl):
         c, sched = self.case, self.scheduler
         z = c.z0
         guided = c.family.guided
-        scale = c.family.guidance_scale
         scale_input = getattr(sched, "scale_model_input", None)  # flow-matching schedulers have none
         for t in sched.timesteps:
             z_in = (z if scale_input is None else scale_input(z, t)).to(c.model_dtype)
             if guided:
                 z_in = torch.cat([z_in, z_in])
-            o = c.o
-            if guided:
-                uncond, cond = o.chunk(2)
-                o = uncond + scale * (cond - uncond)
-            z = sched.step(o, t, z, return_dict=False)[0]
+            z = sched.step(self._guided(c.o), t, z, return_dict=False)[0]
         self.final = z
+
+    def _guided(self, o: torch.Tensor) -> torch.Tensor:
+        """The model output the step takes: the guidance pair combined as a pipeline combines it."""
+        if not self.case.family.guided:
+            return o
+        uncond, cond = o.chunk(2)
+        return uncond + self.case.family.guidance_scale * (cond - uncond)
 
     def run_steps(self) -> None:
         """The same loop with the scheduler's ``step`` alone: no input scaling, cast or guidance between steps."""
         c, sched = self.case, self.scheduler
-        o = c.o
-        if c.family.guided:  # the combined output, made once
-            uncond, cond = o.chunk(2)
-            o = uncond + c.family.guidance_scale * (cond - uncond)
+        o = self._guided(c.o)  # made once
         z = c.z0
         for t in sched.timesteps:
             z = sched.step(o, t, z, return_dict=False)[0]

@@ -19,31 +19,26 @@ import time
 from pathlib import Path
 
 import torch
-import torch.utils._pytree as pytree
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import fastflow.graph_pipeline as gp  # noqa: E402
-from tests.test_graph_pipeline import dit_pipe, sd_pipe  # noqa: E402
+from tests.test_graph_pipeline import capture_on_host, dit_pipe, sd_pipe  # noqa: E402
 
 STEPS = 30
 
 
 class _NoGraph:
+    """A graph whose replay does nothing: the call's time is then its host work."""
+
+    def __init__(self, *_: object):
+        pass
+
     def replay(self) -> None:
         pass
 
     def reset(self) -> None:
         pass
-
-
-def _capture_without_graph(self: gp.CapturedPipeline, trace: gp._Trace) -> None:
-    """What ``_capture`` leaves behind (static outputs, parameters), with a graph that does nothing."""
-    gp._make_param_values(trace)
-    with torch.no_grad():
-        final = self._run_trace(trace, self._originals())
-    trace.outputs = pytree.tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, final)
-    trace.graph = _NoGraph()
 
 
 def _cases() -> dict:
@@ -59,7 +54,7 @@ def _cases() -> dict:
 
 
 def main(repeats: int = 9) -> None:
-    gp.CapturedPipeline._capture = _capture_without_graph
+    gp.CapturedPipeline._capture = lambda self, trace: capture_on_host(self, trace, _NoGraph)
     gp.CapturedPipeline.blockers = lambda self, kwargs=None: []
     for name, (build, kw) in _cases().items():
         fast = gp.capture_pipeline(build())

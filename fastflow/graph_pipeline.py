@@ -455,7 +455,8 @@ class CapturedPipeline:
                 return self._eager(trace.reason, args, kwargs)
             return self._replay(trace, args, kwargs)
         self._aliases.pop(key, None)
-        for sibling_key in self._siblings(key):
+        sibling_key = self._sibling(key)
+        if sibling_key is not None:
             # The same call but for floats or strings (a guidance scale, a prompt): replay that capture, with this
             # call's parameter values and inputs.
             rng = _RngState(args, kwargs, self.device)
@@ -463,10 +464,10 @@ class CapturedPipeline:
                 result = self._replay_once(self._traces[sibling_key], args, kwargs)
             except _Diverged:
                 rng.restore()  # a float or string reached the loop's structure or constants: record this call
-                break
-            self._aliases[key] = sibling_key
-            self._traces.move_to_end(sibling_key)
-            return result
+            else:
+                self._aliases[key] = sibling_key
+                self._traces.move_to_end(sibling_key)
+                return result
         trace, result = self._record(args, kwargs)
         while len(self._traces) >= self.max_graphs:
             old_key, old = self._traces.popitem(last=False)
@@ -486,17 +487,15 @@ class CapturedPipeline:
         self.reason = trace.reason
         return result
 
-    def _siblings(self, key: tuple) -> list[tuple]:
-        """Captured signatures that differ from ``key`` only in float or string values (most recently used first).
+    def _sibling(self, key: tuple) -> tuple | None:
+        """The most recently used captured signature that differs from ``key`` only in float or string values.
 
-        Replaying one of them is safe whatever the floats do: every loop call and operation is checked
-        against the recording as it comes, so a float that reaches more than a parameter shows as a divergence.
+        Replaying it is safe whatever those values do: every loop call and operation is checked against the
+        recording as it comes, so a value that reaches more than a parameter or an input shows as a divergence.
         """
         loose = _loosen(key)
-        return [
-            k for k, t in reversed(self._traces.items())
-            if t.reason is None and t.graph is not None and _loosen(k) == loose
-        ]
+        return next((k for k, t in reversed(self._traces.items())
+                     if t.reason is None and t.graph is not None and _loosen(k) == loose), None)
 
     def explain(self, *args: Any, **kwargs: Any) -> str | None:
         """Run one eager call while recording its loop; None when the loop's data flow can be captured, else why.

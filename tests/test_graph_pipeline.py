@@ -263,11 +263,16 @@ def test_gpu_dit_pipeline_replay_equals_eager():
     assert fast.replays == 1
 
 
+def on_gpu(pipe):
+    """``pipe`` on the GPU with its drop-in on the default backend, and its capture."""
+    pipe.to("cuda")
+    pipe.scheduler.backend = "auto"
+    return pipe, capture_pipeline(pipe)
+
+
 @gpu
 def test_gpu_stable_diffusion_pipeline_replay_equals_eager():
-    pipe = sd_pipe().to("cuda")
-    pipe.scheduler.backend = "auto"
-    fast = capture_pipeline(pipe)
+    pipe, fast = on_gpu(sd_pipe())
     g = torch.Generator().manual_seed(3)
     embeds = [(torch.randn(2, 5, 12, generator=g).cuda(), torch.randn(2, 5, 12, generator=g).cuda()) for _ in range(2)]
     kw = {"num_inference_steps": 5, "guidance_scale": 7.5, "height": 8, "width": 8, "output_type": "pt"}
@@ -346,20 +351,23 @@ class StandInGraph:
         pass
 
 
+def capture_on_host(fast, trace, make_graph) -> None:
+    """What ``CapturedPipeline._capture`` leaves behind (seed buffer, parameters, static outputs), without CUDA:
+    the recorded loop run once, and ``make_graph(fast, trace, originals)`` as its graph."""
+    originals = fast._originals()
+    if trace.stochastic:
+        trace.seeds = fast.scheduler._ff_seed_tensor(trace.batch, trace.device)
+    gp._make_param_values(trace)
+    with torch.no_grad():
+        final = fast._run_trace(trace, originals)
+    trace.outputs = pytree.tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, final)
+    trace.graph = make_graph(fast, trace, originals)
+    trace.memory_bytes = 1
+
+
 @pytest.fixture
 def stand_in_capture(monkeypatch):
-    def capture(self, trace):
-        originals = self._originals()
-        if trace.stochastic:
-            trace.seeds = self.scheduler._ff_seed_tensor(trace.batch, trace.device)
-        gp._make_param_values(trace)
-        with torch.no_grad():
-            final = self._run_trace(trace, originals)
-        trace.outputs = pytree.tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, final)
-        trace.graph = StandInGraph(self, trace, originals)
-        trace.memory_bytes = 1
-
-    monkeypatch.setattr(gp.CapturedPipeline, "_capture", capture)
+    monkeypatch.setattr(gp.CapturedPipeline, "_capture", lambda self, trace: capture_on_host(self, trace, StandInGraph))
     monkeypatch.setattr(gp.CapturedPipeline, "blockers", lambda self, kwargs=None: [])
 
 
@@ -677,9 +685,7 @@ def test_replay_logic_controlnet_pipeline(stand_in_capture):
 
 @gpu
 def test_gpu_controlnet_pipeline_replay_equals_eager():
-    pipe = controlnet_pipe().to("cuda")
-    pipe.scheduler.backend = "auto"
-    fast = capture_pipeline(pipe)
+    pipe, fast = on_gpu(controlnet_pipe())
     g = torch.Generator().manual_seed(3)
     kw = {"prompt_embeds": torch.randn(1, 5, 12, generator=g).cuda(), "num_inference_steps": 4, "height": 8,
           "negative_prompt_embeds": torch.randn(1, 5, 12, generator=g).cuda(), "width": 8, "output_type": "pt"}
@@ -776,9 +782,7 @@ def test_replay_logic_sd3_pipeline(stand_in_capture):
 @pytest.mark.parametrize("build", ["flux_pipe", "sd3_pipe"])
 def test_gpu_flow_matching_pipelines_replay_equal_eager(build):
     """FLUX.1 (true CFG) and SD3 loops captured on the GPU replay to their eager images, a new scale included."""
-    pipe = globals()[build]().to("cuda")
-    pipe.scheduler.backend = "auto"
-    fast = capture_pipeline(pipe)
+    pipe, fast = on_gpu(globals()[build]())
     embeds = {k: v.cuda() for k, v in pooled_embeds(torch.Generator().manual_seed(3)).items()}
     kw = {"num_inference_steps": 4, "height": 16, "width": 16, "output_type": "pt", **embeds}
     if build == "flux_pipe":
