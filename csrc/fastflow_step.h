@@ -21,6 +21,9 @@
 #include <stdint.h>
 
 #include <cmath>
+#include <type_traits>
+
+#include "noise_poly.h"
 
 #if defined(__CUDACC__)
 #define FF_HD __host__ __device__ __forceinline__
@@ -87,44 +90,110 @@ FF_HD Words4 noise_words(uint64_t seed, uint64_t group, uint32_t step, uint32_t 
                     static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
 }
 
-#if defined(__CUDACC__)
-// Precision-matched device math (float overloads call the float functions).
-__device__ __forceinline__ float dev_log(float x) { return logf(x); }
-__device__ __forceinline__ double dev_log(double x) { return log(x); }
-__device__ __forceinline__ float dev_sqrt(float x) { return sqrtf(x); }
-__device__ __forceinline__ double dev_sqrt(double x) { return sqrt(x); }
-__device__ __forceinline__ void dev_sincospi(float x, float* s, float* c) { sincospif(x, s, c); }
-__device__ __forceinline__ void dev_sincospi(double x, double* s, double* c) { sincospi(x, s, c); }
+// Multiply and add with one rounding each, never contracted into an FMA, so the
+// kernels round exactly as the torch reference's separate mul and add ops do.
+FF_HD float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
 #endif
+}
+FF_HD float add_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+FF_HD double mul_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+FF_HD double add_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
 
-// The spec's transform of four words into four standard normals.
-//
-// On the host it is evaluated in double precision exactly as the torch reference
+// Fused multiply-add with one rounding, on the device and on the host alike.
+FF_HD float fma_rn(float a, float b, float c) {
+#if defined(__CUDA_ARCH__)
+  return __fmaf_rn(a, b, c);
+#else
+  return std::fma(a, b, c);
+#endif
+}
+
+// cos(pi v) and sin(pi v) in float32 for v in (-1, 1), as fastflow/noise.py writes
+// the kernels' evaluation: whole quarter turns q off the angle (exact), the
+// polynomials of csrc/noise_poly.h as explicit fmas on t = (v - q/2) pi, then the
+// quarter's swap and signs. The Triton kernel evaluates the same operations.
+FF_HD void cos_sin_pi(float v, float& cos_out, float& sin_out) {
+  const float q = floorf(add_rn(mul_rn(v, 2.0f), 0.5f));
+  const float t = mul_rn(add_rn(v, mul_rn(q, -0.5f)), kPiF);
+  const float t2 = mul_rn(t, t);
+  const float s = fma_rn(mul_rn(t, t2), fma_rn(t2, fma_rn(t2, kSinPoly2, kSinPoly1), kSinPoly0), t);
+  const float c = fma_rn(t2, fma_rn(t2, fma_rn(t2, fma_rn(t2, kCosPoly3, kCosPoly2), kCosPoly1), kCosPoly0), 1.0f);
+  const int quarter = static_cast<int>(q) & 3;
+  const bool odd = (quarter & 1) != 0;  // a quarter turn swaps sine and cosine
+  const float sv = odd ? c : s;
+  const float cv = odd ? s : c;
+  sin_out = (quarter & 2) != 0 ? -sv : sv;          // quarters 2, 3
+  cos_out = ((quarter + 1) & 2) != 0 ? -cv : cv;    // quarters 1, 2
+}
+
+// The spec's transform of four words into four standard normals, in float32 as the
+// GPU kernels (CUDA and Triton) evaluate it: uniforms exact, logf and correctly
+// rounded sqrtf for the radius, cos_sin_pi for the angle; within 1e-6 of the float64
+// spec. On the host, logf is the C library's, so host results may differ from the
+// device's in the last bit (tests bound them against the spec).
+FF_HD void words_to_normals_f32(const Words4& w, float n[4]) {
+  for (int pair = 0; pair < 2; ++pair) {
+    const uint32_t wu = w.x[2 * pair];
+    const uint32_t wv = w.x[2 * pair + 1];
+    const float u = mul_rn(static_cast<float>((wu >> 8) | 1u), 0x1p-24f);           // (2m + 1) 2^-24
+    const float v = add_rn(mul_rn(static_cast<float>((wv >> 8) | 1u), 0x1p-23f), -1.0f);  // (2m + 1) 2^-23 - 1
+    const float r = sqrtf(mul_rn(-2.0f, logf(u)));
+    float c, s;
+    cos_sin_pi(v, c, s);
+    n[2 * pair] = mul_rn(r, c);
+    n[2 * pair + 1] = mul_rn(r, s);
+  }
+}
+
+// The spec's transform in the compute type T of a kernel. On the device: float
+// normals are words_to_normals_f32; double normals use log, sqrt and sincospi in
+// double (the angle pi * v with v exact, so no reduction error). On the host (the
+// CPU kernel) it is evaluated in double precision exactly as the torch reference
 // does (uniforms exact, log/sqrt/cos/sin in double, one rounding to T), so the CPU
 // build reproduces the reference's normals bit for bit up to libm differences in
-// the last bit of a double. On the device, float normals use logf, correctly
-// rounded sqrtf and sincospif (the angle is pi * v with v exact, so there is no
-// argument-reduction error): within a few float ulps, < 1e-6 relative. Double
-// normals on the device use the double versions of the same functions.
+// the last bit of a double.
 template <typename T>
 FF_HD void words_to_normals(const Words4& w, T n[4]) {
 #if defined(__CUDA_ARCH__)
-  using C = T;  // float math for float results, double math for double results
-  const C c23 = static_cast<C>(0x1p-23);
-  const C c24 = static_cast<C>(0x1p-24);
-  const C u0 = static_cast<C>(2u * (w.x[0] >> 9) + 1u) * c24;
-  const C v1 = static_cast<C>(2u * (w.x[1] >> 9) + 1u) * c23 - C(1);
-  const C u2 = static_cast<C>(2u * (w.x[2] >> 9) + 1u) * c24;
-  const C v3 = static_cast<C>(2u * (w.x[3] >> 9) + 1u) * c23 - C(1);
-  const C r0 = dev_sqrt(C(-2) * dev_log(u0));
-  const C r2 = dev_sqrt(C(-2) * dev_log(u2));
-  C s1, c1, s3, c3;
-  dev_sincospi(v1, &s1, &c1);
-  dev_sincospi(v3, &s3, &c3);
-  n[0] = r0 * c1;
-  n[1] = r0 * s1;
-  n[2] = r2 * c3;
-  n[3] = r2 * s3;
+  if constexpr (std::is_same_v<T, float>) {
+    words_to_normals_f32(w, n);
+  } else {
+    const double u0 = static_cast<double>(2u * (w.x[0] >> 9) + 1u) * 0x1p-24;
+    const double v1 = static_cast<double>(2u * (w.x[1] >> 9) + 1u) * 0x1p-23 - 1.0;
+    const double u2 = static_cast<double>(2u * (w.x[2] >> 9) + 1u) * 0x1p-24;
+    const double v3 = static_cast<double>(2u * (w.x[3] >> 9) + 1u) * 0x1p-23 - 1.0;
+    const double r0 = sqrt(-2.0 * log(u0));
+    const double r2 = sqrt(-2.0 * log(u2));
+    double s1, c1, s3, c3;
+    sincospi(v1, &s1, &c1);
+    sincospi(v3, &s3, &c3);
+    n[0] = static_cast<T>(r0 * c1);
+    n[1] = static_cast<T>(r0 * s1);
+    n[2] = static_cast<T>(r2 * c3);
+    n[3] = static_cast<T>(r2 * s3);
+  }
 #else
   constexpr double kPi = 3.141592653589793;  // the double nearest pi, as torch.pi
   const double u0 = static_cast<double>(2u * (w.x[0] >> 9) + 1u) * 0x1p-24;
@@ -205,37 +274,6 @@ FF_HD Coefs<T> load_coefs(const StepParams& p, int64_t step) {
     }
   }
   return k;
-}
-
-// Multiply and add with one rounding each, never contracted into an FMA, so the
-// kernels round exactly as the torch reference's separate mul and add ops do.
-FF_HD float mul_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-FF_HD float add_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
-FF_HD double mul_rn(double a, double b) {
-#if defined(__CUDA_ARCH__)
-  return __dmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-FF_HD double add_rn(double a, double b) {
-#if defined(__CUDA_ARCH__)
-  return __dadd_rn(a, b);
-#else
-  return a + b;
-#endif
 }
 
 // Clamp that propagates NaN like torch.clamp.

@@ -117,11 +117,17 @@ def words_to_normals(x0, x1, x2, x3):
 
 
 # Float32 evaluation of the angle part on the GPU. The kernels reduce ``pi * v`` by
-# whole quarter turns to ``t`` in [-pi/4, pi/4] (exact) and evaluate
-#   sin t = t + t * s * (S0 + s * (S1 + s * S2)),  cos t = 1 + s * (C0 + s * (C1 + s * (C2 + s * C3))),
-# s = t * t: least-squares fits on Chebyshev nodes whose float32 error is under
-# 7e-8, about an ulp, like libdevice's sinf/cosf at a fraction of the instructions
-# (the normals stay within 1e-6 of the float64 spec; tests check it).
+# whole quarter turns, q = floor(2v + 1/2), to t = (v - q/2) * pi in [-pi/4, pi/4]
+# (v - q/2 is exact; one rounding) and evaluate, with s = t * t and each fma
+# rounding once,
+#   sin t = fma(t * s, fma(s, fma(s, S2, S1), S0), t)
+#   cos t = fma(s, fma(s, fma(s, fma(s, C3, C2), C1), C0), 1)
+# (least-squares fits on Chebyshev nodes whose float32 error is under 7e-8, about an
+# ulp, like libdevice's sinf/cosf at a fraction of the instructions); quarter q swaps
+# sine and cosine when odd and negates sine for q & 2, cosine for (q + 1) & 2. The
+# normals stay within 1e-6 of the float64 spec (tests check it), and the Triton and
+# CUDA kernels, which both evaluate exactly this (csrc/noise_poly.h is generated from
+# these constants), draw the same bits (a GPU test checks it).
 SIN_POLY = (-0.166666543393371, 0.008332148256325866, -0.0001951393256217636)
 COS_POLY = (-0.4999999971772059, 0.04166662270225072, -0.0013886748001630312, 2.4389203420783876e-05)
 

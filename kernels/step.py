@@ -22,6 +22,11 @@ to both halves of a ``2B`` batch).
 
 Noise follows :mod:`fastflow.noise` exactly: one Philox4x32-10 call per group of
 four elements, whose four normals are interleaved back into element order.
+
+Kernels launch with ``enable_fp_fusion=False`` (``COMPILE_OPTIONS``): every multiply and add rounds once,
+in the order written, as the torch reference's separate ops do (and as the CUDA
+kernel's ``__fmul_rn``/``__fadd_rn``), so the backends agree bit for bit on the same
+inputs whatever the compiler's default.
 """
 
 from __future__ import annotations
@@ -76,28 +81,38 @@ def philox4x32(c0, c1, c2, c3, k0, k1):
 
 
 @triton.jit
-def _box_muller(xa, xb):
-    """Two normals from two Philox words: radius from ``xa``, centred angle from ``xb``.
+def cos_sin_pi(v):
+    """float32 ``cos(pi v)`` and ``sin(pi v)`` for ``v`` in (-1, 1), evaluated as :mod:`fastflow.noise` writes it.
 
-    The angle ``pi * v`` is reduced to ``t`` in ``[-pi/4, pi/4]`` by whole quarter
-    turns (exact in float32, since ``v`` has 23 fraction bits), where the short
-    polynomials of :data:`fastflow.noise.SIN_POLY` and ``COS_POLY`` are within an
-    ulp; the quarter turn then swaps and negates them.
+    The angle is reduced to ``t`` in ``[-pi/4, pi/4]`` by whole quarter turns (exact
+    in float32, since ``v`` has 23 fraction bits), where the short polynomials of
+    :data:`fastflow.noise.SIN_POLY` and ``COS_POLY`` are within an ulp; the quarter
+    turn then swaps and negates them. The polynomials are explicit fmas and the
+    kernels compile without fp fusion, so these bits do not depend on the compiler's
+    contraction choices and the CUDA kernel (``cos_sin_pi`` in ``csrc/fastflow_step.h``)
+    reproduces them.
     """
-    u = ((xa >> 9).to(tl.float32) * 2.0 + 1.0) * 5.9604644775390625e-08  # (2m+1) * 2**-24
-    v = ((xb >> 9).to(tl.float32) * 2.0 + 1.0) * 1.1920928955078125e-07 - 1.0  # (2m+1) * 2**-23 - 1
-    r = tl.sqrt_rn(-2.0 * tl.log(u))
     q = tl.floor(v * 2.0 + 0.5)
-    t = (v - q * 0.5) * 3.141592653589793
+    t = (v + q * -0.5) * 3.141592653589793
     t2 = t * t
-    s = t + t * t2 * (_S0 + t2 * (_S1 + t2 * _S2))
-    c = 1.0 + t2 * (_C0 + t2 * (_C1 + t2 * (_C2 + t2 * _C3)))
+    s = tl.fma(t * t2, tl.fma(t2, tl.fma(t2, _S2, _S1), _S0), t)
+    c = tl.fma(t2, tl.fma(t2, tl.fma(t2, tl.fma(t2, _C3, _C2), _C1), _C0), 1.0)
     quarter = q.to(tl.int32) & 3
     odd = (quarter & 1) != 0  # a quarter turn swaps sine and cosine
     sin_v = tl.where(odd, c, s)
     cos_v = tl.where(odd, s, c)
     sin_v = tl.where((quarter & 2) != 0, -sin_v, sin_v)  # quarters 2, 3
     cos_v = tl.where(((quarter + 1) & 2) != 0, -cos_v, cos_v)  # quarters 1, 2
+    return cos_v, sin_v
+
+
+@triton.jit
+def _box_muller(xa, xb):
+    """Two normals from two Philox words: radius from ``xa``, angle from ``xb`` (both uniforms exact)."""
+    u = ((xa >> 9).to(tl.float32) * 2.0 + 1.0) * 5.9604644775390625e-08  # (2m+1) * 2**-24
+    v = ((xb >> 9).to(tl.float32) * 2.0 + 1.0) * 1.1920928955078125e-07 - 1.0  # (2m+1) * 2**-23 - 1
+    r = tl.sqrt_rn(-2.0 * tl.log(u))
+    cos_v, sin_v = cos_sin_pi(v)
     return r * cos_v, r * sin_v
 
 
@@ -239,6 +254,8 @@ def noise_kernel(out_ptr, seeds_ptr, step, n, TAG: tl.constexpr, BLOCK: tl.const
 # register layout; more per thread makes Triton shuffle values through shared memory.
 MAX_BLOCK = 1024
 MIN_BLOCK = 128
+# Options of every launch (see the module docstring): no multiply-add contraction.
+COMPILE_OPTIONS = {"enable_fp_fusion": False}
 MAX_GRID_Y = 65535
 
 
@@ -317,6 +334,7 @@ def launch_fused_step(
         TAG=_noise_spec.STEP_TAG,
         BLOCK=blk,
         num_warps=warps,
+        **COMPILE_OPTIONS,
     )
 
 
@@ -327,4 +345,6 @@ def launch_noise(out, seeds, step: int, tag: int = _noise_spec.STEP_TAG, block: 
     if n == 0:
         return
     blk, warps, programs = _launch_config(n, block)
-    noise_kernel[(programs, batch)](out, seeds, step, n, TAG=tag, BLOCK=blk, num_warps=warps)
+    noise_kernel[(programs, batch)](
+        out, seeds, step, n, TAG=tag, BLOCK=blk, num_warps=warps, **COMPILE_OPTIONS
+    )

@@ -1,5 +1,6 @@
 """The noise spec: Philox known answers, the torch implementation against numpy, batch independence."""
 
+import noise_f32
 import numpy as np
 import pytest
 import torch
@@ -93,16 +94,26 @@ def test_seed_validation():
         noise.as_seed_tensor(torch.zeros(2, dtype=torch.int32), 2, "cpu")
 
 
-def test_angle_polynomials_are_within_an_ulp_in_float32():
-    """The kernels' sine and cosine polynomials, evaluated in float32 on the reduced quarter turn, stay within
-    1e-7 of float64 sin/cos (float32's own ulp there is 6e-8), so the normals keep the 1e-6 tolerance."""
-    t = np.linspace(-np.pi / 4, np.pi / 4, 400_001).astype(np.float32)
-    s = t * t
-    s0, s1, s2 = (np.float32(c) for c in noise.SIN_POLY)
-    c0, c1, c2, c3 = (np.float32(c) for c in noise.COS_POLY)
-    sin32 = t + t * s * (s0 + s * (s1 + s * s2))
-    cos32 = np.float32(1) + s * (c0 + s * (c1 + s * (c2 + s * c3)))
-    assert sin32.dtype == np.float32 and cos32.dtype == np.float32
-    exact = t.astype(np.float64)
-    assert np.abs(sin32 - np.sin(exact)).max() < 1e-7
-    assert np.abs(cos32 - np.cos(exact)).max() < 1e-7
+def test_fma32_rounds_once():
+    """The tests' float32 fma rounds the exact a*b + c once, where a float64 sum would round twice."""
+    a = np.float32(1 + 2.0**-12)
+    c = np.float32(-(1 + 2.0**-11))
+    # a*a + c = 2**-24 exactly: any correct fma gives it, a float32 multiply-then-add gives 0.
+    assert noise_f32.fma32(a, a, c) == np.float32(2.0**-24)
+    assert np.float32(a * a) + c == 0
+    # 1 + 2**-23 + 2**-24 - 2**-70 is just under a float32 midpoint: it rounds down to 1 + 2**-23, while the
+    # float64 sum rounds to the midpoint itself and then to the even 1 + 2**-22.
+    a, b, c = np.float32(1 + 2.0**-23), np.float32((1 - 2.0**-23) * 2.0**-24), np.float32(1 + 2.0**-23)
+    assert np.float32(np.float64(a) * np.float64(b) + np.float64(c)) == np.float32(1 + 2.0**-22)
+    assert noise_f32.fma32(a, b, c) == np.float32(1 + 2.0**-23)
+
+
+def test_angle_part_over_every_angle_in_float32():
+    """The kernels' angle part exactly as fastflow.noise writes it (quarter-turn reduction, fma polynomials,
+    swap and signs), in float32 for every one of the 2**23 angles a Philox word gives: within 1e-7 of float64
+    cos/sin(pi v) (float32's own ulp near 1 is 6e-8), so the normals keep the 1e-6 tolerance."""
+    v = noise_f32.all_angles()
+    cos_v, sin_v = noise_f32.cos_sin_pi(v)
+    exact = np.pi * v.astype(np.float64)
+    assert np.abs(sin_v - np.sin(exact)).max() < 1e-7
+    assert np.abs(cos_v - np.cos(exact)).max() < 1e-7

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <optional>
+#include <tuple>
 #include <vector>
 
 #include "step_host.h"
@@ -45,9 +46,40 @@ bool vectorized(const at::Tensor& z, const at::Tensor& out, const at::Tensor& mo
              .p.vectorized != 0;
 }
 
+// The GPU kernels' float32 normal transform (fastflow_step.h) run on the host, for
+// words [N, 4] (int64 holding uint32): float32 normals [N, 4].
+at::Tensor normals_f32(const at::Tensor& words) {
+  TORCH_CHECK(words.scalar_type() == at::kLong && words.dim() == 2 && words.size(1) == 4, "words must be int64 [N, 4]");
+  const at::Tensor w = words.contiguous();
+  at::Tensor out = at::empty({w.size(0), 4}, w.options().dtype(at::kFloat));
+  const int64_t* src = w.data_ptr<int64_t>();
+  float* dst = out.data_ptr<float>();
+  for (int64_t i = 0; i < w.size(0); ++i) {
+    fastflow::Words4 x;
+    for (int j = 0; j < 4; ++j) x.x[j] = static_cast<uint32_t>(src[4 * i + j]);
+    fastflow::words_to_normals_f32(x, dst + 4 * i);
+  }
+  return out;
+}
+
+// cos_sin_pi (fastflow_step.h) on the host for float32 angles v: (cos(pi v), sin(pi v)).
+std::tuple<at::Tensor, at::Tensor> cos_sin_pi(const at::Tensor& v) {
+  TORCH_CHECK(v.scalar_type() == at::kFloat, "v must be float32");
+  const at::Tensor x = v.contiguous();
+  at::Tensor c = at::empty_like(x);
+  at::Tensor s = at::empty_like(x);
+  const float* src = x.data_ptr<float>();
+  float* cd = c.data_ptr<float>();
+  float* sd = s.data_ptr<float>();
+  for (int64_t i = 0; i < x.numel(); ++i) fastflow::cos_sin_pi(src[i], cd[i], sd[i]);
+  return {c, s};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_step", &fused_step_emulated);
   m.def("vectorized", &vectorized);
+  m.def("normals_f32", &normals_f32);
+  m.def("cos_sin_pi", &cos_sin_pi);
 }

@@ -5,7 +5,9 @@ This checks the device code's item mapping, 16-byte vector loads and stores (bf1
 and fp16 packing), scalar tails, the grid-stride loop and the 2B model-input write
 without a GPU. Only the device-only arithmetic differs from the device (the normal
 transform takes its host branch, as in the CPU kernel), so the emulation must equal
-the CPU kernel bit for bit. Needs CUDA's headers (for the fp16/bf16 types) and a
+the CPU kernel bit for bit. The float32 transform the device runs instead is built
+here too and checked on its own: its angle part bit for bit against the numpy
+statement that the Triton kernel is also held to. Needs CUDA's headers (for the fp16/bf16 types) and a
 host compiler; skipped otherwise.
 """
 
@@ -15,10 +17,14 @@ import os
 import zlib
 from pathlib import Path
 
+import noise_f32
+import numpy as np
 import pytest
 import torch
 from backends.step_cases import DTYPES, MI_MODES, NOISE_MODES, REF, Case
 from csrc_cases import assert_matches, cuda_backend, make_case
+
+from fastflow import noise as noise_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -139,3 +145,33 @@ def test_float64(emu, noise):
 def test_equals_reference_in_place(emu):
     case = make_case((2, 16, 8, 8), torch.bfloat16, torch.bfloat16, hist=1, noise="tensor", mi="dup-bf16")
     assert_matches(case.run(Emulated(emu), in_place=True), case.run(REF), exact=True)
+
+
+# --------------------------------------------------------------------------- the GPU kernels' float32 normals
+
+
+def test_angle_part_bit_exact_over_every_angle(emu):
+    """cos_sin_pi, the angle part the CUDA kernel runs, equals the numpy statement of fastflow.noise's
+    evaluation bit for bit for all 2**23 angles (the Triton kernel is held to the same statement)."""
+    v = noise_f32.all_angles()
+    got_cos, got_sin = emu.cos_sin_pi(torch.from_numpy(v))
+    want_cos, want_sin = noise_f32.cos_sin_pi(v)
+    np.testing.assert_array_equal(got_cos.numpy().view(np.int32), want_cos.view(np.int32))
+    np.testing.assert_array_equal(got_sin.numpy().view(np.int32), want_sin.view(np.int32))
+
+
+def test_float32_normals_within_spec(emu):
+    """The device's float32 transform (its host build: the C library's logf) stays within 1e-6 of the float64
+    spec, over random words and the extreme uniforms and quarter-turn angles."""
+    rng = np.random.default_rng(5)
+    words = rng.integers(0, 2**32, size=(1 << 18, 4), dtype=np.uint64)
+    m = np.array([0, 1, 2, (1 << 21) - 1, 1 << 21, (1 << 22) - 1, 1 << 22, 3 << 21, (3 << 21) - 1, (1 << 23) - 1],
+                 dtype=np.uint64)
+    edges = (m[:, None] << np.uint64(9)) | np.array([0, 511], dtype=np.uint64)[None, :]
+    edge_words = np.stack(np.meshgrid(edges.ravel(), edges.ravel(), indexing="ij"), -1).reshape(-1, 2)
+    words = np.concatenate([words, np.concatenate([edge_words, edge_words], axis=1)]).astype(np.int64)
+    got = emu.normals_f32(torch.from_numpy(words)).double()
+    w = torch.from_numpy(words)
+    want = torch.stack(noise_spec.words_to_normals(*(w[:, j] for j in range(4))), dim=-1)
+    err = (got - want).abs() / want.abs().clamp(min=1.0)
+    assert err.max().item() <= 1e-6
