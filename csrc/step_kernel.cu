@@ -4,12 +4,13 @@
 // Light includes only (no torch): this file compiles with plain
 // `nvcc -arch=sm_90 -c csrc/step_kernel.cu`.
 //
-// Work item = 8 consecutive elements of one sample (the start is a multiple of 8,
-// so it holds whole Philox groups of 4: one Philox call serves 4 elements). When
-// every pointer and every sample start is 16-byte aligned, a full item is moved
-// with 16-byte loads and stores; the last item of a sample and unaligned tensors
-// use scalar accesses. Indexing is int64 throughout. The coefficient row and the
-// step index are read on the device, so a launch needs no host-side value and is
+// Work item = 8 consecutive elements of one sample, or 4 where the kernel draws
+// noise in float32 (kItemWidth; the start is a multiple of the width, so an item
+// holds whole Philox groups of 4: one Philox call serves 4 elements). When every
+// pointer and every sample start is 16-byte aligned, a full item is moved with
+// vector loads and stores (16 bytes, 8 for four 16-bit elements); the last item of
+// a sample and unaligned tensors use scalar accesses. Indexing is int64 throughout.
+// The coefficient row and the step index are read on the device, so a launch needs no host-side value and is
 // safe to capture in a CUDA graph. Dtypes are launch parameters (warp-uniform
 // switches), which keeps a few kernels instead of one per dtype mix: float compute
 // with and without in-kernel noise (the Philox code would cost the deterministic
@@ -77,21 +78,24 @@ unsigned int grid_for(int64_t work) {
   return static_cast<unsigned int>(blocks < 1 ? 1 : (blocks > cap ? cap : blocks));
 }
 
+template <typename T, bool kDraw>
+void launch_fused_step(const StepParams& p, cudaStream_t s) {
+  const int64_t ips = items_per_sample<T, kDraw>(p);
+  const int64_t total = p.batch * ips;
+  if (total == 0) return;
+  fused_step_kernel<T, kDraw><<<grid_for(total), kThreads, 0, s>>>(p, ips);
+}
+
 }  // namespace
 
 int launch_fused_step_cuda(const StepParams& p, bool compute_double, void* stream) {
-  const int64_t items_per_sample = (p.numel + kVec - 1) / kVec;
-  const int64_t total = p.batch * items_per_sample;
-  if (total == 0) return 0;
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  const unsigned int grid = grid_for(total);
-  const bool draw = draws_noise(p);
   if (compute_double) {  // rare (float64 state): one instantiation serves every launch
-    fused_step_kernel<double, true><<<grid, kThreads, 0, s>>>(p, items_per_sample);
-  } else if (draw) {
-    fused_step_kernel<float, true><<<grid, kThreads, 0, s>>>(p, items_per_sample);
+    launch_fused_step<double, true>(p, s);
+  } else if (draws_noise(p)) {
+    launch_fused_step<float, true>(p, s);
   } else {
-    fused_step_kernel<float, false><<<grid, kThreads, 0, s>>>(p, items_per_sample);
+    launch_fused_step<float, false>(p, s);
   }
   return static_cast<int>(cudaGetLastError());
 }

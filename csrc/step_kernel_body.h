@@ -10,6 +10,8 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 #include <string.h>
+
+#include <type_traits>
 #include <vector_functions.h>
 #include <vector_types.h>
 
@@ -35,7 +37,19 @@ FF_HD float bits_to_float(uint32_t bits) {
 #endif
 }
 
-constexpr int kVec = 8;
+// Elements per work item: 8 (two 16-byte accesses per float32 tensor, one per 16-bit
+// tensor), or 4 (one Philox group) where the kernel draws noise in float32: the
+// Philox and Box-Muller state of 8 elements held the kernel at 62 registers on sm_90
+// (half the threads an SM can run); with 4 it needs 46, near the deterministic
+// kernel's 44 (scripts/check_cuda_compile.sh prints the counts).
+template <typename T, bool kDraw>
+constexpr int kItemWidth = (kDraw && std::is_same_v<T, float>) ? 4 : 8;
+
+// Work items of one sample for instantiation <T, kDraw> (the launch's item count is batch times this).
+template <typename T, bool kDraw>
+FF_HD int64_t items_per_sample(const StepParams& p) {
+  return (p.numel + kItemWidth<T, kDraw> - 1) / kItemWidth<T, kDraw>;
+}
 
 FF_HD float half_bits_to_float(uint32_t bits) {
   return __half2float(__ushort_as_half(static_cast<unsigned short>(bits & 0xFFFFu)));
@@ -79,25 +93,35 @@ FF_HD void store1(void* base, int dtype, int64_t i, T v) {
   }
 }
 
-// Eight elements from a 16-byte aligned address.
-template <typename T>
-FF_HD void load8(const void* base, int dtype, int64_t off, T v[kVec]) {
+// W (4 or 8) elements from an address aligned to their size (16 bytes for 8 16-bit
+// elements or 4 float32; 8 bytes for 4 16-bit elements).
+template <int W, typename T>
+FF_HD void loadv(const void* base, int dtype, int64_t off, T v[W]) {
+  static_assert(W == 4 || W == 8, "items are 4 or 8 elements");
   switch (dtype) {
     case kFloat32: {
       const float4* s = reinterpret_cast<const float4*>(static_cast<const float*>(base) + off);
-      const float4 a = s[0];
-      const float4 b = s[1];
-      v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w;
-      v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+FF_UNROLL
+      for (int j = 0; j < W / 4; ++j) {
+        const float4 a = s[j];
+        v[4 * j] = a.x, v[4 * j + 1] = a.y, v[4 * j + 2] = a.z, v[4 * j + 3] = a.w;
+      }
       break;
     }
     case kFloat16:
     case kBFloat16: {
-      const uint4 r = *reinterpret_cast<const uint4*>(static_cast<const unsigned short*>(base) + off);
-      const uint32_t w[4] = {r.x, r.y, r.z, r.w};
+      uint32_t w[W / 2];
+      const unsigned short* src = static_cast<const unsigned short*>(base) + off;
+      if constexpr (W == 8) {
+        const uint4 r = *reinterpret_cast<const uint4*>(src);
+        w[0] = r.x, w[1] = r.y, w[2] = r.z, w[3] = r.w;
+      } else {
+        const uint2 r = *reinterpret_cast<const uint2*>(src);
+        w[0] = r.x, w[1] = r.y;
+      }
       const bool half = dtype == kFloat16;
 FF_UNROLL
-      for (int j = 0; j < 4; ++j) {
+      for (int j = 0; j < W / 2; ++j) {
         v[2 * j] = static_cast<T>(half ? half_bits_to_float(w[j]) : bf16_bits_to_float(w[j]));
         v[2 * j + 1] = static_cast<T>(half ? half_bits_to_float(w[j] >> 16) : bf16_bits_to_float(w[j] >> 16));
       }
@@ -106,7 +130,7 @@ FF_UNROLL
     default: {
       const double2* s = reinterpret_cast<const double2*>(static_cast<const double*>(base) + off);
 FF_UNROLL
-      for (int j = 0; j < 4; ++j) {
+      for (int j = 0; j < W / 2; ++j) {
         const double2 d = s[j];
         v[2 * j] = static_cast<T>(d.x);
         v[2 * j + 1] = static_cast<T>(d.y);
@@ -116,37 +140,44 @@ FF_UNROLL
   }
 }
 
-// Eight elements to a 16-byte aligned address.
-template <typename T>
-FF_HD void store8(void* base, int dtype, int64_t off, const T v[kVec]) {
+// W (4 or 8) elements to an address aligned as for loadv.
+template <int W, typename T>
+FF_HD void storev(void* base, int dtype, int64_t off, const T v[W]) {
+  static_assert(W == 4 || W == 8, "items are 4 or 8 elements");
   switch (dtype) {
     case kFloat32: {
       float4* d = reinterpret_cast<float4*>(static_cast<float*>(base) + off);
-      d[0] = make_float4(static_cast<float>(v[0]), static_cast<float>(v[1]), static_cast<float>(v[2]),
-                         static_cast<float>(v[3]));
-      d[1] = make_float4(static_cast<float>(v[4]), static_cast<float>(v[5]), static_cast<float>(v[6]),
-                         static_cast<float>(v[7]));
+FF_UNROLL
+      for (int j = 0; j < W / 4; ++j) {
+        d[j] = make_float4(static_cast<float>(v[4 * j]), static_cast<float>(v[4 * j + 1]),
+                           static_cast<float>(v[4 * j + 2]), static_cast<float>(v[4 * j + 3]));
+      }
       break;
     }
     case kFloat16:
     case kBFloat16: {
       const bool half = dtype == kFloat16;
-      uint32_t w[4];
+      uint32_t w[W / 2];
 FF_UNROLL
-      for (int j = 0; j < 4; ++j) {
+      for (int j = 0; j < W / 2; ++j) {
         const float a = static_cast<float>(v[2 * j]);
         const float b = static_cast<float>(v[2 * j + 1]);
         const uint32_t lo = half ? float_to_half_bits(a) : float_to_bf16_bits(a);
         const uint32_t hi = half ? float_to_half_bits(b) : float_to_bf16_bits(b);
         w[j] = lo | (hi << 16);
       }
-      *reinterpret_cast<uint4*>(static_cast<unsigned short*>(base) + off) = make_uint4(w[0], w[1], w[2], w[3]);
+      unsigned short* dst = static_cast<unsigned short*>(base) + off;
+      if constexpr (W == 8) {
+        *reinterpret_cast<uint4*>(dst) = make_uint4(w[0], w[1], w[2], w[3]);
+      } else {
+        *reinterpret_cast<uint2*>(dst) = make_uint2(w[0], w[1]);
+      }
       break;
     }
     default: {
       double2* d = reinterpret_cast<double2*>(static_cast<double*>(base) + off);
 FF_UNROLL
-      for (int j = 0; j < 4; ++j) d[j] = make_double2(static_cast<double>(v[2 * j]), static_cast<double>(v[2 * j + 1]));
+      for (int j = 0; j < W / 2; ++j) d[j] = make_double2(static_cast<double>(v[2 * j]), static_cast<double>(v[2 * j + 1]));
       break;
     }
   }
@@ -211,9 +242,11 @@ FF_UNROLL
 }
 
 // The work of one thread: items item, item + stride, ... of the launch (an item is
-// kVec consecutive elements of one sample). kDraw = false needs !draws_noise(p).
+// kItemWidth<T, kDraw> consecutive elements of one sample, items_per_sample of them
+// per sample). kDraw = false needs !draws_noise(p).
 template <typename T, bool kDraw>
 FF_HD void fused_step_items(const StepParams& p, int64_t items_per_sample, int64_t item, int64_t stride) {
+  constexpr int W = kItemWidth<T, kDraw>;
   const int64_t total = p.batch * items_per_sample;
   if (item >= total) return;
   const int64_t step = load_step_index(p);
@@ -228,28 +261,28 @@ FF_HD void fused_step_items(const StepParams& p, int64_t items_per_sample, int64
   const uint32_t ips32 = static_cast<uint32_t>(items_per_sample);
   for (; item < total; item += stride) {
     const int64_t b = small ? static_cast<int64_t>(static_cast<uint32_t>(item) / ips32) : item / items_per_sample;
-    const int64_t e0 = (item - b * items_per_sample) * kVec;
+    const int64_t e0 = (item - b * items_per_sample) * W;
     const int64_t off = b * p.numel + e0;
-    const int n = static_cast<int>(p.numel - e0 < kVec ? p.numel - e0 : kVec);
-    if (!(p.vectorized && n == kVec)) {
+    const int n = static_cast<int>(p.numel - e0 < W ? p.numel - e0 : W);
+    if (!(p.vectorized && n == W)) {
       step_item_scalar<T, kDraw>(p, k, b, e0, n, step32);
       continue;
     }
 
     // Fold each input into the result as soon as it is loaded: few arrays stay live.
-    T x[kVec], zn[kVec];
+    T x[W], zn[W];
     {
-      T z[kVec], o[kVec];
-      load8(p.z, p.z_dtype, off, z);
-      load8(p.model_out, p.model_out_dtype, off, o);
+      T z[W], o[W];
+      loadv<W>(p.z, p.z_dtype, off, z);
+      loadv<W>(p.model_out, p.model_out_dtype, off, o);
       if (guided) {
-        T ou[kVec];
-        load8(p.model_out_uncond, p.uncond_dtype, off, ou);
+        T ou[W];
+        loadv<W>(p.model_out_uncond, p.uncond_dtype, off, ou);
 FF_UNROLL
-        for (int i = 0; i < kVec; ++i) o[i] = guide(k, o[i], ou[i]);
+        for (int i = 0; i < W; ++i) o[i] = guide(k, o[i], ou[i]);
       }
 FF_UNROLL
-      for (int i = 0; i < kVec; ++i) {
+      for (int i = 0; i < W; ++i) {
         x[i] = data_prediction(k, z[i], o[i], has_clip, clip);
         zn[i] = update_base(k, z[i], x[i]);
       }
@@ -257,35 +290,35 @@ FF_UNROLL
 FF_UNROLL
     for (int j = 0; j < kMaxHistory; ++j) {
       if (j < nh) {
-        T h[kVec];
-        load8(p.history[j], p.history_dtype[j], off, h);
+        T h[W];
+        loadv<W>(p.history[j], p.history_dtype[j], off, h);
 FF_UNROLL
-        for (int i = 0; i < kVec; ++i) zn[i] = add_term(k, kH0 + j, zn[i], h[i]);
+        for (int i = 0; i < W; ++i) zn[i] = add_term(k, kH0 + j, zn[i], h[i]);
       }
     }
     if (use_noise) {
-      T xi[kVec];
+      T xi[W];
       if (!kDraw || p.noise != nullptr) {
-        load8(p.noise, p.noise_dtype, off, xi);
+        loadv<W>(p.noise, p.noise_dtype, off, xi);
       } else {
         const uint64_t seed = static_cast<uint64_t>(p.seeds[b]);
 FF_UNROLL
-        for (int g = 0; g < kVec / 4; ++g) {
+        for (int g = 0; g < W / 4; ++g) {
           words_to_normals(noise_words(seed, static_cast<uint64_t>(e0 >> 2) + g, step32, kStepTag), &xi[4 * g]);
         }
       }
 FF_UNROLL
-      for (int i = 0; i < kVec; ++i) zn[i] = add_term(k, kCN, zn[i], xi[i]);
+      for (int i = 0; i < W; ++i) zn[i] = add_term(k, kCN, zn[i], xi[i]);
     }
-    if (p.x_out != nullptr) store8(p.x_out, p.x_out_dtype, off, x);
+    if (p.x_out != nullptr) storev<W>(p.x_out, p.x_out_dtype, off, x);
     if (p.model_in_out != nullptr) {
-      T mi[kVec];
+      T mi[W];
 FF_UNROLL
-      for (int i = 0; i < kVec; ++i) mi[i] = mul_rn(k.c[kCIN], zn[i]);
-      store8(p.model_in_out, p.model_in_dtype, off, mi);
-      if (p.model_in_double) store8(p.model_in_out, p.model_in_dtype, off + p.batch * p.numel, mi);
+      for (int i = 0; i < W; ++i) mi[i] = mul_rn(k.c[kCIN], zn[i]);
+      storev<W>(p.model_in_out, p.model_in_dtype, off, mi);
+      if (p.model_in_double) storev<W>(p.model_in_out, p.model_in_dtype, off + p.batch * p.numel, mi);
     }
-    store8(p.out, p.z_dtype, off, zn);
+    storev<W>(p.out, p.z_dtype, off, zn);
   }
 }
 

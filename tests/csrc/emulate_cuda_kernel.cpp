@@ -23,18 +23,18 @@ void fused_step_emulated(const at::Tensor& z, const at::Tensor& out, const at::T
   fastflow::PreparedStep s = fastflow::prepare_step(z, out, model_out, model_out_uncond, history, table, step,
                                                     step_tensor, seeds, noise, x_out, model_in_out, clip, use_noise);
   if (s.empty) return;
-  const int64_t items_per_sample = (s.p.numel + fastflow::kVec - 1) / fastflow::kVec;
-  const int64_t total = s.p.batch * items_per_sample;
-  const int64_t stride = threads > 0 ? std::min(threads, total) : total;
-  // The same instantiation choice as the launcher in csrc/step_kernel.cu.
-  const bool draw = fastflow::draws_noise(s.p);
-  for (int64_t t = 0; t < stride; ++t) {
-    if (s.compute_double) {
-      fastflow::fused_step_items<double, true>(s.p, items_per_sample, t, stride);
-    } else {
-      draw ? fastflow::fused_step_items<float, true>(s.p, items_per_sample, t, stride)
-           : fastflow::fused_step_items<float, false>(s.p, items_per_sample, t, stride);
-    }
+  // The same instantiation choice as the launcher in csrc/step_kernel.cu, each with its own item width.
+  auto run = [&](auto kernel, int64_t items_per_sample) {
+    const int64_t total = s.p.batch * items_per_sample;
+    const int64_t stride = threads > 0 ? std::min(threads, total) : total;
+    for (int64_t t = 0; t < stride; ++t) kernel(s.p, items_per_sample, t, stride);
+  };
+  if (s.compute_double) {
+    run(fastflow::fused_step_items<double, true>, fastflow::items_per_sample<double, true>(s.p));
+  } else if (fastflow::draws_noise(s.p)) {
+    run(fastflow::fused_step_items<float, true>, fastflow::items_per_sample<float, true>(s.p));
+  } else {
+    run(fastflow::fused_step_items<float, false>, fastflow::items_per_sample<float, false>(s.p));
   }
   s.finish();
 }
