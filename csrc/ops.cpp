@@ -9,6 +9,7 @@
 // call allocating its outputs in C++. Traced code (torch.compile)
 // calls the operator, which the tracer can see.
 #include <ATen/ops/empty.h>
+#include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
 #include <torch/python.h>
 
@@ -59,14 +60,17 @@ void fused_step_direct(const at::Tensor& z, const at::Tensor& out, const at::Ten
 // (when `out` is None), x_hat (when `want_x`) and the next model input (when
 // `model_in_like` is given: its dtype, batch `model_in_batch`). Allocating here costs
 // a fraction of a Python-side torch.empty per tensor, and eager front ends make up to
-// three per step. Outputs are contiguous, shaped like the state.
+// three per step. Outputs are contiguous, shaped like the state. With `paired`,
+// `model_out` is a guided model's doubled batch, unconditional half first, read in
+// place through two pointers (views, in Python or C++, would cost about a
+// microsecond each).
 std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> fused_step_alloc_direct(
     const at::Tensor& z, const std::optional<at::Tensor>& out, const at::Tensor& model_out,
     const std::optional<at::Tensor>& model_out_uncond, const std::vector<at::Tensor>& history,
     const at::Tensor& table, int64_t step, const std::optional<at::Tensor>& step_tensor,
     const std::optional<at::Tensor>& seeds, const std::optional<at::Tensor>& noise, bool want_x,
     const std::optional<at::Tensor>& model_in_like, int64_t model_in_batch, std::optional<double> clip,
-    bool use_noise) {
+    bool use_noise, bool paired) {
   const at::Tensor next = out.has_value() ? *out : at::empty(z.sizes(), z.options());
   std::optional<at::Tensor> x_out;
   if (want_x) x_out = at::empty(z.sizes(), z.options());
@@ -77,8 +81,23 @@ std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> fus
     shape[0] = model_in_batch;
     model_in = at::empty(shape, z.options().dtype(model_in_like->scalar_type()));
   }
-  fused_step_direct(z, next, model_out, model_out_uncond, history, table, step, step_tensor, seeds, noise, x_out,
-                    model_in, clip, use_noise);
+  if (!paired) {
+    fused_step_direct(z, next, model_out, model_out_uncond, history, table, step, step_tensor, seeds, noise, x_out,
+                      model_in, clip, use_noise);
+    return {next, x_out, model_in};
+  }
+  const c10::OptionalDeviceGuard guard(z.device());  // for the inputs' contiguous copies, if any
+  fastflow::PreparedStep s = fastflow::prepare_step(z, next, model_out, model_out_uncond, history, table, step,
+                                                    step_tensor, seeds, noise, x_out, model_in, clip, use_noise, true);
+  if (z.is_cpu()) {
+    fastflow::run_prepared_cpu(s);
+#if defined(FASTFLOW_WITH_CUDA)
+  } else if (z.is_cuda()) {
+    fastflow::run_prepared_cuda(s, z.device());
+#endif
+  } else {
+    TORCH_CHECK_VALUE(false, "fastflow._C has no kernel for tensors on ", z.device());
+  }
   return {next, x_out, model_in};
 }
 

@@ -156,6 +156,10 @@ void fused_step_cpu(const at::Tensor& z, const at::Tensor& out, const at::Tensor
   TORCH_CHECK(z.device().is_cpu(), "fastflow: the CPU kernel got a tensor on ", z.device());
   PreparedStep s = prepare_step(z, out, model_out, model_out_uncond, history, table, step, step_tensor, seeds, noise,
                                 x_out, model_in_out, clip, use_noise);
+  run_prepared_cpu(s);
+}
+
+void run_prepared_cpu(PreparedStep& s) {
   if (s.empty) return;
   if (s.compute_double) {
     run_step<double>(s.p);

@@ -36,8 +36,13 @@ void fused_step_cuda(const at::Tensor& z, const at::Tensor& out, const at::Tenso
   const c10::cuda::CUDAGuard guard(z.device());
   PreparedStep s = prepare_step(z, out, model_out, model_out_uncond, history, table, step, step_tensor, seeds, noise,
                                 x_out, model_in_out, clip, use_noise);
+  run_prepared_cuda(s, z.device());
+}
+
+void run_prepared_cuda(PreparedStep& s, c10::Device device) {
   if (s.empty) return;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(z.device().index()).stream();
+  const c10::cuda::CUDAGuard guard(device);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
   check_launch(launch_fused_step_cuda(s.p, s.compute_double, stream), "fused step");
   s.finish();
 }

@@ -1,5 +1,7 @@
 // Host side of the operators: validate at::Tensor arguments and turn them into
-// the torch-free StepParams the CPU loop and the CUDA kernel read.
+// the torch-free StepParams the CPU loop and the CUDA kernel read. With `paired`,
+// the model output is a guided model's doubled batch (uncond half first), read
+// through two pointers into it (no views made: a view costs more than this call).
 //
 // Checks are metadata only (no device sync) and raise the Python exception types
 // of fastflow.backends.base.check_step_args (ValueError for shapes and devices,
@@ -69,7 +71,7 @@ inline PreparedStep prepare_step(const at::Tensor& z, const at::Tensor& out, con
                                  const at::Tensor& table, int64_t step, const std::optional<at::Tensor>& step_tensor,
                                  const std::optional<at::Tensor>& seeds, const std::optional<at::Tensor>& noise,
                                  const std::optional<at::Tensor>& x_out, const std::optional<at::Tensor>& model_in_out,
-                                 std::optional<double> clip, bool use_noise) {
+                                 std::optional<double> clip, bool use_noise, bool paired = false) {
   using detail::check_like;
   PreparedStep s;
   StepParams& p = s.p;
@@ -79,7 +81,17 @@ inline PreparedStep prepare_step(const at::Tensor& z, const at::Tensor& out, con
   check_like(z, out, "the output state");
   TORCH_CHECK_TYPE(out.scalar_type() == z.scalar_type(), "fastflow: output state dtype ", out.scalar_type(),
                    " differs from the state's ", z.scalar_type());
-  check_like(z, model_out, "the model output");
+  if (paired) {  // a guided model's doubled batch, uncond half first, read in place
+    TORCH_CHECK_VALUE(!model_out_uncond.has_value(), "fastflow: a paired model output carries its own uncond half");
+    TORCH_CHECK_VALUE(model_out.dim() == z.dim() && model_out.size(0) == 2 * z.size(0) &&
+                          model_out.sizes().slice(1) == z.sizes().slice(1),
+                      "fastflow: a paired model output needs batch ", 2 * z.size(0), " (uncond first) and sample shape ",
+                      z.sizes().slice(1), ", got ", model_out.sizes());
+    TORCH_CHECK_VALUE(model_out.device() == z.device(), "fastflow: the model output is on ", model_out.device(),
+                      ", state is on ", z.device());
+  } else {
+    check_like(z, model_out, "the model output");
+  }
   p.model_out_dtype = dtype_code(model_out.scalar_type(), "the model output");
   TORCH_CHECK_VALUE(history.size() <= static_cast<size_t>(kMaxHistory), "fastflow: at most ", kMaxHistory,
                     " history tensors, got ", history.size());
@@ -138,6 +150,12 @@ inline PreparedStep prepare_step(const at::Tensor& z, const at::Tensor& out, con
 
   p.z = input(z);
   p.model_out = input(model_out);
+  if (paired) {
+    p.uncond_dtype = p.model_out_dtype;
+    p.model_out_uncond = p.model_out;
+    p.model_out = static_cast<const char*>(p.model_out_uncond) + z.numel() * model_out.element_size();
+    used[num_used++] = {p.model_out, model_out.element_size()};
+  }
   if (model_out_uncond.has_value()) {
     check_like(z, *model_out_uncond, "the unconditional model output");
     p.uncond_dtype = dtype_code(model_out_uncond->scalar_type(), "the unconditional model output");

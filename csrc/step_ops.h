@@ -8,7 +8,13 @@
 #include <cstdint>
 #include <optional>
 
+#include "step_host.h"
+
 namespace fastflow {
+
+// A prepared stage (step_host.h) run on the CPU, or on the CUDA device of its
+// tensors (a device guard for `device` held around the launch).
+void run_prepared_cpu(PreparedStep& s);
 
 void fused_step_cpu(const at::Tensor& z, const at::Tensor& out, const at::Tensor& model_out,
                     const std::optional<at::Tensor>& model_out_uncond, at::TensorList history, const at::Tensor& table,
@@ -20,6 +26,7 @@ at::Tensor noise_cpu(const at::Tensor& seeds, at::IntArrayRef sample_shape, int6
 at::Tensor philox_cpu(const at::Tensor& counter, const at::Tensor& key, int64_t rounds);
 
 #if defined(FASTFLOW_WITH_CUDA)
+void run_prepared_cuda(PreparedStep& s, c10::Device device);
 void fused_step_cuda(const at::Tensor& z, const at::Tensor& out, const at::Tensor& model_out,
                      const std::optional<at::Tensor>& model_out_uncond, at::TensorList history, const at::Tensor& table,
                      int64_t step, const std::optional<at::Tensor>& step_tensor, const std::optional<at::Tensor>& seeds,

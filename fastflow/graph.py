@@ -337,7 +337,7 @@ class CapturedLoop:
             self._check_output(output, i)
             if probe is not None:
                 probe.mark(f"the model call at stage {i}")
-            cond, uncond = sampler._split_output(output, z)
+            cond, uncond, paired = sampler._split_output(output, z)
             z, _, model_in = runner.run(
                 i,
                 z,
@@ -346,6 +346,7 @@ class CapturedLoop:
                 seeds=self._seeds if plan.noise[i] else None,
                 model_in_dtype=self.model_dtype,
                 step=self._steps[i : i + 1] if graph_mode else None,
+                paired=paired,
             )
             if probe is not None:
                 probe.mark(f"the {sampler.backend!r} backend's step at stage {i}")

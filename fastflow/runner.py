@@ -90,6 +90,7 @@ class PlanRunner:
         model_in_double: bool = False,
         step: int | torch.Tensor | None = None,
         extra_history: Sequence[torch.Tensor] = (),
+        paired: bool = False,
     ) -> OutputTriple:
         """Stage ``i``; returns ``(z_next, x_hat or None, model input or None)``.
 
@@ -97,6 +98,8 @@ class PlanRunner:
         ``model_in_double``). ``step`` overrides the table row (graph mode).
         ``extra_history`` binds caller tensors to the history slots after the plan's own
         (a front end whose table puts coefficients there, e.g. on the raw model output).
+        ``paired``: ``cond`` is a guided model's doubled batch, uncond half first, and
+        ``uncond`` is None (the backend splits it).
         """
         needs, use_noise, write_x, keep_z, free_after = self._stages[i]
         store = self._store
@@ -117,7 +120,7 @@ class PlanRunner:
         out, x_out, model_in = backend.fused_step_alloc(
             z, cond, uncond, history, table, i if step is None else step,
             out=out, seeds=seeds, noise=noise, want_x=write_x or want_x, model_in_dtype=model_in_dtype,
-            model_in_double=model_in_double, clip=self.plan.clip, use_noise=use_noise,
+            model_in_double=model_in_double, clip=self.plan.clip, use_noise=use_noise, paired=paired,
         )
         if write_x:
             store[("x", i)] = x_out

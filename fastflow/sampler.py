@@ -184,22 +184,22 @@ class Sampler:
             raise IndexError(f"step index {i} is out of range for {self.num_stages} stages")
 
     def _split_output(self, model_output: ModelOutput, z: torch.Tensor):
+        """``(cond, uncond, paired)``: a guided doubled batch stays whole (``paired``), split by the backend."""
         if isinstance(model_output, torch.Tensor):
             if not self.guided:
-                return model_output, None
-            if model_output.shape[0] != 2 * z.shape[0]:
+                return model_output, None, False
+            if model_output.dim() < 1 or model_output.shape[0] != 2 * z.shape[0]:
                 raise ValueError(
                     f"guided model output must be a (cond, uncond) pair or a batch of {2 * z.shape[0]} "
-                    f"(uncond first), got batch {model_output.shape[0]}"
+                    f"(uncond first), got shape {tuple(model_output.shape)}"
                 )
-            uncond, cond = model_output.chunk(2)
-            return cond, uncond
+            return model_output, None, True
         if isinstance(model_output, (tuple, list)):
             if len(model_output) != 2:
                 raise ValueError("a guided model output pair must be (cond, uncond)")
             if not self.guided:
                 raise ValueError("got a (cond, uncond) pair but this sampler has no guidance_scale")
-            return model_output[0], model_output[1]
+            return model_output[0], model_output[1], False
         raise TypeError(f"model output must be a tensor or a (cond, uncond) pair, got {type(model_output).__name__}")
 
     def _stage_seeds(self, i: int, seed: int | Sequence[int] | torch.Tensor | None, z: torch.Tensor) -> torch.Tensor:
@@ -235,12 +235,12 @@ class Sampler:
         """
         if type(i) is not int or not 0 <= i < self._num_stages:  # the fast test first: this is the hot path
             self._check_index(i)
-        cond, uncond = self._split_output(model_output, z)
+        cond, uncond, paired = self._split_output(model_output, z)
         seeds = self._stage_seeds(i, seed, z) if noise is None and self._noisy[i] else None
         out, x_out, model_in = self.runner.run(
             i, z, cond, uncond, seeds=seeds, noise=noise, out=out, want_x=return_x0,
             model_in_dtype=(model_input_dtype or z.dtype) if return_model_input else None,
-            model_in_double=duplicate_model_input,
+            model_in_double=duplicate_model_input, paired=paired,
         )
         if return_model_input:
             return (out, model_in, x_out) if return_x0 else (out, model_in)

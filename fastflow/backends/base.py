@@ -92,15 +92,26 @@ class Backend:
         model_in_double: bool = False,
         clip: float | None = None,
         use_noise: bool = False,
+        paired: bool = False,
     ) -> OutputTriple:
         """``fused_step`` with the outputs not given allocated here; returns ``(out, x_out, model_in)``.
 
         ``x_out`` is allocated when ``want_x``, the model input when ``model_in_dtype`` is
         given (batch doubled when ``model_in_double``); absent outputs come back as None.
+        With ``paired``, ``model_out`` is a guided model's output on a doubled batch
+        (``2B``, unconditional half first) and ``model_out_uncond`` is None: the halves are
+        split here, where a backend can do it cheaply.
         Kernels read flat row-major memory (the noise is keyed by the row-major index), so
         inputs in another layout (channels_last model outputs, say) are copied once here,
         and outputs are allocated row-major.
         """
+        if paired:
+            if model_out_uncond is not None or model_out.dim() < 1 or model_out.shape[0] != 2 * z.shape[0]:
+                raise ValueError(
+                    f"a paired model output needs batch {2 * z.shape[0]} (uncond first) and no separate uncond, "
+                    f"got shape {tuple(model_out.shape)}"
+                )
+            model_out_uncond, model_out = model_out.chunk(2)
         if not z.is_contiguous():
             z = z.contiguous()
         if not model_out.is_contiguous():

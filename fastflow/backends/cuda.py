@@ -251,14 +251,16 @@ class CudaBackend(Backend):
         model_in_double: bool = False,
         clip: float | None = None,
         use_noise: bool = False,
+        paired: bool = False,
     ) -> OutputTriple:
-        """The allocating form (:class:`~fastflow.backends.base.Backend`) in one C++ call, outputs made there."""
+        """The allocating form (:class:`~fastflow.backends.base.Backend`) in one C++ call, outputs made there
+        (a paired model output is split there too)."""
         alloc = _STATE.get("alloc")
         if alloc is None or torch.compiler.is_compiling():
             return super().fused_step_alloc(
                 z, model_out, model_out_uncond, history, table, step, out=out, seeds=seeds, noise=noise,
                 want_x=want_x, model_in_dtype=model_in_dtype, model_in_double=model_in_double, clip=clip,
-                use_noise=use_noise,
+                use_noise=use_noise, paired=paired,
             )
         if isinstance(step, torch.Tensor):
             step_int, step_tensor = 0, step
@@ -272,7 +274,7 @@ class CudaBackend(Backend):
         return alloc(
             z, out, model_out, model_out_uncond, history if isinstance(history, list) else list(history), table,
             step_int, step_tensor, seeds, noise, bool(want_x), like, batch, None if clip is None else float(clip),
-            bool(use_noise),
+            bool(use_noise), bool(paired),
         )
 
     def noise(

@@ -121,3 +121,24 @@ def test_alloc_on_gpu_realistic_size(name, noise):
     out, x, model_in = _alloc(backend, case, want_x=True, model_in_dtype=torch.bfloat16, model_in_double=True)
     assert out.device.type == "cuda" and model_in.shape[0] == 6
     assert_matches({"out": out, "x": x, "mi": model_in}, want, tol=TRITON_TOL if name == "triton" else EXTENSION_TOL)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_alloc_paired_model_output(name):
+    """A guided model's doubled batch (uncond first) is split by the backend: the same bits as the two halves given
+    apart, and a batch that is not 2B, or a separate uncond beside it, is refused."""
+    backend = _backend(name)
+    case = make_case(SHAPE, torch.float32, torch.bfloat16, guided=True, hist=1, noise="philox", x_dtype=torch.float32,
+                     mi="dup-bf16", seed=13, device=str(_device()))
+    pair = torch.cat([case.uncond, case.model_out])
+    kw = dict(want_x=True, model_in_dtype=torch.bfloat16, model_in_double=True, seeds=case.seeds, use_noise=True)
+    apart = backend.fused_step_alloc(case.z, case.model_out, case.uncond, case.history, case.table, case.step, **kw)
+    strided = pair.transpose(1, 2).contiguous().transpose(1, 2)  # same values, not contiguous
+    for given in (pair, strided):
+        whole = backend.fused_step_alloc(case.z, given, None, case.history, case.table, case.step, paired=True, **kw)
+        for a, b in zip(apart, whole, strict=True):
+            assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="paired"):
+        backend.fused_step_alloc(case.z, pair[:-1], None, case.history, case.table, case.step, paired=True, **kw)
+    with pytest.raises(ValueError, match="paired"):
+        backend.fused_step_alloc(case.z, pair, case.uncond, case.history, case.table, case.step, paired=True, **kw)
