@@ -58,7 +58,7 @@ void fused_step_direct(const at::Tensor& z, const at::Tensor& out, const at::Ten
 
 // The same stage, allocating the outputs the caller did not pass: the next state
 // (when `out` is None), x_hat (when `want_x`) and the next model input (when
-// `model_in_like` is given: its dtype, batch `model_in_batch`). Allocating here costs
+// `model_in_like` is given: its dtype; its batch doubled with `model_in_double`). Allocating here costs
 // a fraction of a Python-side torch.empty per tensor, and eager front ends make up to
 // three per step. Outputs are contiguous, shaped like the state. With `paired`,
 // `model_out` is a guided model's doubled batch, unconditional half first, read in
@@ -69,7 +69,7 @@ std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> fus
     const std::optional<at::Tensor>& model_out_uncond, const std::vector<at::Tensor>& history,
     const at::Tensor& table, int64_t step, const std::optional<at::Tensor>& step_tensor,
     const std::optional<at::Tensor>& seeds, const std::optional<at::Tensor>& noise, bool want_x,
-    const std::optional<at::Tensor>& model_in_like, int64_t model_in_batch, std::optional<double> clip,
+    const std::optional<at::Tensor>& model_in_like, bool model_in_double, std::optional<double> clip,
     bool use_noise, bool paired) {
   const at::Tensor next = out.has_value() ? *out : at::empty(z.sizes(), z.options());
   std::optional<at::Tensor> x_out;
@@ -78,7 +78,7 @@ std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> fus
   if (model_in_like.has_value()) {
     TORCH_CHECK_VALUE(z.dim() >= 1, "fastflow: the state needs a batch dimension");
     std::vector<int64_t> shape(z.sizes().begin(), z.sizes().end());
-    shape[0] = model_in_batch;
+    if (model_in_double) shape[0] *= 2;
     model_in = at::empty(shape, z.options().dtype(model_in_like->scalar_type()));
   }
   if (!paired) {

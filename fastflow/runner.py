@@ -66,10 +66,6 @@ class PlanRunner:
         """Forget stored history (a new loop starts)."""
         self._store.clear()
 
-    def _table_and_backend(self, z: torch.Tensor):
-        found = self._dispatch.get((self.backend, z.device, z.dtype))
-        return found if found is not None else self._table_and_backend_for(z.device, z.dtype)
-
     def _table_and_backend_for(self, device: torch.device, dtype: torch.dtype):
         table = self.table(device, torch.float64 if dtype == torch.float64 else torch.float32)
         found = self._dispatch[(self.backend, device, dtype)] = (table, resolve_backend(self.backend, device, dtype))
@@ -105,18 +101,21 @@ class PlanRunner:
         store = self._store
         if i == 0:
             store.clear()
-        try:
-            history = [store[key] for key in needs]
-        except KeyError:
-            missing = next(k for k in needs if k not in store)
-            raise RuntimeError(
-                f"stage {i} needs {missing[0]} of stage {missing[1]}; run the stages in order from 0"
-            ) from None
+        history = []
+        if needs:
+            try:
+                history = [store[key] for key in needs]
+            except KeyError:
+                missing = next(k for k in needs if k not in store)
+                raise RuntimeError(
+                    f"stage {i} needs {missing[0]} of stage {missing[1]}; run the stages in order from 0"
+                ) from None
         if extra_history:
             history.extend(extra_history)
         if use_noise and noise is None and seeds is None:
             raise ValueError(f"stage {i} draws noise: pass seeds or noise")
-        table, backend = self._table_and_backend(z)
+        found = self._dispatch.get((self.backend, z.device, z.dtype))
+        table, backend = found if found is not None else self._table_and_backend_for(z.device, z.dtype)
         out, x_out, model_in = backend.fused_step_alloc(
             z, cond, uncond, history, table, i if step is None else step,
             out=out, seeds=seeds, noise=noise, want_x=write_x or want_x, model_in_dtype=model_in_dtype,

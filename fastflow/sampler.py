@@ -185,8 +185,9 @@ class Sampler:
 
     def _split_output(self, model_output: ModelOutput, z: torch.Tensor):
         """``(cond, uncond, paired)``: a guided doubled batch stays whole (``paired``), split by the backend."""
-        if isinstance(model_output, torch.Tensor):
-            if not self.guided:
+        # type() first: isinstance against torch.Tensor goes through its metaclass (this is the hot path).
+        if type(model_output) is torch.Tensor or isinstance(model_output, torch.Tensor):
+            if self.guidance_scale is None:
                 return model_output, None, False
             if model_output.dim() < 1 or model_output.shape[0] != 2 * z.shape[0]:
                 raise ValueError(
