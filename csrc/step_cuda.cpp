@@ -41,7 +41,6 @@ void fused_step_cuda(const at::Tensor& z, const at::Tensor& out, const at::Tenso
 
 void run_prepared_cuda(PreparedStep& s, c10::Device device) {
   if (s.empty) return;
-  const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
   check_launch(launch_fused_step_cuda(s.p, s.compute_double, stream), "fused step");
   s.finish();

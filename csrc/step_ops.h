@@ -13,7 +13,8 @@
 namespace fastflow {
 
 // A prepared stage (step_host.h) run on the CPU, or on the CUDA device of its
-// tensors (a device guard for `device` held around the launch).
+// tensors, `device`, on its current stream (the caller holds a device guard for it,
+// as around prepare_step, whose contiguous copies need it too).
 void run_prepared_cpu(PreparedStep& s);
 
 void fused_step_cpu(const at::Tensor& z, const at::Tensor& out, const at::Tensor& model_out,
