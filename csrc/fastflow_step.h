@@ -27,8 +27,12 @@
 
 #if defined(__CUDACC__)
 #define FF_HD __host__ __device__ __forceinline__
+#define FF_UNROLL _Pragma("unroll")
+#define FF_NO_UNROLL _Pragma("unroll 1")
 #else
 #define FF_HD inline
+#define FF_UNROLL
+#define FF_NO_UNROLL
 #endif
 
 namespace fastflow {
@@ -257,21 +261,49 @@ FF_HD int64_t load_step_index(const StepParams& p) {
                          : *static_cast<const int64_t*>(p.step_ptr);
 }
 
+// The columns of a table row that a launch reads: the plan's coefficients for the
+// inputs and outputs it has (the others are never used).
+FF_HD uint32_t used_columns(const StepParams& p) {
+  uint32_t cols = (1u << kAZ) | (1u << kAO) | (1u << kCZ) | (1u << kCX);
+  if (p.model_out_uncond != nullptr) cols |= 1u << kW;
+  for (int j = 0; j < kMaxHistory; ++j) {
+    if (j < p.num_history) cols |= 1u << (kH0 + j);
+  }
+  if (p.use_noise) cols |= 1u << kCN;
+  if (p.model_in_out != nullptr) cols |= 1u << kCIN;
+  return cols;
+}
+
 // The table row for `step`, converted once to the compute type (as the reference's
-// row.to(dtype)). A step outside the table yields NaN coefficients rather than an
-// out-of-bounds read: the device cannot raise, and NaN outputs make the error visible.
+// row.to(dtype)). Only the used columns are read (the rest are 0): on the device
+// every thread reads the row, and ten loads per thread would rival its data loads.
+// A step outside the table yields NaN coefficients rather than an out-of-bounds
+// read: the device cannot raise, and NaN outputs make the error visible.
 template <typename T>
 FF_HD Coefs<T> load_coefs(const StepParams& p, int64_t step) {
   Coefs<T> k;
-  const bool ok = step >= 0 && step < p.table_rows;
-  for (int i = 0; i < kNumCoefs; ++i) {
-    if (!ok) {
-      k.c[i] = static_cast<T>(NAN);
-    } else if (p.table_dtype == kFloat64) {
-      k.c[i] = static_cast<T>(static_cast<const double*>(p.table)[step * kNumCoefs + i]);
-    } else {
-      k.c[i] = static_cast<T>(static_cast<const float*>(p.table)[step * kNumCoefs + i]);
-    }
+  if (step < 0 || step >= p.table_rows) {
+FF_UNROLL
+    for (int i = 0; i < kNumCoefs; ++i) k.c[i] = static_cast<T>(NAN);
+    return k;
+  }
+  // One branch on the table's dtype, then every load issued before any is used (a
+  // branch per column made each load wait for the one before it).
+  const uint32_t cols = used_columns(p);
+  if (p.table_dtype == kFloat64) {
+    const double* row = static_cast<const double*>(p.table) + step * kNumCoefs;
+    double v[kNumCoefs];
+FF_UNROLL
+    for (int i = 0; i < kNumCoefs; ++i) v[i] = ((cols >> i) & 1u) ? row[i] : 0.0;
+FF_UNROLL
+    for (int i = 0; i < kNumCoefs; ++i) k.c[i] = static_cast<T>(v[i]);
+  } else {
+    const float* row = static_cast<const float*>(p.table) + step * kNumCoefs;
+    float v[kNumCoefs];
+FF_UNROLL
+    for (int i = 0; i < kNumCoefs; ++i) v[i] = ((cols >> i) & 1u) ? row[i] : 0.0f;
+FF_UNROLL
+    for (int i = 0; i < kNumCoefs; ++i) k.c[i] = static_cast<T>(v[i]);
   }
   return k;
 }

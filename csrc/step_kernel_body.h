@@ -17,14 +17,6 @@
 
 #include "fastflow_step.h"
 
-#if defined(__CUDACC__)
-#define FF_UNROLL _Pragma("unroll")
-#define FF_NO_UNROLL _Pragma("unroll 1")
-#else
-#define FF_UNROLL
-#define FF_NO_UNROLL
-#endif
-
 namespace fastflow {
 
 FF_HD float bits_to_float(uint32_t bits) {

@@ -25,6 +25,7 @@ from backends.step_cases import DTYPES, MI_MODES, NOISE_MODES, REF, Case
 from csrc_cases import assert_matches, cuda_backend, make_case
 
 from fastflow import noise as noise_spec
+from fastflow.plan import CIN, CN, H1, H2, W
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -145,6 +146,20 @@ def test_float64(emu, noise):
 def test_equals_reference_in_place(emu):
     case = make_case((2, 16, 8, 8), torch.bfloat16, torch.bfloat16, hist=1, noise="tensor", mi="dup-bf16")
     assert_matches(case.run(Emulated(emu), in_place=True), case.run(REF), exact=True)
+
+
+@pytest.mark.parametrize("table_dtype", [torch.float32, torch.float64], ids=["table_f32", "table_f64"])
+def test_unused_table_columns_are_never_read(emu, table_dtype):
+    """Columns a launch does not use cannot reach its outputs (the kernels now load only the used ones): NaN in
+    the guidance weight of an unguided step, the history slots past the history given, and the noise and
+    model-input columns when absent changes nothing, in the emulated CUDA kernel and in the CPU kernel. (A used
+    column left unread would read as 0, which the matrix tests catch.)"""
+    case = make_case((2, 4, 16), torch.float32, torch.bfloat16, guided=False, hist=1, noise="none", mi=None,
+                     table_dtype=table_dtype)
+    want = case.run(cuda_backend())
+    case.table[:, [W, H1, H2, CN, CIN]] = float("nan")
+    assert_matches(case.run(Emulated(emu)), want, exact=True)
+    assert_matches(case.run(cuda_backend()), want, exact=True)
 
 
 # --------------------------------------------------------------------------- the GPU kernels' float32 normals
