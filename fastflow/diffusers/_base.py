@@ -291,6 +291,7 @@ class FastflowScheduler:
         self._ff_host_cache: dict[str, Any] = {}
         self._ff_loop_start = 0
         self._ff_prepare()
+        self._ff_steps = self._ff_num_steps()  # read by every step
         self._ff_warm()
 
     def _ff_prepare(self) -> None:
@@ -322,7 +323,7 @@ class FastflowScheduler:
 
     def _ff_peek_index(self, timestep: Any) -> int:
         """The index of the step about to run (set up on first use; ``step`` advances it)."""
-        if not self._ff_ready():
+        if getattr(self, "_ff_compiled", None) is None:  # _ff_ready(), inlined: every step asks
             self._ff_reset()  # diffusers steps with its init-time schedule when set_timesteps was not called
         return self._ff_index(timestep)
 
@@ -334,9 +335,9 @@ class FastflowScheduler:
         return self._ff_row(k, device)
 
     def _ff_index(self, timestep: Any) -> int:
-        """The index of the step about to run, without reading device memory."""
-        idx = self.step_index
-        if idx is None or idx >= self._ff_num_steps():
+        """The index of the step about to run, without reading device memory (set up: _ff_reset has run)."""
+        idx = self._step_index
+        if idx is None or idx >= self._ff_steps:
             if self.begin_index is not None:
                 idx = self.begin_index
             else:
@@ -354,6 +355,7 @@ class FastflowScheduler:
             self._ff_loop_start = idx
         elif (
             self._ff_timestep_addressed
+            and type(timestep) is not torch.Tensor  # the usual case, decided before a four-type isinstance
             and isinstance(timestep, (int, float, np.integer, np.floating))
             and self._ff_host_timesteps[idx] != float(timestep)
         ):
@@ -368,13 +370,14 @@ class FastflowScheduler:
         Solvers whose stages read earlier stages compile from the step the loop
         started at (``_ff_start_dependent``); single-step ones compile once from 0.
         """
-        if not self._ff_ready():
+        compiled = getattr(self, "_ff_compiled", None)
+        if compiled is None:
             raise ValueError("call set_timesteps before step")
         start = self._ff_loop_start if self._ff_start_dependent else 0
         if idx < start:
             start = idx
         key = (variant, start)
-        comp = self._ff_compiled.get(key)
+        comp = compiled.get(key)
         if comp is None:
             comp = compile_specs(self._ff_specs(start, variant), self._ff_clip(), self.backend, start=start)
             self._ff_compiled[key] = comp
@@ -449,9 +452,9 @@ class FastflowScheduler:
         if not z.is_contiguous():
             z = z.contiguous()
         o = model_output if model_output.is_contiguous() else model_output.contiguous()
-        k_in = o if kernel_output is None else kernel_output
-        if not k_in.is_contiguous():
-            k_in = k_in.contiguous()
+        k_in = o
+        if kernel_output is not None:
+            k_in = kernel_output if kernel_output.is_contiguous() else kernel_output.contiguous()
         seeds = None
         row: int | torch.Tensor = k
         if comp.plan.noise[k] and noise is None:
@@ -528,6 +531,13 @@ def _wrap_set_timesteps(parent_set: Callable) -> Callable:
 
     set_timesteps.__signature__ = inspect.signature(parent_set)
     return set_timesteps
+
+
+def promoted_dtype(sample: torch.Tensor, model_output: torch.Tensor) -> torch.dtype:
+    """The dtype diffusers' update is computed in: the promotion of the sample's and the model output's
+    (tested for equality first, since the promotion costs a few tenths of a microsecond per step)."""
+    dtype = sample.dtype
+    return dtype if model_output.dtype is dtype else torch.promote_types(dtype, model_output.dtype)
 
 
 def float32(x: float) -> float:

@@ -23,7 +23,7 @@ import torch
 from diffusers.schedulers import scheduling_ddim, scheduling_ddpm
 
 from .. import noise as noise_spec
-from ._base import FastflowScheduler, O, StepSpec, X, Z, generator_draw, noise, sqrt, step_output
+from ._base import FastflowScheduler, O, StepSpec, X, Z, generator_draw, noise, promoted_dtype, sqrt, step_output
 
 __all__ = ["DDIMScheduler", "DDPMScheduler", "x0_coefs", "eps_coefs", "dynamic_threshold"]
 
@@ -192,7 +192,7 @@ class DDIMScheduler(_VPMixin, scheduling_ddim.DDIMScheduler):
             variant=(eta, use_clipped),
             draw=draw,
             noise=variance_noise if eta > 0 else None,
-            state_dtype=torch.promote_types(sample.dtype, model_output.dtype),
+            state_dtype=promoted_dtype(sample, model_output),
             kernel_output=self._ff_thresholded(idx, model_output, sample),
             index=idx,
         )
@@ -312,7 +312,7 @@ class DDPMScheduler(_VPMixin, scheduling_ddpm.DDPMScheduler):
             model_output, timestep, sample,
             draw=draw,
             noise=given,
-            state_dtype=torch.promote_types(sample.dtype, model_output.dtype),
+            state_dtype=promoted_dtype(sample, model_output),
             kernel_output=self._ff_thresholded(idx, model_output, sample),
             index=idx,
         )

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from diffusers.schedulers import scheduling_heun_discrete as _heun
 
-from ._base import FastflowScheduler, StepSpec, X, Z, step_output
+from ._base import FastflowScheduler, StepSpec, X, Z, promoted_dtype, step_output
 
 __all__ = ["HeunDiscreteScheduler", "heun_specs"]
 
@@ -121,7 +121,7 @@ class HeunDiscreteScheduler(FastflowScheduler, _heun.HeunDiscreteScheduler):
     ) -> _heun.HeunDiscreteSchedulerOutput | tuple:
         """diffusers' Heun step (same arguments and outputs), in one backend call."""
         prev, pred = self._ff_step(
-            model_output, timestep, sample, state_dtype=torch.promote_types(sample.dtype, model_output.dtype)
+            model_output, timestep, sample, state_dtype=promoted_dtype(sample, model_output)
         )
         if not return_dict:
             return (prev, pred)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from diffusers.schedulers import scheduling_lcm
 
-from ._base import StepSpec, X, Z, generator_draw, noise, step_output
+from ._base import StepSpec, X, Z, generator_draw, noise, promoted_dtype, step_output
 from .ddim import _VPMixin
 
 __all__ = ["LCMScheduler"]
@@ -56,7 +56,7 @@ class LCMScheduler(_VPMixin, scheduling_lcm.LCMScheduler):
     ) -> scheduling_lcm.LCMSchedulerOutput | tuple:
         """diffusers' LCM step (same arguments and outputs), in one backend call."""
         self._ff_require_timesteps()
-        dtype = torch.promote_types(sample.dtype, model_output.dtype)
+        dtype = promoted_dtype(sample, model_output)
         draw = generator_draw(generator, model_output, dtype)
         idx = self._ff_peek_index(timestep)
         prev, denoised = self._ff_step(
