@@ -87,6 +87,7 @@ class PlanRunner:
         step: int | torch.Tensor | None = None,
         extra_history: Sequence[torch.Tensor] = (),
         paired: bool = False,
+        x_dtype: torch.dtype | None = None,
     ) -> OutputTriple:
         """Stage ``i``; returns ``(z_next, x_hat or None, model input or None)``.
 
@@ -95,7 +96,8 @@ class PlanRunner:
         ``extra_history`` binds caller tensors to the history slots after the plan's own
         (a front end whose table puts coefficients there, e.g. on the raw model output).
         ``paired``: ``cond`` is a guided model's doubled batch, uncond half first, and
-        ``uncond`` is None (the backend splits it).
+        ``uncond`` is None (the backend splits it). ``x_dtype``: the dtype x_hat is written
+        (and kept for later stages) in, default the state's.
         """
         needs, use_noise, write_x, keep_z, free_after = self._stages[i]
         store = self._store
@@ -120,6 +122,7 @@ class PlanRunner:
             z, cond, uncond, history, table, i if step is None else step,
             out=out, seeds=seeds, noise=noise, want_x=write_x or want_x, model_in_dtype=model_in_dtype,
             model_in_double=model_in_double, clip=self.plan.clip, use_noise=use_noise, paired=paired,
+            x_dtype=x_dtype,
         )
         if write_x:
             store[("x", i)] = x_out

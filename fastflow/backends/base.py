@@ -93,11 +93,13 @@ class Backend:
         clip: float | None = None,
         use_noise: bool = False,
         paired: bool = False,
+        x_dtype: torch.dtype | None = None,
     ) -> OutputTriple:
         """``fused_step`` with the outputs not given allocated here; returns ``(out, x_out, model_in)``.
 
-        ``x_out`` is allocated when ``want_x``, the model input when ``model_in_dtype`` is
-        given (batch doubled when ``model_in_double``); absent outputs come back as None.
+        ``x_out`` is allocated when ``want_x`` (in ``x_dtype``, default the state's), the
+        model input when ``model_in_dtype`` is given (batch doubled when ``model_in_double``);
+        absent outputs come back as None.
         With ``paired``, ``model_out`` is a guided model's output on a doubled batch
         (``2B``, unconditional half first) and ``model_out_uncond`` is None: the halves are
         split here, where a backend can do it cheaply.
@@ -123,7 +125,7 @@ class Backend:
         history = [h if h.is_contiguous() else h.contiguous() for h in history]
         if out is None:
             out = torch.empty(z.shape, dtype=z.dtype, device=z.device)
-        x_out = torch.empty(z.shape, dtype=z.dtype, device=z.device) if want_x else None
+        x_out = torch.empty(z.shape, dtype=x_dtype or z.dtype, device=z.device) if want_x else None
         model_in = None
         if model_in_dtype is not None:
             batch = 2 * z.shape[0] if model_in_double else z.shape[0]

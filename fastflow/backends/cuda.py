@@ -252,6 +252,7 @@ class CudaBackend(Backend):
         clip: float | None = None,
         use_noise: bool = False,
         paired: bool = False,
+        x_dtype: torch.dtype | None = None,
     ) -> OutputTriple:
         """The allocating form (:class:`~fastflow.backends.base.Backend`) in one C++ call, outputs made there
         (a paired model output is split there too)."""
@@ -260,7 +261,7 @@ class CudaBackend(Backend):
             return super().fused_step_alloc(
                 z, model_out, model_out_uncond, history, table, step, out=out, seeds=seeds, noise=noise,
                 want_x=want_x, model_in_dtype=model_in_dtype, model_in_double=model_in_double, clip=clip,
-                use_noise=use_noise, paired=paired,
+                use_noise=use_noise, paired=paired, x_dtype=x_dtype,
             )
         # type() tests first: isinstance against torch.Tensor goes through its metaclass (~0.1 us each).
         if type(step) is int:
@@ -271,7 +272,7 @@ class CudaBackend(Backend):
             step_int, step_tensor = int(step), None
         return alloc(
             z, out, model_out, model_out_uncond, history if type(history) is list else list(history), table,
-            step_int, step_tensor, seeds, noise, bool(want_x),
+            step_int, step_tensor, seeds, noise, bool(want_x), None if x_dtype is None else _dtype_token(x_dtype),
             None if model_in_dtype is None else _dtype_token(model_in_dtype), bool(model_in_double),
             None if clip is None else float(clip), bool(use_noise), bool(paired),
         )

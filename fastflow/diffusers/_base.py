@@ -85,6 +85,7 @@ def generator_draw(
     return draw
 
 
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
 _dict_set = OrderedDict.__setitem__
 _attr_set = object.__setattr__
 _FAST_OUTPUT: dict[type, bool] = {}
@@ -448,7 +449,15 @@ class FastflowScheduler:
         k = idx - comp.start
         if noise is None and draw is not None and comp.draws[k]:
             noise = draw()
-        z = sample if state_dtype is None or sample.dtype == state_dtype else sample.to(state_dtype)
+        z, x_dtype = sample, None
+        if state_dtype is not None and sample.dtype != state_dtype:
+            if out_dtype is sample.dtype and state_dtype is torch.float32 and sample.dtype in _HALF_DTYPES:
+                # Kernels compute half states in float32 and round once on the store: diffusers'
+                # upcast, float32 update and cast back, bit for bit, without the two casts (each a
+                # launch and a copy); x_hat stays float32, as diffusers computes it.
+                x_dtype = state_dtype
+            else:
+                z = sample.to(state_dtype)
         if not z.is_contiguous():
             z = z.contiguous()
         o = model_output if model_output.is_contiguous() else model_output.contiguous()
@@ -469,7 +478,7 @@ class FastflowScheduler:
         extra = (o,) if comp.uses_o[k] else ()
         out, x, _ = comp.runner.run(
             k, z, k_in, None, seeds=seeds, noise=noise, want_x=want_x, extra_history=extra,
-            step=None if isinstance(row, int) else row,
+            step=None if isinstance(row, int) else row, x_dtype=x_dtype,
         )
         pred = None
         if want_x:
