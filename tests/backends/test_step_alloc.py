@@ -142,3 +142,18 @@ def test_alloc_paired_model_output(name):
         backend.fused_step_alloc(case.z, pair[:-1], None, case.history, case.table, case.step, paired=True, **kw)
     with pytest.raises(ValueError, match="paired"):
         backend.fused_step_alloc(case.z, pair, case.uncond, case.history, case.table, case.step, paired=True, **kw)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_alloc_x_dtype(name):
+    """x_hat is made in ``x_dtype`` when given (a half state's float32 prediction): the same bits as
+    ``fused_step`` into a float32 x_hat buffer."""
+    backend = _backend(name)
+    case = make_case(SHAPE, torch.bfloat16, torch.bfloat16, guided=False, hist=1, noise="tensor", seed=17,
+                     device=str(_device()))
+    out, x, _ = _alloc(backend, case, want_x=True, x_dtype=torch.float32)
+    assert x.dtype == torch.float32 and out.dtype == torch.bfloat16
+    want_out, want_x = torch.empty_like(case.z), torch.empty(case.z.shape, dtype=torch.float32, device=case.z.device)
+    backend.fused_step(case.z, want_out, case.model_out, None, case.history, case.table, case.step,
+                       noise=case.noise, x_out=want_x, use_noise=case.use_noise)
+    assert torch.equal(out, want_out) and torch.equal(x, want_x)
