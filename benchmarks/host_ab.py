@@ -8,7 +8,8 @@ The other checkout needs its extension built in place (``python setup.py build_e
 ``fastflow`` packages never share a process) and the rounds alternate, so drift of a
 shared machine hits both sides alike. Cases are CPU-only: host-bound loops on tiny
 tensors (``Sampler.step``, and the diffusers drop-ins' ``step`` with ``scale_model_input``
-with diffusers' own scheduler beside them), and the C++ CPU kernel at (1,16,128,128)
+with diffusers' own scheduler beside them; float32 latents, and float16 ones for two classes that upcast),
+and the C++ CPU kernel at (1,16,128,128)
 beside the torch reference. Children run with fixed glibc malloc thresholds (see ``MALLOC_ENV``).
 """
 
@@ -34,6 +35,7 @@ KERNEL_SHAPE = (1, 16, 128, 128)
 LOOP_STEPS = 10
 DROPINS = ("DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler",
            "UniPCMultistepScheduler")
+HALF_DROPINS = ("EulerDiscreteScheduler", "FlowMatchEulerDiscreteScheduler")
 
 
 def _median_us(fn: Callable[[], object], per_call: int, calls: int, repeats: int = 7) -> float:
@@ -103,6 +105,13 @@ def _cases() -> dict[str, float]:
                 sched.backend = "cuda"
             z0, o = torch.randn(TINY), torch.randn(TINY)
             results[f"{cls_name} steps ({label})"] = _dropin_steps_us(sched, z0, o)
+    for cls_name in HALF_DROPINS:  # float16 latents, as fp16 pipelines step them
+        ref = getattr(diffusers, cls_name)()
+        for label, sched in (("diffusers", ref), ("fastflow drop-in", getattr(ffd, cls_name).from_config(ref.config))):
+            if label != "diffusers":
+                sched.backend = "cuda"
+            z0, o = torch.randn(TINY).half(), torch.randn(TINY).half()
+            results[f"{cls_name} float16 steps ({label})"] = _dropin_steps_us(sched, z0, o)
 
     sys.path.insert(0, str(Path.cwd() / "tests"))  # the tree under test's helpers
     from backends.step_cases import make_case
@@ -184,7 +193,7 @@ def _pairs(names) -> list[tuple[str, str, str]]:
     for name in names:
         if name.endswith("(fastflow drop-in)"):
             ref = name.replace("(fastflow drop-in)", "(diffusers)")
-            pairs.append((f"{name.split(' steps')[0]}: drop-in / diffusers", name, ref))
+            pairs.append((f"{name.removesuffix(' steps (fastflow drop-in)')}: drop-in / diffusers", name, ref))
         elif name.endswith("(cuda backend)") and name.startswith("step "):
             ref = name.replace("(cuda backend)", "(torch backend)")
             pairs.append((f"{name.removesuffix(' (cuda backend)')}: C++ CPU kernel / torch reference", name, ref))
