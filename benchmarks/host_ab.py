@@ -8,9 +8,9 @@ The other checkout needs its extension built in place (``python setup.py build_e
 ``fastflow`` packages never share a process) and the rounds alternate, so drift of a
 shared machine hits both sides alike. Cases are CPU-only: host-bound loops on tiny
 tensors (``Sampler.step``, and the diffusers drop-ins' ``step`` with ``scale_model_input``
-with diffusers' own scheduler beside them; float32 latents, and float16 ones for two classes that upcast),
-and the C++ CPU kernel at (1,16,128,128)
-beside the torch reference. Children run with fixed glibc malloc thresholds (see ``MALLOC_ENV``).
+with diffusers' own scheduler beside them; float32 latents, and float16 ones for two
+classes that upcast), and the C++ CPU kernel at (1,16,128,128) beside the torch
+reference. Children run with fixed glibc malloc thresholds (see ``MALLOC_ENV``).
 """
 
 from __future__ import annotations
