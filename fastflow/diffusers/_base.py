@@ -438,8 +438,10 @@ class FastflowScheduler:
         """Run step ``step_index`` as one backend call; returns ``(prev_sample, prediction field)``.
 
         ``draw()`` draws diffusers' noise tensor (generator path); ``noise`` is given
-        noise; with neither the kernel draws its own. ``state_dtype`` is the dtype the
-        update is written in, ``out_dtype`` the dtype returned. ``kernel_output``
+        noise; with neither the kernel draws its own. ``state_dtype`` is the dtype
+        diffusers computes the update in, ``out_dtype`` the dtype returned (a float16 or
+        bfloat16 sample upcast to float32 and returned in its own dtype is stepped as it
+        is: the kernels compute it in float32 and round once). ``kernel_output``
         replaces the model output as the tensor the kernel converts to ``x_hat``
         (e.g. a thresholded x0); :func:`O` still binds the model output. ``index`` is
         what :meth:`_ff_peek_index` returned for this call, when the caller already asked.
