@@ -52,6 +52,7 @@ def _median_us(fn: Callable[[], object], per_call: int, calls: int, repeats: int
 
 def _dropin_steps_us(sched, z0, o, loops: int = 30, repeats: int = 7) -> float:
     """Median per-step time of a pipeline-style loop of ``step`` calls; ``set_timesteps`` runs untimed before each."""
+    scale = getattr(sched, "scale_model_input", None)  # flow-matching schedulers have none
     times = []
     for _ in range(repeats + 1):
         total = 0.0
@@ -60,7 +61,7 @@ def _dropin_steps_us(sched, z0, o, loops: int = 30, repeats: int = 7) -> float:
             z = z0
             t0 = time.perf_counter()
             for t in sched.timesteps:
-                z = sched.step(o, t, sched.scale_model_input(z, t)).prev_sample
+                z = sched.step(o, t, z if scale is None else scale(z, t)).prev_sample
             total += time.perf_counter() - t0
         times.append(total / (loops * LOOP_STEPS) * 1e6)
     return statistics.median(times[1:])  # the first repeat warms up
