@@ -430,16 +430,22 @@ def test_torch_mismatch_is_refused(monkeypatch):
     assert "not built" in CudaBackend().availability()
 
 
-@pytest.mark.parametrize("solver, eta", [("ddim", 1.0), ("dpm++2m", None), ("sde-dpm++2m", None)])
-def test_compile_sampler_step(cb, solver, eta):
-    """A Sampler step with backend="cuda" compiles with fullgraph=True on CPU and matches eager."""
+@pytest.mark.parametrize(
+    "solver, eta, guided", [("ddim", 1.0, False), ("dpm++2m", None, False), ("sde-dpm++2m", None, False),
+                            ("ddim", None, True)]
+)
+def test_compile_sampler_step(cb, solver, eta, guided):
+    """A Sampler step with backend="cuda" compiles with fullgraph=True on CPU and matches eager (a guided
+    model's doubled batch included: eager calls hand it to C++ whole, traced ones split it in the graph)."""
     from fastflow import FlowMatching, Sampler
 
     torch._dynamo.reset()
     kw = {} if eta is None else {"eta": eta}
+    if guided:
+        kw["guidance_scale"] = 4.0
     sampler = Sampler(FlowMatching(), solver=solver, prediction="flow", steps=4, backend="cuda", **kw)
     z = sampler.init_noise((2, 4, 8, 8), seed=1)
-    mo = torch.randn_like(z)
+    mo = torch.randn(4 if guided else 2, 4, 8, 8)
 
     def f(mo, z):
         return sampler.step(mo, z, 0)
