@@ -11,7 +11,8 @@
 // vector loads and stores (16 bytes, 8 for four 16-bit elements); the last item of
 // a sample and unaligned tensors use scalar accesses. Indexing is int64 throughout.
 // The coefficient row and the step index are read on the device, so a launch needs no host-side value and is
-// safe to capture in a CUDA graph. Dtypes are launch parameters (warp-uniform
+// safe to capture in a CUDA graph. The step's grid is 2-D, items of a sample by
+// samples, as the Triton kernel's: a block's sample is uniform. Dtypes are launch parameters (warp-uniform
 // switches), which keeps a few kernels instead of one per dtype mix: float compute
 // with and without in-kernel noise (with the Philox code, 8-element items needed 62
 // registers on sm_90; the deterministic kernel needs 48, the drawing one 46 on its
@@ -26,11 +27,15 @@ namespace fastflow {
 namespace {
 
 constexpr int kThreads = 256;
+constexpr int64_t kMaxGridX = 0x7FFFFFFF;  // the kernels loop over the rest
+constexpr int64_t kMaxGridY = 65535;
 
+// Grid: x over a sample's items, y over samples (each loop strides past the grid).
 template <typename T, bool kDraw>
 __global__ void __launch_bounds__(kThreads) fused_step_kernel(const StepParams p, int64_t items_per_sample) {
-  fused_step_items<T, kDraw>(p, items_per_sample, static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x,
-                      static_cast<int64_t>(gridDim.x) * blockDim.x);
+  fused_step_items<T, kDraw>(p, items_per_sample, blockIdx.y, gridDim.y,
+                             static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x,
+                             static_cast<int64_t>(gridDim.x) * blockDim.x);
 }
 
 __global__ void __launch_bounds__(kThreads)
@@ -82,9 +87,13 @@ unsigned int grid_for(int64_t work) {
 template <typename T, bool kDraw>
 void launch_fused_step(const StepParams& p, cudaStream_t s) {
   const int64_t ips = items_per_sample<T, kDraw>(p);
-  const int64_t total = p.batch * ips;
-  if (total == 0) return;
-  fused_step_kernel<T, kDraw><<<grid_for(total), kThreads, 0, s>>>(p, ips);
+  if (ips == 0 || p.batch == 0) return;
+  // Samples of fewer than kThreads items get a smaller block (whole warps), not idle threads.
+  const int64_t threads = ips >= kThreads ? kThreads : (ips + 31) / 32 * 32;
+  const int64_t blocks_x = (ips + threads - 1) / threads;
+  const dim3 grid(static_cast<unsigned int>(blocks_x < kMaxGridX ? blocks_x : kMaxGridX),
+                  static_cast<unsigned int>(p.batch < kMaxGridY ? p.batch : kMaxGridY));
+  fused_step_kernel<T, kDraw><<<grid, static_cast<unsigned int>(threads), 0, s>>>(p, ips);
 }
 
 }  // namespace

@@ -233,84 +233,93 @@ FF_UNROLL
   }
 }
 
-// The work of one thread: items item, item + stride, ... of the launch (an item is
-// kItemWidth<T, kDraw> consecutive elements of one sample, items_per_sample of them
-// per sample). kDraw = false needs !draws_noise(p).
+// One full item with vector accesses (the launch's tensors are aligned for them).
 template <typename T, bool kDraw>
-FF_HD void fused_step_items(const StepParams& p, int64_t items_per_sample, int64_t item, int64_t stride) {
+FF_HD void step_item_vector(const StepParams& p, const Coefs<T>& k, int64_t b, int64_t e0, uint32_t step32) {
   constexpr int W = kItemWidth<T, kDraw>;
-  const int64_t total = p.batch * items_per_sample;
-  if (item >= total) return;
-  const int64_t step = load_step_index(p);
-  const Coefs<T> k = load_coefs<T>(p, step);
-  const uint32_t step32 = static_cast<uint32_t>(step);
   const T clip = static_cast<T>(p.clip);
   const bool guided = p.model_out_uncond != nullptr;
   const bool use_noise = p.use_noise != 0;
   const bool has_clip = p.has_clip != 0;
   const int nh = p.num_history;
-  const bool small = total <= 0xFFFFFFFFll;  // 32-bit division is several times cheaper than 64-bit
-  const uint32_t ips32 = static_cast<uint32_t>(items_per_sample);
-  for (; item < total; item += stride) {
-    const int64_t b = small ? static_cast<int64_t>(static_cast<uint32_t>(item) / ips32) : item / items_per_sample;
-    const int64_t e0 = (item - b * items_per_sample) * W;
-    const int64_t off = b * p.numel + e0;
-    const int n = static_cast<int>(p.numel - e0 < W ? p.numel - e0 : W);
-    if (!(p.vectorized && n == W)) {
-      step_item_scalar<T, kDraw>(p, k, b, e0, n, step32);
-      continue;
-    }
+  const int64_t off = b * p.numel + e0;
 
-    // Fold each input into the result as soon as it is loaded: few arrays stay live.
-    T x[W], zn[W];
-    {
-      T z[W], o[W];
-      loadv<W>(p.z, p.z_dtype, off, z);
-      loadv<W>(p.model_out, p.model_out_dtype, off, o);
-      if (guided) {
-        T ou[W];
-        loadv<W>(p.model_out_uncond, p.uncond_dtype, off, ou);
+  // Fold each input into the result as soon as it is loaded: few arrays stay live.
+  T x[W], zn[W];
+  {
+    T z[W], o[W];
+    loadv<W>(p.z, p.z_dtype, off, z);
+    loadv<W>(p.model_out, p.model_out_dtype, off, o);
+    if (guided) {
+      T ou[W];
+      loadv<W>(p.model_out_uncond, p.uncond_dtype, off, ou);
 FF_UNROLL
-        for (int i = 0; i < W; ++i) o[i] = guide(k, o[i], ou[i]);
-      }
+      for (int i = 0; i < W; ++i) o[i] = guide(k, o[i], ou[i]);
+    }
 FF_UNROLL
-      for (int i = 0; i < W; ++i) {
-        x[i] = data_prediction(k, z[i], o[i], has_clip, clip);
-        zn[i] = update_base(k, z[i], x[i]);
+    for (int i = 0; i < W; ++i) {
+      x[i] = data_prediction(k, z[i], o[i], has_clip, clip);
+      zn[i] = update_base(k, z[i], x[i]);
+    }
+  }
+FF_UNROLL
+  for (int j = 0; j < kMaxHistory; ++j) {
+    if (j < nh) {
+      T h[W];
+      loadv<W>(p.history[j], p.history_dtype[j], off, h);
+FF_UNROLL
+      for (int i = 0; i < W; ++i) zn[i] = add_term(k, kH0 + j, zn[i], h[i]);
+    }
+  }
+  if (use_noise) {
+    T xi[W];
+    if (!kDraw || p.noise != nullptr) {
+      loadv<W>(p.noise, p.noise_dtype, off, xi);
+    } else {
+      const uint64_t seed = static_cast<uint64_t>(p.seeds[b]);
+FF_UNROLL
+      for (int g = 0; g < W / 4; ++g) {
+        words_to_normals(noise_words(seed, static_cast<uint64_t>(e0 >> 2) + g, step32, kStepTag), &xi[4 * g]);
       }
     }
 FF_UNROLL
-    for (int j = 0; j < kMaxHistory; ++j) {
-      if (j < nh) {
-        T h[W];
-        loadv<W>(p.history[j], p.history_dtype[j], off, h);
+    for (int i = 0; i < W; ++i) zn[i] = add_term(k, kCN, zn[i], xi[i]);
+  }
+  if (p.x_out != nullptr) storev<W>(p.x_out, p.x_out_dtype, off, x);
+  if (p.model_in_out != nullptr) {
+    T mi[W];
 FF_UNROLL
-        for (int i = 0; i < W; ++i) zn[i] = add_term(k, kH0 + j, zn[i], h[i]);
-      }
-    }
-    if (use_noise) {
-      T xi[W];
-      if (!kDraw || p.noise != nullptr) {
-        loadv<W>(p.noise, p.noise_dtype, off, xi);
+    for (int i = 0; i < W; ++i) mi[i] = mul_rn(k.c[kCIN], zn[i]);
+    storev<W>(p.model_in_out, p.model_in_dtype, off, mi);
+    if (p.model_in_double) storev<W>(p.model_in_out, p.model_in_dtype, off + p.batch * p.numel, mi);
+  }
+  storev<W>(p.out, p.z_dtype, off, zn);
+}
+
+// The work of one thread: items item0, item0 + item_stride, ... of samples b0,
+// b0 + b_stride, ... (an item is kItemWidth<T, kDraw> consecutive elements of one
+// sample, items_per_sample of them per sample). On the device b0 is blockIdx.y, so
+// the sample, its seed and the Philox key schedule are the same for a whole block
+// (the uniform datapath) and no thread divides to find its sample.
+// kDraw = false needs !draws_noise(p).
+template <typename T, bool kDraw>
+FF_HD void fused_step_items(const StepParams& p, int64_t items_per_sample, int64_t b0, int64_t b_stride,
+                            int64_t item0, int64_t item_stride) {
+  constexpr int W = kItemWidth<T, kDraw>;
+  if (item0 >= items_per_sample || b0 >= p.batch) return;
+  const int64_t step = load_step_index(p);
+  const Coefs<T> k = load_coefs<T>(p, step);
+  const uint32_t step32 = static_cast<uint32_t>(step);
+  for (int64_t b = b0; b < p.batch; b += b_stride) {
+    for (int64_t item = item0; item < items_per_sample; item += item_stride) {
+      const int64_t e0 = item * W;
+      const int n = static_cast<int>(p.numel - e0 < W ? p.numel - e0 : W);
+      if (p.vectorized && n == W) {
+        step_item_vector<T, kDraw>(p, k, b, e0, step32);
       } else {
-        const uint64_t seed = static_cast<uint64_t>(p.seeds[b]);
-FF_UNROLL
-        for (int g = 0; g < W / 4; ++g) {
-          words_to_normals(noise_words(seed, static_cast<uint64_t>(e0 >> 2) + g, step32, kStepTag), &xi[4 * g]);
-        }
+        step_item_scalar<T, kDraw>(p, k, b, e0, n, step32);
       }
-FF_UNROLL
-      for (int i = 0; i < W; ++i) zn[i] = add_term(k, kCN, zn[i], xi[i]);
     }
-    if (p.x_out != nullptr) storev<W>(p.x_out, p.x_out_dtype, off, x);
-    if (p.model_in_out != nullptr) {
-      T mi[W];
-FF_UNROLL
-      for (int i = 0; i < W; ++i) mi[i] = mul_rn(k.c[kCIN], zn[i]);
-      storev<W>(p.model_in_out, p.model_in_dtype, off, mi);
-      if (p.model_in_double) storev<W>(p.model_in_out, p.model_in_dtype, off + p.batch * p.numel, mi);
-    }
-    storev<W>(p.out, p.z_dtype, off, zn);
   }
 }
 

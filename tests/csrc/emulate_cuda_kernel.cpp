@@ -13,21 +13,24 @@
 
 namespace {
 
-// `threads`: emulated grid size (threads in the launch); <= 0 means one thread per item.
+// `threads`: emulated threads along a sample's items (<= 0: one per item); `rows`:
+// emulated grid rows along the batch (<= 0: one per sample), as the launcher's 2-D grid.
 void fused_step_emulated(const at::Tensor& z, const at::Tensor& out, const at::Tensor& model_out,
                          const std::optional<at::Tensor>& model_out_uncond, const std::vector<at::Tensor>& history,
                          const at::Tensor& table, int64_t step, const std::optional<at::Tensor>& step_tensor,
                          const std::optional<at::Tensor>& seeds, const std::optional<at::Tensor>& noise,
                          const std::optional<at::Tensor>& x_out, const std::optional<at::Tensor>& model_in_out,
-                         std::optional<double> clip, bool use_noise, int64_t threads) {
+                         std::optional<double> clip, bool use_noise, int64_t threads, int64_t rows) {
   fastflow::PreparedStep s = fastflow::prepare_step(z, out, model_out, model_out_uncond, history, table, step,
                                                     step_tensor, seeds, noise, x_out, model_in_out, clip, use_noise);
   if (s.empty) return;
   // The same instantiation choice as the launcher in csrc/step_kernel.cu, each with its own item width.
   auto run = [&](auto kernel, int64_t items_per_sample) {
-    const int64_t total = s.p.batch * items_per_sample;
-    const int64_t stride = threads > 0 ? std::min(threads, total) : total;
-    for (int64_t t = 0; t < stride; ++t) kernel(s.p, items_per_sample, t, stride);
+    const int64_t x_stride = threads > 0 ? std::min(threads, items_per_sample) : items_per_sample;
+    const int64_t y_stride = rows > 0 ? std::min(rows, s.p.batch) : s.p.batch;
+    for (int64_t y = 0; y < y_stride; ++y) {
+      for (int64_t t = 0; t < x_stride; ++t) kernel(s.p, items_per_sample, y, y_stride, t, x_stride);
+    }
   };
   if (s.compute_double) {
     run(fastflow::fused_step_items<double, true>, fastflow::items_per_sample<double, true>(s.p));

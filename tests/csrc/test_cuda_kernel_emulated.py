@@ -55,22 +55,23 @@ def emu():
 
 
 class Emulated:
-    """A backend whose fused_step runs the emulated CUDA kernel with a given grid size."""
+    """A backend whose fused_step runs the emulated CUDA kernel on a given grid: ``threads`` along a sample's
+    items and ``rows`` along the batch (0: one per item, one per sample)."""
 
-    def __init__(self, module, threads: int = 0):
-        self.module, self.threads = module, threads
+    def __init__(self, module, threads: int = 0, rows: int = 0):
+        self.module, self.threads, self.rows = module, threads, rows
 
     def fused_step(self, z, out, model_out, model_out_uncond, history, table, step, seeds=None, noise=None,
                    x_out=None, model_in_out=None, clip=None, use_noise=False):  # fmt: skip
         step_int, step_tensor = (0, step) if isinstance(step, torch.Tensor) else (int(step), None)
         self.module.fused_step(
             z, out, model_out, model_out_uncond, list(history), table, step_int, step_tensor, seeds,
-            noise, x_out, model_in_out, None if clip is None else float(clip), use_noise, self.threads,
+            noise, x_out, model_in_out, None if clip is None else float(clip), use_noise, self.threads, self.rows,
         )  # fmt: skip
 
 
-def _check(emu, case: Case, threads: int = 0) -> None:
-    assert_matches(case.run(Emulated(emu, threads)), case.run(cuda_backend()), exact=True)
+def _check(emu, case: Case, threads: int = 0, rows: int = 0) -> None:
+    assert_matches(case.run(Emulated(emu, threads, rows)), case.run(cuda_backend()), exact=True)
 
 
 @pytest.mark.parametrize("noise", NOISE_MODES)
@@ -108,11 +109,14 @@ def test_tails_and_scalar_path(emu, shape, zdt):
     _check(emu, case)
 
 
+@pytest.mark.parametrize("rows", [1, 2, 0])
 @pytest.mark.parametrize("threads", [1, 7, 64])
-def test_grid_stride_loop(emu, threads):
-    """Fewer threads than items: each thread walks the launch with the grid stride."""
-    case = make_case((3, 4, 8, 9), torch.float32, torch.bfloat16, hist=1, noise="philox", mi="dup-fp16")
-    _check(emu, case, threads)
+def test_grid_stride_loop(emu, threads, rows):
+    """Fewer threads than a sample's items, fewer grid rows than samples: each thread walks its samples and
+    items with the grid's strides."""
+    for noise in ("philox", "tensor"):
+        case = make_case((3, 4, 8, 9), torch.float32, torch.bfloat16, hist=1, noise=noise, mi="dup-fp16")
+        _check(emu, case, threads, rows)
 
 
 def test_unaligned_pointers(emu):
