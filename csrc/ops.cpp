@@ -58,10 +58,10 @@ void fused_step_direct(const at::Tensor& z, const at::Tensor& out, const at::Ten
 
 // The same stage, allocating the outputs the caller did not pass: the next state
 // (when `out` is None), x_hat (when `want_x`; in `x_like`'s dtype when given, else
-// the state's) and the next model input (when
-// `model_in_like` is given: its dtype; its batch doubled with `model_in_double`). Allocating here costs
-// a fraction of a Python-side torch.empty per tensor, and eager front ends make up to
-// three per step. Outputs are contiguous, shaped like the state. With `paired`,
+// the state's) and the next model input (when `model_in_like` is given: its dtype;
+// its batch doubled with `model_in_double`). Allocating here costs a fraction of a
+// Python-side torch.empty per tensor, and eager front ends make up to three per
+// step. Outputs are contiguous, shaped like the state. With `paired`,
 // `model_out` is a guided model's doubled batch, unconditional half first, read in
 // place through two pointers (views, in Python or C++, would cost about a
 // microsecond each).
@@ -70,11 +70,13 @@ std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> fus
     const std::optional<at::Tensor>& model_out_uncond, const std::vector<at::Tensor>& history,
     const at::Tensor& table, int64_t step, const std::optional<at::Tensor>& step_tensor,
     const std::optional<at::Tensor>& seeds, const std::optional<at::Tensor>& noise, bool want_x,
-    const std::optional<at::Tensor>& x_like, const std::optional<at::Tensor>& model_in_like, bool model_in_double, std::optional<double> clip,
-    bool use_noise, bool paired) {
+    const std::optional<at::Tensor>& x_like, const std::optional<at::Tensor>& model_in_like, bool model_in_double,
+    std::optional<double> clip, bool use_noise, bool paired) {
   const at::Tensor next = out.has_value() ? *out : at::empty(z.sizes(), z.options());
   std::optional<at::Tensor> x_out;
-  if (want_x) x_out = at::empty(z.sizes(), x_like.has_value() ? z.options().dtype(x_like->scalar_type()) : z.options());
+  if (want_x) {
+    x_out = at::empty(z.sizes(), x_like.has_value() ? z.options().dtype(x_like->scalar_type()) : z.options());
+  }
   std::optional<at::Tensor> model_in;
   if (model_in_like.has_value()) {
     TORCH_CHECK_VALUE(z.dim() >= 1, "fastflow: the state needs a batch dimension");

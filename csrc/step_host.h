@@ -85,8 +85,8 @@ inline PreparedStep prepare_step(const at::Tensor& z, const at::Tensor& out, con
     TORCH_CHECK_VALUE(!model_out_uncond.has_value(), "fastflow: a paired model output carries its own uncond half");
     TORCH_CHECK_VALUE(model_out.dim() == z.dim() && model_out.size(0) == 2 * z.size(0) &&
                           model_out.sizes().slice(1) == z.sizes().slice(1),
-                      "fastflow: a paired model output needs batch ", 2 * z.size(0), " (uncond first) and sample shape ",
-                      z.sizes().slice(1), ", got ", model_out.sizes());
+                      "fastflow: a paired model output needs batch ", 2 * z.size(0),
+                      " (uncond first) and sample shape ", z.sizes().slice(1), ", got ", model_out.sizes());
     TORCH_CHECK_VALUE(model_out.device() == z.device(), "fastflow: the model output is on ", model_out.device(),
                       ", state is on ", z.device());
   } else {

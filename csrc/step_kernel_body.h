@@ -169,7 +169,9 @@ FF_UNROLL
     default: {
       double2* d = reinterpret_cast<double2*>(static_cast<double*>(base) + off);
 FF_UNROLL
-      for (int j = 0; j < W / 2; ++j) d[j] = make_double2(static_cast<double>(v[2 * j]), static_cast<double>(v[2 * j + 1]));
+      for (int j = 0; j < W / 2; ++j) {
+        d[j] = make_double2(static_cast<double>(v[2 * j]), static_cast<double>(v[2 * j + 1]));
+      }
       break;
     }
   }
