@@ -12,11 +12,12 @@
 // a sample and unaligned tensors use scalar accesses. Indexing is int64 throughout.
 // The coefficient row and the step index are read on the device, so a launch needs no host-side value and is
 // safe to capture in a CUDA graph. The step's grid is 2-D, items of a sample by
-// samples, as the Triton kernel's: a block's sample is uniform. Dtypes are launch parameters (warp-uniform
-// switches), which keeps a few kernels instead of one per dtype mix: float compute
-// with and without in-kernel noise (with the Philox code, 8-element items needed 62
-// registers on sm_90; the deterministic kernel needs 48, the drawing one 46 on its
-// 4-element items), and double compute.
+// samples, as the Triton kernel's: a block's sample is uniform. Dtypes are launch
+// parameters (warp-uniform switches), which keeps a few kernels instead of one per
+// dtype mix: float compute with and without in-kernel noise (with the Philox code,
+// 8-element items needed 62 registers on sm_90; the drawing kernel's 4-element
+// items need about as many as the deterministic kernel's 8, see
+// scripts/check_cuda_compile.sh), and double compute.
 #include <cuda_runtime.h>
 
 #include "fastflow_cuda.h"

@@ -32,8 +32,8 @@ FF_HD float bits_to_float(uint32_t bits) {
 // Elements per work item: 8 (two 16-byte accesses per float32 tensor, one per 16-bit
 // tensor), or 4 (one Philox group) where the kernel draws noise in float32: the
 // Philox and Box-Muller state of 8 elements held the kernel at 62 registers on sm_90
-// (half the threads an SM can run); with 4 it needs 46, under the deterministic
-// kernel's 48 (scripts/check_cuda_compile.sh prints the counts).
+// (half the threads an SM can run); with 4 it needs about as many as the
+// deterministic kernel (scripts/check_cuda_compile.sh prints the counts).
 template <typename T, bool kDraw>
 constexpr int kItemWidth = (kDraw && std::is_same_v<T, float>) ? 4 : 8;
 
