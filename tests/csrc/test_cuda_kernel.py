@@ -96,6 +96,13 @@ def test_odd_and_large_sizes(cb, shape):
     assert_matches(case.run(cb), case.run(REF), exact=False)
 
 
+@pytest.mark.parametrize("noise", ["philox", "tensor"])
+def test_batch_past_the_grid_rows(cb, noise):
+    """More samples than the grid's 65535 rows: blocks stride over samples; tiny samples get one-warp blocks."""
+    case = make_case((70001, 6), torch.float32, torch.bfloat16, hist=1, noise=noise, mi="dup-bf16", device=DEV)
+    assert_matches(case.run(cb), case.run(REF), exact=noise != "philox")
+
+
 def test_unaligned_tensors_use_the_scalar_path(cb):
     """Tensors starting one element past a 16-byte boundary give the same numbers as aligned ones."""
     case = make_case((2, 8, 64), torch.float32, torch.bfloat16, hist=2, noise="philox", mi="dup-bf16", device=DEV)
