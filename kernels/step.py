@@ -23,10 +23,10 @@ to both halves of a ``2B`` batch).
 Noise follows :mod:`fastflow.noise` exactly: one Philox4x32-10 call per group of
 four elements, whose four normals are interleaved back into element order.
 
-Kernels launch with ``enable_fp_fusion=False`` (``COMPILE_OPTIONS``): every multiply and add rounds once,
-in the order written, as the torch reference's separate ops do (and as the CUDA
-kernel's ``__fmul_rn``/``__fadd_rn``), so the backends agree bit for bit on the same
-inputs whatever the compiler's default.
+Kernels launch with ``enable_fp_fusion=False`` (``COMPILE_OPTIONS``): every
+multiply and add rounds once, in the order written, as the torch reference's
+separate ops do (and as the CUDA kernel's ``__fmul_rn``/``__fadd_rn``), so the
+backends agree bit for bit on the same inputs whatever the compiler's default.
 """
 
 from __future__ import annotations
@@ -345,6 +345,4 @@ def launch_noise(out, seeds, step: int, tag: int = _noise_spec.STEP_TAG, block: 
     if n == 0:
         return
     blk, warps, programs = _launch_config(n, block)
-    noise_kernel[(programs, batch)](
-        out, seeds, step, n, TAG=tag, BLOCK=blk, num_warps=warps, **COMPILE_OPTIONS
-    )
+    noise_kernel[(programs, batch)](out, seeds, step, n, TAG=tag, BLOCK=blk, num_warps=warps, **COMPILE_OPTIONS)
