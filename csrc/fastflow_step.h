@@ -171,45 +171,52 @@ FF_HD void words_to_normals_f32(const Words4& w, float n[4]) {
   }
 }
 
-// The spec's transform in the compute type T of a kernel. On the device: float
-// normals are words_to_normals_f32; double normals use log, sqrt and sincospi in
-// double (the angle pi * v with v exact, so no reduction error). On the host (the
-// CPU kernel) it is evaluated in double precision exactly as the torch reference
-// does (uniforms exact, log/sqrt/cos/sin in double, one rounding to T), so the CPU
-// build reproduces the reference's normals bit for bit up to libm differences in
-// the last bit of a double.
-template <typename T>
-FF_HD void words_to_normals(const Words4& w, T n[4]) {
+// cos(pi v) and sin(pi v) in double: on the device sincospi (pi * v with v exact, so
+// no reduction error); on the host the torch reference's cos and sin of pi * v.
+FF_HD void cos_sin_pi_f64(double v, double& cos_out, double& sin_out) {
 #if defined(__CUDA_ARCH__)
-  if constexpr (std::is_same_v<T, float>) {
-    words_to_normals_f32(w, n);
-  } else {
-    const double u0 = static_cast<double>(2u * (w.x[0] >> 9) + 1u) * 0x1p-24;
-    const double v1 = static_cast<double>(2u * (w.x[1] >> 9) + 1u) * 0x1p-23 - 1.0;
-    const double u2 = static_cast<double>(2u * (w.x[2] >> 9) + 1u) * 0x1p-24;
-    const double v3 = static_cast<double>(2u * (w.x[3] >> 9) + 1u) * 0x1p-23 - 1.0;
-    const double r0 = sqrt(-2.0 * log(u0));
-    const double r2 = sqrt(-2.0 * log(u2));
-    double s1, c1, s3, c3;
-    sincospi(v1, &s1, &c1);
-    sincospi(v3, &s3, &c3);
-    n[0] = static_cast<T>(r0 * c1);
-    n[1] = static_cast<T>(r0 * s1);
-    n[2] = static_cast<T>(r2 * c3);
-    n[3] = static_cast<T>(r2 * s3);
-  }
+  sincospi(v, &sin_out, &cos_out);
 #else
   constexpr double kPi = 3.141592653589793;  // the double nearest pi, as torch.pi
+  cos_out = std::cos(kPi * v);
+  sin_out = std::sin(kPi * v);
+#endif
+}
+
+// The spec's transform in double precision (uniforms exact, log/sqrt/cos/sin in
+// double, one rounding to T). On the host this is the torch reference's evaluation,
+// so the CPU build reproduces its normals bit for bit up to libm differences in the
+// last bit of a double.
+template <typename T>
+FF_HD void words_to_normals_f64(const Words4& w, T n[4]) {
   const double u0 = static_cast<double>(2u * (w.x[0] >> 9) + 1u) * 0x1p-24;
   const double v1 = static_cast<double>(2u * (w.x[1] >> 9) + 1u) * 0x1p-23 - 1.0;
   const double u2 = static_cast<double>(2u * (w.x[2] >> 9) + 1u) * 0x1p-24;
   const double v3 = static_cast<double>(2u * (w.x[3] >> 9) + 1u) * 0x1p-23 - 1.0;
   const double r0 = std::sqrt(-2.0 * std::log(u0));
   const double r2 = std::sqrt(-2.0 * std::log(u2));
-  n[0] = static_cast<T>(r0 * std::cos(kPi * v1));
-  n[1] = static_cast<T>(r0 * std::sin(kPi * v1));
-  n[2] = static_cast<T>(r2 * std::cos(kPi * v3));
-  n[3] = static_cast<T>(r2 * std::sin(kPi * v3));
+  double c1, s1, c3, s3;
+  cos_sin_pi_f64(v1, c1, s1);
+  cos_sin_pi_f64(v3, c3, s3);
+  n[0] = static_cast<T>(r0 * c1);
+  n[1] = static_cast<T>(r0 * s1);
+  n[2] = static_cast<T>(r2 * c3);
+  n[3] = static_cast<T>(r2 * s3);
+}
+
+// The spec's transform in the compute type T of a kernel: on the device, float
+// normals are words_to_normals_f32 (the Triton kernel's evaluation) and double ones
+// words_to_normals_f64; on the host (the CPU kernel) always words_to_normals_f64.
+template <typename T>
+FF_HD void words_to_normals(const Words4& w, T n[4]) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (std::is_same_v<T, float>) {
+    words_to_normals_f32(w, n);
+  } else {
+    words_to_normals_f64(w, n);
+  }
+#else
+  words_to_normals_f64(w, n);
 #endif
 }
 

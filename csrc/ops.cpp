@@ -4,10 +4,10 @@
 // fake (meta) implementations for torch.compile live in fastflow/backends/cuda.py.
 //
 // The module also binds `fused_step` directly (pybind11), for eager calls: it runs
-// the same C++ function as the operator but skips the dispatcher's Python argument
-// parsing, which costs a few microseconds per call. `fused_step_alloc` is the same
-// call allocating its outputs in C++. Traced code (torch.compile)
-// calls the operator, which the tracer can see.
+// the operator's pieces (prepare_step, then the device's run_prepared_*) but skips
+// the dispatcher's Python argument parsing, which costs a few microseconds per call.
+// `fused_step_alloc` is the same call allocating its outputs in C++. Traced code
+// (torch.compile) calls the operator, which the tracer can see.
 #include <ATen/ops/empty.h>
 #include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
@@ -34,26 +34,41 @@ TORCH_LIBRARY(fastflow, m) {
 
 namespace {
 
-// The operator's body without the dispatcher: pick the kernel by the state's device.
+// The operator's body without the dispatcher: prepare the launch (a paired model
+// output read in place, see step_host.h) and run the kernel of the state's device.
+void run_step(const at::Tensor& z, const at::Tensor& out, const at::Tensor& model_out,
+              const std::optional<at::Tensor>& model_out_uncond, const std::vector<at::Tensor>& history,
+              const at::Tensor& table, int64_t step, const std::optional<at::Tensor>& step_tensor,
+              const std::optional<at::Tensor>& seeds, const std::optional<at::Tensor>& noise,
+              const std::optional<at::Tensor>& x_out, const std::optional<at::Tensor>& model_in_out,
+              std::optional<double> clip, bool use_noise, bool paired) {
+  bool cuda = false;
+#if defined(FASTFLOW_WITH_CUDA)
+  cuda = z.is_cuda();
+#endif
+  TORCH_CHECK_VALUE(z.is_cpu() || cuda, "fastflow._C has no kernel for tensors on ", z.device());
+  const c10::OptionalDeviceGuard guard(z.device());  // for the inputs' contiguous copies and the launch
+  fastflow::PreparedStep s = fastflow::prepare_step(z, out, model_out, model_out_uncond, history, table, step,
+                                                    step_tensor, seeds, noise, x_out, model_in_out, clip, use_noise,
+                                                    paired);
+#if defined(FASTFLOW_WITH_CUDA)
+  if (cuda) {
+    fastflow::run_prepared_cuda(s, z.device());
+    return;
+  }
+#endif
+  fastflow::run_prepared_cpu(s);
+}
+
+// The operator's body as the eager entry `fastflow._C.fused_step`.
 void fused_step_direct(const at::Tensor& z, const at::Tensor& out, const at::Tensor& model_out,
                        const std::optional<at::Tensor>& model_out_uncond, const std::vector<at::Tensor>& history,
                        const at::Tensor& table, int64_t step, const std::optional<at::Tensor>& step_tensor,
                        const std::optional<at::Tensor>& seeds, const std::optional<at::Tensor>& noise,
                        const std::optional<at::Tensor>& x_out, const std::optional<at::Tensor>& model_in_out,
                        std::optional<double> clip, bool use_noise) {
-  if (z.is_cpu()) {
-    fastflow::fused_step_cpu(z, out, model_out, model_out_uncond, history, table, step, step_tensor, seeds, noise,
-                             x_out, model_in_out, clip, use_noise);
-    return;
-  }
-#if defined(FASTFLOW_WITH_CUDA)
-  if (z.is_cuda()) {
-    fastflow::fused_step_cuda(z, out, model_out, model_out_uncond, history, table, step, step_tensor, seeds, noise,
-                              x_out, model_in_out, clip, use_noise);
-    return;
-  }
-#endif
-  TORCH_CHECK_VALUE(false, "fastflow._C has no kernel for tensors on ", z.device());
+  run_step(z, out, model_out, model_out_uncond, history, table, step, step_tensor, seeds, noise, x_out, model_in_out,
+           clip, use_noise, false);
 }
 
 // The same stage, allocating the outputs the caller did not pass: the next state
@@ -84,23 +99,8 @@ std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> fus
     if (model_in_double) shape[0] *= 2;
     model_in = at::empty(shape, z.options().dtype(model_in_like->scalar_type()));
   }
-  if (!paired) {
-    fused_step_direct(z, next, model_out, model_out_uncond, history, table, step, step_tensor, seeds, noise, x_out,
-                      model_in, clip, use_noise);
-    return {next, x_out, model_in};
-  }
-  const c10::OptionalDeviceGuard guard(z.device());  // for the inputs' contiguous copies, if any
-  fastflow::PreparedStep s = fastflow::prepare_step(z, next, model_out, model_out_uncond, history, table, step,
-                                                    step_tensor, seeds, noise, x_out, model_in, clip, use_noise, true);
-  if (z.is_cpu()) {
-    fastflow::run_prepared_cpu(s);
-#if defined(FASTFLOW_WITH_CUDA)
-  } else if (z.is_cuda()) {
-    fastflow::run_prepared_cuda(s, z.device());
-#endif
-  } else {
-    TORCH_CHECK_VALUE(false, "fastflow._C has no kernel for tensors on ", z.device());
-  }
+  run_step(z, next, model_out, model_out_uncond, history, table, step, step_tensor, seeds, noise, x_out, model_in, clip,
+           use_noise, paired);
   return {next, x_out, model_in};
 }
 

@@ -127,7 +127,7 @@ def words_to_normals(x0, x1, x2, x3):
 # sine and cosine when odd and negates sine for q & 2, cosine for (q + 1) & 2. The
 # normals stay within 1e-6 of the float64 spec (tests check it), and the Triton and
 # CUDA kernels, which both evaluate exactly this (csrc/noise_poly.h is generated from
-# these constants), draw the same bits (a GPU test checks it).
+# these constants), are meant to draw the same bits (a GPU test asserts it).
 SIN_POLY = (-0.166666543393371, 0.008332148256325866, -0.0001951393256217636)
 COS_POLY = (-0.4999999971772059, 0.04166662270225072, -0.0013886748001630312, 2.4389203420783876e-05)
 

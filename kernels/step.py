@@ -25,8 +25,8 @@ four elements, whose four normals are interleaved back into element order.
 
 Kernels launch with ``enable_fp_fusion=False`` (``COMPILE_OPTIONS``): every
 multiply and add rounds once, in the order written, as the torch reference's
-separate ops do (and as the CUDA kernel's ``__fmul_rn``/``__fadd_rn``), so the
-backends agree bit for bit on the same inputs whatever the compiler's default.
+separate ops do (and as the CUDA kernel's ``__fmul_rn``/``__fadd_rn``), whatever
+the compiler's default: the backends round alike on the same inputs.
 """
 
 from __future__ import annotations
