@@ -132,6 +132,31 @@ FF_UNROLL
   }
 }
 
+// One 16- or 8-byte vector store (st.global.v4 / v2). On the device it is written
+// out in PTX: NVVM split the aggregate assignment into scalar stores in the
+// 8-element kernels (measured at half the deterministic kernel's bandwidth), and
+// the __stwb intrinsic compiles to a strong (STG.*.STRONG.SM) store rather than
+// the plain one. scripts/check_cuda_compile.sh fails if a step kernel loses them.
+#if defined(__CUDA_ARCH__)
+#define FF_ST_GLOBAL(ptx, ...) asm volatile(ptx ::"l"(__cvta_generic_to_global(dst)), __VA_ARGS__ : "memory")
+FF_HD void store_vec(float4* dst, float4 v) {
+  FF_ST_GLOBAL("st.global.v4.f32 [%0], {%1, %2, %3, %4};", "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w));
+}
+FF_HD void store_vec(uint4* dst, uint4 v) {
+  FF_ST_GLOBAL("st.global.v4.b32 [%0], {%1, %2, %3, %4};", "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w));
+}
+FF_HD void store_vec(uint2* dst, uint2 v) { FF_ST_GLOBAL("st.global.v2.b32 [%0], {%1, %2};", "r"(v.x), "r"(v.y)); }
+FF_HD void store_vec(double2* dst, double2 v) {
+  FF_ST_GLOBAL("st.global.v2.f64 [%0], {%1, %2};", "d"(v.x), "d"(v.y));
+}
+#undef FF_ST_GLOBAL
+#else
+template <typename V>
+inline void store_vec(V* dst, const V& v) {
+  *dst = v;
+}
+#endif
+
 // W (4 or 8) elements to an address aligned as for loadv.
 template <int W, typename T>
 FF_HD void storev(void* base, int dtype, int64_t off, const T v[W]) {
@@ -141,8 +166,8 @@ FF_HD void storev(void* base, int dtype, int64_t off, const T v[W]) {
       float4* d = reinterpret_cast<float4*>(static_cast<float*>(base) + off);
 FF_UNROLL
       for (int j = 0; j < W / 4; ++j) {
-        d[j] = make_float4(static_cast<float>(v[4 * j]), static_cast<float>(v[4 * j + 1]),
-                           static_cast<float>(v[4 * j + 2]), static_cast<float>(v[4 * j + 3]));
+        store_vec(d + j, make_float4(static_cast<float>(v[4 * j]), static_cast<float>(v[4 * j + 1]),
+                                     static_cast<float>(v[4 * j + 2]), static_cast<float>(v[4 * j + 3])));
       }
       break;
     }
@@ -160,9 +185,9 @@ FF_UNROLL
       }
       unsigned short* dst = static_cast<unsigned short*>(base) + off;
       if constexpr (W == 8) {
-        *reinterpret_cast<uint4*>(dst) = make_uint4(w[0], w[1], w[2], w[3]);
+        store_vec(reinterpret_cast<uint4*>(dst), make_uint4(w[0], w[1], w[2], w[3]));
       } else {
-        *reinterpret_cast<uint2*>(dst) = make_uint2(w[0], w[1]);
+        store_vec(reinterpret_cast<uint2*>(dst), make_uint2(w[0], w[1]));
       }
       break;
     }
@@ -170,7 +195,7 @@ FF_UNROLL
       double2* d = reinterpret_cast<double2*>(static_cast<double*>(base) + off);
 FF_UNROLL
       for (int j = 0; j < W / 2; ++j) {
-        d[j] = make_double2(static_cast<double>(v[2 * j]), static_cast<double>(v[2 * j + 1]));
+        store_vec(d + j, make_double2(static_cast<double>(v[2 * j]), static_cast<double>(v[2 * j + 1])));
       }
       break;
     }

@@ -42,6 +42,27 @@ if grep -E "[1-9][0-9]* bytes spill (stores|loads)" "$TMP/ptxas.log" > /dev/null
   exit 1
 fi
 
+# Every step kernel keeps its 16-byte vector loads and stores (NVVM once split the
+# stores of the 8-element kernels into scalar ones, which halved their bandwidth).
+FIRST_ARCH="${GENCODE[0]#*arch=compute_}"; FIRST_ARCH="${FIRST_ARCH%%,*}"
+"$NVCC" -arch="compute_${FIRST_ARCH}" -O3 -std=c++17 -ptx "$ROOT/csrc/step_kernel.cu" -o "$TMP/step_kernel.ptx"
+KERNELS=0
+while IFS= read -r entry; do
+  body="$(awk -v e="$entry" '/\.entry / {f = index($0, e "(") > 0; next} f' "$TMP/step_kernel.ptx")"
+  for op in "ld.global.v4.f32" "st.global.v4.f32"; do
+    if ! grep -q "$op" <<< "$body"; then
+      echo "check_cuda_compile: $entry has no $op (vector accesses were split)" >&2
+      exit 1
+    fi
+  done
+  KERNELS=$((KERNELS + 1))
+done < <(grep -oE "\.entry [A-Za-z0-9_]*fused_step_kernel[A-Za-z0-9_]*" "$TMP/step_kernel.ptx" | awk '{print $2}')
+if ((KERNELS == 0)); then
+  echo "check_cuda_compile: no fused_step_kernel entry in the PTX" >&2
+  exit 1
+fi
+echo "check_cuda_compile: $KERNELS step kernels keep 16-byte vector loads and stores"
+
 PYTHON="${PYTHON:-python}"
 if INCLUDES="$("$PYTHON" -c 'import sysconfig, torch.utils.cpp_extension as c
 print(" ".join("-I" + p for p in [*c.include_paths(), sysconfig.get_paths()["include"]]))' 2> /dev/null)"; then

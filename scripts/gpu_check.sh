@@ -6,8 +6,9 @@
 #   OUT=/some/dir bash scripts/gpu_check.sh        (OUT defaults to ./gpu_out)
 #
 # Knobs: GPU_CHECK_BUDGET (seconds, default 440), BENCH_ARGS (default --quick),
-# FASTFLOW_CUDA_ARCHS (default 90), CUDA_HOME (default /usr/local/cuda), PYTHON, and
-# AB_BASE: another checkout (e.g. `git archive OLD | tar -x -C .ab_base`, carried
+# FASTFLOW_CUDA_ARCHS (default 90), CUDA_HOME (default /usr/local/cuda), PYTHON,
+# GPU_TESTS (the pytest paths of the GPU test phase, default all of tests/),
+# GPU_CHECK_E2E (0 skips the end-to-end phase), and AB_BASE: another checkout (e.g. `git archive OLD | tar -x -C .ab_base`, carried
 # along) whose extension is built and whose fastflow step benchmarks run on this
 # machine just before this tree's; bench/compare.md then has new / base per case.
 #
@@ -141,9 +142,16 @@ gpu_tests() {
     local extra=()
     if "$PY" -c "import pytest_timeout" 2>/dev/null; then extra+=(--timeout=90); fi
     # No -x: one failing file must not hide the others' results. Kernels first, then the rest.
-    "$PY" -m pytest -q -m gpu tests/kernels tests/csrc tests/backends tests/test_graph.py tests/test_graph_pipeline.py \
-        tests/diffusers tests -p no:cacheprovider -rfEs --maxfail=40 --durations=15 \
-        --junitxml="$OUT/gpu_tests.xml" "${extra[@]}"
+    local paths=(tests/kernels tests/csrc tests/backends tests/test_graph.py tests/test_graph_pipeline.py tests/diffusers tests)
+    # shellcheck disable=SC2206  # GPU_TESTS is a list of words
+    [ -n "${GPU_TESTS:-}" ] && paths=($GPU_TESTS)
+    local rc=0
+    "$PY" -m pytest -q -m gpu "${paths[@]}" -p no:cacheprovider -rfEs --maxfail=40 --durations=15 \
+        --junitxml="$OUT/gpu_tests.xml" "${extra[@]}" || rc=$?
+    # Not marked gpu (it also runs in the interpreter): the Triton angle evaluation on the device, every angle.
+    "$PY" -m pytest -q tests/kernels/test_triton_step.py::test_angle_part_bit_exact_over_every_angle \
+        -p no:cacheprovider -rfEs || rc=$?
+    return "$rc"
 }
 export -f gpu_tests
 phase gpu_tests 170 130 gpu_tests
@@ -183,7 +191,9 @@ fi
 e2e() {
     "$PY" -c "import sys, benchmarks.e2e_graph as m; m.main(sys.argv[1])" "$OUT/e2e"
 }
-if [ -f "$ROOT/benchmarks/e2e_graph.py" ]; then
+if [ "${GPU_CHECK_E2E:-1}" = 0 ]; then
+    log "phase e2e: skipped (GPU_CHECK_E2E=0)"
+elif [ -f "$ROOT/benchmarks/e2e_graph.py" ]; then
     mkdir -p "$OUT/e2e"
     export -f e2e
     phase e2e 90 5 e2e

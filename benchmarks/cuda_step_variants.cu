@@ -1,0 +1,201 @@
+// Device time of the CUDA step kernel's body under other launch shapes and with
+// its runtime switches fixed at compile time: which of the two a slower kernel
+// lacks. Standalone (no torch), on one GPU:
+//
+//   nvcc -O3 -std=c++17 -arch=sm_90 -Icsrc benchmarks/cuda_step_variants.cu -o /tmp/variants && /tmp/variants
+//
+// Every variant runs fused_step_items (csrc/step_kernel_body.h), the code the
+// extension's kernel runs, on 4 x 16x21x90x160 elements: float32 state, bfloat16
+// model output, a float32 coefficient table, no history, no x_hat or model input,
+// with and without in-kernel noise (the benchmark's ddim and ddpm device cases).
+// Variants:
+//   shipped      the extension's launch: 256 threads, one item per thread
+//   items x K    a grid K times smaller: each thread loops over K items
+//   128 threads  blocks of 128 threads
+//   dtypes fixed the storage dtypes are constants, the options (guidance, history,
+//                noise, outputs) stay runtime switches
+//   all fixed    dtypes and options are constants (the Triton kernel's specialization)
+// Prints the median over repetitions of each variant's device time, and its share
+// of the device-to-device copy bandwidth at the step's least traffic (10 bytes per
+// element). The output of every variant is checked against the shipped one.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "fastflow_step.h"
+#include "step_kernel_body.h"
+
+using fastflow::StepParams;
+
+namespace {
+
+constexpr int kMaxThreads = 256;
+
+#define CHECK(call)                                                                           \
+  do {                                                                                        \
+    cudaError_t e_ = (call);                                                                  \
+    if (e_ != cudaSuccess) {                                                                  \
+      fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(e_)); \
+      exit(1);                                                                                \
+    }                                                                                         \
+  } while (0)
+
+enum Fix : int { kRuntime = 0, kDtypes = 1, kAll = 2 };
+
+template <bool kDraw, int kFix>
+__global__ void __launch_bounds__(kMaxThreads) variant_kernel(StepParams p, int64_t ips) {
+  if (kFix >= kDtypes) {
+    p.z_dtype = fastflow::kFloat32;
+    p.model_out_dtype = fastflow::kBFloat16;
+    p.uncond_dtype = fastflow::kBFloat16;
+    p.noise_dtype = fastflow::kFloat32;
+    p.x_out_dtype = fastflow::kFloat32;
+    p.model_in_dtype = fastflow::kBFloat16;
+    p.table_dtype = fastflow::kFloat32;
+    for (int j = 0; j < fastflow::kMaxHistory; ++j) p.history_dtype[j] = fastflow::kFloat32;
+  }
+  if (kFix >= kAll) {
+    p.model_out_uncond = nullptr;
+    p.num_history = 0;
+    p.use_noise = kDraw;
+    p.noise = nullptr;
+    p.x_out = nullptr;
+    p.model_in_out = nullptr;
+    p.model_in_double = 0;
+    p.has_clip = 0;
+    p.vectorized = 1;
+    p.step_ptr = nullptr;
+  }
+  fastflow::fused_step_items<float, kDraw>(p, ips, blockIdx.y, gridDim.y,
+                                           static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x,
+                                           static_cast<int64_t>(gridDim.x) * blockDim.x);
+}
+
+struct Variant {
+  const char* name;
+  int fix;
+  int threads;
+  int items_per_thread;
+};
+
+template <bool kDraw>
+void launch(const Variant& v, const StepParams& p) {
+  const int64_t ips = fastflow::items_per_sample<float, kDraw>(p);
+  const int64_t per_block = static_cast<int64_t>(v.threads) * v.items_per_thread;
+  const dim3 grid(static_cast<unsigned>((ips + per_block - 1) / per_block), static_cast<unsigned>(p.batch));
+  if (v.fix == kRuntime) variant_kernel<kDraw, kRuntime><<<grid, v.threads>>>(p, ips);
+  if (v.fix == kDtypes) variant_kernel<kDraw, kDtypes><<<grid, v.threads>>>(p, ips);
+  if (v.fix == kAll) variant_kernel<kDraw, kAll><<<grid, v.threads>>>(p, ips);
+}
+
+template <typename F>
+float median_us(F&& fn, int reps) {
+  for (int i = 0; i < 3; ++i) fn();
+  std::vector<cudaEvent_t> ev(2 * reps);
+  for (auto& e : ev) CHECK(cudaEventCreate(&e));
+  for (int r = 0; r < reps; ++r) {
+    CHECK(cudaEventRecord(ev[2 * r]));
+    fn();
+    CHECK(cudaEventRecord(ev[2 * r + 1]));
+  }
+  CHECK(cudaDeviceSynchronize());
+  std::vector<float> ms(reps);
+  for (int r = 0; r < reps; ++r) CHECK(cudaEventElapsedTime(&ms[r], ev[2 * r], ev[2 * r + 1]));
+  for (auto& e : ev) CHECK(cudaEventDestroy(e));
+  std::sort(ms.begin(), ms.end());
+  return ms[reps / 2] * 1e3f;
+}
+
+}  // namespace
+
+int main() {
+  const int64_t batch = 4, numel = 16LL * 21 * 90 * 160, n = batch * numel;
+  cudaDeviceProp prop;
+  CHECK(cudaGetDeviceProperties(&prop, 0));
+
+  float *z, *out, *ref;
+  __nv_bfloat16* model_out;
+  float* table;
+  int64_t* seeds;
+  CHECK(cudaMalloc(&z, n * 4));
+  CHECK(cudaMalloc(&out, n * 4));
+  CHECK(cudaMalloc(&ref, n * 4));
+  CHECK(cudaMalloc(&model_out, n * 2));
+  CHECK(cudaMalloc(&table, 2 * fastflow::kNumCoefs * 4));
+  CHECK(cudaMalloc(&seeds, batch * 8));
+  {
+    std::vector<float> hz(n);
+    std::vector<__nv_bfloat16> ho(n);
+    uint32_t s = 12345;
+    for (int64_t i = 0; i < n; ++i) {
+      s = s * 1664525u + 1013904223u;
+      hz[i] = static_cast<float>(s >> 8) * 0x1p-24f - 0.5f;
+      ho[i] = __float2bfloat16(static_cast<float>(s & 0xFFFF) * 0x1p-16f - 0.5f);
+    }
+    CHECK(cudaMemcpy(z, hz.data(), n * 4, cudaMemcpyHostToDevice));
+    CHECK(cudaMemcpy(model_out, ho.data(), n * 2, cudaMemcpyHostToDevice));
+    const float row[fastflow::kNumCoefs] = {1.0f, 0.9f, -0.3f, 0.7f, 0.2f, 0.0f, 0.0f, 0.0f, 0.1f, 1.0f};
+    std::vector<float> ht(2 * fastflow::kNumCoefs);
+    for (int r = 0; r < 2; ++r) std::copy(row, row + fastflow::kNumCoefs, ht.begin() + r * fastflow::kNumCoefs);
+    CHECK(cudaMemcpy(table, ht.data(), ht.size() * 4, cudaMemcpyHostToDevice));
+    const int64_t hs[4] = {1, 2, 3, 4};
+    CHECK(cudaMemcpy(seeds, hs, sizeof hs, cudaMemcpyHostToDevice));
+  }
+
+  // Copy bandwidth (read + write), 512 MiB.
+  const size_t copy_bytes = 512ull << 20;
+  void *ca, *cb;
+  CHECK(cudaMalloc(&ca, copy_bytes));
+  CHECK(cudaMalloc(&cb, copy_bytes));
+  CHECK(cudaMemset(ca, 0, copy_bytes));
+  const float copy_us = median_us([&] { CHECK(cudaMemcpyAsync(cb, ca, copy_bytes, cudaMemcpyDeviceToDevice)); }, 20);
+  const double copy_gbs = 2.0 * copy_bytes / (copy_us * 1e-6) / 1e9;
+  CHECK(cudaFree(ca));
+  CHECK(cudaFree(cb));
+  printf("device: %s (%d SMs); copy bandwidth %.0f GB/s\n", prop.name, prop.multiProcessorCount, copy_gbs);
+  printf("%d elements: float32 state, bfloat16 model output; floor %.2f us at 10 bytes per element\n\n",
+         static_cast<int>(n), 10.0 * n / (copy_gbs * 1e3));
+
+  StepParams p;
+  p.z = z;
+  p.out = out;
+  p.model_out = model_out;
+  p.model_out_dtype = fastflow::kBFloat16;
+  p.seeds = seeds;
+  p.table = table;
+  p.table_rows = 2;
+  p.step = 1;
+  p.batch = batch;
+  p.numel = numel;
+  p.vectorized = 1;
+
+  const Variant variants[] = {
+      {"shipped", kRuntime, 256, 1}, {"items x 2", kRuntime, 256, 2}, {"items x 4", kRuntime, 256, 4},
+      {"128 threads", kRuntime, 128, 1}, {"dtypes fixed", kDtypes, 256, 1}, {"all fixed", kAll, 256, 1},
+  };
+  printf("| noise | variant | us | share of copy bandwidth | max |out - shipped| |\n|---|---|---|---|---|\n");
+  for (int draw = 0; draw < 2; ++draw) {
+    p.use_noise = draw;
+    for (const Variant& v : variants) {
+      auto run = [&] { draw ? launch<true>(v, p) : launch<false>(v, p); };
+      const float us = median_us(run, 30);
+      CHECK(cudaGetLastError());
+      CHECK(cudaDeviceSynchronize());
+      if (v.fix == kRuntime && v.threads == 256 && v.items_per_thread == 1) {
+        CHECK(cudaMemcpy(ref, out, n * 4, cudaMemcpyDeviceToDevice));
+      }
+      std::vector<float> a(n), b(n);
+      CHECK(cudaMemcpy(a.data(), out, n * 4, cudaMemcpyDeviceToHost));
+      CHECK(cudaMemcpy(b.data(), ref, n * 4, cudaMemcpyDeviceToHost));
+      float diff = 0.0f;
+      for (int64_t i = 0; i < n; ++i) diff = std::max(diff, std::abs(a[i] - b[i]));
+      printf("| %s | %s | %.1f | %.0f%% | %g |\n", draw ? "drawn" : "none", v.name, us,
+             100.0 * 10.0 * n / (us * 1e-6) / 1e9 / copy_gbs, diff);
+    }
+  }
+  return 0;
+}
