@@ -8,16 +8,19 @@
 // extension's kernel runs, on 4 x 16x21x90x160 elements: float32 state, bfloat16
 // model output, a float32 coefficient table, no history, no x_hat or model input,
 // with and without in-kernel noise (the benchmark's ddim and ddpm device cases).
-// Variants:
-//   shipped      the extension's launch: 256 threads, one item per thread
-//   items x K    a grid K times smaller: each thread loops over K items
-//   128 threads  blocks of 128 threads
-//   dtypes fixed the storage dtypes are constants, the options (guidance, history,
-//                noise, outputs) stay runtime switches
-//   all fixed    dtypes and options are constants (the Triton kernel's specialization)
+// Variants (threads per block, items per thread, and switches fixed at compile time):
+//   256 x 1        the launch before the current one: 256 threads, one item per thread
+//   extension      the extension's launch shape (csrc/step_kernel.cu, LaunchShape)
+//   items x K      each thread loops over K items (a grid K times smaller)
+//   128 threads    blocks of 128 threads
+//   <switch> fixed the extension's shape with one group of runtime switches made a
+//                  compile-time constant: the storage dtypes; guidance (none); history
+//                  (none); noise (drawn or none, never explicit); outputs (no x_hat, no
+//                  model input); the rest (no clip, vector path, host step index)
+//   all fixed      every switch a constant (the Triton kernel's specialization)
 // Prints the median over repetitions of each variant's device time, and its share
 // of the device-to-device copy bandwidth at the step's least traffic (10 bytes per
-// element). The output of every variant is checked against the shipped one.
+// element). Each variant's output is compared with the 256 x 1 launch's.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <stdio.h>
@@ -44,11 +47,19 @@ constexpr int kMaxThreads = 256;
     }                                                                                         \
   } while (0)
 
-enum Fix : int { kRuntime = 0, kDtypes = 1, kAll = 2 };
+enum Fix : int {
+  kFixDtypes = 1,
+  kFixGuide = 2,
+  kFixHistory = 4,
+  kFixNoise = 8,
+  kFixOutputs = 16,
+  kFixRest = 32,
+  kFixAll = 63,
+};
 
 template <bool kDraw, int kFix>
 __global__ void __launch_bounds__(kMaxThreads) variant_kernel(StepParams p, int64_t ips) {
-  if (kFix >= kDtypes) {
+  if (kFix & kFixDtypes) {
     p.z_dtype = fastflow::kFloat32;
     p.model_out_dtype = fastflow::kBFloat16;
     p.uncond_dtype = fastflow::kBFloat16;
@@ -58,14 +69,18 @@ __global__ void __launch_bounds__(kMaxThreads) variant_kernel(StepParams p, int6
     p.table_dtype = fastflow::kFloat32;
     for (int j = 0; j < fastflow::kMaxHistory; ++j) p.history_dtype[j] = fastflow::kFloat32;
   }
-  if (kFix >= kAll) {
-    p.model_out_uncond = nullptr;
-    p.num_history = 0;
+  if (kFix & kFixGuide) p.model_out_uncond = nullptr;
+  if (kFix & kFixHistory) p.num_history = 0;
+  if (kFix & kFixNoise) {
     p.use_noise = kDraw;
     p.noise = nullptr;
+  }
+  if (kFix & kFixOutputs) {
     p.x_out = nullptr;
     p.model_in_out = nullptr;
     p.model_in_double = 0;
+  }
+  if (kFix & kFixRest) {
     p.has_clip = 0;
     p.vectorized = 1;
     p.step_ptr = nullptr;
@@ -77,19 +92,35 @@ __global__ void __launch_bounds__(kMaxThreads) variant_kernel(StepParams p, int6
 
 struct Variant {
   const char* name;
-  int fix;
-  int threads;
-  int items_per_thread;
+  int fix;               // Fix bits
+  int threads;           // 0: the extension's
+  int items_per_thread;  // 0: the extension's
 };
+
+template <bool kDraw, int kFix = 0>
+void run_fixed(dim3 grid, int threads, const StepParams& p, int64_t ips) {
+  variant_kernel<kDraw, kFix><<<grid, threads>>>(p, ips);
+}
 
 template <bool kDraw>
 void launch(const Variant& v, const StepParams& p) {
   const int64_t ips = fastflow::items_per_sample<float, kDraw>(p);
-  const int64_t per_block = static_cast<int64_t>(v.threads) * v.items_per_thread;
+  // threads / items per thread 0: the extension's launch shape for this kernel.
+  const int threads = v.threads > 0 ? v.threads : (kDraw ? 256 : 128);
+  const int items = v.items_per_thread > 0 ? v.items_per_thread : (kDraw ? 4 : 1);
+  const int64_t per_block = static_cast<int64_t>(threads) * items;
   const dim3 grid(static_cast<unsigned>((ips + per_block - 1) / per_block), static_cast<unsigned>(p.batch));
-  if (v.fix == kRuntime) variant_kernel<kDraw, kRuntime><<<grid, v.threads>>>(p, ips);
-  if (v.fix == kDtypes) variant_kernel<kDraw, kDtypes><<<grid, v.threads>>>(p, ips);
-  if (v.fix == kAll) variant_kernel<kDraw, kAll><<<grid, v.threads>>>(p, ips);
+  switch (v.fix) {
+    case 0: return run_fixed<kDraw, 0>(grid, threads, p, ips);
+    case kFixDtypes: return run_fixed<kDraw, kFixDtypes>(grid, threads, p, ips);
+    case kFixGuide: return run_fixed<kDraw, kFixGuide>(grid, threads, p, ips);
+    case kFixHistory: return run_fixed<kDraw, kFixHistory>(grid, threads, p, ips);
+    case kFixNoise: return run_fixed<kDraw, kFixNoise>(grid, threads, p, ips);
+    case kFixOutputs: return run_fixed<kDraw, kFixOutputs>(grid, threads, p, ips);
+    case kFixRest: return run_fixed<kDraw, kFixRest>(grid, threads, p, ips);
+    case kFixAll: return run_fixed<kDraw, kFixAll>(grid, threads, p, ips);
+    default: fprintf(stderr, "unknown variant\n"); exit(1);
+  }
 }
 
 template <typename F>
@@ -174,10 +205,12 @@ int main() {
   p.vectorized = 1;
 
   const Variant variants[] = {
-      {"shipped", kRuntime, 256, 1}, {"items x 2", kRuntime, 256, 2}, {"items x 4", kRuntime, 256, 4},
-      {"128 threads", kRuntime, 128, 1}, {"dtypes fixed", kDtypes, 256, 1}, {"all fixed", kAll, 256, 1},
+      {"256 x 1", 0, 256, 1},          {"extension", 0, 0, 0},          {"items x 2", 0, 256, 2},
+      {"items x 4", 0, 256, 4},        {"128 threads", 0, 128, 1},      {"dtypes fixed", kFixDtypes, 0, 0},
+      {"guidance fixed", kFixGuide, 0, 0}, {"history fixed", kFixHistory, 0, 0}, {"noise fixed", kFixNoise, 0, 0},
+      {"outputs fixed", kFixOutputs, 0, 0}, {"rest fixed", kFixRest, 0, 0},  {"all fixed", kFixAll, 0, 0},
   };
-  printf("| noise | variant | us | share of copy bandwidth | max |out - shipped| |\n|---|---|---|---|---|\n");
+  printf("| noise | variant | us | share of copy bandwidth | max abs diff to 256 x 1 |\n|---|---|---|---|---|\n");
   for (int draw = 0; draw < 2; ++draw) {
     p.use_noise = draw;
     for (const Variant& v : variants) {
@@ -185,7 +218,7 @@ int main() {
       const float us = median_us(run, 30);
       CHECK(cudaGetLastError());
       CHECK(cudaDeviceSynchronize());
-      if (v.fix == kRuntime && v.threads == 256 && v.items_per_thread == 1) {
+      if (&v == &variants[0]) {
         CHECK(cudaMemcpy(ref, out, n * 4, cudaMemcpyDeviceToDevice));
       }
       std::vector<float> a(n), b(n);

@@ -85,15 +85,39 @@ unsigned int grid_for(int64_t work) {
   return static_cast<unsigned int>(blocks < 1 ? 1 : (blocks > cap ? cap : blocks));
 }
 
+// Launch shape of the step kernels, from the H200 measurements of
+// benchmarks/cuda_step_variants.cu at 19.4M elements: the deterministic kernel
+// (memory-bound) runs best in 128-thread blocks, one item per thread; the
+// noise-drawing kernels (issue-bound) in 256-thread blocks with up to 4 items per
+// thread, which spreads each thread's prologue (step index, coefficient row, seed)
+// over more elements. A thread takes more items only while the grid keeps
+// kMinBlocks blocks, a few waves of a large GPU, so small steps keep their
+// parallelism.
+template <bool kDraw>
+struct LaunchShape {
+  static constexpr int64_t threads = kDraw ? 256 : 128;
+  static constexpr int64_t max_items_per_thread = kDraw ? 4 : 1;
+};
+constexpr int64_t kMinBlocks = 2048;
+
 template <typename T, bool kDraw>
 void launch_fused_step(const StepParams& p, cudaStream_t s) {
+  using Shape = LaunchShape<kDraw>;
   const int64_t ips = items_per_sample<T, kDraw>(p);
   if (ips == 0 || p.batch == 0) return;
-  // Samples of fewer than kThreads items get a smaller block (whole warps), not idle threads.
-  const int64_t threads = ips >= kThreads ? kThreads : (ips + 31) / 32 * 32;
-  const int64_t blocks_x = (ips + threads - 1) / threads;
+  // Samples of fewer items than a block has threads get a smaller block (whole warps), not idle threads.
+  const int64_t threads = ips >= Shape::threads ? Shape::threads : (ips + 31) / 32 * 32;
+  const int64_t samples = p.batch < kMaxGridY ? p.batch : kMaxGridY;
+  int64_t blocks_x = (ips + threads - 1) / threads;
+  for (int64_t k = Shape::max_items_per_thread; k > 1; k /= 2) {
+    const int64_t fewer = (ips + threads * k - 1) / (threads * k);
+    if (fewer * samples >= kMinBlocks) {
+      blocks_x = fewer;
+      break;
+    }
+  }
   const dim3 grid(static_cast<unsigned int>(blocks_x < kMaxGridX ? blocks_x : kMaxGridX),
-                  static_cast<unsigned int>(p.batch < kMaxGridY ? p.batch : kMaxGridY));
+                  static_cast<unsigned int>(samples));
   fused_step_kernel<T, kDraw><<<grid, static_cast<unsigned int>(threads), 0, s>>>(p, ips);
 }
 
