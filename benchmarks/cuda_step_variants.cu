@@ -15,7 +15,8 @@
 //   128 threads    blocks of 128 threads
 //   <switch> fixed the extension's shape with one group of runtime switches made a
 //                  compile-time constant: the storage dtypes; guidance (none); history
-//                  (none); noise (drawn or none, never explicit); outputs (no x_hat, no
+//                  (none); noise (drawn or none, never explicit: the extension's
+//                  drawing kernel now pins this itself); outputs (no x_hat, no
 //                  model input); the rest (no clip, vector path, host step index)
 //   all fixed      every switch a constant (the Triton kernel's specialization)
 // Prints the median over repetitions of each variant's device time, and its share

@@ -33,7 +33,8 @@ constexpr int64_t kMaxGridY = 65535;
 
 // Grid: x over a sample's items, y over samples (each loop strides past the grid).
 template <typename T, bool kDraw>
-__global__ void __launch_bounds__(kThreads) fused_step_kernel(const StepParams p, int64_t items_per_sample) {
+__global__ void __launch_bounds__(kThreads) fused_step_kernel(StepParams p, int64_t items_per_sample) {
+  pin_launch_invariants<T, kDraw>(p);
   fused_step_items<T, kDraw>(p, items_per_sample, blockIdx.y, gridDim.y,
                              static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x,
                              static_cast<int64_t>(gridDim.x) * blockDim.x);

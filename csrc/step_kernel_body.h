@@ -37,6 +37,25 @@ FF_HD float bits_to_float(uint32_t bits) {
 template <typename T, bool kDraw>
 constexpr int kItemWidth = (kDraw && std::is_same_v<T, float>) ? 4 : 8;
 
+// Whether instantiation <T, kDraw> runs only launches that draw their noise in the
+// kernel: the launcher sends every float launch that draws (and no other) to
+// <float, true>; <double, true> serves every double launch.
+template <typename T, bool kDraw>
+constexpr bool kOnlyDraws = kDraw && std::is_same_v<T, float>;
+
+// The launcher's invariants for <T, kDraw> written into the kernel's copy of the
+// parameters, so the compiler resolves those switches at compile time. For the
+// drawing kernel that removes the explicit-noise and no-noise paths: 14 % less
+// device time on the H200 (benchmarks/cuda_step_variants.cu, "noise fixed", which
+// pins the parameters the same way).
+template <typename T, bool kDraw>
+FF_HD void pin_launch_invariants(StepParams& p) {
+  if constexpr (kOnlyDraws<T, kDraw>) {
+    p.use_noise = 1;
+    p.noise = nullptr;
+  }
+}
+
 // Work items of one sample for instantiation <T, kDraw> (the launch's item count is batch times this).
 template <typename T, bool kDraw>
 FF_HD int64_t items_per_sample(const StepParams& p) {
@@ -230,8 +249,8 @@ FF_UNROLL
 
 // Whether a launch draws its noise in the kernel (Philox). The launcher runs an
 // instantiation with kDraw = false when it does not, so deterministic steps run
-// without the Philox and Box-Muller code and its registers (higher occupancy);
-// kDraw = true handles every launch.
+// without the Philox and Box-Muller code and its registers (higher occupancy), and
+// <float, true> only when it does (kOnlyDraws); <double, true> handles every launch.
 FF_HD bool draws_noise(const StepParams& p) { return p.use_noise != 0 && p.noise == nullptr; }
 
 // The slow path for an item that cannot use 16-byte accesses (a sample's last,
@@ -328,7 +347,8 @@ FF_UNROLL
 // sample, items_per_sample of them per sample). On the device b0 is blockIdx.y, so
 // the sample, its seed and the Philox key schedule are the same for a whole block
 // (the uniform datapath) and no thread divides to find its sample.
-// kDraw = false needs !draws_noise(p).
+// kDraw = false needs !draws_noise(p); <float, true> needs draws_noise(p), which the
+// kernels pin (pin_launch_invariants).
 template <typename T, bool kDraw>
 FF_HD void fused_step_items(const StepParams& p, int64_t items_per_sample, int64_t b0, int64_t b_stride,
                             int64_t item0, int64_t item_stride) {

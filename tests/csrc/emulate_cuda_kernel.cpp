@@ -13,6 +13,21 @@
 
 namespace {
 
+// As fused_step_kernel: the kernel's copy of the parameters with the launcher's
+// invariants pinned, then every emulated thread of a `threads` x `rows` grid.
+template <typename T, bool kDraw>
+void run_grid(fastflow::StepParams p, int64_t threads, int64_t rows) {
+  fastflow::pin_launch_invariants<T, kDraw>(p);
+  const int64_t items_per_sample = fastflow::items_per_sample<T, kDraw>(p);
+  const int64_t x_stride = threads > 0 ? std::min(threads, items_per_sample) : items_per_sample;
+  const int64_t y_stride = rows > 0 ? std::min(rows, p.batch) : p.batch;
+  for (int64_t y = 0; y < y_stride; ++y) {
+    for (int64_t t = 0; t < x_stride; ++t) {
+      fastflow::fused_step_items<T, kDraw>(p, items_per_sample, y, y_stride, t, x_stride);
+    }
+  }
+}
+
 // `threads`: emulated threads along a sample's items (<= 0: one per item); `rows`:
 // emulated grid rows along the batch (<= 0: one per sample), as the launcher's 2-D grid.
 void fused_step_emulated(const at::Tensor& z, const at::Tensor& out, const at::Tensor& model_out,
@@ -25,19 +40,12 @@ void fused_step_emulated(const at::Tensor& z, const at::Tensor& out, const at::T
                                                     step_tensor, seeds, noise, x_out, model_in_out, clip, use_noise);
   if (s.empty) return;
   // The same instantiation choice as the launcher in csrc/step_kernel.cu, each with its own item width.
-  auto run = [&](auto kernel, int64_t items_per_sample) {
-    const int64_t x_stride = threads > 0 ? std::min(threads, items_per_sample) : items_per_sample;
-    const int64_t y_stride = rows > 0 ? std::min(rows, s.p.batch) : s.p.batch;
-    for (int64_t y = 0; y < y_stride; ++y) {
-      for (int64_t t = 0; t < x_stride; ++t) kernel(s.p, items_per_sample, y, y_stride, t, x_stride);
-    }
-  };
   if (s.compute_double) {
-    run(fastflow::fused_step_items<double, true>, fastflow::items_per_sample<double, true>(s.p));
+    run_grid<double, true>(s.p, threads, rows);
   } else if (fastflow::draws_noise(s.p)) {
-    run(fastflow::fused_step_items<float, true>, fastflow::items_per_sample<float, true>(s.p));
+    run_grid<float, true>(s.p, threads, rows);
   } else {
-    run(fastflow::fused_step_items<float, false>, fastflow::items_per_sample<float, false>(s.p));
+    run_grid<float, false>(s.p, threads, rows);
   }
   s.finish();
 }
