@@ -85,11 +85,13 @@ def test_float64_state(cb, noise):
 
 @pytest.mark.parametrize(
     "shape",
-    [(1, 1), (2, 3), (3, 4), (2, 5), (2, 130), (2, 3, 7, 11), (1, 517), (3, 1030), (1, 16, 21, 90, 160)],
+    [(1, 1), (2, 3), (3, 4), (2, 5), (2, 130), (2, 3, 7, 11), (1, 517), (3, 1030), (1, 16, 21, 90, 160),
+     (2, 16, 21, 90, 160)],
     ids=str,
 )
 def test_odd_and_large_sizes(cb, shape):
-    """Scalar tails (samples not a multiple of 8), several items per sample, and a 4.8M-element video latent."""
+    """Scalar tails (samples not a multiple of 8), several items per sample, and video latents of 4.8M and 9.7M
+    elements, where the drawing kernel's threads take 2 and 4 items each (LaunchShape in csrc/step_kernel.cu)."""
     case = make_case(
         shape, torch.float32, torch.bfloat16, hist=1, noise="philox", x_dtype=torch.float16, mi="dup-bf16", device=DEV
     )
