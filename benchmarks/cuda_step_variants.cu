@@ -4,19 +4,19 @@
 //
 //   nvcc -O3 -std=c++17 -arch=sm_90 -Icsrc benchmarks/cuda_step_variants.cu -o /tmp/variants && /tmp/variants
 //
-// Every variant runs fused_step_items (csrc/step_kernel_body.h), the code the
-// extension's kernel runs, on 4 x 16x21x90x160 elements: float32 state, bfloat16
+// Every variant runs the extension kernel's code (pin_launch_invariants, then
+// fused_step_items, csrc/step_kernel_body.h), on 4 x 16x21x90x160 elements: float32 state, bfloat16
 // model output, a float32 coefficient table, no history, no x_hat or model input,
 // with and without in-kernel noise (the benchmark's ddim and ddpm device cases).
 // Variants (threads per block, items per thread, and switches fixed at compile time):
-//   256 x 1        the launch before the current one: 256 threads, one item per thread
-//   extension      the extension's launch shape (csrc/step_kernel.cu, LaunchShape)
+//   256 x 1        the extension's launch before dfec2b6: 256 threads, one item per thread
+//   extension      the extension's grid (step_grid in csrc/step_kernel_body.h)
 //   items x K      each thread loops over K items (a grid K times smaller)
 //   128 threads    blocks of 128 threads
 //   <switch> fixed the extension's shape with one group of runtime switches made a
 //                  compile-time constant: the storage dtypes; guidance (none); history
-//                  (none); noise (drawn or none, never explicit: the extension's
-//                  drawing kernel now pins this itself); outputs (no x_hat, no
+//                  (none); noise (drawn or none, never explicit: since 333bfe7 the
+//                  drawing kernel pins this itself); outputs (no x_hat, no
 //                  model input); the rest (no clip, vector path, host step index)
 //   all fixed      every switch a constant (the Triton kernel's specialization)
 // Prints the median over repetitions of each variant's device time, and its share
@@ -60,6 +60,7 @@ enum Fix : int {
 
 template <bool kDraw, int kFix>
 __global__ void __launch_bounds__(kMaxThreads) variant_kernel(StepParams p, int64_t ips) {
+  fastflow::pin_launch_invariants<float, kDraw>(p);  // as fused_step_kernel
   if (kFix & kFixDtypes) {
     p.z_dtype = fastflow::kFloat32;
     p.model_out_dtype = fastflow::kBFloat16;
@@ -94,8 +95,8 @@ __global__ void __launch_bounds__(kMaxThreads) variant_kernel(StepParams p, int6
 struct Variant {
   const char* name;
   int fix;               // Fix bits
-  int threads;           // 0: the extension's
-  int items_per_thread;  // 0: the extension's
+  int threads;           // 0: the extension's grid
+  int items_per_thread;  // with threads > 0
 };
 
 template <bool kDraw, int kFix = 0>
@@ -106,11 +107,12 @@ void run_fixed(dim3 grid, int threads, const StepParams& p, int64_t ips) {
 template <bool kDraw>
 void launch(const Variant& v, const StepParams& p) {
   const int64_t ips = fastflow::items_per_sample<float, kDraw>(p);
-  // threads / items per thread 0: the extension's launch shape for this kernel.
-  const int threads = v.threads > 0 ? v.threads : (kDraw ? 256 : 128);
-  const int items = v.items_per_thread > 0 ? v.items_per_thread : (kDraw ? 4 : 1);
-  const int64_t per_block = static_cast<int64_t>(threads) * items;
-  const dim3 grid(static_cast<unsigned>((ips + per_block - 1) / per_block), static_cast<unsigned>(p.batch));
+  // threads 0: the extension's grid (step_grid, csrc/step_kernel_body.h).
+  const fastflow::StepGrid ext = fastflow::step_grid<float, kDraw>(p);
+  const int threads = v.threads > 0 ? v.threads : static_cast<int>(ext.threads);
+  const int64_t per_block = static_cast<int64_t>(threads) * v.items_per_thread;
+  const dim3 grid(static_cast<unsigned>(v.threads > 0 ? (ips + per_block - 1) / per_block : ext.blocks_x),
+                  static_cast<unsigned>(p.batch));
   switch (v.fix) {
     case 0: return run_fixed<kDraw, 0>(grid, threads, p, ips);
     case kFixDtypes: return run_fixed<kDraw, kFixDtypes>(grid, threads, p, ips);

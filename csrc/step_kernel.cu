@@ -27,9 +27,9 @@
 namespace fastflow {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int64_t kMaxGridX = 0x7FFFFFFF;  // the kernels loop over the rest
-constexpr int64_t kMaxGridY = 65535;
+constexpr int kThreads = 256;  // the most threads a block of these kernels has
+static_assert(LaunchShape<true>::threads <= kThreads && LaunchShape<false>::threads <= kThreads,
+              "step_grid's blocks must fit the kernels' launch bounds");
 
 // Grid: x over a sample's items, y over samples (each loop strides past the grid).
 template <typename T, bool kDraw>
@@ -86,40 +86,12 @@ unsigned int grid_for(int64_t work) {
   return static_cast<unsigned int>(blocks < 1 ? 1 : (blocks > cap ? cap : blocks));
 }
 
-// Launch shape of the step kernels, from the H200 measurements of
-// benchmarks/cuda_step_variants.cu at 19.4M elements: the deterministic kernel
-// (memory-bound) runs best in 128-thread blocks, one item per thread; the
-// noise-drawing kernels (issue-bound) in 256-thread blocks with up to 4 items per
-// thread, which spreads each thread's prologue (step index, coefficient row, seed)
-// over more elements. A thread takes more items only while the grid keeps
-// kMinBlocks blocks, a few waves of a large GPU, so small steps keep their
-// parallelism.
-template <bool kDraw>
-struct LaunchShape {
-  static constexpr int64_t threads = kDraw ? 256 : 128;
-  static constexpr int64_t max_items_per_thread = kDraw ? 4 : 1;
-};
-constexpr int64_t kMinBlocks = 2048;
-
 template <typename T, bool kDraw>
 void launch_fused_step(const StepParams& p, cudaStream_t s) {
-  using Shape = LaunchShape<kDraw>;
-  const int64_t ips = items_per_sample<T, kDraw>(p);
-  if (ips == 0 || p.batch == 0) return;
-  // Samples of fewer items than a block has threads get a smaller block (whole warps), not idle threads.
-  const int64_t threads = ips >= Shape::threads ? Shape::threads : (ips + 31) / 32 * 32;
-  const int64_t samples = p.batch < kMaxGridY ? p.batch : kMaxGridY;
-  int64_t blocks_x = (ips + threads - 1) / threads;
-  for (int64_t k = Shape::max_items_per_thread; k > 1; k /= 2) {
-    const int64_t fewer = (ips + threads * k - 1) / (threads * k);
-    if (fewer * samples >= kMinBlocks) {
-      blocks_x = fewer;
-      break;
-    }
-  }
-  const dim3 grid(static_cast<unsigned int>(blocks_x < kMaxGridX ? blocks_x : kMaxGridX),
-                  static_cast<unsigned int>(samples));
-  fused_step_kernel<T, kDraw><<<grid, static_cast<unsigned int>(threads), 0, s>>>(p, ips);
+  const StepGrid g = step_grid<T, kDraw>(p);
+  if (g.blocks_x == 0) return;
+  const dim3 grid(static_cast<unsigned int>(g.blocks_x), static_cast<unsigned int>(g.rows));
+  fused_step_kernel<T, kDraw><<<grid, static_cast<unsigned int>(g.threads), 0, s>>>(p, items_per_sample<T, kDraw>(p));
 }
 
 }  // namespace

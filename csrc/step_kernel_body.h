@@ -62,6 +62,50 @@ FF_HD int64_t items_per_sample(const StepParams& p) {
   return (p.numel + kItemWidth<T, kDraw> - 1) / kItemWidth<T, kDraw>;
 }
 
+// Launch shape of the step kernels, from the H200 measurements of
+// benchmarks/cuda_step_variants.cu at 19.4M elements: the deterministic kernel
+// (memory-bound) runs best in 128-thread blocks, one item per thread; the
+// noise-drawing kernels (issue-bound) in 256-thread blocks with up to 4 items per
+// thread, which spreads each thread's prologue (step index, coefficient row, seed)
+// over more elements. A thread takes more items only while the grid keeps
+// kMinBlocks blocks, a few waves of a large GPU, so small steps keep their
+// parallelism.
+template <bool kDraw>
+struct LaunchShape {
+  static constexpr int64_t threads = kDraw ? 256 : 128;
+  static constexpr int64_t max_items_per_thread = kDraw ? 4 : 1;
+};
+constexpr int64_t kMinBlocks = 2048;
+constexpr int64_t kMaxGridX = 0x7FFFFFFF;  // the kernels loop over the rest
+constexpr int64_t kMaxGridY = 65535;
+
+// A step launch's 2-D grid: blocks of `threads` along a sample's items (x), one row
+// per sample (y, strided past kMaxGridY). blocks_x is 0 when there is nothing to do.
+struct StepGrid {
+  int64_t threads;
+  int64_t blocks_x;
+  int64_t rows;
+};
+
+template <typename T, bool kDraw>
+FF_HD StepGrid step_grid(const StepParams& p) {
+  using Shape = LaunchShape<kDraw>;
+  const int64_t ips = items_per_sample<T, kDraw>(p);
+  if (ips == 0 || p.batch == 0) return {Shape::threads, 0, 0};
+  // Samples of fewer items than a block has threads get a smaller block (whole warps), not idle threads.
+  const int64_t threads = ips >= Shape::threads ? Shape::threads : (ips + 31) / 32 * 32;
+  const int64_t rows = p.batch < kMaxGridY ? p.batch : kMaxGridY;
+  int64_t blocks_x = (ips + threads - 1) / threads;
+  for (int64_t k = Shape::max_items_per_thread; k > 1; k /= 2) {
+    const int64_t fewer = (ips + threads * k - 1) / (threads * k);
+    if (fewer * rows >= kMinBlocks) {
+      blocks_x = fewer;
+      break;
+    }
+  }
+  return {threads, blocks_x < kMaxGridX ? blocks_x : kMaxGridX, rows};
+}
+
 FF_HD float half_bits_to_float(uint32_t bits) {
   return __half2float(__ushort_as_half(static_cast<unsigned short>(bits & 0xFFFFu)));
 }

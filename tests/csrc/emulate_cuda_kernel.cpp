@@ -14,22 +14,29 @@
 namespace {
 
 // As fused_step_kernel: the kernel's copy of the parameters with the launcher's
-// invariants pinned, then every emulated thread of a `threads` x `rows` grid.
+// invariants pinned, then every emulated thread of the grid (see fused_step_emulated).
 template <typename T, bool kDraw>
 void run_grid(fastflow::StepParams p, int64_t threads, int64_t rows) {
   fastflow::pin_launch_invariants<T, kDraw>(p);
   const int64_t items_per_sample = fastflow::items_per_sample<T, kDraw>(p);
-  const int64_t x_stride = threads > 0 ? std::min(threads, items_per_sample) : items_per_sample;
-  const int64_t y_stride = rows > 0 ? std::min(rows, p.batch) : p.batch;
+  int64_t x_stride = threads > 0 ? std::min(threads, items_per_sample) : items_per_sample;
+  int64_t y_stride = rows > 0 ? std::min(rows, p.batch) : p.batch;
+  if (threads < 0) {  // the launcher's grid
+    const fastflow::StepGrid g = fastflow::step_grid<T, kDraw>(p);
+    x_stride = g.threads * g.blocks_x;
+    y_stride = g.rows;
+  }
   for (int64_t y = 0; y < y_stride; ++y) {
-    for (int64_t t = 0; t < x_stride; ++t) {
+    // Threads past the sample's last item return at once on the device; they are not emulated.
+    for (int64_t t = 0; t < std::min(x_stride, items_per_sample); ++t) {
       fastflow::fused_step_items<T, kDraw>(p, items_per_sample, y, y_stride, t, x_stride);
     }
   }
 }
 
-// `threads`: emulated threads along a sample's items (<= 0: one per item); `rows`:
-// emulated grid rows along the batch (<= 0: one per sample), as the launcher's 2-D grid.
+// `threads`: emulated threads along a sample's items (0: one per item, -1: the
+// launcher's grid, step_grid, rows then ignored); `rows`: emulated grid rows along the
+// batch (<= 0: one per sample), as the launcher's 2-D grid.
 void fused_step_emulated(const at::Tensor& z, const at::Tensor& out, const at::Tensor& model_out,
                          const std::optional<at::Tensor>& model_out_uncond, const std::vector<at::Tensor>& history,
                          const at::Tensor& table, int64_t step, const std::optional<at::Tensor>& step_tensor,
@@ -48,6 +55,17 @@ void fused_step_emulated(const at::Tensor& z, const at::Tensor& out, const at::T
     run_grid<float, false>(s.p, threads, rows);
   }
   s.finish();
+}
+
+// The launcher's grid (threads, blocks along x, rows) for `batch` samples of `numel`
+// elements, for the deterministic (draw false) or the drawing float kernel.
+std::tuple<int64_t, int64_t, int64_t> launch_grid(int64_t numel, int64_t batch, bool draw) {
+  fastflow::StepParams p;
+  p.numel = numel;
+  p.batch = batch;
+  const fastflow::StepGrid g =
+      draw ? fastflow::step_grid<float, true>(p) : fastflow::step_grid<float, false>(p);
+  return {g.threads, g.blocks_x, g.rows};
 }
 
 bool vectorized(const at::Tensor& z, const at::Tensor& out, const at::Tensor& model_out) {
@@ -91,6 +109,7 @@ std::tuple<at::Tensor, at::Tensor> cos_sin_pi(const at::Tensor& v) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_step", &fused_step_emulated);
   m.def("vectorized", &vectorized);
+  m.def("step_grid", &launch_grid);
   m.def("normals_f32", &normals_f32);
   m.def("cos_sin_pi", &cos_sin_pi);
 }

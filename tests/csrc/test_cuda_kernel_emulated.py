@@ -56,7 +56,7 @@ def emu():
 
 class Emulated:
     """A backend whose fused_step runs the emulated CUDA kernel on a given grid: ``threads`` along a sample's
-    items and ``rows`` along the batch (0: one per item, one per sample)."""
+    items and ``rows`` along the batch (0: one per item, one per sample; ``threads=-1``: the launcher's grid)."""
 
     def __init__(self, module, threads: int = 0, rows: int = 0):
         self.module, self.threads, self.rows = module, threads, rows
@@ -117,6 +117,44 @@ def test_grid_stride_loop(emu, threads, rows):
     for noise in ("philox", "tensor"):
         case = make_case((3, 4, 8, 9), torch.float32, torch.bfloat16, hist=1, noise=noise, mi="dup-fp16")
         _check(emu, case, threads, rows)
+
+
+# (numel, batch, draws) -> (threads, blocks along x, rows): the launcher's grid (step_grid).
+LAUNCH_GRIDS = {
+    (16 * 21 * 90 * 160, 4, True): (256, 1182, 4),  # 19.4M elements: 4 items per thread
+    (16 * 21 * 90 * 160, 1, True): (256, 2363, 1),  # 4.8M: 2 items per thread keep 2048 blocks
+    (16 * 128 * 128, 1, True): (256, 256, 1),  # one item per thread
+    (16 * 21 * 90 * 160, 4, False): (128, 4725, 4),  # deterministic: 128 threads, one 8-element item each
+    (6, 70001, True): (32, 1, 65535),  # tiny samples: one-warp blocks, rows strided past the grid's limit
+    (0, 3, True): (256, 0, 0),  # nothing to launch
+}
+
+
+@pytest.mark.parametrize("key", LAUNCH_GRIDS, ids=str)
+def test_launch_grid(emu, key):
+    """The launch shapes of csrc/step_kernel_body.h: 128-thread blocks without drawing; with drawing, up to 4
+    items per thread while the grid keeps 2048 blocks."""
+    assert tuple(emu.step_grid(*key)) == LAUNCH_GRIDS[key]
+
+
+@pytest.mark.parametrize("numel", [1, 31, 300, 4096, 100_003, 1 << 20, 5_000_000])
+@pytest.mark.parametrize("draw", [False, True], ids=["det", "draw"])
+def test_launch_grid_covers_every_item(emu, numel, draw):
+    """Every item of every sample has a thread, and no thread takes more than 4 items (1 without drawing)."""
+    width, most = (4, 4) if draw else (8, 1)
+    items = -(-numel // width)
+    for batch in (1, 3, 70001):
+        threads, blocks_x, rows = emu.step_grid(numel, batch, draw)
+        assert threads % 32 == 0 and threads <= 256 and rows == min(batch, 65535)
+        assert threads * blocks_x * most >= items
+        assert -(-items // (threads * blocks_x)) <= most
+
+
+def test_launcher_grid_emulated(emu):
+    """The launcher's own grid where the drawing kernel's threads take 2 items each (4 samples of 1M elements)."""
+    assert emu.step_grid(1 << 20, 4, True) == (256, 512, 4)
+    case = make_case((4, 1 << 20), torch.float32, torch.bfloat16, hist=1, noise="philox", mi="dup-bf16")
+    _check(emu, case, threads=-1)
 
 
 def test_unaligned_pointers(emu):
