@@ -6,8 +6,9 @@
 //
 // Every variant runs the extension kernel's code (pin_launch_invariants, then
 // fused_step_items, csrc/step_kernel_body.h), on 4 x 16x21x90x160 elements: float32 state, bfloat16
-// model output, a float32 coefficient table, no history, no x_hat or model input,
-// with and without in-kernel noise (the benchmark's ddim and ddpm device cases).
+// model output, a float32 coefficient table, no history, with and without in-kernel
+// noise, in two configurations: no other output (the benchmark's ddim and ddpm device
+// cases) and the next model input written in bfloat16 (what a sampling loop asks for).
 // Variants (threads per block, items per thread, and switches fixed at compile time):
 //   256 x 1        the extension's launch before dfec2b6: 256 threads, one item per thread
 //   extension      the extension's grid (step_grid in csrc/step_kernel_body.h)
@@ -17,11 +18,14 @@
 //                  compile-time constant: the storage dtypes; guidance (none); history
 //                  (none); noise (drawn or none, never explicit: since 333bfe7 the
 //                  drawing kernel pins this itself); outputs (no x_hat, no
-//                  model input); the rest (no clip, vector path, host step index)
+//                  model input, or the one model input of the second configuration); the
+//                  rest (no clip, vector path, host step index)
+//   options fixed  every switch but the dtypes a constant
 //   all fixed      every switch a constant (the Triton kernel's specialization)
 // Prints the median over repetitions of each variant's device time, and its share
 // of the device-to-device copy bandwidth at the step's least traffic (10 bytes per
-// element). Each variant's output is compared with the 256 x 1 launch's.
+// element, 12 with the model input). Each variant's output is compared with the
+// 256 x 1 launch's.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <stdio.h>
@@ -56,9 +60,10 @@ enum Fix : int {
   kFixOutputs = 16,
   kFixRest = 32,
   kFixAll = 63,
+  kFixOptions = kFixAll & ~kFixDtypes,
 };
 
-template <bool kDraw, int kFix>
+template <bool kDraw, int kFix, bool kModelIn>
 __global__ void __launch_bounds__(kMaxThreads) variant_kernel(StepParams p, int64_t ips) {
   fastflow::pin_launch_invariants<float, kDraw>(p);  // as fused_step_kernel
   if (kFix & kFixDtypes) {
@@ -79,8 +84,12 @@ __global__ void __launch_bounds__(kMaxThreads) variant_kernel(StepParams p, int6
   }
   if (kFix & kFixOutputs) {
     p.x_out = nullptr;
-    p.model_in_out = nullptr;
     p.model_in_double = 0;
+    if constexpr (kModelIn) {
+      __builtin_assume(p.model_in_out != nullptr);
+    } else {
+      p.model_in_out = nullptr;
+    }
   }
   if (kFix & kFixRest) {
     p.has_clip = 0;
@@ -99,9 +108,13 @@ struct Variant {
   int items_per_thread;  // with threads > 0
 };
 
-template <bool kDraw, int kFix = 0>
+template <bool kDraw, int kFix>
 void run_fixed(dim3 grid, int threads, const StepParams& p, int64_t ips) {
-  variant_kernel<kDraw, kFix><<<grid, threads>>>(p, ips);
+  if (p.model_in_out != nullptr) {
+    variant_kernel<kDraw, kFix, true><<<grid, threads>>>(p, ips);
+  } else {
+    variant_kernel<kDraw, kFix, false><<<grid, threads>>>(p, ips);
+  }
 }
 
 template <bool kDraw>
@@ -121,6 +134,7 @@ void launch(const Variant& v, const StepParams& p) {
     case kFixNoise: return run_fixed<kDraw, kFixNoise>(grid, threads, p, ips);
     case kFixOutputs: return run_fixed<kDraw, kFixOutputs>(grid, threads, p, ips);
     case kFixRest: return run_fixed<kDraw, kFixRest>(grid, threads, p, ips);
+    case kFixOptions: return run_fixed<kDraw, kFixOptions>(grid, threads, p, ips);
     case kFixAll: return run_fixed<kDraw, kFixAll>(grid, threads, p, ips);
     default: fprintf(stderr, "unknown variant\n"); exit(1);
   }
@@ -211,26 +225,35 @@ int main() {
       {"256 x 1", 0, 256, 1},          {"extension", 0, 0, 0},          {"items x 2", 0, 256, 2},
       {"items x 4", 0, 256, 4},        {"128 threads", 0, 128, 1},      {"dtypes fixed", kFixDtypes, 0, 0},
       {"guidance fixed", kFixGuide, 0, 0}, {"history fixed", kFixHistory, 0, 0}, {"noise fixed", kFixNoise, 0, 0},
-      {"outputs fixed", kFixOutputs, 0, 0}, {"rest fixed", kFixRest, 0, 0},  {"all fixed", kFixAll, 0, 0},
+      {"outputs fixed", kFixOutputs, 0, 0}, {"rest fixed", kFixRest, 0, 0},  {"options fixed", kFixOptions, 0, 0},
+      {"all fixed", kFixAll, 0, 0},
   };
-  printf("| noise | variant | us | share of copy bandwidth | max abs diff to 256 x 1 |\n|---|---|---|---|---|\n");
-  for (int draw = 0; draw < 2; ++draw) {
-    p.use_noise = draw;
-    for (const Variant& v : variants) {
-      auto run = [&] { draw ? launch<true>(v, p) : launch<false>(v, p); };
-      const float us = median_us(run, 30);
-      CHECK(cudaGetLastError());
-      CHECK(cudaDeviceSynchronize());
-      if (&v == &variants[0]) {
-        CHECK(cudaMemcpy(ref, out, n * 4, cudaMemcpyDeviceToDevice));
+  __nv_bfloat16* model_in;
+  CHECK(cudaMalloc(&model_in, n * 2));
+  printf("| output | noise | variant | us | share of copy bandwidth | max abs diff to 256 x 1 |\n"
+         "|---|---|---|---|---|---|\n");
+  for (int with_model_in = 0; with_model_in < 2; ++with_model_in) {
+    p.model_in_out = with_model_in ? model_in : nullptr;
+    p.model_in_dtype = fastflow::kBFloat16;
+    const double bytes = (with_model_in ? 12.0 : 10.0) * n;
+    for (int draw = 0; draw < 2; ++draw) {
+      p.use_noise = draw;
+      for (const Variant& v : variants) {
+        auto run = [&] { draw ? launch<true>(v, p) : launch<false>(v, p); };
+        const float us = median_us(run, 30);
+        CHECK(cudaGetLastError());
+        CHECK(cudaDeviceSynchronize());
+        if (&v == &variants[0]) {
+          CHECK(cudaMemcpy(ref, out, n * 4, cudaMemcpyDeviceToDevice));
+        }
+        std::vector<float> a(n), b(n);
+        CHECK(cudaMemcpy(a.data(), out, n * 4, cudaMemcpyDeviceToHost));
+        CHECK(cudaMemcpy(b.data(), ref, n * 4, cudaMemcpyDeviceToHost));
+        float diff = 0.0f;
+        for (int64_t i = 0; i < n; ++i) diff = std::max(diff, std::abs(a[i] - b[i]));
+        printf("| %s | %s | %s | %.1f | %.0f%% | %g |\n", with_model_in ? "z, model input" : "z",
+               draw ? "drawn" : "none", v.name, us, 100.0 * bytes / (us * 1e-6) / 1e9 / copy_gbs, diff);
       }
-      std::vector<float> a(n), b(n);
-      CHECK(cudaMemcpy(a.data(), out, n * 4, cudaMemcpyDeviceToHost));
-      CHECK(cudaMemcpy(b.data(), ref, n * 4, cudaMemcpyDeviceToHost));
-      float diff = 0.0f;
-      for (int64_t i = 0; i < n; ++i) diff = std::max(diff, std::abs(a[i] - b[i]));
-      printf("| %s | %s | %.1f | %.0f%% | %g |\n", draw ? "drawn" : "none", v.name, us,
-             100.0 * 10.0 * n / (us * 1e-6) / 1e9 / copy_gbs, diff);
     }
   }
   return 0;

@@ -16,13 +16,15 @@
 # along (the machine has no network): diffusers' wheel, and transformers' with
 # its tokenizers, regex and typer chain for the Stable Diffusion pipeline tests. Everything it writes
 # lands under $OUT: summary.log (one line per phase: exit code and seconds),
-# versions.txt, nvidia-smi.txt, wheels.log, build.log, gpu_tests.log, bench.log,
-# bench/ (results.json, results.md, bandwidth.png), e2e.log, e2e/.
+# versions.txt, nvidia-smi.txt, wheels.log, build.log, gpu_tests.log, variants.md (the CUDA
+# kernel's variant benchmark), bench.log, bench/ (results.json, results.md, bandwidth.png),
+# e2e.log, e2e/.
 #
 # Each phase has its own time limit and a failing phase never stops the next
 # one. Limits shrink so the whole script ends within GPU_CHECK_BUDGET seconds
 # (default 440, under 7 minutes) even when every phase runs to its limit:
-# build <= 150 s, tests <= 150 s, benchmarks <= 150 s, end to end <= 90 s.
+# build <= 150 s, tests <= 170 s, kernel variants <= 60 s, benchmarks <= 150 s,
+# end to end <= 90 s.
 set -u -o pipefail
 
 cd "$(dirname "$0")/.." || exit 1
@@ -155,6 +157,14 @@ gpu_tests() {
 }
 export -f gpu_tests
 phase gpu_tests 170 130 gpu_tests
+
+# 3a. the CUDA step kernel's body under other launch shapes and specializations (standalone, no torch)
+variants() {
+    "$CUDA_HOME/bin/nvcc" -O3 -std=c++17 -arch=sm_90 -Icsrc benchmarks/cuda_step_variants.cu -o /tmp/variants &&
+        /tmp/variants | tee "$OUT/variants.md"
+}
+export -f variants
+phase variants 60 250 variants
 
 # 3b. optional A/B baseline: the other checkout's fastflow columns, same settings and machine
 base_bench() {
