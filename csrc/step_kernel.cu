@@ -10,14 +10,15 @@
 // pointer and every sample start is 16-byte aligned, a full item is moved with
 // vector loads and stores (16 bytes, 8 for four 16-bit elements); the last item of
 // a sample and unaligned tensors use scalar accesses. Indexing is int64 throughout.
-// The coefficient row and the step index are read on the device, so a launch needs no host-side value and is
-// safe to capture in a CUDA graph. The step's grid is 2-D, items of a sample by
-// samples, as the Triton kernel's: a block's sample is uniform. Dtypes are launch
-// parameters (warp-uniform switches), which keeps a few kernels instead of one per
-// dtype mix: float compute with and without in-kernel noise (with the Philox code,
-// 8-element items needed 62 registers on sm_90; the drawing kernel's 4-element
-// items need about as many as the deterministic kernel's 8, see
-// scripts/check_cuda_compile.sh), and double compute.
+// The coefficient row and the step index are read on the device, so a launch needs
+// no host-side value and is safe to capture in a CUDA graph. The step's grid is
+// 2-D, items of a sample by samples, as the Triton kernel's: a block's sample is
+// uniform (its shape: step_grid in step_kernel_body.h). Dtypes are launch parameters
+// (warp-uniform switches), which keeps a few kernels instead of one per dtype mix:
+// float compute with and without in-kernel noise (with the Philox code, 8-element
+// items needed 62 registers on sm_90; the drawing kernel's 4-element items need
+// about as many as the deterministic kernel's 8, see scripts/check_cuda_compile.sh),
+// and double compute.
 #include <cuda_runtime.h>
 
 #include "fastflow_cuda.h"
