@@ -8,9 +8,10 @@
 # Knobs: GPU_CHECK_BUDGET (seconds, default 440), BENCH_ARGS (default --quick),
 # FASTFLOW_CUDA_ARCHS (default 90), CUDA_HOME (default /usr/local/cuda), PYTHON,
 # GPU_TESTS (the pytest paths of the GPU test phase, default all of tests/),
-# GPU_CHECK_E2E (0 skips the end-to-end phase), and AB_BASE: another checkout (e.g. `git archive OLD | tar -x -C .ab_base`, carried
-# along) whose extension is built and whose fastflow step benchmarks run on this
-# machine just before this tree's; bench/compare.md then has new / base per case.
+# GPU_CHECK_E2E (0 skips the end-to-end phase), and AB_BASE: another checkout (e.g.
+# `git archive OLD | tar -x -C .ab_base`, carried along) whose extension is built and
+# whose fastflow step benchmarks run on this machine just before this tree's;
+# bench/compare.md then has new / base per case.
 #
 # Run from a copy of the repository with the git-ignored .whl/ folder carried
 # along (the machine has no network): diffusers' wheel, and transformers' with

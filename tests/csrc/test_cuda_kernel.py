@@ -91,7 +91,7 @@ def test_float64_state(cb, noise):
 )
 def test_odd_and_large_sizes(cb, shape):
     """Scalar tails (samples not a multiple of 8), several items per sample, and video latents of 4.8M and 9.7M
-    elements, where the drawing kernel's threads take 2 and 4 items each (LaunchShape in csrc/step_kernel.cu)."""
+    elements, where the drawing kernel's threads take 2 and 4 items each (step_grid, csrc/step_kernel_body.h)."""
     case = make_case(
         shape, torch.float32, torch.bfloat16, hist=1, noise="philox", x_dtype=torch.float16, mi="dup-bf16", device=DEV
     )

@@ -140,7 +140,8 @@ def test_launch_grid(emu, key):
 @pytest.mark.parametrize("numel", [1, 31, 300, 4096, 100_003, 1 << 20, 5_000_000])
 @pytest.mark.parametrize("draw", [False, True], ids=["det", "draw"])
 def test_launch_grid_covers_every_item(emu, numel, draw):
-    """Every item of every sample has a thread, and no thread takes more than 4 items (1 without drawing)."""
+    """Every item of every sample has a thread, and no thread takes more than 4 items of a sample (1 without
+    drawing)."""
     width, most = (4, 4) if draw else (8, 1)
     items = -(-numel // width)
     for batch in (1, 3, 70001):
