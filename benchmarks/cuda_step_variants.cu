@@ -22,6 +22,10 @@
 //                  rest (no clip, vector path, host step index)
 //   options fixed  every switch but the dtypes a constant
 //   all fixed      every switch a constant (the Triton kernel's specialization)
+//   whole row      the extension's kernel with load_coefs's branch-free form
+// A second table times a small step, (1,16,128,128) with the model input written
+// and the step index read from the device (as a captured loop does), where the
+// kernel's prologue (step index, coefficient row) is most of its time.
 // Prints the median over repetitions of each variant's device time, and its share
 // of the device-to-device copy bandwidth at the step's least traffic (10 bytes per
 // element, 12 with the model input). Each variant's output is compared with the
@@ -61,6 +65,8 @@ enum Fix : int {
   kFixRest = 32,
   kFixAll = 63,
   kFixOptions = kFixAll & ~kFixDtypes,
+  kFixDataOptions = kFixGuide | kFixHistory | kFixNoise | kFixOutputs,  // the step index stays on the device
+  kWholeRow = 64,  // not a switch: load_coefs's branch-free form (the whole coefficient row)
 };
 
 template <bool kDraw, int kFix, bool kModelIn>
@@ -96,9 +102,17 @@ __global__ void __launch_bounds__(kMaxThreads) variant_kernel(StepParams p, int6
     p.vectorized = 1;
     p.step_ptr = nullptr;
   }
-  fastflow::fused_step_items<float, kDraw>(p, ips, blockIdx.y, gridDim.y,
-                                           static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x,
-                                           static_cast<int64_t>(gridDim.x) * blockDim.x);
+  fastflow::fused_step_items<float, kDraw, (kFix & kWholeRow) != 0>(
+      p, ips, blockIdx.y, gridDim.y, static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x,
+      static_cast<int64_t>(gridDim.x) * blockDim.x);
+}
+
+// Keeps the GPU busy while the host queues the timed launch, so a small kernel's time
+// excludes the host's launch cost (as benchmarks/timing.py does with torch.cuda._sleep).
+__global__ void spin_kernel(int64_t cycles) {
+  const int64_t start = clock64();
+  while (clock64() - start < cycles) {
+  }
 }
 
 struct Variant {
@@ -135,7 +149,9 @@ void launch(const Variant& v, const StepParams& p) {
     case kFixOutputs: return run_fixed<kDraw, kFixOutputs>(grid, threads, p, ips);
     case kFixRest: return run_fixed<kDraw, kFixRest>(grid, threads, p, ips);
     case kFixOptions: return run_fixed<kDraw, kFixOptions>(grid, threads, p, ips);
+    case kFixDataOptions: return run_fixed<kDraw, kFixDataOptions>(grid, threads, p, ips);
     case kFixAll: return run_fixed<kDraw, kFixAll>(grid, threads, p, ips);
+    case kWholeRow: return run_fixed<kDraw, kWholeRow>(grid, threads, p, ips);
     default: fprintf(stderr, "unknown variant\n"); exit(1);
   }
 }
@@ -146,6 +162,7 @@ float median_us(F&& fn, int reps) {
   std::vector<cudaEvent_t> ev(2 * reps);
   for (auto& e : ev) CHECK(cudaEventCreate(&e));
   for (int r = 0; r < reps; ++r) {
+    spin_kernel<<<1, 1>>>(100000);
     CHECK(cudaEventRecord(ev[2 * r]));
     fn();
     CHECK(cudaEventRecord(ev[2 * r + 1]));
@@ -226,7 +243,7 @@ int main() {
       {"items x 4", 0, 256, 4},        {"128 threads", 0, 128, 1},      {"dtypes fixed", kFixDtypes, 0, 0},
       {"guidance fixed", kFixGuide, 0, 0}, {"history fixed", kFixHistory, 0, 0}, {"noise fixed", kFixNoise, 0, 0},
       {"outputs fixed", kFixOutputs, 0, 0}, {"rest fixed", kFixRest, 0, 0},  {"options fixed", kFixOptions, 0, 0},
-      {"all fixed", kFixAll, 0, 0},
+      {"all fixed", kFixAll, 0, 0},        {"whole row", kWholeRow, 0, 0},
   };
   __nv_bfloat16* model_in;
   CHECK(cudaMalloc(&model_in, n * 2));
@@ -253,6 +270,35 @@ int main() {
         for (int64_t i = 0; i < n; ++i) diff = std::max(diff, std::abs(a[i] - b[i]));
         printf("| %s | %s | %s | %.1f | %.0f%% | %g |\n", with_model_in ? "z, model input" : "z",
                draw ? "drawn" : "none", v.name, us, 100.0 * bytes / (us * 1e-6) / 1e9 / copy_gbs, diff);
+      }
+    }
+  }
+  // A small step in graph mode: the step index read from the device, the model input written.
+  {
+    const int64_t small = 16 * 128 * 128;
+    int64_t* step_dev;
+    CHECK(cudaMalloc(&step_dev, 8));
+    const int64_t one = 1;
+    CHECK(cudaMemcpy(step_dev, &one, 8, cudaMemcpyHostToDevice));
+    StepParams q = p;
+    q.batch = 1;
+    q.numel = small;
+    q.step_ptr = step_dev;
+    q.model_in_out = model_in;
+    const Variant small_variants[] = {
+        {"extension", 0, 0, 0}, {"whole row", kWholeRow, 0, 0}, {"dtypes fixed", kFixDtypes, 0, 0},
+        {"guidance, history, noise and outputs fixed", kFixDataOptions, 0, 0},
+    };
+    printf("\n%d elements, model input written, step index on the device (us, median; L2 not flushed):\n\n",
+           static_cast<int>(small));
+    printf("| noise | variant | us |\n|---|---|---|\n");
+    for (int draw = 0; draw < 2; ++draw) {
+      q.use_noise = draw;
+      for (const Variant& v : small_variants) {
+        auto run = [&] { draw ? launch<true>(v, q) : launch<false>(v, q); };
+        const float us = median_us(run, 200);
+        CHECK(cudaGetLastError());
+        printf("| %s | %s | %.2f |\n", draw ? "drawn" : "none", v.name, us);
       }
     }
   }
