@@ -175,6 +175,14 @@ float median_us(F&& fn, int reps) {
   return ms[reps / 2] * 1e3f;
 }
 
+// Median device time of variant v's launch on p (drawing noise when p asks for it), launch errors checked.
+float time_variant(const Variant& v, const StepParams& p, int reps) {
+  const float us = median_us([&] { p.use_noise ? launch<true>(v, p) : launch<false>(v, p); }, reps);
+  CHECK(cudaGetLastError());
+  CHECK(cudaDeviceSynchronize());
+  return us;
+}
+
 }  // namespace
 
 int main() {
@@ -256,10 +264,7 @@ int main() {
     for (int draw = 0; draw < 2; ++draw) {
       p.use_noise = draw;
       for (const Variant& v : variants) {
-        auto run = [&] { draw ? launch<true>(v, p) : launch<false>(v, p); };
-        const float us = median_us(run, 30);
-        CHECK(cudaGetLastError());
-        CHECK(cudaDeviceSynchronize());
+        const float us = time_variant(v, p, 30);
         if (&v == &variants[0]) {
           CHECK(cudaMemcpy(ref, out, n * 4, cudaMemcpyDeviceToDevice));
         }
@@ -295,9 +300,7 @@ int main() {
     for (int draw = 0; draw < 2; ++draw) {
       q.use_noise = draw;
       for (const Variant& v : small_variants) {
-        auto run = [&] { draw ? launch<true>(v, q) : launch<false>(v, q); };
-        const float us = median_us(run, 200);
-        CHECK(cudaGetLastError());
+        const float us = time_variant(v, q, 200);
         printf("| %s | %s | %.2f |\n", draw ? "drawn" : "none", v.name, us);
       }
     }

@@ -64,10 +64,10 @@ FF_HD int64_t items_per_sample(const StepParams& p) {
 
 // Launch shape of the step kernels, from the H200 measurements of
 // benchmarks/cuda_step_variants.cu at 19.4M elements: the deterministic kernel
-// (memory-bound) runs best in 128-thread blocks, one item per thread; the
-// noise-drawing kernels (issue-bound) in 256-thread blocks with up to 4 items per
+// (memory-bound) runs best in 128-thread blocks, one item per thread; the float
+// noise-drawing kernel (issue-bound) in 256-thread blocks with up to 4 items per
 // thread, which spreads each thread's prologue (step index, coefficient row, seed)
-// over more elements. A thread takes more items only while the grid keeps
+// over more elements. The double kernel takes the drawing shape unmeasured. A thread takes more items only while the grid keeps
 // kMinBlocks blocks, a few waves of a large GPU, so small steps keep their
 // parallelism.
 template <bool kDraw>
