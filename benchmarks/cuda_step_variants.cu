@@ -23,7 +23,11 @@
 //   options fixed  every switch but the dtypes a constant
 //   all fixed      every switch a constant (the Triton kernel's specialization)
 //   whole row      the extension's kernel with load_coefs's branch-free form
-// A second table times a small step, (1,16,128,128) with the model input written
+//   launcher       the extension's own launch (launch_fused_step_cuda): a drawing
+//                  launch runs the compile-time plan that matches it (DrawPlans)
+// A second table times the drawing kernel's generic form against the launcher's plan
+// for each set of outputs (x_hat, next model input).
+// A third table times a small step, (1,16,128,128) with the model input written
 // and the step index read from the device (as a captured loop does), where the
 // kernel's prologue (step index, coefficient row) is most of its time.
 // Prints the median over repetitions of each variant's device time, and its share
@@ -39,6 +43,7 @@
 #include <vector>
 
 #include "fastflow_step.h"
+#include "step_kernel.cu"  // the extension's kernels and launcher, for the "launcher" rows
 #include "step_kernel_body.h"
 
 using fastflow::StepParams;
@@ -67,6 +72,7 @@ enum Fix : int {
   kFixOptions = kFixAll & ~kFixDtypes,
   kFixDataOptions = kFixGuide | kFixHistory | kFixNoise | kFixOutputs,  // the step index stays on the device
   kWholeRow = 64,  // not a switch: load_coefs's branch-free form (the whole coefficient row)
+  kLauncher = 128,  // not a variant: the extension's launcher, launch_fused_step_cuda (its plan for the launch)
 };
 
 template <bool kDraw, int kFix, bool kModelIn>
@@ -133,6 +139,10 @@ void run_fixed(dim3 grid, int threads, const StepParams& p, int64_t ips) {
 
 template <bool kDraw>
 void launch(const Variant& v, const StepParams& p) {
+  if (v.fix == kLauncher) {
+    CHECK(static_cast<cudaError_t>(fastflow::launch_fused_step_cuda(p, false, nullptr)));
+    return;
+  }
   const int64_t ips = fastflow::items_per_sample<float, kDraw>(p);
   // threads 0: the extension's grid (step_grid, csrc/step_kernel_body.h).
   const fastflow::StepGrid ext = fastflow::step_grid<float, kDraw>(p);
@@ -251,7 +261,7 @@ int main() {
       {"items x 4", 0, 256, 4},        {"128 threads", 0, 128, 1},      {"dtypes fixed", kFixDtypes, 0, 0},
       {"guidance fixed", kFixGuide, 0, 0}, {"history fixed", kFixHistory, 0, 0}, {"noise fixed", kFixNoise, 0, 0},
       {"outputs fixed", kFixOutputs, 0, 0}, {"rest fixed", kFixRest, 0, 0},  {"options fixed", kFixOptions, 0, 0},
-      {"all fixed", kFixAll, 0, 0},        {"whole row", kWholeRow, 0, 0},
+      {"all fixed", kFixAll, 0, 0},        {"whole row", kWholeRow, 0, 0},  {"launcher", kLauncher, 0, 0},
   };
   __nv_bfloat16* model_in;
   CHECK(cudaMalloc(&model_in, n * 2));
@@ -278,6 +288,26 @@ int main() {
       }
     }
   }
+  // The drawing kernel's plans against its generic form, per set of outputs.
+  {
+    float* x_hat;
+    CHECK(cudaMalloc(&x_hat, n * 4));
+    const Variant generic = {"extension", 0, 0, 0}, launcher = {"launcher", kLauncher, 0, 0};
+    printf("\nDrawing noise, per set of outputs (x_hat in float32, model input in bfloat16): the generic kernel"
+           " against the launcher's plan (us, median)\n\n| outputs | generic | launcher | launcher / generic |\n"
+           "|---|---|---|---|\n");
+    StepParams q = p;
+    q.use_noise = 1;
+    for (int outputs = 0; outputs < 4; ++outputs) {
+      q.x_out = (outputs & 1) ? x_hat : nullptr;
+      q.model_in_out = (outputs & 2) ? model_in : nullptr;
+      const float g = time_variant(generic, q, 30);
+      const float l = time_variant(launcher, q, 30);
+      printf("| z%s%s | %.1f | %.1f | %.2f |\n", (outputs & 1) ? ", x_hat" : "", (outputs & 2) ? ", model input" : "",
+             g, l, l / g);
+    }
+    CHECK(cudaFree(x_hat));
+  }
   // A small step in graph mode: the step index read from the device, the model input written.
   {
     const int64_t small = 16 * 128 * 128;
@@ -292,7 +322,7 @@ int main() {
     q.model_in_out = model_in;
     const Variant small_variants[] = {
         {"extension", 0, 0, 0}, {"whole row", kWholeRow, 0, 0}, {"dtypes fixed", kFixDtypes, 0, 0},
-        {"guidance, history, noise and outputs fixed", kFixDataOptions, 0, 0},
+        {"guidance, history, noise and outputs fixed", kFixDataOptions, 0, 0}, {"launcher", kLauncher, 0, 0},
     };
     printf("\n%d elements, model input written, step index on the device (us, median; L2 not flushed):\n\n",
            static_cast<int>(small));

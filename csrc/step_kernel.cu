@@ -33,9 +33,11 @@ static_assert(LaunchShape<true>::threads <= kThreads && LaunchShape<false>::thre
               "step_grid's blocks must fit the kernels' launch bounds");
 
 // Grid: x over a sample's items, y over samples (each loop strides past the grid).
-template <typename T, bool kDraw>
+// Plan: GenericPlan, or a DrawPlan the launch matches (step_kernel_body.h).
+template <typename T, bool kDraw, typename Plan>
 __global__ void __launch_bounds__(kThreads) fused_step_kernel(StepParams p, int64_t items_per_sample) {
   pin_launch_invariants<T, kDraw>(p);
+  Plan::pin(p);
   fused_step_items<T, kDraw>(p, items_per_sample, blockIdx.y, gridDim.y,
                              static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x,
                              static_cast<int64_t>(gridDim.x) * blockDim.x);
@@ -87,12 +89,13 @@ unsigned int grid_for(int64_t work) {
   return static_cast<unsigned int>(blocks < 1 ? 1 : (blocks > cap ? cap : blocks));
 }
 
-template <typename T, bool kDraw>
+template <typename T, bool kDraw, typename Plan = GenericPlan>
 void launch_fused_step(const StepParams& p, cudaStream_t s) {
   const StepGrid g = step_grid<T, kDraw>(p);
   if (g.blocks_x == 0) return;
   const dim3 grid(static_cast<unsigned int>(g.blocks_x), static_cast<unsigned int>(g.rows));
-  fused_step_kernel<T, kDraw><<<grid, static_cast<unsigned int>(g.threads), 0, s>>>(p, items_per_sample<T, kDraw>(p));
+  fused_step_kernel<T, kDraw, Plan>
+      <<<grid, static_cast<unsigned int>(g.threads), 0, s>>>(p, items_per_sample<T, kDraw>(p));
 }
 
 }  // namespace
@@ -102,7 +105,7 @@ int launch_fused_step_cuda(const StepParams& p, bool compute_double, void* strea
   if (compute_double) {  // rare (float64 state): one instantiation serves every launch
     launch_fused_step<double, true>(p, s);
   } else if (draws_noise(p)) {
-    launch_fused_step<float, true>(p, s);
+    with_first_plan(p, [&](auto plan) { launch_fused_step<float, true, decltype(plan)>(p, s); }, DrawPlans{});
   } else {
     launch_fused_step<float, false>(p, s);
   }

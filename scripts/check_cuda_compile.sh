@@ -42,14 +42,18 @@ if grep -E "[1-9][0-9]* bytes spill (stores|loads)" "$TMP/ptxas.log" > /dev/null
   exit 1
 fi
 
-# Every step kernel keeps its 16-byte vector loads and stores (NVVM once split the
-# stores of the 8-element kernels into scalar ones, which halved their bandwidth).
+# Every step kernel keeps its vector loads and stores (NVVM once split the stores of
+# the 8-element kernels into scalar ones, which halved their bandwidth): 16-byte
+# float32 ones, or 8-byte ones in the drawing plans whose state is 16-bit
+# (DrawPlan<kBFloat16 or kFloat16, ...>: 4-element items of 2-byte elements).
 FIRST_ARCH="${GENCODE[0]#*arch=compute_}"; FIRST_ARCH="${FIRST_ARCH%%,*}"
 "$NVCC" -arch="compute_${FIRST_ARCH}" -O3 -std=c++17 -ptx "$ROOT/csrc/step_kernel.cu" -o "$TMP/step_kernel.ptx"
 KERNELS=0
 while IFS= read -r entry; do
   body="$(awk -v e="$entry" '/\.entry / {f = index($0, e "(") > 0; next} f' "$TMP/step_kernel.ptx")"
-  for op in "ld.global.v4.f32" "st.global.v4.f32"; do
+  ops=("ld.global.v4.f32" "st.global.v4.f32")
+  [[ $entry =~ DrawPlanILi[12]E ]] && ops=("ld.global.v2.u32" "st.global.v2.b32")
+  for op in "${ops[@]}"; do
     if ! grep -q "$op" <<< "$body"; then
       echo "check_cuda_compile: $entry has no $op (vector accesses were split)" >&2
       exit 1
@@ -61,7 +65,7 @@ if ((KERNELS == 0)); then
   echo "check_cuda_compile: no fused_step_kernel entry in the PTX" >&2
   exit 1
 fi
-echo "check_cuda_compile: $KERNELS step kernels keep 16-byte vector loads and stores"
+echo "check_cuda_compile: $KERNELS step kernels keep their vector loads and stores"
 
 PYTHON="${PYTHON:-python}"
 if INCLUDES="$("$PYTHON" -c 'import sysconfig, torch.utils.cpp_extension as c

@@ -17,7 +17,8 @@ from fastflow.plan import NUM_COEFS
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 NOISE_MODES = ("none", "philox", "tensor")
-# Next-model-input output: none, same dtype and batch, or bf16/fp16 with batch 2B.
+# Next-model-input output: none, same dtype and batch, or bf16/fp16 with batch 2B
+# (make_case also takes "model": the model output's dtype, batch B).
 MI_MODES = (None, "same", "dup-bf16", "dup-fp16")
 REF = TorchBackend()
 
@@ -128,7 +129,7 @@ def make_case(
     else:
         step = torch.tensor([step_row], dtype=torch.int32 if step_kind == "i32" else torch.int64, device=device)
     seeds = torch.randint(-(2**62), 2**62, (shape[0],), generator=g, dtype=torch.int64).to(device)
-    mi_dtype = {None: None, "same": zdt, "dup-bf16": torch.bfloat16, "dup-fp16": torch.float16}[mi]
+    mi_dtype = {None: None, "same": zdt, "model": odt, "dup-bf16": torch.bfloat16, "dup-fp16": torch.float16}[mi]
     return Case(
         z=rnd(zdt, 2.0),
         model_out=rnd(odt),

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -13,11 +14,31 @@
 
 namespace {
 
+// Whether two launches' parameters are the same in every field.
+bool same_params(const fastflow::StepParams& a, const fastflow::StepParams& b) {
+  for (int j = 0; j < fastflow::kMaxHistory; ++j) {
+    if (a.history[j] != b.history[j] || a.history_dtype[j] != b.history_dtype[j]) return false;
+  }
+  return a.z == b.z && a.out == b.out && a.model_out == b.model_out && a.model_out_uncond == b.model_out_uncond &&
+         a.noise == b.noise && a.x_out == b.x_out && a.model_in_out == b.model_in_out && a.seeds == b.seeds &&
+         a.table == b.table && a.step_ptr == b.step_ptr && a.step == b.step && a.table_rows == b.table_rows &&
+         a.batch == b.batch && a.numel == b.numel && a.clip == b.clip && a.z_dtype == b.z_dtype &&
+         a.model_out_dtype == b.model_out_dtype && a.uncond_dtype == b.uncond_dtype && a.noise_dtype == b.noise_dtype &&
+         a.x_out_dtype == b.x_out_dtype && a.model_in_dtype == b.model_in_dtype && a.table_dtype == b.table_dtype &&
+         a.step_is_int32 == b.step_is_int32 && a.num_history == b.num_history && a.use_noise == b.use_noise &&
+         a.has_clip == b.has_clip && a.model_in_double == b.model_in_double && a.vectorized == b.vectorized;
+}
+
 // As fused_step_kernel: the kernel's copy of the parameters with the launcher's
-// invariants pinned, then every emulated thread of the grid (see fused_step_emulated).
-template <typename T, bool kDraw>
+// invariants and the plan's values pinned, then every emulated thread of the grid
+// (see fused_step_emulated). A plan the launcher picks must pin nothing its launch
+// does not already have: checked here on every emulated launch.
+template <typename T, bool kDraw, typename Plan = fastflow::GenericPlan>
 void run_grid(fastflow::StepParams p, int64_t threads, int64_t rows) {
   fastflow::pin_launch_invariants<T, kDraw>(p);
+  const fastflow::StepParams before = p;
+  Plan::pin(p);
+  TORCH_CHECK(same_params(before, p), "a drawing plan changed the parameters of a launch it matched");
   const int64_t items_per_sample = fastflow::items_per_sample<T, kDraw>(p);
   int64_t x_stride = threads > 0 ? std::min(threads, items_per_sample) : items_per_sample;
   int64_t y_stride = rows > 0 ? std::min(rows, p.batch) : p.batch;
@@ -50,11 +71,35 @@ void fused_step_emulated(const at::Tensor& z, const at::Tensor& out, const at::T
   if (s.compute_double) {
     run_grid<double, true>(s.p, threads, rows);
   } else if (fastflow::draws_noise(s.p)) {
-    run_grid<float, true>(s.p, threads, rows);
+    fastflow::with_first_plan(
+        s.p, [&](auto plan) { run_grid<float, true, decltype(plan)>(s.p, threads, rows); }, fastflow::DrawPlans{});
   } else {
     run_grid<float, false>(s.p, threads, rows);
   }
   s.finish();
+}
+
+std::string plan_name(fastflow::GenericPlan) { return "generic"; }
+template <int kZ, int kModelOut, bool kXOut, bool kModelIn>
+std::string plan_name(fastflow::DrawPlan<kZ, kModelOut, kXOut, kModelIn>) {
+  static const char* const dtypes[] = {"float32", "float16", "bfloat16", "float64"};
+  return std::string("draw ") + dtypes[kZ] + " " + dtypes[kModelOut] + (kXOut ? " x_out" : "") +
+         (kModelIn ? " model_in" : "");
+}
+
+// The plan the float drawing kernel runs for a launch of these arguments (as the
+// launcher picks it): "generic", or "draw <state> <model output>[ x_out][ model_in]".
+std::string draw_plan(const at::Tensor& z, const at::Tensor& out, const at::Tensor& model_out,
+                      const std::optional<at::Tensor>& model_out_uncond, const std::vector<at::Tensor>& history,
+                      const at::Tensor& table, const std::optional<at::Tensor>& seeds,
+                      const std::optional<at::Tensor>& x_out, const std::optional<at::Tensor>& model_in_out,
+                      std::optional<double> clip) {
+  fastflow::PreparedStep s = fastflow::prepare_step(z, out, model_out, model_out_uncond, history, table, 0,
+                                                    std::nullopt, seeds, std::nullopt, x_out, model_in_out, clip, true);
+  TORCH_CHECK(!s.compute_double && fastflow::draws_noise(s.p), "not a float launch that draws its noise");
+  std::string name;
+  fastflow::with_first_plan(s.p, [&](auto plan) { name = plan_name(plan); }, fastflow::DrawPlans{});
+  return name;
 }
 
 // The launcher's grid (threads, blocks along x, rows) for `batch` samples of `numel`
@@ -133,6 +178,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_step", &fused_step_emulated);
   m.def("vectorized", &vectorized);
   m.def("step_grid", &launch_grid);
+  m.def("draw_plan", &draw_plan);
   m.def("coefs", &coefs);
   m.def("normals_f32", &normals_f32);
   m.def("cos_sin_pi", &cos_sin_pi);

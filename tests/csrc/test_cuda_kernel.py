@@ -193,6 +193,36 @@ def test_cuda_equals_triton(cb, tb, noise):
     assert_matches(case.run(cb), case.run(tb), exact=True)
 
 
+# The drawing kernel's compile-time plans (DrawPlans, csrc/step_kernel_body.h): (state, model output) dtypes.
+PLAN_PAIRS = [
+    (torch.float32, torch.float32),
+    (torch.float32, torch.bfloat16),
+    (torch.float32, torch.float16),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.float16, torch.float16),
+]
+
+
+@pytest.mark.parametrize("model_in", [False, True], ids=["no_mi", "mi"])
+@pytest.mark.parametrize("x_out", [False, True], ids=["no_x", "x"])
+@pytest.mark.parametrize("pair", PLAN_PAIRS, ids=lambda p: f"{str(p[0])[6:]}_{str(p[1])[6:]}")
+def test_draw_plans_equal_triton(cb, tb, pair, x_out, model_in):
+    """Every compile-time plan of the drawing kernel (unguided, no history; the CPU emulation checks that the
+    launcher picks it) gives the Triton kernel's bits, clipping or not, with the step index on the device; the
+    float32/bfloat16 plans also at 9.7M elements, where threads take 4 items each."""
+    zdt, odt = pair
+    shapes = [(2, 16, 64, 64)] + ([(2, 16, 21, 90, 160)] if pair == PLAN_PAIRS[1] else [])
+    for shape in shapes:
+        for clip in (False, True):
+            case = make_case(
+                shape, zdt, odt, guided=False, hist=0, clip=clip, noise="philox", x_dtype=zdt if x_out else None,
+                mi="model" if model_in else None, step_kind="i64", device=DEV,
+            )  # fmt: skip
+            got = case.run(cb)
+            assert_matches(got, case.run(tb), exact=True)
+            assert_matches(got, case.run(REF), exact=False)
+
+
 def test_cuda_and_triton_draw_the_same_noise(cb, tb):
     """The two kernels evaluate the same float32 transform (fastflow.noise, csrc/noise_poly.h): the same bits."""
     seeds = torch.tensor([7, 2**40 + 3], dtype=torch.int64, device=DEV)

@@ -170,6 +170,69 @@ def test_unaligned_pointers(emu):
     assert_matches(case.run(Emulated(emu)), want, exact=True)
 
 
+# The drawing kernel's compile-time plans (DrawPlans, csrc/step_kernel_body.h): (state, model output) dtypes.
+PLAN_PAIRS = [
+    (torch.float32, torch.float32),
+    (torch.float32, torch.bfloat16),
+    (torch.float32, torch.float16),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.float16, torch.float16),
+]
+
+
+def _plan(emu, case: Case) -> str:
+    """The plan the launcher picks for ``case`` (outputs allocated as ``Case.run`` does)."""
+    z = case.z
+    x = None if case.x_dtype is None else torch.empty(z.shape, dtype=case.x_dtype)
+    mi = None
+    if case.mi_dtype is not None:
+        mi = torch.empty((z.shape[0] * (2 if case.mi_dup else 1), *z.shape[1:]), dtype=case.mi_dtype)
+    return emu.draw_plan(z, torch.empty_like(z), case.model_out, case.uncond, list(case.history), case.table,
+                         case.seeds, x, mi, case.clip)  # fmt: skip
+
+
+@pytest.mark.parametrize("model_in", [False, True], ids=["no_mi", "mi"])
+@pytest.mark.parametrize("x_out", [False, True], ids=["no_x", "x"])
+@pytest.mark.parametrize("pair", PLAN_PAIRS, ids=lambda p: f"{str(p[0])[6:]}_{str(p[1])[6:]}")
+def test_draw_plans(emu, pair, x_out, model_in):
+    """Each compile-time plan of the drawing kernel: the launcher picks it for the launches it covers, and its
+    emulated kernel (the plan's values pinned, checked to change no parameter) gives the CPU kernel's bits, with
+    its runtime switches (clipping, the step index on the device) both ways and on the launcher's grid."""
+    zdt, odt = pair
+    names = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+    want = f"draw {names[zdt]} {names[odt]}" + (" x_out" if x_out else "") + (" model_in" if model_in else "")
+    for clip, step_kind, shape in ((False, "int", (3, 2, 64)), (True, "i64", (2, 3, 40)), (True, "i32", (4, 1000))):
+        case = make_case(
+            shape, zdt, odt, guided=False, hist=0, clip=clip, noise="philox", x_dtype=zdt if x_out else None,
+            mi="model" if model_in else None, step_kind=step_kind,
+            seed=zlib.crc32(repr(("plan", pair, x_out, model_in, shape)).encode()),
+        )  # fmt: skip
+        assert _plan(emu, case) == want
+        _check(emu, case)
+        _check(emu, case, threads=-1)
+
+
+def test_launches_no_plan_covers_run_generic(emu):
+    """A drawing launch outside every plan (guidance, history, other output dtypes, a doubled model input, a
+    float64 table, unaligned samples, mixed 16-bit dtypes) runs the generic kernel."""
+    base = dict(guided=False, hist=0, noise="philox")
+    others = [
+        ((2, 64), torch.float32, torch.bfloat16, dict(base, guided=True)),
+        ((2, 64), torch.float32, torch.bfloat16, dict(base, hist=1)),
+        ((2, 64), torch.float32, torch.bfloat16, dict(base, x_dtype=torch.bfloat16)),
+        ((2, 64), torch.float32, torch.bfloat16, dict(base, mi="same")),
+        ((2, 64), torch.float32, torch.bfloat16, dict(base, mi="dup-bf16")),
+        ((2, 64), torch.float32, torch.bfloat16, dict(base, table_dtype=torch.float64)),
+        ((2, 37), torch.float32, torch.bfloat16, base),
+        ((2, 64), torch.bfloat16, torch.float16, base),
+        ((2, 64), torch.bfloat16, torch.float32, base),
+    ]
+    for shape, zdt, odt, kw in others:
+        case = make_case(shape, zdt, odt, **kw)
+        assert _plan(emu, case) == "generic", (shape, zdt, odt, kw)
+        _check(emu, case)
+
+
 @pytest.mark.parametrize("noise", NOISE_MODES)
 def test_float64(emu, noise):
     case = make_case(
