@@ -18,7 +18,8 @@
 // float compute with and without in-kernel noise (with the Philox code, 8-element
 // items needed 62 registers on sm_90; the drawing kernel's 4-element items need
 // about as many as the deterministic kernel's 8, see scripts/check_cuda_compile.sh),
-// and double compute.
+// and double compute; the drawing kernel also comes in compile-time plans for the
+// common unguided, history-free launches (DrawPlans in step_kernel_body.h).
 #include <cuda_runtime.h>
 
 #include "fastflow_cuda.h"

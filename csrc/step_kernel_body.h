@@ -60,7 +60,9 @@ FF_HD void pin_launch_invariants(StepParams& p) {
 // switch of the plan (storage dtypes, guidance, history, outputs, the scalar path)
 // costs instructions per item, and on an H100 at 19.4M elements fixing all of them
 // took it from 82.0 to 70.8 us, while no group alone saved more than 2.7 us
-// (benchmarks/cuda_step_variants.cu). A DrawPlan fixes them for the stochastic steps
+// (benchmarks/cuda_step_variants.cu); the plans below took a DDPM step from 81.9 to
+// 72.1 us there, 91.7 to 85.3 us when it writes the next model input, and 2 % off
+// with x_hat written (commit 69179cd's run). A DrawPlan fixes them for the stochastic steps
 // that have no guidance and no history (DDPM, ancestral Euler, DDIM with eta, LCM) in
 // the usual pairs of state and model-output dtypes, with or without the x_hat and
 // next-model-input outputs; every other drawing launch runs GenericPlan. The launcher
