@@ -17,6 +17,16 @@ make_case = partial(step_cases.make_case, table_draw_dtype=torch.float64)
 matrix_case = partial(step_cases.matrix_case, table_draw_dtype=torch.float64)
 assert_matches = partial(step_cases.assert_matches, tol=EXTENSION_TOL)
 
+# The (state, model output) dtypes of the CUDA drawing kernel's compile-time plans (DrawPlans in
+# csrc/step_kernel_body.h); each pair has a plan per set of outputs.
+PLAN_PAIRS = [
+    (torch.float32, torch.float32),
+    (torch.float32, torch.bfloat16),
+    (torch.float32, torch.float16),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.float16, torch.float16),
+]
+
 
 def cuda_backend() -> CudaBackend:
     backend = CudaBackend()

@@ -102,6 +102,14 @@ std::string draw_plan(const at::Tensor& z, const at::Tensor& out, const at::Tens
   return name;
 }
 
+template <typename... Plans>
+std::vector<std::string> plan_names(fastflow::PlanList<Plans...>) {
+  return {plan_name(Plans{})...};
+}
+
+// Every plan of DrawPlans, in the launcher's order.
+std::vector<std::string> draw_plans() { return plan_names(fastflow::DrawPlans{}); }
+
 // The launcher's grid (threads, blocks along x, rows) for `batch` samples of `numel`
 // elements, for the deterministic (draw false) or the drawing float kernel.
 std::tuple<int64_t, int64_t, int64_t> launch_grid(int64_t numel, int64_t batch, bool draw) {
@@ -179,6 +187,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("vectorized", &vectorized);
   m.def("step_grid", &launch_grid);
   m.def("draw_plan", &draw_plan);
+  m.def("draw_plans", &draw_plans);
   m.def("coefs", &coefs);
   m.def("normals_f32", &normals_f32);
   m.def("cos_sin_pi", &cos_sin_pi);

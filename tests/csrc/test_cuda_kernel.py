@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from backends.step_cases import DTYPES, NOISE_MODES, REF, step_matrix
-from csrc_cases import assert_matches, cuda_backend, make_case, matrix_case
+from csrc_cases import PLAN_PAIRS, assert_matches, cuda_backend, make_case, matrix_case
 
 from fastflow import noise as noise_spec
 from fastflow.backends import get_backend
@@ -191,16 +191,6 @@ def test_cuda_equals_triton(cb, tb, noise):
         device=DEV,
     )
     assert_matches(case.run(cb), case.run(tb), exact=True)
-
-
-# The drawing kernel's compile-time plans (DrawPlans, csrc/step_kernel_body.h): (state, model output) dtypes.
-PLAN_PAIRS = [
-    (torch.float32, torch.float32),
-    (torch.float32, torch.bfloat16),
-    (torch.float32, torch.float16),
-    (torch.bfloat16, torch.bfloat16),
-    (torch.float16, torch.float16),
-]
 
 
 @pytest.mark.parametrize("model_in", [False, True], ids=["no_mi", "mi"])

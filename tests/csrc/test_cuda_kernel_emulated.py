@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 from backends.step_cases import DTYPES, MI_MODES, NOISE_MODES, REF, Case
-from csrc_cases import assert_matches, cuda_backend, make_case
+from csrc_cases import PLAN_PAIRS, assert_matches, cuda_backend, make_case
 
 from fastflow import noise as noise_spec
 from fastflow.plan import AZ, CIN, CN, H1, H2, W
@@ -170,14 +170,9 @@ def test_unaligned_pointers(emu):
     assert_matches(case.run(Emulated(emu)), want, exact=True)
 
 
-# The drawing kernel's compile-time plans (DrawPlans, csrc/step_kernel_body.h): (state, model output) dtypes.
-PLAN_PAIRS = [
-    (torch.float32, torch.float32),
-    (torch.float32, torch.bfloat16),
-    (torch.float32, torch.float16),
-    (torch.bfloat16, torch.bfloat16),
-    (torch.float16, torch.float16),
-]
+def _plan_label(zdt: torch.dtype, odt: torch.dtype, x_out: bool, model_in: bool) -> str:
+    """The emulator's name of a DrawPlan: "draw <state> <model output>[ x_out][ model_in]"."""
+    return f"draw {str(zdt)[6:]} {str(odt)[6:]}" + (" x_out" if x_out else "") + (" model_in" if model_in else "")
 
 
 def _plan(emu, case: Case) -> str:
@@ -199,8 +194,7 @@ def test_draw_plans(emu, pair, x_out, model_in):
     emulated kernel (the plan's values pinned, checked to change no parameter) gives the CPU kernel's bits, with
     its runtime switches (clipping, the step index on the device) both ways and on the launcher's grid."""
     zdt, odt = pair
-    names = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-    want = f"draw {names[zdt]} {names[odt]}" + (" x_out" if x_out else "") + (" model_in" if model_in else "")
+    want = _plan_label(zdt, odt, x_out, model_in)
     for clip, step_kind, shape in ((False, "int", (3, 2, 64)), (True, "i64", (2, 3, 40)), (True, "i32", (4, 1000))):
         case = make_case(
             shape, zdt, odt, guided=False, hist=0, clip=clip, noise="philox", x_dtype=zdt if x_out else None,
@@ -210,6 +204,14 @@ def test_draw_plans(emu, pair, x_out, model_in):
         assert _plan(emu, case) == want
         _check(emu, case)
         _check(emu, case, threads=-1)
+
+
+def test_every_plan_is_tested(emu):
+    """DrawPlans holds exactly the plans test_draw_plans (and the GPU tests) go through: PLAN_PAIRS times the
+    four sets of outputs."""
+    want = {_plan_label(z, o, x, m) for z, o in PLAN_PAIRS for x in (False, True) for m in (False, True)}
+    got = emu.draw_plans()
+    assert len(got) == len(set(got)) and set(got) == want
 
 
 def test_launches_no_plan_covers_run_generic(emu):
