@@ -25,11 +25,8 @@
 //   whole row      the extension's kernel with load_coefs's branch-free form
 //   launcher       the extension's own launch (launch_fused_step_cuda): a drawing
 //                  launch runs the compile-time plan that matches it (DrawPlans)
-//   4-element items the step in 4-element items, 256 threads of one item each (the
-//                  Triton kernel's shape; the drawing kernel's width)
 // A second table times the drawing kernel's generic form against the launcher's plan
-// and the candidate plans (CandidateDrawPlans, one stored prediction) for each set of
-// outputs (x_hat, next model input), without and with a stored prediction.
+// for each set of outputs (x_hat, next model input).
 // A third table times a small step, (1,16,128,128) with the model input written
 // and the step index read from the device (as a captured loop does), where the
 // kernel's prologue (step index, coefficient row) is most of its time.
@@ -76,16 +73,7 @@ enum Fix : int {
   kFixDataOptions = kFixGuide | kFixHistory | kFixNoise | kFixOutputs,  // the step index stays on the device
   kWholeRow = 64,  // not a switch: load_coefs's branch-free form (the whole coefficient row)
   kLauncher = 128,  // not a variant: the extension's launcher, launch_fused_step_cuda (its plan for the launch)
-  kCandidate = 256,  // the float32/bfloat16 candidate plans (one stored prediction) that match, else the launcher
-  kFourWide = 512,   // the step in 4-element items, 256 threads with one item each (as the Triton kernel)
 };
-
-// The <float, true> body with its noise switched off at run time: a step in 4-element items.
-__global__ void __launch_bounds__(kMaxThreads) four_wide_kernel(StepParams p, int64_t ips) {
-  fastflow::fused_step_items<float, true>(p, ips, blockIdx.y, gridDim.y,
-                                          static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x,
-                                          static_cast<int64_t>(gridDim.x) * blockDim.x);
-}
 
 template <bool kDraw, int kFix, bool kModelIn>
 __global__ void __launch_bounds__(kMaxThreads) variant_kernel(StepParams p, int64_t ips) {
@@ -155,19 +143,6 @@ void launch(const Variant& v, const StepParams& p) {
     CHECK(static_cast<cudaError_t>(fastflow::launch_fused_step_cuda(p, false, nullptr)));
     return;
   }
-  if (v.fix == kCandidate) {
-    using Candidates = fastflow::DrawPlansOf<fastflow::kFloat32, fastflow::kBFloat16, 1>;
-    if (!fastflow::draws_noise(p)) return launch<kDraw>({v.name, kLauncher, 0, 0}, p);
-    fastflow::with_first_plan(
-        p, [&](auto plan) { fastflow::launch_fused_step<float, true, decltype(plan)>(p, nullptr); }, Candidates{});
-    return;
-  }
-  if (v.fix == kFourWide) {
-    if (p.use_noise) return launch<kDraw>({v.name, 0, 256, 1}, p);  // a drawing launch is 4 wide already
-    const int64_t ips = fastflow::items_per_sample<float, true>(p);
-    four_wide_kernel<<<dim3(static_cast<unsigned>((ips + 255) / 256), static_cast<unsigned>(p.batch)), 256>>>(p, ips);
-    return;
-  }
   const int64_t ips = fastflow::items_per_sample<float, kDraw>(p);
   // threads 0: the extension's grid (step_grid, csrc/step_kernel_body.h).
   const fastflow::StepGrid ext = fastflow::step_grid<float, kDraw>(p);
@@ -216,16 +191,6 @@ float time_variant(const Variant& v, const StepParams& p, int reps) {
   CHECK(cudaGetLastError());
   CHECK(cudaDeviceSynchronize());
   return us;
-}
-
-// The largest |a - b| over n float32 elements on the device.
-float max_abs_diff(const float* a, const float* b, int64_t n) {
-  std::vector<float> ha(n), hb(n);
-  CHECK(cudaMemcpy(ha.data(), a, n * 4, cudaMemcpyDeviceToHost));
-  CHECK(cudaMemcpy(hb.data(), b, n * 4, cudaMemcpyDeviceToHost));
-  float diff = 0.0f;
-  for (int64_t i = 0; i < n; ++i) diff = std::max(diff, std::abs(ha[i] - hb[i]));
-  return diff;
 }
 
 }  // namespace
@@ -297,7 +262,6 @@ int main() {
       {"guidance fixed", kFixGuide, 0, 0}, {"history fixed", kFixHistory, 0, 0}, {"noise fixed", kFixNoise, 0, 0},
       {"outputs fixed", kFixOutputs, 0, 0}, {"rest fixed", kFixRest, 0, 0},  {"options fixed", kFixOptions, 0, 0},
       {"all fixed", kFixAll, 0, 0},        {"whole row", kWholeRow, 0, 0},  {"launcher", kLauncher, 0, 0},
-      {"4-element items", kFourWide, 0, 0},
   };
   __nv_bfloat16* model_in;
   CHECK(cudaMalloc(&model_in, n * 2));
@@ -314,46 +278,35 @@ int main() {
         if (&v == &variants[0]) {
           CHECK(cudaMemcpy(ref, out, n * 4, cudaMemcpyDeviceToDevice));
         }
-        const float diff = max_abs_diff(out, ref, n);
+        std::vector<float> a(n), b(n);
+        CHECK(cudaMemcpy(a.data(), out, n * 4, cudaMemcpyDeviceToHost));
+        CHECK(cudaMemcpy(b.data(), ref, n * 4, cudaMemcpyDeviceToHost));
+        float diff = 0.0f;
+        for (int64_t i = 0; i < n; ++i) diff = std::max(diff, std::abs(a[i] - b[i]));
         printf("| %s | %s | %s | %.1f | %.0f%% | %g |\n", with_model_in ? "z, model input" : "z",
                draw ? "drawn" : "none", v.name, us, 100.0 * bytes / (us * 1e-6) / 1e9 / copy_gbs, diff);
       }
     }
   }
-  // The drawing kernel's plans against its generic form, per set of outputs, without and with one stored
-  // prediction (float32, as SDE-DPM-Solver++ 2M keeps its x_hat): the launcher's plans, and the candidates.
+  // The drawing kernel's plans against its generic form, per set of outputs.
   {
-    float *x_hat, *hist;
+    float* x_hat;
     CHECK(cudaMalloc(&x_hat, n * 4));
-    CHECK(cudaMalloc(&hist, n * 4));
-    CHECK(cudaMemcpy(hist, z, n * 4, cudaMemcpyDeviceToDevice));
-    const Variant generic = {"extension", 0, 0, 0}, launcher = {"launcher", kLauncher, 0, 0},
-                  candidate = {"candidate", kCandidate, 0, 0};
-    printf("\nDrawing noise, per set of outputs (x_hat in float32, model input in bfloat16) and stored predictions"
-           " read (float32): the generic kernel against the launcher's plan and the candidate plans (us, median)\n\n"
-           "| outputs | history | generic | launcher | candidate | launcher / generic | candidate / generic |"
-           " max abs diff to generic |\n|---|---|---|---|---|---|---|---|\n");
+    const Variant generic = {"extension", 0, 0, 0}, launcher = {"launcher", kLauncher, 0, 0};
+    printf("\nDrawing noise, per set of outputs (x_hat in float32, model input in bfloat16): the generic kernel"
+           " against the launcher's plan (us, median)\n\n| outputs | generic | launcher | launcher / generic |\n"
+           "|---|---|---|---|\n");
     StepParams q = p;
     q.use_noise = 1;
-    for (int history = 0; history < 2; ++history) {
-      q.num_history = history;
-      q.history[0] = history ? hist : nullptr;
-      q.history_dtype[0] = fastflow::kFloat32;
-      for (int outputs = 0; outputs < 4; ++outputs) {
-        q.x_out = (outputs & 1) ? x_hat : nullptr;
-        q.model_in_out = (outputs & 2) ? model_in : nullptr;
-        const float g = time_variant(generic, q, 30);
-        CHECK(cudaMemcpy(ref, out, n * 4, cudaMemcpyDeviceToDevice));
-        const float l = time_variant(launcher, q, 30);
-        float diff = max_abs_diff(out, ref, n);
-        const float c = time_variant(candidate, q, 30);
-        diff = std::max(diff, max_abs_diff(out, ref, n));
-        printf("| z%s%s | %d | %.1f | %.1f | %.1f | %.2f | %.2f | %g |\n", (outputs & 1) ? ", x_hat" : "",
-               (outputs & 2) ? ", model input" : "", history, g, l, c, l / g, c / g, diff);
-      }
+    for (int outputs = 0; outputs < 4; ++outputs) {
+      q.x_out = (outputs & 1) ? x_hat : nullptr;
+      q.model_in_out = (outputs & 2) ? model_in : nullptr;
+      const float g = time_variant(generic, q, 30);
+      const float l = time_variant(launcher, q, 30);
+      printf("| z%s%s | %.1f | %.1f | %.2f |\n", (outputs & 1) ? ", x_hat" : "", (outputs & 2) ? ", model input" : "",
+             g, l, l / g);
     }
     CHECK(cudaFree(x_hat));
-    CHECK(cudaFree(hist));
   }
   // A small step in graph mode: the step index read from the device, the model input written.
   {

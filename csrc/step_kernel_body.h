@@ -83,31 +83,23 @@ FF_HD void assume_present(const void* ptr) {
 #endif
 }
 
-// State (z, out, x_hat) of dtype kZ, model output of dtype kModelOut, unguided, a
-// float32 table, 16-byte-aligned tensors; kHistory stored predictions read, in kZ;
-// x_hat written (kXOut, in kZ) or not; the next model input written once (kModelIn,
-// in kModelOut) or not. Clipping and the step index's source stay runtime switches.
-template <int kZ, int kModelOut, bool kXOut, bool kModelIn, int kHistory = 0>
+// State (z, out, x_hat) of dtype kZ, model output of dtype kModelOut, unguided, no
+// history, a float32 table, 16-byte-aligned tensors; x_hat written (kXOut, in kZ) or
+// not; the next model input written once (kModelIn, in kModelOut) or not. Clipping
+// and the step index's source stay runtime switches.
+template <int kZ, int kModelOut, bool kXOut, bool kModelIn>
 struct DrawPlan {
-  static_assert(kHistory >= 0 && kHistory <= kMaxHistory, "at most kMaxHistory stored predictions");
   FF_HD static bool matches(const StepParams& p) {
-    bool history_in_z = true;
-    for (int j = 0; j < kHistory; ++j) history_in_z = history_in_z && p.history_dtype[j] == kZ;
-    return p.vectorized != 0 && p.model_out_uncond == nullptr && p.num_history == kHistory && history_in_z &&
-           p.table_dtype == kFloat32 && p.z_dtype == kZ && p.model_out_dtype == kModelOut &&
-           (p.x_out != nullptr) == kXOut && (!kXOut || p.x_out_dtype == kZ) &&
-           (p.model_in_out != nullptr) == kModelIn &&
+    return p.vectorized != 0 && p.model_out_uncond == nullptr && p.num_history == 0 && p.table_dtype == kFloat32 &&
+           p.z_dtype == kZ && p.model_out_dtype == kModelOut && (p.x_out != nullptr) == kXOut &&
+           (!kXOut || p.x_out_dtype == kZ) && (p.model_in_out != nullptr) == kModelIn &&
            (!kModelIn || (p.model_in_dtype == kModelOut && p.model_in_double == 0));
   }
   // The kernel's copy of the parameters gets the values matches checked: the compiler drops the other paths.
   FF_HD static void pin(StepParams& p) {
     p.vectorized = 1;
     p.model_out_uncond = nullptr;
-    p.num_history = kHistory;
-    for (int j = 0; j < kHistory; ++j) {
-      p.history_dtype[j] = kZ;
-      assume_present(p.history[j]);
-    }
+    p.num_history = 0;
     p.table_dtype = kFloat32;
     p.z_dtype = kZ;
     p.model_out_dtype = kModelOut;
@@ -131,10 +123,9 @@ template <typename... Plans>
 struct PlanList {};
 
 // The four output choices of one dtype pair.
-template <int kZ, int kModelOut, int kHistory = 0>
-using DrawPlansOf =
-    PlanList<DrawPlan<kZ, kModelOut, false, false, kHistory>, DrawPlan<kZ, kModelOut, false, true, kHistory>,
-             DrawPlan<kZ, kModelOut, true, false, kHistory>, DrawPlan<kZ, kModelOut, true, true, kHistory>>;
+template <int kZ, int kModelOut>
+using DrawPlansOf = PlanList<DrawPlan<kZ, kModelOut, false, false>, DrawPlan<kZ, kModelOut, false, true>,
+                             DrawPlan<kZ, kModelOut, true, false>, DrawPlan<kZ, kModelOut, true, true>>;
 
 template <typename... Lists>
 struct ConcatPlans;
@@ -151,15 +142,6 @@ struct ConcatPlans<PlanList<A...>, PlanList<B...>, Rest...> {
 using DrawPlans = typename ConcatPlans<DrawPlansOf<kFloat32, kFloat32>, DrawPlansOf<kFloat32, kBFloat16>,
                                        DrawPlansOf<kFloat32, kFloat16>, DrawPlansOf<kBFloat16, kBFloat16>,
                                        DrawPlansOf<kFloat16, kFloat16>>::type;
-
-// Plans the launcher does not run yet: one stored prediction (SDE-DPM-Solver++ 2M),
-// 7 % slower on CUDA than on Triton with the generic kernel on an H100. The variant
-// benchmark times them against the generic kernel and the CPU emulation tests them,
-// so a GPU run can decide whether they join DrawPlans.
-using CandidateDrawPlans =
-    typename ConcatPlans<DrawPlansOf<kFloat32, kFloat32, 1>, DrawPlansOf<kFloat32, kBFloat16, 1>,
-                         DrawPlansOf<kFloat32, kFloat16, 1>, DrawPlansOf<kBFloat16, kBFloat16, 1>,
-                         DrawPlansOf<kFloat16, kFloat16, 1>>::type;
 
 // Calls f(Plan{}) with the first plan of the list that matches p, GenericPlan when none does (host side).
 template <typename F>

@@ -55,9 +55,6 @@ void run_grid(fastflow::StepParams p, int64_t threads, int64_t rows) {
   }
 }
 
-// The launcher's plans and the candidates after them (candidate_plans: as if they had joined DrawPlans).
-using WithCandidates = fastflow::ConcatPlans<fastflow::DrawPlans, fastflow::CandidateDrawPlans>::type;
-
 // `threads`: emulated threads along a sample's items (0: one per item, -1: the
 // launcher's grid, step_grid, rows then ignored); `rows`: emulated grid rows along the
 // batch (<= 0: one per sample), as the launcher's 2-D grid.
@@ -66,8 +63,7 @@ void fused_step_emulated(const at::Tensor& z, const at::Tensor& out, const at::T
                          const at::Tensor& table, int64_t step, const std::optional<at::Tensor>& step_tensor,
                          const std::optional<at::Tensor>& seeds, const std::optional<at::Tensor>& noise,
                          const std::optional<at::Tensor>& x_out, const std::optional<at::Tensor>& model_in_out,
-                         std::optional<double> clip, bool use_noise, int64_t threads, int64_t rows,
-                         bool candidate_plans) {
+                         std::optional<double> clip, bool use_noise, int64_t threads, int64_t rows) {
   fastflow::PreparedStep s = fastflow::prepare_step(z, out, model_out, model_out_uncond, history, table, step,
                                                     step_tensor, seeds, noise, x_out, model_in_out, clip, use_noise);
   if (s.empty) return;
@@ -75,12 +71,8 @@ void fused_step_emulated(const at::Tensor& z, const at::Tensor& out, const at::T
   if (s.compute_double) {
     run_grid<double, true>(s.p, threads, rows);
   } else if (fastflow::draws_noise(s.p)) {
-    const auto run = [&](auto plan) { run_grid<float, true, decltype(plan)>(s.p, threads, rows); };
-    if (candidate_plans) {
-      fastflow::with_first_plan(s.p, run, WithCandidates{});
-    } else {
-      fastflow::with_first_plan(s.p, run, fastflow::DrawPlans{});
-    }
+    fastflow::with_first_plan(
+        s.p, [&](auto plan) { run_grid<float, true, decltype(plan)>(s.p, threads, rows); }, fastflow::DrawPlans{});
   } else {
     run_grid<float, false>(s.p, threads, rows);
   }
@@ -88,31 +80,25 @@ void fused_step_emulated(const at::Tensor& z, const at::Tensor& out, const at::T
 }
 
 std::string plan_name(fastflow::GenericPlan) { return "generic"; }
-template <int kZ, int kModelOut, bool kXOut, bool kModelIn, int kHistory>
-std::string plan_name(fastflow::DrawPlan<kZ, kModelOut, kXOut, kModelIn, kHistory>) {
+template <int kZ, int kModelOut, bool kXOut, bool kModelIn>
+std::string plan_name(fastflow::DrawPlan<kZ, kModelOut, kXOut, kModelIn>) {
   static const char* const dtypes[] = {"float32", "float16", "bfloat16", "float64"};
   return std::string("draw ") + dtypes[kZ] + " " + dtypes[kModelOut] + (kXOut ? " x_out" : "") +
-         (kModelIn ? " model_in" : "") + (kHistory ? " history " + std::to_string(kHistory) : "");
+         (kModelIn ? " model_in" : "");
 }
 
 // The plan the float drawing kernel runs for a launch of these arguments (as the
-// launcher picks it, or would with the candidates): "generic", or
-// "draw <state> <model output>[ x_out][ model_in][ history N]".
+// launcher picks it): "generic", or "draw <state> <model output>[ x_out][ model_in]".
 std::string draw_plan(const at::Tensor& z, const at::Tensor& out, const at::Tensor& model_out,
                       const std::optional<at::Tensor>& model_out_uncond, const std::vector<at::Tensor>& history,
                       const at::Tensor& table, const std::optional<at::Tensor>& seeds,
                       const std::optional<at::Tensor>& x_out, const std::optional<at::Tensor>& model_in_out,
-                      std::optional<double> clip, bool candidate_plans) {
+                      std::optional<double> clip) {
   fastflow::PreparedStep s = fastflow::prepare_step(z, out, model_out, model_out_uncond, history, table, 0,
                                                     std::nullopt, seeds, std::nullopt, x_out, model_in_out, clip, true);
   TORCH_CHECK(!s.compute_double && fastflow::draws_noise(s.p), "not a float launch that draws its noise");
   std::string name;
-  const auto describe = [&](auto plan) { name = plan_name(plan); };
-  if (candidate_plans) {
-    fastflow::with_first_plan(s.p, describe, WithCandidates{});
-  } else {
-    fastflow::with_first_plan(s.p, describe, fastflow::DrawPlans{});
-  }
+  fastflow::with_first_plan(s.p, [&](auto plan) { name = plan_name(plan); }, fastflow::DrawPlans{});
   return name;
 }
 
@@ -121,10 +107,8 @@ std::vector<std::string> plan_names(fastflow::PlanList<Plans...>) {
   return {plan_name(Plans{})...};
 }
 
-// Every plan of DrawPlans, in the launcher's order (and the candidates after them).
-std::vector<std::string> draw_plans(bool candidate_plans) {
-  return candidate_plans ? plan_names(WithCandidates{}) : plan_names(fastflow::DrawPlans{});
-}
+// Every plan of DrawPlans, in the launcher's order.
+std::vector<std::string> draw_plans() { return plan_names(fastflow::DrawPlans{}); }
 
 // The launcher's grid (threads, blocks along x, rows) for `batch` samples of `numel`
 // elements, for the deterministic (draw false) or the drawing float kernel.

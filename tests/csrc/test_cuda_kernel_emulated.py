@@ -58,8 +58,8 @@ class Emulated:
     """A backend whose fused_step runs the emulated CUDA kernel on a given grid: ``threads`` along a sample's
     items and ``rows`` along the batch (0: one per item, one per sample; ``threads=-1``: the launcher's grid)."""
 
-    def __init__(self, module, threads: int = 0, rows: int = 0, candidate_plans: bool = False):
-        self.module, self.threads, self.rows, self.candidates = module, threads, rows, candidate_plans
+    def __init__(self, module, threads: int = 0, rows: int = 0):
+        self.module, self.threads, self.rows = module, threads, rows
 
     def fused_step(self, z, out, model_out, model_out_uncond, history, table, step, seeds=None, noise=None,
                    x_out=None, model_in_out=None, clip=None, use_noise=False):  # fmt: skip
@@ -67,12 +67,11 @@ class Emulated:
         self.module.fused_step(
             z, out, model_out, model_out_uncond, list(history), table, step_int, step_tensor, seeds,
             noise, x_out, model_in_out, None if clip is None else float(clip), use_noise, self.threads, self.rows,
-            self.candidates,
         )  # fmt: skip
 
 
-def _check(emu, case: Case, threads: int = 0, rows: int = 0, candidate_plans: bool = False) -> None:
-    assert_matches(case.run(Emulated(emu, threads, rows, candidate_plans)), case.run(cuda_backend()), exact=True)
+def _check(emu, case: Case, threads: int = 0, rows: int = 0) -> None:
+    assert_matches(case.run(Emulated(emu, threads, rows)), case.run(cuda_backend()), exact=True)
 
 
 @pytest.mark.parametrize("noise", NOISE_MODES)
@@ -171,15 +170,12 @@ def test_unaligned_pointers(emu):
     assert_matches(case.run(Emulated(emu)), want, exact=True)
 
 
-def _plan_label(zdt: torch.dtype, odt: torch.dtype, x_out: bool, model_in: bool, hist: int = 0) -> str:
-    """The emulator's name of a DrawPlan: "draw <state> <model output>[ x_out][ model_in][ history N]"."""
-    return (
-        f"draw {str(zdt)[6:]} {str(odt)[6:]}" + (" x_out" if x_out else "") + (" model_in" if model_in else "")
-        + (f" history {hist}" if hist else "")
-    )  # fmt: skip
+def _plan_label(zdt: torch.dtype, odt: torch.dtype, x_out: bool, model_in: bool) -> str:
+    """The emulator's name of a DrawPlan: "draw <state> <model output>[ x_out][ model_in]"."""
+    return f"draw {str(zdt)[6:]} {str(odt)[6:]}" + (" x_out" if x_out else "") + (" model_in" if model_in else "")
 
 
-def _plan(emu, case: Case, candidate_plans: bool = False) -> str:
+def _plan(emu, case: Case) -> str:
     """The plan the launcher picks for ``case`` (outputs allocated as ``Case.run`` does)."""
     z = case.z
     x = None if case.x_dtype is None else torch.empty(z.shape, dtype=case.x_dtype)
@@ -187,41 +183,35 @@ def _plan(emu, case: Case, candidate_plans: bool = False) -> str:
     if case.mi_dtype is not None:
         mi = torch.empty((z.shape[0] * (2 if case.mi_dup else 1), *z.shape[1:]), dtype=case.mi_dtype)
     return emu.draw_plan(z, torch.empty_like(z), case.model_out, case.uncond, list(case.history), case.table,
-                         case.seeds, x, mi, case.clip, candidate_plans)  # fmt: skip
+                         case.seeds, x, mi, case.clip)  # fmt: skip
 
 
 @pytest.mark.parametrize("model_in", [False, True], ids=["no_mi", "mi"])
 @pytest.mark.parametrize("x_out", [False, True], ids=["no_x", "x"])
 @pytest.mark.parametrize("pair", PLAN_PAIRS, ids=lambda p: f"{str(p[0])[6:]}_{str(p[1])[6:]}")
-@pytest.mark.parametrize("hist", [0, 1], ids=["launched", "candidate"])
-def test_draw_plans(emu, pair, x_out, model_in, hist):
+def test_draw_plans(emu, pair, x_out, model_in):
     """Each compile-time plan of the drawing kernel: the launcher picks it for the launches it covers, and its
     emulated kernel (the plan's values pinned, checked to change no parameter) gives the CPU kernel's bits, with
-    its runtime switches (clipping, the step index on the device) both ways and on the launcher's grid. The
-    candidates (one stored prediction) likewise, as if they had joined the launcher's plans; without them such a
-    launch runs the generic kernel."""
+    its runtime switches (clipping, the step index on the device) both ways and on the launcher's grid."""
     zdt, odt = pair
-    want = _plan_label(zdt, odt, x_out, model_in, hist)
+    want = _plan_label(zdt, odt, x_out, model_in)
     for clip, step_kind, shape in ((False, "int", (3, 2, 64)), (True, "i64", (2, 3, 40)), (True, "i32", (4, 1000))):
         case = make_case(
-            shape, zdt, odt, guided=False, hist=hist, clip=clip, noise="philox", x_dtype=zdt if x_out else None,
-            mi="model" if model_in else None, step_kind=step_kind, hist_dtypes=(zdt,),
-            seed=zlib.crc32(repr(("plan", pair, x_out, model_in, hist, shape)).encode()),
+            shape, zdt, odt, guided=False, hist=0, clip=clip, noise="philox", x_dtype=zdt if x_out else None,
+            mi="model" if model_in else None, step_kind=step_kind,
+            seed=zlib.crc32(repr(("plan", pair, x_out, model_in, shape)).encode()),
         )  # fmt: skip
-        assert _plan(emu, case, candidate_plans=True) == want
-        assert _plan(emu, case) == (want if hist == 0 else "generic")
-        _check(emu, case, candidate_plans=hist > 0)
-        _check(emu, case, threads=-1, candidate_plans=hist > 0)
+        assert _plan(emu, case) == want
+        _check(emu, case)
+        _check(emu, case, threads=-1)
 
 
 def test_every_plan_is_tested(emu):
     """DrawPlans holds exactly the plans test_draw_plans (and the GPU tests) go through: PLAN_PAIRS times the
-    four sets of outputs; the candidates the same with one stored prediction."""
-    for candidates, hists in ((False, (0,)), (True, (0, 1))):
-        flags = [(x, m, h) for x in (False, True) for m in (False, True) for h in hists]
-        want = {_plan_label(z, o, *f) for z, o in PLAN_PAIRS for f in flags}
-        got = emu.draw_plans(candidates)
-        assert len(got) == len(set(got)) and set(got) == want
+    four sets of outputs."""
+    want = {_plan_label(z, o, x, m) for z, o in PLAN_PAIRS for x in (False, True) for m in (False, True)}
+    got = emu.draw_plans()
+    assert len(got) == len(set(got)) and set(got) == want
 
 
 def test_launches_no_plan_covers_run_generic(emu):
@@ -230,8 +220,7 @@ def test_launches_no_plan_covers_run_generic(emu):
     base = dict(guided=False, hist=0, noise="philox")
     others = [
         ((2, 64), torch.float32, torch.bfloat16, dict(base, guided=True)),
-        ((2, 64), torch.float32, torch.bfloat16, dict(base, hist=1, hist_dtypes=(torch.bfloat16,))),
-        ((2, 64), torch.float32, torch.bfloat16, dict(base, hist=2, hist_dtypes=(torch.float32,))),
+        ((2, 64), torch.float32, torch.bfloat16, dict(base, hist=1)),
         ((2, 64), torch.float32, torch.bfloat16, dict(base, x_dtype=torch.bfloat16)),
         ((2, 64), torch.float32, torch.bfloat16, dict(base, mi="same")),
         ((2, 64), torch.float32, torch.bfloat16, dict(base, mi="dup-bf16")),
@@ -244,8 +233,6 @@ def test_launches_no_plan_covers_run_generic(emu):
         case = make_case(shape, zdt, odt, **kw)
         assert _plan(emu, case) == "generic", (shape, zdt, odt, kw)
         _check(emu, case)
-        # The candidates take exactly one stored prediction, in the state's dtype.
-        assert _plan(emu, case, candidate_plans=True) == "generic", (shape, zdt, odt, kw)
 
 
 @pytest.mark.parametrize("noise", NOISE_MODES)
