@@ -22,11 +22,10 @@
 //                  rest (no clip, vector path, host step index)
 //   options fixed  every switch but the dtypes a constant
 //   all fixed      every switch a constant (the Triton kernel's specialization)
-//   whole row      the extension's kernel with load_coefs's branch-free form
 //   launcher       the extension's own launch (launch_fused_step_cuda): a drawing
 //                  launch runs the compile-time plan that matches it (DrawPlans)
 // A second table times the drawing kernel's generic form against the launcher's plan
-// for each set of outputs (x_hat, next model input).
+// for each set of outputs (x_hat, next model input), and checks they give the same z.
 // A third table times a small step, (1,16,128,128) with the model input written
 // and the step index read from the device (as a captured loop does), where the
 // kernel's prologue (step index, coefficient row) is most of its time.
@@ -71,7 +70,6 @@ enum Fix : int {
   kFixAll = 63,
   kFixOptions = kFixAll & ~kFixDtypes,
   kFixDataOptions = kFixGuide | kFixHistory | kFixNoise | kFixOutputs,  // the step index stays on the device
-  kWholeRow = 64,  // not a switch: load_coefs's branch-free form (the whole coefficient row)
   kLauncher = 128,  // not a variant: the extension's launcher, launch_fused_step_cuda (its plan for the launch)
 };
 
@@ -108,7 +106,7 @@ __global__ void __launch_bounds__(kMaxThreads) variant_kernel(StepParams p, int6
     p.vectorized = 1;
     p.step_ptr = nullptr;
   }
-  fastflow::fused_step_items<float, kDraw, (kFix & kWholeRow) != 0>(
+  fastflow::fused_step_items<float, kDraw>(
       p, ips, blockIdx.y, gridDim.y, static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x,
       static_cast<int64_t>(gridDim.x) * blockDim.x);
 }
@@ -161,7 +159,6 @@ void launch(const Variant& v, const StepParams& p) {
     case kFixOptions: return run_fixed<kDraw, kFixOptions>(grid, threads, p, ips);
     case kFixDataOptions: return run_fixed<kDraw, kFixDataOptions>(grid, threads, p, ips);
     case kFixAll: return run_fixed<kDraw, kFixAll>(grid, threads, p, ips);
-    case kWholeRow: return run_fixed<kDraw, kWholeRow>(grid, threads, p, ips);
     default: fprintf(stderr, "unknown variant\n"); exit(1);
   }
 }
@@ -191,6 +188,16 @@ float time_variant(const Variant& v, const StepParams& p, int reps) {
   CHECK(cudaGetLastError());
   CHECK(cudaDeviceSynchronize());
   return us;
+}
+
+// The largest |a - b| over n float32 elements on the device.
+float max_abs_diff(const float* a, const float* b, int64_t n) {
+  std::vector<float> ha(n), hb(n);
+  CHECK(cudaMemcpy(ha.data(), a, n * 4, cudaMemcpyDeviceToHost));
+  CHECK(cudaMemcpy(hb.data(), b, n * 4, cudaMemcpyDeviceToHost));
+  float diff = 0.0f;
+  for (int64_t i = 0; i < n; ++i) diff = std::max(diff, std::abs(ha[i] - hb[i]));
+  return diff;
 }
 
 }  // namespace
@@ -261,7 +268,7 @@ int main() {
       {"items x 4", 0, 256, 4},        {"128 threads", 0, 128, 1},      {"dtypes fixed", kFixDtypes, 0, 0},
       {"guidance fixed", kFixGuide, 0, 0}, {"history fixed", kFixHistory, 0, 0}, {"noise fixed", kFixNoise, 0, 0},
       {"outputs fixed", kFixOutputs, 0, 0}, {"rest fixed", kFixRest, 0, 0},  {"options fixed", kFixOptions, 0, 0},
-      {"all fixed", kFixAll, 0, 0},        {"whole row", kWholeRow, 0, 0},  {"launcher", kLauncher, 0, 0},
+      {"all fixed", kFixAll, 0, 0},        {"launcher", kLauncher, 0, 0},
   };
   __nv_bfloat16* model_in;
   CHECK(cudaMalloc(&model_in, n * 2));
@@ -278,11 +285,7 @@ int main() {
         if (&v == &variants[0]) {
           CHECK(cudaMemcpy(ref, out, n * 4, cudaMemcpyDeviceToDevice));
         }
-        std::vector<float> a(n), b(n);
-        CHECK(cudaMemcpy(a.data(), out, n * 4, cudaMemcpyDeviceToHost));
-        CHECK(cudaMemcpy(b.data(), ref, n * 4, cudaMemcpyDeviceToHost));
-        float diff = 0.0f;
-        for (int64_t i = 0; i < n; ++i) diff = std::max(diff, std::abs(a[i] - b[i]));
+        const float diff = max_abs_diff(out, ref, n);
         printf("| %s | %s | %s | %.1f | %.0f%% | %g |\n", with_model_in ? "z, model input" : "z",
                draw ? "drawn" : "none", v.name, us, 100.0 * bytes / (us * 1e-6) / 1e9 / copy_gbs, diff);
       }
@@ -294,17 +297,18 @@ int main() {
     CHECK(cudaMalloc(&x_hat, n * 4));
     const Variant generic = {"extension", 0, 0, 0}, launcher = {"launcher", kLauncher, 0, 0};
     printf("\nDrawing noise, per set of outputs (x_hat in float32, model input in bfloat16): the generic kernel"
-           " against the launcher's plan (us, median)\n\n| outputs | generic | launcher | launcher / generic |\n"
-           "|---|---|---|---|\n");
+           " against the launcher's plan (us, median)\n\n| outputs | generic | launcher | launcher / generic |"
+           " max abs diff |\n|---|---|---|---|---|\n");
     StepParams q = p;
     q.use_noise = 1;
     for (int outputs = 0; outputs < 4; ++outputs) {
       q.x_out = (outputs & 1) ? x_hat : nullptr;
       q.model_in_out = (outputs & 2) ? model_in : nullptr;
       const float g = time_variant(generic, q, 30);
+      CHECK(cudaMemcpy(ref, out, n * 4, cudaMemcpyDeviceToDevice));
       const float l = time_variant(launcher, q, 30);
-      printf("| z%s%s | %.1f | %.1f | %.2f |\n", (outputs & 1) ? ", x_hat" : "", (outputs & 2) ? ", model input" : "",
-             g, l, l / g);
+      printf("| z%s%s | %.1f | %.1f | %.2f | %g |\n", (outputs & 1) ? ", x_hat" : "",
+             (outputs & 2) ? ", model input" : "", g, l, l / g, max_abs_diff(out, ref, n));
     }
     CHECK(cudaFree(x_hat));
   }
@@ -321,7 +325,7 @@ int main() {
     q.step_ptr = step_dev;
     q.model_in_out = model_in;
     const Variant small_variants[] = {
-        {"extension", 0, 0, 0}, {"whole row", kWholeRow, 0, 0}, {"dtypes fixed", kFixDtypes, 0, 0},
+        {"extension", 0, 0, 0}, {"dtypes fixed", kFixDtypes, 0, 0},
         {"guidance, history, noise and outputs fixed", kFixDataOptions, 0, 0}, {"launcher", kLauncher, 0, 0},
     };
     printf("\n%d elements, model input written, step index on the device (us, median; L2 not flushed):\n\n",

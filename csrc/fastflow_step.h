@@ -286,36 +286,9 @@ FF_HD uint32_t used_columns(const StepParams& p) {
 // every thread reads the row, and ten loads per thread would rival its data loads.
 // A step outside the table yields NaN coefficients rather than an out-of-bounds
 // read: the device cannot raise, and NaN outputs make the error visible.
-// kWholeRow (benchmarks/cuda_step_variants.cu, "whole row"; no kernel uses it yet):
-// no branch on the step or the columns before the loads, so they issue together (the
-// default form loads the model-input column behind a branch, after the others
-// arrive); out-of-range steps and unused columns are selected away afterwards.
-template <typename T, bool kWholeRow = false>
+template <typename T>
 FF_HD Coefs<T> load_coefs(const StepParams& p, int64_t step) {
   Coefs<T> k;
-  if constexpr (kWholeRow) {
-    if (p.table_rows <= 0) {
-FF_UNROLL
-      for (int i = 0; i < kNumCoefs; ++i) k.c[i] = static_cast<T>(NAN);
-      return k;
-    }
-    const bool bad = step < 0 || step >= p.table_rows;
-    const int64_t r = bad ? 0 : step;
-    const uint32_t cols = used_columns(p);
-    T v[kNumCoefs];
-    if (p.table_dtype == kFloat64) {
-      const double* row = static_cast<const double*>(p.table) + r * kNumCoefs;
-FF_UNROLL
-      for (int i = 0; i < kNumCoefs; ++i) v[i] = static_cast<T>(row[i]);
-    } else {
-      const float* row = static_cast<const float*>(p.table) + r * kNumCoefs;
-FF_UNROLL
-      for (int i = 0; i < kNumCoefs; ++i) v[i] = static_cast<T>(row[i]);
-    }
-FF_UNROLL
-    for (int i = 0; i < kNumCoefs; ++i) k.c[i] = bad ? static_cast<T>(NAN) : (((cols >> i) & 1u) ? v[i] : T(0));
-    return k;
-  }
   if (step < 0 || step >= p.table_rows) {
 FF_UNROLL
     for (int i = 0; i < kNumCoefs; ++i) k.c[i] = static_cast<T>(NAN);

@@ -493,14 +493,14 @@ FF_UNROLL
 // the sample, its seed and the Philox key schedule are the same for a whole block
 // (the uniform datapath) and no thread divides to find its sample.
 // kDraw = false needs !draws_noise(p); <float, true> needs draws_noise(p), which the
-// kernels pin (pin_launch_invariants). kWholeRow: load_coefs's branch-free form.
-template <typename T, bool kDraw, bool kWholeRow = false>
+// kernels pin (pin_launch_invariants).
+template <typename T, bool kDraw>
 FF_HD void fused_step_items(const StepParams& p, int64_t items_per_sample, int64_t b0, int64_t b_stride,
                             int64_t item0, int64_t item_stride) {
   constexpr int W = kItemWidth<T, kDraw>;
   if (item0 >= items_per_sample || b0 >= p.batch) return;
   const int64_t step = load_step_index(p);
-  const Coefs<T> k = load_coefs<T, kWholeRow>(p, step);
+  const Coefs<T> k = load_coefs<T>(p, step);
   const uint32_t step32 = static_cast<uint32_t>(step);
   for (int64_t b = b0; b < p.batch; b += b_stride) {
     for (int64_t item = item0; item < items_per_sample; item += item_stride) {

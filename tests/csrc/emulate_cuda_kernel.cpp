@@ -157,29 +157,6 @@ std::tuple<at::Tensor, at::Tensor> cos_sin_pi(const at::Tensor& v) {
   return {c, s};
 }
 
-// load_coefs (fastflow_step.h) on the host in double, in its default or its whole-row
-// form, for a launch with these inputs and outputs (the flags stand in for the tensors:
-// only their presence matters to which columns are used).
-at::Tensor coefs(const at::Tensor& table, int64_t step, bool guided, int64_t num_history, bool use_noise,
-                 bool model_in, bool whole_row) {
-  TORCH_CHECK(table.dim() == 2 && table.size(1) == fastflow::kNumCoefs && table.is_contiguous(), "bad table");
-  TORCH_CHECK(table.scalar_type() == at::kFloat || table.scalar_type() == at::kDouble, "table dtype");
-  static int marker = 0;  // a non-null pointer that is never read
-  fastflow::StepParams p;
-  p.table = table.data_ptr();
-  p.table_rows = table.size(0);
-  p.table_dtype = table.scalar_type() == at::kDouble ? fastflow::kFloat64 : fastflow::kFloat32;
-  p.model_out_uncond = guided ? &marker : nullptr;
-  p.num_history = static_cast<int>(num_history);
-  p.use_noise = use_noise;
-  p.model_in_out = model_in ? &marker : nullptr;
-  const fastflow::Coefs<double> k =
-      whole_row ? fastflow::load_coefs<double, true>(p, step) : fastflow::load_coefs<double, false>(p, step);
-  at::Tensor out = at::empty({fastflow::kNumCoefs}, at::kDouble);
-  for (int i = 0; i < fastflow::kNumCoefs; ++i) out.data_ptr<double>()[i] = k.c[i];
-  return out;
-}
-
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -188,7 +165,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("step_grid", &launch_grid);
   m.def("draw_plan", &draw_plan);
   m.def("draw_plans", &draw_plans);
-  m.def("coefs", &coefs);
   m.def("normals_f32", &normals_f32);
   m.def("cos_sin_pi", &cos_sin_pi);
 }

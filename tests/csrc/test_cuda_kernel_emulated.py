@@ -25,7 +25,7 @@ from backends.step_cases import DTYPES, MI_MODES, NOISE_MODES, REF, Case
 from csrc_cases import PLAN_PAIRS, assert_matches, cuda_backend, make_case
 
 from fastflow import noise as noise_spec
-from fastflow.plan import AZ, CIN, CN, H1, H2, W
+from fastflow.plan import CIN, CN, H1, H2, W
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -268,28 +268,6 @@ def test_unused_table_columns_are_never_read(emu, table_dtype):
     case.table[:, [W, H1, H2, CN, CIN]] = float("nan")
     assert_matches(case.run(Emulated(emu)), want, exact=True)
     assert_matches(case.run(cuda_backend()), want, exact=True)
-
-
-@pytest.mark.parametrize("table_dtype", [torch.float32, torch.float64], ids=["table_f32", "table_f64"])
-def test_whole_row_coefficients_equal_the_default(emu, table_dtype):
-    """load_coefs's branch-free whole-row form (a variant benchmark's candidate) gives the default form's
-    coefficients: unused columns 0 whatever they hold, NaN everywhere for a step outside the table."""
-    table = torch.randn(5, 10, dtype=table_dtype)
-    table[:, [W, H1, H2, CN, CIN]] = float("nan")
-    table[2] = torch.randn(10, dtype=table_dtype)  # a row whose unused columns are numbers
-    for step in (-1, 0, 2, 4, 5, 99):
-        for guided in (False, True):
-            for hist in (0, 1, 3):
-                for use_noise in (False, True):
-                    for model_in in (False, True):
-                        flags = (guided, hist, use_noise, model_in)
-                        want = emu.coefs(table, step, *flags, False)
-                        got = emu.coefs(table, step, *flags, True)
-                        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
-                        if 0 <= step < 5:
-                            assert want[AZ].item() == float(table[step, AZ])
-                        else:
-                            assert want.isnan().all()
 
 
 # --------------------------------------------------------------------------- the GPU kernels' float32 normals
