@@ -18,8 +18,8 @@
 // float compute with and without in-kernel noise (with the Philox code, 8-element
 // items needed 62 registers on sm_90; the drawing kernel's 4-element items need
 // about as many as the deterministic kernel's 8, see scripts/check_cuda_compile.sh),
-// and double compute; the drawing kernel also comes in compile-time plans for the
-// common unguided, history-free launches (DrawPlans in step_kernel_body.h).
+// and double compute; the float kernels also come in compile-time plans for the
+// common launches (DrawPlans and DtypePlans in step_kernel_body.h).
 #include <cuda_runtime.h>
 
 #include "fastflow_cuda.h"
@@ -34,7 +34,7 @@ static_assert(LaunchShape<true>::threads <= kThreads && LaunchShape<false>::thre
               "step_grid's blocks must fit the kernels' launch bounds");
 
 // Grid: x over a sample's items, y over samples (each loop strides past the grid).
-// Plan: GenericPlan, or a DrawPlan the launch matches (step_kernel_body.h).
+// Plan: GenericPlan, or a DrawPlan or DtypePlan the launch matches (step_kernel_body.h).
 template <typename T, bool kDraw, typename Plan>
 __global__ void __launch_bounds__(kThreads) fused_step_kernel(StepParams p, int64_t items_per_sample) {
   pin_launch_invariants<T, kDraw>(p);
@@ -108,7 +108,7 @@ int launch_fused_step_cuda(const StepParams& p, bool compute_double, void* strea
   } else if (draws_noise(p)) {
     with_first_plan(p, [&](auto plan) { launch_fused_step<float, true, decltype(plan)>(p, s); }, DrawPlans{});
   } else {
-    launch_fused_step<float, false>(p, s);
+    with_first_plan(p, [&](auto plan) { launch_fused_step<float, false, decltype(plan)>(p, s); }, DtypePlans{});
   }
   return static_cast<int>(cudaGetLastError());
 }

@@ -68,7 +68,8 @@ FF_HD void pin_launch_invariants(StepParams& p) {
 // next-model-input outputs; every other drawing launch runs GenericPlan. The launcher
 // (and the CPU emulation of the kernel) runs the first plan of DrawPlans that matches
 // the launch's parameters, and a plan's pin only writes the values its matches
-// checked, so a specialized kernel computes exactly what the generic one does.
+// checked (or, for DtypePlan below, dtypes of tensors the launch does not have), so
+// a specialized kernel computes exactly what the generic one does.
 struct GenericPlan {
   FF_HD static bool matches(const StepParams&) { return true; }
   FF_HD static void pin(StepParams&) {}
@@ -142,6 +143,44 @@ struct ConcatPlans<PlanList<A...>, PlanList<B...>, Rest...> {
 using DrawPlans = typename ConcatPlans<DrawPlansOf<kFloat32, kFloat32>, DrawPlansOf<kFloat32, kBFloat16>,
                                        DrawPlansOf<kFloat32, kFloat16>, DrawPlansOf<kBFloat16, kBFloat16>,
                                        DrawPlansOf<kFloat16, kFloat16>>::type;
+
+// Dtype plans of the deterministic kernel. It is memory-bound at large sizes, where
+// fixing its switches saved nothing (all of them: 1.6 % slower), but a small step is
+// mostly the latency of its first loads, which wait behind the runtime dtype
+// switches: on an H100 fixing the dtypes alone took a (1,16,128,128) step from 5.92 to
+// 5.31 us, and left 19.4M elements at 68.5 against 68.8 us (82.2 against 82.6 with the
+// next model input written; benchmarks/cuda_step_variants.cu, "dtypes fixed", commit
+// a3af18e's run; the plan <kFloat32, kBFloat16> compiles to that variant's code). A
+// DtypePlan fixes every storage dtype and leaves the options to the launch: state,
+// x_hat, stored predictions and explicit noise in kZ; model outputs (both of a
+// guidance pair) and the next model input in kModelOut; a float32 table.
+template <int kZ, int kModelOut>
+struct DtypePlan {
+  FF_HD static bool matches(const StepParams& p) {
+    bool history_in_z = true;
+    for (int j = 0; j < p.num_history; ++j) history_in_z = history_in_z && p.history_dtype[j] == kZ;
+    return p.table_dtype == kFloat32 && p.z_dtype == kZ && p.model_out_dtype == kModelOut && history_in_z &&
+           (p.model_out_uncond == nullptr || p.uncond_dtype == kModelOut) &&
+           (p.noise == nullptr || p.noise_dtype == kZ) && (p.x_out == nullptr || p.x_out_dtype == kZ) &&
+           (p.model_in_out == nullptr || p.model_in_dtype == kModelOut);
+  }
+  // Every dtype, also those of tensors the launch lacks (which it never reads).
+  FF_HD static void pin(StepParams& p) {
+    p.z_dtype = kZ;
+    p.model_out_dtype = kModelOut;
+    p.uncond_dtype = kModelOut;
+    p.noise_dtype = kZ;
+    p.x_out_dtype = kZ;
+    p.model_in_dtype = kModelOut;
+    p.table_dtype = kFloat32;
+    for (int j = 0; j < kMaxHistory; ++j) p.history_dtype[j] = kZ;
+  }
+};
+
+// The same dtype pairs as DrawPlans: 5 kernels.
+using DtypePlans = PlanList<DtypePlan<kFloat32, kFloat32>, DtypePlan<kFloat32, kBFloat16>,
+                            DtypePlan<kFloat32, kFloat16>, DtypePlan<kBFloat16, kBFloat16>,
+                            DtypePlan<kFloat16, kFloat16>>;
 
 // Calls f(Plan{}) with the first plan of the list that matches p, GenericPlan when none does (host side).
 template <typename F>

@@ -44,8 +44,9 @@ fi
 
 # Every step kernel keeps its vector loads and stores (NVVM once split the stores of
 # the 8-element kernels into scalar ones, which halved their bandwidth): 16-byte
-# float32 ones, or 8-byte ones in the drawing plans whose state is 16-bit
-# (DrawPlan<kBFloat16 or kFloat16, ...>: 4-element items of 2-byte elements).
+# float32 ones; in the plans whose state is 16-bit (DrawPlan or DtypePlan<kBFloat16
+# or kFloat16, ...>), 8-byte ones (the drawing kernel's 4-element items) or 16-byte
+# ones of 32-bit words (the deterministic kernel's 8-element items).
 FIRST_ARCH="${GENCODE[0]#*arch=compute_}"; FIRST_ARCH="${FIRST_ARCH%%,*}"
 "$NVCC" -arch="compute_${FIRST_ARCH}" -O3 -std=c++17 -ptx "$ROOT/csrc/step_kernel.cu" -o "$TMP/step_kernel.ptx"
 KERNELS=0
@@ -53,6 +54,7 @@ while IFS= read -r entry; do
   body="$(awk -v e="$entry" '/\.entry / {f = index($0, e "(") > 0; next} f' "$TMP/step_kernel.ptx")"
   ops=("ld.global.v4.f32" "st.global.v4.f32")
   [[ $entry =~ DrawPlanILi[12]E ]] && ops=("ld.global.v2.u32" "st.global.v2.b32")
+  [[ $entry =~ DtypePlanILi[12]E ]] && ops=("ld.global.v4.u32" "st.global.v4.b32")
   for op in "${ops[@]}"; do
     if ! grep -q "$op" <<< "$body"; then
       echo "check_cuda_compile: $entry has no $op (vector accesses were split)" >&2

@@ -18,7 +18,7 @@ from fastflow.plan import NUM_COEFS
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 NOISE_MODES = ("none", "philox", "tensor")
 # Next-model-input output: none, same dtype and batch, or bf16/fp16 with batch 2B
-# (make_case also takes "model": the model output's dtype, batch B).
+# (make_case also takes "model" and "dup-model": the model output's dtype, batch B or 2B).
 MI_MODES = (None, "same", "dup-bf16", "dup-fp16")
 REF = TorchBackend()
 
@@ -112,10 +112,12 @@ def make_case(
     table_dtype: torch.dtype = torch.float32,
     table_draw_dtype: torch.dtype = torch.float32,
     hist_dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16),
+    noise_dtype: torch.dtype | None = None,
 ) -> Case:
     """Fresh random inputs and a random coefficient table (5 rows; row 3 is used).
 
-    The table is drawn in ``table_draw_dtype`` and then cast to ``table_dtype``.
+    The table is drawn in ``table_draw_dtype`` and then cast to ``table_dtype``; an
+    explicit noise tensor (``noise="tensor"``) is in ``noise_dtype``, default ``odt``.
     """
     g = torch.Generator().manual_seed(seed)
 
@@ -129,7 +131,9 @@ def make_case(
     else:
         step = torch.tensor([step_row], dtype=torch.int32 if step_kind == "i32" else torch.int64, device=device)
     seeds = torch.randint(-(2**62), 2**62, (shape[0],), generator=g, dtype=torch.int64).to(device)
-    mi_dtype = {None: None, "same": zdt, "model": odt, "dup-bf16": torch.bfloat16, "dup-fp16": torch.float16}[mi]
+    mi_dtype = {
+        None: None, "same": zdt, "model": odt, "dup-model": odt, "dup-bf16": torch.bfloat16, "dup-fp16": torch.float16
+    }[mi]  # fmt: skip
     return Case(
         z=rnd(zdt, 2.0),
         model_out=rnd(odt),
@@ -138,7 +142,7 @@ def make_case(
         table=table,
         step=step,
         seeds=seeds if noise == "philox" else None,
-        noise=rnd(odt) if noise == "tensor" else None,
+        noise=rnd(noise_dtype or odt) if noise == "tensor" else None,
         use_noise=noise != "none",
         clip=0.8 if clip else None,
         x_dtype=x_dtype,

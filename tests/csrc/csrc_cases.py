@@ -34,3 +34,12 @@ def cuda_backend() -> CudaBackend:
     if reason is not None:
         pytest.skip(reason)
     return backend
+
+# Options a deterministic dtype plan (DtypePlans) leaves to the launch, one tuple per case: (guided, stored
+# predictions, noise ("none" or "tensor"), x_hat written, model input mode, clip, step index kind).
+DTYPE_PLAN_OPTIONS = [
+    (False, 0, "none", False, None, False, "int"),
+    (True, 2, "tensor", True, "model", True, "i64"),
+    (True, 3, "none", True, "dup-model", False, "i32"),
+    (False, 1, "tensor", False, "model", True, "int"),
+]

@@ -14,31 +14,35 @@
 
 namespace {
 
-// Whether two launches' parameters are the same in every field.
-bool same_params(const fastflow::StepParams& a, const fastflow::StepParams& b) {
+// Whether two launches' parameters describe the same launch: every field equal, but
+// the dtype of a tensor the launch does not have (never read) may differ.
+bool same_launch(const fastflow::StepParams& a, const fastflow::StepParams& b) {
   for (int j = 0; j < fastflow::kMaxHistory; ++j) {
-    if (a.history[j] != b.history[j] || a.history_dtype[j] != b.history_dtype[j]) return false;
+    if (a.history[j] != b.history[j]) return false;
+    if (j < a.num_history && a.history_dtype[j] != b.history_dtype[j]) return false;
   }
+  const auto same_dtype = [](const void* tensor, int da, int db) { return tensor == nullptr || da == db; };
   return a.z == b.z && a.out == b.out && a.model_out == b.model_out && a.model_out_uncond == b.model_out_uncond &&
          a.noise == b.noise && a.x_out == b.x_out && a.model_in_out == b.model_in_out && a.seeds == b.seeds &&
          a.table == b.table && a.step_ptr == b.step_ptr && a.step == b.step && a.table_rows == b.table_rows &&
          a.batch == b.batch && a.numel == b.numel && a.clip == b.clip && a.z_dtype == b.z_dtype &&
-         a.model_out_dtype == b.model_out_dtype && a.uncond_dtype == b.uncond_dtype && a.noise_dtype == b.noise_dtype &&
-         a.x_out_dtype == b.x_out_dtype && a.model_in_dtype == b.model_in_dtype && a.table_dtype == b.table_dtype &&
+         a.model_out_dtype == b.model_out_dtype && same_dtype(a.model_out_uncond, a.uncond_dtype, b.uncond_dtype) &&
+         same_dtype(a.noise, a.noise_dtype, b.noise_dtype) && same_dtype(a.x_out, a.x_out_dtype, b.x_out_dtype) &&
+         same_dtype(a.model_in_out, a.model_in_dtype, b.model_in_dtype) && a.table_dtype == b.table_dtype &&
          a.step_is_int32 == b.step_is_int32 && a.num_history == b.num_history && a.use_noise == b.use_noise &&
          a.has_clip == b.has_clip && a.model_in_double == b.model_in_double && a.vectorized == b.vectorized;
 }
 
 // As fused_step_kernel: the kernel's copy of the parameters with the launcher's
 // invariants and the plan's values pinned, then every emulated thread of the grid
-// (see fused_step_emulated). A plan the launcher picks must pin nothing its launch
-// does not already have: checked here on every emulated launch.
+// (see fused_step_emulated). A plan the launcher picks must not change the launch:
+// checked here on every emulated launch.
 template <typename T, bool kDraw, typename Plan = fastflow::GenericPlan>
 void run_grid(fastflow::StepParams p, int64_t threads, int64_t rows) {
   fastflow::pin_launch_invariants<T, kDraw>(p);
   const fastflow::StepParams before = p;
   Plan::pin(p);
-  TORCH_CHECK(same_params(before, p), "a drawing plan changed the parameters of a launch it matched");
+  TORCH_CHECK(same_launch(before, p), "a plan changed the parameters of a launch it matched");
   const int64_t items_per_sample = fastflow::items_per_sample<T, kDraw>(p);
   int64_t x_stride = threads > 0 ? std::min(threads, items_per_sample) : items_per_sample;
   int64_t y_stride = rows > 0 ? std::min(rows, p.batch) : p.batch;
@@ -74,31 +78,43 @@ void fused_step_emulated(const at::Tensor& z, const at::Tensor& out, const at::T
     fastflow::with_first_plan(
         s.p, [&](auto plan) { run_grid<float, true, decltype(plan)>(s.p, threads, rows); }, fastflow::DrawPlans{});
   } else {
-    run_grid<float, false>(s.p, threads, rows);
+    fastflow::with_first_plan(
+        s.p, [&](auto plan) { run_grid<float, false, decltype(plan)>(s.p, threads, rows); }, fastflow::DtypePlans{});
   }
   s.finish();
 }
 
+const char* const kDtypeNames[] = {"float32", "float16", "bfloat16", "float64"};
+
 std::string plan_name(fastflow::GenericPlan) { return "generic"; }
 template <int kZ, int kModelOut, bool kXOut, bool kModelIn>
 std::string plan_name(fastflow::DrawPlan<kZ, kModelOut, kXOut, kModelIn>) {
-  static const char* const dtypes[] = {"float32", "float16", "bfloat16", "float64"};
-  return std::string("draw ") + dtypes[kZ] + " " + dtypes[kModelOut] + (kXOut ? " x_out" : "") +
+  return std::string("draw ") + kDtypeNames[kZ] + " " + kDtypeNames[kModelOut] + (kXOut ? " x_out" : "") +
          (kModelIn ? " model_in" : "");
 }
+template <int kZ, int kModelOut>
+std::string plan_name(fastflow::DtypePlan<kZ, kModelOut>) {
+  return std::string("dtypes ") + kDtypeNames[kZ] + " " + kDtypeNames[kModelOut];
+}
 
-// The plan the float drawing kernel runs for a launch of these arguments (as the
-// launcher picks it): "generic", or "draw <state> <model output>[ x_out][ model_in]".
-std::string draw_plan(const at::Tensor& z, const at::Tensor& out, const at::Tensor& model_out,
-                      const std::optional<at::Tensor>& model_out_uncond, const std::vector<at::Tensor>& history,
-                      const at::Tensor& table, const std::optional<at::Tensor>& seeds,
-                      const std::optional<at::Tensor>& x_out, const std::optional<at::Tensor>& model_in_out,
-                      std::optional<double> clip) {
+// The plan the float kernel runs for a launch of these arguments, as the launcher picks
+// it: "generic", "draw <state> <model output>[ x_out][ model_in]" (drawing noise) or
+// "dtypes <state> <model output>" (not drawing).
+std::string launch_plan(const at::Tensor& z, const at::Tensor& out, const at::Tensor& model_out,
+                        const std::optional<at::Tensor>& model_out_uncond, const std::vector<at::Tensor>& history,
+                        const at::Tensor& table, const std::optional<at::Tensor>& seeds,
+                        const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& x_out,
+                        const std::optional<at::Tensor>& model_in_out, std::optional<double> clip, bool use_noise) {
   fastflow::PreparedStep s = fastflow::prepare_step(z, out, model_out, model_out_uncond, history, table, 0,
-                                                    std::nullopt, seeds, std::nullopt, x_out, model_in_out, clip, true);
-  TORCH_CHECK(!s.compute_double && fastflow::draws_noise(s.p), "not a float launch that draws its noise");
+                                                    std::nullopt, seeds, noise, x_out, model_in_out, clip, use_noise);
+  TORCH_CHECK(!s.compute_double, "a float64 launch has no plans");
   std::string name;
-  fastflow::with_first_plan(s.p, [&](auto plan) { name = plan_name(plan); }, fastflow::DrawPlans{});
+  const auto describe = [&](auto plan) { name = plan_name(plan); };
+  if (fastflow::draws_noise(s.p)) {
+    fastflow::with_first_plan(s.p, describe, fastflow::DrawPlans{});
+  } else {
+    fastflow::with_first_plan(s.p, describe, fastflow::DtypePlans{});
+  }
   return name;
 }
 
@@ -107,8 +123,10 @@ std::vector<std::string> plan_names(fastflow::PlanList<Plans...>) {
   return {plan_name(Plans{})...};
 }
 
-// Every plan of DrawPlans, in the launcher's order.
-std::vector<std::string> draw_plans() { return plan_names(fastflow::DrawPlans{}); }
+// Every plan of the drawing (DrawPlans) or the deterministic (DtypePlans) float kernel, in the launcher's order.
+std::vector<std::string> plans(bool draw) {
+  return draw ? plan_names(fastflow::DrawPlans{}) : plan_names(fastflow::DtypePlans{});
+}
 
 // The launcher's grid (threads, blocks along x, rows) for `batch` samples of `numel`
 // elements, for the deterministic (draw false) or the drawing float kernel.
@@ -163,8 +181,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_step", &fused_step_emulated);
   m.def("vectorized", &vectorized);
   m.def("step_grid", &launch_grid);
-  m.def("draw_plan", &draw_plan);
-  m.def("draw_plans", &draw_plans);
+  m.def("launch_plan", &launch_plan);
+  m.def("plans", &plans);
   m.def("normals_f32", &normals_f32);
   m.def("cos_sin_pi", &cos_sin_pi);
 }

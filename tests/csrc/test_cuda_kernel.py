@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from backends.step_cases import DTYPES, NOISE_MODES, REF, step_matrix
-from csrc_cases import PLAN_PAIRS, assert_matches, cuda_backend, make_case, matrix_case
+from csrc_cases import DTYPE_PLAN_OPTIONS, PLAN_PAIRS, assert_matches, cuda_backend, make_case, matrix_case
 
 from fastflow import noise as noise_spec
 from fastflow.backends import get_backend
@@ -211,6 +211,23 @@ def test_draw_plans_equal_triton(cb, tb, pair, x_out, model_in):
             got = case.run(cb)
             assert_matches(got, case.run(tb), exact=True)
             assert_matches(got, case.run(REF), exact=False)
+
+
+@pytest.mark.parametrize("pair", PLAN_PAIRS, ids=lambda p: f"{str(p[0])[6:]}_{str(p[1])[6:]}")
+def test_dtype_plans_bit_exact(cb, tb, pair):
+    """Every dtype plan of the deterministic kernel (the CPU emulation checks that the launcher picks it), over
+    the options it leaves to the launch: the reference's bits, and the Triton kernel's; also on samples of an odd
+    size (the scalar path)."""
+    zdt, odt = pair
+    for k, (guided, hist, noise, x_out, mi, clip, step_kind) in enumerate(DTYPE_PLAN_OPTIONS):
+        shape = (3, 16, 37, 41) if k == len(DTYPE_PLAN_OPTIONS) - 1 else (2, 16, 64, 64)
+        case = make_case(
+            shape, zdt, odt, guided=guided, hist=hist, clip=clip, noise=noise, x_dtype=zdt if x_out else None,
+            mi=mi, step_kind=step_kind, hist_dtypes=(zdt,), noise_dtype=zdt, device=DEV,
+        )  # fmt: skip
+        got = case.run(cb)
+        assert_matches(got, case.run(REF), exact=True)
+        assert_matches(got, case.run(tb), exact=True)
 
 
 def test_cuda_and_triton_draw_the_same_noise(cb, tb):

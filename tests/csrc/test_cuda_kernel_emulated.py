@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 from backends.step_cases import DTYPES, MI_MODES, NOISE_MODES, REF, Case
-from csrc_cases import PLAN_PAIRS, assert_matches, cuda_backend, make_case
+from csrc_cases import DTYPE_PLAN_OPTIONS, PLAN_PAIRS, assert_matches, cuda_backend, make_case
 
 from fastflow import noise as noise_spec
 from fastflow.plan import CIN, CN, H1, H2, W
@@ -182,8 +182,8 @@ def _plan(emu, case: Case) -> str:
     mi = None
     if case.mi_dtype is not None:
         mi = torch.empty((z.shape[0] * (2 if case.mi_dup else 1), *z.shape[1:]), dtype=case.mi_dtype)
-    return emu.draw_plan(z, torch.empty_like(z), case.model_out, case.uncond, list(case.history), case.table,
-                         case.seeds, x, mi, case.clip)  # fmt: skip
+    return emu.launch_plan(z, torch.empty_like(z), case.model_out, case.uncond, list(case.history), case.table,
+                           case.seeds, case.noise, x, mi, case.clip, case.use_noise)  # fmt: skip
 
 
 @pytest.mark.parametrize("model_in", [False, True], ids=["no_mi", "mi"])
@@ -206,15 +206,56 @@ def test_draw_plans(emu, pair, x_out, model_in):
         _check(emu, case, threads=-1)
 
 
+@pytest.mark.parametrize("pair", PLAN_PAIRS, ids=lambda p: f"{str(p[0])[6:]}_{str(p[1])[6:]}")
+def test_dtype_plans(emu, pair):
+    """Each dtype plan of the deterministic kernel: the launcher picks it for every launch in its dtypes,
+    whatever the options, and its emulated kernel (the dtypes pinned, checked to change nothing the launch reads)
+    gives the CPU kernel's bits, also on the launcher's grid."""
+    zdt, odt = pair
+    shapes = [(3, 2, 64), (2, 3, 40), (4, 1000), (2, 37)]  # the last: samples of 37 elements, the scalar path
+    for k, (options, shape) in enumerate(zip(DTYPE_PLAN_OPTIONS, shapes, strict=True)):
+        guided, hist, noise, x_out, mi, clip, step_kind = options
+        case = make_case(
+            shape, zdt, odt, guided=guided, hist=hist, clip=clip, noise=noise, x_dtype=zdt if x_out else None,
+            mi=mi, step_kind=step_kind, hist_dtypes=(zdt,), noise_dtype=zdt,
+            seed=zlib.crc32(repr(("dtype plan", pair, k)).encode()),
+        )  # fmt: skip
+        assert _plan(emu, case) == f"dtypes {str(zdt)[6:]} {str(odt)[6:]}", k
+        _check(emu, case)
+        _check(emu, case, threads=-1)
+
+
+def test_deterministic_launches_no_plan_covers_run_generic(emu):
+    """A deterministic launch with a tensor outside its pair's dtypes (a stored prediction, x_hat or explicit
+    noise not in the state's dtype, a model input not in the model output's, a float64 table, a state and model
+    output of different 16-bit dtypes) runs the generic kernel."""
+    base = dict(guided=True, hist=1, noise="none", hist_dtypes=(torch.float32,))
+    others = [
+        (torch.float32, torch.bfloat16, dict(base, hist_dtypes=(torch.float32, torch.bfloat16), hist=2)),
+        (torch.float32, torch.bfloat16, dict(base, x_dtype=torch.bfloat16)),
+        (torch.float32, torch.bfloat16, dict(base, noise="tensor")),
+        (torch.float32, torch.bfloat16, dict(base, mi="same")),
+        (torch.float32, torch.bfloat16, dict(base, mi="dup-fp16")),
+        (torch.float32, torch.bfloat16, dict(base, table_dtype=torch.float64)),
+        (torch.bfloat16, torch.float16, dict(base, hist_dtypes=(torch.bfloat16,))),
+    ]
+    for zdt, odt, kw in others:
+        case = make_case((2, 64), zdt, odt, **kw)
+        assert _plan(emu, case) == "generic", (zdt, odt, kw)
+        _check(emu, case)
+
+
 def test_every_plan_is_tested(emu):
-    """DrawPlans holds exactly the plans test_draw_plans (and the GPU tests) go through: PLAN_PAIRS times the
-    four sets of outputs."""
+    """The launcher's plans are exactly those test_draw_plans and test_dtype_plans (and the GPU tests) go
+    through: for each of PLAN_PAIRS, a drawing plan per set of outputs and a dtype plan."""
     want = {_plan_label(z, o, x, m) for z, o in PLAN_PAIRS for x in (False, True) for m in (False, True)}
-    got = emu.draw_plans()
+    got = emu.plans(True)
     assert len(got) == len(set(got)) and set(got) == want
+    got = emu.plans(False)
+    assert len(got) == len(set(got)) and set(got) == {f"dtypes {str(z)[6:]} {str(o)[6:]}" for z, o in PLAN_PAIRS}
 
 
-def test_launches_no_plan_covers_run_generic(emu):
+def test_drawing_launches_no_plan_covers_run_generic(emu):
     """A drawing launch outside every plan (guidance, history, other output dtypes, a doubled model input, a
     float64 table, unaligned samples, mixed 16-bit dtypes) runs the generic kernel."""
     base = dict(guided=False, hist=0, noise="philox")
