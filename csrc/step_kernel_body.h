@@ -84,16 +84,19 @@ FF_HD void assume_present(const void* ptr) {
 #endif
 }
 
-// State (z, out, x_hat) of dtype kZ, model output of dtype kModelOut, unguided, no
-// history, a float32 table, 16-byte-aligned tensors; x_hat written (kXOut, in kZ) or
-// not; the next model input written once (kModelIn, in kModelOut) or not. Clipping
-// and the step index's source stay runtime switches.
-template <int kZ, int kModelOut, bool kXOut, bool kModelIn>
+// A plan's dtype for an output tensor the launches it covers do not have.
+constexpr int kNoTensor = -1;
+
+// State (z, out) of dtype kZ, model output of dtype kModelOut, unguided, no history,
+// a float32 table, 16-byte-aligned tensors; x_hat written in kXOut (or not:
+// kNoTensor); the next model input written once (kModelIn, in kModelOut) or not.
+// Clipping and the step index's source stay runtime switches.
+template <int kZ, int kModelOut, int kXOut, bool kModelIn>
 struct DrawPlan {
   FF_HD static bool matches(const StepParams& p) {
     return p.vectorized != 0 && p.model_out_uncond == nullptr && p.num_history == 0 && p.table_dtype == kFloat32 &&
-           p.z_dtype == kZ && p.model_out_dtype == kModelOut && (p.x_out != nullptr) == kXOut &&
-           (!kXOut || p.x_out_dtype == kZ) && (p.model_in_out != nullptr) == kModelIn &&
+           p.z_dtype == kZ && p.model_out_dtype == kModelOut && (p.x_out != nullptr) == (kXOut != kNoTensor) &&
+           (kXOut == kNoTensor || p.x_out_dtype == kXOut) && (p.model_in_out != nullptr) == kModelIn &&
            (!kModelIn || (p.model_in_dtype == kModelOut && p.model_in_double == 0));
   }
   // The kernel's copy of the parameters gets the values matches checked: the compiler drops the other paths.
@@ -104,8 +107,8 @@ struct DrawPlan {
     p.table_dtype = kFloat32;
     p.z_dtype = kZ;
     p.model_out_dtype = kModelOut;
-    if constexpr (kXOut) {
-      p.x_out_dtype = kZ;
+    if constexpr (kXOut != kNoTensor) {
+      p.x_out_dtype = kXOut;
       assume_present(p.x_out);
     } else {
       p.x_out = nullptr;
@@ -123,10 +126,14 @@ struct DrawPlan {
 template <typename... Plans>
 struct PlanList {};
 
-// The four output choices of one dtype pair.
+// The four output choices of one dtype pair (x_hat in the state's dtype).
 template <int kZ, int kModelOut>
-using DrawPlansOf = PlanList<DrawPlan<kZ, kModelOut, false, false>, DrawPlan<kZ, kModelOut, false, true>,
-                             DrawPlan<kZ, kModelOut, true, false>, DrawPlan<kZ, kModelOut, true, true>>;
+using DrawPlansOf =
+    PlanList<DrawPlan<kZ, kModelOut, kNoTensor, false>, DrawPlan<kZ, kModelOut, kNoTensor, true>,
+             DrawPlan<kZ, kModelOut, kZ, false>, DrawPlan<kZ, kModelOut, kZ, true>>;
+// A 16-bit state's x_hat in float32 (the drop-ins of schedulers that upcast a half sample write it so).
+template <int kZ>
+using FloatXDrawPlansOf = PlanList<DrawPlan<kZ, kZ, kFloat32, false>, DrawPlan<kZ, kZ, kFloat32, true>>;
 
 template <typename... Lists>
 struct ConcatPlans;
@@ -139,10 +146,12 @@ struct ConcatPlans<PlanList<A...>, PlanList<B...>, Rest...> {
   using type = typename ConcatPlans<PlanList<A..., B...>, Rest...>::type;
 };
 
-// float32 state with a float32, bfloat16 or float16 model, and all-bfloat16 or all-float16 steps: 20 kernels.
+// float32 state with a float32, bfloat16 or float16 model, and all-bfloat16 or all-float16 steps (also with a
+// float32 x_hat): 24 kernels.
 using DrawPlans = typename ConcatPlans<DrawPlansOf<kFloat32, kFloat32>, DrawPlansOf<kFloat32, kBFloat16>,
                                        DrawPlansOf<kFloat32, kFloat16>, DrawPlansOf<kBFloat16, kBFloat16>,
-                                       DrawPlansOf<kFloat16, kFloat16>>::type;
+                                       DrawPlansOf<kFloat16, kFloat16>, FloatXDrawPlansOf<kBFloat16>,
+                                       FloatXDrawPlansOf<kFloat16>>::type;
 
 // Dtype plans of the deterministic kernel. It is memory-bound at large sizes, where
 // fixing its switches saved nothing (all of them: 1.6 % slower), but a small step is
@@ -152,16 +161,16 @@ using DrawPlans = typename ConcatPlans<DrawPlansOf<kFloat32, kFloat32>, DrawPlan
 // next model input written; benchmarks/cuda_step_variants.cu, "dtypes fixed", commit
 // a3af18e's run; the plan <kFloat32, kBFloat16> compiles to that variant's code). A
 // DtypePlan fixes every storage dtype and leaves the options to the launch: state,
-// x_hat, stored predictions and explicit noise in kZ; model outputs (both of a
-// guidance pair) and the next model input in kModelOut; a float32 table.
-template <int kZ, int kModelOut>
+// stored predictions and explicit noise in kZ; x_hat in kXOut; model outputs (both of
+// a guidance pair) and the next model input in kModelOut; a float32 table.
+template <int kZ, int kModelOut, int kXOut = kZ>
 struct DtypePlan {
   FF_HD static bool matches(const StepParams& p) {
     bool history_in_z = true;
     for (int j = 0; j < p.num_history; ++j) history_in_z = history_in_z && p.history_dtype[j] == kZ;
     return p.table_dtype == kFloat32 && p.z_dtype == kZ && p.model_out_dtype == kModelOut && history_in_z &&
            (p.model_out_uncond == nullptr || p.uncond_dtype == kModelOut) &&
-           (p.noise == nullptr || p.noise_dtype == kZ) && (p.x_out == nullptr || p.x_out_dtype == kZ) &&
+           (p.noise == nullptr || p.noise_dtype == kZ) && (p.x_out == nullptr || p.x_out_dtype == kXOut) &&
            (p.model_in_out == nullptr || p.model_in_dtype == kModelOut);
   }
   // Every dtype, also those of tensors the launch lacks (which it never reads).
@@ -170,17 +179,18 @@ struct DtypePlan {
     p.model_out_dtype = kModelOut;
     p.uncond_dtype = kModelOut;
     p.noise_dtype = kZ;
-    p.x_out_dtype = kZ;
+    p.x_out_dtype = kXOut;
     p.model_in_dtype = kModelOut;
     p.table_dtype = kFloat32;
     for (int j = 0; j < kMaxHistory; ++j) p.history_dtype[j] = kZ;
   }
 };
 
-// The same dtype pairs as DrawPlans: 5 kernels.
-using DtypePlans = PlanList<DtypePlan<kFloat32, kFloat32>, DtypePlan<kFloat32, kBFloat16>,
-                            DtypePlan<kFloat32, kFloat16>, DtypePlan<kBFloat16, kBFloat16>,
-                            DtypePlan<kFloat16, kFloat16>>;
+// The same dtype pairs as DrawPlans (a 16-bit state's x_hat also in float32): 7 kernels.
+using DtypePlans =
+    PlanList<DtypePlan<kFloat32, kFloat32>, DtypePlan<kFloat32, kBFloat16>, DtypePlan<kFloat32, kFloat16>,
+             DtypePlan<kBFloat16, kBFloat16>, DtypePlan<kFloat16, kFloat16>,
+             DtypePlan<kBFloat16, kBFloat16, kFloat32>, DtypePlan<kFloat16, kFloat16, kFloat32>>;
 
 // Calls f(Plan{}) with the first plan of the list that matches p, GenericPlan when none does (host side).
 template <typename F>

@@ -17,16 +17,6 @@ make_case = partial(step_cases.make_case, table_draw_dtype=torch.float64)
 matrix_case = partial(step_cases.matrix_case, table_draw_dtype=torch.float64)
 assert_matches = partial(step_cases.assert_matches, tol=EXTENSION_TOL)
 
-# The (state, model output) dtypes of the CUDA drawing kernel's compile-time plans (DrawPlans in
-# csrc/step_kernel_body.h); each pair has a plan per set of outputs.
-PLAN_PAIRS = [
-    (torch.float32, torch.float32),
-    (torch.float32, torch.bfloat16),
-    (torch.float32, torch.float16),
-    (torch.bfloat16, torch.bfloat16),
-    (torch.float16, torch.float16),
-]
-
 
 def cuda_backend() -> CudaBackend:
     backend = CudaBackend()
@@ -34,6 +24,40 @@ def cuda_backend() -> CudaBackend:
     if reason is not None:
         pytest.skip(reason)
     return backend
+
+
+# The CUDA float kernels' compile-time plans (DrawPlans and DtypePlans in csrc/step_kernel_body.h), as launches
+# the tests build for them. The (state, model output) dtype pairs; the drawing plans as (state, model output,
+# x_hat dtype or None, next model input written); the dtype plans as (state, model output, x_hat dtype).
+PLAN_PAIRS = [
+    (torch.float32, torch.float32),
+    (torch.float32, torch.bfloat16),
+    (torch.float32, torch.float16),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.float16, torch.float16),
+]
+HALF_STATES = (torch.bfloat16, torch.float16)  # their plans also take a float32 x_hat
+DRAW_PLANS = [(z, o, x, m) for z, o in PLAN_PAIRS for x in (None, z) for m in (False, True)] + [
+    (z, z, torch.float32, m) for z in HALF_STATES for m in (False, True)
+]
+DTYPE_PLANS = [(z, o, z) for z, o in PLAN_PAIRS] + [(z, z, torch.float32) for z in HALF_STATES]
+
+
+def plan_id(plan: tuple) -> str:
+    """A test id for an entry of DRAW_PLANS or DTYPE_PLANS."""
+    return "-".join("none" if v is None else (str(v)[6:] if isinstance(v, torch.dtype) else str(v)) for v in plan)
+
+
+def draw_plan_label(zdt: torch.dtype, odt: torch.dtype, x_dtype: torch.dtype | None, model_in: bool) -> str:
+    """The emulator's name of a drawing plan: "draw <state> <model output>[ x_out <dtype>][ model_in]"."""
+    x = "" if x_dtype is None else f" x_out {str(x_dtype)[6:]}"
+    return f"draw {str(zdt)[6:]} {str(odt)[6:]}{x}" + (" model_in" if model_in else "")
+
+
+def dtype_plan_label(zdt: torch.dtype, odt: torch.dtype, x_dtype: torch.dtype) -> str:
+    """The emulator's name of a dtype plan: "dtypes <state> <model output> x_out <dtype>"."""
+    return f"dtypes {str(zdt)[6:]} {str(odt)[6:]} x_out {str(x_dtype)[6:]}"
+
 
 # Options a deterministic dtype plan (DtypePlans) leaves to the launch, one tuple per case: (guided, stored
 # predictions, noise ("none" or "tensor"), x_hat written, model input mode, clip, step index kind).

@@ -87,19 +87,20 @@ void fused_step_emulated(const at::Tensor& z, const at::Tensor& out, const at::T
 const char* const kDtypeNames[] = {"float32", "float16", "bfloat16", "float64"};
 
 std::string plan_name(fastflow::GenericPlan) { return "generic"; }
-template <int kZ, int kModelOut, bool kXOut, bool kModelIn>
+template <int kZ, int kModelOut, int kXOut, bool kModelIn>
 std::string plan_name(fastflow::DrawPlan<kZ, kModelOut, kXOut, kModelIn>) {
-  return std::string("draw ") + kDtypeNames[kZ] + " " + kDtypeNames[kModelOut] + (kXOut ? " x_out" : "") +
+  return std::string("draw ") + kDtypeNames[kZ] + " " + kDtypeNames[kModelOut] +
+         (kXOut == fastflow::kNoTensor ? "" : std::string(" x_out ") + kDtypeNames[kXOut]) +
          (kModelIn ? " model_in" : "");
 }
-template <int kZ, int kModelOut>
-std::string plan_name(fastflow::DtypePlan<kZ, kModelOut>) {
-  return std::string("dtypes ") + kDtypeNames[kZ] + " " + kDtypeNames[kModelOut];
+template <int kZ, int kModelOut, int kXOut>
+std::string plan_name(fastflow::DtypePlan<kZ, kModelOut, kXOut>) {
+  return std::string("dtypes ") + kDtypeNames[kZ] + " " + kDtypeNames[kModelOut] + " x_out " + kDtypeNames[kXOut];
 }
 
 // The plan the float kernel runs for a launch of these arguments, as the launcher picks
-// it: "generic", "draw <state> <model output>[ x_out][ model_in]" (drawing noise) or
-// "dtypes <state> <model output>" (not drawing).
+// it: "generic", "draw <state> <model output>[ x_out <dtype>][ model_in]" (drawing
+// noise) or "dtypes <state> <model output> x_out <dtype>" (not drawing).
 std::string launch_plan(const at::Tensor& z, const at::Tensor& out, const at::Tensor& model_out,
                         const std::optional<at::Tensor>& model_out_uncond, const std::vector<at::Tensor>& history,
                         const at::Tensor& table, const std::optional<at::Tensor>& seeds,

@@ -11,7 +11,16 @@ import numpy as np
 import pytest
 import torch
 from backends.step_cases import DTYPES, NOISE_MODES, REF, step_matrix
-from csrc_cases import DTYPE_PLAN_OPTIONS, PLAN_PAIRS, assert_matches, cuda_backend, make_case, matrix_case
+from csrc_cases import (
+    DRAW_PLANS,
+    DTYPE_PLAN_OPTIONS,
+    DTYPE_PLANS,
+    assert_matches,
+    cuda_backend,
+    make_case,
+    matrix_case,
+    plan_id,
+)
 
 from fastflow import noise as noise_spec
 from fastflow.backends import get_backend
@@ -193,19 +202,17 @@ def test_cuda_equals_triton(cb, tb, noise):
     assert_matches(case.run(cb), case.run(tb), exact=True)
 
 
-@pytest.mark.parametrize("model_in", [False, True], ids=["no_mi", "mi"])
-@pytest.mark.parametrize("x_out", [False, True], ids=["no_x", "x"])
-@pytest.mark.parametrize("pair", PLAN_PAIRS, ids=lambda p: f"{str(p[0])[6:]}_{str(p[1])[6:]}")
-def test_draw_plans_equal_triton(cb, tb, pair, x_out, model_in):
+@pytest.mark.parametrize("plan", DRAW_PLANS, ids=plan_id)
+def test_draw_plans_equal_triton(cb, tb, plan):
     """Every compile-time plan of the drawing kernel (unguided, no history; the CPU emulation checks that the
     launcher picks it) gives the Triton kernel's bits, clipping or not, with the step index on the device; the
     float32/bfloat16 plans also at 9.7M elements, where threads take 4 items each."""
-    zdt, odt = pair
-    shapes = [(2, 16, 64, 64)] + ([(2, 16, 21, 90, 160)] if pair == PLAN_PAIRS[1] else [])
+    zdt, odt, x_dtype, model_in = plan
+    shapes = [(2, 16, 64, 64)] + ([(2, 16, 21, 90, 160)] if (zdt, odt) == (torch.float32, torch.bfloat16) else [])
     for shape in shapes:
         for clip in (False, True):
             case = make_case(
-                shape, zdt, odt, guided=False, hist=0, clip=clip, noise="philox", x_dtype=zdt if x_out else None,
+                shape, zdt, odt, guided=False, hist=0, clip=clip, noise="philox", x_dtype=x_dtype,
                 mi="model" if model_in else None, step_kind="i64", device=DEV,
             )  # fmt: skip
             got = case.run(cb)
@@ -213,16 +220,16 @@ def test_draw_plans_equal_triton(cb, tb, pair, x_out, model_in):
             assert_matches(got, case.run(REF), exact=False)
 
 
-@pytest.mark.parametrize("pair", PLAN_PAIRS, ids=lambda p: f"{str(p[0])[6:]}_{str(p[1])[6:]}")
-def test_dtype_plans_bit_exact(cb, tb, pair):
+@pytest.mark.parametrize("plan", DTYPE_PLANS, ids=plan_id)
+def test_dtype_plans_bit_exact(cb, tb, plan):
     """Every dtype plan of the deterministic kernel (the CPU emulation checks that the launcher picks it), over
     the options it leaves to the launch: the reference's bits, and the Triton kernel's; also on samples of an odd
     size (the scalar path)."""
-    zdt, odt = pair
+    zdt, odt, x_dtype = plan
     for k, (guided, hist, noise, x_out, mi, clip, step_kind) in enumerate(DTYPE_PLAN_OPTIONS):
         shape = (3, 16, 37, 41) if k == len(DTYPE_PLAN_OPTIONS) - 1 else (2, 16, 64, 64)
         case = make_case(
-            shape, zdt, odt, guided=guided, hist=hist, clip=clip, noise=noise, x_dtype=zdt if x_out else None,
+            shape, zdt, odt, guided=guided, hist=hist, clip=clip, noise=noise, x_dtype=x_dtype if x_out else None,
             mi=mi, step_kind=step_kind, hist_dtypes=(zdt,), noise_dtype=zdt, device=DEV,
         )  # fmt: skip
         got = case.run(cb)

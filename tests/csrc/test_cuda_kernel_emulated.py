@@ -22,7 +22,17 @@ import numpy as np
 import pytest
 import torch
 from backends.step_cases import DTYPES, MI_MODES, NOISE_MODES, REF, Case
-from csrc_cases import DTYPE_PLAN_OPTIONS, PLAN_PAIRS, assert_matches, cuda_backend, make_case
+from csrc_cases import (
+    DRAW_PLANS,
+    DTYPE_PLAN_OPTIONS,
+    DTYPE_PLANS,
+    assert_matches,
+    cuda_backend,
+    draw_plan_label,
+    dtype_plan_label,
+    make_case,
+    plan_id,
+)
 
 from fastflow import noise as noise_spec
 from fastflow.plan import CIN, CN, H1, H2, W
@@ -170,11 +180,6 @@ def test_unaligned_pointers(emu):
     assert_matches(case.run(Emulated(emu)), want, exact=True)
 
 
-def _plan_label(zdt: torch.dtype, odt: torch.dtype, x_out: bool, model_in: bool) -> str:
-    """The emulator's name of a DrawPlan: "draw <state> <model output>[ x_out][ model_in]"."""
-    return f"draw {str(zdt)[6:]} {str(odt)[6:]}" + (" x_out" if x_out else "") + (" model_in" if model_in else "")
-
-
 def _plan(emu, case: Case) -> str:
     """The plan the launcher picks for ``case`` (outputs allocated as ``Case.run`` does)."""
     z = case.z
@@ -186,41 +191,39 @@ def _plan(emu, case: Case) -> str:
                            case.seeds, case.noise, x, mi, case.clip, case.use_noise)  # fmt: skip
 
 
-@pytest.mark.parametrize("model_in", [False, True], ids=["no_mi", "mi"])
-@pytest.mark.parametrize("x_out", [False, True], ids=["no_x", "x"])
-@pytest.mark.parametrize("pair", PLAN_PAIRS, ids=lambda p: f"{str(p[0])[6:]}_{str(p[1])[6:]}")
-def test_draw_plans(emu, pair, x_out, model_in):
+@pytest.mark.parametrize("plan", DRAW_PLANS, ids=plan_id)
+def test_draw_plans(emu, plan):
     """Each compile-time plan of the drawing kernel: the launcher picks it for the launches it covers, and its
     emulated kernel (the plan's values pinned, checked to change no parameter) gives the CPU kernel's bits, with
     its runtime switches (clipping, the step index on the device) both ways and on the launcher's grid."""
-    zdt, odt = pair
-    want = _plan_label(zdt, odt, x_out, model_in)
+    zdt, odt, x_dtype, model_in = plan
     for clip, step_kind, shape in ((False, "int", (3, 2, 64)), (True, "i64", (2, 3, 40)), (True, "i32", (4, 1000))):
         case = make_case(
-            shape, zdt, odt, guided=False, hist=0, clip=clip, noise="philox", x_dtype=zdt if x_out else None,
+            shape, zdt, odt, guided=False, hist=0, clip=clip, noise="philox", x_dtype=x_dtype,
             mi="model" if model_in else None, step_kind=step_kind,
-            seed=zlib.crc32(repr(("plan", pair, x_out, model_in, shape)).encode()),
+            seed=zlib.crc32(repr(("plan", plan_id(plan), shape)).encode()),
         )  # fmt: skip
-        assert _plan(emu, case) == want
+        assert _plan(emu, case) == draw_plan_label(*plan)
         _check(emu, case)
         _check(emu, case, threads=-1)
 
 
-@pytest.mark.parametrize("pair", PLAN_PAIRS, ids=lambda p: f"{str(p[0])[6:]}_{str(p[1])[6:]}")
-def test_dtype_plans(emu, pair):
+@pytest.mark.parametrize("plan", DTYPE_PLANS, ids=plan_id)
+def test_dtype_plans(emu, plan):
     """Each dtype plan of the deterministic kernel: the launcher picks it for every launch in its dtypes,
-    whatever the options, and its emulated kernel (the dtypes pinned, checked to change nothing the launch reads)
-    gives the CPU kernel's bits, also on the launcher's grid."""
-    zdt, odt = pair
+    whatever the options (one without x_hat runs the pair's first plan), and its emulated kernel (the dtypes
+    pinned, checked to change nothing the launch reads) gives the CPU kernel's bits, also on the launcher's
+    grid."""
+    zdt, odt, x_dtype = plan
     shapes = [(3, 2, 64), (2, 3, 40), (4, 1000), (2, 37)]  # the last: samples of 37 elements, the scalar path
     for k, (options, shape) in enumerate(zip(DTYPE_PLAN_OPTIONS, shapes, strict=True)):
         guided, hist, noise, x_out, mi, clip, step_kind = options
         case = make_case(
-            shape, zdt, odt, guided=guided, hist=hist, clip=clip, noise=noise, x_dtype=zdt if x_out else None,
+            shape, zdt, odt, guided=guided, hist=hist, clip=clip, noise=noise, x_dtype=x_dtype if x_out else None,
             mi=mi, step_kind=step_kind, hist_dtypes=(zdt,), noise_dtype=zdt,
-            seed=zlib.crc32(repr(("dtype plan", pair, k)).encode()),
+            seed=zlib.crc32(repr(("dtype plan", plan_id(plan), k)).encode()),
         )  # fmt: skip
-        assert _plan(emu, case) == f"dtypes {str(zdt)[6:]} {str(odt)[6:]}", k
+        assert _plan(emu, case) == dtype_plan_label(zdt, odt, x_dtype if x_out else zdt), k
         _check(emu, case)
         _check(emu, case, threads=-1)
 
@@ -247,12 +250,10 @@ def test_deterministic_launches_no_plan_covers_run_generic(emu):
 
 def test_every_plan_is_tested(emu):
     """The launcher's plans are exactly those test_draw_plans and test_dtype_plans (and the GPU tests) go
-    through: for each of PLAN_PAIRS, a drawing plan per set of outputs and a dtype plan."""
-    want = {_plan_label(z, o, x, m) for z, o in PLAN_PAIRS for x in (False, True) for m in (False, True)}
-    got = emu.plans(True)
-    assert len(got) == len(set(got)) and set(got) == want
-    got = emu.plans(False)
-    assert len(got) == len(set(got)) and set(got) == {f"dtypes {str(z)[6:]} {str(o)[6:]}" for z, o in PLAN_PAIRS}
+    through: DRAW_PLANS and DTYPE_PLANS."""
+    for draw, plans, label in ((True, DRAW_PLANS, draw_plan_label), (False, DTYPE_PLANS, dtype_plan_label)):
+        got = emu.plans(draw)
+        assert len(got) == len(set(got)) and set(got) == {label(*plan) for plan in plans}
 
 
 def test_drawing_launches_no_plan_covers_run_generic(emu):
