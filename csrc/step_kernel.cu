@@ -19,12 +19,13 @@
 // items needed 62 registers on sm_90; the drawing kernel's 4-element items need
 // about as many as the deterministic kernel's 8, see scripts/check_cuda_compile.sh),
 // and double compute; the float kernels also come in compile-time plans for the
-// common launches (DrawPlans and DtypePlans in step_kernel_body.h).
+// common launches (DrawPlans and DtypePlans in step_plans.h).
 #include <cuda_runtime.h>
 
 #include "fastflow_cuda.h"
 #include "fastflow_step.h"
 #include "step_kernel_body.h"
+#include "step_plans.h"
 
 namespace fastflow {
 namespace {
@@ -34,7 +35,7 @@ static_assert(LaunchShape<true>::threads <= kThreads && LaunchShape<false>::thre
               "step_grid's blocks must fit the kernels' launch bounds");
 
 // Grid: x over a sample's items, y over samples (each loop strides past the grid).
-// Plan: GenericPlan, or a DrawPlan or DtypePlan the launch matches (step_kernel_body.h).
+// Plan: GenericPlan, or a DrawPlan or DtypePlan the launch matches (step_plans.h).
 template <typename T, bool kDraw, typename Plan>
 __global__ void __launch_bounds__(kThreads) fused_step_kernel(StepParams p, int64_t items_per_sample) {
   pin_launch_invariants<T, kDraw>(p);

@@ -26,7 +26,7 @@ def cuda_backend() -> CudaBackend:
     return backend
 
 
-# The CUDA float kernels' compile-time plans (DrawPlans and DtypePlans in csrc/step_kernel_body.h), as launches
+# The CUDA float kernels' compile-time plans (DrawPlans and DtypePlans in csrc/step_plans.h), as launches
 # the tests build for them. The (state, model output) dtype pairs; the drawing plans as (state, model output,
 # x_hat dtype or None, next model input written); the dtype plans as (state, model output, x_hat dtype).
 PLAN_PAIRS = [

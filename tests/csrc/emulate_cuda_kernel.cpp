@@ -11,6 +11,7 @@
 
 #include "step_host.h"
 #include "step_kernel_body.h"
+#include "step_plans.h"
 
 namespace {
 

@@ -1,0 +1,163 @@
+// Compile-time plans of the CUDA step kernels: which runtime switches of a launch's
+// parameters (StepParams) a kernel instantiation fixes, and the host-side choice of
+// the instantiation for a launch. The kernels (step_kernel.cu) pin a plan's values
+// into their copy of the parameters, so the compiler drops the paths the plan rules
+// out; the CPU emulation of the kernel (tests/csrc/emulate_cuda_kernel.cpp) picks and
+// pins plans the same way.
+#pragma once
+
+#include "fastflow_step.h"
+
+namespace fastflow {
+
+// Compile-time plans of the float drawing kernel. It is issue-bound: every runtime
+// switch of the plan (storage dtypes, guidance, history, outputs, the scalar path)
+// costs instructions per item, and on an H100 at 19.4M elements fixing all of them
+// took it from 82.0 to 70.8 us, while no group alone saved more than 2.7 us
+// (benchmarks/cuda_step_variants.cu); the plans below took a DDPM step from 81.9 to
+// 72.1 us there, 91.7 to 85.3 us when it writes the next model input, and 2 % off
+// with x_hat written (commit 69179cd's run). A DrawPlan fixes them for the stochastic steps
+// that have no guidance and no history (DDPM, ancestral Euler, DDIM with eta, LCM) in
+// the usual pairs of state and model-output dtypes, with or without the x_hat and
+// next-model-input outputs; every other drawing launch runs GenericPlan. The launcher
+// (and the CPU emulation of the kernel) runs the first plan of DrawPlans that matches
+// the launch's parameters, and a plan's pin only writes the values its matches
+// checked (or, for DtypePlan below, dtypes of tensors the launch does not have), so
+// a specialized kernel computes exactly what the generic one does.
+struct GenericPlan {
+  FF_HD static bool matches(const StepParams&) { return true; }
+  FF_HD static void pin(StepParams&) {}
+};
+
+// Tells the device compiler a pointer the plan requires is there (no effect on the host).
+FF_HD void assume_present(const void* ptr) {
+#if defined(__CUDA_ARCH__)
+  __builtin_assume(ptr != nullptr);
+#else
+  (void)ptr;
+#endif
+}
+
+// A plan's dtype for an output tensor the launches it covers do not have.
+constexpr int kNoTensor = -1;
+
+// State (z, out) of dtype kZ, model output of dtype kModelOut, unguided, no history,
+// a float32 table, 16-byte-aligned tensors; x_hat written in kXOut (or not:
+// kNoTensor); the next model input written once (kModelIn, in kModelOut) or not.
+// Clipping and the step index's source stay runtime switches.
+template <int kZ, int kModelOut, int kXOut, bool kModelIn>
+struct DrawPlan {
+  FF_HD static bool matches(const StepParams& p) {
+    return p.vectorized != 0 && p.model_out_uncond == nullptr && p.num_history == 0 && p.table_dtype == kFloat32 &&
+           p.z_dtype == kZ && p.model_out_dtype == kModelOut && (p.x_out != nullptr) == (kXOut != kNoTensor) &&
+           (kXOut == kNoTensor || p.x_out_dtype == kXOut) && (p.model_in_out != nullptr) == kModelIn &&
+           (!kModelIn || (p.model_in_dtype == kModelOut && p.model_in_double == 0));
+  }
+  // The kernel's copy of the parameters gets the values matches checked: the compiler drops the other paths.
+  FF_HD static void pin(StepParams& p) {
+    p.vectorized = 1;
+    p.model_out_uncond = nullptr;
+    p.num_history = 0;
+    p.table_dtype = kFloat32;
+    p.z_dtype = kZ;
+    p.model_out_dtype = kModelOut;
+    if constexpr (kXOut != kNoTensor) {
+      p.x_out_dtype = kXOut;
+      assume_present(p.x_out);
+    } else {
+      p.x_out = nullptr;
+    }
+    if constexpr (kModelIn) {
+      p.model_in_dtype = kModelOut;
+      p.model_in_double = 0;
+      assume_present(p.model_in_out);
+    } else {
+      p.model_in_out = nullptr;
+    }
+  }
+};
+
+template <typename... Plans>
+struct PlanList {};
+
+// The four output choices of one dtype pair (x_hat in the state's dtype).
+template <int kZ, int kModelOut>
+using DrawPlansOf =
+    PlanList<DrawPlan<kZ, kModelOut, kNoTensor, false>, DrawPlan<kZ, kModelOut, kNoTensor, true>,
+             DrawPlan<kZ, kModelOut, kZ, false>, DrawPlan<kZ, kModelOut, kZ, true>>;
+// A 16-bit state's x_hat in float32 (the drop-ins of schedulers that upcast a half sample write it so).
+template <int kZ>
+using FloatXDrawPlansOf = PlanList<DrawPlan<kZ, kZ, kFloat32, false>, DrawPlan<kZ, kZ, kFloat32, true>>;
+
+template <typename... Lists>
+struct ConcatPlans;
+template <typename List>
+struct ConcatPlans<List> {
+  using type = List;
+};
+template <typename... A, typename... B, typename... Rest>
+struct ConcatPlans<PlanList<A...>, PlanList<B...>, Rest...> {
+  using type = typename ConcatPlans<PlanList<A..., B...>, Rest...>::type;
+};
+
+// float32 state with a float32, bfloat16 or float16 model, and all-bfloat16 or all-float16 steps (also with a
+// float32 x_hat): 24 kernels.
+using DrawPlans = typename ConcatPlans<DrawPlansOf<kFloat32, kFloat32>, DrawPlansOf<kFloat32, kBFloat16>,
+                                       DrawPlansOf<kFloat32, kFloat16>, DrawPlansOf<kBFloat16, kBFloat16>,
+                                       DrawPlansOf<kFloat16, kFloat16>, FloatXDrawPlansOf<kBFloat16>,
+                                       FloatXDrawPlansOf<kFloat16>>::type;
+
+// Dtype plans of the deterministic kernel. It is memory-bound at large sizes, where
+// fixing its switches saved nothing (all of them: 1.6 % slower), but a small step is
+// mostly the latency of its first loads, which wait behind the runtime dtype
+// switches: on an H100 fixing the dtypes alone took a (1,16,128,128) step from 5.92 to
+// 5.31 us, and left 19.4M elements at 68.5 against 68.8 us (82.2 against 82.6 with the
+// next model input written; benchmarks/cuda_step_variants.cu, "dtypes fixed", commit
+// a3af18e's run; the plan <kFloat32, kBFloat16> compiles to that variant's code). A
+// DtypePlan fixes every storage dtype and leaves the options to the launch: state,
+// stored predictions and explicit noise in kZ; x_hat in kXOut; model outputs (both of
+// a guidance pair) and the next model input in kModelOut; a float32 table.
+template <int kZ, int kModelOut, int kXOut = kZ>
+struct DtypePlan {
+  FF_HD static bool matches(const StepParams& p) {
+    bool history_in_z = true;
+    for (int j = 0; j < p.num_history; ++j) history_in_z = history_in_z && p.history_dtype[j] == kZ;
+    return p.table_dtype == kFloat32 && p.z_dtype == kZ && p.model_out_dtype == kModelOut && history_in_z &&
+           (p.model_out_uncond == nullptr || p.uncond_dtype == kModelOut) &&
+           (p.noise == nullptr || p.noise_dtype == kZ) && (p.x_out == nullptr || p.x_out_dtype == kXOut) &&
+           (p.model_in_out == nullptr || p.model_in_dtype == kModelOut);
+  }
+  // Every dtype, also those of tensors the launch lacks (which it never reads).
+  FF_HD static void pin(StepParams& p) {
+    p.z_dtype = kZ;
+    p.model_out_dtype = kModelOut;
+    p.uncond_dtype = kModelOut;
+    p.noise_dtype = kZ;
+    p.x_out_dtype = kXOut;
+    p.model_in_dtype = kModelOut;
+    p.table_dtype = kFloat32;
+    for (int j = 0; j < kMaxHistory; ++j) p.history_dtype[j] = kZ;
+  }
+};
+
+// The same dtype pairs as DrawPlans (a 16-bit state's x_hat also in float32): 7 kernels.
+using DtypePlans =
+    PlanList<DtypePlan<kFloat32, kFloat32>, DtypePlan<kFloat32, kBFloat16>, DtypePlan<kFloat32, kFloat16>,
+             DtypePlan<kBFloat16, kBFloat16>, DtypePlan<kFloat16, kFloat16>,
+             DtypePlan<kBFloat16, kBFloat16, kFloat32>, DtypePlan<kFloat16, kFloat16, kFloat32>>;
+
+// Calls f(Plan{}) with the first plan of the list that matches p, GenericPlan when none does (host side).
+template <typename F>
+inline void with_first_plan(const StepParams&, F&& f, PlanList<>) {
+  f(GenericPlan{});
+}
+template <typename F, typename Plan, typename... Rest>
+inline void with_first_plan(const StepParams& p, F&& f, PlanList<Plan, Rest...>) {
+  if (Plan::matches(p)) {
+    f(Plan{});
+  } else {
+    with_first_plan(p, f, PlanList<Rest...>{});
+  }
+}
+
+}  // namespace fastflow
