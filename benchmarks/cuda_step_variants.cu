@@ -22,8 +22,9 @@
 //                  rest (no clip, vector path, host step index)
 //   options fixed  every switch but the dtypes a constant
 //   all fixed      every switch a constant (the Triton kernel's specialization)
-//   launcher       the extension's own launch (launch_fused_step_cuda): a drawing
-//                  launch runs the compile-time plan that matches it (DrawPlans)
+//   launcher       the extension's own launch (launch_fused_step_cuda): the
+//                  compile-time plan that matches the launch (csrc/step_plans.h:
+//                  DrawPlans when drawing, else DtypePlans)
 // A second table times the drawing kernel's generic form against the launcher's plan
 // for each set of outputs (x_hat, next model input), and checks they give the same z.
 // A third table times a small step, (1,16,128,128) with the model input written
