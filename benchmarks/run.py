@@ -201,12 +201,17 @@ def measure_impl(impl: Impl, case: Case, settings: dict, bytes_per_elem: int, co
             row["device_us_error"] = _err(exc)
     # host-inclusive loop
     try:
-        row["host_us"] = timing.host_loop_us(impl.prepare, impl.run, steps, dev, reps=settings["loop_reps"])
+        row["host_us"] = timing.host_loop_us(
+            impl.prepare, impl.run, steps, dev, reps=settings["loop_reps"], budget_s=settings["loop_budget_s"]
+        )
     except Exception as exc:
         row["host_us_error"] = _err(exc)
     if hasattr(impl, "run_steps"):  # schedulers: their step alone, without the pipeline's work between steps
         try:
-            row["step_us"] = timing.host_loop_us(impl.prepare, impl.run_steps, steps, dev, reps=settings["loop_reps"])
+            row["step_us"] = timing.host_loop_us(
+                impl.prepare, impl.run_steps, steps, dev, reps=settings["loop_reps"],
+                budget_s=settings["loop_budget_s"],
+            )  # fmt: skip
         except Exception as exc:
             row["step_us_error"] = _err(exc)
     # host syncs in a loop, then the loop in a CUDA graph
@@ -319,6 +324,7 @@ def run(args: argparse.Namespace) -> dict:
         "min_reps": 10 if quick else 50,
         "max_reps": 100 if quick else 500,
         "loop_reps": 3 if quick else 10,
+        "loop_budget_s": 0.02 if quick else 0.1,  # more loops while they take less (fast loops jitter most)
         "replays": 3 if quick else 10,
         "budget_s": args.budget,
     }

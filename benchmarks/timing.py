@@ -89,20 +89,28 @@ def host_loop_us(
     steps: int,
     device: torch.device,
     reps: int = 5,
+    budget_s: float = 0.0,
+    max_reps: int = 50,
 ) -> float:
     """Median per-step time of ``run()`` (a whole loop of ``steps`` steps), host work included.
 
     ``prepare()`` (reset history, set timesteps) runs untimed before each repetition;
-    the device is synchronized before the clock starts and once at the end.
+    the device is synchronized before the clock starts and once at the end. At least
+    ``reps`` loops run, more (up to ``max_reps``) while the timed loops total less than
+    ``budget_s``: fast loops, whose per-step time the host's jitter moves most, get a
+    steadier median at little cost.
     """
-    samples = []
-    for _ in range(reps):
+    samples: list[float] = []
+    timed = 0.0
+    while len(samples) < reps or (timed < budget_s and len(samples) < max_reps):
         prepare()
         sync(device)
         t0 = time.perf_counter()
         run()
         sync(device)
-        samples.append((time.perf_counter() - t0) / steps)
+        elapsed = time.perf_counter() - t0
+        timed += elapsed
+        samples.append(elapsed / steps)
     return statistics.median(samples) * 1e6
 
 
