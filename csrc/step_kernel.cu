@@ -91,13 +91,19 @@ unsigned int grid_for(int64_t work) {
   return static_cast<unsigned int>(blocks < 1 ? 1 : (blocks > cap ? cap : blocks));
 }
 
-template <typename T, bool kDraw, typename Plan = GenericPlan>
-void launch_fused_step(const StepParams& p, cudaStream_t s) {
+template <typename T, bool kDraw, typename Plan>
+void launch_with_plan(const StepParams& p, cudaStream_t s) {
   const StepGrid g = step_grid<T, kDraw>(p);
   if (g.blocks_x == 0) return;
   const dim3 grid(static_cast<unsigned int>(g.blocks_x), static_cast<unsigned int>(g.rows));
   fused_step_kernel<T, kDraw, Plan>
       <<<grid, static_cast<unsigned int>(g.threads), 0, s>>>(p, items_per_sample<T, kDraw>(p));
+}
+
+// Instantiation <T, kDraw> in the plan that matches the launch (step_plans.h).
+template <typename T, bool kDraw>
+void launch_fused_step(const StepParams& p, cudaStream_t s) {
+  with_launch_plan<T, kDraw>(p, [&](auto plan) { launch_with_plan<T, kDraw, decltype(plan)>(p, s); });
 }
 
 }  // namespace
@@ -107,9 +113,9 @@ int launch_fused_step_cuda(const StepParams& p, bool compute_double, void* strea
   if (compute_double) {  // rare (float64 state): one instantiation serves every launch
     launch_fused_step<double, true>(p, s);
   } else if (draws_noise(p)) {
-    with_first_plan(p, [&](auto plan) { launch_fused_step<float, true, decltype(plan)>(p, s); }, DrawPlans{});
+    launch_fused_step<float, true>(p, s);
   } else {
-    with_first_plan(p, [&](auto plan) { launch_fused_step<float, false, decltype(plan)>(p, s); }, DtypePlans{});
+    launch_fused_step<float, false>(p, s);
   }
   return static_cast<int>(cudaGetLastError());
 }

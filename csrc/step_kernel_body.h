@@ -67,9 +67,9 @@ FF_HD int64_t items_per_sample(const StepParams& p) {
 // (memory-bound) runs best in 128-thread blocks, one item per thread; the float
 // noise-drawing kernel (issue-bound) in 256-thread blocks with up to 4 items per
 // thread, which spreads each thread's prologue (step index, coefficient row, seed)
-// over more elements. The double kernel takes the drawing shape unmeasured. A thread takes more items only while the grid keeps
-// kMinBlocks blocks, a few waves of a large GPU, so small steps keep their
-// parallelism.
+// over more elements. The double kernel takes the drawing shape unmeasured. A thread
+// takes more items only while the grid keeps kMinBlocks blocks, a few waves of a
+// large GPU, so small steps keep their parallelism.
 template <bool kDraw>
 struct LaunchShape {
   static constexpr int64_t threads = kDraw ? 256 : 128;

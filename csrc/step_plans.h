@@ -160,4 +160,26 @@ inline void with_first_plan(const StepParams& p, F&& f, PlanList<Plan, Rest...>)
   }
 }
 
+// The plans of kernel instantiation <T, kDraw>: DrawPlans for the float drawing
+// kernel, DtypePlans for the float deterministic one, none for double compute.
+template <typename T, bool kDraw>
+struct PlansOf {
+  using type = PlanList<>;
+};
+template <>
+struct PlansOf<float, true> {
+  using type = DrawPlans;
+};
+template <>
+struct PlansOf<float, false> {
+  using type = DtypePlans;
+};
+
+// Calls f(Plan{}) with the plan instantiation <T, kDraw> runs for p (host side): what
+// the launcher launches and the CPU emulation emulates.
+template <typename T, bool kDraw, typename F>
+inline void with_launch_plan(const StepParams& p, F&& f) {
+  with_first_plan(p, f, typename PlansOf<T, kDraw>::type{});
+}
+
 }  // namespace fastflow

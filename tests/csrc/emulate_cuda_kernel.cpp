@@ -60,6 +60,12 @@ void run_grid(fastflow::StepParams p, int64_t threads, int64_t rows) {
   }
 }
 
+// Instantiation <T, kDraw> in the plan the launcher picks for the launch (step_plans.h).
+template <typename T, bool kDraw>
+void run_launch(const fastflow::StepParams& p, int64_t threads, int64_t rows) {
+  fastflow::with_launch_plan<T, kDraw>(p, [&](auto plan) { run_grid<T, kDraw, decltype(plan)>(p, threads, rows); });
+}
+
 // `threads`: emulated threads along a sample's items (0: one per item, -1: the
 // launcher's grid, step_grid, rows then ignored); `rows`: emulated grid rows along the
 // batch (<= 0: one per sample), as the launcher's 2-D grid.
@@ -74,13 +80,11 @@ void fused_step_emulated(const at::Tensor& z, const at::Tensor& out, const at::T
   if (s.empty) return;
   // The same instantiation choice as the launcher in csrc/step_kernel.cu, each with its own item width.
   if (s.compute_double) {
-    run_grid<double, true>(s.p, threads, rows);
+    run_launch<double, true>(s.p, threads, rows);
   } else if (fastflow::draws_noise(s.p)) {
-    fastflow::with_first_plan(
-        s.p, [&](auto plan) { run_grid<float, true, decltype(plan)>(s.p, threads, rows); }, fastflow::DrawPlans{});
+    run_launch<float, true>(s.p, threads, rows);
   } else {
-    fastflow::with_first_plan(
-        s.p, [&](auto plan) { run_grid<float, false, decltype(plan)>(s.p, threads, rows); }, fastflow::DtypePlans{});
+    run_launch<float, false>(s.p, threads, rows);
   }
   s.finish();
 }
@@ -113,9 +117,9 @@ std::string launch_plan(const at::Tensor& z, const at::Tensor& out, const at::Te
   std::string name;
   const auto describe = [&](auto plan) { name = plan_name(plan); };
   if (fastflow::draws_noise(s.p)) {
-    fastflow::with_first_plan(s.p, describe, fastflow::DrawPlans{});
+    fastflow::with_launch_plan<float, true>(s.p, describe);
   } else {
-    fastflow::with_first_plan(s.p, describe, fastflow::DtypePlans{});
+    fastflow::with_launch_plan<float, false>(s.p, describe);
   }
   return name;
 }
@@ -125,9 +129,10 @@ std::vector<std::string> plan_names(fastflow::PlanList<Plans...>) {
   return {plan_name(Plans{})...};
 }
 
-// Every plan of the drawing (DrawPlans) or the deterministic (DtypePlans) float kernel, in the launcher's order.
+// Every plan of the drawing or the deterministic float kernel, in the launcher's order.
 std::vector<std::string> plans(bool draw) {
-  return draw ? plan_names(fastflow::DrawPlans{}) : plan_names(fastflow::DtypePlans{});
+  if (draw) return plan_names(fastflow::PlansOf<float, true>::type{});
+  return plan_names(fastflow::PlansOf<float, false>::type{});
 }
 
 // The launcher's grid (threads, blocks along x, rows) for `batch` samples of `numel`
