@@ -13,13 +13,14 @@
 // The coefficient row and the step index are read on the device, so a launch needs
 // no host-side value and is safe to capture in a CUDA graph. The step's grid is
 // 2-D, items of a sample by samples, as the Triton kernel's: a block's sample is
-// uniform (its shape: step_grid in step_kernel_body.h). Dtypes are launch parameters
-// (warp-uniform switches), which keeps a few kernels instead of one per dtype mix:
-// float compute with and without in-kernel noise (with the Philox code, 8-element
-// items needed 62 registers on sm_90; the drawing kernel's 4-element items need
-// about as many as the deterministic kernel's 8, see scripts/check_cuda_compile.sh),
-// and double compute; the float kernels also come in compile-time plans for the
-// common launches (DrawPlans and DtypePlans in step_plans.h).
+// uniform (its shape: step_grid in step_kernel_body.h). Dtypes and options are
+// launch parameters (warp-uniform switches) of three generic kernels, which serve
+// every dtype mix: float compute with and without in-kernel noise (with the Philox
+// code, 8-element items needed 62 registers on sm_90; the drawing kernel's 4-element
+// items need about as many as the deterministic kernel's 8, see
+// scripts/check_cuda_compile.sh), and double compute. The common launches run
+// compile-time plans of the float kernels instead, which fix some of those switches
+// (DrawPlans and DtypePlans in step_plans.h).
 #include <cuda_runtime.h>
 
 #include "fastflow_cuda.h"
