@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -200,3 +201,29 @@ def _version() -> str:
     namespace: dict = {}
     exec((ROOT / "fastflow" / "_version.py").read_text(), namespace)
     return namespace["__version__"]
+
+
+def test_sdist_has_every_extension_source(tmp_path):
+    """The source distribution carries all of csrc/ (headers and the CUDA files included, which setup.py does not
+    list on a machine without CUDA), so the extension builds from it anywhere."""
+    # Built from a copy of what the sdist is made of: a checkout's old egg-info (whose SOURCES.txt sdist would
+    # also take) and its generated build info stay out of it.
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    for name in ("setup.py", "pyproject.toml", "MANIFEST.in", "README.md", "LICENSE"):
+        shutil.copy2(ROOT / name, tree / name)
+    for name in ("fastflow", "kernels", "csrc"):
+        skip = shutil.ignore_patterns("__pycache__", "*.so", "_build_info.py")
+        shutil.copytree(ROOT / name, tree / name, ignore=skip)
+    build = subprocess.run(
+        [sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path)],
+        cwd=tree, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert build.returncode == 0, build.stderr[-2000:]
+    (sdist,) = tmp_path.glob("fastflow-*.tar.gz")
+    with tarfile.open(sdist) as tar:
+        names = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
+    sources = {f"csrc/{p.name}" for p in (ROOT / "csrc").iterdir() if p.suffix in (".h", ".cpp", ".cu")}
+    assert {"csrc/step_kernel.cu", "csrc/step_plans.h", "csrc/fastflow_step.h"} <= sources
+    assert sources <= names, sorted(sources - names)
+    assert {"setup.py", "pyproject.toml", "LICENSE", "kernels/step.py"} <= names
