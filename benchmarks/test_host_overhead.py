@@ -5,10 +5,15 @@ Run: ``pytest benchmarks/test_host_overhead.py --benchmark-only``. Tensors are t
 work around a step, not memory traffic. Groups: the C++ extension's entry points;
 plan building per solver; one ``Sampler.step`` per backend; a whole 10-step loop per
 family, fastflow's backends beside diffusers' scheduler.
+``FASTFLOW_HOST_BENCH_DEVICE=cuda`` puts the tensors on the GPU: each call is then
+timed as the host spends it (queued, not waited for; a loop waits for its last
+step), which splits the GPU's per-step host time between the layers of the call.
 Speed is read from the report, never asserted.
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -20,7 +25,9 @@ from fastflow.backends import get_backend
 
 SHAPE = (1, 4, 16, 16)
 LOOP_STEPS = 10
-CPU = torch.device("cpu")
+DEVICE = torch.device(os.environ.get("FASTFLOW_HOST_BENCH_DEVICE", "cpu"))
+if DEVICE.type == "cuda" and not torch.cuda.is_available():
+    pytest.skip("FASTFLOW_HOST_BENCH_DEVICE=cuda, but no CUDA device", allow_module_level=True)
 PLAN_SOLVERS = ("ddim", "ddpm", "flow-euler", "euler-ancestral", "heun", "dpm++2m", "sde-dpm++2m", "unipc")
 LOOP_FAMILIES = ("ddim", "flow-euler", "ddpm", "euler-ancestral", "cfg-ddim", "dpm++2m", "unipc")
 # diffusers' schedulers warn about numpy 2's copy keyword on every set_timesteps; not ours to fix.
@@ -30,7 +37,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def _backend_reason(name: str) -> str | None:
     try:
         b = get_backend(name)
-        return b.availability() or b.supports(CPU)
+        return b.availability() or b.supports(DEVICE)
     except Exception as exc:  # a half-built extension: skip, do not fail the run
         return f"failed to load: {exc}"
 
@@ -51,8 +58,9 @@ def test_extension_entry(benchmark, entry: str) -> None:
     if reason is not None:
         pytest.skip(f"backend cuda: {reason}")
     cb = get_backend("cuda")
-    z = torch.randn(1, 4)
-    mo, out, table, h = torch.randn_like(z), torch.empty_like(z), torch.randn(5, NUM_COEFS), [torch.randn_like(z)]
+    z = torch.randn(1, 4, device=DEVICE)
+    mo, out, h = torch.randn_like(z), torch.empty_like(z), [torch.randn_like(z)]
+    table = torch.randn(5, NUM_COEFS, device=DEVICE)
     args = (z, out, mo, None, h, table, 2, None, None, None, None, None, None, False)
     alloc_args = (z, None, mo, None, h, table, 2, None, None, None, False, None, None, False, None, False, False)
     calls = {
@@ -92,16 +100,16 @@ def test_sampler_step(benchmark, backend: str, family: str) -> None:
     reason = _backend_reason(backend)
     if reason is not None:
         pytest.skip(f"backend {backend}: {reason}")
-    case = Case(FAMILIES[family], SHAPE, torch.float32, torch.bfloat16, CPU, LOOP_STEPS)
+    case = Case(FAMILIES[family], SHAPE, torch.float32, torch.bfloat16, DEVICE, LOOP_STEPS)
     sampler = case.family.sampler(LOOP_STEPS, backend)
-    sampler.prepare(CPU)
-    sampler.init_noise(SHAPE, seed=0)
+    sampler.prepare(DEVICE)
+    sampler.init_noise(SHAPE, seed=0, device=DEVICE)
     out = benchmark(lambda: sampler.step(case.o, case.z0, 0))
     assert out.shape == SHAPE
 
 
 def _loop_impl(kind: str, family: str):
-    case = Case(FAMILIES[family], SHAPE, torch.float32, torch.bfloat16, CPU, LOOP_STEPS)
+    case = Case(FAMILIES[family], SHAPE, torch.float32, torch.bfloat16, DEVICE, LOOP_STEPS)
     if kind == "diffusers":
         impl = DiffusersImpl(case)
     elif kind == "naive":
@@ -126,6 +134,8 @@ def test_loop(benchmark, kind: str, family: str) -> None:
     def loop() -> None:
         impl.prepare()
         impl.run()
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize(DEVICE)
 
     benchmark(loop)
     assert impl.final is not None and torch.isfinite(impl.final.float()).all()

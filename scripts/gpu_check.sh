@@ -19,13 +19,13 @@
 # lands under $OUT: summary.log (one line per phase: exit code and seconds),
 # versions.txt, nvidia-smi.txt, wheels.log, build.log, gpu_tests.log, variants.md (the CUDA
 # kernel's variant benchmark), bench.log, bench/ (results.json, results.md, bandwidth.png),
-# e2e.log, e2e/.
+# host.log (host time per layer of a step call), e2e.log, e2e/.
 #
 # Each phase has its own time limit and a failing phase never stops the next
 # one. Limits shrink so the whole script ends within GPU_CHECK_BUDGET seconds
 # (default 440, under 7 minutes) even when every phase runs to its limit:
 # build <= 150 s, tests <= 170 s, kernel variants <= 90 s, benchmarks <= 150 s,
-# end to end <= 90 s.
+# host overhead <= 45 s, end to end <= 90 s.
 set -u -o pipefail
 
 cd "$(dirname "$0")/.." || exit 1
@@ -198,6 +198,16 @@ if [ -f "$OUT/bench_base/results.json" ] && [ -f "$OUT/bench/results.json" ]; th
     "$PY" benchmarks/compare.py "$OUT/bench_base/results.json" "$OUT/bench/results.json" \
         --out "$OUT/bench/compare.md" >/dev/null 2>&1 || log "compare: failed"
 fi
+
+# 4b. the host time of each layer of a step call on CUDA tensors (benchmarks/test_host_overhead.py):
+# where the per-step host time goes
+host() {
+    FASTFLOW_HOST_BENCH_DEVICE=cuda "$PY" -m pytest benchmarks/test_host_overhead.py --benchmark-only -q \
+        -p no:cacheprovider -k "entry or sampler_step" --benchmark-max-time=0.25 \
+        --benchmark-columns=median,iqr,rounds
+}
+export -f host
+phase host 45 20 host
 
 # 5. end to end: a small model's whole sampling loop, diffusers vs fastflow eager vs captured
 e2e() {
