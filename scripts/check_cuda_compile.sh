@@ -4,7 +4,8 @@
 # 1. csrc/step_kernel.cu with plain nvcc for sm_90 (or the archs in
 #    FASTFLOW_CUDA_ARCHS, e.g. "80;90"), warnings as errors, and no register spills
 #    in the kernels.
-# 2. csrc/step_cuda.cpp (the at::Tensor launcher) syntax-checked with the host
+# 2. benchmarks/cuda_step_variants.cu (the kernel variant benchmark) compiled.
+# 3. csrc/step_cuda.cpp (the at::Tensor launcher) syntax-checked with the host
 #    compiler against the installed torch's headers, when torch is importable (a
 #    CPU torch wheel ships the c10/cuda headers but not one generated config
 #    header, which is stubbed here).
@@ -68,6 +69,12 @@ if ((KERNELS == 0)); then
   exit 1
 fi
 echo "check_cuda_compile: $KERNELS step kernels keep their vector loads and stores"
+
+# The kernel variant benchmark (run on GPU machines only) compiles too, so an error there
+# cannot cost a GPU run.
+echo "check_cuda_compile: nvcc -c benchmarks/cuda_step_variants.cu"
+"$NVCC" -arch="sm_${FIRST_ARCH}" -O3 -std=c++17 -I"$ROOT/csrc" -c "$ROOT/benchmarks/cuda_step_variants.cu" \
+  -o "$TMP/variants.o"
 
 PYTHON="${PYTHON:-python}"
 if INCLUDES="$("$PYTHON" -c 'import sysconfig, torch.utils.cpp_extension as c
