@@ -96,30 +96,27 @@ FF_HD Words4 noise_words(uint64_t seed, uint64_t group, uint32_t step, uint32_t 
 
 // Multiply and add with one rounding each, never contracted into an FMA, so the
 // kernels round exactly as the torch reference's separate mul and add ops do.
-FF_HD float mul_rn(float a, float b) {
+// T is float or double (the kernels' compute types).
+template <typename T>
+FF_HD T mul_rn(T a, T b) {
 #if defined(__CUDA_ARCH__)
-  return __fmul_rn(a, b);
+  if constexpr (std::is_same_v<T, float>) {
+    return __fmul_rn(a, b);
+  } else {
+    return __dmul_rn(a, b);
+  }
 #else
   return a * b;
 #endif
 }
-FF_HD float add_rn(float a, float b) {
+template <typename T>
+FF_HD T add_rn(T a, T b) {
 #if defined(__CUDA_ARCH__)
-  return __fadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
-FF_HD double mul_rn(double a, double b) {
-#if defined(__CUDA_ARCH__)
-  return __dmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-FF_HD double add_rn(double a, double b) {
-#if defined(__CUDA_ARCH__)
-  return __dadd_rn(a, b);
+  if constexpr (std::is_same_v<T, float>) {
+    return __fadd_rn(a, b);
+  } else {
+    return __dadd_rn(a, b);
+  }
 #else
   return a + b;
 #endif
