@@ -62,7 +62,7 @@ def test_extension_entry(benchmark, entry: str) -> None:
     mo, out, h = torch.randn_like(z), torch.empty_like(z), [torch.randn_like(z)]
     table = torch.randn(5, NUM_COEFS, device=DEVICE)
     args = (z, out, mo, None, h, table, 2, None, None, None, None, None, None, False)
-    alloc_args = (z, None, mo, None, h, table, 2, None, None, None, False, None, None, False, None, False, False)
+    alloc_args = (z, None, mo, None, h, table, 2, None, None, False, None, None, False, None, False, False)
     calls = {
         "direct binding": lambda: cuda_mod._STATE["direct"](*args),
         "allocating binding": lambda: cuda_mod._STATE["alloc"](*alloc_args),

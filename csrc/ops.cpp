@@ -15,6 +15,7 @@
 
 #include <optional>
 #include <tuple>
+#include <variant>
 #include <vector>
 
 #include "step_ops.h"
@@ -72,35 +73,39 @@ void fused_step_direct(const at::Tensor& z, const at::Tensor& out, const at::Ten
 }
 
 // The same stage, allocating the outputs the caller did not pass: the next state
-// (when `out` is None), x_hat (when `want_x`; in `x_like`'s dtype when given, else
-// the state's) and the next model input (when `model_in_like` is given: its dtype;
-// its batch doubled with `model_in_double`). Allocating here costs a fraction of a
+// (when `out` is None), x_hat (when `want_x`; in `x_dtype` when given, else the
+// state's) and the next model input (when `model_in_dtype` is given; its batch
+// doubled with `model_in_double`). Allocating here costs a fraction of a
 // Python-side torch.empty per tensor, and eager front ends make up to three per
 // step. Outputs are contiguous, shaped like the state. With `paired`,
 // `model_out` is a guided model's doubled batch, unconditional half first, read in
 // place through two pointers (views, in Python or C++, would cost about a
-// microsecond each).
+// microsecond each). `step` is a Python int or a one-element device tensor, and the
+// arguments are in the order of fastflow.backends.base.AllocEntry, so front ends
+// call this binding with no Python layer between (fastflow/runner.py).
 std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> fused_step_alloc_direct(
     const at::Tensor& z, const std::optional<at::Tensor>& out, const at::Tensor& model_out,
     const std::optional<at::Tensor>& model_out_uncond, const std::vector<at::Tensor>& history,
-    const at::Tensor& table, int64_t step, const std::optional<at::Tensor>& step_tensor,
-    const std::optional<at::Tensor>& seeds, const std::optional<at::Tensor>& noise, bool want_x,
-    const std::optional<at::Tensor>& x_like, const std::optional<at::Tensor>& model_in_like, bool model_in_double,
-    std::optional<double> clip, bool use_noise, bool paired) {
+    const at::Tensor& table, const std::variant<at::Tensor, int64_t>& step, const std::optional<at::Tensor>& seeds,
+    const std::optional<at::Tensor>& noise, bool want_x, std::optional<at::ScalarType> x_dtype,
+    std::optional<at::ScalarType> model_in_dtype, bool model_in_double, std::optional<double> clip, bool use_noise,
+    bool paired) {
   const at::Tensor next = out.has_value() ? *out : at::empty(z.sizes(), z.options());
   std::optional<at::Tensor> x_out;
   if (want_x) {
-    x_out = at::empty(z.sizes(), x_like.has_value() ? z.options().dtype(x_like->scalar_type()) : z.options());
+    x_out = at::empty(z.sizes(), x_dtype.has_value() ? z.options().dtype(*x_dtype) : z.options());
   }
   std::optional<at::Tensor> model_in;
-  if (model_in_like.has_value()) {
+  if (model_in_dtype.has_value()) {
     TORCH_CHECK_VALUE(z.dim() >= 1, "fastflow: the state needs a batch dimension");
     std::vector<int64_t> shape(z.sizes().begin(), z.sizes().end());
     if (model_in_double) shape[0] *= 2;
-    model_in = at::empty(shape, z.options().dtype(model_in_like->scalar_type()));
+    model_in = at::empty(shape, z.options().dtype(*model_in_dtype));
   }
-  run_step(z, next, model_out, model_out_uncond, history, table, step, step_tensor, seeds, noise, x_out, model_in, clip,
-           use_noise, paired);
+  const at::Tensor* step_tensor = std::get_if<at::Tensor>(&step);
+  run_step(z, next, model_out, model_out_uncond, history, table, step_tensor == nullptr ? std::get<int64_t>(step) : 0,
+           step_tensor == nullptr ? std::nullopt : std::optional<at::Tensor>(*step_tensor), seeds, noise, x_out,
+           model_in, clip, use_noise, paired);
   return {next, x_out, model_in};
 }
 

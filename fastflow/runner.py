@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from .backends import resolve_backend
-from .backends.base import OutputTriple
+from .backends.base import AllocEntry, Backend, OutputTriple
 from .plan import StepPlan
 
 
@@ -28,7 +28,8 @@ class PlanRunner:
         self.plan = plan
         self.backend = backend
         self._tables: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
-        self._dispatch: dict[tuple[str, torch.device, torch.dtype], tuple[torch.Tensor, object]] = {}
+        # (backend name, device, dtype) -> (table, backend, its eager entry): looked up on every step.
+        self._dispatch: dict[tuple[str, torch.device, torch.dtype], tuple[torch.Tensor, Backend, AllocEntry]] = {}
         self._store: dict[tuple[str, int], torch.Tensor] = {}
         needs = [tuple((ref.kind, ref.stage) for ref in refs) for refs in plan.history]
         last_use: dict[tuple[str, int], int] = {}
@@ -68,7 +69,8 @@ class PlanRunner:
 
     def _table_and_backend_for(self, device: torch.device, dtype: torch.dtype):
         table = self.table(device, torch.float64 if dtype == torch.float64 else torch.float32)
-        found = self._dispatch[(self.backend, device, dtype)] = (table, resolve_backend(self.backend, device, dtype))
+        backend = resolve_backend(self.backend, device, dtype)
+        found = self._dispatch[(self.backend, device, dtype)] = (table, backend, backend.alloc_entry())
         return found
 
     def run(
@@ -117,12 +119,12 @@ class PlanRunner:
         if use_noise and noise is None and seeds is None:
             raise ValueError(f"stage {i} draws noise: pass seeds or noise")
         found = self._dispatch.get((self.backend, z.device, z.dtype))
-        table, backend = found if found is not None else self._table_and_backend_for(z.device, z.dtype)
-        out, x_out, model_in = backend.fused_step_alloc(
-            z, cond, uncond, history, table, i if step is None else step,
-            out=out, seeds=seeds, noise=noise, want_x=write_x or want_x, model_in_dtype=model_in_dtype,
-            model_in_double=model_in_double, clip=self.plan.clip, use_noise=use_noise, paired=paired,
-            x_dtype=x_dtype,
+        table, backend, entry = found if found is not None else self._table_and_backend_for(z.device, z.dtype)
+        if torch.compiler.is_compiling():  # the entry may be a compiled binding, which tracing cannot enter
+            entry = backend.fused_step_alloc_args
+        out, x_out, model_in = entry(
+            z, out, cond, uncond, history, table, i if step is None else step, seeds, noise, write_x or want_x,
+            x_dtype, model_in_dtype, model_in_double, self.plan.clip, use_noise, paired,
         )
         if write_x:
             store[("x", i)] = x_out

@@ -28,18 +28,24 @@ Arithmetic is float32 (float64 for float64 states); every output is rounded once
 Front ends call the allocating form, :meth:`Backend.fused_step_alloc`, which makes
 the outputs not given and returns them. Its default (torch allocations around
 ``fused_step``) serves every backend; a backend with a cheaper way to allocate (the
-C++ extension) overrides it.
+C++ extension) overrides it. Per step, front ends reach it through
+:meth:`Backend.alloc_entry`: the same call with every argument positional
+(:data:`AllocEntry`), which a compiled backend serves with its binding itself, so
+no Python frame sits between a front end and the launch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from ..plan import MAX_HISTORY
 
 OutputTriple = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
+# fused_step_alloc with every argument positional: (z, out, model_out, model_out_uncond, history (a list),
+# table, step, seeds, noise, want_x, x_dtype, model_in_dtype, model_in_double, clip, use_noise, paired).
+AllocEntry = Callable[..., OutputTriple]
 
 
 class Backend:
@@ -135,6 +141,40 @@ class Backend:
             seeds=seeds, noise=noise, x_out=x_out, model_in_out=model_in, clip=clip, use_noise=use_noise,
         )
         return out, x_out, model_in
+
+    def fused_step_alloc_args(
+        self,
+        z: torch.Tensor,
+        out: torch.Tensor | None,
+        model_out: torch.Tensor,
+        model_out_uncond: torch.Tensor | None,
+        history: list[torch.Tensor],
+        table: torch.Tensor,
+        step: int | torch.Tensor,
+        seeds: torch.Tensor | None,
+        noise: torch.Tensor | None,
+        want_x: bool,
+        x_dtype: torch.dtype | None,
+        model_in_dtype: torch.dtype | None,
+        model_in_double: bool,
+        clip: float | None,
+        use_noise: bool,
+        paired: bool,
+    ) -> OutputTriple:
+        """:meth:`fused_step_alloc` in the positional order of :data:`AllocEntry` (traceable by torch.compile)."""
+        return self.fused_step_alloc(
+            z, model_out, model_out_uncond, history, table, step, out=out, seeds=seeds, noise=noise, want_x=want_x,
+            model_in_dtype=model_in_dtype, model_in_double=model_in_double, clip=clip, use_noise=use_noise,
+            paired=paired, x_dtype=x_dtype,
+        )
+
+    def alloc_entry(self) -> AllocEntry:
+        """The per-step entry of eager front ends (:data:`AllocEntry`); resolved once per runner and device.
+
+        Code being traced by torch.compile calls :meth:`fused_step_alloc_args` instead, since
+        an entry may be a compiled function the tracer cannot see into.
+        """
+        return self.fused_step_alloc_args
 
 
 def check_step_args(

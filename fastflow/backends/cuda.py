@@ -12,7 +12,9 @@ extension's pybind11 bindings, ``fastflow._C.fused_step`` and ``fused_step_alloc
 (the same C++ function the operator runs, without the dispatcher's Python argument
 parsing; the second also allocates the outputs, in C++), and the C++ side does the
 argument checks of :func:`fastflow.backends.base.check_step_args` with the same
-exception types, so there is no second Python-side check. On tiny CPU tensors
+exception types, so there is no second Python-side check. The runner's per-step call
+(:meth:`CudaBackend.alloc_entry`) is ``fused_step_alloc`` itself, no Python frame
+between. On tiny CPU tensors
 (``benchmarks/test_host_overhead.py``, group "entry") the operator
 ``torch.ops.fastflow.fused_step.default`` costs about 2.5x ``CudaBackend.fused_step``
 and ``check_step_args`` about 1.8x, so the operator path would cost several times the
@@ -29,7 +31,7 @@ from typing import Any
 import torch
 
 from ..noise import STEP_TAG
-from .base import Backend, OutputTriple, check_step_args
+from .base import AllocEntry, Backend, OutputTriple, check_step_args
 
 _STATE: dict[str, Any] = {}
 _FAKES_REGISTERED: list[bool] = []  # kept apart from _STATE: a fake may be registered only once per process
@@ -145,17 +147,6 @@ def _register_fakes() -> None:
         return counter.new_empty(counter.shape)
 
 
-_DTYPE_TOKENS: dict[torch.dtype, torch.Tensor] = {}
-
-
-def _dtype_token(dtype: torch.dtype) -> torch.Tensor:
-    """An empty CPU tensor of ``dtype``: how a dtype reaches the C++ binding (made once per dtype)."""
-    token = _DTYPE_TOKENS.get(dtype)
-    if token is None:
-        token = _DTYPE_TOKENS[dtype] = torch.empty(0, dtype=dtype)
-    return token
-
-
 class CudaBackend(Backend):
     """The fused step as one call into the compiled extension (CPU or CUDA kernel by device)."""
 
@@ -263,19 +254,18 @@ class CudaBackend(Backend):
                 want_x=want_x, model_in_dtype=model_in_dtype, model_in_double=model_in_double, clip=clip,
                 use_noise=use_noise, paired=paired, x_dtype=x_dtype,
             )
-        # type() tests first: isinstance against torch.Tensor goes through its metaclass (~0.1 us each).
-        if type(step) is int:
-            step_int, step_tensor = step, None
-        elif isinstance(step, torch.Tensor):
-            step_int, step_tensor = 0, step
-        else:
-            step_int, step_tensor = int(step), None
         return alloc(
-            z, out, model_out, model_out_uncond, history if type(history) is list else list(history), table,
-            step_int, step_tensor, seeds, noise, bool(want_x), None if x_dtype is None else _dtype_token(x_dtype),
-            None if model_in_dtype is None else _dtype_token(model_in_dtype), bool(model_in_double),
+            z, out, model_out, model_out_uncond, history if type(history) is list else list(history), table, step,
+            seeds, noise, bool(want_x), x_dtype, model_in_dtype, bool(model_in_double),
             None if clip is None else float(clip), bool(use_noise), bool(paired),
         )
+
+    def alloc_entry(self) -> AllocEntry:
+        """The extension's allocating binding itself: it takes :data:`~fastflow.backends.base.AllocEntry`'s
+        arguments as they are (a step int or tensor, dtypes as torch dtypes) and checks them in C++."""
+        if _load() is not None or _STATE["alloc"] is None:
+            return super().alloc_entry()
+        return _STATE["alloc"]
 
     def noise(
         self,

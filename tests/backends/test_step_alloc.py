@@ -157,3 +157,28 @@ def test_alloc_x_dtype(name):
     backend.fused_step(case.z, want_out, case.model_out, None, case.history, case.table, case.step,
                        noise=case.noise, x_out=want_x, use_noise=case.use_noise)
     assert torch.equal(out, want_out) and torch.equal(x, want_x)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("step_on_device", [False, True], ids=["int-step", "tensor-step"])
+def test_alloc_entry_equals_fused_step_alloc(name, step_on_device):
+    """The per-step entry of the front ends (``alloc_entry``, positional; the C++ backend's is its binding) gives
+    ``fused_step_alloc``'s bits, with the step an int or a device tensor and dtypes given as torch dtypes."""
+    backend = _backend(name)
+    case = make_case(SHAPE, torch.bfloat16, torch.bfloat16, guided=True, hist=1, noise="philox", mi="dup-bf16",
+                     seed=19, device=str(_device()))
+    step = torch.tensor([case.step], device=case.z.device) if step_on_device else case.step
+    want = backend.fused_step_alloc(
+        case.z, case.model_out, case.uncond, list(case.history), case.table, step, seeds=case.seeds, want_x=True,
+        x_dtype=torch.float32, model_in_dtype=torch.float16, model_in_double=True, clip=1.5, use_noise=True,
+    )
+    entry = backend.alloc_entry()
+    got = entry(case.z, None, case.model_out, case.uncond, list(case.history), case.table, step, case.seeds, None,
+                True, torch.float32, torch.float16, True, 1.5, True, False)
+    assert [t.dtype for t in got] == [torch.bfloat16, torch.float32, torch.float16]
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+    if name == "cuda":  # no Python frame between a front end and the extension
+        from fastflow.backends import cuda as cuda_mod
+
+        assert entry is cuda_mod._STATE["alloc"]
