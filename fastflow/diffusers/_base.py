@@ -42,7 +42,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -55,7 +55,7 @@ from ..runner import PlanRunner
 from ..solvers.base import NOISE, Lin, Stage, X, Z, noise
 
 __all__ = [
-    "O", "StepSpec", "Compiled", "FastflowScheduler", "compile_specs", "generator_draw", "registry", "step_output",
+    "O", "StepSpec", "Compiled", "FastflowScheduler", "compile_specs", "generator_draw", "output_maker", "registry",
     "X", "Z", "noise",
 ]
 
@@ -87,45 +87,50 @@ def generator_draw(
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 _dict_set = OrderedDict.__setitem__
-_attr_set = object.__setattr__
-_FAST_OUTPUT: dict[type, bool] = {}
-
-
-def _build_output(cls: type, fields: dict[str, Any]) -> Any:
-    out = cls.__new__(cls)
-    for name, value in fields.items():
-        _attr_set(out, name, value)
-        if value is not None:
-            _dict_set(out, name, value)
-    return out
 
 
 def _same_output(a: Any, b: Any) -> bool:
     return type(a) is type(b) and list(a.items()) == list(b.items()) and vars(a) == vars(b)
 
 
-def step_output(cls: type, **fields: Any) -> Any:
-    """``cls(**fields)`` for a diffusers step output, built directly.
+def output_maker(cls: type, first: str, second: str | None = None) -> Callable[..., Any]:
+    """``make(a, b=None)``: ``cls(first=a, second=b)`` for a diffusers step output, built directly.
 
     diffusers' ``BaseOutput`` is a dataclass over an ordered dict whose constructor
     re-checks every field in Python: about 3 us per call on a CPU host, a fifth of a
-    drop-in step. The result here is the same object (attributes for every field, dict
-    entries for those not None). It is checked once per class against the real
-    constructor; a class that builds differently (another diffusers) uses the constructor,
-    and so does code being traced by ``torch.compile`` (which knows the dataclass).
+    drop-in step. ``make`` builds the same object (attributes for every field, dict
+    entries for those not None) in a fraction of that. It is checked here, once per
+    class, against the real constructor; a class that builds differently (another
+    diffusers) gets the constructor, and so does code being traced by ``torch.compile``
+    (which knows the dataclass).
     """
-    if torch.compiler.is_compiling():
-        return cls(**fields)
-    ok = _FAST_OUTPUT.get(cls)
-    if ok is None:
-        probe = {name: object() for name in fields}
-        probe_none = dict.fromkeys(fields)
-        try:
-            ok = all(_same_output(_build_output(cls, f), cls(**f)) for f in (probe, probe_none) if f)
-        except Exception:  # an output class this shortcut does not understand
-            ok = False
-        _FAST_OUTPUT[cls] = ok
-    return _build_output(cls, fields) if ok else cls(**fields)
+    names = (first,) if second is None else (first, second)
+    new = cls.__new__
+    compiling = torch.compiler.is_compiling
+
+    def construct(a: Any, b: Any = None) -> Any:
+        return cls(**{first: a}) if second is None else cls(**{first: a, second: b})
+
+    def build(a: Any, b: Any = None) -> Any:
+        if compiling():
+            return construct(a, b)
+        out = new(cls)
+        attrs = out.__dict__
+        attrs[first] = a
+        if a is not None:
+            _dict_set(out, first, a)
+        if second is not None:
+            attrs[second] = b
+            if b is not None:
+                _dict_set(out, second, b)
+        return out
+
+    probes = [(object(), object()), (object(), None), (None, None)]
+    try:
+        same = all(_same_output(build(*p[: len(names)]), construct(*p[: len(names)])) for p in probes)
+    except Exception:  # an output class this shortcut does not understand
+        same = False
+    return build if same else construct
 
 
 def O(i: int) -> Lin:  # noqa: E743 - the symbol's name is the formula's
@@ -148,6 +153,17 @@ class StepSpec:
     update: Lin
     pred: Lin | None = None
     draws: bool = False
+
+
+class _StageCall(NamedTuple):
+    """One step of a compiled loop, as ``_ff_step`` unpacks it: its runner and stage, and what the stage does."""
+
+    runner: PlanRunner
+    k: int
+    noisy: bool  # the kernel draws or reads noise
+    draws: bool  # diffusers draws a noise tensor in this call
+    uses_o: bool  # the raw model output is bound to a history slot
+    pred: Lin | None  # the returned prediction field, when it is not x_hat
 
 
 @dataclass
@@ -290,7 +306,7 @@ class FastflowScheduler:
         self._ff_seed: int | None = None
         self._ff_seeds: dict[tuple, Any] = {}  # per-device seeds and noise-counter rows
         self._ff_host_cache: dict[str, Any] = {}
-        self._ff_loop_start = 0
+        self._ff_set_loop_start(0)
         self._ff_prepare()
         self._ff_steps = self._ff_num_steps()  # read by every step
         self._ff_warm()
@@ -353,7 +369,7 @@ class FastflowScheduler:
                 value = _host_number(timestep)
                 idx = 0 if value is None else self._ff_locate(value)
             self._step_index = idx
-            self._ff_loop_start = idx
+            self._ff_set_loop_start(idx)
         elif (
             self._ff_timestep_addressed
             and type(timestep) is not torch.Tensor  # the usual case, decided before a four-type isinstance
@@ -365,6 +381,20 @@ class FastflowScheduler:
         return idx
 
     # ------------------------------------------------------------ the step
+    def _ff_set_loop_start(self, start: int) -> None:
+        """A loop starts at step ``start``: which compiled loop serves each step may change with it."""
+        self._ff_loop_start = start
+        self._ff_stages: dict[tuple[Hashable, int], _StageCall] = {}
+
+    def _ff_stage(self, idx: int, variant: Hashable) -> _StageCall:
+        """What step ``idx`` of ``variant`` runs, looked up once per loop start (``step`` reads it every call)."""
+        comp = self._ff_get(idx, variant)
+        k = idx - comp.start
+        found = self._ff_stages[(variant, idx)] = _StageCall(
+            comp.runner, k, bool(comp.plan.noise[k]), comp.draws[k], comp.uses_o[k], comp.preds[k]
+        )
+        return found
+
     def _ff_get(self, idx: int, variant: Hashable) -> Compiled:
         """The compiled loop containing step ``idx`` (built once per loop start and variant).
 
@@ -391,7 +421,7 @@ class FastflowScheduler:
         """
         if self._ff_default_variant is _NO_DEFAULT:
             return
-        self._ff_loop_start = 0
+        self._ff_set_loop_start(0)
         comp = self._ff_get(0, self._ff_default_variant)
         device = self.timesteps.device
         if device.type != "cpu":
@@ -447,9 +477,11 @@ class FastflowScheduler:
         what :meth:`_ff_peek_index` returned for this call, when the caller already asked.
         """
         idx = self._ff_peek_index(timestep) if index is None else index
-        comp = self._ff_get(idx, variant)
-        k = idx - comp.start
-        if noise is None and draw is not None and comp.draws[k]:
+        stage = self._ff_stages.get((variant, idx))
+        if stage is None:
+            stage = self._ff_stage(idx, variant)
+        runner, k, noisy, draws, uses_o, pred_lin = stage
+        if noise is None and draw is not None and draws:
             noise = draw()
         z, x_dtype = sample, None
         if state_dtype is not None and sample.dtype != state_dtype:
@@ -460,31 +492,25 @@ class FastflowScheduler:
                 x_dtype = state_dtype
             else:
                 z = sample.to(state_dtype)
-        if not z.is_contiguous():
-            z = z.contiguous()
-        o = model_output if model_output.is_contiguous() else model_output.contiguous()
-        k_in = o
-        if kernel_output is not None:
-            k_in = kernel_output if kernel_output.is_contiguous() else kernel_output.contiguous()
+        # Inputs in any layout: the backend reads them by value (a contiguous copy only where needed).
         seeds = None
         row: int | torch.Tensor = k
-        if comp.plan.noise[k] and noise is None:
+        if noisy and noise is None:
             seeds = self._ff_seed_tensor(z.shape[0], z.device)
             if z.device.type != "cpu":
                 # The noise counter as a device tensor: an int would be copied to the device (a sync).
                 row = self._ff_row(k, z.device)
-        if noise is not None and noise.shape != z.shape:
+        elif noise is not None and noise.shape != z.shape:
             noise = noise.reshape(z.shape)
-        pred_lin = comp.preds[k]
         want_x = want_pred and self.compute_pred_original_sample
-        extra = (o,) if comp.uses_o[k] else ()
-        out, x, _ = comp.runner.run(
-            k, z, k_in, None, seeds=seeds, noise=noise, want_x=want_x, extra_history=extra,
-            step=None if isinstance(row, int) else row, x_dtype=x_dtype,
+        out, x, _ = runner.run(
+            k, z, model_output if kernel_output is None else kernel_output, None, seeds=seeds, noise=noise,
+            want_x=want_x, extra_history=(model_output,) if uses_o else (), step=None if type(row) is int else row,
+            x_dtype=x_dtype,
         )
         pred = None
         if want_x:
-            pred = x if pred_lin is None else self._ff_eval(pred_lin, k, x, z, o, noise, seeds, row)
+            pred = x if pred_lin is None else self._ff_eval(pred_lin, k, x, z, model_output, noise, seeds, row)
         self._step_index = idx + 1
         if out_dtype is not None and out.dtype != out_dtype:
             out = out.to(out_dtype)

@@ -23,12 +23,15 @@ import torch
 from diffusers.schedulers import scheduling_ddim, scheduling_ddpm
 
 from .. import noise as noise_spec
-from ._base import FastflowScheduler, O, StepSpec, X, Z, generator_draw, noise, promoted_dtype, sqrt, step_output
+from ._base import FastflowScheduler, O, StepSpec, X, Z, generator_draw, noise, output_maker, promoted_dtype, sqrt
 
 __all__ = ["DDIMScheduler", "DDPMScheduler", "x0_coefs", "eps_coefs", "dynamic_threshold"]
 
 _PREDICTIONS = ("epsilon", "sample", "v_prediction")
 _ONE = np.float32(1.0)
+_FIELDS = ("prev_sample", "pred_original_sample")
+_DDIM_OUTPUT = output_maker(scheduling_ddim.DDIMSchedulerOutput, *_FIELDS)
+_DDPM_OUTPUT = output_maker(scheduling_ddpm.DDPMSchedulerOutput, *_FIELDS)
 
 
 def x0_coefs(prediction: str, a: float) -> tuple[float, float]:
@@ -109,7 +112,7 @@ class _VPMixin(FastflowScheduler):
 
     @property
     def _ff_thresholding(self) -> bool:
-        cached = self.__dict__.get("_ff_thresholding_on")  # set by _ff_prepare; step reads it every call
+        cached = self.__dict__.get("_ff_thresholding_on")  # set by _ff_prepare
         return bool(self.config.get("thresholding", False)) if cached is None else cached
 
     def _ff_clip(self) -> float | None:
@@ -126,7 +129,7 @@ class _VPMixin(FastflowScheduler):
 
     def _ff_thresholded(self, idx: int, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor | None:
         """The thresholded x0 of step ``idx`` (None when thresholding is off)."""
-        if not self._ff_thresholding:
+        if not self._ff_thresholding_on:  # set by _ff_prepare, which ran when idx was found; read every step
             return None
         return thresholded_x0(self._ff_raw_x0[idx], model_output, sample, self.config)
 
@@ -198,7 +201,7 @@ class DDIMScheduler(_VPMixin, scheduling_ddim.DDIMScheduler):
         )
         if not return_dict:
             return (prev, pred)
-        return step_output(scheduling_ddim.DDIMSchedulerOutput, prev_sample=prev, pred_original_sample=pred)
+        return _DDIM_OUTPUT(prev, pred)
 
 
 class DDPMScheduler(_VPMixin, scheduling_ddpm.DDPMScheduler):
@@ -318,4 +321,4 @@ class DDPMScheduler(_VPMixin, scheduling_ddpm.DDPMScheduler):
         )
         if not return_dict:
             return (prev, pred)
-        return step_output(scheduling_ddpm.DDPMSchedulerOutput, prev_sample=prev, pred_original_sample=pred)
+        return _DDPM_OUTPUT(prev, pred)

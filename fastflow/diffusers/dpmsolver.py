@@ -17,10 +17,11 @@ from diffusers.schedulers import scheduling_dpmsolver_multistep as _dpm
 
 from ..solvers.base import Lin
 from ..solvers.dpmpp import dpmpp_differences, dpmpp_update, multistep_order
-from ._base import X, Z, generator_draw, noise, step_output
+from ._base import X, Z, generator_draw, noise, output_maker
 from ._multistep import MultistepScheduler, alpha_sigma, half_logsnr, stored_prediction, x0_coefs
 
 __all__ = ["DPMSolverMultistepScheduler", "alpha_sigma", "dpm_orders", "dpm_updates", "x0_coefs"]
+_OUTPUT = output_maker(_dpm.SchedulerOutput, "prev_sample")
 
 ALGORITHMS = ("dpmsolver++", "sde-dpmsolver++", "dpmsolver", "sde-dpmsolver")
 
@@ -191,4 +192,4 @@ class DPMSolverMultistepScheduler(MultistepScheduler, _dpm.DPMSolverMultistepSch
         )
         if not return_dict:
             return (prev,)
-        return step_output(_dpm.SchedulerOutput, prev_sample=prev)
+        return _OUTPUT(prev)

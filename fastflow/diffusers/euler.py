@@ -17,11 +17,15 @@ import numpy as np
 import torch
 from diffusers.schedulers import scheduling_edm_euler, scheduling_euler_ancestral_discrete, scheduling_euler_discrete
 
-from ._base import FastflowScheduler, Lin, StepSpec, X, Z, generator_draw, noise, step_output
+from ._base import FastflowScheduler, Lin, StepSpec, X, Z, generator_draw, noise, output_maker
 
 __all__ = ["EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "EDMEulerScheduler"]
 
 _SQRT2_M1 = 2**0.5 - 1
+_FIELDS = ("prev_sample", "pred_original_sample")
+_EULER_OUTPUT = output_maker(scheduling_euler_discrete.EulerDiscreteSchedulerOutput, *_FIELDS)
+_ANCESTRAL_OUTPUT = output_maker(scheduling_euler_ancestral_discrete.EulerAncestralDiscreteSchedulerOutput, *_FIELDS)
+_EDM_OUTPUT = output_maker(scheduling_edm_euler.EDMEulerSchedulerOutput, *_FIELDS)
 
 
 class _SigmaMixin(FastflowScheduler):
@@ -153,9 +157,7 @@ class EulerDiscreteScheduler(_VEInputMixin, scheduling_euler_discrete.EulerDiscr
         )
         if not return_dict:
             return (prev, pred)
-        return step_output(
-            scheduling_euler_discrete.EulerDiscreteSchedulerOutput, prev_sample=prev, pred_original_sample=pred
-        )
+        return _EULER_OUTPUT(prev, pred)
 
 
 class EulerAncestralDiscreteScheduler(
@@ -203,10 +205,7 @@ class EulerAncestralDiscreteScheduler(
         )
         if not return_dict:
             return (prev, pred)
-        return step_output(
-            scheduling_euler_ancestral_discrete.EulerAncestralDiscreteSchedulerOutput,
-            prev_sample=prev, pred_original_sample=pred,
-        )
+        return _ANCESTRAL_OUTPUT(prev, pred)
 
 
 class EDMEulerScheduler(_SigmaMixin, scheduling_edm_euler.EDMEulerScheduler):
@@ -274,4 +273,4 @@ class EDMEulerScheduler(_SigmaMixin, scheduling_edm_euler.EDMEulerScheduler):
             pred = pred_original_sample
         if not return_dict:
             return (prev, pred)
-        return step_output(scheduling_edm_euler.EDMEulerSchedulerOutput, prev_sample=prev, pred_original_sample=pred)
+        return _EDM_OUTPUT(prev, pred)

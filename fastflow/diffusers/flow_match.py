@@ -16,10 +16,11 @@ import numpy as np
 import torch
 from diffusers.schedulers import scheduling_flow_match_euler_discrete as fm
 
-from ._base import StepSpec, X, Z, generator_draw, noise, step_output
+from ._base import StepSpec, X, Z, generator_draw, noise, output_maker
 from .euler import _SigmaMixin
 
 __all__ = ["FlowMatchEulerDiscreteScheduler"]
+_OUTPUT = output_maker(fm.FlowMatchEulerDiscreteSchedulerOutput, "prev_sample")
 
 
 class FlowMatchEulerDiscreteScheduler(_SigmaMixin, fm.FlowMatchEulerDiscreteScheduler):
@@ -63,5 +64,5 @@ class FlowMatchEulerDiscreteScheduler(_SigmaMixin, fm.FlowMatchEulerDiscreteSche
         )
         if not return_dict:
             return (prev,)
-        return step_output(fm.FlowMatchEulerDiscreteSchedulerOutput, prev_sample=prev)
+        return _OUTPUT(prev)
 

@@ -15,9 +15,10 @@ from typing import Any
 import torch
 from diffusers.schedulers import scheduling_heun_discrete as _heun
 
-from ._base import FastflowScheduler, StepSpec, X, Z, promoted_dtype, step_output
+from ._base import FastflowScheduler, StepSpec, X, Z, output_maker, promoted_dtype
 
 __all__ = ["HeunDiscreteScheduler", "heun_specs"]
+_OUTPUT = output_maker(_heun.HeunDiscreteSchedulerOutput, "prev_sample", "pred_original_sample")
 
 _PREDICTIONS = ("epsilon", "v_prediction", "sample")
 
@@ -125,4 +126,4 @@ class HeunDiscreteScheduler(FastflowScheduler, _heun.HeunDiscreteScheduler):
         )
         if not return_dict:
             return (prev, pred)
-        return step_output(_heun.HeunDiscreteSchedulerOutput, prev_sample=prev, pred_original_sample=pred)
+        return _OUTPUT(prev, pred)

@@ -14,10 +14,11 @@ from typing import Any
 import torch
 from diffusers.schedulers import scheduling_lcm
 
-from ._base import StepSpec, X, Z, generator_draw, noise, promoted_dtype, step_output
+from ._base import StepSpec, X, Z, generator_draw, noise, output_maker, promoted_dtype
 from .ddim import _VPMixin
 
 __all__ = ["LCMScheduler"]
+_OUTPUT = output_maker(scheduling_lcm.LCMSchedulerOutput, "prev_sample", "denoised")
 
 
 class LCMScheduler(_VPMixin, scheduling_lcm.LCMScheduler):
@@ -66,4 +67,4 @@ class LCMScheduler(_VPMixin, scheduling_lcm.LCMScheduler):
         )
         if not return_dict:
             return (prev, denoised)
-        return step_output(scheduling_lcm.LCMSchedulerOutput, prev_sample=prev, denoised=denoised)
+        return _OUTPUT(prev, denoised)

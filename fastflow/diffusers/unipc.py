@@ -25,10 +25,11 @@ from diffusers.schedulers import scheduling_unipc_multistep as _unipc
 from ..solvers.base import Lin
 from ..solvers.dpmpp import multistep_order
 from ..solvers.unipc import correction, differences, predictor_update
-from ._base import X, Z, step_output
+from ._base import X, Z, output_maker
 from ._multistep import MultistepScheduler, half_logsnr, stored_prediction
 
 __all__ = ["UniPCMultistepScheduler", "unipc_orders", "unipc_updates"]
+_OUTPUT = output_maker(_unipc.SchedulerOutput, "prev_sample")
 
 SOLVER_TYPES = ("bh1", "bh2")
 
@@ -169,4 +170,4 @@ class UniPCMultistepScheduler(MultistepScheduler, _unipc.UniPCMultistepScheduler
         )
         if not return_dict:
             return (prev,)
-        return step_output(_unipc.SchedulerOutput, prev_sample=prev)
+        return _OUTPUT(prev)

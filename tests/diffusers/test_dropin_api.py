@@ -208,15 +208,16 @@ def test_step_output_is_the_diffusers_output():
     import pickle
     from dataclasses import fields
 
-    from fastflow.diffusers._base import _FAST_OUTPUT, step_output
+    from fastflow.diffusers._base import output_maker
 
     a, b = torch.ones(2), torch.zeros(2)
     for cls in _output_classes():
         names = [f.name for f in fields(cls)]
+        make = output_maker(cls, *names)
+        assert make.__name__ == "build", cls  # the direct build is in use for diffusers' own classes
         for values in ((a, b), (a, None)):
-            kw = dict(zip(names, values, strict=False))
-            got, want = step_output(cls, **kw), cls(**kw)
-            assert _FAST_OUTPUT[cls], cls  # the direct build is in use for diffusers' own classes
+            values = values[: len(names)]
+            got, want = make(*values), cls(**dict(zip(names, values, strict=True)))
             assert type(got) is cls and got == want and got.keys() == want.keys()
             assert vars(got) == vars(want) and got.to_tuple() == want.to_tuple() and got[0] is a
             assert got.prev_sample is a and got["prev_sample"] is a and repr(got) == repr(want)
@@ -228,16 +229,21 @@ def test_step_output_falls_back_for_a_class_that_builds_differently():
 
     from diffusers.utils import BaseOutput
 
-    from fastflow.diffusers._base import _FAST_OUTPUT, step_output
+    from fastflow.diffusers._base import output_maker
 
     @dataclass
     class Extra(BaseOutput):  # a field the caller does not pass: only the constructor sets it
         prev_sample: torch.Tensor
         extra: torch.Tensor | None = None
 
-    got = step_output(Extra, prev_sample=torch.ones(1))
-    assert _FAST_OUTPUT[Extra] is False
-    assert got.extra is None and list(got.keys()) == ["prev_sample"]
+        def __post_init__(self):
+            super().__post_init__()
+            self.extra = torch.zeros(1)
+
+    make = output_maker(Extra, "prev_sample")
+    assert make.__name__ == "construct"
+    got = make(torch.ones(1))
+    assert torch.equal(got.extra, torch.zeros(1)) and list(got.keys()) == ["prev_sample"]
 
 
 def test_torch_compile_whole_loop_from_the_first_step():
