@@ -168,14 +168,13 @@ class _StageCall(NamedTuple):
 
 @dataclass
 class Compiled:
-    """A compiled loop from step ``start``: the plan, its runner and what each stage needs on the host."""
+    """A compiled loop from step ``start``: the plan, its runner and each stage's call (``calls[k]``: step
+    ``start + k``)."""
 
     start: int
     plan: StepPlan
     runner: PlanRunner
-    uses_o: tuple[bool, ...]
-    preds: tuple[Lin | None, ...]
-    draws: tuple[bool, ...]
+    calls: tuple[_StageCall, ...]
 
 
 def _split_o(i: int, lin: Lin) -> tuple[Lin, float]:
@@ -212,22 +211,24 @@ def compile_specs(specs: Sequence[StepSpec], clip: float | None, backend: str, s
                 raise ValueError(f"stage {k} needs {slot + 1} stored tensors; at most {MAX_HISTORY} are supported")
             coefs[k, H0 + slot] = c_o
     plan = StepPlan(coefs, plan.history, plan.write_x, plan.keep_z, plan.noise, plan.clip)
-    return Compiled(
-        start=start,
-        plan=plan,
-        runner=PlanRunner(plan, backend),
-        uses_o=tuple(c != 0.0 for c in o_coefs),
-        preds=tuple(s.pred for s in specs),
-        draws=tuple(s.draws for s in specs),
+    runner = PlanRunner(plan, backend)
+    calls = tuple(
+        _StageCall(runner, k, bool(plan.noise[k]), spec.draws, o_coefs[k] != 0.0, spec.pred)
+        for k, spec in enumerate(specs)
     )
+    return Compiled(start=start, plan=plan, runner=runner, calls=calls)
 
 
 def _host_number(timestep: Any) -> float | None:
     """The value of a timestep when reading it costs no device sync (Python number or CPU tensor), else None."""
     if isinstance(timestep, (int, float, np.integer, np.floating)):
         return float(timestep)
-    if isinstance(timestep, torch.Tensor) and timestep.device.type == "cpu" and timestep.numel() >= 1:
-        return float(timestep.reshape(-1)[0])
+    if isinstance(timestep, torch.Tensor) and timestep.device.type == "cpu":
+        n = timestep.numel()
+        if n == 1:
+            return float(timestep.item())  # one op: a loop's first step reads its timestep
+        if n > 1:
+            return float(timestep.reshape(-1)[0])
     return None
 
 
@@ -306,7 +307,8 @@ class FastflowScheduler:
         self._ff_seed: int | None = None
         self._ff_seeds: dict[tuple, Any] = {}  # per-device seeds and noise-counter rows
         self._ff_host_cache: dict[str, Any] = {}
-        self._ff_set_loop_start(0)
+        self._ff_stages: dict[tuple[Hashable, int], _StageCall] = {}
+        self._ff_loop_start = 0
         self._ff_prepare()
         self._ff_steps = self._ff_num_steps()  # read by every step
         self._ff_warm()
@@ -333,10 +335,15 @@ class FastflowScheduler:
 
     def _ff_locate(self, value: float) -> int:
         """Index of a timestep value in the schedule (diffusers' rule: the second match when repeated)."""
-        hits = np.flatnonzero(self._ff_host_timesteps == value)
-        if hits.size == 0:
+        positions = self._ff_host_cache.get("positions")
+        if positions is None:  # value -> its indices, made once per schedule
+            positions = self._ff_host_cache["positions"] = {}
+            for i, v in enumerate(self._ff_host_timesteps.tolist()):
+                positions.setdefault(v, []).append(i)
+        hits = positions.get(value)
+        if hits is None:
             raise ValueError(f"timestep {value} is not in this scheduler's timesteps")
-        return int(hits[1] if hits.size > 1 and not self._ff_timestep_addressed else hits[0])
+        return hits[1] if len(hits) > 1 and not self._ff_timestep_addressed else hits[0]
 
     def _ff_peek_index(self, timestep: Any) -> int:
         """The index of the step about to run (set up on first use; ``step`` advances it)."""
@@ -382,18 +389,21 @@ class FastflowScheduler:
 
     # ------------------------------------------------------------ the step
     def _ff_set_loop_start(self, start: int) -> None:
-        """A loop starts at step ``start``: which compiled loop serves each step may change with it."""
+        """A loop starts at step ``start``; for solvers whose plans depend on it, the steps' calls are looked up
+        again (the schedule's first loop: ``_ff_reset`` starts the table of calls afresh)."""
+        if self._ff_start_dependent and start != self._ff_loop_start:
+            self._ff_stages.clear()
         self._ff_loop_start = start
-        self._ff_stages: dict[tuple[Hashable, int], _StageCall] = {}
 
     def _ff_stage(self, idx: int, variant: Hashable) -> _StageCall:
-        """What step ``idx`` of ``variant`` runs, looked up once per loop start (``step`` reads it every call)."""
+        """The call of step ``idx`` of ``variant``. Every step of the compiled loop it belongs to is entered in
+        ``_ff_stages`` at once, so a loop looks its plan up once, not at every step."""
         comp = self._ff_get(idx, variant)
-        k = idx - comp.start
-        found = self._ff_stages[(variant, idx)] = _StageCall(
-            comp.runner, k, bool(comp.plan.noise[k]), comp.draws[k], comp.uses_o[k], comp.preds[k]
-        )
-        return found
+        if comp.start == (self._ff_loop_start if self._ff_start_dependent else 0):
+            self._ff_stages.update(((variant, comp.start + k), call) for k, call in enumerate(comp.calls))
+        else:  # a step before the loop's start runs a plan of its own (see _ff_get)
+            self._ff_stages[(variant, idx)] = comp.calls[idx - comp.start]
+        return comp.calls[idx - comp.start]
 
     def _ff_get(self, idx: int, variant: Hashable) -> Compiled:
         """The compiled loop containing step ``idx`` (built once per loop start and variant).
@@ -415,18 +425,17 @@ class FastflowScheduler:
         return comp
 
     def _ff_warm(self) -> None:
-        """Compile the default variant from step 0 and upload its table where the timesteps live.
-
-        Done in ``set_timesteps`` so that the first ``step`` does no host work or copy.
+        """Compile the default variant from step 0, enter its steps' calls and upload its table where the
+        timesteps live. Done in ``set_timesteps`` so that no ``step`` does host work or a copy for it.
         """
         if self._ff_default_variant is _NO_DEFAULT:
             return
         self._ff_set_loop_start(0)
-        comp = self._ff_get(0, self._ff_default_variant)
+        runner = self._ff_stage(0, self._ff_default_variant).runner  # every step's call, entered now
         device = self.timesteps.device
         if device.type != "cpu":
-            comp.runner.table(device, torch.float32)
-        comp.runner.warm(device)  # the backend too: a first step traced by torch.compile cannot import one
+            runner.table(device, torch.float32)
+        runner.warm(device)  # the backend too: a first step traced by torch.compile cannot import one
 
     def _ff_row(self, k: int, device: torch.device) -> torch.Tensor:
         """Row ``k`` of ``arange(steps)`` on ``device`` as a one-element view: the noise counter a kernel reads
@@ -446,7 +455,7 @@ class FastflowScheduler:
                 # Drawn at the first noisy step, not in set_timesteps, so that a pipeline's
                 # initial latents drawn from the global generator stay what diffusers draws.
                 self._ff_seed = int(torch.randint(0, 2**62, (1,)).item())
-            seeds = torch.arange(batch, dtype=torch.int64, device=device) + self._ff_seed
+            seeds = torch.arange(self._ff_seed, self._ff_seed + batch, dtype=torch.int64, device=device)
             self._ff_seeds[key] = seeds
         return seeds
 
@@ -496,10 +505,11 @@ class FastflowScheduler:
         seeds = None
         row: int | torch.Tensor = k
         if noisy and noise is None:
-            seeds = self._ff_seed_tensor(z.shape[0], z.device)
-            if z.device.type != "cpu":
+            device = z.device
+            seeds = self._ff_seed_tensor(z.shape[0], device)
+            if device.type != "cpu":
                 # The noise counter as a device tensor: an int would be copied to the device (a sync).
-                row = self._ff_row(k, z.device)
+                row = self._ff_row(k, device)
         elif noise is not None and noise.shape != z.shape:
             noise = noise.reshape(z.shape)
         want_x = want_pred and self.compute_pred_original_sample

@@ -92,6 +92,7 @@ class MultistepScheduler(FastflowScheduler):
 
     def _ff_prepare(self) -> None:
         cfg = self.config
+        self._ff_thresholding_on = self._ff_thresholding
         sig = self.sigmas.detach().to("cpu", torch.float64).numpy()
         self._ff_sigmas = sig
         a, s = alpha_sigma(sig, cfg.use_flow_sigmas)
@@ -108,7 +109,7 @@ class MultistepScheduler(FastflowScheduler):
 
     def _ff_thresholded(self, idx: int, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor | None:
         """diffusers' thresholded x0 of step ``idx`` (None when thresholding is off)."""
-        if not self._ff_thresholding:
+        if not self._ff_thresholding_on:  # set by _ff_prepare, which ran when idx was found; read every step
             return None
         return thresholded_x0(self._ff_conv[idx], model_output, sample, self.config)
 

@@ -72,6 +72,8 @@ class _SigmaMixin(FastflowScheduler):
     @staticmethod
     def _ff_check_timestep(timestep: float | torch.Tensor) -> None:
         """diffusers' sigma schedulers take a timestep value, never an integer index."""
+        if type(timestep) is torch.Tensor and timestep.is_floating_point():  # the usual case, decided quickly
+            return
         if isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)):
             raise ValueError("pass one of scheduler.timesteps as timestep, not an integer index")
 
