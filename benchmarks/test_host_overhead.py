@@ -3,8 +3,9 @@
 Run: ``pytest benchmarks/test_host_overhead.py --benchmark-only``. Tensors are tiny
 (1x4x16x16, or 1x4 for the entry points), so the figures are the Python and dispatch
 work around a step, not memory traffic. Groups: the C++ extension's entry points;
-plan building per solver; one ``Sampler.step`` per backend; a whole 10-step loop per
-family, fastflow's backends beside diffusers' scheduler.
+plan building per solver; one ``Sampler.step`` per backend; 10 calls of a diffusers
+drop-in's ``step`` beside diffusers' own; a whole 10-step loop per family, fastflow's
+backends beside diffusers' scheduler.
 ``FASTFLOW_HOST_BENCH_DEVICE=cuda`` puts the tensors on the GPU: each call is then
 timed as the host spends it (queued, not waited for; a loop waits for its last
 step), which splits the GPU's per-step host time between the layers of the call.
@@ -76,6 +77,43 @@ def test_extension_entry(benchmark, entry: str) -> None:
         assert torch.isfinite(result[0]).all()
     elif entry != "check_step_args":
         assert torch.isfinite(out).all()
+
+
+DROPIN_CLASSES = ("DDIMScheduler", "DDPMScheduler", "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler",
+                  "UniPCMultistepScheduler", "FlowMatchEulerDiscreteScheduler")
+
+
+@pytest.mark.benchmark(group="dropin: 10 calls of a scheduler's step alone, 1x4x16x16 (divide by 10 for per step)")
+@pytest.mark.parametrize("kind", ("fastflow", "diffusers"))
+@pytest.mark.parametrize("name", DROPIN_CLASSES)
+def test_dropin_steps(benchmark, name: str, kind: str) -> None:
+    """A loop of ``step`` calls as a pipeline makes them, the drop-in (its default backend) beside diffusers'
+    own scheduler; ``set_timesteps`` runs untimed before each loop, a CUDA loop waits for its last step."""
+    diffusers = pytest.importorskip("diffusers")
+    sched = getattr(diffusers, name)()
+    if kind == "fastflow":
+        from fastflow.diffusers import from_scheduler
+
+        sched = from_scheduler(sched)
+    z0 = torch.randn(SHAPE, device=DEVICE)
+    o = torch.randn_like(z0)
+    timesteps: list[torch.Tensor] = []
+    final: list[torch.Tensor] = []
+
+    def setup() -> None:
+        sched.set_timesteps(LOOP_STEPS, device=DEVICE)
+        timesteps[:] = list(sched.timesteps)
+
+    def loop() -> None:
+        z = z0
+        for t in timesteps:
+            z = sched.step(o, t, z, return_dict=False)[0]
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize(DEVICE)
+        final[:] = [z]
+
+    benchmark.pedantic(loop, setup=setup, rounds=100, warmup_rounds=3)
+    assert torch.isfinite(final[0]).all()
 
 
 def _schedule(solver: str):

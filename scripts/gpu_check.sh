@@ -203,7 +203,7 @@ fi
 # where the per-step host time goes
 host() {
     FASTFLOW_HOST_BENCH_DEVICE=cuda "$PY" -m pytest benchmarks/test_host_overhead.py --benchmark-only -q \
-        -p no:cacheprovider -k "entry or sampler_step" --benchmark-max-time=0.25 \
+        -p no:cacheprovider -k "entry or sampler_step or dropin" --benchmark-max-time=0.25 \
         --benchmark-columns=median,iqr,rounds
 }
 export -f host
