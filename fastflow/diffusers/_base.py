@@ -305,7 +305,7 @@ class FastflowScheduler:
         self._ff_host_timesteps = self.timesteps.detach().to("cpu", torch.float64).numpy()
         self._ff_compiled: dict[tuple, Compiled] = {}
         self._ff_seed: int | None = None
-        self._ff_seeds: dict[tuple, Any] = {}  # per-device seeds and noise-counter rows
+        self._ff_seeds: dict[tuple, Any] = {}  # per-device seeds
         self._ff_host_cache: dict[str, Any] = {}
         self._ff_stages: dict[tuple[Hashable, int], _StageCall] = {}
         self._ff_loop_start = 0
@@ -439,13 +439,18 @@ class FastflowScheduler:
 
     def _ff_row(self, k: int, device: torch.device) -> torch.Tensor:
         """Row ``k`` of ``arange(steps)`` on ``device`` as a one-element view: the noise counter a kernel reads
-        there. The rows and their views are made once per schedule and device (no copy, no launch per step)."""
-        key = ("rows", device)
-        views = self._ff_seeds.get(key)
-        if views is None:
-            rows = torch.arange(self._ff_num_steps(), dtype=torch.int64, device=device)
-            views = self._ff_seeds[key] = [rows[j : j + 1] for j in range(rows.shape[0])]
-        return views[k]
+        there. Each view is made on first use and kept for later schedules of as many steps (its value never
+        changes), so loops after the first make none (a view costs about a microsecond of host time)."""
+        rows = self.__dict__.setdefault("_ff_rows", {})
+        key = (self._ff_steps, device)
+        found = rows.get(key)
+        if found is None:
+            found = rows[key] = (torch.arange(self._ff_steps, dtype=torch.int64, device=device), {})
+        counters, views = found
+        view = views.get(k)
+        if view is None:
+            view = views[k] = counters[k : k + 1]
+        return view
 
     def _ff_seed_tensor(self, batch: int, device: torch.device) -> torch.Tensor:
         key = (device, batch)

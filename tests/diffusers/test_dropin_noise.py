@@ -85,3 +85,27 @@ def test_seed_drawn_from_global_generator_lazily():
     torch.manual_seed(123)
     assert torch.equal(a0, torch.randn(1)) and torch.equal(a0, b0)
     assert torch.equal(a, b)
+
+
+def test_noise_counters_are_made_once_per_step_count():
+    """Off the CPU the kernel reads each step's noise counter from a one-element device view; a later loop with
+    as many steps reuses the first loop's views (no view made per step), and a loop of another length gets its
+    own, holding its step indices."""
+    _, ff = pair("DDPMScheduler")
+
+    def loop(steps: int) -> dict:
+        ff.set_timesteps(steps)
+        x = torch.empty(2, 4, 8, 8, device="meta")
+        for t in ff.timesteps.to("meta"):
+            x = ff.step(torch.empty_like(x), t, x).prev_sample
+        return dict(ff._ff_rows[(steps, x.device)][1])
+
+    first = loop(5)
+    assert sorted(first) == [0, 1, 2, 3]  # DDPM's last step draws no noise
+    again = loop(5)
+    assert all(again[k] is first[k] for k in first)
+    other = loop(7)
+    assert sorted(other) == list(range(6)) and all(v.shape == (1,) for v in other.values())
+    _, cpu = pair("DDPMScheduler")
+    cpu.set_timesteps(4)
+    assert cpu._ff_row(2, torch.device("cpu")).item() == 2  # the view holds its index
