@@ -389,8 +389,8 @@ class FastflowScheduler:
 
     # ------------------------------------------------------------ the step
     def _ff_set_loop_start(self, start: int) -> None:
-        """A loop starts at step ``start``; for solvers whose plans depend on it, the steps' calls are looked up
-        again (the schedule's first loop: ``_ff_reset`` starts the table of calls afresh)."""
+        """A loop starts at step ``start``. For solvers whose plans depend on it, a new start empties the table
+        of steps' calls (``_ff_reset`` empties it for each new schedule)."""
         if self._ff_start_dependent and start != self._ff_loop_start:
             self._ff_stages.clear()
         self._ff_loop_start = start
