@@ -106,6 +106,7 @@ class Sampler:
         self._num_stages = n
         self._noisy = [bool(v) for v in self.plan.noise]
         self._times: dict[torch.device, torch.Tensor] = {}
+        self._time_views: dict[torch.device, tuple[torch.Tensor, ...]] = {}
 
     # ----------------------------------------------------------------- metadata
     @property
@@ -141,6 +142,14 @@ class Sampler:
             else:
                 self._times[device] = host.to(device)
         return self._times[device]
+
+    def _timestep_views(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """Each stage's 0-d view of :meth:`timesteps_on` (made once per device: indexing a tensor in a loop costs
+        about a microsecond of host time per step)."""
+        views = self._time_views.get(device)
+        if views is None:
+            views = self._time_views[device] = self.timesteps_on(device).unbind()
+        return views
 
     def prepare(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> Sampler:
         """Upload the table and timesteps now, so the first step does no host-to-device copy."""
@@ -264,7 +273,7 @@ def sample(
     """
     z = noise
     sampler.prepare(z.device, z.dtype)
-    times = sampler.timesteps_on(z.device)
+    times = sampler._timestep_views(z.device)
     z_in = sampler.model_input(z, 0, model_dtype)
     accepts = len(inspect.signature(callback).parameters) if callback is not None else 0
     n = sampler.num_stages
