@@ -39,8 +39,12 @@ def x0_coefs(prediction: str, a: float) -> tuple[float, float]:
     sa, sb = math.sqrt(a), math.sqrt(1.0 - a)
     if prediction == "epsilon":
         if sa == 0.0:
-            raise ValueError("epsilon prediction at a timestep with alphas_cumprod = 0 has no x0 (zero terminal SNR "
-                             "needs v_prediction)")
+            raise ValueError(
+                "prediction_type='epsilon' has no x0 at a timestep with alphas_cumprod = 0 "
+                "(rescale_betas_zero_snr=True makes the last one 0): diffusers divides by zero there (inf or NaN, or "
+                "+-clip_sample_range once clipped), which fastflow does not reproduce; zero terminal SNR needs "
+                "prediction_type='v_prediction'"
+            )
         return 1.0 / sa, -sb / sa
     if prediction == "sample":
         return 0.0, 1.0

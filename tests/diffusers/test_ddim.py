@@ -143,10 +143,12 @@ def test_pred_original_sample_can_be_skipped():
 
 
 def test_undefined_steps_raise_instead_of_nan():
-    """Where diffusers' DDIM would return NaN or inf, the drop-in raises a ValueError saying why."""
-    _, ff = pair("DDIMScheduler", **SD, rescale_betas_zero_snr=True, timestep_spacing="trailing", clip_sample=False)
-    with pytest.raises(ValueError, match="zero terminal SNR"):
-        ff.set_timesteps(10)  # epsilon prediction has no x0 where alphas_cumprod = 0
+    """Where diffusers' DDIM would return NaN or inf (or clip an infinite x0), the drop-in raises a ValueError
+    that names the options and says why."""
+    for clip in (False, True):
+        _, ff = pair("DDIMScheduler", **SD, rescale_betas_zero_snr=True, timestep_spacing="trailing", clip_sample=clip)
+        with pytest.raises(ValueError, match="prediction_type='epsilon'.*rescale_betas_zero_snr=True"):
+            ff.set_timesteps(10)  # epsilon prediction has no x0 where alphas_cumprod = 0
     _, ff = pair("DDIMScheduler", **SD, clip_sample=False)
     ff.set_timesteps(10)
     x = start_noise()
