@@ -303,6 +303,7 @@ class FastflowScheduler:
         self._begin_index = None
         # One device read here (set_timesteps already copies to the device) keeps step free of them.
         self._ff_host_timesteps = self.timesteps.detach().to("cpu", torch.float64).numpy()
+        self._ff_host_values = self._ff_host_timesteps.tolist()  # Python floats, for _ff_locate
         self._ff_compiled: dict[tuple, Compiled] = {}
         self._ff_seed: int | None = None
         self._ff_seeds: dict[tuple, Any] = {}  # per-device seeds
@@ -335,15 +336,14 @@ class FastflowScheduler:
 
     def _ff_locate(self, value: float) -> int:
         """Index of a timestep value in the schedule (diffusers' rule: the second match when repeated)."""
-        positions = self._ff_host_cache.get("positions")
-        if positions is None:  # value -> its indices, made once per schedule
-            positions = self._ff_host_cache["positions"] = {}
-            for i, v in enumerate(self._ff_host_timesteps.tolist()):
-                positions.setdefault(v, []).append(i)
-        hits = positions.get(value)
-        if hits is None:
-            raise ValueError(f"timestep {value} is not in this scheduler's timesteps")
-        return hits[1] if len(hits) > 1 and not self._ff_timestep_addressed else hits[0]
+        values = self._ff_host_values
+        try:
+            i = values.index(value)  # a scan in C that stops at the first match (a loop's first step: at once)
+        except ValueError:
+            raise ValueError(f"timestep {value} is not in this scheduler's timesteps") from None
+        if not self._ff_timestep_addressed and value in values[i + 1 :]:  # diffusers takes a repeat's second
+            i = values.index(value, i + 1)
+        return i
 
     def _ff_peek_index(self, timestep: Any) -> int:
         """The index of the step about to run (set up on first use; ``step`` advances it)."""

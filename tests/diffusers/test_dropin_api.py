@@ -275,3 +275,21 @@ def test_torch_compile_first_step_needs_its_index():
     step = torch.compile(lambda o, t, x: ff.step(o, t, x).prev_sample, fullgraph=True, backend="eager")
     with pytest.raises(Exception, match="set_begin_index"):
         step(stand_in(start_noise(), t), t, start_noise())
+
+
+@pytest.mark.parametrize("name", ["HeunDiscreteScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler",
+                                  "DDIMScheduler"])
+def test_a_host_timestep_locates_the_loop_start_as_diffusers_does(name):
+    """A loop's first step given a CPU timestep starts where diffusers' ``index_for_timestep`` says (the second
+    match of a repeated value, as Heun's schedule has; DDIM addresses steps by value, its first match)."""
+    ref, ff = pair(name)
+    ref.set_timesteps(6)
+    ff.set_timesteps(6)
+    for t in ff.timesteps.unique():
+        ff._step_index = None
+        want = ref.index_for_timestep(t) if hasattr(ref, "index_for_timestep") else int(
+            (ref.timesteps == t).nonzero()[0])
+        assert ff._ff_peek_index(t) == want, float(t)
+    ff._step_index = None
+    with pytest.raises(ValueError, match="not in this scheduler's timesteps"):
+        ff._ff_peek_index(torch.tensor(12345.0))
