@@ -8,8 +8,12 @@
 // the dispatcher's Python argument parsing, which costs a few microseconds per call.
 // `fused_step_alloc` is the same call allocating its outputs in C++. Traced code
 // (torch.compile) calls the operator, which the tracer can see.
+#include <ATen/EmptyTensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/core/DeviceGuard.h>
+#if defined(FASTFLOW_WITH_CUDA)
+#include <ATen/cuda/EmptyTensor.h>
+#endif
 #include <torch/library.h>
 #include <torch/python.h>
 
@@ -34,6 +38,17 @@ TORCH_LIBRARY(fastflow, m) {
 }
 
 namespace {
+
+// An uninitialized contiguous tensor for an output the kernel writes whole, made by
+// the device's allocator directly (at::empty's dispatch costs about as much again);
+// other devices take at::empty.
+at::Tensor empty_output(at::IntArrayRef sizes, at::ScalarType dtype, c10::Device device) {
+  if (device.is_cpu()) return at::detail::empty_cpu(sizes, dtype, /*pin_memory=*/false, std::nullopt);
+#if defined(FASTFLOW_WITH_CUDA)
+  if (device.is_cuda()) return at::detail::empty_cuda(sizes, dtype, device, std::nullopt);
+#endif
+  return at::empty(sizes, at::TensorOptions().dtype(dtype).device(device));
+}
 
 // The operator's body without the dispatcher: prepare the launch (a paired model
 // output read in place, see step_host.h) and run the kernel of the state's device.
@@ -90,17 +105,16 @@ std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> fus
     const std::optional<at::Tensor>& noise, bool want_x, std::optional<at::ScalarType> x_dtype,
     std::optional<at::ScalarType> model_in_dtype, bool model_in_double, std::optional<double> clip, bool use_noise,
     bool paired) {
-  const at::Tensor next = out.has_value() ? *out : at::empty(z.sizes(), z.options());
+  const c10::Device device = z.device();
+  const at::Tensor next = out.has_value() ? *out : empty_output(z.sizes(), z.scalar_type(), device);
   std::optional<at::Tensor> x_out;
-  if (want_x) {
-    x_out = at::empty(z.sizes(), x_dtype.has_value() ? z.options().dtype(*x_dtype) : z.options());
-  }
+  if (want_x) x_out = empty_output(z.sizes(), x_dtype.value_or(z.scalar_type()), device);
   std::optional<at::Tensor> model_in;
   if (model_in_dtype.has_value()) {
     TORCH_CHECK_VALUE(z.dim() >= 1, "fastflow: the state needs a batch dimension");
     std::vector<int64_t> shape(z.sizes().begin(), z.sizes().end());
     if (model_in_double) shape[0] *= 2;
-    model_in = at::empty(shape, z.options().dtype(*model_in_dtype));
+    model_in = empty_output(shape, *model_in_dtype, device);
   }
   const at::Tensor* step_tensor = std::get_if<at::Tensor>(&step);
   run_step(z, next, model_out, model_out_uncond, history, table, step_tensor == nullptr ? std::get<int64_t>(step) : 0,

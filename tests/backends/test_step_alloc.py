@@ -182,3 +182,17 @@ def test_alloc_entry_equals_fused_step_alloc(name, step_on_device):
         from fastflow.backends import cuda as cuda_mod
 
         assert entry is cuda_mod._STATE["alloc"]
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_alloc_outputs_are_like_torch_empty(name):
+    """Outputs made by the allocating form are what torch.empty makes: inference tensors under
+    torch.inference_mode, ordinary ones (no grad) outside it."""
+    backend = _backend(name)
+    case = make_case(SHAPE, torch.float32, torch.float32, guided=False, hist=0, noise="none", seed=23,
+                     device=str(_device()))
+    for inference in (False, True):
+        with torch.inference_mode(inference):
+            outs = _alloc(backend, case, want_x=True, model_in_dtype=torch.bfloat16)
+        for t in outs:
+            assert t.is_inference() is inference and not t.requires_grad
