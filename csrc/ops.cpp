@@ -6,20 +6,23 @@
 // The module also binds `fused_step` directly (pybind11), for eager calls: it runs
 // the operator's pieces (prepare_step, then the device's run_prepared_*) but skips
 // the dispatcher's Python argument parsing, which costs a few microseconds per call.
-// `fused_step_alloc` is the same call allocating its outputs in C++. Traced code
-// (torch.compile) calls the operator, which the tracer can see.
+// `fused_step_alloc` is the same call allocating its outputs in C++, the front ends'
+// per-step entry, with its arguments parsed by hand (a CPython fast call). Traced
+// code (torch.compile) calls the operator, which the tracer can see.
 #include <ATen/EmptyTensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/core/DeviceGuard.h>
 #if defined(FASTFLOW_WITH_CUDA)
 #include <ATen/cuda/EmptyTensor.h>
 #endif
+#include <torch/csrc/Dtype.h>
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/python_variable.h>
 #include <torch/library.h>
 #include <torch/python.h>
 
 #include <optional>
 #include <tuple>
-#include <variant>
 #include <vector>
 
 #include "step_ops.h"
@@ -53,7 +56,7 @@ at::Tensor empty_output(at::IntArrayRef sizes, at::ScalarType dtype, c10::Device
 // The operator's body without the dispatcher: prepare the launch (a paired model
 // output read in place, see step_host.h) and run the kernel of the state's device.
 void run_step(const at::Tensor& z, const at::Tensor& out, const at::Tensor& model_out,
-              const std::optional<at::Tensor>& model_out_uncond, const std::vector<at::Tensor>& history,
+              const std::optional<at::Tensor>& model_out_uncond, at::TensorList history,
               const at::Tensor& table, int64_t step, const std::optional<at::Tensor>& step_tensor,
               const std::optional<at::Tensor>& seeds, const std::optional<at::Tensor>& noise,
               const std::optional<at::Tensor>& x_out, const std::optional<at::Tensor>& model_in_out,
@@ -95,13 +98,11 @@ void fused_step_direct(const at::Tensor& z, const at::Tensor& out, const at::Ten
 // step. Outputs are contiguous, shaped like the state. With `paired`,
 // `model_out` is a guided model's doubled batch, unconditional half first, read in
 // place through two pointers (views, in Python or C++, would cost about a
-// microsecond each). `step` is a Python int or a one-element device tensor, and the
-// arguments are in the order of fastflow.backends.base.AllocEntry, so front ends
-// call this binding with no Python layer between (fastflow/runner.py).
+// microsecond each).
 std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> fused_step_alloc_direct(
     const at::Tensor& z, const std::optional<at::Tensor>& out, const at::Tensor& model_out,
-    const std::optional<at::Tensor>& model_out_uncond, const std::vector<at::Tensor>& history,
-    const at::Tensor& table, const std::variant<at::Tensor, int64_t>& step, const std::optional<at::Tensor>& seeds,
+    const std::optional<at::Tensor>& model_out_uncond, at::TensorList history, const at::Tensor& table, int64_t step,
+    const std::optional<at::Tensor>& step_tensor, const std::optional<at::Tensor>& seeds,
     const std::optional<at::Tensor>& noise, bool want_x, std::optional<at::ScalarType> x_dtype,
     std::optional<at::ScalarType> model_in_dtype, bool model_in_double, std::optional<double> clip, bool use_noise,
     bool paired) {
@@ -116,20 +117,109 @@ std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> fus
     if (model_in_double) shape[0] *= 2;
     model_in = empty_output(shape, *model_in_dtype, device);
   }
-  const at::Tensor* step_tensor = std::get_if<at::Tensor>(&step);
-  run_step(z, next, model_out, model_out_uncond, history, table, step_tensor == nullptr ? std::get<int64_t>(step) : 0,
-           step_tensor == nullptr ? std::nullopt : std::optional<at::Tensor>(*step_tensor), seeds, noise, x_out,
-           model_in, clip, use_noise, paired);
+  run_step(z, next, model_out, model_out_uncond, history, table, step, step_tensor, seeds, noise, x_out, model_in, clip,
+           use_noise, paired);
   return {next, x_out, model_in};
 }
+
+// `fastflow._C.fused_step_alloc`, the per-step entry of the front ends (fastflow/runner.py
+// calls it with no Python layer between). Its 16 positional arguments, in the order of
+// fastflow.backends.base.AllocEntry, are parsed here by hand: pybind11's casters for them
+// cost about 0.35 us more per call on a CPU host, a tenth of a step's host time.
+constexpr const char* kAllocArgs[] = {"z", "out", "model_out", "model_out_uncond", "history", "table",
+                                      "step", "seeds", "noise", "want_x", "x_dtype", "model_in_dtype",
+                                      "model_in_double", "clip", "use_noise", "paired"};
+constexpr Py_ssize_t kNumAllocArgs = sizeof(kAllocArgs) / sizeof(kAllocArgs[0]);
+
+const at::Tensor& tensor_arg(PyObject* const* args, int i) {
+  TORCH_CHECK_TYPE(THPVariable_Check(args[i]), "fastflow._C.fused_step_alloc: ", kAllocArgs[i],
+                   " must be a tensor, got ", Py_TYPE(args[i])->tp_name);
+  return THPVariable_Unpack(args[i]);
+}
+
+std::optional<at::Tensor> optional_tensor_arg(PyObject* const* args, int i) {
+  if (args[i] == Py_None) return std::nullopt;
+  return tensor_arg(args, i);
+}
+
+bool bool_arg(PyObject* const* args, int i) {
+  const int truth = PyObject_IsTrue(args[i]);
+  if (truth < 0) throw python_error();
+  return truth != 0;
+}
+
+std::optional<at::ScalarType> dtype_arg(PyObject* const* args, int i) {
+  if (args[i] == Py_None) return std::nullopt;
+  TORCH_CHECK_TYPE(THPDtype_Check(args[i]), "fastflow._C.fused_step_alloc: ", kAllocArgs[i],
+                   " must be a torch.dtype or None, got ", Py_TYPE(args[i])->tp_name);
+  return reinterpret_cast<THPDtype*>(args[i])->scalar_type;
+}
+
+PyObject* wrap(const std::optional<at::Tensor>& t) {
+  if (t.has_value()) return THPVariable_Wrap(*t);
+  Py_RETURN_NONE;
+}
+
+PyObject* fused_step_alloc_py(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  TORCH_CHECK_TYPE(nargs == kNumAllocArgs, "fastflow._C.fused_step_alloc takes ", kNumAllocArgs,
+                   " positional arguments (fastflow.backends.base.AllocEntry), got ", nargs);
+  PyObject* hist = args[4];
+  TORCH_CHECK_TYPE(PyList_Check(hist) || PyTuple_Check(hist),
+                   "fastflow._C.fused_step_alloc: history must be a list or tuple of tensors, got ",
+                   Py_TYPE(hist)->tp_name);
+  const Py_ssize_t num_history = PySequence_Fast_GET_SIZE(hist);
+  std::vector<at::Tensor> history;
+  history.reserve(num_history);
+  for (Py_ssize_t j = 0; j < num_history; ++j) {
+    PyObject* h = PySequence_Fast_GET_ITEM(hist, j);
+    TORCH_CHECK_TYPE(THPVariable_Check(h), "fastflow._C.fused_step_alloc: history holds a ", Py_TYPE(h)->tp_name,
+                     ", not a tensor");
+    history.push_back(THPVariable_Unpack(h));
+  }
+  int64_t step = 0;
+  std::optional<at::Tensor> step_tensor;
+  if (THPVariable_Check(args[6])) {
+    step_tensor = THPVariable_Unpack(args[6]);
+  } else {
+    TORCH_CHECK_TYPE(PyLong_Check(args[6]) || PyIndex_Check(args[6]),
+                     "fastflow._C.fused_step_alloc: step must be an int or a tensor, got ", Py_TYPE(args[6])->tp_name);
+    step = PyLong_AsLongLong(args[6]);  // calls __index__ for integer types that are not int
+    if (step == -1 && PyErr_Occurred()) throw python_error();
+  }
+  std::optional<double> clip;
+  if (args[13] != Py_None) {
+    clip = PyFloat_AsDouble(args[13]);
+    if (*clip == -1.0 && PyErr_Occurred()) throw python_error();
+  }
+  auto [next, x_out, model_in] = fused_step_alloc_direct(
+      tensor_arg(args, 0), optional_tensor_arg(args, 1), tensor_arg(args, 2), optional_tensor_arg(args, 3), history,
+      tensor_arg(args, 5), step, step_tensor, optional_tensor_arg(args, 7), optional_tensor_arg(args, 8),
+      bool_arg(args, 9), dtype_arg(args, 10), dtype_arg(args, 11), bool_arg(args, 12), clip, bool_arg(args, 14),
+      bool_arg(args, 15));
+  PyObject* result = PyTuple_New(3);
+  if (result == nullptr) throw python_error();
+  PyTuple_SET_ITEM(result, 0, THPVariable_Wrap(next));
+  PyTuple_SET_ITEM(result, 1, wrap(x_out));
+  PyTuple_SET_ITEM(result, 2, wrap(model_in));
+  return result;
+  END_HANDLE_TH_ERRORS
+}
+
+PyMethodDef fused_step_alloc_def = {
+    "fused_step_alloc", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(fused_step_alloc_py)),
+    METH_FASTCALL,
+    "fused_step that allocates the outputs not given; returns (out, x_out or None, model_in or None). Arguments: "
+    "those of fastflow.backends.base.AllocEntry, positional."};
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastflow's compiled operators (registered under torch.ops.fastflow)";
   m.def("fused_step", &fused_step_direct, "One stage of a step plan, without the dispatcher (eager calls).");
-  m.def("fused_step_alloc", &fused_step_alloc_direct,
-        "fused_step that allocates the outputs not given; returns (out, x_out or None, model_in or None).");
+  PyObject* alloc = PyCFunction_NewEx(&fused_step_alloc_def, nullptr, m.attr("__name__").ptr());
+  if (alloc == nullptr) throw pybind11::error_already_set();
+  m.attr("fused_step_alloc") = pybind11::reinterpret_steal<pybind11::object>(alloc);
   m.attr("with_cuda") =
 #if defined(FASTFLOW_WITH_CUDA)
       true;

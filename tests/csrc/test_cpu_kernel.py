@@ -285,6 +285,42 @@ def test_kernel_specific_errors(cb):
         cb.fused_step(**_args(table=torch.randn(4, NUM_COEFS).half()))
 
 
+def test_alloc_entry_argument_errors(cb):
+    """The front ends' entry (fastflow._C.fused_step_alloc, its arguments parsed by hand) names what is wrong with
+    an argument, as Python's own errors would, and reads numpy integers, tuples of history and truthy flags."""
+    alloc = cb.alloc_entry()
+    case = make_case((2, 3, 8), torch.float32, torch.float32, hist=1, noise="philox")
+
+    def args(**kw):
+        a = dict(z=case.z, out=None, model_out=case.model_out, uncond=None, history=list(case.history),
+                 table=case.table, step=case.step, seeds=case.seeds, noise=None, want_x=True, x_dtype=None,
+                 model_in_dtype=None, model_in_double=False, clip=None, use_noise=True, paired=False)
+        a.update(kw)
+        return tuple(a.values())
+
+    want = alloc(*args())
+    same = alloc(*args(history=tuple(case.history), step=np.int64(case.step), want_x=1, clip=None))
+    assert all(torch.equal(a, b) for a, b in zip(want[:2], same[:2], strict=True)) and same[2] is None
+    with pytest.raises(TypeError, match="takes 16 positional arguments"):
+        alloc(*args()[:-1])
+    with pytest.raises(TypeError, match="model_out must be a tensor, got list"):
+        alloc(*args(model_out=[1.0]))
+    with pytest.raises(TypeError, match="history must be a list or tuple"):
+        alloc(*args(history=case.history[0]))
+    with pytest.raises(TypeError, match="history holds a int"):
+        alloc(*args(history=[3]))
+    with pytest.raises(TypeError, match="step must be an int or a tensor, got float"):
+        alloc(*args(step=1.0))
+    with pytest.raises(TypeError, match="x_dtype must be a torch.dtype or None, got str"):
+        alloc(*args(x_dtype="float32"))
+    with pytest.raises(TypeError, match="must be real number"):
+        alloc(*args(clip="1"))
+    with pytest.raises(IndexError, match="outside the table"):
+        alloc(*args(step=10**6))
+    with pytest.raises(OverflowError):
+        alloc(*args(step=2**70))
+
+
 # --------------------------------------------------------------------------- torch integration
 
 
