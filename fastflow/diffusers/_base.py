@@ -506,7 +506,10 @@ class FastflowScheduler:
                 x_dtype = state_dtype
             else:
                 z = sample.to(state_dtype)
-        # Inputs in any layout: the backend reads them by value (a contiguous copy only where needed).
+        # Inputs in any layout: the backend reads them by value (a contiguous copy only where needed). The model
+        # output bound twice (as the kernel's output and a history slot) is copied once here, not twice there.
+        if uses_o and kernel_output is None and not model_output.is_contiguous():
+            model_output = model_output.contiguous()
         seeds = None
         row: int | torch.Tensor = k
         if noisy and noise is None:

@@ -38,3 +38,24 @@ def test_backend_matches_torch(backend, name, config, kw):
     field = "denoised" if name == "LCMScheduler" else "pred_original_sample"
     for a, b in zip(oa, ob, strict=True):
         assert_close(getattr(b, field), getattr(a, field), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cuda"])
+@pytest.mark.parametrize("name,config,kw", CASES[:1] + CASES[3:4], ids=["DDIM-clip", "Euler-churn"])
+def test_channels_last_inputs_give_the_same_bits(backend, name, config, kw):
+    """A model output and sample in another memory layout (channels_last) are read by value: the same bits as
+    contiguous ones, also where the raw model output is bound twice (DDIM's clipped x0 and unclipped noise)."""
+    if not _available(backend):
+        pytest.skip(f"backend {backend} unavailable on the CPU")
+    x = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(1))
+    o = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(2)) * 3
+    outs = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        _, ff = pair(name, backend=backend, **config)
+        ff.set_timesteps(4)
+        t = ff.timesteps[1]
+        ff.set_begin_index(1)
+        torch.manual_seed(0)
+        outs.append(ff.step(o.to(memory_format=layout), t, x.to(memory_format=layout), **kw))
+    for a, b in zip(outs[0].values(), outs[1].values(), strict=True):
+        assert torch.equal(a, b)
