@@ -197,11 +197,10 @@ PyObject* fused_step_alloc_py(PyObject* /*module*/, PyObject* const* args, Py_ss
       tensor_arg(args, 5), step, step_tensor, optional_tensor_arg(args, 7), optional_tensor_arg(args, 8),
       bool_arg(args, 9), dtype_arg(args, 10), dtype_arg(args, 11), bool_arg(args, 12), clip, bool_arg(args, 14),
       bool_arg(args, 15));
-  PyObject* result = PyTuple_New(3);
+  PyObject* items[3] = {THPVariable_Wrap(next), wrap(x_out), wrap(model_in)};
+  PyObject* result = items[0] && items[1] && items[2] ? PyTuple_Pack(3, items[0], items[1], items[2]) : nullptr;
+  for (PyObject* item : items) Py_XDECREF(item);
   if (result == nullptr) throw python_error();
-  PyTuple_SET_ITEM(result, 0, THPVariable_Wrap(next));
-  PyTuple_SET_ITEM(result, 1, wrap(x_out));
-  PyTuple_SET_ITEM(result, 2, wrap(model_in));
   return result;
   END_HANDLE_TH_ERRORS
 }
