@@ -102,6 +102,7 @@ class Sampler:
         self.stage_sigma = np.array([st.point.sigma[0] for st in self.stages])
         self.timesteps = torch.tensor([st.point.t[0] for st in self.stages], dtype=torch.float64)
         self.seeds: torch.Tensor | None = None
+        self._seeds_copy: tuple[torch.Tensor, int, torch.device, torch.Tensor] | None = None
         self.runner = PlanRunner(self.plan, backend)
         self._num_stages = n
         self._noisy = [bool(v) for v in self.plan.noise]
@@ -218,8 +219,22 @@ class Sampler:
             return noise_spec.as_seed_tensor(seed, z.shape[0], z.device)
         seeds = self.seeds
         if seeds is not None and seeds.shape[0] == z.shape[0]:
-            return seeds if seeds.device == z.device else seeds.to(z.device)
+            return seeds if seeds.device == z.device else self._seeds_on(seeds, z.device)
         raise ValueError(f"stage {i} draws noise: call init_noise first or pass seed= or noise=")
+
+    def _seeds_on(self, seeds: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """``seeds`` (made on another device by :meth:`init_noise`) on ``device``, copied again only when the
+        seeds tensor, its contents (its version counter) or the device change. A plain copy from the CPU to a GPU
+        would wait for the GPU at every noisy step; this one is made from pinned memory, asynchronously."""
+        cached = self._seeds_copy
+        if cached is not None and cached[0] is seeds and cached[1] == seeds._version and cached[2] == device:
+            return cached[3]
+        if device.type == "cuda" and seeds.device.type == "cpu":
+            moved = seeds.pin_memory().to(device, non_blocking=True)
+        else:
+            moved = seeds.to(device)
+        self._seeds_copy = (seeds, seeds._version, device, moved)
+        return moved
 
     def step(
         self,

@@ -185,3 +185,38 @@ def test_sample_equals_a_hand_written_loop_and_keeps_the_noise(solver):
     for i, t in enumerate(s.timesteps):
         z = s.step(model(s.model_input(z, i), t), z, i)
     torch.testing.assert_close(got, z, rtol=0, atol=0)
+
+
+def test_seeds_made_elsewhere_are_copied_once_per_loop():
+    """Seeds from init_noise on the CPU, states on another device: the copy is made at the first noisy step and
+    reused, and made again when the seeds are replaced or changed in place."""
+    s = ff.Sampler(ff.VP(), "ddpm", steps=4, backend="torch")
+    s.init_noise((2, 3), seed=5)
+    z = torch.empty(2, 3, device="meta")
+    first = s._stage_seeds(0, None, z)
+    assert first.device.type == "meta" and s._stage_seeds(1, None, z) is first
+    s.seeds.add_(1)
+    second = s._stage_seeds(2, None, z)
+    assert second is not first
+    s.init_noise((2, 3), seed=6)
+    assert s._stage_seeds(0, None, z) is not second
+    assert s._stage_seeds(0, None, torch.empty(2, 3)) is s.seeds  # same device: the seeds themselves
+
+
+@pytest.mark.gpu
+def test_cpu_seeds_on_a_gpu_loop_do_not_sync():
+    """init_noise on the CPU, the loop on a GPU: the stochastic steps read the seeds without a host sync."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    s = ff.Sampler(ff.VP(), "ddpm", steps=4, backend="auto")
+    z = s.init_noise((2, 4, 8, 8), seed=3).cuda()
+    o = torch.randn_like(z)
+    s.prepare("cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for i in range(s.num_stages):
+            z = s.step(o, z, i)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(z).all()
