@@ -36,6 +36,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from .devices import to_device
+
 PHILOX_M0 = 0xD2511F53
 PHILOX_M1 = 0xCD9E8D57
 PHILOX_W0 = 0x9E3779B9
@@ -137,7 +139,7 @@ def as_seed_tensor(seed: int | Sequence[int] | torch.Tensor, batch: int, device)
     if isinstance(seed, torch.Tensor):
         if seed.dtype != torch.int64 or seed.shape != (batch,):
             raise ValueError(f"seed tensor must be int64 of shape ({batch},), got {seed.dtype} {tuple(seed.shape)}")
-        return seed.to(device)
+        return to_device(seed, device)
     if isinstance(seed, (int, np.integer)):
         seeds = [int(seed) + b for b in range(batch)]
     else:
@@ -148,7 +150,8 @@ def as_seed_tensor(seed: int | Sequence[int] | torch.Tensor, batch: int, device)
         if not 0 <= s <= _SEED_MAX:
             raise ValueError(f"seed {s} is outside [0, 2**64)")
     # int64 holds the seed's 64 bits (values past 2**63 wrap to negatives).
-    return torch.tensor([s - 2**64 if s >= 2**63 else s for s in seeds], dtype=torch.int64, device=device)
+    host = torch.tensor([s - 2**64 if s >= 2**63 else s for s in seeds], dtype=torch.int64)
+    return to_device(host, device)  # no host sync on the way to a GPU
 
 
 def normal(

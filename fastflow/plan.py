@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .devices import to_device
 from .predictions import to_x_eps
 from .solvers.base import NOISE, Stage
 
@@ -79,11 +80,7 @@ class StepPlan:
 
     def table(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The coefficient table on ``device`` (copied without a host sync where the device allows)."""
-        host = torch.from_numpy(self.coefs).to(dtype)
-        device = torch.device(device)
-        if device.type == "cuda":
-            return host.pin_memory().to(device, non_blocking=True)
-        return host.to(device)
+        return to_device(torch.from_numpy(self.coefs).to(dtype), device)
 
 
 def compile_plan(

@@ -18,6 +18,7 @@ import torch
 
 from . import noise as noise_spec
 from .backends import BACKEND_NAMES
+from .devices import to_device
 from .grids import Points, make_points
 from .plan import StepPlan, compile_plan
 from .predictions import canonical_prediction
@@ -137,11 +138,7 @@ class Sampler:
         """``timesteps`` on ``device`` (cached, so indexing it in a loop never syncs)."""
         device = torch.device(device)
         if device not in self._times:
-            host = self.timesteps
-            if device.type == "cuda":
-                self._times[device] = host.pin_memory().to(device, non_blocking=True)
-            else:
-                self._times[device] = host.to(device)
+            self._times[device] = to_device(self.timesteps, device)
         return self._times[device]
 
     def _timestep_views(self, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -224,15 +221,11 @@ class Sampler:
 
     def _seeds_on(self, seeds: torch.Tensor, device: torch.device) -> torch.Tensor:
         """``seeds`` (made on another device by :meth:`init_noise`) on ``device``, copied again only when the
-        seeds tensor, its contents (its version counter) or the device change. A plain copy from the CPU to a GPU
-        would wait for the GPU at every noisy step; this one is made from pinned memory, asynchronously."""
+        seeds tensor, its contents (its version counter) or the device change; the copy makes no host sync."""
         cached = self._seeds_copy
         if cached is not None and cached[0] is seeds and cached[1] == seeds._version and cached[2] == device:
             return cached[3]
-        if device.type == "cuda" and seeds.device.type == "cpu":
-            moved = seeds.pin_memory().to(device, non_blocking=True)
-        else:
-            moved = seeds.to(device)
+        moved = to_device(seeds, device)
         self._seeds_copy = (seeds, seeds._version, device, moved)
         return moved
 

@@ -1,0 +1,21 @@
+"""Host data on a device without a host sync.
+
+A copy from pageable CPU memory to a GPU waits for the GPU to finish its queued work
+(torch synchronizes the stream), which would stall a sampling loop that runs ahead of
+the device. Tables, timesteps and seeds go through pinned memory instead, asynchronously.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["to_device"]
+
+
+def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``tensor`` on ``device``: from the CPU to a GPU through pinned memory, without a host sync; otherwise a
+    plain ``.to`` (the tensor itself when it is there already)."""
+    device = torch.device(device)
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)

@@ -1,0 +1,36 @@
+"""Host data on a device without a host sync (fastflow.devices)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastflow as ff
+from fastflow.devices import to_device
+
+
+def test_to_device_keeps_values_and_returns_a_tensor_already_there():
+    t = torch.arange(5, dtype=torch.int64)
+    assert to_device(t, "cpu") is t
+    moved = to_device(t, "meta")
+    assert moved.device.type == "meta" and moved.shape == t.shape and moved.dtype == t.dtype
+
+
+@pytest.mark.gpu
+def test_to_device_and_seeds_reach_a_gpu_without_a_sync():
+    """CPU data copied to a GPU (tables, timesteps, seeds, per-call seeds of Sampler.step) makes no host sync."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    host = torch.arange(7, dtype=torch.int64) * 3
+    s = ff.Sampler(ff.VP(), "ddpm", steps=3, backend="auto")
+    z = torch.randn(2, 4, 8, device="cuda")
+    o = torch.randn_like(z)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        moved = to_device(host, "cuda")
+        s.prepare("cuda")
+        z = s.step(o, z, 0, seed=11)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(moved.cpu(), host) and torch.isfinite(z).all()
