@@ -14,8 +14,8 @@ __all__ = ["to_device"]
 
 def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     """``tensor`` on ``device``: from the CPU to a GPU through pinned memory, without a host sync; otherwise a
-    plain ``.to`` (the tensor itself when it is there already)."""
+    plain ``.to`` (the tensor itself when it is there already), and so in code torch.compile traces."""
     device = torch.device(device)
-    if device.type == "cuda" and tensor.device.type == "cpu":
+    if device.type == "cuda" and tensor.device.type == "cpu" and not torch.compiler.is_compiling():
         return tensor.pin_memory().to(device, non_blocking=True)
     return tensor.to(device)

@@ -216,7 +216,9 @@ class Sampler:
             return noise_spec.as_seed_tensor(seed, z.shape[0], z.device)
         seeds = self.seeds
         if seeds is not None and seeds.shape[0] == z.shape[0]:
-            return seeds if seeds.device == z.device else self._seeds_on(seeds, z.device)
+            if seeds.device == z.device:
+                return seeds
+            return to_device(seeds, z.device) if torch.compiler.is_compiling() else self._seeds_on(seeds, z.device)
         raise ValueError(f"stage {i} draws noise: call init_noise first or pass seed= or noise=")
 
     def _seeds_on(self, seeds: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -34,3 +34,20 @@ def test_to_device_and_seeds_reach_a_gpu_without_a_sync():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.equal(moved.cpu(), host) and torch.isfinite(z).all()
+
+
+def test_per_call_seeds_trace_under_torch_compile():
+    """Sampler.step with a per-call seed (made on the host, then moved) traces with fullgraph=True."""
+    backend = ff.backends.get_backend("cuda")
+    reason = backend.availability() or backend.supports(torch.device("cpu"))
+    if reason is not None:
+        pytest.skip(f"the C++ extension: {reason}")
+    torch._dynamo.reset()
+    s = ff.Sampler(ff.VP(), "ddpm", steps=3, backend="cuda")
+    z, o = torch.randn(2, 6), torch.randn(2, 6)
+
+    def f(o, z):
+        return s.step(o, z, 0, seed=7)
+
+    eager = f(o, z)  # resolves the backend (a traced first step cannot import one)
+    assert torch.equal(torch.compile(f, fullgraph=True, backend="eager")(o, z), eager)
