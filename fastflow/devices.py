@@ -14,8 +14,15 @@ __all__ = ["to_device"]
 
 def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     """``tensor`` on ``device``: from the CPU to a GPU through pinned memory, without a host sync; otherwise a
-    plain ``.to`` (the tensor itself when it is there already), and so in code torch.compile traces."""
+    plain ``.to`` (the tensor itself when it is there already). Code torch.compile traces, and a CUDA graph
+    capture, copy plainly too: a captured copy from a temporary pinned buffer would read that buffer again at
+    every replay, after it is freed, so there a copy from the host stays the error it is."""
     device = torch.device(device)
-    if device.type == "cuda" and tensor.device.type == "cpu" and not torch.compiler.is_compiling():
+    if (
+        device.type == "cuda"
+        and tensor.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and not torch.cuda.is_current_stream_capturing()
+    ):
         return tensor.pin_memory().to(device, non_blocking=True)
     return tensor.to(device)

@@ -51,3 +51,30 @@ def test_per_call_seeds_trace_under_torch_compile():
 
     eager = f(o, z)  # resolves the backend (a traced first step cannot import one)
     assert torch.equal(torch.compile(f, fullgraph=True, backend="eager")(o, z), eager)
+
+
+class _HostData:
+    """Stands in for a CPU tensor: records how to_device copies it (no GPU needed)."""
+
+    device = torch.device("cpu")
+
+    def __init__(self) -> None:
+        self.calls: list = []
+
+    def pin_memory(self):
+        self.calls.append("pin")
+        return self
+
+    def to(self, device, non_blocking=False):
+        self.calls.append(("to", torch.device(device).type, non_blocking))
+        return self
+
+
+@pytest.mark.parametrize("capturing", [False, True])
+def test_to_device_pins_only_outside_graph_capture(monkeypatch, capturing):
+    """To a GPU: through pinned memory, asynchronously; inside a CUDA graph capture, a plain copy (a captured
+    copy from a temporary pinned buffer would be read again at every replay, after the buffer is freed)."""
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing)
+    host = _HostData()
+    to_device(host, "cuda")
+    assert host.calls == ([("to", "cuda", False)] if capturing else ["pin", ("to", "cuda", True)])
