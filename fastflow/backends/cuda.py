@@ -8,9 +8,10 @@ backend is missing, and registers fake (meta) implementations so
 ``torch.compile(fullgraph=True)`` traces the operators.
 
 Per-call host cost is part of the product. Eager calls go straight to the
-extension's pybind11 bindings, ``fastflow._C.fused_step`` and ``fused_step_alloc``
-(the same C++ function the operator runs, without the dispatcher's Python argument
-parsing; the second also allocates the outputs, in C++), and the C++ side does the
+extension's Python entries, ``fastflow._C.fused_step`` (pybind11) and ``fused_step_alloc``
+(a CPython fast call with its arguments parsed by hand): the same C++ function the
+operator runs, without the dispatcher's Python argument parsing (the second also
+allocates the outputs, in C++), and the C++ side does the
 argument checks of :func:`fastflow.backends.base.check_step_args` with the same
 exception types, so there is no second Python-side check. The runner's per-step call
 (:meth:`CudaBackend.alloc_entry`) is ``fused_step_alloc`` itself, no Python frame
