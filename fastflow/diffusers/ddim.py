@@ -25,7 +25,7 @@ from diffusers.schedulers import scheduling_ddim, scheduling_ddpm
 from .. import noise as noise_spec
 from ._base import FastflowScheduler, O, StepSpec, X, Z, generator_draw, noise, output_maker, promoted_dtype, sqrt
 
-__all__ = ["DDIMScheduler", "DDPMScheduler", "x0_coefs", "eps_coefs", "dynamic_threshold"]
+__all__ = ["DDIMScheduler", "DDPMScheduler", "ddim_noise_and_direction", "dynamic_threshold", "eps_coefs", "x0_coefs"]
 
 _PREDICTIONS = ("epsilon", "sample", "v_prediction")
 _ONE = np.float32(1.0)
@@ -49,6 +49,32 @@ def x0_coefs(prediction: str, a: float) -> tuple[float, float]:
     if prediction == "sample":
         return 0.0, 1.0
     return sa, -sb
+
+
+def ddim_noise_and_direction(a_t: float, a_p: float, eta: float) -> tuple[float, float]:
+    """DDIM's noise scale ``std`` and the coefficient ``sqrt(1 - a_p - std**2)`` of its noise estimate.
+
+    Both are evaluated as diffusers evaluates them, in float32 (the variance's
+    ``1 - a_t / a_p`` cancels, and its square root is torch's ``x ** 0.5`` on a 0-d
+    tensor, which rounds differently from ``sqrt``), so loops keep float32 parity.
+    With ``var = (1 - a_p) (1 - a_t / a_p) / (1 - a_t)``, ``1 - a_p - eta**2 var`` equals
+    ``(1 - a_p)**2 a_t / (a_p (1 - a_t)) + (1 - eta**2) var``: never negative for
+    ``eta <= 1``. Where float32 rounds it below zero (next to a zero-SNR or
+    ``squaredcos_cap_v2`` end, where diffusers returns NaN) the exact value is taken.
+    """
+    at32, ap32 = np.float32(a_t), np.float32(a_p)
+    var32 = (_ONE - ap32) / (_ONE - at32) * (_ONE - at32 / ap32)
+    std32 = np.float32(eta) * np.float32((torch.tensor(var32) ** 0.5).item())
+    rest32 = _ONE - ap32 - std32 * std32
+    if rest32 >= 0:
+        return float(std32), math.sqrt(float(rest32))
+    rest = (1.0 - a_p) - eta * eta * (1.0 - a_p) / (1.0 - a_t) * (1.0 - a_t / a_p)
+    if rest < 0:
+        raise ValueError(
+            f"eta={eta} makes the noise variance of the DDIM step from alphas_cumprod {a_t:.6g} to {a_p:.6g} "
+            f"exceed 1 - alphas_cumprod_prev (diffusers returns NaN there); use eta <= 1"
+        )
+    return float(std32), math.sqrt(rest)
 
 
 def eps_coefs(prediction: str, a: float) -> tuple[float, float]:
@@ -155,11 +181,7 @@ class DDIMScheduler(_VPMixin, scheduling_ddim.DDIMScheduler):
         a_t = self._ff_alpha(t)
         a_p = self._ff_alpha(prev) if prev >= 0 else float(self.final_alpha_cumprod)
         xz, xo = self._ff_conversion(a_t)
-        # The variance's ``1 - a_t / a_p`` cancels; float32 as diffusers computes it keeps parity.
-        at32, ap32 = np.float32(a_t), np.float32(a_p)
-        var = float((_ONE - ap32) / (_ONE - at32) * (_ONE - at32 / ap32))
-        std = float(np.float32(eta) * np.sqrt(np.float32(var)))
-        c_dir = sqrt(float(_ONE - ap32 - np.float32(std) ** 2))
+        std, c_dir = ddim_noise_and_direction(a_t, a_p, eta)
         if (self._ff_clip() is not None or self._ff_thresholding) and not use_clipped:
             ez, eo = eps_coefs(cfg.prediction_type, a_t)
             eps = Z(k) * ez + O(k) * eo

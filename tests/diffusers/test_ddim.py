@@ -153,8 +153,38 @@ def test_undefined_steps_raise_instead_of_nan():
     ff.set_timesteps(10)
     x = start_noise()
     t = ff.timesteps[0]
-    with pytest.raises(ValueError, match="negative variance"):
+    with pytest.raises(ValueError, match="eta=3.0 makes the noise variance.*use eta <= 1"):
         ff.step(stand_in(x, t), t, x, eta=3.0)
+
+
+def _eta_one(steps: int):
+    noises = [start_noise(100 + i) for i in range(steps)]
+    return lambda i: dict(eta=1.0, variance_noise=noises[i])
+
+
+def test_eta_one_where_the_variance_is_a_hair_above_zero():
+    """eta=1 next to a zero-SNR end, where ``1 - a_prev - std**2`` is a few float32 ulps: the drop-in evaluates it
+    in diffusers' float32 order (torch's ``x ** 0.5`` on a 0-d tensor, not ``sqrt``) and matches its loop."""
+    config = dict(beta_schedule="squaredcos_cap_v2", rescale_betas_zero_snr=True, timestep_spacing="trailing",
+                  prediction_type="v_prediction")
+    ref, ff = pair("DDIMScheduler", **config)
+    assert_loops_match(ref, ff, steps=9, step_kwargs=_eta_one(9))
+
+
+def test_eta_one_where_float32_rounds_the_variance_negative():
+    """Where diffusers' float32 evaluation rounds ``1 - a_prev - std**2`` below zero (its step returns NaN), the
+    drop-in takes the exact, non-negative value: its loop matches diffusers' loop run in float64."""
+    config = dict(beta_schedule="scaled_linear", clip_sample=False, rescale_betas_zero_snr=True,
+                  timestep_spacing="trailing", prediction_type="v_prediction")
+    ref, ff = pair("DDIMScheduler", **config)
+    x32, _ = run_loop(ref, 5, step_kwargs=_eta_one(5))
+    assert torch.isnan(x32).all()  # what diffusers' float32 arithmetic gives here
+    ref.alphas_cumprod = ref.alphas_cumprod.double()
+    ref.final_alpha_cumprod = ref.final_alpha_cumprod.double()
+    x64, _ = run_loop(ref, 5, step_kwargs=_eta_one(5), x=start_noise().double())
+    xb, _ = run_loop(ff, 5, step_kwargs=_eta_one(5))
+    assert torch.isfinite(xb).all()
+    assert_close(xb, x64.float())
 
 
 def test_half_precision_sample_and_output():

@@ -127,6 +127,29 @@ def test_euler_ancestral_generator(config):
         assert_close(b.pred_original_sample, a.pred_original_sample)
 
 
+def test_euler_ancestral_takes_the_exact_variance_where_float32_rounds_it_negative():
+    """From sigma ~2e4 (the first step of a trailing squaredcos_cap_v2 loop), diffusers' float32
+    ``sigma_to**2 - sigma_up**2`` rounds below zero and its step returns NaN; the drop-in's step is the float64
+    evaluation of the same formulas."""
+    ref, ff = pair("EulerAncestralDiscreteScheduler", beta_schedule="squaredcos_cap_v2", timestep_spacing="trailing")
+    outs = []
+    for sched in (ref, ff):
+        sched.set_timesteps(3)
+        x = start_noise() * sched.init_noise_sigma
+        t = sched.timesteps[0]
+        o = stand_in(sched.scale_model_input(x, t), t)
+        outs.append(sched.step(o, t, x, generator=torch.Generator().manual_seed(7)).prev_sample)
+    assert torch.isnan(outs[0]).all()
+    sig, sig_to = float(ff.sigmas[0]), float(ff.sigmas[1])
+    up = (sig_to**2 * (sig**2 - sig_to**2) / sig**2) ** 0.5
+    down = (sig_to**2 - up**2) ** 0.5
+    x64, o64 = x.double(), o.double()
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(7)).double()
+    expected = x64 + o64 * (down - sig) + noise * up  # epsilon prediction: (x - x0) / sigma is the output
+    assert torch.isfinite(outs[1]).all()
+    assert_close(outs[1].double(), expected, rtol=1e-5, atol=1e-3)
+
+
 def test_euler_ancestral_sample_prediction_raises():
     with pytest.raises(NotImplementedError, match="prediction_type"):
         ffd.EulerAncestralDiscreteScheduler(prediction_type="sample")
