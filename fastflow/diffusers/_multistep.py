@@ -25,6 +25,12 @@ def alpha_sigma(sigmas: np.ndarray, flow: bool) -> tuple[np.ndarray, np.ndarray]
     """diffusers' ``_sigma_to_alpha_sigma_t`` in float64: VP (``alpha^2 + sigma^2 = 1``) or flow (``a + s = 1``)."""
     s = np.asarray(sigmas, dtype=np.float64)
     if flow:
+        if s.size and s.max() > 1.0:
+            raise ValueError(
+                f"use_flow_sigmas=True, but this schedule's sigmas reach {s.max():.6g}: a flow sigma lies in [0, 1] "
+                "(alpha = 1 - sigma), and past 1 diffusers' steps return NaN. The Karras, exponential or beta "
+                "sigmas of this scheduler are variance-exploding values; do not combine them with use_flow_sigmas"
+            )
         return 1.0 - s, s.copy()
     a = 1.0 / np.sqrt(s * s + 1.0)
     return a, s * a
