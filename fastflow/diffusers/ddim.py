@@ -34,6 +34,12 @@ _DDIM_OUTPUT = output_maker(scheduling_ddim.DDIMSchedulerOutput, *_FIELDS)
 _DDPM_OUTPUT = output_maker(scheduling_ddpm.DDPMSchedulerOutput, *_FIELDS)
 
 
+# Epsilon prediction at alphas_cumprod = 0 (a zero-SNR end): diffusers' x0 = (sample - eps) / 0 is +-inf, which
+# clip_sample clips to +-clip_sample_range. 2**64 sample - 2**64 eps (both products exact in float32 below 2**64)
+# has the sign of sample - eps, so it clips to the same value (sample == eps gives 0, where diffusers' 0 / 0 is NaN).
+_SATURATING_X0 = (2.0**64, -(2.0**64))
+
+
 def x0_coefs(prediction: str, a: float) -> tuple[float, float]:
     """``(xz, xo)`` with ``x0 = xz * sample + xo * model_output`` at ``alpha_cumprod = a``."""
     sa, sb = math.sqrt(a), math.sqrt(1.0 - a)
@@ -41,9 +47,9 @@ def x0_coefs(prediction: str, a: float) -> tuple[float, float]:
         if sa == 0.0:
             raise ValueError(
                 "prediction_type='epsilon' has no x0 at a timestep with alphas_cumprod = 0 "
-                "(rescale_betas_zero_snr=True makes the last one 0): diffusers divides by zero there (inf or NaN, or "
-                "+-clip_sample_range once clipped), which fastflow does not reproduce; zero terminal SNR needs "
-                "prediction_type='v_prediction'"
+                "(rescale_betas_zero_snr=True makes the last one 0): diffusers divides by zero there and steps to "
+                "inf or NaN (with clip_sample=True it clips the infinite x0, as fastflow does too; dynamic "
+                "thresholding is not reproduced); zero terminal SNR needs prediction_type='v_prediction'"
             )
         return 1.0 / sa, -sb / sa
     if prediction == "sample":
@@ -155,6 +161,8 @@ class _VPMixin(FastflowScheduler):
         """The kernel's ``x_hat`` conversion: x0 from the output, or the given thresholded x0."""
         if self._ff_thresholding:
             return 0.0, 1.0
+        if a_t == 0.0 and self.config.prediction_type == "epsilon" and self._ff_clip() is not None:
+            return _SATURATING_X0
         return x0_coefs(self.config.prediction_type, a_t)
 
     def _ff_thresholded(self, idx: int, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor | None:

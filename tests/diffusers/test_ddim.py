@@ -145,10 +145,9 @@ def test_pred_original_sample_can_be_skipped():
 def test_undefined_steps_raise_instead_of_nan():
     """Where diffusers' DDIM would return NaN or inf (or clip an infinite x0), the drop-in raises a ValueError
     that names the options and says why."""
-    for clip in (False, True):
-        _, ff = pair("DDIMScheduler", **SD, rescale_betas_zero_snr=True, timestep_spacing="trailing", clip_sample=clip)
-        with pytest.raises(ValueError, match="prediction_type='epsilon'.*rescale_betas_zero_snr=True"):
-            ff.set_timesteps(10)  # epsilon prediction has no x0 where alphas_cumprod = 0
+    _, ff = pair("DDIMScheduler", **SD, rescale_betas_zero_snr=True, timestep_spacing="trailing", clip_sample=False)
+    with pytest.raises(ValueError, match="prediction_type='epsilon'.*rescale_betas_zero_snr=True"):
+        ff.set_timesteps(10)  # epsilon prediction has no x0 where alphas_cumprod = 0
     _, ff = pair("DDIMScheduler", **SD, clip_sample=False)
     ff.set_timesteps(10)
     x = start_noise()
@@ -156,6 +155,24 @@ def test_undefined_steps_raise_instead_of_nan():
     with pytest.raises(ValueError, match="eta=3.0 makes the noise variance.*use eta <= 1"):
         ff.step(stand_in(x, t), t, x, eta=3.0)
 
+
+
+@pytest.mark.parametrize("name", ["DDIMScheduler", "DDPMScheduler", "LCMScheduler"])
+def test_epsilon_at_zero_snr_with_clipping_matches_diffusers(name):
+    """Epsilon prediction at a zero-SNR end with clip_sample=True: diffusers' x0 = (x - eps) / 0 is +-inf and is
+    clipped to +-clip_sample_range; the drop-in gives the same x0 and the same loop."""
+    ref, ff = pair(name, **SD, rescale_betas_zero_snr=True, timestep_spacing="trailing", clip_sample=True,
+                   clip_sample_range=1.5)
+    kw = lambda i: dict(generator=torch.Generator().manual_seed(i))  # noqa: E731
+    xa, oa = run_loop(ref, 6, step_kwargs=kw)
+    xb, ob = run_loop(ff, 6, step_kwargs=kw)
+    field = "denoised" if name == "LCMScheduler" else "pred_original_sample"
+    if name != "LCMScheduler":
+        assert set(oa[0].pred_original_sample.abs().unique().tolist()) == {1.5}  # the clipped infinite x0
+    assert torch.isfinite(xa).all()
+    assert_close(xb, xa)
+    for a, b in zip(oa, ob, strict=True):
+        assert_close(getattr(b, field), getattr(a, field))
 
 def _eta_one(steps: int):
     noises = [start_noise(100 + i) for i in range(steps)]
