@@ -116,6 +116,19 @@ def test_zero_length_step_raises(case):
 
 
 
+
+def test_step_between_sigmas_an_ulp_apart():
+    """use_lu_lambdas with final_sigmas_type='sigma_min' ends on two sigmas an ulp apart: diffusers' float32 step
+    length rounds to zero and its second-order heun step divides 0 by 0 (NaN); the drop-in takes the step of
+    length ~1e-7 exactly, as its float64 loop does."""
+    ref, ff = pair(**SD, use_lu_lambdas=True, final_sigmas_type="sigma_min", solver_type="heun")
+    xa, _ = run_loop(ref, 20)
+    assert torch.isnan(xa).all()
+    xb, _ = run_loop(ff, 20)
+    x64, _ = run_loop(ff, 20, x=start_noise().double())
+    assert torch.isfinite(xb).all()
+    assert_close(xb.double(), x64)
+
 @pytest.mark.parametrize("sigmas", ["use_karras_sigmas", "use_exponential_sigmas"])
 def test_flow_sigmas_past_one_raise(sigmas):
     """These sigmas with use_flow_sigmas are variance-exploding values (up to ~157) that DPM-Solver in diffusers

@@ -1,0 +1,170 @@
+"""Seeded random configurations of the deterministic drop-ins against diffusers, whole loops.
+
+The grids elsewhere pick configurations a pipeline uses; this draws option mixes
+nobody picked (beta schedules, zero-SNR rescaling, spacings, sigma families, final
+sigma types, solver orders and types, clipping, thresholding, flow sigmas), so an
+option the drop-in mishandles shows up. Each configuration diffusers can build must
+end one of four ways:
+
+* the loops agree within float32 round-off;
+* the drop-in raises a ValueError, and diffusers' loop is not finite (a step diffusers
+  leaves undefined), or a NotImplementedError that names a config option;
+* diffusers' loop is not finite only because float32 rounding broke a step, and the
+  drop-in's, which takes the exact value, agrees with its own float64 loop;
+* they differ by no more than diffusers' own float32 round-off in that loop: how far its
+  result moves when its start moves by an ulp, or what float32 coefficient arithmetic
+  on its largest sigma carries (sigmas in the thousands, where diffusers' evaluation
+  cancels and the drop-in's, folded in float64 on the host, does not).
+
+A coefficient off by 1e-4 fails dozens of these cases.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import warnings
+
+import pytest
+import torch
+from dropin_helpers import run_loop, start_noise
+
+import fastflow.diffusers as ffd
+
+diffusers = pytest.importorskip("diffusers")
+
+BETAS = ("linear", "scaled_linear", "squaredcos_cap_v2")
+SPACINGS = ("linspace", "leading", "trailing")
+SIGMAS = ({}, {"use_karras_sigmas": True}, {"use_exponential_sigmas": True})
+CASES = 300
+TOL = 1e-5
+EPS32 = 2.0**-23
+
+
+def _vp(r: random.Random) -> dict:
+    return dict(beta_schedule=r.choice(BETAS), timestep_spacing=r.choice(SPACINGS), steps_offset=r.choice((0, 1)),
+                rescale_betas_zero_snr=r.random() < 0.3)
+
+
+def _ddim(r: random.Random) -> dict:
+    cfg = _vp(r) | dict(prediction_type=r.choice(("epsilon", "sample", "v_prediction")),
+                        clip_sample=r.choice((True, False)), clip_sample_range=r.choice((0.5, 1.0, 2.0)),
+                        set_alpha_to_one=r.choice((True, False)))
+    if r.random() < 0.3:
+        cfg |= dict(thresholding=True, sample_max_value=r.choice((1.0, 1.5)))
+    return cfg
+
+
+def _euler(r: random.Random) -> dict:
+    return _vp(r) | r.choice(SIGMAS) | dict(
+        prediction_type=r.choice(("epsilon", "v_prediction", "sample")),
+        interpolation_type=r.choice(("linear", "log_linear")), timestep_type=r.choice(("discrete", "continuous")),
+        final_sigmas_type=r.choice(("zero", "sigma_min")))
+
+
+def _heun(r: random.Random) -> dict:
+    cfg = _vp(r) | r.choice(SIGMAS) | dict(prediction_type=r.choice(("epsilon", "v_prediction", "sample")),
+                                           clip_sample=r.choice((True, False)))
+    del cfg["rescale_betas_zero_snr"]  # not an option of diffusers' Heun
+    return cfg
+
+
+def _flow(r: random.Random) -> dict:
+    cfg = r.choice(SIGMAS) | dict(shift=r.choice((0.5, 1.0, 3.0)), invert_sigmas=r.random() < 0.2)
+    if r.random() < 0.3:
+        cfg["shift_terminal"] = r.choice((0.02, 0.1))
+    return cfg
+
+
+def _multistep(r: random.Random) -> dict:
+    cfg = _vp(r) | r.choice(SIGMAS) | dict(solver_order=r.choice((1, 2, 3)), lower_order_final=r.choice((True, False)),
+                                           final_sigmas_type=r.choice(("zero", "sigma_min")))
+    if r.random() < 0.25:
+        cfg |= dict(thresholding=True, sample_max_value=r.choice((1.0, 1.5)))
+    if r.random() < 0.25:
+        cfg |= dict(use_flow_sigmas=True, flow_shift=r.choice((1.0, 3.0)), prediction_type="flow_prediction")
+    else:
+        cfg["prediction_type"] = r.choice(("epsilon", "sample", "v_prediction"))
+    return cfg
+
+
+def _dpm(r: random.Random) -> dict:
+    return _multistep(r) | dict(algorithm_type=r.choice(("dpmsolver++", "dpmsolver")),
+                                solver_type=r.choice(("midpoint", "heun")), euler_at_final=r.choice((False, True)),
+                                use_lu_lambdas=r.random() < 0.2)
+
+
+def _unipc(r: random.Random) -> dict:
+    return _multistep(r) | dict(solver_type=r.choice(("bh1", "bh2")), predict_x0=r.random() < 0.8,
+                                disable_corrector=r.choice(([], [0], [1, 2])))
+
+
+def _edm(r: random.Random) -> dict:
+    return dict(sigma_schedule=r.choice(("karras", "exponential")), final_sigmas_type=r.choice(("zero", "sigma_min")),
+                prediction_type=r.choice(("epsilon", "v_prediction")), rho=r.choice((3.0, 7.0)))
+
+
+FAMILIES = {
+    "DDIMScheduler": _ddim,
+    "EulerDiscreteScheduler": _euler,
+    "HeunDiscreteScheduler": _heun,
+    "FlowMatchEulerDiscreteScheduler": _flow,
+    "DPMSolverMultistepScheduler": _dpm,
+    "UniPCMultistepScheduler": _unipc,
+    "EDMEulerScheduler": _edm,
+}
+
+
+def _case(seed: int) -> tuple[str, dict, int]:
+    r = random.Random(seed)
+    name = r.choice(sorted(FAMILIES))
+    return name, FAMILIES[name](r), r.choice((1, 2, 3, 5, 8, 13, 25))
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("seed", range(CASES))
+def test_random_config(seed):
+    name, config, steps = _case(seed)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ref = getattr(diffusers, name)(**config)
+            x_ref, _ = run_loop(ref, steps)
+    except Exception as exc:  # a configuration diffusers itself refuses (or that needs scipy)
+        pytest.skip(f"diffusers refuses {config}: {type(exc).__name__}")
+    try:
+        x_ff, _ = run_loop(getattr(ffd, name).from_config(ref.config), steps)
+    except NotImplementedError as exc:
+        assert any(key in str(exc) for key in config), f"the refusal names no option of {config}: {exc}"
+        return
+    except ValueError as exc:
+        assert not torch.isfinite(x_ref).all(), f"{name} {config} {steps} steps: refused a finite loop: {exc}"
+        return
+    if torch.allclose(x_ff, x_ref, rtol=TOL, atol=TOL):
+        return
+    assert torch.isfinite(x_ff).all(), f"{name} {config} {steps} steps: not finite"
+    if not torch.isfinite(x_ref).all():  # float32 rounding broke diffusers' step; the drop-in took the exact value
+        x_64, _ = run_loop(getattr(ffd, name).from_config(ref.config), steps, x=start_noise().double())
+        torch.testing.assert_close(x_ff.double(), x_64, rtol=1e-4, atol=1e-4)
+        return
+    # diffusers' float32 round-off in this loop: how far its result moves when the start moves by an ulp or two,
+    # and what its coefficient arithmetic can carry, about eps32 times the largest sigma in units of the noise.
+    spread = max(
+        (run_loop(getattr(diffusers, name)(**config), steps, x=start_noise() * (1 + k * 2.0**-23))[0] - x_ref)
+        .abs().max().item()
+        for k in (1, 2, 3)
+    )
+    arithmetic = EPS32 * max(1.0, _sigma_max(ref)) * start_noise().abs().max().item()
+    diff = (x_ff - x_ref).abs().max().item()
+    assert diff <= 4 * spread + 8 * arithmetic + TOL, (
+        f"{name} {config} {steps} steps: {diff:.3g} from diffusers; its round-off {spread:.3g}, {arithmetic:.3g}"
+    )
+
+
+def _sigma_max(scheduler) -> float:
+    """The loop's largest noise-to-signal ratio (sigma), from its sigmas or its first timestep's alphas_cumprod."""
+    sigmas = getattr(scheduler, "sigmas", None)
+    if isinstance(sigmas, torch.Tensor) and sigmas.numel():
+        return float(sigmas.max())
+    a = float(scheduler.alphas_cumprod[int(scheduler.timesteps.max())])
+    return math.sqrt((1.0 - a) / a) if a > 0 else math.inf
