@@ -18,7 +18,14 @@ from diffusers.schedulers import scheduling_dpmsolver_multistep as _dpm
 from ..solvers.base import Lin
 from ..solvers.dpmpp import dpmpp_differences, dpmpp_update, multistep_order
 from ._base import X, Z, generator_draw, noise, output_maker
-from ._multistep import MultistepScheduler, alpha_sigma, half_logsnr, stored_prediction, x0_coefs
+from ._multistep import (
+    MultistepScheduler,
+    alpha_sigma,
+    float32_step_lengths,
+    half_logsnr,
+    stored_prediction,
+    x0_coefs,
+)
 
 __all__ = ["DPMSolverMultistepScheduler", "alpha_sigma", "dpm_orders", "dpm_updates", "x0_coefs"]
 _OUTPUT = output_maker(_dpm.SchedulerOutput, "prev_sample")
@@ -65,6 +72,7 @@ def dpm_updates(
         raise ValueError(f"algorithm_type {algorithm_type!r} with solver_order 3 is not supported (only 1 and 2)")
 
     m = stored_prediction(start, a, s, plus)  # x0 (``++``) or eps
+    h32 = float32_step_lengths(sig, flow)
 
     updates = []
     for i, p in zip(range(start, n), orders, strict=True):
@@ -76,18 +84,26 @@ def dpm_updates(
             updates.append(X(k) * a_t)
             continue
         h = lam[i + 1] - lam[i]
-        if h == 0:
-            # A zero-length step (Karras sigmas ending at sigma_min twice): diffusers leaves the
-            # sample unchanged at order 1 and 2M-midpoint, and divides 0 by 0 otherwise.
+        if h32[i] == 0:
+            # A zero-length step in diffusers' float32 (Karras sigmas ending at sigma_min twice, or sigmas an
+            # ulp apart): diffusers leaves the sample unchanged at order 1 and 2M-midpoint, and divides 0 by 0
+            # otherwise.
             if p > 2 or (p == 2 and solver_type != "midpoint"):
                 raise ValueError(
-                    f"step {i} has zero length (sigma {sig[i]:.6g} twice; use_karras_sigmas with "
-                    f"final_sigmas_type='sigma_min'?); diffusers returns NaN there for a step of order {p}"
-                    f"{' with solver_type=' + repr(solver_type) if p == 2 else ''}. Use final_sigmas_type='zero' "
-                    f"or euler_at_final=True{', or solver_type=midpoint' if p == 2 else ''}"
+                    f"step {i} has zero length (sigma {sig[i]:.6g} to {sig[i + 1]:.6g}; use_karras_sigmas or "
+                    f"use_lu_lambdas with final_sigmas_type='sigma_min'?); diffusers returns NaN there for a step "
+                    f"of order {p}{' with solver_type=' + repr(solver_type) if p == 2 else ''}. Use "
+                    f"final_sigmas_type='zero' or euler_at_final=True{', or solver_type=midpoint' if p == 2 else ''}"
                 )
             updates.append(Z(k))
             continue
+        if sde and h32[i] < 0:
+            raise ValueError(
+                f"step {i} goes from sigma {sig[i]:.6g} up to {sig[i + 1]:.6g} in diffusers' float32 arithmetic "
+                f"(sigmas an ulp apart; use_lu_lambdas with final_sigmas_type='sigma_min'?), where the noise scale "
+                f"of algorithm_type {algorithm_type!r} is the square root of a negative number and diffusers returns "
+                "NaN. Use final_sigmas_type='zero'"
+            )
         # diffusers' 3M halves D2 (diffusers_3m); its SDE-3M adds the D2 term the core's SDE never uses.
         d0, d1, d2 = dpmpp_differences(lam, i, p, m, diffusers_3m=True)
         if plus:

@@ -37,6 +37,8 @@ BETAS = ("linear", "scaled_linear", "squaredcos_cap_v2")
 SPACINGS = ("linspace", "leading", "trailing")
 SIGMAS = ({}, {"use_karras_sigmas": True}, {"use_exponential_sigmas": True})
 CASES = 300
+STOCHASTIC_CASES = 200
+STEPS = (1, 2, 3, 5, 8, 13, 25)
 TOL = 1e-5
 EPS32 = 2.0**-23
 
@@ -118,46 +120,115 @@ FAMILIES = {
 def _case(seed: int) -> tuple[str, dict, int]:
     r = random.Random(seed)
     name = r.choice(sorted(FAMILIES))
-    return name, FAMILIES[name](r), r.choice((1, 2, 3, 5, 8, 13, 25))
+    return name, FAMILIES[name](r), r.choice(STEPS)
+
+
+def _ddim_eta(r: random.Random) -> tuple[dict, dict]:
+    return _ddim(r), dict(eta=r.choice((0.3, 1.0)), use_clipped_model_output=r.random() < 0.3)
+
+
+def _ddpm(r: random.Random) -> tuple[dict, dict]:
+    cfg = _ddim(r) | dict(variance_type=r.choice(("fixed_small", "fixed_small_log", "fixed_large")))
+    del cfg["set_alpha_to_one"]  # not an option of diffusers' DDPM
+    return cfg, {}
+
+
+def _lcm(r: random.Random) -> tuple[dict, dict]:
+    return _ddim(r) | dict(original_inference_steps=r.choice((30, 50)), timestep_scaling=r.choice((5.0, 10.0))), {}
+
+
+def _ancestral(r: random.Random) -> tuple[dict, dict]:
+    return _vp(r) | dict(prediction_type=r.choice(("epsilon", "v_prediction"))), {}
+
+
+def _churn(r: random.Random) -> tuple[dict, dict]:
+    return _euler(r), dict(s_churn=r.choice((0.5, 5.0)), s_tmin=r.choice((0.0, 0.5)), s_tmax=r.choice((math.inf, 5.0)))
+
+
+def _sde_dpm(r: random.Random) -> tuple[dict, dict]:
+    cfg = _dpm(r) | dict(algorithm_type=r.choice(("sde-dpmsolver++", "sde-dpmsolver")))
+    return cfg, {}
+
+
+def _flow_sde(r: random.Random) -> tuple[dict, dict]:
+    return _flow(r) | dict(stochastic_sampling=True), {}
+
+
+STOCHASTIC = {
+    "DDIMScheduler": _ddim_eta,
+    "DDPMScheduler": _ddpm,
+    "LCMScheduler": _lcm,
+    "EulerAncestralDiscreteScheduler": _ancestral,
+    "EulerDiscreteScheduler": _churn,
+    "DPMSolverMultistepScheduler": _sde_dpm,
+    "FlowMatchEulerDiscreteScheduler": _flow_sde,
+}
+
+
+def _stochastic_case(seed: int) -> tuple[str, dict, dict, int]:
+    r = random.Random(10_000 + seed)
+    name = r.choice(sorted(STOCHASTIC))
+    config, step_kwargs = STOCHASTIC[name](r)
+    return name, config, step_kwargs, r.choice(STEPS)
 
 
 @pytest.mark.filterwarnings("ignore")
 @pytest.mark.parametrize("seed", range(CASES))
 def test_random_config(seed):
-    name, config, steps = _case(seed)
+    _check(*_case(seed), {}, stochastic=False)
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("seed", range(STOCHASTIC_CASES))
+def test_random_stochastic_config(seed):
+    """Stochastic steps given a generator draw diffusers' noise, so they are held to the same outcomes."""
+    name, config, step_kwargs, steps = _stochastic_case(seed)
+    _check(name, config, steps, step_kwargs, stochastic=True)
+
+
+def _check(name: str, config: dict, steps: int, step_kwargs: dict, *, stochastic: bool) -> None:
+    """One configuration's outcome, as the module docstring lists them."""
+
+    def loop(scheduler, x=None):
+        kwargs = dict(step_kwargs)
+        if stochastic:
+            kwargs["generator"] = torch.Generator().manual_seed(7)  # each loop draws the same noise
+        return run_loop(scheduler, steps, step_kwargs=kwargs, x=x)[0]
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ref = getattr(diffusers, name)(**config)
-            x_ref, _ = run_loop(ref, steps)
+            x_ref = loop(ref)
     except Exception as exc:  # a configuration diffusers itself refuses (or that needs scipy)
         pytest.skip(f"diffusers refuses {config}: {type(exc).__name__}")
+    where = f"{name} {config} {step_kwargs} {steps} steps"
     try:
-        x_ff, _ = run_loop(getattr(ffd, name).from_config(ref.config), steps)
+        x_ff = loop(getattr(ffd, name).from_config(ref.config))
     except NotImplementedError as exc:
-        assert any(key in str(exc) for key in config), f"the refusal names no option of {config}: {exc}"
+        assert any(key in str(exc) for key in config), f"{where}: the refusal names no option: {exc}"
         return
     except ValueError as exc:
-        assert not torch.isfinite(x_ref).all(), f"{name} {config} {steps} steps: refused a finite loop: {exc}"
+        assert not torch.isfinite(x_ref).all(), f"{where}: refused a finite loop: {exc}"
         return
     if torch.allclose(x_ff, x_ref, rtol=TOL, atol=TOL):
         return
-    assert torch.isfinite(x_ff).all(), f"{name} {config} {steps} steps: not finite"
+    assert torch.isfinite(x_ff).all(), f"{where}: not finite"
     if not torch.isfinite(x_ref).all():  # float32 rounding broke diffusers' step; the drop-in took the exact value
-        x_64, _ = run_loop(getattr(ffd, name).from_config(ref.config), steps, x=start_noise().double())
-        torch.testing.assert_close(x_ff.double(), x_64, rtol=1e-4, atol=1e-4)
+        if not stochastic:  # (a float64 loop would draw other noise)
+            x_64 = loop(getattr(ffd, name).from_config(ref.config), x=start_noise().double())
+            torch.testing.assert_close(x_ff.double(), x_64, rtol=1e-4, atol=1e-4)
         return
     # diffusers' float32 round-off in this loop: how far its result moves when the start moves by an ulp or two,
     # and what its coefficient arithmetic can carry, about eps32 times the largest sigma in units of the noise.
     spread = max(
-        (run_loop(getattr(diffusers, name)(**config), steps, x=start_noise() * (1 + k * 2.0**-23))[0] - x_ref)
-        .abs().max().item()
+        (loop(getattr(diffusers, name)(**config), x=start_noise() * (1 + k * 2.0**-23)) - x_ref).abs().max().item()
         for k in (1, 2, 3)
     )
     arithmetic = EPS32 * max(1.0, _sigma_max(ref)) * start_noise().abs().max().item()
     diff = (x_ff - x_ref).abs().max().item()
     assert diff <= 4 * spread + 8 * arithmetic + TOL, (
-        f"{name} {config} {steps} steps: {diff:.3g} from diffusers; its round-off {spread:.3g}, {arithmetic:.3g}"
+        f"{where}: {diff:.3g} from diffusers; its round-off {spread:.3g}, {arithmetic:.3g}"
     )
 
 
