@@ -145,7 +145,9 @@ class StepSpec:
     ``xz, xo``: the kernel's ``x_hat = clip(xz * z + xo * o)``. ``update``: the next
     sample. ``pred``: the returned prediction field (None: ``X(i)`` itself).
     ``draws``: diffusers draws a normal tensor in this call (even when its
-    coefficient is 0, so a generator advances the same way).
+    coefficient is 0, so a generator advances the same way). ``error``: the step is
+    undefined (diffusers returns NaN or fails there): a step that runs it raises this,
+    and a loop that starts after it, as img2img's do, is unaffected.
     """
 
     xz: float
@@ -153,6 +155,7 @@ class StepSpec:
     update: Lin
     pred: Lin | None = None
     draws: bool = False
+    error: str | None = None
 
 
 class _StageCall(NamedTuple):
@@ -164,6 +167,7 @@ class _StageCall(NamedTuple):
     draws: bool  # diffusers draws a noise tensor in this call
     uses_o: bool  # the raw model output is bound to a history slot
     pred: Lin | None  # the returned prediction field, when it is not x_hat
+    error: str | None  # why the step is undefined (raised when it runs), or None
 
 
 @dataclass
@@ -213,7 +217,7 @@ def compile_specs(specs: Sequence[StepSpec], clip: float | None, backend: str, s
     plan = StepPlan(coefs, plan.history, plan.write_x, plan.keep_z, plan.noise, plan.clip)
     runner = PlanRunner(plan, backend)
     calls = tuple(
-        _StageCall(runner, k, bool(plan.noise[k]), spec.draws, o_coefs[k] != 0.0, spec.pred)
+        _StageCall(runner, k, bool(plan.noise[k]), spec.draws, o_coefs[k] != 0.0, spec.pred, spec.error)
         for k, spec in enumerate(specs)
     )
     return Compiled(start=start, plan=plan, runner=runner, calls=calls)
@@ -291,7 +295,20 @@ class FastflowScheduler:
         raise NotImplementedError
 
     def _ff_specs(self, start: int, variant: Hashable) -> list[StepSpec]:
-        return [self._ff_spec(i, i - start, variant) for i in range(start, self._ff_num_steps())]
+        return [self._ff_defined_spec(i, i - start, variant) for i in range(start, self._ff_num_steps())]
+
+    def _ff_defined_spec(self, i: int, k: int, variant: Hashable) -> StepSpec:
+        """:meth:`_ff_spec`, or, where step ``i`` is undefined (the spec raises a ValueError, or has a coefficient
+        that is not finite), a spec that raises when the step runs."""
+        try:
+            spec = self._ff_spec(i, k, variant)
+        except ValueError as exc:
+            return StepSpec(0.0, 1.0, Z(k), error=str(exc))
+        coefs = [spec.xz, spec.xo, *(c for _, c in spec.update), *(c for _, c in spec.pred or ())]
+        if not all(math.isfinite(c) for c in coefs):
+            return StepSpec(0.0, 1.0, Z(k), error=f"step {i} has a coefficient that is not finite (diffusers "
+                            "returns inf or NaN there); this configuration has no defined step there")
+        return spec
 
     def _ff_clip(self) -> float | None:
         return None
@@ -431,7 +448,10 @@ class FastflowScheduler:
         if self._ff_default_variant is _NO_DEFAULT:
             return
         self._ff_set_loop_start(0)
-        runner = self._ff_stage(0, self._ff_default_variant).runner  # every step's call, entered now
+        try:
+            runner = self._ff_stage(0, self._ff_default_variant).runner  # every step's call, entered now
+        except ValueError:  # a loop from step 0 is undefined: its first step raises (one from later may run)
+            return
         device = self.timesteps.device
         if device.type != "cpu":
             runner.table(device, torch.float32)
@@ -494,7 +514,9 @@ class FastflowScheduler:
         stage = self._ff_stages.get((variant, idx))
         if stage is None:
             stage = self._ff_stage(idx, variant)
-        runner, k, noisy, draws, uses_o, pred_lin = stage
+        runner, k, noisy, draws, uses_o, pred_lin, error = stage
+        if error is not None:
+            raise ValueError(error)
         if noise is None and draw is not None and draws:
             noise = draw()
         z, x_dtype = sample, None

@@ -8,6 +8,7 @@ A family supplies only its formulas (:meth:`MultistepScheduler._ff_updates`).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -25,12 +26,6 @@ def alpha_sigma(sigmas: np.ndarray, flow: bool) -> tuple[np.ndarray, np.ndarray]
     """diffusers' ``_sigma_to_alpha_sigma_t`` in float64: VP (``alpha^2 + sigma^2 = 1``) or flow (``a + s = 1``)."""
     s = np.asarray(sigmas, dtype=np.float64)
     if flow:
-        if s.size and s.max() > 1.0:
-            raise ValueError(
-                f"use_flow_sigmas=True, but this schedule's sigmas reach {s.max():.6g}: a flow sigma lies in [0, 1] "
-                "(alpha = 1 - sigma), and past 1 diffusers' steps return NaN. The Karras, exponential or beta "
-                "sigmas of this scheduler are variance-exploding values; do not combine them with use_flow_sigmas"
-            )
         return 1.0 - s, s.copy()
     a = 1.0 / np.sqrt(s * s + 1.0)
     return a, s * a
@@ -52,11 +47,22 @@ def x0_coefs(prediction: str, alpha: float, sigma: float, sigma_ve: float) -> tu
     raise ValueError(f"prediction_type {prediction!r} is not supported")
 
 
-def half_logsnr(sigmas: Sequence[float], flow: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """diffusers' sigmas in float64 with their ``alpha``, ``sigma`` and ``lambda = log(alpha / sigma)``."""
+def half_logsnr(
+    sigmas: Sequence[float], flow: bool, start: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """diffusers' sigmas in float64 with their ``alpha``, ``sigma`` and ``lambda = log(alpha / sigma)``.
+
+    Raises where a loop from step ``start`` meets a flow sigma past 1 (``alpha < 0``).
+    """
     sig = np.asarray(sigmas, dtype=np.float64)
+    if flow and sig[start:].size and sig[start:].max() > 1.0:
+        raise ValueError(
+            f"use_flow_sigmas=True, but this schedule's sigmas reach {sig[start:].max():.6g}: a flow sigma lies in "
+            "[0, 1] (alpha = 1 - sigma), and past 1 diffusers' steps return NaN. The Karras, exponential or beta "
+            "sigmas of this scheduler are variance-exploding values; do not combine them with use_flow_sigmas"
+        )
     a, s = alpha_sigma(sig, flow)
-    with np.errstate(divide="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore"):  # sigma 0 (lambda inf); flow sigmas past 1 before a start
         lam = np.log(a) - np.log(s)
     return sig, a, s, lam
 
@@ -120,7 +126,8 @@ class MultistepScheduler(FastflowScheduler):
         a, s = alpha_sigma(sig, cfg.use_flow_sigmas)
         self._ff_conv = [x0_coefs(cfg.prediction_type, a[i], s[i], sig[i]) for i in range(len(sig) - 1)]
         if self.num_inference_steps is not None:
-            self._ff_host_cache["specs0"] = self._ff_build(0)  # raises now for a loop diffusers cannot run
+            with contextlib.suppress(ValueError):  # a loop from step 0 is undefined: its first step raises
+                self._ff_host_cache["specs0"] = self._ff_build(0)
 
     def _ff_build(self, start: int) -> list[StepSpec]:
         specs = []

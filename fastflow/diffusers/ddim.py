@@ -141,7 +141,14 @@ class _VPMixin(FastflowScheduler):
         self._ff_t = [int(v) for v in self._ff_host_timesteps]
         self._ff_thresholding_on = bool(self.config.get("thresholding", False))
         if self._ff_thresholding:
-            self._ff_raw_x0 = [x0_coefs(self.config.prediction_type, self._ff_alpha(t)) for t in self._ff_t]
+            self._ff_raw_x0 = [self._ff_raw_x0_of(t) for t in self._ff_t]
+
+    def _ff_raw_x0_of(self, t: int) -> tuple[float, float] | str:
+        """The unthresholded x0 conversion at timestep ``t``, or why it is undefined (raised if that step runs)."""
+        try:
+            return x0_coefs(self.config.prediction_type, self._ff_alpha(t))
+        except ValueError as exc:
+            return str(exc)
 
     def _ff_alpha(self, t: int) -> float:
         return float(self._ff_ac[t])
@@ -169,7 +176,10 @@ class _VPMixin(FastflowScheduler):
         """The thresholded x0 of step ``idx`` (None when thresholding is off)."""
         if not self._ff_thresholding_on:  # set by _ff_prepare, which ran when idx was found; read every step
             return None
-        return thresholded_x0(self._ff_raw_x0[idx], model_output, sample, self.config)
+        coefs = self._ff_raw_x0[idx]
+        if isinstance(coefs, str):
+            raise ValueError(coefs)
+        return thresholded_x0(coefs, model_output, sample, self.config)
 
 
 class DDIMScheduler(_VPMixin, scheduling_ddim.DDIMScheduler):

@@ -63,7 +63,7 @@ def dpm_updates(
     """
     if algorithm_type not in ALGORITHMS:
         raise ValueError(f"algorithm_type {algorithm_type!r} is not supported; valid: {', '.join(ALGORITHMS)}")
-    sig, a, s, lam = half_logsnr(sigmas, flow)
+    sig, a, s, lam = half_logsnr(sigmas, flow, start)
     n = len(sig) - 1
     orders = dpm_orders(n, start, solver_order, lower_order_final, euler_at_final, final_zero)
     plus = algorithm_type.endswith("++")

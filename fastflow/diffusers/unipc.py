@@ -63,7 +63,7 @@ def unipc_updates(
         raise ValueError(f"solver_type {solver_type!r} is not supported; valid: {', '.join(SOLVER_TYPES)}")
     if not predict_x0 and solver_order != 1:
         raise ValueError("predict_x0=False is supported with solver_order=1 only")
-    sig, a, s, lam = half_logsnr(sigmas, flow)
+    sig, a, s, lam = half_logsnr(sigmas, flow, start)
     n = len(sig) - 1
     orders = unipc_orders(n, start, solver_order, lower_order_final)
     skip = {int(j) for j in disable_corrector}

@@ -40,9 +40,12 @@ def run_loop(
     model: Callable = stand_in,
     x: torch.Tensor | None = None,
     seed: int = 0,
+    begin: int = 0,
 ) -> tuple[torch.Tensor, list]:
     """A pipeline-style loop: set_timesteps, scale by init_noise_sigma, scale_model_input, step.
 
+    ``begin``: start at that index of the timesteps, after ``set_begin_index(begin)`` where the scheduler has it
+    (img2img).
     Returns the final sample and every step's output object (or tuple).
     """
     set_kwargs = dict(set_kwargs or {})
@@ -52,7 +55,9 @@ def run_loop(
     x = start_noise(seed) if x is None else x.clone()
     x = x * getattr(scheduler, "init_noise_sigma", 1.0)
     outs = []
-    for i, t in enumerate(scheduler.timesteps):
+    if begin and hasattr(scheduler, "set_begin_index"):  # DDIM and DDPM find their step by its timestep
+        scheduler.set_begin_index(begin)
+    for i, t in enumerate(scheduler.timesteps[begin:]):
         inp = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
         o = model(inp, t)
         kw = step_kwargs(i) if callable(step_kwargs) else dict(step_kwargs or {})

@@ -147,7 +147,7 @@ def test_undefined_steps_raise_instead_of_nan():
     that names the options and says why."""
     _, ff = pair("DDIMScheduler", **SD, rescale_betas_zero_snr=True, timestep_spacing="trailing", clip_sample=False)
     with pytest.raises(ValueError, match="prediction_type='epsilon'.*rescale_betas_zero_snr=True"):
-        ff.set_timesteps(10)  # epsilon prediction has no x0 where alphas_cumprod = 0
+        run_loop(ff, 10)  # epsilon prediction has no x0 where alphas_cumprod = 0 (the first timestep)
     _, ff = pair("DDIMScheduler", **SD, clip_sample=False)
     ff.set_timesteps(10)
     x = start_noise()
@@ -173,6 +173,21 @@ def test_epsilon_at_zero_snr_with_clipping_matches_diffusers(name):
     assert_close(xb, xa)
     for a, b in zip(oa, ob, strict=True):
         assert_close(getattr(b, field), getattr(a, field))
+
+
+@pytest.mark.parametrize("name", ["DDIMScheduler", "LCMScheduler"])
+def test_an_undefined_step_raises_only_when_it_runs(name):
+    """Epsilon prediction at a zero-SNR first timestep, unclipped, is undefined (diffusers: inf or NaN), but an
+    img2img loop that starts after it (set_begin_index) never runs it: the drop-in matches diffusers there."""
+    ref, ff = pair(name, **SD, rescale_betas_zero_snr=True, timestep_spacing="trailing", clip_sample=False)
+    kw = {"generator": torch.Generator().manual_seed(3)} if name == "LCMScheduler" else {}
+    xa, _ = run_loop(ref, 8, begin=2, step_kwargs=kw)
+    kw = {"generator": torch.Generator().manual_seed(3)} if name == "LCMScheduler" else {}
+    xb, _ = run_loop(ff, 8, begin=2, step_kwargs=kw)
+    assert torch.isfinite(xa).all()
+    assert_close(xb, xa)
+    with pytest.raises(ValueError, match="no x0 at a timestep with alphas_cumprod = 0"):
+        run_loop(ff, 8)
 
 def _eta_one(steps: int):
     noises = [start_noise(100 + i) for i in range(steps)]

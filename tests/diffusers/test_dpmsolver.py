@@ -105,14 +105,16 @@ def test_grid_parity(case):
 
 @pytest.mark.parametrize("case", [c for c in GRID if c[2]][::2], ids=_id)
 def test_zero_length_step_raises(case):
-    """Where diffusers returns NaN (0/0 on a zero-length last step), the drop-in raises at set_timesteps."""
+    """Where diffusers returns NaN (0/0 on a zero-length last step), the drop-in raises at the loop's first step
+    (not in set_timesteps, which cannot know where an img2img loop starts)."""
     cfg, steps, _ = case
     ref, ff = pair(**cfg)
     kw = _gen() if cfg["algorithm_type"].startswith("sde") else None
     xa, _ = run_loop(ref, steps, step_kwargs=kw)
     assert torch.isnan(xa).any()
+    ff.set_timesteps(steps)
     with pytest.raises(ValueError, match="zero length"):
-        ff.set_timesteps(steps)
+        run_loop(ff, steps, step_kwargs=kw)
 
 
 
@@ -127,7 +129,7 @@ def test_steps_between_sigmas_an_ulp_apart_follow_diffusers_float32_length():
     xa, _ = run_loop(ref, 20)
     assert torch.isnan(xa).all()
     with pytest.raises(ValueError, match="step 19 has zero length.*use_lu_lambdas"):
-        ff.set_timesteps(20)
+        run_loop(ff, 20)
     config = dict(beta_schedule="squaredcos_cap_v2", timestep_spacing="linspace", steps_offset=1,
                   rescale_betas_zero_snr=True, solver_order=1, final_sigmas_type="sigma_min",
                   prediction_type="v_prediction", algorithm_type="sde-dpmsolver++", use_lu_lambdas=True)
@@ -140,12 +142,12 @@ def test_steps_between_sigmas_an_ulp_apart_follow_diffusers_float32_length():
 @pytest.mark.parametrize("sigmas", ["use_karras_sigmas", "use_exponential_sigmas"])
 def test_flow_sigmas_past_one_raise(sigmas):
     """These sigmas with use_flow_sigmas are variance-exploding values (up to ~157) that DPM-Solver in diffusers
-    takes as flow sigmas (alpha = 1 - sigma < 0): its loop returns NaN, and the drop-in's set_timesteps says why."""
+    takes as flow sigmas (alpha = 1 - sigma < 0): its loop returns NaN, and the drop-in's first step says why."""
     ref, ff = pair(use_flow_sigmas=True, flow_shift=3.0, prediction_type="flow_prediction", **{sigmas: True})
     xa, _ = run_loop(ref, 6)
     assert torch.isnan(xa).all()
     with pytest.raises(ValueError, match="use_flow_sigmas=True, but this schedule's sigmas reach 157"):
-        ff.set_timesteps(6)
+        run_loop(ff, 6)
 
 OPTIONS = [
     dict(SD),

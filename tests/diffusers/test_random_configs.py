@@ -1,10 +1,11 @@
-"""Seeded random configurations of the deterministic drop-ins against diffusers, whole loops.
+"""Seeded random configurations of the drop-ins against diffusers, whole loops.
 
 The grids elsewhere pick configurations a pipeline uses; this draws option mixes
 nobody picked (beta schedules, zero-SNR rescaling, spacings, sigma families, final
-sigma types, solver orders and types, clipping, thresholding, flow sigmas), so an
-option the drop-in mishandles shows up. Each configuration diffusers can build must
-end one of four ways:
+sigma types, solver orders and types, clipping, thresholding, flow sigmas, loops that
+start part-way as img2img's do), so an option the drop-in mishandles shows up.
+Stochastic steps get a generator, so they draw diffusers' noise. Each configuration
+diffusers can build must end one of four ways:
 
 * the loops agree within float32 round-off;
 * the drop-in raises a ValueError, and diffusers' loop is not finite (a step diffusers
@@ -117,10 +118,16 @@ FAMILIES = {
 }
 
 
-def _case(seed: int) -> tuple[str, dict, int]:
+def _case(seed: int) -> tuple[str, dict, int, int]:
     r = random.Random(seed)
     name = r.choice(sorted(FAMILIES))
-    return name, FAMILIES[name](r), r.choice(STEPS)
+    config, steps = FAMILIES[name](r), r.choice(STEPS)
+    return name, config, steps, _begin(r, steps)
+
+
+def _begin(r: random.Random, steps: int) -> int:
+    """The step an img2img loop starts from (set_begin_index), in three cases of ten; else 0."""
+    return r.randrange(steps) if r.random() < 0.3 else 0
 
 
 def _ddim_eta(r: random.Random) -> tuple[dict, dict]:
@@ -165,35 +172,38 @@ STOCHASTIC = {
 }
 
 
-def _stochastic_case(seed: int) -> tuple[str, dict, dict, int]:
+def _stochastic_case(seed: int) -> tuple[str, dict, dict, int, int]:
     r = random.Random(10_000 + seed)
     name = r.choice(sorted(STOCHASTIC))
     config, step_kwargs = STOCHASTIC[name](r)
-    return name, config, step_kwargs, r.choice(STEPS)
+    steps = r.choice(STEPS)
+    return name, config, step_kwargs, steps, _begin(r, steps)
 
 
 @pytest.mark.filterwarnings("ignore")
 @pytest.mark.parametrize("seed", range(CASES))
 def test_random_config(seed):
-    _check(*_case(seed), {}, stochastic=False)
+    name, config, steps, begin = _case(seed)
+    _check(name, config, steps, {}, begin, stochastic=False)
 
 
 @pytest.mark.filterwarnings("ignore")
 @pytest.mark.parametrize("seed", range(STOCHASTIC_CASES))
 def test_random_stochastic_config(seed):
     """Stochastic steps given a generator draw diffusers' noise, so they are held to the same outcomes."""
-    name, config, step_kwargs, steps = _stochastic_case(seed)
-    _check(name, config, steps, step_kwargs, stochastic=True)
+    name, config, step_kwargs, steps, begin = _stochastic_case(seed)
+    _check(name, config, steps, step_kwargs, begin, stochastic=True)
 
 
-def _check(name: str, config: dict, steps: int, step_kwargs: dict, *, stochastic: bool) -> None:
-    """One configuration's outcome, as the module docstring lists them."""
+def _check(name: str, config: dict, steps: int, step_kwargs: dict, begin: int, *, stochastic: bool) -> None:
+    """One configuration's outcome, as the module docstring lists them; the loop runs from step ``begin``."""
+    begin *= getattr(diffusers, name).order  # a pipeline's set_begin_index(t_start * order)
 
     def loop(scheduler, x=None):
         kwargs = dict(step_kwargs)
         if stochastic:
             kwargs["generator"] = torch.Generator().manual_seed(7)  # each loop draws the same noise
-        return run_loop(scheduler, steps, step_kwargs=kwargs, x=x)[0]
+        return run_loop(scheduler, steps, step_kwargs=kwargs, x=x, begin=begin)[0]
 
     try:
         with warnings.catch_warnings():
@@ -202,7 +212,7 @@ def _check(name: str, config: dict, steps: int, step_kwargs: dict, *, stochastic
             x_ref = loop(ref)
     except Exception as exc:  # a configuration diffusers itself refuses (or that needs scipy)
         pytest.skip(f"diffusers refuses {config}: {type(exc).__name__}")
-    where = f"{name} {config} {step_kwargs} {steps} steps"
+    where = f"{name} {config} {step_kwargs} {steps} steps from {begin}"
     try:
         x_ff = loop(getattr(ffd, name).from_config(ref.config))
     except NotImplementedError as exc:
