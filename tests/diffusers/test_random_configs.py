@@ -2,8 +2,9 @@
 
 The grids elsewhere pick configurations a pipeline uses; this draws option mixes
 nobody picked (beta schedules, zero-SNR rescaling, spacings, sigma families, final
-sigma types, solver orders and types, clipping, thresholding, flow sigmas, loops that
-start part-way as img2img's do), so an option the drop-in mishandles shows up.
+sigma types, solver orders and types, clipping, thresholding, flow sigmas, dynamic
+shifting, custom timesteps and sigmas, loops that start part-way as img2img's do), so an
+option the drop-in mishandles shows up.
 Stochastic steps get a generator, so they draw diffusers' noise. Each configuration
 diffusers can build must end one of four ways:
 
@@ -22,6 +23,7 @@ A coefficient off by 1e-4 fails dozens of these cases.
 
 from __future__ import annotations
 
+import inspect
 import math
 import random
 import warnings
@@ -76,6 +78,8 @@ def _flow(r: random.Random) -> dict:
     cfg = r.choice(SIGMAS) | dict(shift=r.choice((0.5, 1.0, 3.0)), invert_sigmas=r.random() < 0.2)
     if r.random() < 0.3:
         cfg["shift_terminal"] = r.choice((0.02, 0.1))
+    if r.random() < 0.2:
+        cfg |= dict(use_dynamic_shifting=True, time_shift_type=r.choice(("exponential", "linear")))
     return cfg
 
 
@@ -118,16 +122,31 @@ FAMILIES = {
 }
 
 
-def _case(seed: int) -> tuple[str, dict, int, int]:
+def _case(seed: int) -> tuple[str, dict, int, int, dict]:
     r = random.Random(seed)
     name = r.choice(sorted(FAMILIES))
     config, steps = FAMILIES[name](r), r.choice(STEPS)
-    return name, config, steps, _begin(r, steps)
+    return name, config, steps, _begin(r, steps), _schedule(r, name, config, steps)
 
 
 def _begin(r: random.Random, steps: int) -> int:
     """The step an img2img loop starts from (set_begin_index), in three cases of ten; else 0."""
     return r.randrange(steps) if r.random() < 0.3 else 0
+
+
+def _schedule(r: random.Random, name: str, config: dict, steps: int) -> dict:
+    """set_timesteps' keywords besides the step count: ``mu`` where dynamic shifting needs it, and in two cases
+    of ten a custom schedule of ``steps`` timesteps or sigmas, where the scheduler takes one."""
+    extra = {"mu": r.choice((0.5, 1.2))} if config.get("use_dynamic_shifting") else {}
+    accepts = inspect.signature(getattr(diffusers, name).set_timesteps).parameters
+    if r.random() >= 0.2:
+        return extra
+    if "timesteps" in accepts and name != "FlowMatchEulerDiscreteScheduler":
+        return extra | {"timesteps": sorted(r.sample(range(1, 1000), steps), reverse=True)}
+    if "sigmas" in accepts:
+        top = 1.0 if name in ("FlowMatchEulerDiscreteScheduler", "UniPCMultistepScheduler") else 80.0
+        return extra | {"sigmas": sorted((r.uniform(0.002, top) for _ in range(steps)), reverse=True)}
+    return extra
 
 
 def _ddim_eta(r: random.Random) -> tuple[dict, dict]:
@@ -172,38 +191,43 @@ STOCHASTIC = {
 }
 
 
-def _stochastic_case(seed: int) -> tuple[str, dict, dict, int, int]:
+def _stochastic_case(seed: int) -> tuple[str, dict, dict, int, int, dict]:
     r = random.Random(10_000 + seed)
     name = r.choice(sorted(STOCHASTIC))
     config, step_kwargs = STOCHASTIC[name](r)
     steps = r.choice(STEPS)
-    return name, config, step_kwargs, steps, _begin(r, steps)
+    return name, config, step_kwargs, steps, _begin(r, steps), _schedule(r, name, config, steps)
 
 
 @pytest.mark.filterwarnings("ignore")
 @pytest.mark.parametrize("seed", range(CASES))
 def test_random_config(seed):
-    name, config, steps, begin = _case(seed)
-    _check(name, config, steps, {}, begin, stochastic=False)
+    name, config, steps, begin, schedule = _case(seed)
+    _check(name, config, steps, {}, begin, schedule, stochastic=False)
 
 
 @pytest.mark.filterwarnings("ignore")
 @pytest.mark.parametrize("seed", range(STOCHASTIC_CASES))
 def test_random_stochastic_config(seed):
     """Stochastic steps given a generator draw diffusers' noise, so they are held to the same outcomes."""
-    name, config, step_kwargs, steps, begin = _stochastic_case(seed)
-    _check(name, config, steps, step_kwargs, begin, stochastic=True)
+    name, config, step_kwargs, steps, begin, schedule = _stochastic_case(seed)
+    _check(name, config, steps, step_kwargs, begin, schedule, stochastic=True)
 
 
-def _check(name: str, config: dict, steps: int, step_kwargs: dict, begin: int, *, stochastic: bool) -> None:
-    """One configuration's outcome, as the module docstring lists them; the loop runs from step ``begin``."""
+def _check(
+    name: str, config: dict, steps: int, step_kwargs: dict, begin: int, schedule: dict, *, stochastic: bool
+) -> None:
+    """One configuration's outcome, as the module docstring lists them; the loop runs from step ``begin``, its
+    set_timesteps gets ``schedule`` too."""
     begin *= getattr(diffusers, name).order  # a pipeline's set_begin_index(t_start * order)
+    custom = "timesteps" in schedule or "sigmas" in schedule
 
     def loop(scheduler, x=None):
         kwargs = dict(step_kwargs)
         if stochastic:
             kwargs["generator"] = torch.Generator().manual_seed(7)  # each loop draws the same noise
-        return run_loop(scheduler, steps, step_kwargs=kwargs, x=x, begin=begin)[0]
+        return run_loop(scheduler, None if custom else steps, set_kwargs=schedule, step_kwargs=kwargs, x=x,
+                        begin=begin)[0]
 
     try:
         with warnings.catch_warnings():
@@ -211,8 +235,8 @@ def _check(name: str, config: dict, steps: int, step_kwargs: dict, begin: int, *
             ref = getattr(diffusers, name)(**config)
             x_ref = loop(ref)
     except Exception as exc:  # a configuration diffusers itself refuses (or that needs scipy)
-        pytest.skip(f"diffusers refuses {config}: {type(exc).__name__}")
-    where = f"{name} {config} {step_kwargs} {steps} steps from {begin}"
+        pytest.skip(f"diffusers refuses {name} {config} {schedule}: {type(exc).__name__}: {exc}")
+    where = f"{name} {config} {schedule or steps} {step_kwargs} from step {begin}"
     try:
         x_ff = loop(getattr(ffd, name).from_config(ref.config))
     except NotImplementedError as exc:
