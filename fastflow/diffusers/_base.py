@@ -368,12 +368,10 @@ class FastflowScheduler:
             self._ff_reset()  # diffusers steps with its init-time schedule when set_timesteps was not called
         return self._ff_index(timestep)
 
-    def _ff_noise_row(self, idx: int, device: torch.device) -> int | torch.Tensor:
-        """The in-kernel noise counter of step ``idx``: an int on the CPU, a device view elsewhere (no copy)."""
-        k = idx - self._ff_loop_start if self._ff_start_dependent else idx
-        if device.type == "cpu":
-            return k
-        return self._ff_row(k, device)
+    def _ff_noise_counter(self, k: int, device: torch.device) -> int | torch.Tensor:
+        """The in-kernel noise counter of stage ``k``: an int on the CPU, elsewhere a one-element device view
+        (an int would be copied to the device: a host sync)."""
+        return k if device.type == "cpu" else self._ff_row(k, device)
 
     def _ff_index(self, timestep: Any) -> int:
         """The index of the step about to run, without reading device memory (set up: _ff_reset has run)."""
@@ -537,9 +535,7 @@ class FastflowScheduler:
         if noisy and noise is None:
             device = z.device
             seeds = self._ff_seed_tensor(z.shape[0], device)
-            if device.type != "cpu":
-                # The noise counter as a device tensor: an int would be copied to the device (a sync).
-                row = self._ff_row(k, device)
+            row = self._ff_noise_counter(k, device)
         elif noise is not None and noise.shape != z.shape:
             noise = noise.reshape(z.shape)
         want_x = want_pred and self.compute_pred_original_sample

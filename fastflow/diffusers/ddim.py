@@ -323,7 +323,7 @@ class DDPMScheduler(_VPMixin, scheduling_ddpm.DDPMScheduler):
         """diffusers' per-element noise of a learned variance: ``sqrt(v) xi`` or ``exp(log-var / 2) xi``."""
         if xi is None:  # the in-kernel noise spec, drawn here because the kernel cannot scale it per element
             seeds = self._ff_seed_tensor(sample.shape[0], sample.device)
-            row = self._ff_noise_row(idx, sample.device)
+            row = self._ff_noise_counter(idx, sample.device)  # one plan from step 0: stage idx is step idx
             xi = noise_spec.normal(seeds, sample.shape[1:], step=row, dtype=predicted_variance.dtype)
         if self.config.variance_type == "learned":
             return predicted_variance**0.5 * xi
