@@ -25,6 +25,10 @@ step index traces its own graph: a compiled loop of N steps needs dynamo's
 ``recompile_limit`` to be at least N, or compile the model alone (the step is one
 kernel launch already); :mod:`fastflow.graph_pipeline` captures a whole loop instead.
 
+Undefined steps: where diffusers' step is undefined (it returns NaN or inf there), the
+drop-in's step raises a ValueError that says why when it runs; ``set_timesteps`` does
+not, since an img2img loop may start after it (:attr:`StepSpec.error`).
+
 Noise of stochastic steps: ``variance_noise`` (where the original takes it) is used
 as given; a ``generator`` draws exactly the tensor diffusers would draw (same call,
 shape, device, dtype and order), so outputs match diffusers'. With neither, the
