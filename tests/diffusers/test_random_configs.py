@@ -61,10 +61,13 @@ def _ddim(r: random.Random) -> dict:
 
 
 def _euler(r: random.Random) -> dict:
-    return _vp(r) | r.choice(SIGMAS) | dict(
+    cfg = _vp(r) | r.choice(SIGMAS) | dict(
         prediction_type=r.choice(("epsilon", "v_prediction", "sample")),
         interpolation_type=r.choice(("linear", "log_linear")), timestep_type=r.choice(("discrete", "continuous")),
         final_sigmas_type=r.choice(("zero", "sigma_min")))
+    if r.random() < 0.2:
+        cfg |= dict(sigma_min=r.choice((0.02, 0.1)), sigma_max=r.choice((10.0, 40.0)))
+    return cfg
 
 
 def _heun(r: random.Random) -> dict:
@@ -90,6 +93,8 @@ def _multistep(r: random.Random) -> dict:
         cfg |= dict(thresholding=True, sample_max_value=r.choice((1.0, 1.5)))
     if r.random() < 0.25:
         cfg |= dict(use_flow_sigmas=True, flow_shift=r.choice((1.0, 3.0)), prediction_type="flow_prediction")
+        if r.random() < 0.3:
+            cfg |= dict(use_dynamic_shifting=True, time_shift_type=r.choice(("exponential", "linear")))
     else:
         cfg["prediction_type"] = r.choice(("epsilon", "sample", "v_prediction"))
     return cfg
@@ -98,17 +103,21 @@ def _multistep(r: random.Random) -> dict:
 def _dpm(r: random.Random) -> dict:
     return _multistep(r) | dict(algorithm_type=r.choice(("dpmsolver++", "dpmsolver")),
                                 solver_type=r.choice(("midpoint", "heun")), euler_at_final=r.choice((False, True)),
-                                use_lu_lambdas=r.random() < 0.2)
+                                use_lu_lambdas=r.random() < 0.2, lambda_min_clipped=r.choice((-math.inf, -5.1)))
 
 
 def _unipc(r: random.Random) -> dict:
-    return _multistep(r) | dict(solver_type=r.choice(("bh1", "bh2")), predict_x0=r.random() < 0.8,
-                                disable_corrector=r.choice(([], [0], [1, 2])))
+    cfg = _multistep(r) | dict(solver_type=r.choice(("bh1", "bh2")), predict_x0=r.random() < 0.8,
+                               disable_corrector=r.choice(([], [0], [1, 2])))
+    if cfg.get("use_flow_sigmas") and r.random() < 0.3:
+        cfg["shift_terminal"] = r.choice((0.02, 0.1))
+    return cfg
 
 
 def _edm(r: random.Random) -> dict:
     return dict(sigma_schedule=r.choice(("karras", "exponential")), final_sigmas_type=r.choice(("zero", "sigma_min")),
-                prediction_type=r.choice(("epsilon", "v_prediction")), rho=r.choice((3.0, 7.0)))
+                prediction_type=r.choice(("epsilon", "v_prediction")), rho=r.choice((3.0, 7.0)),
+                sigma_min=r.choice((0.002, 0.02)), sigma_max=r.choice((20.0, 80.0)), sigma_data=r.choice((0.5, 1.0)))
 
 
 FAMILIES = {
