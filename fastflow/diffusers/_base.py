@@ -269,6 +269,10 @@ class FastflowScheduler:
     # The variant plain ``step`` calls use, compiled ahead in set_timesteps.
     _ff_default_variant: Hashable = None
     _ff_loop_start: int = 0
+    # True where diffusers returns the model output itself as the prediction field for prediction_type='sample'
+    # (in the model output's dtype, which the drop-in then writes x_hat in).
+    _ff_returns_raw_x0: bool = False
+    _ff_x0_is_output: bool = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -331,6 +335,7 @@ class FastflowScheduler:
         self._ff_host_cache: dict[str, Any] = {}
         self._ff_stages: dict[tuple[Hashable, int], _StageCall] = {}
         self._ff_loop_start = 0
+        self._ff_x0_is_output = self._ff_returns_raw_x0 and self.config.get("prediction_type") == "sample"
         self._ff_prepare()
         self._ff_steps = self._ff_num_steps()  # read by every step
         self._ff_warm()
@@ -543,6 +548,8 @@ class FastflowScheduler:
         elif noise is not None and noise.shape != z.shape:
             noise = noise.reshape(z.shape)
         want_x = want_pred and self.compute_pred_original_sample
+        if want_x and self._ff_x0_is_output and pred_lin is None and model_output.dtype != (x_dtype or z.dtype):
+            x_dtype = model_output.dtype  # diffusers' prediction field is the model output: its values and dtype
         out, x, _ = runner.run(
             k, z, model_output if kernel_output is None else kernel_output, None, seeds=seeds, noise=noise,
             want_x=want_x, extra_history=(model_output,) if uses_o else (), step=None if type(row) is int else row,

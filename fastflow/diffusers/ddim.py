@@ -190,6 +190,7 @@ class DDIMScheduler(_VPMixin, scheduling_ddim.DDIMScheduler):
     """
 
     _ff_default_variant = (0.0, False)
+    _ff_returns_raw_x0 = True
 
     def _ff_spec(self, i: int, k: int, variant: Any) -> StepSpec:
         eta, use_clipped = variant
@@ -260,6 +261,7 @@ class DDPMScheduler(_VPMixin, scheduling_ddpm.DDPMScheduler):
 
     _VARIANCES = ("fixed_small", "fixed_small_log", "fixed_large", "learned", "learned_range")
     _LEARNED = ("learned", "learned_range")
+    _ff_returns_raw_x0 = True
 
     def _ff_check_config(self) -> None:
         super()._ff_check_config()

@@ -17,7 +17,7 @@ from diffusers.schedulers import scheduling_dpmsolver_multistep as _dpm
 
 from ..solvers.base import Lin
 from ..solvers.dpmpp import dpmpp_differences, dpmpp_update, multistep_order
-from ._base import X, Z, generator_draw, noise, output_maker
+from ._base import X, Z, generator_draw, noise, output_maker, promoted_dtype
 from ._multistep import (
     MultistepScheduler,
     alpha_sigma,
@@ -151,6 +151,17 @@ class DPMSolverMultistepScheduler(MultistepScheduler, _dpm.DPMSolverMultistepSch
                 )
         super()._ff_check_config()
 
+    def _ff_prepare(self) -> None:
+        super()._ff_prepare()
+        cfg = self.config
+        # diffusers returns prev_sample in the dtype of its converted model output (x0, or eps for the dpmsolver
+        # algorithms): the model output's where the conversion is the output itself, else the promotion of the
+        # output's and the sample's.
+        if cfg.algorithm_type.endswith("++"):
+            self._ff_raw_conversion = cfg.prediction_type == "sample"
+        else:
+            self._ff_raw_conversion = cfg.prediction_type == "epsilon" and not cfg.thresholding
+
     @property
     def _ff_draws(self) -> bool:
         return self.config.algorithm_type.startswith("sde")
@@ -201,7 +212,7 @@ class DPMSolverMultistepScheduler(MultistepScheduler, _dpm.DPMSolverMultistepSch
             draw=draw,
             noise=noise_in,
             state_dtype=torch.float32,
-            out_dtype=model_output.dtype,
+            out_dtype=model_output.dtype if self._ff_raw_conversion else promoted_dtype(sample, model_output),
             want_pred=False,
             kernel_output=self._ff_thresholded(idx, model_output, sample),
             index=idx,

@@ -121,6 +121,7 @@ class EulerDiscreteScheduler(_VEInputMixin, scheduling_euler_discrete.EulerDiscr
     """
 
     _ff_default_variant = (0.0, 0.0, float("inf"), 1.0)
+    _ff_returns_raw_x0 = True
 
     _PREDICTIONS = ("epsilon", "v_prediction", "sample", "original_sample")
 

@@ -67,6 +67,8 @@ class HeunDiscreteScheduler(FastflowScheduler, _heun.HeunDiscreteScheduler):
     Karras/exponential/beta sigmas and every timestep spacing (diffusers' own schedule).
     """
 
+    _ff_returns_raw_x0 = True
+
     def _ff_check_config(self) -> None:
         if self.config.prediction_type not in _PREDICTIONS:
             raise NotImplementedError(
