@@ -19,7 +19,7 @@ from ..solvers.base import Lin, eps_of
 from ._base import FastflowScheduler, StepSpec, X
 from .ddim import thresholded_x0
 
-__all__ = ["MultistepScheduler", "alpha_sigma", "float32_step_lengths", "half_logsnr", "stored_prediction", "x0_coefs"]
+__all__ = ["MultistepScheduler", "alpha_sigma", "float32_step_length", "half_logsnr", "stored_prediction", "x0_coefs"]
 
 
 def alpha_sigma(sigmas: np.ndarray, flow: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -68,20 +68,20 @@ def half_logsnr(
 
 
 
-def float32_step_lengths(sigmas: Sequence[float], flow: bool) -> np.ndarray:
-    """Each step's ``h = lambda_next - lambda`` as diffusers' float32 arithmetic gets it (0-d tensor ops, in its
+def float32_step_length(sigma: float, sigma_next: float, flow: bool) -> float:
+    """A step's ``h = lambda_next - lambda`` as diffusers' float32 arithmetic gets it (0-d tensor ops, in its
     order): between sigmas an ulp apart it can be 0 or negative where the float64 one is not, and diffusers' step
     then follows that (a 0 / 0, or the square root of a negative variance)."""
-    lam = []
-    for value in np.asarray(sigmas, dtype=np.float32):
-        sigma = torch.tensor(value)
+
+    def lam(value: float) -> torch.Tensor:
+        s = torch.tensor(value, dtype=torch.float32)
         if flow:
-            alpha, sigma_t = 1 - sigma, sigma
-        else:
-            alpha = 1 / ((sigma**2 + 1) ** 0.5)
-            sigma_t = sigma * alpha
-        lam.append(torch.log(alpha) - torch.log(sigma_t))
-    return np.array([float(lam[i + 1] - lam[i]) for i in range(len(lam) - 1)])
+            return torch.log(1 - s) - torch.log(s)
+        alpha = 1 / ((s**2 + 1) ** 0.5)
+        return torch.log(alpha) - torch.log(s * alpha)
+
+    return float(lam(sigma_next) - lam(sigma))
+
 
 def stored_prediction(start: int, a: np.ndarray, s: np.ndarray, data: bool) -> Callable[[int], Lin]:
     """The model output of step ``i`` as diffusers stores it: x0 (``data``) or the noise it implies."""

@@ -21,7 +21,7 @@ from ._base import X, Z, generator_draw, noise, output_maker, promoted_dtype
 from ._multistep import (
     MultistepScheduler,
     alpha_sigma,
-    float32_step_lengths,
+    float32_step_length,
     half_logsnr,
     stored_prediction,
     x0_coefs,
@@ -72,7 +72,6 @@ def dpm_updates(
         raise ValueError(f"algorithm_type {algorithm_type!r} with solver_order 3 is not supported (only 1 and 2)")
 
     m = stored_prediction(start, a, s, plus)  # x0 (``++``) or eps
-    h32 = float32_step_lengths(sig, flow)
 
     updates = []
     for i, p in zip(range(start, n), orders, strict=True):
@@ -84,7 +83,10 @@ def dpm_updates(
             updates.append(X(k) * a_t)
             continue
         h = lam[i + 1] - lam[i]
-        if h32[i] == 0:
+        # Where the float64 length is tiny, diffusers' float32 one decides (elsewhere they agree in sign and are
+        # far from 0: lambda's float32 error is about 1e-6).
+        h32 = float32_step_length(sig[i], sig[i + 1], flow) if abs(h) < 1e-3 else h
+        if h32 == 0:
             # A zero-length step in diffusers' float32 (Karras sigmas ending at sigma_min twice, or sigmas an
             # ulp apart): diffusers leaves the sample unchanged at order 1 and 2M-midpoint, and divides 0 by 0
             # otherwise.
@@ -97,7 +99,7 @@ def dpm_updates(
                 )
             updates.append(Z(k))
             continue
-        if sde and h32[i] < 0:
+        if sde and h32 < 0:
             raise ValueError(
                 f"step {i} goes from sigma {sig[i]:.6g} up to {sig[i + 1]:.6g} in diffusers' float32 arithmetic "
                 f"(sigmas an ulp apart; use_lu_lambdas with final_sigmas_type='sigma_min'?), where the noise scale "
