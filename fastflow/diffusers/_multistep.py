@@ -124,7 +124,11 @@ class MultistepScheduler(FastflowScheduler):
         sig = self.sigmas.detach().to("cpu", torch.float64).numpy()
         self._ff_sigmas = sig
         a, s = alpha_sigma(sig, cfg.use_flow_sigmas)
-        self._ff_conv = [x0_coefs(cfg.prediction_type, a[i], s[i], sig[i]) for i in range(len(sig) - 1)]
+        # Python floats, not numpy's: step reads them (thresholding), and torch.compile traces numpy scalars as
+        # tensors, so a branch on one would break the graph.
+        self._ff_conv = [
+            tuple(float(c) for c in x0_coefs(cfg.prediction_type, a[i], s[i], sig[i])) for i in range(len(sig) - 1)
+        ]
         if self.num_inference_steps is not None:
             with contextlib.suppress(ValueError):  # a loop from step 0 is undefined: its first step raises
                 self._ff_host_cache["specs0"] = self._ff_build(0)

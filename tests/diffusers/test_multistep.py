@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from dropin_helpers import pair, run_loop
+from dropin_helpers import assert_close, compiled_loops, pair, run_loop, stand_in
 
 
 @pytest.mark.parametrize(
@@ -20,3 +20,13 @@ def test_flow_sigmas_past_one_raise(name, sigmas):
     assert torch.isnan(xa).all()
     with pytest.raises(ValueError, match="use_flow_sigmas=True, but this schedule's sigmas reach 157"):
         run_loop(ff, 6)
+
+
+@pytest.mark.parametrize("name", ["DPMSolverMultistepScheduler", "UniPCMultistepScheduler"])
+def test_thresholded_steps_trace_with_fullgraph(name):
+    """Dynamic thresholding reads the step's x0 conversion as Python numbers (torch.compile traces numpy scalars
+    as tensors, and a branch on one broke the graph): a thresholded step traces with fullgraph=True and matches
+    diffusers."""
+    ref, ff = pair(name, thresholding=True, sample_max_value=1.0, prediction_type="v_prediction")
+    xb, xa = compiled_loops(ref, ff, stand_in, 6)
+    assert_close(xb, xa)
