@@ -24,6 +24,7 @@ loop's first step raises an error that says so). The index is a Python int, so e
 step index traces its own graph: a compiled loop of N steps needs dynamo's
 ``recompile_limit`` to be at least N, or compile the model alone (the step is one
 kernel launch already); :mod:`fastflow.graph_pipeline` captures a whole loop instead.
+A ``generator`` draw is diffusers' ``randn_tensor`` with it, which dynamo cannot trace.
 
 Undefined steps: where diffusers' step is undefined (it returns NaN or inf there), the
 drop-in's step raises a ValueError that says why when it runs; ``set_timesteps`` does
