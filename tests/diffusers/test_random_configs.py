@@ -8,7 +8,8 @@ option the drop-in mishandles shows up.
 Stochastic steps get a generator, so they draw diffusers' noise. Each configuration
 diffusers can build must end one of four ways:
 
-* the loops agree within float32 round-off;
+* the loops agree within float32 round-off (and the drop-in's runs on meta tensors,
+  which have no data to read back);
 * the drop-in raises a ValueError, and diffusers' loop is not finite (a step diffusers
   leaves undefined), or a NotImplementedError that names a config option;
 * diffusers' loop is not finite only because float32 rounding broke a step, and the
@@ -30,7 +31,7 @@ import warnings
 
 import pytest
 import torch
-from dropin_helpers import run_loop, start_noise
+from dropin_helpers import SHAPE, run_loop, start_noise
 
 import fastflow.diffusers as ffd
 
@@ -248,6 +249,11 @@ def _check(
     where = f"{name} {config} {schedule or steps} {step_kwargs} from step {begin}"
     try:
         x_ff = loop(getattr(ffd, name).from_config(ref.config))
+        if not stochastic:  # (meta tensors run the noise's torch ops through slow Python references)
+            # The same loop on tensors with no data: a step that read one back (a host sync) would fail here.
+            meta = run_loop(getattr(ffd, name).from_config(ref.config), None if custom else steps,
+                            set_kwargs=schedule, x=torch.empty(SHAPE, device="meta"), begin=begin)[0]
+            assert meta.device.type == "meta" and meta.shape == x_ff.shape
     except NotImplementedError as exc:
         assert any(key in str(exc) for key in config), f"{where}: the refusal names no option: {exc}"
         return
