@@ -3,10 +3,10 @@
 The grids elsewhere pick configurations a pipeline uses; this draws option mixes
 nobody picked (beta schedules, zero-SNR rescaling, spacings, sigma families, final
 sigma types, solver orders and types, clipping, thresholding, flow sigmas, dynamic
-shifting, custom timesteps and sigmas, loops that start part-way as img2img's do), so an
-option the drop-in mishandles shows up.
-Stochastic steps get a generator, so they draw diffusers' noise. Each configuration
-diffusers can build must end one of four ways:
+shifting, custom timesteps and sigmas, loops that start part-way as img2img's do),
+so an option the drop-in mishandles shows up. Stochastic steps get a generator, so
+they draw diffusers' noise. Each configuration diffusers can build must end one of
+four ways:
 
 * the loops agree within float32 round-off (and the drop-in's runs on meta tensors,
   which have no data to read back);
