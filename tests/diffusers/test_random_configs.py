@@ -145,10 +145,13 @@ def _begin(r: random.Random, steps: int) -> int:
 
 
 def _schedule(r: random.Random, name: str, config: dict, steps: int) -> dict:
-    """set_timesteps' keywords besides the step count: ``mu`` where dynamic shifting needs it, and in two cases
-    of ten a custom schedule of ``steps`` timesteps or sigmas, where the scheduler takes one."""
+    """set_timesteps' keywords besides the step count: ``mu`` where dynamic shifting needs it, LCM's ``strength``
+    in three cases of ten, and in two of ten a custom schedule of ``steps`` timesteps or sigmas, where the
+    scheduler takes one."""
     extra = {"mu": r.choice((0.5, 1.2))} if config.get("use_dynamic_shifting") else {}
     accepts = inspect.signature(getattr(diffusers, name).set_timesteps).parameters
+    if "strength" in accepts and r.random() < 0.3:  # LCM's img2img schedule
+        extra["strength"] = r.choice((0.3, 0.6, 1.0))
     if r.random() >= 0.2:
         return extra
     if "timesteps" in accepts and name != "FlowMatchEulerDiscreteScheduler":
