@@ -312,12 +312,14 @@ class FastflowScheduler:
         try:
             spec = self._ff_spec(i, k, variant)
         except ValueError as exc:
-            return StepSpec(0.0, 1.0, Z(k), error=str(exc))
-        coefs = [spec.xz, spec.xo, *(c for _, c in spec.update), *(c for _, c in spec.pred or ())]
-        if not all(math.isfinite(c) for c in coefs):
-            return StepSpec(0.0, 1.0, Z(k), error=f"step {i} has a coefficient that is not finite (diffusers "
-                            "returns inf or NaN there); this configuration has no defined step there")
-        return spec
+            error = str(exc)
+        else:
+            coefs = [spec.xz, spec.xo, *(c for _, c in spec.update), *(c for _, c in spec.pred or ())]
+            if all(math.isfinite(c) for c in coefs):
+                return spec
+            error = (f"step {i} has a coefficient that is not finite (diffusers returns inf or NaN there); this "
+                     "configuration has no defined step there")
+        return StepSpec(0.0, 1.0, Z(k), error=error)
 
     def _ff_clip(self) -> float | None:
         return None

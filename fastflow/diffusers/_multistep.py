@@ -22,12 +22,14 @@ from .ddim import thresholded_x0
 __all__ = ["MultistepScheduler", "alpha_sigma", "float32_step_length", "half_logsnr", "stored_prediction", "x0_coefs"]
 
 
-def alpha_sigma(sigmas: np.ndarray, flow: bool) -> tuple[np.ndarray, np.ndarray]:
-    """diffusers' ``_sigma_to_alpha_sigma_t`` in float64: VP (``alpha^2 + sigma^2 = 1``) or flow (``a + s = 1``)."""
-    s = np.asarray(sigmas, dtype=np.float64)
+def alpha_sigma(sigmas: Sequence[float] | np.ndarray | torch.Tensor, flow: bool) -> tuple[Any, Any]:
+    """diffusers' ``_sigma_to_alpha_sigma_t`` in its order of operations: VP (``alpha^2 + sigma^2 = 1``) or flow
+    (``a + s = 1``). A torch tensor is evaluated in its own dtype (a 0-d float32 one rounds as diffusers' step
+    does); anything else in float64."""
+    s = sigmas if isinstance(sigmas, torch.Tensor) else np.asarray(sigmas, dtype=np.float64)
     if flow:
-        return 1.0 - s, s.copy()
-    a = 1.0 / np.sqrt(s * s + 1.0)
+        return 1 - s, s
+    a = 1 / ((s**2 + 1) ** 0.5)
     return a, s * a
 
 
@@ -67,18 +69,14 @@ def half_logsnr(
     return sig, a, s, lam
 
 
-
 def float32_step_length(sigma: float, sigma_next: float, flow: bool) -> float:
     """A step's ``h = lambda_next - lambda`` as diffusers' float32 arithmetic gets it (0-d tensor ops, in its
     order): between sigmas an ulp apart it can be 0 or negative where the float64 one is not, and diffusers' step
     then follows that (a 0 / 0, or the square root of a negative variance)."""
 
     def lam(value: float) -> torch.Tensor:
-        s = torch.tensor(value, dtype=torch.float32)
-        if flow:
-            return torch.log(1 - s) - torch.log(s)
-        alpha = 1 / ((s**2 + 1) ** 0.5)
-        return torch.log(alpha) - torch.log(s * alpha)
+        alpha, sigma_t = alpha_sigma(torch.tensor(value, dtype=torch.float32), flow)
+        return torch.log(alpha) - torch.log(sigma_t)
 
     return float(lam(sigma_next) - lam(sigma))
 
