@@ -73,6 +73,12 @@ def dpm_updates(
 
     m = stored_prediction(start, a, s, plus)  # x0 (``++``) or eps
 
+    def length32(j: int) -> float:
+        """Step ``j``'s length as diffusers' float32 sees it where the float64 one is tiny (elsewhere they agree
+        in sign and are far from 0: lambda's float32 error is about 1e-6)."""
+        h = lam[j + 1] - lam[j]
+        return float32_step_length(sig[j], sig[j + 1], flow) if abs(h) < 1e-3 else h
+
     updates = []
     for i, p in zip(range(start, n), orders, strict=True):
         k = i - start
@@ -83,9 +89,15 @@ def dpm_updates(
             updates.append(X(k) * a_t)
             continue
         h = lam[i + 1] - lam[i]
-        # Where the float64 length is tiny, diffusers' float32 one decides (elsewhere they agree in sign and are
-        # far from 0: lambda's float32 error is about 1e-6).
-        h32 = float32_step_length(sig[i], sig[i + 1], flow) if abs(h) < 1e-3 else h
+        h32 = length32(i)
+        for j in range(i - p + 1, i):
+            if length32(j) == 0:
+                # The differences of stored predictions divide by the earlier steps' lengths.
+                raise ValueError(
+                    f"step {i} (order {p}) follows a zero-length step {j} (sigma {sig[j]:.6g} to {sig[j + 1]:.6g}: "
+                    f"repeated sigmas, or custom timesteps past num_train_timesteps - 1?); its order-{p} differences "
+                    "divide by that length and diffusers returns NaN there. Use distinct timesteps or solver_order=1"
+                )
         if h32 == 0:
             # A zero-length step in diffusers' float32 (Karras sigmas ending at sigma_min twice, or sigmas an
             # ulp apart): diffusers leaves the sample unchanged at order 1 and 2M-midpoint, and divides 0 by 0

@@ -55,6 +55,14 @@ def multistep_order(
     return p
 
 
+def repeated_point(j: int, k: int, order: int) -> str:
+    """Why a multistep step cannot use points ``j`` and ``k``: its differences divide by their log-SNR distance."""
+    return (
+        f"points {j} and {k} have the same log-SNR (a repeated time or sigma), and an order-{order} step divides "
+        "by their distance; use distinct times or sigmas, or order 1"
+    )
+
+
 def dpmpp_differences(
     lam: np.ndarray, i: int, order: int, pred: Callable[[int], Lin] = X, diffusers_3m: bool = False
 ) -> tuple[Lin, Lin | None, Lin | None]:
@@ -67,10 +75,14 @@ def dpmpp_differences(
     if order >= 2:
         h = lam[i + 1] - lam[i]
         r0 = (lam[i] - lam[i - 1]) / h
+        if r0 == 0:
+            raise ValueError(repeated_point(i - 1, i, order))
         d1_0 = (pred(i) - pred(i - 1)) / r0
         d1 = d1_0
         if order == 3:
             r1 = (lam[i - 1] - lam[i - 2]) / h
+            if r1 == 0:
+                raise ValueError(repeated_point(i - 2, i - 1, order))
             d1_1 = (pred(i - 1) - pred(i - 2)) / r1
             d1 = d1_0 + (d1_0 - d1_1) * (r0 / (r0 + r1))
             d2 = (d1_0 - d1_1) * ((1.0 if diffusers_3m else 2.0) / (r0 + r1))

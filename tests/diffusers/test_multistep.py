@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from dropin_helpers import assert_close, compiled_loops, pair, run_loop, stand_in
@@ -29,4 +30,32 @@ def test_thresholded_steps_trace_with_fullgraph(name):
     diffusers."""
     ref, ff = pair(name, thresholding=True, sample_max_value=1.0, prediction_type="v_prediction")
     xb, xa = compiled_loops(ref, ff, stand_in, 6)
+    assert_close(xb, xa)
+
+
+@pytest.mark.parametrize(
+    ("name", "config", "schedule"),
+    [
+        # Custom timesteps past the training range: diffusers clamps their sigmas to its last one.
+        ("DPMSolverMultistepScheduler", dict(num_train_timesteps=500), dict(timesteps=[997, 960, 938, 300, 100])),
+        ("DPMSolverMultistepScheduler", dict(solver_order=3), dict(timesteps=[800, 600, 600, 300, 100])),
+        ("UniPCMultistepScheduler", dict(use_flow_sigmas=True, prediction_type="flow_prediction"),
+         dict(sigmas=np.array([1.0, 0.6, 0.6, 0.3, 0.1]))),
+        ("UniPCMultistepScheduler", dict(use_flow_sigmas=True, prediction_type="flow_prediction", solver_order=3),
+         dict(sigmas=np.array([1.0, 0.6, 0.6, 0.3, 0.1]))),
+    ],
+)
+def test_step_after_a_repeated_sigma_raises_when_run(name, config, schedule):
+    """A higher-order step divides by the length of the steps before it: after a zero-length step diffusers returns
+    NaN, and the drop-in raises saying why when that step runs (not in set_timesteps, which could not know where an
+    img2img loop starts); a loop that starts past the repeat matches diffusers."""
+    schedule = dict(num_inference_steps=None, **schedule)
+    ref, ff = pair(name, **config)
+    xa, _ = run_loop(ref, None, set_kwargs=schedule)
+    assert not torch.isfinite(xa).all()
+    with pytest.raises(ValueError, match="same log-SNR|follows a zero-length step"):
+        run_loop(ff, None, set_kwargs=schedule)
+    xa, _ = run_loop(ref, None, set_kwargs=schedule, begin=3)
+    xb, _ = run_loop(ff, None, set_kwargs=schedule, begin=3)
+    assert torch.isfinite(xa).all()
     assert_close(xb, xa)
