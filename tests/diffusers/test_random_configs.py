@@ -1,8 +1,9 @@
 """Seeded random configurations of the drop-ins against diffusers, whole loops.
 
 The grids elsewhere pick configurations a pipeline uses; this draws option mixes
-nobody picked (beta schedules, zero-SNR rescaling, spacings, sigma families, final
-sigma types, solver orders and types, clipping, thresholding, flow sigmas, dynamic
+nobody picked (beta schedules, ranges and trained betas, training lengths, zero-SNR
+rescaling, spacings, sigma families (Karras, exponential, beta), final sigma types,
+solver orders and types, clipping, thresholding and its ratio, flow sigmas, dynamic
 shifting, custom timesteps and sigmas, loops that start part-way as img2img's do),
 so an option the drop-in mishandles shows up. Stochastic steps get a generator, so
 they draw diffusers' noise. Each configuration diffusers can build must end one of
@@ -15,9 +16,10 @@ four ways:
 * diffusers' loop is not finite only because float32 rounding broke a step, and the
   drop-in's, which takes the exact value, agrees with its own float64 loop;
 * they differ by no more than diffusers' own float32 round-off in that loop: how far its
-  result moves when its start moves by an ulp, or what float32 coefficient arithmetic
-  on its largest sigma carries (sigmas in the thousands, where diffusers' evaluation
-  cancels and the drop-in's, folded in float64 on the host, does not).
+  result moves when its start or its sigmas move by an ulp, how far its loop is from
+  its own loop on a float64 sample, or what float32 coefficient arithmetic on its
+  largest sigma carries (sigmas in the thousands, where diffusers' evaluation cancels
+  and the drop-in's, folded in float64 on the host, does not).
 
 A coefficient off by 1e-4 fails dozens of these cases.
 """
@@ -39,7 +41,7 @@ diffusers = pytest.importorskip("diffusers")
 
 BETAS = ("linear", "scaled_linear", "squaredcos_cap_v2")
 SPACINGS = ("linspace", "leading", "trailing")
-SIGMAS = ({}, {"use_karras_sigmas": True}, {"use_exponential_sigmas": True})
+SIGMAS = ({}, {"use_karras_sigmas": True}, {"use_exponential_sigmas": True}, {"use_beta_sigmas": True})
 CASES = 300
 STOCHASTIC_CASES = 200
 STEPS = (1, 2, 3, 5, 8, 13, 25)
@@ -48,8 +50,22 @@ EPS32 = 2.0**-23
 
 
 def _vp(r: random.Random) -> dict:
-    return dict(beta_schedule=r.choice(BETAS), timestep_spacing=r.choice(SPACINGS), steps_offset=r.choice((0, 1)),
-                rescale_betas_zero_snr=r.random() < 0.3)
+    cfg = dict(beta_schedule=r.choice(BETAS), timestep_spacing=r.choice(SPACINGS), steps_offset=r.choice((0, 1)),
+               rescale_betas_zero_snr=r.random() < 0.3)
+    if r.random() < 0.15:
+        cfg["num_train_timesteps"] = r.choice((500, 2000))
+    if r.random() < 0.15:
+        cfg |= dict(beta_start=r.choice((0.0001, 0.00085)), beta_end=r.choice((0.012, 0.03)))
+    if r.random() < 0.1:  # a model's own betas: a power curve between random ends
+        n, power = cfg.get("num_train_timesteps", 1000), r.uniform(0.5, 2)
+        lo, hi = r.uniform(1e-4, 1e-3), r.uniform(0.01, 0.03)
+        cfg["trained_betas"] = [lo + (hi - lo) * (i / (n - 1)) ** power for i in range(n)]
+    return cfg
+
+
+def _thresholding(r: random.Random) -> dict:
+    return dict(thresholding=True, sample_max_value=r.choice((1.0, 1.5)),
+                dynamic_thresholding_ratio=r.choice((0.995, 0.9, 0.5)))
 
 
 def _ddim(r: random.Random) -> dict:
@@ -57,7 +73,7 @@ def _ddim(r: random.Random) -> dict:
                         clip_sample=r.choice((True, False)), clip_sample_range=r.choice((0.5, 1.0, 2.0)),
                         set_alpha_to_one=r.choice((True, False)))
     if r.random() < 0.3:
-        cfg |= dict(thresholding=True, sample_max_value=r.choice((1.0, 1.5)))
+        cfg |= _thresholding(r)
     return cfg
 
 
@@ -91,7 +107,7 @@ def _multistep(r: random.Random) -> dict:
     cfg = _vp(r) | r.choice(SIGMAS) | dict(solver_order=r.choice((1, 2, 3)), lower_order_final=r.choice((True, False)),
                                            final_sigmas_type=r.choice(("zero", "sigma_min")))
     if r.random() < 0.25:
-        cfg |= dict(thresholding=True, sample_max_value=r.choice((1.0, 1.5)))
+        cfg |= _thresholding(r)
     if r.random() < 0.25:
         cfg |= dict(use_flow_sigmas=True, flow_shift=r.choice((1.0, 3.0)), prediction_type="flow_prediction")
         if r.random() < 0.3:
@@ -112,6 +128,8 @@ def _unipc(r: random.Random) -> dict:
                                disable_corrector=r.choice(([], [0], [1, 2])))
     if cfg.get("use_flow_sigmas") and r.random() < 0.3:
         cfg["shift_terminal"] = r.choice((0.02, 0.1))
+    if r.random() < 0.2:
+        cfg |= dict(sigma_min=r.choice((0.02, 0.1)), sigma_max=r.choice((10.0, 40.0)))
     return cfg
 
 
@@ -271,17 +289,40 @@ def _check(
             x_64 = loop(getattr(ffd, name).from_config(ref.config), x=start_noise().double())
             torch.testing.assert_close(x_ff.double(), x_64, rtol=1e-4, atol=1e-4)
         return
-    # diffusers' float32 round-off in this loop: how far its result moves when the start moves by an ulp or two,
-    # and what its coefficient arithmetic can carry, about eps32 times the largest sigma in units of the noise.
-    spread = max(
-        (loop(getattr(diffusers, name)(**config), x=start_noise() * (1 + k * 2.0**-23)) - x_ref).abs().max().item()
-        for k in (1, 2, 3)
-    )
+    # diffusers' float32 round-off in this loop: how far its result moves when its start moves by an ulp or two,
+    # or its float32 sigmas (alphas_cumprod where it has none) each by an ulp or two either way, and how far its
+    # float32 loop is from its own loop on a float64 sample (a step that divides by a small sigma amplifies its
+    # tensor arithmetic's rounding); and what its coefficient arithmetic can carry, about eps32 times the largest
+    # sigma in units of the noise.
+    def fresh():
+        return getattr(diffusers, name)(**config)
+
+    moved = [loop(fresh(), x=start_noise() * (1 + k * EPS32)) for k in (1, 2, 3)]
+    moved += [loop(_nudged(fresh(), k)) for k in (1, 2, 3)]
+    if not stochastic:  # (a float64 loop would draw other noise)
+        moved.append(loop(fresh(), x=start_noise().double()))
+    spread = max((x.double() - x_ref.double()).abs().max().item() for x in moved)
     arithmetic = EPS32 * max(1.0, _sigma_max(ref)) * start_noise().abs().max().item()
     diff = (x_ff - x_ref).abs().max().item()
     assert diff <= 4 * spread + 8 * arithmetic + TOL, (
         f"{where}: {diff:.3g} from diffusers; its round-off {spread:.3g}, {arithmetic:.3g}"
     )
+
+
+def _nudged(scheduler, k: int):
+    """``scheduler``, whose ``set_timesteps`` then moves each of its float32 sigmas (alphas_cumprod where it has
+    none) by ``k`` ulps up or down or leaves it (seeded): the size of its coefficients' float32 rounding."""
+    set_timesteps = scheduler.set_timesteps
+
+    def nudged_set_timesteps(*args, **kwargs):
+        set_timesteps(*args, **kwargs)
+        attr = "sigmas" if isinstance(getattr(scheduler, "sigmas", None), torch.Tensor) else "alphas_cumprod"
+        values = getattr(scheduler, attr)
+        signs = torch.randint(-1, 2, values.shape, generator=torch.Generator().manual_seed(k)).to(values.dtype)
+        setattr(scheduler, attr, values * (1 + signs * (k * EPS32)))
+
+    scheduler.set_timesteps = nudged_set_timesteps
+    return scheduler
 
 
 def _sigma_max(scheduler) -> float:
