@@ -16,7 +16,14 @@ from diffusers import DDIMScheduler as DiffusersDDIM  # noqa: E402
 from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
 
 from fastflow import graph_pipeline as gp  # noqa: E402
-from fastflow.graph_pipeline import PipelineFallbackWarning, capture_pipeline  # noqa: E402
+from fastflow.graph_pipeline import (  # noqa: E402
+    PipelineFallbackWarning,
+    capture_pipeline,
+    captured,
+    loop_ops,
+    params,
+    recording,
+)
 
 
 def tiny_unet() -> UNet2DModel:
@@ -82,7 +89,7 @@ class LoopPipeline(DiffusionPipeline):
                 o[:, 0] = 0.0
             elif self.mode == "many_ops":
                 o = self.unet(x, t).sample
-                for _ in range(gp._MAX_OPS_BETWEEN_CALLS + 1):
+                for _ in range(loop_ops._MAX_OPS_BETWEEN_CALLS + 1):
                     o = o + 0.0
             elif self.mode == "outside_output":
                 self.unet(x, t)
@@ -99,7 +106,7 @@ class LoopPipeline(DiffusionPipeline):
 
 @pytest.fixture(autouse=True)
 def _fresh_warnings():
-    gp._WARNED.clear()
+    captured._WARNED.clear()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PipelineFallbackWarning)
         yield
@@ -138,7 +145,7 @@ def test_ddim_pipeline_loop_is_capturable_data_flow():
         ("scaled_output", None),
         ("in_place", "changes a loop tensor in place"),
         ("item_assignment", "changes a loop tensor in place"),
-        ("many_ops", f"more than {gp._MAX_OPS_BETWEEN_CALLS} tensor operations"),
+        ("many_ops", f"more than {loop_ops._MAX_OPS_BETWEEN_CALLS} tensor operations"),
         ("outside_output", "the step does not take a tensor the loop made"),
         ("extra_call", "comes after the scheduler's last step"),
     ],
@@ -159,7 +166,7 @@ def test_recorded_cfg_loop_has_the_guidance_ops():
     assert trace.reason is None
     kinds = [ev.kind for ev in trace.events]
     assert kinds.count("model") == 3 and kinds.count("step") == 3 and kinds[-1] == "step"
-    names = [gp._describe(ev) for ev in trace.events if ev.kind == "op"]
+    names = [recording._describe(ev) for ev in trace.events if ev.kind == "op"]
     assert sum("cat" in n for n in names) == 2  # the first cat runs before the loop: an input of the graph
     assert sum("chunk" in n for n in names) == 3 and sum("sub" in n for n in names) == 3
 
@@ -344,7 +351,7 @@ class StandInGraph:
             scheduler._ff_seeds[(trace.device, trace.batch)] = trace.seeds
         with torch.no_grad():
             final = self.fast._run_trace(trace, self.originals)
-        for dst, src in zip(gp._tensors(trace.outputs), gp._tensors(final), strict=True):
+        for dst, src in zip(recording._tensors(trace.outputs), recording._tensors(final), strict=True):
             dst.copy_(src)
 
     def reset(self) -> None:
@@ -357,7 +364,7 @@ def capture_on_host(fast, trace, make_graph) -> None:
     originals = fast._originals()
     if trace.stochastic:
         trace.seeds = fast.scheduler._ff_seed_tensor(trace.batch, trace.device)
-    gp._make_param_values(trace)
+    params._make_param_values(trace)
     with torch.no_grad():
         final = fast._run_trace(trace, originals)
     trace.outputs = pytree.tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, final)

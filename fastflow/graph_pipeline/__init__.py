@@ -1,0 +1,74 @@
+"""CUDA graph capture of a diffusers pipeline's denoising loop (model calls + fastflow scheduler steps).
+
+    pipe.scheduler = fastflow.diffusers.from_scheduler(pipe.scheduler)
+    fast = fastflow.graph_pipeline.capture_pipeline(pipe)
+    images = fast(batch_size=4, num_inference_steps=30).images   # 1st call: eager, records the loop
+    images = fast(batch_size=4, num_inference_steps=30).images   # later calls: one graph replay
+
+How: for the length of a call, the denoiser's ``forward`` (and a ControlNet's, when
+the pipeline has one) and the scheduler's ``step`` (and ``scale_model_input``) are
+wrapped, and from the first of those loop calls to the last step a torch function
+mode sees the pipeline's own tensor operations. The first call with a given
+signature (its arguments' types, shapes and values; tensors by shape, dtype and
+device) runs eagerly and records the loop: the model calls, the steps, and every
+operation the pipeline's code makes from their outputs in between (classifier-free
+guidance: ``torch.cat([latents] * 2)``, ``chunk``, ``uncond + scale * (cond -
+uncond)``). Right after it, that loop is
+replayed on static buffers, warmed up on a side stream and captured into one CUDA
+graph with its own memory pool. A later call with the same signature lets the
+pipeline's own code run (text encoding, initial noise, ``set_timesteps``, decoding,
+post-processing), but inside the loop the wrappers and the mode only copy the call's
+new inputs (the initial latents and any device tensor from outside the loop, such as
+prompt embeddings, class labels or timesteps) into the static buffers and hand back
+placeholder tensors (no memory, no kernels); at the last step the graph replays and
+the real final latents are returned. Every call and operation is checked against the
+recording as it comes: a loop that changed is not replayed; that call reruns eagerly
+from the random state it started from (its generators and torch's), with a warning
+that says where it diverged, and so do later calls of that signature.
+
+What is captured: loops of model calls and steps whose glue is tensor operations:
+``DDIMPipeline``, ``DDPMPipeline``, and text-to-image pipelines that do
+classifier-free guidance in their own code, with conditioning tensors passed to the
+model (Stable Diffusion 1.x/2.x, SDXL, SD3, FLUX.1 with its true CFG, DiT, img2img, and
+ControlNet pipelines: the ControlNet's calls are captured whole, like the denoiser's; a
+new control image is an input of the graph, a new conditioning scale a new capture).
+
+A new prompt or a new guidance scale needs no new capture. A float that the
+pipeline's code only multiplies a floating-point loop tensor by (``guidance_scale *
+(cond - uncond)``, a guidance rescale) is a parameter of the graph: the graph reads
+it from device memory (in the op's own precision, so replays stay bitwise equal to
+eager calls) and each replay writes the call's value there. A call whose signature
+differs from a captured one only in float or string arguments (a scale, a prompt
+string whose embeddings come in as graph inputs) first replays that capture with its
+own values; if one of them reaches anything else (the step's ``eta``, a ``strength``
+that changes the timesteps, guidance off at a scale of 1, a prompt whose embeddings
+have another shape), the mismatch is found as the loop runs, and the call is
+recorded and captured as a signature of its own (from the random state it started
+from).
+
+What falls back to eager (``.reason`` says which and why, a warning is given once):
+
+* the scheduler is not a fastflow drop-in (diffusers' own steps sync with the host
+  and keep their state in Python between calls);
+* the pipeline is not on a CUDA device, or the call passes per-step callbacks
+  (they read intermediate latents on the host);
+* the pipeline's code changes a loop tensor in place (``latents.mul_(...)``), makes
+  more than ``_MAX_OPS_BETWEEN_CALLS`` operations between two loop calls, or steps
+  with a tensor that is not made from the model's output;
+* the pipeline's code between loop calls, the model or the step syncs with the
+  host (``.item()``, a data-dependent branch, per-step noise from a CPU
+  ``torch.Generator`` at a stochastic step), or the capture itself fails;
+* a per-step noise ``generator`` on a CUDA device (its state is host-side).
+
+Stochastic drop-in steps without a generator draw fastflow's counter-based noise;
+each replay writes a fresh seed from torch's global CPU generator into the seed
+buffer, as the eager drop-in does once per loop, so replays give fresh samples and
+match an eager call made from the same global RNG state.
+
+Memory: one private pool per captured signature (about one eager loop's working
+set), at most ``max_graphs`` signatures (least recently used released first).
+"""
+
+from .captured import CapturedPipeline, PipelineFallbackWarning, capture_pipeline
+
+__all__ = ["CapturedPipeline", "PipelineFallbackWarning", "capture_pipeline"]

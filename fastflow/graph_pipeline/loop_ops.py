@@ -1,0 +1,166 @@
+"""The pipeline's own tensor operations inside a recorded loop: seen through a torch function mode, recorded when
+they make new tensors from loop tensors, and watched for host syncs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from ..graph import _is_sync_warning
+from .params import _param_position
+from .recording import (
+    _any_tensor,
+    _Arg,
+    _describe_call,
+    _Event,
+    _flat_shape,
+    _label,
+    _leaves,
+    _Recorder,
+    _tensors,
+    _Uncapturable,
+)
+
+# Tensor operations on loop tensors recorded between two loop calls, at most: guidance takes a handful;
+# past the limit the code is not a denoising loop's glue (it may be the decoding after the last step).
+_MAX_OPS_BETWEEN_CALLS = 64
+
+
+class _GapWatch:
+    """CUDA sync warnings in the pipeline's own code between two loop calls (data-dependent branches, ``.item()``).
+
+    A sync in an operation on tensors from outside the loop (a CPU timestep moved to the
+    device each step) is excused: a replay runs it on the same real tensors, so it only
+    costs time. A sync on loop tensors would read placeholders on a replay.
+    """
+
+    def __init__(self, enabled: bool):
+        self.caught: list = []
+        self.enabled = enabled
+        self.active = False
+        self.mark = 0
+        self.culprit: str | None = None
+        self.ours: list = []
+        self.excused: list = []
+        self.previous = 0
+
+    def excuse_since(self, start: int) -> None:
+        """The warnings caught from index ``start`` on came from an operation on outside tensors."""
+        self.excused.extend(self.caught[start:])
+
+    def open(self) -> None:
+        if self.enabled and not self.active:
+            self.previous = torch.cuda.get_sync_debug_mode()
+            torch.cuda.set_sync_debug_mode("warn")
+            self.mark = len(self.caught)
+            self.active = True
+
+    def _collect(self) -> list:
+        torch.cuda.set_sync_debug_mode(self.previous)
+        self.active = False
+        found = [w for w in self.caught[self.mark :] if _is_sync_warning(w)]
+        self.ours.extend(found)
+        return [w for w in found if not any(w is e for e in self.excused)]
+
+    def close(self, rec: _Recorder, kind: str) -> None:
+        if not self.active:
+            return
+        found = self._collect()
+        if found and self.culprit is None:
+            self.culprit = (
+                f"the pipeline's own code between {rec.last_label} and the next {_label(kind)} "
+                f"synchronizes with the host ({str(found[0].message).strip()})"
+            )
+
+    def stop(self) -> None:
+        """After the pipeline returns: the code after the last step is outside the loop, so it is not judged."""
+        if self.active:
+            self._collect()
+
+
+class _LoopOps(TorchFunctionMode):
+    """Hands every torch function call made while it is pushed to ``handler(func, args, kwargs)``.
+
+    Pushed at the first loop call and popped after the last step, so the pipeline's code
+    before the loop (text encoding) and after it (decoding) runs untouched.
+    """
+
+    def __init__(self, handler: Callable[[Any, tuple, dict], Any]):
+        super().__init__()
+        self.handler = handler
+        self.pushed = False
+
+    def start(self) -> None:
+        if not self.pushed:
+            self.__enter__()
+            self.pushed = True
+
+    def stop(self) -> None:
+        if self.pushed:
+            self.pushed = False
+            self.__exit__(None, None, None)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return self.handler(func, args, kwargs or {})
+
+
+def _record_op(rec: _Recorder, func: Any, args: tuple, kwargs: dict) -> Any:
+    """One torch function call of the pipeline's own code inside the loop: recorded when it makes new tensors from
+    loop tensors (classifier-free guidance, ``torch.cat([latents] * 2)``, a rescale), else just run."""
+    if rec.done or rec.problem is not None or rec.overflow is not None:
+        return func(*args, **kwargs)
+    if not _any_tensor((args, kwargs), rec.is_value):
+        watch = rec.watch
+        if watch is None or not watch.active:
+            return func(*args, **kwargs)
+        start = len(watch.caught)
+        out = func(*args, **kwargs)
+        watch.excuse_since(start)
+        return out
+    leaves, spec = _leaves((args, kwargs))
+    name = _describe_call("op", func)
+    if _in_place(func, kwargs):
+        rec.fail(f"{name} after {rec.last_label} changes a loop tensor in place; a replay could not follow it")
+        return func(*args, **kwargs)
+    out = func(*args, **kwargs)
+    if not _new_tensors(out, leaves):  # a read of metadata (shape, dtype), or an op that returned its input
+        return out
+    rec.ops_since_call += 1
+    if rec.ops_since_call > _MAX_OPS_BETWEEN_CALLS:
+        # Decoding after the last step also lands here; it only counts if another loop call follows.
+        rec.overflow = (
+            f"more than {_MAX_OPS_BETWEEN_CALLS} tensor operations on loop tensors after {rec.last_label} "
+            "before the next loop call"
+        )
+        return out
+    try:
+        event = _Event("op", [rec.classify(leaf) for leaf in leaves], spec, func=func, flat=_flat_shape(args, kwargs))
+        factor = _param_position(func, args, kwargs)
+        if factor is not None:
+            event.args[factor] = _Arg("param", index=len(rec.trace.params), host=args[factor])
+            rec.trace.params.append(float(args[factor]))
+        event.outs, event.out_spec, event.out_consts = rec.add_values(out)
+    except _Uncapturable as exc:
+        rec.fail(f"{name} after {rec.last_label}: {exc}")
+        return out
+    rec.trace.events.append(event)
+    return out
+
+
+def _in_place(func: Any, kwargs: dict) -> bool:
+    """Writes into a tensor, by torch's naming (``mul_``, ``__iadd__``), item assignment or an ``out=`` argument."""
+    name = getattr(func, "__name__", "")
+    return (
+        (name.endswith("_") and not name.endswith("__"))
+        or name.startswith("__i")
+        or name == "__setitem__"
+        or kwargs.get("out") is not None
+    )
+
+
+def _new_tensors(out: Any, inputs: list[Any]) -> list[torch.Tensor]:
+    """The tensors of ``out`` that are not among ``inputs`` (an op may hand back its input unchanged)."""
+    return [t for t in _tensors(out) if not any(t is leaf for leaf in inputs)]
