@@ -39,13 +39,13 @@ def multistep_order(
     lower_below: float = 15,
     final_first_order: bool = False,
 ) -> int:
-    """Order used at step ``i`` of ``n``: warm-up from 1, and lower at the end of short loops (< 15 steps).
+    """Order used at step ``i`` of ``n``: warm-up from 1, and with ``lower_order_final`` no more than the steps
+    left at the end of loops shorter than ``lower_below`` steps (DPM-Solver: 15; UniPC: any length).
 
     The diffusers drop-ins reuse this rule with their differences as parameters:
-    warm-up counted from step ``start`` (the first step a loop takes), the end-of-loop
-    lowering for loops shorter than ``lower_below`` steps (UniPC: any length), and a
-    first-order last step (``final_first_order``: diffusers' ``euler_at_final`` or a
-    final step to sigma = 0).
+    warm-up counted from step ``start`` (the first step a loop takes) and a first-order
+    last step (``final_first_order``: diffusers' ``euler_at_final`` or a final step to
+    sigma = 0).
     """
     p = min(order, i - start + 1)
     if lower_order_final and n < lower_below:

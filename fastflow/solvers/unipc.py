@@ -103,6 +103,10 @@ def correction(
 
 @dataclass
 class UniPC(Solver):
+    """UniPC of ``order`` 1-3 (``variant`` bh1 or bh2). With ``lower_order_final`` its last steps use no more
+    points than steps are left, at any loop length, as UniPC's reference and diffusers do; ``disable_corrector``
+    lists the steps whose result is left uncorrected (as in diffusers)."""
+
     order: int = 2
     variant: str = "bh2"
     lower_order_final: bool = True
@@ -120,7 +124,9 @@ class UniPC(Solver):
     def build(self, schedule: Schedule, points: Points) -> list[Stage]:
         lam, a, s = points.half_logsnr, points.alpha, points.sigma
         n = len(points) - 1
-        orders = [multistep_order(i, n, self.order, self.lower_order_final) for i in range(n)]
+        orders = [
+            multistep_order(i, n, self.order, self.lower_order_final, lower_below=math.inf) for i in range(n)
+        ]
         ups = []
         for i in range(n):
             if s[i + 1] == 0:

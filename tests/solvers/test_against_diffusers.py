@@ -1,0 +1,112 @@
+"""The core solvers against diffusers' schedulers: the same loop on the same grid gives the same numbers.
+
+The solvers' coefficients are derived here from the schedule (``fastflow/solvers``); diffusers
+writes each scheduler's update by hand. A ``Sampler`` on diffusers' own timesteps, with a
+model stand-in that depends on the input and the timestep, must end where diffusers' loop
+ends, to diffusers' float32 coefficient round-off; stochastic solvers get the noise
+diffusers draws from the same generator. (The drop-ins in ``fastflow.diffusers`` reproduce
+diffusers' quirks too; this checks the core's own math.)
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import fastflow as ff
+
+diffusers = pytest.importorskip("diffusers")
+
+SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+LEADING = dict(timestep_spacing="leading", steps_offset=1)  # Stable Diffusion's spacing
+SHAPE = (2, 4, 8, 8)
+SEED = 7
+# diffusers keeps its sigmas and alphas in float32: its loops carry about 1e-6 of the result's size.
+RTOL = 2e-6
+
+
+def stand_in(x: torch.Tensor, tau: float) -> torch.Tensor:
+    a = 0.3 + 0.2 * math.cos(tau / 300.0)
+    b = 0.5 * math.sin(tau / 500.0 + 1.0)
+    return a * x + b * torch.sin(x)
+
+
+def start() -> torch.Tensor:
+    return torch.randn(SHAPE, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+
+def diffusers_loop(scheduler, steps: int, step_kwargs: dict) -> torch.Tensor:
+    scheduler.set_timesteps(steps)
+    x = start() * getattr(scheduler, "init_noise_sigma", 1.0)
+    if "generator" in inspect.signature(scheduler.step).parameters:
+        step_kwargs = dict(step_kwargs, generator=torch.Generator().manual_seed(SEED))
+    scale = getattr(scheduler, "scale_model_input", None)
+    for t in scheduler.timesteps:
+        o = stand_in(scale(x, t) if scale else x, float(t))
+        x = scheduler.step(o, t, x, **step_kwargs).prev_sample
+    return x
+
+
+def core_loop(sampler: ff.Sampler, noise_dtype: torch.dtype, time_scale: float = 1.0) -> torch.Tensor:
+    """``sampler``'s loop; every stage draws from the generator as diffusers' every step does (a stage that adds
+    no noise discards its draw), in the dtype diffusers draws in."""
+    generator = torch.Generator().manual_seed(SEED)
+    z = start()
+    for i, t in enumerate(sampler.timesteps):
+        o = stand_in(sampler.model_input(z, i), float(t) * time_scale)
+        draw = torch.randn(SHAPE, generator=generator, dtype=noise_dtype).double()
+        z = sampler.step(o, z, i, noise=draw if sampler.plan.noise[i] else None)
+    return z
+
+
+CASES = [
+    # (core solver, its options, prediction, diffusers class, its config, step keywords)
+    ("ddim", {}, "eps", "DDIMScheduler", dict(clip_sample=False), {}),
+    ("ddim", {}, "v", "DDIMScheduler", dict(clip_sample=False, prediction_type="v_prediction"), {}),
+    ("ddim", {}, "x0", "DDIMScheduler", dict(clip_sample=False, prediction_type="sample"), {}),
+    ("ddim", {"eta": 1.0}, "eps", "DDIMScheduler", dict(clip_sample=False), {"eta": 1.0}),
+    ("ddpm", {}, "eps", "DDPMScheduler", dict(clip_sample=False), {}),
+    ("euler", {}, "eps", "EulerDiscreteScheduler", {}, {}),
+    ("euler-ancestral", {}, "eps", "EulerAncestralDiscreteScheduler", {}, {}),
+    ("heun", {}, "eps", "HeunDiscreteScheduler", {}, {}),
+    ("dpm++1", {}, "eps", "DPMSolverMultistepScheduler", dict(solver_order=1), {}),
+    ("dpm++2m", {}, "eps", "DPMSolverMultistepScheduler", dict(solver_order=2), {}),
+    ("dpm++2m", {}, "v", "DPMSolverMultistepScheduler", dict(solver_order=2, prediction_type="v_prediction"), {}),
+    ("dpm++3m", {"diffusers_3m": True}, "eps", "DPMSolverMultistepScheduler", dict(solver_order=3), {}),
+    ("sde-dpm++2m", {}, "eps", "DPMSolverMultistepScheduler", dict(algorithm_type="sde-dpmsolver++"), {}),
+    ("unipc", {"order": 1}, "eps", "UniPCMultistepScheduler", dict(solver_order=1), {}),
+    ("unipc", {"order": 2}, "eps", "UniPCMultistepScheduler", dict(solver_order=2), {}),
+    ("unipc", {"order": 3}, "eps", "UniPCMultistepScheduler", dict(solver_order=3), {}),
+]
+
+
+# 8 and 20 steps: below and above DPM-Solver's 15-step rule for its last orders (UniPC lowers them at any length)
+@pytest.mark.parametrize("steps", [8, 20])
+@pytest.mark.parametrize(("solver", "options", "prediction", "name", "config", "step_kwargs"), CASES)
+def test_vp_solver_matches_diffusers(solver, options, prediction, name, config, step_kwargs, steps):
+    ref = getattr(diffusers, name)(**SD, **LEADING, **config)
+    x_ref = diffusers_loop(ref, steps, step_kwargs)
+    times = ref.timesteps.double().numpy()
+    if name == "HeunDiscreteScheduler":  # diffusers lists each time of a two-call step twice
+        times = np.unique(times)[::-1].copy()
+    sampler = ff.Sampler(ff.VP(**SD), solver, prediction=prediction, steps=steps, grid=times, backend="torch",
+                         **options)
+    # diffusers draws DPM-Solver's noise in float32 and the others' in the sample's dtype
+    x = core_loop(sampler, torch.float32 if name.startswith("DPM") else torch.float64)
+    torch.testing.assert_close(x, x_ref, rtol=0, atol=RTOL * x_ref.abs().max().item())
+
+
+@pytest.mark.parametrize("steps", [8, 20])
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_flow_euler_matches_diffusers(shift, steps):
+    ref = diffusers.FlowMatchEulerDiscreteScheduler(shift=shift)
+    x_ref = diffusers_loop(ref, steps, {})
+    sampler = ff.Sampler(ff.FlowMatching(), "flow-euler", prediction="flow", steps=steps,
+                         grid=ref.sigmas[:-1].double().numpy(), backend="torch")
+    x = core_loop(sampler, torch.float64, time_scale=1000.0)  # diffusers' timestep is 1000 sigma
+    torch.testing.assert_close(x, x_ref, rtol=0, atol=RTOL * x_ref.abs().max().item())
+
