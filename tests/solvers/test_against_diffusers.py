@@ -3,9 +3,11 @@
 The solvers' coefficients are derived here from the schedule (``fastflow/solvers``); diffusers
 writes each scheduler's update by hand. A ``Sampler`` on diffusers' own timesteps, with a
 model stand-in that depends on the input and the timestep, must end where diffusers' loop
-ends, to diffusers' float32 coefficient round-off; stochastic solvers get the noise
-diffusers draws from the same generator. (The drop-ins in ``fastflow.diffusers`` reproduce
-diffusers' quirks too; this checks the core's own math.)
+ends (three beta schedules, Stable Diffusion's leading spacing: diffusers' DDIM steps to
+``t - 1000 // steps``, which on its other spacings is not the next timestep), to diffusers'
+float32 coefficient round-off; stochastic solvers get the noise diffusers draws from the
+same generator. (The drop-ins in ``fastflow.diffusers`` reproduce diffusers' quirks too;
+this checks the core's own math.)
 """
 
 from __future__ import annotations
@@ -22,11 +24,16 @@ import fastflow as ff
 diffusers = pytest.importorskip("diffusers")
 
 SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+# Beta schedules, each with the round-off diffusers' float32 sigmas and alphas leave in its loops (of the
+# result's size): larger for the cosine schedule, whose largest sigmas are in the hundreds.
+SCHEDULES = {
+    "scaled_linear": (SD, 2e-6),
+    "linear": (dict(beta_schedule="linear", beta_start=0.0001, beta_end=0.02), 5e-6),
+    "squaredcos_cap_v2": (dict(beta_schedule="squaredcos_cap_v2"), 2e-5),
+}
 LEADING = dict(timestep_spacing="leading", steps_offset=1)  # Stable Diffusion's spacing
 SHAPE = (2, 4, 8, 8)
 SEED = 7
-# diffusers keeps its sigmas and alphas in float32: its loops carry about 1e-6 of the result's size.
-RTOL = 2e-6
 
 
 def stand_in(x: torch.Tensor, tau: float) -> torch.Tensor:
@@ -86,18 +93,20 @@ CASES = [
 
 # 8 and 20 steps: below and above DPM-Solver's 15-step rule for its last orders (UniPC lowers them at any length)
 @pytest.mark.parametrize("steps", [8, 20])
+@pytest.mark.parametrize("schedule", sorted(SCHEDULES))
 @pytest.mark.parametrize(("solver", "options", "prediction", "name", "config", "step_kwargs"), CASES)
-def test_vp_solver_matches_diffusers(solver, options, prediction, name, config, step_kwargs, steps):
-    ref = getattr(diffusers, name)(**SD, **LEADING, **config)
+def test_vp_solver_matches_diffusers(solver, options, prediction, name, config, step_kwargs, schedule, steps):
+    betas, rtol = SCHEDULES[schedule]
+    ref = getattr(diffusers, name)(**betas, **LEADING, **config)
     x_ref = diffusers_loop(ref, steps, step_kwargs)
     times = ref.timesteps.double().numpy()
     if name == "HeunDiscreteScheduler":  # diffusers lists each time of a two-call step twice
         times = np.unique(times)[::-1].copy()
-    sampler = ff.Sampler(ff.VP(**SD), solver, prediction=prediction, steps=steps, grid=times, backend="torch",
+    sampler = ff.Sampler(ff.VP(**betas), solver, prediction=prediction, steps=steps, grid=times, backend="torch",
                          **options)
     # diffusers draws DPM-Solver's noise in float32 and the others' in the sample's dtype
     x = core_loop(sampler, torch.float32 if name.startswith("DPM") else torch.float64)
-    torch.testing.assert_close(x, x_ref, rtol=0, atol=RTOL * x_ref.abs().max().item())
+    torch.testing.assert_close(x, x_ref, rtol=0, atol=rtol * x_ref.abs().max().item())
 
 
 @pytest.mark.parametrize("steps", [8, 20])
@@ -108,5 +117,5 @@ def test_flow_euler_matches_diffusers(shift, steps):
     sampler = ff.Sampler(ff.FlowMatching(), "flow-euler", prediction="flow", steps=steps,
                          grid=ref.sigmas[:-1].double().numpy(), backend="torch")
     x = core_loop(sampler, torch.float64, time_scale=1000.0)  # diffusers' timestep is 1000 sigma
-    torch.testing.assert_close(x, x_ref, rtol=0, atol=RTOL * x_ref.abs().max().item())
+    torch.testing.assert_close(x, x_ref, rtol=0, atol=2e-6 * x_ref.abs().max().item())
 
