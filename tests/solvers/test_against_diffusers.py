@@ -3,11 +3,11 @@
 The solvers' coefficients are derived here from the schedule (``fastflow/solvers``); diffusers
 writes each scheduler's update by hand. A ``Sampler`` on diffusers' own timesteps, with a
 model stand-in that depends on the input and the timestep, must end where diffusers' loop
-ends (three beta schedules, Stable Diffusion's leading spacing: diffusers' DDIM steps to
-``t - 1000 // steps``, which on its other spacings is not the next timestep), to diffusers'
-float32 coefficient round-off; stochastic solvers get the noise diffusers draws from the
-same generator. (The drop-ins in ``fastflow.diffusers`` reproduce diffusers' quirks too;
-this checks the core's own math.)
+ends, to diffusers' float32 coefficient round-off: three beta schedules with Stable
+Diffusion's leading spacing (diffusers' DDIM steps to ``t - 1000 // steps``, which on its
+other spacings is not the next timestep), and flow matching with two shifts. Stochastic
+solvers get the noise diffusers draws from the same generator. (The drop-ins in
+``fastflow.diffusers`` reproduce diffusers' quirks too; this checks the core's own math.)
 """
 
 from __future__ import annotations
@@ -58,13 +58,16 @@ def diffusers_loop(scheduler, steps: int, step_kwargs: dict) -> torch.Tensor:
     return x
 
 
-def core_loop(sampler: ff.Sampler, noise_dtype: torch.dtype, time_scale: float = 1.0) -> torch.Tensor:
-    """``sampler``'s loop; every stage draws from the generator as diffusers' every step does (a stage that adds
-    no noise discards its draw), in the dtype diffusers draws in."""
+def core_loop(sampler: ff.Sampler, noise_dtype: torch.dtype, model_times: torch.Tensor) -> torch.Tensor:
+    """``sampler``'s loop, its model called at diffusers' timesteps (``model_times``: the schedule's times, or
+    1000 sigma for flow matching, which DPM-Solver and UniPC round to integers); every stage draws from the
+    generator as diffusers' every step does (a stage that adds no noise discards its draw), in the dtype
+    diffusers draws in."""
+    assert len(model_times) == sampler.num_stages
     generator = torch.Generator().manual_seed(SEED)
     z = start()
-    for i, t in enumerate(sampler.timesteps):
-        o = stand_in(sampler.model_input(z, i), float(t) * time_scale)
+    for i, t in enumerate(model_times):
+        o = stand_in(sampler.model_input(z, i), float(t))
         draw = torch.randn(SHAPE, generator=generator, dtype=noise_dtype).double()
         z = sampler.step(o, z, i, noise=draw if sampler.plan.noise[i] else None)
     return z
@@ -104,18 +107,36 @@ def test_vp_solver_matches_diffusers(solver, options, prediction, name, config, 
         times = np.unique(times)[::-1].copy()
     sampler = ff.Sampler(ff.VP(**betas), solver, prediction=prediction, steps=steps, grid=times, backend="torch",
                          **options)
-    # diffusers draws DPM-Solver's noise in float32 and the others' in the sample's dtype
-    x = core_loop(sampler, torch.float32 if name.startswith("DPM") else torch.float64)
+    x = core_loop(sampler, _noise_dtype(name), ref.timesteps)
     torch.testing.assert_close(x, x_ref, rtol=0, atol=rtol * x_ref.abs().max().item())
+
+
+FLOW_CASES = [
+    ("flow-euler", {}, "FlowMatchEulerDiscreteScheduler", {}),
+    ("dpm++1", {}, "DPMSolverMultistepScheduler", dict(solver_order=1)),
+    ("dpm++2m", {}, "DPMSolverMultistepScheduler", dict(solver_order=2)),
+    ("dpm++3m", {"diffusers_3m": True}, "DPMSolverMultistepScheduler", dict(solver_order=3)),
+    ("unipc", {"order": 2}, "UniPCMultistepScheduler", dict(solver_order=2)),
+    ("unipc", {"order": 3}, "UniPCMultistepScheduler", dict(solver_order=3)),
+]
 
 
 @pytest.mark.parametrize("steps", [8, 20])
 @pytest.mark.parametrize("shift", [1.0, 3.0])
-def test_flow_euler_matches_diffusers(shift, steps):
-    ref = diffusers.FlowMatchEulerDiscreteScheduler(shift=shift)
+@pytest.mark.parametrize(("solver", "options", "name", "config"), FLOW_CASES)
+def test_flow_matching_solver_matches_diffusers(solver, options, name, config, shift, steps):
+    if name == "FlowMatchEulerDiscreteScheduler":
+        ref = diffusers.FlowMatchEulerDiscreteScheduler(shift=shift)
+    else:
+        ref = getattr(diffusers, name)(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=shift,
+                                       **config)
     x_ref = diffusers_loop(ref, steps, {})
-    sampler = ff.Sampler(ff.FlowMatching(), "flow-euler", prediction="flow", steps=steps,
-                         grid=ref.sigmas[:-1].double().numpy(), backend="torch")
-    x = core_loop(sampler, torch.float64, time_scale=1000.0)  # diffusers' timestep is 1000 sigma
+    sampler = ff.Sampler(ff.FlowMatching(), solver, prediction="flow", steps=steps,
+                         grid=ref.sigmas[:-1].double().numpy(), backend="torch", **options)
+    x = core_loop(sampler, _noise_dtype(name), ref.timesteps)
     torch.testing.assert_close(x, x_ref, rtol=0, atol=2e-6 * x_ref.abs().max().item())
 
+
+def _noise_dtype(name: str) -> torch.dtype:
+    """diffusers draws DPM-Solver's noise in float32 and the others' in the sample's dtype (float64 here)."""
+    return torch.float32 if name.startswith("DPM") else torch.float64
