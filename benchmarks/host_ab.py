@@ -7,7 +7,7 @@ The other checkout needs its extension built in place (``python setup.py build_e
 --inplace``). Each round runs every case in a fresh subprocess per tree (so the two
 ``fastflow`` packages never share a process) and the rounds alternate, so drift of a
 shared machine hits both sides alike. Cases are CPU-only: host-bound loops on tiny
-tensors (``Sampler.step``, and the diffusers drop-ins' ``step`` with ``scale_model_input``
+tensors (``Sampler.step``, and every diffusers drop-in's ``step`` with ``scale_model_input``
 with diffusers' own scheduler beside them; float32 latents, and float16 ones for two
 classes that upcast), and the C++ CPU kernel at (1,16,128,128) beside the torch
 reference. Children run with fixed glibc malloc thresholds (see ``MALLOC_ENV``).
@@ -33,8 +33,9 @@ MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(64 << 20), "MALLOC_TRIM_THRESHOLD_":
 TINY = (1, 4, 16, 16)
 KERNEL_SHAPE = (1, 16, 128, 128)
 LOOP_STEPS = 10
-DROPINS = ("DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler",
-           "UniPCMultistepScheduler")
+DROPINS = ("DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
+           "FlowMatchEulerDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler",
+           "HeunDiscreteScheduler", "LCMScheduler", "EDMEulerScheduler")
 HALF_DROPINS = ("EulerDiscreteScheduler", "FlowMatchEulerDiscreteScheduler")
 
 
