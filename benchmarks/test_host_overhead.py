@@ -79,8 +79,9 @@ def test_extension_entry(benchmark, entry: str) -> None:
         assert torch.isfinite(out).all()
 
 
-DROPIN_CLASSES = ("DDIMScheduler", "DDPMScheduler", "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler",
-                  "UniPCMultistepScheduler", "FlowMatchEulerDiscreteScheduler")
+DROPIN_CLASSES = ("DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
+                  "FlowMatchEulerDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler",
+                  "HeunDiscreteScheduler", "LCMScheduler", "EDMEulerScheduler")
 
 
 @pytest.mark.benchmark(group="dropin: 10 calls of a scheduler's step alone, 1x4x16x16 (divide by 10 for per step)")
