@@ -293,3 +293,31 @@ def test_a_host_timestep_locates_the_loop_start_as_diffusers_does(name):
     ff._step_index = None
     with pytest.raises(ValueError, match="not in this scheduler's timesteps"):
         ff._ff_peek_index(torch.tensor(12345.0))
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+@pytest.mark.parametrize("name", [n for n in ffd.__all__ if n.endswith("Scheduler") and n != "FastflowScheduler"])
+def test_a_copy_made_mid_loop_continues_as_the_original(name, how):
+    """A scheduler copied between steps (a pipeline state saved, a sampler cloned) carries its loop: the stored
+    predictions of a multistep solver, Heun's pending first stage, the step index."""
+    import copy
+    import pickle
+
+    ff = getattr(ffd, name)()
+    ff.set_timesteps(6)
+    generator = torch.Generator().manual_seed(5)
+    takes_generator = "generator" in inspect.signature(ff.step).parameters
+
+    def step(scheduler, o, t, x):
+        kw = {"generator": torch.Generator().manual_seed(1)} if takes_generator else {}
+        return scheduler.step(o, t, x, **kw).prev_sample
+
+    x = start_noise()
+    for t in ff.timesteps[:3]:
+        x = step(ff, torch.randn(SHAPE, generator=generator), t, x)
+    twin = copy.deepcopy(ff) if how == "deepcopy" else pickle.loads(pickle.dumps(ff))
+    o = torch.randn(SHAPE, generator=generator)
+    t = ff.timesteps[3]
+    expected = step(ff, o, t, x)
+    assert twin.step_index == 3
+    torch.testing.assert_close(step(twin, o, t, x), expected, rtol=0, atol=0)
