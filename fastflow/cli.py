@@ -42,8 +42,24 @@ def info() -> int:
         print("build    no extension build recorded (pure-Python install)")
     print("backends:")
     for name, reason in backend_report().items():
-        print(f"  {name:7s} {'available' if reason is None else 'unavailable: ' + reason}")
+        if reason is None:
+            print(f"  {name:7s} available ({_devices(name)})")
+        else:
+            print(f"  {name:7s} unavailable: {reason}")
     return 0
+
+
+def _devices(name: str) -> str:
+    """Where an available backend runs: ``cpu: yes; cuda: no, <why>`` (the C++ extension may hold a CPU kernel
+    only, so "available" alone does not say whether it steps CUDA tensors)."""
+    from .backends import get_backend
+
+    backend = get_backend(name)
+    parts = []
+    for device in ("cpu", "cuda"):
+        why = backend.supports(torch.device(device))
+        parts.append(f"{device}: {'yes' if why is None else 'no, ' + why}")
+    return "; ".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:

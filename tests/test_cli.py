@@ -11,6 +11,7 @@ def test_info_lists_every_backend(capsys):
     for name in ("torch", "triton", "cuda"):
         assert f"  {name}" in out
     assert "fastflow 0." in out
+    assert "  torch   available (cpu: yes; cuda: yes)" in out  # an available backend says where it runs
 
 
 def test_demo_writes_its_figure(tmp_path, capsys, monkeypatch):
