@@ -111,6 +111,22 @@ def test_vp_solver_matches_diffusers(solver, options, prediction, name, config, 
     torch.testing.assert_close(x, x_ref, rtol=0, atol=rtol * x_ref.abs().max().item())
 
 
+@pytest.mark.parametrize("steps", [8, 20])
+@pytest.mark.parametrize("sigmas", ["use_karras_sigmas", "use_exponential_sigmas"])
+@pytest.mark.parametrize(("solver", "name"), [("euler", "EulerDiscreteScheduler"), ("heun", "HeunDiscreteScheduler")])
+def test_fractional_times_match_diffusers_sigma_grids(solver, name, sigmas, steps):
+    """Karras and exponential sigmas sit at fractional training times: a VP schedule read between its integer
+    times (log sigma interpolated linearly, diffusers' sigma-to-timestep mapping) gives back diffusers' sigmas."""
+    ref = getattr(diffusers, name)(**SD, **LEADING, **{sigmas: True})
+    x_ref = diffusers_loop(ref, steps, {})
+    times = ref.timesteps.double().numpy()
+    if name == "HeunDiscreteScheduler":
+        times = np.unique(times)[::-1].copy()
+    sampler = ff.Sampler(ff.VP(**SD), solver, prediction="eps", steps=steps, grid=times, backend="torch")
+    x = core_loop(sampler, _noise_dtype(name), ref.timesteps)
+    torch.testing.assert_close(x, x_ref, rtol=0, atol=2e-6 * x_ref.abs().max().item())
+
+
 FLOW_CASES = [
     ("flow-euler", {}, "FlowMatchEulerDiscreteScheduler", {}),
     ("dpm++1", {}, "DPMSolverMultistepScheduler", dict(solver_order=1)),
