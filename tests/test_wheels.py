@@ -227,3 +227,33 @@ def test_sdist_has_every_extension_source(tmp_path):
     assert {"csrc/step_kernel.cu", "csrc/step_plans.h", "csrc/fastflow_step.h"} <= sources
     assert sources <= names, sorted(sources - names)
     assert {"setup.py", "pyproject.toml", "LICENSE", "kernels/step.py"} <= names
+
+
+def test_a_pure_wheel_built_in_a_checkout_leaves_its_build_info(tmp_path):
+    """``pip install .`` builds in the checkout: the wheel gets build info saying it has no extension, and the
+    checkout keeps the build info of its own in-place extension (it was overwritten before, which made the
+    checkout's extension refuse to load)."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    for name in ("setup.py", "pyproject.toml", "MANIFEST.in", "README.md", "LICENSE"):
+        shutil.copy2(ROOT / name, tree / name)
+    for name in ("fastflow", "kernels", "csrc"):
+        skip = shutil.ignore_patterns("__pycache__", "*.so", "_build_info.py")
+        shutil.copytree(ROOT / name, tree / name, ignore=skip)
+    in_place = tree / "fastflow" / "_build_info.py"
+    in_place.write_text("BUILD_INFO = {'extension': True, 'torch': 'the in-place build'}\n")
+    # setup.py as pip's isolated build runs it: torch is not importable there.
+    hide_torch = (
+        "import runpy, sys; sys.modules['torch'] = None; sys.argv[0] = 'setup.py'; "
+        "runpy.run_path('setup.py', run_name='__main__')"
+    )
+    build = subprocess.run(
+        [sys.executable, "-c", hide_torch, "-q", "bdist_wheel", "-d", str(tmp_path)],
+        cwd=tree, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert build.returncode == 0, build.stderr[-2000:]
+    assert in_place.read_text() == "BUILD_INFO = {'extension': True, 'torch': 'the in-place build'}\n"
+    (wheel,) = tmp_path.glob("fastflow-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        text = z.read("fastflow/_build_info.py").decode()
+    assert "'extension': False" in text and "built without torch" in text
