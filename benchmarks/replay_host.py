@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' own helper modules
 
 import fastflow.graph_pipeline as gp  # noqa: E402
 from tests.test_graph_pipeline import capture_on_host, dit_pipe, sd_pipe  # noqa: E402

@@ -14,6 +14,7 @@ ffd = pytest.importorskip("fastflow.diffusers", reason="fastflow.diffusers (the 
 from diffusers import DDIMPipeline, DiffusionPipeline, UNet2DModel  # noqa: E402
 from diffusers import DDIMScheduler as DiffusersDDIM  # noqa: E402
 from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
+from tiny_models import tiny_cond_unet, tiny_vae  # noqa: E402
 
 from fastflow import graph_pipeline as gp  # noqa: E402
 from fastflow.graph_pipeline import (  # noqa: E402
@@ -534,15 +535,6 @@ def test_uncapturable_glue_runs_eagerly(stand_in_capture, mode):
     assert torch.equal(got[0], ref) and torch.equal(got[1], ref)
 
 
-def tiny_vae() -> diffusers.AutoencoderKL:
-    """A one-block VAE with random weights: 4 latent channels, no downsampling."""
-    return diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,), layers_per_block=1,
-        norm_num_groups=4, down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
-        sample_size=8,
-    ).eval()
-
-
 def dit_pipe() -> diffusers.DiTPipeline:
     """diffusers' DiTPipeline (class-conditional, classifier-free guidance in its own loop) with tiny random weights."""
     torch.manual_seed(0)
@@ -574,16 +566,6 @@ def test_replay_logic_dit_pipeline_with_guidance(stand_in_capture):
         got = fast(generator=torch.manual_seed(2), **{**kw, "guidance_scale": g}).images
         assert (got == ref).all() and (fast.captures, fast.replays) == (captures, replays), g
     assert not (ref == pipe(generator=torch.manual_seed(2), **kw).images).all()
-
-
-def tiny_cond_unet(**extra) -> diffusers.UNet2DConditionModel:
-    """A cross-attention UNet with small random weights (``extra``: SDXL's added conditioning)."""
-    torch.manual_seed(0)
-    return diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
-        norm_num_groups=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=12, attention_head_dim=2, **extra,
-    ).eval()
 
 
 def euler_dropin():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from dropin_helpers import SD
 from posterior_model import tiny_unet
 
 import fastflow.diffusers as ffd
@@ -86,3 +87,46 @@ def test_swap_by_from_config_on_a_pipeline():
     with torch.no_grad():
         out = pipe(generator=torch.Generator().manual_seed(0), num_inference_steps=3, output_type="np").images
     assert np.isfinite(out).all()
+
+
+SD_CLASSES = [
+    ("DDIMScheduler", dict(SD, clip_sample=False, set_alpha_to_one=False, steps_offset=1)),
+    ("DDPMScheduler", dict(SD, clip_sample=False)),
+    ("EulerDiscreteScheduler", dict(SD)),
+    ("EulerAncestralDiscreteScheduler", dict(SD)),
+    ("DPMSolverMultistepScheduler", dict(SD)),
+    ("DPMSolverMultistepScheduler", dict(SD, algorithm_type="sde-dpmsolver++", use_karras_sigmas=True)),
+    ("UniPCMultistepScheduler", dict(SD)),
+    ("HeunDiscreteScheduler", dict(SD)),
+    ("LCMScheduler", dict(SD)),
+    ("EDMEulerScheduler", dict()),
+]
+
+
+@pytest.mark.parametrize("img2img", [False, True], ids=["txt2img", "img2img"])
+@pytest.mark.parametrize(("name", "config"), SD_CLASSES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(SD_CLASSES)])
+def test_stable_diffusion_pipelines(name, config, img2img):
+    """Stable Diffusion's text-to-image and image-to-image pipelines (guidance in their own loop; img2img starts
+    part-way through the schedule, counting steps by the scheduler's order) give the same images with every
+    drop-in, stochastic ones drawing from the pipeline's generator; the drop-ins run on the default backend."""
+    pytest.importorskip("transformers", reason="the Stable Diffusion pipelines need transformers")
+    from tiny_models import tiny_cond_unet, tiny_vae
+
+    vae, unet = tiny_vae(), tiny_cond_unet()
+    embeds = [torch.randn(2, 5, 12, generator=torch.Generator().manual_seed(seed)) for seed in (1, 2)]
+    kwargs = dict(prompt_embeds=embeds[0], negative_prompt_embeds=embeds[1], num_inference_steps=6,
+                  guidance_scale=7.5, output_type="np")
+    if img2img:
+        pipe_cls = diffusers.StableDiffusionImg2ImgPipeline
+        kwargs.update(image=torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(3)), strength=0.6)
+    else:
+        pipe_cls, kwargs["height"], kwargs["width"] = diffusers.StableDiffusionPipeline, 8, 8
+    ref = getattr(diffusers, name)(**config)
+    images = []
+    for scheduler in (ref, ffd.from_scheduler(ref)):
+        pipe = pipe_cls(vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=scheduler,
+                        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        with torch.no_grad():
+            images.append(pipe(generator=torch.Generator().manual_seed(0), **kwargs).images)
+    np.testing.assert_allclose(images[1], images[0], rtol=0, atol=1e-5)
