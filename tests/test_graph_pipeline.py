@@ -14,7 +14,15 @@ ffd = pytest.importorskip("fastflow.diffusers", reason="fastflow.diffusers (the 
 from diffusers import DDIMPipeline, DiffusionPipeline, UNet2DModel  # noqa: E402
 from diffusers import DDIMScheduler as DiffusersDDIM  # noqa: E402
 from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
-from tiny_models import tiny_cond_unet, tiny_vae  # noqa: E402
+from tiny_models import (  # noqa: E402
+    FLUX_SCHEDULER,
+    pooled_embeds,
+    tiny_cond_unet,
+    tiny_flow_vae,
+    tiny_flux_transformer,
+    tiny_sd3_transformer,
+    tiny_vae,
+)
 
 from fastflow import graph_pipeline as gp  # noqa: E402
 from fastflow.graph_pipeline import (  # noqa: E402
@@ -685,28 +693,14 @@ def test_gpu_controlnet_pipeline_replay_equals_eager():
         assert fast.captures == 1 and fast.replays == n and fast.reason is None, fast.reason
 
 
-def pooled_embeds(g: torch.Generator) -> dict:
-    """Prompt and negative prompt embeddings with pooled ones, as FLUX.1 and SD3 pipelines take them."""
-    return {"prompt_embeds": torch.randn(1, 5, 12, generator=g), "pooled_prompt_embeds": torch.randn(1, 6, generator=g),
-            "negative_prompt_embeds": torch.randn(1, 5, 12, generator=g),
-            "negative_pooled_prompt_embeds": torch.randn(1, 6, generator=g)}
-
-
 def flux_pipe():
     """diffusers' FluxPipeline with tiny random weights (packed latents, rotary ids, guidance embedding, dynamic
     shifting), driven by embeddings (no text encoders)."""
     pytest.importorskip("transformers", reason="FluxPipeline needs transformers")
-    torch.manual_seed(0)
-    transformer = diffusers.FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
-        joint_attention_dim=12, pooled_projection_dim=6, guidance_embeds=True, axes_dims_rope=(2, 2, 4),
-    ).eval()
-    vae = diffusers.AutoencoderKL(**{**tiny_vae().config, "shift_factor": 0.0})
-    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=16,
-                                                          max_image_seq_len=256)
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER)
     pipe = diffusers.FluxPipeline(
-        scheduler=ffd.from_scheduler(scheduler, backend="torch"), vae=vae, text_encoder=None, tokenizer=None,
-        text_encoder_2=None, tokenizer_2=None, transformer=transformer,
+        scheduler=ffd.from_scheduler(scheduler, backend="torch"), vae=tiny_flow_vae(), text_encoder=None,
+        tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=tiny_flux_transformer(),
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -736,17 +730,11 @@ def test_replay_logic_flux_pipeline(stand_in_capture):
 def sd3_pipe():
     """diffusers' StableDiffusion3Pipeline with tiny random weights, driven by embeddings (no text encoders)."""
     pytest.importorskip("transformers", reason="StableDiffusion3Pipeline needs transformers")
-    torch.manual_seed(0)
-    transformer = diffusers.SD3Transformer2DModel(
-        sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2,
-        joint_attention_dim=12, caption_projection_dim=16, pooled_projection_dim=6, out_channels=4,
-        pos_embed_max_size=8,
-    ).eval()
     pipe = diffusers.StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=ffd.from_scheduler(diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
-                                                              backend="torch"),
-        vae=diffusers.AutoencoderKL(**{**tiny_vae().config, "shift_factor": 0.0}), text_encoder=None, tokenizer=None,
-        text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None,
+        transformer=tiny_sd3_transformer(),
+        scheduler=ffd.from_scheduler(diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0), backend="torch"),
+        vae=tiny_flow_vae(), text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+        text_encoder_3=None, tokenizer_3=None,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe

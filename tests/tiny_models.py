@@ -23,3 +23,38 @@ def tiny_cond_unet(**extra) -> diffusers.UNet2DConditionModel:
         norm_num_groups=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=12, attention_head_dim=2, **extra,
     ).eval()
+
+
+def tiny_flow_vae() -> diffusers.AutoencoderKL:
+    """:func:`tiny_vae` with the latent shift factor FLUX.1 and SD3 pipelines read."""
+    return diffusers.AutoencoderKL(**{**tiny_vae().config, "shift_factor": 0.0})
+
+
+def tiny_flux_transformer() -> diffusers.FluxTransformer2DModel:
+    """FLUX.1's transformer with small random weights (guidance embedding on)."""
+    torch.manual_seed(0)
+    return diffusers.FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=12, pooled_projection_dim=6, guidance_embeds=True, axes_dims_rope=(2, 2, 4),
+    ).eval()
+
+
+# FLUX.1's scheduler config, with image sequence lengths scaled to the tiny latents (dynamic shifting from mu).
+FLUX_SCHEDULER = dict(use_dynamic_shifting=True, base_image_seq_len=16, max_image_seq_len=256)
+
+
+def tiny_sd3_transformer() -> diffusers.SD3Transformer2DModel:
+    """Stable Diffusion 3's transformer with small random weights."""
+    torch.manual_seed(0)
+    return diffusers.SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=12, caption_projection_dim=16, pooled_projection_dim=6, out_channels=4,
+        pos_embed_max_size=8,
+    ).eval()
+
+
+def pooled_embeds(g: torch.Generator) -> dict:
+    """Prompt and negative prompt embeddings with pooled ones, as FLUX.1 and SD3 pipelines take them."""
+    return {"prompt_embeds": torch.randn(1, 5, 12, generator=g), "pooled_prompt_embeds": torch.randn(1, 6, generator=g),
+            "negative_prompt_embeds": torch.randn(1, 5, 12, generator=g),
+            "negative_pooled_prompt_embeds": torch.randn(1, 6, generator=g)}

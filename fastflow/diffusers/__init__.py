@@ -43,10 +43,13 @@ def supported() -> list[str]:
     return sorted(registry())
 
 
-def from_scheduler(scheduler: Any, backend: str | None = None) -> FastflowScheduler:
+def from_scheduler(
+    scheduler: Any, backend: str | None = None, diffusers_noise: bool | None = None
+) -> FastflowScheduler:
     """The fastflow drop-in for a diffusers scheduler instance, built from its config.
 
-    ``backend`` sets the drop-in's fastflow backend (default: the class default, ``auto``).
+    ``backend`` sets the drop-in's fastflow backend (default: the class default, ``auto``);
+    ``diffusers_noise`` its :attr:`~fastflow.diffusers.FastflowScheduler.diffusers_noise`.
     """
     classes = registry()
     for cls in type(scheduler).__mro__:
@@ -65,4 +68,6 @@ def from_scheduler(scheduler: Any, backend: str | None = None) -> FastflowSchedu
         new.set_shift(scheduler.shift)  # set_shift changes the instance, not its config
     if backend is not None:
         new.backend = backend
+    if diffusers_noise is not None:
+        new.diffusers_noise = bool(diffusers_noise)
     return new

@@ -36,7 +36,8 @@ shape, device, dtype and order), so outputs match diffusers'. With neither, the
 kernel draws fastflow's counter-based noise (:mod:`fastflow.noise`), seeded from torch's
 global CPU generator at the first noisy step after each ``set_timesteps`` (so
 ``torch.manual_seed`` reproduces it and a pipeline's initial latents are unchanged):
-the same distribution as diffusers' ``torch.randn``, not the same numbers.
+the same distribution as diffusers' ``torch.randn``, not the same numbers; or, with
+``diffusers_noise``, diffusers' own draw from torch's global generator.
 """
 
 from __future__ import annotations
@@ -76,11 +77,12 @@ def registry() -> dict[str, type]:
 
 
 def generator_draw(
-    generator: torch.Generator | None, like: torch.Tensor, dtype: torch.dtype | None = None
+    generator: torch.Generator | None, like: torch.Tensor, dtype: torch.dtype | None = None, always: bool = False
 ) -> Callable[[], torch.Tensor] | None:
     """diffusers' noise draw of a step: ``randn_tensor`` of ``like``'s shape on its device (``dtype``, by default
-    ``like``'s) from ``generator``; None without a generator (the kernel then draws its own noise)."""
-    if generator is None:
+    ``like``'s) from ``generator``; without a generator, from torch's global generator when ``always``, else None
+    (the kernel then draws its own noise)."""
+    if generator is None and not always:
         return None
     shape, device, dtype = like.shape, like.device, like.dtype if dtype is None else dtype
 
@@ -258,10 +260,16 @@ class FastflowScheduler:
     * ``backend``: fastflow backend for ``step`` (``auto``, ``torch``, ``triton``, ``cuda``).
     * ``compute_pred_original_sample``: also write the prediction field ``step`` returns
       (one more output tensor); set False to get ``None`` there and save the write.
+    * ``diffusers_noise``: a stochastic step given neither ``generator`` nor ``variance_noise``
+      draws its noise as diffusers does, from torch's global generator of the sample's device,
+      instead of fastflow's in-kernel noise: outputs then match diffusers' in pipelines that
+      pass no generator to ``step`` (FLUX.1 or SD3 with ``stochastic_sampling``), for one more
+      launch per step.
     """
 
     backend: str = "auto"
     compute_pred_original_sample: bool = True
+    diffusers_noise: bool = False
     # True where diffusers derives each step from the timestep value alone (DDIM, DDPM):
     # then a host-readable timestep relocates the step index.
     _ff_timestep_addressed: bool = False
@@ -481,6 +489,13 @@ class FastflowScheduler:
         if view is None:
             view = views[k] = counters[k : k + 1]
         return view
+
+    def _ff_draw(
+        self, generator: torch.Generator | None, like: torch.Tensor, dtype: torch.dtype | None = None
+    ) -> Callable[[], torch.Tensor] | None:
+        """This step's diffusers noise draw (:func:`generator_draw`), from the global generator too with
+        ``diffusers_noise``; None where the kernel draws fastflow's noise."""
+        return generator_draw(generator, like, dtype, always=self.diffusers_noise)
 
     def _ff_seed_tensor(self, batch: int, device: torch.device) -> torch.Tensor:
         key = (device, batch)

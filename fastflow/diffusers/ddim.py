@@ -23,7 +23,7 @@ import torch
 from diffusers.schedulers import scheduling_ddim, scheduling_ddpm
 
 from .. import noise as noise_spec
-from ._base import FastflowScheduler, O, StepSpec, X, Z, generator_draw, noise, output_maker, promoted_dtype, sqrt
+from ._base import FastflowScheduler, O, StepSpec, X, Z, noise, output_maker, promoted_dtype, sqrt
 
 __all__ = ["DDIMScheduler", "DDPMScheduler", "ddim_noise_and_direction", "dynamic_threshold", "eps_coefs", "x0_coefs"]
 
@@ -232,7 +232,7 @@ class DDIMScheduler(_VPMixin, scheduling_ddim.DDIMScheduler):
             if variance_noise is not None and generator is not None:
                 raise ValueError("pass either generator or variance_noise, not both")
             if variance_noise is None:
-                draw = generator_draw(generator, model_output)
+                draw = self._ff_draw(generator, model_output)
         use_clipped = bool(use_clipped_model_output) and (self._ff_clip() is not None or self._ff_thresholding)
         idx = self._ff_peek_index(timestep)
         prev, pred = self._ff_step(
@@ -346,7 +346,7 @@ class DDPMScheduler(_VPMixin, scheduling_ddpm.DDPMScheduler):
         predicted_variance = None
         if learned and model_output.shape[1] == sample.shape[1] * 2:
             model_output, predicted_variance = torch.split(model_output, sample.shape[1], dim=1)
-        draw = generator_draw(generator, model_output)
+        draw = self._ff_draw(generator, model_output)
         idx = self._ff_peek_index(timestep)
         given = None
         if learned and self._ff_t[idx] > 0:

@@ -17,7 +17,7 @@ from diffusers.schedulers import scheduling_dpmsolver_multistep as _dpm
 
 from ..solvers.base import Lin
 from ..solvers.dpmpp import dpmpp_differences, dpmpp_update, multistep_order
-from ._base import X, Z, generator_draw, noise, output_maker, promoted_dtype
+from ._base import X, Z, noise, output_maker, promoted_dtype
 from ._multistep import (
     MultistepScheduler,
     alpha_sigma,
@@ -219,7 +219,7 @@ class DPMSolverMultistepScheduler(MultistepScheduler, _dpm.DPMSolverMultistepSch
             if variance_noise is not None:
                 noise_in = variance_noise.to(device=model_output.device, dtype=torch.float32)
             else:
-                draw = generator_draw(generator, model_output, torch.float32)
+                draw = self._ff_draw(generator, model_output, torch.float32)
         idx = self._ff_peek_index(timestep)
         prev, _ = self._ff_step(
             model_output, timestep, sample,

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from diffusers.schedulers import scheduling_edm_euler, scheduling_euler_ancestral_discrete, scheduling_euler_discrete
 
-from ._base import FastflowScheduler, Lin, StepSpec, X, Z, generator_draw, noise, output_maker
+from ._base import FastflowScheduler, Lin, StepSpec, X, Z, noise, output_maker
 
 __all__ = ["EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "EDMEulerScheduler"]
 
@@ -152,7 +152,7 @@ class EulerDiscreteScheduler(_VEInputMixin, scheduling_euler_discrete.EulerDiscr
     ) -> scheduling_euler_discrete.EulerDiscreteSchedulerOutput | tuple:
         """diffusers' Euler step (same arguments and outputs), in one backend call."""
         self._ff_check_timestep(timestep)
-        draw = generator_draw(generator, model_output)
+        draw = self._ff_draw(generator, model_output)
         prev, pred = self._ff_step(
             model_output, timestep, sample,
             variant=self._ff_churn_variant(s_churn, s_tmin, s_tmax, s_noise),
@@ -202,7 +202,7 @@ class EulerAncestralDiscreteScheduler(
     ) -> scheduling_euler_ancestral_discrete.EulerAncestralDiscreteSchedulerOutput | tuple:
         """diffusers' Euler-ancestral step (same arguments and outputs), in one backend call."""
         self._ff_check_timestep(timestep)
-        draw = generator_draw(generator, model_output)
+        draw = self._ff_draw(generator, model_output)
         prev, pred = self._ff_step(
             model_output, timestep, sample, draw=draw, state_dtype=torch.float32, out_dtype=model_output.dtype
         )
@@ -265,7 +265,7 @@ class EDMEulerScheduler(_SigmaMixin, scheduling_edm_euler.EDMEulerScheduler):
         in place of the model output).
         """
         self._ff_check_timestep(timestep)
-        draw = generator_draw(generator, model_output)
+        draw = self._ff_draw(generator, model_output)
         given = pred_original_sample is not None
         prev, pred = self._ff_step(
             pred_original_sample if given else model_output, timestep, sample,

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from diffusers.schedulers import scheduling_flow_match_euler_discrete as fm
 
-from ._base import StepSpec, X, Z, generator_draw, noise, output_maker
+from ._base import StepSpec, X, Z, noise, output_maker
 from .euler import _SigmaMixin
 
 __all__ = ["FlowMatchEulerDiscreteScheduler"]
@@ -57,7 +57,7 @@ class FlowMatchEulerDiscreteScheduler(_SigmaMixin, fm.FlowMatchEulerDiscreteSche
                 "per_token_timesteps is not supported by fastflow's FlowMatchEulerDiscreteScheduler (its sigmas "
                 "are chosen per token by comparisons on device data)"
             )
-        draw = generator_draw(generator, sample, torch.float32)
+        draw = self._ff_draw(generator, sample, torch.float32)
         prev, _ = self._ff_step(
             model_output, timestep, sample,
             draw=draw, state_dtype=torch.float32, out_dtype=model_output.dtype, want_pred=False,

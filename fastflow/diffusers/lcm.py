@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from diffusers.schedulers import scheduling_lcm
 
-from ._base import StepSpec, X, Z, generator_draw, noise, output_maker, promoted_dtype
+from ._base import StepSpec, X, Z, noise, output_maker, promoted_dtype
 from .ddim import _VPMixin
 
 __all__ = ["LCMScheduler"]
@@ -58,7 +58,7 @@ class LCMScheduler(_VPMixin, scheduling_lcm.LCMScheduler):
         """diffusers' LCM step (same arguments and outputs), in one backend call."""
         self._ff_require_timesteps()
         dtype = promoted_dtype(sample, model_output)
-        draw = generator_draw(generator, model_output, dtype)
+        draw = self._ff_draw(generator, model_output, dtype)
         idx = self._ff_peek_index(timestep)
         prev, denoised = self._ff_step(
             model_output, timestep, sample, draw=draw, state_dtype=dtype,

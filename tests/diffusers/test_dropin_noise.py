@@ -109,3 +109,31 @@ def test_noise_counters_are_made_once_per_step_count():
     _, cpu = pair("DDPMScheduler")
     cpu.set_timesteps(4)
     assert cpu._ff_row(2, torch.device("cpu")).item() == 2  # the view holds its index
+
+
+STOCHASTIC = [
+    *((name, config, kw) for name, config, kw, _ in CASES),
+    ("DPMSolverMultistepScheduler", dict(algorithm_type="sde-dpmsolver++"), dict()),
+]
+
+
+@pytest.mark.parametrize("name,config,kw", STOCHASTIC, ids=[c[0] for c in STOCHASTIC])
+def test_diffusers_noise_without_a_generator_is_diffusers_draw(name, config, kw):
+    """With ``diffusers_noise``, a step given no generator draws from torch's global generator exactly as diffusers
+    does, so a loop seeded with torch.manual_seed matches diffusers' (FLUX.1 and SD3 pipelines pass no generator);
+    without it, the drop-in's own noise gives other numbers from the same seed."""
+    from dropin_helpers import run_loop
+
+    import fastflow.diffusers as ffd
+
+    ref, ff = pair(name, **config)
+    ff = ffd.from_scheduler(ff, diffusers_noise=True)
+    loops = []
+    for scheduler in (ref, ff, pair(name, **config)[1]):
+        torch.manual_seed(11)
+        loops.append(run_loop(scheduler, 6, step_kwargs=kw)[0])
+        loops[-1] = (loops[-1], torch.randn(3))  # and the global generator is left where diffusers leaves it
+    (x_ref, after_ref), (x_ff, after_ff), (x_own, _) = loops
+    torch.testing.assert_close(x_ff, x_ref, rtol=1e-4, atol=1e-4)  # float32 round-off of the SDE solver's loop
+    assert torch.equal(after_ff, after_ref)
+    assert (x_own - x_ref).abs().max() > 0.1

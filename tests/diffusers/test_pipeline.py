@@ -130,3 +130,35 @@ def test_stable_diffusion_pipelines(name, config, img2img):
         with torch.no_grad():
             images.append(pipe(generator=torch.Generator().manual_seed(0), **kwargs).images)
     np.testing.assert_allclose(images[1], images[0], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("stochastic", [False, True], ids=["ode", "stochastic_sampling"])
+@pytest.mark.parametrize("model", ["flux", "sd3"])
+def test_flow_matching_pipelines(model, stochastic):
+    """FLUX.1 (true CFG, dynamic shifting from the image size) and SD3 (guidance in its loop): the same images with
+    the drop-in; these pipelines pass no generator to ``step``, so stochastic sampling matches diffusers' draws
+    from torch's global generator with ``diffusers_noise``."""
+    pytest.importorskip("transformers", reason="the FLUX.1 and SD3 pipelines need transformers")
+    from tiny_models import FLUX_SCHEDULER, pooled_embeds, tiny_flow_vae, tiny_flux_transformer, tiny_sd3_transformer
+
+    encoders = dict(text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None)
+    if model == "flux":
+        config = dict(FLUX_SCHEDULER, stochastic_sampling=stochastic)
+        pipe = diffusers.FluxPipeline(scheduler=None, vae=tiny_flow_vae(), transformer=tiny_flux_transformer(),
+                                      **encoders)
+        kwargs = dict(guidance_scale=3.5, true_cfg_scale=2.0)
+    else:
+        config = dict(shift=3.0, stochastic_sampling=stochastic)
+        pipe = diffusers.StableDiffusion3Pipeline(scheduler=None, vae=tiny_flow_vae(),
+                                                  transformer=tiny_sd3_transformer(), text_encoder_3=None,
+                                                  tokenizer_3=None, **encoders)
+        kwargs = dict(guidance_scale=5.0)
+    pipe.set_progress_bar_config(disable=True)
+    ref = diffusers.FlowMatchEulerDiscreteScheduler(**config)
+    images = []
+    for scheduler in (ref, ffd.from_scheduler(ref, diffusers_noise=True)):
+        pipe.scheduler = scheduler
+        with torch.no_grad():
+            images.append(pipe(generator=torch.manual_seed(0), num_inference_steps=5, height=16, width=16,
+                               output_type="np", **pooled_embeds(torch.Generator().manual_seed(3)), **kwargs).images)
+    np.testing.assert_allclose(images[1], images[0], rtol=0, atol=1e-5)
