@@ -191,6 +191,15 @@ def test_non_fastflow_scheduler_runs_eagerly():
     assert "not a fastflow drop-in" in fast.reason
 
 
+def test_diffusers_noise_is_not_captured():
+    """A drop-in drawing diffusers' noise from torch's global generator (diffusers_noise) is not captured: a replay
+    renews only fastflow's own noise."""
+    pipe = ddim_pipe()
+    pipe.scheduler.diffusers_noise = True
+    fast = capture_pipeline(pipe)
+    assert any("diffusers_noise=True" in r for r in fast.blockers())
+
+
 def test_cpu_pipeline_runs_eagerly_with_reason():
     pipe = ddim_pipe()
     fast = capture_pipeline(pipe)

@@ -49,7 +49,8 @@ from).
 What falls back to eager (``.reason`` says which and why, a warning is given once):
 
 * the scheduler is not a fastflow drop-in (diffusers' own steps sync with the host
-  and keep their state in Python between calls);
+  and keep their state in Python between calls), or it is one set to draw diffusers'
+  noise from torch's global generator (``diffusers_noise``);
 * the pipeline is not on a CUDA device, or the call passes per-step callbacks
   (they read intermediate latents on the host);
 * the pipeline's code changes a loop tensor in place (``latents.mul_(...)``), makes

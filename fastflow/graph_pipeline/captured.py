@@ -119,6 +119,11 @@ class CapturedPipeline:
                     f"the scheduler {type(self.scheduler).__name__} is not a fastflow drop-in: diffusers' own steps "
                     "sync with the host and keep Python-side state (use fastflow.diffusers.from_scheduler)"
                 )
+            elif self.scheduler.diffusers_noise:
+                reasons.append(
+                    "the drop-in draws diffusers' noise from torch's global generator (diffusers_noise=True); a "
+                    "replay renews only fastflow's own noise"
+                )
         device = self.device
         if device.type != "cuda":
             reasons.append(f"CUDA graphs need a CUDA device; the pipeline's {self.model_attr} is on {device}")
