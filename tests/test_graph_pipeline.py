@@ -21,6 +21,7 @@ from tiny_models import (  # noqa: E402
     tiny_flow_vae,
     tiny_flux_transformer,
     tiny_sd3_transformer,
+    tiny_sdxl_unet,
     tiny_vae,
 )
 
@@ -787,12 +788,9 @@ def test_gpu_flow_matching_pipelines_replay_equal_eager(build):
 def sdxl_pipe():
     """diffusers' StableDiffusionXLPipeline with tiny random weights, driven by embeddings (no text encoders)."""
     pytest.importorskip("transformers", reason="StableDiffusionXLPipeline needs transformers")
-    unet = tiny_cond_unet(
-        addition_embed_type="text_time", addition_time_embed_dim=4, projection_class_embeddings_input_dim=6 + 6 * 4
-    )
     pipe = diffusers.StableDiffusionXLPipeline(
-        vae=tiny_vae(), text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None, unet=unet,
-        scheduler=euler_dropin(),
+        vae=tiny_vae(), text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None,
+        unet=tiny_sdxl_unet(), scheduler=euler_dropin(),
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -25,6 +25,13 @@ def tiny_cond_unet(**extra) -> diffusers.UNet2DConditionModel:
     ).eval()
 
 
+def tiny_sdxl_unet() -> diffusers.UNet2DConditionModel:
+    """:func:`tiny_cond_unet` with SDXL's added conditioning (pooled text embeddings and time ids)."""
+    return tiny_cond_unet(
+        addition_embed_type="text_time", addition_time_embed_dim=4, projection_class_embeddings_input_dim=6 + 6 * 4
+    )
+
+
 def tiny_flow_vae() -> diffusers.AutoencoderKL:
     """:func:`tiny_vae` with the latent shift factor FLUX.1 and SD3 pipelines read."""
     return diffusers.AutoencoderKL(**{**tiny_vae().config, "shift_factor": 0.0})

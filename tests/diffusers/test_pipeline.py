@@ -162,3 +162,35 @@ def test_flow_matching_pipelines(model, stochastic):
             images.append(pipe(generator=torch.manual_seed(0), num_inference_steps=5, height=16, width=16,
                                output_type="np", **pooled_embeds(torch.Generator().manual_seed(3)), **kwargs).images)
     np.testing.assert_allclose(images[1], images[0], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("img2img", [False, True], ids=["denoising_end", "denoising_start"])
+@pytest.mark.parametrize(
+    ("name", "config"),
+    [("EulerDiscreteScheduler", dict(SD, timestep_spacing="leading", steps_offset=1)),
+     ("DPMSolverMultistepScheduler", dict(SD, use_karras_sigmas=True)), ("HeunDiscreteScheduler", dict(SD))],
+    ids=["euler", "dpm-karras", "heun"],
+)
+def test_sdxl_base_and_refiner_pipelines(name, config, img2img):
+    """SDXL's base pipeline stopping at denoising_end (its loop cut short of the schedule, guidance rescaled) and
+    its img2img pipeline starting at denoising_start (the refiner's half): the same images with the drop-in."""
+    pytest.importorskip("transformers", reason="the SDXL pipelines need transformers")
+    from tiny_models import pooled_embeds, tiny_sdxl_unet, tiny_vae
+
+    encoders = dict(text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None)
+    if img2img:
+        pipe = diffusers.StableDiffusionXLImg2ImgPipeline(vae=tiny_vae(), unet=tiny_sdxl_unet(), scheduler=None,
+                                                          requires_aesthetics_score=False, **encoders)
+        kwargs = dict(denoising_start=0.7, image=torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(4)))
+    else:
+        pipe = diffusers.StableDiffusionXLPipeline(vae=tiny_vae(), unet=tiny_sdxl_unet(), scheduler=None, **encoders)
+        kwargs = dict(denoising_end=0.7, guidance_rescale=0.7, height=8, width=8)
+    pipe.set_progress_bar_config(disable=True)
+    ref = getattr(diffusers, name)(**config)
+    images = []
+    for scheduler in (ref, ffd.from_scheduler(ref)):
+        pipe.scheduler = scheduler
+        with torch.no_grad():
+            images.append(pipe(generator=torch.manual_seed(0), num_inference_steps=8, guidance_scale=5.0,
+                               output_type="np", **pooled_embeds(torch.Generator().manual_seed(3)), **kwargs).images)
+    np.testing.assert_allclose(images[1], images[0], rtol=0, atol=1e-5)
