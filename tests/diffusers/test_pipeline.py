@@ -103,12 +103,13 @@ SD_CLASSES = [
 ]
 
 
-@pytest.mark.parametrize("img2img", [False, True], ids=["txt2img", "img2img"])
+@pytest.mark.parametrize("kind", ["txt2img", "img2img", "inpaint"])
 @pytest.mark.parametrize(("name", "config"), SD_CLASSES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(SD_CLASSES)])
-def test_stable_diffusion_pipelines(name, config, img2img):
-    """Stable Diffusion's text-to-image and image-to-image pipelines (guidance in their own loop; img2img starts
-    part-way through the schedule, counting steps by the scheduler's order) give the same images with every
-    drop-in, stochastic ones drawing from the pipeline's generator; the drop-ins run on the default backend."""
+def test_stable_diffusion_pipelines(name, config, kind):
+    """Stable Diffusion's text-to-image, image-to-image and inpainting pipelines (guidance in their own loop;
+    img2img and inpainting start part-way through the schedule, counting steps by the scheduler's order, and
+    inpainting with a 4-channel UNet re-noises the kept region with ``add_noise`` at every step) give the same
+    images with every drop-in, stochastic ones drawing from the pipeline's generator, on the default backend."""
     pytest.importorskip("transformers", reason="the Stable Diffusion pipelines need transformers")
     from tiny_models import tiny_cond_unet, tiny_vae
 
@@ -116,9 +117,14 @@ def test_stable_diffusion_pipelines(name, config, img2img):
     embeds = [torch.randn(2, 5, 12, generator=torch.Generator().manual_seed(seed)) for seed in (1, 2)]
     kwargs = dict(prompt_embeds=embeds[0], negative_prompt_embeds=embeds[1], num_inference_steps=6,
                   guidance_scale=7.5, output_type="np")
-    if img2img:
+    image = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    if kind == "img2img":
         pipe_cls = diffusers.StableDiffusionImg2ImgPipeline
-        kwargs.update(image=torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(3)), strength=0.6)
+        kwargs.update(image=image, strength=0.6)
+    elif kind == "inpaint":
+        pipe_cls = diffusers.StableDiffusionInpaintPipeline
+        mask = (torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(4)) > 0.5).float()
+        kwargs.update(image=image, mask_image=mask, strength=0.8)
     else:
         pipe_cls, kwargs["height"], kwargs["width"] = diffusers.StableDiffusionPipeline, 8, 8
     ref = getattr(diffusers, name)(**config)
