@@ -203,11 +203,9 @@ def _version() -> str:
     return namespace["__version__"]
 
 
-def test_sdist_has_every_extension_source(tmp_path):
-    """The source distribution carries all of csrc/ (headers and the CUDA files included, which setup.py does not
-    list on a machine without CUDA), so the extension builds from it anywhere."""
-    # Built from a copy of what the sdist is made of: a checkout's old egg-info (whose SOURCES.txt sdist would
-    # also take) and its generated build info stay out of it.
+def _source_copy(tmp_path: Path) -> Path:
+    """A copy of what an sdist is made of, to build from: a checkout's old egg-info (whose SOURCES.txt sdist would
+    also take), its built extension and its generated build info stay out of it."""
     tree = tmp_path / "tree"
     tree.mkdir()
     for name in ("setup.py", "pyproject.toml", "MANIFEST.in", "README.md", "LICENSE"):
@@ -215,6 +213,13 @@ def test_sdist_has_every_extension_source(tmp_path):
     for name in ("fastflow", "kernels", "csrc"):
         skip = shutil.ignore_patterns("__pycache__", "*.so", "_build_info.py")
         shutil.copytree(ROOT / name, tree / name, ignore=skip)
+    return tree
+
+
+def test_sdist_has_every_extension_source(tmp_path):
+    """The source distribution carries all of csrc/ (headers and the CUDA files included, which setup.py does not
+    list on a machine without CUDA), so the extension builds from it anywhere."""
+    tree = _source_copy(tmp_path)
     build = subprocess.run(
         [sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path)],
         cwd=tree, capture_output=True, text=True, timeout=300,
@@ -233,13 +238,7 @@ def test_a_pure_wheel_built_in_a_checkout_leaves_its_build_info(tmp_path):
     """``pip install .`` builds in the checkout: the wheel gets build info saying it has no extension, and the
     checkout keeps the build info of its own in-place extension (it was overwritten before, which made the
     checkout's extension refuse to load)."""
-    tree = tmp_path / "tree"
-    tree.mkdir()
-    for name in ("setup.py", "pyproject.toml", "MANIFEST.in", "README.md", "LICENSE"):
-        shutil.copy2(ROOT / name, tree / name)
-    for name in ("fastflow", "kernels", "csrc"):
-        skip = shutil.ignore_patterns("__pycache__", "*.so", "_build_info.py")
-        shutil.copytree(ROOT / name, tree / name, ignore=skip)
+    tree = _source_copy(tmp_path)
     in_place = tree / "fastflow" / "_build_info.py"
     in_place.write_text("BUILD_INFO = {'extension': True, 'torch': 'the in-place build'}\n")
     # setup.py as pip's isolated build runs it: torch is not importable there.
