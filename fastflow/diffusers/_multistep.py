@@ -22,11 +22,14 @@ from .ddim import thresholded_x0
 __all__ = ["MultistepScheduler", "alpha_sigma", "float32_step_length", "half_logsnr", "stored_prediction", "x0_coefs"]
 
 
-def alpha_sigma(sigmas: Sequence[float] | np.ndarray | torch.Tensor, flow: bool) -> tuple[Any, Any]:
-    """diffusers' ``_sigma_to_alpha_sigma_t`` in its order of operations: VP (``alpha^2 + sigma^2 = 1``) or flow
-    (``a + s = 1``). A torch tensor is evaluated in its own dtype (a 0-d float32 one rounds as diffusers' step
-    does); anything else in float64."""
+def alpha_sigma(sigmas: Sequence[float] | np.ndarray | torch.Tensor, flow: bool, ve: bool = False) -> tuple[Any, Any]:
+    """diffusers' ``_sigma_to_alpha_sigma_t`` in its order of operations: VP (``alpha^2 + sigma^2 = 1``), flow
+    (``a + s = 1``) or, with ``ve``, variance exploding (``alpha = 1``: EDM's inputs are scaled before the model).
+    A torch tensor is evaluated in its own dtype (a 0-d float32 one rounds as diffusers' step does); anything else
+    in float64."""
     s = sigmas if isinstance(sigmas, torch.Tensor) else np.asarray(sigmas, dtype=np.float64)
+    if ve:
+        return (torch.ones_like(s) if isinstance(s, torch.Tensor) else np.ones_like(s)), s
     if flow:
         return 1 - s, s
     a = 1 / ((s**2 + 1) ** 0.5)
@@ -50,7 +53,7 @@ def x0_coefs(prediction: str, alpha: float, sigma: float, sigma_ve: float) -> tu
 
 
 def half_logsnr(
-    sigmas: Sequence[float], flow: bool, start: int = 0
+    sigmas: Sequence[float], flow: bool, start: int = 0, ve: bool = False
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """diffusers' sigmas in float64 with their ``alpha``, ``sigma`` and ``lambda = log(alpha / sigma)``.
 
@@ -63,19 +66,19 @@ def half_logsnr(
             "[0, 1] (alpha = 1 - sigma), and past 1 diffusers' steps return NaN. The Karras, exponential or beta "
             "sigmas of this scheduler are variance-exploding values; do not combine them with use_flow_sigmas"
         )
-    a, s = alpha_sigma(sig, flow)
+    a, s = alpha_sigma(sig, flow, ve)
     with np.errstate(divide="ignore", invalid="ignore"):  # sigma 0 (lambda inf); flow sigmas past 1 before a start
         lam = np.log(a) - np.log(s)
     return sig, a, s, lam
 
 
-def float32_step_length(sigma: float, sigma_next: float, flow: bool) -> float:
+def float32_step_length(sigma: float, sigma_next: float, flow: bool, ve: bool = False) -> float:
     """A step's ``h = lambda_next - lambda`` as diffusers' float32 arithmetic gets it (0-d tensor ops, in its
     order): between sigmas an ulp apart it can be 0 or negative where the float64 one is not, and diffusers' step
     then follows that (a 0 / 0, or the square root of a negative variance)."""
 
     def lam(value: float) -> torch.Tensor:
-        alpha, sigma_t = alpha_sigma(torch.tensor(value, dtype=torch.float32), flow)
+        alpha, sigma_t = alpha_sigma(torch.tensor(value, dtype=torch.float32), flow, ve)
         return torch.log(alpha) - torch.log(sigma_t)
 
     return float(lam(sigma_next) - lam(sigma))
@@ -117,19 +120,23 @@ class MultistepScheduler(FastflowScheduler):
         raise NotImplementedError
 
     def _ff_prepare(self) -> None:
-        cfg = self.config
         self._ff_thresholding_on = self._ff_thresholding
         sig = self.sigmas.detach().to("cpu", torch.float64).numpy()
         self._ff_sigmas = sig
-        a, s = alpha_sigma(sig, cfg.use_flow_sigmas)
-        # Python floats, not numpy's: step reads them (thresholding), and torch.compile traces numpy scalars as
-        # tensors, so a branch on one would break the graph.
-        self._ff_conv = [
-            tuple(float(c) for c in x0_coefs(cfg.prediction_type, a[i], s[i], sig[i])) for i in range(len(sig) - 1)
-        ]
+        self._ff_conv = self._ff_conversions(sig)
         if self.num_inference_steps is not None:
             with contextlib.suppress(ValueError):  # a loop from step 0 is undefined: its first step raises
                 self._ff_host_cache["specs0"] = self._ff_build(0)
+
+    def _ff_conversions(self, sig: np.ndarray) -> list[tuple[float, float]]:
+        """Each step's data prediction ``(az, ao)`` (:func:`x0_coefs`) at diffusers' sigmas ``sig``, as Python
+        floats, not numpy's: step reads them (thresholding), and torch.compile traces numpy scalars as tensors,
+        so a branch on one would break the graph."""
+        cfg = self.config
+        a, s = alpha_sigma(sig, cfg.use_flow_sigmas)
+        return [
+            tuple(float(c) for c in x0_coefs(cfg.prediction_type, a[i], s[i], sig[i])) for i in range(len(sig) - 1)
+        ]
 
     def _ff_build(self, start: int) -> list[StepSpec]:
         specs = []

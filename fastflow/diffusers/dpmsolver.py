@@ -55,15 +55,19 @@ def dpm_updates(
     euler_at_final: bool = False,
     final_zero: bool = True,
     flow: bool = False,
+    ve: bool = False,
+    sde_max_order: int = 3,
 ) -> tuple[list[Lin], list[int]]:
     """Next-sample formulas for steps ``start .. n-1`` of a diffusers DPM-Solver loop, and each step's order.
 
-    ``sigmas`` are diffusers' ``n + 1`` sigmas. Formula ``k`` is step ``start + k``;
-    ``X(k)`` is diffusers' converted model output (x0 for the ``++`` variants).
+    ``sigmas`` are diffusers' ``n + 1`` sigmas, flow sigmas with ``flow``, variance-exploding ones (``alpha = 1``)
+    with ``ve``. Formula ``k`` is step ``start + k``; ``X(k)`` is diffusers' converted model output (x0 for the
+    ``++`` variants). An SDE step above ``sde_max_order`` raises when it runs (diffusers' EDM scheduler defines
+    none of order 3 and fails there).
     """
     if algorithm_type not in ALGORITHMS:
         raise ValueError(f"algorithm_type {algorithm_type!r} is not supported; valid: {', '.join(ALGORITHMS)}")
-    sig, a, s, lam = half_logsnr(sigmas, flow, start)
+    sig, a, s, lam = half_logsnr(sigmas, flow, start, ve)
     n = len(sig) - 1
     orders = dpm_orders(n, start, solver_order, lower_order_final, euler_at_final, final_zero)
     plus = algorithm_type.endswith("++")
@@ -77,7 +81,7 @@ def dpm_updates(
         """Step ``j``'s length as diffusers' float32 sees it where the float64 one is tiny (elsewhere they agree
         in sign and are far from 0: lambda's float32 error is about 1e-6)."""
         h = lam[j + 1] - lam[j]
-        return float32_step_length(sig[j], sig[j + 1], flow) if abs(h) < 1e-3 else h
+        return float32_step_length(sig[j], sig[j + 1], flow, ve) if abs(h) < 1e-3 else h
 
     updates = []
     for i, p in zip(range(start, n), orders, strict=True):
@@ -111,6 +115,11 @@ def dpm_updates(
                 )
             updates.append(Z(k))
             continue
+        if sde and p > sde_max_order:
+            raise ValueError(
+                f"step {i} is of order {p}, and {algorithm_type!r} has no step of that order in this scheduler "
+                f"(diffusers fails there); use solver_order={sde_max_order}"
+            )
         if sde and h32 < 0:
             raise ValueError(
                 f"step {i} goes from sigma {sig[i]:.6g} up to {sig[i + 1]:.6g} in diffusers' float32 arithmetic "

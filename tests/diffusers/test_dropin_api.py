@@ -25,6 +25,8 @@ CLASSES = [
     ("FlowMatchEulerDiscreteScheduler", dict(stochastic_sampling=True), {}),
     ("LCMScheduler", dict(), {}),
     ("EDMEulerScheduler", dict(), {}),
+    ("EDMDPMSolverMultistepScheduler", dict(), {}),
+    ("EDMDPMSolverMultistepScheduler", dict(algorithm_type="sde-dpmsolver++"), {}),
 ]
 IDS = [f"{n}-{i}" for i, (n, _, _) in enumerate(CLASSES)]
 MINE = sorted({n for n, _, _ in CLASSES})
@@ -59,6 +61,7 @@ def test_torch_compile_fullgraph(name, config, kw):
     ref, ff = pair(name, **config)
     stochastic = any(k in kw for k in ("eta", "s_churn")) or name in ("DDPMScheduler", "LCMScheduler") or (
         name.startswith("EulerAncestral") or config.get("stochastic_sampling", False)
+        or config.get("algorithm_type", "").startswith("sde")
     )
     for s in (ref, ff):
         s.set_timesteps(5)

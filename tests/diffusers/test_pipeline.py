@@ -100,6 +100,7 @@ SD_CLASSES = [
     ("HeunDiscreteScheduler", dict(SD)),
     ("LCMScheduler", dict(SD)),
     ("EDMEulerScheduler", dict()),
+    ("EDMDPMSolverMultistepScheduler", dict()),
 ]
 
 
