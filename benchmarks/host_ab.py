@@ -35,7 +35,7 @@ KERNEL_SHAPE = (1, 16, 128, 128)
 LOOP_STEPS = 10
 DROPINS = ("DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
            "FlowMatchEulerDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler",
-           "HeunDiscreteScheduler", "LCMScheduler", "EDMEulerScheduler")
+           "HeunDiscreteScheduler", "LCMScheduler", "EDMEulerScheduler", "EDMDPMSolverMultistepScheduler")
 HALF_DROPINS = ("EulerDiscreteScheduler", "FlowMatchEulerDiscreteScheduler")
 
 

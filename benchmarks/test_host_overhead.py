@@ -81,7 +81,7 @@ def test_extension_entry(benchmark, entry: str) -> None:
 
 DROPIN_CLASSES = ("DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
                   "FlowMatchEulerDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler",
-                  "HeunDiscreteScheduler", "LCMScheduler", "EDMEulerScheduler")
+                  "HeunDiscreteScheduler", "LCMScheduler", "EDMEulerScheduler", "EDMDPMSolverMultistepScheduler")
 
 
 @pytest.mark.benchmark(group="dropin: 10 calls of a scheduler's step alone, 1x4x16x16 (divide by 10 for per step)")
