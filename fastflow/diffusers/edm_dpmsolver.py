@@ -10,6 +10,7 @@ such a step raises when it runs.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from diffusers.schedulers import scheduling_edm_dpmsolver_multistep as _edm_dpm
 
@@ -49,7 +50,7 @@ class EDMDPMSolverMultistepScheduler(MultistepScheduler, _edm_dpm.EDMDPMSolverMu
         data = self.config.sigma_data
         self._ff_in_scale = [float(1 / ((s**2 + data**2) ** 0.5)) for s in sig[: len(self._ff_host_timesteps)]]
 
-    def _ff_conversions(self, sig) -> list[tuple[float, float]]:
+    def _ff_conversions(self, sig: np.ndarray) -> list[tuple[float, float]]:
         """EDM's preconditioned data prediction: ``c_skip * sample + c_out * output``."""
         data = float(self.config.sigma_data)
         sign = 1.0 if self.config.prediction_type == "epsilon" else -1.0
