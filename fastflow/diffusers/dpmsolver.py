@@ -27,7 +27,7 @@ from ._multistep import (
     x0_coefs,
 )
 
-__all__ = ["DPMSolverMultistepScheduler", "alpha_sigma", "dpm_orders", "dpm_updates", "x0_coefs"]
+__all__ = ["DPMSolverFormulas", "DPMSolverMultistepScheduler", "alpha_sigma", "dpm_orders", "dpm_updates", "x0_coefs"]
 _OUTPUT = output_maker(_dpm.SchedulerOutput, "prev_sample")
 
 ALGORITHMS = ("dpmsolver++", "sde-dpmsolver++", "dpmsolver", "sde-dpmsolver")
@@ -145,7 +145,39 @@ def dpm_updates(
     return updates, orders
 
 
-class DPMSolverMultistepScheduler(MultistepScheduler, _dpm.DPMSolverMultistepScheduler):
+class DPMSolverFormulas(MultistepScheduler):
+    """The steps of a diffusers DPM-Solver scheduler from its config (:func:`dpm_updates`): shared by the drop-ins
+    of ``DPMSolverMultistepScheduler`` and ``EDMDPMSolverMultistepScheduler``, which differ in their sigmas'
+    parametrization (:meth:`_ff_sigma_kind`) and highest SDE order."""
+
+    _ff_sde_max_order = 3
+
+    def _ff_sigma_kind(self) -> dict[str, bool]:
+        """``dpm_updates``' keywords for what diffusers' sigmas are (``flow``, ``ve``)."""
+        raise NotImplementedError
+
+    @property
+    def _ff_draws(self) -> bool:
+        return self.config.algorithm_type.startswith("sde")
+
+    def _ff_updates(self, start: int) -> list[Lin]:
+        cfg = self.config
+        updates, _ = dpm_updates(
+            self._ff_sigmas,
+            start=start,
+            solver_order=cfg.solver_order,
+            algorithm_type=cfg.algorithm_type,
+            solver_type=cfg.solver_type,
+            lower_order_final=cfg.lower_order_final,
+            euler_at_final=cfg.euler_at_final,
+            final_zero=cfg.final_sigmas_type == "zero",
+            sde_max_order=self._ff_sde_max_order,
+            **self._ff_sigma_kind(),
+        )
+        return updates
+
+
+class DPMSolverMultistepScheduler(DPMSolverFormulas, _dpm.DPMSolverMultistepScheduler):
     """diffusers' ``DPMSolverMultistepScheduler`` whose ``step`` is one fused fastflow call.
 
     Algorithms ``dpmsolver++`` and ``sde-dpmsolver++`` (orders 1-3), ``dpmsolver``
@@ -185,24 +217,8 @@ class DPMSolverMultistepScheduler(MultistepScheduler, _dpm.DPMSolverMultistepSch
         else:
             self._ff_raw_conversion = cfg.prediction_type == "epsilon" and not cfg.thresholding
 
-    @property
-    def _ff_draws(self) -> bool:
-        return self.config.algorithm_type.startswith("sde")
-
-    def _ff_updates(self, start: int) -> list[Lin]:
-        cfg = self.config
-        updates, _ = dpm_updates(
-            self._ff_sigmas,
-            start=start,
-            solver_order=cfg.solver_order,
-            algorithm_type=cfg.algorithm_type,
-            solver_type=cfg.solver_type,
-            lower_order_final=cfg.lower_order_final,
-            euler_at_final=cfg.euler_at_final,
-            final_zero=cfg.final_sigmas_type == "zero",
-            flow=cfg.use_flow_sigmas,
-        )
-        return updates
+    def _ff_sigma_kind(self) -> dict[str, bool]:
+        return {"flow": bool(self.config.use_flow_sigmas)}
 
     def step(
         self,

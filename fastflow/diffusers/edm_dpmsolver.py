@@ -2,9 +2,9 @@
 
 The model sees ``c_in * sample`` and its output is preconditioned to the data
 prediction ``c_skip * sample + c_out * output`` (Karras et al. 2022, with
-``sigma_data``); the update is DPM-Solver++ with ``alpha = 1``. The formulas are
-DPM-Solver's drop-in's (:func:`~fastflow.diffusers.dpmsolver.dpm_updates`) on these
-sigmas. diffusers defines no ``sde-dpmsolver++`` step of order 3 here (it fails there):
+``sigma_data``); the update is DPM-Solver++ with ``alpha = 1``. The steps are
+DPM-Solver's drop-in's (:class:`~fastflow.diffusers.dpmsolver.DPMSolverFormulas`) on
+these sigmas. diffusers defines no ``sde-dpmsolver++`` step of order 3 here (it fails there):
 such a step raises when it runs.
 """
 
@@ -14,10 +14,8 @@ import numpy as np
 import torch
 from diffusers.schedulers import scheduling_edm_dpmsolver_multistep as _edm_dpm
 
-from ..solvers.base import Lin
 from ._base import output_maker, promoted_dtype
-from ._multistep import MultistepScheduler
-from .dpmsolver import dpm_updates
+from .dpmsolver import DPMSolverFormulas
 
 __all__ = ["EDMDPMSolverMultistepScheduler"]
 _OUTPUT = output_maker(_edm_dpm.SchedulerOutput, "prev_sample")
@@ -26,12 +24,14 @@ ALGORITHMS = ("dpmsolver++", "sde-dpmsolver++")
 PREDICTIONS = ("epsilon", "v_prediction")
 
 
-class EDMDPMSolverMultistepScheduler(MultistepScheduler, _edm_dpm.EDMDPMSolverMultistepScheduler):
+class EDMDPMSolverMultistepScheduler(DPMSolverFormulas, _edm_dpm.EDMDPMSolverMultistepScheduler):
     """diffusers' ``EDMDPMSolverMultistepScheduler`` whose ``step`` is one fused fastflow call.
 
     Algorithms ``dpmsolver++`` (orders 1-3) and ``sde-dpmsolver++`` (1-2), Karras or exponential sigmas,
     ``epsilon`` and ``v_prediction`` outputs, dynamic thresholding (torch ops before the fused step).
     """
+
+    _ff_sde_max_order = 2  # diffusers' EDM scheduler has no SDE step of order 3
 
     def _ff_check_config(self) -> None:
         cfg = self.config
@@ -59,25 +59,8 @@ class EDMDPMSolverMultistepScheduler(MultistepScheduler, _edm_dpm.EDMDPMSolverMu
             for s in (float(v) for v in sig[:-1])
         ]
 
-    @property
-    def _ff_draws(self) -> bool:
-        return self.config.algorithm_type == "sde-dpmsolver++"
-
-    def _ff_updates(self, start: int) -> list[Lin]:
-        cfg = self.config
-        updates, _ = dpm_updates(
-            self._ff_sigmas,
-            start=start,
-            solver_order=cfg.solver_order,
-            algorithm_type=cfg.algorithm_type,
-            solver_type=cfg.solver_type,
-            lower_order_final=cfg.lower_order_final,
-            euler_at_final=cfg.euler_at_final,
-            final_zero=cfg.final_sigmas_type == "zero",
-            ve=True,
-            sde_max_order=2,
-        )
-        return updates
+    def _ff_sigma_kind(self) -> dict[str, bool]:
+        return {"ve": True}
 
     def scale_model_input(self, sample: torch.Tensor, timestep: float | torch.Tensor) -> torch.Tensor:
         """diffusers' ``c_in * sample`` from a host scalar (no device read)."""
