@@ -37,9 +37,13 @@ PLAN_PAIRS = [
     (torch.float16, torch.float16),
 ]
 HALF_STATES = (torch.bfloat16, torch.float16)  # their plans also take a float32 x_hat
-DRAW_PLANS = [(z, o, x, m) for z, o in PLAN_PAIRS for x in (None, z) for m in (False, True)] + [
-    (z, z, torch.float32, m) for z in HALF_STATES for m in (False, True)
-]
+FLOAT_STATE_PAIRS = PLAN_PAIRS[:3]  # their drawing plans come without clipping too (tried first)
+# (state, model output, x_hat dtype or None, next model input written, no clipping)
+DRAW_PLANS = (
+    [(z, o, x, m, True) for z, o in FLOAT_STATE_PAIRS for x in (None, z) for m in (False, True)]
+    + [(z, o, x, m, False) for z, o in PLAN_PAIRS for x in (None, z) for m in (False, True)]
+    + [(z, z, torch.float32, m, False) for z in HALF_STATES for m in (False, True)]
+)
 DTYPE_PLANS = [(z, o, z) for z, o in PLAN_PAIRS] + [(z, z, torch.float32) for z in HALF_STATES]
 
 
@@ -48,10 +52,22 @@ def plan_id(plan: tuple) -> str:
     return "-".join("none" if v is None else (str(v)[6:] if isinstance(v, torch.dtype) else str(v)) for v in plan)
 
 
-def draw_plan_label(zdt: torch.dtype, odt: torch.dtype, x_dtype: torch.dtype | None, model_in: bool) -> str:
-    """The emulator's name of a drawing plan: "draw <state> <model output>[ x_out <dtype>][ model_in]"."""
+def draw_plan_label(
+    zdt: torch.dtype, odt: torch.dtype, x_dtype: torch.dtype | None, model_in: bool, no_clip: bool
+) -> str:
+    """The emulator's name of a drawing plan: "draw <state> <model output>[ x_out <dtype>][ model_in][ no_clip]"."""
     x = "" if x_dtype is None else f" x_out {str(x_dtype)[6:]}"
-    return f"draw {str(zdt)[6:]} {str(odt)[6:]}{x}" + (" model_in" if model_in else "")
+    options = (" model_in" if model_in else "") + (" no_clip" if no_clip else "")
+    return f"draw {str(zdt)[6:]} {str(odt)[6:]}{x}{options}"
+
+
+def draw_plan_clips(plan: tuple) -> tuple[bool, ...]:
+    """The clipping settings of the launches a drawing plan runs: only unclipped ones for a no-clipping plan,
+    only clipped ones for a plan whose dtypes also have a no-clipping plan (tried first), else both."""
+    zdt, odt, _, _, no_clip = plan
+    if no_clip:
+        return (False,)
+    return (True,) if (zdt, odt) in FLOAT_STATE_PAIRS else (False, True)
 
 
 def dtype_plan_label(zdt: torch.dtype, odt: torch.dtype, x_dtype: torch.dtype) -> str:

@@ -17,6 +17,7 @@ from csrc_cases import (
     DTYPE_PLANS,
     assert_matches,
     cuda_backend,
+    draw_plan_clips,
     make_case,
     matrix_case,
     plan_id,
@@ -207,10 +208,10 @@ def test_draw_plans_equal_triton(cb, tb, plan):
     """Every compile-time plan of the drawing kernel (unguided, no history; the CPU emulation checks that the
     launcher picks it) gives the Triton kernel's bits, clipping or not, with the step index on the device; the
     float32/bfloat16 plans also at 9.7M elements, where threads take 4 items each."""
-    zdt, odt, x_dtype, model_in = plan
+    zdt, odt, x_dtype, model_in, _ = plan
     shapes = [(2, 16, 64, 64)] + ([(2, 16, 21, 90, 160)] if (zdt, odt) == (torch.float32, torch.bfloat16) else [])
     for shape in shapes:
-        for clip in (False, True):
+        for clip in draw_plan_clips(plan):
             case = make_case(
                 shape, zdt, odt, guided=False, hist=0, clip=clip, noise="philox", x_dtype=x_dtype,
                 mi="model" if model_in else None, step_kind="i64", device=DEV,

@@ -28,6 +28,7 @@ from csrc_cases import (
     DTYPE_PLANS,
     assert_matches,
     cuda_backend,
+    draw_plan_clips,
     draw_plan_label,
     dtype_plan_label,
     make_case,
@@ -196,8 +197,10 @@ def test_draw_plans(emu, plan):
     """Each compile-time plan of the drawing kernel: the launcher picks it for the launches it covers, and its
     emulated kernel (the plan's values pinned, checked to change no parameter) gives the CPU kernel's bits, with
     its runtime switches (clipping, the step index on the device) both ways and on the launcher's grid."""
-    zdt, odt, x_dtype, model_in = plan
+    zdt, odt, x_dtype, model_in, _ = plan
+    clips = draw_plan_clips(plan)
     for clip, step_kind, shape in ((False, "int", (3, 2, 64)), (True, "i64", (2, 3, 40)), (True, "i32", (4, 1000))):
+        clip = clip if clip in clips else clips[0]
         case = make_case(
             shape, zdt, odt, guided=False, hist=0, clip=clip, noise="philox", x_dtype=x_dtype,
             mi="model" if model_in else None, step_kind=step_kind,
