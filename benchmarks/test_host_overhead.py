@@ -5,7 +5,8 @@ Run: ``pytest benchmarks/test_host_overhead.py --benchmark-only``. Tensors are t
 work around a step, not memory traffic. Groups: the C++ extension's entry points;
 plan building per solver; one ``Sampler.step`` per backend; 10 calls of a diffusers
 drop-in's ``step`` beside diffusers' own; a whole 10-step loop per family, fastflow's
-backends beside diffusers' scheduler.
+backends beside diffusers' scheduler; and a 30-step ``Sampler.step`` loop at (1,16,128,128) that
+also writes the next model input, the loop and size of the CUDA extension's host-time target.
 ``FASTFLOW_HOST_BENCH_DEVICE=cuda`` puts the tensors on the GPU: each call is then
 timed as the host spends it (queued, not waited for; a loop waits for its last
 step), which splits the GPU's per-step host time between the layers of the call.
@@ -84,7 +85,7 @@ DROPIN_CLASSES = ("DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler", "E
                   "HeunDiscreteScheduler", "LCMScheduler", "EDMEulerScheduler", "EDMDPMSolverMultistepScheduler")
 
 
-@pytest.mark.benchmark(group="dropin: 10 calls of a scheduler's step alone, 1x4x16x16 (divide by 10 for per step)")
+@pytest.mark.benchmark(group="dropin: a set_timesteps(10) loop of step calls alone, 1x4x16x16 (10 calls, Heun 19)")
 @pytest.mark.parametrize("kind", ("fastflow", "diffusers"))
 @pytest.mark.parametrize("name", DROPIN_CLASSES)
 def test_dropin_steps(benchmark, name: str, kind: str) -> None:
@@ -178,3 +179,32 @@ def test_loop(benchmark, kind: str, family: str) -> None:
 
     benchmark(loop)
     assert impl.final is not None and torch.isfinite(impl.final.float()).all()
+
+
+SD_LATENT = (1, 16, 128, 128)
+SD_LOOP_STEPS = 30
+
+
+@pytest.mark.benchmark(group="sd_latent: a 30-step Sampler.step loop with the next model input, 1x16x128x128 "
+                             "(divide by 30 for per step)")
+@pytest.mark.parametrize("backend", ("cuda", "triton"))
+@pytest.mark.parametrize("family", LOOP_FAMILIES)
+def test_sd_latent_loop(benchmark, backend: str, family: str) -> None:
+    """The benchmark suite's host-inclusive loop (float32 state, bfloat16 model input written by the step), timed
+    over many rounds: on a GPU its per-step time is the host's, since the step's device time is shorter."""
+    reason = _backend_reason(backend)
+    if reason is not None:
+        pytest.skip(f"backend {backend}: {reason}")
+    impl = FastflowImpl(Case(FAMILIES[family], SD_LATENT, torch.float32, torch.bfloat16, DEVICE, SD_LOOP_STEPS),
+                        backend)
+    if impl.reason is not None:
+        pytest.skip(impl.reason)
+
+    def loop() -> None:
+        impl.prepare()
+        impl.run()
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize(DEVICE)
+
+    benchmark(loop)
+    assert torch.isfinite(impl.final).all()
