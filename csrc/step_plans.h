@@ -17,9 +17,10 @@ namespace fastflow {
 // (benchmarks/cuda_step_variants.cu); the plans below took a DDPM step from 81.9 to
 // 72.1 us there, 91.7 to 85.3 us when it writes the next model input, and 2 % off
 // with x_hat written (commit 69179cd's run). A DrawPlan fixes them for the stochastic steps
-// that have no guidance and no history (DDPM, ancestral Euler, DDIM with eta, LCM) in
-// the usual pairs of state and model-output dtypes, with or without the x_hat and
-// next-model-input outputs; every other drawing launch runs GenericPlan. The launcher
+// that have no history (DDPM, ancestral Euler, DDIM with eta, LCM) in the usual pairs
+// of state and model-output dtypes, unguided with or without the x_hat and
+// next-model-input outputs, guided without x_hat; every other drawing launch runs
+// GenericPlan. The launcher
 // (and the CPU emulation of the kernel) runs the first plan of DrawPlans that matches
 // the launch's parameters, and a plan's pin only writes the values its matches
 // checked (or, for DtypePlan below, dtypes of tensors the launch does not have), so
@@ -41,30 +42,41 @@ FF_HD void assume_present(const void* ptr) {
 // A plan's dtype for an output tensor the launches it covers do not have.
 constexpr int kNoTensor = -1;
 
-// State (z, out) of dtype kZ, model output of dtype kModelOut, unguided, no history,
-// a float32 table, 16-byte-aligned tensors; x_hat written in kXOut (or not:
-// kNoTensor); the next model input written once (kModelIn, in kModelOut) or not;
-// with kNoClip, no clipping. The step index's source (and clipping, without kNoClip)
-// stay runtime switches. kNoClip plans serve float32 states: on an H200 the variant
+// State (z, out) of dtype kZ, model output of dtype kModelOut, no history, a float32
+// table, 16-byte-aligned tensors; x_hat written in kXOut (or not: kNoTensor); the
+// next model input written (kModelIn, in kModelOut) or not; with kNoClip, no
+// clipping; with kGuided, a guidance pair (both outputs in kModelOut) whose model
+// input, when written, is doubled for the next guided call, else unguided with a
+// single model input. The step index's source (and clipping, without kNoClip) stay
+// runtime switches. kNoClip plans serve float32 states: on an H200 the variant
 // benchmark's "all fixed" kernel, which also fixes clipping and the step index's
 // source, ran the float32/bfloat16 DDPM step at 19.4M elements in 63.4 us against
 // the plan's 67.2 (67.6 against 72.1 with the next model input; commit b702e8c's
 // run), and of those two switches clipping is tested per element, the step index
-// read once per thread.
-template <int kZ, int kModelOut, int kXOut, bool kModelIn, bool kNoClip = false>
+// read once per thread. The same run timed a guided drawing plan (the GuidedDrawPlan
+// candidate of benchmarks/cuda_step_variants.cu, now these kGuided plans) at 72.1 us
+// against the generic kernel's 90.4, 82.8 against 104.7 with the doubled model input.
+template <int kZ, int kModelOut, int kXOut, bool kModelIn, bool kNoClip = false, bool kGuided = false>
 struct DrawPlan {
   FF_HD static bool matches(const StepParams& p) {
-    return (!kNoClip || p.has_clip == 0) && p.vectorized != 0 && p.model_out_uncond == nullptr &&
-           p.num_history == 0 && p.table_dtype == kFloat32 &&
-           p.z_dtype == kZ && p.model_out_dtype == kModelOut && (p.x_out != nullptr) == (kXOut != kNoTensor) &&
-           (kXOut == kNoTensor || p.x_out_dtype == kXOut) && (p.model_in_out != nullptr) == kModelIn &&
-           (!kModelIn || (p.model_in_dtype == kModelOut && p.model_in_double == 0));
+    const bool guidance = kGuided ? p.model_out_uncond != nullptr && p.uncond_dtype == kModelOut
+                                  : p.model_out_uncond == nullptr;
+    return (!kNoClip || p.has_clip == 0) && guidance && p.vectorized != 0 && p.num_history == 0 &&
+           p.table_dtype == kFloat32 && p.z_dtype == kZ && p.model_out_dtype == kModelOut &&
+           (p.x_out != nullptr) == (kXOut != kNoTensor) && (kXOut == kNoTensor || p.x_out_dtype == kXOut) &&
+           (p.model_in_out != nullptr) == kModelIn &&
+           (!kModelIn || (p.model_in_dtype == kModelOut && p.model_in_double == (kGuided ? 1 : 0)));
   }
   // The kernel's copy of the parameters gets the values matches checked: the compiler drops the other paths.
   FF_HD static void pin(StepParams& p) {
     if constexpr (kNoClip) p.has_clip = 0;
     p.vectorized = 1;
-    p.model_out_uncond = nullptr;
+    if constexpr (kGuided) {
+      p.uncond_dtype = kModelOut;
+      assume_present(p.model_out_uncond);
+    } else {
+      p.model_out_uncond = nullptr;
+    }
     p.num_history = 0;
     p.table_dtype = kFloat32;
     p.z_dtype = kZ;
@@ -77,7 +89,7 @@ struct DrawPlan {
     }
     if constexpr (kModelIn) {
       p.model_in_dtype = kModelOut;
-      p.model_in_double = 0;
+      p.model_in_double = kGuided ? 1 : 0;
       assume_present(p.model_in_out);
     } else {
       p.model_in_out = nullptr;
@@ -93,6 +105,11 @@ template <int kZ, int kModelOut, bool kNoClip = false>
 using DrawPlansOf = PlanList<DrawPlan<kZ, kModelOut, kNoTensor, false, kNoClip>,
                              DrawPlan<kZ, kModelOut, kNoTensor, true, kNoClip>,
                              DrawPlan<kZ, kModelOut, kZ, false, kNoClip>, DrawPlan<kZ, kModelOut, kZ, true, kNoClip>>;
+// Guided steps of a float32 state without clipping, x_hat or stored predictions (a guided Sampler loop of
+// DDPM, ancestral Euler or DDIM with eta): with and without the doubled model input.
+template <int kModelOut>
+using GuidedDrawPlansOf = PlanList<DrawPlan<kFloat32, kModelOut, kNoTensor, false, true, true>,
+                                   DrawPlan<kFloat32, kModelOut, kNoTensor, true, true, true>>;
 // A 16-bit state's x_hat in float32 (the drop-ins of schedulers that upcast a half sample write it so).
 template <int kZ>
 using FloatXDrawPlansOf = PlanList<DrawPlan<kZ, kZ, kFloat32, false>, DrawPlan<kZ, kZ, kFloat32, true>>;
@@ -108,11 +125,12 @@ struct ConcatPlans<PlanList<A...>, PlanList<B...>, Rest...> {
   using type = typename ConcatPlans<PlanList<A..., B...>, Rest...>::type;
 };
 
-// float32 state with a float32, bfloat16 or float16 model, without clipping first, then with clipping a
-// runtime switch; and all-bfloat16 or all-float16 steps (also with a float32 x_hat), clipping a runtime
-// switch: 36 kernels.
+// float32 state with a float32, bfloat16 or float16 model, without clipping first (guided too), then with
+// clipping a runtime switch; and all-bfloat16 or all-float16 steps (also with a float32 x_hat), clipping a
+// runtime switch: 42 kernels.
 using DrawPlans = typename ConcatPlans<DrawPlansOf<kFloat32, kFloat32, true>, DrawPlansOf<kFloat32, kBFloat16, true>,
-                                       DrawPlansOf<kFloat32, kFloat16, true>,
+                                       DrawPlansOf<kFloat32, kFloat16, true>, GuidedDrawPlansOf<kFloat32>,
+                                       GuidedDrawPlansOf<kBFloat16>, GuidedDrawPlansOf<kFloat16>,
                                        DrawPlansOf<kFloat32, kFloat32>, DrawPlansOf<kFloat32, kBFloat16>,
                                        DrawPlansOf<kFloat32, kFloat16>, DrawPlansOf<kBFloat16, kBFloat16>,
                                        DrawPlansOf<kFloat16, kFloat16>, FloatXDrawPlansOf<kBFloat16>,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import partial
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -37,12 +38,26 @@ PLAN_PAIRS = [
     (torch.float16, torch.float16),
 ]
 HALF_STATES = (torch.bfloat16, torch.float16)  # their plans also take a float32 x_hat
-FLOAT_STATE_PAIRS = PLAN_PAIRS[:3]  # their drawing plans come without clipping too (tried first)
-# (state, model output, x_hat dtype or None, next model input written, no clipping)
+FLOAT_STATE_PAIRS = PLAN_PAIRS[:3]  # their drawing plans come without clipping (also guided), tried first
+
+
+class DrawPlanCase(NamedTuple):
+    """A drawing plan: state and model-output dtypes, x_hat's dtype (None: not written), the next model input
+    written (doubled when guided), no clipping, a guidance pair."""
+
+    z: torch.dtype
+    model_out: torch.dtype
+    x_dtype: torch.dtype | None
+    model_in: bool
+    no_clip: bool = False
+    guided: bool = False
+
+
 DRAW_PLANS = (
-    [(z, o, x, m, True) for z, o in FLOAT_STATE_PAIRS for x in (None, z) for m in (False, True)]
-    + [(z, o, x, m, False) for z, o in PLAN_PAIRS for x in (None, z) for m in (False, True)]
-    + [(z, z, torch.float32, m, False) for z in HALF_STATES for m in (False, True)]
+    [DrawPlanCase(z, o, x, m, True) for z, o in FLOAT_STATE_PAIRS for x in (None, z) for m in (False, True)]
+    + [DrawPlanCase(z, o, None, m, True, True) for z, o in FLOAT_STATE_PAIRS for m in (False, True)]
+    + [DrawPlanCase(z, o, x, m) for z, o in PLAN_PAIRS for x in (None, z) for m in (False, True)]
+    + [DrawPlanCase(z, z, torch.float32, m) for z in HALF_STATES for m in (False, True)]
 )
 DTYPE_PLANS = [(z, o, z) for z, o in PLAN_PAIRS] + [(z, z, torch.float32) for z in HALF_STATES]
 
@@ -52,22 +67,28 @@ def plan_id(plan: tuple) -> str:
     return "-".join("none" if v is None else (str(v)[6:] if isinstance(v, torch.dtype) else str(v)) for v in plan)
 
 
-def draw_plan_label(
-    zdt: torch.dtype, odt: torch.dtype, x_dtype: torch.dtype | None, model_in: bool, no_clip: bool
-) -> str:
-    """The emulator's name of a drawing plan: "draw <state> <model output>[ x_out <dtype>][ model_in][ no_clip]"."""
-    x = "" if x_dtype is None else f" x_out {str(x_dtype)[6:]}"
-    options = (" model_in" if model_in else "") + (" no_clip" if no_clip else "")
-    return f"draw {str(zdt)[6:]} {str(odt)[6:]}{x}{options}"
+def draw_plan_label(plan: DrawPlanCase) -> str:
+    """The emulator's name of a drawing plan:
+    "draw <state> <model output>[ x_out <dtype>][ model_in][ no_clip][ guided]"."""
+    x = "" if plan.x_dtype is None else f" x_out {str(plan.x_dtype)[6:]}"
+    options = "".join(name for name, on in ((" model_in", plan.model_in), (" no_clip", plan.no_clip),
+                                            (" guided", plan.guided)) if on)
+    return f"draw {str(plan.z)[6:]} {str(plan.model_out)[6:]}{x}{options}"
 
 
-def draw_plan_clips(plan: tuple) -> tuple[bool, ...]:
+def draw_plan_clips(plan: DrawPlanCase) -> tuple[bool, ...]:
     """The clipping settings of the launches a drawing plan runs: only unclipped ones for a no-clipping plan,
     only clipped ones for a plan whose dtypes also have a no-clipping plan (tried first), else both."""
-    zdt, odt, _, _, no_clip = plan
-    if no_clip:
+    if plan.no_clip:
         return (False,)
-    return (True,) if (zdt, odt) in FLOAT_STATE_PAIRS else (False, True)
+    return (True,) if (plan.z, plan.model_out) in FLOAT_STATE_PAIRS else (False, True)
+
+
+def draw_plan_model_input(plan: DrawPlanCase) -> str | None:
+    """The model-input mode (tests/backends/step_cases.py) of a drawing plan's launches."""
+    if not plan.model_in:
+        return None
+    return "dup-model" if plan.guided else "model"
 
 
 def dtype_plan_label(zdt: torch.dtype, odt: torch.dtype, x_dtype: torch.dtype) -> str:

@@ -92,11 +92,11 @@ void fused_step_emulated(const at::Tensor& z, const at::Tensor& out, const at::T
 const char* const kDtypeNames[] = {"float32", "float16", "bfloat16", "float64"};
 
 std::string plan_name(fastflow::GenericPlan) { return "generic"; }
-template <int kZ, int kModelOut, int kXOut, bool kModelIn, bool kNoClip>
-std::string plan_name(fastflow::DrawPlan<kZ, kModelOut, kXOut, kModelIn, kNoClip>) {
+template <int kZ, int kModelOut, int kXOut, bool kModelIn, bool kNoClip, bool kGuided>
+std::string plan_name(fastflow::DrawPlan<kZ, kModelOut, kXOut, kModelIn, kNoClip, kGuided>) {
   return std::string("draw ") + kDtypeNames[kZ] + " " + kDtypeNames[kModelOut] +
          (kXOut == fastflow::kNoTensor ? "" : std::string(" x_out ") + kDtypeNames[kXOut]) +
-         (kModelIn ? " model_in" : "") + (kNoClip ? " no_clip" : "");
+         (kModelIn ? " model_in" : "") + (kNoClip ? " no_clip" : "") + (kGuided ? " guided" : "");
 }
 template <int kZ, int kModelOut, int kXOut>
 std::string plan_name(fastflow::DtypePlan<kZ, kModelOut, kXOut>) {

@@ -18,6 +18,7 @@ from csrc_cases import (
     assert_matches,
     cuda_backend,
     draw_plan_clips,
+    draw_plan_model_input,
     make_case,
     matrix_case,
     plan_id,
@@ -205,16 +206,16 @@ def test_cuda_equals_triton(cb, tb, noise):
 
 @pytest.mark.parametrize("plan", DRAW_PLANS, ids=plan_id)
 def test_draw_plans_equal_triton(cb, tb, plan):
-    """Every compile-time plan of the drawing kernel (unguided, no history; the CPU emulation checks that the
-    launcher picks it) gives the Triton kernel's bits, clipping or not, with the step index on the device; the
+    """Every compile-time plan of the drawing kernel (the CPU emulation checks that the launcher picks it) gives
+    the Triton kernel's bits, with each clipping setting it runs and the step index on the device; the
     float32/bfloat16 plans also at 9.7M elements, where threads take 4 items each."""
-    zdt, odt, x_dtype, model_in, _ = plan
-    shapes = [(2, 16, 64, 64)] + ([(2, 16, 21, 90, 160)] if (zdt, odt) == (torch.float32, torch.bfloat16) else [])
+    big = (plan.z, plan.model_out) == (torch.float32, torch.bfloat16)
+    shapes = [(2, 16, 64, 64)] + ([(2, 16, 21, 90, 160)] if big else [])
     for shape in shapes:
         for clip in draw_plan_clips(plan):
             case = make_case(
-                shape, zdt, odt, guided=False, hist=0, clip=clip, noise="philox", x_dtype=x_dtype,
-                mi="model" if model_in else None, step_kind="i64", device=DEV,
+                shape, plan.z, plan.model_out, guided=plan.guided, hist=0, clip=clip, noise="philox",
+                x_dtype=plan.x_dtype, mi=draw_plan_model_input(plan), step_kind="i64", device=DEV,
             )  # fmt: skip
             got = case.run(cb)
             assert_matches(got, case.run(tb), exact=True)

@@ -30,6 +30,7 @@ from csrc_cases import (
     cuda_backend,
     draw_plan_clips,
     draw_plan_label,
+    draw_plan_model_input,
     dtype_plan_label,
     make_case,
     plan_id,
@@ -196,17 +197,17 @@ def _plan(emu, case: Case) -> str:
 def test_draw_plans(emu, plan):
     """Each compile-time plan of the drawing kernel: the launcher picks it for the launches it covers, and its
     emulated kernel (the plan's values pinned, checked to change no parameter) gives the CPU kernel's bits, with
-    its runtime switches (clipping, the step index on the device) both ways and on the launcher's grid."""
-    zdt, odt, x_dtype, model_in, _ = plan
+    its runtime switches (clipping, where the plan leaves it, and the step index on the device) both ways and on
+    the launcher's grid."""
     clips = draw_plan_clips(plan)
     for clip, step_kind, shape in ((False, "int", (3, 2, 64)), (True, "i64", (2, 3, 40)), (True, "i32", (4, 1000))):
         clip = clip if clip in clips else clips[0]
         case = make_case(
-            shape, zdt, odt, guided=False, hist=0, clip=clip, noise="philox", x_dtype=x_dtype,
-            mi="model" if model_in else None, step_kind=step_kind,
+            shape, plan.z, plan.model_out, guided=plan.guided, hist=0, clip=clip, noise="philox",
+            x_dtype=plan.x_dtype, mi=draw_plan_model_input(plan), step_kind=step_kind,
             seed=zlib.crc32(repr(("plan", plan_id(plan), shape)).encode()),
         )  # fmt: skip
-        assert _plan(emu, case) == draw_plan_label(*plan)
+        assert _plan(emu, case) == draw_plan_label(plan)
         _check(emu, case)
         _check(emu, case, threads=-1)
 
@@ -254,17 +255,22 @@ def test_deterministic_launches_no_plan_covers_run_generic(emu):
 def test_every_plan_is_tested(emu):
     """The launcher's plans are exactly those test_draw_plans and test_dtype_plans (and the GPU tests) go
     through: DRAW_PLANS and DTYPE_PLANS."""
-    for draw, plans, label in ((True, DRAW_PLANS, draw_plan_label), (False, DTYPE_PLANS, dtype_plan_label)):
+    for draw, want in ((True, {draw_plan_label(p) for p in DRAW_PLANS}),
+                       (False, {dtype_plan_label(*p) for p in DTYPE_PLANS})):
         got = emu.plans(draw)
-        assert len(got) == len(set(got)) and set(got) == {label(*plan) for plan in plans}
+        assert len(got) == len(set(got)) and set(got) == want
 
 
 def test_drawing_launches_no_plan_covers_run_generic(emu):
-    """A drawing launch outside every plan (guidance, history, other output dtypes, a doubled model input, a
-    float64 table, unaligned samples, mixed 16-bit dtypes) runs the generic kernel."""
+    """A drawing launch outside every plan (guidance with clipping, x_hat, a single model input or a 16-bit
+    state; history, other output dtypes, an unguided doubled model input, a float64 table, unaligned samples,
+    mixed 16-bit dtypes) runs the generic kernel."""
     base = dict(guided=False, hist=0, noise="philox")
     others = [
-        ((2, 64), torch.float32, torch.bfloat16, dict(base, guided=True)),
+        ((2, 64), torch.float32, torch.bfloat16, dict(base, guided=True, clip=True)),
+        ((2, 64), torch.float32, torch.bfloat16, dict(base, guided=True, x_dtype=torch.float32)),
+        ((2, 64), torch.float32, torch.bfloat16, dict(base, guided=True, mi="model")),
+        ((2, 64), torch.bfloat16, torch.bfloat16, dict(base, guided=True)),
         ((2, 64), torch.float32, torch.bfloat16, dict(base, hist=1)),
         ((2, 64), torch.float32, torch.bfloat16, dict(base, x_dtype=torch.bfloat16)),
         ((2, 64), torch.float32, torch.bfloat16, dict(base, mi="same")),
