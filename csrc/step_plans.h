@@ -55,9 +55,10 @@ constexpr int kNoTensor = -1;
 // run), and of those two switches clipping is tested per element, the step index
 // read once per thread. With them, the DDPM step of the benchmark suite at 19.4M
 // elements went from 1.09x to 1.04x of the Triton kernel's time (64.7 against 62.4
-// us, commit 938929b's run on another H200). The b702e8c run timed a guided drawing plan (the GuidedDrawPlan
-// candidate of benchmarks/cuda_step_variants.cu, now these kGuided plans) at 72.1 us
-// against the generic kernel's 90.4, 82.8 against 104.7 with the doubled model input.
+// us, commit 938929b's run on another H200). The b702e8c run timed a guided drawing
+// plan (then a candidate in benchmarks/cuda_step_variants.cu, now these kGuided
+// plans) at 72.1 us against the generic kernel's 90.4, 82.8 against 104.7 with the
+// doubled model input.
 template <int kZ, int kModelOut, int kXOut, bool kModelIn, bool kNoClip = false, bool kGuided = false>
 struct DrawPlan {
   FF_HD static bool matches(const StepParams& p) {

@@ -13,6 +13,7 @@ host compiler; skipped otherwise.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import zlib
 from pathlib import Path
@@ -57,11 +58,14 @@ def emu():
         pytest.skip("CUDA headers (cuda_fp16.h) not found; set CUDA_HOME")
     from torch.utils.cpp_extension import load
 
+    # torch rebuilds a JIT extension when its sources or build arguments change, not its headers: the headers'
+    # digest among the flags makes an edited kernel header rebuild the emulator instead of testing a stale one.
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted((ROOT / "csrc").glob("*.h")))).hexdigest()
     return load(
         name="fastflow_emulate_cuda_kernel",
         sources=[str(Path(__file__).with_name("emulate_cuda_kernel.cpp"))],
         extra_include_paths=[str(ROOT / "csrc"), str(include)],
-        extra_cflags=["-O2", "-ffp-contract=off", "-fno-strict-aliasing"],
+        extra_cflags=["-O2", "-ffp-contract=off", "-fno-strict-aliasing", f"-DFASTFLOW_HEADERS_DIGEST={digest[:16]}"],
         verbose=False,
     )
 
