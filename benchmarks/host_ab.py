@@ -35,7 +35,9 @@ KERNEL_SHAPE = (1, 16, 128, 128)
 LOOP_STEPS = 10
 DROPINS = ("DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
            "FlowMatchEulerDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler",
-           "HeunDiscreteScheduler", "LCMScheduler", "EDMEulerScheduler", "EDMDPMSolverMultistepScheduler")
+           "HeunDiscreteScheduler", "LCMScheduler", "EDMEulerScheduler", "EDMDPMSolverMultistepScheduler",
+           "PNDMScheduler")
+DROPIN_CONFIG = {"PNDMScheduler": dict(skip_prk_steps=True)}  # diffusers' default runs a warm-up fastflow lacks
 HALF_DROPINS = ("EulerDiscreteScheduler", "FlowMatchEulerDiscreteScheduler")
 
 
@@ -101,7 +103,7 @@ def _cases() -> dict[str, float]:
     import fastflow.diffusers as ffd
 
     for cls_name in DROPINS:
-        ref = getattr(diffusers, cls_name)()
+        ref = getattr(diffusers, cls_name)(**DROPIN_CONFIG.get(cls_name, {}))
         for label, sched in (("diffusers", ref), ("fastflow drop-in", getattr(ffd, cls_name).from_config(ref.config))):
             if label != "diffusers":
                 sched.backend = "cuda"

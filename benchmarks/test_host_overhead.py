@@ -82,17 +82,20 @@ def test_extension_entry(benchmark, entry: str) -> None:
 
 DROPIN_CLASSES = ("DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
                   "FlowMatchEulerDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler",
-                  "HeunDiscreteScheduler", "LCMScheduler", "EDMEulerScheduler", "EDMDPMSolverMultistepScheduler")
+                  "HeunDiscreteScheduler", "LCMScheduler", "EDMEulerScheduler", "EDMDPMSolverMultistepScheduler",
+                  "PNDMScheduler")
+DROPIN_CONFIG = {"PNDMScheduler": dict(skip_prk_steps=True)}  # diffusers' default runs a warm-up fastflow lacks
 
 
-@pytest.mark.benchmark(group="dropin: a set_timesteps(10) loop of step calls alone, 1x4x16x16 (10 calls, Heun 19)")
+@pytest.mark.benchmark(group="dropin: a set_timesteps(10) loop of step calls alone, 1x4x16x16 "
+                             "(10 calls, Heun 19, PNDM 11)")
 @pytest.mark.parametrize("kind", ("fastflow", "diffusers"))
 @pytest.mark.parametrize("name", DROPIN_CLASSES)
 def test_dropin_steps(benchmark, name: str, kind: str) -> None:
     """A loop of ``step`` calls as a pipeline makes them, the drop-in (its default backend) beside diffusers'
     own scheduler; ``set_timesteps`` runs untimed before each loop, a CUDA loop waits for its last step."""
     diffusers = pytest.importorskip("diffusers")
-    sched = getattr(diffusers, name)()
+    sched = getattr(diffusers, name)(**DROPIN_CONFIG.get(name, {}))
     if kind == "fastflow":
         from fastflow.diffusers import from_scheduler
 

@@ -20,6 +20,7 @@ from .euler import EDMEulerScheduler, EulerAncestralDiscreteScheduler, EulerDisc
 from .flow_match import FlowMatchEulerDiscreteScheduler
 from .heun import HeunDiscreteScheduler
 from .lcm import LCMScheduler
+from .pndm import PNDMScheduler
 from .unipc import UniPCMultistepScheduler
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "FlowMatchEulerDiscreteScheduler",
     "HeunDiscreteScheduler",
     "LCMScheduler",
+    "PNDMScheduler",
     "UniPCMultistepScheduler",
     "FastflowScheduler",
     "from_scheduler",

@@ -1,0 +1,203 @@
+"""PNDMScheduler drop-in (PLMS, ``skip_prk_steps=True``): parity with diffusers over full loops, sync-free."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from dropin_helpers import (
+    SD,
+    assert_close,
+    assert_unet_loops_match,
+    compiled_loops,
+    meta_loop,
+    run_loop,
+    start_noise,
+)
+from dropin_helpers import pair as dropin_pair
+from posterior_model import posterior_model
+
+import fastflow.diffusers as ffd
+from fastflow.diffusers.pndm import plms_weights
+
+diffusers = pytest.importorskip("diffusers")
+
+SD15 = dict(SD, skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False)  # Stable Diffusion 1.x's config
+
+
+def pair(**config):
+    return dropin_pair("PNDMScheduler", **{"skip_prk_steps": True, **config})
+
+
+def test_plms_weights():
+    """diffusers keeps every call's output but the second's, at most four, and weighs them by Adams-Bashforth;
+    the second call repeats the first step from its sample with the mean of both outputs."""
+    assert plms_weights(0) == (0, [(0, 1.0)])
+    assert plms_weights(1) == (0, [(1, 0.5), (0, 0.5)])
+    assert plms_weights(2) == (2, [(2, 1.5), (0, -0.5)])
+    assert plms_weights(3) == (3, [(3, 23 / 12), (2, -16 / 12), (0, 5 / 12)])
+    assert plms_weights(4) == (4, [(4, 55 / 24), (3, -59 / 24), (2, 37 / 24), (0, -9 / 24)])
+    assert plms_weights(9) == (9, [(9, 55 / 24), (8, -59 / 24), (7, 37 / 24), (6, -9 / 24)])
+    for k in range(12):
+        assert sum(w for _, w in plms_weights(k)[1]) == pytest.approx(1.0)
+
+
+def _float64_loop(ref, steps: int, model, **kwargs) -> torch.Tensor:
+    """diffusers' loop with its alphas and the sample in float64: the reference both float32 loops round from."""
+    ref.alphas_cumprod = ref.alphas_cumprod.double()
+    ref.final_alpha_cumprod = ref.final_alpha_cumprod.double()
+    x, _ = run_loop(ref, steps, model=model, x=start_noise().double(), **kwargs)
+    return x
+
+
+GRID = list(itertools.product(
+    ("epsilon", "v_prediction"), ("linear", "scaled_linear", "squaredcos_cap_v2"), ("leading", "linspace", "trailing"),
+    (1, 2, 3, 4, 5, 25), (False, True),
+))  # fmt: skip
+
+
+@pytest.mark.parametrize("prediction,betas,spacing,steps,alpha_one", GRID)
+def test_loops_match_diffusers(prediction, betas, spacing, steps, alpha_one):
+    """Every prediction type, beta schedule and spacing, 1 to 25 steps (the first calls' special cases), both
+    final alphas: the drop-in's loop equals diffusers' to float32 round-off, and where diffusers' own float32
+    loop strays from its float64 one (its v-prediction step subtracts two large sample terms near a timestep of
+    999), the drop-in strays no further."""
+    config = dict(prediction_type=prediction, beta_schedule=betas, timestep_spacing=spacing, set_alpha_to_one=alpha_one,
+                  steps_offset=1 if spacing == "leading" else 0)  # fmt: skip
+    ref, ff = pair(**config)
+    model = posterior_model(ref)
+    xa, _ = run_loop(ref, steps, model=model)
+    xb, _ = run_loop(ff, steps, model=model)
+    torch.testing.assert_close(ff.timesteps, ref.timesteps, rtol=0, atol=0)
+    x64 = _float64_loop(ref, steps, model)
+    scale = float(x64.abs().max())
+    err32 = float((xa.double() - x64).abs().max()) / scale
+    err_ff = float((xb.double() - x64).abs().max()) / scale
+    if err32 <= WELL_CONDITIONED:  # diffusers' float32 loop is accurate here: the same numbers
+        assert_close(xb, xa)
+    assert err_ff <= max(2 * err32, 2e-6), (err_ff, err32)
+
+
+WELL_CONDITIONED = 2e-6  # diffusers' float32 loop within this of its float64 loop, relative to the sample's scale
+
+
+def test_the_direct_comparison_covers_most_of_the_grid():
+    """The direct comparison above is the rule: diffusers' float32 loop is within WELL_CONDITIONED of its float64
+    loop in most of the grid, and in every Stable-Diffusion-like case (scaled-linear betas, leading spacing).
+    Where it is not, steps leave a timestep of 999 with ``alphas_cumprod`` near 0 (linspace and trailing
+    spacings), where diffusers' float32 step subtracts large terms."""
+    well = 0
+    for prediction, betas, spacing, steps, alpha_one in GRID:
+        ref, _ = pair(prediction_type=prediction, beta_schedule=betas, timestep_spacing=spacing,
+                      set_alpha_to_one=alpha_one, steps_offset=1 if spacing == "leading" else 0)  # fmt: skip
+        model = posterior_model(ref)
+        xa, _ = run_loop(ref, steps, model=model)
+        x64 = _float64_loop(ref, steps, model)
+        ok = float((xa.double() - x64).abs().max() / x64.abs().max()) <= WELL_CONDITIONED
+        well += ok
+        if (betas, spacing) == ("scaled_linear", "leading"):
+            assert ok, (prediction, steps, alpha_one)
+    assert well >= len(GRID) // 2, well
+
+
+@pytest.mark.parametrize("steps", [10, 50])
+def test_stable_diffusion_config(steps):
+    """Stable Diffusion 1.x's scheduler config, with the posterior stand-in and the sample-dependent one: every
+    step's output equals diffusers'."""
+    for model_of in (posterior_model, lambda ref: None):
+        ref, ff = pair(**SD15)
+        model = model_of(ref)
+        kwargs = {} if model is None else {"model": model}
+        xa, oa = run_loop(ref, steps, **kwargs)
+        xb, ob = run_loop(ff, steps, **kwargs)
+        assert len(oa) == len(ob) == steps + 1  # diffusers' list repeats its second timestep
+        for a, b in zip(oa, ob, strict=True):
+            assert_close(b.prev_sample, a.prev_sample)
+
+
+def test_a_loop_from_a_later_step_counts_its_calls_from_there():
+    """img2img: a loop that starts part-way (the drop-in told by ``set_begin_index``, as pipelines do; diffusers'
+    PNDM has none and counts calls from its loop's first) takes the first-call steps there too."""
+    ref, ff = pair(**SD15)
+    model = posterior_model(ref)
+    x0 = start_noise(5)
+    outs = []
+    for s in (ref, ff):
+        s.set_timesteps(12)
+        if hasattr(s, "set_begin_index"):
+            s.set_begin_index(5)
+        x = x0
+        for t in s.timesteps[5:]:
+            x = s.step(model(x, t), t, x).prev_sample
+        outs.append(x)
+    assert not hasattr(diffusers.PNDMScheduler, "set_begin_index")
+    assert_close(outs[1], outs[0])
+
+
+def test_unet_pipeline_loop():
+    assert_unet_loops_match(diffusers.PNDMScheduler(**SD15), 8)
+
+
+def test_meta_device_loop():
+    """No step reads tensor data."""
+    _, ff = pair(**SD15)
+    x, out = meta_loop(ff, 6)
+    assert x.device.type == "meta" and out.prev_sample is x
+
+
+def test_torch_compile_fullgraph():
+    ref, ff = pair(**SD15)
+    xb, xa = compiled_loops(ref, ff, posterior_model(ref), 8)
+    assert_close(xb, xa)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_sample_and_output(dtype):
+    """16-bit in, 16-bit out (diffusers' dtype promotion). diffusers combines the kept outputs and steps in the
+    16-bit dtype, the kernel in float32 with one rounding: both sit within its round-off of the float32 loop
+    (the model's 16-bit outputs alike), fastflow no further than diffusers."""
+    ref, ff = pair(**SD15)
+    model = posterior_model(ref)
+    half = lambda x, t: model(x.float(), t).to(dtype)  # noqa: E731
+    x = start_noise().to(dtype)
+    xa, _ = run_loop(ref, 10, model=half, x=x)
+    xb, _ = run_loop(ff, 10, model=half, x=x)
+    x32, _ = run_loop(ref, 10, model=lambda x, t: half(x, t).float(), x=x.float())
+    assert xa.dtype == xb.dtype == dtype
+    tol = 4e-3 if dtype == torch.float16 else 3e-2
+    assert_close(xb.float(), x32, rtol=tol, atol=tol)
+    assert (xb.float() - x32).abs().max() <= 1.5 * (xa.float() - x32).abs().max()
+
+
+def test_output_and_errors():
+    """``return_dict=False`` gives diffusers' one-tuple; stepping before ``set_timesteps`` is diffusers' error;
+    the Runge-Kutta warm-up (diffusers' default ``skip_prk_steps=False``) and prediction types diffusers' PNDM
+    does not implement raise, naming the option."""
+    _, ff = pair(**SD15)
+    with pytest.raises(ValueError, match="set_timesteps"):
+        ff.step(start_noise(), 981, start_noise())
+    ff.set_timesteps(4)
+    out = ff.step(start_noise(1), ff.timesteps[0], start_noise(), return_dict=False)
+    assert isinstance(out, tuple) and len(out) == 1 and out[0].shape == start_noise().shape
+    with pytest.raises(NotImplementedError, match="skip_prk_steps"):
+        ffd.PNDMScheduler()
+    with pytest.raises(NotImplementedError, match="skip_prk_steps"):
+        ffd.from_scheduler(diffusers.PNDMScheduler())
+    with pytest.raises(NotImplementedError, match="prediction_type"):
+        ffd.PNDMScheduler(skip_prk_steps=True, prediction_type="sample")
+    assert isinstance(ffd.from_scheduler(diffusers.PNDMScheduler(**SD15)), ffd.PNDMScheduler)
+
+
+def test_zero_snr_step_raises_where_diffusers_divides_by_zero():
+    """Trained betas that end at 1 make ``alphas_cumprod`` 0 at the last training timestep: diffusers' step from
+    there divides by it; the drop-in's raises saying so, and a loop that starts after it runs."""
+    betas = torch.linspace(0.0001, 0.02, 1000)
+    betas[-1] = 1.0
+    ref, ff = pair(trained_betas=betas.tolist(), timestep_spacing="trailing")
+    ff.set_timesteps(5)
+    assert int(ff.timesteps[0]) == 999
+    with pytest.raises(ValueError, match="zero SNR"):
+        ff.step(start_noise(1), ff.timesteps[0], start_noise())
+    ref.set_timesteps(5)
+    assert not torch.isfinite(ref.step(start_noise(1), ref.timesteps[0], start_noise()).prev_sample).all()
