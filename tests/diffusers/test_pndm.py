@@ -116,9 +116,11 @@ def test_stable_diffusion_config(steps):
             assert_close(b.prev_sample, a.prev_sample)
 
 
-def test_a_loop_from_a_later_step_counts_its_calls_from_there():
+@pytest.mark.parametrize("begin", [1, 2, 5])
+def test_a_loop_from_a_later_step_counts_its_calls_from_there(begin):
     """img2img: a loop that starts part-way (the drop-in told by ``set_begin_index``, as pipelines do; diffusers'
-    PNDM has none and counts calls from its loop's first) takes the first-call steps there too."""
+    PNDM has none and counts calls from its loop's first) takes the first-call steps there too, also from either
+    copy of the repeated timestep."""
     ref, ff = pair(**SD15)
     model = posterior_model(ref)
     x0 = start_noise(5)
@@ -126,9 +128,9 @@ def test_a_loop_from_a_later_step_counts_its_calls_from_there():
     for s in (ref, ff):
         s.set_timesteps(12)
         if hasattr(s, "set_begin_index"):
-            s.set_begin_index(5)
+            s.set_begin_index(begin)
         x = x0
-        for t in s.timesteps[5:]:
+        for t in s.timesteps[begin:]:
             x = s.step(model(x, t), t, x).prev_sample
         outs.append(x)
     assert not hasattr(diffusers.PNDMScheduler, "set_begin_index")
