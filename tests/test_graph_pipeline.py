@@ -624,6 +624,25 @@ def test_replay_logic_stable_diffusion_pipeline(stand_in_capture):
     assert not (refs[0, 0] == refs[1, 0]).all()  # the embeddings matter, so the replays did take them
 
 
+def test_replay_logic_stable_diffusion_pipeline_with_pndm(stand_in_capture):
+    """Stable Diffusion 1.x's own scheduler, PNDM (its first calls special, later ones reading three stored model
+    outputs): the captured loop replays to the eager images."""
+    pipe = sd_pipe()
+    pipe.scheduler = ffd.from_scheduler(
+        diffusers.PNDMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False), backend="torch",
+    )  # fmt: skip
+    fast = capture_pipeline(pipe)
+    g = torch.Generator().manual_seed(4)
+    pe, ne = torch.randn(2, 5, 12, generator=g), torch.randn(2, 5, 12, generator=g)
+    kw = {"num_inference_steps": 6, "guidance_scale": 7.5, "height": 8, "width": 8, "output_type": "np"}
+    for seed in (0, 1):
+        ref = pipe(prompt_embeds=pe, negative_prompt_embeds=ne, generator=torch.manual_seed(seed), **kw).images
+        got = fast(prompt_embeds=pe, negative_prompt_embeds=ne, generator=torch.manual_seed(seed), **kw).images
+        assert (got == ref).all(), seed
+    assert fast.captures == 1 and fast.replays == 1 and fast.reason is None, fast.reason
+
+
 def test_replay_logic_img2img_pipeline(stand_in_capture):
     """An img2img loop starts mid-schedule (the pipeline sets the drop-in's begin index): new images replay the
     captured loop; a new strength makes a longer loop, which the replay finds (after the graph, at the extra step:
