@@ -16,6 +16,7 @@ Speed is read from the report, never asserted.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -151,8 +152,8 @@ def test_sampler_step(benchmark, backend: str, family: str) -> None:
     assert out.shape == SHAPE
 
 
-def _loop_impl(kind: str, family: str):
-    case = Case(FAMILIES[family], SHAPE, torch.float32, torch.bfloat16, DEVICE, LOOP_STEPS)
+def _loop_impl(kind: str, family: str, shape: tuple[int, ...] = SHAPE, steps: int = LOOP_STEPS):
+    case = Case(FAMILIES[family], shape, torch.float32, torch.bfloat16, DEVICE, steps)
     if kind == "diffusers":
         impl = DiffusersImpl(case)
     elif kind == "naive":
@@ -167,12 +168,8 @@ def _loop_impl(kind: str, family: str):
     return impl
 
 
-@pytest.mark.benchmark(group="loop: 10 steps, 1x4x16x16 (divide by 10 for per step)")
-@pytest.mark.parametrize("kind", ("torch", "cuda", "naive", "diffusers"))
-@pytest.mark.parametrize("family", LOOP_FAMILIES)
-def test_loop(benchmark, kind: str, family: str) -> None:
-    """A whole loop with the model replaced by a fixed output, as a pipeline drives each implementation."""
-    impl = _loop_impl(kind, family)
+def _whole_loop(impl) -> Callable[[], None]:
+    """One timed loop: reset, run, and on a GPU wait for its last step."""
 
     def loop() -> None:
         impl.prepare()
@@ -180,7 +177,16 @@ def test_loop(benchmark, kind: str, family: str) -> None:
         if DEVICE.type == "cuda":
             torch.cuda.synchronize(DEVICE)
 
-    benchmark(loop)
+    return loop
+
+
+@pytest.mark.benchmark(group="loop: 10 steps, 1x4x16x16 (divide by 10 for per step)")
+@pytest.mark.parametrize("kind", ("torch", "cuda", "naive", "diffusers"))
+@pytest.mark.parametrize("family", LOOP_FAMILIES)
+def test_loop(benchmark, kind: str, family: str) -> None:
+    """A whole loop with the model replaced by a fixed output, as a pipeline drives each implementation."""
+    impl = _loop_impl(kind, family)
+    benchmark(_whole_loop(impl))
     assert impl.final is not None and torch.isfinite(impl.final.float()).all()
 
 
@@ -195,19 +201,6 @@ SD_LOOP_STEPS = 30
 def test_sd_latent_loop(benchmark, backend: str, family: str) -> None:
     """The benchmark suite's host-inclusive loop (float32 state, bfloat16 model input written by the step), timed
     over many rounds: on a GPU its per-step time is the host's, since the step's device time is shorter."""
-    reason = _backend_reason(backend)
-    if reason is not None:
-        pytest.skip(f"backend {backend}: {reason}")
-    impl = FastflowImpl(Case(FAMILIES[family], SD_LATENT, torch.float32, torch.bfloat16, DEVICE, SD_LOOP_STEPS),
-                        backend)
-    if impl.reason is not None:
-        pytest.skip(impl.reason)
-
-    def loop() -> None:
-        impl.prepare()
-        impl.run()
-        if DEVICE.type == "cuda":
-            torch.cuda.synchronize(DEVICE)
-
-    benchmark(loop)
+    impl = _loop_impl(backend, family, SD_LATENT, SD_LOOP_STEPS)
+    benchmark(_whole_loop(impl))
     assert torch.isfinite(impl.final).all()
