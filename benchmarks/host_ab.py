@@ -36,7 +36,7 @@ LOOP_STEPS = 10
 DROPINS = ("DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
            "FlowMatchEulerDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler",
            "HeunDiscreteScheduler", "LCMScheduler", "EDMEulerScheduler", "EDMDPMSolverMultistepScheduler",
-           "PNDMScheduler")
+           "PNDMScheduler", "LMSDiscreteScheduler")
 DROPIN_CONFIG = {"PNDMScheduler": dict(skip_prk_steps=True)}  # diffusers' default runs a warm-up fastflow lacks
 HALF_DROPINS = ("EulerDiscreteScheduler", "FlowMatchEulerDiscreteScheduler")
 

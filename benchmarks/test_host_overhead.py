@@ -84,7 +84,7 @@ def test_extension_entry(benchmark, entry: str) -> None:
 DROPIN_CLASSES = ("DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
                   "FlowMatchEulerDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler",
                   "HeunDiscreteScheduler", "LCMScheduler", "EDMEulerScheduler", "EDMDPMSolverMultistepScheduler",
-                  "PNDMScheduler")
+                  "PNDMScheduler", "LMSDiscreteScheduler")
 DROPIN_CONFIG = {"PNDMScheduler": dict(skip_prk_steps=True)}  # diffusers' default runs a warm-up fastflow lacks
 
 

@@ -20,6 +20,7 @@ from .euler import EDMEulerScheduler, EulerAncestralDiscreteScheduler, EulerDisc
 from .flow_match import FlowMatchEulerDiscreteScheduler
 from .heun import HeunDiscreteScheduler
 from .lcm import LCMScheduler
+from .lms import LMSDiscreteScheduler
 from .pndm import PNDMScheduler
 from .unipc import UniPCMultistepScheduler
 
@@ -34,6 +35,7 @@ __all__ = [
     "FlowMatchEulerDiscreteScheduler",
     "HeunDiscreteScheduler",
     "LCMScheduler",
+    "LMSDiscreteScheduler",
     "PNDMScheduler",
     "UniPCMultistepScheduler",
     "FastflowScheduler",

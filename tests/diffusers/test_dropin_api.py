@@ -28,6 +28,7 @@ CLASSES = [
     ("EDMDPMSolverMultistepScheduler", dict(), {}),
     ("EDMDPMSolverMultistepScheduler", dict(algorithm_type="sde-dpmsolver++"), {}),
     ("PNDMScheduler", dict(SD, skip_prk_steps=True, steps_offset=1), {}),
+    ("LMSDiscreteScheduler", dict(SD), dict(order=3)),
 ]
 # Constructor arguments for the classes whose diffusers default configuration the drop-in does not run.
 DEFAULT_CONFIG = {"PNDMScheduler": dict(skip_prk_steps=True)}
@@ -166,8 +167,8 @@ def test_from_scheduler_and_signatures(name):
 
 
 def test_from_scheduler_unsupported_names_the_class():
-    with pytest.raises(NotImplementedError, match="LMSDiscreteScheduler"):
-        ffd.from_scheduler(diffusers.LMSDiscreteScheduler())
+    with pytest.raises(NotImplementedError, match="KDPM2DiscreteScheduler"):
+        ffd.from_scheduler(diffusers.KDPM2DiscreteScheduler())
 
 
 def test_from_config_of_another_scheduler_and_save_load(tmp_path):

@@ -102,6 +102,7 @@ SD_CLASSES = [
     ("EDMEulerScheduler", dict()),
     ("EDMDPMSolverMultistepScheduler", dict()),
     ("PNDMScheduler", dict(SD, skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False)),
+    ("LMSDiscreteScheduler", dict(SD)),
 ]
 
 
