@@ -6,8 +6,8 @@ the Lagrange basis polynomial of the last ``order`` sigmas over the step's sigma
 interval. diffusers integrates it per call with scipy's ``quad`` on float32 tensor
 arithmetic (about a millisecond a coefficient, seconds for the 1000-step schedule its
 constructor sets); :func:`lms_coefficients` integrates the same polynomial exactly (a
-Gauss-Legendre rule, float64), once per ``set_timesteps``. The two agree to float32
-round-off (tested against ``get_lms_coefficient``). The kernel's
+Gauss-Legendre rule, float64), once per ``set_timesteps``, without scipy. The two agree
+to float32 round-off (tested against ``get_lms_coefficient``). The kernel's
 ``x_hat`` is the derivative, which later stages read from history; the returned
 ``pred_original_sample`` is diffusers' ``x0`` of the sample and the model output
 (plain torch ops beside the fused step; ``compute_pred_original_sample = False``
@@ -26,7 +26,6 @@ from typing import Any
 import numpy as np
 import torch
 from diffusers.schedulers import scheduling_lms_discrete as _lms
-from diffusers.utils import is_scipy_available
 
 from ._base import O, StepSpec, X, Z, output_maker, promoted_dtype
 from .euler import _VEInputMixin
@@ -75,8 +74,6 @@ class LMSDiscreteScheduler(_VEInputMixin, _lms.LMSDiscreteScheduler):
     _ff_loop_order = 4
 
     def _ff_check_config(self) -> None:
-        if not is_scipy_available():
-            raise ImportError("LMSDiscreteScheduler integrates its coefficients with scipy: pip install scipy")
         if self.config.prediction_type not in _PREDICTIONS:
             raise NotImplementedError(
                 f"prediction_type={self.config.prediction_type!r} is not supported by LMSDiscreteScheduler "
