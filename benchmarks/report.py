@@ -118,6 +118,14 @@ def markdown(results: dict) -> str:
     if any(r.get("syncs") is not None for c in cases for r in c["impls"].values()):
         out += ["", "## Host syncs per loop (torch sync debug mode)", ""]
         out += _table(cases, cols, lambda c, n: str(c["impls"].get(n, {}).get("syncs", "-")))
+        sources = [
+            f"- {c['family']} {c['size']} {n}: {src}"
+            for c in cases
+            for n in cols
+            for src in c["impls"].get(n, {}).get("sync_sources", [])
+        ]
+        if sources:
+            out += ["", "Where each counted sync was made (the Python line the warning names):", "", *sources]
     ff = [n for n in cols if n.startswith("fastflow-")]
     base = [b for b in BASELINES if b in cols]
     if ff and base:

@@ -217,7 +217,9 @@ def measure_impl(impl: Impl, case: Case, settings: dict, bytes_per_elem: int, co
     # host syncs in a loop, then the loop in a CUDA graph
     if dev.type == "cuda":
         try:
-            row["syncs"] = timing.count_syncs(impl.prepare, impl.run, dev)
+            row["syncs"], sources = timing.count_syncs(impl.prepare, impl.run, dev)
+            if sources:
+                row["sync_sources"] = sources
         except Exception as exc:
             row["syncs_error"] = _err(exc)
         if impl.graph_reason is not None:

@@ -155,8 +155,11 @@ def graph_loop_us(
         del graph
 
 
-def count_syncs(prepare: Callable[[], object], run: Callable[[], object], device: torch.device) -> int | None:
-    """Host syncs in one run of the loop, as counted by torch's sync debug mode (None on a CPU)."""
+def count_syncs(
+    prepare: Callable[[], object], run: Callable[[], object], device: torch.device
+) -> tuple[int, list[str]] | None:
+    """Host syncs in one run of the loop, as counted by torch's sync debug mode, and where each came from
+    (``file:line: message``, the Python line that made it); None on a CPU."""
     if device.type != "cuda":
         return None
     prepare()
@@ -169,7 +172,8 @@ def count_syncs(prepare: Callable[[], object], run: Callable[[], object], device
         finally:
             torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize(device)
-    return sum(1 for w in caught if "synchroniz" in str(w.message).lower())
+    syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
+    return len(syncs), [f"{w.filename}:{w.lineno}: {str(w.message).splitlines()[0][:120]}" for w in syncs]
 
 
 def copy_bandwidth_gbs(device: torch.device, nbytes: int | None = None) -> tuple[float, int]:
