@@ -30,8 +30,6 @@ CLASSES = [
     ("PNDMScheduler", dict(SD, skip_prk_steps=True, steps_offset=1), {}),
     ("LMSDiscreteScheduler", dict(SD), dict(order=3)),
 ]
-# Constructor arguments for the classes whose diffusers default configuration the drop-in does not run.
-DEFAULT_CONFIG = {"PNDMScheduler": dict(skip_prk_steps=True)}
 IDS = [f"{n}-{i}" for i, (n, _, _) in enumerate(CLASSES)]
 MINE = sorted({n for n, _, _ in CLASSES})
 
@@ -154,7 +152,7 @@ def test_gpu_loop_no_sync(backend, name, config, kw):
 
 @pytest.mark.parametrize("name", MINE)
 def test_from_scheduler_and_signatures(name):
-    ref = getattr(diffusers, name)(**DEFAULT_CONFIG.get(name, {}))
+    ref = getattr(diffusers, name)()
     ff = ffd.from_scheduler(ref)
     assert type(ff) is getattr(ffd, name) and isinstance(ff, type(ref))
     assert dict(ff.config) == dict(ref.config)
@@ -202,7 +200,7 @@ def _output_classes() -> list[type]:
     """The diffusers output classes the drop-ins return, found from a step of each."""
     classes = []
     for name in MINE:
-        _, ff = pair(name, **DEFAULT_CONFIG.get(name, {}))
+        _, ff = pair(name)
         ff.set_timesteps(4)
         x = start_noise(4)
         t = ff.timesteps[0]
@@ -310,7 +308,7 @@ def test_a_copy_made_mid_loop_continues_as_the_original(name, how):
     import copy
     import pickle
 
-    ff = getattr(ffd, name)(**DEFAULT_CONFIG.get(name, {}))
+    ff = getattr(ffd, name)()
     ff.set_timesteps(6)
     generator = torch.Generator().manual_seed(5)
     takes_generator = "generator" in inspect.signature(ff.step).parameters

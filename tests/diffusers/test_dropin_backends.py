@@ -15,6 +15,7 @@ CASES = [
     ("EulerDiscreteScheduler", dict(), dict(s_churn=3.0)),
     ("LCMScheduler", dict(clip_sample=True), dict()),
     ("PNDMScheduler", dict(skip_prk_steps=True, prediction_type="v_prediction"), dict()),  # raw outputs as history
+    ("PNDMScheduler", dict(prediction_type="v_prediction"), dict()),  # warm-up: a stored state, three outputs
     ("LMSDiscreteScheduler", dict(prediction_type="v_prediction"), dict()),  # derivatives as history
 ]
 FIELDS = {"LCMScheduler": "denoised", "PNDMScheduler": None}  # the prediction field step returns, if any

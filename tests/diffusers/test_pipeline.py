@@ -48,6 +48,23 @@ def test_ddpm_pipeline():
     np.testing.assert_allclose(b, a, rtol=0, atol=1e-5)
 
 
+def test_pndm_pipeline():
+    """diffusers' PNDMPipeline keeps its scheduler's default config: twelve Runge-Kutta calls, then PLMS (Stable
+    Diffusion's pipelines set ``skip_prk_steps=True`` on any PNDM scheduler they are given). The pipeline
+    rebuilds diffusers' class from the scheduler it is constructed with, so the drop-in is set afterwards."""
+    ref = diffusers.PNDMScheduler()
+    images = []
+    for scheduler in (ref, ffd.from_scheduler(ref, backend="torch")):
+        pipe = diffusers.PNDMPipeline(unet=tiny_unet(), scheduler=ref)
+        pipe.scheduler = scheduler
+        pipe.set_progress_bar_config(disable=True)
+        with torch.no_grad():
+            images.append(pipe(generator=torch.Generator().manual_seed(0), output_type="np", batch_size=2,
+                               num_inference_steps=8).images)
+    assert type(pipe.scheduler) is ffd.PNDMScheduler and len(pipe.scheduler.timesteps) == 8 + 9
+    np.testing.assert_allclose(images[1], images[0], rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "name,config",
     [

@@ -1,4 +1,5 @@
-"""PNDMScheduler drop-in (PLMS, ``skip_prk_steps=True``): parity with diffusers over full loops, sync-free."""
+"""PNDMScheduler drop-in (PLMS, with and without the Runge-Kutta warm-up): parity with diffusers over full loops,
+sync-free."""
 
 from __future__ import annotations
 
@@ -30,6 +31,11 @@ def pair(**config):
     return dropin_pair("PNDMScheduler", **{"skip_prk_steps": True, **config})
 
 
+def prk_pair(**config):
+    """diffusers' default: twelve Runge-Kutta calls before PLMS."""
+    return dropin_pair("PNDMScheduler", **{"skip_prk_steps": False, **config})
+
+
 def test_plms_weights():
     """diffusers keeps every call's output but the second's, at most four, and weighs them by Adams-Bashforth;
     the second call repeats the first step from its sample with the mean of both outputs."""
@@ -41,6 +47,12 @@ def test_plms_weights():
     assert plms_weights(9) == (9, [(9, 55 / 24), (8, -59 / 24), (7, 37 / 24), (6, -9 / 24)])
     for k in range(12):
         assert sum(w for _, w in plms_weights(k)[1]) == pytest.approx(1.0)
+    # After twelve Runge-Kutta calls diffusers has kept the outputs of calls 0, 4 and 8.
+    assert plms_weights(12, 12) == (12, [(12, 55 / 24), (8, -59 / 24), (4, 37 / 24), (0, -9 / 24)])
+    assert plms_weights(13, 12) == (13, [(13, 55 / 24), (12, -59 / 24), (8, 37 / 24), (4, -9 / 24)])
+    assert plms_weights(16, 12) == (16, [(16, 55 / 24), (15, -59 / 24), (14, 37 / 24), (13, -9 / 24)])
+    with pytest.raises(ValueError, match="Runge-Kutta"):
+        plms_weights(11, 12)
 
 
 def _float64_loop(ref, steps: int, model, **kwargs) -> torch.Tensor:
@@ -51,21 +63,28 @@ def _float64_loop(ref, steps: int, model, **kwargs) -> torch.Tensor:
     return x
 
 
-GRID = list(itertools.product(
-    ("epsilon", "v_prediction"), ("linear", "scaled_linear", "squaredcos_cap_v2"), ("leading", "linspace", "trailing"),
-    (1, 2, 3, 4, 5, 25), (False, True),
-))  # fmt: skip
+GRID = [
+    (prediction, betas, spacing, steps, alpha_one, prk)
+    for prediction, betas, spacing, alpha_one, prk in itertools.product(
+        ("epsilon", "v_prediction"), ("linear", "scaled_linear", "squaredcos_cap_v2"),
+        ("leading", "linspace", "trailing"), (False, True), (False, True),
+    )
+    for steps in ((4, 5, 25) if prk else (1, 2, 3, 4, 5, 25))  # diffusers' warm-up needs 4 steps
+]  # fmt: skip
 
 
-@pytest.mark.parametrize("prediction,betas,spacing,steps,alpha_one", GRID)
-def test_loops_match_diffusers(prediction, betas, spacing, steps, alpha_one):
+def _grid_pair(prediction, betas, spacing, alpha_one, prk):
+    return (prk_pair if prk else pair)(prediction_type=prediction, beta_schedule=betas, timestep_spacing=spacing,
+                                       set_alpha_to_one=alpha_one, steps_offset=1 if spacing == "leading" else 0)
+
+
+@pytest.mark.parametrize("prediction,betas,spacing,steps,alpha_one,prk", GRID)
+def test_loops_match_diffusers(prediction, betas, spacing, steps, alpha_one, prk):
     """Every prediction type, beta schedule and spacing, 1 to 25 steps (the first calls' special cases), both
-    final alphas: the drop-in's loop equals diffusers' to float32 round-off, and where diffusers' own float32
-    loop strays from its float64 one (its step subtracts large terms next to a timestep of 999), the drop-in
-    strays at most twice as far (or 2e-6)."""
-    config = dict(prediction_type=prediction, beta_schedule=betas, timestep_spacing=spacing, set_alpha_to_one=alpha_one,
-                  steps_offset=1 if spacing == "leading" else 0)  # fmt: skip
-    ref, ff = pair(**config)
+    final alphas, with and without the Runge-Kutta warm-up: the drop-in's loop equals diffusers' to float32
+    round-off, and where diffusers' own float32 loop strays from its float64 one (its step subtracts large terms
+    next to a timestep of 999), the drop-in strays at most twice as far (or 2e-6)."""
+    ref, ff = _grid_pair(prediction, betas, spacing, alpha_one, prk)
     model = posterior_model(ref)
     xa, _ = run_loop(ref, steps, model=model)
     xb, _ = run_loop(ff, steps, model=model)
@@ -88,16 +107,15 @@ def test_the_direct_comparison_covers_most_of_the_grid():
     Where it is not, steps leave a timestep of 999 with ``alphas_cumprod`` near 0 (linspace and trailing
     spacings), where diffusers' float32 step subtracts large terms."""
     well = 0
-    for prediction, betas, spacing, steps, alpha_one in GRID:
-        ref, _ = pair(prediction_type=prediction, beta_schedule=betas, timestep_spacing=spacing,
-                      set_alpha_to_one=alpha_one, steps_offset=1 if spacing == "leading" else 0)  # fmt: skip
+    for prediction, betas, spacing, steps, alpha_one, prk in GRID:
+        ref, _ = _grid_pair(prediction, betas, spacing, alpha_one, prk)
         model = posterior_model(ref)
         xa, _ = run_loop(ref, steps, model=model)
         x64 = _float64_loop(ref, steps, model)
         ok = float((xa.double() - x64).abs().max() / x64.abs().max()) <= WELL_CONDITIONED
         well += ok
         if (betas, spacing) == ("scaled_linear", "leading"):
-            assert ok, (prediction, steps, alpha_one)
+            assert ok, (prediction, steps, alpha_one, prk)
     assert well >= len(GRID) // 2, well
 
 
@@ -114,6 +132,77 @@ def test_stable_diffusion_config(steps):
         assert len(oa) == len(ob) == steps + 1  # diffusers' list repeats its second timestep
         for a, b in zip(oa, ob, strict=True):
             assert_close(b.prev_sample, a.prev_sample)
+
+
+@pytest.mark.parametrize("steps", [4, 10, 50])
+def test_diffusers_default_config(steps):
+    """diffusers' default ``PNDMScheduler()``, its Runge-Kutta warm-up included: every call's output equals
+    diffusers'."""
+    for model_of in (posterior_model, lambda ref: None):
+        ref, ff = prk_pair()
+        model = model_of(ref)
+        kwargs = {} if model is None else {"model": model}
+        xa, oa = run_loop(ref, steps, **kwargs)
+        xb, ob = run_loop(ff, steps, **kwargs)
+        assert len(oa) == len(ob) == steps + 9  # twelve Runge-Kutta calls over the last four steps
+        for a, b in zip(oa, ob, strict=True):
+            assert_close(b.prev_sample, a.prev_sample)
+
+
+@pytest.mark.parametrize("begin", [1, 2, 5, 13])
+def test_a_warm_up_loop_from_a_later_step_counts_its_calls_from_there(begin):
+    """img2img with the warm-up: diffusers runs its twelve Runge-Kutta calls first wherever the loop starts (at
+    the warm-up's own timesteps, to the given ones less half a ratio or to them); the drop-in does the same. From
+    step 13, a PLMS timestep, diffusers' loop grows to hundreds: compared relative to its scale."""
+    ref, ff = prk_pair(**SD, steps_offset=1)
+    model = posterior_model(ref)
+    outs = []
+    for s in (ref, ff):
+        s.set_timesteps(12)
+        if hasattr(s, "set_begin_index"):
+            s.set_begin_index(begin)
+        x = start_noise(5)
+        for t in s.timesteps[begin:]:
+            x = s.step(model(x, t), t, x).prev_sample
+        outs.append(x)
+    assert_close(outs[1], outs[0], atol=1e-5 * max(1.0, float(outs[0].abs().max())))
+
+
+def test_a_sample_changed_inside_a_warm_up_group():
+    """diffusers' Runge-Kutta calls step from their group's first sample: a sample changed before the group's
+    second or third call is ignored by both; before the fourth, which the drop-in recovers the group's sample
+    from, it raises naming the option, and an in-place change counts as a change."""
+    ref, ff = prk_pair(**SD)
+    model = posterior_model(ref)
+    loops = []
+    for s in (ref, ff):
+        s.set_timesteps(6)
+        x = start_noise(2)
+        for k, t in enumerate(s.timesteps[:3]):
+            x = s.step(model(x, t), t, x).prev_sample
+            if k == 0:
+                x = x * 0.5  # a new tensor before the second call
+        loops.append(x)
+    assert_close(loops[1], loops[0])
+    t = ff.timesteps[3]
+    with pytest.raises(NotImplementedError, match="skip_prk_steps=True"):
+        ff.step(model(x, t), t, x * 1.0)
+    x.mul_(1.0)  # the same tensor, changed in place
+    with pytest.raises(NotImplementedError, match="Runge-Kutta call 3"):
+        ff.step(model(x, t), t, x)
+
+
+def test_warm_up_meta_compile_and_unet():
+    """The warm-up's calls read no tensor data, trace with fullgraph=True (one graph per call: 12 after the first
+    of a 4-step loop) and run diffusers' UNet loop."""
+    _, ff = prk_pair(**SD)
+    x, out = meta_loop(ff, 5)
+    assert x.device.type == "meta" and out.prev_sample is x
+    ref, ff = prk_pair(**SD)
+    with torch._dynamo.config.patch(recompile_limit=16):
+        xb, xa = compiled_loops(ref, ff, posterior_model(ref), 4)
+    assert_close(xb, xa)
+    assert_unet_loops_match(diffusers.PNDMScheduler(**SD, steps_offset=1), 5)
 
 
 @pytest.mark.parametrize("begin", [1, 2, 5])
@@ -174,18 +263,14 @@ def test_half_precision_sample_and_output(dtype):
 
 def test_output_and_errors():
     """``return_dict=False`` gives diffusers' one-tuple; stepping before ``set_timesteps`` is diffusers' error;
-    the Runge-Kutta warm-up (diffusers' default ``skip_prk_steps=False``) and prediction types diffusers' PNDM
-    does not implement raise, naming the option."""
+    prediction types diffusers' PNDM does not implement raise, naming the option."""
     _, ff = pair(**SD15)
     with pytest.raises(ValueError, match="set_timesteps"):
         ff.step(start_noise(), 981, start_noise())
     ff.set_timesteps(4)
     out = ff.step(start_noise(1), ff.timesteps[0], start_noise(), return_dict=False)
     assert isinstance(out, tuple) and len(out) == 1 and out[0].shape == start_noise().shape
-    with pytest.raises(NotImplementedError, match="skip_prk_steps"):
-        ffd.PNDMScheduler()
-    with pytest.raises(NotImplementedError, match="skip_prk_steps"):
-        ffd.from_scheduler(diffusers.PNDMScheduler())
+    assert isinstance(ffd.from_scheduler(diffusers.PNDMScheduler()), ffd.PNDMScheduler)
     with pytest.raises(NotImplementedError, match="prediction_type"):
         ffd.PNDMScheduler(skip_prk_steps=True, prediction_type="sample")
     assert isinstance(ffd.from_scheduler(diffusers.PNDMScheduler(**SD15)), ffd.PNDMScheduler)
