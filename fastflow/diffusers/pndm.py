@@ -70,8 +70,9 @@ def plms_weights(k: int, prk_calls: int = 0) -> tuple[int, list[tuple[int, float
 
 def _sample_mark(sample: torch.Tensor) -> tuple[int, int]:
     """Where a tensor's data lives and its in-place version: equal for the same unchanged tensor (or a copy of the
-    scheduler holding its mark), different for a new or modified one. No data is read."""
-    return sample.data_ptr(), sample._version
+    scheduler holding its mark), different for a new or modified one. No data is read. Tensors made under
+    ``torch.inference_mode`` keep no version: an in-place change of one goes unseen."""
+    return sample.data_ptr(), -1 if sample.is_inference() else sample._version
 
 
 class PNDMScheduler(FastflowScheduler, _pndm.PNDMScheduler):
@@ -99,9 +100,9 @@ class PNDMScheduler(FastflowScheduler, _pndm.PNDMScheduler):
             raise ValueError(f"timestep {t} is outside the {len(self._ff_ac)} training timesteps (diffusers fails)")
         return float(self._ff_ac[t])
 
-    def _ff_prev_coefs(self, t: int, prev: int) -> tuple[float, float, float]:
-        """diffusers' ``_get_prev_sample(sample, t, prev, output)`` as ``a * sample + b * output``, with the
-        weight ``c`` of the sample in the epsilon a v-prediction output converts to: ``(a, b, c)``."""
+    def _ff_prev_coefs(self, t: int, prev: int) -> tuple[float, float]:
+        """diffusers' ``_get_prev_sample(sample, t, prev, output)`` as ``a * sample + b * output``: ``(a, b)``
+        (a v-prediction output is converted to epsilon with that sample first)."""
         a_t = self._ff_alpha(t)
         a_p = self._ff_alpha(prev) if prev >= 0 else self._ff_final
         if a_t == 0.0:
@@ -109,11 +110,11 @@ class PNDMScheduler(FastflowScheduler, _pndm.PNDMScheduler):
         c_sample = math.sqrt(a_p / a_t)
         c_output = -(a_p - a_t) / (a_t * math.sqrt(1.0 - a_p) + math.sqrt(a_t * (1.0 - a_t) * a_p))
         if self.config.prediction_type == "v_prediction":  # eps = sqrt(a_t) v + sqrt(1 - a_t) sample
-            return c_sample + c_output * math.sqrt(1.0 - a_t), c_output * math.sqrt(a_t), math.sqrt(1.0 - a_t)
-        return c_sample, c_output, 0.0
+            return c_sample + c_output * math.sqrt(1.0 - a_t), c_output * math.sqrt(a_t)
+        return c_sample, c_output
 
     def _ff_prev(self, sample: Lin, output: Lin, t: int, prev: int) -> StepSpec:
-        a, b, _ = self._ff_prev_coefs(t, prev)
+        a, b = self._ff_prev_coefs(t, prev)
         return StepSpec(0.0, 1.0, sample * a + output * b)
 
     def _ff_spec(self, i: int, k: int, variant: Any) -> StepSpec:
@@ -139,9 +140,11 @@ class PNDMScheduler(FastflowScheduler, _pndm.PNDMScheduler):
         if k % 4 < 3:
             return self._ff_prev(Z(first), X(k), t, prev)
         # The group's sample from this call's: the third call gave it a * Z(first) + b * X(k - 1).
-        a, b, _ = self._ff_prev_coefs(t, self._ff_t[i - 1] - ratio // 2)
+        a, b = self._ff_prev_coefs(t, self._ff_t[i - 1] - ratio // 2)
         if a == 0.0:
-            raise ValueError(f"the Runge-Kutta step to timestep {self._ff_t[i - 1] - ratio // 2} loses its sample")
+            raise ValueError(
+                f"Runge-Kutta call {k} cannot recover its group's sample: the call before it scaled that sample by 0"
+            )
         group_sample = (Z(k) - X(k - 1) * b) * (1.0 / a)
         output = Lin({})
         for j, w in enumerate(_RK_WEIGHTS):

@@ -192,6 +192,16 @@ def test_a_sample_changed_inside_a_warm_up_group():
         ff.step(model(x, t), t, x)
 
 
+def test_warm_up_under_inference_mode():
+    """Inference-mode tensors keep no version counter: the warm-up's check of its fourth calls' samples does
+    without it, and the loop is diffusers'."""
+    ref, ff = prk_pair(**SD)
+    with torch.inference_mode():
+        xa, _ = run_loop(ref, 5)
+        xb, _ = run_loop(ff, 5)
+    assert_close(xb, xa)
+
+
 def test_warm_up_meta_compile_and_unet():
     """The warm-up's calls read no tensor data, trace with fullgraph=True (one graph per call: 12 after the first
     of a 4-step loop) and run diffusers' UNet loop."""
