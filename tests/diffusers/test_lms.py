@@ -11,6 +11,7 @@ import torch
 from dropin_helpers import (
     SD,
     assert_close,
+    assert_half_loop_bounded,
     assert_unet_loops_match,
     begin_index_loops,
     compiled_loops,
@@ -182,17 +183,7 @@ def test_half_precision_sample_and_output(dtype):
     """16-bit in, 16-bit out: diffusers converts, keeps derivatives and steps in the 16-bit dtype, the kernel in
     float32 with one rounding; both sit within its round-off of the float32 loop, fastflow no further than
     diffusers."""
-    ref, ff = pair(**SD)
-    model = posterior_model(ref)
-    half = lambda x, t: model(x.float(), t).to(dtype)  # noqa: E731
-    x = start_noise().to(dtype)
-    xa, _ = run_loop(ref, 10, model=half, x=x)
-    xb, _ = run_loop(ff, 10, model=half, x=x)
-    x32, _ = run_loop(ref, 10, model=lambda x, t: half(x, t).float(), x=x.float())
-    assert xa.dtype == xb.dtype == dtype
-    tol = 4e-3 if dtype == torch.float16 else 3e-2
-    assert_close(xb.float(), x32, rtol=tol, atol=tol)
-    assert (xb.float() - x32).abs().max() <= 1.5 * (xa.float() - x32).abs().max()
+    assert_half_loop_bounded(*pair(**SD), dtype)
 
 
 def test_sample_prediction_returns_the_model_output():
