@@ -28,6 +28,7 @@ CLASSES = [
     ("EDMDPMSolverMultistepScheduler", dict(), {}),
     ("EDMDPMSolverMultistepScheduler", dict(algorithm_type="sde-dpmsolver++"), {}),
     ("PNDMScheduler", dict(SD, skip_prk_steps=True, steps_offset=1), {}),
+    ("PNDMScheduler", dict(SD, steps_offset=1), {}),  # the Runge-Kutta warm-up
     ("LMSDiscreteScheduler", dict(SD), dict(order=3)),
 ]
 IDS = [f"{n}-{i}" for i, (n, _, _) in enumerate(CLASSES)]
