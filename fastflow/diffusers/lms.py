@@ -117,9 +117,13 @@ class LMSDiscreteScheduler(_VEInputMixin, _lms.LMSDiscreteScheduler):
                 f"order={order} after order={self._ff_loop_order} earlier in this loop: fastflow's "
                 "LMSDiscreteScheduler keeps one order per loop (its plan fixes how many derivatives each step reads)"
             )
+        raw = self.config.prediction_type == "sample"  # diffusers' x0 is then the model output itself
         prev, pred = self._ff_step(
-            model_output, timestep, sample, variant=order, state_dtype=promoted_dtype(sample, model_output), index=idx
+            model_output, timestep, sample, variant=order, state_dtype=promoted_dtype(sample, model_output),
+            index=idx, want_pred=not raw,
         )
+        if raw and self.compute_pred_original_sample:
+            pred = model_output
         if not return_dict:
             return (prev, pred)
         return _OUTPUT(prev, pred)

@@ -187,12 +187,19 @@ def test_half_precision_sample_and_output(dtype):
 
 
 def test_sample_prediction_returns_the_model_output():
-    """diffusers returns the model output itself as ``pred_original_sample`` for ``prediction_type='sample'``."""
-    _, ff = pair(prediction_type="sample")
-    ff.set_timesteps(3)
-    o = start_noise(1)
-    out = ff.step(o, ff.timesteps[0], start_noise())
-    assert out.pred_original_sample is o
+    """diffusers returns the model output itself as ``pred_original_sample`` for ``prediction_type='sample'``, in
+    its own dtype beside a float32 sample; the step is diffusers'."""
+    ref, ff = pair(prediction_type="sample")
+    for s in (ref, ff):
+        s.set_timesteps(3)
+    for o in (start_noise(1), start_noise(1).half()):
+        x = start_noise()
+        out, want = ff.step(o, ff.timesteps[0], x), ref.step(o, ref.timesteps[0], x)
+        assert out.pred_original_sample is o and want.pred_original_sample is o
+        assert_close(out.prev_sample, want.prev_sample)
+        assert out.prev_sample.dtype == want.prev_sample.dtype == torch.float32
+        for s in (ref, ff):
+            s._step_index = None
 
 
 def test_a_repeated_sigma_raises_where_diffusers_returns_nan():
