@@ -3,15 +3,16 @@
 diffusers keeps the derivative ``d = (sample - x0) / sigma`` of each call (the last
 ``order`` of them) and steps ``sample + sum_j c_j d_(k-j)``, where ``c_j`` integrates
 the Lagrange basis polynomial of the last ``order`` sigmas over the step's sigma
-interval. diffusers integrates it per call with scipy's ``quad`` on float32 tensor
-arithmetic (about a millisecond a coefficient, seconds for the 1000-step schedule its
-constructor sets); :func:`lms_coefficients` integrates the same polynomial exactly (a
-Gauss-Legendre rule, float64), once per ``set_timesteps``, without scipy. The two agree
-to float32 round-off (tested against ``get_lms_coefficient``). The kernel's
-``x_hat`` is the derivative, which later stages read from history; the returned
-``pred_original_sample`` is diffusers' ``x0`` of the sample and the model output
-(plain torch ops beside the fused step; ``compute_pred_original_sample = False``
-skips them).
+interval. diffusers integrates it at every call with scipy's ``quad`` on float32 tensor
+arithmetic (about a millisecond a coefficient on a CPU; calling it for every step of
+each schedule, including the 1000-step one diffusers' constructor sets, took seconds);
+:func:`lms_coefficients` integrates the same polynomial exactly (a Gauss-Legendre rule,
+float64), once per ``set_timesteps``, without scipy. The two agree to float32 round-off
+(tested against ``get_lms_coefficient``). The kernel's ``x_hat`` is the derivative,
+which later stages read from history; the returned ``pred_original_sample`` is
+diffusers' ``x0`` of the sample and the model output (plain torch ops beside the fused
+step; ``compute_pred_original_sample = False`` skips them), or for
+``prediction_type='sample'`` the model output itself, as diffusers returns it.
 
 diffusers counts the derivatives from the loop's first call but takes the order from
 the step index (``min(step_index + 1, order)``): a loop that starts part-way
@@ -72,6 +73,7 @@ class LMSDiscreteScheduler(_VEInputMixin, _lms.LMSDiscreteScheduler):
     _ff_start_dependent = True  # the derivatives count from the loop's first call
     _ff_default_variant = 4
     _ff_loop_order = 4
+    _ff_returns_raw_x0 = True
 
     def _ff_check_config(self) -> None:
         if self.config.prediction_type not in _PREDICTIONS:
@@ -117,7 +119,7 @@ class LMSDiscreteScheduler(_VEInputMixin, _lms.LMSDiscreteScheduler):
                 f"order={order} after order={self._ff_loop_order} earlier in this loop: fastflow's "
                 "LMSDiscreteScheduler keeps one order per loop (its plan fixes how many derivatives each step reads)"
             )
-        raw = self.config.prediction_type == "sample"  # diffusers' x0 is then the model output itself
+        raw = self._ff_x0_is_output  # diffusers' x0 is then the model output itself
         prev, pred = self._ff_step(
             model_output, timestep, sample, variant=order, state_dtype=promoted_dtype(sample, model_output),
             index=idx, want_pred=not raw,

@@ -22,8 +22,9 @@ slots, so the drop-in recovers the group's sample from the sample it is given (t
 third call's result, a known linear function of it and the third output). A loop that
 hands the fourth call any other sample (a new tensor or one changed in place, e.g.
 re-noised between calls) raises: diffusers would ignore the change, the recovery would
-not. Stable Diffusion's pipelines set ``skip_prk_steps=True`` on any PNDM scheduler they
-are given; ``PNDMPipeline`` keeps the warm-up.
+not (code traced by ``torch.compile`` is not checked). Stable Diffusion's pipelines set
+``skip_prk_steps=True`` on any PNDM scheduler they are given; ``PNDMPipeline`` keeps the
+warm-up.
 """
 
 from __future__ import annotations
@@ -163,7 +164,7 @@ class PNDMScheduler(FastflowScheduler, _pndm.PNDMScheduler):
         idx = self._ff_peek_index(timestep)
         call = idx - self._ff_loop_start
         phase = call % 4 if 0 <= call < len(self._ff_prk_t) else None  # of a Runge-Kutta call
-        tracing = torch.compiler.is_compiling()
+        tracing = phase is not None and phase >= 2 and torch.compiler.is_compiling()
         if phase == 3 and not tracing and self._ff_prk_mark not in (None, _sample_mark(sample)):
             raise NotImplementedError(
                 f"PNDMScheduler's Runge-Kutta call {call} was given a sample other than the one the call before "

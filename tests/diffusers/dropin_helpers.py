@@ -153,6 +153,23 @@ def compiled_loops(
     return xb, xa
 
 
+WELL_CONDITIONED = 2e-6  # diffusers' float32 loop within this of its float64 loop, relative to the sample's scale
+
+
+def float64_distance(x: torch.Tensor, x64: torch.Tensor) -> float:
+    """How far a loop's final sample is from diffusers' float64 loop's, relative to that loop's scale."""
+    return float((x.double() - x64).abs().max() / x64.abs().max())
+
+
+def assert_no_further_from_float64(xb: torch.Tensor, xa: torch.Tensor, x64: torch.Tensor) -> bool:
+    """The drop-in's final sample ``xb`` is within twice diffusers' float32 loop's (``xa``) distance from diffusers'
+    float64 loop (or 2e-6). Returns whether diffusers' float32 loop is accurate here (within WELL_CONDITIONED), where
+    the drop-in must give its numbers directly."""
+    err32, err_ff = float64_distance(xa, x64), float64_distance(xb, x64)
+    assert err_ff <= max(2 * err32, 2e-6), (err_ff, err32)
+    return err32 <= WELL_CONDITIONED
+
+
 def assert_half_loop_bounded(ref, ff, dtype: torch.dtype, steps: int = 10, model: Callable | None = None) -> None:
     """16-bit sample and model output in, 16-bit out, for schedulers that step in the 16-bit dtype: diffusers
     rounds several times a step, the kernel computes in float32 and rounds once. Both loops (``model``, by
