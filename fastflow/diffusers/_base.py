@@ -282,6 +282,7 @@ class FastflowScheduler:
     # (in the model output's dtype, which the drop-in then writes x_hat in).
     _ff_returns_raw_x0: bool = False
     _ff_x0_is_output: bool = False
+    _ff_initializing: bool = False  # inside diffusers' __init__ (see _wrap_init)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -616,7 +617,14 @@ def _wrap_init(parent_init: Callable) -> Callable:
 
     @functools.wraps(parent_init)
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        parent_init(self, *args, **kwargs)
+        # Some diffusers constructors run set_timesteps(num_train_timesteps) before the config is complete;
+        # fastflow's setup for that schedule would be thrown away (and costs up to ~0.1 s: LMS, Heun), so
+        # it waits for the first step or set_timesteps.
+        self._ff_initializing = True
+        try:
+            parent_init(self, *args, **kwargs)
+        finally:
+            self._ff_initializing = False
         self._ff_compiled = None
         self._ff_check_config()
 
@@ -629,7 +637,8 @@ def _wrap_set_timesteps(parent_set: Callable) -> Callable:
     @functools.wraps(parent_set)
     def set_timesteps(self, *args: Any, **kwargs: Any) -> None:
         parent_set(self, *args, **kwargs)
-        self._ff_reset()
+        if not self._ff_initializing:
+            self._ff_reset()
 
     set_timesteps.__signature__ = inspect.signature(parent_set)
     return set_timesteps

@@ -83,12 +83,6 @@ class HeunDiscreteScheduler(FastflowScheduler, _heun.HeunDiscreteScheduler):
         self._ff_in_scale = ((sig[: len(self._ff_host_timesteps)] ** 2 + 1) ** 0.5).tolist()
         self._ff_first: dict[int, list[bool]] = {}
 
-    def _ff_warm(self) -> None:
-        # diffusers' __init__ runs set_timesteps(num_train_timesteps) before it sets ``use_karras_sigmas``;
-        # a plan for that throwaway schedule would cost ~0.3 s per construction, so it is built on demand.
-        if "use_karras_sigmas" in self.__dict__:
-            super()._ff_warm()
-
     def _ff_clip(self) -> float | None:
         return float(self.config.clip_sample_range) if self.config.clip_sample else None
 

@@ -165,6 +165,21 @@ def test_from_scheduler_and_signatures(name):
     assert ff.order == ref.order
 
 
+@pytest.mark.parametrize("name", ffd.supported())
+def test_construction_sets_up_nothing_for_diffusers_throwaway_schedule(name, monkeypatch):
+    """Constructors that run ``set_timesteps(num_train_timesteps)`` (LMS, Heun, KDPM2) get diffusers' schedule but
+    no fastflow setup for it, which would be discarded (it cost LMS ~80 ms a construction); the first
+    ``set_timesteps`` after it sets up as usual."""
+    resets = []
+    original = ffd.FastflowScheduler._ff_reset
+    monkeypatch.setattr(ffd.FastflowScheduler, "_ff_reset", lambda self: (resets.append(1), original(self))[1])
+    ff = getattr(ffd, name)()
+    assert resets == []
+    ff.set_timesteps(4)
+    assert resets == [1]
+    assert ff._ff_compiled is not None
+
+
 def test_from_scheduler_unsupported_names_the_class():
     with pytest.raises(NotImplementedError, match="KDPM2DiscreteScheduler"):
         ffd.from_scheduler(diffusers.KDPM2DiscreteScheduler())
