@@ -84,12 +84,12 @@ def test_extension_entry(benchmark, entry: str) -> None:
 DROPIN_CLASSES = ("DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
                   "FlowMatchEulerDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler",
                   "HeunDiscreteScheduler", "LCMScheduler", "EDMEulerScheduler", "EDMDPMSolverMultistepScheduler",
-                  "PNDMScheduler", "LMSDiscreteScheduler")
+                  "PNDMScheduler", "LMSDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler")
 DROPIN_CONFIG = {"PNDMScheduler": dict(skip_prk_steps=True)}  # Stable Diffusion 1.x's PNDM: no Runge-Kutta warm-up
 
 
 @pytest.mark.benchmark(group="dropin: a set_timesteps(10) loop of step calls alone, 1x4x16x16 "
-                             "(10 calls, Heun 19, PNDM 11)")
+                             "(10 calls, Heun and KDPM2 19, PNDM 11)")
 @pytest.mark.parametrize("kind", ("fastflow", "diffusers"))
 @pytest.mark.parametrize("name", DROPIN_CLASSES)
 def test_dropin_steps(benchmark, name: str, kind: str) -> None:

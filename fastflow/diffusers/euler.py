@@ -19,13 +19,23 @@ from diffusers.schedulers import scheduling_edm_euler, scheduling_euler_ancestra
 
 from ._base import FastflowScheduler, Lin, StepSpec, X, Z, noise, output_maker
 
-__all__ = ["EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "EDMEulerScheduler"]
+__all__ = ["EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "EDMEulerScheduler", "ve_x0_coefs"]
 
 _SQRT2_M1 = 2**0.5 - 1
 _FIELDS = ("prev_sample", "pred_original_sample")
 _EULER_OUTPUT = output_maker(scheduling_euler_discrete.EulerDiscreteSchedulerOutput, *_FIELDS)
 _ANCESTRAL_OUTPUT = output_maker(scheduling_euler_ancestral_discrete.EulerAncestralDiscreteSchedulerOutput, *_FIELDS)
 _EDM_OUTPUT = output_maker(scheduling_edm_euler.EDMEulerSchedulerOutput, *_FIELDS)
+
+
+def ve_x0_coefs(prediction: str, sigma: float, sigma_hat: float | None = None) -> tuple[float, float]:
+    """diffusers' ``x0 = xz * sample + xo * model_output`` of a variance-exploding sample at ``sigma``
+    (``sigma_hat``, the churned level, for epsilon; default ``sigma``); a data prediction is ``x0`` itself."""
+    if prediction == "epsilon":
+        return 1.0, -(sigma if sigma_hat is None else sigma_hat)
+    if prediction == "v_prediction":
+        return 1.0 / (sigma**2 + 1), -sigma / math.sqrt(sigma**2 + 1)
+    return 0.0, 1.0
 
 
 class _SigmaMixin(FastflowScheduler):
@@ -103,12 +113,7 @@ class _VEInputMixin(_SigmaMixin):
 
     def _ff_x0_coefs(self, sigma: float, sigma_hat: float) -> tuple[float, float]:
         """``x0 = xz * sample + xo * model_output`` at ``sigma`` (``sigma_hat`` after churn, for epsilon)."""
-        pt = self.config.prediction_type
-        if pt == "epsilon":
-            return 1.0, -sigma_hat
-        if pt == "v_prediction":
-            return 1.0 / (sigma**2 + 1), -sigma / math.sqrt(sigma**2 + 1)
-        return 0.0, 1.0
+        return ve_x0_coefs(self.config.prediction_type, sigma, sigma_hat)
 
 
 class EulerDiscreteScheduler(_VEInputMixin, scheduling_euler_discrete.EulerDiscreteScheduler):

@@ -30,6 +30,8 @@ CLASSES = [
     ("PNDMScheduler", dict(SD, skip_prk_steps=True, steps_offset=1), {}),
     ("PNDMScheduler", dict(SD, steps_offset=1), {}),  # the Runge-Kutta warm-up
     ("LMSDiscreteScheduler", dict(SD), dict(order=3)),
+    ("KDPM2DiscreteScheduler", dict(SD), {}),
+    ("KDPM2AncestralDiscreteScheduler", dict(SD, use_karras_sigmas=True), {}),
 ]
 IDS = [f"{n}-{i}" for i, (n, _, _) in enumerate(CLASSES)]
 MINE = sorted({n for n, _, _ in CLASSES})
@@ -63,7 +65,7 @@ def test_torch_compile_fullgraph(name, config, kw):
     torch._dynamo.reset()
     ref, ff = pair(name, **config)
     stochastic = any(k in kw for k in ("eta", "s_churn")) or name in ("DDPMScheduler", "LCMScheduler") or (
-        name.startswith("EulerAncestral") or config.get("stochastic_sampling", False)
+        "Ancestral" in name or config.get("stochastic_sampling", False)
         or config.get("algorithm_type", "").startswith("sde")
     )
     for s in (ref, ff):
@@ -181,8 +183,8 @@ def test_construction_sets_up_nothing_for_diffusers_throwaway_schedule(name, mon
 
 
 def test_from_scheduler_unsupported_names_the_class():
-    with pytest.raises(NotImplementedError, match="KDPM2DiscreteScheduler"):
-        ffd.from_scheduler(diffusers.KDPM2DiscreteScheduler())
+    with pytest.raises(NotImplementedError, match="DEISMultistepScheduler"):
+        ffd.from_scheduler(diffusers.DEISMultistepScheduler())
 
 
 def test_from_config_of_another_scheduler_and_save_load(tmp_path):

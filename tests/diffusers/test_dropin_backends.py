@@ -17,6 +17,7 @@ CASES = [
     ("PNDMScheduler", dict(skip_prk_steps=True, prediction_type="v_prediction"), dict()),  # raw outputs as history
     ("PNDMScheduler", dict(prediction_type="v_prediction"), dict()),  # warm-up: a stored state, three outputs
     ("LMSDiscreteScheduler", dict(prediction_type="v_prediction"), dict()),  # derivatives as history
+    ("KDPM2AncestralDiscreteScheduler", dict(), dict()),  # a saved sample and in-kernel noise
 ]
 FIELDS = {"LCMScheduler": "denoised", "PNDMScheduler": None}  # the prediction field step returns, if any
 

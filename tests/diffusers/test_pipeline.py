@@ -120,6 +120,8 @@ SD_CLASSES = [
     ("EDMDPMSolverMultistepScheduler", dict()),
     ("PNDMScheduler", dict(SD, skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False)),
     ("LMSDiscreteScheduler", dict(SD)),
+    ("KDPM2DiscreteScheduler", dict(SD)),
+    ("KDPM2AncestralDiscreteScheduler", dict(SD)),
 ]
 
 

@@ -94,6 +94,12 @@ def _heun(r: random.Random) -> dict:
     return cfg
 
 
+def _kdpm2(r: random.Random) -> dict:
+    cfg = _vp(r) | r.choice(SIGMAS) | dict(prediction_type=r.choice(("epsilon", "v_prediction")))
+    del cfg["rescale_betas_zero_snr"]  # not an option of diffusers' KDPM2
+    return cfg
+
+
 def _flow(r: random.Random) -> dict:
     cfg = r.choice(SIGMAS) | dict(shift=r.choice((0.5, 1.0, 3.0)), invert_sigmas=r.random() < 0.2)
     if r.random() < 0.3:
@@ -143,6 +149,7 @@ FAMILIES = {
     "DDIMScheduler": _ddim,
     "EulerDiscreteScheduler": _euler,
     "HeunDiscreteScheduler": _heun,
+    "KDPM2DiscreteScheduler": _kdpm2,
     "FlowMatchEulerDiscreteScheduler": _flow,
     "DPMSolverMultistepScheduler": _dpm,
     "UniPCMultistepScheduler": _unipc,
@@ -216,6 +223,7 @@ STOCHASTIC = {
     "DDPMScheduler": _ddpm,
     "LCMScheduler": _lcm,
     "EulerAncestralDiscreteScheduler": _ancestral,
+    "KDPM2AncestralDiscreteScheduler": lambda r: (_kdpm2(r), {}),
     "EulerDiscreteScheduler": _churn,
     "DPMSolverMultistepScheduler": _sde_dpm,
     "FlowMatchEulerDiscreteScheduler": _flow_sde,
