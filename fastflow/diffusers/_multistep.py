@@ -4,6 +4,13 @@ Both convert diffusers' model output to a data (or noise) prediction with the sa
 per-step coefficients, build their next-sample formulas from diffusers' float32
 sigmas in float64, and apply dynamic thresholding as torch ops before the fused step.
 A family supplies only its formulas (:meth:`MultistepScheduler._ff_updates`).
+
+Noise-prediction algorithms (DPM-Solver's ``dpmsolver``, UniPC's ``predict_x0=False``)
+store diffusers' noise prediction. Without thresholding it is linear in the sample and
+the model output, so the kernel's ``x_hat`` is that noise prediction itself and each
+stored one is a single tensor (orders 1 to 3 fit the history slots). With thresholding
+it is ``(z - alpha * clip(x0)) / sigma``: ``x_hat`` is the clipped ``x0`` and each stored
+prediction is two tensors, the sample and ``x_hat`` (orders 1 and 2).
 """
 
 from __future__ import annotations
@@ -19,7 +26,10 @@ from ..solvers.base import Lin, eps_of
 from ._base import FastflowScheduler, StepSpec, X
 from .ddim import thresholded_x0
 
-__all__ = ["MultistepScheduler", "alpha_sigma", "float32_step_length", "half_logsnr", "stored_prediction", "x0_coefs"]
+__all__ = [
+    "MultistepScheduler", "alpha_sigma", "eps_coefs", "float32_step_length", "half_logsnr", "stored_prediction",
+    "x0_coefs",
+]
 
 
 def alpha_sigma(sigmas: Sequence[float] | np.ndarray | torch.Tensor, flow: bool, ve: bool = False) -> tuple[Any, Any]:
@@ -50,6 +60,15 @@ def x0_coefs(prediction: str, alpha: float, sigma: float, sigma_ve: float) -> tu
     if prediction == "flow_prediction":
         return 1.0, -sigma_ve
     raise ValueError(f"prediction_type {prediction!r} is not supported")
+
+
+def eps_coefs(prediction: str, alpha: float, sigma: float, sigma_ve: float) -> tuple[float, float]:
+    """diffusers' noise prediction ``eps = ez * sample + eo * model_output``: ``(sample - alpha * x0) / sigma`` of
+    :func:`x0_coefs` (an epsilon model's output exactly, not through its x0)."""
+    if prediction == "epsilon":
+        return 0.0, 1.0
+    az, ao = x0_coefs(prediction, alpha, sigma, sigma_ve)
+    return (1.0 - alpha * az) / sigma, -alpha * ao / sigma
 
 
 def half_logsnr(
@@ -84,12 +103,15 @@ def float32_step_length(sigma: float, sigma_next: float, flow: bool, ve: bool = 
     return float(lam(sigma_next) - lam(sigma))
 
 
-def stored_prediction(start: int, a: np.ndarray, s: np.ndarray, data: bool) -> Callable[[int], Lin]:
-    """The model output of step ``i`` as diffusers stores it: x0 (``data``) or the noise it implies."""
+def stored_prediction(
+    start: int, a: np.ndarray, s: np.ndarray, data: bool, x_is_eps: bool = False
+) -> Callable[[int], Lin]:
+    """The model output of step ``i`` as diffusers stores it: x0 (``data``) or the noise it implies, which is
+    ``x_hat`` itself with ``x_is_eps`` (see the module docstring)."""
 
     def m(i: int) -> Lin:
         k = i - start
-        return X(k) if data else eps_of(k, a[i], s[i])
+        return X(k) if data or x_is_eps else eps_of(k, a[i], s[i])
 
     return m
 
@@ -98,6 +120,7 @@ class MultistepScheduler(FastflowScheduler):
     """A multistep drop-in: per-step x0 conversion, formulas built once per loop start, optional thresholding."""
 
     _ff_draws = False  # whether each step draws noise
+    _ff_stores_noise = False  # whether diffusers stores noise predictions (families set it from the config)
 
     def _ff_check_config(self) -> None:
         """The checks every multistep family ends with: solver order and prediction type."""
@@ -112,6 +135,11 @@ class MultistepScheduler(FastflowScheduler):
     def _ff_thresholding(self) -> bool:
         return bool(self.config.thresholding)
 
+    @property
+    def _ff_x_is_eps(self) -> bool:
+        """Whether the kernel's ``x_hat`` is diffusers' stored noise prediction (see the module docstring)."""
+        return self._ff_stores_noise and not self._ff_thresholding
+
     def _ff_updates(self, start: int) -> list[Lin]:
         """Next-sample formulas of steps ``start .. n-1`` from ``self._ff_sigmas``.
 
@@ -124,24 +152,25 @@ class MultistepScheduler(FastflowScheduler):
         sig = self.sigmas.detach().to("cpu", torch.float64).numpy()
         self._ff_sigmas = sig
         self._ff_conv = self._ff_conversions(sig)
+        self._ff_kernel_conv = self._ff_conversions(sig, eps_coefs) if self._ff_x_is_eps else self._ff_conv
         if self.num_inference_steps is not None:
             with contextlib.suppress(ValueError):  # a loop from step 0 is undefined: its first step raises
                 self._ff_host_cache["specs0"] = self._ff_build(0)
 
-    def _ff_conversions(self, sig: np.ndarray) -> list[tuple[float, float]]:
-        """Each step's data prediction ``(az, ao)`` (:func:`x0_coefs`) at diffusers' sigmas ``sig``, as Python
-        floats, not numpy's: step reads them (thresholding), and torch.compile traces numpy scalars as tensors,
-        so a branch on one would break the graph."""
+    def _ff_conversions(self, sig: np.ndarray, coefs: Callable = x0_coefs) -> list[tuple[float, float]]:
+        """Each step's data prediction ``(az, ao)`` (:func:`x0_coefs`; or ``coefs``, e.g. :func:`eps_coefs`) at
+        diffusers' sigmas ``sig``, as Python floats, not numpy's: step reads them (thresholding), and
+        torch.compile traces numpy scalars as tensors, so a branch on one would break the graph."""
         cfg = self.config
         a, s = alpha_sigma(sig, cfg.use_flow_sigmas)
         return [
-            tuple(float(c) for c in x0_coefs(cfg.prediction_type, a[i], s[i], sig[i])) for i in range(len(sig) - 1)
+            tuple(float(c) for c in coefs(cfg.prediction_type, a[i], s[i], sig[i])) for i in range(len(sig) - 1)
         ]
 
     def _ff_build(self, start: int) -> list[StepSpec]:
         specs = []
         for k, u in enumerate(self._ff_updates(start)):
-            xz, xo = (0.0, 1.0) if self._ff_thresholding else self._ff_conv[start + k]
+            xz, xo = (0.0, 1.0) if self._ff_thresholding else self._ff_kernel_conv[start + k]
             specs.append(StepSpec(xz, xo, u, draws=self._ff_draws))
         return specs
 

@@ -57,13 +57,16 @@ def dpm_updates(
     flow: bool = False,
     ve: bool = False,
     sde_max_order: int = 3,
+    x_is_eps: bool = False,
 ) -> tuple[list[Lin], list[int]]:
     """Next-sample formulas for steps ``start .. n-1`` of a diffusers DPM-Solver loop, and each step's order.
 
     ``sigmas`` are diffusers' ``n + 1`` sigmas, flow sigmas with ``flow``, variance-exploding ones (``alpha = 1``)
     with ``ve``. Formula ``k`` is step ``start + k``; ``X(k)`` is diffusers' converted model output (x0 for the
     ``++`` variants). An SDE step above ``sde_max_order`` raises when it runs (diffusers' EDM scheduler defines
-    none of order 3 and fails there).
+    none of order 3 and fails there). ``x_is_eps``: the noise-prediction algorithms' ``X(k)`` is the noise
+    prediction itself (no thresholding), not x0; without it their stored predictions need two tensors each, so
+    only orders 1 and 2 fit.
     """
     if algorithm_type not in ALGORITHMS:
         raise ValueError(f"algorithm_type {algorithm_type!r} is not supported; valid: {', '.join(ALGORITHMS)}")
@@ -72,10 +75,12 @@ def dpm_updates(
     orders = dpm_orders(n, start, solver_order, lower_order_final, euler_at_final, final_zero)
     plus = algorithm_type.endswith("++")
     sde = algorithm_type.startswith("sde")
-    if not plus and max(orders) > 2:
-        raise ValueError(f"algorithm_type {algorithm_type!r} with solver_order 3 is not supported (only 1 and 2)")
+    if not plus and max(orders) > 2 and not x_is_eps:
+        raise ValueError(
+            f"algorithm_type {algorithm_type!r} with solver_order 3 and thresholding is not supported (only 1 and 2)"
+        )
 
-    m = stored_prediction(start, a, s, plus)  # x0 (``++``) or eps
+    m = stored_prediction(start, a, s, plus, x_is_eps)  # x0 (``++``) or eps
 
     def length32(j: int) -> float:
         """Step ``j``'s length as diffusers' float32 sees it where the float64 one is tiny (elsewhere they agree
@@ -115,7 +120,7 @@ def dpm_updates(
                 )
             updates.append(Z(k))
             continue
-        if sde and p > sde_max_order:
+        if sde and p > (sde_max_order if plus else 2):
             raise ValueError(
                 f"step {i} is of order {p}, and {algorithm_type!r} has no step of that order in this scheduler "
                 f"(diffusers fails there); use solver_order={sde_max_order}"
@@ -136,7 +141,9 @@ def dpm_updates(
             ep1 = math.expm1(h)
             c = 2.0 if sde else 1.0
             out = z * (a_t / a[i]) - d0 * (c * s_t * ep1)
-            if d1 is not None:
+            if d2 is not None:  # diffusers' third order ignores solver_type (it has no SDE one)
+                out = out - d1 * (s_t * (ep1 / h - 1.0)) - d2 * (s_t * ((ep1 - h) / h**2 - 0.5))
+            elif d1 is not None:
                 w = 0.5 * c * s_t * ep1 if solver_type == "midpoint" else c * s_t * (ep1 / h - 1.0)
                 out = out - d1 * w
             if sde:
@@ -151,6 +158,10 @@ class DPMSolverFormulas(MultistepScheduler):
     parametrization (:meth:`_ff_sigma_kind`) and highest SDE order."""
 
     _ff_sde_max_order = 3
+
+    @property
+    def _ff_stores_noise(self) -> bool:
+        return not self.config.algorithm_type.endswith("++")
 
     def _ff_sigma_kind(self) -> dict[str, bool]:
         """``dpm_updates``' keywords for what diffusers' sigmas are (``flow``, ``ve``)."""
@@ -172,6 +183,7 @@ class DPMSolverFormulas(MultistepScheduler):
             euler_at_final=cfg.euler_at_final,
             final_zero=cfg.final_sigmas_type == "zero",
             sde_max_order=self._ff_sde_max_order,
+            x_is_eps=self._ff_x_is_eps,
             **self._ff_sigma_kind(),
         )
         return updates
@@ -180,11 +192,12 @@ class DPMSolverFormulas(MultistepScheduler):
 class DPMSolverMultistepScheduler(DPMSolverFormulas, _dpm.DPMSolverMultistepScheduler):
     """diffusers' ``DPMSolverMultistepScheduler`` whose ``step`` is one fused fastflow call.
 
-    Algorithms ``dpmsolver++`` and ``sde-dpmsolver++`` (orders 1-3), ``dpmsolver``
-    and ``sde-dpmsolver`` (orders 1-2: their noise-prediction history needs a stored
-    sample per step). Dynamic thresholding needs a per-sample quantile of x0: it runs
-    as plain torch ops before the fused step (sync-free, not fused), and the kernel
-    reads the thresholded x0 in place of the model output.
+    Algorithms ``dpmsolver++``, ``sde-dpmsolver++``, ``dpmsolver`` and ``sde-dpmsolver``,
+    orders 1-3 (the noise-prediction ones with dynamic thresholding: 1-2, since a
+    thresholded noise prediction needs a stored sample per step). Dynamic thresholding
+    needs a per-sample quantile of x0: it runs as plain torch ops before the fused step
+    (sync-free, not fused), and the kernel reads the thresholded x0 in place of the model
+    output.
     """
 
     def _ff_check_config(self) -> None:
@@ -193,11 +206,17 @@ class DPMSolverMultistepScheduler(DPMSolverFormulas, _dpm.DPMSolverMultistepSche
         if cfg.algorithm_type not in ALGORITHMS:
             raise NotImplementedError(f"algorithm_type={cfg.algorithm_type!r} is not supported by fastflow's {name}")
         if cfg.algorithm_type in ("dpmsolver", "sde-dpmsolver"):
-            if cfg.solver_order > 2:
+            if cfg.algorithm_type == "sde-dpmsolver" and cfg.solver_order > 2:
                 raise NotImplementedError(
-                    f"algorithm_type={cfg.algorithm_type!r} with solver_order={cfg.solver_order} is not supported "
-                    f"by fastflow's {name} (orders 1 and 2 are): its noise-prediction history would need four "
-                    "stored tensors"
+                    f"algorithm_type='sde-dpmsolver' with solver_order={cfg.solver_order} is not supported: diffusers "
+                    "defines no third-order step for it (its step fails there); use solver_order=2"
+                )
+            if cfg.solver_order > 2 and cfg.thresholding:
+                raise NotImplementedError(
+                    f"algorithm_type={cfg.algorithm_type!r} with thresholding=True and "
+                    f"solver_order={cfg.solver_order} is not supported by fastflow's {name} (orders 1 and 2 are, "
+                    "and order 3 without thresholding): its thresholded noise predictions would need four stored "
+                    "tensors"
                 )
             if cfg.prediction_type == "flow_prediction":
                 raise NotImplementedError(

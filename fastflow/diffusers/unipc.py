@@ -53,16 +53,18 @@ def unipc_updates(
     lower_order_final: bool = True,
     disable_corrector: Sequence[int] = (),
     flow: bool = False,
+    x_is_eps: bool = False,
 ) -> tuple[list[Lin], list[int]]:
     """Next-sample formulas for steps ``start .. n-1`` of a diffusers UniPC loop, and each step's predictor order.
 
-    With ``predict_x0=False`` diffusers stores noise predictions; each needs a stored
-    state and data prediction, so only ``solver_order=1`` fits the three history slots.
+    With ``predict_x0=False`` diffusers stores noise predictions: ``x_is_eps`` says ``X(k)`` is
+    that prediction itself; without it each needs a stored state and data prediction, so only
+    ``solver_order=1`` fits the three history slots.
     """
     if solver_type not in SOLVER_TYPES:
         raise ValueError(f"solver_type {solver_type!r} is not supported; valid: {', '.join(SOLVER_TYPES)}")
-    if not predict_x0 and solver_order != 1:
-        raise ValueError("predict_x0=False is supported with solver_order=1 only")
+    if not predict_x0 and not x_is_eps and solver_order != 1:
+        raise ValueError("predict_x0=False with x0 as x_hat is supported with solver_order=1 only")
     sig, a, s, lam = half_logsnr(sigmas, flow, start)
     n = len(sig) - 1
     orders = unipc_orders(n, start, solver_order, lower_order_final)
@@ -70,7 +72,7 @@ def unipc_updates(
     # x0 form steps with (sigma ratio, alpha); the noise form with (alpha ratio, sigma) and the opposite sign of h.
     sign = -1.0 if predict_x0 else 1.0
 
-    m = stored_prediction(start, a, s, predict_x0)
+    m = stored_prediction(start, a, s, predict_x0, x_is_eps)
 
     def ratio(t: int, f: int) -> float:
         return s[t] / s[f] if predict_x0 else a[t] / a[f]
@@ -116,8 +118,8 @@ class UniPCMultistepScheduler(MultistepScheduler, _unipc.UniPCMultistepScheduler
     """diffusers' ``UniPCMultistepScheduler`` whose ``step`` is one fused fastflow call.
 
     bh1/bh2, orders 1-3, ``disable_corrector``, ``lower_order_final``, flow sigmas and
-    dynamic shifting. ``predict_x0=False`` works with ``solver_order=1``;
-    ``solver_p`` (another scheduler as predictor) raises. Dynamic thresholding runs
+    dynamic shifting, ``predict_x0`` either way (with ``False`` the kernel's ``x_hat`` is
+    the noise prediction diffusers stores); ``solver_p`` (another scheduler as predictor) raises. Dynamic thresholding runs
     as plain torch ops before the fused step (sync-free, not fused), as in DPM-Solver.
     """
 
@@ -126,11 +128,6 @@ class UniPCMultistepScheduler(MultistepScheduler, _unipc.UniPCMultistepScheduler
         name = type(self).__name__
         if self.solver_p is not None:
             raise NotImplementedError(f"solver_p (another scheduler as UniPC's predictor) is not supported by {name}")
-        if not cfg.predict_x0 and cfg.solver_order != 1:
-            raise NotImplementedError(
-                f"predict_x0=False with solver_order={cfg.solver_order} is not supported by fastflow's {name} "
-                "(solver_order=1 is): its noise-prediction history would need more than three stored tensors"
-            )
         if not cfg.predict_x0 and cfg.prediction_type == "flow_prediction":
             raise NotImplementedError("prediction_type='flow_prediction' with predict_x0=False is not supported "
                                       "(diffusers rejects it too)")
@@ -139,6 +136,10 @@ class UniPCMultistepScheduler(MultistepScheduler, _unipc.UniPCMultistepScheduler
     @property
     def _ff_thresholding(self) -> bool:
         return bool(self.config.thresholding) and self.predict_x0  # diffusers thresholds x0 predictions only
+
+    @property
+    def _ff_stores_noise(self) -> bool:
+        return not self.predict_x0
 
     def _ff_updates(self, start: int) -> list[Lin]:
         cfg = self.config
@@ -151,6 +152,7 @@ class UniPCMultistepScheduler(MultistepScheduler, _unipc.UniPCMultistepScheduler
             lower_order_final=cfg.lower_order_final,
             disable_corrector=self.disable_corrector,
             flow=cfg.use_flow_sigmas,
+            x_is_eps=self._ff_x_is_eps,
         )
         return updates
 

@@ -32,7 +32,7 @@ diffusers = pytest.importorskip("diffusers")
 ALGORITHMS = [
     ("dpmsolver++", 1), ("dpmsolver++", 2), ("dpmsolver++", 3),
     ("sde-dpmsolver++", 1), ("sde-dpmsolver++", 2), ("sde-dpmsolver++", 3),
-    ("dpmsolver", 1), ("dpmsolver", 2), ("sde-dpmsolver", 1), ("sde-dpmsolver", 2),
+    ("dpmsolver", 1), ("dpmsolver", 2), ("dpmsolver", 3), ("sde-dpmsolver", 1), ("sde-dpmsolver", 2),
 ]
 
 
@@ -311,8 +311,10 @@ def test_save_load_config(tmp_path):
 @pytest.mark.parametrize(
     "config, match",
     [
-        (dict(algorithm_type="dpmsolver", solver_order=3, final_sigmas_type="sigma_min"), "solver_order=3"),
-        (dict(algorithm_type="sde-dpmsolver", solver_order=3, final_sigmas_type="sigma_min"), "solver_order=3"),
+        (dict(algorithm_type="dpmsolver", solver_order=3, final_sigmas_type="sigma_min", thresholding=True),
+         "thresholding=True and solver_order=3"),
+        (dict(algorithm_type="sde-dpmsolver", solver_order=3, final_sigmas_type="sigma_min"),
+         "no third-order step"),
         (dict(algorithm_type="dpmsolver", prediction_type="flow_prediction", final_sigmas_type="sigma_min"),
          "flow_prediction"),
     ],

@@ -14,6 +14,7 @@ from dropin_helpers import (
     assert_bfloat16_parity,
     assert_close,
     assert_multistep_api,
+    assert_no_further_from_float64,
     assert_unet_loops_match,
     begin_index_loops,
     compiled_loops,
@@ -53,8 +54,10 @@ def _grid():
         enumerate(itertools.product([False, True], [True, False], [6, 20])),
         itertools.cycle(["epsilon", "v_prediction", "sample"]),
     ):
-        out.append((dict(solver_order=1, predict_x0=False, solver_type=("bh1", "bh2")[c % 2], prediction_type=pred,
-                         use_karras_sigmas=karras, final_sigmas_type="sigma_min", lower_order_final=lof), steps))
+        for order in (1, 2, 3):
+            out.append((dict(solver_order=order, predict_x0=False, solver_type=("bh1", "bh2")[(c + order) % 2],
+                             prediction_type=pred, use_karras_sigmas=karras, final_sigmas_type="sigma_min",
+                             lower_order_final=lof), steps))
     return out
 
 
@@ -66,11 +69,26 @@ def _id(case):
             f"{'-eps' if cfg.get('predict_x0') is False else ''}-n{steps}")
 
 
+def _float64_loop(cfg: dict, steps: int, model) -> torch.Tensor:
+    """diffusers' loop with its float32 sigmas and the sample in float64 (its coefficients then in float64 too):
+    the reference both float32 loops round from."""
+    ref, _ = pair(**cfg)
+    ref.set_timesteps(steps)
+    ref.sigmas = ref.sigmas.double()
+    x = start_noise(0).double() * float(ref.init_noise_sigma)
+    for t in ref.timesteps:
+        x = ref.step(model(ref.scale_model_input(x, t), t), t, x).prev_sample
+    return x
+
+
 @pytest.mark.parametrize("case", _grid(), ids=_id)
 def test_grid_parity(case):
     """Orders 1-3, bh1/bh2, prediction types, Karras sigmas, final sigma types, lower_order_final,
-    disable_corrector, below and above 15 steps: full loops agree with diffusers, or, exactly where diffusers
-    returns NaN (bh1 or a high-order step onto sigma = 0 or a zero-length step), the loop's first step raises."""
+    disable_corrector, below and above 15 steps, x0 and noise forms: full loops agree with diffusers, or, exactly
+    where diffusers returns NaN (bh1 or a high-order step onto sigma = 0 or a zero-length step), the loop's first
+    step raises. The noise form (``predict_x0=False``) on 6 steps is ill-conditioned in float32: diffusers' loop
+    ends 1e-4 to 2e-3 from its own float64 loop (its coefficients' float32 arithmetic; the drop-in folds them in
+    float64); there the drop-in's loop must be within twice diffusers' distance from that float64 loop."""
     cfg, steps = case
     ref, ff = pair(**cfg)
     model = posterior_model(ref)
@@ -83,6 +101,8 @@ def test_grid_parity(case):
             run_loop(ff, steps, model=model)
         return
     xb, _ = run_loop(ff, steps, model=model)
+    if not cfg.get("predict_x0", True) and not assert_no_further_from_float64(xb, xa, _float64_loop(cfg, steps, model)):
+        return  # the noise form on few steps: diffusers' float32 coefficients move its loop up to 1e-3 (see below)
     # The bound is float32 round-off of this loop, measured: 1e-5, or 3x the drop-in's own float32-vs-float64
     # distance where the loop amplifies round-off more (order 3 on few steps, whose extrapolation weights are
     # large: up to ~3e-5 in this grid, where diffusers is as far from float64 as the drop-in).
@@ -172,7 +192,6 @@ def test_api_surface():
 @pytest.mark.parametrize(
     "config, match",
     [
-        (dict(predict_x0=False, solver_order=2), "predict_x0=False"),
         (dict(solver_p=diffusers.DDIMScheduler()), "solver_p"),
     ],
 )
