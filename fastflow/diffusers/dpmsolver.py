@@ -192,9 +192,9 @@ class DPMSolverFormulas(MultistepScheduler):
 class DPMSolverMultistepScheduler(DPMSolverFormulas, _dpm.DPMSolverMultistepScheduler):
     """diffusers' ``DPMSolverMultistepScheduler`` whose ``step`` is one fused fastflow call.
 
-    Algorithms ``dpmsolver++``, ``sde-dpmsolver++``, ``dpmsolver`` and ``sde-dpmsolver``,
-    orders 1-3 (the noise-prediction ones with dynamic thresholding: 1-2, since a
-    thresholded noise prediction needs a stored sample per step). Dynamic thresholding
+    Algorithms ``dpmsolver++``, ``sde-dpmsolver++`` and ``dpmsolver``, orders 1-3 (``dpmsolver``
+    with dynamic thresholding 1-2, since a thresholded noise prediction needs a stored sample per
+    step); ``sde-dpmsolver``, orders 1-2 (diffusers has no third-order step for it). Dynamic thresholding
     needs a per-sample quantile of x0: it runs as plain torch ops before the fused step
     (sync-free, not fused), and the kernel reads the thresholded x0 in place of the model
     output.

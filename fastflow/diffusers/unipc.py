@@ -119,8 +119,9 @@ class UniPCMultistepScheduler(MultistepScheduler, _unipc.UniPCMultistepScheduler
 
     bh1/bh2, orders 1-3, ``disable_corrector``, ``lower_order_final``, flow sigmas and
     dynamic shifting, ``predict_x0`` either way (with ``False`` the kernel's ``x_hat`` is
-    the noise prediction diffusers stores); ``solver_p`` (another scheduler as predictor) raises. Dynamic thresholding runs
-    as plain torch ops before the fused step (sync-free, not fused), as in DPM-Solver.
+    the noise prediction diffusers stores); ``solver_p`` (another scheduler as predictor)
+    raises. Dynamic thresholding runs as plain torch ops before the fused step (sync-free,
+    not fused), as in DPM-Solver.
     """
 
     def _ff_check_config(self) -> None:
