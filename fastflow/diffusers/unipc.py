@@ -88,10 +88,12 @@ def unipc_updates(
             )
         zero_length = lam[i + 1] == lam[i]
         if (not math.isfinite(lam[i + 1]) and (order > 1 or not predict_x0)) or (zero_length and order > 2):
+            fix = ("final_sigmas_type='sigma_min' or predict_x0=True" if not predict_x0 and s[i + 1] == 0
+                   else "lower_order_final=True, final_sigmas_type='zero' or predict_x0=True")
             raise ValueError(
                 f"the {what} of step {i} ends at sigma {sig[i + 1]:.6g} with order {order}"
                 f"{'' if predict_x0 else ' and predict_x0=False'}, where diffusers divides by zero "
-                "(returns NaN or fails); use lower_order_final=True, final_sigmas_type='zero' or predict_x0=True"
+                f"(returns NaN or fails); use {fix}"
             )
 
     updates = []

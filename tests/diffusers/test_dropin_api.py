@@ -31,6 +31,10 @@ CLASSES = [
     ("PNDMScheduler", dict(SD, steps_offset=1), {}),  # the Runge-Kutta warm-up
     ("LMSDiscreteScheduler", dict(SD), dict(order=3)),
     ("KDPM2DiscreteScheduler", dict(SD), {}),
+    # noise-prediction multistep: x_hat is the stored noise prediction (one history tensor a step)
+    ("DPMSolverMultistepScheduler", dict(SD, algorithm_type="dpmsolver", solver_order=3,
+                                         final_sigmas_type="sigma_min"), {}),
+    ("UniPCMultistepScheduler", dict(SD, predict_x0=False, solver_order=3, final_sigmas_type="sigma_min"), {}),
     ("KDPM2AncestralDiscreteScheduler", dict(SD, use_karras_sigmas=True), {}),
 ]
 IDS = [f"{n}-{i}" for i, (n, _, _) in enumerate(CLASSES)]
