@@ -14,6 +14,7 @@ from typing import Any
 
 from ._base import FastflowScheduler, registry
 from .ddim import DDIMScheduler, DDPMScheduler
+from .deis import DEISMultistepScheduler
 from .dpmsolver import DPMSolverMultistepScheduler
 from .edm_dpmsolver import EDMDPMSolverMultistepScheduler
 from .euler import EDMEulerScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
@@ -28,6 +29,7 @@ from .unipc import UniPCMultistepScheduler
 __all__ = [
     "DDIMScheduler",
     "DDPMScheduler",
+    "DEISMultistepScheduler",
     "DPMSolverMultistepScheduler",
     "EDMDPMSolverMultistepScheduler",
     "EDMEulerScheduler",

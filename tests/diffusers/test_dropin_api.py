@@ -35,6 +35,7 @@ CLASSES = [
     ("DPMSolverMultistepScheduler", dict(SD, algorithm_type="dpmsolver", solver_order=3,
                                          final_sigmas_type="sigma_min"), {}),
     ("UniPCMultistepScheduler", dict(SD, predict_x0=False, solver_order=3, final_sigmas_type="sigma_min"), {}),
+    ("DEISMultistepScheduler", dict(SD, solver_order=3), {}),
     ("KDPM2AncestralDiscreteScheduler", dict(SD, use_karras_sigmas=True), {}),
 ]
 IDS = [f"{n}-{i}" for i, (n, _, _) in enumerate(CLASSES)]
@@ -187,8 +188,8 @@ def test_construction_sets_up_nothing_for_diffusers_throwaway_schedule(name, mon
 
 
 def test_from_scheduler_unsupported_names_the_class():
-    with pytest.raises(NotImplementedError, match="DEISMultistepScheduler"):
-        ffd.from_scheduler(diffusers.DEISMultistepScheduler())
+    with pytest.raises(NotImplementedError, match="DPMSolverSinglestepScheduler"):
+        ffd.from_scheduler(diffusers.DPMSolverSinglestepScheduler())
 
 
 def test_from_config_of_another_scheduler_and_save_load(tmp_path):

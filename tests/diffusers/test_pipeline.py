@@ -122,6 +122,7 @@ SD_CLASSES = [
     ("LMSDiscreteScheduler", dict(SD)),
     ("KDPM2DiscreteScheduler", dict(SD)),
     ("KDPM2AncestralDiscreteScheduler", dict(SD)),
+    ("DEISMultistepScheduler", dict(SD)),
 ]
 
 

@@ -139,6 +139,12 @@ def _unipc(r: random.Random) -> dict:
     return cfg
 
 
+def _deis(r: random.Random) -> dict:
+    cfg = _multistep(r)
+    del cfg["final_sigmas_type"], cfg["rescale_betas_zero_snr"]  # not options of diffusers' DEIS
+    return cfg
+
+
 def _edm(r: random.Random) -> dict:
     return dict(sigma_schedule=r.choice(("karras", "exponential")), final_sigmas_type=r.choice(("zero", "sigma_min")),
                 prediction_type=r.choice(("epsilon", "v_prediction")), rho=r.choice((3.0, 7.0)),
@@ -153,6 +159,7 @@ FAMILIES = {
     "FlowMatchEulerDiscreteScheduler": _flow,
     "DPMSolverMultistepScheduler": _dpm,
     "UniPCMultistepScheduler": _unipc,
+    "DEISMultistepScheduler": _deis,
     "EDMEulerScheduler": _edm,
 }
 
