@@ -24,6 +24,7 @@ from .kdpm2 import KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler
 from .lcm import LCMScheduler
 from .lms import LMSDiscreteScheduler
 from .pndm import PNDMScheduler
+from .tcd import TCDScheduler
 from .unipc import UniPCMultistepScheduler
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "LCMScheduler",
     "LMSDiscreteScheduler",
     "PNDMScheduler",
+    "TCDScheduler",
     "UniPCMultistepScheduler",
     "FastflowScheduler",
     "from_scheduler",

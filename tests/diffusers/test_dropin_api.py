@@ -36,6 +36,7 @@ CLASSES = [
                                          final_sigmas_type="sigma_min"), {}),
     ("UniPCMultistepScheduler", dict(SD, predict_x0=False, solver_order=3, final_sigmas_type="sigma_min"), {}),
     ("DEISMultistepScheduler", dict(SD, solver_order=3), {}),
+    ("TCDScheduler", dict(), {}),  # eta 0.3 by default: noise on every step but the last
     ("KDPM2AncestralDiscreteScheduler", dict(SD, use_karras_sigmas=True), {}),
 ]
 IDS = [f"{n}-{i}" for i, (n, _, _) in enumerate(CLASSES)]
@@ -69,9 +70,9 @@ def test_torch_compile_fullgraph(name, config, kw):
     """Once the first (eager) step has compiled the plan, a step traces with fullgraph=True (no graph break)."""
     torch._dynamo.reset()
     ref, ff = pair(name, **config)
-    stochastic = any(k in kw for k in ("eta", "s_churn")) or name in ("DDPMScheduler", "LCMScheduler") or (
-        "Ancestral" in name or config.get("stochastic_sampling", False)
-        or config.get("algorithm_type", "").startswith("sde")
+    stochastic = any(k in kw for k in ("eta", "s_churn")) or (
+        name in ("DDPMScheduler", "LCMScheduler", "TCDScheduler") or "Ancestral" in name
+        or config.get("stochastic_sampling", False) or config.get("algorithm_type", "").startswith("sde")
     )
     for s in (ref, ff):
         s.set_timesteps(5)

@@ -22,6 +22,7 @@ CASES = [
     ("EulerDiscreteScheduler", dict(), dict(s_churn=5.0), "scheduling_euler_discrete"),
     ("FlowMatchEulerDiscreteScheduler", dict(stochastic_sampling=True), dict(), "scheduling_flow_match_euler_discrete"),
     ("LCMScheduler", dict(), dict(), "scheduling_lcm"),
+    ("TCDScheduler", dict(), dict(eta=0.5), "scheduling_tcd"),
 ]
 
 

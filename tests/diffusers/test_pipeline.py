@@ -123,6 +123,7 @@ SD_CLASSES = [
     ("KDPM2DiscreteScheduler", dict(SD)),
     ("KDPM2AncestralDiscreteScheduler", dict(SD)),
     ("DEISMultistepScheduler", dict(SD)),
+    ("TCDScheduler", dict(SD)),
 ]
 
 

@@ -208,6 +208,11 @@ def _lcm(r: random.Random) -> tuple[dict, dict]:
     return _ddim(r) | dict(original_inference_steps=r.choice((30, 50)), timestep_scaling=r.choice((5.0, 10.0))), {}
 
 
+def _tcd(r: random.Random) -> tuple[dict, dict]:
+    cfg = _ddim(r) | dict(original_inference_steps=r.choice((30, 50)), timestep_scaling=r.choice((5.0, 10.0)))
+    return cfg, dict(eta=r.choice((0.0, 0.3, 1.0)))
+
+
 def _ancestral(r: random.Random) -> tuple[dict, dict]:
     return _vp(r) | dict(prediction_type=r.choice(("epsilon", "v_prediction"))), {}
 
@@ -229,6 +234,7 @@ STOCHASTIC = {
     "DDIMScheduler": _ddim_eta,
     "DDPMScheduler": _ddpm,
     "LCMScheduler": _lcm,
+    "TCDScheduler": _tcd,
     "EulerAncestralDiscreteScheduler": _ancestral,
     "KDPM2AncestralDiscreteScheduler": lambda r: (_kdpm2(r), {}),
     "EulerDiscreteScheduler": _churn,
