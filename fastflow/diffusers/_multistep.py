@@ -1,13 +1,16 @@
-"""Shared host side of the multistep drop-ins (DPM-Solver, UniPC).
+"""Shared host side of the multistep drop-ins (DPM-Solver multistep and singlestep, UniPC, DEIS).
 
-Both convert diffusers' model output to a data (or noise) prediction with the same
+They convert diffusers' model output to a data (or noise) prediction with the same
 per-step coefficients, build their next-sample formulas from diffusers' float32
 sigmas in float64, and apply dynamic thresholding as torch ops before the fused step.
 A family supplies only its formulas (:meth:`MultistepScheduler._ff_updates`).
 
-Noise-prediction algorithms (DPM-Solver's ``dpmsolver``, UniPC's ``predict_x0=False``)
-store diffusers' noise prediction. Without thresholding it is linear in the sample and
-the model output, so the kernel's ``x_hat`` is that noise prediction itself and each
+Noise-prediction algorithms (DPM-Solver's ``dpmsolver``, UniPC's ``predict_x0=False``,
+DEIS) store diffusers' noise prediction: DEIS converts through x0, ``(z - alpha x0) /
+sigma``, the others straight from the model output (:func:`noise_coefs`; on flow sigmas
+the two differ for ``v_prediction``, and what such an algorithm thresholds is the x0
+its noise implies). Without thresholding the noise prediction is linear in the sample
+and the model output, so the kernel's ``x_hat`` is that prediction itself and each
 stored one is a single tensor (orders 1 to 3 fit the history slots). With thresholding
 it is ``(z - alpha * clip(x0)) / sigma``: ``x_hat`` is the clipped ``x0`` and each stored
 prediction is two tensors, the sample and ``x_hat`` (orders 1 and 2).
@@ -27,8 +30,8 @@ from ._base import FastflowScheduler, StepSpec, X
 from .ddim import thresholded_x0
 
 __all__ = [
-    "MultistepScheduler", "alpha_sigma", "eps_coefs", "float32_step_length", "half_logsnr", "stored_prediction",
-    "x0_coefs",
+    "MultistepScheduler", "alpha_sigma", "eps_coefs", "float32_step_length", "half_logsnr", "noise_coefs",
+    "stored_prediction", "x0_coefs", "x0_of_noise_coefs",
 ]
 
 
@@ -69,6 +72,25 @@ def eps_coefs(prediction: str, alpha: float, sigma: float, sigma_ve: float) -> t
         return 0.0, 1.0
     az, ao = x0_coefs(prediction, alpha, sigma, sigma_ve)
     return (1.0 - alpha * az) / sigma, -alpha * ao / sigma
+
+
+def noise_coefs(prediction: str, alpha: float, sigma: float, sigma_ve: float) -> tuple[float, float]:
+    """diffusers' noise prediction taken straight from the model output, as DPM-Solver's ``dpmsolver`` and UniPC's
+    ``predict_x0=False`` convert it: ``eps = ez * sample + eo * model_output``."""
+    if prediction == "epsilon":
+        return 0.0, 1.0
+    if prediction == "sample":
+        return 1.0 / sigma, -alpha / sigma
+    if prediction == "v_prediction":
+        return sigma, alpha
+    raise ValueError(f"prediction_type {prediction!r} has no noise conversion in diffusers")
+
+
+def x0_of_noise_coefs(prediction: str, alpha: float, sigma: float, sigma_ve: float) -> tuple[float, float]:
+    """The x0 a :func:`noise_coefs` noise prediction implies, ``(sample - sigma * eps) / alpha`` (what diffusers
+    thresholds for those algorithms)."""
+    ez, eo = noise_coefs(prediction, alpha, sigma, sigma_ve)
+    return (1.0 - sigma * ez) / alpha, -sigma * eo / alpha
 
 
 def half_logsnr(
@@ -121,6 +143,7 @@ class MultistepScheduler(FastflowScheduler):
 
     _ff_draws = False  # whether each step draws noise
     _ff_stores_noise = False  # whether diffusers stores noise predictions (families set it from the config)
+    _ff_noise_via_x0 = False  # whether it converts them through x0 (DEIS) rather than from the output directly
 
     def _ff_check_config(self) -> None:
         """The checks every multistep family ends with: solver order and prediction type."""
@@ -152,15 +175,25 @@ class MultistepScheduler(FastflowScheduler):
         sig = self.sigmas.detach().to("cpu", torch.float64).numpy()
         self._ff_sigmas = sig
         self._ff_conv = self._ff_conversions(sig)
-        self._ff_kernel_conv = self._ff_conversions(sig, eps_coefs) if self._ff_x_is_eps else self._ff_conv
+        if self._ff_x_is_eps:
+            noise = eps_coefs if self._ff_noise_via_x0 else noise_coefs
+            self._ff_kernel_conv = self._ff_per_step(sig, noise)
+        else:
+            self._ff_kernel_conv = self._ff_conv
         if self.num_inference_steps is not None:
             with contextlib.suppress(ValueError):  # a loop from step 0 is undefined: its first step raises
                 self._ff_host_cache["specs0"] = self._ff_build(0)
 
-    def _ff_conversions(self, sig: np.ndarray, coefs: Callable = x0_coefs) -> list[tuple[float, float]]:
-        """Each step's data prediction ``(az, ao)`` (:func:`x0_coefs`; or ``coefs``, e.g. :func:`eps_coefs`) at
-        diffusers' sigmas ``sig``, as Python floats, not numpy's: step reads them (thresholding), and
-        torch.compile traces numpy scalars as tensors, so a branch on one would break the graph."""
+    def _ff_conversions(self, sig: np.ndarray) -> list[tuple[float, float]]:
+        """Each step's data prediction ``(az, ao)`` at diffusers' sigmas ``sig``: :func:`x0_coefs`, or for an
+        algorithm that takes its noise prediction straight from the output, the x0 that implies."""
+        direct_noise = self._ff_stores_noise and not self._ff_noise_via_x0
+        return self._ff_per_step(sig, x0_of_noise_coefs if direct_noise else x0_coefs)
+
+    def _ff_per_step(self, sig: np.ndarray, coefs: Callable) -> list[tuple[float, float]]:
+        """``coefs(prediction_type, alpha, sigma, sigma_ve)`` at each step's sigma, as Python floats, not numpy's:
+        step reads them (thresholding), and torch.compile traces numpy scalars as tensors, so a branch on one
+        would break the graph."""
         cfg = self.config
         a, s = alpha_sigma(sig, cfg.use_flow_sigmas)
         return [

@@ -91,7 +91,8 @@ class DEISMultistepScheduler(MultistepScheduler, _deis.DEISMultistepScheduler):
     exponential / beta / flow sigmas and dynamic shifting (diffusers' own schedule).
     """
 
-    _ff_stores_noise = True  # diffusers' DEIS converts every model output to a noise prediction
+    _ff_stores_noise = True  # diffusers' DEIS converts every model output to a noise prediction, through x0
+    _ff_noise_via_x0 = True
 
     def _ff_check_config(self) -> None:
         cfg = self.config
