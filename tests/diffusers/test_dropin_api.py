@@ -36,6 +36,8 @@ CLASSES = [
                                          final_sigmas_type="sigma_min"), {}),
     ("UniPCMultistepScheduler", dict(SD, predict_x0=False, solver_order=3, final_sigmas_type="sigma_min"), {}),
     ("DEISMultistepScheduler", dict(SD, solver_order=3), {}),
+    ("DPMSolverSinglestepScheduler", dict(SD, solver_order=3), {}),
+    ("DPMSolverSinglestepScheduler", dict(SD, algorithm_type="sde-dpmsolver++"), {}),
     ("TCDScheduler", dict(), {}),  # eta 0.3 by default: noise on every step but the last
     ("KDPM2AncestralDiscreteScheduler", dict(SD, use_karras_sigmas=True), {}),
 ]
@@ -189,8 +191,8 @@ def test_construction_sets_up_nothing_for_diffusers_throwaway_schedule(name, mon
 
 
 def test_from_scheduler_unsupported_names_the_class():
-    with pytest.raises(NotImplementedError, match="DPMSolverSinglestepScheduler"):
-        ffd.from_scheduler(diffusers.DPMSolverSinglestepScheduler())
+    with pytest.raises(NotImplementedError, match="IPNDMScheduler"):
+        ffd.from_scheduler(diffusers.IPNDMScheduler())
 
 
 def test_from_config_of_another_scheduler_and_save_load(tmp_path):

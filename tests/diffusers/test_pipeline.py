@@ -124,6 +124,8 @@ SD_CLASSES = [
     ("KDPM2AncestralDiscreteScheduler", dict(SD)),
     ("DEISMultistepScheduler", dict(SD)),
     ("TCDScheduler", dict(SD)),
+    ("DPMSolverSinglestepScheduler", dict(SD)),
+    ("DPMSolverSinglestepScheduler", dict(SD, algorithm_type="sde-dpmsolver++", solver_order=3)),
 ]
 
 

@@ -129,6 +129,15 @@ def _dpm(r: random.Random) -> dict:
                                 use_lu_lambdas=r.random() < 0.2, lambda_min_clipped=r.choice((-math.inf, -5.1)))
 
 
+def _singlestep(r: random.Random) -> dict:
+    cfg = _multistep(r) | dict(algorithm_type=r.choice(("dpmsolver++", "dpmsolver")),
+                               solver_type=r.choice(("midpoint", "heun")),
+                               lambda_min_clipped=r.choice((-math.inf, -5.1)))
+    for key in ("rescale_betas_zero_snr", "timestep_spacing", "steps_offset"):  # not options of diffusers' singlestep
+        del cfg[key]
+    return cfg
+
+
 def _unipc(r: random.Random) -> dict:
     cfg = _multistep(r) | dict(solver_type=r.choice(("bh1", "bh2")), predict_x0=r.random() < 0.8,
                                disable_corrector=r.choice(([], [0], [1, 2])))
@@ -160,6 +169,7 @@ FAMILIES = {
     "DPMSolverMultistepScheduler": _dpm,
     "UniPCMultistepScheduler": _unipc,
     "DEISMultistepScheduler": _deis,
+    "DPMSolverSinglestepScheduler": _singlestep,
     "EDMEulerScheduler": _edm,
 }
 
@@ -239,6 +249,7 @@ STOCHASTIC = {
     "KDPM2AncestralDiscreteScheduler": lambda r: (_kdpm2(r), {}),
     "EulerDiscreteScheduler": _churn,
     "DPMSolverMultistepScheduler": _sde_dpm,
+    "DPMSolverSinglestepScheduler": lambda r: (_singlestep(r) | dict(algorithm_type="sde-dpmsolver++"), {}),
     "FlowMatchEulerDiscreteScheduler": _flow_sde,
 }
 
