@@ -207,6 +207,19 @@ class MultistepScheduler(FastflowScheduler):
             specs.append(StepSpec(xz, xo, u, draws=self._ff_draws))
         return specs
 
+    def _ff_multistep_step(
+        self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, **kwargs: Any
+    ) -> torch.Tensor:
+        """The body of every multistep ``step``: diffusers' check, the step's index, the thresholded x0 where
+        thresholding is on, one fused call (``kwargs``: noise and dtypes); returns the next sample."""
+        self._ff_require_timesteps()
+        idx = self._ff_peek_index(timestep)
+        prev, _ = self._ff_step(
+            model_output, timestep, sample, want_pred=False,
+            kernel_output=self._ff_thresholded(idx, model_output, sample), index=idx, **kwargs,
+        )
+        return prev
+
     def _ff_thresholded(self, idx: int, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor | None:
         """diffusers' thresholded x0 of step ``idx`` (None when thresholding is off)."""
         if not self._ff_thresholding_on:  # set by _ff_prepare, which ran when idx was found; read every step

@@ -130,12 +130,7 @@ class DEISMultistepScheduler(MultistepScheduler, _deis.DEISMultistepScheduler):
         return_dict: bool = True,
     ) -> _deis.SchedulerOutput | tuple:
         """diffusers' DEIS step (same arguments and output), in one backend call."""
-        self._ff_require_timesteps()
-        idx = self._ff_peek_index(timestep)
-        prev, _ = self._ff_step(
-            model_output, timestep, sample, state_dtype=promoted_dtype(sample, model_output), want_pred=False,
-            kernel_output=self._ff_thresholded(idx, model_output, sample), index=idx,
-        )
+        prev = self._ff_multistep_step(model_output, timestep, sample, state_dtype=promoted_dtype(sample, model_output))
         if not return_dict:
             return (prev,)
         return _OUTPUT(prev)

@@ -253,7 +253,6 @@ class DPMSolverMultistepScheduler(DPMSolverFormulas, _dpm.DPMSolverMultistepSche
         SDE variants: ``variance_noise`` or ``generator`` give diffusers' exact numbers;
         with neither, the kernel draws fastflow's own noise.
         """
-        self._ff_require_timesteps()
         cfg = self.config
         if cfg.variance_type in ("learned", "learned_range") and cfg.prediction_type == "epsilon":
             model_output = model_output[:, :3]  # diffusers keeps the first three channels as the noise
@@ -264,16 +263,12 @@ class DPMSolverMultistepScheduler(DPMSolverFormulas, _dpm.DPMSolverMultistepSche
                 noise_in = variance_noise.to(device=model_output.device, dtype=torch.float32)
             else:
                 draw = self._ff_draw(generator, model_output, torch.float32)
-        idx = self._ff_peek_index(timestep)
-        prev, _ = self._ff_step(
+        prev = self._ff_multistep_step(
             model_output, timestep, sample,
             draw=draw,
             noise=noise_in,
             state_dtype=torch.float32,
             out_dtype=model_output.dtype if self._ff_raw_conversion else promoted_dtype(sample, model_output),
-            want_pred=False,
-            kernel_output=self._ff_thresholded(idx, model_output, sample),
-            index=idx,
         )
         if not return_dict:
             return (prev,)

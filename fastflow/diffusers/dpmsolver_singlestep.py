@@ -183,19 +183,13 @@ class DPMSolverSinglestepScheduler(MultistepScheduler, _dps.DPMSolverSinglestepS
     ) -> _dps.SchedulerOutput | tuple:
         """diffusers' step (same arguments and output), in one backend call. ``sde-dpmsolver++``: a ``generator``
         gives diffusers' exact numbers; without one the kernel draws fastflow's own noise."""
-        self._ff_require_timesteps()
         cfg = self.config
         if cfg.variance_type in ("learned", "learned_range") and cfg.prediction_type == "epsilon":
             model_output = model_output[:, :3]  # diffusers keeps the first three channels as the noise
-        draw = self._ff_draw(generator, model_output) if cfg.algorithm_type.startswith("sde") else None
-        idx = self._ff_peek_index(timestep)
-        prev, _ = self._ff_step(
+        prev = self._ff_multistep_step(
             model_output, timestep, sample,
-            draw=draw,
+            draw=self._ff_draw(generator, model_output) if self._ff_draws else None,
             state_dtype=promoted_dtype(sample, model_output),  # diffusers steps in that dtype (no upcast)
-            want_pred=False,
-            kernel_output=self._ff_thresholded(idx, model_output, sample),
-            index=idx,
         )
         if not return_dict:
             return (prev,)

@@ -83,18 +83,10 @@ class EDMDPMSolverMultistepScheduler(DPMSolverFormulas, _edm_dpm.EDMDPMSolverMul
         ``sde-dpmsolver++``: a ``generator`` gives diffusers' exact numbers; without one, the
         kernel draws fastflow's own noise (or diffusers' with ``diffusers_noise``).
         """
-        self._ff_require_timesteps()
-        draw = self._ff_draw(generator, model_output) if self._ff_draws else None
-        idx = self._ff_peek_index(timestep)
         dtype = promoted_dtype(sample, model_output)
-        prev, _ = self._ff_step(
+        prev = self._ff_multistep_step(
             model_output, timestep, sample,
-            draw=draw,
-            state_dtype=dtype,
-            out_dtype=dtype,
-            want_pred=False,
-            kernel_output=self._ff_thresholded(idx, model_output, sample),
-            index=idx,
+            draw=self._ff_draw(generator, model_output) if self._ff_draws else None, state_dtype=dtype, out_dtype=dtype,
         )
         if not return_dict:
             return (prev,)

@@ -167,12 +167,7 @@ class UniPCMultistepScheduler(MultistepScheduler, _unipc.UniPCMultistepScheduler
         return_dict: bool = True,
     ) -> _unipc.SchedulerOutput | tuple:
         """diffusers' step (same arguments and output), in one backend call."""
-        self._ff_require_timesteps()
-        idx = self._ff_peek_index(timestep)
-        kernel_output = self._ff_thresholded(idx, model_output, sample)
-        prev, _ = self._ff_step(
-            model_output, timestep, sample, want_pred=False, kernel_output=kernel_output, index=idx
-        )
+        prev = self._ff_multistep_step(model_output, timestep, sample)
         if not return_dict:
             return (prev,)
         return _OUTPUT(prev)

@@ -1,5 +1,6 @@
 """KDPM2DiscreteScheduler and KDPM2AncestralDiscreteScheduler drop-ins: parity with diffusers over full loops (both
-calls of every step), loops that start part-way, the ancestral noise, sync-free."""
+calls of every step), loops that start part-way, the ancestral noise. (Their CUDA sync-debug loops are in
+test_dropin_api.py.)"""
 
 from __future__ import annotations
 
@@ -278,42 +279,6 @@ def test_ancestral_in_kernel_noise_distribution():
     assert abs(float(xi.mean())) < 4 / math.sqrt(xi.numel())
     assert abs(float(xi.std()) - 1.0) < 0.03
     assert abs(float((xi**3).mean())) < 0.1 and abs(float((xi**4).mean()) - 3.0) < 0.27
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("backend", ["torch", "auto"])
-def test_gpu_no_sync(name, backend):
-    ref, ff = pair(name, **SD, use_karras_sigmas=True)
-    ff.backend = backend
-    model = posterior_model(ref)
-    ref.set_timesteps(8)
-    ff.set_timesteps(8, device="cuda")
-    x0 = start_noise(0).cuda() * ref.init_noise_sigma
-    xa = x0.clone()
-    ancestral = "Ancestral" in name
-    for i, t in enumerate(ref.timesteps):
-        g = dict(generator=torch.Generator("cuda").manual_seed(i)) if ancestral else {}
-        xa = ref.step(model(ref.scale_model_input(xa, t), t), t, xa, **g).prev_sample
-    ff.set_begin_index(0)
-    xb = x0.clone()
-    host_t = ff.timesteps.cpu()
-    for i, t in enumerate(ff.timesteps):
-        g = dict(generator=torch.Generator("cuda").manual_seed(i)) if ancestral else {}
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            inp = ff.scale_model_input(xb, t)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        o = model(inp, host_t[i])
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            xb = ff.step(o, t, xb, **g).prev_sample
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    assert_close(xb, xa, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("config", [dict(SD), dict(SD, use_karras_sigmas=True, prediction_type="v_prediction")])
