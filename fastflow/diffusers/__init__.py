@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from ._base import FastflowScheduler, registry
+from .cogvideox import CogVideoXDDIMScheduler
 from .ddim import DDIMScheduler, DDPMScheduler
 from .deis import DEISMultistepScheduler
 from .dpmsolver import DPMSolverMultistepScheduler
@@ -29,6 +30,7 @@ from .tcd import TCDScheduler
 from .unipc import UniPCMultistepScheduler
 
 __all__ = [
+    "CogVideoXDDIMScheduler",
     "DDIMScheduler",
     "DDPMScheduler",
     "DEISMultistepScheduler",

@@ -39,6 +39,7 @@ CLASSES = [
     ("DPMSolverSinglestepScheduler", dict(SD, solver_order=3), {}),
     ("DPMSolverSinglestepScheduler", dict(SD, algorithm_type="sde-dpmsolver++"), {}),
     ("TCDScheduler", dict(), {}),  # eta 0.3 by default: noise on every step but the last
+    ("CogVideoXDDIMScheduler", dict(prediction_type="v_prediction"), {}),
     ("KDPM2AncestralDiscreteScheduler", dict(SD, use_karras_sigmas=True), {}),
 ]
 IDS = [f"{n}-{i}" for i, (n, _, _) in enumerate(CLASSES)]

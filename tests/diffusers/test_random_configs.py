@@ -77,6 +77,13 @@ def _ddim(r: random.Random) -> dict:
     return cfg
 
 
+def _cogvideox(r: random.Random) -> dict:
+    cfg = _vp(r) | dict(prediction_type=r.choice(("epsilon", "sample", "v_prediction")),
+                        snr_shift_scale=r.choice((1.0, 3.0)), set_alpha_to_one=r.choice((True, False)),
+                        clip_sample=r.choice((True, False)))  # (a config option its step never applies)
+    return cfg
+
+
 def _euler(r: random.Random) -> dict:
     cfg = _vp(r) | r.choice(SIGMAS) | dict(
         prediction_type=r.choice(("epsilon", "v_prediction", "sample")),
@@ -162,6 +169,7 @@ def _edm(r: random.Random) -> dict:
 
 FAMILIES = {
     "DDIMScheduler": _ddim,
+    "CogVideoXDDIMScheduler": _cogvideox,
     "EulerDiscreteScheduler": _euler,
     "HeunDiscreteScheduler": _heun,
     "KDPM2DiscreteScheduler": _kdpm2,
