@@ -38,7 +38,8 @@ DROPINS = ("DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler", "EulerAnc
            "HeunDiscreteScheduler", "LCMScheduler", "EDMEulerScheduler", "EDMDPMSolverMultistepScheduler",
            "PNDMScheduler", "LMSDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
            "DEISMultistepScheduler", "TCDScheduler",
-           "DPMSolverSinglestepScheduler", "CogVideoXDDIMScheduler")
+           "DPMSolverSinglestepScheduler", "CogVideoXDDIMScheduler",
+           "FlowMatchHeunDiscreteScheduler")
 DROPIN_CONFIG = {"PNDMScheduler": dict(skip_prk_steps=True)}  # Stable Diffusion 1.x's PNDM: no Runge-Kutta warm-up
 HALF_DROPINS = ("EulerDiscreteScheduler", "FlowMatchEulerDiscreteScheduler")
 

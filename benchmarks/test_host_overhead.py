@@ -86,12 +86,13 @@ DROPIN_CLASSES = ("DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler", "E
                   "HeunDiscreteScheduler", "LCMScheduler", "EDMEulerScheduler", "EDMDPMSolverMultistepScheduler",
                   "PNDMScheduler", "LMSDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
                   "DEISMultistepScheduler", "TCDScheduler",
-                  "DPMSolverSinglestepScheduler", "CogVideoXDDIMScheduler")
+                  "DPMSolverSinglestepScheduler", "CogVideoXDDIMScheduler",
+                  "FlowMatchHeunDiscreteScheduler")
 DROPIN_CONFIG = {"PNDMScheduler": dict(skip_prk_steps=True)}  # Stable Diffusion 1.x's PNDM: no Runge-Kutta warm-up
 
 
 @pytest.mark.benchmark(group="dropin: a set_timesteps(10) loop of step calls alone, 1x4x16x16 "
-                             "(10 calls, Heun and KDPM2 19, PNDM 11)")
+                             "(10 calls, Heun, flow Heun and KDPM2 19, PNDM 11)")
 @pytest.mark.parametrize("kind", ("fastflow", "diffusers"))
 @pytest.mark.parametrize("name", DROPIN_CLASSES)
 def test_dropin_steps(benchmark, name: str, kind: str) -> None:

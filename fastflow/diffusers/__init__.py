@@ -20,7 +20,7 @@ from .dpmsolver import DPMSolverMultistepScheduler
 from .dpmsolver_singlestep import DPMSolverSinglestepScheduler
 from .edm_dpmsolver import EDMDPMSolverMultistepScheduler
 from .euler import EDMEulerScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
-from .flow_match import FlowMatchEulerDiscreteScheduler
+from .flow_match import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
 from .heun import HeunDiscreteScheduler
 from .kdpm2 import KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler
 from .lcm import LCMScheduler
@@ -41,6 +41,7 @@ __all__ = [
     "EulerAncestralDiscreteScheduler",
     "EulerDiscreteScheduler",
     "FlowMatchEulerDiscreteScheduler",
+    "FlowMatchHeunDiscreteScheduler",
     "HeunDiscreteScheduler",
     "KDPM2AncestralDiscreteScheduler",
     "KDPM2DiscreteScheduler",

@@ -1,4 +1,4 @@
-"""Shared machinery of diffusers' two-call schedulers (Heun, KDPM2, KDPM2 ancestral).
+"""Shared machinery of diffusers' two-call schedulers (Heun, flow-matching Heun, KDPM2, KDPM2 ancestral).
 
 diffusers runs each of their steps as two ``step`` calls on doubled timesteps: a
 first-order call that saves the sample, then a second-order call that steps again from
@@ -14,7 +14,7 @@ import torch
 
 from ._base import FastflowScheduler
 
-__all__ = ["TwoCallMixin", "input_scales"]
+__all__ = ["ScaledTwoCallMixin", "TwoCallMixin", "input_scales"]
 
 
 def input_scales(sigmas: torch.Tensor) -> list[float]:
@@ -25,10 +25,7 @@ def input_scales(sigmas: torch.Tensor) -> list[float]:
 
 
 class TwoCallMixin(FastflowScheduler):
-    """Call order and input scaling of a two-call scheduler. Families set ``_ff_in_scales`` in
-    ``_ff_prepare``: per call index, the input divisor of a first-order call and of a second-order one."""
-
-    _ff_in_scales: tuple[list[float], list[float]] = ([], [])
+    """Call order of a two-call scheduler."""
 
     def _ff_first_order(self, idx: int) -> bool:
         """Whether call ``idx`` of the current loop is first-order."""
@@ -41,6 +38,14 @@ class TwoCallMixin(FastflowScheduler):
         if idx is None or not self._ff_loop_start <= idx < self._ff_steps:
             return True
         return self._ff_first_order(idx)
+
+
+class ScaledTwoCallMixin(TwoCallMixin):
+    """A two-call scheduler on variance-exploding samples, with diffusers' input scaling. Families set
+    ``_ff_in_scales`` in ``_ff_prepare``: per call index, the input divisor of a first-order call and of a
+    second-order one."""
+
+    _ff_in_scales: tuple[list[float], list[float]] = ([], [])
 
     def scale_model_input(self, sample: torch.Tensor, timestep: float | torch.Tensor) -> torch.Tensor:
         """diffusers' ``sample / sqrt(sigma^2 + 1)`` of the call about to run, from a host scalar (no device

@@ -1,4 +1,4 @@
-"""FlowMatchEulerDiscreteScheduler drop-in (SD3, Flux, Wan, ...).
+"""FlowMatchEulerDiscreteScheduler (SD3, Flux, Wan, ...) and FlowMatchHeunDiscreteScheduler drop-ins.
 
 The deterministic step is ``sample + (sigma_next - sigma) * v``: the kernel's
 ``x_hat`` is taken to be the velocity itself (``xz = 0, xo = 1``), so the update is
@@ -7,20 +7,29 @@ float32 subtraction rounds it. With ``stochastic_sampling`` the kernel's ``x_hat
 is ``sample - sigma * v`` and the next sample ``(1 - sigma_next) x0 + sigma_next N``.
 Shift, dynamic shifting (``mu``), ``shift_terminal``, Karras/exponential/beta sigmas,
 ``invert_sigmas`` and custom ``sigmas``/``timesteps`` are diffusers' own
-``set_timesteps``.
+``set_timesteps``. The Heun scheduler is diffusers' two-call Heun step (see
+:mod:`._two_call`) on flow sigmas, where each slope ``(sample - x0) / sigma`` is the
+velocity itself: the kernel's ``x_hat`` is the velocity (diffusers forms ``x0`` and
+divides it back out, which near the last sigma of 1e-3 costs it digits).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 from diffusers.schedulers import scheduling_flow_match_euler_discrete as fm
+from diffusers.schedulers import scheduling_flow_match_heun_discrete as fmh
 
 from ._base import StepSpec, X, Z, noise, output_maker
+from ._two_call import TwoCallMixin
 from .euler import _SigmaMixin
 
-__all__ = ["FlowMatchEulerDiscreteScheduler"]
+__all__ = ["FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler"]
 _OUTPUT = output_maker(fm.FlowMatchEulerDiscreteSchedulerOutput, "prev_sample")
+_HEUN_OUTPUT = output_maker(fmh.FlowMatchHeunDiscreteSchedulerOutput, "prev_sample")
+_SQRT2_M1 = 2**0.5 - 1
 
 
 class FlowMatchEulerDiscreteScheduler(_SigmaMixin, fm.FlowMatchEulerDiscreteScheduler):
@@ -66,3 +75,53 @@ class FlowMatchEulerDiscreteScheduler(_SigmaMixin, fm.FlowMatchEulerDiscreteSche
             return (prev,)
         return _OUTPUT(prev)
 
+
+
+class FlowMatchHeunDiscreteScheduler(TwoCallMixin, fmh.FlowMatchHeunDiscreteScheduler):
+    """diffusers' ``FlowMatchHeunDiscreteScheduler`` whose ``step`` is one fused fastflow call.
+
+    Churn (``s_churn`` with a sigma inside ``[s_tmin, s_tmax]``) raises: diffusers' second call then steps from
+    the churned sample, which holds the first call's noise, and the kernel's history keeps no noise.
+    """
+
+    def _ff_prepare(self) -> None:
+        self._ff_sigmas = self.sigmas.detach().to("cpu", torch.float32).to(torch.float64).numpy()
+
+    def _ff_spec(self, i: int, k: int, variant: Any) -> StepSpec:
+        if k % 2 == 0:  # first-order (the loop's first call is): Euler to the next sigma, slope saved
+            return StepSpec(0.0, 1.0, Z(k) + X(k) * self._ff_dt(i))
+        return StepSpec(0.0, 1.0, Z(k - 1) + (X(k - 1) + X(k)) * (0.5 * self._ff_dt(i - 1)))
+
+    def _ff_dt(self, i: int) -> float:
+        """The first-order call ``i``'s step, ``sigma_next - sigma``, as diffusers' float32 subtraction gives it."""
+        return float(np.float32(self._ff_sigmas[i + 1]) - np.float32(self._ff_sigmas[i]))
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: float | torch.Tensor,
+        sample: torch.Tensor,
+        s_churn: float = 0.0,
+        s_tmin: float = 0.0,
+        s_tmax: float = float("inf"),
+        s_noise: float = 1.0,
+        generator: torch.Generator | None = None,
+        return_dict: bool = True,
+    ) -> fmh.FlowMatchHeunDiscreteSchedulerOutput | tuple:
+        """diffusers' flow-matching Heun step (same arguments and outputs), in one backend call."""
+        _SigmaMixin._ff_check_timestep(timestep)
+        idx = self._ff_peek_index(timestep)
+        if s_churn > 0:
+            sigma = float(self._ff_sigmas[idx if self._ff_first_order(idx) else idx - 1])
+            if s_tmin <= sigma <= s_tmax and min(s_churn / (len(self._ff_sigmas) - 1), _SQRT2_M1) > 0:
+                raise NotImplementedError(
+                    f"s_churn={s_churn} at sigma {sigma:.6g} is not supported by fastflow's "
+                    "FlowMatchHeunDiscreteScheduler (its second call would step from a churned sample)"
+                )
+        prev, _ = self._ff_step(
+            model_output, timestep, sample, state_dtype=torch.float32, out_dtype=model_output.dtype,
+            want_pred=False, index=idx,
+        )
+        if not return_dict:
+            return (prev,)
+        return _HEUN_OUTPUT(prev)

@@ -13,7 +13,7 @@ import torch
 from diffusers.schedulers import scheduling_heun_discrete as _heun
 
 from ._base import StepSpec, X, Z, output_maker, promoted_dtype
-from ._two_call import TwoCallMixin, input_scales
+from ._two_call import ScaledTwoCallMixin, input_scales
 from .euler import ve_x0_coefs
 
 __all__ = ["HeunDiscreteScheduler", "heun_specs"]
@@ -49,7 +49,7 @@ def heun_specs(sigmas: Any, n_calls: int, start: int, prediction: str) -> list[S
     return specs
 
 
-class HeunDiscreteScheduler(TwoCallMixin, _heun.HeunDiscreteScheduler):
+class HeunDiscreteScheduler(ScaledTwoCallMixin, _heun.HeunDiscreteScheduler):
     """diffusers' ``HeunDiscreteScheduler`` whose ``step`` is one fused fastflow call.
 
     Prediction types ``epsilon``, ``v_prediction``, ``sample``; ``clip_sample``;

@@ -19,7 +19,7 @@ from diffusers.schedulers import scheduling_k_dpm_2_ancestral_discrete as _kdpm2
 from diffusers.schedulers import scheduling_k_dpm_2_discrete as _kdpm2
 
 from ._base import StepSpec, X, Z, noise, output_maker, promoted_dtype
-from ._two_call import TwoCallMixin, input_scales
+from ._two_call import ScaledTwoCallMixin, input_scales
 from .euler import ve_x0_coefs
 
 __all__ = ["KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler"]
@@ -34,7 +34,7 @@ def _host(t: torch.Tensor) -> np.ndarray:
     return t.detach().to("cpu", torch.float32).to(torch.float64).numpy()
 
 
-class _KDPM2Mixin(TwoCallMixin):
+class _KDPM2Mixin(ScaledTwoCallMixin):
     """What both classes share: the schedule's host copies, the checks and the first-order call."""
 
     _ANCESTRAL = False

@@ -40,6 +40,7 @@ CLASSES = [
     ("DPMSolverSinglestepScheduler", dict(SD, algorithm_type="sde-dpmsolver++"), {}),
     ("TCDScheduler", dict(), {}),  # eta 0.3 by default: noise on every step but the last
     ("CogVideoXDDIMScheduler", dict(prediction_type="v_prediction"), {}),
+    ("FlowMatchHeunDiscreteScheduler", dict(shift=3.0), {}),
     ("KDPM2AncestralDiscreteScheduler", dict(SD, use_karras_sigmas=True), {}),
 ]
 IDS = [f"{n}-{i}" for i, (n, _, _) in enumerate(CLASSES)]

@@ -101,3 +101,95 @@ def test_from_scheduler_keeps_set_shift():
     src.set_timesteps(6)
     ff.set_timesteps(6)
     assert torch.equal(ff.sigmas, src.sigmas)
+
+
+# ------------------------------------------------------------------ FlowMatchHeunDiscreteScheduler
+HEUN = "FlowMatchHeunDiscreteScheduler"
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+@pytest.mark.parametrize("steps", [1, 2, 8, 20, 50])
+def test_heun_calls_are_exact_and_diffusers(shift, steps):
+    """Each call given diffusers' own sample and output: within 4 float32 ulps of the sample's scale of the exact
+    (float64) Heun step on flow sigmas, whose slopes are the outputs themselves; and within 1e-5 of that scale
+    of diffusers', plus the float32 cancellation of diffusers' slope ``(z - x0) / sigma`` (a few ulps of the sample
+    over sigma, times the step), which dominates at the last sigma of 1e-3."""
+    ref, ff = pair(HEUN, shift=shift)
+    for s in (ref, ff):
+        s.set_timesteps(steps)
+    sig = ref.sigmas
+    x = start_noise(0)
+    first = None  # (sample, slope, dt) of the pending first-order call
+    for i, t in enumerate(ref.timesteps):
+        o = stand_in(x, t)
+        xa, xb = ref.step(o, t, x).prev_sample, ff.step(o, t, x).prev_sample
+        scale = float(x.abs().max())
+        if first is None:
+            dt = float(sig[i + 1] - sig[i])  # diffusers' float32 step
+            exact = x.double() + o.double() * dt
+            first = (x.double(), o.double(), dt)
+            sigma = float(sig[i])
+        else:
+            z, slope, dt = first
+            exact = z + 0.5 * (slope + o.double()) * dt
+            first, sigma = None, float(sig[i])
+        cancellation = 4 * 2.0**-23 * scale / sigma * abs(dt)
+        assert float((xb.double() - exact).abs().max()) <= 4 * 2.0**-23 * scale, i
+        assert float((xb - xa).abs().max()) <= 1e-5 * scale + cancellation, i
+        x = xa
+
+
+@pytest.mark.parametrize("config", [dict(), dict(shift=3.0)])
+def test_heun_loops_match_diffusers(config):
+    """Whole 50-step loops: diffusers' samples to 1e-5 (its float32 slope's cancellation is small there)."""
+    ref, ff = pair(HEUN, **config)
+    xa, _ = run_loop(ref, 50)
+    xb, _ = run_loop(ff, 50)
+    assert_close(xb, xa)
+
+
+def test_heun_api_surface():
+    import fastflow.diffusers as ffd
+
+    ref, ff = pair(HEUN, shift=3.0)
+    for s in (ref, ff):
+        s.set_timesteps(6)
+    assert torch.equal(ff.timesteps, ref.timesteps) and torch.equal(ff.sigmas, ref.sigmas)
+    assert not hasattr(ff, "scale_model_input") and not hasattr(ref, "scale_model_input")
+    x = start_noise(1)
+    out = ff.step(x, ff.timesteps[0], x, return_dict=False)
+    assert isinstance(out, tuple) and len(out) == 1 and not ff.state_in_first_order
+    assert type(ff.step(x, ff.timesteps[1], x)).__name__ == "FlowMatchHeunDiscreteSchedulerOutput"
+    assert ff.state_in_first_order
+    assert type(ffd.from_scheduler(ref)) is ffd.FlowMatchHeunDiscreteScheduler
+    with pytest.raises(ValueError, match="integer"):
+        ff.step(x, 3, x)
+
+
+def test_heun_churn_raises_where_it_applies():
+    """``s_churn`` changes diffusers' step only where a sigma lies in ``[s_tmin, s_tmax]``: there the drop-in
+    raises, naming it; elsewhere the step is the unchurned one, as in diffusers."""
+    ref, ff = pair(HEUN)
+    for s in (ref, ff):
+        s.set_timesteps(4)
+    x = start_noise(2)
+    with pytest.raises(NotImplementedError, match="s_churn"):
+        ff.step(stand_in(x, ff.timesteps[0]), ff.timesteps[0], x, s_churn=1.0)
+    t = ref.timesteps[0]
+    outside = dict(s_churn=1.0, s_tmin=5.0)  # no sigma reaches 5
+    assert_close(ff.step(stand_in(x, t), t, x, **outside).prev_sample,
+                 ref.step(stand_in(x, t), t, x, **outside).prev_sample)
+
+
+def test_heun_bf16_model_output():
+    """bfloat16 outputs and samples come back bfloat16, as diffusers' (it upcasts the sample and casts back)."""
+    ref, ff = pair(HEUN)
+    outs = []
+    for s in (ref, ff):
+        s.set_timesteps(6)
+        x = start_noise(0).to(torch.bfloat16)
+        for t in s.timesteps:
+            x = s.step(stand_in(x.float(), t).to(torch.bfloat16), t, x).prev_sample
+        outs.append(x)
+    assert outs[0].dtype == outs[1].dtype == torch.bfloat16
+    assert_close(outs[1].float(), outs[0].float(), rtol=0, atol=0.05)
