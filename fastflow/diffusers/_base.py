@@ -14,8 +14,11 @@ diffusers' own formulas this way keeps float32 parity without copying its code.
 
 Step index: a Python int, advanced by ``step``. A timestep given as a Python number
 or a CPU tensor locates the first step (as diffusers does); a device tensor is never
-read (that would sync), so a loop that does not start at the first timestep must call
-``set_begin_index`` first, as diffusers' img2img pipelines do.
+read (that would sync): an element of the scheduler's own ``timesteps`` (what a
+pipeline's loop passes, from a slice too, as CogVideoX's video-to-video pipeline starts)
+is located by its offset in their storage, and any other device tensor takes the first
+step, so such a loop that does not start there must call ``set_begin_index`` first, as
+diffusers' img2img pipelines do.
 
 ``torch.compile``: ``step`` traces without a graph break (``fullgraph=True``) once its
 index is known without reading a tensor: after a first eager step, after
@@ -383,6 +386,22 @@ class FastflowScheduler:
             i = values.index(value, i + 1)
         return i
 
+    def _ff_view_value(self, timestep: Any) -> float | None:
+        """The value of a device timestep that is an element of this scheduler's own ``timesteps`` (a pipeline's
+        ``for t in timesteps``, sliced or not), from its offset in their storage: no data is read. None for any
+        other tensor."""
+        ts = getattr(self, "timesteps", None)
+        if not (isinstance(timestep, torch.Tensor) and isinstance(ts, torch.Tensor) and timestep.numel() == 1):
+            return None
+        if timestep.dtype != ts.dtype or timestep.device != ts.device or ts.dim() != 1 or ts.stride(0) != 1:
+            return None
+        if timestep.untyped_storage().data_ptr() != ts.untyped_storage().data_ptr():
+            return None
+        offset, rest = divmod(timestep.data_ptr() - ts.data_ptr(), ts.element_size())
+        if rest or not 0 <= offset < len(self._ff_host_values):
+            return None
+        return self._ff_host_values[offset]
+
     def _ff_peek_index(self, timestep: Any) -> int:
         """The index of the step about to run (set up on first use; ``step`` advances it)."""
         if getattr(self, "_ff_compiled", None) is None:  # _ff_ready(), inlined: every step asks
@@ -410,6 +429,8 @@ class FastflowScheduler:
                         "timestep as a Python number, or take the first step eagerly"
                     )
                 value = _host_number(timestep)
+                if value is None and not torch.compiler.is_compiling():
+                    value = self._ff_view_value(timestep)
                 idx = 0 if value is None else self._ff_locate(value)
             self._step_index = idx
             self._ff_set_loop_start(idx)

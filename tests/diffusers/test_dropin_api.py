@@ -356,3 +356,40 @@ def test_a_copy_made_mid_loop_continues_as_the_original(name, how):
     expected = step(ff, o, t, x)
     assert twin.step_index == 3
     torch.testing.assert_close(step(twin, o, t, x), expected, rtol=0, atol=0)
+
+
+def test_an_element_of_the_schedule_is_located_without_reading_it():
+    """A device timestep is never read; one that is an element of the scheduler's own ``timesteps`` (a pipeline's
+    loop variable, from a slice too) gives its value by its offset in their storage. Checked here on the
+    mechanism itself (CPU tensors, whose values are read anyway): elements and slices' elements are found, copies
+    and other tensors are not."""
+    _, ff = pair("DDIMScheduler")
+    ff.set_timesteps(10)
+    ts = ff.timesteps
+    assert ff._ff_view_value(ts[3]) == float(ts[3]) and ff._ff_view_value(ts[4:][2]) == float(ts[6])
+    assert ff._ff_view_value(ts[3].clone()) is None and ff._ff_view_value(torch.tensor(float(ts[3]))) is None
+    assert ff._ff_view_value(ts[:2]) is None and ff._ff_view_value(3) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["DDIMScheduler", "CogVideoXDDIMScheduler", "EulerDiscreteScheduler"])
+def test_gpu_loop_from_a_slice_without_set_begin_index(name):
+    """A pipeline that starts part-way by slicing the timesteps and never calls set_begin_index (CogVideoX's
+    video-to-video pipeline): the first step is located by the element's offset, without a sync, and the loop
+    matches diffusers'."""
+    ref, ff = pair(name)
+    outs = []
+    for s in (ref, ff):
+        s.set_timesteps(10, device="cuda")
+        x = start_noise(0).cuda()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error" if s is ff else "default")
+        try:
+            for t in s.timesteps[4:]:
+                x_in = s.scale_model_input(x, t)
+                x = s.step(stand_in(x_in, 0.0) + 0.01 * x_in, t, x).prev_sample
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        outs.append(x)
+    assert ff.step_index == len(ff.timesteps)
+    assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)
