@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from ._base import FastflowScheduler, registry
-from .cogvideox import CogVideoXDDIMScheduler
+from .cogvideox import CogVideoXDDIMScheduler, CogVideoXDPMScheduler
 from .ddim import DDIMScheduler, DDPMScheduler
 from .deis import DEISMultistepScheduler
 from .dpmsolver import DPMSolverMultistepScheduler
@@ -31,6 +31,7 @@ from .unipc import UniPCMultistepScheduler
 
 __all__ = [
     "CogVideoXDDIMScheduler",
+    "CogVideoXDPMScheduler",
     "DDIMScheduler",
     "DDPMScheduler",
     "DEISMultistepScheduler",
