@@ -60,6 +60,26 @@ def tiny_sd3_transformer() -> diffusers.SD3Transformer2DModel:
     ).eval()
 
 
+def tiny_cogvideox_transformer() -> diffusers.CogVideoXTransformer3DModel:
+    """CogVideoX's 3D transformer with small random weights (9 frames of 16x16 pixels, 8 text tokens of 16)."""
+    torch.manual_seed(0)
+    return diffusers.CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=2,
+        text_embed_dim=16, num_layers=1, sample_width=4, sample_height=4, sample_frames=9, patch_size=2,
+        temporal_compression_ratio=4, max_text_seq_length=8,
+    ).eval()
+
+
+def tiny_cogvideox_vae() -> diffusers.AutoencoderKLCogVideoX:
+    """CogVideoX's video VAE with small random weights (4 latent channels, 4x temporal compression)."""
+    torch.manual_seed(0)
+    return diffusers.AutoencoderKLCogVideoX(
+        in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 4,
+        up_block_types=("CogVideoXUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), latent_channels=4,
+        layers_per_block=1, norm_num_groups=2, temporal_compression_ratio=4,
+    ).eval()
+
+
 def pooled_embeds(g: torch.Generator) -> dict:
     """Prompt and negative prompt embeddings with pooled ones, as FLUX.1 and SD3 pipelines take them."""
     return {"prompt_embeds": torch.randn(1, 5, 12, generator=g), "pooled_prompt_embeds": torch.randn(1, 6, generator=g),

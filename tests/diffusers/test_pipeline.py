@@ -226,3 +226,33 @@ def test_sdxl_base_and_refiner_pipelines(name, config, img2img):
             images.append(pipe(generator=torch.manual_seed(0), num_inference_steps=8, guidance_scale=5.0,
                                output_type="np", **pooled_embeds(torch.Generator().manual_seed(3)), **kwargs).images)
     np.testing.assert_allclose(images[1], images[0], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("video2video", [False, True], ids=["text2video", "video2video"])
+@pytest.mark.parametrize("name", ["CogVideoXDDIMScheduler", "CogVideoXDPMScheduler"])
+def test_cogvideox_pipelines(name, video2video):
+    """CogVideoX's text-to-video pipeline (classifier-free guidance; the DPM scheduler's caller-held history) and its
+    video-to-video pipeline (starting part-way by slicing the timesteps, with no set_begin_index): the same videos
+    with each drop-in."""
+    from tiny_models import tiny_cogvideox_transformer, tiny_cogvideox_vae
+
+    transformer, vae = tiny_cogvideox_transformer(), tiny_cogvideox_vae()
+    embeds = [torch.randn(1, 8, 16, generator=torch.Generator().manual_seed(seed)) for seed in (1, 2)]
+    kwargs = dict(prompt_embeds=embeds[0], negative_prompt_embeds=embeds[1], height=16, width=16,
+                  num_inference_steps=6, guidance_scale=6.0, output_type="np", max_sequence_length=8)
+    if video2video:
+        cls = diffusers.CogVideoXVideoToVideoPipeline
+        frames = torch.rand(9, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+        kwargs.update(video=[frames[i] for i in range(9)], strength=0.6)
+    else:
+        cls = diffusers.CogVideoXPipeline
+        kwargs.update(num_frames=9)
+    ref = getattr(diffusers, name)()
+    videos = []
+    for scheduler in (ref, ffd.from_scheduler(ref)):
+        pipe = cls(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer, scheduler=scheduler)
+        pipe.set_progress_bar_config(disable=True)
+        with torch.no_grad():
+            videos.append(np.asarray(pipe(generator=torch.Generator().manual_seed(0), **kwargs).frames))
+    assert videos[0].shape[:2] == (1, 9)
+    np.testing.assert_allclose(videos[1], videos[0], rtol=0, atol=1e-5)
