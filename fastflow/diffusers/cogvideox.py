@@ -92,6 +92,17 @@ class CogVideoXDPMScheduler(_VPMixin, _cogdpm.CogVideoXDPMScheduler):
     _ff_returns_raw_x0 = True
     _ff_start_dependent = True  # a loop's first call is first-order, the later ones read the call before
 
+    @property
+    def compute_pred_original_sample(self) -> bool:
+        """Always True: the caller hands each returned prediction back to the next call."""
+        return True
+
+    @compute_pred_original_sample.setter
+    def compute_pred_original_sample(self, value: bool) -> None:
+        if not value:
+            raise ValueError(f"{type(self).__name__} returns its prediction at every step: its caller passes it to "
+                             "the next step")
+
     def _ff_clip(self) -> float | None:
         return None  # its step never clips
 

@@ -223,6 +223,15 @@ def test_dpm_history_must_be_the_schedulers_own():
     assert torch.isfinite(x2).all()
 
 
+def test_dpm_prediction_cannot_be_switched_off():
+    """Its caller hands each returned prediction to the next step, so the prediction is always computed."""
+    _, ff = pair(DPM)
+    assert ff.compute_pred_original_sample
+    with pytest.raises(ValueError, match="next step"):
+        ff.compute_pred_original_sample = False
+    ff.compute_pred_original_sample = True
+
+
 def test_dpm_returns_what_diffusers_returns():
     """diffusers returns a tuple from a first-order call whatever ``return_dict`` says, and its output object
     from a second-order one with ``return_dict=True``; so does the drop-in."""
