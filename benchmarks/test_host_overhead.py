@@ -87,7 +87,7 @@ DROPIN_CLASSES = ("DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler", "E
                   "PNDMScheduler", "LMSDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
                   "DEISMultistepScheduler", "TCDScheduler",
                   "DPMSolverSinglestepScheduler", "CogVideoXDDIMScheduler",
-                  "FlowMatchHeunDiscreteScheduler")
+                  "FlowMatchHeunDiscreteScheduler", "IPNDMScheduler")
 DROPIN_CONFIG = {"PNDMScheduler": dict(skip_prk_steps=True)}  # Stable Diffusion 1.x's PNDM: no Runge-Kutta warm-up
 
 

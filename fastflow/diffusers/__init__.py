@@ -22,6 +22,7 @@ from .edm_dpmsolver import EDMDPMSolverMultistepScheduler
 from .euler import EDMEulerScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
 from .flow_match import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
 from .heun import HeunDiscreteScheduler
+from .ipndm import IPNDMScheduler
 from .kdpm2 import KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler
 from .lcm import LCMScheduler
 from .lms import LMSDiscreteScheduler
@@ -44,6 +45,7 @@ __all__ = [
     "FlowMatchEulerDiscreteScheduler",
     "FlowMatchHeunDiscreteScheduler",
     "HeunDiscreteScheduler",
+    "IPNDMScheduler",
     "KDPM2AncestralDiscreteScheduler",
     "KDPM2DiscreteScheduler",
     "LCMScheduler",

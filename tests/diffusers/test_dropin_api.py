@@ -41,6 +41,7 @@ CLASSES = [
     ("TCDScheduler", dict(), {}),  # eta 0.3 by default: noise on every step but the last
     ("CogVideoXDDIMScheduler", dict(prediction_type="v_prediction"), {}),
     ("FlowMatchHeunDiscreteScheduler", dict(shift=3.0), {}),
+    ("IPNDMScheduler", dict(), {}),
     ("KDPM2AncestralDiscreteScheduler", dict(SD, use_karras_sigmas=True), {}),
 ]
 IDS = [f"{n}-{i}" for i, (n, _, _) in enumerate(CLASSES)]
@@ -195,8 +196,8 @@ def test_construction_sets_up_nothing_for_diffusers_throwaway_schedule(name, mon
 
 
 def test_from_scheduler_unsupported_names_the_class():
-    with pytest.raises(NotImplementedError, match="IPNDMScheduler"):
-        ffd.from_scheduler(diffusers.IPNDMScheduler())
+    with pytest.raises(NotImplementedError, match="SASolverScheduler"):
+        ffd.from_scheduler(diffusers.SASolverScheduler())
 
 
 def test_from_config_of_another_scheduler_and_save_load(tmp_path):
