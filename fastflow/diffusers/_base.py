@@ -298,6 +298,25 @@ class FastflowScheduler:
         if "set_timesteps" not in cls.__dict__:
             cls.set_timesteps = _wrap_set_timesteps(parent.set_timesteps)
 
+    @staticmethod
+    def _ff_check_timestep(timestep: float | torch.Tensor) -> None:
+        """diffusers' sigma schedulers (Euler family, flow matching, LMS) take a timestep value, never an integer
+        index; they call this at each step."""
+        if type(timestep) is torch.Tensor and timestep.is_floating_point():  # the usual case, decided quickly
+            return
+        if isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)):
+            raise ValueError("pass one of scheduler.timesteps as timestep, not an integer index")
+
+    def _ff_require_prediction(self, valid: Sequence[str], diffusers_too: bool = False) -> None:
+        """Raise NotImplementedError naming a ``prediction_type`` outside ``valid`` (``diffusers_too``: diffusers'
+        own step does not implement it either)."""
+        prediction = self.config.prediction_type
+        if prediction not in valid:
+            raise NotImplementedError(
+                f"prediction_type={prediction!r} is not supported by {type(self).__name__}"
+                f"{' (diffusers does not implement it either)' if diffusers_too else ''}; valid: {', '.join(valid)}"
+            )
+
     def _ff_require_timesteps(self) -> None:
         """diffusers' error for a ``step`` before ``set_timesteps`` (the schedulers that check it)."""
         if self.num_inference_steps is None:

@@ -127,12 +127,7 @@ class _VPMixin(FastflowScheduler):
     _ff_start_dependent = False
 
     def _ff_check_config(self) -> None:
-        cfg = self.config
-        if cfg.prediction_type not in _PREDICTIONS:
-            raise NotImplementedError(
-                f"prediction_type={cfg.prediction_type!r} is not supported by {type(self).__name__}; "
-                f"valid: {', '.join(_PREDICTIONS)}"
-            )
+        self._ff_require_prediction(_PREDICTIONS)
 
     def _ff_prepare(self) -> None:
         ac = self.alphas_cumprod

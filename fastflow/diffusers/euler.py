@@ -80,14 +80,6 @@ class _SigmaMixin(FastflowScheduler):
         return sample
 
     @staticmethod
-    def _ff_check_timestep(timestep: float | torch.Tensor) -> None:
-        """diffusers' sigma schedulers take a timestep value, never an integer index."""
-        if type(timestep) is torch.Tensor and timestep.is_floating_point():  # the usual case, decided quickly
-            return
-        if isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)):
-            raise ValueError("pass one of scheduler.timesteps as timestep, not an integer index")
-
-    @staticmethod
     def _ff_churn_variant(s_churn: float, s_tmin: float, s_tmax: float, s_noise: float) -> tuple:
         return (float(s_churn), float(s_tmin), float(s_tmax), float(s_noise))
 
@@ -131,11 +123,7 @@ class EulerDiscreteScheduler(_VEInputMixin, scheduling_euler_discrete.EulerDiscr
     _PREDICTIONS = ("epsilon", "v_prediction", "sample", "original_sample")
 
     def _ff_check_config(self) -> None:
-        if self.config.prediction_type not in self._PREDICTIONS:
-            raise NotImplementedError(
-                f"prediction_type={self.config.prediction_type!r} is not supported by EulerDiscreteScheduler; "
-                f"valid: {', '.join(self._PREDICTIONS)}"
-            )
+        self._ff_require_prediction(self._PREDICTIONS)
 
     def _ff_spec(self, i: int, k: int, variant: Any) -> StepSpec:
         gamma = self._ff_gamma(i, variant)
@@ -180,12 +168,7 @@ class EulerAncestralDiscreteScheduler(
     _PREDICTIONS = ("epsilon", "v_prediction")
 
     def _ff_check_config(self) -> None:
-        if self.config.prediction_type not in self._PREDICTIONS:
-            raise NotImplementedError(
-                f"prediction_type={self.config.prediction_type!r} is not supported by "
-                f"EulerAncestralDiscreteScheduler (diffusers does not implement it either); "
-                f"valid: {', '.join(self._PREDICTIONS)}"
-            )
+        self._ff_require_prediction(self._PREDICTIONS, diffusers_too=True)
 
     def _ff_spec(self, i: int, k: int, variant: Any) -> StepSpec:
         s, s_to = self._ff_sig[i], self._ff_sig[i + 1]
@@ -224,11 +207,7 @@ class EDMEulerScheduler(_SigmaMixin, scheduling_edm_euler.EDMEulerScheduler):
     _PREDICTIONS = ("epsilon", "v_prediction")
 
     def _ff_check_config(self) -> None:
-        if self.config.prediction_type not in self._PREDICTIONS:
-            raise NotImplementedError(
-                f"prediction_type={self.config.prediction_type!r} is not supported by EDMEulerScheduler; "
-                f"valid: {', '.join(self._PREDICTIONS)}"
-            )
+        self._ff_require_prediction(self._PREDICTIONS)
 
     def _ff_input_scale(self, sigma: torch.Tensor) -> float:
         sd = self.config.sigma_data

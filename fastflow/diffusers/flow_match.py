@@ -109,7 +109,7 @@ class FlowMatchHeunDiscreteScheduler(TwoCallMixin, fmh.FlowMatchHeunDiscreteSche
         return_dict: bool = True,
     ) -> fmh.FlowMatchHeunDiscreteSchedulerOutput | tuple:
         """diffusers' flow-matching Heun step (same arguments and outputs), in one backend call."""
-        _SigmaMixin._ff_check_timestep(timestep)
+        self._ff_check_timestep(timestep)
         idx = self._ff_peek_index(timestep)
         if s_churn > 0:
             sigma = float(self._ff_sigmas[idx if self._ff_first_order(idx) else idx - 1])

@@ -59,11 +59,7 @@ class HeunDiscreteScheduler(ScaledTwoCallMixin, _heun.HeunDiscreteScheduler):
     _ff_returns_raw_x0 = True
 
     def _ff_check_config(self) -> None:
-        if self.config.prediction_type not in _PREDICTIONS:
-            raise NotImplementedError(
-                f"prediction_type={self.config.prediction_type!r} is not supported by HeunDiscreteScheduler; "
-                f"valid: {', '.join(_PREDICTIONS)}"
-            )
+        self._ff_require_prediction(_PREDICTIONS)
 
     def _ff_prepare(self) -> None:
         sig = self.sigmas.detach().to("cpu", torch.float32)

@@ -40,11 +40,7 @@ class _KDPM2Mixin(ScaledTwoCallMixin):
     _ANCESTRAL = False
 
     def _ff_check_config(self) -> None:
-        if self.config.prediction_type not in _PREDICTIONS:
-            raise NotImplementedError(
-                f"prediction_type={self.config.prediction_type!r} is not supported by {type(self).__name__} "
-                f"(diffusers does not implement it either); valid: {', '.join(_PREDICTIONS)}"
-            )
+        self._ff_require_prediction(_PREDICTIONS, diffusers_too=True)
 
     def _ff_prepare(self) -> None:
         self._ff_sig = _host(self.sigmas)

@@ -76,11 +76,7 @@ class LMSDiscreteScheduler(_VEInputMixin, _lms.LMSDiscreteScheduler):
     _ff_returns_raw_x0 = True
 
     def _ff_check_config(self) -> None:
-        if self.config.prediction_type not in _PREDICTIONS:
-            raise NotImplementedError(
-                f"prediction_type={self.config.prediction_type!r} is not supported by LMSDiscreteScheduler "
-                f"(diffusers does not implement it either); valid: {', '.join(_PREDICTIONS)}"
-            )
+        self._ff_require_prediction(_PREDICTIONS, diffusers_too=True)
 
     def _ff_spec(self, i: int, k: int, variant: Any) -> StepSpec:
         sigma = float(self._ff_sig[i])

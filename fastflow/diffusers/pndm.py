@@ -82,12 +82,7 @@ class PNDMScheduler(FastflowScheduler, _pndm.PNDMScheduler):
     _ff_prk_mark: tuple[int, int] | None = None
 
     def _ff_check_config(self) -> None:
-        cfg = self.config
-        if cfg.prediction_type not in _PREDICTIONS:
-            raise NotImplementedError(
-                f"prediction_type={cfg.prediction_type!r} is not supported by PNDMScheduler (diffusers does not "
-                f"implement it either); valid: {', '.join(_PREDICTIONS)}"
-            )
+        self._ff_require_prediction(_PREDICTIONS, diffusers_too=True)
 
     def _ff_prepare(self) -> None:
         self._ff_ac = self.alphas_cumprod.detach().to("cpu", torch.float64).numpy()

@@ -6,8 +6,9 @@ wrong step index, scaling or coefficient shows up over a loop.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -81,8 +82,9 @@ def assert_close(a: torch.Tensor, b: torch.Tensor, rtol: float = RTOL, atol: flo
     torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
 
 
-def assert_loops_match(ref, ff, fields=("pred_original_sample",), rtol=RTOL, atol=ATOL, **loop_kwargs) -> None:
-    """Full loops of both schedulers agree in the final sample and each step's fields."""
+def assert_loops_match(ref, ff, fields=("pred_original_sample",), rtol=RTOL, atol=ATOL, **loop_kwargs) -> tuple:
+    """Full loops of both schedulers agree in the final sample and each step's fields. Returns both loops'
+    ``(final sample, outputs)``, diffusers' first."""
     xa, oa = run_loop(ref, **loop_kwargs)
     xb, ob = run_loop(ff, **loop_kwargs)
     torch.testing.assert_close(ref.timesteps, ff.timesteps, rtol=0, atol=0)
@@ -96,6 +98,7 @@ def assert_loops_match(ref, ff, fields=("pred_original_sample",), rtol=RTOL, ato
                 assert_close(vb, va, rtol, atol)
             except AssertionError as exc:
                 raise AssertionError(f"step {i}: {f} differs: {exc}") from None
+    return (xa, oa), (xb, ob)
 
 
 def posterior_loops(ref, ff, steps, step_kwargs=None, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -269,3 +272,20 @@ def assert_multistep_api(ref, ff, steps: int = 10) -> torch.Tensor:
     noise = start_noise(3)
     assert_close(ff.add_noise(x, noise, ff.timesteps[2:3]), ref.add_noise(x, noise, ref.timesteps[2:3]))
     return x
+
+
+@contextlib.contextmanager
+def float32_draws(*modules) -> Iterator[None]:
+    """Inside, each module's ``randn_tensor`` draws as in float32 and widens to the dtype asked for: a float64 loop
+    then adds the very noise its float32 twin adds (float64 draws are other numbers)."""
+    originals = [module.randn_tensor for module in modules]
+    def widening(draw: Callable) -> Callable:
+        return lambda shape, dtype=None, **kw: draw(shape, dtype=torch.float32, **kw).to(dtype)
+
+    for module, draw in zip(modules, originals, strict=True):
+        module.randn_tensor = widening(draw)
+    try:
+        yield
+    finally:
+        for module, draw in zip(modules, originals, strict=True):
+            module.randn_tensor = draw

@@ -3,6 +3,7 @@ ignored."""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import itertools
 
@@ -14,6 +15,7 @@ from dropin_helpers import (
     assert_close,
     assert_no_further_from_float64,
     assert_unet_loops_match,
+    float32_draws,
     pair,
     run_loop,
     stand_in,
@@ -135,9 +137,9 @@ DPM_CONFIGS = [dict(), dict(prediction_type="v_prediction", rescale_betas_zero_s
                dict(prediction_type="v_prediction", timestep_spacing="trailing", snr_shift_scale=1.0)]
 
 
-def _dpm_loop(s, steps: int, model, x=None, begin: int = 0, noise_dtype=None):
+def _dpm_loop(s, steps: int, model, x=None, begin: int = 0, float32_noise: bool = False):
     """CogVideoX's pipeline loop: each call gets the previous call's prediction and timestep, and a generator.
-    ``noise_dtype``: draw the noise in that dtype and widen it (a float64 loop then adds the float32 loop's)."""
+    ``float32_noise``: draw the noise as in float32 and widen it (a float64 loop then adds the float32 loop's)."""
     import diffusers.schedulers.scheduling_dpm_cogvideox as module
 
     import fastflow.diffusers._base as base
@@ -146,16 +148,10 @@ def _dpm_loop(s, steps: int, model, x=None, begin: int = 0, noise_dtype=None):
     ts = s.timesteps[begin:]  # (both address a step by its timestep's value, read on the host here)
     g = torch.Generator().manual_seed(5)
     x = start_noise(0) if x is None else x
-    draws = module.randn_tensor, base.randn_tensor
-    if noise_dtype is not None:
-        for mod, draw in zip((module, base), draws, strict=True):
-            mod.randn_tensor = lambda shape, dtype=None, draw=draw, **kw: draw(shape, dtype=noise_dtype, **kw).to(dtype)
-    try:
+    with float32_draws(module, base) if float32_noise else contextlib.nullcontext():
         old = None
         for i, t in enumerate(ts):
             x, old = s.step(model(x, t), old, t, ts[i - 1] if i > 0 else None, x, generator=g, return_dict=False)
-    finally:
-        module.randn_tensor, base.randn_tensor = draws
     return x
 
 
@@ -169,7 +165,7 @@ def _dpm_float64(cfg: dict, steps: int, model, begin: int = 0) -> torch.Tensor:
         ref.final_alpha_cumprod = ref.final_alpha_cumprod.double()
 
     ref.set_timesteps = widened
-    return _dpm_loop(ref, steps, model, x=start_noise(0).double(), begin=begin, noise_dtype=torch.float32)
+    return _dpm_loop(ref, steps, model, x=start_noise(0).double(), begin=begin, float32_noise=True)
 
 
 @pytest.mark.parametrize("steps", [1, 2, 5, 20, 50])
@@ -184,7 +180,7 @@ def test_dpm_loops_match_diffusers(config, steps):
     model = posterior_model(ref)
     x64 = _dpm_float64(config, steps, model)
     scale = float(x64.abs().max())
-    xb64 = _dpm_loop(ff, steps, model, x=start_noise(0).double(), noise_dtype=torch.float32)
+    xb64 = _dpm_loop(ff, steps, model, x=start_noise(0).double(), float32_noise=True)
     assert float((xb64 - x64).abs().max()) <= 1e-12 * scale
     xa, xb = _dpm_loop(ref, steps, model), _dpm_loop(ff, steps, model)
     assert float((xb.double() - x64).abs().max()) <= 1e-5 * scale
@@ -198,7 +194,7 @@ def test_dpm_loop_starting_part_way(begin):
     ref, ff = pair(DPM)
     model = posterior_model(ref)
     x64 = _dpm_float64({}, 20, model, begin=begin)
-    xb64 = _dpm_loop(ff, 20, model, x=start_noise(0).double(), begin=begin, noise_dtype=torch.float32)
+    xb64 = _dpm_loop(ff, 20, model, x=start_noise(0).double(), begin=begin, float32_noise=True)
     assert float((xb64 - x64).abs().max()) <= 1e-12 * float(x64.abs().max())
     assert_close(_dpm_loop(ff, 20, model, begin=begin), _dpm_loop(ref, 20, model, begin=begin))
 

@@ -20,6 +20,7 @@ from dropin_helpers import (
     assert_no_further_from_float64,
     assert_unet_loops_match,
     compiled_loops,
+    float32_draws,
     meta_loop,
     pair,
     run_loop,
@@ -74,20 +75,6 @@ def _generator(cfg: dict):
     return lambda i: dict(generator=g)
 
 
-def _float32_noise(module):
-    """A context in which ``module.randn_tensor`` draws as in float32 and widens: float64 loops then add the noise
-    the float32 loops add."""
-    class Patch:
-        def __enter__(self):
-            self.draw = module.randn_tensor
-            module.randn_tensor = lambda shape, dtype=None, **kw: self.draw(shape, dtype=torch.float32, **kw).to(dtype)
-
-        def __exit__(self, *exc):
-            module.randn_tensor = self.draw
-
-    return Patch()
-
-
 def _diffusers_float64(cfg: dict, steps: int, model, begin: int = 0) -> torch.Tensor:
     import diffusers.schedulers.scheduling_dpmsolver_singlestep as module
 
@@ -98,7 +85,7 @@ def _diffusers_float64(cfg: dict, steps: int, model, begin: int = 0) -> torch.Te
         ref.set_begin_index(begin)
     x = start_noise(0).double()
     kw = _generator(cfg)
-    with _float32_noise(module):
+    with float32_draws(module):
         for i, t in enumerate(ref.timesteps[begin:]):
             x = ref.step(model(x, t), t, x, **(kw(i) if kw else {})).prev_sample
     return x
@@ -107,7 +94,7 @@ def _diffusers_float64(cfg: dict, steps: int, model, begin: int = 0) -> torch.Te
 def _fastflow_float64(ff, cfg: dict, steps: int, model, begin: int = 0) -> torch.Tensor:
     import fastflow.diffusers._base as module
 
-    with _float32_noise(module):
+    with float32_draws(module):
         x, _ = run_loop(ff, steps, model=model, x=start_noise(0).double(), step_kwargs=_generator(cfg), begin=begin)
     return x
 
