@@ -39,7 +39,7 @@ DROPINS = ("DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler", "EulerAnc
            "PNDMScheduler", "LMSDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
            "DEISMultistepScheduler", "TCDScheduler",
            "DPMSolverSinglestepScheduler", "CogVideoXDDIMScheduler",
-           "FlowMatchHeunDiscreteScheduler", "IPNDMScheduler")
+           "FlowMatchHeunDiscreteScheduler", "IPNDMScheduler", "DPMSolverSDEScheduler")
 DROPIN_CONFIG = {"PNDMScheduler": dict(skip_prk_steps=True)}  # Stable Diffusion 1.x's PNDM: no Runge-Kutta warm-up
 HALF_DROPINS = ("EulerDiscreteScheduler", "FlowMatchEulerDiscreteScheduler")
 

@@ -87,12 +87,12 @@ DROPIN_CLASSES = ("DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler", "E
                   "PNDMScheduler", "LMSDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
                   "DEISMultistepScheduler", "TCDScheduler",
                   "DPMSolverSinglestepScheduler", "CogVideoXDDIMScheduler",
-                  "FlowMatchHeunDiscreteScheduler", "IPNDMScheduler")
+                  "FlowMatchHeunDiscreteScheduler", "IPNDMScheduler", "DPMSolverSDEScheduler")
 DROPIN_CONFIG = {"PNDMScheduler": dict(skip_prk_steps=True)}  # Stable Diffusion 1.x's PNDM: no Runge-Kutta warm-up
 
 
 @pytest.mark.benchmark(group="dropin: a set_timesteps(10) loop of step calls alone, 1x4x16x16 "
-                             "(10 calls, Heun, flow Heun and KDPM2 19, PNDM 11)")
+                             "(10 calls, Heun, flow Heun, KDPM2 and DPM-Solver SDE 19, PNDM 11)")
 @pytest.mark.parametrize("kind", ("fastflow", "diffusers"))
 @pytest.mark.parametrize("name", DROPIN_CLASSES)
 def test_dropin_steps(benchmark, name: str, kind: str) -> None:

@@ -67,6 +67,13 @@ class PlanRunner:
         """Forget stored history (a new loop starts)."""
         self._store.clear()
 
+    def stored(self, kind: str, stage: int) -> torch.Tensor:
+        """The tensor stage ``stage`` keeps for later stages: its x_hat (``kind="x"``) or input state (``"z"``)."""
+        try:
+            return self._store[(kind, stage)]
+        except KeyError:
+            raise RuntimeError(f"no {kind} of stage {stage} is stored; run the stages in order from 0") from None
+
     def _table_and_backend_for(self, device: torch.device, dtype: torch.dtype):
         table = self.table(device, torch.float64 if dtype == torch.float64 else torch.float32)
         backend = resolve_backend(self.backend, device, dtype)

@@ -10,6 +10,7 @@ place fastflow imports diffusers.
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 from ._base import FastflowScheduler, registry
@@ -30,6 +31,9 @@ from .pndm import PNDMScheduler
 from .tcd import TCDScheduler
 from .unipc import UniPCMultistepScheduler
 
+if importlib.util.find_spec("torchsde") is not None:  # diffusers' DPMSolverSDEScheduler imports it
+    from .dpmsolver_sde import DPMSolverSDEScheduler  # noqa: F401 - exported when present
+
 __all__ = [
     "CogVideoXDDIMScheduler",
     "CogVideoXDPMScheduler",
@@ -37,6 +41,7 @@ __all__ = [
     "DDPMScheduler",
     "DEISMultistepScheduler",
     "DPMSolverMultistepScheduler",
+    "DPMSolverSDEScheduler",
     "DPMSolverSinglestepScheduler",
     "EDMDPMSolverMultistepScheduler",
     "EDMEulerScheduler",

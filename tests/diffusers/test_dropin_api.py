@@ -43,7 +43,13 @@ CLASSES = [
     ("FlowMatchHeunDiscreteScheduler", dict(shift=3.0), {}),
     ("IPNDMScheduler", dict(), {}),
     ("KDPM2AncestralDiscreteScheduler", dict(SD, use_karras_sigmas=True), {}),
+    # a step's second call continues its first call's noise (taken back in the kernel; traced: drawn again)
+    ("DPMSolverSDEScheduler", dict(SD, use_karras_sigmas=True), {}),
+    ("DPMSolverSDEScheduler", dict(SD, noise_sampler_seed=0), dict(s_noise=0.0)),
 ]
+# Classes whose noise comes from no generator a test can hand both loops (diffusers' Brownian tree): their noisy
+# loops are checked for finiteness only.
+TREE_NOISE = ("DPMSolverSDEScheduler",)
 IDS = [f"{n}-{i}" for i, (n, _, _) in enumerate(CLASSES)]
 MINE = sorted({n for n, _, _ in CLASSES})
 
@@ -78,6 +84,7 @@ def test_torch_compile_fullgraph(name, config, kw):
     stochastic = any(k in kw for k in ("eta", "s_churn")) or (
         name in ("DDPMScheduler", "LCMScheduler", "TCDScheduler") or "Ancestral" in name
         or config.get("stochastic_sampling", False) or config.get("algorithm_type", "").startswith("sde")
+        or (name in TREE_NOISE and kw.get("s_noise", 1.0) != 0.0)
     )
     for s in (ref, ff):
         s.set_timesteps(5)
@@ -162,8 +169,9 @@ def test_gpu_loop_no_sync(backend, name, config, kw):
             xc = ff.step(stand_in(x_in, 0.0) + 0.01 * x_in, t, xc, **kw).prev_sample
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert_close(xb, xa, rtol=1e-4, atol=1e-4)
-    assert torch.isfinite(xc).all()
+    if name not in TREE_NOISE or kw.get("s_noise", 1.0) == 0.0:
+        assert_close(xb, xa, rtol=1e-4, atol=1e-4)
+    assert torch.isfinite(xb).all() and torch.isfinite(xc).all()
 
 
 @pytest.mark.parametrize("name", MINE)
@@ -336,7 +344,10 @@ def test_a_host_timestep_locates_the_loop_start_as_diffusers_does(name):
     "FastflowScheduler", "CogVideoXDPMScheduler")])  # (its step's signature differs: test_cogvideox.py copies it)
 def test_a_copy_made_mid_loop_continues_as_the_original(name, how):
     """A scheduler copied between steps (a pipeline state saved, a sampler cloned) carries its loop: the stored
-    predictions of a multistep solver, Heun's pending first stage, the step index."""
+    predictions of a multistep solver, Heun's pending first stage, the step index. Bit for bit, except where a
+    step's second call takes its first call's noise back from the sample only when it is the very tensor the
+    first returned (DPM-Solver SDE): a copy holds a copy of that tensor, so it draws the noise again, the same
+    to float32 round-off."""
     import copy
     import pickle
 
@@ -357,7 +368,8 @@ def test_a_copy_made_mid_loop_continues_as_the_original(name, how):
     t = ff.timesteps[3]
     expected = step(ff, o, t, x)
     assert twin.step_index == 3
-    torch.testing.assert_close(step(twin, o, t, x), expected, rtol=0, atol=0)
+    tol = 1e-5 if name in TREE_NOISE else 0.0
+    torch.testing.assert_close(step(twin, o, t, x), expected, rtol=tol, atol=tol)
 
 
 def test_an_element_of_the_schedule_is_located_without_reading_it():

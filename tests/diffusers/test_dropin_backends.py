@@ -18,6 +18,7 @@ CASES = [
     ("PNDMScheduler", dict(prediction_type="v_prediction"), dict()),  # warm-up: a stored state, three outputs
     ("LMSDiscreteScheduler", dict(prediction_type="v_prediction"), dict()),  # derivatives as history
     ("KDPM2AncestralDiscreteScheduler", dict(), dict()),  # a saved sample and in-kernel noise
+    ("DPMSolverSDEScheduler", dict(noise_sampler_seed=1), dict()),  # noise taken back from the sample
 ]
 FIELDS = {"LCMScheduler": "denoised", "PNDMScheduler": None}  # the prediction field step returns, if any
 
