@@ -31,12 +31,14 @@ from .pndm import PNDMScheduler
 from .tcd import TCDScheduler
 from .unipc import UniPCMultistepScheduler
 
-if importlib.util.find_spec("torchsde") is not None:  # diffusers' DPMSolverSDEScheduler imports it
-    from .dpmsolver_sde import DPMSolverSDEScheduler  # noqa: F401 - exported when present
+if importlib.util.find_spec("torchsde") is not None:  # diffusers' modules of these two import it
+    from .cosine_dpmsolver import CosineDPMSolverMultistepScheduler  # noqa: F401 - exported when present
+    from .dpmsolver_sde import DPMSolverSDEScheduler  # noqa: F401
 
 __all__ = [
     "CogVideoXDDIMScheduler",
     "CogVideoXDPMScheduler",
+    "CosineDPMSolverMultistepScheduler",
     "DDIMScheduler",
     "DDPMScheduler",
     "DEISMultistepScheduler",

@@ -160,8 +160,13 @@ class DPMSolverFormulas(MultistepScheduler):
     _ff_sde_max_order = 3
 
     @property
+    def _ff_algorithm(self) -> str:
+        """diffusers' ``algorithm_type`` (a family without the option fixes it)."""
+        return self.config.algorithm_type
+
+    @property
     def _ff_stores_noise(self) -> bool:
-        return not self.config.algorithm_type.endswith("++")
+        return not self._ff_algorithm.endswith("++")
 
     def _ff_sigma_kind(self) -> dict[str, bool]:
         """``dpm_updates``' keywords for what diffusers' sigmas are (``flow``, ``ve``)."""
@@ -169,7 +174,7 @@ class DPMSolverFormulas(MultistepScheduler):
 
     @property
     def _ff_draws(self) -> bool:
-        return self.config.algorithm_type.startswith("sde")
+        return self._ff_algorithm.startswith("sde")
 
     def _ff_updates(self, start: int) -> list[Lin]:
         cfg = self.config
@@ -177,7 +182,7 @@ class DPMSolverFormulas(MultistepScheduler):
             self._ff_sigmas,
             start=start,
             solver_order=cfg.solver_order,
-            algorithm_type=cfg.algorithm_type,
+            algorithm_type=self._ff_algorithm,
             solver_type=cfg.solver_type,
             lower_order_final=cfg.lower_order_final,
             euler_at_final=cfg.euler_at_final,

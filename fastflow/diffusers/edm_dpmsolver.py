@@ -5,7 +5,8 @@ prediction ``c_skip * sample + c_out * output`` (Karras et al. 2022, with
 ``sigma_data``); the update is DPM-Solver++ with ``alpha = 1``. The steps are
 DPM-Solver's drop-in's (:class:`~fastflow.diffusers.dpmsolver.DPMSolverFormulas`) on
 these sigmas. diffusers defines no ``sde-dpmsolver++`` step of order 3 here (it fails there):
-such a step raises when it runs.
+such a step raises when it runs. :class:`EDMPreconditioned` is shared with the cosine-schedule
+variant (:mod:`.cosine_dpmsolver`).
 """
 
 from __future__ import annotations
@@ -17,31 +18,29 @@ from diffusers.schedulers import scheduling_edm_dpmsolver_multistep as _edm_dpm
 from ._base import output_maker, promoted_dtype
 from .dpmsolver import DPMSolverFormulas
 
-__all__ = ["EDMDPMSolverMultistepScheduler"]
+__all__ = ["EDMDPMSolverMultistepScheduler", "EDMPreconditioned"]
 _OUTPUT = output_maker(_edm_dpm.SchedulerOutput, "prev_sample")
 
 ALGORITHMS = ("dpmsolver++", "sde-dpmsolver++")
 PREDICTIONS = ("epsilon", "v_prediction")
 
 
-class EDMDPMSolverMultistepScheduler(DPMSolverFormulas, _edm_dpm.EDMDPMSolverMultistepScheduler):
-    """diffusers' ``EDMDPMSolverMultistepScheduler`` whose ``step`` is one fused fastflow call.
+class EDMPreconditioned(DPMSolverFormulas):
+    """DPM-Solver++ on EDM-preconditioned variance-exploding sigmas: diffusers' ``c_in`` input scaling and
+    ``c_skip``/``c_out`` data prediction, with ``sigma_data`` from the config."""
 
-    Algorithms ``dpmsolver++`` (orders 1-3) and ``sde-dpmsolver++`` (1-2), Karras or exponential sigmas,
-    ``epsilon`` and ``v_prediction`` outputs, dynamic thresholding (torch ops before the fused step).
-    """
-
-    _ff_sde_max_order = 2  # diffusers' EDM scheduler has no SDE step of order 3
+    _ff_sde_max_order = 2  # diffusers' EDM-preconditioned schedulers have no SDE step of order 3
+    _ff_max_order = 3
 
     def _ff_check_config(self) -> None:
         cfg = self.config
         name = type(self).__name__
-        if cfg.algorithm_type not in ALGORITHMS:
-            raise NotImplementedError(f"algorithm_type={cfg.algorithm_type!r} is not supported by fastflow's {name}")
         if cfg.prediction_type not in PREDICTIONS:
             raise NotImplementedError(f"prediction_type={cfg.prediction_type!r} is not supported by {name}")
-        if cfg.solver_order not in (1, 2, 3):
-            raise NotImplementedError(f"solver_order={cfg.solver_order} is not supported (1, 2 or 3)")
+        if cfg.solver_order not in range(1, self._ff_max_order + 1):
+            raise NotImplementedError(
+                f"solver_order={cfg.solver_order} is not supported by {name} (1 to {self._ff_max_order})"
+            )
 
     def _ff_prepare(self) -> None:
         super()._ff_prepare()
@@ -69,6 +68,22 @@ class EDMDPMSolverMultistepScheduler(DPMSolverFormulas, _edm_dpm.EDMDPMSolverMul
         idx = self._ff_index(timestep)
         self.is_scale_input_called = True
         return sample * self._ff_in_scale[idx]
+
+
+class EDMDPMSolverMultistepScheduler(EDMPreconditioned, _edm_dpm.EDMDPMSolverMultistepScheduler):
+    """diffusers' ``EDMDPMSolverMultistepScheduler`` whose ``step`` is one fused fastflow call.
+
+    Algorithms ``dpmsolver++`` (orders 1-3) and ``sde-dpmsolver++`` (1-2), Karras or exponential sigmas,
+    ``epsilon`` and ``v_prediction`` outputs, dynamic thresholding (torch ops before the fused step).
+    """
+
+    def _ff_check_config(self) -> None:
+        cfg = self.config
+        if cfg.algorithm_type not in ALGORITHMS:
+            raise NotImplementedError(
+                f"algorithm_type={cfg.algorithm_type!r} is not supported by fastflow's {type(self).__name__}"
+            )
+        super()._ff_check_config()
 
     def step(
         self,
