@@ -40,7 +40,7 @@ DROPINS = ("DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler", "EulerAnc
            "DEISMultistepScheduler", "TCDScheduler",
            "DPMSolverSinglestepScheduler", "CogVideoXDDIMScheduler",
            "FlowMatchHeunDiscreteScheduler", "IPNDMScheduler", "DPMSolverSDEScheduler",
-           "CosineDPMSolverMultistepScheduler")
+           "CosineDPMSolverMultistepScheduler", "LTXEulerAncestralRFScheduler")
 DROPIN_CONFIG = {"PNDMScheduler": dict(skip_prk_steps=True)}  # Stable Diffusion 1.x's PNDM: no Runge-Kutta warm-up
 HALF_DROPINS = ("EulerDiscreteScheduler", "FlowMatchEulerDiscreteScheduler")
 

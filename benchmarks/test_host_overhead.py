@@ -88,7 +88,7 @@ DROPIN_CLASSES = ("DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler", "E
                   "DEISMultistepScheduler", "TCDScheduler",
                   "DPMSolverSinglestepScheduler", "CogVideoXDDIMScheduler",
                   "FlowMatchHeunDiscreteScheduler", "IPNDMScheduler", "DPMSolverSDEScheduler",
-                  "CosineDPMSolverMultistepScheduler")
+                  "CosineDPMSolverMultistepScheduler", "LTXEulerAncestralRFScheduler")
 DROPIN_CONFIG = {"PNDMScheduler": dict(skip_prk_steps=True)}  # Stable Diffusion 1.x's PNDM: no Runge-Kutta warm-up
 
 

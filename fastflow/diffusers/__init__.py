@@ -27,6 +27,7 @@ from .ipndm import IPNDMScheduler
 from .kdpm2 import KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler
 from .lcm import LCMScheduler
 from .lms import LMSDiscreteScheduler
+from .ltx_euler import LTXEulerAncestralRFScheduler
 from .pndm import PNDMScheduler
 from .tcd import TCDScheduler
 from .unipc import UniPCMultistepScheduler
@@ -57,6 +58,7 @@ __all__ = [
     "KDPM2DiscreteScheduler",
     "LCMScheduler",
     "LMSDiscreteScheduler",
+    "LTXEulerAncestralRFScheduler",
     "PNDMScheduler",
     "TCDScheduler",
     "UniPCMultistepScheduler",
