@@ -40,7 +40,8 @@ DROPINS = ("DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler", "EulerAnc
            "DEISMultistepScheduler", "TCDScheduler",
            "DPMSolverSinglestepScheduler", "CogVideoXDDIMScheduler",
            "FlowMatchHeunDiscreteScheduler", "IPNDMScheduler", "DPMSolverSDEScheduler",
-           "CosineDPMSolverMultistepScheduler", "LTXEulerAncestralRFScheduler")
+           "CosineDPMSolverMultistepScheduler", "LTXEulerAncestralRFScheduler",
+           "DDIMInverseScheduler")
 DROPIN_CONFIG = {"PNDMScheduler": dict(skip_prk_steps=True)}  # Stable Diffusion 1.x's PNDM: no Runge-Kutta warm-up
 HALF_DROPINS = ("EulerDiscreteScheduler", "FlowMatchEulerDiscreteScheduler")
 

@@ -88,7 +88,8 @@ DROPIN_CLASSES = ("DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler", "E
                   "DEISMultistepScheduler", "TCDScheduler",
                   "DPMSolverSinglestepScheduler", "CogVideoXDDIMScheduler",
                   "FlowMatchHeunDiscreteScheduler", "IPNDMScheduler", "DPMSolverSDEScheduler",
-                  "CosineDPMSolverMultistepScheduler", "LTXEulerAncestralRFScheduler")
+                  "CosineDPMSolverMultistepScheduler", "LTXEulerAncestralRFScheduler",
+                  "DDIMInverseScheduler")
 DROPIN_CONFIG = {"PNDMScheduler": dict(skip_prk_steps=True)}  # Stable Diffusion 1.x's PNDM: no Runge-Kutta warm-up
 
 

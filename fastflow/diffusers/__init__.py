@@ -16,6 +16,7 @@ from typing import Any
 from ._base import FastflowScheduler, registry
 from .cogvideox import CogVideoXDDIMScheduler, CogVideoXDPMScheduler
 from .ddim import DDIMScheduler, DDPMScheduler
+from .ddim_inverse import DDIMInverseScheduler
 from .deis import DEISMultistepScheduler
 from .dpmsolver import DPMSolverMultistepScheduler
 from .dpmsolver_singlestep import DPMSolverSinglestepScheduler
@@ -40,6 +41,7 @@ __all__ = [
     "CogVideoXDDIMScheduler",
     "CogVideoXDPMScheduler",
     "CosineDPMSolverMultistepScheduler",
+    "DDIMInverseScheduler",
     "DDIMScheduler",
     "DDPMScheduler",
     "DEISMultistepScheduler",

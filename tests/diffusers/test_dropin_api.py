@@ -48,6 +48,7 @@ CLASSES = [
     ("DPMSolverSDEScheduler", dict(SD, noise_sampler_seed=0), dict(s_noise=0.0)),
     ("CosineDPMSolverMultistepScheduler", dict(solver_order=2), {}),  # Stable Audio Open's
     ("LTXEulerAncestralRFScheduler", dict(eta=1.0), {}),
+    ("DDIMInverseScheduler", dict(SD, set_alpha_to_one=True), {}),  # the raw output's slot at alpha = 1
 ]
 # Classes whose noise diffusers draws from a Brownian tree (seeded, not drawn from a generator): fastflow's noise
 # then differs from diffusers' in its numbers, so their noisy loops are checked for finiteness only.
