@@ -3,9 +3,11 @@
 diffusers' step at timestep ``t`` converts the model output at the noise level one step
 below, ``t - num_train_timesteps // num_inference_steps`` (``initial_alpha_cumprod`` below 0,
 the top level's ``N - 1`` at most), and moves the sample up to ``alphas_cumprod[t]``:
-``sqrt(a_t) x0 + sqrt(1 - a_t) eps``. The noise estimate is the unclipped model output's
-(bound to a kernel history slot where ``clip_sample`` clamps x0, or where the lower level is
-``alpha = 1`` and x0 is the sample itself); elsewhere it is taken from the sample and x0.
+``sqrt(a_t) x0 + sqrt(1 - a_t) eps``. The noise estimate is the unclipped model output's, read
+from it as diffusers reads it (the output bound to a kernel history slot): taken from the sample
+and x0 instead it would divide by ``sqrt(1 - alpha)`` of the lower level, and on the way up
+(``a_t`` below that level's alpha) that multiplies x0's round-off by up to ``sqrt(1 - a_t) /
+sqrt(1 - alpha)``, about 30 at the first steps.
 """
 
 from __future__ import annotations
@@ -39,16 +41,13 @@ class DDIMInverseScheduler(_VPMixin, _inverse.DDIMInverseScheduler):
         a_t = self._ff_alpha(level) if level >= 0 else float(self.initial_alpha_cumprod)
         a_p = self._ff_alpha(target)
         xz, xo = self._ff_conversion(a_t)
-        if self._ff_clip() is not None or a_t == 1.0:
-            if a_t == 1.0 and cfg.prediction_type == "sample":
-                raise ValueError(
-                    "prediction_type='sample' has no noise estimate at alphas_cumprod = 1 (set_alpha_to_one=True makes "
-                    "the first step's level 1): diffusers divides by zero there and steps to inf or NaN"
-                )
-            ez, eo = eps_coefs(cfg.prediction_type, a_t)
-            eps = Z(k) * ez + O(k) * eo
-        else:
-            eps = (Z(k) - X(k) * math.sqrt(a_t)) / math.sqrt(1.0 - a_t)
+        if a_t == 1.0 and cfg.prediction_type == "sample":
+            raise ValueError(
+                "prediction_type='sample' has no noise estimate at alphas_cumprod = 1 (set_alpha_to_one=True makes "
+                "the first step's level 1): diffusers divides by zero there and steps to inf or NaN"
+            )
+        ez, eo = eps_coefs(cfg.prediction_type, a_t)
+        eps = Z(k) * ez + O(k) * eo
         return StepSpec(xz, xo, X(k) * math.sqrt(a_p) + eps * math.sqrt(1.0 - a_p))
 
     def step(

@@ -262,6 +262,64 @@ STOCHASTIC = {
 }
 
 
+TREE_NOISE = ("DPMSolverSDEScheduler", "CosineDPMSolverMultistepScheduler")
+LATER_CASES = 120
+
+
+def _ddim_inverse(r: random.Random) -> tuple[dict, dict]:
+    cfg = _ddim(r)
+    for key in ("thresholding", "sample_max_value", "dynamic_thresholding_ratio"):  # not options of DDIM inverse
+        cfg.pop(key, None)
+    cfg["timestep_spacing"] = r.choice(("leading", "trailing"))  # its only spacings
+    return cfg, {}
+
+
+def _dpm_sde(r: random.Random) -> tuple[dict, dict]:
+    cfg = _kdpm2(r) | dict(noise_sampler_seed=r.randrange(1000))
+    return cfg, dict(s_noise=r.choice((1.0, 1.0, 0.5, 0.0)))
+
+
+def _cosine(r: random.Random) -> tuple[dict, dict]:
+    cfg = _edm(r) | dict(solver_order=r.choice((1, 2)), solver_type=r.choice(("midpoint", "heun")),
+                         lower_order_final=r.choice((True, False)), euler_at_final=r.random() < 0.3,
+                         final_sigmas_type="zero")  # (at sigma_min diffusers' tree recurses without end)
+    cfg["sigma_max"] = r.choice((80.0, 500.0))
+    return cfg, {}
+
+
+def _ltx(r: random.Random) -> tuple[dict, dict]:
+    return dict(eta=r.choice((0.0, 0.5, 1.0)), s_noise=r.choice((0.0, 0.7, 1.0))), {}
+
+
+LATER = {  # name: (config and step keywords, stochastic)
+    "DDIMInverseScheduler": (_ddim_inverse, False),
+    "DPMSolverSDEScheduler": (_dpm_sde, True),
+    "CosineDPMSolverMultistepScheduler": (_cosine, True),
+    "LTXEulerAncestralRFScheduler": (_ltx, True),
+}
+
+
+def _later_case(seed: int) -> tuple[str, dict, dict, int, int, dict, bool]:
+    r = random.Random(20_000 + seed)
+    name = r.choice(sorted(LATER))
+    family, stochastic = LATER[name]
+    config, step_kwargs = family(r)
+    steps = r.choice(STEPS)
+    schedule = {}
+    if name == "LTXEulerAncestralRFScheduler" and r.random() < 0.3:  # explicit sigmas, ending at 0
+        schedule = {"sigmas": sorted((r.uniform(0.01, 1.0) for _ in range(steps)), reverse=True) + [0.0]}
+    return name, config, step_kwargs, steps, _begin(r, steps), schedule, stochastic
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("seed", range(LATER_CASES))
+def test_random_later_config(seed):
+    """The drop-ins added later (DDIM inverse, DPM-Solver SDE, the cosine DPM-Solver, LTX's Euler ancestral), with
+    seeds of their own so the cases above stay as they were; tree-noise ones draw diffusers' tree."""
+    name, config, step_kwargs, steps, begin, schedule, stochastic = _later_case(seed)
+    _check(name, config, steps, step_kwargs, begin, schedule, stochastic=stochastic)
+
+
 def _stochastic_case(seed: int) -> tuple[str, dict, dict, int, int, dict]:
     r = random.Random(10_000 + seed)
     name = r.choice(sorted(STOCHASTIC))
@@ -293,9 +351,11 @@ def _check(
     begin *= getattr(diffusers, name).order  # a pipeline's set_begin_index(t_start * order)
     custom = "timesteps" in schedule or "sigmas" in schedule
 
+    takes_generator = "generator" in inspect.signature(getattr(diffusers, name).step).parameters
+
     def loop(scheduler, x=None):
         kwargs = dict(step_kwargs)
-        if stochastic:
+        if stochastic and takes_generator:
             kwargs["generator"] = torch.Generator().manual_seed(7)  # each loop draws the same noise
         return run_loop(scheduler, None if custom else steps, set_kwargs=schedule, step_kwargs=kwargs, x=x,
                         begin=begin)[0]
@@ -309,10 +369,10 @@ def _check(
         pytest.skip(f"diffusers refuses {name} {config} {schedule}: {type(exc).__name__}: {exc}")
     where = f"{name} {config} {schedule or steps} {step_kwargs} from step {begin}"
     try:
-        x_ff = loop(getattr(ffd, name).from_config(ref.config))
+        x_ff = loop(_dropin(name, ref))
         if not stochastic:  # (meta tensors run the noise's torch ops through slow Python references)
             # The same loop on tensors with no data: a step that read one back (a host sync) would fail here.
-            meta = run_loop(getattr(ffd, name).from_config(ref.config), None if custom else steps,
+            meta = run_loop(_dropin(name, ref), None if custom else steps,
                             set_kwargs=schedule, x=torch.empty(SHAPE, device="meta"), begin=begin)[0]
             assert meta.device.type == "meta" and meta.shape == x_ff.shape
     except NotImplementedError as exc:
@@ -326,7 +386,7 @@ def _check(
     assert torch.isfinite(x_ff).all(), f"{where}: not finite"
     if not torch.isfinite(x_ref).all():  # float32 rounding broke diffusers' step; the drop-in took the exact value
         if not stochastic:  # (a float64 loop would draw other noise)
-            x_64 = loop(getattr(ffd, name).from_config(ref.config), x=start_noise().double())
+            x_64 = loop(_dropin(name, ref), x=start_noise().double())
             torch.testing.assert_close(x_ff.double(), x_64, rtol=1e-4, atol=1e-4)
         return
     # diffusers' float32 round-off in this loop: how far its result moves when its start moves by an ulp or two,
@@ -347,6 +407,14 @@ def _check(
     assert diff <= 4 * spread + 8 * arithmetic + TOL, (
         f"{where}: {diff:.3g} from diffusers; its round-off {spread:.3g}, {arithmetic:.3g}"
     )
+
+
+def _dropin(name: str, ref):
+    """The drop-in for ``ref``; where diffusers draws its noise from a Brownian tree (seeded by the config or the
+    generator's initial seed), it draws from diffusers' tree too, so the noise is the same."""
+    ff = getattr(ffd, name).from_config(ref.config)
+    ff.diffusers_noise = name in TREE_NOISE
+    return ff
 
 
 def _nudged(scheduler, k: int):
