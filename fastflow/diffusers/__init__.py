@@ -30,6 +30,7 @@ from .lcm import LCMScheduler
 from .lms import LMSDiscreteScheduler
 from .ltx_euler import LTXEulerAncestralRFScheduler
 from .pndm import PNDMScheduler
+from .scm import SCMScheduler
 from .tcd import TCDScheduler
 from .unipc import UniPCMultistepScheduler
 
@@ -62,6 +63,7 @@ __all__ = [
     "LMSDiscreteScheduler",
     "LTXEulerAncestralRFScheduler",
     "PNDMScheduler",
+    "SCMScheduler",
     "TCDScheduler",
     "UniPCMultistepScheduler",
     "FastflowScheduler",

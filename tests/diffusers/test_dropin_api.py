@@ -50,6 +50,9 @@ CLASSES = [
     ("LTXEulerAncestralRFScheduler", dict(eta=1.0), {}),
     ("DDIMInverseScheduler", dict(SD, set_alpha_to_one=True), {}),  # the raw output's slot at alpha = 1
 ]
+# set_timesteps keywords a class needs for a schedule of other than its default length (SCM's intermediate angle
+# is for two steps only).
+SET_KWARGS = {"SCMScheduler": dict(intermediate_timesteps=None)}
 # Classes whose noise diffusers draws from a Brownian tree (seeded, not drawn from a generator): fastflow's noise
 # then differs from diffusers' in its numbers, so their noisy loops are checked for finiteness only.
 TREE_NOISE = ("DPMSolverSDEScheduler", "CosineDPMSolverMultistepScheduler")
@@ -201,7 +204,7 @@ def test_construction_sets_up_nothing_for_diffusers_throwaway_schedule(name, mon
     monkeypatch.setattr(ffd.FastflowScheduler, "_ff_reset", lambda self: (resets.append(1), original(self))[1])
     ff = getattr(ffd, name)()
     assert resets == []
-    ff.set_timesteps(4)
+    ff.set_timesteps(4, **SET_KWARGS.get(name, {}))
     assert resets == [1]
     assert ff._ff_compiled is not None
 
@@ -355,7 +358,7 @@ def test_a_copy_made_mid_loop_continues_as_the_original(name, how):
     import pickle
 
     ff = getattr(ffd, name)()
-    ff.set_timesteps(6)
+    ff.set_timesteps(6, **SET_KWARGS.get(name, {}))
     generator = torch.Generator().manual_seed(5)
     takes_generator = "generator" in inspect.signature(ff.step).parameters
 
