@@ -41,7 +41,7 @@ DROPINS = ("DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler", "EulerAnc
            "DPMSolverSinglestepScheduler", "CogVideoXDDIMScheduler",
            "FlowMatchHeunDiscreteScheduler", "IPNDMScheduler", "DPMSolverSDEScheduler",
            "CosineDPMSolverMultistepScheduler", "LTXEulerAncestralRFScheduler",
-           "DDIMInverseScheduler")
+           "DDIMInverseScheduler", "SASolverScheduler")
 DROPIN_CONFIG = {"PNDMScheduler": dict(skip_prk_steps=True)}  # Stable Diffusion 1.x's PNDM: no Runge-Kutta warm-up
 HALF_DROPINS = ("EulerDiscreteScheduler", "FlowMatchEulerDiscreteScheduler")
 
@@ -69,7 +69,9 @@ def _dropin_steps_us(sched, z0, o, loops: int = 30, repeats: int = 7) -> float:
             z = z0
             t0 = time.perf_counter()
             for t in sched.timesteps:
-                z = sched.step(o, t, z if scale is None else scale(z, t)).prev_sample
+                if scale is not None:
+                    scale(z, t)  # the model's input, as a pipeline makes it; step takes the unscaled sample
+                z = sched.step(o, t, z).prev_sample
             total += time.perf_counter() - t0
         times.append(total / (loops * LOOP_STEPS) * 1e6)
     return statistics.median(times[1:])  # the first repeat warms up

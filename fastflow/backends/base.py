@@ -176,6 +176,22 @@ class Backend:
         """
         return self.fused_step_alloc_args
 
+    def noise(
+        self,
+        seeds: torch.Tensor,
+        sample_shape: Sequence[int],
+        step: int | torch.Tensor = 0,
+        tag: int = 0,
+        dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
+        """fastflow's noise for each seed (:func:`fastflow.noise.normal`, the numbers a stage with ``use_noise``
+        draws at row ``step``), for front ends that need a stage's noise outside its kernel. This default is the
+        torch spec (any device; ``step`` may be a device tensor); kernels with a noise path of their own override
+        it."""
+        from ..noise import normal
+
+        return normal(seeds, sample_shape, step=step, tag=tag, dtype=dtype)
+
 
 def check_step_args(
     z: torch.Tensor,

@@ -192,9 +192,13 @@ class TritonBackend(Backend):
         raise AssertionError("unreachable: a layout check failed without a reason")
 
     def noise(
-        self, seeds: torch.Tensor, sample_shape: Sequence[int], step: int = 0, tag: int = 0, dtype=torch.float32
+        self, seeds: torch.Tensor, sample_shape: Sequence[int], step: int | torch.Tensor = 0, tag: int = 0,
+        dtype: torch.dtype = torch.float32,
     ) -> torch.Tensor:
-        """The noise of :func:`fastflow.noise.normal`, drawn by the kernel's own Philox path."""
+        """The noise of :func:`fastflow.noise.normal`, drawn by the kernel's own Philox path (a device-tensor
+        ``step``, or code being traced, takes the torch spec: the launch takes the row as a host int)."""
+        if isinstance(step, torch.Tensor) or torch.compiler.is_compiling():
+            return super().noise(seeds, sample_shape, step, tag, dtype)
         reason = self.availability() or self.supports(seeds.device)
         if reason is not None:
             raise RuntimeError(f"Triton backend unavailable: {reason}")

@@ -30,6 +30,7 @@ from .lcm import LCMScheduler
 from .lms import LMSDiscreteScheduler
 from .ltx_euler import LTXEulerAncestralRFScheduler
 from .pndm import PNDMScheduler
+from .sasolver import SASolverScheduler
 from .scm import SCMScheduler
 from .tcd import TCDScheduler
 from .unipc import UniPCMultistepScheduler
@@ -63,6 +64,7 @@ __all__ = [
     "LMSDiscreteScheduler",
     "LTXEulerAncestralRFScheduler",
     "PNDMScheduler",
+    "SASolverScheduler",
     "SCMScheduler",
     "TCDScheduler",
     "UniPCMultistepScheduler",

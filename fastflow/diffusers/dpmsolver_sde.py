@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from diffusers.schedulers import scheduling_dpmsolver_sde as _sde
 
-from .. import noise as noise_spec
+from ..backends import resolve_backend
 from ._base import StepSpec, X, Z, noise, output_maker, promoted_dtype
 from ._two_call import ScaledTwoCallMixin, input_scales
 
@@ -189,8 +189,9 @@ class DPMSolverSDEScheduler(ScaledTwoCallMixin, _sde.DPMSolverSDEScheduler):
         k, runner, c1 = stage.k, stage.runner, interval.first
         device = z.device
         seeds = self._ff_seed_tensor(z.shape[0], device)
-        n1 = noise_spec.normal(seeds, z.shape[1:], step=self._ff_noise_counter(k - 1, device))
-        m = noise_spec.normal(seeds, z.shape[1:], step=self._ff_noise_counter(k, device))
+        backend = resolve_backend(runner.backend, device, torch.float32)
+        n1 = backend.noise(seeds, z.shape[1:], step=self._ff_noise_counter(k - 1, device))
+        m = backend.noise(seeds, z.shape[1:], step=self._ff_noise_counter(k, device))
         z_prev, x_prev = runner.stored("z", k - 1).float(), runner.stored("x", k - 1).float()
         taken_back = (z.float() - z_prev * c1.a - x_prev * c1.b) / (c1.up * s_noise)
         return m - (taken_back - n1) * math.sqrt(interval.rho / (1.0 - interval.rho))

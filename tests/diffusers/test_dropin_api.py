@@ -49,6 +49,7 @@ CLASSES = [
     ("CosineDPMSolverMultistepScheduler", dict(solver_order=2), {}),  # Stable Audio Open's
     ("LTXEulerAncestralRFScheduler", dict(eta=1.0), {}),
     ("DDIMInverseScheduler", dict(SD, set_alpha_to_one=True), {}),  # the raw output's slot at alpha = 1
+    ("SASolverScheduler", dict(SD, predictor_order=3, corrector_order=4, tau_func=lambda t: 1.0), {}),
 ]
 # set_timesteps keywords a class needs for a schedule of other than its default length (SCM's intermediate angle
 # is for two steps only).
@@ -88,7 +89,7 @@ def test_torch_compile_fullgraph(name, config, kw):
     torch._dynamo.reset()
     ref, ff = pair(name, **config)
     stochastic = any(k in kw for k in ("eta", "s_churn")) or (
-        name in ("DDPMScheduler", "LCMScheduler", "TCDScheduler") or "Ancestral" in name
+        name in ("DDPMScheduler", "LCMScheduler", "TCDScheduler", "SASolverScheduler") or "Ancestral" in name
         or config.get("stochastic_sampling", False) or config.get("algorithm_type", "").startswith("sde")
         or (name in TREE_NOISE and kw.get("s_noise", 1.0) != 0.0)
     )
@@ -210,8 +211,8 @@ def test_construction_sets_up_nothing_for_diffusers_throwaway_schedule(name, mon
 
 
 def test_from_scheduler_unsupported_names_the_class():
-    with pytest.raises(NotImplementedError, match="SASolverScheduler"):
-        ffd.from_scheduler(diffusers.SASolverScheduler())
+    with pytest.raises(NotImplementedError, match="UnCLIPScheduler"):
+        ffd.from_scheduler(diffusers.UnCLIPScheduler())
 
 
 def test_from_config_of_another_scheduler_and_save_load(tmp_path):
@@ -357,6 +358,8 @@ def test_a_copy_made_mid_loop_continues_as_the_original(name, how):
     import copy
     import pickle
 
+    if how == "pickle" and name == "SASolverScheduler":
+        pytest.skip("diffusers' SASolverScheduler holds a lambda (its default tau_func): it does not pickle")
     ff = getattr(ffd, name)()
     ff.set_timesteps(6, **SET_KWARGS.get(name, {}))
     generator = torch.Generator().manual_seed(5)
