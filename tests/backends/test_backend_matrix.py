@@ -75,3 +75,20 @@ def test_channels_last_state_and_output(backend):
     for a, b in zip(got, ref, strict=True):
         assert a.is_contiguous()
         torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("name", ("torch", *KERNEL_BACKENDS))
+def test_every_backend_draws_the_spec_noise(name):
+    """``Backend.noise`` (a stage's noise outside its kernel: the torch reference's default is the spec itself,
+    kernels draw their own) gives fastflow.noise.normal's numbers, with the row as an int or a device tensor."""
+    from fastflow import noise as noise_spec
+
+    _require(name)
+    device = _device()
+    backend = get_backend(name)
+    seeds = torch.tensor([3, 2**40 + 1], dtype=torch.int64, device=device)
+    want = noise_spec.normal(seeds, SHAPE[1:], step=5)
+    for step in (5, torch.tensor([5], dtype=torch.int64, device=device)):
+        got = backend.noise(seeds, SHAPE[1:], step=step)
+        assert got.shape == want.shape and got.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
