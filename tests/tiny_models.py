@@ -85,3 +85,28 @@ def pooled_embeds(g: torch.Generator) -> dict:
     return {"prompt_embeds": torch.randn(1, 5, 12, generator=g), "pooled_prompt_embeds": torch.randn(1, 6, generator=g),
             "negative_prompt_embeds": torch.randn(1, 5, 12, generator=g),
             "negative_pooled_prompt_embeds": torch.randn(1, 6, generator=g)}
+
+
+def stable_diffusion_call(kind: str, steps: int) -> tuple[type, dict]:
+    """A Stable Diffusion pipeline class (``txt2img``, ``img2img`` or ``inpaint``) and its call's keywords: guided,
+    on fixed random embeddings, an 8x8 image and mask where the pipeline takes them (img2img and inpainting start
+    part-way through the schedule)."""
+    embeds = [torch.randn(2, 5, 12, generator=torch.Generator().manual_seed(seed)) for seed in (1, 2)]
+    kwargs = dict(prompt_embeds=embeds[0], negative_prompt_embeds=embeds[1], num_inference_steps=steps,
+                  guidance_scale=7.5, output_type="np")
+    image = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    if kind == "img2img":
+        return diffusers.StableDiffusionImg2ImgPipeline, kwargs | dict(image=image, strength=0.6)
+    if kind == "inpaint":
+        mask = (torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(4)) > 0.5).float()
+        return diffusers.StableDiffusionInpaintPipeline, kwargs | dict(image=image, mask_image=mask, strength=0.8)
+    return diffusers.StableDiffusionPipeline, kwargs | dict(height=8, width=8)
+
+
+def stable_diffusion_images(pipe_cls: type, scheduler, kwargs: dict, vae, unet):
+    """The images of a tiny Stable Diffusion pipeline (no text encoder or safety checker) with ``scheduler``."""
+    pipe = pipe_cls(vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=scheduler,
+                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        return pipe(generator=torch.Generator().manual_seed(0), **kwargs).images

@@ -7,6 +7,7 @@ wrong step index, scaling or coefficient shows up over a loop.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 from collections.abc import Callable, Iterator
 
@@ -289,3 +290,22 @@ def float32_draws(*modules) -> Iterator[None]:
     finally:
         for module, draw in zip(modules, originals, strict=True):
             module.randn_tensor = draw
+
+
+def correlation(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The sample correlation of two tensors' elements."""
+    a, b = a.flatten() - a.mean(), b.flatten() - b.mean()
+    return float((a * b).sum() / (a.norm() * b.norm()))
+
+
+def assert_standard_normal(n: torch.Tensor, tol: float = 0.02) -> None:
+    """Mean 0 and standard deviation 1 to ``tol`` (tens of thousands of elements: a few standard errors)."""
+    assert abs(float(n.mean())) < tol and abs(float(n.std()) - 1) < tol, (float(n.mean()), float(n.std()))
+
+
+def assert_independent_standard_normals(noises: list[torch.Tensor], tol: float = 0.02) -> None:
+    """Each tensor standard normal, every pair uncorrelated (to ``tol``): noises of separate steps."""
+    for n in noises:
+        assert_standard_normal(n, tol)
+    for a, b in itertools.combinations(noises, 2):
+        assert abs(correlation(a, b)) < tol

@@ -9,7 +9,17 @@ import math
 
 import pytest
 import torch
-from dropin_helpers import SD, assert_close, assert_loops_match, meta_loop, pair, run_loop, start_noise
+from dropin_helpers import (
+    SD,
+    assert_close,
+    assert_loops_match,
+    assert_standard_normal,
+    correlation,
+    meta_loop,
+    pair,
+    run_loop,
+    start_noise,
+)
 from posterior_model import posterior_model
 
 import fastflow.diffusers as ffd
@@ -174,11 +184,6 @@ def _noises(s, steps: int, x: torch.Tensor, modify=None, scaled: bool = False) -
     return out
 
 
-def _corr(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.flatten() - a.mean(), b.flatten() - b.mean()
-    return float((a * b).sum() / (a.norm() * b.norm()))
-
-
 @pytest.mark.parametrize("backend", ["torch", "cuda"])
 def test_noise_has_diffusers_joint_distribution(backend):
     """fastflow's in-kernel noise has the joint distribution of diffusers' Brownian draws: standard normal per
@@ -195,12 +200,13 @@ def test_noise_has_diffusers_joint_distribution(backend):
         sigma, sigma_next = float(sig[2 * i]), float(sig[2 * i + 1])
         rho = (sigma - math.sqrt(sigma * sigma_next)) / (sigma - sigma_next)
         for n1, n2 in (theirs, mine):
-            for n in (n1, n2):
-                assert abs(float(n.mean())) < 0.02 and abs(float(n.std()) - 1) < 0.02, i
-            assert abs(_corr(n1, n2) - math.sqrt(rho)) < 0.02, (i, _corr(n1, n2), math.sqrt(rho))
-        assert abs(_corr(mine[0], theirs[0])) < 0.02  # other numbers than diffusers', the same law
+            assert_standard_normal(n1)
+            assert_standard_normal(n2)
+            assert abs(correlation(n1, n2) - math.sqrt(rho)) < 0.02, (i, correlation(n1, n2), math.sqrt(rho))
+        assert abs(correlation(mine[0], theirs[0])) < 0.02  # other numbers than diffusers', the same law
     for noises in results:  # steps are independent
-        assert abs(_corr(noises[0][1], noises[1][0])) < 0.02 and abs(_corr(noises[0][0], noises[1][1])) < 0.02
+        for a, b in ((noises[0][1], noises[1][0]), (noises[0][0], noises[1][1])):
+            assert abs(correlation(a, b)) < 0.02
 
 
 @pytest.mark.parametrize("backend", ["torch", "cuda"])
@@ -302,29 +308,12 @@ def test_stable_diffusion_pipelines(kind):
     the corrected path and stays finite."""
     pytest.importorskip("transformers", reason="the Stable Diffusion pipelines need transformers")
     import numpy as np
-    from tiny_models import tiny_cond_unet, tiny_vae
+    from tiny_models import stable_diffusion_call, stable_diffusion_images, tiny_cond_unet, tiny_vae
 
     vae, unet = tiny_vae(), tiny_cond_unet()
-    embeds = [torch.randn(2, 5, 12, generator=torch.Generator().manual_seed(seed)) for seed in (1, 2)]
-    kwargs = dict(prompt_embeds=embeds[0], negative_prompt_embeds=embeds[1], num_inference_steps=5,
-                  guidance_scale=7.5, output_type="np")
-    image = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(3))
-    if kind == "img2img":
-        pipe_cls = diffusers.StableDiffusionImg2ImgPipeline
-        kwargs.update(image=image, strength=0.6)
-    elif kind == "inpaint":
-        pipe_cls = diffusers.StableDiffusionInpaintPipeline
-        mask = (torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(4)) > 0.5).float()
-        kwargs.update(image=image, mask_image=mask, strength=0.8)
-    else:
-        pipe_cls, kwargs["height"], kwargs["width"] = diffusers.StableDiffusionPipeline, 8, 8
+    pipe_cls, kwargs = stable_diffusion_call(kind, 5)
     ref = diffusers.DPMSolverSDEScheduler(**SD, use_karras_sigmas=True, noise_sampler_seed=7)
-    images = []
-    for scheduler in (ref, ffd.from_scheduler(ref, diffusers_noise=True), ffd.from_scheduler(ref)):
-        pipe = pipe_cls(vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=scheduler,
-                        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-        pipe.set_progress_bar_config(disable=True)
-        with torch.no_grad():
-            images.append(pipe(generator=torch.Generator().manual_seed(0), **kwargs).images)
+    schedulers = (ref, ffd.from_scheduler(ref, diffusers_noise=True), ffd.from_scheduler(ref))
+    images = [stable_diffusion_images(pipe_cls, s, kwargs, vae, unet) for s in schedulers]
     np.testing.assert_allclose(images[1], images[0], rtol=0, atol=1e-5)
     assert np.isfinite(images[2]).all()

@@ -137,30 +137,12 @@ def test_stable_diffusion_pipelines(name, config, kind):
     inpainting with a 4-channel UNet re-noises the kept region with ``add_noise`` at every step) give the same
     images with every drop-in, stochastic ones drawing from the pipeline's generator, on the default backend."""
     pytest.importorskip("transformers", reason="the Stable Diffusion pipelines need transformers")
-    from tiny_models import tiny_cond_unet, tiny_vae
+    from tiny_models import stable_diffusion_call, stable_diffusion_images, tiny_cond_unet, tiny_vae
 
     vae, unet = tiny_vae(), tiny_cond_unet()
-    embeds = [torch.randn(2, 5, 12, generator=torch.Generator().manual_seed(seed)) for seed in (1, 2)]
-    kwargs = dict(prompt_embeds=embeds[0], negative_prompt_embeds=embeds[1], num_inference_steps=6,
-                  guidance_scale=7.5, output_type="np")
-    image = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(3))
-    if kind == "img2img":
-        pipe_cls = diffusers.StableDiffusionImg2ImgPipeline
-        kwargs.update(image=image, strength=0.6)
-    elif kind == "inpaint":
-        pipe_cls = diffusers.StableDiffusionInpaintPipeline
-        mask = (torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(4)) > 0.5).float()
-        kwargs.update(image=image, mask_image=mask, strength=0.8)
-    else:
-        pipe_cls, kwargs["height"], kwargs["width"] = diffusers.StableDiffusionPipeline, 8, 8
+    pipe_cls, kwargs = stable_diffusion_call(kind, 6)
     ref = getattr(diffusers, name)(**config)
-    images = []
-    for scheduler in (ref, ffd.from_scheduler(ref)):
-        pipe = pipe_cls(vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=scheduler,
-                        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-        pipe.set_progress_bar_config(disable=True)
-        with torch.no_grad():
-            images.append(pipe(generator=torch.Generator().manual_seed(0), **kwargs).images)
+    images = [stable_diffusion_images(pipe_cls, s, kwargs, vae, unet) for s in (ref, ffd.from_scheduler(ref))]
     np.testing.assert_allclose(images[1], images[0], rtol=0, atol=1e-5)
 
 
