@@ -89,7 +89,7 @@ DROPIN_CLASSES = ("DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler", "E
                   "DPMSolverSinglestepScheduler", "CogVideoXDDIMScheduler",
                   "FlowMatchHeunDiscreteScheduler", "IPNDMScheduler", "DPMSolverSDEScheduler",
                   "CosineDPMSolverMultistepScheduler", "LTXEulerAncestralRFScheduler",
-                  "DDIMInverseScheduler", "SASolverScheduler")
+                  "DDIMInverseScheduler", "SASolverScheduler", "UnCLIPScheduler")
 DROPIN_CONFIG = {"PNDMScheduler": dict(skip_prk_steps=True)}  # Stable Diffusion 1.x's PNDM: no Runge-Kutta warm-up
 
 

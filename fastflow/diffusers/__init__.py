@@ -33,6 +33,7 @@ from .pndm import PNDMScheduler
 from .sasolver import SASolverScheduler
 from .scm import SCMScheduler
 from .tcd import TCDScheduler
+from .unclip import UnCLIPScheduler
 from .unipc import UniPCMultistepScheduler
 
 if importlib.util.find_spec("torchsde") is not None:  # diffusers' modules of these two import it
@@ -67,6 +68,7 @@ __all__ = [
     "SASolverScheduler",
     "SCMScheduler",
     "TCDScheduler",
+    "UnCLIPScheduler",
     "UniPCMultistepScheduler",
     "FastflowScheduler",
     "from_scheduler",
