@@ -41,7 +41,8 @@ DROPINS = ("DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler", "EulerAnc
            "DPMSolverSinglestepScheduler", "CogVideoXDDIMScheduler",
            "FlowMatchHeunDiscreteScheduler", "IPNDMScheduler", "DPMSolverSDEScheduler",
            "CosineDPMSolverMultistepScheduler", "LTXEulerAncestralRFScheduler",
-           "DDIMInverseScheduler", "SASolverScheduler", "UnCLIPScheduler")
+           "DDIMInverseScheduler", "SASolverScheduler", "UnCLIPScheduler",
+           "CMStochasticIterativeScheduler")
 DROPIN_CONFIG = {"PNDMScheduler": dict(skip_prk_steps=True)}  # Stable Diffusion 1.x's PNDM: no Runge-Kutta warm-up
 HALF_DROPINS = ("EulerDiscreteScheduler", "FlowMatchEulerDiscreteScheduler")
 

@@ -89,7 +89,8 @@ DROPIN_CLASSES = ("DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler", "E
                   "DPMSolverSinglestepScheduler", "CogVideoXDDIMScheduler",
                   "FlowMatchHeunDiscreteScheduler", "IPNDMScheduler", "DPMSolverSDEScheduler",
                   "CosineDPMSolverMultistepScheduler", "LTXEulerAncestralRFScheduler",
-                  "DDIMInverseScheduler", "SASolverScheduler", "UnCLIPScheduler")
+                  "DDIMInverseScheduler", "SASolverScheduler", "UnCLIPScheduler",
+                  "CMStochasticIterativeScheduler")
 DROPIN_CONFIG = {"PNDMScheduler": dict(skip_prk_steps=True)}  # Stable Diffusion 1.x's PNDM: no Runge-Kutta warm-up
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from ._base import FastflowScheduler, registry
 from .cogvideox import CogVideoXDDIMScheduler, CogVideoXDPMScheduler
+from .consistency import CMStochasticIterativeScheduler
 from .ddim import DDIMScheduler, DDPMScheduler
 from .ddim_inverse import DDIMInverseScheduler
 from .deis import DEISMultistepScheduler
@@ -41,6 +42,7 @@ if importlib.util.find_spec("torchsde") is not None:  # diffusers' modules of th
     from .dpmsolver_sde import DPMSolverSDEScheduler  # noqa: F401
 
 __all__ = [
+    "CMStochasticIterativeScheduler",
     "CogVideoXDDIMScheduler",
     "CogVideoXDPMScheduler",
     "CosineDPMSolverMultistepScheduler",

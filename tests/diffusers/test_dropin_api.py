@@ -51,6 +51,7 @@ CLASSES = [
     ("DDIMInverseScheduler", dict(SD, set_alpha_to_one=True), {}),  # the raw output's slot at alpha = 1
     ("SASolverScheduler", dict(SD, predictor_order=3, corrector_order=4, tau_func=lambda t: 1.0), {}),
     ("UnCLIPScheduler", dict(), {}),  # Kandinsky's prior; every step to t - 1 here, as it has no prev_timestep
+    ("CMStochasticIterativeScheduler", dict(), {}),
 ]
 # set_timesteps keywords a class needs for a schedule of other than its default length (SCM's intermediate angle
 # is for two steps only).
@@ -90,7 +91,8 @@ def test_torch_compile_fullgraph(name, config, kw):
     torch._dynamo.reset()
     ref, ff = pair(name, **config)
     stochastic = any(k in kw for k in ("eta", "s_churn")) or (
-        name in ("DDPMScheduler", "LCMScheduler", "TCDScheduler", "SASolverScheduler", "UnCLIPScheduler")
+        name in ("DDPMScheduler", "LCMScheduler", "TCDScheduler", "SASolverScheduler", "UnCLIPScheduler",
+                 "CMStochasticIterativeScheduler")
         or "Ancestral" in name
         or config.get("stochastic_sampling", False) or config.get("algorithm_type", "").startswith("sde")
         or (name in TREE_NOISE and kw.get("s_noise", 1.0) != 0.0)
@@ -213,8 +215,8 @@ def test_construction_sets_up_nothing_for_diffusers_throwaway_schedule(name, mon
 
 
 def test_from_scheduler_unsupported_names_the_class():
-    with pytest.raises(NotImplementedError, match="CMStochasticIterativeScheduler"):
-        ffd.from_scheduler(diffusers.CMStochasticIterativeScheduler())
+    with pytest.raises(NotImplementedError, match="DDPMWuerstchenScheduler"):
+        ffd.from_scheduler(diffusers.DDPMWuerstchenScheduler())
 
 
 def test_from_config_of_another_scheduler_and_save_load(tmp_path):
