@@ -36,6 +36,7 @@ from .scm import SCMScheduler
 from .tcd import TCDScheduler
 from .unclip import UnCLIPScheduler
 from .unipc import UniPCMultistepScheduler
+from .wuerstchen import DDPMWuerstchenScheduler
 
 if importlib.util.find_spec("torchsde") is not None:  # diffusers' modules of these two import it
     from .cosine_dpmsolver import CosineDPMSolverMultistepScheduler  # noqa: F401 - exported when present
@@ -49,6 +50,7 @@ __all__ = [
     "DDIMInverseScheduler",
     "DDIMScheduler",
     "DDPMScheduler",
+    "DDPMWuerstchenScheduler",
     "DEISMultistepScheduler",
     "DPMSolverMultistepScheduler",
     "DPMSolverSDEScheduler",

@@ -215,8 +215,8 @@ def test_construction_sets_up_nothing_for_diffusers_throwaway_schedule(name, mon
 
 
 def test_from_scheduler_unsupported_names_the_class():
-    with pytest.raises(NotImplementedError, match="DDPMWuerstchenScheduler"):
-        ffd.from_scheduler(diffusers.DDPMWuerstchenScheduler())
+    with pytest.raises(NotImplementedError, match="RePaintScheduler"):
+        ffd.from_scheduler(diffusers.RePaintScheduler())
 
 
 def test_from_config_of_another_scheduler_and_save_load(tmp_path):
