@@ -278,8 +278,9 @@ class FastflowScheduler:
     _ff_timestep_addressed: bool = False
     # False for single-step solvers: one plan from step 0 serves a loop starting anywhere.
     _ff_start_dependent: bool = True
-    # The variant plain ``step`` calls use, compiled ahead in set_timesteps.
+    # The variant plain ``step`` calls use, compiled ahead in set_timesteps (and others callers commonly use).
     _ff_default_variant: Hashable = None
+    _ff_warm_variants: tuple[Hashable, ...] = ()
     _ff_loop_start: int = 0
     # True where diffusers returns the model output itself as the prediction field for prediction_type='sample'
     # (in the model output's dtype, which the drop-in then writes x_hat in).
@@ -501,20 +502,22 @@ class FastflowScheduler:
         return comp
 
     def _ff_warm(self) -> None:
-        """Compile the default variant from step 0, enter its steps' calls and upload its table where the
-        timesteps live. Done in ``set_timesteps`` so that no ``step`` does host work or a copy for it.
+        """Compile the default variant (and ``_ff_warm_variants``) from step 0, enter its steps' calls and upload
+        its table where the timesteps live. Done in ``set_timesteps`` so that no ``step`` does host work or a copy
+        for it.
         """
         if self._ff_default_variant is _NO_DEFAULT:
             return
         self._ff_set_loop_start(0)
-        try:
-            runner = self._ff_stage(0, self._ff_default_variant).runner  # every step's call, entered now
-        except ValueError:  # a loop from step 0 is undefined: its first step raises (one from later may run)
-            return
         device = self.timesteps.device
-        if device.type != "cpu":
-            runner.table(device, torch.float32)
-        runner.warm(device)  # the backend too: a first step traced by torch.compile cannot import one
+        for variant in (self._ff_default_variant, *self._ff_warm_variants):
+            try:
+                runner = self._ff_stage(0, variant).runner  # every step's call, entered now
+            except ValueError:  # a loop from step 0 is undefined: its first step raises (one from later may run)
+                continue
+            if device.type != "cpu":
+                runner.table(device, torch.float32)
+            runner.warm(device)  # the backend too: a first step traced by torch.compile cannot import one
 
     def _ff_row(self, k: int, device: torch.device) -> torch.Tensor:
         """Row ``k`` of ``arange(steps)`` on ``device`` as a one-element view: the noise counter a kernel reads

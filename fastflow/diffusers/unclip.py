@@ -36,6 +36,7 @@ class UnCLIPScheduler(_VPMixin, _unclip.UnCLIPScheduler):
     """
 
     _ff_default_variant = _NEXT
+    _ff_warm_variants = (_ONE_BACK,)  # a caller passing no prev_timestep
     _ff_returns_raw_x0 = True
 
     def _ff_check_config(self) -> None:
