@@ -55,7 +55,6 @@ Cond = torch.Tensor | Sequence[torch.Tensor] | Mapping[str, torch.Tensor] | None
 Seed = int | Sequence[int] | torch.Tensor
 
 _WARNED: set[str] = set()
-_SEED_RANGE = 2**62
 
 
 class CaptureFallbackWarning(UserWarning):
@@ -510,7 +509,7 @@ class CapturedLoop:
         items = self._check_cond(cond) if cond is not None else None
         scale = self._check_guidance(self.sampler, guidance_scale) if guidance_scale is not None else None
         if seed is None and (noise is None or self.stochastic):
-            seed = int(torch.randint(0, _SEED_RANGE, (1,)).item())
+            seed = noise_spec.draw_seed()
         if seed is not None:
             noise_spec.as_seed_tensor(seed, self.shape[0], "cpu")  # validate before any buffer changes
         with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():

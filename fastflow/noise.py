@@ -47,16 +47,26 @@ STEP_TAG = 0
 INIT_TAG = 1
 _MASK32 = 0xFFFFFFFF
 _SEED_MAX = 2**64 - 1
+# Seeds fastflow draws, or folds from another generator's seed, lie in [0, 2**62): a batch's seeds (seed + sample
+# index) then stay inside int64.
+DRAWN_SEED_RANGE = 2**62
 
 __all__ = [
+    "DRAWN_SEED_RANGE",
     "INIT_TAG",
     "STEP_TAG",
     "as_seed_tensor",
+    "draw_seed",
     "normal",
     "philox4x32_numpy",
     "philox4x32_torch",
     "words_to_normals",
 ]
+
+
+def draw_seed() -> int:
+    """A seed from torch's global CPU generator, so that ``torch.manual_seed`` reproduces it."""
+    return int(torch.randint(0, DRAWN_SEED_RANGE, (1,)).item())
 
 
 def philox4x32_numpy(c0, c1, c2, c3, k0, k1, rounds: int = PHILOX_ROUNDS):

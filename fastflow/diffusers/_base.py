@@ -58,6 +58,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from .. import noise as noise_spec
+from ..backends import resolve_backend
 from ..grids import Points
 from ..plan import AO, AZ, H0, MAX_HISTORY, StepPlan, compile_plan
 from ..runner import PlanRunner
@@ -541,6 +542,18 @@ class FastflowScheduler:
         ``diffusers_noise``; None where the kernel draws fastflow's noise."""
         return generator_draw(generator, like, dtype, always=self.diffusers_noise)
 
+    def _ff_fold_seed(self, seed: int) -> None:
+        """Seed fastflow's noise for this schedule from another generator's seed (a config's, a generator's)."""
+        self._ff_seed = int(seed) % noise_spec.DRAWN_SEED_RANGE
+
+    def _ff_kernel_noise(self, runner: PlanRunner, k: int, like: torch.Tensor) -> torch.Tensor:
+        """The noise stage ``k`` of ``runner``'s plan draws in its kernel (float32, ``like``'s shape), drawn outside
+        it through the runner's backend: for a step that needs it scaled per element or combined with another."""
+        device = like.device
+        backend = resolve_backend(runner.backend, device, torch.float32)
+        seeds = self._ff_seed_tensor(like.shape[0], device)
+        return backend.noise(seeds, like.shape[1:], step=self._ff_noise_counter(k, device))
+
     def _ff_seed_tensor(self, batch: int, device: torch.device) -> torch.Tensor:
         key = (device, batch)
         seeds = self._ff_seeds.get(key)
@@ -548,7 +561,7 @@ class FastflowScheduler:
             if self._ff_seed is None:
                 # Drawn at the first noisy step, not in set_timesteps, so that a pipeline's
                 # initial latents drawn from the global generator stay what diffusers draws.
-                self._ff_seed = int(torch.randint(0, 2**62, (1,)).item())
+                self._ff_seed = noise_spec.draw_seed()
             seeds = torch.arange(self._ff_seed, self._ff_seed + batch, dtype=torch.int64, device=device)
             self._ff_seeds[key] = seeds
         return seeds

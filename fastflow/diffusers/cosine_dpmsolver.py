@@ -21,7 +21,6 @@ from .edm_dpmsolver import EDMPreconditioned
 
 __all__ = ["CosineDPMSolverMultistepScheduler"]
 _OUTPUT = output_maker(_cos.SchedulerOutput, "prev_sample")
-_SEED_RANGE = 2**62
 
 
 def _initial_seed(generator: torch.Generator | list[torch.Generator] | None) -> int | list[int] | None:
@@ -64,7 +63,7 @@ class CosineDPMSolverMultistepScheduler(EDMPreconditioned, _cos.CosineDPMSolverM
         generators: the first one's; samples then take consecutive seeds)."""
         if self._ff_seed is None and generator is not None:
             seed = _initial_seed(generator)
-            self._ff_seed = (seed[0] if isinstance(seed, list) else seed) % _SEED_RANGE
+            self._ff_fold_seed(seed[0] if isinstance(seed, list) else seed)
 
     def step(
         self,

@@ -22,7 +22,6 @@ import numpy as np
 import torch
 from diffusers.schedulers import scheduling_ddim, scheduling_ddpm
 
-from .. import noise as noise_spec
 from ._base import FastflowScheduler, O, StepSpec, X, Z, noise, output_maker, promoted_dtype, sqrt
 
 __all__ = ["DDIMScheduler", "DDPMScheduler", "ddim_noise_and_direction", "dynamic_threshold", "eps_coefs", "x0_coefs"]
@@ -105,6 +104,13 @@ def dynamic_threshold(x0: torch.Tensor, ratio: float, max_value: float) -> torch
         flat = flat.float()
     s = torch.quantile(flat.abs(), ratio, dim=1).clamp(min=1, max=max_value).unsqueeze(1)
     return (flat.clamp(-s, s) / s).reshape(x0.shape).to(dtype)
+
+
+def learned_range_scale(predicted_variance: torch.Tensor, min_log: float, max_log: float) -> torch.Tensor:
+    """The per-element noise scale of diffusers' ``learned_range`` variance: ``exp(v / 2)``, ``v`` interpolated from
+    ``min_log`` (the model's -1) to ``max_log`` (its +1)."""
+    frac = (predicted_variance + 1) / 2
+    return torch.exp(0.5 * (frac * max_log + (1 - frac) * min_log))
 
 
 def thresholded_x0(coefs: tuple[float, float], model_output: torch.Tensor, sample: torch.Tensor,
@@ -318,15 +324,13 @@ class DDPMScheduler(_VPMixin, scheduling_ddpm.DDPMScheduler):
         self, idx: int, predicted_variance: torch.Tensor, xi: torch.Tensor | None, sample: torch.Tensor
     ) -> torch.Tensor:
         """diffusers' per-element noise of a learned variance: ``sqrt(v) xi`` or ``exp(log-var / 2) xi``."""
-        if xi is None:  # the in-kernel noise spec, drawn here because the kernel cannot scale it per element
-            seeds = self._ff_seed_tensor(sample.shape[0], sample.device)
-            row = self._ff_noise_counter(idx, sample.device)  # one plan from step 0: stage idx is step idx
-            xi = noise_spec.normal(seeds, sample.shape[1:], step=row, dtype=predicted_variance.dtype)
+        if xi is None:  # the in-kernel noise, drawn here because the kernel cannot scale it per element
+            stage = self._ff_stages.get((None, idx)) or self._ff_stage(idx, None)
+            xi = self._ff_kernel_noise(stage.runner, stage.k, sample).to(predicted_variance.dtype)
         if self.config.variance_type == "learned":
             return predicted_variance**0.5 * xi
         min_log, max_log = self._ff_logvar[idx]
-        frac = (predicted_variance + 1) / 2
-        return torch.exp(0.5 * (frac * max_log + (1 - frac) * min_log)) * xi
+        return learned_range_scale(predicted_variance, min_log, max_log) * xi
 
     def step(
         self,

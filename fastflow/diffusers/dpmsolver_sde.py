@@ -15,10 +15,11 @@ reproduces. The kernel draws ``m``; ``n1`` is taken back from what the first cal
 ``(z - A z_prev - B x0_prev) / C`` (exact up to the rounding of the stored sample), which holds while the
 second call is given the very tensor the first returned, unmodified (checked by identity and version counter;
 no data is read). Otherwise (an inpainting pipeline blends the sample between the calls, or the step is being
-traced by ``torch.compile``) ``n1`` is drawn again from fastflow's noise spec and the combined noise handed
-to the kernel. ``noise_sampler_seed`` seeds fastflow's noise when set. With ``diffusers_noise``, diffusers'
-own Brownian tree draws every call's noise (``noise_sampler_seed`` as diffusers uses it), so outputs match
-diffusers'; that needs torchsde, as diffusers' class itself does.
+traced by ``torch.compile``) both noises are drawn again from fastflow's noise spec and the kernel is handed
+the noise that, through its taking back, adds that combination. ``noise_sampler_seed`` seeds fastflow's noise
+when set. With ``diffusers_noise``, diffusers' own Brownian tree draws every call's noise
+(``noise_sampler_seed`` as diffusers uses it), so outputs match diffusers'; that needs torchsde, as diffusers'
+class itself does.
 """
 
 from __future__ import annotations
@@ -30,14 +31,12 @@ from typing import Any
 import torch
 from diffusers.schedulers import scheduling_dpmsolver_sde as _sde
 
-from ..backends import resolve_backend
 from ._base import StepSpec, X, Z, noise, output_maker, promoted_dtype
 from ._two_call import ScaledTwoCallMixin, input_scales
 
 __all__ = ["DPMSolverSDEScheduler", "SDEInterval", "sde_interval"]
 _OUTPUT = output_maker(_sde.DPMSolverSDESchedulerOutput, "prev_sample", "pred_original_sample")
 _PREDICTIONS = ("epsilon", "v_prediction")
-_SEED_RANGE = 2**62
 
 
 def _sigma_fn(t: torch.Tensor) -> torch.Tensor:
@@ -138,7 +137,8 @@ class DPMSolverSDEScheduler(ScaledTwoCallMixin, _sde.DPMSolverSDEScheduler):
         second = input_scales(torch.stack(mids)) if mids else []
         self._ff_in_scales = (input_scales(sig[:n]), [1.0, *second])
         seed = getattr(self, "noise_sampler_seed", None)
-        self._ff_seed = None if seed is None else int(seed) % _SEED_RANGE
+        if seed is not None:
+            self._ff_fold_seed(seed)
         self._ff_first_out: tuple[int, torch.Tensor, int] | None = None  # (call, tensor it returned, version)
         self._ff_first_call: tuple[int, Any] | None = None  # (call, variant) of the last first-order call
 
@@ -187,11 +187,7 @@ class DPMSolverSDEScheduler(ScaledTwoCallMixin, _sde.DPMSolverSDEScheduler):
         spec)."""
         stage = self._ff_stages.get(((s_noise, False), idx)) or self._ff_stage(idx, (s_noise, False))
         k, runner, c1 = stage.k, stage.runner, interval.first
-        device = z.device
-        seeds = self._ff_seed_tensor(z.shape[0], device)
-        backend = resolve_backend(runner.backend, device, torch.float32)
-        n1 = backend.noise(seeds, z.shape[1:], step=self._ff_noise_counter(k - 1, device))
-        m = backend.noise(seeds, z.shape[1:], step=self._ff_noise_counter(k, device))
+        n1, m = self._ff_kernel_noise(runner, k - 1, z), self._ff_kernel_noise(runner, k, z)
         z_prev, x_prev = runner.stored("z", k - 1).float(), runner.stored("x", k - 1).float()
         taken_back = (z.float() - z_prev * c1.a - x_prev * c1.b) / (c1.up * s_noise)
         return m - (taken_back - n1) * math.sqrt(interval.rho / (1.0 - interval.rho))

@@ -18,9 +18,8 @@ import numpy as np
 import torch
 from diffusers.schedulers import scheduling_unclip as _unclip
 
-from ..backends import resolve_backend
 from ._base import StepSpec, X, Z, _host_number, noise, output_maker, promoted_dtype
-from .ddim import _VPMixin
+from .ddim import _VPMixin, learned_range_scale
 
 __all__ = ["UnCLIPScheduler"]
 _OUTPUT = output_maker(_unclip.UnCLIPSchedulerOutput, "prev_sample", "pred_original_sample")
@@ -58,9 +57,10 @@ class UnCLIPScheduler(_VPMixin, _unclip.UnCLIPScheduler):
             return self._ff_t[i + 1] if i + 1 < len(self._ff_t) else t - 1
         return t - 1 if variant == _ONE_BACK else int(variant[1])
 
-    def _ff_coefs(self, i: int, variant: Any) -> tuple[int, float, np.float32, np.float32, np.float32, np.float32]:
-        """``(t, a_t, beta, alpha, beta_prod_t, beta_prod_prev)`` in diffusers' float32 (``1 - a_t / a_prev`` cancels
-        at small steps)."""
+    def _ff_coefs(self, i: int, variant: Any) -> tuple[int, float, np.float32, np.float32, np.float32, np.float32,
+                                                        np.float32]:
+        """``(t, a_t, a_prev, beta, alpha, beta_prod_t, beta_prod_prev)``, the last five in diffusers' float32
+        (``1 - a_t / a_prev`` cancels at small steps)."""
         t = self._ff_t[i]
         prev = self._ff_prev(i, variant)
         a_t = self._ff_alpha(t)
@@ -71,16 +71,10 @@ class UnCLIPScheduler(_VPMixin, _unclip.UnCLIPScheduler):
         else:
             beta = _ONE - at32 / ap32
             alpha = _ONE - beta
-        return t, a_t, beta, alpha, _ONE - at32, _ONE - ap32
-
-    def _ff_variance(self, i: int, variant: Any) -> np.float32:
-        _, _, beta, _, b_t, b_p = self._ff_coefs(i, variant)
-        return b_p / b_t * beta
+        return t, a_t, ap32, beta, alpha, _ONE - at32, _ONE - ap32
 
     def _ff_spec(self, i: int, k: int, variant: Any) -> StepSpec:
-        t, a_t, beta, alpha, b_t, b_p = self._ff_coefs(i, variant)
-        prev = self._ff_prev(i, variant)
-        ap32 = np.float32(self._ff_alpha(prev)) if prev >= 0 else _ONE
+        t, a_t, ap32, beta, alpha, b_t, b_p = self._ff_coefs(i, variant)
         xz, xo = self._ff_conversion(a_t)
         update = X(k) * float(np.sqrt(ap32) * beta / b_t) + Z(k) * float(np.sqrt(alpha) * b_p / b_t)
         if t > 0:
@@ -114,16 +108,15 @@ class UnCLIPScheduler(_VPMixin, _unclip.UnCLIPScheduler):
     ) -> torch.Tensor:
         """diffusers' per-element noise of a learned-range variance: ``exp(v / 2) xi``, ``v`` between the log of
         the posterior variance and the log of beta."""
-        _, _, beta, _, _, _ = self._ff_coefs(idx, variant)
-        min_log, max_log = float(np.log(self._ff_variance(idx, variant))), float(np.log(beta))
+        key = ("log-variance range", idx, variant)
+        if key not in self._ff_host_cache:  # once per schedule, step and variant
+            _, _, _, beta, _, b_t, b_p = self._ff_coefs(idx, variant)
+            self._ff_host_cache[key] = (float(np.log(b_p / b_t * beta)), float(np.log(beta)))
+        min_log, max_log = self._ff_host_cache[key]
         if xi is None:  # fastflow's noise, drawn here because the kernel cannot scale it per element
             stage = self._ff_stages.get((variant, idx)) or self._ff_stage(idx, variant)
-            xi = resolve_backend(stage.runner.backend, sample.device, torch.float32).noise(
-                self._ff_seed_tensor(sample.shape[0], sample.device), sample.shape[1:],
-                step=self._ff_noise_counter(stage.k, sample.device),
-            ).to(predicted_variance.dtype)
-        frac = (predicted_variance + 1) / 2
-        return (0.5 * (frac * max_log + (1 - frac) * min_log)).exp() * xi
+            xi = self._ff_kernel_noise(stage.runner, stage.k, sample).to(predicted_variance.dtype)
+        return learned_range_scale(predicted_variance, min_log, max_log) * xi
 
     def step(
         self,

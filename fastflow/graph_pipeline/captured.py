@@ -12,6 +12,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
+from .. import noise as noise_spec
 from ..graph import _probing_syncs
 from .loop_ops import _GapWatch, _LoopOps, _new_tensors, _record_op
 from .params import _is_float, _make_param_values, _param_mul, _write_params
@@ -588,7 +589,7 @@ def _host_timesteps(scheduler: Any) -> Any:
 
 def _fresh_seed() -> int:
     """As the drop-ins draw their per-loop seed: from torch's global CPU generator."""
-    return int(torch.randint(0, 2**62, (1,)).item())
+    return noise_spec.draw_seed()
 
 
 def _write_seeds(seeds: torch.Tensor) -> None:

@@ -19,6 +19,9 @@ diffusers = pytest.importorskip("diffusers")  # a test dependency; skip cleanly 
 SHAPE = (2, 4, 16, 16)  # 2048 elements
 RTOL = ATOL = 1e-5
 SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)  # Stable Diffusion's betas
+# Classes whose noise diffusers draws from a Brownian tree (seeded, not drawn from a generator): fastflow's noise
+# then differs from diffusers' in its numbers, and a test that wants diffusers' numbers sets diffusers_noise.
+TREE_NOISE = ("DPMSolverSDEScheduler", "CosineDPMSolverMultistepScheduler")
 
 
 def stand_in(x: torch.Tensor, t) -> torch.Tensor:
@@ -309,3 +312,17 @@ def assert_independent_standard_normals(noises: list[torch.Tensor], tol: float =
         assert_standard_normal(n, tol)
     for a, b in itertools.combinations(noises, 2):
         assert abs(correlation(a, b)) < tol
+
+
+def assert_sync_free_gpu_loops(ref, ff, loop: Callable) -> None:
+    """``loop(scheduler, generators)`` on CUDA: diffusers' with CUDA generators, then the drop-in's with them and
+    with fastflow's noise, both under sync debug mode "error"; the drop-in's first equals diffusers'."""
+    xa = loop(ref, True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        xb, xc = loop(ff, True), loop(ff, False)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert_close(xb, xa, rtol=1e-4, atol=1e-4)
+    assert torch.isfinite(xc).all()

@@ -6,7 +6,7 @@ import inspect
 
 import pytest
 import torch
-from dropin_helpers import SD, SHAPE, assert_close, pair, stand_in, start_noise
+from dropin_helpers import SD, SHAPE, TREE_NOISE, assert_close, pair, stand_in, start_noise
 
 import fastflow.diffusers as ffd
 
@@ -56,9 +56,7 @@ CLASSES = [
 # set_timesteps keywords a class needs for a schedule of other than its default length (SCM's intermediate angle
 # is for two steps only).
 SET_KWARGS = {"SCMScheduler": dict(intermediate_timesteps=None)}
-# Classes whose noise diffusers draws from a Brownian tree (seeded, not drawn from a generator): fastflow's noise
-# then differs from diffusers' in its numbers, so their noisy loops are checked for finiteness only.
-TREE_NOISE = ("DPMSolverSDEScheduler", "CosineDPMSolverMultistepScheduler")
+# (TREE_NOISE classes: their noisy loops are checked for finiteness only.)
 IDS = [f"{n}-{i}" for i, (n, _, _) in enumerate(CLASSES)]
 MINE = sorted({n for n, _, _ in CLASSES})
 

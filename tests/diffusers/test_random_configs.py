@@ -33,7 +33,7 @@ import warnings
 
 import pytest
 import torch
-from dropin_helpers import SHAPE, run_loop, start_noise
+from dropin_helpers import SHAPE, TREE_NOISE, run_loop, start_noise
 
 import fastflow.diffusers as ffd
 
@@ -262,7 +262,6 @@ STOCHASTIC = {
 }
 
 
-TREE_NOISE = ("DPMSolverSDEScheduler", "CosineDPMSolverMultistepScheduler")
 LATER_CASES = 120
 
 
