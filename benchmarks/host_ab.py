@@ -41,8 +41,10 @@ DROPINS = ("DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler", "EulerAnc
            "DPMSolverSinglestepScheduler", "CogVideoXDDIMScheduler",
            "FlowMatchHeunDiscreteScheduler", "IPNDMScheduler", "DPMSolverSDEScheduler",
            "CosineDPMSolverMultistepScheduler", "LTXEulerAncestralRFScheduler",
-           "DDIMInverseScheduler", "SASolverScheduler", "UnCLIPScheduler",
-           "CMStochasticIterativeScheduler")
+           "DDIMInverseScheduler", "DPMSolverMultistepInverseScheduler", "SASolverScheduler",
+           "UnCLIPScheduler",
+           "CMStochasticIterativeScheduler", "FlowMapEulerDiscreteScheduler",
+           "SCMScheduler", "DDPMWuerstchenScheduler", "CogVideoXDPMScheduler")
 DROPIN_CONFIG = {"PNDMScheduler": dict(skip_prk_steps=True)}  # Stable Diffusion 1.x's PNDM: no Runge-Kutta warm-up
 HALF_DROPINS = ("EulerDiscreteScheduler", "FlowMatchEulerDiscreteScheduler")
 
@@ -59,22 +61,56 @@ def _median_us(fn: Callable[[], object], per_call: int, calls: int, repeats: int
     return statistics.median(times)
 
 
+def _pipeline_loop(sched, z0, o) -> None:
+    """A pipeline-style loop of ``step`` calls over the schedule (``set_timesteps`` already run)."""
+    scale = getattr(sched, "scale_model_input", None)  # flow-matching schedulers have none
+    z = z0
+    for t in sched.timesteps:
+        if scale is not None:
+            scale(z, t)  # the model's input, as a pipeline makes it; step takes the unscaled sample
+        z = sched.step(o, t, z).prev_sample
+
+
+def _last_free_loop(sched, z0, o) -> None:
+    """Sana Sprint's loop: every timestep but the last (0, where the schedule ends)."""
+    z = z0
+    for t in sched.timesteps[:-1]:
+        z = sched.step(o, t, z).prev_sample
+
+
+def _wuerstchen_loop(sched, z0, o) -> None:
+    """Stable Cascade's loop: every timestep but the last, expanded over the batch."""
+    z = z0
+    for t in sched.timesteps[:-1]:
+        z = sched.step(o, t.expand(z.shape[0]), z).prev_sample
+
+
+def _cogvideox_dpm_loop(sched, z0, o) -> None:
+    """CogVideoX's loop: the previous step's prediction and timestep passed back, as its pipeline does."""
+    z, old_pred, ts = z0, None, sched.timesteps
+    for i, t in enumerate(ts):
+        z, old_pred = sched.step(o, old_pred, t, ts[i - 1] if i > 0 else None, z, return_dict=False)
+
+
+# Classes whose pipelines call step otherwise, or whose set_timesteps needs more than a step count.
+DROPIN_LOOPS = {"SCMScheduler": _last_free_loop, "DDPMWuerstchenScheduler": _wuerstchen_loop,
+                "CogVideoXDPMScheduler": _cogvideox_dpm_loop}
+SET_KWARGS = {"SCMScheduler": dict(intermediate_timesteps=None)}  # (its intermediate angle is for two steps only)
+
+
 def _dropin_steps_us(sched, z0, o, loops: int = 30, repeats: int = 7) -> float:
     """Median per-step time of a pipeline-style loop of ``step`` calls; ``set_timesteps`` runs untimed before each."""
-    scale = getattr(sched, "scale_model_input", None)  # flow-matching schedulers have none
+    name = type(sched).__name__
+    loop, set_kwargs = DROPIN_LOOPS.get(name, _pipeline_loop), SET_KWARGS.get(name, {})
     times = []
     for _ in range(repeats + 1):
         total = 0.0
         for _ in range(loops):
-            sched.set_timesteps(LOOP_STEPS)
-            z = z0
+            sched.set_timesteps(LOOP_STEPS, **set_kwargs)
             t0 = time.perf_counter()
-            for t in sched.timesteps:
-                if scale is not None:
-                    scale(z, t)  # the model's input, as a pipeline makes it; step takes the unscaled sample
-                z = sched.step(o, t, z).prev_sample
+            loop(sched, z0, o)
             total += time.perf_counter() - t0
-        times.append(total / (loops * LOOP_STEPS) * 1e6)
+        times.append(total / (loops * LOOP_STEPS) * 1e6)  # per loop step (two calls for Heun's, for example)
     return statistics.median(times[1:])  # the first repeat warms up
 
 

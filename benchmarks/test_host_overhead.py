@@ -89,8 +89,9 @@ DROPIN_CLASSES = ("DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler", "E
                   "DPMSolverSinglestepScheduler", "CogVideoXDDIMScheduler",
                   "FlowMatchHeunDiscreteScheduler", "IPNDMScheduler", "DPMSolverSDEScheduler",
                   "CosineDPMSolverMultistepScheduler", "LTXEulerAncestralRFScheduler",
-                  "DDIMInverseScheduler", "SASolverScheduler", "UnCLIPScheduler",
-                  "CMStochasticIterativeScheduler")
+                  "DDIMInverseScheduler", "DPMSolverMultistepInverseScheduler", "SASolverScheduler",
+                  "UnCLIPScheduler",
+                  "CMStochasticIterativeScheduler", "FlowMapEulerDiscreteScheduler")
 DROPIN_CONFIG = {"PNDMScheduler": dict(skip_prk_steps=True)}  # Stable Diffusion 1.x's PNDM: no Runge-Kutta warm-up
 
 

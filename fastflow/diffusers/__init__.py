@@ -20,9 +20,11 @@ from .ddim import DDIMScheduler, DDPMScheduler
 from .ddim_inverse import DDIMInverseScheduler
 from .deis import DEISMultistepScheduler
 from .dpmsolver import DPMSolverMultistepScheduler
+from .dpmsolver_inverse import DPMSolverMultistepInverseScheduler
 from .dpmsolver_singlestep import DPMSolverSinglestepScheduler
 from .edm_dpmsolver import EDMDPMSolverMultistepScheduler
 from .euler import EDMEulerScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
+from .flow_map import FlowMapEulerDiscreteScheduler
 from .flow_match import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
 from .heun import HeunDiscreteScheduler
 from .ipndm import IPNDMScheduler
@@ -52,6 +54,7 @@ __all__ = [
     "DDPMScheduler",
     "DDPMWuerstchenScheduler",
     "DEISMultistepScheduler",
+    "DPMSolverMultistepInverseScheduler",
     "DPMSolverMultistepScheduler",
     "DPMSolverSDEScheduler",
     "DPMSolverSinglestepScheduler",
@@ -59,6 +62,7 @@ __all__ = [
     "EDMEulerScheduler",
     "EulerAncestralDiscreteScheduler",
     "EulerDiscreteScheduler",
+    "FlowMapEulerDiscreteScheduler",
     "FlowMatchEulerDiscreteScheduler",
     "FlowMatchHeunDiscreteScheduler",
     "HeunDiscreteScheduler",

@@ -172,7 +172,7 @@ class MultistepScheduler(FastflowScheduler):
 
     def _ff_prepare(self) -> None:
         self._ff_thresholding_on = self._ff_thresholding
-        sig = self.sigmas.detach().to("cpu", torch.float64).numpy()
+        sig = self._ff_diffusers_sigmas()
         self._ff_sigmas = sig
         self._ff_conv = self._ff_conversions(sig)
         if self._ff_x_is_eps:
@@ -183,6 +183,10 @@ class MultistepScheduler(FastflowScheduler):
         if self.num_inference_steps is not None:
             with contextlib.suppress(ValueError):  # a loop from step 0 is undefined: its first step raises
                 self._ff_host_cache["specs0"] = self._ff_build(0)
+
+    def _ff_diffusers_sigmas(self) -> np.ndarray:
+        """diffusers' sigmas of this schedule in float64: step ``i`` goes from sigma ``i`` to ``i + 1``."""
+        return self.sigmas.detach().to("cpu", torch.float64).numpy()
 
     def _ff_conversions(self, sig: np.ndarray) -> list[tuple[float, float]]:
         """Each step's data prediction ``(az, ao)`` at diffusers' sigmas ``sig``: :func:`x0_coefs`, or for an

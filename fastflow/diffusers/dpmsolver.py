@@ -27,10 +27,18 @@ from ._multistep import (
     x0_coefs,
 )
 
-__all__ = ["DPMSolverFormulas", "DPMSolverMultistepScheduler", "alpha_sigma", "dpm_orders", "dpm_updates", "x0_coefs"]
+__all__ = [
+    "DPMSolverFormulas", "DPMSolverMultistepScheduler", "DPMSolverOptions", "alpha_sigma", "dpm_orders", "dpm_updates",
+    "x0_coefs",
+]
 _OUTPUT = output_maker(_dpm.SchedulerOutput, "prev_sample")
 
 ALGORITHMS = ("dpmsolver++", "sde-dpmsolver++", "dpmsolver", "sde-dpmsolver")
+# A zero-length step of a forward schedule: its likely cause, and the options that avoid it.
+ZERO_LENGTH = (
+    "use_karras_sigmas or use_lu_lambdas with final_sigmas_type='sigma_min'?",
+    "final_sigmas_type='zero' or euler_at_final=True",
+)
 
 
 def dpm_orders(n: int, start: int, solver_order: int, lower_order_final: bool, euler_at_final: bool,
@@ -58,6 +66,7 @@ def dpm_updates(
     ve: bool = False,
     sde_max_order: int = 3,
     x_is_eps: bool = False,
+    zero_length: tuple[str, str] = ZERO_LENGTH,
 ) -> tuple[list[Lin], list[int]]:
     """Next-sample formulas for steps ``start .. n-1`` of a diffusers DPM-Solver loop, and each step's order.
 
@@ -66,7 +75,8 @@ def dpm_updates(
     ``++`` variants). An SDE step above ``sde_max_order`` raises when it runs (diffusers' EDM scheduler defines
     none of order 3 and fails there). ``x_is_eps``: the noise-prediction algorithms' ``X(k)`` is the noise
     prediction itself (no thresholding), not x0; without it their stored predictions need two tensors each, so
-    only orders 1 and 2 fit.
+    only orders 1 and 2 fit. ``zero_length``: what makes a schedule's step zero-length, and the options that avoid
+    it, for the error such a step raises.
     """
     if algorithm_type not in ALGORITHMS:
         raise ValueError(f"algorithm_type {algorithm_type!r} is not supported; valid: {', '.join(ALGORITHMS)}")
@@ -112,11 +122,11 @@ def dpm_updates(
             # ulp apart): diffusers leaves the sample unchanged at order 1 and 2M-midpoint, and divides 0 by 0
             # otherwise.
             if p > 2 or (p == 2 and solver_type != "midpoint"):
+                cause, fix = zero_length
                 raise ValueError(
-                    f"step {i} has zero length (sigma {sig[i]:.6g} to {sig[i + 1]:.6g}; use_karras_sigmas or "
-                    f"use_lu_lambdas with final_sigmas_type='sigma_min'?); diffusers returns NaN there for a step "
-                    f"of order {p}{' with solver_type=' + repr(solver_type) if p == 2 else ''}. Use "
-                    f"final_sigmas_type='zero' or euler_at_final=True{', or solver_type=midpoint' if p == 2 else ''}"
+                    f"step {i} has zero length (sigma {sig[i]:.6g} to {sig[i + 1]:.6g}; {cause}); diffusers returns "
+                    f"NaN there for a step of order {p}{' with solver_type=' + repr(solver_type) if p == 2 else ''}. "
+                    f"Use {fix}{', or solver_type=midpoint' if p == 2 else ''}"
                 )
             updates.append(Z(k))
             continue
@@ -126,6 +136,13 @@ def dpm_updates(
                 f"(diffusers fails there); use solver_order={sde_max_order}"
             )
         if sde and h32 < 0:
+            if h < 0:  # the schedule itself raises the noise level (an inversion)
+                raise ValueError(
+                    f"step {i} goes from sigma {sig[i]:.6g} up to {sig[i + 1]:.6g}, where the noise scale of "
+                    f"algorithm_type {algorithm_type!r} is the square root of a negative number and diffusers "
+                    "returns NaN: an SDE step must lower the noise level. Use algorithm_type='dpmsolver++' to run "
+                    "up the noise levels"
+                )
             raise ValueError(
                 f"step {i} goes from sigma {sig[i]:.6g} up to {sig[i + 1]:.6g} in diffusers' float32 arithmetic "
                 f"(sigmas an ulp apart; use_lu_lambdas with final_sigmas_type='sigma_min'?), where the noise scale "
@@ -158,6 +175,12 @@ class DPMSolverFormulas(MultistepScheduler):
     parametrization (:meth:`_ff_sigma_kind`) and highest SDE order."""
 
     _ff_sde_max_order = 3
+    _ff_zero_length = ZERO_LENGTH  # dpm_updates' zero_length
+
+    @property
+    def _ff_final_zero(self) -> bool:
+        """Whether the schedule ends at sigma = 0 (diffusers then takes a first-order last step)."""
+        return self.config.final_sigmas_type == "zero"
 
     @property
     def _ff_algorithm(self) -> str:
@@ -186,24 +209,18 @@ class DPMSolverFormulas(MultistepScheduler):
             solver_type=cfg.solver_type,
             lower_order_final=cfg.lower_order_final,
             euler_at_final=cfg.euler_at_final,
-            final_zero=cfg.final_sigmas_type == "zero",
+            final_zero=self._ff_final_zero,
             sde_max_order=self._ff_sde_max_order,
             x_is_eps=self._ff_x_is_eps,
+            zero_length=self._ff_zero_length,
             **self._ff_sigma_kind(),
         )
         return updates
 
 
-class DPMSolverMultistepScheduler(DPMSolverFormulas, _dpm.DPMSolverMultistepScheduler):
-    """diffusers' ``DPMSolverMultistepScheduler`` whose ``step`` is one fused fastflow call.
-
-    Algorithms ``dpmsolver++``, ``sde-dpmsolver++`` and ``dpmsolver``, orders 1-3 (``dpmsolver``
-    with dynamic thresholding 1-2, since a thresholded noise prediction needs a stored sample per
-    step); ``sde-dpmsolver``, orders 1-2 (diffusers has no third-order step for it). Dynamic thresholding
-    needs a per-sample quantile of x0: it runs as plain torch ops before the fused step
-    (sync-free, not fused), and the kernel reads the thresholded x0 in place of the model
-    output.
-    """
+class DPMSolverOptions(DPMSolverFormulas):
+    """The config checks and conversions of diffusers' DPM-Solver multistep schedulers, forward and inverse
+    (every algorithm, VP or flow sigmas)."""
 
     def _ff_check_config(self) -> None:
         cfg = self.config
@@ -244,6 +261,25 @@ class DPMSolverMultistepScheduler(DPMSolverFormulas, _dpm.DPMSolverMultistepSche
     def _ff_sigma_kind(self) -> dict[str, bool]:
         return {"flow": bool(self.config.use_flow_sigmas)}
 
+    def _ff_model_output(self, model_output: torch.Tensor) -> torch.Tensor:
+        """The part of the model output diffusers converts: a learned variance's noise channels (the first three)."""
+        cfg = self.config
+        if cfg.variance_type in ("learned", "learned_range") and cfg.prediction_type == "epsilon":
+            return model_output[:, :3]
+        return model_output
+
+
+class DPMSolverMultistepScheduler(DPMSolverOptions, _dpm.DPMSolverMultistepScheduler):
+    """diffusers' ``DPMSolverMultistepScheduler`` whose ``step`` is one fused fastflow call.
+
+    Algorithms ``dpmsolver++``, ``sde-dpmsolver++`` and ``dpmsolver``, orders 1-3 (``dpmsolver``
+    with dynamic thresholding 1-2, since a thresholded noise prediction needs a stored sample per
+    step); ``sde-dpmsolver``, orders 1-2 (diffusers has no third-order step for it). Dynamic thresholding
+    needs a per-sample quantile of x0: it runs as plain torch ops before the fused step
+    (sync-free, not fused), and the kernel reads the thresholded x0 in place of the model
+    output.
+    """
+
     def step(
         self,
         model_output: torch.Tensor,
@@ -259,8 +295,7 @@ class DPMSolverMultistepScheduler(DPMSolverFormulas, _dpm.DPMSolverMultistepSche
         with neither, the kernel draws fastflow's own noise.
         """
         cfg = self.config
-        if cfg.variance_type in ("learned", "learned_range") and cfg.prediction_type == "epsilon":
-            model_output = model_output[:, :3]  # diffusers keeps the first three channels as the noise
+        model_output = self._ff_model_output(model_output)
         draw = None
         noise_in = None
         if cfg.algorithm_type.startswith("sde"):

@@ -49,9 +49,14 @@ CLASSES = [
     ("CosineDPMSolverMultistepScheduler", dict(solver_order=2), {}),  # Stable Audio Open's
     ("LTXEulerAncestralRFScheduler", dict(eta=1.0), {}),
     ("DDIMInverseScheduler", dict(SD, set_alpha_to_one=True), {}),  # the raw output's slot at alpha = 1
+    ("DPMSolverMultistepInverseScheduler", dict(SD, solver_order=3), {}),
+    # its SDE steps are defined on falling sigmas only (flow sigmas)
+    ("DPMSolverMultistepInverseScheduler", dict(algorithm_type="sde-dpmsolver++", use_flow_sigmas=True,
+                                                prediction_type="flow_prediction"), {}),
     ("SASolverScheduler", dict(SD, predictor_order=3, corrector_order=4, tau_func=lambda t: 1.0), {}),
     ("UnCLIPScheduler", dict(), {}),  # Kandinsky's prior; every step to t - 1 here, as it has no prev_timestep
     ("CMStochasticIterativeScheduler", dict(), {}),
+    ("FlowMapEulerDiscreteScheduler", dict(shift=3.0), {}),  # AnyFlow's: each step found by its timestep's value
 ]
 # set_timesteps keywords a class needs for a schedule of other than its default length (SCM's intermediate angle
 # is for two steps only).

@@ -319,6 +319,41 @@ def test_random_later_config(seed):
     _check(name, config, steps, step_kwargs, begin, schedule, stochastic=stochastic)
 
 
+INVERSE_CASES = 120
+
+
+def _dpm_inverse_case(seed: int) -> tuple[dict, int, int]:
+    """A DPM-Solver inverse configuration (its own seeds): every algorithm (the SDE ones are defined on its flow
+    sigmas only, which fall), orders, sigma families, thresholding; options its class lacks dropped."""
+    r = random.Random(30_000 + seed)
+    cfg = _vp(r) | r.choice(SIGMAS) | dict(
+        solver_order=r.choice((1, 2, 3)), lower_order_final=r.choice((True, False)),
+        algorithm_type=r.choice(("dpmsolver++", "dpmsolver", "sde-dpmsolver++", "sde-dpmsolver")),
+        solver_type=r.choice(("midpoint", "heun")), euler_at_final=r.random() < 0.3,
+        lambda_min_clipped=r.choice((-math.inf, -5.1)), prediction_type=r.choice(("epsilon", "sample", "v_prediction")),
+    )
+    if r.random() < 0.25:
+        cfg |= _thresholding(r)
+    if r.random() < 0.3:
+        cfg |= dict(use_flow_sigmas=True, flow_shift=r.choice((1.0, 3.0)), use_karras_sigmas=False,
+                    use_exponential_sigmas=False, use_beta_sigmas=False)
+        if cfg["algorithm_type"].endswith("++") and r.random() < 0.5:
+            cfg["prediction_type"] = "flow_prediction"
+    accepted = inspect.signature(diffusers.DPMSolverMultistepInverseScheduler.__init__).parameters
+    cfg = {k: v for k, v in cfg.items() if k in accepted}
+    steps = r.choice(STEPS)
+    return cfg, steps, _begin(r, steps)
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("seed", range(INVERSE_CASES))
+def test_random_dpm_inverse_config(seed):
+    """DPMSolverMultistepInverseScheduler, held to the same outcomes (SDE loops with a generator)."""
+    config, steps, begin = _dpm_inverse_case(seed)
+    _check("DPMSolverMultistepInverseScheduler", config, steps, {}, begin, {},
+           stochastic=config["algorithm_type"].startswith("sde"))
+
+
 def _stochastic_case(seed: int) -> tuple[str, dict, dict, int, int, dict]:
     r = random.Random(10_000 + seed)
     name = r.choice(sorted(STOCHASTIC))
