@@ -61,35 +61,39 @@ def _median_us(fn: Callable[[], object], per_call: int, calls: int, repeats: int
     return statistics.median(times)
 
 
-def _pipeline_loop(sched, z0, o) -> None:
-    """A pipeline-style loop of ``step`` calls over the schedule (``set_timesteps`` already run)."""
+def _pipeline_loop(sched, z0, o):
+    """A pipeline-style loop of ``step`` calls over the schedule (``set_timesteps`` already run); the last sample."""
     scale = getattr(sched, "scale_model_input", None)  # flow-matching schedulers have none
     z = z0
     for t in sched.timesteps:
         if scale is not None:
             scale(z, t)  # the model's input, as a pipeline makes it; step takes the unscaled sample
         z = sched.step(o, t, z).prev_sample
+    return z
 
 
-def _last_free_loop(sched, z0, o) -> None:
+def _last_free_loop(sched, z0, o):
     """Sana Sprint's loop: every timestep but the last (0, where the schedule ends)."""
     z = z0
     for t in sched.timesteps[:-1]:
         z = sched.step(o, t, z).prev_sample
+    return z
 
 
-def _wuerstchen_loop(sched, z0, o) -> None:
+def _wuerstchen_loop(sched, z0, o):
     """Stable Cascade's loop: every timestep but the last, expanded over the batch."""
     z = z0
     for t in sched.timesteps[:-1]:
         z = sched.step(o, t.expand(z.shape[0]), z).prev_sample
+    return z
 
 
-def _cogvideox_dpm_loop(sched, z0, o) -> None:
+def _cogvideox_dpm_loop(sched, z0, o):
     """CogVideoX's loop: the previous step's prediction and timestep passed back, as its pipeline does."""
     z, old_pred, ts = z0, None, sched.timesteps
     for i, t in enumerate(ts):
         z, old_pred = sched.step(o, old_pred, t, ts[i - 1] if i > 0 else None, z, return_dict=False)
+    return z
 
 
 # Classes whose pipelines call step otherwise, or whose set_timesteps needs more than a step count.

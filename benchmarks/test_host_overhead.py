@@ -23,6 +23,7 @@ import torch
 
 import fastflow
 from benchmarks.cases import FAMILIES, Case
+from benchmarks.host_ab import DROPIN_LOOPS, SET_KWARGS
 from benchmarks.impls import DiffusersImpl, FastflowImpl, NaiveImpl
 from fastflow.backends import get_backend
 
@@ -91,7 +92,8 @@ DROPIN_CLASSES = ("DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler", "E
                   "CosineDPMSolverMultistepScheduler", "LTXEulerAncestralRFScheduler",
                   "DDIMInverseScheduler", "DPMSolverMultistepInverseScheduler", "SASolverScheduler",
                   "UnCLIPScheduler",
-                  "CMStochasticIterativeScheduler", "FlowMapEulerDiscreteScheduler")
+                  "CMStochasticIterativeScheduler", "FlowMapEulerDiscreteScheduler",
+                  "SCMScheduler", "DDPMWuerstchenScheduler", "CogVideoXDPMScheduler")
 DROPIN_CONFIG = {"PNDMScheduler": dict(skip_prk_steps=True)}  # Stable Diffusion 1.x's PNDM: no Runge-Kutta warm-up
 
 
@@ -112,15 +114,20 @@ def test_dropin_steps(benchmark, name: str, kind: str) -> None:
     o = torch.randn_like(z0)
     timesteps: list[torch.Tensor] = []
     final: list[torch.Tensor] = []
+    # Classes whose pipelines call step otherwise run their pipeline's loop (host_ab's), iterating as it does.
+    pipeline_loop = DROPIN_LOOPS.get(name)
 
     def setup() -> None:
-        sched.set_timesteps(LOOP_STEPS, device=DEVICE)
+        sched.set_timesteps(LOOP_STEPS, device=DEVICE, **SET_KWARGS.get(name, {}))
         timesteps[:] = list(sched.timesteps)
 
     def loop() -> None:
-        z = z0
-        for t in timesteps:
-            z = sched.step(o, t, z, return_dict=False)[0]
+        if pipeline_loop is not None:
+            z = pipeline_loop(sched, z0, o)
+        else:
+            z = z0
+            for t in timesteps:
+                z = sched.step(o, t, z, return_dict=False)[0]
         if DEVICE.type == "cuda":
             torch.cuda.synchronize(DEVICE)
         final[:] = [z]

@@ -1,0 +1,35 @@
+"""benchmarks/host_ab.py: its per-class list covers every drop-in, and each pipeline-shaped loop runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+host_ab = pytest.importorskip("benchmarks.host_ab")
+
+
+def test_every_drop_in_is_benchmarked():
+    import fastflow.diffusers as ffd
+
+    assert sorted(host_ab.DROPINS) == ffd.supported()
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("name", sorted(host_ab.DROPIN_LOOPS))
+def test_pipeline_loops_give_diffusers_samples(name):
+    """Each loop shaped as its pipeline calls step gives diffusers' sample with the drop-in (which draws its noise
+    from torch's global generator as diffusers does, ``diffusers_noise``), so the loop times the steps it should."""
+    import fastflow.diffusers as ffd
+
+    ref = getattr(diffusers, name)()
+    ff = ffd.from_scheduler(ref, diffusers_noise=True)
+    z0 = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    o = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    outs = []
+    for sched in (ref, ff):
+        sched.set_timesteps(host_ab.LOOP_STEPS, **host_ab.SET_KWARGS.get(name, {}))
+        torch.manual_seed(0)
+        outs.append(host_ab.DROPIN_LOOPS[name](sched, z0, o))
+    assert torch.isfinite(outs[0]).all()
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
