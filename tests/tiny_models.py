@@ -80,6 +80,28 @@ def tiny_cogvideox_vae() -> diffusers.AutoencoderKLCogVideoX:
     ).eval()
 
 
+def tiny_ltx_transformer() -> diffusers.LTXVideoTransformer3DModel:
+    """LTX-Video's transformer with small random weights (8 latent channels, text tokens of 16)."""
+    torch.manual_seed(0)
+    return diffusers.LTXVideoTransformer3DModel(
+        in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=8,
+        cross_attention_dim=16, num_layers=1, caption_channels=16,
+    ).eval()
+
+
+def tiny_ltx_vae() -> diffusers.AutoencoderKLLTXVideo:
+    """LTX-Video's video VAE with small random weights (8 latent channels, 4x spatial and temporal compression)."""
+    torch.manual_seed(0)
+    ones = (1, 1, 1, 1, 1)
+    return diffusers.AutoencoderKLLTXVideo(
+        in_channels=3, out_channels=3, latent_channels=8, block_out_channels=(8, 8, 8, 8),
+        decoder_block_out_channels=(8, 8, 8, 8), layers_per_block=ones, decoder_layers_per_block=ones,
+        spatio_temporal_scaling=(True, True, False, False), decoder_spatio_temporal_scaling=(True, True, False, False),
+        decoder_inject_noise=(False,) * 5, upsample_residual=(False,) * 4, upsample_factor=(1,) * 4,
+        timestep_conditioning=False, patch_size=1, patch_size_t=1, encoder_causal=True, decoder_causal=False,
+    ).eval()
+
+
 def pooled_embeds(g: torch.Generator) -> dict:
     """Prompt and negative prompt embeddings with pooled ones, as FLUX.1 and SD3 pipelines take them."""
     return {"prompt_embeds": torch.randn(1, 5, 12, generator=g), "pooled_prompt_embeds": torch.randn(1, 6, generator=g),

@@ -36,7 +36,9 @@ class FlowMatchEulerDiscreteScheduler(_SigmaMixin, fm.FlowMatchEulerDiscreteSche
     """diffusers' ``FlowMatchEulerDiscreteScheduler`` whose ``step`` is one fused fastflow call.
 
     diffusers accepts churn arguments here but does not use them; so does the drop-in.
-    ``per_token_timesteps`` (per-token sigmas picked by comparison) raises.
+    ``per_token_timesteps`` (LTX-Video's conditioning pipelines, Sana WM: each token steps from its own sigma to the
+    schedule's next sigma below it) runs diffusers' formula as torch ops on the device, sync-free but not fused:
+    the sigmas differ per token and are chosen by comparisons on device data.
     """
 
     def _ff_spec(self, i: int, k: int, variant: object) -> StepSpec:
@@ -61,12 +63,10 @@ class FlowMatchEulerDiscreteScheduler(_SigmaMixin, fm.FlowMatchEulerDiscreteSche
     ) -> fm.FlowMatchEulerDiscreteSchedulerOutput | tuple:
         """diffusers' flow-matching Euler step (same arguments and outputs), in one backend call."""
         self._ff_check_timestep(timestep)
-        if per_token_timesteps is not None:
-            raise NotImplementedError(
-                "per_token_timesteps is not supported by fastflow's FlowMatchEulerDiscreteScheduler (its sigmas "
-                "are chosen per token by comparisons on device data)"
-            )
         draw = self._ff_draw(generator, sample, torch.float32)
+        if per_token_timesteps is not None:
+            prev = self._ff_per_token_step(model_output, timestep, sample, per_token_timesteps, draw)
+            return (prev,) if not return_dict else _OUTPUT(prev)
         prev, _ = self._ff_step(
             model_output, timestep, sample,
             draw=draw, state_dtype=torch.float32, out_dtype=model_output.dtype, want_pred=False,
@@ -75,6 +75,39 @@ class FlowMatchEulerDiscreteScheduler(_SigmaMixin, fm.FlowMatchEulerDiscreteSche
             return (prev,)
         return _OUTPUT(prev)
 
+    def _ff_per_token_step(
+        self, model_output: torch.Tensor, timestep: float | torch.Tensor, sample: torch.Tensor,
+        per_token_timesteps: torch.Tensor, draw: Any,
+    ) -> torch.Tensor:
+        """diffusers' per-token step as torch ops: each token's sigma is its timestep over the training length, its
+        next sigma the largest of the schedule's below it (more than 1e-6 below); float32, not cast back."""
+        idx = self._ff_peek_index(timestep)
+        sample = sample.to(torch.float32)
+        sigma = per_token_timesteps / self.config.num_train_timesteps
+        schedule = self._ff_sigmas_on(sigma.device)[:, None, None]
+        below = (schedule < sigma[None] - 1e-6) * schedule
+        sigma_next = below.max(dim=0)[0][..., None]
+        sigma = sigma[..., None]
+        if self.config.stochastic_sampling:
+            if draw is not None:
+                noise = draw()
+            else:  # the noise this step's kernel would draw
+                stage = self._ff_stages.get((None, idx)) or self._ff_stage(idx, None)
+                noise = self._ff_kernel_noise(stage.runner, stage.k, sample)
+            prev = (1.0 - sigma_next) * (sample - sigma * model_output) + sigma_next * noise.to(sample.dtype)
+        else:
+            prev = sample + (sigma - sigma_next) * model_output
+        self._step_index = idx + 1
+        return prev
+
+    def _ff_sigmas_on(self, device: torch.device) -> torch.Tensor:
+        """diffusers' sigmas on ``device`` (where set_timesteps put them, or a copy made once per schedule)."""
+        if self.sigmas.device == device:
+            return self.sigmas
+        copies = self._ff_host_cache.setdefault("sigmas_on", {})
+        if device not in copies:
+            copies[device] = self.sigmas.to(device)
+        return copies[device]
 
 
 class FlowMatchHeunDiscreteScheduler(TwoCallMixin, fmh.FlowMatchHeunDiscreteScheduler):

@@ -81,12 +81,83 @@ def test_scale_noise_and_mu_required_are_diffusers():
     assert torch.equal(ff.scale_noise(x, t, n), ref.scale_noise(x, t, n))
 
 
-def test_per_token_timesteps_raises():
-    _, ff = pair("FlowMatchEulerDiscreteScheduler")
+def _per_token_loop(scheduler, steps: int, mask: torch.Tensor, **step_kwargs) -> torch.Tensor:
+    """LTX-Video's conditioning loop: packed latents ``[B, tokens, C]``, conditioning tokens (``mask`` 1) held at a
+    lower timestep, ``step`` given each token's timestep and the negated velocity (as the pipeline passes them)."""
+    scheduler.set_timesteps(steps)
+    x = torch.randn(2, 24, 8, generator=torch.Generator().manual_seed(0))
+    for t in scheduler.timesteps:
+        per_token = torch.minimum(t.expand(2).unsqueeze(-1).float(), (1 - mask) * 1000.0)
+        v = 0.3 * x + 0.2 * torch.sin(x) + per_token[..., None] / 2000.0
+        x = scheduler.step(-v, t, x, per_token_timesteps=per_token, return_dict=False, **step_kwargs)[0]
+    return x
+
+
+_CONDITIONING = (torch.arange(24) < 6).float().expand(2, 24) * torch.tensor([[1.0], [0.7]])
+
+
+@pytest.mark.parametrize("config", [dict(shift=3.0), FLUX | dict(use_dynamic_shifting=False), dict(shift=1.0)])
+def test_per_token_timesteps_match_diffusers(config):
+    """``per_token_timesteps`` (LTX-Video's conditioning pipeline): each token steps from its own sigma to the
+    schedule's next one below it; the drop-in's loop (torch ops on the device) is diffusers', float32 returned."""
+    ref, ff = pair("FlowMatchEulerDiscreteScheduler", **config)
+    xa, xb = (_per_token_loop(s, 8, _CONDITIONING) for s in (ref, ff))
+    assert xb.dtype == xa.dtype == torch.float32
+    assert_close(xb, xa, rtol=1e-6, atol=1e-6)
+
+
+def test_per_token_timesteps_stochastic_sampling():
+    """With ``stochastic_sampling``: a generator gives diffusers' numbers; without one the drop-in draws its own
+    noise, which ``(prev - (1 - next) x0) / next`` recovers as standard normals, one draw per step."""
+    ref, ff = pair("FlowMatchEulerDiscreteScheduler", shift=3.0, stochastic_sampling=True)
+    xa = _per_token_loop(ref, 6, _CONDITIONING, generator=torch.Generator().manual_seed(5))
+    xb = _per_token_loop(ff, 6, _CONDITIONING, generator=torch.Generator().manual_seed(5))
+    assert_close(xb, xa, rtol=1e-6, atol=1e-6)
+    ff.set_timesteps(6)
+    x = torch.randn(4, 4096, 8, generator=torch.Generator().manual_seed(1))
+    per_token = torch.full((4, 4096), float(ff.timesteps[0]))
+    v = torch.randn_like(x)
+    prev = ff.step(v, ff.timesteps[0], x, per_token_timesteps=per_token).prev_sample
+    sigma, sigma_next = float(ff.sigmas[0]), float(ff.sigmas[1])
+    noise = (prev - (1 - sigma_next) * (x - sigma * v)) / sigma_next
+    assert abs(float(noise.mean())) < 0.01 and abs(float(noise.std()) - 1) < 0.01
+
+
+def test_per_token_timesteps_read_no_device_data():
+    """On meta tensors (no data to read back) the per-token step runs: no host sync."""
+    _, ff = pair("FlowMatchEulerDiscreteScheduler", shift=3.0)
     ff.set_timesteps(4)
-    x = start_noise()
-    with pytest.raises(NotImplementedError, match="per_token_timesteps"):
-        ff.step(x, ff.timesteps[0], x, per_token_timesteps=torch.ones(2, 16))
+    x = torch.empty(2, 24, 8, device="meta")
+    for t in ff.timesteps:
+        per_token = torch.empty(2, 24, device="meta")
+        x = ff.step(torch.empty_like(x), t.to("meta"), x, per_token_timesteps=per_token).prev_sample
+    assert x.device.type == "meta" and x.shape == (2, 24, 8)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_per_token_timesteps_gpu_no_sync(stochastic):
+    """LTX-Video's per-token loop on the GPU under sync debug mode "error" (fastflow's noise when stochastic); the
+    deterministic loop is diffusers'."""
+    ref, ff = pair("FlowMatchEulerDiscreteScheduler", shift=3.0, stochastic_sampling=stochastic)
+    mask = _CONDITIONING.cuda()
+    x0 = torch.randn(2, 24, 8, generator=torch.Generator().manual_seed(0)).cuda()
+    outs = []
+    for s in (ref, ff):
+        s.set_timesteps(6, device="cuda")
+        x = x0
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error" if s is ff else "default")
+        try:
+            for t in s.timesteps:
+                per_token = torch.minimum(t.expand(2).unsqueeze(-1).float(), (1 - mask) * 1000.0)
+                x = s.step(-0.3 * x, t, x, per_token_timesteps=per_token).prev_sample
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        outs.append(x)
+    assert torch.isfinite(outs[1]).all()
+    if not stochastic:
+        assert_close(outs[1], outs[0], rtol=1e-6, atol=1e-6)
 
 
 def test_from_scheduler_keeps_set_shift():

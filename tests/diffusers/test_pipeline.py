@@ -238,3 +238,36 @@ def test_cogvideox_pipelines(name, video2video):
             videos.append(np.asarray(pipe(generator=torch.Generator().manual_seed(0), **kwargs).frames))
     assert videos[0].shape[:2] == (1, 9)
     np.testing.assert_allclose(videos[1], videos[0], rtol=0, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("stochastic", [False, True], ids=["ode", "stochastic_sampling"])
+def test_ltx_condition_pipeline(stochastic):
+    """LTX-Video's conditioning pipeline (an image held at frame 0; its tokens step with per-token timesteps, guided):
+    the same latents with the flow-matching Euler drop-in (with stochastic sampling, drawing diffusers' noise from
+    the global generator as the pipeline passes none)."""
+    from diffusers.pipelines.ltx.pipeline_ltx_condition import LTXVideoCondition
+    from tiny_models import tiny_ltx_transformer, tiny_ltx_vae
+
+    transformer, vae = tiny_ltx_transformer(), tiny_ltx_vae()
+    g = torch.Generator().manual_seed(0)
+    embeds, negative = torch.randn(1, 4, 16, generator=g), torch.randn(1, 4, 16, generator=g)
+    image = torch.rand(1, 3, 32, 32, generator=g)
+    ref = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0, stochastic_sampling=stochastic)
+    latents = []
+    for scheduler in (ref, ffd.from_scheduler(ref, diffusers_noise=True)):
+        pipe = diffusers.LTXConditionPipeline(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None,
+                                              transformer=transformer)
+        pipe.set_progress_bar_config(disable=True)
+        torch.manual_seed(7)
+        with torch.no_grad():
+            latents.append(pipe(
+                conditions=[LTXVideoCondition(image=image, frame_index=0)], prompt_embeds=embeds,
+                prompt_attention_mask=torch.ones(1, 4), negative_prompt_embeds=negative,
+                negative_prompt_attention_mask=torch.ones(1, 4), height=32, width=32, num_frames=9,
+                num_inference_steps=4, guidance_scale=3.0, generator=torch.Generator().manual_seed(1),
+                output_type="latent",
+            ).frames)
+    assert torch.isfinite(latents[0]).all()
+    torch.testing.assert_close(latents[1], latents[0], rtol=1e-5, atol=1e-5)
+
