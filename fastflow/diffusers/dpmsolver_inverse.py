@@ -56,11 +56,9 @@ class DPMSolverMultistepInverseScheduler(DPMSolverOptions, _inverse.DPMSolverMul
         variance_noise: torch.Tensor | None = None,
         return_dict: bool = True,
     ) -> _inverse.SchedulerOutput | tuple:
-        """diffusers' step (same arguments and output), in one backend call.
-
-        SDE variants: ``variance_noise`` or ``generator`` give diffusers' exact numbers;
-        with neither, the kernel draws fastflow's own noise.
-        """
+        """diffusers' inverse step (same arguments and output) in one backend call, returned in the promoted dtype
+        of the sample and the model output; an SDE step takes ``variance_noise`` as given or draws diffusers' noise
+        with ``generator``, else fastflow's in-kernel noise."""
         model_output = self._ff_model_output(model_output)
         dtype = promoted_dtype(sample, model_output)
         draw = None
