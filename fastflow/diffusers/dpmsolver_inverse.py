@@ -1,8 +1,8 @@
 """Drop-in ``DPMSolverMultistepInverseScheduler``: DPM-Solver(++) run up the noise levels (DPM-Solver inversion).
 
 diffusers' inverse scheduler takes the forward one's update formulas, with its sigmas rising
-from the data end (its default schedule; its Karras, exponential, beta and flow sigmas fall,
-as diffusers builds them), no final step to sigma = 0, and no upcast: it computes in the
+from the data end (its default, Karras, exponential and beta sigmas; its flow sigmas fall, as
+diffusers builds them), no final step to sigma = 0, and no upcast: it computes in the
 promoted dtype of the sample and the model output, draws SDE noise in that of its converted
 output, and has no third-order SDE step. The stages are the forward drop-in's
 (:func:`~fastflow.diffusers.dpmsolver.dpm_updates`), so a loop reproduces diffusers' to float32

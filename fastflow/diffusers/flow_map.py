@@ -10,9 +10,9 @@ offset; another device tensor, as for every drop-in, by the loop's step counter)
 step's fused stage (float32 arithmetic, within float32 round-off of diffusers'). Any-step calls
 (an explicit ``r_timestep``, or a timestep off the schedule) run diffusers' formula as torch ops:
 host values are looked up as diffusers does, and a device tensor that is not an element of the
-schedule is taken as ``t / num_train_timesteps`` on the device (no read; for a value on the
-schedule that is its sigma to float64 round-off, since diffusers' timesteps are its sigmas times
-``num_train_timesteps``).
+schedule is taken as ``t / num_train_timesteps`` on the device, element by element as diffusers
+divides a tensor off its schedule (no read; for a value on the schedule that is its sigma to
+float64 round-off, since diffusers' timesteps are its sigmas times ``num_train_timesteps``).
 """
 
 from __future__ import annotations
@@ -66,12 +66,16 @@ class FlowMapEulerDiscreteScheduler(FastflowScheduler, _fmap.FlowMapEulerDiscret
         return self._ff_view_value(timestep.flatten()[0] if timestep.dim() else timestep)
 
     def _ff_sigma(self, timestep: float | torch.Tensor, device: torch.device) -> float | torch.Tensor:
-        """The sigma of any timestep, as diffusers finds it (see the module docstring for a device tensor)."""
+        """The sigma of any timestep as diffusers finds it: a schedule timestep's sigma (a Python float), else the
+        timestep over the training length, a float64 tensor of the timestep's shape for a tensor (per element, as
+        diffusers divides it; see the module docstring for a device tensor the host cannot locate)."""
         value = self._ff_host_value(timestep)
-        if value is None:
-            return timestep.flatten()[0].to(torch.float64) / self.config.num_train_timesteps
-        idx = self._ff_lookup(value)
-        return float(self._ff_sig[idx]) if idx is not None else value / self.config.num_train_timesteps
+        idx = self._ff_lookup(value) if value is not None else None
+        if idx is not None:
+            return float(self._ff_sig[idx])
+        if isinstance(timestep, torch.Tensor):
+            return timestep.to(device=device, dtype=torch.float64) / self.config.num_train_timesteps
+        return value / self.config.num_train_timesteps
 
     def step(
         self,
@@ -116,14 +120,15 @@ class FlowMapEulerDiscreteScheduler(FastflowScheduler, _fmap.FlowMapEulerDiscret
         """A step between any two timesteps as torch ops, in float64 as diffusers computes it."""
         device = sample.device
         sigma_t, sigma_r = self._ff_sigma(timestep, device), self._ff_sigma(r_timestep, device)
-        delta = sigma_t - sigma_r
-        if not isinstance(delta, torch.Tensor):
-            delta = torch.tensor(delta, dtype=torch.float64)
-        delta = delta.to(device=device, dtype=torch.float64).reshape([1] * model_output.dim())
+        delta = sigma_t - sigma_r  # a Python float, or a tensor shaped as diffusers views it (trailing 1s)
+        if isinstance(delta, torch.Tensor):
+            delta = delta.reshape(*delta.shape, *[1] * (model_output.dim() - delta.dim()))
         if self._step_index is None:
             self._step_index = self.begin_index if self.begin_index is not None else self._ff_peek_lookup(timestep)
         self._step_index += 1
-        return (sample - delta * model_output).to(model_output.dtype)
+        # float64 throughout, as diffusers' float64 sigmas promote it (a host delta needs no copy to the device)
+        wide = torch.float64
+        return (sample.to(wide) - delta * model_output.to(wide)).to(model_output.dtype)
 
     def _ff_peek_lookup(self, timestep: float | torch.Tensor) -> int:
         """diffusers' first step index of a loop: the timestep's place on the schedule, 0 off it."""

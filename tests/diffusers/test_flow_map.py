@@ -113,3 +113,20 @@ def test_schedule_timesteps_are_sigmas_times_the_training_length(schedule):
     n = ref.config.num_train_timesteps
     for i, t in enumerate(ref.timesteps.tolist()):
         assert abs(t / n - float(ref.sigmas[i])) < 1e-15
+
+
+def test_any_step_with_per_sample_tensor_timesteps():
+    """Off the schedule, diffusers divides a tensor timestep by the training length element by element: a batch of
+    timesteps gives each sample its own sigma; the drop-in does the same."""
+    ref, ff = pair(NAME, shift=3.0)
+    for s in (ref, ff):
+        s.set_timesteps(8)
+    x = start_noise()
+    t = torch.tensor([[812.5], [640.25]], dtype=torch.float64).expand(2, 3)[:, 0]  # per-sample, off the schedule
+    r = torch.tensor([300.0, 100.0], dtype=torch.float64)
+    outs = [s.step(_velocity(x, 0), t, x, r_timestep=r).prev_sample for s in (ref, ff)]
+    assert_close(outs[1], outs[0], rtol=1e-6, atol=1e-6)
+    # the first sample's timesteps for both: the second sample's result moves (its own sigmas were used above)
+    shared = ff.step(_velocity(x, 0), float(t[0]), x, r_timestep=float(r[0])).prev_sample
+    assert_close(shared[0], outs[1][0], rtol=1e-6, atol=1e-6)
+    assert (shared[1] - outs[1][1]).abs().max() > 1e-2
