@@ -23,7 +23,7 @@ import torch
 
 import fastflow
 from benchmarks.cases import FAMILIES, Case
-from benchmarks.host_ab import DROPIN_LOOPS, SET_KWARGS
+from benchmarks.host_ab import DROPIN_CONFIG, DROPIN_LOOPS, DROPINS, SET_KWARGS
 from benchmarks.impls import DiffusersImpl, FastflowImpl, NaiveImpl
 from fastflow.backends import get_backend
 
@@ -82,25 +82,12 @@ def test_extension_entry(benchmark, entry: str) -> None:
         assert torch.isfinite(out).all()
 
 
-DROPIN_CLASSES = ("DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
-                  "FlowMatchEulerDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler",
-                  "HeunDiscreteScheduler", "LCMScheduler", "EDMEulerScheduler", "EDMDPMSolverMultistepScheduler",
-                  "PNDMScheduler", "LMSDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
-                  "DEISMultistepScheduler", "TCDScheduler",
-                  "DPMSolverSinglestepScheduler", "CogVideoXDDIMScheduler",
-                  "FlowMatchHeunDiscreteScheduler", "IPNDMScheduler", "DPMSolverSDEScheduler",
-                  "CosineDPMSolverMultistepScheduler", "LTXEulerAncestralRFScheduler",
-                  "DDIMInverseScheduler", "DPMSolverMultistepInverseScheduler", "SASolverScheduler",
-                  "UnCLIPScheduler",
-                  "CMStochasticIterativeScheduler", "FlowMapEulerDiscreteScheduler",
-                  "SCMScheduler", "DDPMWuerstchenScheduler", "CogVideoXDPMScheduler")
-DROPIN_CONFIG = {"PNDMScheduler": dict(skip_prk_steps=True)}  # Stable Diffusion 1.x's PNDM: no Runge-Kutta warm-up
 
 
 @pytest.mark.benchmark(group="dropin: a set_timesteps(10) loop of step calls alone, 1x4x16x16 "
                              "(10 calls, Heun, flow Heun, KDPM2 and DPM-Solver SDE 19, PNDM 11)")
 @pytest.mark.parametrize("kind", ("fastflow", "diffusers"))
-@pytest.mark.parametrize("name", DROPIN_CLASSES)
+@pytest.mark.parametrize("name", DROPINS)  # every drop-in (host_ab's list)
 def test_dropin_steps(benchmark, name: str, kind: str) -> None:
     """A loop of ``step`` calls as a pipeline makes them, the drop-in (its default backend) beside diffusers'
     own scheduler; ``set_timesteps`` runs untimed before each loop, a CUDA loop waits for its last step."""
