@@ -8,7 +8,7 @@
 # Knobs: GPU_CHECK_BUDGET (seconds, default 440), BENCH_ARGS (default --quick),
 # FASTFLOW_CUDA_ARCHS (default 90), CUDA_HOME (default /usr/local/cuda), PYTHON,
 # GPU_TESTS (the pytest paths of the GPU test phase, default all of tests/),
-# GPU_CHECK_E2E (0 skips the end-to-end phase), and AB_BASE: another checkout (e.g.
+# GPU_CHECK_E2E (0 skips the end-to-end phase), GPU_CHECK_VARIANTS (0 skips the kernel variants), and AB_BASE: another checkout (e.g.
 # `git archive OLD | tar -x -C .ab_base`, carried along) whose extension is built and
 # whose fastflow step benchmarks run on this machine just before this tree's;
 # bench/compare.md then has new / base per case.
@@ -181,7 +181,11 @@ variants() {
     return "${PIPESTATUS[0]}"
 }
 export -f variants
-phase variants 90 100 variants
+if [ "${GPU_CHECK_VARIANTS:-1}" = 0 ]; then
+    log "phase variants: skipped (GPU_CHECK_VARIANTS=0)"
+else
+    phase variants 90 100 variants
+fi
 
 # 3b. optional A/B baseline: the other checkout's fastflow columns, same settings and machine
 base_bench() {
