@@ -314,15 +314,23 @@ def assert_independent_standard_normals(noises: list[torch.Tensor], tol: float =
         assert abs(correlation(a, b)) < tol
 
 
-def assert_sync_free_gpu_loops(ref, ff, loop: Callable) -> None:
-    """``loop(scheduler, generators)`` on CUDA: diffusers' with CUDA generators, then the drop-in's with them and
-    with fastflow's noise, both under sync debug mode "error"; the drop-in's first equals diffusers'."""
+def assert_sync_free_gpu_loops(ref, ff, schedule: Callable, loop: Callable) -> None:
+    """``schedule(scheduler)`` (``set_timesteps`` and the like, which may copy to the device, as a pipeline does
+    once before its loop), then ``loop(scheduler, generators)`` on CUDA: diffusers' with CUDA generators, then the
+    drop-in's with them and with fastflow's noise, each drop-in loop under sync debug mode "error"; the drop-in's
+    first equals diffusers'."""
+    schedule(ref)
     xa = loop(ref, True)
+    xb, xc = (_sync_free(ff, schedule, loop, generators) for generators in (True, False))
+    assert_close(xb, xa, rtol=1e-4, atol=1e-4)
+    assert torch.isfinite(xc).all()
+
+
+def _sync_free(ff, schedule: Callable, loop: Callable, generators: bool) -> torch.Tensor:
+    schedule(ff)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        xb, xc = loop(ff, True), loop(ff, False)
+        return loop(ff, generators)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert_close(xb, xa, rtol=1e-4, atol=1e-4)
-    assert torch.isfinite(xc).all()

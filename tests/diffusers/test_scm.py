@@ -133,13 +133,15 @@ def test_gpu_loop_no_sync(backend):
     schedule = dict(num_inference_steps=2, device="cuda")
     x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(4)).cuda()
 
-    def loop(s, generators: bool):
+    def set_schedule(s):
         s.set_timesteps(**schedule)
         s.set_begin_index(0)
+
+    def loop(s, generators: bool):
         y = x
         for t in s.timesteps[:-1]:
             kw = dict(generator=torch.Generator("cuda").manual_seed(1)) if generators else {}
             y = s.step(_trigflow_model(y, 1.0), t, y, **kw).prev_sample
         return y
 
-    assert_sync_free_gpu_loops(ref, ff, loop)
+    assert_sync_free_gpu_loops(ref, ff, set_schedule, loop)
