@@ -26,10 +26,10 @@ class PlanRunner:
 
     def __init__(self, plan: StepPlan, backend: str = "auto"):
         self.plan = plan
-        self.backend = backend
         self._tables: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
-        # (backend name, device, dtype) -> (table, backend, its eager entry): looked up on every step.
-        self._dispatch: dict[tuple[str, torch.device, torch.dtype], tuple[torch.Tensor, Backend, AllocEntry]] = {}
+        # (device, dtype) -> (table, backend, its eager entry) under self.backend: looked up on every step.
+        self._dispatch: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, Backend, AllocEntry]] = {}
+        self.backend = backend
         self._store: dict[tuple[str, int], torch.Tensor] = {}
         needs = [tuple((ref.kind, ref.stage) for ref in refs) for refs in plan.history]
         last_use: dict[tuple[str, int], int] = {}
@@ -39,11 +39,27 @@ class PlanRunner:
         free_after: list[list[tuple[str, int]]] = [[] for _ in plan.history]
         for key, i in last_use.items():
             free_after[i].append(key)
-        # What run() reads per stage, as plain Python values in one tuple (it is on every step's host path).
+        # What run() reads per stage, as plain Python values in one tuple (it is on every step's host path):
+        # the keys it reads, whether it draws noise and writes x_hat, and what it stores and frees (None when
+        # it does neither, the usual single-step stage).
         self._stages = [
-            (needs[i], bool(plan.noise[i]), bool(plan.write_x[i]), bool(plan.keep_z[i]), tuple(free_after[i]))
+            (
+                needs[i], bool(plan.noise[i]), bool(plan.write_x[i]),
+                (bool(plan.write_x[i]), bool(plan.keep_z[i]), tuple(free_after[i]))
+                if plan.write_x[i] or plan.keep_z[i] or free_after[i] else None,
+            )
             for i in range(len(plan.history))
         ]
+
+    @property
+    def backend(self) -> str:
+        """The backend name steps resolve (per device and dtype, once)."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        self._backend = name
+        self._dispatch.clear()  # resolved under the old name
 
     def table(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The coefficient table on ``device`` (cached; float64 for float64 states)."""
@@ -77,7 +93,7 @@ class PlanRunner:
     def _table_and_backend_for(self, device: torch.device, dtype: torch.dtype):
         table = self.table(device, torch.float64 if dtype == torch.float64 else torch.float32)
         backend = resolve_backend(self.backend, device, dtype)
-        found = self._dispatch[(self.backend, device, dtype)] = (table, backend, backend.alloc_entry())
+        found = self._dispatch[(device, dtype)] = (table, backend, backend.alloc_entry())
         return found
 
     def run(
@@ -108,11 +124,10 @@ class PlanRunner:
         ``uncond`` is None (the backend splits it). ``x_dtype``: the dtype x_hat is written
         (and kept for later stages) in, default the state's.
         """
-        needs, use_noise, write_x, keep_z, free_after = self._stages[i]
+        needs, use_noise, write_x, bookkeeping = self._stages[i]
         store = self._store
         if i == 0:
             store.clear()
-        history = []
         if needs:
             try:
                 history = [store[key] for key in needs]
@@ -121,11 +136,13 @@ class PlanRunner:
                 raise RuntimeError(
                     f"stage {i} needs {missing[0]} of stage {missing[1]}; run the stages in order from 0"
                 ) from None
-        if extra_history:
-            history.extend(extra_history)
+            if extra_history:
+                history.extend(extra_history)
+        else:
+            history = [*extra_history]
         if use_noise and noise is None and seeds is None:
             raise ValueError(f"stage {i} draws noise: pass seeds or noise")
-        found = self._dispatch.get((self.backend, z.device, z.dtype))
+        found = self._dispatch.get((z.device, z.dtype))
         table, backend, entry = found if found is not None else self._table_and_backend_for(z.device, z.dtype)
         if torch.compiler.is_compiling():  # the entry may be a compiled binding, which tracing cannot enter
             entry = backend.fused_step_alloc_args
@@ -133,10 +150,12 @@ class PlanRunner:
             z, out, cond, uncond, history, table, i if step is None else step, seeds, noise, write_x or want_x,
             x_dtype, model_in_dtype, model_in_double, self.plan.clip, use_noise, paired,
         )
-        if write_x:
-            store[("x", i)] = x_out
-        if keep_z:
-            store[("z", i)] = z
-        for key in free_after:
-            store.pop(key, None)
+        if bookkeeping is not None:
+            keeps_x, keep_z, free_after = bookkeeping
+            if keeps_x:
+                store[("x", i)] = x_out
+            if keep_z:
+                store[("z", i)] = z
+            for key in free_after:
+                store.pop(key, None)
         return out, x_out, model_in

@@ -288,6 +288,8 @@ class FastflowScheduler:
     _ff_returns_raw_x0: bool = False
     _ff_x0_is_output: bool = False
     _ff_initializing: bool = False  # inside diffusers' __init__ (see _wrap_init)
+    _step_index: int | None = None  # diffusers' DDIM and DDPM keep no step counter; every drop-in has one
+    _ff_steps: int = 0  # steps of the schedule set up (_ff_reset), read by every step
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -425,7 +427,14 @@ class FastflowScheduler:
 
     def _ff_peek_index(self, timestep: Any) -> int:
         """The index of the step about to run (set up on first use; ``step`` advances it)."""
-        if getattr(self, "_ff_compiled", None) is None:  # _ff_ready(), inlined: every step asks
+        idx = self._step_index
+        # Mid-loop with a tensor timestep (a pipeline's loop), or on a scheduler that finds steps by counting alone:
+        # the counter, decided in one test since every step asks.
+        if idx is not None and idx < self._ff_steps and (
+            type(timestep) is torch.Tensor or not self._ff_timestep_addressed
+        ):
+            return idx
+        if getattr(self, "_ff_compiled", None) is None:  # _ff_ready(), inlined
             self._ff_reset()  # diffusers steps with its init-time schedule when set_timesteps was not called
         return self._ff_index(timestep)
 

@@ -31,6 +31,7 @@ _ONE = np.float32(1.0)
 _FIELDS = ("prev_sample", "pred_original_sample")
 _DDIM_OUTPUT = output_maker(scheduling_ddim.DDIMSchedulerOutput, *_FIELDS)
 _DDPM_OUTPUT = output_maker(scheduling_ddpm.DDPMSchedulerOutput, *_FIELDS)
+_DDIM_DEFAULT = (0.0, False)  # DDIM's plan variant (eta, use the clipped output) of a call with the defaults
 
 
 # Epsilon prediction at alphas_cumprod = 0 (a zero-SNR end): diffusers' x0 = (sample - eps) / 0 is +-inf, which
@@ -190,7 +191,7 @@ class DDIMScheduler(_VPMixin, scheduling_ddim.DDIMScheduler):
     distinct pair compiles its own plan once per ``set_timesteps``.
     """
 
-    _ff_default_variant = (0.0, False)
+    _ff_default_variant = _DDIM_DEFAULT
     _ff_returns_raw_x0 = True
 
     def _ff_spec(self, i: int, k: int, variant: Any) -> StepSpec:
@@ -224,25 +225,30 @@ class DDIMScheduler(_VPMixin, scheduling_ddim.DDIMScheduler):
         return_dict: bool = True,
     ) -> scheduling_ddim.DDIMSchedulerOutput | tuple:
         """diffusers' DDIM step (same arguments and outputs), in one backend call."""
-        self._ff_require_timesteps()
-        eta = float(eta)
-        if eta < 0 or not math.isfinite(eta):
-            raise ValueError(f"eta must be finite and non-negative, got {eta}")
-        draw = None
-        if eta > 0:
-            if variance_noise is not None and generator is not None:
-                raise ValueError("pass either generator or variance_noise, not both")
-            if variance_noise is None:
-                draw = self._ff_draw(generator, model_output)
-        use_clipped = bool(use_clipped_model_output) and (self._ff_clip() is not None or self._ff_thresholding)
+        if self.num_inference_steps is None:
+            self._ff_require_timesteps()
+        variant, draw, noise = _DDIM_DEFAULT, None, None
+        if eta != 0.0 or use_clipped_model_output:  # the default call skips what follows (every step's host path)
+            eta = float(eta)
+            if eta < 0 or not math.isfinite(eta):
+                raise ValueError(f"eta must be finite and non-negative, got {eta}")
+            if eta > 0:
+                if variance_noise is not None and generator is not None:
+                    raise ValueError("pass either generator or variance_noise, not both")
+                if variance_noise is None:
+                    draw = self._ff_draw(generator, model_output)
+                noise = variance_noise
+            clipped = bool(use_clipped_model_output) and (self._ff_clip() is not None or self._ff_thresholding)
+            variant = (eta, clipped)
         idx = self._ff_peek_index(timestep)
+        dtype = sample.dtype
         prev, pred = self._ff_step(
             model_output, timestep, sample,
-            variant=(eta, use_clipped),
+            variant=variant,
             draw=draw,
-            noise=variance_noise if eta > 0 else None,
-            state_dtype=promoted_dtype(sample, model_output),
-            kernel_output=self._ff_thresholded(idx, model_output, sample),
+            noise=noise,
+            state_dtype=dtype if model_output.dtype is dtype else promoted_dtype(sample, model_output),
+            kernel_output=self._ff_thresholded(idx, model_output, sample) if self._ff_thresholding_on else None,
             index=idx,
         )
         if not return_dict:
