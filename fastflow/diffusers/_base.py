@@ -370,6 +370,7 @@ class FastflowScheduler:
         self._ff_compiled: dict[tuple, Compiled] = {}
         self._ff_seed: int | None = None
         self._ff_seeds: dict[tuple, Any] = {}  # per-device seeds
+        self._ff_counter_views: dict[torch.device, list[torch.Tensor | None]] = {}  # see _ff_noise_inputs
         self._ff_host_cache: dict[str, Any] = {}
         self._ff_stages: dict[tuple[Hashable, int], _StageCall] = {}
         self._ff_loop_start = 0
@@ -442,6 +443,24 @@ class FastflowScheduler:
         """The in-kernel noise counter of stage ``k``: an int on the CPU, elsewhere a one-element device view
         (an int would be copied to the device: a host sync)."""
         return k if device.type == "cpu" else self._ff_row(k, device)
+
+    def _ff_noise_inputs(self, k: int, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The seeds and the noise counter of stage ``k``'s in-kernel draw for state ``z``: the counter a device
+        view (None on the CPU, where the stage index is the counter). Every noisy step asks: a schedule lists
+        the views it has used per device."""
+        device, batch = z.device, z.shape[0]
+        seeds = self._ff_seeds.get((device, batch))
+        if seeds is None:
+            seeds = self._ff_seed_tensor(batch, device)
+        if device.type == "cpu":
+            return seeds, None
+        views = self._ff_counter_views.get(device)
+        if views is None:
+            views = self._ff_counter_views[device] = [None] * self._ff_steps
+        view = views[k]
+        if view is None:
+            view = views[k] = self._ff_row(k, device)
+        return seeds, view
 
     def _ff_index(self, timestep: Any) -> int:
         """The index of the step about to run, without reading device memory (set up: _ff_reset has run)."""
@@ -608,10 +627,8 @@ class FastflowScheduler:
         runner, k, noisy, draws, uses_o, pred_lin, error = stage
         if error is not None:
             raise ValueError(error)
-        if noise is None and draw is not None and draws:
-            noise = draw()
-        z, x_dtype = sample, None
-        if state_dtype is not None and sample.dtype != state_dtype:
+        z, x_dtype, seeds, row = sample, None, None, None
+        if state_dtype is not None and state_dtype is not sample.dtype:
             if out_dtype is sample.dtype and state_dtype is torch.float32 and sample.dtype in _HALF_DTYPES:
                 # Kernels compute half states in float32 and round once on the store: diffusers'
                 # upcast, float32 update and cast back, bit for bit, without the two casts (each a
@@ -619,31 +636,31 @@ class FastflowScheduler:
                 x_dtype = state_dtype
             else:
                 z = sample.to(state_dtype)
+        if noise is None and draw is not None and draws:
+            noise = draw()
+        if noise is None:
+            if noisy:
+                seeds, row = self._ff_noise_inputs(k, z)
+        elif noise.shape != z.shape:
+            noise = noise.reshape(z.shape)
         # Inputs in any layout: the backend reads them by value (a contiguous copy only where needed). The model
         # output bound twice (as the kernel's output and a history slot) is copied once here, not twice there.
         if uses_o and kernel_output is None and not model_output.is_contiguous():
             model_output = model_output.contiguous()
-        seeds = None
-        row: int | torch.Tensor = k
-        if noisy and noise is None:
-            device = z.device
-            seeds = self._ff_seed_tensor(z.shape[0], device)
-            row = self._ff_noise_counter(k, device)
-        elif noise is not None and noise.shape != z.shape:
-            noise = noise.reshape(z.shape)
         want_x = want_pred and self.compute_pred_original_sample
         if want_x and self._ff_x0_is_output and pred_lin is None and model_output.dtype != (x_dtype or z.dtype):
             x_dtype = model_output.dtype  # diffusers' prediction field is the model output: its values and dtype
         out, x, _ = runner.run(
             k, z, model_output if kernel_output is None else kernel_output, None, seeds=seeds, noise=noise,
-            want_x=want_x, extra_history=(model_output,) if uses_o else (), step=None if type(row) is int else row,
-            x_dtype=x_dtype,
+            want_x=want_x, extra_history=(model_output,) if uses_o else (), step=row, x_dtype=x_dtype,
         )
         pred = None
         if want_x:
-            pred = x if pred_lin is None else self._ff_eval(pred_lin, k, x, z, model_output, noise, seeds, row)
+            pred = x if pred_lin is None else self._ff_eval(
+                pred_lin, k, x, z, model_output, noise, seeds, k if row is None else row
+            )
         self._step_index = idx + 1
-        if out_dtype is not None and out.dtype != out_dtype:
+        if out_dtype is not None and out.dtype is not out_dtype:
             out = out.to(out_dtype)
         return out, pred
 
