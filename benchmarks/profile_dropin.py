@@ -4,9 +4,10 @@
 
 For each diffusers class named (default: a deterministic and a stochastic few), the drop-in runs
 ``--loops`` pipeline-style loops of 10 steps on (1,4,16,16) tensors, three unprofiled (warm-up), then
-the rest with their ``step`` calls under ``cProfile`` (``set_timesteps`` outside it). It prints the profiled time per step and the functions with the
-most time of their own, with their calls per step. The profiler's own cost inflates every figure, so
-read the table for what is called and how often, and ``benchmarks/test_host_overhead.py`` for times.
+the rest with their ``step`` calls under ``cProfile`` (``set_timesteps`` outside it). It prints the
+profiled time per step and the functions with the most time of their own, with their calls per step.
+The profiler's own cost inflates every figure, so read the table for what is called and how often,
+and ``benchmarks/test_host_overhead.py`` for times.
 """
 
 from __future__ import annotations

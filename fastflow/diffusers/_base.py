@@ -568,6 +568,8 @@ class FastflowScheduler:
     ) -> Callable[[], torch.Tensor] | None:
         """This step's diffusers noise draw (:func:`generator_draw`), from the global generator too with
         ``diffusers_noise``; None where the kernel draws fastflow's noise."""
+        if generator is None and not self.diffusers_noise:  # the usual call, answered without a second one
+            return None
         return generator_draw(generator, like, dtype, always=self.diffusers_noise)
 
     def _ff_fold_seed(self, seed: int) -> None:

@@ -241,14 +241,13 @@ class DDIMScheduler(_VPMixin, scheduling_ddim.DDIMScheduler):
             clipped = bool(use_clipped_model_output) and (self._ff_clip() is not None or self._ff_thresholding)
             variant = (eta, clipped)
         idx = self._ff_peek_index(timestep)
-        dtype = sample.dtype
         prev, pred = self._ff_step(
             model_output, timestep, sample,
             variant=variant,
             draw=draw,
             noise=noise,
-            state_dtype=dtype if model_output.dtype is dtype else promoted_dtype(sample, model_output),
-            kernel_output=self._ff_thresholded(idx, model_output, sample) if self._ff_thresholding_on else None,
+            state_dtype=promoted_dtype(sample, model_output),
+            kernel_output=self._ff_thresholded(idx, model_output, sample),
             index=idx,
         )
         if not return_dict:
@@ -317,6 +316,7 @@ class DDPMScheduler(_VPMixin, scheduling_ddpm.DDPMScheduler):
 
     def _ff_prepare(self) -> None:
         super()._ff_prepare()
+        self._ff_learned = self.config.variance_type in self._LEARNED
         if self.config.variance_type == "learned_range":
             self._ff_logvar = []
             for i in range(len(self._ff_t)):
@@ -347,12 +347,12 @@ class DDPMScheduler(_VPMixin, scheduling_ddpm.DDPMScheduler):
         return_dict: bool = True,
     ) -> scheduling_ddpm.DDPMSchedulerOutput | tuple:
         """diffusers' DDPM step (same arguments and outputs), in one backend call."""
-        learned = self.config.variance_type in self._LEARNED
+        idx = self._ff_peek_index(timestep)
+        learned = self._ff_learned  # set with the schedule (_ff_prepare), read every step
         predicted_variance = None
         if learned and model_output.shape[1] == sample.shape[1] * 2:
             model_output, predicted_variance = torch.split(model_output, sample.shape[1], dim=1)
         draw = self._ff_draw(generator, model_output)
-        idx = self._ff_peek_index(timestep)
         given = None
         if learned and self._ff_t[idx] > 0:
             if predicted_variance is None:
