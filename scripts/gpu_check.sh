@@ -19,7 +19,7 @@
 # lands under $OUT: summary.log (one line per phase: exit code and seconds),
 # versions.txt, nvidia-smi.txt, wheels.log, build.log, gpu_tests.log, variants.md (the CUDA
 # kernel's variant benchmark), bench.log, bench/ (results.json, results.md, bandwidth.png),
-# host.log (host time per layer of a step call), e2e.log, e2e/.
+# host.log (host time per layer of a step call), profile_dropin.md (what a drop-in step calls), e2e.log, e2e/.
 #
 # Each phase has its own time limit and a failing phase never stops the next
 # one. Limits shrink so the whole script ends within GPU_CHECK_BUDGET seconds
@@ -224,6 +224,10 @@ host() {
     FASTFLOW_HOST_BENCH_DEVICE=cuda "$PY" -m pytest benchmarks/test_host_overhead.py --benchmark-only -q \
         -p no:cacheprovider -k "entry or sampler_step or dropin or sd_latent" --benchmark-max-time=0.25 \
         --benchmark-columns=median,iqr,rounds
+    # What a drop-in step calls on CUDA tensors, and how often (Python's profiler; its times are inflated).
+    "$PY" benchmarks/profile_dropin.py --device cuda --loops 100 DDIMScheduler DDPMScheduler \
+        EulerDiscreteScheduler EulerAncestralDiscreteScheduler LCMScheduler TCDScheduler \
+        >"$OUT/profile_dropin.md" || echo "profile_dropin: rc $?"
 }
 export -f host
 phase host 100 20 host
