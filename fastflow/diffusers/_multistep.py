@@ -212,15 +212,20 @@ class MultistepScheduler(FastflowScheduler):
         return specs
 
     def _ff_multistep_step(
-        self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, **kwargs: Any
+        self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, index: int | None = None,
+        **kwargs: Any,
     ) -> torch.Tensor:
-        """The body of every multistep ``step``: diffusers' check, the step's index, the thresholded x0 where
-        thresholding is on, one fused call (``kwargs``: noise and dtypes); returns the next sample."""
-        self._ff_require_timesteps()
-        idx = self._ff_peek_index(timestep)
+        """The body of every multistep ``step``: diffusers' check, the step's index (``index``: the caller
+        already asked for it), the thresholded x0 where thresholding is on, one fused call (``kwargs``: noise
+        and dtypes); returns the next sample."""
+        if index is None:
+            if self.num_inference_steps is None:
+                self._ff_require_timesteps()
+            index = self._ff_peek_index(timestep)
         prev, _ = self._ff_step(
             model_output, timestep, sample, want_pred=False,
-            kernel_output=self._ff_thresholded(idx, model_output, sample), index=idx, **kwargs,
+            kernel_output=self._ff_thresholded(index, model_output, sample) if self._ff_thresholding_on else None,
+            index=index, **kwargs,
         )
         return prev
 

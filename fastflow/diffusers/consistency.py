@@ -41,7 +41,10 @@ class CMStochasticIterativeScheduler(FastflowScheduler, _cm.CMStochasticIterativ
 
     def _ff_spec(self, i: int, k: int, variant: Any) -> StepSpec:
         cfg = self.config
-        sigma, sigma_next = self._ff_sig32[i], self._ff_sig32[i + 1]
+        sig = self._ff_sig32
+        # diffusers' rule: the next sigma, or the last one past num_train_timesteps steps (the init-time schedule
+        # has no trailing sigma).
+        sigma, sigma_next = sig[i], sig[i + 1] if i + 1 < cfg.num_train_timesteps else sig[-1]
         c_skip = cfg.sigma_data**2 / ((sigma - cfg.sigma_min) ** 2 + cfg.sigma_data**2)
         c_out = (sigma - cfg.sigma_min) * cfg.sigma_data / (sigma**2 + cfg.sigma_data**2) ** 0.5
         noisy = len(self._ff_host_timesteps) > 1

@@ -74,15 +74,18 @@ class CosineDPMSolverMultistepScheduler(EDMPreconditioned, _cos.CosineDPMSolverM
         return_dict: bool = True,
     ) -> _cos.SchedulerOutput | tuple:
         """diffusers' step (same arguments and output), in one backend call."""
+        if self.num_inference_steps is None:
+            self._ff_require_timesteps()
+        idx = self._ff_peek_index(timestep)  # sets up the schedule (and its noise seed) on first use
         draw = None
         if self.diffusers_noise:
-            self._ff_require_timesteps()
-            idx = self._ff_peek_index(timestep)
             draw = lambda: self._ff_tree_draw(generator, model_output, idx)  # noqa: E731
         else:
             self._ff_seed_from(generator)
         dtype = promoted_dtype(sample, model_output)
-        prev = self._ff_multistep_step(model_output, timestep, sample, draw=draw, state_dtype=dtype, out_dtype=dtype)
+        prev = self._ff_multistep_step(
+            model_output, timestep, sample, idx, draw=draw, state_dtype=dtype, out_dtype=dtype
+        )
         if not return_dict:
             return (prev,)
         return _OUTPUT(prev)

@@ -257,16 +257,17 @@ class DPMSolverOptions(DPMSolverFormulas):
             self._ff_raw_conversion = cfg.prediction_type == "sample"
         else:
             self._ff_raw_conversion = cfg.prediction_type == "epsilon" and not cfg.thresholding
+        # What step reads per call, kept here rather than read from the config each time.
+        self._ff_learned_eps = cfg.variance_type in ("learned", "learned_range") and cfg.prediction_type == "epsilon"
+        self._ff_draws_noise = self._ff_draws
 
     def _ff_sigma_kind(self) -> dict[str, bool]:
         return {"flow": bool(self.config.use_flow_sigmas)}
 
     def _ff_model_output(self, model_output: torch.Tensor) -> torch.Tensor:
-        """The part of the model output diffusers converts: a learned variance's noise channels (the first three)."""
-        cfg = self.config
-        if cfg.variance_type in ("learned", "learned_range") and cfg.prediction_type == "epsilon":
-            return model_output[:, :3]
-        return model_output
+        """The part of the model output diffusers converts: a learned variance's noise channels (the first three).
+        Called after the step's index is known (its schedule set up)."""
+        return model_output[:, :3] if self._ff_learned_eps else model_output
 
 
 class DPMSolverMultistepScheduler(DPMSolverOptions, _dpm.DPMSolverMultistepScheduler):
@@ -294,17 +295,19 @@ class DPMSolverMultistepScheduler(DPMSolverOptions, _dpm.DPMSolverMultistepSched
         SDE variants: ``variance_noise`` or ``generator`` give diffusers' exact numbers;
         with neither, the kernel draws fastflow's own noise.
         """
-        cfg = self.config
+        if self.num_inference_steps is None:
+            self._ff_require_timesteps()
+        idx = self._ff_peek_index(timestep)
         model_output = self._ff_model_output(model_output)
         draw = None
         noise_in = None
-        if cfg.algorithm_type.startswith("sde"):
+        if self._ff_draws_noise:
             if variance_noise is not None:
                 noise_in = variance_noise.to(device=model_output.device, dtype=torch.float32)
             else:
                 draw = self._ff_draw(generator, model_output, torch.float32)
         prev = self._ff_multistep_step(
-            model_output, timestep, sample,
+            model_output, timestep, sample, idx,
             draw=draw,
             noise=noise_in,
             state_dtype=torch.float32,

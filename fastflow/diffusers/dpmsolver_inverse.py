@@ -59,17 +59,20 @@ class DPMSolverMultistepInverseScheduler(DPMSolverOptions, _inverse.DPMSolverMul
         """diffusers' inverse step (same arguments and output) in one backend call, returned in the promoted dtype
         of the sample and the model output; an SDE step takes ``variance_noise`` as given or draws diffusers' noise
         with ``generator``, else fastflow's in-kernel noise."""
+        if self.num_inference_steps is None:
+            self._ff_require_timesteps()
+        idx = self._ff_peek_index(timestep)
         model_output = self._ff_model_output(model_output)
         dtype = promoted_dtype(sample, model_output)
         draw = None
-        if self._ff_draws and variance_noise is None:
+        if self._ff_draws_noise and variance_noise is None:
             # diffusers draws in the dtype of its converted output: the model output itself where it converts
             # nothing, else the promotion of the output's and the sample's.
             draw = self._ff_draw(generator, model_output, model_output.dtype if self._ff_raw_conversion else dtype)
         prev = self._ff_multistep_step(
-            model_output, timestep, sample,
+            model_output, timestep, sample, idx,
             draw=draw,
-            noise=variance_noise if self._ff_draws else None,
+            noise=variance_noise if self._ff_draws_noise else None,
             state_dtype=dtype,
         )
         if not return_dict:

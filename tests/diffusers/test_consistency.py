@@ -43,6 +43,20 @@ def test_loops_match_diffusers(clip, s_noise, schedule):
     assert_close(xb, xa)
 
 
+def test_loop_on_the_constructors_schedule_matches_diffusers():
+    """Without set_timesteps diffusers steps on the schedule its constructor made (num_train_timesteps steps, no
+    trailing sigma: its last step re-noises to the last sigma); the drop-in gives the same samples."""
+    ref, ff = pair(NAME)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    outs = []
+    for s in (ref, ff):
+        y = x
+        for i, t in enumerate(s.timesteps):
+            y = s.step(_model(y, t), t, y, generator=torch.Generator().manual_seed(i)).prev_sample
+        outs.append(y)
+    assert_close(outs[1], outs[0])
+
+
 def test_scale_model_input_is_bit_identical():
     ref, ff = pair(NAME)
     for s in (ref, ff):

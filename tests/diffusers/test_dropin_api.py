@@ -79,6 +79,37 @@ def test_meta_device_loop(name, config, kw):
     assert x.device.type == "meta" and x.shape == SHAPE
 
 
+# Classes whose diffusers step fails before set_timesteps on state it has not made yet (PNDM a TypeError, flow
+# matching Heun an AttributeError): the drop-in raises the ValueError that asks for set_timesteps, or steps.
+_DIFFUSERS_CRASHES_BEFORE_SET = {"PNDMScheduler", "FlowMatchHeunDiscreteScheduler"}
+
+
+@pytest.mark.parametrize("name,config,kw", CLASSES, ids=IDS)
+def test_step_before_set_timesteps_as_diffusers(name, config, kw):
+    """A step before any set_timesteps: where diffusers raises (most ask for set_timesteps with a ValueError), the
+    drop-in raises the same exception type, not one from its own missing setup; where diffusers steps on the
+    schedule its constructor made, the drop-in steps too."""
+    ref, ff = pair(name, **config)
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = ref.timesteps[0] if getattr(ref, "timesteps", None) is not None else torch.tensor(999)
+
+    def run(s):
+        try:
+            return s.step(x * 0.5, t, x, **kw).prev_sample
+        except Exception as exc:  # the outcome compared
+            return exc
+
+    a, b = run(ref), run(ff)
+    if name in _DIFFUSERS_CRASHES_BEFORE_SET:
+        assert isinstance(a, (TypeError, AttributeError)), a
+        assert isinstance(b, (torch.Tensor, ValueError)), b
+    elif isinstance(a, Exception):
+        assert type(b) is type(a), (a, b)
+    else:
+        assert isinstance(b, torch.Tensor), b
+        assert b.shape == x.shape and torch.isfinite(b).all()
+
+
 def test_meta_device_given_noise():
     _, ff = pair("DDIMScheduler")
     ff.set_timesteps(3)
