@@ -96,6 +96,40 @@ class PlanRunner:
         found = self._dispatch[(device, dtype)] = (table, backend, backend.alloc_entry())
         return found
 
+    def is_plain(self, i: int) -> bool:
+        """Stage ``i`` reads no stored tensor and keeps none, and is not a loop's first stage (which forgets the
+        last loop's history): :meth:`run_plain` may run it."""
+        needs, _, _, bookkeeping = self._stages[i]
+        return i > 0 and not needs and bookkeeping is None
+
+    def run_plain(
+        self,
+        i: int,
+        z: torch.Tensor,
+        cond: torch.Tensor,
+        seeds: torch.Tensor | None,
+        noise: torch.Tensor | None,
+        want_x: bool,
+        history: list[torch.Tensor],
+        step: torch.Tensor | None,
+        x_dtype: torch.dtype | None,
+    ) -> OutputTriple:
+        """:meth:`run` of a stage for which :meth:`is_plain` holds, unguided, without the next model input:
+        ``history`` is the caller's tensors for the plan's free slots (a list the call may keep). The drop-in
+        schedulers' usual step, with the bookkeeping that stage has no use for left out (it is on every step's
+        host path)."""
+        use_noise = self._stages[i][1]
+        if use_noise and noise is None and seeds is None:
+            raise ValueError(f"stage {i} draws noise: pass seeds or noise")
+        found = self._dispatch.get((z.device, z.dtype))
+        table, backend, entry = found if found is not None else self._table_and_backend_for(z.device, z.dtype)
+        if torch.compiler.is_compiling():  # the entry may be a compiled binding, which tracing cannot enter
+            entry = backend.fused_step_alloc_args
+        return entry(
+            z, None, cond, None, history, table, i if step is None else step, seeds, noise, want_x, x_dtype, None,
+            False, self.plan.clip, use_noise, False,
+        )
+
     def run(
         self,
         i: int,

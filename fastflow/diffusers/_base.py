@@ -179,6 +179,7 @@ class _StageCall(NamedTuple):
     uses_o: bool  # the raw model output is bound to a history slot
     pred: Lin | None  # the returned prediction field, when it is not x_hat
     error: str | None  # why the step is undefined (raised when it runs), or None
+    plain: bool  # the runner may run it with run_plain (no history read or kept)
 
 
 @dataclass
@@ -228,7 +229,9 @@ def compile_specs(specs: Sequence[StepSpec], clip: float | None, backend: str, s
     plan = StepPlan(coefs, plan.history, plan.write_x, plan.keep_z, plan.noise, plan.clip)
     runner = PlanRunner(plan, backend)
     calls = tuple(
-        _StageCall(runner, k, bool(plan.noise[k]), spec.draws, o_coefs[k] != 0.0, spec.pred, spec.error)
+        _StageCall(
+            runner, k, bool(plan.noise[k]), spec.draws, o_coefs[k] != 0.0, spec.pred, spec.error, runner.is_plain(k)
+        )
         for k, spec in enumerate(specs)
     )
     return Compiled(start=start, plan=plan, runner=runner, calls=calls)
@@ -626,7 +629,7 @@ class FastflowScheduler:
         stage = self._ff_stages.get((variant, idx))
         if stage is None:
             stage = self._ff_stage(idx, variant)
-        runner, k, noisy, draws, uses_o, pred_lin, error = stage
+        runner, k, noisy, draws, uses_o, pred_lin, error, plain = stage
         if error is not None:
             raise ValueError(error)
         z, x_dtype, seeds, row = sample, None, None, None
@@ -652,10 +655,16 @@ class FastflowScheduler:
         want_x = want_pred and self.compute_pred_original_sample
         if want_x and self._ff_x0_is_output and pred_lin is None and model_output.dtype != (x_dtype or z.dtype):
             x_dtype = model_output.dtype  # diffusers' prediction field is the model output: its values and dtype
-        out, x, _ = runner.run(
-            k, z, model_output if kernel_output is None else kernel_output, None, seeds=seeds, noise=noise,
-            want_x=want_x, extra_history=(model_output,) if uses_o else (), step=row, x_dtype=x_dtype,
-        )
+        if plain:
+            out, x, _ = runner.run_plain(
+                k, z, model_output if kernel_output is None else kernel_output, seeds, noise, want_x,
+                [model_output] if uses_o else [], row, x_dtype,
+            )
+        else:
+            out, x, _ = runner.run(
+                k, z, model_output if kernel_output is None else kernel_output, None, seeds=seeds, noise=noise,
+                want_x=want_x, extra_history=(model_output,) if uses_o else (), step=row, x_dtype=x_dtype,
+            )
         pred = None
         if want_x:
             pred = x if pred_lin is None else self._ff_eval(

@@ -1,0 +1,70 @@
+"""PlanRunner: the plain-stage path equals the general one, and a new backend name is resolved afresh."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastflow as ff
+from fastflow.backends import get_backend
+
+
+def _backends() -> list[str]:
+    names = ["torch"]
+    cuda = get_backend("cuda")
+    if cuda.availability() is None and cuda.supports(torch.device("cpu")) is None:
+        names.append("cuda")  # the extension's CPU kernel
+    return names
+
+
+def _sampler(solver: str, backend: str) -> ff.Sampler:
+    sampler = ff.Sampler(ff.VP(), solver, prediction="eps", steps=6, backend=backend)
+    sampler.prepare(torch.device("cpu"))
+    return sampler
+
+
+def test_which_stages_are_plain():
+    """Single-step stages after the first are plain; a multistep stage that keeps its x_hat for later is not."""
+    ddpm = _sampler("ddpm", "torch").runner
+    assert not ddpm.is_plain(0)
+    assert all(ddpm.is_plain(i) for i in range(1, ddpm.plan.coefs.shape[0]))
+    dpm = _sampler("dpm++2m", "torch").runner
+    assert any(not dpm.is_plain(i) for i in range(1, dpm.plan.coefs.shape[0]))
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("solver", ["ddim", "ddpm"])
+@pytest.mark.parametrize("want_x", [False, True])
+def test_run_plain_equals_run(backend, solver, want_x):
+    """Same stage, same inputs (seeds for in-kernel noise, a caller tensor on a free history slot with a zero
+    coefficient): run_plain's outputs are run's, bit for bit."""
+    runner = _sampler(solver, backend).runner
+    gen = torch.Generator().manual_seed(0)
+    z, o, extra = (torch.randn(2, 3, 5, 7, generator=gen) for _ in range(3))
+    seeds = torch.tensor([11, 12], dtype=torch.int64)
+    for i in range(1, runner.plan.coefs.shape[0]):
+        assert runner.is_plain(i)
+        general = runner.run(i, z, o, seeds=seeds, want_x=want_x, extra_history=(extra,))
+        plain = runner.run_plain(i, z, o, seeds, None, want_x, [extra], None, None)
+        assert torch.equal(plain[0], general[0])
+        assert (plain[1] is None) == (general[1] is None) == (not want_x)
+        if want_x:
+            assert torch.equal(plain[1], general[1])
+
+
+def test_run_plain_of_a_noisy_stage_needs_seeds_or_noise():
+    runner = _sampler("ddpm", "torch").runner
+    z = torch.zeros(1, 2, 3, 3)
+    with pytest.raises(ValueError, match="draws noise"):
+        runner.run_plain(1, z, z, None, None, False, [], None, None)
+
+
+def test_a_new_backend_name_is_resolved_afresh():
+    runner = _sampler("ddim", "torch").runner
+    z = torch.zeros(1, 2, 3, 3)
+    runner.run(0, z, z)
+    assert {type(b).__name__ for _, b, _ in runner._dispatch.values()} == {"TorchBackend"}
+    runner.backend = "auto"
+    assert runner._dispatch == {}
+    runner.run(0, z, z)
+    assert runner.backend == "auto" and len(runner._dispatch) == 1
