@@ -96,6 +96,15 @@ class PlanRunner:
         found = self._dispatch[(device, dtype)] = (table, backend, backend.alloc_entry())
         return found
 
+    def _entry_for(self, z: torch.Tensor) -> tuple[torch.Tensor, AllocEntry]:
+        """The coefficient table and the backend entry a step of state ``z`` calls (resolved once per device and
+        dtype; under torch.compile's tracing the backend's traceable entry)."""
+        found = self._dispatch.get((z.device, z.dtype))
+        table, backend, entry = found if found is not None else self._table_and_backend_for(z.device, z.dtype)
+        if torch.compiler.is_compiling():  # the entry may be a compiled binding, which tracing cannot enter
+            entry = backend.fused_step_alloc_args
+        return table, entry
+
     def is_plain(self, i: int) -> bool:
         """Stage ``i`` reads no stored tensor and keeps none, and is not a loop's first stage (which forgets the
         last loop's history): :meth:`run_plain` may run it."""
@@ -121,10 +130,7 @@ class PlanRunner:
         use_noise = self._stages[i][1]
         if use_noise and noise is None and seeds is None:
             raise ValueError(f"stage {i} draws noise: pass seeds or noise")
-        found = self._dispatch.get((z.device, z.dtype))
-        table, backend, entry = found if found is not None else self._table_and_backend_for(z.device, z.dtype)
-        if torch.compiler.is_compiling():  # the entry may be a compiled binding, which tracing cannot enter
-            entry = backend.fused_step_alloc_args
+        table, entry = self._entry_for(z)
         return entry(
             z, None, cond, None, history, table, i if step is None else step, seeds, noise, want_x, x_dtype, None,
             False, self.plan.clip, use_noise, False,
@@ -176,10 +182,7 @@ class PlanRunner:
             history = [*extra_history]
         if use_noise and noise is None and seeds is None:
             raise ValueError(f"stage {i} draws noise: pass seeds or noise")
-        found = self._dispatch.get((z.device, z.dtype))
-        table, backend, entry = found if found is not None else self._table_and_backend_for(z.device, z.dtype)
-        if torch.compiler.is_compiling():  # the entry may be a compiled binding, which tracing cannot enter
-            entry = backend.fused_step_alloc_args
+        table, entry = self._entry_for(z)
         out, x_out, model_in = entry(
             z, out, cond, uncond, history, table, i if step is None else step, seeds, noise, write_x or want_x,
             x_dtype, model_in_dtype, model_in_double, self.plan.clip, use_noise, paired,
