@@ -22,6 +22,7 @@ from ._base import FastflowScheduler, Lin, StepSpec, X, Z, noise, output_maker
 __all__ = ["EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "EDMEulerScheduler", "ve_x0_coefs"]
 
 _SQRT2_M1 = 2**0.5 - 1
+_NO_CHURN = (0.0, 0.0, float("inf"), 1.0)  # (s_churn, s_tmin, s_tmax, s_noise) of a step without churn
 _FIELDS = ("prev_sample", "pred_original_sample")
 _EULER_OUTPUT = output_maker(scheduling_euler_discrete.EulerDiscreteSchedulerOutput, *_FIELDS)
 _ANCESTRAL_OUTPUT = output_maker(scheduling_euler_ancestral_discrete.EulerAncestralDiscreteSchedulerOutput, *_FIELDS)
@@ -60,14 +61,17 @@ class _SigmaMixin(FastflowScheduler):
         """``(sigma, sigma_hat, churn noise scale, churned)`` of step ``i``.
 
         ``variant = (s_churn, s_tmin, s_tmax, s_noise)``; a churned step draws noise in
-        diffusers even when ``s_noise = 0``.
+        diffusers even when ``s_noise = 0``. A negative ``s_churn`` churns nothing but, as in
+        diffusers, steps from ``sigma_hat = sigma (1 + gamma)`` below sigma.
         """
         s_churn, s_tmin, s_tmax, s_noise = variant
         sig = float(self._ff_sig[i])
         gamma = min(s_churn / (len(self._ff_sig) - 1), _SQRT2_M1) if s_tmin <= sig <= s_tmax else 0.0
-        if gamma <= 0:
+        if gamma == 0:
             return sig, sig, 0.0, False
         s_hat = float(np.float32(sig) * np.float32(gamma + 1))  # diffusers multiplies in float32
+        if gamma < 0:
+            return sig, s_hat, 0.0, False
         return sig, s_hat, s_noise * math.sqrt(s_hat**2 - sig**2), True
 
     def scale_model_input(self, sample: torch.Tensor, timestep: float | torch.Tensor) -> torch.Tensor:
@@ -81,6 +85,10 @@ class _SigmaMixin(FastflowScheduler):
 
     @staticmethod
     def _ff_churn_variant(s_churn: float, s_tmin: float, s_tmax: float, s_noise: float) -> tuple:
+        """The plan variant of a step's churn arguments. Without churn (``s_churn == 0``) the others change
+        nothing: the default variant, compiled in set_timesteps (and no tuple made per call)."""
+        if s_churn == 0:
+            return _NO_CHURN
         return (float(s_churn), float(s_tmin), float(s_tmax), float(s_noise))
 
     def _ff_euler_spec(self, k: int, gamma: tuple[float, float, float, bool], s_next: float, xz: float, xo: float,
@@ -117,7 +125,7 @@ class EulerDiscreteScheduler(_VEInputMixin, scheduling_euler_discrete.EulerDiscr
     distinct set compiles a plan once per ``set_timesteps``.
     """
 
-    _ff_default_variant = (0.0, 0.0, float("inf"), 1.0)
+    _ff_default_variant = _NO_CHURN
     _ff_returns_raw_x0 = True
 
     _PREDICTIONS = ("epsilon", "v_prediction", "sample", "original_sample")
@@ -202,7 +210,7 @@ class EulerAncestralDiscreteScheduler(
 class EDMEulerScheduler(_SigmaMixin, scheduling_edm_euler.EDMEulerScheduler):
     """diffusers' ``EDMEulerScheduler`` whose ``step`` is one fused fastflow call (EDM preconditioning folded in)."""
 
-    _ff_default_variant = ((0.0, 0.0, float("inf"), 1.0), False)
+    _ff_default_variant = (_NO_CHURN, False)
 
     _PREDICTIONS = ("epsilon", "v_prediction")
 

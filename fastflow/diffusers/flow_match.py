@@ -114,7 +114,8 @@ class FlowMatchHeunDiscreteScheduler(TwoCallMixin, fmh.FlowMatchHeunDiscreteSche
     """diffusers' ``FlowMatchHeunDiscreteScheduler`` whose ``step`` is one fused fastflow call.
 
     Churn (``s_churn`` with a sigma inside ``[s_tmin, s_tmax]``) raises: diffusers' second call then steps from
-    the churned sample, which holds the first call's noise, and the kernel's history keeps no noise.
+    the churned sample, which holds the first call's noise, and the kernel's history keeps no noise (a negative
+    ``s_churn``, which moves diffusers' ``sigma_hat`` below sigma, raises too).
     """
 
     def _ff_prepare(self) -> None:
@@ -144,12 +145,13 @@ class FlowMatchHeunDiscreteScheduler(TwoCallMixin, fmh.FlowMatchHeunDiscreteSche
         """diffusers' flow-matching Heun step (same arguments and outputs), in one backend call."""
         self._ff_check_timestep(timestep)
         idx = self._ff_peek_index(timestep)
-        if s_churn > 0:
+        if s_churn != 0:
             sigma = float(self._ff_sigmas[idx if self._ff_first_order(idx) else idx - 1])
-            if s_tmin <= sigma <= s_tmax and min(s_churn / (len(self._ff_sigmas) - 1), _SQRT2_M1) > 0:
+            if s_tmin <= sigma <= s_tmax and min(s_churn / (len(self._ff_sigmas) - 1), _SQRT2_M1) != 0:
                 raise NotImplementedError(
                     f"s_churn={s_churn} at sigma {sigma:.6g} is not supported by fastflow's "
-                    "FlowMatchHeunDiscreteScheduler (its second call would step from a churned sample)"
+                    "FlowMatchHeunDiscreteScheduler (with churn its second call would step from a churned sample; "
+                    "a negative s_churn moves diffusers' sigma_hat below sigma)"
                 )
         prev, _ = self._ff_step(
             model_output, timestep, sample, state_dtype=torch.float32, out_dtype=model_output.dtype,

@@ -62,6 +62,26 @@ def test_euler_churn_generator(prediction_type):
         assert_close(b.pred_original_sample, a.pred_original_sample)
 
 
+@pytest.mark.parametrize(
+    "name,config", [("EulerDiscreteScheduler", SD), ("EDMEulerScheduler", {})], ids=["euler", "edm"]
+)
+@pytest.mark.parametrize(
+    "churn",
+    [dict(s_churn=-3.0), dict(s_churn=0.0, s_tmin=2.0, s_noise=0.5), dict(s_churn=2.0, s_tmin=100.0)],
+    ids=["negative", "zero-with-others", "out-of-range"],
+)
+def test_euler_churn_arguments_without_noise(name, config, churn):
+    """Churn arguments that add no noise: a negative s_churn steps from diffusers' sigma_hat below sigma (the
+    drop-in stepped from sigma before), no churn makes the others irrelevant (the default plan), a range that
+    holds no sigma churns nothing."""
+    ref, ff = pair(name, **config)
+    xa, oa = run_loop(ref, 8, step_kwargs=lambda i: dict(churn))
+    xb, ob = run_loop(ff, 8, step_kwargs=lambda i: dict(churn))
+    assert_close(xb, xa)
+    for a, b in zip(oa, ob, strict=True):
+        assert_close(b.pred_original_sample, a.pred_original_sample)
+
+
 def test_euler_half_precision_output_dtype():
     ref, ff = pair("EulerDiscreteScheduler", **SD)
     half = lambda x, t: stand_in(x.float(), t).half()  # noqa: E731

@@ -238,14 +238,15 @@ def test_heun_api_surface():
 
 
 def test_heun_churn_raises_where_it_applies():
-    """``s_churn`` changes diffusers' step only where a sigma lies in ``[s_tmin, s_tmax]``: there the drop-in
-    raises, naming it; elsewhere the step is the unchurned one, as in diffusers."""
+    """``s_churn`` (positive or negative) changes diffusers' step only where a sigma lies in ``[s_tmin, s_tmax]``:
+    there the drop-in raises, naming it; elsewhere the step is the unchurned one, as in diffusers."""
     ref, ff = pair(HEUN)
     for s in (ref, ff):
         s.set_timesteps(4)
     x = start_noise(2)
-    with pytest.raises(NotImplementedError, match="s_churn"):
-        ff.step(stand_in(x, ff.timesteps[0]), ff.timesteps[0], x, s_churn=1.0)
+    for s_churn in (1.0, -1.0):  # a negative one moves diffusers' sigma_hat below sigma
+        with pytest.raises(NotImplementedError, match="s_churn"):
+            ff.step(stand_in(x, ff.timesteps[0]), ff.timesteps[0], x, s_churn=s_churn)
     t = ref.timesteps[0]
     outside = dict(s_churn=1.0, s_tmin=5.0)  # no sigma reaches 5
     assert_close(ff.step(stand_in(x, t), t, x, **outside).prev_sample,
