@@ -329,6 +329,13 @@ class FastflowScheduler:
         if self.num_inference_steps is None:
             raise ValueError("num_inference_steps is None: call set_timesteps before step")
 
+    def _ff_scheduled_index(self, timestep: Any) -> int:
+        """:meth:`_ff_peek_index` for the schedulers whose diffusers ``step`` needs ``set_timesteps`` first: its
+        error before that, else the step's index (the schedule's setup, such as what ``step`` reads from
+        ``_ff_prepare``, is then in place)."""
+        self._ff_require_timesteps()
+        return self._ff_peek_index(timestep)
+
     # ------------------------------------------------------------ hooks for families
     def _ff_check_config(self) -> None:
         """Raise NotImplementedError naming any config option fastflow cannot reproduce."""

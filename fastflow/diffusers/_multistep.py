@@ -219,9 +219,7 @@ class MultistepScheduler(FastflowScheduler):
         already asked for it), the thresholded x0 where thresholding is on, one fused call (``kwargs``: noise
         and dtypes); returns the next sample."""
         if index is None:
-            if self.num_inference_steps is None:
-                self._ff_require_timesteps()
-            index = self._ff_peek_index(timestep)
+            index = self._ff_scheduled_index(timestep)
         prev, _ = self._ff_step(
             model_output, timestep, sample, want_pred=False,
             kernel_output=self._ff_thresholded(index, model_output, sample) if self._ff_thresholding_on else None,

@@ -146,8 +146,7 @@ class CogVideoXDPMScheduler(_VPMixin, _cogdpm.CogVideoXDPMScheduler):
     ) -> _cogdpm.DDIMSchedulerOutput | tuple:
         """diffusers' CogVideoX DPM step (same arguments and outputs; ``eta``, ``use_clipped_model_output`` and
         ``variance_noise`` ignored, as diffusers ignores them), in one backend call."""
-        self._ff_require_timesteps()
-        idx = self._ff_peek_index(timestep)
+        idx = self._ff_scheduled_index(timestep)
         t = int(self._ff_host_timesteps[idx])
         second = idx > self._ff_loop_start and self._ff_prev_t(t) >= 0
         self._ff_check_history(idx, old_pred_original_sample, timestep_back)

@@ -74,9 +74,7 @@ class CosineDPMSolverMultistepScheduler(EDMPreconditioned, _cos.CosineDPMSolverM
         return_dict: bool = True,
     ) -> _cos.SchedulerOutput | tuple:
         """diffusers' step (same arguments and output), in one backend call."""
-        if self.num_inference_steps is None:
-            self._ff_require_timesteps()
-        idx = self._ff_peek_index(timestep)  # sets up the schedule (and its noise seed) on first use
+        idx = self._ff_scheduled_index(timestep)  # sets up the schedule (and its noise seed) on first use
         draw = None
         if self.diffusers_noise:
             draw = lambda: self._ff_tree_draw(generator, model_output, idx)  # noqa: E731

@@ -225,8 +225,7 @@ class DDIMScheduler(_VPMixin, scheduling_ddim.DDIMScheduler):
         return_dict: bool = True,
     ) -> scheduling_ddim.DDIMSchedulerOutput | tuple:
         """diffusers' DDIM step (same arguments and outputs), in one backend call."""
-        if self.num_inference_steps is None:
-            self._ff_require_timesteps()
+        self._ff_require_timesteps()
         variant, draw, noise = _DDIM_DEFAULT, None, None
         if eta != 0.0 or use_clipped_model_output:  # the default call skips what follows (every step's host path)
             eta = float(eta)

@@ -295,9 +295,7 @@ class DPMSolverMultistepScheduler(DPMSolverOptions, _dpm.DPMSolverMultistepSched
         SDE variants: ``variance_noise`` or ``generator`` give diffusers' exact numbers;
         with neither, the kernel draws fastflow's own noise.
         """
-        if self.num_inference_steps is None:
-            self._ff_require_timesteps()
-        idx = self._ff_peek_index(timestep)
+        idx = self._ff_scheduled_index(timestep)
         model_output = self._ff_model_output(model_output)
         draw = None
         noise_in = None

@@ -59,9 +59,7 @@ class DPMSolverMultistepInverseScheduler(DPMSolverOptions, _inverse.DPMSolverMul
         """diffusers' inverse step (same arguments and output) in one backend call, returned in the promoted dtype
         of the sample and the model output; an SDE step takes ``variance_noise`` as given or draws diffusers' noise
         with ``generator``, else fastflow's in-kernel noise."""
-        if self.num_inference_steps is None:
-            self._ff_require_timesteps()
-        idx = self._ff_peek_index(timestep)
+        idx = self._ff_scheduled_index(timestep)
         model_output = self._ff_model_output(model_output)
         dtype = promoted_dtype(sample, model_output)
         draw = None

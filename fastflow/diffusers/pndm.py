@@ -155,8 +155,7 @@ class PNDMScheduler(FastflowScheduler, _pndm.PNDMScheduler):
         return_dict: bool = True,
     ) -> SchedulerOutput | tuple:
         """diffusers' PNDM step (same arguments and output), in one backend call."""
-        self._ff_require_timesteps()
-        idx = self._ff_peek_index(timestep)
+        idx = self._ff_scheduled_index(timestep)
         call = idx - self._ff_loop_start
         phase = call % 4 if 0 <= call < len(self._ff_prk_t) else None  # of a Runge-Kutta call
         tracing = phase is not None and phase >= 2 and torch.compiler.is_compiling()
