@@ -97,13 +97,12 @@ class PlanRunner:
         return found
 
     def _entry_for(self, z: torch.Tensor) -> tuple[torch.Tensor, AllocEntry]:
-        """The coefficient table and the backend entry a step of state ``z`` calls (resolved once per device and
-        dtype; under torch.compile's tracing the backend's traceable entry)."""
+        """The coefficient table and the backend entry a step of state ``z`` calls, resolved once per device and
+        dtype (an entry is traceable by torch.compile: see :meth:`Backend.alloc_entry`)."""
         found = self._dispatch.get((z.device, z.dtype))
-        table, backend, entry = found if found is not None else self._table_and_backend_for(z.device, z.dtype)
-        if torch.compiler.is_compiling():  # the entry may be a compiled binding, which tracing cannot enter
-            entry = backend.fused_step_alloc_args
-        return table, entry
+        if found is None:
+            found = self._table_and_backend_for(z.device, z.dtype)
+        return found[0], found[2]
 
     def is_plain(self, i: int) -> bool:
         """Stage ``i`` reads no stored tensor and keeps none, and is not a loop's first stage (which forgets the
@@ -130,9 +129,9 @@ class PlanRunner:
         use_noise = self._stages[i][1]
         if use_noise and noise is None and seeds is None:
             raise ValueError(f"stage {i} draws noise: pass seeds or noise")
-        table, entry = self._entry_for(z)
-        return entry(
-            z, None, cond, None, history, table, i if step is None else step, seeds, noise, want_x, x_dtype, None,
+        found = self._dispatch.get((z.device, z.dtype)) or self._table_and_backend_for(z.device, z.dtype)
+        return found[2](  # _entry_for, inlined
+            z, None, cond, None, history, found[0], i if step is None else step, seeds, noise, want_x, x_dtype, None,
             False, self.plan.clip, use_noise, False,
         )
 

@@ -169,11 +169,9 @@ class Backend:
         )
 
     def alloc_entry(self) -> AllocEntry:
-        """The per-step entry of eager front ends (:data:`AllocEntry`); resolved once per runner and device.
-
-        Code being traced by torch.compile calls :meth:`fused_step_alloc_args` instead, since
-        an entry may be a compiled function the tracer cannot see into.
-        """
+        """The per-step entry of the front ends (:data:`AllocEntry`); resolved once per runner and device, called
+        eagerly and under torch.compile alike. An entry that is a compiled binding must have a traceable stand-in
+        registered with torch.compile (the C++ backend's: :meth:`fused_step_alloc_args`)."""
         return self.fused_step_alloc_args
 
     def noise(

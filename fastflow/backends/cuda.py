@@ -36,6 +36,7 @@ from .base import AllocEntry, Backend, OutputTriple, check_step_args
 
 _STATE: dict[str, Any] = {}
 _FAKES_REGISTERED: list[bool] = []  # kept apart from _STATE: a fake may be registered only once per process
+_TRACED_ALLOC: dict[int, bool] = {}  # id of each binding given a traceable stand-in (once per process, as fakes)
 
 
 def build_info() -> dict[str, Any] | None:
@@ -78,10 +79,29 @@ def _try_load() -> str | None:
     if not hasattr(torch.ops.fastflow, "fused_step"):
         return "fastflow._C imported but registered no operators"
     _STATE["direct"] = module.fused_step
-    _STATE["alloc"] = getattr(module, "fused_step_alloc", None)
+    _STATE["alloc"] = _traceable(getattr(module, "fused_step_alloc", None))
     _STATE["op"] = torch.ops.fastflow.fused_step.default
     _STATE["cuda"] = bool(getattr(module, "with_cuda", False))
     return None
+
+
+def _traceable(alloc: AllocEntry | None) -> AllocEntry | None:
+    """``alloc``, once torch.compile's tracer is told to trace :meth:`Backend.fused_step_alloc_args` (the operator)
+    in its place, so a front end calls the binding unconditionally and asks no ``is_compiling()`` per step.
+    None on a torch without ``torch.compiler.substitute_in_graph`` (before 2.5): the front ends then take the
+    Python entry, traceable but slower per call."""
+    substitute = getattr(torch.compiler, "substitute_in_graph", None)
+    if alloc is None or substitute is None:
+        return None
+    if id(alloc) not in _TRACED_ALLOC:
+        substitute(alloc, skip_signature_check=True)(_traced_alloc)
+        _TRACED_ALLOC[id(alloc)] = True
+    return alloc
+
+
+def _traced_alloc(*args: Any) -> OutputTriple:
+    """What torch.compile traces for a call of the binding (a module-level backend: tracing reads it by name)."""
+    return _TRACING_BACKEND.fused_step_alloc_args(*args)
 
 
 def has_cuda_kernels() -> bool:
@@ -293,3 +313,6 @@ def philox_words(counter: torch.Tensor, key: torch.Tensor, rounds: int = 10) -> 
     if reason is not None:
         raise RuntimeError(f"cuda backend unavailable: {reason}")
     return torch.ops.fastflow.philox.default(counter, key, rounds)
+
+
+_TRACING_BACKEND = CudaBackend()

@@ -333,7 +333,8 @@ class FastflowScheduler:
         """:meth:`_ff_peek_index` for the schedulers whose diffusers ``step`` needs ``set_timesteps`` first: its
         error before that, else the step's index (the schedule's setup, such as what ``step`` reads from
         ``_ff_prepare``, is then in place)."""
-        self._ff_require_timesteps()
+        if self._step_index is None:  # mid-loop, a step has passed the check (set_timesteps cannot undo it)
+            self._ff_require_timesteps()
         return self._ff_peek_index(timestep)
 
     # ------------------------------------------------------------ hooks for families
@@ -633,14 +634,12 @@ class FastflowScheduler:
         what :meth:`_ff_peek_index` returned for this call, when the caller already asked.
         """
         idx = self._ff_peek_index(timestep) if index is None else index
-        stage = self._ff_stages.get((variant, idx))
-        if stage is None:
-            stage = self._ff_stage(idx, variant)
+        stage = self._ff_stages.get((variant, idx)) or self._ff_stage(idx, variant)
         runner, k, noisy, draws, uses_o, pred_lin, error, plain = stage
         if error is not None:
             raise ValueError(error)
         z, x_dtype, seeds, row = sample, None, None, None
-        if state_dtype is not None and state_dtype is not sample.dtype:
+        if state_dtype is not sample.dtype and state_dtype is not None:
             if out_dtype is sample.dtype and state_dtype is torch.float32 and sample.dtype in _HALF_DTYPES:
                 # Kernels compute half states in float32 and round once on the store: diffusers'
                 # upcast, float32 update and cast back, bit for bit, without the two casts (each a
@@ -648,29 +647,30 @@ class FastflowScheduler:
                 x_dtype = state_dtype
             else:
                 z = sample.to(state_dtype)
-        if noise is None and draw is not None and draws:
-            noise = draw()
         if noise is None:
-            if noisy:
+            if draws and draw is not None:
+                noise = draw()
+            elif noisy:
                 seeds, row = self._ff_noise_inputs(k, z)
-        elif noise.shape != z.shape:
+        if noise is not None and noise.shape != z.shape:
             noise = noise.reshape(z.shape)
-        # Inputs in any layout: the backend reads them by value (a contiguous copy only where needed). The model
-        # output bound twice (as the kernel's output and a history slot) is copied once here, not twice there.
-        if uses_o and kernel_output is None and not model_output.is_contiguous():
-            model_output = model_output.contiguous()
+        cond = model_output
+        if kernel_output is not None:
+            cond = kernel_output
+        elif uses_o and not model_output.is_contiguous():
+            # Inputs in any layout: the backend reads them by value (a contiguous copy only where needed). The
+            # model output bound twice (as the kernel's output and a history slot) is copied once here, not twice.
+            cond = model_output = model_output.contiguous()
         want_x = want_pred and self.compute_pred_original_sample
         if want_x and self._ff_x0_is_output and pred_lin is None and model_output.dtype != (x_dtype or z.dtype):
             x_dtype = model_output.dtype  # diffusers' prediction field is the model output: its values and dtype
         if plain:
-            out, x, _ = runner.run_plain(
-                k, z, model_output if kernel_output is None else kernel_output, seeds, noise, want_x,
-                [model_output] if uses_o else [], row, x_dtype,
-            )
+            history = [model_output] if uses_o else []
+            out, x, _ = runner.run_plain(k, z, cond, seeds, noise, want_x, history, row, x_dtype)
         else:
             out, x, _ = runner.run(
-                k, z, model_output if kernel_output is None else kernel_output, None, seeds=seeds, noise=noise,
-                want_x=want_x, extra_history=(model_output,) if uses_o else (), step=row, x_dtype=x_dtype,
+                k, z, cond, None, seeds=seeds, noise=noise, want_x=want_x,
+                extra_history=(model_output,) if uses_o else (), step=row, x_dtype=x_dtype,
             )
         pred = None
         if want_x:

@@ -225,7 +225,8 @@ class DDIMScheduler(_VPMixin, scheduling_ddim.DDIMScheduler):
         return_dict: bool = True,
     ) -> scheduling_ddim.DDIMSchedulerOutput | tuple:
         """diffusers' DDIM step (same arguments and outputs), in one backend call."""
-        self._ff_require_timesteps()
+        if self._step_index is None:  # mid-loop, a step has passed this check (set_timesteps cannot undo it)
+            self._ff_require_timesteps()
         variant, draw, noise = _DDIM_DEFAULT, None, None
         if eta != 0.0 or use_clipped_model_output:  # the default call skips what follows (every step's host path)
             eta = float(eta)
@@ -246,7 +247,7 @@ class DDIMScheduler(_VPMixin, scheduling_ddim.DDIMScheduler):
             draw=draw,
             noise=noise,
             state_dtype=promoted_dtype(sample, model_output),
-            kernel_output=self._ff_thresholded(idx, model_output, sample),
+            kernel_output=self._ff_thresholded(idx, model_output, sample) if self._ff_thresholding_on else None,
             index=idx,
         )
         if not return_dict:
@@ -366,7 +367,7 @@ class DDPMScheduler(_VPMixin, scheduling_ddpm.DDPMScheduler):
             draw=draw,
             noise=given,
             state_dtype=promoted_dtype(sample, model_output),
-            kernel_output=self._ff_thresholded(idx, model_output, sample),
+            kernel_output=self._ff_thresholded(idx, model_output, sample) if self._ff_thresholding_on else None,
             index=idx,
         )
         if not return_dict:

@@ -491,6 +491,37 @@ def test_compile_sampler_step(cb, solver, eta, guided):
     assert torch.equal(torch.compile(f, fullgraph=True)(mo, z), eager)
 
 
+def test_entry_is_the_binding_with_a_traced_stand_in(cb):
+    """Front ends call the binding itself, eagerly and under torch.compile (the tracer is given
+    ``fused_step_alloc_args`` in its place); a torch without ``substitute_in_graph`` gets the Python entry, which
+    tracing can enter, and the same numbers."""
+    from fastflow import FlowMatching, Sampler
+
+    assert cb.alloc_entry() is cuda_mod._STATE["alloc"] is not None
+    sampler = Sampler(FlowMatching(), solver="dpm++2m", prediction="flow", steps=4, backend="cuda")
+    z = sampler.init_noise((2, 4, 8, 8), seed=3)
+    mo = torch.randn(2, 4, 8, 8)
+    want = sampler.step(mo, z, 0)
+
+    state = dict(cuda_mod._STATE)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.delattr(torch.compiler, "substitute_in_graph")
+            cuda_mod._STATE.clear()
+            old_torch = CudaBackend()
+            entry = old_torch.alloc_entry()
+            assert cuda_mod._STATE["alloc"] is None
+            assert entry.__func__ is CudaBackend.fused_step_alloc_args
+            sampler = Sampler(FlowMatching(), solver="dpm++2m", prediction="flow", steps=4, backend="cuda")
+            assert torch.equal(sampler.step(mo, z, 0), want)
+            sampler.runner.reset()
+            torch._dynamo.reset()
+            assert torch.equal(torch.compile(lambda mo, z: sampler.step(mo, z, 0), fullgraph=True)(mo, z), want)
+    finally:
+        cuda_mod._STATE.clear()
+        cuda_mod._STATE.update(state)
+
+
 @pytest.mark.parametrize(
     "archs, cap, ok",
     [
