@@ -20,7 +20,11 @@ between. On tiny CPU tensors
 ``torch.ops.fastflow.fused_step.default`` costs about 2.5x ``CudaBackend.fused_step``
 and ``check_step_args`` about 1.8x, so the operator path would cost several times the
 binding path. Code being traced by ``torch.compile`` calls the operator (and
-``check_step_args``, which tracing folds away), so graphs see the op.
+``check_step_args``, which tracing folds away), so graphs see the op: the binding is
+registered with ``torch.compiler.substitute_in_graph``, so the tracer enters
+:meth:`CudaBackend.fused_step_alloc_args` where eager code calls the binding, and the
+front ends call one entry without asking whether they are being traced (on a torch
+before 2.5, which lacks it, their entry is that Python method, traced and run alike).
 """
 
 from __future__ import annotations
