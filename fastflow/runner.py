@@ -90,19 +90,16 @@ class PlanRunner:
         except KeyError:
             raise RuntimeError(f"no {kind} of stage {stage} is stored; run the stages in order from 0") from None
 
-    def _table_and_backend_for(self, device: torch.device, dtype: torch.dtype):
+    def _table_and_backend_for(
+        self, device: torch.device, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, Backend, AllocEntry]:
+        """The coefficient table, backend and entry of states on ``device`` in ``dtype``, resolved once: a step reads
+        ``_dispatch[(z.device, z.dtype)]`` in its own body (a helper's frame would cost every step) and calls this
+        on a miss. An entry is traceable by torch.compile (see :meth:`Backend.alloc_entry`)."""
         table = self.table(device, torch.float64 if dtype == torch.float64 else torch.float32)
         backend = resolve_backend(self.backend, device, dtype)
         found = self._dispatch[(device, dtype)] = (table, backend, backend.alloc_entry())
         return found
-
-    def _entry_for(self, z: torch.Tensor) -> tuple[torch.Tensor, AllocEntry]:
-        """The coefficient table and the backend entry a step of state ``z`` calls, resolved once per device and
-        dtype (an entry is traceable by torch.compile: see :meth:`Backend.alloc_entry`)."""
-        found = self._dispatch.get((z.device, z.dtype))
-        if found is None:
-            found = self._table_and_backend_for(z.device, z.dtype)
-        return found[0], found[2]
 
     def is_plain(self, i: int) -> bool:
         """Stage ``i`` reads no stored tensor and keeps none, and is not a loop's first stage (which forgets the
@@ -130,7 +127,7 @@ class PlanRunner:
         if use_noise and noise is None and seeds is None:
             raise ValueError(f"stage {i} draws noise: pass seeds or noise")
         found = self._dispatch.get((z.device, z.dtype)) or self._table_and_backend_for(z.device, z.dtype)
-        return found[2](  # _entry_for, inlined
+        return found[2](  # the dispatch entry
             z, None, cond, None, history, found[0], i if step is None else step, seeds, noise, want_x, x_dtype, None,
             False, self.plan.clip, use_noise, False,
         )
@@ -169,7 +166,7 @@ class PlanRunner:
             store.clear()
         if needs:
             try:
-                history = [store[key] for key in needs]
+                history = list(map(store.__getitem__, needs))  # no comprehension frame (every multistep step)
             except KeyError:
                 missing = next(k for k in needs if k not in store)
                 raise RuntimeError(
@@ -181,9 +178,9 @@ class PlanRunner:
             history = [*extra_history]
         if use_noise and noise is None and seeds is None:
             raise ValueError(f"stage {i} draws noise: pass seeds or noise")
-        table, entry = self._entry_for(z)
-        out, x_out, model_in = entry(
-            z, out, cond, uncond, history, table, i if step is None else step, seeds, noise, write_x or want_x,
+        found = self._dispatch.get((z.device, z.dtype)) or self._table_and_backend_for(z.device, z.dtype)
+        out, x_out, model_in = found[2](  # the dispatch entry
+            z, out, cond, uncond, history, found[0], i if step is None else step, seeds, noise, write_x or want_x,
             x_dtype, model_in_dtype, model_in_double, self.plan.clip, use_noise, paired,
         )
         if bookkeeping is not None:
