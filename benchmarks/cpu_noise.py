@@ -4,9 +4,9 @@
     python benchmarks/cpu_noise.py --shape 1 4 64 64 --rounds 3 DDPMScheduler
 
 On a GPU a stochastic step draws its noise inside the fused kernel at no extra memory
-traffic. The C++ CPU kernel evaluates the noise spec's transform in double precision
-with the C library's log, cos and sin (its normals are the torch reference's, bit for
-bit), so on a CPU the draw costs more per element than ``torch.randn``. This times, per
+traffic. The C++ CPU kernel's normals are the torch reference's, bit for bit (the
+spec's transform in double precision; with AVX2, csrc/noise_avx2.h), so on a CPU the
+draw costs more per element than ``torch.randn``. This times, per
 class, 10-step ``step`` loops of diffusers' own scheduler, of the drop-in with its
 in-kernel noise (the default) and of the drop-in with ``diffusers_noise = True``
 (torch's global generator draws, diffusers' way, and the kernel reads the tensor),
