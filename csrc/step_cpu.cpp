@@ -25,6 +25,11 @@ namespace fastflow {
 namespace {
 
 constexpr int64_t kBlock = 512;  // elements per block (multiple of 4)
+// Elements per thread's task, at least: a plain step costs about 1 ns an element, so a task of fewer is not
+// worth a thread; drawing noise costs several times that (noise_avx2.h, or libm's), so a drawing step splits
+// finer.
+constexpr int64_t kGrainElements = 32768;
+constexpr int64_t kDrawGrainElements = 4096;
 
 template <typename T>
 void load_block(const void* base, int dtype, int64_t off, int64_t n, T* dst) {
@@ -111,7 +116,8 @@ void run_step(const StepParams& p) {
   const bool has_clip = p.has_clip != 0;
   const int64_t blocks = (p.numel + kBlock - 1) / kBlock;
   const int64_t total = p.batch * blocks;
-  const int64_t grain = std::max<int64_t>(1, 32768 / kBlock);
+  const bool draws = p.use_noise && p.noise == nullptr;
+  const int64_t grain = std::max<int64_t>(1, (draws ? kDrawGrainElements : kGrainElements) / kBlock);
   at::parallel_for(0, total, grain, [&](int64_t begin, int64_t end) {
     T z[kBlock], o[kBlock], ou[kBlock], h[kMaxHistory][kBlock], xi[kBlock], x[kBlock], zn[kBlock];
     for (int64_t item = begin; item < end; ++item) {
@@ -202,7 +208,8 @@ at::Tensor noise_cpu(const at::Tensor& seeds, at::IntArrayRef sample_shape, int6
   const int64_t blocks = (numel + kBlock - 1) / kBlock;
   const uint32_t step32 = static_cast<uint32_t>(step);
   const uint32_t tag32 = static_cast<uint32_t>(tag);
-  at::parallel_for(0, batch * blocks, std::max<int64_t>(1, 32768 / kBlock), [&](int64_t begin, int64_t end) {
+  const int64_t grain = std::max<int64_t>(1, kDrawGrainElements / kBlock);
+  at::parallel_for(0, batch * blocks, grain, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / blocks;
       const int64_t e0 = (item - b * blocks) * kBlock;
