@@ -40,12 +40,12 @@ class PlanRunner:
         for key, i in last_use.items():
             free_after[i].append(key)
         # What run() reads per stage, as plain Python values in one tuple (it is on every step's host path):
-        # the keys it reads, whether it draws noise and writes x_hat, and what it stores and frees (None when
-        # it does neither, the usual single-step stage).
+        # the keys it reads, whether it draws noise and writes (and keeps) x_hat, and whether it keeps its input
+        # state and what it frees (None when it keeps and frees nothing, the usual single-step stage).
         self._stages = [
             (
                 needs[i], bool(plan.noise[i]), bool(plan.write_x[i]),
-                (bool(plan.write_x[i]), bool(plan.keep_z[i]), tuple(free_after[i]))
+                (bool(plan.keep_z[i]), tuple(free_after[i]))
                 if plan.write_x[i] or plan.keep_z[i] or free_after[i] else None,
             )
             for i in range(len(plan.history))
@@ -184,8 +184,8 @@ class PlanRunner:
             x_dtype, model_in_dtype, model_in_double, self.plan.clip, use_noise, paired,
         )
         if bookkeeping is not None:
-            keeps_x, keep_z, free_after = bookkeeping
-            if keeps_x:
+            keep_z, free_after = bookkeeping
+            if write_x:
                 store[("x", i)] = x_out
             if keep_z:
                 store[("z", i)] = z

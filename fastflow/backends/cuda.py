@@ -40,7 +40,7 @@ from .base import AllocEntry, Backend, OutputTriple, check_step_args
 
 _STATE: dict[str, Any] = {}
 _FAKES_REGISTERED: list[bool] = []  # kept apart from _STATE: a fake may be registered only once per process
-_TRACED_ALLOC: dict[int, bool] = {}  # id of each binding given a traceable stand-in (once per process, as fakes)
+_TRACED_ALLOC: set[int] = set()  # id of each binding given a traceable stand-in (once per process, as fakes)
 
 
 def build_info() -> dict[str, Any] | None:
@@ -99,7 +99,7 @@ def _traceable(alloc: AllocEntry | None) -> AllocEntry | None:
         return None
     if id(alloc) not in _TRACED_ALLOC:
         substitute(alloc, skip_signature_check=True)(_traced_alloc)
-        _TRACED_ALLOC[id(alloc)] = True
+        _TRACED_ALLOC.add(id(alloc))
     return alloc
 
 
