@@ -109,7 +109,7 @@ __global__ void __launch_bounds__(kMaxThreads) variant_kernel(StepParams p, int6
     p.vectorized = 1;
     p.step_ptr = nullptr;
   }
-  fastflow::fused_step_items<float, kDraw>(
+  fastflow::fused_step_items<float, kDraw, fastflow::GenericPlan>(
       p, ips, blockIdx.y, gridDim.y, static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x,
       static_cast<int64_t>(gridDim.x) * blockDim.x);
 }
@@ -144,9 +144,9 @@ void launch(const Variant& v, const StepParams& p) {
     CHECK(static_cast<cudaError_t>(fastflow::launch_fused_step_cuda(p, false, nullptr)));
     return;
   }
-  const int64_t ips = fastflow::items_per_sample<float, kDraw>(p);
+  const int64_t ips = fastflow::items_per_sample<float, kDraw, fastflow::GenericPlan>(p);
   // threads 0: the extension's grid (step_grid, csrc/step_kernel_body.h).
-  const fastflow::StepGrid ext = fastflow::step_grid<float, kDraw>(p);
+  const fastflow::StepGrid ext = fastflow::step_grid<float, kDraw, fastflow::GenericPlan>(p);
   const int threads = v.threads > 0 ? v.threads : static_cast<int>(ext.threads);
   const int64_t per_block = static_cast<int64_t>(threads) * v.items_per_thread;
   const dim3 grid(static_cast<unsigned>(v.threads > 0 ? (ips + per_block - 1) / per_block : ext.blocks_x),

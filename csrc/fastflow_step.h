@@ -19,6 +19,7 @@
 #pragma once
 
 #include <stdint.h>
+#include <string.h>
 
 #include <cmath>
 #include <type_traits>
@@ -67,25 +68,46 @@ FF_HD void mulhilo32(uint32_t a, uint32_t b, uint32_t& hi, uint32_t& lo) {
 #endif
 }
 
+// One Philox4x32 round on counter c with round key (k0, k1).
+FF_HD void philox_round(uint32_t c[4], uint32_t k0, uint32_t k1) {
+  uint32_t hi0, lo0, hi1, lo1;
+  mulhilo32(kPhiloxM0, c[0], hi0, lo0);
+  mulhilo32(kPhiloxM1, c[2], hi1, lo1);
+  const uint32_t n0 = hi1 ^ c[1] ^ k0;
+  const uint32_t n2 = hi0 ^ c[3] ^ k1;
+  c[0] = n0;
+  c[1] = lo1;
+  c[2] = n2;
+  c[3] = lo0;
+}
+
 // Philox4x32 with `rounds` rounds; the key is bumped between rounds, not before the first.
 FF_HD Words4 philox4x32(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1,
                         int rounds = kPhiloxRounds) {
+  Words4 w{{c0, c1, c2, c3}};
   for (int r = 0; r < rounds; ++r) {
     if (r) {
       k0 += kPhiloxW0;
       k1 += kPhiloxW1;
     }
-    uint32_t hi0, lo0, hi1, lo1;
-    mulhilo32(kPhiloxM0, c0, hi0, lo0);
-    mulhilo32(kPhiloxM1, c2, hi1, lo1);
-    const uint32_t n0 = hi1 ^ c1 ^ k0;
-    const uint32_t n2 = hi0 ^ c3 ^ k1;
-    c0 = n0;
-    c1 = lo1;
-    c2 = n2;
-    c3 = lo0;
+    philox_round(w.x, k0, k1);
   }
-  return Words4{{c0, c1, c2, c3}};
+  return w;
+}
+
+// A sample's Philox key, split once for all the groups a kernel thread draws of it.
+struct PhiloxKeys {
+  uint32_t k0;
+  uint32_t k1;
+};
+
+FF_HD PhiloxKeys philox_keys(uint64_t seed) {
+  return PhiloxKeys{static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32)};
+}
+
+// The four Philox words of group `group` of a sample with key `keys` at `step`.
+FF_HD Words4 noise_words(const PhiloxKeys& keys, uint64_t group, uint32_t step, uint32_t tag) {
+  return philox4x32(static_cast<uint32_t>(group), static_cast<uint32_t>(group >> 32), step, tag, keys.k0, keys.k1);
 }
 
 // The four Philox words of group `group` of a sample seeded with `seed` at `step`.
@@ -149,18 +171,79 @@ FF_HD void cos_sin_pi(float v, float& cos_out, float& sin_out) {
   cos_out = ((quarter + 1) & 2) != 0 ? -cv : cv;    // quarters 1, 2
 }
 
+FF_HD float bits_to_float(uint32_t bits) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(bits);
+#else
+  float f;
+  memcpy(&f, &bits, sizeof f);
+  return f;
+#endif
+}
+
+FF_HD uint32_t float_to_bits(float x) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(x);
+#else
+  uint32_t bits;
+  memcpy(&bits, &x, sizeof bits);
+  return bits;
+#endif
+}
+
+// log(u) for a uniform of the transform, u = (2m + 1) 2^-24 in (0, 1), as CUDA's
+// logf computes it for a positive normal input (its reduction and polynomial, read
+// off its compiled code): u = 2^k (1 + f) with 1 + f in [2/3, 4/3), then
+// k ln2 + f + f^2 P(f). logf also tests for zero, subnormal, infinite and NaN inputs,
+// which a uniform never is; without those tests the radius costs 16 fewer
+// instructions a group. The same bits as logf on the device (scripts/check_noise_math.cu
+// compares all 2^23 uniforms on a GPU) and, being explicit fmas, on the host too.
+FF_HD float log_uniform_f32(float u) {
+  const uint32_t bits = float_to_bits(u);
+  const uint32_t k_bits = (bits - 0x3f2aaaabu) & 0xff800000u;  // k in the exponent field
+  const float f = add_rn(bits_to_float(bits - k_bits), -1.0f);
+  const float k = mul_rn(static_cast<float>(static_cast<int32_t>(k_bits)), 0x1p-23f);
+  float p = fma_rn(f, -0x1.0aa04ep-3f, 0x1.2073ecp-3f);
+  p = fma_rn(f, p, -0x1.f19b98p-4f);
+  p = fma_rn(f, p, 0x1.1e52aap-3f);
+  p = fma_rn(f, p, -0x1.55b172p-3f);
+  p = fma_rn(f, p, 0x1.99da16p-3f);
+  p = fma_rn(f, p, -0x1.fffe44p-3f);
+  p = fma_rn(f, p, 0x1.5554f0p-2f);
+  p = fma_rn(f, p, -0.5f);
+  p = mul_rn(f, p);
+  return fma_rn(k, 0x1.62e430p-1f, fma_rn(f, p, f));
+}
+
+// The correctly rounded square root of a radius's square, -2 log u, in [1.1e-7, 33.3].
+// On the device: sqrtf's own sequence for inputs in its fast range (an approximate
+// reciprocal square root, then a correction that rounds correctly), without its
+// range test and branch to a slow path; on the host std::sqrt, also correctly
+// rounded, so the same value.
+FF_HD float sqrt_radius_f32(float x) {
+#if defined(__CUDA_ARCH__)
+  float y;
+  asm("rsqrt.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  const float s = __fmul_rn(x, y);
+  const float h = __fmul_rn(y, 0.5f);
+  return __fmaf_rn(__fmaf_rn(-s, s, x), h, s);
+#else
+  return std::sqrt(x);
+#endif
+}
+
 // The spec's transform of four words into four standard normals, in float32 as the
-// GPU kernels (CUDA and Triton) evaluate it: uniforms exact, logf and correctly
-// rounded sqrtf for the radius, cos_sin_pi for the angle; within 1e-6 of the float64
-// spec. On the host, logf is the C library's, so host results may differ from the
-// device's in the last bit (tests bound them against the spec).
+// GPU kernels (CUDA and Triton) evaluate it: uniforms exact, logf (log_uniform_f32)
+// and correctly rounded sqrtf (sqrt_radius_f32) for the radius, cos_sin_pi for the
+// angle; within 1e-6 of the float64 spec. Every operation is explicit, so the host
+// build computes the device's bits.
 FF_HD void words_to_normals_f32(const Words4& w, float n[4]) {
   for (int pair = 0; pair < 2; ++pair) {
     const uint32_t wu = w.x[2 * pair];
     const uint32_t wv = w.x[2 * pair + 1];
     const float u = mul_rn(static_cast<float>((wu >> 8) | 1u), 0x1p-24f);           // (2m + 1) 2^-24
     const float v = add_rn(mul_rn(static_cast<float>((wv >> 8) | 1u), 0x1p-23f), -1.0f);  // (2m + 1) 2^-23 - 1
-    const float r = sqrtf(mul_rn(-2.0f, logf(u)));
+    const float r = sqrt_radius_f32(mul_rn(-2.0f, log_uniform_f32(u)));
     float c, s;
     cos_sin_pi(v, c, s);
     n[2 * pair] = mul_rn(r, c);

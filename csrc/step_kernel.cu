@@ -4,20 +4,19 @@
 // Light includes only (no torch): this file compiles with plain
 // `nvcc -arch=sm_90 -c csrc/step_kernel.cu`.
 //
-// Work item = 8 consecutive elements of one sample, or 4 where the kernel draws
-// noise in float32 (kItemWidth; the start is a multiple of the width, so an item
-// holds whole Philox groups of 4: one Philox call serves 4 elements). When every
-// pointer and every sample start is 16-byte aligned, a full item is moved with
-// vector loads and stores (16 bytes, 8 for four 16-bit elements); the last item of
+// Work item = 8 consecutive elements of one sample, or, where the kernel draws noise
+// in float32, 8 or 4 as its plan sets (kItemWidth; the start is a multiple of the
+// width, so an item holds whole Philox groups of 4: one Philox call serves 4
+// elements). When every pointer and every sample start is 16-byte aligned, a full
+// item is moved with vector loads and stores (16 bytes, 8 for four 16-bit elements); the last item of
 // a sample and unaligned tensors use scalar accesses. Indexing is int64 throughout.
 // The coefficient row and the step index are read on the device, so a launch needs
 // no host-side value and is safe to capture in a CUDA graph. The step's grid is
 // 2-D, items of a sample by samples, as the Triton kernel's: a block's sample is
 // uniform (its shape: step_grid in step_kernel_body.h). Dtypes and options are
 // launch parameters (warp-uniform switches) of three generic kernels, which serve
-// every dtype mix: float compute with and without in-kernel noise (with the Philox
-// code, 8-element items needed 62 registers on sm_90; the drawing kernel's 4-element
-// items need about as many as the deterministic kernel's 8, see
+// every dtype mix: float compute with and without in-kernel noise (its item width
+// is its plan's: 4 for the generic kernel, register counts in
 // scripts/check_cuda_compile.sh), and double compute. The common launches run
 // compile-time plans of the float kernels instead, which fix some of those switches
 // (DrawPlans and DtypePlans in step_plans.h).
@@ -32,7 +31,8 @@ namespace fastflow {
 namespace {
 
 constexpr int kThreads = 256;  // the most threads a block of these kernels has
-static_assert(LaunchShape<true>::threads <= kThreads && LaunchShape<false>::threads <= kThreads,
+static_assert(LaunchShape<true, 4>::threads <= kThreads && LaunchShape<true, 8>::threads <= kThreads &&
+                  LaunchShape<false, 8>::threads <= kThreads,
               "step_grid's blocks must fit the kernels' launch bounds");
 
 // Grid: x over a sample's items, y over samples (each loop strides past the grid).
@@ -41,7 +41,7 @@ template <typename T, bool kDraw, typename Plan>
 __global__ void __launch_bounds__(kThreads) fused_step_kernel(StepParams p, int64_t items_per_sample) {
   pin_launch_invariants<T, kDraw>(p);
   Plan::pin(p);
-  fused_step_items<T, kDraw>(p, items_per_sample, blockIdx.y, gridDim.y,
+  fused_step_items<T, kDraw, Plan>(p, items_per_sample, blockIdx.y, gridDim.y,
                              static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x,
                              static_cast<int64_t>(gridDim.x) * blockDim.x);
 }
@@ -94,11 +94,11 @@ unsigned int grid_for(int64_t work) {
 
 template <typename T, bool kDraw, typename Plan>
 void launch_with_plan(const StepParams& p, cudaStream_t s) {
-  const StepGrid g = step_grid<T, kDraw>(p);
+  const StepGrid g = step_grid<T, kDraw, Plan>(p);
   if (g.blocks_x == 0) return;
   const dim3 grid(static_cast<unsigned int>(g.blocks_x), static_cast<unsigned int>(g.rows));
   fused_step_kernel<T, kDraw, Plan>
-      <<<grid, static_cast<unsigned int>(g.threads), 0, s>>>(p, items_per_sample<T, kDraw>(p));
+      <<<grid, static_cast<unsigned int>(g.threads), 0, s>>>(p, items_per_sample<T, kDraw, Plan>(p));
 }
 
 // Instantiation <T, kDraw> in the plan that matches the launch (step_plans.h).

@@ -9,7 +9,6 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
-#include <string.h>
 #include <vector_functions.h>
 #include <vector_types.h>
 
@@ -19,23 +18,17 @@
 
 namespace fastflow {
 
-FF_HD float bits_to_float(uint32_t bits) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(bits);
-#else
-  float f;
-  memcpy(&f, &bits, sizeof f);
-  return f;
-#endif
-}
-
-// Elements per work item: 8 (two 16-byte accesses per float32 tensor, one per 16-bit
-// tensor), or 4 (one Philox group) where the kernel draws noise in float32: the
-// Philox and Box-Muller state of 8 elements held the kernel at 62 registers on sm_90
-// (half the threads an SM can run); with 4 it needs about as many as the
-// deterministic kernel (scripts/check_cuda_compile.sh prints the counts).
-template <typename T, bool kDraw>
-constexpr int kItemWidth = (kDraw && std::is_same_v<T, float>) ? 4 : 8;
+// Elements per work item of instantiation <T, kDraw> running plan Plan (step_plans.h):
+// 8 (two 16-byte accesses per float32 tensor, one per 16-bit tensor), or, where the
+// kernel draws noise in float32, the plan's kDrawWidth: 8 (two Philox groups) or 4
+// (one). Wider items spread the per-item work (the Philox key schedule, addresses,
+// the loop) over more elements, but hold more registers: on an H200 at 19.4M elements
+// (diag run of the ab driver, benchmarks/results/h200-2026-11-27-*/kernel_ab.md) 8
+// took a DDPM step from 57.9 to 54.7 us and one that also writes the next model input
+// from 70.8 to 65.5, yet one writing x_hat from 74.8 to 92.7 and an unaligned one
+// (the scalar path) from 124.6 to 187.8.
+template <typename T, bool kDraw, typename Plan>
+constexpr int kItemWidth = (kDraw && std::is_same_v<T, float>) ? Plan::kDrawWidth : 8;
 
 // Whether instantiation <T, kDraw> runs only launches that draw their noise in the
 // kernel: the launcher sends every float launch that draws (and no other) to
@@ -56,24 +49,25 @@ FF_HD void pin_launch_invariants(StepParams& p) {
   }
 }
 
-// Work items of one sample for instantiation <T, kDraw> (the launch's item count is batch times this).
-template <typename T, bool kDraw>
+// Work items of one sample for instantiation <T, kDraw> and plan Plan (the launch's item count is batch times this).
+template <typename T, bool kDraw, typename Plan>
 FF_HD int64_t items_per_sample(const StepParams& p) {
-  return (p.numel + kItemWidth<T, kDraw> - 1) / kItemWidth<T, kDraw>;
+  constexpr int W = kItemWidth<T, kDraw, Plan>;
+  return (p.numel + W - 1) / W;
 }
 
 // Launch shape of the step kernels, from the H200 measurements of
 // benchmarks/cuda_step_variants.cu at 19.4M elements: the deterministic kernel
 // (memory-bound) runs best in 128-thread blocks, one item per thread; the float
-// noise-drawing kernel (issue-bound) in 256-thread blocks with up to 4 items per
-// thread, which spreads each thread's prologue (step index, coefficient row, seed)
-// over more elements. The double kernel takes the drawing shape unmeasured. A thread
-// takes more items only while the grid keeps kMinBlocks blocks, a few waves of a
-// large GPU, so small steps keep their parallelism.
-template <bool kDraw>
+// noise-drawing kernel (issue-bound) in 256-thread blocks with up to 16 elements per
+// thread (4 items of 4, 2 of 8), which spreads each thread's prologue (step index,
+// coefficient row, seed) over more elements. The double kernel takes the drawing
+// shape unmeasured. A thread takes more items only while the grid keeps kMinBlocks
+// blocks, a few waves of a large GPU, so small steps keep their parallelism.
+template <bool kDraw, int kWidth>
 struct LaunchShape {
   static constexpr int64_t threads = kDraw ? 256 : 128;
-  static constexpr int64_t max_items_per_thread = kDraw ? 4 : 1;
+  static constexpr int64_t max_items_per_thread = kDraw ? 16 / kWidth : 1;
 };
 constexpr int64_t kMinBlocks = 2048;
 constexpr int64_t kMaxGridX = 0x7FFFFFFF;  // the kernels loop over the rest
@@ -87,10 +81,10 @@ struct StepGrid {
   int64_t rows;
 };
 
-template <typename T, bool kDraw>
+template <typename T, bool kDraw, typename Plan>
 FF_HD StepGrid step_grid(const StepParams& p) {
-  using Shape = LaunchShape<kDraw>;
-  const int64_t ips = items_per_sample<T, kDraw>(p);
+  using Shape = LaunchShape<kDraw, kItemWidth<T, kDraw, Plan>>;
+  const int64_t ips = items_per_sample<T, kDraw, Plan>(p);
   if (ips == 0 || p.batch == 0) return {Shape::threads, 0, 0};
   // Samples of fewer items than a block has threads get a smaller block (whole warps), not idle threads.
   const int64_t threads = ips >= Shape::threads ? Shape::threads : (ips + 31) / 32 * 32;
@@ -301,21 +295,17 @@ FF_HD bool draws_noise(const StepParams& p) { return p.use_noise != 0 && p.noise
 // partial item, or unaligned tensors): one element at a time, one Philox per group.
 // Its loop stays rolled so it does not raise the vector path's register count.
 template <typename T, bool kDraw>
-FF_HD void step_item_scalar(const StepParams& p, const Coefs<T>& k, int64_t b, int64_t e0,
+FF_HD void step_item_scalar(const StepParams& p, const Coefs<T>& k, const PhiloxKeys& keys, int64_t base, int64_t e0,
                                                  int n, uint32_t step32) {
   const bool guided = p.model_out_uncond != nullptr;
   const bool has_clip = p.has_clip != 0;
   const T clip = static_cast<T>(p.clip);
   const bool draw = kDraw && draws_noise(p);
-  const int64_t off = b * p.numel + e0;
+  const int64_t off = base + e0;
 FF_NO_UNROLL
   for (int g = 0; g < n; g += 4) {
     T v[4] = {T(0), T(0), T(0), T(0)};
-    if (draw) {
-      words_to_normals(noise_words(static_cast<uint64_t>(p.seeds[b]), static_cast<uint64_t>((e0 + g) >> 2), step32,
-                                   kStepTag),
-                       v);
-    }
+    if (draw) words_to_normals(noise_words(keys, static_cast<uint64_t>((e0 + g) >> 2), step32, kStepTag), v);
 FF_UNROLL
     for (int j = 0; j < 4; ++j) {
       if (g + j < n) step_element(p, k, off + g + j, v[j], guided, has_clip, clip);
@@ -323,16 +313,16 @@ FF_UNROLL
   }
 }
 
-// One full item with vector accesses (the launch's tensors are aligned for them).
-template <typename T, bool kDraw>
-FF_HD void step_item_vector(const StepParams& p, const Coefs<T>& k, int64_t b, int64_t e0, uint32_t step32) {
-  constexpr int W = kItemWidth<T, kDraw>;
+// One full item of W elements with vector accesses (the launch's tensors are aligned for them).
+template <typename T, bool kDraw, int W>
+FF_HD void step_item_vector(const StepParams& p, const Coefs<T>& k, const PhiloxKeys& keys, int64_t base, int64_t e0,
+                            uint32_t step32) {
   const T clip = static_cast<T>(p.clip);
   const bool guided = p.model_out_uncond != nullptr;
   const bool use_noise = p.use_noise != 0;
   const bool has_clip = p.has_clip != 0;
   const int nh = p.num_history;
-  const int64_t off = b * p.numel + e0;
+  const int64_t off = base + e0;
 
   // Fold each input into the result as soon as it is loaded: few arrays stay live.
   T x[W], zn[W];
@@ -366,10 +356,9 @@ FF_UNROLL
     if (!kDraw || p.noise != nullptr) {
       loadv<W>(p.noise, p.noise_dtype, off, xi);
     } else {
-      const uint64_t seed = static_cast<uint64_t>(p.seeds[b]);
 FF_UNROLL
       for (int g = 0; g < W / 4; ++g) {
-        words_to_normals(noise_words(seed, static_cast<uint64_t>(e0 >> 2) + g, step32, kStepTag), &xi[4 * g]);
+        words_to_normals(noise_words(keys, static_cast<uint64_t>(e0 >> 2) + g, step32, kStepTag), &xi[4 * g]);
       }
     }
 FF_UNROLL
@@ -387,28 +376,34 @@ FF_UNROLL
 }
 
 // The work of one thread: items item0, item0 + item_stride, ... of samples b0,
-// b0 + b_stride, ... (an item is kItemWidth<T, kDraw> consecutive elements of one
-// sample, items_per_sample of them per sample). On the device b0 is blockIdx.y, so
-// the sample, its seed and the Philox key schedule are the same for a whole block
+// b0 + b_stride, ... (an item is kItemWidth<T, kDraw, Plan> consecutive elements of
+// one sample, items_per_sample of them per sample). On the device b0 is blockIdx.y,
+// so the sample, its seed and the Philox key schedule are the same for a whole block
 // (the uniform datapath) and no thread divides to find its sample.
 // kDraw = false needs !draws_noise(p); <float, true> needs draws_noise(p), which the
-// kernels pin (pin_launch_invariants).
-template <typename T, bool kDraw>
+// kernels pin (pin_launch_invariants). p has Plan pinned (Plan::pin).
+template <typename T, bool kDraw, typename Plan>
 FF_HD void fused_step_items(const StepParams& p, int64_t items_per_sample, int64_t b0, int64_t b_stride,
                             int64_t item0, int64_t item_stride) {
-  constexpr int W = kItemWidth<T, kDraw>;
+  constexpr int W = kItemWidth<T, kDraw, Plan>;
   if (item0 >= items_per_sample || b0 >= p.batch) return;
   const int64_t step = load_step_index(p);
   const Coefs<T> k = load_coefs<T>(p, step);
   const uint32_t step32 = static_cast<uint32_t>(step);
+  // Items before vector_items take the vector path: all of them but a partial last one, when aligned.
+  const int64_t vector_items = p.vectorized ? p.numel / W : 0;
   for (int64_t b = b0; b < p.batch; b += b_stride) {
+    // The sample's Philox key (its seed) and first element, once for all its items.
+    PhiloxKeys keys{};
+    if (kDraw && draws_noise(p)) keys = philox_keys(static_cast<uint64_t>(p.seeds[b]));
+    const int64_t base = b * p.numel;  // the sample's first element
     for (int64_t item = item0; item < items_per_sample; item += item_stride) {
       const int64_t e0 = item * W;
-      const int n = static_cast<int>(p.numel - e0 < W ? p.numel - e0 : W);
-      if (p.vectorized && n == W) {
-        step_item_vector<T, kDraw>(p, k, b, e0, step32);
+      if (item < vector_items) {
+        step_item_vector<T, kDraw, W>(p, k, keys, base, e0, step32);
       } else {
-        step_item_scalar<T, kDraw>(p, k, b, e0, n, step32);
+        step_item_scalar<T, kDraw>(p, k, keys, base, e0, static_cast<int>(p.numel - e0 < W ? p.numel - e0 : W),
+                                   step32);
       }
     }
   }

@@ -8,7 +8,9 @@
 # Knobs: GPU_CHECK_BUDGET (seconds, default 440), BENCH_ARGS (default --quick),
 # FASTFLOW_CUDA_ARCHS (default 90), CUDA_HOME (default /usr/local/cuda), PYTHON,
 # GPU_TESTS (the pytest paths of the GPU test phase, default all of tests/),
-# GPU_CHECK_E2E (0 skips the end-to-end phase), GPU_CHECK_VARIANTS (0 skips the kernel variants), and AB_BASE: another checkout (e.g.
+# GPU_CHECK_E2E (0 skips the end-to-end phase), GPU_CHECK_VARIANTS (0 skips the kernel variants),
+# KERNEL_AB_BASE (another checkout whose CUDA kernels scripts/kernel_ab.sh times against
+# this one's: kernel_ab.md), and AB_BASE: another checkout (e.g.
 # `git archive OLD | tar -x -C .ab_base`, carried along) whose extension is built and
 # whose fastflow step benchmarks run on this machine just before this tree's;
 # bench/compare.md then has new / base per case.
@@ -17,7 +19,7 @@
 # along (the machine has no network): diffusers' wheel, and transformers' with
 # its tokenizers, regex and typer chain for the Stable Diffusion pipeline tests. Everything it writes
 # lands under $OUT: summary.log (one line per phase: exit code and seconds),
-# versions.txt, nvidia-smi.txt, wheels.log, build.log, gpu_tests.log, variants.md (the CUDA
+# versions.txt, nvidia-smi.txt, wheels.log, noise_math.log, kernel_ab.md, build.log, gpu_tests.log, variants.md (the CUDA
 # kernel's variant benchmark), bench.log, bench/ (results.json, results.md, bandwidth.png),
 # host.log (host time per layer of a step call), profile_dropin.md (what a drop-in step calls), e2e.log, e2e/.
 #
@@ -138,6 +140,26 @@ compile_variants() {
 }
 rm -f /tmp/variants.rc
 compile_variants &
+
+# 1a. the noise transform's radius functions against the CUDA math library, every input (standalone)
+noise_math() {
+    "$CUDA_HOME/bin/nvcc" -O3 -std=c++17 -arch=sm_90 -Icsrc scripts/check_noise_math.cu -o /tmp/check_noise_math &&
+        /tmp/check_noise_math
+}
+export -f noise_math
+phase noise_math 60 300 noise_math
+
+# 1b. optional kernel A/B: KERNEL_AB_BASE, another checkout (e.g. `git archive OLD | tar -x -C .ab_base`,
+# carried along), against this one's CUDA step kernels, side by side (scripts/kernel_ab.sh)
+kernel_ab() {
+    bash scripts/kernel_ab.sh "base=$KERNEL_AB_BASE" "new=$ROOT" | tee "$OUT/kernel_ab.md"
+    return "${PIPESTATUS[0]}"
+}
+export -f kernel_ab
+if [ -n "${KERNEL_AB_BASE:-}" ] && [ -d "$KERNEL_AB_BASE/csrc" ]; then
+    export KERNEL_AB_BASE
+    phase kernel_ab 120 250 kernel_ab
+fi
 
 # 2. the extension, built in place (fastflow/_C*.so), for sm_90 (H100 and H200)
 build() {

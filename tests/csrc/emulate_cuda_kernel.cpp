@@ -44,18 +44,18 @@ void run_grid(fastflow::StepParams p, int64_t threads, int64_t rows) {
   const fastflow::StepParams before = p;
   Plan::pin(p);
   TORCH_CHECK(same_launch(before, p), "a plan changed the parameters of a launch it matched");
-  const int64_t items_per_sample = fastflow::items_per_sample<T, kDraw>(p);
+  const int64_t items_per_sample = fastflow::items_per_sample<T, kDraw, Plan>(p);
   int64_t x_stride = threads > 0 ? std::min(threads, items_per_sample) : items_per_sample;
   int64_t y_stride = rows > 0 ? std::min(rows, p.batch) : p.batch;
   if (threads < 0) {  // the launcher's grid
-    const fastflow::StepGrid g = fastflow::step_grid<T, kDraw>(p);
+    const fastflow::StepGrid g = fastflow::step_grid<T, kDraw, Plan>(p);
     x_stride = g.threads * g.blocks_x;
     y_stride = g.rows;
   }
   for (int64_t y = 0; y < y_stride; ++y) {
     // Threads past the sample's last item return at once on the device; they are not emulated.
     for (int64_t t = 0; t < std::min(x_stride, items_per_sample); ++t) {
-      fastflow::fused_step_items<T, kDraw>(p, items_per_sample, y, y_stride, t, x_stride);
+      fastflow::fused_step_items<T, kDraw, Plan>(p, items_per_sample, y, y_stride, t, x_stride);
     }
   }
 }
@@ -92,6 +92,7 @@ void fused_step_emulated(const at::Tensor& z, const at::Tensor& out, const at::T
 const char* const kDtypeNames[] = {"float32", "float16", "bfloat16", "float64"};
 
 std::string plan_name(fastflow::GenericPlan) { return "generic"; }
+std::string plan_name(fastflow::AlignedPlan) { return "aligned"; }
 template <int kZ, int kModelOut, int kXOut, bool kModelIn, bool kNoClip, bool kGuided>
 std::string plan_name(fastflow::DrawPlan<kZ, kModelOut, kXOut, kModelIn, kNoClip, kGuided>) {
   return std::string("draw ") + kDtypeNames[kZ] + " " + kDtypeNames[kModelOut] +
@@ -104,8 +105,8 @@ std::string plan_name(fastflow::DtypePlan<kZ, kModelOut, kXOut>) {
 }
 
 // The plan the float kernel runs for a launch of these arguments, as the launcher picks
-// it: "generic", "draw <state> <model output>[ x_out <dtype>][ model_in]" (drawing
-// noise) or "dtypes <state> <model output> x_out <dtype>" (not drawing).
+// it: "generic", "draw <state> <model output>[ x_out <dtype>][ model_in]" or "aligned"
+// (drawing noise) or "dtypes <state> <model output> x_out <dtype>" (not drawing).
 std::string launch_plan(const at::Tensor& z, const at::Tensor& out, const at::Tensor& model_out,
                         const std::optional<at::Tensor>& model_out_uncond, const std::vector<at::Tensor>& history,
                         const at::Tensor& table, const std::optional<at::Tensor>& seeds,
@@ -136,13 +137,21 @@ std::vector<std::string> plans(bool draw) {
 }
 
 // The launcher's grid (threads, blocks along x, rows) for `batch` samples of `numel`
-// elements, for the deterministic (draw false) or the drawing float kernel.
-std::tuple<int64_t, int64_t, int64_t> launch_grid(int64_t numel, int64_t batch, bool draw) {
+// elements, for the deterministic (draw false) or the drawing float kernel, the latter
+// in items of `width` (4: GenericPlan's, 8: AlignedPlan's and most DrawPlans').
+std::tuple<int64_t, int64_t, int64_t> launch_grid(int64_t numel, int64_t batch, bool draw, int64_t width) {
   fastflow::StepParams p;
   p.numel = numel;
   p.batch = batch;
-  const fastflow::StepGrid g =
-      draw ? fastflow::step_grid<float, true>(p) : fastflow::step_grid<float, false>(p);
+  TORCH_CHECK(width == 4 || width == 8, "the drawing kernel's items are 4 or 8 wide");
+  fastflow::StepGrid g;
+  if (!draw) {
+    g = fastflow::step_grid<float, false, fastflow::GenericPlan>(p);
+  } else if (width == 4) {
+    g = fastflow::step_grid<float, true, fastflow::GenericPlan>(p);
+  } else {
+    g = fastflow::step_grid<float, true, fastflow::AlignedPlan>(p);
+  }
   return {g.threads, g.blocks_x, g.rows};
 }
 
@@ -169,6 +178,17 @@ at::Tensor normals_f32(const at::Tensor& words) {
   return out;
 }
 
+// log_uniform_f32 (fastflow_step.h) on the host for float32 uniforms u.
+at::Tensor log_uniform_f32(const at::Tensor& u) {
+  TORCH_CHECK(u.scalar_type() == at::kFloat, "u must be float32");
+  const at::Tensor x = u.contiguous();
+  at::Tensor out = at::empty_like(x);
+  const float* src = x.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  for (int64_t i = 0; i < x.numel(); ++i) dst[i] = fastflow::log_uniform_f32(src[i]);
+  return out;
+}
+
 // cos_sin_pi (fastflow_step.h) on the host for float32 angles v: (cos(pi v), sin(pi v)).
 std::tuple<at::Tensor, at::Tensor> cos_sin_pi(const at::Tensor& v) {
   TORCH_CHECK(v.scalar_type() == at::kFloat, "v must be float32");
@@ -187,9 +207,11 @@ std::tuple<at::Tensor, at::Tensor> cos_sin_pi(const at::Tensor& v) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_step", &fused_step_emulated);
   m.def("vectorized", &vectorized);
-  m.def("step_grid", &launch_grid);
+  m.def("step_grid", &launch_grid, pybind11::arg("numel"), pybind11::arg("batch"), pybind11::arg("draw"),
+        pybind11::arg("width") = 4);
   m.def("launch_plan", &launch_plan);
   m.def("plans", &plans);
   m.def("normals_f32", &normals_f32);
   m.def("cos_sin_pi", &cos_sin_pi);
+  m.def("log_uniform_f32", &log_uniform_f32);
 }

@@ -135,43 +135,54 @@ def test_grid_stride_loop(emu, threads, rows):
         _check(emu, case, threads, rows)
 
 
-# (numel, batch, draws) -> (threads, blocks along x, rows): the launcher's grid (step_grid).
+# (numel, batch, draws, drawing item width) -> (threads, blocks along x, rows): the launcher's grid (step_grid).
 LAUNCH_GRIDS = {
-    (16 * 21 * 90 * 160, 4, True): (256, 1182, 4),  # 19.4M elements: 4 items per thread
-    (16 * 21 * 90 * 160, 1, True): (256, 2363, 1),  # 4.8M: 2 items per thread keep 2048 blocks
-    (16 * 128 * 128, 1, True): (256, 256, 1),  # one item per thread
-    (16 * 21 * 90 * 160, 4, False): (128, 4725, 4),  # deterministic: 128 threads, one 8-element item each
-    (6, 70001, True): (32, 1, 65535),  # tiny samples: one-warp blocks, rows strided past the grid's limit
-    (0, 3, True): (256, 0, 0),  # nothing to launch
+    (16 * 21 * 90 * 160, 4, True, 4): (256, 1182, 4),  # 19.4M elements: 4 items per thread
+    (16 * 21 * 90 * 160, 1, True, 4): (256, 2363, 1),  # 4.8M: 2 items per thread keep 2048 blocks
+    (16 * 21 * 90 * 160, 4, True, 8): (256, 1182, 4),  # 19.4M in items of 8: 2 items per thread
+    (16 * 21 * 90 * 160, 1, True, 8): (256, 2363, 1),  # 4.8M in items of 8: one item per thread
+    (16 * 128 * 128, 1, True, 4): (256, 256, 1),  # one item per thread
+    (16 * 128 * 128, 1, True, 8): (256, 128, 1),
+    (16 * 21 * 90 * 160, 4, False, 4): (128, 4725, 4),  # deterministic: 128 threads, one 8-element item each
+    (6, 70001, True, 4): (32, 1, 65535),  # tiny samples: one-warp blocks, rows strided past the grid's limit
+    (0, 3, True, 8): (256, 0, 0),  # nothing to launch
 }
 
 
 @pytest.mark.parametrize("key", LAUNCH_GRIDS, ids=str)
 def test_launch_grid(emu, key):
-    """The launch shapes of csrc/step_kernel_body.h: 128-thread blocks without drawing; with drawing, up to 4
-    items per thread while the grid keeps 2048 blocks."""
+    """The launch shapes of csrc/step_kernel_body.h: 128-thread blocks without drawing; with drawing, up to 16
+    elements per thread (4 items of 4 or 2 of 8) while the grid keeps 2048 blocks."""
     assert tuple(emu.step_grid(*key)) == LAUNCH_GRIDS[key]
 
 
 @pytest.mark.parametrize("numel", [1, 31, 300, 4096, 100_003, 1 << 20, 5_000_000])
-@pytest.mark.parametrize("draw", [False, True], ids=["det", "draw"])
+@pytest.mark.parametrize("draw", [False, 4, 8], ids=["det", "draw4", "draw8"])
 def test_launch_grid_covers_every_item(emu, numel, draw):
-    """Every item of every sample has a thread, and no thread takes more than 4 items of a sample (1 without
-    drawing)."""
-    width, most = (4, 4) if draw else (8, 1)
+    """Every item of every sample has a thread, and no thread takes more than 16 elements of a sample when
+    drawing (4 items of 4 or 2 of 8), one item without."""
+    width, most = (draw, 16 // draw) if draw else (8, 1)
     items = -(-numel // width)
     for batch in (1, 3, 70001):
-        threads, blocks_x, rows = emu.step_grid(numel, batch, draw)
+        threads, blocks_x, rows = emu.step_grid(numel, batch, bool(draw), width)
         assert threads % 32 == 0 and threads <= 256 and rows == min(batch, 65535)
         assert threads * blocks_x * most >= items
         assert -(-items // (threads * blocks_x)) <= most
 
 
 def test_launcher_grid_emulated(emu):
-    """The launcher's own grid where the drawing kernel's threads take 2 items each (4 samples of 1M elements)."""
-    assert emu.step_grid(1 << 20, 4, True) == (256, 512, 4)
-    case = make_case((4, 1 << 20), torch.float32, torch.bfloat16, hist=1, noise="philox", mi="dup-bf16")
-    _check(emu, case, threads=-1)
+    """The launcher's own grid where the drawing kernel's threads take 2 items each: 4 samples of 1M elements in
+    items of 4 (a step with stored predictions on unaligned samples: GenericPlan), 4 samples of 2M elements in
+    items of 8 (aligned: AlignedPlan)."""
+    assert emu.step_grid(1 << 20, 4, True, 4) == (256, 512, 4)
+    assert emu.step_grid(1 << 21, 4, True, 8) == (256, 512, 4)
+    unaligned = make_case((4, (1 << 20) - 3), torch.float32, torch.bfloat16, hist=1, noise="philox", mi="dup-bf16")
+    assert _plan(emu, unaligned) == "generic"
+    assert emu.step_grid((1 << 20) - 3, 4, True, 4) == (256, 512, 4)
+    _check(emu, unaligned, threads=-1)
+    aligned = make_case((4, 1 << 21), torch.float32, torch.bfloat16, hist=1, noise="philox", mi="dup-bf16")
+    assert _plan(emu, aligned) == "aligned"
+    _check(emu, aligned, threads=-1)
 
 
 def test_unaligned_pointers(emu):
@@ -258,17 +269,19 @@ def test_deterministic_launches_no_plan_covers_run_generic(emu):
 
 def test_every_plan_is_tested(emu):
     """The launcher's plans are exactly those test_draw_plans and test_dtype_plans (and the GPU tests) go
-    through: DRAW_PLANS and DTYPE_PLANS."""
+    through, DRAW_PLANS and DTYPE_PLANS, and the drawing kernel's AlignedPlan (the launches of
+    test_drawing_launches_no_plan_covers_run_generic)."""
     for draw, want in ((True, {draw_plan_label(p) for p in DRAW_PLANS}),
                        (False, {dtype_plan_label(*p) for p in DTYPE_PLANS})):
         got = emu.plans(draw)
-        assert len(got) == len(set(got)) and set(got) == want
+        assert len(got) == len(set(got)) and set(got) == want | ({"aligned"} if draw else set())
 
 
 def test_drawing_launches_no_plan_covers_run_generic(emu):
-    """A drawing launch outside every plan (guidance with clipping, x_hat, a single model input or a 16-bit
-    state; history, other output dtypes, an unguided doubled model input, a float64 table, unaligned samples,
-    mixed 16-bit dtypes) runs the generic kernel."""
+    """A drawing launch outside every DrawPlan (guidance with clipping, x_hat, a single model input or a 16-bit
+    state; history, other output dtypes, an unguided doubled model input, a float64 table, mixed 16-bit dtypes)
+    runs the generic kernel in items of 8 (AlignedPlan), or of 4 (GenericPlan) when its samples are not
+    aligned for vector accesses."""
     base = dict(guided=False, hist=0, noise="philox")
     others = [
         ((2, 64), torch.float32, torch.bfloat16, dict(base, guided=True, clip=True)),
@@ -286,7 +299,7 @@ def test_drawing_launches_no_plan_covers_run_generic(emu):
     ]
     for shape, zdt, odt, kw in others:
         case = make_case(shape, zdt, odt, **kw)
-        assert _plan(emu, case) == "generic", (shape, zdt, odt, kw)
+        assert _plan(emu, case) == ("generic" if shape == (2, 37) else "aligned"), (shape, zdt, odt, kw)
         _check(emu, case)
 
 
@@ -339,8 +352,9 @@ def test_angle_part_bit_exact_over_every_angle(emu):
 
 
 def test_float32_normals_within_spec(emu):
-    """The device's float32 transform (its host build: the C library's logf) stays within 1e-6 of the float64
-    spec, over random words and the extreme uniforms and quarter-turn angles."""
+    """The device's float32 transform (its host build computes the device's bits: explicit fmas, a correctly
+    rounded square root) stays within 1e-6 of the float64 spec, over random words and the extreme uniforms and
+    quarter-turn angles."""
     rng = np.random.default_rng(5)
     words = rng.integers(0, 2**32, size=(1 << 18, 4), dtype=np.uint64)
     m = np.array([0, 1, 2, (1 << 21) - 1, 1 << 21, (1 << 22) - 1, 1 << 22, 3 << 21, (3 << 21) - 1, (1 << 23) - 1],
@@ -353,3 +367,16 @@ def test_float32_normals_within_spec(emu):
     want = torch.stack(noise_spec.words_to_normals(*(w[:, j] for j in range(4))), dim=-1)
     err = (got - want).abs() / want.abs().clamp(min=1.0)
     assert err.max().item() <= 1e-6
+
+
+def test_log_uniform_on_every_uniform(emu):
+    """The radius's log (log_uniform_f32: CUDA's logf without its special-case tests; a GPU check,
+    scripts/check_noise_math.cu, compares the two bit for bit) is within one float32 ulp of the exact log on
+    each of the 2**23 uniforms (2m + 1) 2**-24 the transform takes."""
+    u = (torch.arange(1 << 23, dtype=torch.float64) * 2 + 1) * 2.0**-24
+    got = emu.log_uniform_f32(u.float()).double()
+    want = torch.log(u)
+    ulp = (torch.nextafter(got.float(), torch.tensor(-float("inf"))).double() - got).abs()
+    assert ((got - want).abs() <= ulp).all()
+    assert not torch.equal(got, want.float().double())  # not the correctly rounded log: about 1 ulp, as logf
+
