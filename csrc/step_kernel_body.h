@@ -23,7 +23,7 @@ namespace fastflow {
 // kernel draws noise in float32, the plan's kDrawWidth: 8 (two Philox groups) or 4
 // (one). Wider items spread the per-item work (the Philox key schedule, addresses,
 // the loop) over more elements, but hold more registers: on an H200 at 19.4M elements
-// (diag run of the ab driver, benchmarks/results/h200-2026-11-27-*/kernel_ab.md) 8
+// (benchmarks/results/h200-2026-11-27-5374fcd/kernel_variants.md, v11 against v12) 8
 // took a DDPM step from 57.9 to 54.7 us and one that also writes the next model input
 // from 70.8 to 65.5, yet one writing x_hat from 74.8 to 92.7 and an unaligned one
 // (the scalar path) from 124.6 to 187.8.

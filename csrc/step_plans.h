@@ -38,7 +38,8 @@ struct GenericPlan {
 // Any drawing launch whose tensors are aligned for vector accesses, in items of 8: the
 // drawing launches no DrawPlan covers (stored predictions, other dtypes, guidance with
 // x_hat). On an H200 an SDE-DPM++ 2M step (one stored prediction, x_hat written) at
-// 19.4M elements took 96.4 us in items of 8 against 103.4 in GenericPlan's 4.
+// 19.4M elements took 98.2 us in items of 8 against 103.4 in GenericPlan's 4
+// (benchmarks/results/h200-2026-11-27-5374fcd/kernel_variants.md, v12 against v11).
 struct AlignedPlan {
   static constexpr int kDrawWidth = 8;
   FF_HD static bool matches(const StepParams& p) { return p.vectorized != 0; }
@@ -76,7 +77,7 @@ constexpr int kNoTensor = -1;
 // doubled model input.
 template <int kZ, int kModelOut, int kXOut, bool kModelIn, bool kNoClip = false, bool kGuided = false>
 struct DrawPlan {
-  // Items of 8 without x_hat; with it, 8 made the float32/bfloat16 step slower (92.7 against 74.8 us).
+  // Items of 8 without x_hat; with it, 8 made the float32/bfloat16 DDPM step slower (92.7 against 74.8 us).
   static constexpr int kDrawWidth = kXOut == kNoTensor ? 8 : 4;
   FF_HD static bool matches(const StepParams& p) {
     const bool guidance = kGuided ? p.model_out_uncond != nullptr && p.uncond_dtype == kModelOut
