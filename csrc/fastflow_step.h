@@ -96,18 +96,18 @@ FF_HD Words4 philox4x32(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint
 }
 
 // A sample's Philox key, split once for all the groups a kernel thread draws of it.
-struct PhiloxKeys {
+struct PhiloxKey {
   uint32_t k0;
   uint32_t k1;
 };
 
-FF_HD PhiloxKeys philox_keys(uint64_t seed) {
-  return PhiloxKeys{static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32)};
+FF_HD PhiloxKey philox_key(uint64_t seed) {
+  return PhiloxKey{static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32)};
 }
 
-// The four Philox words of group `group` of a sample with key `keys` at `step`.
-FF_HD Words4 noise_words(const PhiloxKeys& keys, uint64_t group, uint32_t step, uint32_t tag) {
-  return philox4x32(static_cast<uint32_t>(group), static_cast<uint32_t>(group >> 32), step, tag, keys.k0, keys.k1);
+// The four Philox words of group `group` of a sample with key `key` at `step`.
+FF_HD Words4 noise_words(const PhiloxKey& key, uint64_t group, uint32_t step, uint32_t tag) {
+  return philox4x32(static_cast<uint32_t>(group), static_cast<uint32_t>(group >> 32), step, tag, key.k0, key.k1);
 }
 
 // The four Philox words of group `group` of a sample seeded with `seed` at `step`.

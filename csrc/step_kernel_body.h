@@ -295,7 +295,7 @@ FF_HD bool draws_noise(const StepParams& p) { return p.use_noise != 0 && p.noise
 // partial item, or unaligned tensors): one element at a time, one Philox per group.
 // Its loop stays rolled so it does not raise the vector path's register count.
 template <typename T, bool kDraw>
-FF_HD void step_item_scalar(const StepParams& p, const Coefs<T>& k, const PhiloxKeys& keys, int64_t base, int64_t e0,
+FF_HD void step_item_scalar(const StepParams& p, const Coefs<T>& k, const PhiloxKey& key, int64_t base, int64_t e0,
                                                  int n, uint32_t step32) {
   const bool guided = p.model_out_uncond != nullptr;
   const bool has_clip = p.has_clip != 0;
@@ -305,7 +305,7 @@ FF_HD void step_item_scalar(const StepParams& p, const Coefs<T>& k, const Philox
 FF_NO_UNROLL
   for (int g = 0; g < n; g += 4) {
     T v[4] = {T(0), T(0), T(0), T(0)};
-    if (draw) words_to_normals(noise_words(keys, static_cast<uint64_t>((e0 + g) >> 2), step32, kStepTag), v);
+    if (draw) words_to_normals(noise_words(key, static_cast<uint64_t>((e0 + g) >> 2), step32, kStepTag), v);
 FF_UNROLL
     for (int j = 0; j < 4; ++j) {
       if (g + j < n) step_element(p, k, off + g + j, v[j], guided, has_clip, clip);
@@ -315,7 +315,7 @@ FF_UNROLL
 
 // One full item of W elements with vector accesses (the launch's tensors are aligned for them).
 template <typename T, bool kDraw, int W>
-FF_HD void step_item_vector(const StepParams& p, const Coefs<T>& k, const PhiloxKeys& keys, int64_t base, int64_t e0,
+FF_HD void step_item_vector(const StepParams& p, const Coefs<T>& k, const PhiloxKey& key, int64_t base, int64_t e0,
                             uint32_t step32) {
   const T clip = static_cast<T>(p.clip);
   const bool guided = p.model_out_uncond != nullptr;
@@ -358,7 +358,7 @@ FF_UNROLL
     } else {
 FF_UNROLL
       for (int g = 0; g < W / 4; ++g) {
-        words_to_normals(noise_words(keys, static_cast<uint64_t>(e0 >> 2) + g, step32, kStepTag), &xi[4 * g]);
+        words_to_normals(noise_words(key, static_cast<uint64_t>(e0 >> 2) + g, step32, kStepTag), &xi[4 * g]);
       }
     }
 FF_UNROLL
@@ -394,15 +394,15 @@ FF_HD void fused_step_items(const StepParams& p, int64_t items_per_sample, int64
   const int64_t vector_items = p.vectorized ? p.numel / W : 0;
   for (int64_t b = b0; b < p.batch; b += b_stride) {
     // The sample's Philox key (its seed) and first element, once for all its items.
-    PhiloxKeys keys{};
-    if (kDraw && draws_noise(p)) keys = philox_keys(static_cast<uint64_t>(p.seeds[b]));
+    PhiloxKey key{};
+    if (kDraw && draws_noise(p)) key = philox_key(static_cast<uint64_t>(p.seeds[b]));
     const int64_t base = b * p.numel;  // the sample's first element
     for (int64_t item = item0; item < items_per_sample; item += item_stride) {
       const int64_t e0 = item * W;
       if (item < vector_items) {
-        step_item_vector<T, kDraw, W>(p, k, keys, base, e0, step32);
+        step_item_vector<T, kDraw, W>(p, k, key, base, e0, step32);
       } else {
-        step_item_scalar<T, kDraw>(p, k, keys, base, e0, static_cast<int>(p.numel - e0 < W ? p.numel - e0 : W),
+        step_item_scalar<T, kDraw>(p, k, key, base, e0, static_cast<int>(p.numel - e0 < W ? p.numel - e0 : W),
                                    step32);
       }
     }
