@@ -62,8 +62,9 @@ FF_HD int64_t items_per_sample(const StepParams& p) {
 // noise-drawing kernel (issue-bound) in 256-thread blocks with up to 16 elements per
 // thread (4 items of 4, 2 of 8), which spreads each thread's prologue (step index,
 // coefficient row, seed) over more elements. The double kernel takes the drawing
-// shape unmeasured. A thread takes more items only while the grid keeps kMinBlocks
-// blocks, a few waves of a large GPU, so small steps keep their parallelism.
+// shape unmeasured (its items of 8, 2 a thread; 4 before the drawing kernel's items
+// of 8). A thread takes more items only while the grid keeps kMinBlocks blocks, a
+// few waves of a large GPU, so small steps keep their parallelism.
 template <bool kDraw, int kWidth>
 struct LaunchShape {
   static constexpr int64_t threads = kDraw ? 256 : 128;
