@@ -26,8 +26,8 @@
 # Each phase has its own time limit and a failing phase never stops the next
 # one. Limits shrink so the whole script ends within GPU_CHECK_BUDGET seconds
 # (default 440, under 7 minutes) even when every phase runs to its limit:
-# build <= 150 s, tests <= 170 s, kernel variants <= 90 s, benchmarks <= 150 s,
-# host overhead <= 100 s, end to end <= 90 s.
+# noise math <= 60 s, kernel A/B <= 120 s, build <= 150 s, tests <= 170 s, kernel variants <= 90 s,
+# benchmarks <= 150 s, host overhead <= 100 s, end to end <= 90 s.
 set -u -o pipefail
 
 cd "$(dirname "$0")/.." || exit 1
