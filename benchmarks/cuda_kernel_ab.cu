@@ -15,11 +15,10 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <stdio.h>
-#include <stdlib.h>
 
-#include <algorithm>
 #include <vector>
 
+#include "cuda_bench.h"
 #include "fastflow_step.h"
 #include "step_kernel.cu"  // the extension's kernels and launcher
 
@@ -27,46 +26,19 @@ namespace {
 
 using fastflow::StepParams;
 
-#define CHECK(call)                                                                           \
-  do {                                                                                        \
-    cudaError_t e_ = (call);                                                                  \
-    if (e_ != cudaSuccess) {                                                                  \
-      fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(e_)); \
-      exit(1);                                                                                \
-    }                                                                                         \
-  } while (0)
-
-__global__ void spin_kernel(int64_t cycles) {
-  const int64_t start = clock64();
-  while (clock64() - start < cycles) {
-  }
-}
-
 // Touches a buffer larger than L2, so each timed launch reads its inputs from memory.
 __global__ void flush_kernel(int* buf, int64_t n) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) buf[i] += 1;
 }
 
+// Median device time of fn() with L2 flushed before each launch.
 template <typename F>
 float median_us(F&& fn, int* flush, int64_t flush_n, int reps) {
-  for (int i = 0; i < 3; ++i) fn();
-  std::vector<cudaEvent_t> ev(2 * reps);
-  for (auto& e : ev) CHECK(cudaEventCreate(&e));
-  for (int r = 0; r < reps; ++r) {
+  return cuda_bench::median_us(fn, reps, [&] {
     flush_kernel<<<1024, 256>>>(flush, flush_n);
-    spin_kernel<<<1, 1>>>(20000);  // the launch below is queued before the GPU gets to it
-    CHECK(cudaEventRecord(ev[2 * r]));
-    fn();
-    CHECK(cudaEventRecord(ev[2 * r + 1]));
-  }
-  CHECK(cudaDeviceSynchronize());
-  std::vector<float> ms(reps);
-  for (int r = 0; r < reps; ++r) CHECK(cudaEventElapsedTime(&ms[r], ev[2 * r], ev[2 * r + 1]));
-  for (auto& e : ev) CHECK(cudaEventDestroy(e));
-  CHECK(cudaGetLastError());
-  std::sort(ms.begin(), ms.end());
-  return ms[reps / 2] * 1e3f;
+    cuda_bench::spin_kernel<<<1, 1>>>(20000);  // the launch below is queued before the GPU gets to it
+  });
 }
 
 // FNV-1a over the 32-bit words of a device buffer.
@@ -102,23 +74,11 @@ int main(int argc, char** argv) {
   CHECK(cudaMalloc(&table, 2 * fastflow::kNumCoefs * 4));
   CHECK(cudaMalloc(&seeds, batch * 8));
   {
-    std::vector<float> hz(n);
-    std::vector<__nv_bfloat16> ho(n);
-    uint32_t s = 12345;
-    for (int64_t i = 0; i < n; ++i) {
-      s = s * 1664525u + 1013904223u;
-      hz[i] = static_cast<float>(s >> 8) * 0x1p-24f - 0.5f;
-      ho[i] = __float2bfloat16(static_cast<float>(s & 0xFFFF) * 0x1p-16f - 0.5f);
-    }
-    CHECK(cudaMemcpy(z, hz.data(), n * 4, cudaMemcpyHostToDevice));
-    CHECK(cudaMemcpy(hist, hz.data(), n * 4, cudaMemcpyHostToDevice));
-    CHECK(cudaMemcpy(model_out, ho.data(), n * 2, cudaMemcpyHostToDevice));
-    CHECK(cudaMemcpy(uncond, ho.data(), n * 2, cudaMemcpyHostToDevice));
-    // Columns W, AZ, AO, CZ, CX, H0, H1, H2, CN, CIN (fastflow_step.h).
+    cuda_bench::fill_step_inputs(z, model_out, n);
+    CHECK(cudaMemcpy(hist, z, n * 4, cudaMemcpyDeviceToDevice));
+    CHECK(cudaMemcpy(uncond, model_out, n * 2, cudaMemcpyDeviceToDevice));
     const float row[fastflow::kNumCoefs] = {1.5f, 0.9f, -0.3f, 0.7f, 0.2f, 0.5f, 0.0f, 0.0f, 0.1f, 1.0f};
-    std::vector<float> ht(2 * fastflow::kNumCoefs);
-    for (int r = 0; r < 2; ++r) std::copy(row, row + fastflow::kNumCoefs, ht.begin() + r * fastflow::kNumCoefs);
-    CHECK(cudaMemcpy(table, ht.data(), ht.size() * 4, cudaMemcpyHostToDevice));
+    cuda_bench::upload_table(table, row);
     const int64_t hs[4] = {1, 2, static_cast<int64_t>(0x9E3779B97F4A7C15ull), 4};  // one seed past 2**63
     CHECK(cudaMemcpy(seeds, hs, sizeof hs, cudaMemcpyHostToDevice));
   }

@@ -44,6 +44,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "cuda_bench.h"
 #include "fastflow_step.h"
 #include "step_kernel.cu"  // the extension's kernels and launcher, for the "launcher" rows
 #include "step_kernel_body.h"
@@ -53,15 +54,6 @@ using fastflow::StepParams;
 namespace {
 
 constexpr int kMaxThreads = 256;
-
-#define CHECK(call)                                                                           \
-  do {                                                                                        \
-    cudaError_t e_ = (call);                                                                  \
-    if (e_ != cudaSuccess) {                                                                  \
-      fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(e_)); \
-      exit(1);                                                                                \
-    }                                                                                         \
-  } while (0)
 
 enum Fix : int {
   kFixDtypes = 1,
@@ -114,14 +106,6 @@ __global__ void __launch_bounds__(kMaxThreads) variant_kernel(StepParams p, int6
       static_cast<int64_t>(gridDim.x) * blockDim.x);
 }
 
-// Keeps the GPU busy while the host queues the timed launch, so a small kernel's time
-// excludes the host's launch cost (as benchmarks/timing.py does with torch.cuda._sleep).
-__global__ void spin_kernel(int64_t cycles) {
-  const int64_t start = clock64();
-  while (clock64() - start < cycles) {
-  }
-}
-
 struct Variant {
   const char* name;
   int fix;               // Fix bits
@@ -168,21 +152,7 @@ void launch(const Variant& v, const StepParams& p) {
 
 template <typename F>
 float median_us(F&& fn, int reps) {
-  for (int i = 0; i < 3; ++i) fn();
-  std::vector<cudaEvent_t> ev(2 * reps);
-  for (auto& e : ev) CHECK(cudaEventCreate(&e));
-  for (int r = 0; r < reps; ++r) {
-    spin_kernel<<<1, 1>>>(100000);
-    CHECK(cudaEventRecord(ev[2 * r]));
-    fn();
-    CHECK(cudaEventRecord(ev[2 * r + 1]));
-  }
-  CHECK(cudaDeviceSynchronize());
-  std::vector<float> ms(reps);
-  for (int r = 0; r < reps; ++r) CHECK(cudaEventElapsedTime(&ms[r], ev[2 * r], ev[2 * r + 1]));
-  for (auto& e : ev) CHECK(cudaEventDestroy(e));
-  std::sort(ms.begin(), ms.end());
-  return ms[reps / 2] * 1e3f;
+  return cuda_bench::median_us(fn, reps, [] { cuda_bench::spin_kernel<<<1, 1>>>(100000); });
 }
 
 // Median device time of variant v's launch on p (drawing noise when p asks for it), launch errors checked.
@@ -221,20 +191,9 @@ int main() {
   CHECK(cudaMalloc(&table, 2 * fastflow::kNumCoefs * 4));
   CHECK(cudaMalloc(&seeds, batch * 8));
   {
-    std::vector<float> hz(n);
-    std::vector<__nv_bfloat16> ho(n);
-    uint32_t s = 12345;
-    for (int64_t i = 0; i < n; ++i) {
-      s = s * 1664525u + 1013904223u;
-      hz[i] = static_cast<float>(s >> 8) * 0x1p-24f - 0.5f;
-      ho[i] = __float2bfloat16(static_cast<float>(s & 0xFFFF) * 0x1p-16f - 0.5f);
-    }
-    CHECK(cudaMemcpy(z, hz.data(), n * 4, cudaMemcpyHostToDevice));
-    CHECK(cudaMemcpy(model_out, ho.data(), n * 2, cudaMemcpyHostToDevice));
+    cuda_bench::fill_step_inputs(z, model_out, n);
     const float row[fastflow::kNumCoefs] = {1.0f, 0.9f, -0.3f, 0.7f, 0.2f, 0.0f, 0.0f, 0.0f, 0.1f, 1.0f};
-    std::vector<float> ht(2 * fastflow::kNumCoefs);
-    for (int r = 0; r < 2; ++r) std::copy(row, row + fastflow::kNumCoefs, ht.begin() + r * fastflow::kNumCoefs);
-    CHECK(cudaMemcpy(table, ht.data(), ht.size() * 4, cudaMemcpyHostToDevice));
+    cuda_bench::upload_table(table, row);
     const int64_t hs[4] = {1, 2, 3, 4};
     CHECK(cudaMemcpy(seeds, hs, sizeof hs, cudaMemcpyHostToDevice));
   }
