@@ -68,31 +68,25 @@ FF_HD void mulhilo32(uint32_t a, uint32_t b, uint32_t& hi, uint32_t& lo) {
 #endif
 }
 
-// One Philox4x32 round on counter c with round key (k0, k1).
-FF_HD void philox_round(uint32_t c[4], uint32_t k0, uint32_t k1) {
-  uint32_t hi0, lo0, hi1, lo1;
-  mulhilo32(kPhiloxM0, c[0], hi0, lo0);
-  mulhilo32(kPhiloxM1, c[2], hi1, lo1);
-  const uint32_t n0 = hi1 ^ c[1] ^ k0;
-  const uint32_t n2 = hi0 ^ c[3] ^ k1;
-  c[0] = n0;
-  c[1] = lo1;
-  c[2] = n2;
-  c[3] = lo0;
-}
-
 // Philox4x32 with `rounds` rounds; the key is bumped between rounds, not before the first.
 FF_HD Words4 philox4x32(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1,
                         int rounds = kPhiloxRounds) {
-  Words4 w{{c0, c1, c2, c3}};
   for (int r = 0; r < rounds; ++r) {
     if (r) {
       k0 += kPhiloxW0;
       k1 += kPhiloxW1;
     }
-    philox_round(w.x, k0, k1);
+    uint32_t hi0, lo0, hi1, lo1;
+    mulhilo32(kPhiloxM0, c0, hi0, lo0);
+    mulhilo32(kPhiloxM1, c2, hi1, lo1);
+    const uint32_t n0 = hi1 ^ c1 ^ k0;
+    const uint32_t n2 = hi0 ^ c3 ^ k1;
+    c0 = n0;
+    c1 = lo1;
+    c2 = n2;
+    c3 = lo0;
   }
-  return w;
+  return Words4{{c0, c1, c2, c3}};
 }
 
 // A sample's Philox key, split once for all the groups a kernel thread draws of it.
@@ -112,8 +106,7 @@ FF_HD Words4 noise_words(const PhiloxKey& key, uint64_t group, uint32_t step, ui
 
 // The four Philox words of group `group` of a sample seeded with `seed` at `step`.
 FF_HD Words4 noise_words(uint64_t seed, uint64_t group, uint32_t step, uint32_t tag) {
-  return philox4x32(static_cast<uint32_t>(group), static_cast<uint32_t>(group >> 32), step, tag,
-                    static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+  return noise_words(philox_key(seed), group, step, tag);
 }
 
 // Multiply and add with one rounding each, never contracted into an FMA, so the
