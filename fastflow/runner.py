@@ -8,12 +8,42 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
 from .backends import resolve_backend
 from .backends.base import AllocEntry, Backend, OutputTriple
 from .plan import StepPlan
+
+
+class BoundEntry(NamedTuple):
+    """A runner's entry call for states on one device in one dtype, with the arguments fixed that are the same at
+    each of its plain stages (:meth:`PlanRunner.bind`): a front end that keeps it runs a loop's plain stages
+    through :func:`run_bound` without :meth:`PlanRunner.run_plain`'s lookups."""
+
+    entry: AllocEntry
+    table: torch.Tensor
+    clip: float | None
+    want_x: bool
+    x_dtype: torch.dtype | None
+
+
+def run_bound(
+    bound: BoundEntry,
+    step: int | torch.Tensor,
+    z: torch.Tensor,
+    cond: torch.Tensor,
+    history: list[torch.Tensor],
+    seeds: torch.Tensor | None,
+    use_noise: bool,
+) -> OutputTriple:
+    """:meth:`PlanRunner.run_plain` of stage ``step`` (or the stage a device tensor holds) through a binding:
+    ``z`` and ``cond`` on the device and in the dtype it was bound for (the caller checks), ``use_noise`` the
+    stage's (its in-kernel draw from ``seeds``)."""
+    entry, table, clip, want_x, x_dtype = bound
+    return entry(z, None, cond, None, history, table, step, seeds, None, want_x, x_dtype, None, False, clip, use_noise,
+                 False)
 
 
 class PlanRunner:
@@ -106,6 +136,12 @@ class PlanRunner:
         last loop's history): :meth:`run_plain` may run it."""
         needs, _, _, bookkeeping = self._stages[i]
         return i > 0 and not needs and bookkeeping is None
+
+    def bind(self, device: torch.device, dtype: torch.dtype, want_x: bool, x_dtype: torch.dtype | None) -> BoundEntry:
+        """The entry call :meth:`run_plain` makes for states on ``device`` in ``dtype`` with ``want_x`` and
+        ``x_dtype``, for :func:`run_bound`."""
+        found = self._dispatch.get((device, dtype)) or self._table_and_backend_for(device, dtype)
+        return BoundEntry(found[2], found[0], self.plan.clip, want_x, x_dtype)
 
     def run_plain(
         self,

@@ -61,7 +61,7 @@ from .. import noise as noise_spec
 from ..backends import resolve_backend
 from ..grids import Points
 from ..plan import AO, AZ, H0, MAX_HISTORY, StepPlan, compile_plan
-from ..runner import PlanRunner
+from ..runner import PlanRunner, run_bound
 from ..solvers.base import NOISE, Lin, Stage, X, Z, noise
 
 __all__ = [
@@ -292,6 +292,7 @@ class FastflowScheduler:
     _ff_x0_is_output: bool = False
     _ff_initializing: bool = False  # inside diffusers' __init__ (see _wrap_init)
     _step_index: int | None = None  # diffusers' DDIM and DDPM keep no step counter; every drop-in has one
+    _ff_lane: tuple | None = None  # the default call's steps, bound (see _ff_lane_step)
     _ff_steps: int = 0  # steps of the schedule set up (_ff_reset), read by every step
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -384,6 +385,7 @@ class FastflowScheduler:
         self._ff_counter_views: dict[torch.device, list[torch.Tensor | None]] = {}  # see _ff_noise_inputs
         self._ff_host_cache: dict[str, Any] = {}
         self._ff_stages: dict[tuple[Hashable, int], _StageCall] = {}
+        self._ff_lane = None
         self._ff_loop_start = 0
         self._ff_x0_is_output = self._ff_returns_raw_x0 and self.config.get("prediction_type") == "sample"
         self._ff_prepare()
@@ -510,6 +512,7 @@ class FastflowScheduler:
         of steps' calls (``_ff_reset`` empties it for each new schedule)."""
         if self._ff_start_dependent and start != self._ff_loop_start:
             self._ff_stages.clear()
+            self._ff_lane = None
         self._ff_loop_start = start
 
     def _ff_stage(self, idx: int, variant: Hashable) -> _StageCall:
@@ -621,6 +624,7 @@ class FastflowScheduler:
         want_pred: bool = True,
         kernel_output: torch.Tensor | None = None,
         index: int | None = None,
+        lane: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run step ``step_index`` as one backend call; returns ``(prev_sample, prediction field)``.
 
@@ -631,9 +635,12 @@ class FastflowScheduler:
         is: the kernels compute it in float32 and round once). ``kernel_output``
         replaces the model output as the tensor the kernel converts to ``x_hat``
         (e.g. a thresholded x0); :func:`O` still binds the model output. ``index`` is
-        what :meth:`_ff_peek_index` returned for this call, when the caller already asked.
+        what :meth:`_ff_peek_index` returned for this call, when the caller already asked. ``lane``: this is the
+        class's default call, whose arguments to this method depend on no step index, so its plain steps may be
+        bound for :meth:`_ff_lane_step`.
         """
         idx = self._ff_peek_index(timestep) if index is None else index
+        lane = lane and noise is None and draw is None and kernel_output is None
         stage = self._ff_stages.get((variant, idx)) or self._ff_stage(idx, variant)
         runner, k, noisy, draws, uses_o, pred_lin, error, plain = stage
         if error is not None:
@@ -647,6 +654,8 @@ class FastflowScheduler:
                 x_dtype = state_dtype
             else:
                 z = sample.to(state_dtype)
+                lane = False
+        state_x_dtype = x_dtype
         if noise is None:
             if draws and draw is not None:
                 noise = draw()
@@ -677,10 +686,93 @@ class FastflowScheduler:
             pred = x if pred_lin is None else self._ff_eval(
                 pred_lin, k, x, z, model_output, noise, seeds, k if row is None else row
             )
+        if lane:
+            self._ff_update_lane(idx, variant, stage, sample, model_output, want_x, state_x_dtype, out_dtype)
         self._step_index = idx + 1
         if out_dtype is not None and out.dtype is not out_dtype:
             out = out.to(out_dtype)
         return out, pred
+
+    # ------------------------------------------------------------ the lane
+    # A pipeline calls ``step`` the same way at every step of a loop. The first such call of a loop runs
+    # _ff_step, which keeps its loop's stage calls and the entry call bound for the tensors' dtypes and device
+    # (runner.BoundEntry) as the lane; the loop's later plain steps then run from it, without _ff_step's
+    # decisions (about 2 us less host time a step). Only a class's default call (``lane=True``: no generator,
+    # given noise or options) uses it; any other call, tensor or state takes _ff_step.
+
+    def _ff_update_lane(
+        self, idx: int, variant: Hashable, stage: _StageCall, sample: torch.Tensor, model_output: torch.Tensor,
+        want_x: bool, x_dtype: torch.dtype | None, out_dtype: torch.dtype | None,
+    ) -> None:
+        """After a default call of step ``idx`` ran through :meth:`_ff_step`: bind the lane when it is missing,
+        bound for other tensors, or has no seeds though this noisy step has just drawn them. ``x_dtype``: the
+        dtype _ff_step writes x_hat in for these tensors, before the rule of a prediction field that is the
+        model output (the lane's steps have none of their own)."""
+        device = sample.device
+        key = (variant, sample.dtype, model_output.dtype, device, sample.shape[0],
+               self.compute_pred_original_sample, out_dtype)
+        cur = self._ff_lane
+        if cur is not None and cur[-1] == key and (cur[3] is not None or not stage.noisy):
+            return
+        start = self._ff_loop_start if self._ff_start_dependent else 0
+        if idx < start:
+            return  # a step before the loop's start runs a plan of its own (see _ff_get)
+        comp = self._ff_get(idx, variant)
+        if want_x and self._ff_x0_is_output and model_output.dtype != (x_dtype or sample.dtype):
+            x_dtype = model_output.dtype
+        seeds = self._ff_seeds.get((device, sample.shape[0]))
+        rows = None if device.type == "cpu" else self._ff_counter_views.setdefault(device, [None] * self._ff_steps)
+        bound = comp.runner.bind(device, sample.dtype, want_x, x_dtype)
+        self._ff_lane = (comp.calls, comp.start, bound, seeds, rows, key)
+
+    def _ff_lane_step(
+        self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, variant: Hashable = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """The class's default call of ``step`` (of plan ``variant``) from the lane, as ``(prev_sample, prediction
+        field)``; None where the lane does not hold it (the caller then runs :meth:`_ff_step` with ``lane=True``):
+        mid-loop, at a plain step whose index does not depend on the timestep's value, with tensors like those
+        the lane was bound for."""
+        lane = self._ff_lane
+        idx = self._step_index
+        if lane is None or idx is None or (type(timestep) is not torch.Tensor and self._ff_timestep_addressed):
+            return None
+        calls, start, bound, seeds, rows, key = lane
+        k = idx - start
+        if not 0 <= k < len(calls):
+            return None
+        _, _, noisy, draws, uses_o, pred, error, plain = calls[k]
+        lane_variant, z_dtype, o_dtype, device, batch, cpo, out_dtype = key
+        if (
+            not plain
+            or error is not None
+            or (pred is not None and bound.want_x)
+            or (lane_variant is not variant and lane_variant != variant)
+            or sample.dtype is not z_dtype
+            or model_output.dtype is not o_dtype
+            or sample.device != device
+            or self.compute_pred_original_sample != cpo
+            or (draws and self.diffusers_noise)
+        ):
+            return None
+        step = k
+        if noisy:
+            if seeds is None or sample.shape[0] != batch:
+                return None
+            if rows is not None:  # the noise counter, a device view (see _ff_noise_inputs)
+                step = rows[k]
+                if step is None:
+                    step = self._ff_noise_inputs(k, sample)[1]
+        if uses_o:
+            if not model_output.is_contiguous():
+                return None
+            history = [model_output]
+        else:
+            history = []
+        out, x, _ = run_bound(bound, step, sample, model_output, history, seeds if noisy else None, noisy)
+        self._step_index = idx + 1
+        if out_dtype is not None and out.dtype is not out_dtype:
+            out = out.to(out_dtype)
+        return out, x
 
     @staticmethod
     def _ff_eval(

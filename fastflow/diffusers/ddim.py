@@ -225,10 +225,15 @@ class DDIMScheduler(_VPMixin, scheduling_ddim.DDIMScheduler):
         return_dict: bool = True,
     ) -> scheduling_ddim.DDIMSchedulerOutput | tuple:
         """diffusers' DDIM step (same arguments and outputs), in one backend call."""
+        default = eta == 0.0 and not use_clipped_model_output  # deterministic: generator and noise are unused
+        if default:
+            done = self._ff_lane_step(model_output, timestep, sample, _DDIM_DEFAULT)
+            if done is not None:
+                return done if not return_dict else _DDIM_OUTPUT(*done)
         if self._step_index is None:  # mid-loop, a step has passed this check (set_timesteps cannot undo it)
             self._ff_require_timesteps()
         variant, draw, noise = _DDIM_DEFAULT, None, None
-        if eta != 0.0 or use_clipped_model_output:  # the default call skips what follows (every step's host path)
+        if not default:  # the default call skips what follows (every step's host path)
             eta = float(eta)
             if eta < 0 or not math.isfinite(eta):
                 raise ValueError(f"eta must be finite and non-negative, got {eta}")
@@ -249,6 +254,7 @@ class DDIMScheduler(_VPMixin, scheduling_ddim.DDIMScheduler):
             state_dtype=promoted_dtype(sample, model_output),
             kernel_output=self._ff_thresholded(idx, model_output, sample) if self._ff_thresholding_on else None,
             index=idx,
+            lane=default,
         )
         if not return_dict:
             return (prev, pred)
@@ -268,6 +274,7 @@ class DDPMScheduler(_VPMixin, scheduling_ddpm.DDPMScheduler):
     _VARIANCES = ("fixed_small", "fixed_small_log", "fixed_large", "learned", "learned_range")
     _LEARNED = ("learned", "learned_range")
     _ff_returns_raw_x0 = True
+    _ff_learned = False  # the schedule's variance is learned (set by _ff_prepare)
 
     def _ff_check_config(self) -> None:
         super()._ff_check_config()
@@ -347,6 +354,11 @@ class DDPMScheduler(_VPMixin, scheduling_ddpm.DDPMScheduler):
         return_dict: bool = True,
     ) -> scheduling_ddpm.DDPMSchedulerOutput | tuple:
         """diffusers' DDPM step (same arguments and outputs), in one backend call."""
+        # The lane serves calls without a generator and a fixed variance (a learned one's noise is given).
+        if generator is None and not self._ff_learned:
+            done = self._ff_lane_step(model_output, timestep, sample)
+            if done is not None:
+                return done if not return_dict else _DDPM_OUTPUT(*done)
         idx = self._ff_peek_index(timestep)
         learned = self._ff_learned  # set with the schedule (_ff_prepare), read every step
         predicted_variance = None
@@ -369,6 +381,7 @@ class DDPMScheduler(_VPMixin, scheduling_ddpm.DDPMScheduler):
             state_dtype=promoted_dtype(sample, model_output),
             kernel_output=self._ff_thresholded(idx, model_output, sample) if self._ff_thresholding_on else None,
             index=idx,
+            lane=generator is None and not learned,
         )
         if not return_dict:
             return (prev, pred)

@@ -23,6 +23,7 @@ __all__ = ["EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "EDMEule
 
 _SQRT2_M1 = 2**0.5 - 1
 _NO_CHURN = (0.0, 0.0, float("inf"), 1.0)  # (s_churn, s_tmin, s_tmax, s_noise) of a step without churn
+_EDM_DEFAULT = (_NO_CHURN, False)  # EDM Euler's plan variant (churn, x0 given) of a call with the defaults
 _FIELDS = ("prev_sample", "pred_original_sample")
 _EULER_OUTPUT = output_maker(scheduling_euler_discrete.EulerDiscreteSchedulerOutput, *_FIELDS)
 _ANCESTRAL_OUTPUT = output_maker(scheduling_euler_ancestral_discrete.EulerAncestralDiscreteSchedulerOutput, *_FIELDS)
@@ -153,11 +154,16 @@ class EulerDiscreteScheduler(_VEInputMixin, scheduling_euler_discrete.EulerDiscr
     ) -> scheduling_euler_discrete.EulerDiscreteSchedulerOutput | tuple:
         """diffusers' Euler step (same arguments and outputs), in one backend call."""
         self._ff_check_timestep(timestep)
-        draw = self._ff_draw(generator, model_output)
+        variant = self._ff_churn_variant(s_churn, s_tmin, s_tmax, s_noise)
+        default = generator is None and variant is _NO_CHURN
+        if default:
+            done = self._ff_lane_step(model_output, timestep, sample, _NO_CHURN)
+            if done is not None:
+                return done if not return_dict else _EULER_OUTPUT(*done)
         prev, pred = self._ff_step(
             model_output, timestep, sample,
-            variant=self._ff_churn_variant(s_churn, s_tmin, s_tmax, s_noise),
-            draw=draw, state_dtype=torch.float32, out_dtype=model_output.dtype,
+            variant=variant, draw=self._ff_draw(generator, model_output), state_dtype=torch.float32,
+            out_dtype=model_output.dtype, lane=default,
         )
         if not return_dict:
             return (prev, pred)
@@ -198,9 +204,13 @@ class EulerAncestralDiscreteScheduler(
     ) -> scheduling_euler_ancestral_discrete.EulerAncestralDiscreteSchedulerOutput | tuple:
         """diffusers' Euler-ancestral step (same arguments and outputs), in one backend call."""
         self._ff_check_timestep(timestep)
-        draw = self._ff_draw(generator, model_output)
+        if generator is None:
+            done = self._ff_lane_step(model_output, timestep, sample)
+            if done is not None:
+                return done if not return_dict else _ANCESTRAL_OUTPUT(*done)
         prev, pred = self._ff_step(
-            model_output, timestep, sample, draw=draw, state_dtype=torch.float32, out_dtype=model_output.dtype
+            model_output, timestep, sample, draw=self._ff_draw(generator, model_output), state_dtype=torch.float32,
+            out_dtype=model_output.dtype, lane=generator is None,
         )
         if not return_dict:
             return (prev, pred)
@@ -210,7 +220,7 @@ class EulerAncestralDiscreteScheduler(
 class EDMEulerScheduler(_SigmaMixin, scheduling_edm_euler.EDMEulerScheduler):
     """diffusers' ``EDMEulerScheduler`` whose ``step`` is one fused fastflow call (EDM preconditioning folded in)."""
 
-    _ff_default_variant = (_NO_CHURN, False)
+    _ff_default_variant = _EDM_DEFAULT
 
     _PREDICTIONS = ("epsilon", "v_prediction")
 
@@ -257,12 +267,18 @@ class EDMEulerScheduler(_SigmaMixin, scheduling_edm_euler.EDMEulerScheduler):
         in place of the model output).
         """
         self._ff_check_timestep(timestep)
-        draw = self._ff_draw(generator, model_output)
         given = pred_original_sample is not None
+        churn = self._ff_churn_variant(s_churn, s_tmin, s_tmax, s_noise)
+        default = generator is None and churn is _NO_CHURN and not given
+        if default:
+            done = self._ff_lane_step(model_output, timestep, sample, _EDM_DEFAULT)
+            if done is not None:
+                return done if not return_dict else _EDM_OUTPUT(*done)
         prev, pred = self._ff_step(
             pred_original_sample if given else model_output, timestep, sample,
-            variant=(self._ff_churn_variant(s_churn, s_tmin, s_tmax, s_noise), given),
-            draw=draw, state_dtype=torch.float32, out_dtype=model_output.dtype, want_pred=not given,
+            variant=_EDM_DEFAULT if default else (churn, given),
+            draw=self._ff_draw(generator, model_output), state_dtype=torch.float32, out_dtype=model_output.dtype,
+            want_pred=not given, lane=default,
         )
         if given:
             pred = pred_original_sample

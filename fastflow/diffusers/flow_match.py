@@ -63,13 +63,16 @@ class FlowMatchEulerDiscreteScheduler(_SigmaMixin, fm.FlowMatchEulerDiscreteSche
     ) -> fm.FlowMatchEulerDiscreteSchedulerOutput | tuple:
         """diffusers' flow-matching Euler step (same arguments and outputs), in one backend call."""
         self._ff_check_timestep(timestep)
+        default = generator is None and per_token_timesteps is None
+        if default and (done := self._ff_lane_step(model_output, timestep, sample)) is not None:
+            return (done[0],) if not return_dict else _OUTPUT(done[0])
         draw = self._ff_draw(generator, sample, torch.float32)
         if per_token_timesteps is not None:
             prev = self._ff_per_token_step(model_output, timestep, sample, per_token_timesteps, draw)
             return (prev,) if not return_dict else _OUTPUT(prev)
         prev, _ = self._ff_step(
             model_output, timestep, sample,
-            draw=draw, state_dtype=torch.float32, out_dtype=model_output.dtype, want_pred=False,
+            draw=draw, state_dtype=torch.float32, out_dtype=model_output.dtype, want_pred=False, lane=default,
         )
         if not return_dict:
             return (prev,)
