@@ -696,9 +696,10 @@ class FastflowScheduler:
     # ------------------------------------------------------------ the lane
     # A pipeline calls ``step`` the same way at every step of a loop. The first such call of a loop runs
     # _ff_step, which keeps its loop's stage calls and the entry call bound for the tensors' dtypes and device
-    # (runner.BoundEntry) as the lane; the loop's later plain steps then run from it, without _ff_step's
-    # decisions (about 2 us less host time a step). Only a class's default call (``lane=True``: no generator,
-    # given noise or options) uses it; any other call, tensor or state takes _ff_step.
+    # (runner.BoundEntry) as the lane; the loop's later steps then run from it without _ff_step's decisions
+    # (plain stages straight into the bound entry, others through the runner, which keeps their history).
+    # Only a class's default call (``lane=True``: no generator, given noise or options, the same arguments to
+    # _ff_step at every step) uses it; any other call, tensor or state takes _ff_step.
 
     def _ff_update_lane(
         self, idx: int, variant: Hashable, stage: _StageCall, sample: torch.Tensor, model_output: torch.Tensor,
@@ -730,8 +731,8 @@ class FastflowScheduler:
     ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """The class's default call of ``step`` (of plan ``variant``) from the lane, as ``(prev_sample, prediction
         field)``; None where the lane does not hold it (the caller then runs :meth:`_ff_step` with ``lane=True``):
-        mid-loop, at a plain step whose index does not depend on the timestep's value, with tensors like those
-        the lane was bound for."""
+        mid-loop, at a step whose index does not depend on the timestep's value, with tensors like those the
+        lane was bound for."""
         lane = self._ff_lane
         idx = self._step_index
         if lane is None or idx is None or (type(timestep) is not torch.Tensor and self._ff_timestep_addressed):
@@ -740,11 +741,10 @@ class FastflowScheduler:
         k = idx - start
         if not 0 <= k < len(calls):
             return None
-        _, _, noisy, draws, uses_o, pred, error, plain = calls[k]
+        runner, _, noisy, draws, uses_o, pred, error, plain = calls[k]
         lane_variant, z_dtype, o_dtype, device, batch, cpo, out_dtype = key
         if (
-            not plain
-            or error is not None
+            error is not None
             or (pred is not None and bound.want_x)
             or (lane_variant is not variant and lane_variant != variant)
             or sample.dtype is not z_dtype
@@ -754,21 +754,26 @@ class FastflowScheduler:
             or (draws and self.diffusers_noise)
         ):
             return None
-        step = k
+        row = None
         if noisy:
             if seeds is None or sample.shape[0] != batch:
                 return None
             if rows is not None:  # the noise counter, a device view (see _ff_noise_inputs)
-                step = rows[k]
-                if step is None:
-                    step = self._ff_noise_inputs(k, sample)[1]
+                row = rows[k]
+                if row is None:
+                    row = self._ff_noise_inputs(k, sample)[1]
         if uses_o:
             if not model_output.is_contiguous():
                 return None
             history = [model_output]
         else:
             history = []
-        out, x, _ = run_bound(bound, step, sample, model_output, history, seeds if noisy else None, noisy)
+        if plain:
+            out, x, _ = run_bound(bound, k if row is None else row, sample, model_output, history,
+                                  seeds if noisy else None, noisy)
+        else:  # a stage that reads or keeps stored tensors: the runner's bookkeeping
+            out, x, _ = runner.run(k, sample, model_output, None, seeds=seeds if noisy else None,
+                                   want_x=bound.want_x, extra_history=history, step=row, x_dtype=bound.x_dtype)
         self._step_index = idx + 1
         if out_dtype is not None and out.dtype is not out_dtype:
             out = out.to(out_dtype)

@@ -216,8 +216,8 @@ class MultistepScheduler(FastflowScheduler):
         **kwargs: Any,
     ) -> torch.Tensor:
         """The body of every multistep ``step``: diffusers' check, the step's index (``index``: the caller
-        already asked for it), the thresholded x0 where thresholding is on, one fused call (``kwargs``: noise
-        and dtypes); returns the next sample."""
+        already asked for it), the thresholded x0 where thresholding is on, one fused call (``kwargs``: noise,
+        dtypes and ``lane``, see :meth:`_ff_step`); returns the next sample."""
         if index is None:
             index = self._ff_scheduled_index(timestep)
         prev, _ = self._ff_step(

@@ -70,8 +70,12 @@ class CogVideoXDDIMScheduler(_VPMixin, _cogvideox.CogVideoXDDIMScheduler):
     ) -> _cogvideox.DDIMSchedulerOutput | tuple:
         """diffusers' CogVideoX DDIM step (same arguments, ignored as diffusers ignores them, and outputs), in one
         backend call."""
+        if (done := self._ff_lane_step(model_output, timestep, sample)) is not None:
+            return done if not return_dict else _OUTPUT(*done)
         self._ff_require_timesteps()
-        prev, pred = self._ff_step(model_output, timestep, sample, state_dtype=promoted_dtype(sample, model_output))
+        prev, pred = self._ff_step(
+            model_output, timestep, sample, state_dtype=promoted_dtype(sample, model_output), lane=True
+        )
         if not return_dict:
             return (prev, pred)
         return _OUTPUT(prev, pred)

@@ -71,9 +71,11 @@ class CMStochasticIterativeScheduler(FastflowScheduler, _cm.CMStochasticIterativ
     ) -> _cm.CMStochasticIterativeSchedulerOutput | tuple:
         """diffusers' consistency-model step (same arguments and output), in one backend call."""
         self._ff_check_timestep(timestep)
+        if generator is None and (done := self._ff_lane_step(model_output, timestep, sample)) is not None:
+            return (done[0],) if not return_dict else _OUTPUT(done[0])
         prev, _ = self._ff_step(
             model_output, timestep, sample, draw=self._ff_draw(generator, model_output),
-            state_dtype=promoted_dtype(sample, model_output), want_pred=False,
+            state_dtype=promoted_dtype(sample, model_output), want_pred=False, lane=generator is None,
         )
         if not return_dict:
             return (prev,)

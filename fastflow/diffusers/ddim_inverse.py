@@ -58,7 +58,11 @@ class DDIMInverseScheduler(_VPMixin, _inverse.DDIMInverseScheduler):
         return_dict: bool = True,
     ) -> _inverse.DDIMSchedulerOutput | tuple:
         """diffusers' DDIM-inverse step (same arguments and outputs), in one backend call."""
-        prev, pred = self._ff_step(model_output, timestep, sample, state_dtype=promoted_dtype(sample, model_output))
+        if (done := self._ff_lane_step(model_output, timestep, sample)) is not None:
+            return done if not return_dict else _OUTPUT(*done)
+        prev, pred = self._ff_step(
+            model_output, timestep, sample, state_dtype=promoted_dtype(sample, model_output), lane=True
+        )
         if not return_dict:
             return (prev, pred)
         return _OUTPUT(prev, pred)

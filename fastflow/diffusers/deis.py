@@ -130,7 +130,11 @@ class DEISMultistepScheduler(MultistepScheduler, _deis.DEISMultistepScheduler):
         return_dict: bool = True,
     ) -> _deis.SchedulerOutput | tuple:
         """diffusers' DEIS step (same arguments and output), in one backend call."""
-        prev = self._ff_multistep_step(model_output, timestep, sample, state_dtype=promoted_dtype(sample, model_output))
+        if (done := self._ff_lane_step(model_output, timestep, sample)) is not None:
+            return (done[0],) if not return_dict else _OUTPUT(done[0])
+        prev = self._ff_multistep_step(
+            model_output, timestep, sample, state_dtype=promoted_dtype(sample, model_output), lane=True
+        )
         if not return_dict:
             return (prev,)
         return _OUTPUT(prev)

@@ -222,6 +222,8 @@ class DPMSolverOptions(DPMSolverFormulas):
     """The config checks and conversions of diffusers' DPM-Solver multistep schedulers, forward and inverse
     (every algorithm, VP or flow sigmas)."""
 
+    _ff_learned_eps = False  # the model output carries a learned variance after its noise (set by _ff_prepare)
+
     def _ff_check_config(self) -> None:
         cfg = self.config
         name = type(self).__name__
@@ -295,6 +297,9 @@ class DPMSolverMultistepScheduler(DPMSolverOptions, _dpm.DPMSolverMultistepSched
         SDE variants: ``variance_noise`` or ``generator`` give diffusers' exact numbers;
         with neither, the kernel draws fastflow's own noise.
         """
+        default = generator is None and variance_noise is None and not self._ff_learned_eps
+        if default and (done := self._ff_lane_step(model_output, timestep, sample)) is not None:
+            return (done[0],) if not return_dict else _OUTPUT(done[0])
         idx = self._ff_scheduled_index(timestep)
         model_output = self._ff_model_output(model_output)
         draw = None
@@ -310,6 +315,7 @@ class DPMSolverMultistepScheduler(DPMSolverOptions, _dpm.DPMSolverMultistepSched
             noise=noise_in,
             state_dtype=torch.float32,
             out_dtype=model_output.dtype if self._ff_raw_conversion else promoted_dtype(sample, model_output),
+            lane=default,
         )
         if not return_dict:
             return (prev,)

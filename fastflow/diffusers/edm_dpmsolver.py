@@ -98,10 +98,13 @@ class EDMDPMSolverMultistepScheduler(EDMPreconditioned, _edm_dpm.EDMDPMSolverMul
         ``sde-dpmsolver++``: a ``generator`` gives diffusers' exact numbers; without one, the
         kernel draws fastflow's own noise (or diffusers' with ``diffusers_noise``).
         """
+        if generator is None and (done := self._ff_lane_step(model_output, timestep, sample)) is not None:
+            return (done[0],) if not return_dict else _OUTPUT(done[0])
         dtype = promoted_dtype(sample, model_output)
         prev = self._ff_multistep_step(
             model_output, timestep, sample,
             draw=self._ff_draw(generator, model_output) if self._ff_draws else None, state_dtype=dtype, out_dtype=dtype,
+            lane=generator is None,
         )
         if not return_dict:
             return (prev,)

@@ -69,11 +69,13 @@ class LTXEulerAncestralRFScheduler(FastflowScheduler, _ltx.LTXEulerAncestralRFSc
     ) -> _ltx.LTXEulerAncestralRFSchedulerOutput | tuple[torch.FloatTensor]:
         """diffusers' LTX Euler-ancestral step (same arguments and output), in one backend call."""
         self._ff_check_timestep(timestep)
+        if generator is None and (done := self._ff_lane_step(model_output, timestep, sample)) is not None:
+            return (done[0],) if not return_dict else _OUTPUT(done[0])
         if self.sigmas is None or self.timesteps is None:
             raise ValueError("Scheduler has not been initialized. Call `set_timesteps` before `step`.")
         prev, _ = self._ff_step(
             model_output, timestep, sample, draw=self._ff_draw(generator, sample, torch.float32),
-            state_dtype=torch.float32, out_dtype=sample.dtype, want_pred=False,
+            state_dtype=torch.float32, out_dtype=sample.dtype, want_pred=False, lane=generator is None,
         )
         if not return_dict:
             return (prev,)

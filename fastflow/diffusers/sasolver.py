@@ -208,9 +208,11 @@ class SASolverScheduler(MultistepScheduler, _sa.SASolverScheduler):
         return_dict: bool = True,
     ) -> _sa.SchedulerOutput | tuple:
         """diffusers' SA-Solver step (same arguments and output), in one backend call."""
+        if generator is None and (done := self._ff_lane_step(model_output, timestep, sample)) is not None:
+            return (done[0],) if not return_dict else _OUTPUT(done[0])
         prev = self._ff_multistep_step(  # diffusers computes in the promoted dtype and returns the sample's
             model_output, timestep, sample, draw=self._ff_draw(generator, model_output),
-            state_dtype=promoted_dtype(sample, model_output), out_dtype=sample.dtype,
+            state_dtype=promoted_dtype(sample, model_output), out_dtype=sample.dtype, lane=generator is None,
         )
         if not return_dict:
             return (prev,)

@@ -55,11 +55,13 @@ class SCMScheduler(FastflowScheduler, _scm.SCMScheduler):
         return_dict: bool = True,
     ) -> _scm.SCMSchedulerOutput | tuple:
         """diffusers' SCM step (same arguments and outputs), in one backend call."""
+        if generator is None and (done := self._ff_lane_step(model_output, timestep, sample)) is not None:
+            return done if not return_dict else _OUTPUT(*done)
         self._ff_require_timesteps()
         dtype = promoted_dtype(sample, model_output)
         prev, pred = self._ff_step(
             model_output, timestep, sample, draw=self._ff_draw(generator, model_output, torch.float32),
-            state_dtype=dtype, out_dtype=torch.promote_types(dtype, torch.float32),
+            state_dtype=dtype, out_dtype=torch.promote_types(dtype, torch.float32), lane=generator is None,
         )
         if not return_dict:
             return (prev, pred)

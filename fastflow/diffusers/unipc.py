@@ -167,7 +167,9 @@ class UniPCMultistepScheduler(MultistepScheduler, _unipc.UniPCMultistepScheduler
         return_dict: bool = True,
     ) -> _unipc.SchedulerOutput | tuple:
         """diffusers' step (same arguments and output), in one backend call."""
-        prev = self._ff_multistep_step(model_output, timestep, sample)
+        if (done := self._ff_lane_step(model_output, timestep, sample)) is not None:
+            return (done[0],) if not return_dict else _OUTPUT(done[0])
+        prev = self._ff_multistep_step(model_output, timestep, sample, lane=True)
         if not return_dict:
             return (prev,)
         return _OUTPUT(prev)
