@@ -710,8 +710,7 @@ class FastflowScheduler:
         dtype _ff_step writes x_hat in for these tensors, before the rule of a prediction field that is the
         model output (the lane's steps have none of their own)."""
         device = sample.device
-        key = (variant, sample.dtype, model_output.dtype, device, sample.shape[0],
-               self.compute_pred_original_sample, out_dtype)
+        key = (sample.dtype, model_output.dtype, device, sample.shape[0], self.compute_pred_original_sample, out_dtype)
         cur = self._ff_lane
         if cur is not None and cur[-1] == key and (cur[3] is not None or not stage.noisy):
             return
@@ -727,12 +726,11 @@ class FastflowScheduler:
         self._ff_lane = (comp.calls, comp.start, bound, seeds, rows, key)
 
     def _ff_lane_step(
-        self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, variant: Hashable = None
+        self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        """The class's default call of ``step`` (of plan ``variant``) from the lane, as ``(prev_sample, prediction
-        field)``; None where the lane does not hold it (the caller then runs :meth:`_ff_step` with ``lane=True``):
-        mid-loop, at a step whose index does not depend on the timestep's value, with tensors like those the
-        lane was bound for."""
+        """The class's default call of ``step`` from the lane, as ``(prev_sample, prediction field)``; None where
+        the lane does not hold it (the caller then runs :meth:`_ff_step` with ``lane=True``): mid-loop, at a step
+        whose index does not depend on the timestep's value, with tensors like those the lane was bound for."""
         lane = self._ff_lane
         idx = self._step_index
         if lane is None or idx is None or (type(timestep) is not torch.Tensor and self._ff_timestep_addressed):
@@ -742,11 +740,10 @@ class FastflowScheduler:
         if not 0 <= k < len(calls):
             return None
         runner, _, noisy, draws, uses_o, pred, error, plain = calls[k]
-        lane_variant, z_dtype, o_dtype, device, batch, cpo, out_dtype = key
+        z_dtype, o_dtype, device, batch, cpo, out_dtype = key
         if (
             error is not None
             or (pred is not None and bound.want_x)
-            or (lane_variant is not variant and lane_variant != variant)
             or sample.dtype is not z_dtype
             or model_output.dtype is not o_dtype
             or sample.device != device

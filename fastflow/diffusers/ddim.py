@@ -227,7 +227,7 @@ class DDIMScheduler(_VPMixin, scheduling_ddim.DDIMScheduler):
         """diffusers' DDIM step (same arguments and outputs), in one backend call."""
         default = eta == 0.0 and not use_clipped_model_output  # deterministic: generator and noise are unused
         if default:
-            done = self._ff_lane_step(model_output, timestep, sample, _DDIM_DEFAULT)
+            done = self._ff_lane_step(model_output, timestep, sample)
             if done is not None:
                 return done if not return_dict else _DDIM_OUTPUT(*done)
         if self._step_index is None:  # mid-loop, a step has passed this check (set_timesteps cannot undo it)

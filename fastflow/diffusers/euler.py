@@ -157,7 +157,7 @@ class EulerDiscreteScheduler(_VEInputMixin, scheduling_euler_discrete.EulerDiscr
         variant = self._ff_churn_variant(s_churn, s_tmin, s_tmax, s_noise)
         default = generator is None and variant is _NO_CHURN
         if default:
-            done = self._ff_lane_step(model_output, timestep, sample, _NO_CHURN)
+            done = self._ff_lane_step(model_output, timestep, sample)
             if done is not None:
                 return done if not return_dict else _EULER_OUTPUT(*done)
         prev, pred = self._ff_step(
@@ -271,7 +271,7 @@ class EDMEulerScheduler(_SigmaMixin, scheduling_edm_euler.EDMEulerScheduler):
         churn = self._ff_churn_variant(s_churn, s_tmin, s_tmax, s_noise)
         default = generator is None and churn is _NO_CHURN and not given
         if default:
-            done = self._ff_lane_step(model_output, timestep, sample, _EDM_DEFAULT)
+            done = self._ff_lane_step(model_output, timestep, sample)
             if done is not None:
                 return done if not return_dict else _EDM_OUTPUT(*done)
         prev, pred = self._ff_step(
