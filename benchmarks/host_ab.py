@@ -2,6 +2,7 @@
 
     python benchmarks/host_ab.py                         # this tree only
     python benchmarks/host_ab.py --base /path/to/other   # alternate rounds of both, print ratios
+    python benchmarks/host_ab.py --steps 30              # loops of 30 steps (default 10)
 
 The other checkout needs its extension built in place (``python setup.py build_ext
 --inplace``). Each round runs every case in a fresh subprocess per tree (so the two
@@ -32,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(64 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
 TINY = (1, 4, 16, 16)
 KERNEL_SHAPE = (1, 16, 128, 128)
-LOOP_STEPS = 10
+LOOP_STEPS = 10  # steps of a timed loop unless --steps says otherwise
 DROPINS = ("DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
            "FlowMatchEulerDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler",
            "HeunDiscreteScheduler", "LCMScheduler", "EDMEulerScheduler", "EDMDPMSolverMultistepScheduler",
@@ -102,24 +103,26 @@ DROPIN_LOOPS = {"SCMScheduler": _last_free_loop, "DDPMWuerstchenScheduler": _wue
 SET_KWARGS = {"SCMScheduler": dict(intermediate_timesteps=None)}  # (its intermediate angle is for two steps only)
 
 
-def _dropin_steps_us(sched, z0, o, loops: int = 30, repeats: int = 7) -> float:
-    """Median per-step time of a pipeline-style loop of ``step`` calls; ``set_timesteps`` runs untimed before each."""
+def _dropin_steps_us(sched, z0, o, steps: int = LOOP_STEPS, repeats: int = 7) -> float:
+    """Median per-step time of a pipeline-style loop of ``steps`` steps (300 steps' worth of loops a repeat);
+    ``set_timesteps`` runs untimed before each loop."""
     name = type(sched).__name__
     loop, set_kwargs = DROPIN_LOOPS.get(name, _pipeline_loop), SET_KWARGS.get(name, {})
+    loops = max(1, 300 // steps)
     times = []
     for _ in range(repeats + 1):
         total = 0.0
         for _ in range(loops):
-            sched.set_timesteps(LOOP_STEPS, **set_kwargs)
+            sched.set_timesteps(steps, **set_kwargs)
             t0 = time.perf_counter()
             loop(sched, z0, o)
             total += time.perf_counter() - t0
-        times.append(total / (loops * LOOP_STEPS) * 1e6)  # per loop step (two calls for Heun's, for example)
+        times.append(total / (loops * steps) * 1e6)  # per loop step (two calls for Heun's, for example)
     return statistics.median(times[1:])  # the first repeat warms up
 
 
-def _cases() -> dict[str, float]:
-    """Every case of this tree, in microseconds per step (run inside the subprocess)."""
+def _cases(steps: int = LOOP_STEPS) -> dict[str, float]:
+    """Every case of this tree, in microseconds per step of ``steps``-step loops (run inside the subprocess)."""
     import warnings
 
     import torch
@@ -131,7 +134,7 @@ def _cases() -> dict[str, float]:
     results: dict[str, float] = {}
     for solver, extra in (("ddim", {}), ("ddpm", {}), ("dpm++2m", {}), ("ddim", {"guidance_scale": 5.0})):
         name = f"Sampler.step loop {solver}{' cfg' if extra else ''} (cuda backend)"
-        s = fastflow.Sampler(fastflow.VP(), solver, steps=LOOP_STEPS, backend="cuda", **extra)
+        s = fastflow.Sampler(fastflow.VP(), solver, steps=steps, backend="cuda", **extra)
         s.prepare("cpu")
         z0 = s.init_noise(TINY, seed=0)
         o = torch.randn(TINY).to(torch.bfloat16)
@@ -140,11 +143,11 @@ def _cases() -> dict[str, float]:
 
         def loop(s=s, z0=z0, o=o, bufs=bufs, guided=bool(extra)) -> None:
             z = z0
-            for i in range(LOOP_STEPS):
+            for i in range(steps):
                 z, _ = s.step(o, z, i, out=bufs[i % 2], return_model_input=True,
                               model_input_dtype=torch.bfloat16, duplicate_model_input=guided)
 
-        results[name] = _median_us(loop, LOOP_STEPS, 200)
+        results[name] = _median_us(loop, steps, max(1, 2000 // steps))
 
     import diffusers
 
@@ -156,14 +159,14 @@ def _cases() -> dict[str, float]:
             if label != "diffusers":
                 sched.backend = "cuda"
             z0, o = torch.randn(TINY), torch.randn(TINY)
-            results[f"{cls_name} steps ({label})"] = _dropin_steps_us(sched, z0, o)
+            results[f"{cls_name} steps ({label})"] = _dropin_steps_us(sched, z0, o, steps)
     for cls_name in HALF_DROPINS:  # float16 latents, as fp16 pipelines step them
         ref = getattr(diffusers, cls_name)()
         for label, sched in (("diffusers", ref), ("fastflow drop-in", getattr(ffd, cls_name).from_config(ref.config))):
             if label != "diffusers":
                 sched.backend = "cuda"
             z0, o = torch.randn(TINY).half(), torch.randn(TINY).half()
-            results[f"{cls_name} float16 steps ({label})"] = _dropin_steps_us(sched, z0, o)
+            results[f"{cls_name} float16 steps ({label})"] = _dropin_steps_us(sched, z0, o, steps)
 
     sys.path.insert(0, str(Path.cwd() / "tests"))  # the tree under test's helpers
     from backends.step_cases import make_case
@@ -187,11 +190,12 @@ def _cases() -> dict[str, float]:
     return results
 
 
-def _run_tree(tree: Path) -> dict[str, float]:
+def _run_tree(tree: Path, steps: int) -> dict[str, float]:
     """This file's cases in a subprocess that imports ``fastflow`` (and the test helpers) from ``tree``."""
     env = dict(os.environ, PYTHONPATH=str(tree), **MALLOC_ENV)
     out = subprocess.run(
-        [sys.executable, __file__, "--child"], cwd=tree, env=env, capture_output=True, text=True, check=True
+        [sys.executable, __file__, "--child", "--steps", str(steps)], cwd=tree, env=env, capture_output=True,
+        text=True, check=True,
     )
     result = json.loads(out.stdout.strip().splitlines()[-1])
     where = Path(result.pop("fastflow")).resolve()
@@ -204,19 +208,20 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", type=Path, help="another checkout to compare with (its extension built in place)")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=LOOP_STEPS, help="steps of each timed loop")
     parser.add_argument("--absolute", action="store_true", help="also print the medians (us; this machine's)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         import fastflow
 
-        print(json.dumps({**_cases(), "fastflow": fastflow.__file__}))
+        print(json.dumps({**_cases(args.steps), "fastflow": fastflow.__file__}))
         return
     trees = {"this": ROOT} if args.base is None else {"base": args.base.resolve(), "this": ROOT}
     runs: dict[str, list[dict[str, float]]] = {k: [] for k in trees}
     for _ in range(args.rounds):
         for key, tree in trees.items():
-            runs[key].append(_run_tree(tree))
+            runs[key].append(_run_tree(tree, args.steps))
     med = {k: {name: statistics.median(r[name] for r in runs[k]) for name in runs[k][0]} for k in trees}
     if args.absolute:
         print("| case (us per step, median of rounds) | " + " | ".join(trees) + " |")
