@@ -708,7 +708,8 @@ class FastflowScheduler:
         """After a default call of step ``idx`` ran through :meth:`_ff_step`: bind the lane when it is missing,
         bound for other tensors, or has no seeds though this noisy step has just drawn them. ``x_dtype``: the
         dtype _ff_step writes x_hat in for these tensors, before the rule of a prediction field that is the
-        model output (the lane's steps have none of their own)."""
+        model output (which applies to steps that return x_hat itself: where it changes the dtype, the lane
+        leaves the steps with a prediction field of their own to _ff_step)."""
         device = sample.device
         key = (sample.dtype, model_output.dtype, device, sample.shape[0], self.compute_pred_original_sample, out_dtype)
         cur = self._ff_lane
@@ -718,12 +719,13 @@ class FastflowScheduler:
         if idx < start:
             return  # a step before the loop's start runs a plan of its own (see _ff_get)
         comp = self._ff_get(idx, variant)
+        own_preds = True  # the lane may run steps whose prediction field is not x_hat itself
         if want_x and self._ff_x0_is_output and model_output.dtype != (x_dtype or sample.dtype):
-            x_dtype = model_output.dtype
+            x_dtype, own_preds = model_output.dtype, False
         seeds = self._ff_seeds.get((device, sample.shape[0]))
         rows = None if device.type == "cpu" else self._ff_counter_views.setdefault(device, [None] * self._ff_steps)
         bound = comp.runner.bind(device, sample.dtype, want_x, x_dtype)
-        self._ff_lane = (comp.calls, comp.start, bound, seeds, rows, key)
+        self._ff_lane = (comp.calls, comp.start, bound, seeds, rows, own_preds, key)
 
     def _ff_lane_step(
         self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor
@@ -735,7 +737,7 @@ class FastflowScheduler:
         idx = self._step_index
         if lane is None or idx is None or (type(timestep) is not torch.Tensor and self._ff_timestep_addressed):
             return None
-        calls, start, bound, seeds, rows, key = lane
+        calls, start, bound, seeds, rows, own_preds, key = lane
         k = idx - start
         if not 0 <= k < len(calls):
             return None
@@ -743,7 +745,7 @@ class FastflowScheduler:
         z_dtype, o_dtype, device, batch, cpo, out_dtype = key
         if (
             error is not None
-            or (pred is not None and bound.want_x)
+            or (pred is not None and bound.want_x and not own_preds)
             or sample.dtype is not z_dtype
             or model_output.dtype is not o_dtype
             or sample.device != device
@@ -771,6 +773,9 @@ class FastflowScheduler:
         else:  # a stage that reads or keeps stored tensors: the runner's bookkeeping
             out, x, _ = runner.run(k, sample, model_output, None, seeds=seeds if noisy else None,
                                    want_x=bound.want_x, extra_history=history, step=row, x_dtype=bound.x_dtype)
+        if pred is not None and x is not None:  # a prediction field of its own (LCM's denoised, for one)
+            x = self._ff_eval(pred, k, x, sample, model_output, None, seeds if noisy else None,
+                              k if row is None else row)
         self._step_index = idx + 1
         if out_dtype is not None and out.dtype is not out_dtype:
             out = out.to(out_dtype)

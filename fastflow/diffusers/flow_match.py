@@ -147,6 +147,8 @@ class FlowMatchHeunDiscreteScheduler(TwoCallMixin, fmh.FlowMatchHeunDiscreteSche
     ) -> fmh.FlowMatchHeunDiscreteSchedulerOutput | tuple:
         """diffusers' flow-matching Heun step (same arguments and outputs), in one backend call."""
         self._ff_check_timestep(timestep)
+        if s_churn == 0 and (done := self._ff_lane_step(model_output, timestep, sample)) is not None:
+            return (done[0],) if not return_dict else _HEUN_OUTPUT(done[0])
         idx = self._ff_peek_index(timestep)
         if s_churn != 0:
             sigma = float(self._ff_sigmas[idx if self._ff_first_order(idx) else idx - 1])
@@ -158,7 +160,7 @@ class FlowMatchHeunDiscreteScheduler(TwoCallMixin, fmh.FlowMatchHeunDiscreteSche
                 )
         prev, _ = self._ff_step(
             model_output, timestep, sample, state_dtype=torch.float32, out_dtype=model_output.dtype,
-            want_pred=False, index=idx,
+            want_pred=False, index=idx, lane=s_churn == 0,
         )
         if not return_dict:
             return (prev,)

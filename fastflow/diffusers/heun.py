@@ -81,8 +81,10 @@ class HeunDiscreteScheduler(ScaledTwoCallMixin, _heun.HeunDiscreteScheduler):
         return_dict: bool = True,
     ) -> _heun.HeunDiscreteSchedulerOutput | tuple:
         """diffusers' Heun step (same arguments and outputs), in one backend call."""
+        if (done := self._ff_lane_step(model_output, timestep, sample)) is not None:
+            return done if not return_dict else _OUTPUT(*done)
         prev, pred = self._ff_step(
-            model_output, timestep, sample, state_dtype=promoted_dtype(sample, model_output)
+            model_output, timestep, sample, state_dtype=promoted_dtype(sample, model_output), lane=True
         )
         if not return_dict:
             return (prev, pred)

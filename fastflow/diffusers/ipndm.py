@@ -68,9 +68,12 @@ class IPNDMScheduler(FastflowScheduler, _ipndm.IPNDMScheduler):
         return_dict: bool = True,
     ) -> _ipndm.SchedulerOutput | tuple:
         """diffusers' IPNDM step (same arguments and output), in one backend call."""
+        if (done := self._ff_lane_step(model_output, timestep, sample)) is not None:
+            return (done[0],) if not return_dict else _OUTPUT(done[0])
         self._ff_require_timesteps()
         prev, _ = self._ff_step(
-            model_output, timestep, sample, state_dtype=promoted_dtype(sample, model_output), want_pred=False
+            model_output, timestep, sample, state_dtype=promoted_dtype(sample, model_output), want_pred=False,
+            lane=True,
         )
         if not return_dict:
             return (prev,)

@@ -94,7 +94,11 @@ class KDPM2DiscreteScheduler(_KDPM2Mixin, _kdpm2.KDPM2DiscreteScheduler):
         return_dict: bool = True,
     ) -> _kdpm2.KDPM2DiscreteSchedulerOutput | tuple:
         """diffusers' KDPM2 step (same arguments and outputs), in one backend call."""
-        prev, pred = self._ff_step(model_output, timestep, sample, state_dtype=promoted_dtype(sample, model_output))
+        if (done := self._ff_lane_step(model_output, timestep, sample)) is not None:
+            return done if not return_dict else _OUTPUT(*done)
+        prev, pred = self._ff_step(
+            model_output, timestep, sample, state_dtype=promoted_dtype(sample, model_output), lane=True
+        )
         if not return_dict:
             return (prev, pred)
         return _OUTPUT(prev, pred)
@@ -131,9 +135,11 @@ class KDPM2AncestralDiscreteScheduler(_KDPM2Mixin, _kdpm2a.KDPM2AncestralDiscret
         return_dict: bool = True,
     ) -> _kdpm2a.KDPM2AncestralDiscreteSchedulerOutput | tuple:
         """diffusers' KDPM2-ancestral step (same arguments and outputs), in one backend call."""
+        if generator is None and (done := self._ff_lane_step(model_output, timestep, sample)) is not None:
+            return done if not return_dict else _ANCESTRAL_OUTPUT(*done)
         prev, pred = self._ff_step(
             model_output, timestep, sample, draw=self._ff_draw(generator, model_output),
-            state_dtype=promoted_dtype(sample, model_output),
+            state_dtype=promoted_dtype(sample, model_output), lane=generator is None,
         )
         if not return_dict:
             return (prev, pred)

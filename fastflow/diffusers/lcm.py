@@ -56,6 +56,8 @@ class LCMScheduler(_VPMixin, scheduling_lcm.LCMScheduler):
         return_dict: bool = True,
     ) -> scheduling_lcm.LCMSchedulerOutput | tuple:
         """diffusers' LCM step (same arguments and outputs), in one backend call."""
+        if generator is None and (done := self._ff_lane_step(model_output, timestep, sample)) is not None:
+            return done if not return_dict else _OUTPUT(*done)
         self._ff_require_timesteps()
         dtype = promoted_dtype(sample, model_output)
         draw = self._ff_draw(generator, model_output, dtype)
@@ -64,6 +66,7 @@ class LCMScheduler(_VPMixin, scheduling_lcm.LCMScheduler):
             model_output, timestep, sample, draw=draw, state_dtype=dtype,
             kernel_output=self._ff_thresholded(idx, model_output, sample),
             index=idx,
+            lane=generator is None,
         )
         if not return_dict:
             return (prev, denoised)

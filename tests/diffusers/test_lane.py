@@ -34,6 +34,13 @@ LANE_CLASSES = [
     ("DDIMInverseScheduler", dict()),
     ("LTXEulerAncestralRFScheduler", dict()),
     ("SCMScheduler", dict()),
+    ("LCMScheduler", dict()),
+    ("LCMScheduler", dict(clip_sample=True, prediction_type="v_prediction")),
+    ("HeunDiscreteScheduler", dict()),
+    ("FlowMatchHeunDiscreteScheduler", dict()),
+    ("KDPM2DiscreteScheduler", dict()),
+    ("KDPM2AncestralDiscreteScheduler", dict()),
+    ("IPNDMScheduler", dict()),
 ]
 SET_KWARGS = {"SCMScheduler": dict(intermediate_timesteps=None)}
 STEPS = 8
