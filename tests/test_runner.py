@@ -1,4 +1,4 @@
-"""PlanRunner: the plain-stage path equals the general one, and a new backend name is resolved afresh."""
+"""PlanRunner: the plain-stage paths equal the general one, and a new backend name is resolved afresh."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import torch
 
 import fastflow as ff
 from fastflow.backends import get_backend
+from fastflow.runner import run_bound
 
 
 def _backends() -> list[str]:
@@ -37,7 +38,8 @@ def test_which_stages_are_plain():
 @pytest.mark.parametrize("want_x", [False, True])
 def test_run_plain_equals_run(backend, solver, want_x):
     """Same stage, same inputs (seeds for in-kernel noise, a caller tensor on a free history slot with a zero
-    coefficient): run_plain's outputs are run's, bit for bit."""
+    coefficient): run_plain's outputs, and those of run_bound through the runner's binding, are run's, bit for
+    bit."""
     runner = _sampler(solver, backend).runner
     gen = torch.Generator().manual_seed(0)
     z, o, extra = (torch.randn(2, 3, 5, 7, generator=gen) for _ in range(3))
@@ -46,10 +48,13 @@ def test_run_plain_equals_run(backend, solver, want_x):
         assert runner.is_plain(i)
         general = runner.run(i, z, o, seeds=seeds, want_x=want_x, extra_history=(extra,))
         plain = runner.run_plain(i, z, o, seeds, None, want_x, [extra], None, None)
-        assert torch.equal(plain[0], general[0])
-        assert (plain[1] is None) == (general[1] is None) == (not want_x)
-        if want_x:
-            assert torch.equal(plain[1], general[1])
+        bound = run_bound(runner.bind(z.device, z.dtype, want_x, None), i, z, o, [extra],
+                          seeds if runner.plan.noise[i] else None, bool(runner.plan.noise[i]))
+        for result in (plain, bound):
+            assert torch.equal(result[0], general[0])
+            assert (result[1] is None) == (general[1] is None) == (not want_x)
+            if want_x:
+                assert torch.equal(result[1], general[1])
 
 
 def test_run_plain_of_a_noisy_stage_needs_seeds_or_noise():

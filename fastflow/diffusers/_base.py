@@ -636,8 +636,8 @@ class FastflowScheduler:
         replaces the model output as the tensor the kernel converts to ``x_hat``
         (e.g. a thresholded x0); :func:`O` still binds the model output. ``index`` is
         what :meth:`_ff_peek_index` returned for this call, when the caller already asked. ``lane``: this is the
-        class's default call, whose arguments to this method depend on no step index, so its plain steps may be
-        bound for :meth:`_ff_lane_step`.
+        class's default call, whose arguments to this method depend on no step index, so the loop's steps may
+        be bound for :meth:`_ff_lane_step`.
         """
         idx = self._ff_peek_index(timestep) if index is None else index
         lane = lane and noise is None and draw is None and kernel_output is None
