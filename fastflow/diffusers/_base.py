@@ -706,14 +706,14 @@ class FastflowScheduler:
         want_x: bool, x_dtype: torch.dtype | None, out_dtype: torch.dtype | None,
     ) -> None:
         """After a default call of step ``idx`` ran through :meth:`_ff_step`: bind the lane when it is missing,
-        bound for other tensors, or has no seeds though this noisy step has just drawn them. ``x_dtype``: the
-        dtype _ff_step writes x_hat in for these tensors, before the rule of a prediction field that is the
-        model output (which applies to steps that return x_hat itself: where it changes the dtype, the lane
-        leaves the steps with a prediction field of their own to _ff_step)."""
+        bound for other tensors or another ``variant``, or has no seeds though this noisy step has just drawn them.
+        ``x_dtype``: the dtype _ff_step writes x_hat in for these tensors, before the rule of a prediction field
+        that is the model output (which applies to steps that return x_hat itself: where it changes the dtype, the
+        lane leaves the steps with a prediction field of their own to _ff_step)."""
         device = sample.device
         key = (sample.dtype, model_output.dtype, device, sample.shape[0], self.compute_pred_original_sample, out_dtype)
         cur = self._ff_lane
-        if cur is not None and cur[-1] == key and (cur[3] is not None or not stage.noisy):
+        if cur is not None and cur[-1] == key and cur[0] == variant and (cur[4] is not None or not stage.noisy):
             return
         start = self._ff_loop_start if self._ff_start_dependent else 0
         if idx < start:
@@ -725,19 +725,24 @@ class FastflowScheduler:
         seeds = self._ff_seeds.get((device, sample.shape[0]))
         rows = None if device.type == "cpu" else self._ff_counter_views.setdefault(device, [None] * self._ff_steps)
         bound = comp.runner.bind(device, sample.dtype, want_x, x_dtype)
-        self._ff_lane = (comp.calls, comp.start, bound, seeds, rows, own_preds, key)
+        self._ff_lane = (variant, comp.calls, comp.start, bound, seeds, rows, own_preds, key)
 
     def _ff_lane_step(
-        self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor
+        self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, variant: Hashable = None
     ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """The class's default call of ``step`` from the lane, as ``(prev_sample, prediction field)``; None where
         the lane does not hold it (the caller then runs :meth:`_ff_step` with ``lane=True``): mid-loop, at a step
-        whose index does not depend on the timestep's value, with tensors like those the lane was bound for."""
+        whose index does not depend on the timestep's value, with tensors like those the lane was bound for.
+        ``variant``: where a class's default call takes a step argument that selects its plan (LMS's order, TCD's
+        eta; validated by the call that bound the lane), the argument, which must be the lane's; None for a class
+        whose lane serves one variant."""
         lane = self._ff_lane
         idx = self._step_index
         if lane is None or idx is None or (type(timestep) is not torch.Tensor and self._ff_timestep_addressed):
             return None
-        calls, start, bound, seeds, rows, own_preds, key = lane
+        bound_variant, calls, start, bound, seeds, rows, own_preds, key = lane
+        if variant is not None and variant is not bound_variant and variant != bound_variant:
+            return None
         k = idx - start
         if not 0 <= k < len(calls):
             return None

@@ -59,6 +59,9 @@ class DPMSolverMultistepInverseScheduler(DPMSolverOptions, _inverse.DPMSolverMul
         """diffusers' inverse step (same arguments and output) in one backend call, returned in the promoted dtype
         of the sample and the model output; an SDE step takes ``variance_noise`` as given or draws diffusers' noise
         with ``generator``, else fastflow's in-kernel noise."""
+        default = generator is None and variance_noise is None and not self._ff_learned_eps
+        if default and (done := self._ff_lane_step(model_output, timestep, sample)) is not None:
+            return (done[0],) if not return_dict else _OUTPUT(done[0])
         idx = self._ff_scheduled_index(timestep)
         model_output = self._ff_model_output(model_output)
         dtype = promoted_dtype(sample, model_output)
@@ -71,7 +74,7 @@ class DPMSolverMultistepInverseScheduler(DPMSolverOptions, _inverse.DPMSolverMul
             model_output, timestep, sample, idx,
             draw=draw,
             noise=variance_noise if self._ff_draws_noise else None,
-            state_dtype=dtype,
+            state_dtype=dtype, lane=default,
         )
         if not return_dict:
             return (prev,)

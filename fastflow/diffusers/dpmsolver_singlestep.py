@@ -137,6 +137,8 @@ class DPMSolverSinglestepScheduler(MultistepScheduler, _dps.DPMSolverSinglestepS
     multistep drop-ins (with ``dpmsolver`` it raises: diffusers' step fails there).
     """
 
+    _ff_learned_eps = False  # the model output carries a learned variance after its noise (set by _ff_prepare)
+
     @property
     def _ff_draws(self) -> bool:
         return self.config.algorithm_type.startswith("sde")
@@ -159,6 +161,11 @@ class DPMSolverSinglestepScheduler(MultistepScheduler, _dps.DPMSolverSinglestepS
             raise NotImplementedError("prediction_type='flow_prediction' with algorithm_type='dpmsolver' is not "
                                       "supported (diffusers rejects it too)")
         super()._ff_check_config()
+
+    def _ff_prepare(self) -> None:
+        super()._ff_prepare()
+        cfg = self.config  # what step reads per call, kept here rather than read from the config each time
+        self._ff_learned_eps = cfg.variance_type in ("learned", "learned_range") and cfg.prediction_type == "epsilon"
 
     def _ff_updates(self, start: int) -> list[Lin]:
         cfg = self.config
@@ -183,13 +190,17 @@ class DPMSolverSinglestepScheduler(MultistepScheduler, _dps.DPMSolverSinglestepS
     ) -> _dps.SchedulerOutput | tuple:
         """diffusers' step (same arguments and output), in one backend call. ``sde-dpmsolver++``: a ``generator``
         gives diffusers' exact numbers; without one the kernel draws fastflow's own noise."""
-        cfg = self.config
-        if cfg.variance_type in ("learned", "learned_range") and cfg.prediction_type == "epsilon":
+        default = generator is None and not self._ff_learned_eps
+        if default and (done := self._ff_lane_step(model_output, timestep, sample)) is not None:
+            return (done[0],) if not return_dict else _OUTPUT(done[0])
+        idx = self._ff_scheduled_index(timestep)
+        if self._ff_learned_eps:
             model_output = model_output[:, :3]  # diffusers keeps the first three channels as the noise
         prev = self._ff_multistep_step(
-            model_output, timestep, sample,
+            model_output, timestep, sample, idx,
             draw=self._ff_draw(generator, model_output) if self._ff_draws else None,
             state_dtype=promoted_dtype(sample, model_output),  # diffusers steps in that dtype (no upcast)
+            lane=default,
         )
         if not return_dict:
             return (prev,)

@@ -101,6 +101,13 @@ class LMSDiscreteScheduler(_VEInputMixin, _lms.LMSDiscreteScheduler):
     ) -> _lms.LMSDiscreteSchedulerOutput | tuple:
         """diffusers' LMS step (same arguments and outputs), in one backend call."""
         self._ff_check_timestep(timestep)
+        raw = self._ff_x0_is_output  # diffusers' x0 is then the model output itself
+        # Mid-loop, a call of the loop's order (the lane is bound for it) runs from the lane.
+        if type(order) is int and (done := self._ff_lane_step(model_output, timestep, sample, variant=order)):
+            prev, pred = done
+            if raw and self.compute_pred_original_sample:
+                pred = model_output
+            return (prev, pred) if not return_dict else _OUTPUT(prev, pred)
         if type(order) is not int or not 1 <= order <= MAX_ORDER:
             order = int(order)
             if not 1 <= order <= MAX_ORDER:
@@ -115,10 +122,9 @@ class LMSDiscreteScheduler(_VEInputMixin, _lms.LMSDiscreteScheduler):
                 f"order={order} after order={self._ff_loop_order} earlier in this loop: fastflow's "
                 "LMSDiscreteScheduler keeps one order per loop (its plan fixes how many derivatives each step reads)"
             )
-        raw = self._ff_x0_is_output  # diffusers' x0 is then the model output itself
         prev, pred = self._ff_step(
             model_output, timestep, sample, variant=order, state_dtype=promoted_dtype(sample, model_output),
-            index=idx, want_pred=not raw,
+            index=idx, want_pred=not raw, lane=True,
         )
         if raw and self.compute_pred_original_sample:
             pred = model_output

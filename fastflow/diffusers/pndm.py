@@ -155,6 +155,12 @@ class PNDMScheduler(FastflowScheduler, _pndm.PNDMScheduler):
         return_dict: bool = True,
     ) -> SchedulerOutput | tuple:
         """diffusers' PNDM step (same arguments and output), in one backend call."""
+        # Past the Runge-Kutta calls (every call with skip_prk_steps) the lane serves the loop's steps.
+        prk_calls = len(self._ff_prk_t) if self._ff_lane is not None else 0
+        if (not prk_calls or (self._step_index or 0) - self._ff_loop_start >= prk_calls) and (
+            done := self._ff_lane_step(model_output, timestep, sample)
+        ) is not None:
+            return (done[0],) if not return_dict else _OUTPUT(done[0])
         idx = self._ff_scheduled_index(timestep)
         call = idx - self._ff_loop_start
         phase = call % 4 if 0 <= call < len(self._ff_prk_t) else None  # of a Runge-Kutta call
@@ -167,7 +173,7 @@ class PNDMScheduler(FastflowScheduler, _pndm.PNDMScheduler):
             )
         prev, _ = self._ff_step(
             model_output, timestep, sample, state_dtype=promoted_dtype(sample, model_output), want_pred=False,
-            index=idx,
+            index=idx, lane=phase is None,
         )
         if phase == 2:
             self._ff_prk_mark = None if tracing else _sample_mark(prev)

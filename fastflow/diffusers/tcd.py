@@ -74,6 +74,11 @@ class TCDScheduler(_VPMixin, scheduling_tcd.TCDScheduler):
         return_dict: bool = True,
     ) -> scheduling_tcd.TCDSchedulerOutput | tuple:
         """diffusers' TCD step (same arguments and outputs), in one backend call."""
+        # Mid-loop, a call without a generator at the eta the lane is bound for (checked then) runs from it.
+        if generator is None and type(eta) is float and (
+            done := self._ff_lane_step(model_output, timestep, sample, variant=eta)
+        ) is not None:
+            return done if not return_dict else _OUTPUT(*done)
         self._ff_require_timesteps()
         eta = float(eta)
         if not 0.0 <= eta <= 1.0:
@@ -81,7 +86,7 @@ class TCDScheduler(_VPMixin, scheduling_tcd.TCDScheduler):
         dtype = promoted_dtype(sample, model_output)
         prev, pred = self._ff_step(
             model_output, timestep, sample, variant=eta, draw=self._ff_draw(generator, model_output, dtype),
-            state_dtype=dtype,
+            state_dtype=dtype, lane=generator is None,
         )
         if not return_dict:
             return (prev, pred)

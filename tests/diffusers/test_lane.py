@@ -41,6 +41,13 @@ LANE_CLASSES = [
     ("KDPM2DiscreteScheduler", dict()),
     ("KDPM2AncestralDiscreteScheduler", dict()),
     ("IPNDMScheduler", dict()),
+    ("PNDMScheduler", dict(skip_prk_steps=True)),
+    ("LMSDiscreteScheduler", dict()),
+    ("LMSDiscreteScheduler", dict(prediction_type="sample")),
+    ("TCDScheduler", dict()),
+    ("DPMSolverSinglestepScheduler", dict()),
+    ("DPMSolverSinglestepScheduler", dict(algorithm_type="sde-dpmsolver++")),
+    ("DPMSolverMultistepInverseScheduler", dict()),
 ]
 SET_KWARGS = {"SCMScheduler": dict(intermediate_timesteps=None)}
 STEPS = 8
@@ -308,3 +315,81 @@ def test_noise_counters_off_the_cpu_are_those_of_step(monkeypatch, counts, name,
     assert counts["lane"] >= STEPS - 2
     assert runs[0] == runs[1]
     assert any(isinstance(c[0], int) for c in runs[0])  # device views were given
+
+
+def test_pndm_warm_up_runs_its_runge_kutta_calls_through_step(monkeypatch, counts):
+    """PNDM with its Runge-Kutta warm-up: those calls (which recover their group's sample) run through _ff_step;
+    the Adams-Bashforth calls after them run from the lane, with the same bits."""
+    make = lambda: pair("PNDMScheduler", skip_prk_steps=False)[1]  # noqa: E731
+    torch.manual_seed(0)
+    ff = make()
+    with_lane = _loop(ff)
+    prk_calls = len(ff.prk_timesteps)
+    plms_calls = len(with_lane) - prk_calls
+    assert prk_calls == 12 and plms_calls > 2
+    assert counts == {"step": prk_calls + 1, "lane": plms_calls - 1}, counts
+    with monkeypatch.context() as m:
+        _without_lane(m)
+        torch.manual_seed(0)
+        without = _loop(make())
+    _same_bits(with_lane, without)
+
+
+def test_pndm_warm_up_of_a_second_loop_keeps_its_sample_check(monkeypatch):
+    """A second warm-up loop without set_timesteps (the lane still bound from the first loop's last calls) runs
+    its Runge-Kutta calls as _ff_step does: the same bits, and a fourth call given another sample raises."""
+    with_lane, without = _both(monkeypatch, lambda: pair("PNDMScheduler", skip_prk_steps=False)[1],
+                               lambda ff: _loop(ff) + _loop(ff, set_timesteps=False))
+    _same_bits(with_lane, without)
+
+    def renoised(i, ff, o, t, x):
+        return ff.step(o, t, x + 1.0, return_dict=False) if i == 3 else None
+
+    _, ff = pair("PNDMScheduler", skip_prk_steps=False)
+    _loop(ff)
+    assert ff._ff_lane is not None
+    with pytest.raises(NotImplementedError, match="Runge-Kutta call 3 was given a sample other than"):
+        _loop(ff, call=renoised, set_timesteps=False)
+
+
+def test_lms_order_is_the_lanes_variant(monkeypatch, counts):
+    """LMS's order argument selects its plan: a loop at order 2 runs from a lane bound for order 2, and another
+    order mid-loop raises as it does without the lane."""
+
+    def order_two(i, ff, o, t, x):
+        return ff.step(o, t, x, order=2, return_dict=False)
+
+    with_lane, without = _both(monkeypatch, lambda: pair("LMSDiscreteScheduler")[1],
+                               lambda ff: _loop(ff, call=order_two))
+    _same_bits(with_lane, without)
+    assert counts["lane"] == STEPS - 1
+    _, ff = pair("LMSDiscreteScheduler")
+    with pytest.raises(NotImplementedError, match="order=3 after order=2"):
+        _loop(ff, call=lambda i, ff, o, t, x: ff.step(o, t, x, order=2 if i < 4 else 3, return_dict=False))
+
+
+def test_tcd_eta_is_the_lanes_variant(monkeypatch, counts):
+    """TCD's eta selects its plan: a new eta mid-loop runs its own plan (and rebinds the lane), with the bits of
+    the run without the lane; a call with a generator draws diffusers' noise."""
+
+    def etas(i, ff, o, t, x):
+        if i == 5:
+            return ff.step(o, t, x, eta=0.7, generator=torch.Generator().manual_seed(1), return_dict=False)
+        return ff.step(o, t, x, eta=0.3 if i < 3 else 0.7, return_dict=False)
+
+    with_lane, without = _both(monkeypatch, lambda: pair("TCDScheduler")[1], lambda ff: _loop(ff, call=etas))
+    _same_bits(with_lane, without)
+    assert counts["lane"] == STEPS - 3  # all but the first call, the new eta's first and the generator's
+
+
+@pytest.mark.parametrize("name", ["DPMSolverSinglestepScheduler", "DPMSolverMultistepInverseScheduler"])
+def test_learned_variance_dpm_solvers_keep_to_their_step(counts, name):
+    """A learned variance's model output is sliced to its noise channels by the step: those calls never use the
+    lane."""
+    _, ff = pair(name, variance_type="learned_range")
+    ff.set_timesteps(STEPS)
+    x = start_noise(5, shape=(2, 3, 16, 16))  # diffusers keeps the first three channels as the noise
+    for t in ff.timesteps:
+        o = torch.cat([stand_in(x, t), torch.zeros_like(x)], dim=1)
+        x = ff.step(o, t, x, return_dict=False)[0]
+    assert counts["lane"] == 0 and counts["step"] == STEPS
