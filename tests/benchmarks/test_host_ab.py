@@ -33,3 +33,14 @@ def test_pipeline_loops_give_diffusers_samples(name):
         outs.append(host_ab.DROPIN_LOOPS[name](sched, z0, o))
     assert torch.isfinite(outs[0]).all()
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+
+
+def test_classes_restrict_the_cases_to_their_loops():
+    """``--classes``: only those drop-ins' loops, each beside diffusers' own."""
+    results = host_ab._cases(2, ("DDIMScheduler", "FlowMatchEulerDiscreteScheduler"))
+    assert sorted(results) == sorted(
+        f"{name} steps ({label})"
+        for name in ("DDIMScheduler", "FlowMatchEulerDiscreteScheduler", "FlowMatchEulerDiscreteScheduler float16")
+        for label in ("diffusers", "fastflow drop-in")
+    )
+    assert all(v > 0 for v in results.values())
