@@ -606,7 +606,8 @@ def sampler_key(sampler: Sampler) -> str:
     h.update(coefs.tobytes())
     h.update(sampler.timesteps.numpy().tobytes())
     h.update(
-        repr((plan.history, plan.write_x, plan.keep_z, plan.noise, plan.clip, sampler.backend, sampler.guided)).encode()
+        repr((plan.history, plan.write_x, plan.keep_z, plan.keep_o, plan.noise, plan.clip, sampler.backend,
+              sampler.guided)).encode()
     )
     return h.hexdigest()
 

@@ -8,10 +8,10 @@ One model evaluation ("stage") ``i`` of any solver is, per element::
     z_next = CZ * z + CX * x_hat + H0 * h0 + H1 * h1 + H2 * h2 + CN * xi
     model_in_next = CIN * z_next  (cast to the model's dtype)
 
-``h0..h2`` are stored tensors of earlier stages (a data prediction ``x_hat`` or a
-state ``z``), ``xi`` is the noise of :mod:`fastflow.noise` for this stage (or a
-tensor the caller passes). Solvers only produce these coefficients; kernels only
-evaluate them. This module is the single source of truth for the table layout.
+``h0..h2`` are stored tensors of earlier stages (a data prediction ``x_hat``, a
+state ``z``, or a raw model output ``o`` kept by reference), ``xi`` is the noise of
+:mod:`fastflow.noise` for this stage (or a tensor the caller passes). Solvers only
+produce these coefficients; kernels only evaluate them. This module is the single source of truth for the table layout.
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ COLUMN_NAMES = ("W", "AZ", "AO", "CZ", "CX", "H0", "H1", "H2", "CN", "CIN")
 
 @dataclass(frozen=True)
 class HistoryRef:
-    """A tensor an earlier stage produced: ``kind`` is ``"x"`` (its x_hat) or ``"z"`` (its input state)."""
+    """A tensor of an earlier stage: ``kind`` is ``"x"`` (its x_hat), ``"z"`` (its input state) or ``"o"`` (the
+    unguided model output it was given, kept by reference rather than written again: the drop-ins of schedulers
+    that keep raw model outputs, as diffusers' PNDM does)."""
 
     kind: str
     stage: int
@@ -45,9 +47,10 @@ class StepPlan:
     """Everything a backend needs to run every stage of a sampling loop.
 
     ``coefs`` is float64 ``[stages, NUM_COEFS]``; ``history[i]`` lists the tensors
-    bound to slots ``h0, h1, ...`` at stage ``i``; ``write_x[i]`` and ``keep_z[i]``
-    say whether a later stage reads stage ``i``'s x_hat or input state;
-    ``noise[i]`` whether stage ``i`` draws noise (``CN != 0``).
+    bound to slots ``h0, h1, ...`` at stage ``i``; ``write_x[i]``, ``keep_z[i]`` and
+    ``keep_o[i]`` say whether a later stage reads stage ``i``'s x_hat, input state or
+    model output (``keep_o`` empty: none does); ``noise[i]`` whether stage ``i`` draws
+    noise (``CN != 0``).
     """
 
     coefs: np.ndarray
@@ -56,6 +59,7 @@ class StepPlan:
     keep_z: tuple[bool, ...]
     noise: tuple[bool, ...]
     clip: float | None = None
+    keep_o: tuple[bool, ...] = ()
 
     def __post_init__(self) -> None:
         n = self.coefs.shape[0]
@@ -76,7 +80,7 @@ class StepPlan:
         """The same plan with guidance scale ``scale`` in every stage (None: unguided)."""
         coefs = self.coefs.copy()
         coefs[:, W] = 1.0 if scale is None else float(scale)
-        return StepPlan(coefs, self.history, self.write_x, self.keep_z, self.noise, self.clip)
+        return StepPlan(coefs, self.history, self.write_x, self.keep_z, self.noise, self.clip, self.keep_o)
 
     def table(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The coefficient table on ``device`` (copied without a host sync where the device allows)."""
@@ -106,6 +110,8 @@ def compile_plan(
     history: list[tuple[HistoryRef, ...]] = []
     write_x = [False] * n
     keep_z = [False] * n
+    keep_o = [False] * n
+    kept = {"x": write_x, "z": keep_z, "o": keep_o}
     uses_noise = [False] * n
     for i, stage in enumerate(stages):
         p = stage.point
@@ -122,7 +128,7 @@ def compile_plan(
             elif (kind, j) == NOISE:
                 coefs[i, CN] += c
                 uses_noise[i] = True
-            elif kind in ("x", "z") and 0 <= j < i:
+            elif kind in kept and 0 <= j < i:
                 refs.append((HistoryRef(kind, j), c))
             else:
                 raise ValueError(f"stage {i} refers to {kind}{j}, which is not available")
@@ -131,7 +137,8 @@ def compile_plan(
             raise ValueError(f"stage {i} needs {len(refs)} stored tensors; at most {MAX_HISTORY} are supported")
         for slot, (ref, c) in enumerate(refs):
             coefs[i, H0 + slot] = c
-            (write_x if ref.kind == "x" else keep_z)[ref.stage] = True
+            kept[ref.kind][ref.stage] = True
         history.append(tuple(ref for ref, _ in refs))
         coefs[i, CIN] = scale[i + 1] if i + 1 < n else 1.0
-    return StepPlan(coefs, tuple(history), tuple(write_x), tuple(keep_z), tuple(uses_noise), clip)
+    return StepPlan(coefs, tuple(history), tuple(write_x), tuple(keep_z), tuple(uses_noise), clip,
+                    tuple(keep_o) if any(keep_o) else ())

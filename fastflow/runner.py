@@ -71,12 +71,14 @@ class PlanRunner:
             free_after[i].append(key)
         # What run() reads per stage, as plain Python values in one tuple (it is on every step's host path):
         # the keys it reads, whether it draws noise and writes (and keeps) x_hat, and whether it keeps its input
-        # state and what it frees (None when it keeps and frees nothing, the usual single-step stage).
+        # state or model output and what it frees (None when it keeps and frees nothing, the usual single-step
+        # stage).
+        keep_o = plan.keep_o or (False,) * len(plan.history)
         self._stages = [
             (
                 needs[i], bool(plan.noise[i]), bool(plan.write_x[i]),
-                (bool(plan.keep_z[i]), tuple(free_after[i]))
-                if plan.write_x[i] or plan.keep_z[i] or free_after[i] else None,
+                (bool(plan.keep_z[i]), bool(keep_o[i]), tuple(free_after[i]))
+                if plan.write_x[i] or plan.keep_z[i] or keep_o[i] or free_after[i] else None,
             )
             for i in range(len(plan.history))
         ]
@@ -114,7 +116,8 @@ class PlanRunner:
         self._store.clear()
 
     def stored(self, kind: str, stage: int) -> torch.Tensor:
-        """The tensor stage ``stage`` keeps for later stages: its x_hat (``kind="x"``) or input state (``"z"``)."""
+        """The tensor stage ``stage`` keeps for later stages: its x_hat (``kind="x"``), input state (``"z"``) or
+        model output (``"o"``)."""
         try:
             return self._store[(kind, stage)]
         except KeyError:
@@ -214,17 +217,21 @@ class PlanRunner:
             history = [*extra_history]
         if use_noise and noise is None and seeds is None:
             raise ValueError(f"stage {i} draws noise: pass seeds or noise")
+        if bookkeeping is not None and bookkeeping[1] and (uncond is not None or paired):
+            raise ValueError(f"stage {i} keeps its model output, which a guided call does not have")
         found = self._dispatch.get((z.device, z.dtype)) or self._table_and_backend_for(z.device, z.dtype)
         out, x_out, model_in = found[2](  # the dispatch entry
             z, out, cond, uncond, history, found[0], i if step is None else step, seeds, noise, write_x or want_x,
             x_dtype, model_in_dtype, model_in_double, self.plan.clip, use_noise, paired,
         )
         if bookkeeping is not None:
-            keep_z, free_after = bookkeeping
+            keep_z, keep_o, free_after = bookkeeping
             if write_x:
                 store[("x", i)] = x_out
             if keep_z:
                 store[("z", i)] = z
+            if keep_o:
+                store[("o", i)] = cond
             for key in free_after:
                 store.pop(key, None)
         return out, x_out, model_in

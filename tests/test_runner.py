@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 import fastflow as ff
 from fastflow.backends import get_backend
-from fastflow.runner import run_bound
+from fastflow.plan import H0, StepPlan, compile_plan
+from fastflow.runner import PlanRunner, run_bound
+from fastflow.solvers.base import Lin, Points, Stage
 
 
 def _backends() -> list[str]:
@@ -73,3 +76,28 @@ def test_a_new_backend_name_is_resolved_afresh():
     assert runner._dispatch == {}
     runner.run(0, z, z)
     assert runner.backend == "auto" and len(runner._dispatch) == 1
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_a_kept_model_output_is_the_callers_tensor(backend):
+    """A stage that keeps its model output stores the tensor it was given (no copy) and a later stage reads it as
+    the history slot it names: the bits of the same step given that tensor on a free slot; a guided call of such a
+    stage raises before it runs."""
+    point = Points(*(np.array([v]) for v in (1.0, 1.0, 1.0, 0.0, 0.0)))  # x0 prediction
+    first = Stage(point, Lin({("z", 0): 0.9, ("x", 0): 0.1}))
+    runner = PlanRunner(compile_plan([first, Stage(point, Lin({("z", 1): 0.8, ("x", 1): 0.3, ("o", 0): -0.2}))],
+                                     "x0"), backend)
+    gen = torch.Generator().manual_seed(1)
+    z, o0, o1 = (torch.randn(2, 3, 5, 7, generator=gen) for _ in range(3))
+    z1, x0, _ = runner.run(0, z, o0)
+    assert x0 is None and runner.stored("o", 0) is o0
+    z2, _, _ = runner.run(1, z1, o1)
+
+    plan = compile_plan([first, Stage(point, Lin({("z", 1): 0.8, ("x", 1): 0.3}))], "x0")
+    coefs = plan.coefs.copy()
+    coefs[1, H0] = -0.2  # on the caller's tensor
+    given = PlanRunner(StepPlan(coefs, plan.history, plan.write_x, plan.keep_z, plan.noise, plan.clip), backend)
+    given.run(0, z, o0)
+    assert torch.equal(given.run(1, z1, o1, extra_history=(o0,))[0], z2)
+    with pytest.raises(ValueError, match="keeps its model output, which a guided call does not have"):
+        runner.run(0, z, o0, o1)

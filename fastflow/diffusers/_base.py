@@ -145,7 +145,8 @@ def output_maker(cls: type, first: str, second: str | None = None) -> Callable[.
 
 
 def O(i: int) -> Lin:  # noqa: E743 - the symbol's name is the formula's
-    """The raw model output of stage ``i`` (bound to a free history slot of the kernel)."""
+    """The raw model output of stage ``i`` (bound to a free history slot of the kernel; an earlier stage's is kept
+    by reference, as diffusers keeps it, not written again)."""
     return Lin({(_O_KIND, i): 1.0})
 
 
@@ -194,12 +195,12 @@ class Compiled:
 
 
 def _split_o(i: int, lin: Lin) -> tuple[Lin, float]:
+    """Stage ``i``'s update without its own model output's term (the caller's tensor, bound to a slot after the
+    plan's), and that term's coefficient; earlier stages' model outputs stay plan history."""
     rest: dict = {}
     c_o = 0.0
     for (kind, j), c in lin:
-        if kind == _O_KIND:
-            if j != i:
-                raise ValueError(f"stage {i} refers to the model output of stage {j}; only its own is available")
+        if kind == _O_KIND and j == i:
             c_o += c
         else:
             rest[(kind, j)] = c
@@ -226,7 +227,7 @@ def compile_specs(specs: Sequence[StepSpec], clip: float | None, backend: str, s
             if slot >= MAX_HISTORY:
                 raise ValueError(f"stage {k} needs {slot + 1} stored tensors; at most {MAX_HISTORY} are supported")
             coefs[k, H0 + slot] = c_o
-    plan = StepPlan(coefs, plan.history, plan.write_x, plan.keep_z, plan.noise, plan.clip)
+    plan = StepPlan(coefs, plan.history, plan.write_x, plan.keep_z, plan.noise, plan.clip, plan.keep_o)
     runner = PlanRunner(plan, backend)
     calls = tuple(
         _StageCall(
@@ -665,6 +666,8 @@ class FastflowScheduler:
             noise = noise.reshape(z.shape)
         cond = model_output
         if kernel_output is not None:
+            if runner.plan.keep_o:  # the runner keeps the tensor the kernel converts; O(j) means the raw output
+                raise ValueError("a plan that keeps earlier model outputs cannot convert another tensor")
             cond = kernel_output
         elif uses_o and not model_output.is_contiguous():
             # Inputs in any layout: the backend reads them by value (a contiguous copy only where needed). The

@@ -2,9 +2,9 @@
 
 diffusers steps with ``_get_prev_sample(sample, t, prev, output)``, linear in the
 sample and the model output it is given, and keeps model outputs between calls.
-Each call is one stage here: the kernel's ``x_hat`` is the raw model output, which
-later stages read from history, so nothing is kept on the host between calls and
-no device value is read. diffusers' own ``counter``, ``ets``, ``cur_sample`` and
+Each call is one stage here, and the earlier calls' model outputs are the kernel's
+history, kept by reference as diffusers keeps them (not written again), so no device
+value is read. diffusers' own ``counter``, ``ets``, ``cur_sample`` and
 ``cur_model_output`` are not kept up to date.
 
 ``skip_prk_steps=True`` (Stable Diffusion 1.x's configuration): the first call steps
@@ -37,7 +37,7 @@ from diffusers.schedulers import scheduling_pndm as _pndm
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
 from ..solvers.base import Lin
-from ._base import FastflowScheduler, StepSpec, X, Z, output_maker, promoted_dtype
+from ._base import FastflowScheduler, O, StepSpec, X, Z, output_maker, promoted_dtype
 
 __all__ = ["PNDMScheduler", "plms_weights"]
 _OUTPUT = output_maker(SchedulerOutput, "prev_sample")
@@ -67,6 +67,12 @@ def plms_weights(k: int, prk_calls: int = 0) -> tuple[int, list[tuple[int, float
     kept = kept[-4:]
     weights = _AB_WEIGHTS[len(kept)]
     return k, [(stage, w) for stage, w in zip(reversed(kept), weights, strict=True)]
+
+
+def _output(stage: int, k: int) -> Lin:
+    """The model output of ``stage`` in call ``k``'s update: its own as the kernel's ``x_hat`` (which is the model
+    output here), an earlier one as a kept tensor."""
+    return X(k) if stage == k else O(stage)
 
 
 def _sample_mark(sample: torch.Tensor) -> tuple[int, int]:
@@ -124,7 +130,7 @@ class PNDMScheduler(FastflowScheduler, _pndm.PNDMScheduler):
         base, weights = plms_weights(k, prk_calls)
         output = Lin({})
         for stage, w in weights:
-            output = output + X(stage) * w
+            output = output + _output(stage, k) * w
         return self._ff_prev(Z(base), output, t, prev)
 
     def _ff_prk_spec(self, i: int, k: int, ratio: int) -> StepSpec:
@@ -141,10 +147,10 @@ class PNDMScheduler(FastflowScheduler, _pndm.PNDMScheduler):
             raise ValueError(
                 f"Runge-Kutta call {k} cannot recover its group's sample: the call before it scaled that sample by 0"
             )
-        group_sample = (Z(k) - X(k - 1) * b) * (1.0 / a)
+        group_sample = (Z(k) - O(k - 1) * b) * (1.0 / a)
         output = Lin({})
         for j, w in enumerate(_RK_WEIGHTS):
-            output = output + X(first + j) * w
+            output = output + _output(first + j, k) * w
         return self._ff_prev(group_sample, output, t, prev)
 
     def step(

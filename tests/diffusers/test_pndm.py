@@ -284,3 +284,34 @@ def test_zero_snr_step_raises_where_diffusers_divides_by_zero():
         ff.step(start_noise(1), ff.timesteps[0], start_noise())
     ref.set_timesteps(5)
     assert not torch.isfinite(ref.step(start_noise(1), ref.timesteps[0], start_noise()).prev_sample).all()
+
+
+@pytest.mark.parametrize("make", [pair, prk_pair], ids=["plms", "warm-up"])
+def test_earlier_model_outputs_are_kept_by_reference(make):
+    """The calls' model outputs that later calls combine are kept as given (diffusers keeps them so too), not
+    written again as x_hat: no stage writes one, and the kept tensors are the loop's own model outputs."""
+    _, ff = make(**SD15)
+    ff.set_timesteps(8)
+    runner = ff._ff_get(0, None).runner
+    assert not any(runner.plan.write_x) and any(runner.plan.keep_o)
+    x, given, kept = start_noise(2), [], 0
+    for t in ff.timesteps:
+        o = torch.sin(x) * 0.5 + 0.1 * float(t) / 1000.0
+        given.append(o)
+        x = ff.step(o, t, x).prev_sample
+        for j in range(len(given)):
+            if ("o", j) in runner._store:
+                assert runner.stored("o", j) is given[j]
+                kept += 1
+    assert kept >= len(given)
+
+
+def test_a_converted_tensor_in_place_of_the_kept_outputs_raises():
+    """The kept outputs are the raw model outputs: a step that would have the kernel convert another tensor (as
+    thresholding drop-ins do) raises rather than keep that one."""
+    _, ff = pair(**SD15)
+    ff.set_timesteps(8)
+    x = start_noise(2)
+    t = ff.timesteps[0]
+    with pytest.raises(ValueError, match="keeps earlier model outputs cannot convert another tensor"):
+        ff._ff_step(torch.sin(x), t, x, kernel_output=torch.cos(x))
