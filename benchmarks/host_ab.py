@@ -4,6 +4,7 @@
     python benchmarks/host_ab.py --base /path/to/other   # alternate rounds of both, print ratios
     python benchmarks/host_ab.py --steps 30              # loops of 30 steps (default 10)
     python benchmarks/host_ab.py --classes PNDMScheduler,LMSDiscreteScheduler   # these drop-ins only
+    python benchmarks/host_ab.py --classes PNDMScheduler --shape 1 4 64 64      # their loops at that size
 
 The other checkout needs its extension built in place (``python setup.py build_ext
 --inplace``). Each round runs every case in a fresh subprocess per tree (so the two
@@ -122,9 +123,11 @@ def _dropin_steps_us(sched, z0, o, steps: int = LOOP_STEPS, repeats: int = 7) ->
     return statistics.median(times[1:])  # the first repeat warms up
 
 
-def _cases(steps: int = LOOP_STEPS, classes: tuple[str, ...] | None = None) -> dict[str, float]:
+def _cases(
+    steps: int = LOOP_STEPS, classes: tuple[str, ...] | None = None, shape: tuple[int, ...] = TINY
+) -> dict[str, float]:
     """Every case of this tree, in microseconds per step of ``steps``-step loops (run inside the subprocess);
-    ``classes``: only these drop-ins' loops (and diffusers' beside them)."""
+    ``classes``: only these drop-ins' loops (and diffusers' beside them); ``shape``: the drop-in loops' latents."""
     import warnings
 
     import torch
@@ -161,14 +164,14 @@ def _cases(steps: int = LOOP_STEPS, classes: tuple[str, ...] | None = None) -> d
         for label, sched in (("diffusers", ref), ("fastflow drop-in", getattr(ffd, cls_name).from_config(ref.config))):
             if label != "diffusers":
                 sched.backend = "cuda"
-            z0, o = torch.randn(TINY), torch.randn(TINY)
+            z0, o = torch.randn(shape), torch.randn(shape)
             results[f"{cls_name} steps ({label})"] = _dropin_steps_us(sched, z0, o, steps)
     for cls_name in (c for c in HALF_DROPINS if not classes or c in classes):  # float16 latents, as fp16 pipelines
         ref = getattr(diffusers, cls_name)()
         for label, sched in (("diffusers", ref), ("fastflow drop-in", getattr(ffd, cls_name).from_config(ref.config))):
             if label != "diffusers":
                 sched.backend = "cuda"
-            z0, o = torch.randn(TINY).half(), torch.randn(TINY).half()
+            z0, o = torch.randn(shape).half(), torch.randn(shape).half()
             results[f"{cls_name} float16 steps ({label})"] = _dropin_steps_us(sched, z0, o, steps)
 
     if classes:
@@ -195,11 +198,12 @@ def _cases(steps: int = LOOP_STEPS, classes: tuple[str, ...] | None = None) -> d
     return results
 
 
-def _run_tree(tree: Path, steps: int, classes: str | None) -> dict[str, float]:
+def _run_tree(tree: Path, steps: int, classes: str | None, shape: list[int]) -> dict[str, float]:
     """This file's cases in a subprocess that imports ``fastflow`` (and the test helpers) from ``tree``."""
     env = dict(os.environ, PYTHONPATH=str(tree), **MALLOC_ENV)
     out = subprocess.run(
-        [sys.executable, __file__, "--child", "--steps", str(steps), *(["--classes", classes] if classes else [])],
+        [sys.executable, __file__, "--child", "--steps", str(steps), *(["--classes", classes] if classes else []),
+         "--shape", *map(str, shape)],
         cwd=tree, env=env, capture_output=True, text=True, check=True,
     )
     result = json.loads(out.stdout.strip().splitlines()[-1])
@@ -216,19 +220,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=LOOP_STEPS, help="steps of each timed loop")
     parser.add_argument("--absolute", action="store_true", help="also print the medians (us; this machine's)")
     parser.add_argument("--classes", help="comma-separated drop-in classes: time only their loops")
+    parser.add_argument("--shape", type=int, nargs="+", default=list(TINY), help="the drop-in loops' latents")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         import fastflow
 
         classes = tuple(args.classes.split(",")) if args.classes else None
-        print(json.dumps({**_cases(args.steps, classes), "fastflow": fastflow.__file__}))
+        print(json.dumps({**_cases(args.steps, classes, tuple(args.shape)), "fastflow": fastflow.__file__}))
         return
     trees = {"this": ROOT} if args.base is None else {"base": args.base.resolve(), "this": ROOT}
     runs: dict[str, list[dict[str, float]]] = {k: [] for k in trees}
     for _ in range(args.rounds):
         for key, tree in trees.items():
-            runs[key].append(_run_tree(tree, args.steps, args.classes))
+            runs[key].append(_run_tree(tree, args.steps, args.classes, args.shape))
     med = {k: {name: statistics.median(r[name] for r in runs[k]) for name in runs[k][0]} for k in trees}
     if args.absolute:
         print("| case (us per step, median of rounds) | " + " | ".join(trees) + " |")

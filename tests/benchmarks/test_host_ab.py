@@ -36,8 +36,8 @@ def test_pipeline_loops_give_diffusers_samples(name):
 
 
 def test_classes_restrict_the_cases_to_their_loops():
-    """``--classes``: only those drop-ins' loops, each beside diffusers' own."""
-    results = host_ab._cases(2, ("DDIMScheduler", "FlowMatchEulerDiscreteScheduler"))
+    """``--classes``: only those drop-ins' loops, each beside diffusers' own (``--shape``: at that size)."""
+    results = host_ab._cases(2, ("DDIMScheduler", "FlowMatchEulerDiscreteScheduler"), (2, 3, 4, 4))
     assert sorted(results) == sorted(
         f"{name} steps ({label})"
         for name in ("DDIMScheduler", "FlowMatchEulerDiscreteScheduler", "FlowMatchEulerDiscreteScheduler float16")
