@@ -17,6 +17,7 @@
 #include <type_traits>
 
 #include "fastflow_step.h"
+#include "half_x86.h"
 #include "noise_avx2.h"
 #include "step_host.h"
 #include "step_ops.h"
@@ -40,11 +41,27 @@ void load_block(const void* base, int dtype, int64_t off, int64_t n, T* dst) {
       break;
     }
     case kFloat16: {
+#if defined(FASTFLOW_HALF_X86)
+      if constexpr (std::is_same_v<T, float>) {
+        if (half_x86::cpu_has_f16c()) {
+          half_x86::half_to_float(static_cast<const uint16_t*>(base) + off, n, dst);
+          break;
+        }
+      }
+#endif
       const c10::Half* s = static_cast<const c10::Half*>(base) + off;
       for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(static_cast<float>(s[i]));
       break;
     }
     case kBFloat16: {
+#if defined(FASTFLOW_HALF_X86)
+      if constexpr (std::is_same_v<T, float>) {
+        if (half_x86::cpu_has_avx2()) {
+          half_x86::bf16_to_float(static_cast<const uint16_t*>(base) + off, n, dst);
+          break;
+        }
+      }
+#endif
       const c10::BFloat16* s = static_cast<const c10::BFloat16*>(base) + off;
       for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(static_cast<float>(s[i]));
       break;
@@ -67,11 +84,27 @@ void store_block(void* base, int dtype, int64_t off, int64_t n, const T* src) {
       break;
     }
     case kFloat16: {
+#if defined(FASTFLOW_HALF_X86)
+      if constexpr (std::is_same_v<T, float>) {
+        if (half_x86::cpu_has_f16c()) {
+          half_x86::float_to_half(src, n, static_cast<uint16_t*>(base) + off);
+          break;
+        }
+      }
+#endif
       c10::Half* d = static_cast<c10::Half*>(base) + off;
       for (int64_t i = 0; i < n; ++i) d[i] = c10::Half(static_cast<float>(src[i]));
       break;
     }
     case kBFloat16: {
+#if defined(FASTFLOW_HALF_X86)
+      if constexpr (std::is_same_v<T, float>) {
+        if (half_x86::cpu_has_avx2()) {
+          half_x86::float_to_bf16(src, n, static_cast<uint16_t*>(base) + off);
+          break;
+        }
+      }
+#endif
       c10::BFloat16* d = static_cast<c10::BFloat16*>(base) + off;
       for (int64_t i = 0; i < n; ++i) d[i] = c10::BFloat16(static_cast<float>(src[i]));
       break;

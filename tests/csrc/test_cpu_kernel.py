@@ -569,3 +569,66 @@ def test_threads_split_the_work_not_the_result(cb):
     finally:
         torch.set_num_threads(before)
     assert_matches(many, one, exact=True)
+
+
+def _copy_table(az: float, ao: float, cz: float, cx: float) -> torch.Tensor:
+    """One plan row: x_hat = az z + ao o, next state cz z + cx x_hat, next model input 1 x the next state."""
+    from fastflow.plan import AO, AZ, CIN, CX, CZ, W
+
+    row = torch.zeros(1, NUM_COEFS, dtype=torch.float32)
+    row[0, W], row[0, AZ], row[0, AO], row[0, CZ], row[0, CX], row[0, CIN] = 1.0, az, ao, cz, cx, 1.0
+    return row
+
+
+def _all_16_bit_patterns(dtype: torch.dtype) -> torch.Tensor:
+    """Every 16-bit pattern once, as a (2, 32768) tensor of ``dtype`` (two samples, each 64 blocks of 512)."""
+    return torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype).reshape(2, 2**15)
+
+
+def _entry_outputs(backend, z, o, table, x_dtype=None, mi_dtype=None) -> tuple:
+    return backend.alloc_entry()(z, None, o, None, [], table, 0, None, None, x_dtype is not None, x_dtype, mi_dtype,
+                                 False, None, False, False)
+
+
+def _same_bits_or_both_nan(a: torch.Tensor, b: torch.Tensor) -> bool:
+    nan = a.isnan()
+    return torch.equal(nan, b.isnan()) and torch.equal(a.view(torch.int16)[~nan], b.view(torch.int16)[~nan])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_16_bit_loads_and_stores_are_exact(cb, dtype):
+    """Each 16-bit pattern read into float32 and stored back (a 16-bit state stepped by 1 x z) is itself where
+    finite (an infinity meets 0 x z in x_hat: NaN), as in the torch reference. The loads and stores run eight or
+    more elements at a time where the CPU allows."""
+    z = _all_16_bit_patterns(dtype)
+    table = _copy_table(0.0, 0.0, 1.0, 0.0)
+    out = _entry_outputs(cb, z, z, table)[0]
+    finite = z.isfinite()
+    assert torch.equal(out.view(torch.int16)[finite], z.view(torch.int16)[finite])
+    assert _same_bits_or_both_nan(out, _entry_outputs(get_backend("torch"), z, z, table)[0])
+
+
+@pytest.mark.parametrize("n", [50000, 50003])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_float32_to_16_bits_rounds_to_nearest_even(cb, dtype, n):
+    """float32 model outputs written as 16-bit x_hat and next model input (x_hat = o, next state = x_hat, from a
+    state of -0) round to nearest even as torch's conversion does: values over the whole range, midpoints between
+    16-bit neighbours, overflow, subnormals, signed zeros and infinities; a length that leaves a tail."""
+    g = torch.Generator().manual_seed(3)
+    grid = _all_16_bit_patterns(dtype).reshape(-1).float()
+    grid = grid[grid.isfinite()]
+    half_ulp = 1 << (12 if dtype == torch.float16 else 15)  # float32 bits between a 16-bit value and a midpoint
+    midpoints = (grid.view(torch.int32) + half_ulp).view(torch.float32)
+    specials = torch.tensor([0.0, -0.0, 65504.0, 65519.99, 65520.0, -65520.0, 1e-8, -1e-8, 6e-8, 3e38, -3e38,
+                             float("inf"), -float("inf"), float("nan"), 2**-24, 2**-25, 3 * 2**-26, 1e-40, -1e-40])
+    payload_nans = torch.tensor([0x7F800001, -0x7F800001, 0x7FBFFFFF, -0x00400000], dtype=torch.int32).view(
+        torch.float32)  # NaNs whose rounding would carry into the exponent (an infinity) if not caught
+    spread = torch.randn(n, generator=g) * 10.0 ** torch.randint(-9, 9, (n,), generator=g).float()
+    # the special values first (in full groups of eight), then the rest (its length leaving a tail)
+    values = torch.cat([specials, payload_nans, spread, midpoints[midpoints.isfinite()], specials, payload_nans])
+    values = values.reshape(1, -1)
+    z = torch.full_like(values, -0.0)
+    _, x_hat, model_in = _entry_outputs(cb, z, values, _copy_table(0.0, 1.0, 0.0, 1.0), dtype, dtype)
+    want = values.to(dtype)
+    assert x_hat.dtype == model_in.dtype == dtype
+    assert _same_bits_or_both_nan(x_hat, want) and _same_bits_or_both_nan(model_in, want)
