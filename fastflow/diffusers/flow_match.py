@@ -10,8 +10,7 @@ Shift, dynamic shifting (``mu``), ``shift_terminal``, Karras/exponential/beta si
 ``set_timesteps``. The Heun scheduler is diffusers' two-call Heun step (see
 :mod:`._two_call`) on flow sigmas, where each slope ``(sample - x0) / sigma`` is the
 velocity itself: the kernel's ``x_hat`` is the velocity (diffusers forms ``x0`` and
-divides it back out, which near the last sigma of 1e-3 costs it digits), and the second
-call reads the first call's model output as it was given.
+divides it back out, which near the last sigma of 1e-3 costs it digits).
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ import torch
 from diffusers.schedulers import scheduling_flow_match_euler_discrete as fm
 from diffusers.schedulers import scheduling_flow_match_heun_discrete as fmh
 
-from ._base import O, StepSpec, X, Z, noise, output_maker
+from ._base import StepSpec, X, Z, noise, output_maker
 from ._two_call import TwoCallMixin
 from .euler import _SigmaMixin
 
@@ -128,8 +127,7 @@ class FlowMatchHeunDiscreteScheduler(TwoCallMixin, fmh.FlowMatchHeunDiscreteSche
     def _ff_spec(self, i: int, k: int, variant: Any) -> StepSpec:
         if k % 2 == 0:  # first-order (the loop's first call is): Euler to the next sigma, slope saved
             return StepSpec(0.0, 1.0, Z(k) + X(k) * self._ff_dt(i))
-        # The first call's slope is its model output, kept as given (diffusers keeps it so), not written again.
-        return StepSpec(0.0, 1.0, Z(k - 1) + (O(k - 1) + X(k)) * (0.5 * self._ff_dt(i - 1)))
+        return StepSpec(0.0, 1.0, Z(k - 1) + (X(k - 1) + X(k)) * (0.5 * self._ff_dt(i - 1)))
 
     def _ff_dt(self, i: int) -> float:
         """The first-order call ``i``'s step, ``sigma_next - sigma``, as diffusers' float32 subtraction gives it."""
