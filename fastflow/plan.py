@@ -35,8 +35,9 @@ COLUMN_NAMES = ("W", "AZ", "AO", "CZ", "CX", "H0", "H1", "H2", "CN", "CIN")
 @dataclass(frozen=True)
 class HistoryRef:
     """A tensor of an earlier stage: ``kind`` is ``"x"`` (its x_hat), ``"z"`` (its input state) or ``"o"`` (the
-    unguided model output it was given, kept by reference rather than written again: the drop-ins of schedulers
-    that keep raw model outputs, as diffusers' PNDM does)."""
+    unguided model output it was given, kept by reference rather than written again: for the drop-ins of
+    schedulers that keep the model output tensors themselves, as diffusers' PNDM does, so that a buffer the caller
+    reuses changes both alike)."""
 
     kind: str
     stage: int

@@ -3,8 +3,9 @@
 diffusers steps with ``_get_prev_sample(sample, t, prev, output)``, linear in the
 sample and the model output it is given, and keeps model outputs between calls.
 Each call is one stage here, and the earlier calls' model outputs are the kernel's
-history, kept by reference as diffusers keeps them (not written again), so no device
-value is read. diffusers' own ``counter``, ``ets``, ``cur_sample`` and
+history, kept by reference as diffusers keeps them in ``ets`` (not written again; a
+model output changed in place after its call changes the later calls, in diffusers
+too), so no device value is read. diffusers' own ``counter``, ``ets``, ``cur_sample`` and
 ``cur_model_output`` are not kept up to date.
 
 ``skip_prk_steps=True`` (Stable Diffusion 1.x's configuration): the first call steps
