@@ -10,6 +10,7 @@
 
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
 #define FASTFLOW_HALF_X86 1
+#include <cpuid.h>
 #include <immintrin.h>
 
 #include <cstdint>
@@ -75,8 +76,13 @@ FF_AVX2 void float_to_bf16(const float* src, int64_t n, uint16_t* dst) {
 #undef FF_F16C
 #undef FF_AVX2
 
+// F16C from CPUID itself: older compilers' __builtin_cpu_supports does not know the name (AVX's check covers the
+// operating system's support of the registers).
 inline bool cpu_has_f16c() {
-  static const bool has = __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
+  static const bool has = [] {
+    unsigned int eax = 0, ebx = 0, ecx = 0, edx = 0;
+    return __builtin_cpu_supports("avx") && __get_cpuid(1, &eax, &ebx, &ecx, &edx) && (ecx & bit_F16C) != 0;
+  }();
   return has;
 }
 
