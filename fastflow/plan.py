@@ -11,7 +11,8 @@ One model evaluation ("stage") ``i`` of any solver is, per element::
 ``h0..h2`` are stored tensors of earlier stages (a data prediction ``x_hat``, a
 state ``z``, or a raw model output ``o`` kept by reference), ``xi`` is the noise of
 :mod:`fastflow.noise` for this stage (or a tensor the caller passes). Solvers only
-produce these coefficients; kernels only evaluate them. This module is the single source of truth for the table layout.
+produce these coefficients; kernels only evaluate them. This module is the single
+source of truth for the table layout.
 """
 
 from __future__ import annotations
