@@ -800,7 +800,8 @@ class FastflowScheduler:
         seeds: torch.Tensor | None,
         row: int | torch.Tensor,
     ) -> torch.Tensor:
-        """A prediction field that is not ``x_hat`` itself (e.g. churned or LCM's ``denoised``): plain torch ops."""
+        """A prediction field that is not ``x_hat`` itself (e.g. churned, LMS's x0 or LCM's clipped ``denoised``):
+        plain torch ops, each term after the first added with its coefficient in one (``torch.add``'s ``alpha``)."""
         terms = {("x", k): x, ("z", k): z, (_O_KIND, k): o}
         acc = None
         for atom, c in lin:
@@ -814,8 +815,8 @@ class FastflowScheduler:
                 t = terms[atom]
             else:
                 raise ValueError(f"a prediction field cannot use {atom}")
-            term = t.to(x.dtype) * c if c != 1.0 else t.to(x.dtype)
-            acc = term if acc is None else acc + term
+            t = t.to(x.dtype)
+            acc = (t * c if c != 1.0 else t) if acc is None else torch.add(acc, t, alpha=c)
         return acc if acc is not None else torch.zeros_like(x)
 
 
