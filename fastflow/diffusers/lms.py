@@ -103,7 +103,8 @@ class LMSDiscreteScheduler(_VEInputMixin, _lms.LMSDiscreteScheduler):
         self._ff_check_timestep(timestep)
         raw = self._ff_x0_is_output  # diffusers' x0 is then the model output itself
         # Mid-loop, a call of the loop's order (the lane is bound for it) runs from the lane.
-        if type(order) is int and (done := self._ff_lane_step(model_output, timestep, sample, variant=order)):
+        done = self._ff_lane_step(model_output, timestep, sample, variant=order) if type(order) is int else None
+        if done is not None:
             prev, pred = done
             if raw and self.compute_pred_original_sample:
                 pred = model_output
