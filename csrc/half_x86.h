@@ -5,12 +5,12 @@
 // float32 one. The values are c10's and torch's: float16 to float32 exact, float32 to
 // float16 rounded to nearest even (F16C's IEEE conversion; a NaN's payload bits are
 // F16C's, as torch's own vectorized conversion writes them); bfloat16 to float32 a
-// shift, float32 to bfloat16 c10's rounding to nearest even with NaN as 0x7FC0.
+// shift, float32 to bfloat16 c10's rounding to nearest even with NaN as 0x7FC0. Callers
+// check cpu_features.h first.
 #pragma once
 
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
 #define FASTFLOW_HALF_X86 1
-#include <cpuid.h>
 #include <immintrin.h>
 
 #include <cstdint>
@@ -75,21 +75,6 @@ FF_AVX2 void float_to_bf16(const float* src, int64_t n, uint16_t* dst) {
 
 #undef FF_F16C
 #undef FF_AVX2
-
-// F16C from CPUID itself: older compilers' __builtin_cpu_supports does not know the name (AVX's check covers the
-// operating system's support of the registers).
-inline bool cpu_has_f16c() {
-  static const bool has = [] {
-    unsigned int eax = 0, ebx = 0, ecx = 0, edx = 0;
-    return __builtin_cpu_supports("avx") && __get_cpuid(1, &eax, &ebx, &ecx, &edx) && (ecx & bit_F16C) != 0;
-  }();
-  return has;
-}
-
-inline bool cpu_has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2");
-  return has;
-}
 
 }  // namespace half_x86
 }  // namespace fastflow

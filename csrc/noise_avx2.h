@@ -25,6 +25,7 @@
 
 #include <cstdint>
 
+#include "cpu_features.h"
 #include "fastflow_step.h"
 
 namespace fastflow {
@@ -189,12 +190,6 @@ __attribute__((target("avx2"))) inline int64_t draw_normals(uint64_t seed, int64
 }
 
 #undef FF_AVX2
-
-// Whether this CPU runs AVX2 (asked once).
-inline bool cpu_has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2");
-  return has;
-}
 
 }  // namespace avx2
 }  // namespace fastflow

@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "cpu_features.h"
 #include "fastflow_step.h"
 #include "half_x86.h"
 #include "noise_avx2.h"
@@ -32,8 +33,47 @@ constexpr int64_t kBlock = 512;  // elements per block (multiple of 4)
 constexpr int64_t kGrainElements = 32768;
 constexpr int64_t kDrawGrainElements = 4096;
 
+// float16 and bfloat16 blocks in float, eight elements at a time where the CPU has the instructions (half_x86.h);
+// false where it has not (or the type is double), and the caller converts one element at a time.
+template <typename T>
+bool load_16_bit_fast(const void* base, int dtype, int64_t off, int64_t n, T* dst) {
+#if defined(FASTFLOW_HALF_X86)
+  if constexpr (std::is_same_v<T, float>) {
+    const uint16_t* src = static_cast<const uint16_t*>(base) + off;
+    if (dtype == kFloat16 && cpu::has_f16c()) {
+      half_x86::half_to_float(src, n, dst);
+      return true;
+    }
+    if (dtype == kBFloat16 && cpu::has_avx2()) {
+      half_x86::bf16_to_float(src, n, dst);
+      return true;
+    }
+  }
+#endif
+  return false;
+}
+
+template <typename T>
+bool store_16_bit_fast(void* base, int dtype, int64_t off, int64_t n, const T* src) {
+#if defined(FASTFLOW_HALF_X86)
+  if constexpr (std::is_same_v<T, float>) {
+    uint16_t* dst = static_cast<uint16_t*>(base) + off;
+    if (dtype == kFloat16 && cpu::has_f16c()) {
+      half_x86::float_to_half(src, n, dst);
+      return true;
+    }
+    if (dtype == kBFloat16 && cpu::has_avx2()) {
+      half_x86::float_to_bf16(src, n, dst);
+      return true;
+    }
+  }
+#endif
+  return false;
+}
+
 template <typename T>
 void load_block(const void* base, int dtype, int64_t off, int64_t n, T* dst) {
+  if (load_16_bit_fast(base, dtype, off, n, dst)) return;
   switch (dtype) {
     case kFloat32: {
       const float* s = static_cast<const float*>(base) + off;
@@ -41,27 +81,11 @@ void load_block(const void* base, int dtype, int64_t off, int64_t n, T* dst) {
       break;
     }
     case kFloat16: {
-#if defined(FASTFLOW_HALF_X86)
-      if constexpr (std::is_same_v<T, float>) {
-        if (half_x86::cpu_has_f16c()) {
-          half_x86::half_to_float(static_cast<const uint16_t*>(base) + off, n, dst);
-          break;
-        }
-      }
-#endif
       const c10::Half* s = static_cast<const c10::Half*>(base) + off;
       for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(static_cast<float>(s[i]));
       break;
     }
     case kBFloat16: {
-#if defined(FASTFLOW_HALF_X86)
-      if constexpr (std::is_same_v<T, float>) {
-        if (half_x86::cpu_has_avx2()) {
-          half_x86::bf16_to_float(static_cast<const uint16_t*>(base) + off, n, dst);
-          break;
-        }
-      }
-#endif
       const c10::BFloat16* s = static_cast<const c10::BFloat16*>(base) + off;
       for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(static_cast<float>(s[i]));
       break;
@@ -77,6 +101,7 @@ void load_block(const void* base, int dtype, int64_t off, int64_t n, T* dst) {
 // Rounds once to the storage type (half types from double go through float, as torch's own copy does).
 template <typename T>
 void store_block(void* base, int dtype, int64_t off, int64_t n, const T* src) {
+  if (store_16_bit_fast(base, dtype, off, n, src)) return;
   switch (dtype) {
     case kFloat32: {
       float* d = static_cast<float*>(base) + off;
@@ -84,27 +109,11 @@ void store_block(void* base, int dtype, int64_t off, int64_t n, const T* src) {
       break;
     }
     case kFloat16: {
-#if defined(FASTFLOW_HALF_X86)
-      if constexpr (std::is_same_v<T, float>) {
-        if (half_x86::cpu_has_f16c()) {
-          half_x86::float_to_half(src, n, static_cast<uint16_t*>(base) + off);
-          break;
-        }
-      }
-#endif
       c10::Half* d = static_cast<c10::Half*>(base) + off;
       for (int64_t i = 0; i < n; ++i) d[i] = c10::Half(static_cast<float>(src[i]));
       break;
     }
     case kBFloat16: {
-#if defined(FASTFLOW_HALF_X86)
-      if constexpr (std::is_same_v<T, float>) {
-        if (half_x86::cpu_has_avx2()) {
-          half_x86::float_to_bf16(src, n, static_cast<uint16_t*>(base) + off);
-          break;
-        }
-      }
-#endif
       c10::BFloat16* d = static_cast<c10::BFloat16*>(base) + off;
       for (int64_t i = 0; i < n; ++i) d[i] = c10::BFloat16(static_cast<float>(src[i]));
       break;
@@ -124,7 +133,7 @@ void draw_block(uint64_t seed, int64_t e0, int64_t n, uint32_t step, uint32_t ta
   int64_t i = 0;
 #if defined(FASTFLOW_AVX2_NOISE)
   if constexpr (std::is_same_v<T, float>) {
-    if (avx2::cpu_has_avx2()) {
+    if (cpu::has_avx2()) {
       const int64_t chunks = n / 16;
       avx2::draw_normals(seed, e0, chunks, step, tag, dst);
       i = 16 * chunks;

@@ -12,7 +12,7 @@ extern "C" {
 // 1 when this build has the AVX2 path and this CPU runs it.
 int avx2_noise_available() {
 #if defined(FASTFLOW_AVX2_NOISE)
-  return fastflow::avx2::cpu_has_avx2() ? 1 : 0;
+  return fastflow::cpu::has_avx2() ? 1 : 0;
 #else
   return 0;
 #endif
