@@ -781,7 +781,7 @@ class FastflowScheduler:
         else:  # a stage that reads or keeps stored tensors: the runner's bookkeeping
             out, x, _ = runner.run(k, sample, model_output, None, seeds=seeds if noisy else None,
                                    want_x=bound.want_x, extra_history=history, step=row, x_dtype=bound.x_dtype)
-        if pred is not None and x is not None:  # a prediction field of its own (LCM's denoised, for one)
+        if pred is not None and x is not None:  # a prediction field of its own (LMS's x0, for one)
             x = self._ff_eval(pred, k, x, sample, model_output, None, seeds if noisy else None,
                               k if row is None else row)
         self._step_index = idx + 1

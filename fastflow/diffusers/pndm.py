@@ -163,10 +163,12 @@ class PNDMScheduler(FastflowScheduler, _pndm.PNDMScheduler):
     ) -> SchedulerOutput | tuple:
         """diffusers' PNDM step (same arguments and output), in one backend call."""
         # Past the Runge-Kutta calls (every call with skip_prk_steps) the lane serves the loop's steps.
-        prk_calls = len(self._ff_prk_t) if self._ff_lane is not None else 0
-        if (not prk_calls or (self._step_index or 0) - self._ff_loop_start >= prk_calls) and (
-            done := self._ff_lane_step(model_output, timestep, sample)
-        ) is not None:
+        if (
+            self._ff_lane is not None
+            and self._step_index is not None
+            and self._step_index - self._ff_loop_start >= len(self._ff_prk_t)
+            and (done := self._ff_lane_step(model_output, timestep, sample)) is not None
+        ):
             return (done[0],) if not return_dict else _OUTPUT(done[0])
         idx = self._ff_scheduled_index(timestep)
         call = idx - self._ff_loop_start
