@@ -19,8 +19,9 @@ from .plan import StepPlan
 
 class BoundEntry(NamedTuple):
     """A runner's entry call for states on one device in one dtype, with the arguments fixed that are the same at
-    each of its plain stages (:meth:`PlanRunner.bind`): a front end that keeps it runs a loop's plain stages
-    through :func:`run_bound` without :meth:`PlanRunner.run_plain`'s lookups."""
+    each of its stages (:meth:`PlanRunner.bind`): a front end that keeps it runs a loop's plain stages
+    through :func:`run_bound` without :meth:`PlanRunner.run_plain`'s lookups, and its other stages through
+    :meth:`PlanRunner.run_kept`."""
 
     entry: AllocEntry
     table: torch.Tensor
@@ -200,21 +201,7 @@ class PlanRunner:
         (and kept for later stages) in, default the state's.
         """
         needs, use_noise, write_x, bookkeeping = self._stages[i]
-        store = self._store
-        if i == 0:
-            store.clear()
-        if needs:
-            try:
-                history = list(map(store.__getitem__, needs))  # no comprehension frame (every multistep step)
-            except KeyError:
-                missing = next(k for k in needs if k not in store)
-                raise RuntimeError(
-                    f"stage {i} needs {missing[0]} of stage {missing[1]}; run the stages in order from 0"
-                ) from None
-            if extra_history:
-                history.extend(extra_history)
-        else:
-            history = [*extra_history]
+        history = self._gather(i, needs, extra_history)
         if use_noise and noise is None and seeds is None:
             raise ValueError(f"stage {i} draws noise: pass seeds or noise")
         if bookkeeping is not None and bookkeeping[1] and (uncond is not None or paired):
@@ -225,13 +212,64 @@ class PlanRunner:
             x_dtype, model_in_dtype, model_in_double, self.plan.clip, use_noise, paired,
         )
         if bookkeeping is not None:
-            keep_z, keep_o, free_after = bookkeeping
-            if write_x:
-                store[("x", i)] = x_out
-            if keep_z:
-                store[("z", i)] = z
-            if keep_o:
-                store[("o", i)] = cond
-            for key in free_after:
-                store.pop(key, None)
+            self._keep(i, bookkeeping, write_x, z, cond, x_out)
         return out, x_out, model_in
+
+    def run_kept(
+        self,
+        bound: BoundEntry,
+        i: int,
+        step: int | torch.Tensor,
+        z: torch.Tensor,
+        cond: torch.Tensor,
+        extra_history: list[torch.Tensor],
+        seeds: torch.Tensor | None,
+    ) -> OutputTriple:
+        """:meth:`run` of stage ``i`` through a binding of this runner (:meth:`bind`): unguided, without the next
+        model input, its history read and kept as :meth:`run` does. The drop-ins' lane runs its stages that read or
+        keep stored tensors so, without :meth:`run`'s keyword arguments and dispatch lookup (every multistep step).
+        ``z`` and ``cond`` are on the device and in the dtype it was bound for (the caller checks); ``seeds`` are
+        given when the stage draws noise."""
+        needs, use_noise, write_x, bookkeeping = self._stages[i]
+        history = self._gather(i, needs, extra_history)
+        entry, table, clip, want_x, x_dtype = bound
+        out, x_out, model_in = entry(z, None, cond, None, history, table, step, seeds, None, write_x or want_x,
+                                     x_dtype, None, False, clip, use_noise, False)
+        if bookkeeping is not None:
+            self._keep(i, bookkeeping, write_x, z, cond, x_out)
+        return out, x_out, model_in
+
+    def _gather(self, i: int, needs: tuple[tuple[str, int], ...], extra_history: Sequence[torch.Tensor]) -> list:
+        """Stage ``i``'s history: the stored tensors it reads, then ``extra_history`` (a loop's first stage forgets
+        the last loop's store first)."""
+        store = self._store
+        if i == 0:
+            store.clear()
+        if not needs:
+            return [*extra_history]
+        try:
+            history = list(map(store.__getitem__, needs))  # no comprehension frame (every multistep step)
+        except KeyError:
+            missing = next(k for k in needs if k not in store)
+            raise RuntimeError(
+                f"stage {i} needs {missing[0]} of stage {missing[1]}; run the stages in order from 0"
+            ) from None
+        if extra_history:
+            history.extend(extra_history)
+        return history
+
+    def _keep(
+        self, i: int, bookkeeping: tuple, write_x: bool, z: torch.Tensor, cond: torch.Tensor, x_out: torch.Tensor | None
+    ) -> None:
+        """Store what stage ``i`` keeps for later stages (its x_hat, input state or model output) and drop what it
+        read last."""
+        store = self._store
+        keep_z, keep_o, free_after = bookkeeping
+        if write_x:
+            store[("x", i)] = x_out
+        if keep_z:
+            store[("z", i)] = z
+        if keep_o:
+            store[("o", i)] = cond
+        for key in free_after:
+            store.pop(key, None)

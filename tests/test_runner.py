@@ -1,4 +1,4 @@
-"""PlanRunner: the plain-stage paths equal the general one, and a new backend name is resolved afresh."""
+"""PlanRunner: the plain-stage and bound history paths equal the general one; a new backend name resolves afresh."""
 
 from __future__ import annotations
 
@@ -58,6 +58,42 @@ def test_run_plain_equals_run(backend, solver, want_x):
             assert (result[1] is None) == (general[1] is None) == (not want_x)
             if want_x:
                 assert torch.equal(result[1], general[1])
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("solver", ["dpm++2m", "sde-dpm++2m", "unipc", "heun"])
+@pytest.mark.parametrize("want_x", [False, True])
+def test_run_kept_equals_run(backend, solver, want_x):
+    """A whole loop through run_kept and a binding, the history stored and read between its stages, gives run's
+    outputs bit for bit, and leaves the same tensors stored after each stage."""
+    general, kept = _sampler(solver, backend).runner, _sampler(solver, backend).runner
+    bound = kept.bind(torch.device("cpu"), torch.float32, want_x, None)
+    gen = torch.Generator().manual_seed(2)
+    z = torch.randn(2, 3, 5, 7, generator=gen)
+    seeds = torch.tensor([21, 22], dtype=torch.int64)
+    za = zb = z
+    assert any(general._stages[i][0] for i in range(general.plan.coefs.shape[0]))  # some stage reads history
+    for i in range(general.plan.coefs.shape[0]):
+        o = torch.randn(2, 3, 5, 7, generator=gen)
+        noisy = bool(general.plan.noise[i])
+        a = general.run(i, za, o, seeds=seeds if noisy else None, want_x=want_x)
+        b = kept.run_kept(bound, i, i, zb, o, [], seeds if noisy else None)
+        assert torch.equal(a[0], b[0])
+        assert (a[1] is None) == (b[1] is None)
+        if a[1] is not None:
+            assert torch.equal(a[1], b[1])
+        assert general._store.keys() == kept._store.keys()
+        assert all(torch.equal(general._store[key], kept._store[key]) for key in general._store)
+        za, zb = a[0], b[0]
+
+
+def test_run_kept_names_a_missing_stored_tensor():
+    runner = _sampler("dpm++2m", "torch").runner
+    reads = next(i for i in range(runner.plan.coefs.shape[0]) if runner._stages[i][0])
+    z = torch.zeros(1, 2, 3, 3)
+    bound = runner.bind(z.device, z.dtype, False, None)
+    with pytest.raises(RuntimeError, match="run the stages in order from 0"):
+        runner.run_kept(bound, reads, reads, z, z, [], None)
 
 
 def test_run_plain_of_a_noisy_stage_needs_seeds_or_noise():

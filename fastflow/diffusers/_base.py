@@ -779,8 +779,8 @@ class FastflowScheduler:
             out, x, _ = run_bound(bound, k if row is None else row, sample, model_output, history,
                                   seeds if noisy else None, noisy)
         else:  # a stage that reads or keeps stored tensors: the runner's bookkeeping
-            out, x, _ = runner.run(k, sample, model_output, None, seeds=seeds if noisy else None,
-                                   want_x=bound.want_x, extra_history=history, step=row, x_dtype=bound.x_dtype)
+            out, x, _ = runner.run_kept(bound, k, k if row is None else row, sample, model_output, history,
+                                        seeds if noisy else None)
         if pred is not None and x is not None:  # a prediction field of its own (LMS's x0, for one)
             x = self._ff_eval(pred, k, x, sample, model_output, None, seeds if noisy else None,
                               k if row is None else row)
