@@ -71,18 +71,18 @@ class PlanRunner:
         for key, i in last_use.items():
             free_after[i].append(key)
         # What run() reads per stage, as plain Python values in one tuple (it is on every step's host path):
-        # the keys it reads, whether it draws noise and writes (and keeps) x_hat, and whether it keeps its input
-        # state or model output and what it frees (None when it keeps and frees nothing, the usual single-step
-        # stage).
+        # the keys it reads, whether it draws noise, writes x_hat and keeps its model output, and what it keeps
+        # (each key with the output it stores: 0 its x_hat, 1 its input state, 2 its model output) and frees (None
+        # when it keeps and frees nothing, the usual single-step stage).
         keep_o = plan.keep_o or (False,) * len(plan.history)
-        self._stages = [
-            (
-                needs[i], bool(plan.noise[i]), bool(plan.write_x[i]),
-                (bool(plan.keep_z[i]), bool(keep_o[i]), tuple(free_after[i]))
-                if plan.write_x[i] or plan.keep_z[i] or keep_o[i] or free_after[i] else None,
-            )
-            for i in range(len(plan.history))
-        ]
+        self._stages = []
+        for i in range(len(plan.history)):
+            sources = (plan.write_x[i], plan.keep_z[i], keep_o[i])
+            keeps = tuple(((kind, i), src) for src, kind in enumerate("xzo") if sources[src])
+            self._stages.append((
+                needs[i], bool(plan.noise[i]), bool(plan.write_x[i]), bool(keep_o[i]),
+                (keeps, tuple(free_after[i])) if keeps or free_after[i] else None,
+            ))
 
     @property
     def backend(self) -> str:
@@ -138,7 +138,7 @@ class PlanRunner:
     def is_plain(self, i: int) -> bool:
         """Stage ``i`` reads no stored tensor and keeps none, and is not a loop's first stage (which forgets the
         last loop's history): :meth:`run_plain` may run it."""
-        needs, _, _, bookkeeping = self._stages[i]
+        needs, _, _, _, bookkeeping = self._stages[i]
         return i > 0 and not needs and bookkeeping is None
 
     def bind(self, device: torch.device, dtype: torch.dtype, want_x: bool, x_dtype: torch.dtype | None) -> BoundEntry:
@@ -200,19 +200,32 @@ class PlanRunner:
         ``uncond`` is None (the backend splits it). ``x_dtype``: the dtype x_hat is written
         (and kept for later stages) in, default the state's.
         """
-        needs, use_noise, write_x, bookkeeping = self._stages[i]
-        history = self._gather(i, needs, extra_history)
+        needs, use_noise, write_x, keeps_o, bookkeeping = self._stages[i]
+        store = self._store
+        if i == 0:
+            store.clear()
+        if needs:
+            try:
+                history = [*map(store.__getitem__, needs), *extra_history]  # no comprehension frame
+            except KeyError:
+                raise self._missing(i, needs) from None
+        else:
+            history = [*extra_history]
         if use_noise and noise is None and seeds is None:
             raise ValueError(f"stage {i} draws noise: pass seeds or noise")
-        if bookkeeping is not None and bookkeeping[1] and (uncond is not None or paired):
+        if keeps_o and (uncond is not None or paired):
             raise ValueError(f"stage {i} keeps its model output, which a guided call does not have")
         found = self._dispatch.get((z.device, z.dtype)) or self._table_and_backend_for(z.device, z.dtype)
         out, x_out, model_in = found[2](  # the dispatch entry
             z, out, cond, uncond, history, found[0], i if step is None else step, seeds, noise, write_x or want_x,
             x_dtype, model_in_dtype, model_in_double, self.plan.clip, use_noise, paired,
         )
-        if bookkeeping is not None:
-            self._keep(i, bookkeeping, write_x, z, cond, x_out)
+        if bookkeeping is not None:  # what it keeps and frees (the same lines as run_kept's: a helper's frame
+            outputs = (x_out, z, cond)  # would cost every multistep step)
+            for key, src in bookkeeping[0]:
+                store[key] = outputs[src]
+            for key in bookkeeping[1]:
+                store.pop(key, None)
         return out, x_out, model_in
 
     def run_kept(
@@ -230,46 +243,29 @@ class PlanRunner:
         keep stored tensors so, without :meth:`run`'s keyword arguments and dispatch lookup (every multistep step).
         ``z`` and ``cond`` are on the device and in the dtype it was bound for (the caller checks); ``seeds`` are
         given when the stage draws noise."""
-        needs, use_noise, write_x, bookkeeping = self._stages[i]
-        history = self._gather(i, needs, extra_history)
+        needs, use_noise, write_x, _, bookkeeping = self._stages[i]
+        store = self._store
+        if i == 0:
+            store.clear()
+        if needs:
+            try:
+                history = [*map(store.__getitem__, needs), *extra_history]
+            except KeyError:
+                raise self._missing(i, needs) from None
+        else:
+            history = extra_history
         entry, table, clip, want_x, x_dtype = bound
         out, x_out, model_in = entry(z, None, cond, None, history, table, step, seeds, None, write_x or want_x,
                                      x_dtype, None, False, clip, use_noise, False)
         if bookkeeping is not None:
-            self._keep(i, bookkeeping, write_x, z, cond, x_out)
+            outputs = (x_out, z, cond)
+            for key, src in bookkeeping[0]:
+                store[key] = outputs[src]
+            for key in bookkeeping[1]:
+                store.pop(key, None)
         return out, x_out, model_in
 
-    def _gather(self, i: int, needs: tuple[tuple[str, int], ...], extra_history: Sequence[torch.Tensor]) -> list:
-        """Stage ``i``'s history: the stored tensors it reads, then ``extra_history`` (a loop's first stage forgets
-        the last loop's store first)."""
-        store = self._store
-        if i == 0:
-            store.clear()
-        if not needs:
-            return [*extra_history]
-        try:
-            history = list(map(store.__getitem__, needs))  # no comprehension frame (every multistep step)
-        except KeyError:
-            missing = next(k for k in needs if k not in store)
-            raise RuntimeError(
-                f"stage {i} needs {missing[0]} of stage {missing[1]}; run the stages in order from 0"
-            ) from None
-        if extra_history:
-            history.extend(extra_history)
-        return history
-
-    def _keep(
-        self, i: int, bookkeeping: tuple, write_x: bool, z: torch.Tensor, cond: torch.Tensor, x_out: torch.Tensor | None
-    ) -> None:
-        """Store what stage ``i`` keeps for later stages (its x_hat, input state or model output) and drop what it
-        read last."""
-        store = self._store
-        keep_z, keep_o, free_after = bookkeeping
-        if write_x:
-            store[("x", i)] = x_out
-        if keep_z:
-            store[("z", i)] = z
-        if keep_o:
-            store[("o", i)] = cond
-        for key in free_after:
-            store.pop(key, None)
+    def _missing(self, i: int, needs: tuple[tuple[str, int], ...]) -> RuntimeError:
+        """The error of stage ``i`` run before a stage it reads a stored tensor of."""
+        kind, stage = next(k for k in needs if k not in self._store)
+        return RuntimeError(f"stage {i} needs {kind} of stage {stage}; run the stages in order from 0")
