@@ -20,19 +20,27 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
 from ..solvers.base import Lin, eps_of
-from ._base import FastflowScheduler, StepSpec, X
+from ._base import FastflowScheduler, StepSpec, X, Z
 from .ddim import thresholded_x0
 
 __all__ = [
-    "MultistepScheduler", "alpha_sigma", "eps_coefs", "float32_step_length", "half_logsnr", "noise_coefs",
+    "MultistepScheduler", "Undefined", "alpha_sigma", "eps_coefs", "float32_step_length", "half_logsnr", "noise_coefs",
     "stored_prediction", "x0_coefs", "x0_of_noise_coefs",
 ]
+
+
+class Undefined(NamedTuple):
+    """In a family's list of next-sample formulas, a step diffusers leaves undefined (it returns NaN or fails there),
+    and why: the step raises that when it runs, so a loop that stops before it (a pipeline's ``denoising_end``, or
+    an img2img loop's end) runs as diffusers' does."""
+
+    why: str
 
 
 def alpha_sigma(sigmas: Sequence[float] | np.ndarray | torch.Tensor, flow: bool, ve: bool = False) -> tuple[Any, Any]:
@@ -163,11 +171,9 @@ class MultistepScheduler(FastflowScheduler):
         """Whether the kernel's ``x_hat`` is diffusers' stored noise prediction (see the module docstring)."""
         return self._ff_stores_noise and not self._ff_thresholding
 
-    def _ff_updates(self, start: int) -> list[Lin]:
-        """Next-sample formulas of steps ``start .. n-1`` from ``self._ff_sigmas``.
-
-        Raises for a loop diffusers cannot run.
-        """
+    def _ff_updates(self, start: int) -> list[Lin | Undefined]:
+        """Next-sample formulas of steps ``start .. n-1`` from ``self._ff_sigmas``: :class:`Undefined` for a step
+        diffusers cannot run. Raises for a loop none of whose steps it can run."""
         raise NotImplementedError
 
     def _ff_prepare(self) -> None:
@@ -207,6 +213,9 @@ class MultistepScheduler(FastflowScheduler):
     def _ff_build(self, start: int) -> list[StepSpec]:
         specs = []
         for k, u in enumerate(self._ff_updates(start)):
+            if isinstance(u, Undefined):
+                specs.append(StepSpec(0.0, 1.0, Z(k), error=u.why))
+                continue
             xz, xo = (0.0, 1.0) if self._ff_thresholding else self._ff_kernel_conv[start + k]
             specs.append(StepSpec(xz, xo, u, draws=self._ff_draws))
         return specs

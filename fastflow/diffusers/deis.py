@@ -21,7 +21,7 @@ from diffusers.schedulers import scheduling_deis_multistep as _deis
 from ..solvers.base import Lin
 from ..solvers.dpmpp import repeated_point
 from ._base import Z, output_maker, promoted_dtype
-from ._multistep import MultistepScheduler, half_logsnr, stored_prediction
+from ._multistep import MultistepScheduler, Undefined, half_logsnr, stored_prediction
 from .dpmsolver import dpm_orders
 
 __all__ = ["DEISMultistepScheduler", "deis_updates", "logrho_coefficients"]
@@ -53,12 +53,13 @@ def deis_updates(
     lower_order_final: bool = True,
     flow: bool = False,
     x_is_eps: bool = True,
-) -> tuple[list[Lin], list[int]]:
+) -> tuple[list[Lin | Undefined], list[int]]:
     """Next-sample formulas for steps ``start .. n-1`` of a diffusers DEIS loop, and each step's order.
 
     ``sigmas``: diffusers' ``n + 1`` sigmas (flow sigmas with ``flow``). ``x_is_eps``: ``X(k)`` is the noise
     prediction itself; otherwise it is x0 (thresholded) and each noise prediction is read from ``Z`` and ``X``,
-    so only orders 1 and 2 fit the history slots.
+    so only orders 1 and 2 fit the history slots. A step diffusers leaves undefined is an :class:`Undefined` (it
+    raises when it runs).
     """
     sig, a, s, lam = half_logsnr(sigmas, flow, start)
     n = len(sig) - 1
@@ -70,16 +71,19 @@ def deis_updates(
     updates = []
     for i, p in zip(range(start, n), orders, strict=True):
         k = i - start
-        if s[i] == 0 or s[i + 1] == 0:
-            raise ValueError(f"step {i} starts or ends at sigma 0, where DEIS's log rho is not finite")
-        for j in range(i - p + 1, i):
-            if rho[j] == rho[j + 1]:
-                raise ValueError(repeated_point(j, j + 1, p) + " (diffusers returns NaN there)")
-        coefs = logrho_coefficients([rho[i - j] for j in range(p)], rho[i], rho[i + 1])
-        out = Z(k) * (a[i + 1] / a[i])
-        for j, c in enumerate(coefs):
-            out = out + m(i - j) * (a[i + 1] * c)
-        updates.append(out)
+        try:
+            if s[i] == 0 or s[i + 1] == 0:
+                raise ValueError(f"step {i} starts or ends at sigma 0, where DEIS's log rho is not finite")
+            for j in range(i - p + 1, i):
+                if rho[j] == rho[j + 1]:
+                    raise ValueError(repeated_point(j, j + 1, p) + " (diffusers returns NaN there)")
+            coefs = logrho_coefficients([rho[i - j] for j in range(p)], rho[i], rho[i + 1])
+            out = Z(k) * (a[i + 1] / a[i])
+            for j, c in enumerate(coefs):
+                out = out + m(i - j) * (a[i + 1] * c)
+            updates.append(out)
+        except ValueError as exc:  # a step diffusers leaves undefined: it raises when it runs
+            updates.append(Undefined(str(exc)))
     return updates, orders
 
 
@@ -110,7 +114,7 @@ class DEISMultistepScheduler(MultistepScheduler, _deis.DEISMultistepScheduler):
             )
         super()._ff_check_config()
 
-    def _ff_updates(self, start: int) -> list[Lin]:
+    def _ff_updates(self, start: int) -> list[Lin | Undefined]:
         cfg = self.config
         updates, _ = deis_updates(
             self._ff_sigmas,

@@ -20,6 +20,7 @@ from ..solvers.dpmpp import dpmpp_differences, dpmpp_update, multistep_order
 from ._base import X, Z, noise, output_maker, promoted_dtype
 from ._multistep import (
     MultistepScheduler,
+    Undefined,
     alpha_sigma,
     float32_step_length,
     half_logsnr,
@@ -67,7 +68,7 @@ def dpm_updates(
     sde_max_order: int = 3,
     x_is_eps: bool = False,
     zero_length: tuple[str, str] = ZERO_LENGTH,
-) -> tuple[list[Lin], list[int]]:
+) -> tuple[list[Lin | Undefined], list[int]]:
     """Next-sample formulas for steps ``start .. n-1`` of a diffusers DPM-Solver loop, and each step's order.
 
     ``sigmas`` are diffusers' ``n + 1`` sigmas, flow sigmas with ``flow``, variance-exploding ones (``alpha = 1``)
@@ -76,7 +77,8 @@ def dpm_updates(
     none of order 3 and fails there). ``x_is_eps``: the noise-prediction algorithms' ``X(k)`` is the noise
     prediction itself (no thresholding), not x0; without it their stored predictions need two tensors each, so
     only orders 1 and 2 fit. ``zero_length``: what makes a schedule's step zero-length, and the options that avoid
-    it, for the error such a step raises.
+    it, for the error such a step raises. A step diffusers leaves undefined is an :class:`Undefined` (it raises
+    when it runs).
     """
     if algorithm_type not in ALGORITHMS:
         raise ValueError(f"algorithm_type {algorithm_type!r} is not supported; valid: {', '.join(ALGORITHMS)}")
@@ -101,71 +103,76 @@ def dpm_updates(
     updates = []
     for i, p in zip(range(start, n), orders, strict=True):
         k = i - start
-        a_t, s_t, s_s = a[i + 1], s[i + 1], s[i]
-        if s_t == 0:
-            if not plus:
-                raise ValueError(f"algorithm_type {algorithm_type!r} cannot step to sigma = 0")
-            updates.append(X(k) * a_t)
-            continue
-        h = lam[i + 1] - lam[i]
-        h32 = length32(i)
-        for j in range(i - p + 1, i):
-            if length32(j) == 0:
-                # The differences of stored predictions divide by the earlier steps' lengths.
+        try:
+            a_t, s_t, s_s = a[i + 1], s[i + 1], s[i]
+            if s_t == 0:
+                if not plus:
+                    raise ValueError(f"algorithm_type {algorithm_type!r} cannot step to sigma = 0")
+                updates.append(X(k) * a_t)
+                continue
+            h = lam[i + 1] - lam[i]
+            h32 = length32(i)
+            for j in range(i - p + 1, i):
+                if length32(j) == 0:
+                    # The differences of stored predictions divide by the earlier steps' lengths.
+                    raise ValueError(
+                        f"step {i} (order {p}) follows a zero-length step {j} (sigma {sig[j]:.6g} to "
+                        f"{sig[j + 1]:.6g}: repeated sigmas, or custom timesteps past num_train_timesteps - 1?); its "
+                        f"order-{p} differences divide by that length and diffusers returns NaN there. Use distinct "
+                        "timesteps or solver_order=1"
+                    )
+            if h32 == 0:
+                # A zero-length step in diffusers' float32 (Karras sigmas ending at sigma_min twice, or sigmas an
+                # ulp apart): diffusers leaves the sample unchanged at order 1 and 2M-midpoint, and divides 0 by 0
+                # otherwise.
+                if p > 2 or (p == 2 and solver_type != "midpoint"):
+                    cause, fix = zero_length
+                    raise ValueError(
+                        f"step {i} has zero length (sigma {sig[i]:.6g} to {sig[i + 1]:.6g}; {cause}); diffusers "
+                        f"returns NaN there for a step of order {p}"
+                        f"{' with solver_type=' + repr(solver_type) if p == 2 else ''}. "
+                        f"Use {fix}{', or solver_type=midpoint' if p == 2 else ''}"
+                    )
+                updates.append(Z(k))
+                continue
+            if sde and p > (sde_max_order if plus else 2):
                 raise ValueError(
-                    f"step {i} (order {p}) follows a zero-length step {j} (sigma {sig[j]:.6g} to {sig[j + 1]:.6g}: "
-                    f"repeated sigmas, or custom timesteps past num_train_timesteps - 1?); its order-{p} differences "
-                    "divide by that length and diffusers returns NaN there. Use distinct timesteps or solver_order=1"
+                    f"step {i} is of order {p}, and {algorithm_type!r} has no step of that order in this scheduler "
+                    f"(diffusers fails there); use solver_order={sde_max_order}"
                 )
-        if h32 == 0:
-            # A zero-length step in diffusers' float32 (Karras sigmas ending at sigma_min twice, or sigmas an
-            # ulp apart): diffusers leaves the sample unchanged at order 1 and 2M-midpoint, and divides 0 by 0
-            # otherwise.
-            if p > 2 or (p == 2 and solver_type != "midpoint"):
-                cause, fix = zero_length
+            if sde and h32 < 0:
+                if h < 0:  # the schedule itself raises the noise level (an inversion)
+                    raise ValueError(
+                        f"step {i} goes from sigma {sig[i]:.6g} up to {sig[i + 1]:.6g}, where the noise scale of "
+                        f"algorithm_type {algorithm_type!r} is the square root of a negative number and diffusers "
+                        "returns NaN: an SDE step must lower the noise level. Use algorithm_type='dpmsolver++' to run "
+                        "up the noise levels"
+                    )
                 raise ValueError(
-                    f"step {i} has zero length (sigma {sig[i]:.6g} to {sig[i + 1]:.6g}; {cause}); diffusers returns "
-                    f"NaN there for a step of order {p}{' with solver_type=' + repr(solver_type) if p == 2 else ''}. "
-                    f"Use {fix}{', or solver_type=midpoint' if p == 2 else ''}"
+                    f"step {i} goes from sigma {sig[i]:.6g} up to {sig[i + 1]:.6g} in diffusers' float32 arithmetic "
+                    f"(sigmas an ulp apart; use_lu_lambdas with final_sigmas_type='sigma_min'?), where the noise "
+                    f"scale of algorithm_type {algorithm_type!r} is the square root of a negative number and diffusers "
+                    "returns NaN. Use final_sigmas_type='zero'"
                 )
-            updates.append(Z(k))
-            continue
-        if sde and p > (sde_max_order if plus else 2):
-            raise ValueError(
-                f"step {i} is of order {p}, and {algorithm_type!r} has no step of that order in this scheduler "
-                f"(diffusers fails there); use solver_order={sde_max_order}"
-            )
-        if sde and h32 < 0:
-            if h < 0:  # the schedule itself raises the noise level (an inversion)
-                raise ValueError(
-                    f"step {i} goes from sigma {sig[i]:.6g} up to {sig[i + 1]:.6g}, where the noise scale of "
-                    f"algorithm_type {algorithm_type!r} is the square root of a negative number and diffusers "
-                    "returns NaN: an SDE step must lower the noise level. Use algorithm_type='dpmsolver++' to run "
-                    "up the noise levels"
-                )
-            raise ValueError(
-                f"step {i} goes from sigma {sig[i]:.6g} up to {sig[i + 1]:.6g} in diffusers' float32 arithmetic "
-                f"(sigmas an ulp apart; use_lu_lambdas with final_sigmas_type='sigma_min'?), where the noise scale "
-                f"of algorithm_type {algorithm_type!r} is the square root of a negative number and diffusers returns "
-                "NaN. Use final_sigmas_type='zero'"
-            )
-        # diffusers' 3M halves D2 (diffusers_3m); its SDE-3M adds the D2 term the core's SDE never uses.
-        d0, d1, d2 = dpmpp_differences(lam, i, p, m, diffusers_3m=True)
-        if plus:
-            out = dpmpp_update(Z(k), h, a_t, s_t, s_s, d0, d1, d2, sde=sde, solver_type=solver_type)
-        else:  # noise-prediction DPM-Solver (no core counterpart)
-            z = Z(k)
-            ep1 = math.expm1(h)
-            c = 2.0 if sde else 1.0
-            out = z * (a_t / a[i]) - d0 * (c * s_t * ep1)
-            if d2 is not None:  # diffusers' third order ignores solver_type (it has no SDE one)
-                out = out - d1 * (s_t * (ep1 / h - 1.0)) - d2 * (s_t * ((ep1 - h) / h**2 - 0.5))
-            elif d1 is not None:
-                w = 0.5 * c * s_t * ep1 if solver_type == "midpoint" else c * s_t * (ep1 / h - 1.0)
-                out = out - d1 * w
-            if sde:
-                out = out + noise(s_t * math.sqrt(math.expm1(2.0 * h)))
-        updates.append(out)
+            # diffusers' 3M halves D2 (diffusers_3m); its SDE-3M adds the D2 term the core's SDE never uses.
+            d0, d1, d2 = dpmpp_differences(lam, i, p, m, diffusers_3m=True)
+            if plus:
+                out = dpmpp_update(Z(k), h, a_t, s_t, s_s, d0, d1, d2, sde=sde, solver_type=solver_type)
+            else:  # noise-prediction DPM-Solver (no core counterpart)
+                z = Z(k)
+                ep1 = math.expm1(h)
+                c = 2.0 if sde else 1.0
+                out = z * (a_t / a[i]) - d0 * (c * s_t * ep1)
+                if d2 is not None:  # diffusers' third order ignores solver_type (it has no SDE one)
+                    out = out - d1 * (s_t * (ep1 / h - 1.0)) - d2 * (s_t * ((ep1 - h) / h**2 - 0.5))
+                elif d1 is not None:
+                    w = 0.5 * c * s_t * ep1 if solver_type == "midpoint" else c * s_t * (ep1 / h - 1.0)
+                    out = out - d1 * w
+                if sde:
+                    out = out + noise(s_t * math.sqrt(math.expm1(2.0 * h)))
+            updates.append(out)
+        except ValueError as exc:  # a step diffusers leaves undefined: it raises when it runs
+            updates.append(Undefined(str(exc)))
     return updates, orders
 
 
@@ -199,7 +206,7 @@ class DPMSolverFormulas(MultistepScheduler):
     def _ff_draws(self) -> bool:
         return self._ff_algorithm.startswith("sde")
 
-    def _ff_updates(self, start: int) -> list[Lin]:
+    def _ff_updates(self, start: int) -> list[Lin | Undefined]:
         cfg = self.config
         updates, _ = dpm_updates(
             self._ff_sigmas,

@@ -21,7 +21,7 @@ from diffusers.schedulers import scheduling_dpmsolver_singlestep as _dps
 from ..solvers.base import Lin
 from ..solvers.dpmpp import repeated_point
 from ._base import X, Z, noise, output_maker, promoted_dtype
-from ._multistep import MultistepScheduler, half_logsnr, stored_prediction
+from ._multistep import MultistepScheduler, Undefined, half_logsnr, stored_prediction
 
 __all__ = ["DPMSolverSinglestepScheduler", "singlestep_updates"]
 _OUTPUT = output_maker(_dps.SchedulerOutput, "prev_sample")
@@ -59,11 +59,11 @@ def singlestep_updates(
     solver_type: str = "midpoint",
     flow: bool = False,
     x_is_eps: bool = False,
-) -> tuple[list[Lin], list[int]]:
+) -> tuple[list[Lin | Undefined], list[int]]:
     """Next-sample formulas for calls ``start .. n-1`` of a diffusers singlestep DPM-Solver loop, and each call's
     order. ``order_list`` is diffusers' (per call); ``X(k)`` is the data prediction for the ``++`` algorithms,
     and for ``dpmsolver`` the noise prediction itself with ``x_is_eps`` (else the noise prediction is read from
-    ``Z`` and ``X``)."""
+    ``Z`` and ``X``). A step diffusers leaves undefined is an :class:`Undefined` (it raises when it runs)."""
     if algorithm_type not in ALGORITHMS:
         raise ValueError(f"algorithm_type {algorithm_type!r} is not supported; valid: {', '.join(ALGORITHMS)}")
     if solver_type not in SOLVER_TYPES:
@@ -79,51 +79,54 @@ def singlestep_updates(
         if i >= len(order_list):
             raise ValueError(f"call {i} has no order in diffusers' order_list of {len(order_list)} (diffusers fails)")
         p = min(int(order_list[i]), k + 1)
-        if p == 1:
-            group = i
-        elif group != i - p + 1:
-            raise ValueError(f"call {i} of order {p} does not follow a group of first-order call {i - p + 1}")
         orders.append(p)
-        if not plus and not x_is_eps and p == 3:
-            raise ValueError("a noise prediction read from the sample and x0 at order 3 needs four stored tensors")
-        g, a_t, s_t = group, a[i + 1], s[i + 1]
-        if s_t == 0:
-            if not plus or p > 1:
-                raise ValueError(f"call {i} of order {p} steps to sigma = 0, where diffusers divides by zero")
-            updates.append(X(k) * a_t)  # (SDE: the noise's weight is 0 there)
-            continue
-        h = lam[i + 1] - lam[g]
-        z = Z(g - start)
-        d0, d1, d1_1, d2 = _differences(lam, i, g, p, m, h)
-        heun = solver_type == "heun"
-        if plus and not sde:
-            em = math.expm1(-h)
-            out = z * (s_t / s[g]) - d0 * (a_t * em)
-            if p == 2:
-                out = out + d1 * (a_t * (em / h + 1.0) if heun else -0.5 * a_t * em)
-            elif p == 3:
-                out = out + (d1 if heun else d1_1) * (a_t * (em / h + 1.0))
-                if heun:
-                    out = out - d2 * (a_t * ((em + h) / h**2 - 0.5))
-        elif sde:
-            e2 = -math.expm1(-2.0 * h)  # 1 - e^{-2h}
-            out = z * (s_t / s[g] * math.exp(-h)) + d0 * (a_t * e2) + noise(s_t * math.sqrt(e2))
-            if p == 2:
-                out = out + d1 * (a_t * (e2 / (-2.0 * h) + 1.0) if heun else 0.5 * a_t * e2)
-            elif p == 3:
-                out = out + (d1 if heun else d1_1) * (a_t * (e2 / (-2.0 * h) + 1.0))
-                if heun:
-                    out = out + d2 * (a_t * ((e2 - 2.0 * h) / (4.0 * h * h) - 0.5))
-        else:  # noise prediction
-            ep = math.expm1(h)
-            out = z * (a_t / a[g]) - d0 * (s_t * ep)
-            if p == 2:
-                out = out - d1 * (s_t * (ep / h - 1.0) if heun else 0.5 * s_t * ep)
-            elif p == 3:
-                out = out - (d1 if heun else d1_1) * (s_t * (ep / h - 1.0))
-                if heun:
-                    out = out - d2 * (s_t * ((ep - h) / h**2 - 0.5))
-        updates.append(out)
+        try:
+            if p == 1:
+                group = i
+            elif group != i - p + 1:
+                raise ValueError(f"call {i} of order {p} does not follow a group of first-order call {i - p + 1}")
+            if not plus and not x_is_eps and p == 3:
+                raise ValueError("a noise prediction read from the sample and x0 at order 3 needs four stored tensors")
+            g, a_t, s_t = group, a[i + 1], s[i + 1]
+            if s_t == 0:
+                if not plus or p > 1:
+                    raise ValueError(f"call {i} of order {p} steps to sigma = 0, where diffusers divides by zero")
+                updates.append(X(k) * a_t)  # (SDE: the noise's weight is 0 there)
+                continue
+            h = lam[i + 1] - lam[g]
+            z = Z(g - start)
+            d0, d1, d1_1, d2 = _differences(lam, i, g, p, m, h)
+            heun = solver_type == "heun"
+            if plus and not sde:
+                em = math.expm1(-h)
+                out = z * (s_t / s[g]) - d0 * (a_t * em)
+                if p == 2:
+                    out = out + d1 * (a_t * (em / h + 1.0) if heun else -0.5 * a_t * em)
+                elif p == 3:
+                    out = out + (d1 if heun else d1_1) * (a_t * (em / h + 1.0))
+                    if heun:
+                        out = out - d2 * (a_t * ((em + h) / h**2 - 0.5))
+            elif sde:
+                e2 = -math.expm1(-2.0 * h)  # 1 - e^{-2h}
+                out = z * (s_t / s[g] * math.exp(-h)) + d0 * (a_t * e2) + noise(s_t * math.sqrt(e2))
+                if p == 2:
+                    out = out + d1 * (a_t * (e2 / (-2.0 * h) + 1.0) if heun else 0.5 * a_t * e2)
+                elif p == 3:
+                    out = out + (d1 if heun else d1_1) * (a_t * (e2 / (-2.0 * h) + 1.0))
+                    if heun:
+                        out = out + d2 * (a_t * ((e2 - 2.0 * h) / (4.0 * h * h) - 0.5))
+            else:  # noise prediction
+                ep = math.expm1(h)
+                out = z * (a_t / a[g]) - d0 * (s_t * ep)
+                if p == 2:
+                    out = out - d1 * (s_t * (ep / h - 1.0) if heun else 0.5 * s_t * ep)
+                elif p == 3:
+                    out = out - (d1 if heun else d1_1) * (s_t * (ep / h - 1.0))
+                    if heun:
+                        out = out - d2 * (s_t * ((ep - h) / h**2 - 0.5))
+            updates.append(out)
+        except ValueError as exc:  # a call diffusers leaves undefined: it raises when it runs
+            updates.append(Undefined(str(exc)))
     return updates, orders
 
 
@@ -167,7 +170,7 @@ class DPMSolverSinglestepScheduler(MultistepScheduler, _dps.DPMSolverSinglestepS
         cfg = self.config  # what step reads per call, kept here rather than read from the config each time
         self._ff_learned_eps = cfg.variance_type in ("learned", "learned_range") and cfg.prediction_type == "epsilon"
 
-    def _ff_updates(self, start: int) -> list[Lin]:
+    def _ff_updates(self, start: int) -> list[Lin | Undefined]:
         cfg = self.config
         updates, _ = singlestep_updates(
             self._ff_sigmas,

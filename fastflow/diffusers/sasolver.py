@@ -29,7 +29,7 @@ from diffusers.schedulers import scheduling_sasolver as _sa
 
 from ..solvers.base import Lin
 from ._base import Z, noise, output_maker, promoted_dtype
-from ._multistep import MultistepScheduler, half_logsnr, stored_prediction
+from ._multistep import MultistepScheduler, Undefined, half_logsnr, stored_prediction
 
 __all__ = ["SASolverScheduler", "exp_lagrange_integrals", "sa_orders", "sa_updates"]
 _OUTPUT = output_maker(_sa.SchedulerOutput, "prev_sample")
@@ -106,9 +106,10 @@ def sa_updates(
     lower_order_final: bool = True,
     data: bool = True,
     flow: bool = False,
-) -> list[Lin]:
+) -> list[Lin | Undefined]:
     """Next-sample formulas for steps ``start .. n-1`` of a diffusers SA-Solver loop (``taus[i]``: tau at step
-    ``i``'s timestep). ``X(k)`` holds the stored prediction (x0 with ``data``, else the noise prediction)."""
+    ``i``'s timestep). ``X(k)`` holds the stored prediction (x0 with ``data``, else the noise prediction). A step
+    diffusers leaves undefined is an :class:`Undefined` (it raises when it runs)."""
     sig, a, s, lam = half_logsnr(sigmas, flow, start)
     n = len(sig) - 1
     orders = sa_orders(n, start, predictor_order, corrector_order, lower_order_final)
@@ -117,22 +118,25 @@ def sa_updates(
     previous: tuple[float, list[float]] | None = None  # the last predictor's (noise scale, weights)
     for i, (p, _) in zip(range(start, n), orders, strict=True):
         k = i - start
-        if not np.isfinite(lam[i : i + 2]).all():
-            raise ValueError(f"step {i} starts or ends at sigma 0, where SA-Solver's lambda is not finite")
-        corrected = Z(k)
-        if previous is not None:  # c_i = z_i + (corrector - predictor) prediction terms over the last interval
-            order_c = orders[k - 1][1]
-            _, _, weights_c = _adams(lam, a, s, i - 1, order_c, taus[i - 1], data, corrector=True)
-            for j, w in enumerate(weights_c):
-                corrected = corrected + m(i - j) * w
-            for j, w in enumerate(previous[1]):
-                corrected = corrected - m(i - 1 - j) * w
-        sample_weight, noise_scale, weights = _adams(lam, a, s, i, p, taus[i], data, corrector=False)
-        out = corrected * sample_weight
-        for j, w in enumerate(weights):
-            out = out + m(i - j) * w
-        updates.append(out + noise(noise_scale) if noise_scale else out)
-        previous = (noise_scale, weights)
+        try:
+            if not np.isfinite(lam[i : i + 2]).all():
+                raise ValueError(f"step {i} starts or ends at sigma 0, where SA-Solver's lambda is not finite")
+            corrected = Z(k)
+            if previous is not None:  # c_i = z_i + (corrector - predictor) prediction terms over the last interval
+                order_c = orders[k - 1][1]
+                _, _, weights_c = _adams(lam, a, s, i - 1, order_c, taus[i - 1], data, corrector=True)
+                for j, w in enumerate(weights_c):
+                    corrected = corrected + m(i - j) * w
+                for j, w in enumerate(previous[1]):
+                    corrected = corrected - m(i - 1 - j) * w
+            sample_weight, noise_scale, weights = _adams(lam, a, s, i, p, taus[i], data, corrector=False)
+            out = corrected * sample_weight
+            for j, w in enumerate(weights):
+                out = out + m(i - j) * w
+            updates.append(out + noise(noise_scale) if noise_scale else out)
+            previous = (noise_scale, weights)
+        except ValueError as exc:  # a step diffusers leaves undefined: it raises when it runs
+            updates.append(Undefined(str(exc)))
     return updates
 
 
@@ -182,7 +186,7 @@ class SASolverScheduler(MultistepScheduler, _sa.SASolverScheduler):
         self._ff_taus = [float(self.tau_func(torch.tensor(t, dtype=kind))) for t in self._ff_host_values]
         super()._ff_prepare()
 
-    def _ff_updates(self, start: int) -> list[Lin]:
+    def _ff_updates(self, start: int) -> list[Lin | Undefined]:
         cfg = self.config
         return sa_updates(
             self._ff_sigmas,

@@ -26,7 +26,7 @@ from ..solvers.base import Lin
 from ..solvers.dpmpp import multistep_order
 from ..solvers.unipc import correction, differences, predictor_update
 from ._base import X, Z, output_maker
-from ._multistep import MultistepScheduler, half_logsnr, stored_prediction
+from ._multistep import MultistepScheduler, Undefined, half_logsnr, stored_prediction
 
 __all__ = ["UniPCMultistepScheduler", "unipc_orders", "unipc_updates"]
 _OUTPUT = output_maker(_unipc.SchedulerOutput, "prev_sample")
@@ -54,12 +54,13 @@ def unipc_updates(
     disable_corrector: Sequence[int] = (),
     flow: bool = False,
     x_is_eps: bool = False,
-) -> tuple[list[Lin], list[int]]:
+) -> tuple[list[Lin | Undefined], list[int]]:
     """Next-sample formulas for steps ``start .. n-1`` of a diffusers UniPC loop, and each step's predictor order.
 
     With ``predict_x0=False`` diffusers stores noise predictions: ``x_is_eps`` says ``X(k)`` is
     that prediction itself; without it each needs a stored state and data prediction, so only
-    ``solver_order=1`` fits the three history slots.
+    ``solver_order=1`` fits the three history slots. A step diffusers leaves undefined is an :class:`Undefined` (it
+    raises when it runs).
     """
     if solver_type not in SOLVER_TYPES:
         raise ValueError(f"solver_type {solver_type!r} is not supported; valid: {', '.join(SOLVER_TYPES)}")
@@ -83,8 +84,9 @@ def unipc_updates(
     def check(i: int, order: int, what: str) -> None:
         if s[i + 1] == 0 and solver_type == "bh1":
             raise ValueError(
-                "solver_type='bh1' with final_sigmas_type='zero': diffusers multiplies an infinite B(h) by zero "
-                "on the last step (returns NaN); use final_sigmas_type='sigma_min' or solver_type='bh2'"
+                f"step {i} ends at sigma 0 with solver_type='bh1' (final_sigmas_type='zero'), where diffusers "
+                "multiplies an infinite B(h) by zero (returns NaN); use final_sigmas_type='sigma_min' or "
+                "solver_type='bh2'"
             )
         zero_length = lam[i + 1] == lam[i]
         if (not math.isfinite(lam[i + 1]) and (order > 1 or not predict_x0)) or (zero_length and order > 2):
@@ -99,20 +101,23 @@ def unipc_updates(
     updates = []
     for i, p in zip(range(start, n), orders, strict=True):
         k = i - start
-        z = Z(k)
-        if i > start and (i - 1) not in skip:
-            rks, d1s = differences(lam, i - 1, orders[k - 1], m)
-            z = z + correction(m(i), m(i - 1), rks, d1s, sign * -(lam[i] - lam[i - 1]), solver_type, scale(i))
-        check(i, p, "predictor")
-        if s[i + 1] == 0:
-            updates.append(X(k) * a[i + 1])
-            continue
-        if lam[i + 1] == lam[i]:
-            updates.append(z)  # zero-length step of order 1 or 2: diffusers' terms all vanish
-            continue
-        rks, d1s = differences(lam, i, p, m)
-        h = sign * -(lam[i + 1] - lam[i])
-        updates.append(predictor_update(z, m(i), rks, d1s, h, solver_type, ratio(i + 1, i), scale(i + 1)))
+        try:
+            z = Z(k)
+            if i > start and (i - 1) not in skip:
+                rks, d1s = differences(lam, i - 1, orders[k - 1], m)
+                z = z + correction(m(i), m(i - 1), rks, d1s, sign * -(lam[i] - lam[i - 1]), solver_type, scale(i))
+            check(i, p, "predictor")
+            if s[i + 1] == 0:
+                updates.append(X(k) * a[i + 1])
+                continue
+            if lam[i + 1] == lam[i]:
+                updates.append(z)  # zero-length step of order 1 or 2: diffusers' terms all vanish
+                continue
+            rks, d1s = differences(lam, i, p, m)
+            h = sign * -(lam[i + 1] - lam[i])
+            updates.append(predictor_update(z, m(i), rks, d1s, h, solver_type, ratio(i + 1, i), scale(i + 1)))
+        except ValueError as exc:  # a step diffusers leaves undefined: it raises when it runs
+            updates.append(Undefined(str(exc)))
     return updates, orders
 
 
@@ -144,7 +149,7 @@ class UniPCMultistepScheduler(MultistepScheduler, _unipc.UniPCMultistepScheduler
     def _ff_stores_noise(self) -> bool:
         return not self.predict_x0
 
-    def _ff_updates(self, start: int) -> list[Lin]:
+    def _ff_updates(self, start: int) -> list[Lin | Undefined]:
         cfg = self.config
         updates, _ = unipc_updates(
             self._ff_sigmas,

@@ -60,7 +60,9 @@ def run_loop(
     x = start_noise(seed) if x is None else x.clone()
     x = x * getattr(scheduler, "init_noise_sigma", 1.0)
     outs = []
-    if begin and hasattr(scheduler, "set_begin_index"):  # DDIM and DDPM find their step by its timestep
+    if begin and hasattr(getattr(diffusers, type(scheduler).__name__, type(scheduler)), "set_begin_index"):
+        # As a pipeline written for diffusers calls it: the classes without it (DDIM, DDPM, the inverse schedulers)
+        # find their first step by its timestep, which the drop-ins do too where set_begin_index was not called.
         scheduler.set_begin_index(begin)
     for i, t in enumerate(scheduler.timesteps[begin:]):
         inp = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x

@@ -1,4 +1,4 @@
-"""What the multistep drop-ins (DPM-Solver, UniPC) share: fastflow/diffusers/_multistep.py."""
+"""What the multistep drop-ins (DPM-Solver, UniPC, DEIS, SA-Solver) share: fastflow/diffusers/_multistep.py."""
 
 from __future__ import annotations
 
@@ -59,3 +59,41 @@ def test_step_after_a_repeated_sigma_raises_when_run(name, config, schedule):
     xb, _ = run_loop(ff, None, set_kwargs=schedule, begin=3)
     assert torch.isfinite(xa).all()
     assert_close(xb, xa)
+
+
+@pytest.mark.parametrize(
+    ("name", "config", "bad"),
+    [
+        # Karras sigmas ending on sigma_min twice: the last step has zero length, which a second-order heun step
+        # divides by (the loop's last step, 7 of 8).
+        ("DPMSolverMultistepScheduler", dict(use_karras_sigmas=True, final_sigmas_type="sigma_min",
+                                             solver_type="heun", lower_order_final=False), 7),
+        ("DPMSolverMultistepInverseScheduler", dict(use_karras_sigmas=True, solver_type="heun",
+                                                    lower_order_final=False), 7),
+        ("EDMDPMSolverMultistepScheduler", dict(final_sigmas_type="sigma_min", solver_type="heun",
+                                                lower_order_final=False), 7),
+        # bh1's B(h) is infinite on a step to sigma 0, which diffusers multiplies by zero.
+        ("UniPCMultistepScheduler", dict(solver_type="bh1", final_sigmas_type="zero"), 7),
+    ],
+)
+def test_an_undefined_step_raises_when_it_runs_not_before(name, config, bad):
+    """A loop meets a step diffusers leaves undefined (NaN) only when it gets there: the drop-in's steps before it
+    give diffusers' samples (a pipeline that stops early, as SDXL's ``denoising_end`` does, runs as diffusers' does),
+    and that step raises saying why."""
+    ref, ff = pair(name, **config)
+    for sched in (ref, ff):
+        sched.set_timesteps(8)
+    xa = xb = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(3)) * ref.init_noise_sigma
+    for i, t in enumerate(ref.timesteps):
+        oa, ob = stand_in(ref.scale_model_input(xa, t), t), stand_in(ff.scale_model_input(xb, t), t)
+        xa = ref.step(oa, t, xa).prev_sample
+        if i == bad:
+            assert not torch.isfinite(xa).all()
+            with pytest.raises(ValueError, match=f"step {bad} "):
+                ff.step(ob, ff.timesteps[i], xb)
+            break
+        xb = ff.step(ob, ff.timesteps[i], xb).prev_sample
+        assert torch.isfinite(xa).all()
+        assert_close(xb, xa, atol=1e-5 * float(xa.abs().max()))  # float32 round-off of samples far from 1
+    else:
+        pytest.fail("the loop never reached the undefined step")
