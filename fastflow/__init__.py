@@ -7,8 +7,10 @@ from .graph import CapturedLoop, GraphCache, capture
 from .plan import StepPlan
 from .sampler import Sampler, sample
 from .schedules import EDM, VP, FlowMatching
+from .solvers.base import UndefinedStepError
 
 __all__ = [
-    "EDM", "VP", "CapturedLoop", "FlowMatching", "GraphCache", "Sampler", "StepPlan", "__version__", "backend_report",
-    "capture", "grids", "noise", "predictions", "sample", "schedules", "sde", "solvers",
+    "EDM", "VP", "CapturedLoop", "FlowMatching", "GraphCache", "Sampler", "StepPlan", "UndefinedStepError",
+    "__version__", "backend_report", "capture", "grids", "noise", "predictions", "sample", "schedules", "sde",
+    "solvers",
 ]

@@ -30,8 +30,9 @@ kernel launch already); :mod:`fastflow.graph_pipeline` captures a whole loop ins
 A ``generator`` draw is diffusers' ``randn_tensor`` with it, which dynamo cannot trace.
 
 Undefined steps: where diffusers' step is undefined (it returns NaN or inf there), the
-drop-in's step raises a ValueError that says why when it runs; ``set_timesteps`` does
-not, since an img2img loop may start after it (:attr:`StepSpec.error`).
+drop-in's step raises a ValueError (:class:`~fastflow.UndefinedStepError`) that says why
+when it runs; ``set_timesteps`` does not, since an img2img loop may start after it, and
+a loop may stop before it (:attr:`StepSpec.error`).
 
 Noise of stochastic steps: ``variance_noise`` (where the original takes it) is used
 as given; a ``generator`` draws exactly the tensor diffusers would draw (same call,
@@ -62,7 +63,7 @@ from ..backends import resolve_backend
 from ..grids import Points
 from ..plan import AO, AZ, H0, MAX_HISTORY, StepPlan, compile_plan
 from ..runner import PlanRunner, run_bound
-from ..solvers.base import NOISE, Lin, Stage, X, Z, noise
+from ..solvers.base import NOISE, Lin, Stage, UndefinedStepError, X, Z, noise
 
 __all__ = [
     "O", "StepSpec", "Compiled", "FastflowScheduler", "compile_specs", "generator_draw", "output_maker", "registry",
@@ -645,7 +646,7 @@ class FastflowScheduler:
         stage = self._ff_stages.get((variant, idx)) or self._ff_stage(idx, variant)
         runner, k, noisy, draws, uses_o, pred_lin, error, plain = stage
         if error is not None:
-            raise ValueError(error)
+            raise UndefinedStepError(error)
         z, x_dtype, seeds, row = sample, None, None, None
         if state_dtype is not sample.dtype and state_dtype is not None:
             if out_dtype is sample.dtype and state_dtype is torch.float32 and sample.dtype in _HALF_DTYPES:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from diffusers.schedulers import scheduling_deis_multistep as _deis
 
-from ..solvers.base import Lin
+from ..solvers.base import Lin, UndefinedStepError
 from ..solvers.dpmpp import repeated_point
 from ._base import Z, output_maker, promoted_dtype
 from ._multistep import MultistepScheduler, Undefined, half_logsnr, stored_prediction
@@ -73,16 +73,16 @@ def deis_updates(
         k = i - start
         try:
             if s[i] == 0 or s[i + 1] == 0:
-                raise ValueError(f"step {i} starts or ends at sigma 0, where DEIS's log rho is not finite")
+                raise UndefinedStepError(f"step {i} starts or ends at sigma 0, where DEIS's log rho is not finite")
             for j in range(i - p + 1, i):
                 if rho[j] == rho[j + 1]:
-                    raise ValueError(repeated_point(j, j + 1, p) + " (diffusers returns NaN there)")
+                    raise UndefinedStepError(repeated_point(j, j + 1, p) + " (diffusers returns NaN there)")
             coefs = logrho_coefficients([rho[i - j] for j in range(p)], rho[i], rho[i + 1])
             out = Z(k) * (a[i + 1] / a[i])
             for j, c in enumerate(coefs):
                 out = out + m(i - j) * (a[i + 1] * c)
             updates.append(out)
-        except ValueError as exc:  # a step diffusers leaves undefined: it raises when it runs
+        except UndefinedStepError as exc:  # a step diffusers leaves undefined: it raises when it runs
             updates.append(Undefined(str(exc)))
     return updates, orders
 

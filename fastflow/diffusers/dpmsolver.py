@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from diffusers.schedulers import scheduling_dpmsolver_multistep as _dpm
 
-from ..solvers.base import Lin
+from ..solvers.base import Lin, UndefinedStepError
 from ..solvers.dpmpp import dpmpp_differences, dpmpp_update, multistep_order
 from ._base import X, Z, noise, output_maker, promoted_dtype
 from ._multistep import (
@@ -107,7 +107,7 @@ def dpm_updates(
             a_t, s_t, s_s = a[i + 1], s[i + 1], s[i]
             if s_t == 0:
                 if not plus:
-                    raise ValueError(f"algorithm_type {algorithm_type!r} cannot step to sigma = 0")
+                    raise UndefinedStepError(f"algorithm_type {algorithm_type!r} cannot step to sigma = 0")
                 updates.append(X(k) * a_t)
                 continue
             h = lam[i + 1] - lam[i]
@@ -115,7 +115,7 @@ def dpm_updates(
             for j in range(i - p + 1, i):
                 if length32(j) == 0:
                     # The differences of stored predictions divide by the earlier steps' lengths.
-                    raise ValueError(
+                    raise UndefinedStepError(
                         f"step {i} (order {p}) follows a zero-length step {j} (sigma {sig[j]:.6g} to "
                         f"{sig[j + 1]:.6g}: repeated sigmas, or custom timesteps past num_train_timesteps - 1?); its "
                         f"order-{p} differences divide by that length and diffusers returns NaN there. Use distinct "
@@ -127,7 +127,7 @@ def dpm_updates(
                 # otherwise.
                 if p > 2 or (p == 2 and solver_type != "midpoint"):
                     cause, fix = zero_length
-                    raise ValueError(
+                    raise UndefinedStepError(
                         f"step {i} has zero length (sigma {sig[i]:.6g} to {sig[i + 1]:.6g}; {cause}); diffusers "
                         f"returns NaN there for a step of order {p}"
                         f"{' with solver_type=' + repr(solver_type) if p == 2 else ''}. "
@@ -136,19 +136,19 @@ def dpm_updates(
                 updates.append(Z(k))
                 continue
             if sde and p > (sde_max_order if plus else 2):
-                raise ValueError(
+                raise UndefinedStepError(
                     f"step {i} is of order {p}, and {algorithm_type!r} has no step of that order in this scheduler "
                     f"(diffusers fails there); use solver_order={sde_max_order}"
                 )
             if sde and h32 < 0:
                 if h < 0:  # the schedule itself raises the noise level (an inversion)
-                    raise ValueError(
+                    raise UndefinedStepError(
                         f"step {i} goes from sigma {sig[i]:.6g} up to {sig[i + 1]:.6g}, where the noise scale of "
                         f"algorithm_type {algorithm_type!r} is the square root of a negative number and diffusers "
                         "returns NaN: an SDE step must lower the noise level. Use algorithm_type='dpmsolver++' to run "
                         "up the noise levels"
                     )
-                raise ValueError(
+                raise UndefinedStepError(
                     f"step {i} goes from sigma {sig[i]:.6g} up to {sig[i + 1]:.6g} in diffusers' float32 arithmetic "
                     f"(sigmas an ulp apart; use_lu_lambdas with final_sigmas_type='sigma_min'?), where the noise "
                     f"scale of algorithm_type {algorithm_type!r} is the square root of a negative number and diffusers "
@@ -171,7 +171,7 @@ def dpm_updates(
                 if sde:
                     out = out + noise(s_t * math.sqrt(math.expm1(2.0 * h)))
             updates.append(out)
-        except ValueError as exc:  # a step diffusers leaves undefined: it raises when it runs
+        except UndefinedStepError as exc:  # a step diffusers leaves undefined: it raises when it runs
             updates.append(Undefined(str(exc)))
     return updates, orders
 

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 from diffusers.schedulers import scheduling_dpmsolver_singlestep as _dps
 
-from ..solvers.base import Lin
+from ..solvers.base import Lin, UndefinedStepError
 from ..solvers.dpmpp import repeated_point
 from ._base import X, Z, noise, output_maker, promoted_dtype
 from ._multistep import MultistepScheduler, Undefined, half_logsnr, stored_prediction
@@ -37,13 +37,13 @@ def _differences(lam, i: int, g: int, p: int, m, h: float) -> tuple[Lin, Lin | N
         return d0, None, None, None
     r0 = (lam[i] - lam[g]) / h
     if r0 == 0:
-        raise ValueError(repeated_point(g, i, p))
+        raise UndefinedStepError(repeated_point(g, i, p))
     d1_1 = (m(i) - d0) / r0
     if p == 2:
         return d0, d1_1, d1_1, None
     r1 = (lam[i - 1] - lam[g]) / h
     if r1 == 0 or r0 == r1:
-        raise ValueError(repeated_point(g, i - 1, p) if r1 == 0 else repeated_point(i - 1, i, p))
+        raise UndefinedStepError(repeated_point(g, i - 1, p) if r1 == 0 else repeated_point(i - 1, i, p))
     d1_0 = (m(i - 1) - d0) / r1
     d1 = (d1_0 * r0 - d1_1 * r1) / (r0 - r1)
     d2 = (d1_1 - d1_0) * (2.0 / (r0 - r1))
@@ -90,7 +90,9 @@ def singlestep_updates(
             g, a_t, s_t = group, a[i + 1], s[i + 1]
             if s_t == 0:
                 if not plus or p > 1:
-                    raise ValueError(f"call {i} of order {p} steps to sigma = 0, where diffusers divides by zero")
+                    raise UndefinedStepError(
+                        f"call {i} of order {p} steps to sigma = 0, where diffusers divides by zero"
+                    )
                 updates.append(X(k) * a_t)  # (SDE: the noise's weight is 0 there)
                 continue
             h = lam[i + 1] - lam[g]
@@ -125,7 +127,7 @@ def singlestep_updates(
                     if heun:
                         out = out - d2 * (s_t * ((ep - h) / h**2 - 0.5))
             updates.append(out)
-        except ValueError as exc:  # a call diffusers leaves undefined: it raises when it runs
+        except UndefinedStepError as exc:  # a call diffusers leaves undefined: it raises when it runs
             updates.append(Undefined(str(exc)))
     return updates, orders
 

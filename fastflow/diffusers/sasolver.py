@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from diffusers.schedulers import scheduling_sasolver as _sa
 
-from ..solvers.base import Lin
+from ..solvers.base import Lin, UndefinedStepError
 from ._base import Z, noise, output_maker, promoted_dtype
 from ._multistep import MultistepScheduler, Undefined, half_logsnr, stored_prediction
 
@@ -120,7 +120,7 @@ def sa_updates(
         k = i - start
         try:
             if not np.isfinite(lam[i : i + 2]).all():
-                raise ValueError(f"step {i} starts or ends at sigma 0, where SA-Solver's lambda is not finite")
+                raise UndefinedStepError(f"step {i} starts or ends at sigma 0, where SA-Solver's lambda is not finite")
             corrected = Z(k)
             if previous is not None:  # c_i = z_i + (corrector - predictor) prediction terms over the last interval
                 order_c = orders[k - 1][1]
@@ -135,7 +135,7 @@ def sa_updates(
                 out = out + m(i - j) * w
             updates.append(out + noise(noise_scale) if noise_scale else out)
             previous = (noise_scale, weights)
-        except ValueError as exc:  # a step diffusers leaves undefined: it raises when it runs
+        except UndefinedStepError as exc:  # a step diffusers leaves undefined: it raises when it runs
             updates.append(Undefined(str(exc)))
     return updates
 

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import torch
 from diffusers.schedulers import scheduling_unipc_multistep as _unipc
 
-from ..solvers.base import Lin
+from ..solvers.base import Lin, UndefinedStepError
 from ..solvers.dpmpp import multistep_order
 from ..solvers.unipc import correction, differences, predictor_update
 from ._base import X, Z, output_maker
@@ -83,7 +83,7 @@ def unipc_updates(
 
     def check(i: int, order: int, what: str) -> None:
         if s[i + 1] == 0 and solver_type == "bh1":
-            raise ValueError(
+            raise UndefinedStepError(
                 f"step {i} ends at sigma 0 with solver_type='bh1' (final_sigmas_type='zero'), where diffusers "
                 "multiplies an infinite B(h) by zero (returns NaN); use final_sigmas_type='sigma_min' or "
                 "solver_type='bh2'"
@@ -92,7 +92,7 @@ def unipc_updates(
         if (not math.isfinite(lam[i + 1]) and (order > 1 or not predict_x0)) or (zero_length and order > 2):
             fix = ("final_sigmas_type='sigma_min' or predict_x0=True" if not predict_x0 and s[i + 1] == 0
                    else "lower_order_final=True, final_sigmas_type='zero' or predict_x0=True")
-            raise ValueError(
+            raise UndefinedStepError(
                 f"the {what} of step {i} ends at sigma {sig[i + 1]:.6g} with order {order}"
                 f"{'' if predict_x0 else ' and predict_x0=False'}, where diffusers divides by zero "
                 f"(returns NaN or fails); use {fix}"
@@ -116,7 +116,7 @@ def unipc_updates(
             rks, d1s = differences(lam, i, p, m)
             h = sign * -(lam[i + 1] - lam[i])
             updates.append(predictor_update(z, m(i), rks, d1s, h, solver_type, ratio(i + 1, i), scale(i + 1)))
-        except ValueError as exc:  # a step diffusers leaves undefined: it raises when it runs
+        except UndefinedStepError as exc:  # a step diffusers leaves undefined: it raises when it runs
             updates.append(Undefined(str(exc)))
     return updates, orders
 

@@ -22,6 +22,11 @@ Atom = tuple[str, int]
 NOISE: Atom = ("n", -1)
 
 
+class UndefinedStepError(ValueError):
+    """A step the schedule leaves undefined (it would divide by a zero step length, or by zero): raised where that
+    step's formula is built. The diffusers drop-ins defer it to the step's call, as diffusers meets its NaN there."""
+
+
 class Lin:
     """A float64 linear combination of atoms, with the arithmetic a formula needs."""
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from ..grids import Points
 from ..schedules import Schedule
-from .base import Lin, Solver, Stage, X, Z, noise, stages_on_points
+from .base import Lin, Solver, Stage, UndefinedStepError, X, Z, noise, stages_on_points
 
 SOLVER_TYPES = ("midpoint", "heun")
 
@@ -76,13 +76,13 @@ def dpmpp_differences(
         h = lam[i + 1] - lam[i]
         r0 = (lam[i] - lam[i - 1]) / h
         if r0 == 0:
-            raise ValueError(repeated_point(i - 1, i, order))
+            raise UndefinedStepError(repeated_point(i - 1, i, order))
         d1_0 = (pred(i) - pred(i - 1)) / r0
         d1 = d1_0
         if order == 3:
             r1 = (lam[i - 1] - lam[i - 2]) / h
             if r1 == 0:
-                raise ValueError(repeated_point(i - 2, i - 1, order))
+                raise UndefinedStepError(repeated_point(i - 2, i - 1, order))
             d1_1 = (pred(i - 1) - pred(i - 2)) / r1
             d1 = d1_0 + (d1_0 - d1_1) * (r0 / (r0 + r1))
             d2 = (d1_0 - d1_1) * ((1.0 if diffusers_3m else 2.0) / (r0 + r1))

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..grids import Points
 from ..schedules import Schedule
-from .base import Lin, Solver, Stage, X, Z, stages_on_points
+from .base import Lin, Solver, Stage, UndefinedStepError, X, Z, stages_on_points
 from .dpmpp import multistep_order, repeated_point
 
 VARIANTS = ("bh1", "bh2")
@@ -53,7 +53,7 @@ def differences(
     for k in range(1, order):
         rk = (lam[i - k] - lam[i]) / h
         if rk == 0:
-            raise ValueError(repeated_point(i - k, i, order))
+            raise UndefinedStepError(repeated_point(i - k, i, order))
         rks.append(rk)
         d1s.append((pred(i - k) - pred(i)) / rk)
     return np.array(rks + [1.0]), d1s
