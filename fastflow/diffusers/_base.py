@@ -13,7 +13,9 @@ model output) and ``noise``, and the prediction field diffusers returns. Writing
 diffusers' own formulas this way keeps float32 parity without copying its code.
 
 Step index: a Python int, advanced by ``step``. A timestep given as a Python number
-or a CPU tensor locates the first step (as diffusers does); a device tensor is never
+or a CPU tensor locates the first step (as diffusers does; PNDM, whose diffusers class
+counts calls instead, by the timestep's position in its own timesteps where it is one
+of them, since its schedule repeats values); a device tensor is never
 read (that would sync): an element of the scheduler's own ``timesteps`` (what a
 pipeline's loop passes, from a slice too, as CogVideoX's video-to-video pipeline starts)
 is located by its offset in their storage, and any other device tensor takes the first
@@ -282,6 +284,10 @@ class FastflowScheduler:
     # True where diffusers derives each step from the timestep value alone (DDIM, DDPM):
     # then a host-readable timestep relocates the step index.
     _ff_timestep_addressed: bool = False
+    # True where diffusers never locates a step but counts its calls (PNDM): a loop's first call is found by its
+    # timestep's position in this scheduler's own timesteps where it is one of them, else by the value's first
+    # occurrence (diffusers' rule of a repeat's second match is its locating classes').
+    _ff_counts_calls: bool = False
     # False for single-step solvers: one plan from step 0 serves a loop starting anywhere.
     _ff_start_dependent: bool = True
     # The variant plain ``step`` calls use, compiled ahead in set_timesteps (and others callers commonly use).
@@ -415,13 +421,14 @@ class FastflowScheduler:
         self._begin_index = int(begin_index)
 
     def _ff_locate(self, value: float) -> int:
-        """Index of a timestep value in the schedule (diffusers' rule: the second match when repeated)."""
+        """Index of a timestep value in the schedule: where it repeats, the second match, as diffusers' classes that
+        locate steps take it; the first for those that do not (value-addressed or call-counting)."""
         values = self._ff_host_values
         try:
             i = values.index(value)  # a scan in C that stops at the first match (a loop's first step: at once)
         except ValueError:
             raise ValueError(f"timestep {value} is not in this scheduler's timesteps") from None
-        if not self._ff_timestep_addressed and value in values[i + 1 :]:  # diffusers takes a repeat's second
+        if not (self._ff_timestep_addressed or self._ff_counts_calls) and value in values[i + 1 :]:
             i = values.index(value, i + 1)
         return i
 
@@ -429,6 +436,12 @@ class FastflowScheduler:
         """The value of a device timestep that is an element of this scheduler's own ``timesteps`` (a pipeline's
         ``for t in timesteps``, sliced or not), from its offset in their storage: no data is read. None for any
         other tensor."""
+        pos = self._ff_view_position(timestep)
+        return None if pos is None else self._ff_host_values[pos]
+
+    def _ff_view_position(self, timestep: Any) -> int | None:
+        """The index in this scheduler's own ``timesteps`` of a timestep that is one of its elements (its offset in
+        their storage, on any device; no data is read), else None."""
         ts = getattr(self, "timesteps", None)
         if not (isinstance(timestep, torch.Tensor) and isinstance(ts, torch.Tensor) and timestep.numel() == 1):
             return None
@@ -439,7 +452,7 @@ class FastflowScheduler:
         offset, rest = divmod(timestep.data_ptr() - ts.data_ptr(), ts.element_size())
         if rest or not 0 <= offset < len(self._ff_host_values):
             return None
-        return self._ff_host_values[offset]
+        return offset
 
     def _ff_peek_index(self, timestep: Any) -> int:
         """The index of the step about to run (set up on first use; ``step`` advances it)."""
@@ -492,10 +505,13 @@ class FastflowScheduler:
                         "set_begin_index(0) before the loop (as diffusers' img2img pipelines do), pass the "
                         "timestep as a Python number, or take the first step eagerly"
                     )
-                value = _host_number(timestep)
-                if value is None and not torch.compiler.is_compiling():
-                    value = self._ff_view_value(timestep)
-                idx = 0 if value is None else self._ff_locate(value)
+                compiling = torch.compiler.is_compiling()
+                idx = self._ff_view_position(timestep) if self._ff_counts_calls and not compiling else None
+                if idx is None:
+                    value = _host_number(timestep)
+                    if value is None and not compiling:
+                        value = self._ff_view_value(timestep)
+                    idx = 0 if value is None else self._ff_locate(value)
             self._step_index = idx
             self._ff_set_loop_start(idx)
         elif (

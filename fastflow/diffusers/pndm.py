@@ -86,6 +86,7 @@ def _sample_mark(sample: torch.Tensor) -> tuple[int, int]:
 class PNDMScheduler(FastflowScheduler, _pndm.PNDMScheduler):
     """diffusers' ``PNDMScheduler`` whose ``step`` is one fused fastflow call."""
 
+    _ff_counts_calls = True  # diffusers' counter: a loop's first call starts the warm-up wherever it is
     _ff_prk_mark: tuple[int, int] | None = None
 
     def _ff_check_config(self) -> None:

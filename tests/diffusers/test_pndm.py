@@ -18,6 +18,7 @@ from dropin_helpers import (
     float64_distance,
     meta_loop,
     run_loop,
+    stand_in,
     start_noise,
 )
 from dropin_helpers import pair as dropin_pair
@@ -315,3 +316,21 @@ def test_a_converted_tensor_in_place_of_the_kept_outputs_raises():
     t = ff.timesteps[0]
     with pytest.raises(ValueError, match="keeps earlier model outputs cannot convert another tensor"):
         ff._ff_step(torch.sin(x), t, x, kernel_output=torch.cos(x))
+
+
+@pytest.mark.parametrize("timestep_kind", ["tensor element", "python number"])
+@pytest.mark.parametrize("begin", [1, 2])
+def test_a_loop_from_a_repeated_timestep_without_set_begin_index(timestep_kind, begin):
+    """diffusers' PNDM counts its calls and never locates a step: a loop that starts part-way (without
+    set_begin_index, which diffusers' class lacks) starts its PLMS sequence at its first call. The schedule
+    [1999, 999, 999] repeats a timestep: an element of the scheduler's timesteps is located by its position, a
+    number by its first occurrence (the second call of the repeat then follows it)."""
+    ref, ff = pair(num_train_timesteps=2000, timestep_spacing="trailing")
+    for sched in (ref, ff):
+        sched.set_timesteps(2)
+    assert ref.timesteps.tolist() == [1999, 999, 999]
+    xa = xb = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(4))
+    for t_ref, t_ff in zip(ref.timesteps[begin:], ff.timesteps[begin:], strict=True):
+        xa = ref.step(stand_in(xa, t_ref), t_ref, xa).prev_sample
+        xb = ff.step(stand_in(xb, t_ff), t_ff if timestep_kind == "tensor element" else int(t_ff), xb).prev_sample
+    assert_close(xb, xa, atol=1e-5 * float(xa.abs().max()))

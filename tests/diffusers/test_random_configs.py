@@ -354,6 +354,40 @@ def test_random_dpm_inverse_config(seed):
            stochastic=config["algorithm_type"].startswith("sde"))
 
 
+COUNTING_CASES = 80
+
+
+def _lms(r: random.Random) -> tuple[dict, dict]:
+    return _vp(r) | r.choice(SIGMAS) | dict(prediction_type=r.choice(("epsilon", "v_prediction"))), dict(
+        order=r.choice((1, 2, 3, 4)))
+
+
+def _pndm(r: random.Random) -> tuple[dict, dict]:
+    return _vp(r) | dict(prediction_type=r.choice(("epsilon", "v_prediction")), skip_prk_steps=r.random() < 0.6,
+                         set_alpha_to_one=r.choice((True, False))), {}
+
+
+COUNTING = {  # the drop-ins whose steps read the loop's earlier calls by count: LMS, PNDM (warm-up or not), IPNDM
+    "LMSDiscreteScheduler": _lms,
+    "PNDMScheduler": _pndm,
+    "IPNDMScheduler": lambda r: ({}, {}),
+}
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("seed", range(COUNTING_CASES))
+def test_random_counting_config(seed):
+    """LMS, PNDM and IPNDM with seeds of their own (loops from part-way: PNDM's first call starts its warm-up
+    wherever it is, and its schedule repeats timesteps)."""
+    r = random.Random(40_000 + seed)
+    name = r.choice(sorted(COUNTING))
+    config, step_kwargs = COUNTING[name](r)
+    accepted = inspect.signature(getattr(diffusers, name).__init__).parameters
+    config = {k: v for k, v in config.items() if k in accepted}
+    steps = r.choice(STEPS)
+    _check(name, config, steps, step_kwargs, _begin(r, steps), {}, stochastic=False)
+
+
 def _stochastic_case(seed: int) -> tuple[str, dict, dict, int, int, dict]:
     r = random.Random(10_000 + seed)
     name = r.choice(sorted(STOCHASTIC))
