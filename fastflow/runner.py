@@ -241,8 +241,8 @@ class PlanRunner:
         """:meth:`run` of stage ``i`` through a binding of this runner (:meth:`bind`): unguided, without the next
         model input, its history read and kept as :meth:`run` does. The drop-ins' lane runs its stages that read or
         keep stored tensors so, without :meth:`run`'s keyword arguments and dispatch lookup (every multistep step).
-        ``z`` and ``cond`` are on the device and in the dtype it was bound for (the caller checks); ``seeds`` are
-        given when the stage draws noise."""
+        ``z`` and ``cond`` are on the device and in the dtype it was bound for (the caller checks); ``extra_history``
+        is a list the call may keep; ``seeds`` are given when the stage draws noise."""
         needs, use_noise, write_x, _, bookkeeping = self._stages[i]
         store = self._store
         if i == 0:

@@ -505,12 +505,13 @@ class FastflowScheduler:
                         "set_begin_index(0) before the loop (as diffusers' img2img pipelines do), pass the "
                         "timestep as a Python number, or take the first step eagerly"
                     )
-                compiling = torch.compiler.is_compiling()
-                idx = self._ff_view_position(timestep) if self._ff_counts_calls and not compiling else None
-                if idx is None:
+                pos = None if torch.compiler.is_compiling() else self._ff_view_position(timestep)
+                if pos is not None and self._ff_counts_calls:
+                    idx = pos
+                else:
                     value = _host_number(timestep)
-                    if value is None and not compiling:
-                        value = self._ff_view_value(timestep)
+                    if value is None and pos is not None:
+                        value = self._ff_host_values[pos]
                     idx = 0 if value is None else self._ff_locate(value)
             self._step_index = idx
             self._ff_set_loop_start(idx)

@@ -173,7 +173,8 @@ class MultistepScheduler(FastflowScheduler):
 
     def _ff_updates(self, start: int) -> list[Lin | Undefined]:
         """Next-sample formulas of steps ``start .. n-1`` from ``self._ff_sigmas``: :class:`Undefined` for a step
-        diffusers cannot run. Raises for a loop none of whose steps it can run."""
+        diffusers cannot run. Raises for a loop it cannot build at all (an unsupported combination of options, or
+        flow sigmas past 1 from its first step)."""
         raise NotImplementedError
 
     def _ff_prepare(self) -> None:
