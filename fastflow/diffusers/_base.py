@@ -362,11 +362,12 @@ class FastflowScheduler:
         return [self._ff_defined_spec(i, i - start, variant) for i in range(start, self._ff_num_steps())]
 
     def _ff_defined_spec(self, i: int, k: int, variant: Hashable) -> StepSpec:
-        """:meth:`_ff_spec`, or, where step ``i`` is undefined (the spec raises a ValueError, or has a coefficient
-        that is not finite), a spec that raises when the step runs."""
+        """:meth:`_ff_spec`, or, where step ``i`` is undefined (the spec raises an :class:`UndefinedStepError`, or
+        has a coefficient that is not finite), a spec that raises when the step runs. Any other error is raised at
+        once: it is not diffusers' undefined step but a fault or an unsupported input."""
         try:
             spec = self._ff_spec(i, k, variant)
-        except ValueError as exc:
+        except UndefinedStepError as exc:
             error = str(exc)
         else:
             coefs = [spec.xz, spec.xo, *(c for _, c in spec.update), *(c for _, c in spec.pred or ())]
@@ -885,5 +886,5 @@ def float32(x: float) -> float:
 def sqrt(x: float) -> float:
     """Square root that names a negative argument instead of returning NaN."""
     if x < 0:
-        raise ValueError(f"negative variance {x}: this configuration has no real step")
+        raise UndefinedStepError(f"negative variance {x}: this configuration has no real step")
     return math.sqrt(x)

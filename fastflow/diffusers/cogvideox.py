@@ -28,6 +28,7 @@ import torch
 from diffusers.schedulers import scheduling_ddim_cogvideox as _cogvideox
 from diffusers.schedulers import scheduling_dpm_cogvideox as _cogdpm
 
+from ..solvers.base import UndefinedStepError
 from ._base import StepSpec, X, Z, _host_number, noise, output_maker, promoted_dtype
 from .ddim import _VPMixin, x0_coefs
 
@@ -51,7 +52,7 @@ class CogVideoXDDIMScheduler(_VPMixin, _cogvideox.CogVideoXDDIMScheduler):
         a_t = self._ff_alpha(t)
         a_p = self._ff_alpha(prev) if prev >= 0 else float(self.final_alpha_cumprod)
         if a_t == 1.0:
-            raise ValueError(f"timestep {t} has alphas_cumprod 1, where the step divides by 1 - alphas_cumprod")
+            raise UndefinedStepError(f"timestep {t} has alphas_cumprod 1, where the step divides by 1 - alphas_cumprod")
         xz, xo = x0_coefs(cfg.prediction_type, a_t)
         a = math.sqrt((1.0 - a_p) / (1.0 - a_t))
         b = math.sqrt(a_p) - math.sqrt(a_t) * a
@@ -120,7 +121,7 @@ class CogVideoXDPMScheduler(_VPMixin, _cogdpm.CogVideoXDPMScheduler):
         a_t = self._ff_alpha(t)
         a_p = self._ff_alpha(prev) if prev >= 0 else float(self.final_alpha_cumprod)
         if a_t >= 1.0:
-            raise ValueError(f"timestep {t} has alphas_cumprod 1, where the step divides by 1 - alphas_cumprod")
+            raise UndefinedStepError(f"timestep {t} has alphas_cumprod 1, where the step divides by 1 - alphas_cumprod")
         xz, xo = x0_coefs(self.config.prediction_type, a_t)
         if a_p >= 1.0:  # the limit of diffusers' multipliers (it evaluates exp(-inf) * 0 and expm1(-inf) there)
             return StepSpec(xz, xo, X(k), draws=True)

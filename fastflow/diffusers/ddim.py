@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from diffusers.schedulers import scheduling_ddim, scheduling_ddpm
 
+from ..solvers.base import UndefinedStepError
 from ._base import FastflowScheduler, O, StepSpec, X, Z, noise, output_maker, promoted_dtype, sqrt
 
 __all__ = ["DDIMScheduler", "DDPMScheduler", "ddim_noise_and_direction", "dynamic_threshold", "eps_coefs", "x0_coefs"]
@@ -45,7 +46,7 @@ def x0_coefs(prediction: str, a: float) -> tuple[float, float]:
     sa, sb = math.sqrt(a), math.sqrt(1.0 - a)
     if prediction == "epsilon":
         if sa == 0.0:
-            raise ValueError(
+            raise UndefinedStepError(
                 "prediction_type='epsilon' has no x0 at a timestep with alphas_cumprod = 0 "
                 "(rescale_betas_zero_snr=True makes the last one 0): diffusers divides by zero there and steps to "
                 "inf or NaN (with clip_sample=True it clips the infinite x0, as fastflow does too; dynamic "
@@ -76,7 +77,7 @@ def ddim_noise_and_direction(a_t: float, a_p: float, eta: float) -> tuple[float,
         return float(std32), math.sqrt(float(rest32))
     rest = (1.0 - a_p) - eta * eta * (1.0 - a_p) / (1.0 - a_t) * (1.0 - a_t / a_p)
     if rest < 0:
-        raise ValueError(
+        raise UndefinedStepError(
             f"eta={eta} makes the noise variance of the DDIM step from alphas_cumprod {a_t:.6g} to {a_p:.6g} "
             f"exceed 1 - alphas_cumprod_prev (diffusers returns NaN there); use eta <= 1"
         )
@@ -149,7 +150,7 @@ class _VPMixin(FastflowScheduler):
         """The unthresholded x0 conversion at timestep ``t``, or why it is undefined (raised if that step runs)."""
         try:
             return x0_coefs(self.config.prediction_type, self._ff_alpha(t))
-        except ValueError as exc:
+        except UndefinedStepError as exc:
             return str(exc)
 
     def _ff_alpha(self, t: int) -> float:
@@ -180,7 +181,7 @@ class _VPMixin(FastflowScheduler):
             return None
         coefs = self._ff_raw_x0[idx]
         if isinstance(coefs, str):
-            raise ValueError(coefs)
+            raise UndefinedStepError(coefs)
         return thresholded_x0(coefs, model_output, sample, self.config)
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from diffusers.schedulers import scheduling_ddim_inverse as _inverse
 
+from ..solvers.base import UndefinedStepError
 from ._base import O, StepSpec, X, Z, output_maker, promoted_dtype
 from .ddim import _VPMixin, eps_coefs
 
@@ -42,7 +43,7 @@ class DDIMInverseScheduler(_VPMixin, _inverse.DDIMInverseScheduler):
         a_p = self._ff_alpha(target)
         xz, xo = self._ff_conversion(a_t)
         if a_t == 1.0 and cfg.prediction_type == "sample":
-            raise ValueError(
+            raise UndefinedStepError(
                 "prediction_type='sample' has no noise estimate at alphas_cumprod = 1 (set_alpha_to_one=True makes "
                 "the first step's level 1): diffusers divides by zero there and steps to inf or NaN"
             )

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from diffusers.schedulers import scheduling_dpmsolver_sde as _sde
 
+from ..solvers.base import UndefinedStepError
 from ._base import StepSpec, X, Z, noise, output_maker, promoted_dtype
 from ._two_call import ScaledTwoCallMixin, input_scales
 
@@ -90,7 +91,7 @@ def _ancestral(prediction: str, t: torch.Tensor, t_to: torch.Tensor, sigma_in: t
 def sde_interval(prediction: str, sigma: torch.Tensor, sigma_next: torch.Tensor) -> SDEInterval:
     """The two calls of a step between diffusers' float32 sigmas ``sigma > sigma_next > 0``."""
     if not float(sigma) > float(sigma_next):
-        raise ValueError(
+        raise UndefinedStepError(
             f"a step from sigma {float(sigma):.6g} to {float(sigma_next):.6g} draws noise over an empty interval "
             "(diffusers returns NaN there: a loop of this scheduler starts at an even index)"
         )
@@ -129,7 +130,7 @@ class DPMSolverSDEScheduler(ScaledTwoCallMixin, _sde.DPMSolverSDEScheduler):
                 continue
             try:
                 self._ff_intervals.append(sde_interval(prediction, sig[j], sig[j + 1]))
-            except ValueError as exc:
+            except UndefinedStepError as exc:
                 self._ff_intervals.append(str(exc))
         # A second-order call i scales by the midpoint of the step its first call i - 1 began (call 0 is never
         # second-order; a step to 0 has no midpoint: diffusers' loops reach neither).
@@ -145,7 +146,7 @@ class DPMSolverSDEScheduler(ScaledTwoCallMixin, _sde.DPMSolverSDEScheduler):
     def _ff_interval(self, j: int) -> SDEInterval | None:
         found = self._ff_intervals[j] if 0 <= j < len(self._ff_intervals) else None
         if isinstance(found, str):
-            raise ValueError(found)
+            raise UndefinedStepError(found)
         return found
 
     def _ff_spec(self, i: int, k: int, variant: Any) -> StepSpec:

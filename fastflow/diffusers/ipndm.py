@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from diffusers.schedulers import scheduling_ipndm as _ipndm
 
+from ..solvers.base import UndefinedStepError
 from ._base import FastflowScheduler, O, StepSpec, X, Z, output_maker, promoted_dtype
 
 __all__ = ["IPNDMScheduler", "adams_bashforth_weights"]
@@ -52,7 +53,7 @@ class IPNDMScheduler(FastflowScheduler, _ipndm.IPNDMScheduler):
         if len(weights) == 1:  # E is this call's ets: written through the sample and the output
             ets = Z(k) * beta + O(k) * alpha
         elif alpha < _DIVISOR_FLOOR:
-            raise ValueError(f"step {i} has alpha {alpha:g}, where diffusers divides its update by 1e-8")
+            raise UndefinedStepError(f"step {i} has alpha {alpha:g}, where diffusers divides its update by 1e-8")
         else:
             ets = X(k) * weights[0]
             for j, w in enumerate(weights[1:], start=1):

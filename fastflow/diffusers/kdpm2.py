@@ -18,6 +18,7 @@ import torch
 from diffusers.schedulers import scheduling_k_dpm_2_ancestral_discrete as _kdpm2a
 from diffusers.schedulers import scheduling_k_dpm_2_discrete as _kdpm2
 
+from ..solvers.base import UndefinedStepError
 from ._base import StepSpec, X, Z, noise, output_maker, promoted_dtype
 from ._two_call import ScaledTwoCallMixin, input_scales
 from .euler import ve_x0_coefs
@@ -55,7 +56,7 @@ class _KDPM2Mixin(ScaledTwoCallMixin):
     def _ff_sigma(self, i: int, table: np.ndarray, name: str) -> float:
         value = float(table[i])
         if value == 0.0:
-            raise ValueError(f"call {i} divides by {name} = 0 (diffusers returns NaN or inf there)")
+            raise UndefinedStepError(f"call {i} divides by {name} = 0 (diffusers returns NaN or inf there)")
         return value
 
     def _ff_first_spec(self, i: int, k: int, mid_index: int) -> StepSpec:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from diffusers.schedulers import scheduling_lms_discrete as _lms
 
+from ..solvers.base import UndefinedStepError
 from ._base import O, StepSpec, X, Z, output_maker, promoted_dtype
 from .euler import _VEInputMixin
 
@@ -49,7 +50,7 @@ def lms_coefficients(sigmas: np.ndarray, i: int, order: int) -> list[float]:
     taus = 0.5 * (b - a) * _GL_NODES + 0.5 * (a + b)
     nodes = [float(sigmas[i - m]) for m in range(order)]
     if len(set(nodes)) < order:
-        raise ValueError(
+        raise UndefinedStepError(
             f"steps {i - order + 1} to {i} repeat a sigma: the Lagrange basis divides by their difference "
             "(diffusers returns NaN)"
         )
@@ -81,7 +82,7 @@ class LMSDiscreteScheduler(_VEInputMixin, _lms.LMSDiscreteScheduler):
     def _ff_spec(self, i: int, k: int, variant: Any) -> StepSpec:
         sigma = float(self._ff_sig[i])
         if sigma == 0.0:
-            raise ValueError(f"step {i} is at sigma 0, where diffusers' derivative divides by it")
+            raise UndefinedStepError(f"step {i} is at sigma 0, where diffusers' derivative divides by it")
         xz, xo = self._ff_x0_coefs(sigma, sigma)
         kept = min(k + 1, variant)  # derivatives diffusers holds at this call
         order = min(i + 1, variant)  # the order of its coefficients

@@ -37,7 +37,7 @@ import torch
 from diffusers.schedulers import scheduling_pndm as _pndm
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
-from ..solvers.base import Lin
+from ..solvers.base import Lin, UndefinedStepError
 from ._base import FastflowScheduler, O, StepSpec, X, Z, output_maker, promoted_dtype
 
 __all__ = ["PNDMScheduler", "plms_weights"]
@@ -101,7 +101,9 @@ class PNDMScheduler(FastflowScheduler, _pndm.PNDMScheduler):
 
     def _ff_alpha(self, t: int) -> float:
         if not 0 <= t < len(self._ff_ac):
-            raise ValueError(f"timestep {t} is outside the {len(self._ff_ac)} training timesteps (diffusers fails)")
+            raise UndefinedStepError(
+                f"timestep {t} is outside the {len(self._ff_ac)} training timesteps (diffusers fails)"
+            )
         return float(self._ff_ac[t])
 
     def _ff_prev_coefs(self, t: int, prev: int) -> tuple[float, float]:
@@ -110,7 +112,9 @@ class PNDMScheduler(FastflowScheduler, _pndm.PNDMScheduler):
         a_t = self._ff_alpha(t)
         a_p = self._ff_alpha(prev) if prev >= 0 else self._ff_final
         if a_t == 0.0:
-            raise ValueError(f"alphas_cumprod is 0 at timestep {t} (zero SNR): diffusers' PNDM step divides by it")
+            raise UndefinedStepError(
+                f"alphas_cumprod is 0 at timestep {t} (zero SNR): diffusers' PNDM step divides by it"
+            )
         c_sample = math.sqrt(a_p / a_t)
         c_output = -(a_p - a_t) / (a_t * math.sqrt(1.0 - a_p) + math.sqrt(a_t * (1.0 - a_t) * a_p))
         if self.config.prediction_type == "v_prediction":  # eps = sqrt(a_t) v + sqrt(1 - a_t) sample

@@ -17,6 +17,7 @@ from dropin_helpers import (
     start_noise,
 )
 
+from fastflow import UndefinedStepError
 from fastflow.diffusers.ddim import ddim_noise_and_direction
 
 GRID = [
@@ -154,16 +155,16 @@ def test_pred_original_sample_can_be_skipped():
 
 
 def test_undefined_steps_raise_instead_of_nan():
-    """Where diffusers' DDIM would return NaN or inf (or clip an infinite x0), the drop-in raises a ValueError
-    that names the options and says why."""
+    """Where diffusers' DDIM would return NaN or inf (or clip an infinite x0), the drop-in raises an
+    UndefinedStepError that names the options and says why."""
     _, ff = pair("DDIMScheduler", **SD, rescale_betas_zero_snr=True, timestep_spacing="trailing", clip_sample=False)
-    with pytest.raises(ValueError, match="prediction_type='epsilon'.*rescale_betas_zero_snr=True"):
+    with pytest.raises(UndefinedStepError, match="prediction_type='epsilon'.*rescale_betas_zero_snr=True"):
         run_loop(ff, 10)  # epsilon prediction has no x0 where alphas_cumprod = 0 (the first timestep)
     _, ff = pair("DDIMScheduler", **SD, clip_sample=False)
     ff.set_timesteps(10)
     x = start_noise()
     t = ff.timesteps[0]
-    with pytest.raises(ValueError, match="eta=3.0 makes the noise variance.*use eta <= 1"):
+    with pytest.raises(UndefinedStepError, match="eta=3.0 makes the noise variance.*use eta <= 1"):
         ff.step(stand_in(x, t), t, x, eta=3.0)
 
 
@@ -197,7 +198,7 @@ def test_an_undefined_step_raises_only_when_it_runs(name):
     xb, _ = run_loop(ff, 8, begin=2, step_kwargs=kw)
     assert torch.isfinite(xa).all()
     assert_close(xb, xa)
-    with pytest.raises(ValueError, match="no x0 at a timestep with alphas_cumprod = 0"):
+    with pytest.raises(UndefinedStepError, match="no x0 at a timestep with alphas_cumprod = 0"):
         run_loop(ff, 8)
 
 def _eta_one(steps: int):

@@ -454,3 +454,30 @@ def test_gpu_loop_from_a_slice_without_set_begin_index(name):
         outs.append(x)
     assert ff.step_index == len(ff.timesteps)
     assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["DDIMScheduler", "EulerDiscreteScheduler", "LMSDiscreteScheduler"])
+def test_only_an_undefined_step_waits_until_it_runs(monkeypatch, name):
+    """A step whose formula raises UndefinedStepError (diffusers' NaN) raises when the loop gets there; any other
+    error of a step's formula (a fault, not diffusers' undefined step) raises at the loop's first step."""
+    from fastflow import UndefinedStepError
+
+    cls = getattr(ffd, name)
+    real = cls._ff_spec
+    for error, first_failing in ((UndefinedStepError, 3), (ValueError, 0)):
+        def spec(self, i, k, variant, error=error):
+            if i == 3:
+                raise error(f"step {i} fails")
+            return real(self, i, k, variant)
+
+        monkeypatch.setattr(cls, "_ff_spec", spec)
+        ff = cls.from_config(getattr(diffusers, name)(**SD).config)
+        ff.set_timesteps(6)
+        x = start_noise(1) * ff.init_noise_sigma
+        for i, t in enumerate(ff.timesteps):
+            if i == first_failing:
+                with pytest.raises(error, match="step 3 fails") as raised:
+                    ff.step(stand_in(x, t), t, x)
+                assert raised.type is error
+                break
+            x = ff.step(stand_in(ff.scale_model_input(x, t), t), t, x).prev_sample

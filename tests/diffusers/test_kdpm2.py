@@ -28,6 +28,7 @@ from dropin_helpers import (
 from posterior_model import posterior_model
 
 import fastflow.diffusers as ffd
+from fastflow import UndefinedStepError
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -111,7 +112,7 @@ def _timeless(x: torch.Tensor, t) -> torch.Tensor:
 
 
 def _assert_raises_where_diffusers_breaks(name: str, ref, ff, steps: int) -> None:
-    """Where diffusers' loop turns non-finite, the drop-in's raises a ValueError that says the step is undefined;
+    """Where diffusers' loop turns non-finite, the drop-in's raises an UndefinedStepError that says why;
     elsewhere (only a timestep handed to the model is NaN) both loops agree."""
     kw = _step_kwargs(name)
     xa, _ = run_loop(ref, steps, model=_timeless, step_kwargs=kw)
@@ -119,7 +120,7 @@ def _assert_raises_where_diffusers_breaks(name: str, ref, ff, steps: int) -> Non
         xb, _ = run_loop(ff, steps, model=_timeless, step_kwargs=kw)
         assert_close(xb, xa)
     else:
-        with pytest.raises(ValueError, match="not finite"):
+        with pytest.raises(UndefinedStepError, match="not finite"):
             run_loop(ff, steps, model=_timeless, step_kwargs=kw)
 
 
@@ -141,7 +142,7 @@ def test_the_direct_comparison_covers_most_of_the_grid():
 def test_a_schedule_diffusers_breaks():
     """Cosine betas, Karras sigmas, 2 steps: diffusers' ancestral ``sigmas_down[0]`` rounds to 0, and its midpoint
     sigma, interpolated toward log 0, is NaN: its first call returns NaN (and a later timestep is NaN). The
-    drop-in's first call raises a ValueError that says the step is undefined, instead of returning NaN."""
+    drop-in's first call raises an UndefinedStepError that says why, instead of returning NaN."""
     ref, ff = pair("KDPM2AncestralDiscreteScheduler", beta_schedule="squaredcos_cap_v2", use_karras_sigmas=True,
                    timestep_spacing="trailing", prediction_type="v_prediction")
     for s in (ref, ff):
@@ -149,7 +150,7 @@ def test_a_schedule_diffusers_breaks():
     assert float(ff.sigmas_down[0]) == 0.0 and math.isnan(float(ff.sigmas_interpol[0]))
     x = start_noise(0) * ff.init_noise_sigma
     assert not torch.isfinite(ref.step(_timeless(x, 0), ref.timesteps[0], x).prev_sample).all()
-    with pytest.raises(ValueError, match="not finite"):
+    with pytest.raises(UndefinedStepError, match="not finite"):
         ff.step(_timeless(x, 0), ff.timesteps[0], x)
     _assert_raises_where_diffusers_breaks("KDPM2AncestralDiscreteScheduler", ref, ff, 2)
 

@@ -26,6 +26,7 @@ from dropin_helpers import pair as dropin_pair
 from posterior_model import posterior_model
 
 import fastflow.diffusers as ffd
+from fastflow import UndefinedStepError
 from fastflow.diffusers.lms import lms_coefficients
 
 diffusers = pytest.importorskip("diffusers")
@@ -64,7 +65,7 @@ def test_coefficients_of_known_steps():
         assert sum(lms_coefficients(sig, 4, order)) == pytest.approx(sig[5] - sig[4])
     with pytest.raises(ValueError, match="order 5"):
         lms_coefficients(sig, 4, 5)
-    with pytest.raises(ValueError, match="repeat a sigma"):
+    with pytest.raises(UndefinedStepError, match="repeat a sigma"):
         lms_coefficients(np.array([2.0, 2.0, 1.0]), 1, 2)
 
 
@@ -210,7 +211,7 @@ def test_a_repeated_sigma_raises_where_diffusers_returns_nan():
         assert not torch.isfinite(ref.step(start_noise(2), ts[1], xa).prev_sample).all()
     xb = ff.step(start_noise(1), ts[0], x).prev_sample
     assert_close(xb, xa)
-    with pytest.raises(ValueError, match="repeat a sigma"):
+    with pytest.raises(UndefinedStepError, match="repeat a sigma"):
         ff.step(start_noise(2), ts[1], xb)
 
 
