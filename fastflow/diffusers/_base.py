@@ -20,7 +20,12 @@ read (that would sync): an element of the scheduler's own ``timesteps`` (what a
 pipeline's loop passes, from a slice too, as CogVideoX's video-to-video pipeline starts)
 is located by its offset in their storage, and any other device tensor takes the first
 step, so such a loop that does not start there must call ``set_begin_index`` first, as
-diffusers' img2img pipelines do.
+diffusers' img2img pipelines do. Mid-loop, classes whose diffusers step derives from the
+timestep's value alone (DDIM, DDPM, their inverse, UnCLIP, CogVideoX) follow a timestep that
+is not the counter's step (a step taken twice, a loop that skips steps) where the host knows it
+without a read: an element of ``timesteps`` by its position, a number or a CPU tensor by its
+value (a step taken again draws fresh in-kernel noise); LCM and TCD, whose diffusers step reads
+its counter and the timestep both, raise for such a timestep.
 
 ``torch.compile``: ``step`` traces without a graph break (``fullgraph=True``) once its
 index is known without reading a tensor: after a first eager step, after
@@ -284,6 +289,9 @@ class FastflowScheduler:
     # True where diffusers derives each step from the timestep value alone (DDIM, DDPM):
     # then a host-readable timestep relocates the step index.
     _ff_timestep_addressed: bool = False
+    # True where diffusers' step reads its counter and the timestep's value both (LCM, TCD): mid-loop, a timestep
+    # whose value the host knows must be the counter's step's.
+    _ff_mixed_addressed: bool = False
     # True where diffusers never locates a step but counts its calls (PNDM): a loop's first call is found by its
     # timestep's position in this scheduler's own timesteps where it is one of them, else by the value's first
     # occurrence (diffusers' rule of a repeat's second match is its locating classes').
@@ -316,8 +324,8 @@ class FastflowScheduler:
 
     @staticmethod
     def _ff_check_timestep(timestep: float | torch.Tensor) -> None:
-        """diffusers' sigma schedulers (Euler family, flow matching, LMS) take a timestep value, never an integer
-        index; they call this at each step."""
+        """diffusers' sigma schedulers (Euler family, flow matching, consistency models) take a timestep value,
+        never an integer index; they call this at each step."""
         if type(timestep) is torch.Tensor and timestep.is_floating_point():  # the usual case, decided quickly
             return
         if isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)):
@@ -388,6 +396,8 @@ class FastflowScheduler:
         # One device read here (set_timesteps already copies to the device) keeps step free of them.
         self._ff_host_timesteps = self.timesteps.detach().to("cpu", torch.float64).numpy()
         self._ff_host_values = self._ff_host_timesteps.tolist()  # Python floats, for _ff_locate
+        ts = self.timesteps
+        self._ff_timesteps_address = (ts.data_ptr(), ts.element_size() * ts.stride(0))  # see _ff_is_element
         self._ff_compiled: dict[tuple, Compiled] = {}
         self._ff_seed: int | None = None
         self._ff_seeds: dict[tuple, Any] = {}  # per-device seeds
@@ -440,6 +450,51 @@ class FastflowScheduler:
         pos = self._ff_view_position(timestep)
         return None if pos is None else self._ff_host_values[pos]
 
+    def _ff_is_element(self, timestep: torch.Tensor, idx: int) -> bool:
+        """Whether ``timestep`` is element ``idx`` of this scheduler's ``timesteps`` (a pipeline's ``for t in
+        timesteps``), from its address alone: no data is read. True while tracing, where no address is known."""
+        if torch.compiler.is_compiling():
+            return True
+        base, stride = self._ff_timesteps_address
+        return timestep.data_ptr() == base + idx * stride
+
+    def _ff_relocate(self, timestep: torch.Tensor, idx: int) -> int:
+        """The step of a tensor timestep other than the counter's (``idx``) on a scheduler whose diffusers class
+        derives each step from the timestep's value (a step taken twice, or a loop that skips steps): found by its
+        position where it is an element of ``timesteps``, by its value where it lives on the CPU. Any other device
+        tensor takes the counter's step (reading it would sync the host). A step taken again draws fresh noise."""
+        pos = self._ff_view_position(timestep)
+        if pos is None:
+            value = _host_number(timestep)
+            if value is None or value == self._ff_host_values[idx]:
+                return idx
+            pos = self._ff_locate(value)
+        if pos < idx:  # a step this loop has run: its in-kernel noise, keyed by the step, would repeat
+            self._ff_seed = None
+            self._ff_seeds = {}
+            self._ff_lane = None
+        self._step_index = pos
+        return pos
+
+    def _ff_require_counter_timestep(self, timestep: Any, idx: int) -> None:
+        """Raise where a class whose diffusers step reads both its counter and the timestep's value is given, at
+        step ``idx``, a timestep whose value the host knows and that is not that step's."""
+        if type(timestep) is torch.Tensor:
+            if self._ff_is_element(timestep, idx):
+                return
+            pos = self._ff_view_position(timestep)
+            value = _host_number(timestep) if pos is None else self._ff_host_values[pos]
+        else:
+            value = _host_number(timestep)
+        if value is None or value == self._ff_host_values[idx]:
+            return
+        raise NotImplementedError(
+            f"{type(self).__name__}.step was given timestep {value:g} at step {idx}, whose timestep is "
+            f"{self._ff_host_values[idx]:g}: diffusers' step then mixes the two (alphas_cumprod at the given "
+            "timestep, the next timestep from its step counter); fastflow's steps through its timesteps in order "
+            "(call set_timesteps, or set_begin_index, to start a loop elsewhere)"
+        )
+
     def _ff_view_position(self, timestep: Any) -> int | None:
         """The index in this scheduler's own ``timesteps`` of a timestep that is one of its elements (its offset in
         their storage, on any device; no data is read), else None."""
@@ -463,6 +518,10 @@ class FastflowScheduler:
         if idx is not None and idx < self._ff_steps and (
             type(timestep) is torch.Tensor or not self._ff_timestep_addressed
         ):
+            if self._ff_timestep_addressed and not self._ff_is_element(timestep, idx):
+                return self._ff_relocate(timestep, idx)
+            if self._ff_mixed_addressed:
+                self._ff_require_counter_timestep(timestep, idx)
             return idx
         if getattr(self, "_ff_compiled", None) is None:  # _ff_ready(), inlined
             self._ff_reset()  # diffusers steps with its init-time schedule when set_timesteps was not called
@@ -760,8 +819,12 @@ class FastflowScheduler:
         whose lane serves one variant."""
         lane = self._ff_lane
         idx = self._step_index
-        if lane is None or idx is None or (type(timestep) is not torch.Tensor and self._ff_timestep_addressed):
+        if lane is None or idx is None:
             return None
+        if (self._ff_timestep_addressed or self._ff_mixed_addressed) and (
+            type(timestep) is not torch.Tensor or not self._ff_is_element(timestep, idx)
+        ):
+            return None  # the step's index may depend on the timestep's value: _ff_peek_index finds it
         bound_variant, calls, start, bound, seeds, rows, own_preds, key = lane
         if variant is not None and variant is not bound_variant and variant != bound_variant:
             return None

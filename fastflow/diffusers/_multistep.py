@@ -75,11 +75,13 @@ def x0_coefs(prediction: str, alpha: float, sigma: float, sigma_ve: float) -> tu
 
 def eps_coefs(prediction: str, alpha: float, sigma: float, sigma_ve: float) -> tuple[float, float]:
     """diffusers' noise prediction ``eps = ez * sample + eo * model_output``: ``(sample - alpha * x0) / sigma`` of
-    :func:`x0_coefs` (an epsilon model's output exactly, not through its x0)."""
+    :func:`x0_coefs` (an epsilon model's output exactly, not through its x0). For ``flow_prediction`` diffusers'
+    DEIS divides by the raw sigma its x0 conversion read (the same as ``sigma`` on flow sigmas, not on others)."""
     if prediction == "epsilon":
         return 0.0, 1.0
     az, ao = x0_coefs(prediction, alpha, sigma, sigma_ve)
-    return (1.0 - alpha * az) / sigma, -alpha * ao / sigma
+    divisor = sigma_ve if prediction == "flow_prediction" else sigma
+    return (1.0 - alpha * az) / divisor, -alpha * ao / divisor
 
 
 def noise_coefs(prediction: str, alpha: float, sigma: float, sigma_ve: float) -> tuple[float, float]:

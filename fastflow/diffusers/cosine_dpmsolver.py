@@ -49,12 +49,14 @@ class CosineDPMSolverMultistepScheduler(EDMPreconditioned, _cos.CosineDPMSolverM
     def _ff_thresholding(self) -> bool:
         return False
 
-    def _ff_tree_draw(self, generator: Any, model_output: torch.Tensor, idx: int) -> torch.Tensor:
-        """diffusers' draw for step ``idx``: its tree, made at a loop's first step as diffusers makes it."""
+    def _ff_tree_draw(self, generator: Any, model_output: torch.Tensor, idx: int, dtype: torch.dtype) -> torch.Tensor:
+        """diffusers' draw for step ``idx``: its tree, made at a loop's first step as diffusers makes it (from the
+        converted model output, whose dtype is the sample's promoted with the output's)."""
         if self.noise_sampler is None:
             cfg = self.config
+            template = model_output if model_output.dtype is dtype else model_output.to(dtype)
             self.noise_sampler = _cos.BrownianTreeNoiseSampler(
-                model_output, sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max, seed=_initial_seed(generator)
+                template, sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max, seed=_initial_seed(generator)
             )
         return self.noise_sampler(self.sigmas[idx], self.sigmas[idx + 1]).to(model_output.device)
 
@@ -76,11 +78,11 @@ class CosineDPMSolverMultistepScheduler(EDMPreconditioned, _cos.CosineDPMSolverM
         """diffusers' step (same arguments and output), in one backend call."""
         idx = self._ff_scheduled_index(timestep)  # sets up the schedule (and its noise seed) on first use
         draw = None
+        dtype = promoted_dtype(sample, model_output)
         if self.diffusers_noise:
-            draw = lambda: self._ff_tree_draw(generator, model_output, idx)  # noqa: E731
+            draw = lambda: self._ff_tree_draw(generator, model_output, idx, dtype)  # noqa: E731
         else:
             self._ff_seed_from(generator)
-        dtype = promoted_dtype(sample, model_output)
         prev = self._ff_multistep_step(
             model_output, timestep, sample, idx, draw=draw, state_dtype=dtype, out_dtype=dtype
         )

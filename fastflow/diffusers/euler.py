@@ -30,6 +30,12 @@ _ANCESTRAL_OUTPUT = output_maker(scheduling_euler_ancestral_discrete.EulerAncest
 _EDM_OUTPUT = output_maker(scheduling_edm_euler.EDMEulerSchedulerOutput, *_FIELDS)
 
 
+def _upcast(model_output: torch.Tensor) -> torch.dtype:
+    """The dtype diffusers' Euler steps compute in: the sample upcast to float32, promoted with the model output
+    (float64 for a float64 output, so the prediction field is float64 too)."""
+    return torch.float64 if model_output.dtype is torch.float64 else torch.float32
+
+
 def ve_x0_coefs(prediction: str, sigma: float, sigma_hat: float | None = None) -> tuple[float, float]:
     """diffusers' ``x0 = xz * sample + xo * model_output`` of a variance-exploding sample at ``sigma``
     (``sigma_hat``, the churned level, for epsilon; default ``sigma``); a data prediction is ``x0`` itself."""
@@ -162,7 +168,7 @@ class EulerDiscreteScheduler(_VEInputMixin, scheduling_euler_discrete.EulerDiscr
                 return done if not return_dict else _EULER_OUTPUT(*done)
         prev, pred = self._ff_step(
             model_output, timestep, sample,
-            variant=variant, draw=self._ff_draw(generator, model_output), state_dtype=torch.float32,
+            variant=variant, draw=self._ff_draw(generator, model_output), state_dtype=_upcast(model_output),
             out_dtype=model_output.dtype, lane=default,
         )
         if not return_dict:
@@ -209,8 +215,8 @@ class EulerAncestralDiscreteScheduler(
             if done is not None:
                 return done if not return_dict else _ANCESTRAL_OUTPUT(*done)
         prev, pred = self._ff_step(
-            model_output, timestep, sample, draw=self._ff_draw(generator, model_output), state_dtype=torch.float32,
-            out_dtype=model_output.dtype, lane=generator is None,
+            model_output, timestep, sample, draw=self._ff_draw(generator, model_output),
+            state_dtype=_upcast(model_output), out_dtype=model_output.dtype, lane=generator is None,
         )
         if not return_dict:
             return (prev, pred)
@@ -277,8 +283,8 @@ class EDMEulerScheduler(_SigmaMixin, scheduling_edm_euler.EDMEulerScheduler):
         prev, pred = self._ff_step(
             pred_original_sample if given else model_output, timestep, sample,
             variant=_EDM_DEFAULT if default else (churn, given),
-            draw=self._ff_draw(generator, model_output), state_dtype=torch.float32, out_dtype=model_output.dtype,
-            want_pred=not given, lane=default,
+            draw=self._ff_draw(generator, model_output), state_dtype=_upcast(model_output),
+            out_dtype=model_output.dtype, want_pred=not given, lane=default,
         )
         if given:
             pred = pred_original_sample

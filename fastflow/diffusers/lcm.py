@@ -25,6 +25,7 @@ class LCMScheduler(_VPMixin, scheduling_lcm.LCMScheduler):
     """diffusers' ``LCMScheduler`` whose ``step`` is one fused fastflow call (returns ``denoised`` too)."""
 
     _ff_timestep_addressed = False  # diffusers' LCM counts steps like Euler
+    _ff_mixed_addressed = True  # and reads alphas_cumprod at the timestep's value
 
     def _ff_spec(self, i: int, k: int, variant: Any) -> StepSpec:
         cfg = self.config

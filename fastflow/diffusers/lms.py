@@ -100,8 +100,8 @@ class LMSDiscreteScheduler(_VEInputMixin, _lms.LMSDiscreteScheduler):
         order: int = 4,
         return_dict: bool = True,
     ) -> _lms.LMSDiscreteSchedulerOutput | tuple:
-        """diffusers' LMS step (same arguments and outputs), in one backend call."""
-        self._ff_check_timestep(timestep)
+        """diffusers' LMS step (same arguments and outputs), in one backend call. Unlike diffusers' Euler steps, its
+        LMS takes an integer timestep too (a value, located among its timesteps at a loop's first step)."""
         raw = self._ff_x0_is_output  # diffusers' x0 is then the model output itself
         # Mid-loop, a call of the loop's order (the lane is bound for it) runs from the lane.
         done = self._ff_lane_step(model_output, timestep, sample, variant=order) if type(order) is int else None

@@ -38,6 +38,7 @@ class TCDScheduler(_VPMixin, scheduling_tcd.TCDScheduler):
     """
 
     _ff_timestep_addressed = False  # diffusers' TCD counts steps
+    _ff_mixed_addressed = True  # and reads alphas_cumprod at the timestep's value
     _ff_default_variant = 0.3  # diffusers' default eta
 
     @property

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from diffusers.schedulers import scheduling_ddpm_wuerstchen as _w
 
-from ._base import FastflowScheduler, StepSpec, X, Z, noise, output_maker
+from ._base import FastflowScheduler, StepSpec, X, Z, _host_number, noise, output_maker
 
 __all__ = ["DDPMWuerstchenScheduler"]
 _OUTPUT = output_maker(_w.DDPMWuerstchenSchedulerOutput, "prev_sample")
@@ -74,6 +74,27 @@ class DDPMWuerstchenScheduler(FastflowScheduler, _w.DDPMWuerstchenScheduler):
             )
         return timestep.dtype
 
+    def _ff_step_of_value(self, timestep: Any, idx: int, variant: torch.dtype) -> int:
+        """The step of a timestep whose value the host has (a number or a CPU tensor): diffusers evaluates its
+        schedule at that value, so it must be one of the schedule's timesteps (rounded to the timestep's dtype),
+        found by value as diffusers finds the next one; a device timestep is not read and takes ``idx``."""
+        value = _host_number(timestep)
+        if value is None:
+            return idx
+        key = ("rounded timesteps", variant)
+        rounded = self._ff_host_cache.get(key)
+        if rounded is None:
+            rounded = self._ff_host_cache[key] = self._ff_ts32[: self._ff_steps].to(variant).double().tolist()
+        if 0 <= idx < len(rounded) and rounded[idx] == value:
+            return idx
+        if value not in rounded:
+            raise NotImplementedError(
+                f"DDPMWuerstchenScheduler.step was given timestep {value:g}, which is not one of its timesteps: "
+                "diffusers evaluates its schedule at any value, fastflow's plan holds the steps of its timesteps"
+            )
+        self._step_index = rounded.index(value)
+        return self._step_index
+
     def step(
         self,
         model_output: torch.Tensor,
@@ -84,10 +105,14 @@ class DDPMWuerstchenScheduler(FastflowScheduler, _w.DDPMWuerstchenScheduler):
     ) -> _w.DDPMWuerstchenSchedulerOutput | tuple[torch.Tensor]:
         """diffusers' Wuerstchen step (same arguments and output), in one backend call; computed in float32 and
         returned in the model output's dtype, as diffusers does."""
+        variant = self._ff_timestep_dtype(timestep)
+        idx = self._ff_peek_index(timestep)
+        if not torch.compiler.is_compiling():
+            idx = self._ff_step_of_value(timestep, idx, variant)
         prev, _ = self._ff_step(
-            model_output, timestep, sample, variant=self._ff_timestep_dtype(timestep),
+            model_output, timestep, sample, variant=variant,
             draw=self._ff_draw(generator, model_output), state_dtype=torch.float32, out_dtype=model_output.dtype,
-            want_pred=False,
+            want_pred=False, index=idx,
         )
         if not return_dict:
             return (prev,)

@@ -152,3 +152,19 @@ def test_scale_model_input_is_bit_identical():
         x_next = ref.step(o, t, x, generator=torch.Generator().manual_seed(1)).prev_sample
         ff.step(o, t, x, generator=torch.Generator().manual_seed(1))
         x = x_next
+
+
+@pytest.mark.parametrize(("sample_dtype", "output_dtype"), [(torch.float64, torch.float32),
+                                                            (torch.float32, torch.float16)])
+def test_diffusers_tree_of_a_mixed_dtype_step(sample_dtype, output_dtype):
+    """diffusers makes its tree from the converted model output (the sample's dtype promoted with the output's), so
+    its draws are those of that dtype's tree: the drop-in's tree is the same."""
+    ref, ff = cosine_pair()
+    outs = []
+    for s in (ref, ff):
+        s.set_timesteps(6)
+        x = (start_noise(0) * s.init_noise_sigma).to(sample_dtype)
+        t = s.timesteps[0]
+        o = stand_in(s.scale_model_input(x, t).float(), t).to(output_dtype)
+        outs.append(s.step(o, t, x, generator=torch.Generator().manual_seed(5)).prev_sample.double())
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5 * float(outs[0].abs().max()))

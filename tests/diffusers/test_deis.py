@@ -56,6 +56,9 @@ def _grid():
         out.append((cfg, steps))
     for order, pred in itertools.product([1, 2], ["epsilon", "v_prediction", "sample"]):
         out.append((dict(SD, solver_order=order, prediction_type=pred, thresholding=True, sample_max_value=1.2), 12))
+    # A flow prediction on variance-preserving sigmas: diffusers' noise conversion divides by the raw sigma there.
+    for order, sigmas in itertools.product([1, 2, 3], ["lin", "karras"]):
+        out.append((dict(SD, solver_order=order, prediction_type="flow_prediction", **SIGMAS[sigmas]), 8))
     return out
 
 

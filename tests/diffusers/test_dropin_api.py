@@ -481,3 +481,59 @@ def test_only_an_undefined_step_waits_until_it_runs(monkeypatch, name):
                 assert raised.type is error
                 break
             x = ff.step(stand_in(ff.scale_model_input(x, t), t), t, x).prev_sample
+
+
+VALUE_ADDRESSED = [("DDIMScheduler", dict(SD, clip_sample=False)), ("DDPMScheduler", dict(SD, clip_sample=False)),
+                   ("UnCLIPScheduler", {}), ("CogVideoXDDIMScheduler", {}), ("DDIMInverseScheduler", SD)]
+
+
+@pytest.mark.parametrize("pattern", ["twice per timestep", "every other timestep", "backwards"])
+@pytest.mark.parametrize(("name", "config"), VALUE_ADDRESSED)
+def test_a_value_addressed_step_follows_its_tensor_timestep(name, config, pattern):
+    """diffusers' DDIM family derives each step from the timestep's value, so a loop may take a step twice, skip
+    steps or go back: the drop-in finds an element of its timesteps by its position (no data read) and a CPU
+    tensor by its value, mid-loop too, and matches diffusers."""
+    ref = getattr(diffusers, name)(**config)
+    outs = []
+    for s in (ref, ffd.from_scheduler(ref)):
+        s.set_timesteps(8)
+        ts = list(s.timesteps)
+        calls = {"twice per timestep": [t for t in ts for _ in (0, 1)], "every other timestep": ts[::2],
+                 "backwards": ts[:4] + ts[1:3] + [ts[5].clone()]}[pattern]
+        x, g = start_noise(2), torch.Generator().manual_seed(3)
+        for t in calls:
+            kw = {"generator": g} if "generator" in inspect.signature(s.step).parameters else {}
+            x = s.step(stand_in(x, t), t, x, **kw).prev_sample
+        outs.append(x)
+    assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)
+
+
+def test_a_step_taken_again_draws_fresh_noise():
+    """DDPM's in-kernel noise is keyed by the step: a step taken again (its timestep passed twice) draws new noise,
+    as diffusers' draw from the global generator does, not the same noise again."""
+    ff = ffd.DDPMScheduler(**SD)
+    ff.set_timesteps(10)
+    t, x = ff.timesteps[3], start_noise(4, shape=(4, 4, 32, 32))
+    ff.set_begin_index(3)
+    o = stand_in(x, t)
+    first = ff.step(o, t, x).prev_sample
+    second = ff.step(o, t, x).prev_sample  # the same step again, from the same sample
+    assert ff.step_index == 4
+    a_t, a_p = ff.alphas_cumprod[t].double(), ff.alphas_cumprod[ff.timesteps[4]].double()
+    std = float(((1 - a_p) / (1 - a_t) * (1 - a_t / a_p)).sqrt())  # diffusers' fixed_small variance
+    diff = (second - first) / (std * 2**0.5)  # the difference of two independent draws, standardized
+    assert abs(diff.mean().item()) < 0.03 and abs(diff.std().item() - 1) < 0.03
+
+
+@pytest.mark.parametrize("name", ["LCMScheduler", "TCDScheduler"])
+def test_a_mixed_addressed_step_refuses_another_timestep(name):
+    """diffusers' LCM and TCD read their step counter and the timestep's value both: mid-loop, a timestep other
+    than the counter's step's raises (a number, a CPU tensor, an element of the timesteps), naming both."""
+    ff = getattr(ffd, name)(**SD)
+    ff.set_timesteps(4)
+    ts = ff.timesteps
+    x = ff.step(stand_in(start_noise(), ts[0]), ts[0], start_noise()).prev_sample
+    for t in (ts[0], int(ts[2]), ts[2].clone()):
+        with pytest.raises(NotImplementedError, match=f"given timestep {int(t)} at step 1, whose timestep is"):
+            ff.step(stand_in(x, t), t, x)
+    ff.step(stand_in(x, ts[1]), ts[1], x)

@@ -227,3 +227,24 @@ def test_generator_advances_like_diffusers(name):
     xb, _ = run_loop(ff, 6, step_kwargs=lambda i: dict(kw, generator=gb))
     assert_close(xb, xa)
     assert torch.equal(ga.get_state(), gb.get_state())
+
+
+@pytest.mark.parametrize("name", ["EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "EDMEulerScheduler"])
+@pytest.mark.parametrize("sample_dtype", [torch.float32, torch.float64])
+def test_a_float64_model_output_steps_in_float64(name, sample_dtype):
+    """diffusers' Euler steps upcast the sample to float32 and promote it with the model output: a float64 output
+    gives float64 fields computed in float64, and the drop-in's are the same dtype and values."""
+    ref, ff = pair(name, **({} if name == "EDMEulerScheduler" else SD))
+    outs = []
+    for s in (ref, ff):
+        s.set_timesteps(4)
+        x = (start_noise(0) * s.init_noise_sigma).to(sample_dtype)
+        t = s.timesteps[1]
+        s.set_begin_index(1)
+        o = stand_in(s.scale_model_input(x, t), t).double()
+        outs.append(s.step(o, t, x, generator=torch.Generator().manual_seed(1)))
+    a, b = outs
+    for field in ("prev_sample", "pred_original_sample"):
+        fa, fb = getattr(a, field), getattr(b, field)
+        assert fb.dtype == fa.dtype == torch.float64, field
+        torch.testing.assert_close(fb, fa, rtol=1e-6, atol=1e-6 * float(fa.abs().max()))

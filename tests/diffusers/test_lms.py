@@ -20,6 +20,7 @@ from dropin_helpers import (
     float64_distance,
     meta_loop,
     run_loop,
+    stand_in,
     start_noise,
 )
 from dropin_helpers import pair as dropin_pair
@@ -228,3 +229,18 @@ def test_errors():
     with pytest.raises(NotImplementedError, match="prediction_type"):
         ffd.LMSDiscreteScheduler(prediction_type="flow_prediction")
     assert isinstance(ffd.from_scheduler(diffusers.LMSDiscreteScheduler(**SD)), ffd.LMSDiscreteScheduler)
+
+
+def test_an_integer_timestep_is_a_value():
+    """diffusers' LMS, unlike its Euler steps, takes an integer timestep (a Python int or an int64 tensor): the
+    loop's first is located by value, the rest follow the counter, and the drop-in matches it."""
+    for conv in (int, torch.Tensor.long):
+        ref, ff = pair(**SD)
+        outs = []
+        for s in (ref, ff):
+            s.set_timesteps(6)
+            x = start_noise() * s.init_noise_sigma
+            for t in s.timesteps:
+                x = s.step(stand_in(s.scale_model_input(x, t), t), conv(t), x).prev_sample
+            outs.append(x)
+        assert_close(outs[1], outs[0])

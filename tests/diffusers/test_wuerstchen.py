@@ -60,6 +60,31 @@ def test_custom_timesteps_and_a_later_start():
     assert_close(outs[1], outs[0])
 
 
+@pytest.mark.parametrize("t_dtype", [torch.float32, torch.bfloat16])
+def test_a_cpu_timestep_selects_its_step(t_dtype):
+    """diffusers evaluates its schedule at the timestep's value: a CPU timestep taken twice, or every other one, is
+    stepped from that value as diffusers steps it; one that is not on the schedule raises instead of being
+    rounded to the nearest step."""
+    ref, ff = pair(NAME)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    for pattern in ("twice", "every other"):
+        outs = []
+        for s in (ref, ff):
+            s.set_timesteps(8)
+            ts = list(s.timesteps[:-1])
+            calls = [t for t in ts for _ in (0, 1)] if pattern == "twice" else ts[::2]
+            y = x
+            for i, t in enumerate(calls):
+                y = s.step(_model(y, t), t.expand(2).to(t_dtype), y,
+                           generator=torch.Generator().manual_seed(i)).prev_sample
+            outs.append(y)
+        assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5 * max(1.0, float(outs[0].abs().max())))
+    ff.set_timesteps(8)
+    t = ff.timesteps[2] + 0.02
+    with pytest.raises(NotImplementedError, match="not one of its timesteps"):
+        ff.step(_model(x, t), t.expand(2), x)
+
+
 def test_bfloat16_samples():
     """bfloat16 latents and outputs (Stable Cascade's): diffusers computes in float32 and returns bfloat16; so does
     the kernel, rounding once: the same bits but where float32 round-off of the folded update crosses a rounding
