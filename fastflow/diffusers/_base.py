@@ -518,10 +518,13 @@ class FastflowScheduler:
         if idx is not None and idx < self._ff_steps and (
             type(timestep) is torch.Tensor or not self._ff_timestep_addressed
         ):
-            if self._ff_timestep_addressed and not self._ff_is_element(timestep, idx):
-                return self._ff_relocate(timestep, idx)
-            if self._ff_mixed_addressed:
-                self._ff_require_counter_timestep(timestep, idx)
+            if (self._ff_timestep_addressed or self._ff_mixed_addressed) and not torch.compiler.is_compiling():
+                base, stride = self._ff_timesteps_address  # _ff_is_element, inlined: every step asks
+                if type(timestep) is not torch.Tensor or timestep.data_ptr() != base + idx * stride:
+                    if self._ff_mixed_addressed:
+                        self._ff_require_counter_timestep(timestep, idx)
+                    else:
+                        return self._ff_relocate(timestep, idx)
             return idx
         if getattr(self, "_ff_compiled", None) is None:  # _ff_ready(), inlined
             self._ff_reset()  # diffusers steps with its init-time schedule when set_timesteps was not called
@@ -821,10 +824,13 @@ class FastflowScheduler:
         idx = self._step_index
         if lane is None or idx is None:
             return None
-        if (self._ff_timestep_addressed or self._ff_mixed_addressed) and (
-            type(timestep) is not torch.Tensor or not self._ff_is_element(timestep, idx)
-        ):
-            return None  # the step's index may depend on the timestep's value: _ff_peek_index finds it
+        if self._ff_timestep_addressed or self._ff_mixed_addressed:  # the step may depend on the timestep's value
+            if type(timestep) is not torch.Tensor:
+                return None  # _ff_peek_index finds it
+            if not torch.compiler.is_compiling():
+                base, stride = self._ff_timesteps_address  # _ff_is_element, inlined
+                if timestep.data_ptr() != base + idx * stride:
+                    return None
         bound_variant, calls, start, bound, seeds, rows, own_preds, key = lane
         if variant is not None and variant is not bound_variant and variant != bound_variant:
             return None

@@ -89,8 +89,9 @@ class DDPMWuerstchenScheduler(FastflowScheduler, _w.DDPMWuerstchenScheduler):
             return idx
         if value not in rounded:
             raise NotImplementedError(
-                f"DDPMWuerstchenScheduler.step was given timestep {value:g}, which is not one of its timesteps: "
-                "diffusers evaluates its schedule at any value, fastflow's plan holds the steps of its timesteps"
+                f"DDPMWuerstchenScheduler.step was given timestep {value:g}, which is not one its steps start from "
+                f"(its timesteps but the last, {float(self._ff_ts32[-1]):g}, which ends a loop): diffusers evaluates "
+                "its schedule at any value, fastflow's plan holds the steps of its timesteps"
             )
         self._step_index = rounded.index(value)
         return self._step_index
