@@ -86,6 +86,8 @@ def grid_times(
         raise ValueError(f"steps must be at least 1, got {n}")
     lo = schedule.t_min if t_min is None else float(t_min)
     hi = schedule.t_max if t_max is None else float(t_max)
+    schedule.check_times(lo, "t_min")
+    schedule.check_times(hi, "t_max")
     if not lo < hi:
         raise ValueError(f"need t_min < t_max, got {lo}, {hi}")
     if kind == "uniform":
@@ -136,6 +138,7 @@ def make_points(
         t = np.asarray(grid, dtype=np.float64)
         if t.ndim != 1 or len(t) != steps + (final == "t_min"):
             raise ValueError(f"explicit grid must have {steps + (final == 't_min')} times for {steps} steps")
+    schedule.check_times(t)
     pts = points_at(schedule, t)
     lam = pts.half_logsnr
     if np.any(np.isnan(lam)) or np.any(np.diff(lam) <= 0):

@@ -24,7 +24,7 @@ import torch
 
 from .devices import to_device
 from .predictions import to_x_eps
-from .solvers.base import NOISE, Stage
+from .solvers.base import NOISE, Stage, UndefinedStepError
 
 # Column layout of a coefficient table row. Kernels index rows by these numbers.
 W, AZ, AO, CZ, CX, H0, H1, H2, CN, CIN = range(10)
@@ -89,6 +89,21 @@ class StepPlan:
         return to_device(torch.from_numpy(self.coefs).to(dtype), device)
 
 
+def _no_data_prediction(prediction: str, stage: Stage, i: int) -> str:
+    """Why stage ``i``'s model output gives no data prediction, and what to change."""
+    p = stage.point
+    if p.alpha[0] == 0 and prediction in ("eps", "score"):
+        return (
+            f"prediction {prediction!r} gives no data prediction where alpha = 0 (stage {i}, t = {p.t[0]:g}: pure "
+            "noise, as at t = 1 of FlowMatching): x_hat divides by alpha; use a grid that starts below it "
+            "(t_max < 1) or a model that predicts 'flow', 'v' or 'x0'"
+        )
+    return (
+        f"prediction {prediction!r} gives no finite data prediction at stage {i} (t = {p.t[0]:g}, "
+        f"alpha = {p.alpha[0]:g}, sigma = {p.sigma[0]:g}); use another prediction type"
+    )
+
+
 def compile_plan(
     stages: list[Stage],
     prediction: str,
@@ -118,6 +133,8 @@ def compile_plan(
     for i, stage in enumerate(stages):
         p = stage.point
         (xz, xo), _ = to_x_eps(prediction, p.alpha[0], p.sigma[0], p.d_alpha[0], p.d_sigma[0])
+        if not (np.isfinite(xz) and np.isfinite(xo)):
+            raise UndefinedStepError(_no_data_prediction(prediction, stage, i))
         coefs[i, AZ], coefs[i, AO] = xz, xo
         refs: list[tuple[HistoryRef, float]] = []
         for (kind, j), c in stage.update:

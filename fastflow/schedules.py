@@ -68,6 +68,20 @@ class Schedule:
     def t_from_logsnr(self, lam: ArrayLike) -> np.ndarray:
         return self.t_from_sigma_ve(np.exp(-0.5 * np.asarray(lam, dtype=np.float64)))
 
+    def time_range(self) -> tuple[float, float]:
+        """The closed interval of times where the schedule is defined (``t_min``, ``t_max`` bound the default grid,
+        which may be narrower)."""
+        return self.t_min, self.t_max
+
+    def check_times(self, t: ArrayLike, what: str = "grid time") -> None:
+        """Raise ValueError naming the valid range if a time lies outside :meth:`time_range` (or is not finite):
+        outside it the schedule has no values, or would give those of its nearest end."""
+        lo, hi = self.time_range()
+        t = np.atleast_1d(np.asarray(t, dtype=np.float64))
+        bad = ~(np.isfinite(t) & (t >= lo) & (t <= hi))
+        if np.any(bad):
+            raise ValueError(f"{what} {t[bad][0]:g} is outside the time range [{lo:g}, {hi:g}] of {self!r}")
+
     def validate(self, ts: np.ndarray | None = None) -> None:
         """Raise ValueError for NaN, negative, or non-monotone log-SNR on a probe grid."""
         if ts is None:
@@ -118,6 +132,9 @@ class FlowMatching(Schedule):
     def t_from_sigma_ve(self, s):
         s = np.asarray(s, dtype=np.float64)
         return s / (1.0 + s)
+
+    def time_range(self) -> tuple[float, float]:
+        return 0.0, 1.0
 
     def warp(self, t: np.ndarray) -> np.ndarray:
         """Apply ``mu`` (if set) and ``shift`` to grid times in [0, 1]."""
@@ -204,6 +221,12 @@ class VP(Schedule):
         self._desc = "VP(cosine)"
         return self
 
+    def time_range(self) -> tuple[float, float]:
+        """Discrete: the training indices ``[0, T-1]``; cosine: ``[0, 1]``."""
+        if self.kind == "cosine":
+            return 0.0, 1.0
+        return 0.0, float(len(self._log_s) - 1)
+
     # log sigma_ve(t) for the discrete schedule, piecewise linear in t
     def _log_sve(self, t):
         t = np.clip(_arr(t), self.t_min, self.t_max)
@@ -273,6 +296,9 @@ class EDM(Schedule):
     def d_sigma(self, t):
         return np.ones_like(_arr(t))
 
+    def time_range(self) -> tuple[float, float]:
+        return 0.0, math.inf
+
     def t_from_sigma_ve(self, s):
         return np.asarray(s, dtype=np.float64) + 0.0
 
@@ -321,6 +347,9 @@ class Rescaled(Schedule):
 
     def d_sigma(self, t):
         return self._dc(_arr(t)) * self.base.sigma(t) + self._c(_arr(t)) * self.base.d_sigma(t)
+
+    def time_range(self) -> tuple[float, float]:
+        return self.base.time_range()
 
     def t_from_sigma_ve(self, s):
         return self.base.t_from_sigma_ve(s)

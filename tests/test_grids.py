@@ -3,8 +3,9 @@
 import numpy as np
 import pytest
 
+from fastflow import Sampler
 from fastflow.grids import GRID_NAMES, grid_times, make_points
-from fastflow.schedules import EDM, VP, FlowMatching
+from fastflow.schedules import EDM, VP, FlowMatching, Rescaled
 
 
 @pytest.mark.parametrize("kind", ["uniform", "logsnr", "exponential", "karras"])
@@ -59,3 +60,38 @@ def test_bad_grids_raise():
     with pytest.raises(ValueError, match="exceed"):
         grid_times(VP(), 2000, "leading")
     assert set(GRID_NAMES) >= {"uniform", "karras", "leading"}
+
+
+OUT_OF_RANGE = [
+    (VP(), {"grid": [1500.0, 500.0]}, r"grid time 1500 is outside the time range \[0, 999\] of VP"),
+    (VP(), {"grid": [500.0, -200.0]}, r"grid time -200 is outside the time range \[0, 999\]"),
+    (VP(), {"t_max": 5000.0}, r"t_max 5000 is outside the time range \[0, 999\]"),
+    (VP(), {"t_min": -300.0}, r"t_min -300 is outside the time range \[0, 999\]"),
+    (VP(num_train_timesteps=50), {"grid": [49.5, 10.0]}, r"grid time 49.5 is outside the time range \[0, 49\]"),
+    (VP.cosine(), {"grid": [1.5, 0.5]}, r"grid time 1.5 is outside the time range \[0, 1\] of VP\(cosine\)"),
+    (VP.cosine(), {"t_max": 1.01}, r"t_max 1.01 is outside the time range \[0, 1\]"),
+    (FlowMatching(), {"grid": [1.2, 0.5]}, r"grid time 1.2 is outside the time range \[0, 1\] of FlowMatching"),
+    (FlowMatching(shift=3.0), {"t_min": -0.1}, r"t_min -0.1 is outside the time range \[0, 1\]"),
+    (EDM(), {"grid": [2.0, -1.0]}, r"grid time -1 is outside the time range \[0, inf\] of EDM"),
+    (EDM(), {"grid": [np.inf, 1.0]}, r"grid time inf is outside"),
+    (Rescaled(VP(), 2.0), {"grid": [1000.0, 3.0]}, r"grid time 1000 is outside the time range \[0, 999\]"),
+]
+
+
+@pytest.mark.parametrize("schedule,options,match", OUT_OF_RANGE, ids=[f"{o[0]!r}-{o[1]}" for o in OUT_OF_RANGE])
+def test_times_outside_the_schedule_raise_naming_its_range(schedule, options, match):
+    """A time outside the schedule's range would be clamped (discrete VP) or have no alpha and sigma."""
+    with pytest.raises(ValueError, match=match):
+        Sampler(schedule, "ddim", prediction="x0", steps=2, **options)
+
+
+@pytest.mark.parametrize("schedule", [VP(), VP.cosine(), FlowMatching(), EDM()], ids=repr)
+def test_times_inside_the_range_are_used_as_given(schedule):
+    """Ends included, the model is called at the times whose coefficients the plan holds."""
+    lo, hi = schedule.time_range()
+    hi = min(hi, 100.0)
+    rng = np.random.default_rng()
+    t = np.r_[hi, np.sort(rng.uniform(lo, hi, 3))[::-1], lo]
+    s = Sampler(schedule, "ddim", prediction="x0", steps=5, grid=t)
+    np.testing.assert_array_equal(s.timesteps.numpy(), t)
+    np.testing.assert_allclose(s.stage_sigma / s.stage_alpha, schedule.sigma_ve(t), rtol=1e-12)

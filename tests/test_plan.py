@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fastflow.plan import CX, CZ, H0, H1, HistoryRef, W, compile_plan
-from fastflow.solvers.base import Lin, Points, Stage
+from fastflow.plan import AO, AZ, CX, CZ, H0, H1, HistoryRef, W, compile_plan
+from fastflow.solvers.base import Lin, Points, Stage, UndefinedStepError
 
 _POINT = Points(*(np.array([v]) for v in (1.0, 1.0, 1.0, 0.0, 0.0)))  # x0 prediction: x_hat = model output
 
@@ -44,3 +44,13 @@ def test_a_plan_without_kept_model_outputs_has_no_keep_o():
 def test_a_reference_to_a_stage_not_yet_run_raises(ref):
     with pytest.raises(ValueError, match="which is not available"):
         compile_plan([_stage({("z", 0): 1.0}), _stage({ref: 1.0})], "x0")
+
+
+@pytest.mark.parametrize("prediction", ["eps", "score"])
+def test_a_prediction_with_no_data_prediction_at_alpha_zero_says_why(prediction):
+    """At pure noise (alpha = 0) eps and score carry no information on the data: no step can use them there."""
+    noise_point = Points(*(np.array([v]) for v in (1.0, 0.0, 1.0, -1.0, 1.0)))  # t = 1 of flow matching
+    with pytest.raises(UndefinedStepError, match=f"prediction '{prediction}' gives no data prediction where alpha"):
+        compile_plan([Stage(noise_point, Lin({("x", 0): 1.0}))], prediction)
+    plan = compile_plan([Stage(noise_point, Lin({("x", 0): 1.0}))], "flow")  # x_hat = z - o there
+    assert plan.coefs[0, AZ] == 1.0 and plan.coefs[0, AO] == -1.0

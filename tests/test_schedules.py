@@ -103,3 +103,18 @@ def test_bad_schedule_parameters_raise(make, match):
 def test_nan_time_raises():
     with pytest.raises(ValueError, match="NaN"):
         VP().alpha(np.nan)
+
+
+@pytest.mark.parametrize("s", SCHEDULES, ids=repr)
+def test_time_range_is_where_the_schedule_is_defined(s):
+    """The default grid lies inside the time range; at its ends alpha and sigma are finite and non-negative,
+    and a time just outside it is refused."""
+    lo, hi = s.time_range()
+    assert lo <= s.t_min < s.t_max <= hi
+    ends = np.array([lo, min(hi, 1e4)])
+    assert np.all(np.isfinite(s.alpha(ends))) and np.all(s.alpha(ends) >= 0) and np.all(s.sigma(ends) >= 0)
+    s.check_times(ends)
+    eps = np.random.default_rng().uniform(1e-9, 1e-3)
+    for t in (lo - eps, hi + eps if np.isfinite(hi) else np.inf):
+        with pytest.raises(ValueError, match=r"is outside the time range \["):
+            s.check_times(t)

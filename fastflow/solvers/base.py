@@ -23,8 +23,9 @@ NOISE: Atom = ("n", -1)
 
 
 class UndefinedStepError(ValueError):
-    """A step the schedule leaves undefined (it would divide by a zero step length, or by zero): raised where that
-    step's formula is built. The diffusers drop-ins defer it to the step's call, as diffusers meets its NaN there."""
+    """A step the schedule leaves undefined (it would divide by a zero step length, or by zero, and has no finite
+    limit there): raised where that step's formula is built. The diffusers drop-ins defer it to the step's call, as
+    diffusers meets its NaN there."""
 
 
 class Lin:
@@ -111,5 +112,6 @@ def stages_on_points(points: Points, updates: list[Lin]) -> list[Stage]:
 
 
 def ve(points: Points) -> np.ndarray:
-    """``sigma / alpha`` at each point (0 at the clean point)."""
-    return points.sigma / points.alpha
+    """``sigma / alpha`` at each point (0 at the clean point, inf where alpha = 0)."""
+    with np.errstate(divide="ignore"):
+        return points.sigma / points.alpha

@@ -23,21 +23,35 @@ from .dpmpp import multistep_order, repeated_point
 VARIANTS = ("bh1", "bh2")
 
 
-def unipc_weights(rks: np.ndarray, h: float, variant: str) -> tuple[float, float, np.ndarray, np.ndarray]:
-    """``(h_phi_1, B_h, R, b)`` for ratios ``rks`` (ending in 1) on an interval of half-log-SNR step ``h``."""
+def unipc_weights(order: int, h: float, variant: str) -> tuple[float, float, np.ndarray]:
+    """``(h_phi_1, B_h, b)`` of an ``order``-point interval of half-log-SNR step ``h``."""
     hh = -h
     h_phi_1 = math.expm1(hh)
     h_phi_k = h_phi_1 / hh - 1
     b_h = hh if variant == "bh1" else math.expm1(hh)
-    order = len(rks)
-    R = np.stack([rks ** (k - 1) for k in range(1, order + 1)])
     b = np.empty(order)
     factorial = 1
     for k in range(1, order + 1):
         b[k - 1] = h_phi_k * factorial / b_h
         factorial *= k + 1
         h_phi_k = h_phi_k / hh - 1 / factorial
-    return h_phi_1, b_h, R, b
+    return h_phi_1, b_h, b
+
+
+def solve_ratios(rks: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``rho`` with ``sum_k rks[k]**p rho_k = b[p]`` for ``p < len(rks)`` (UniPC's ``R rho = b``).
+
+    A ratio at -inf (a point at alpha = 0, log-SNR -inf, as t = 1 of flow matching) takes the
+    limit: by Cramer's rule the determinant grows as ``r^(m-1)`` times the minor without that
+    column and the highest power's row, so the other weights solve that smaller system and the
+    point's own weight vanishes (its scaled difference, divided by ``r``, vanishes too).
+    """
+    finite = np.isfinite(rks)
+    if finite.all():
+        return np.linalg.solve(np.stack([rks**p for p in range(len(rks))]), b)
+    rho = np.zeros(len(rks))
+    rho[finite] = solve_ratios(rks[finite], b[: int(finite.sum())])
+    return rho
 
 
 def differences(
@@ -59,13 +73,13 @@ def differences(
     return np.array(rks + [1.0]), d1s
 
 
-def predictor_rhos(R: np.ndarray, b: np.ndarray, order: int) -> np.ndarray:
+def predictor_rhos(rks: np.ndarray, b: np.ndarray) -> np.ndarray:
     """UniP's weights of the scaled differences (none at order 1, 1/2 at order 2)."""
-    if order == 1:
+    if len(rks) == 1:
         return np.zeros(0)
-    if order == 2:
+    if len(rks) == 2:
         return np.array([0.5])
-    return np.linalg.solve(R[:-1, :-1], b[:-1])
+    return solve_ratios(rks[:-1], b[:-1])
 
 
 def predictor_update(
@@ -76,9 +90,9 @@ def predictor_update(
     Data prediction: ``ratio = sigma'/sigma``, ``scale = alpha'`` (the drop-in's noise
     form passes ``alpha'/alpha``, ``sigma'`` and ``-h``).
     """
-    h_phi_1, b_h, R, b = unipc_weights(rks, h, variant)
+    h_phi_1, b_h, b = unipc_weights(len(rks), h, variant)
     out = z * ratio - m * (scale * h_phi_1)
-    for rho, d in zip(predictor_rhos(R, b, len(rks)), d1s, strict=True):
+    for rho, d in zip(predictor_rhos(rks, b), d1s, strict=True):
         out = out - d * (scale * b_h * rho)
     return out
 
@@ -91,10 +105,15 @@ def correction(
     ``rks``, ``d1s`` are that interval's :func:`differences` at the previous step's order;
     ``scale`` is ``alpha`` at the interval's end (``sigma`` in the noise form).
     """
-    order = len(rks)
-    _, b_h, R, b = unipc_weights(rks, h, variant)
-    rhos_p = predictor_rhos(R, b, order)
-    rhos_c = np.array([0.5]) if order == 1 else np.linalg.solve(R, b)
+    _, b_h, b = unipc_weights(len(rks), h, variant)
+    if not math.isfinite(b_h):
+        raise UndefinedStepError(
+            f"UniPC's {variant} corrector scales the step from alpha = 0 (log-SNR -inf, t = 1 of FlowMatching) by "
+            "an infinite B(h) (bh1: B(h) = h); use variant 'bh2', a grid that starts below alpha = 0 (t_max < 1), "
+            "or disable_corrector=(0,)"
+        )
+    rhos_p = predictor_rhos(rks, b)
+    rhos_c = np.array([0.5]) if len(rks) == 1 else solve_ratios(rks, b)
     out = (m_new - m_old) * rhos_c[-1]
     for rc, rp, d in zip(rhos_c[:-1], rhos_p, d1s, strict=True):
         out = out + d * (rc - rp)
