@@ -53,6 +53,41 @@ at::Tensor empty_output(at::IntArrayRef sizes, at::ScalarType dtype, c10::Device
   return at::empty(sizes, at::TensorOptions().dtype(dtype).device(device));
 }
 
+// A written tensor that overlaps an input in part is refused (ValueError, as fastflow.backends.base.check_out_overlap
+// does): the kernels run block by block, so an element could be overwritten before another block reads it. The same
+// bytes with the same element size (`out` is `z`) are fine, as each element is read before it is written. Only
+// contiguous tensors are compared: step_host.h reads a copy of any other input and writes any other output through
+// a temporary. A paired model output is read as two halves, each compared alone. Metadata and pointers only.
+void refuse_partial_overlap(const char* name, const at::Tensor& written, const at::Tensor& z,
+                            const at::Tensor& model_out, const std::optional<at::Tensor>& model_out_uncond,
+                            at::TensorList history, const std::optional<at::Tensor>& noise, bool use_noise,
+                            bool paired) {
+  if (!(written.is_cpu() || written.is_cuda()) || !written.is_contiguous() || written.numel() == 0) return;
+  const auto* w0 = static_cast<const char*>(written.data_ptr());
+  const auto* w1 = w0 + written.numel() * written.element_size();
+  auto refuse = [&](const char* what, const char* t0, const char* t1, int64_t item) {
+    const bool same = t0 == w0 && t1 == w1 && item == written.element_size();
+    TORCH_CHECK_VALUE(!(t0 < w1 && w0 < t1) || same, "fastflow: ", name, " overlaps ", what,
+                      " in part; the kernels write block by block, so pass a separate tensor or exactly the same one");
+  };
+  auto compare = [&](const char* what, const at::Tensor& t, bool halves = false) {
+    if (t.is_same(written) || !t.is_contiguous() || t.numel() == 0 || t.device() != written.device()) return;
+    const auto* t0 = static_cast<const char*>(t.data_ptr());
+    const int64_t bytes = t.numel() * t.element_size();
+    if (halves) {
+      refuse("the unconditional half of the model output", t0, t0 + bytes / 2, t.element_size());
+      refuse("the conditional half of the model output", t0 + bytes / 2, t0 + bytes, t.element_size());
+    } else {
+      refuse(what, t0, t0 + bytes, t.element_size());
+    }
+  };
+  compare("the state", z);
+  compare("the model output", model_out, paired);
+  if (model_out_uncond.has_value()) compare("the unconditional model output", *model_out_uncond);
+  for (const at::Tensor& h : history) compare("a history tensor", h);
+  if (use_noise && noise.has_value()) compare("the noise", *noise);
+}
+
 // The operator's body without the dispatcher: prepare the launch (a paired model
 // output read in place, see step_host.h) and run the kernel of the state's device.
 void run_step(const at::Tensor& z, const at::Tensor& out, const at::Tensor& model_out,
@@ -86,6 +121,14 @@ void fused_step_direct(const at::Tensor& z, const at::Tensor& out, const at::Ten
                        const std::optional<at::Tensor>& seeds, const std::optional<at::Tensor>& noise,
                        const std::optional<at::Tensor>& x_out, const std::optional<at::Tensor>& model_in_out,
                        std::optional<double> clip, bool use_noise) {
+  refuse_partial_overlap("out", out, z, model_out, model_out_uncond, history, noise, use_noise, false);
+  if (x_out.has_value()) {
+    refuse_partial_overlap("x_out", *x_out, z, model_out, model_out_uncond, history, noise, use_noise, false);
+  }
+  if (model_in_out.has_value()) {
+    refuse_partial_overlap("model_in_out", *model_in_out, z, model_out, model_out_uncond, history, noise, use_noise,
+                           false);
+  }
   run_step(z, out, model_out, model_out_uncond, history, table, step, step_tensor, seeds, noise, x_out, model_in_out,
            clip, use_noise, false);
 }
@@ -107,6 +150,9 @@ std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> fus
     std::optional<at::ScalarType> model_in_dtype, bool model_in_double, std::optional<double> clip, bool use_noise,
     bool paired) {
   const c10::Device device = z.device();
+  if (out.has_value()) {  // the out= path only: a fresh output overlaps nothing
+    refuse_partial_overlap("out", *out, z, model_out, model_out_uncond, history, noise, use_noise, paired);
+  }
   const at::Tensor next = out.has_value() ? *out : empty_output(z.sizes(), z.scalar_type(), device);
   std::optional<at::Tensor> x_out;
   if (want_x) x_out = empty_output(z.sizes(), x_dtype.value_or(z.scalar_type()), device);

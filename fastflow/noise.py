@@ -145,14 +145,24 @@ COS_POLY = (-0.4999999971772059, 0.04166662270225072, -0.0013886748001630312, 2.
 
 
 def as_seed_tensor(seed: int | Sequence[int] | torch.Tensor, batch: int, device) -> torch.Tensor:
-    """Per-sample seeds as an int64 tensor of shape ``[batch]`` (an int seeds sample b with ``seed + b``)."""
+    """Per-sample seeds as an int64 tensor of shape ``[batch]`` (an int seeds sample b with ``seed + b``).
+
+    A seed is an int or a numpy integer; several are a sequence of them or an int64 tensor of shape ``[batch]``
+    (its values taken as the seeds' 64 bits). Anything else (a float, a bool, a string, which would be read
+    character by character) raises a TypeError: truncating it would give other noise silently.
+    """
     if isinstance(seed, torch.Tensor):
         if seed.dtype != torch.int64 or seed.shape != (batch,):
             raise ValueError(f"seed tensor must be int64 of shape ({batch},), got {seed.dtype} {tuple(seed.shape)}")
         return to_device(seed, device)
-    if isinstance(seed, (int, np.integer)):
+    if _is_int(seed):
         seeds = [int(seed) + b for b in range(batch)]
+    elif isinstance(seed, (str, bytes)) or not isinstance(seed, (Sequence, np.ndarray)):
+        raise TypeError(f"seed must be an int, a sequence of ints or an integer tensor, got {type(seed).__name__}")
     else:
+        bad = next((s for s in seed if not _is_int(s)), None)
+        if bad is not None:
+            raise TypeError(f"seeds must be ints, got a {type(bad).__name__} ({bad!r})")
         seeds = [int(s) for s in seed]
         if len(seeds) != batch:
             raise ValueError(f"got {len(seeds)} seeds for a batch of {batch}")
@@ -162,6 +172,11 @@ def as_seed_tensor(seed: int | Sequence[int] | torch.Tensor, batch: int, device)
     # int64 holds the seed's 64 bits (values past 2**63 wrap to negatives).
     host = torch.tensor([s - 2**64 if s >= 2**63 else s for s in seeds], dtype=torch.int64)
     return to_device(host, device)  # no host sync on the way to a GPU
+
+
+def _is_int(value: object) -> bool:
+    """A Python or numpy integer, not a bool (True is an int to Python, never a seed)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 def normal(

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 
 from .backends import resolve_backend
-from .backends.base import AllocEntry, Backend, OutputTriple
+from .backends.base import AllocEntry, Backend, OutputTriple, shares_memory
 from .plan import StepPlan
 
 
@@ -75,6 +75,7 @@ class PlanRunner:
         # (each key with the output it stores: 0 its x_hat, 1 its input state, 2 its model output) and frees (None
         # when it keeps and frees nothing, the usual single-step stage).
         keep_o = plan.keep_o or (False,) * len(plan.history)
+        self._keeps_inputs = any(plan.keep_z) or any(keep_o)  # some stage keeps a caller's tensor (see run's out=)
         self._stages = []
         for i in range(len(plan.history)):
             sources = (plan.write_x[i], plan.keep_z[i], keep_o[i])
@@ -215,6 +216,8 @@ class PlanRunner:
             raise ValueError(f"stage {i} draws noise: pass seeds or noise")
         if keeps_o and (uncond is not None or paired):
             raise ValueError(f"stage {i} keeps its model output, which a guided call does not have")
+        if out is not None and (self._keeps_inputs or store):
+            self._check_out_spares_kept(i, out, z, cond)
         found = self._dispatch.get((z.device, z.dtype)) or self._table_and_backend_for(z.device, z.dtype)
         out, x_out, model_in = found[2](  # the dispatch entry
             z, out, cond, uncond, history, found[0], i if step is None else step, seeds, noise, write_x or want_x,
@@ -227,6 +230,24 @@ class PlanRunner:
             for key in bookkeeping[1]:
                 store.pop(key, None)
         return out, x_out, model_in
+
+    def _check_out_spares_kept(self, i: int, out: torch.Tensor, z: torch.Tensor, cond: torch.Tensor) -> None:
+        """Refuse an ``out`` sharing memory with a tensor a later stage reads (Heun's ``out=z`` would overwrite the
+        state its corrector steps from; a multistep solver's x0, returned with ``want_x``, is the stored one). The
+        ``out=`` path only."""
+        if torch.compiler.is_compiling():  # fake tensors have no memory to compare
+            return
+        keeps, freed = self._stages[i][4] or ((), ())
+        kept = [(key, t) for key, t in self._store.items() if key not in freed]
+        inputs = {"z": z, "o": cond}
+        kept += [(key, inputs[key[0]]) for key, _ in keeps if key[0] in inputs]
+        for (kind, stage), t in kept:
+            if shares_memory(out, t):
+                what = "the state z" if kind == "z" else "the model output" if kind == "o" else "the x0"
+                raise ValueError(
+                    f"out shares memory with {what} of stage {stage}, which is kept for a later stage to read; "
+                    f"writing stage {i}'s next state there would change it: pass a separate tensor (or out=None)"
+                )
 
     def run_kept(
         self,

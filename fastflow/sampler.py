@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import operator
 import sys
 from collections.abc import Callable, Sequence
 
@@ -18,6 +19,7 @@ import torch
 
 from . import noise as noise_spec
 from .backends import BACKEND_NAMES
+from .backends.base import MODEL_INPUT_DTYPES, check_model_input_dtype
 from .devices import to_device
 from .grids import Points, make_points
 from .plan import StepPlan, compile_plan
@@ -31,8 +33,63 @@ __all__ = ["Sampler", "sample"]
 ModelOutput = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
 
+# The options of each named grid that fastflow.grids.grid_times reads; an explicit grid reads none. An option given to
+# a grid that ignores it is refused, since a silently ignored rho or t_min gives another grid than the one asked for.
+_GRID_READS = {
+    "uniform": ("t_min", "t_max"),
+    "logsnr": ("t_min", "t_max"),
+    "exponential": ("t_min", "t_max"),
+    "karras": ("t_min", "t_max", "rho"),
+    "linspace": ("t_max",),
+    "leading": ("t_max",),
+    "trailing": ("t_max",),
+}
+
+
 def _default_grid(schedule: Schedule) -> str:
     return "karras" if isinstance(schedule, EDM) else "uniform"
+
+
+def _check_grid_options(grid: str | np.ndarray, options: dict[str, float]) -> None:
+    """Refuse grid options the grid does not read (an unknown grid name is left to the grid's own error)."""
+    if isinstance(grid, str):
+        if grid not in _GRID_READS:
+            return
+        reads, which = _GRID_READS[grid], f"the {grid!r} grid"
+    else:
+        reads, which = (), "an explicit grid"
+    ignored = [name for name in options if name not in reads]
+    if ignored:
+        takes = f"it reads {', '.join(reads)} only" if reads else "it reads none of t_min, t_max, rho"
+        raise ValueError(f"{which} ignores {', '.join(ignored)}; {takes}")
+
+
+def _shape_of(shape: Sequence[int]) -> tuple[int, ...]:
+    """``shape`` as a tuple of non-negative ints, refusing floats, bools and negatives (``int()`` would truncate)."""
+    dims = []
+    for s in shape:
+        try:
+            d = None if isinstance(s, bool) else operator.index(s)
+        except TypeError:
+            d = None
+        if d is None:
+            raise TypeError(f"shape must be a sequence of ints, got {shape!r} (a {type(s).__name__} in it)")
+        if d < 0:
+            raise ValueError(f"shape must have non-negative sizes, got {shape!r}")
+        dims.append(d)
+    return tuple(dims)
+
+
+def _callback_arity(callback: Callable[..., None]) -> int:
+    """How many of ``(i, t, z)`` :func:`sample` passes ``callback``: as many as it takes positionally, all three
+    when it takes ``*args`` (or its signature cannot be read)."""
+    try:
+        params = inspect.signature(callback).parameters.values()
+    except (TypeError, ValueError):
+        return 3
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return 3
+    return min(3, sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params))
 
 
 class Sampler:
@@ -49,6 +106,11 @@ class Sampler:
         backend: ``auto``, ``torch``, ``triton`` or ``cuda``.
         grid: a grid name (:data:`fastflow.grids.GRID_NAMES`) or explicit evaluation times.
         final: ``clean`` (end at sigma = 0) or ``t_min`` (end at the grid's last time).
+        t_min, t_max: the span of a named grid in schedule time (default the schedule's). ``uniform``, ``logsnr``,
+            ``exponential`` and ``karras`` read both; ``linspace``, ``leading`` and ``trailing`` read ``t_max`` only
+            (the last training step; their low end follows from the spacing, not from ``t_min``).
+        rho: the Karras grid's exponent (default the schedule's ``rho``, else 7); only ``karras`` reads it.
+            An option the grid does not read (any of the three with explicit times) raises a ValueError.
         input_scale: per-stage factor on the state to form the model input (default 1).
         **solver_options: passed to the solver (``s_churn``, ``order``, ``variant``, ...).
     """
@@ -90,6 +152,7 @@ class Sampler:
         grid_options = {k: v for k, v in (("t_min", t_min), ("t_max", t_max), ("rho", rho)) if v is not None}
         if not isinstance(grid, str):
             grid = np.asarray(grid, dtype=np.float64)
+        _check_grid_options(grid, grid_options)
         self.points: Points = make_points(schedule, self.steps, grid, final, **grid_options)
         self.stages: list[Stage] = self.solver.build(schedule, self.points)
         n = len(self.stages)
@@ -165,12 +228,15 @@ class Sampler:
     ) -> torch.Tensor:
         """The initial state: fastflow noise scaled to the first stage's marginal ``sqrt(alpha^2 + sigma^2)``.
 
-        ``seed`` is one int (sample ``b`` gets ``seed + b``) or one per sample. The
-        seeds are kept for the stochastic stages of the loop that follows.
+        ``seed`` is one int (sample ``b`` gets ``seed + b``) or one per sample (ints, numpy
+        integers, or an int64 tensor). The seeds are kept for the stochastic stages of
+        the loop that follows. ``dtype`` is a floating dtype (the noise is not integer).
         """
-        shape = tuple(int(s) for s in shape)
+        shape = _shape_of(shape)
         if len(shape) < 1 or shape[0] < 1:
             raise ValueError(f"shape needs a batch dimension of at least 1, got {shape}")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"init_noise makes floating-point noise; dtype must be a floating dtype, got {dtype}")
         device = torch.device("cpu") if device is None else torch.device(device)
         self.seeds = noise_spec.as_seed_tensor(seed, shape[0], device)
         scale = math.hypot(self.stage_alpha[0], self.stage_sigma[0])
@@ -180,6 +246,8 @@ class Sampler:
     def model_input(self, z: torch.Tensor, i: int, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The model input of stage ``i``: the state times its input scale, cast to ``dtype``."""
         self._check_index(i)
+        if dtype is not None:
+            check_model_input_dtype(dtype)
         c = self.input_scale[i]
         out = z if c == 1.0 else z * c
         return out.to(dtype or z.dtype)
@@ -249,12 +317,21 @@ class Sampler:
 
         Stages must run in order from 0 when the solver keeps history. Returns the
         next state; with ``return_model_input``, also the next model input (cast to
-        ``model_input_dtype``, batch doubled if ``duplicate_model_input``); with
-        ``return_x0``, also the data prediction. Every output is a new tensor unless
+        ``model_input_dtype``, a float dtype; batch doubled if ``duplicate_model_input``);
+        with ``return_x0``, also the data prediction. Every output is a new tensor unless
         ``out`` is given.
+
+        ``out`` may be ``z`` itself, or any tensor that shares no memory with the inputs,
+        except where a later stage reads what it would overwrite (Heun's predictor keeps
+        ``z`` for its corrector; multistep solvers keep earlier x0): that, or a partial
+        overlap with an input, raises a ValueError. The x0 of a solver that keeps it is
+        the very tensor later stages step from (a copy per step would cost a full pass
+        over memory): do not change it in place, ``clone()`` it first.
         """
         if type(i) is not int or not 0 <= i < self._num_stages:  # the fast test first: this is the hot path
             self._check_index(i)
+        if model_input_dtype is not None and model_input_dtype not in MODEL_INPUT_DTYPES:
+            check_model_input_dtype(model_input_dtype)
         cond, uncond, paired = self._split_output(model_output, z)
         seeds = self._stage_seeds(i, seed, z) if noise is None and self._noisy[i] else None
         out, x_out, model_in = self.runner.run(
@@ -279,13 +356,16 @@ def sample(
 
     ``t`` is a float64 0-d tensor on the state's device, in the schedule's own
     time. For guidance, ``model_fn`` returns ``(cond, uncond)`` or a doubled
-    batch (uncond first). ``callback(i, t, z)`` sees each new state.
+    batch (uncond first). ``callback(i, t, z)`` sees each new state: ``z`` after
+    stage ``i``, whose model call was at time ``t``. A callback taking fewer positional
+    parameters gets the first ones (``callback(i)``, ``callback(i, t)``); one taking
+    ``*args`` gets all three.
     """
     z = noise
     sampler.prepare(z.device, z.dtype)
     times = sampler._timestep_views(z.device)
     z_in = sampler.model_input(z, 0, model_dtype)
-    accepts = len(inspect.signature(callback).parameters) if callback is not None else 0
+    accepts = _callback_arity(callback) if callback is not None else 0
     n = sampler.num_stages
     # Without a callback nobody else sees the intermediate states, so two buffers take turns
     # (one allocation less per step). Solvers that read an earlier state keep fresh tensors.

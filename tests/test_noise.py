@@ -94,6 +94,22 @@ def test_seed_validation():
         noise.as_seed_tensor(torch.zeros(2, dtype=torch.int32), 2, "cpu")
 
 
+@pytest.mark.parametrize(
+    "seed", [3.0, True, "12", b"12", [1.9, 2.2], [1, 2.0], [True, False], np.array([1.5, 2.5]), {1, 2}],
+    ids=["float", "bool", "str", "bytes", "floats", "int-and-float", "bools", "float-array", "set"],
+)
+def test_seeds_that_are_not_ints_are_refused(seed):
+    """A float, bool or string seed is a TypeError, never truncated or read character by character."""
+    with pytest.raises(TypeError, match="seed"):
+        noise.as_seed_tensor(seed, 2, "cpu")
+
+
+def test_int_seeds_of_every_kind_agree():
+    want = noise.as_seed_tensor([5, 6], 2, "cpu")
+    for seed in (5, np.int32(5), np.uint64(5), (5, 6), [np.int64(5), 6], np.array([5, 6]), range(5, 7)):
+        assert torch.equal(noise.as_seed_tensor(seed, 2, "cpu"), want)
+
+
 def test_fma32_rounds_once():
     """The tests' float32 fma rounds the exact a*b + c once, where a float64 sum would round twice."""
     a = np.float32(1 + 2.0**-12)

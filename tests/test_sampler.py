@@ -99,6 +99,120 @@ def test_step_index_as_device_tensor_matches_int():
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def _sampler_on(backend: str, *args, **kwargs) -> ff.Sampler:
+    """A Sampler on ``backend`` (skipped where it cannot run on the CPU)."""
+    reason = ff.backends.get_backend(backend).availability() or ff.backends.get_backend(backend).supports("cpu")
+    if reason is not None:
+        pytest.skip(f"{backend} backend: {reason}")
+    return ff.Sampler(*args, backend=backend, **kwargs)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cuda"])
+def test_out_that_a_later_stage_reads_is_refused(backend):
+    """Heun's predictor keeps its input state for the corrector, so ``out=z`` there would overwrite it (silently wrong
+    before); its corrector may write in place. An x0 returned and kept for a later stage may not be ``out`` either."""
+    model = lambda z, t: torch.tanh(0.1 * z)  # noqa: E731
+    heun = _sampler_on(backend, ff.EDM(), "heun", steps=4)
+    z0 = heun.init_noise((1, 8), seed=3)
+    z = z0.clone()
+    with pytest.raises(ValueError, match="state z of stage 0, which is kept for a later stage"):
+        heun.step(model(z, 0), z, 0, out=z)
+    torch.testing.assert_close(z, z0, rtol=0, atol=0)  # refused before anything was written
+    z1 = heun.step(model(z, 0), z, 0)
+    want = heun.step(model(z1, 1), z1, 1)
+    heun.step(model(z, 0), z, 0)
+    z1 = z1.clone()
+    assert heun.step(model(z1, 1), z1, 1, out=z1) is z1  # the corrector's own input: read before written
+    torch.testing.assert_close(z1, want, rtol=0, atol=0)
+    multi = _sampler_on(backend, ff.VP(), "dpm++3m", steps=8)
+    z = multi.init_noise((1, 6), seed=2)
+    z = multi.step(model(z, 0), z, 0)
+    z, x1 = multi.step(model(z, 1), z, 1, return_x0=True)
+    with pytest.raises(ValueError, match="x0 of stage 1"):
+        multi.step(model(z, 2), z, 2, out=x1)  # stage 3 reads x1 too
+
+
+@pytest.mark.parametrize("backend", ["torch", "cuda"])
+def test_out_overlapping_the_state_in_part_is_refused(backend):
+    """``out`` shifted by one element against ``z``: the extension's block-wise CPU kernel gave wrong values
+    silently; every backend now refuses it, and the exact same tensor stays allowed."""
+    s = _sampler_on(backend, ff.VP(), "ddim", steps=4)
+    g = torch.Generator().manual_seed(0)
+    z0, o = torch.randn(2, 1031, generator=g), torch.randn(2, 1031, generator=g)
+    want = s.step(o, z0, 0)
+    buf = torch.zeros(2 * 1031 + 1)
+    buf[:-1] = z0.flatten()
+    with pytest.raises(ValueError, match="overlaps the state in part"):
+        s.step(o, buf[:-1].view(2, 1031), 0, out=buf[1:].view(2, 1031))
+    z = z0.clone()
+    assert s.step(o, z, 0, out=z) is z
+    torch.testing.assert_close(z, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.int32, torch.bool, torch.complex64, "float32"], ids=str)
+def test_model_input_dtype_must_be_a_float_dtype(backend, dtype):
+    """The torch backend cast the model input to an int, a bool or a complex silently; every backend now raises the
+    same TypeError, and so does model_input."""
+    s = _sampler_on(backend, ff.VP(), "ddim", steps=4)
+    z, o = torch.full((1, 4), 1.7), torch.zeros(1, 4)
+    with pytest.raises(TypeError, match="model input dtype must be float32, float16, bfloat16 or float64"):
+        s.step(o, z, 0, return_model_input=True, model_input_dtype=dtype)
+    with pytest.raises(TypeError, match="model input dtype"):
+        s.model_input(z, 0, dtype)
+    with pytest.raises(TypeError, match="model input dtype"):
+        ff.sample(lambda z, t: torch.zeros_like(z), z, s, model_dtype=dtype)
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(dtype=torch.int64), TypeError, "floating dtype"),
+        (dict(dtype=torch.bool), TypeError, "floating dtype"),
+        (dict(shape=(2, -1)), ValueError, "non-negative"),
+        (dict(shape=(1, 2.7)), TypeError, "sequence of ints"),
+        (dict(shape=(1, True)), TypeError, "sequence of ints"),
+        (dict(seed=3.0), TypeError, "seed"),
+        (dict(seed="12"), TypeError, "seed"),
+        (dict(seed=[1.9, 2.2]), TypeError, "seeds must be ints"),
+    ],
+)
+def test_init_noise_refuses_what_it_would_truncate(kwargs, exc, match):
+    """Integer dtypes gave garbage, negative or float sizes were truncated, float and string seeds were truncated or
+    read digit by digit: each is now an error."""
+    s = ff.Sampler(ff.VP(), "ddpm", steps=3)
+    kw = dict(shape=(2, 4)) | kwargs
+    with pytest.raises(exc, match=match):
+        s.init_noise(**kw)
+
+
+def test_init_noise_takes_numpy_and_tensor_sizes():
+    s = ff.Sampler(ff.VP(), "ddpm", steps=3)
+    want = s.init_noise((2, 3), seed=1)
+    for shape in ((np.int64(2), 3), torch.Size([2, 3]), (torch.tensor(2), 3), [2, np.uint8(3)]):
+        torch.testing.assert_close(s.init_noise(shape, seed=1), want, rtol=0, atol=0)
+
+
+def test_callback_gets_what_it_takes():
+    """``callback`` gets as many of (i, t, z) as it takes positionally, all three with ``*args`` (a ``*args``
+    callback got ``(i,)`` alone before)."""
+    s = ff.Sampler(ff.VP(), "ddim", steps=2, backend="torch")
+    seen = {k: [] for k in ("varargs", "one", "two", "kw", "defaults")}
+    callbacks = {
+        "varargs": lambda *a: seen["varargs"].append(a),
+        "one": lambda i: seen["one"].append((i,)),
+        "two": lambda i, t: seen["two"].append((i, t)),
+        "kw": lambda i, **kw: seen["kw"].append((i, *kw)),
+        "defaults": lambda i, t, z, extra=None: seen["defaults"].append((i, t, z)),
+    }
+    for cb in callbacks.values():
+        x = ff.sample(lambda z, t: torch.tanh(z), torch.ones(1, 3), s, callback=cb)
+    assert [len(a) for a in seen["varargs"]] == [3, 3] and seen["varargs"][1][0] == 1
+    assert torch.equal(seen["varargs"][1][2], x) and seen["varargs"][1][1] == s.timesteps[1]
+    assert [len(a) for a in seen["one"]] == [1, 1] and [len(a) for a in seen["two"]] == [2, 2]
+    assert seen["kw"] == [(0,), (1,)] and [len(a) for a in seen["defaults"]] == [3, 3]
+
+
 def test_callback_and_progress(capsys):
     seen = []
     s = ff.Sampler(ff.VP(), "ddim", steps=3, backend="torch")
@@ -126,12 +240,27 @@ def test_callback_and_progress(capsys):
         (dict(guidance_scale=float("nan")), ValueError, "guidance"),
         (dict(grid="zigzag"), ValueError, "unknown grid"),
         (dict(input_scale=[1.0, 2.0]), ValueError, "input_scale"),
+        (dict(rho=3.0), ValueError, "'uniform' grid ignores rho"),
+        (dict(grid="logsnr", rho=3.0), ValueError, "ignores rho"),
+        (dict(grid="trailing", t_min=10.0), ValueError, "'trailing' grid ignores t_min; it reads t_max only"),
+        (dict(grid="leading", t_min=10.0), ValueError, "ignores t_min"),
+        (dict(grid="linspace", t_min=10.0, rho=2.0), ValueError, "ignores t_min, rho"),
+        (dict(grid=[900.0, 500.0, 300.0, 100.0, 10.0], t_max=950.0), ValueError, "explicit grid ignores t_max"),
     ],
 )
 def test_bad_construction(kwargs, exc, match):
     kw = dict(schedule=ff.VP(), steps=5) | kwargs
     with pytest.raises(exc, match=match):
         ff.Sampler(**kw)
+
+
+def test_grid_options_the_grid_reads_are_taken():
+    karras = ff.Sampler(ff.EDM(), "euler", steps=4, rho=3.0, t_min=0.1, t_max=10.0)
+    assert float(karras.timesteps[0]) == pytest.approx(10.0)
+    default = ff.Sampler(ff.EDM(), "euler", steps=4, t_min=0.1, t_max=10.0)
+    assert float(karras.timesteps[1]) != pytest.approx(float(default.timesteps[1]))
+    trailing = ff.Sampler(ff.VP(), "ddim", steps=4, grid="trailing", t_max=499.0)
+    assert float(trailing.timesteps[0]) == 499.0
 
 
 def test_bad_schedule_is_rejected():

@@ -47,9 +47,11 @@ def resolve_backend(name: str, device: torch.device | str, dtype: torch.dtype | 
     """The backend to use for tensors on ``device``: ``name`` itself, or the best one for ``auto``.
 
     ``auto`` picks a compiled kernel where one runs (Triton only on CUDA devices: its CPU
-    interpreter is a test tool) and the torch reference otherwise, including for float64
-    states, which only the reference computes. An explicit backend that cannot run
-    raises a RuntimeError saying why. Results are cached: this sits on the step's hot path.
+    interpreter is a test tool) and the torch reference otherwise. For float64 states it
+    always picks the reference, the oracle of the other backends; the C++ extension
+    computes them too, in float64 (``backend="cuda"``; it matches the reference to about
+    1e-15), Triton does not. An explicit backend that cannot run raises a RuntimeError
+    saying why. Results are cached: this sits on the step's hot path.
     """
     device = torch.device(device)
     key = (name, device, dtype)

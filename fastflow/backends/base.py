@@ -7,7 +7,9 @@ Signature (the backend contract, shared by the torch reference, Triton and C++/C
                use_noise=False) -> None
 
 * ``z``: state ``[B, ...]`` (float32, bfloat16, float16 or float64 for the reference).
-* ``out``: the next state, same shape and dtype as ``z``; may be ``z`` itself.
+* ``out``: the next state, same shape and dtype as ``z``; may be ``z`` itself (or another
+  input, exactly: each element is read before it is written), never part of an input
+  (the kernels write block by block: the C++ entries and the allocating form refuse it).
 * ``model_out``: model output (the conditional one when guided), same shape as ``z``,
   any floating dtype. ``model_out_uncond``: the unconditional output, or None.
 * ``history``: 0 to 3 tensors shaped like ``z``, bound to slots ``h0, h1, h2``.
@@ -43,6 +45,9 @@ import torch
 from ..plan import MAX_HISTORY
 
 OutputTriple = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
+# The dtypes every kernel reads and writes (the C++ extension's list); a model input in another dtype (an int, a bool,
+# a complex) would be a silent cast on the reference, so every front end and backend refuses it alike.
+MODEL_INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 # fused_step_alloc with every argument positional: (z, out, model_out, model_out_uncond, history (a list),
 # table, step, seeds, noise, want_x, x_dtype, model_in_dtype, model_in_double, clip, use_noise, paired).
 AllocEntry = Callable[..., OutputTriple]
@@ -113,6 +118,8 @@ class Backend:
         inputs in another layout (channels_last model outputs, say) are copied once here,
         and outputs are allocated row-major.
         """
+        if model_in_dtype is not None and model_in_dtype not in MODEL_INPUT_DTYPES:
+            check_model_input_dtype(model_in_dtype)
         if paired:
             if model_out_uncond is not None or model_out.dim() < 1 or model_out.shape[0] != 2 * z.shape[0]:
                 raise ValueError(
@@ -131,6 +138,8 @@ class Backend:
         history = [h if h.is_contiguous() else h.contiguous() for h in history]
         if out is None:
             out = torch.empty(z.shape, dtype=z.dtype, device=z.device)
+        elif not torch.compiler.is_compiling():  # fake tensors have no memory to compare
+            check_out_overlap(out, z, model_out, model_out_uncond, history, noise if use_noise else None)
         x_out = torch.empty(z.shape, dtype=x_dtype or z.dtype, device=z.device) if want_x else None
         model_in = None
         if model_in_dtype is not None:
@@ -248,3 +257,58 @@ def check_step_args(
             )
         if model_in_out.device != z.device:
             raise ValueError(f"model input output is on {model_in_out.device}, state is on {z.device}")
+        if model_in_out.dtype not in MODEL_INPUT_DTYPES:
+            check_model_input_dtype(model_in_out.dtype)
+
+
+def check_model_input_dtype(dtype: torch.dtype) -> None:
+    """Refuse a model input dtype no kernel writes, with the one message every backend gives."""
+    if dtype not in MODEL_INPUT_DTYPES:
+        raise TypeError(f"the model input dtype must be float32, float16, bfloat16 or float64, got {dtype}")
+
+
+def memory_span(t: torch.Tensor) -> tuple[int, int]:
+    """The bytes ``[start, end)`` ``t`` may touch (exact for a contiguous tensor, a superset otherwise)."""
+    start = t.data_ptr()
+    if t.numel() == 0:
+        return start, start
+    last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True))
+    return start, start + (last + 1) * t.element_size()
+
+
+def shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` may share an element (their spans intersect; on one device)."""
+    if a.device != b.device or a.device.type == "meta":
+        return False
+    a0, a1 = memory_span(a)
+    b0, b1 = memory_span(b)
+    return a0 < b1 and b0 < a1
+
+
+def check_out_overlap(
+    out: torch.Tensor,
+    z: torch.Tensor,
+    model_out: torch.Tensor,
+    model_out_uncond: torch.Tensor | None,
+    history: Sequence[torch.Tensor],
+    noise: torch.Tensor | None,
+) -> None:
+    """Refuse an ``out`` that overlaps an input in part (a ValueError): the kernels run block by block, so an element
+    could be overwritten before another block reads it. The same elements in the same layout (``out`` is ``z``) are
+    fine, since each element is read before it is written. Only contiguous tensors are compared: a kernel reads a
+    copy of any other input and writes any other ``out`` through a temporary. Runs on the ``out=`` path only."""
+    if not out.is_contiguous() or out.numel() == 0 or out.device.type == "meta":  # meta tensors have no memory
+        return
+    o0, o1 = memory_span(out)
+    named = [("the state", z), ("the model output", model_out), ("the unconditional model output", model_out_uncond)]
+    named += [(f"history tensor h{k}", h) for k, h in enumerate(history)]
+    named.append(("the noise", noise))
+    for name, t in named:
+        if t is None or t is out or not t.is_contiguous() or t.numel() == 0 or t.device != out.device:
+            continue
+        t0, t1 = memory_span(t)
+        if o0 < t1 and t0 < o1 and (o0, o1, out.element_size()) != (t0, t1, t.element_size()):
+            raise ValueError(
+                f"out overlaps {name} in part; the kernels write block by block, so pass a separate tensor or "
+                "exactly the same one"
+            )

@@ -154,7 +154,7 @@ class TritonBackend(Backend):
             self._explain_layout(z, out, model_out, model_out_uncond, history, x_out, model_in_out, noise, use_noise)
         if table.dtype not in _TABLE_DTYPES or table.shape[1] != NUM_COEFS or not table.is_contiguous():
             raise ValueError(
-                f"coefficient table must be a contiguous float32 [stages, {NUM_COEFS}] tensor, "
+                f"coefficient table must be a contiguous float32 or float64 [stages, {NUM_COEFS}] tensor, "
                 f"got {table.dtype} {tuple(table.shape)}"
             )
         if use_noise and noise is None and not seeds.is_contiguous():

@@ -196,3 +196,63 @@ def test_alloc_outputs_are_like_torch_empty(name):
             outs = _alloc(backend, case, want_x=True, model_in_dtype=torch.bfloat16)
         for t in outs:
             assert t.is_inference() is inference and not t.requires_grad
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_alloc_refuses_out_overlapping_an_input_in_part(name):
+    """A given ``out`` one element off an input (the state, the model output, a history tensor) is refused: the
+    kernels write block by block (the extension's CPU kernel returned wrong values). The very same tensor, or
+    exactly the conditional half of a paired output, is read before it is written, so it stays allowed."""
+    backend = _backend(name)
+    n = 1031  # several blocks per sample
+    case = make_case((2, n), torch.float32, torch.float32, guided=False, hist=1, noise="none", seed=29,
+                     device=str(_device()))
+    want = case.run(REF)["out"]
+    args = [case.z, case.model_out, None, list(case.history), case.table, case.step]
+    for slot, what in ((0, "the state"), (1, "the model output"), (3, "history tensor")):
+        buf = torch.zeros(2 * n + 1, device=case.z.device)
+        buf[:-1] = (args[slot][0] if slot == 3 else args[slot]).flatten()
+        shifted = list(args)
+        shifted[slot] = [buf[:-1].view(2, n)] if slot == 3 else buf[:-1].view(2, n)
+        with pytest.raises(ValueError, match=f"overlaps {what}.* in part|overlaps a {what}.* in part"):
+            backend.fused_step_alloc(*shifted, out=buf[1:].view(2, n))
+    same = case.model_out.clone()
+    out, _, _ = backend.fused_step_alloc(case.z, same, None, list(case.history), case.table, case.step, out=same)
+    assert out is same
+    torch.testing.assert_close(same, want, rtol=2e-5, atol=2e-5)
+    guided = make_case((2, n), torch.float32, torch.float32, guided=True, hist=0, noise="none", seed=31,
+                       device=str(_device()))
+    want = guided.run(REF)["out"]
+    pair = torch.cat([guided.uncond, guided.model_out])
+    out, _, _ = backend.fused_step_alloc(guided.z, pair, None, [], guided.table, guided.step, paired=True, out=pair[2:])
+    torch.testing.assert_close(out, want, rtol=2e-5, atol=2e-5)
+    pair = torch.cat([guided.uncond, guided.model_out])
+    with pytest.raises(ValueError, match="in part"):
+        backend.fused_step_alloc(guided.z, pair, None, [], guided.table, guided.step, paired=True, out=pair[1:3])
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.int32, torch.bool, torch.complex64], ids=str)
+def test_alloc_refuses_a_model_input_dtype_no_kernel_writes(name, dtype):
+    """An int, bool or complex model input was a silent cast on the torch backend; every backend raises a TypeError
+    naming the float dtypes, the allocating form and ``fused_step`` into a given buffer alike."""
+    backend = _backend(name)
+    case = make_case(SHAPE, torch.float32, torch.float32, guided=False, hist=0, noise="none", seed=37,
+                     device=str(_device()))
+    with pytest.raises(TypeError, match="float32, float16, bfloat16 or float64"):
+        _alloc(backend, case, model_in_dtype=dtype)
+    with pytest.raises(TypeError, match="float32, float16, bfloat16 or float64"):
+        backend.fused_step(case.z, torch.empty_like(case.z), case.model_out, None, [], case.table, case.step,
+                           model_in_out=torch.zeros(case.z.shape, dtype=dtype, device=case.z.device))
+
+
+def test_triton_table_error_names_the_dtypes_it_takes():
+    """Float64 tables are taken (rounded once, as the reference's row), so the error names both dtypes."""
+    backend = _backend("triton")
+    case = make_case(SHAPE, torch.float32, torch.float32, guided=False, hist=0, noise="none", seed=41,
+                     device=str(_device()))
+    with pytest.raises(ValueError, match="contiguous float32 or float64"):
+        backend.fused_step(case.z, torch.empty_like(case.z), case.model_out, None, [], case.table.half(), case.step)
+    out = torch.empty_like(case.z)
+    backend.fused_step(case.z, out, case.model_out, None, [], case.table.double(), case.step)
+    torch.testing.assert_close(out, case.run(REF)["out"], rtol=2e-5, atol=2e-5)

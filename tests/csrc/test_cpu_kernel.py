@@ -132,6 +132,29 @@ def test_in_place_all_outputs(cb):
     assert torch.equal(h0, want["x"])
 
 
+@pytest.mark.parametrize("written", ["out", "x_out", "model_in_out"])
+def test_outputs_overlapping_an_input_in_part_are_refused(cb, written):
+    """An output one element off an input was written block by block, silently wrong (a state shifted by one element
+    under ``out``); every output the caller gives is now checked, the same tensor (out is z) still allowed."""
+    n = 1031
+    case = make_case((2, n), torch.float32, torch.float32, guided=False, hist=1, noise="none")
+    buf = torch.zeros(2 * n + 1)
+    buf[:-1] = case.z.flatten()
+    z, shifted = buf[:-1].view(2, n), buf[1:].view(2, n)
+    outputs = {"out": torch.empty_like(case.z), "x_out": None, "model_in_out": None} | {written: shifted}
+    with pytest.raises(ValueError, match=f"{written} overlaps the state in part"):
+        cb.fused_step(z, outputs["out"], case.model_out, None, case.history, case.table, case.step,
+                      x_out=outputs["x_out"], model_in_out=outputs["model_in_out"])
+    buf[:-1] = case.history[0].flatten()
+    with pytest.raises(ValueError, match=f"{written} overlaps a history tensor in part"):
+        cb.fused_step(case.z, outputs["out"], case.model_out, None, [z], case.table, case.step,
+                      x_out=outputs["x_out"], model_in_out=outputs["model_in_out"])
+    want = case.run(REF)["out"]
+    z = case.z.clone()
+    cb.fused_step(z, z, case.model_out, None, case.history, case.table, case.step)
+    assert torch.equal(z, want)
+
+
 def test_step_tensor_equals_int(cb):
     """Graph mode (the step read from a tensor) gives the same numbers and the same noise as a Python int."""
     case = make_case((2, 50), torch.float32, torch.float32, noise="philox", mi="dup-fp16", x_dtype=torch.float32)
