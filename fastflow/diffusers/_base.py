@@ -259,6 +259,17 @@ def _host_number(timestep: Any) -> float | None:
     return None
 
 
+def _element_offset(element: torch.Tensor, ts: torch.Tensor) -> int | None:
+    """The index of a one-element tensor in the 1-d dense tensor ``ts`` whose storage it shares, from addresses
+    alone, else None."""
+    if element.dtype != ts.dtype or element.device != ts.device or ts.dim() != 1 or ts.stride(0) != 1:
+        return None
+    if element.untyped_storage().data_ptr() != ts.untyped_storage().data_ptr():
+        return None
+    offset, rest = divmod(element.data_ptr() - ts.data_ptr(), ts.element_size())
+    return offset if not rest and 0 <= offset < len(ts) else None
+
+
 def _diffusers_parent(cls: type) -> type | None:
     for base in cls.__mro__[1:]:
         if base.__module__.startswith("diffusers."):
@@ -396,7 +407,7 @@ class FastflowScheduler:
         # One device read here (set_timesteps already copies to the device) keeps step free of them.
         self._ff_host_timesteps = self.timesteps.detach().to("cpu", torch.float64).numpy()
         self._ff_host_values = self._ff_host_timesteps.tolist()  # Python floats, for _ff_locate
-        ts = self.timesteps
+        ts = self._ff_schedule_tensor = self.timesteps  # the tensor _ff_host_values mirror, see _ff_view_position
         self._ff_timesteps_address = (ts.data_ptr(), ts.element_size() * ts.stride(0))  # see _ff_is_element
         self._ff_compiled: dict[tuple, Compiled] = {}
         self._ff_seed: int | None = None
@@ -496,19 +507,19 @@ class FastflowScheduler:
         )
 
     def _ff_view_position(self, timestep: Any) -> int | None:
-        """The index in this scheduler's own ``timesteps`` of a timestep that is one of its elements (its offset in
-        their storage, on any device; no data is read), else None."""
-        ts = getattr(self, "timesteps", None)
-        if not (isinstance(timestep, torch.Tensor) and isinstance(ts, torch.Tensor) and timestep.numel() == 1):
+        """The index in this schedule of a timestep that is an element of its ``timesteps`` (its offset in their
+        storage, on any device; no data is read), else None. Offsets count from the tensor ``set_timesteps`` made,
+        so a pipeline that puts a slice of it in ``scheduler.timesteps`` still gets the schedule's own index; a
+        tensor put there in its place with the schedule's length (a cast, a move) is read as the same schedule."""
+        if not (isinstance(timestep, torch.Tensor) and timestep.numel() == 1):
             return None
-        if timestep.dtype != ts.dtype or timestep.device != ts.device or ts.dim() != 1 or ts.stride(0) != 1:
-            return None
-        if timestep.untyped_storage().data_ptr() != ts.untyped_storage().data_ptr():
-            return None
-        offset, rest = divmod(timestep.data_ptr() - ts.data_ptr(), ts.element_size())
-        if rest or not 0 <= offset < len(self._ff_host_values):
-            return None
-        return offset
+        made = self._ff_schedule_tensor
+        pos = _element_offset(timestep, made)
+        if pos is None:
+            ts = getattr(self, "timesteps", None)
+            if ts is not made and isinstance(ts, torch.Tensor) and ts.shape == made.shape:
+                pos = _element_offset(timestep, ts)
+        return pos
 
     def _ff_peek_index(self, timestep: Any) -> int:
         """The index of the step about to run (set up on first use; ``step`` advances it)."""

@@ -9,6 +9,7 @@ import torch
 from dropin_helpers import SD, SHAPE, TREE_NOISE, assert_close, pair, stand_in, start_noise
 
 import fastflow.diffusers as ffd
+import fastflow.diffusers._base as dropin_base
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -430,6 +431,26 @@ def test_an_element_of_the_schedule_is_located_without_reading_it():
     assert ff._ff_view_value(ts[3]) == float(ts[3]) and ff._ff_view_value(ts[4:][2]) == float(ts[6])
     assert ff._ff_view_value(ts[3].clone()) is None and ff._ff_view_value(torch.tensor(float(ts[3]))) is None
     assert ff._ff_view_value(ts[:2]) is None and ff._ff_view_value(3) is None
+
+
+@pytest.mark.parametrize("name", ["DDIMScheduler", "CogVideoXDDIMScheduler"])
+def test_a_slice_put_in_timesteps_keeps_the_schedule_s_steps(monkeypatch, name):
+    """A pipeline that puts a slice of the timesteps in ``scheduler.timesteps`` and loops over it: its elements,
+    located without reading them (tensors made unreadable here, as device tensors are), are the schedule's own
+    steps, counted from the tensor ``set_timesteps`` made, not from the slice; the loop is diffusers'."""
+    ref, ff = pair(name)
+    outs = []
+    for s in (ref, ff):
+        s.set_timesteps(10)
+        s.timesteps = s.timesteps[3:]
+        if s is ff:
+            monkeypatch.setattr(dropin_base, "_host_number", lambda v: None if isinstance(v, torch.Tensor) else v)
+        x = start_noise(0)
+        for t in s.timesteps:
+            x = s.step(stand_in(x, 0.0) + 0.01 * x, t, x).prev_sample
+        outs.append(x)
+    assert ff.step_index == 10
+    assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.gpu
