@@ -9,6 +9,7 @@ stops at ``t_min``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -101,6 +102,8 @@ def grid_times(
             raise ValueError(f"{kind} grid needs finite positive noise levels at t_min and t_max, got {s_lo}, {s_hi}")
         if kind == "karras":
             r = rho if rho is not None else getattr(schedule, "rho", 7.0)
+            if not (r > 0 and math.isfinite(r)):
+                raise ValueError(f"rho must be a positive finite number, got {r}")
             s = (s_hi ** (1 / r) + np.linspace(0, 1, n) * (s_lo ** (1 / r) - s_hi ** (1 / r))) ** r
         else:
             s = np.exp(np.linspace(np.log(s_hi), np.log(s_lo), n))
@@ -129,6 +132,13 @@ def make_points(
     """The ``steps + 1`` points of a loop: ``steps`` evaluation points then the end point."""
     if final not in FINAL_NAMES:
         raise ValueError(f"unknown final {final!r}; valid: {', '.join(FINAL_NAMES)}")
+    warped = isinstance(schedule, FlowMatching) and (schedule.shift != 1.0 or schedule.mu is not None)
+    if warped and not (isinstance(grid, str) and grid == "uniform"):
+        which = f"the {grid!r} grid" if isinstance(grid, str) else "an explicit grid"
+        raise ValueError(
+            f"{schedule!r} warps the 'uniform' grid only, and {which} would ignore it: use grid='uniform', "
+            "or FlowMatching() without shift and mu"
+        )
     if isinstance(grid, str):
         if final == "clean":
             t = grid_times(schedule, steps, grid, **grid_options)

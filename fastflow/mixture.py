@@ -25,11 +25,20 @@ class GaussianMixture:
 
     def __init__(self, means: Sequence[Sequence[float]], stds: Sequence[float] | Sequence[Sequence[float]],
                  weights: Sequence[float] | None = None):
-        self.means = torch.as_tensor(np.asarray(means, dtype=np.float64))
+        means = np.asarray(means, dtype=np.float64)
+        if means.ndim != 2 or 0 in means.shape:
+            raise ValueError(f"means must be [K, D] with K, D >= 1, got shape {means.shape}")
+        self.means = torch.as_tensor(means)
         k, d = self.means.shape
         stds = np.asarray(stds, dtype=np.float64)
+        if stds.shape not in ((k,), (k, 1), (k, d)):
+            raise ValueError(f"stds must be one per component ({k},) or [K, D] ({k}, {d}), got shape {stds.shape}")
+        if not np.all(stds > 0):
+            raise ValueError("stds must be positive")
         self.stds = torch.as_tensor(np.broadcast_to(stds.reshape(k, -1), (k, d)).copy())
         w = np.full(k, 1.0 / k) if weights is None else np.asarray(weights, dtype=np.float64)
+        if w.shape != (k,):
+            raise ValueError(f"weights must be one per component ({k},), got shape {w.shape}")
         if np.any(w < 0) or not np.isclose(w.sum(), 1.0):
             raise ValueError("weights must be non-negative and sum to 1")
         self.weights = torch.as_tensor(w)

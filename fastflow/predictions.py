@@ -28,6 +28,8 @@ __all__ = ["PREDICTION_NAMES", "canonical_prediction", "to_x_eps", "from_x_eps"]
 
 
 def canonical_prediction(name: str) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"prediction must be a name ({', '.join(PREDICTION_NAMES)}), got {type(name).__name__}")
     key = _ALIASES.get(name.lower(), name.lower())
     if key not in PREDICTION_NAMES:
         raise ValueError(f"unknown prediction type {name!r}; valid: {', '.join(PREDICTION_NAMES)}")

@@ -66,6 +66,8 @@ def _check_grid_options(grid: str | np.ndarray, options: dict[str, float]) -> No
 
 def _shape_of(shape: Sequence[int]) -> tuple[int, ...]:
     """``shape`` as a tuple of non-negative ints, refusing floats, bools and negatives (``int()`` would truncate)."""
+    if isinstance(shape, torch.Tensor) or not isinstance(shape, Sequence):
+        raise TypeError(f"shape must be a sequence of ints such as (batch, channels, height, width), got {shape!r}")
     dims = []
     for s in shape:
         try:
@@ -139,6 +141,8 @@ class Sampler:
             raise ValueError(f"unknown backend {backend!r}; valid: {', '.join(BACKEND_NAMES)}")
         if guidance_scale is not None and not math.isfinite(guidance_scale):
             raise ValueError(f"guidance_scale must be finite, got {guidance_scale}")
+        if not isinstance(schedule, Schedule):
+            raise TypeError(f"schedule must be a fastflow Schedule (VP, EDM, FlowMatching, ...), got {schedule!r}")
         schedule.validate()
         if eta is not None:
             solver_options["eta"] = eta
@@ -287,7 +291,11 @@ class Sampler:
             if seeds.device == z.device:
                 return seeds
             return to_device(seeds, z.device) if torch.compiler.is_compiling() else self._seeds_on(seeds, z.device)
-        raise ValueError(f"stage {i} draws noise: call init_noise first or pass seed= or noise=")
+        made = "" if seeds is None else f" (init_noise made seeds for a batch of {seeds.shape[0]})"
+        raise ValueError(
+            f"stage {i} draws noise for a batch of {z.shape[0]} and has no seeds for it{made}: call "
+            "init_noise(shape, seed) for this state before the loop, or pass step's seed= or noise="
+        )
 
     def _seeds_on(self, seeds: torch.Tensor, device: torch.device) -> torch.Tensor:
         """``seeds`` (made on another device by :meth:`init_noise`) on ``device``, copied again only when the
@@ -332,6 +340,11 @@ class Sampler:
             self._check_index(i)
         if model_input_dtype is not None and model_input_dtype not in MODEL_INPUT_DTYPES:
             check_model_input_dtype(model_input_dtype)
+        if not return_model_input and (model_input_dtype is not None or duplicate_model_input):
+            raise ValueError(
+                "model_input_dtype and duplicate_model_input shape the model input that return_model_input=True "
+                "returns; without it they would be ignored"
+            )
         cond, uncond, paired = self._split_output(model_output, z)
         seeds = self._stage_seeds(i, seed, z) if noise is None and self._noisy[i] else None
         out, x_out, model_in = self.runner.run(
@@ -361,6 +374,12 @@ def sample(
     parameters gets the first ones (``callback(i)``, ``callback(i, t)``); one taking
     ``*args`` gets all three.
     """
+    if not isinstance(sampler, Sampler):
+        raise TypeError(f"sampler must be a fastflow Sampler, got {type(sampler).__name__}")
+    if not isinstance(noise, torch.Tensor):
+        raise TypeError(f"noise must be the initial state as a torch.Tensor, got {type(noise).__name__}")
+    if not callable(model_fn):
+        raise TypeError(f"model_fn must be callable as model_fn(z_in, t), got {type(model_fn).__name__}")
     z = noise
     sampler.prepare(z.device, z.dtype)
     times = sampler._timestep_views(z.device)

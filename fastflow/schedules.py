@@ -103,9 +103,10 @@ class FlowMatching(Schedule):
     """Rectified flow: ``alpha = 1 - t``, ``sigma = t`` on ``[0, 1]``.
 
     ``shift`` (constant, SD3-style) and ``mu`` (resolution-dependent, Flux-style)
-    warp the default step grid toward high noise: ``t' = shift*t / (1 + (shift-1)*t)``
-    and ``t' = e^mu / (e^mu + 1/t - 1)``. The schedule itself is unchanged, so a model
-    is always called with ``t = sigma``.
+    warp the ``uniform`` step grid (the default) toward high noise:
+    ``t' = shift*t / (1 + (shift-1)*t)`` and ``t' = e^mu / (e^mu + 1/t - 1)``; another grid
+    refuses them. The schedule itself is unchanged, so a model is always called with
+    ``t = sigma``.
     """
 
     def __init__(self, shift: float = 1.0, mu: float | None = None, t_min: float = 1e-3, t_max: float = 1.0):

@@ -95,3 +95,20 @@ def test_times_inside_the_range_are_used_as_given(schedule):
     s = Sampler(schedule, "ddim", prediction="x0", steps=5, grid=t)
     np.testing.assert_array_equal(s.timesteps.numpy(), t)
     np.testing.assert_allclose(s.stage_sigma / s.stage_alpha, schedule.sigma_ve(t), rtol=1e-12)
+
+
+@pytest.mark.parametrize("grid", ["logsnr", "exponential", "karras", "trailing", np.array([0.9, 0.5, 0.2])])
+@pytest.mark.parametrize("schedule", [FlowMatching(shift=3.0), FlowMatching(mu=1.2)], ids=repr)
+def test_a_flow_shift_is_refused_by_a_grid_that_would_ignore_it(schedule, grid):
+    """shift and mu warp the uniform grid; any other grid lays its times out without them, so the option would
+    silently change nothing."""
+    with pytest.raises(ValueError, match=r"warps the 'uniform' grid only"):
+        make_points(schedule, 3, grid)
+    assert make_points(schedule, 3, "uniform").t[1] > make_points(FlowMatching(), 3, "uniform").t[1]
+
+
+@pytest.mark.parametrize("rho", [0.0, -2.0, np.inf, np.nan])
+def test_a_karras_exponent_must_be_positive_and_finite(rho):
+    """rho = 0 divided by zero; a negative rho gave a grid of another shape without a word."""
+    with pytest.raises(ValueError, match="rho must be a positive finite number"):
+        Sampler(EDM(), "euler", prediction="x0", steps=4, rho=rho)

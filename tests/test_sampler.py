@@ -175,6 +175,7 @@ def test_model_input_dtype_must_be_a_float_dtype(backend, dtype):
         (dict(seed=3.0), TypeError, "seed"),
         (dict(seed="12"), TypeError, "seed"),
         (dict(seed=[1.9, 2.2]), TypeError, "seeds must be ints"),
+        (dict(shape=4), TypeError, r"shape must be a sequence of ints such as \(batch, "),
     ],
 )
 def test_init_noise_refuses_what_it_would_truncate(kwargs, exc, match):
@@ -252,6 +253,52 @@ def test_bad_construction(kwargs, exc, match):
     kw = dict(schedule=ff.VP(), steps=5) | kwargs
     with pytest.raises(exc, match=match):
         ff.Sampler(**kw)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(schedule=None), "schedule must be a fastflow Schedule"),
+        (dict(schedule="vp"), "schedule must be a fastflow Schedule .*got 'vp'"),
+        (dict(solver=None), "solver must be a name .* or a Solver, got NoneType"),
+        (dict(prediction=None), r"prediction must be a name \(eps, x0, v, flow, score\), got NoneType"),
+    ],
+)
+def test_wrong_types_at_construction_name_the_argument(kwargs, match):
+    """None or a string in the wrong place failed with an AttributeError deep inside (``'NoneType' object has no
+    attribute 'lower'``)."""
+    with pytest.raises(TypeError, match=match):
+        ff.Sampler(**(dict(schedule=ff.VP(), steps=5) | kwargs))
+
+
+def test_sample_names_a_misplaced_argument():
+    s = ff.Sampler(ff.VP(), "ddim", steps=2)
+    z = torch.randn(2, 3)
+    with pytest.raises(TypeError, match="sampler must be a fastflow Sampler, got str"):
+        ff.sample(lambda z, t: z, z, "ddim")
+    with pytest.raises(TypeError, match="noise must be the initial state as a torch.Tensor, got function"):
+        ff.sample(z, lambda z, t: z, s)
+    with pytest.raises(TypeError, match="noise must be the initial state as a torch.Tensor, got ndarray"):
+        ff.sample(lambda z, t: z, z.numpy(), s)
+
+
+def test_seeds_for_another_batch_are_named_as_such():
+    """init_noise was called, for another batch: the error says so, rather than asking to call it."""
+    s = ff.Sampler(ff.VP(), "ddpm", steps=3)
+    s.init_noise((2, 4), seed=0)
+    with pytest.raises(ValueError, match=r"batch of 3 .*\(init_noise made seeds for a batch of 2\)"):
+        ff.sample(lambda z, t: torch.zeros_like(z), torch.randn(3, 4), s)
+
+
+@pytest.mark.parametrize("kw", [dict(model_input_dtype=torch.float16), dict(duplicate_model_input=True)])
+def test_model_input_options_without_the_model_input_raise(kw):
+    """They shape the model input that return_model_input returns; without it they changed nothing."""
+    s = ff.Sampler(ff.VP(), "ddim", steps=3)
+    z = torch.randn(2, 4)
+    with pytest.raises(ValueError, match="without it they would be ignored"):
+        s.step(z, z, 0, **kw)
+    out, model_in = s.step(z, z, 0, return_model_input=True, **kw)
+    assert model_in.shape[0] == (4 if kw.get("duplicate_model_input") else 2)
 
 
 def test_grid_options_the_grid_reads_are_taken():

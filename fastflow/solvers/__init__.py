@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import fields
 
 from .base import Lin, Solver, Stage, X, Z, eps_of, noise
 from .ddim import DDIM, DDPM
@@ -23,6 +24,13 @@ _FACTORIES: dict[str, Callable[..., Solver]] = {
     "sde-dpm++2m": lambda **kw: DPMSolverPP(order=2, sde=True, **kw),
     "unipc": UniPC,
 }
+_CLASS_OF: dict[str, tuple[type[Solver], dict[str, object]]] = {  # the factories that are not classes
+    "ddpm": (DDIM, {}),
+    "dpm++1": (DPMSolverPP, {"order": 1}),
+    "dpm++2m": (DPMSolverPP, {"order": 2}),
+    "dpm++3m": (DPMSolverPP, {"order": 3}),
+    "sde-dpm++2m": (DPMSolverPP, {"order": 2, "sde": True}),
+}
 _ALIASES = {
     "fm-euler": "flow-euler",
     "euler-a": "euler-ancestral",
@@ -42,6 +50,8 @@ __all__ = [
 
 
 def canonical_solver(name: str) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"solver must be a name ({', '.join(SOLVER_NAMES)}) or a Solver, got {type(name).__name__}")
     key = name.lower().replace("_", "-")
     key = _ALIASES.get(key, key)
     if key not in _FACTORIES:
@@ -56,7 +66,15 @@ def get_solver(name: str | Solver, **options) -> Solver:
             raise TypeError("options are given with a solver name, not with a solver instance")
         return name
     key = canonical_solver(name)
-    try:
-        return _FACTORIES[key](**options)
-    except TypeError as exc:
-        raise TypeError(f"solver {key!r} does not take option(s) {sorted(options)}: {exc}") from None
+    unknown = sorted(set(options) - set(solver_options(key)))
+    if unknown:
+        takes = ", ".join(solver_options(key)) or "none"
+        raise TypeError(f"solver {key!r} does not take option(s) {unknown}; it takes: {takes}")
+    return _FACTORIES[key](**options)
+
+
+def solver_options(name: str) -> list[str]:
+    """The options a solver name takes (its class's fields, less those the name fixes)."""
+    key = canonical_solver(name)
+    cls, fixed = _CLASS_OF.get(key, (_FACTORIES[key], {}))
+    return [f.name for f in fields(cls) if f.init and f.name not in fixed]

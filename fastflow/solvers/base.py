@@ -10,6 +10,7 @@ history slots. Solvers never see prediction types, guidance, dtypes or backends.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -105,6 +106,15 @@ class Solver:
 
     def build(self, schedule: Schedule, points: Points) -> list[Stage]:
         raise NotImplementedError
+
+
+def check_scale(name: str, value: object) -> None:
+    """A noise scale, churn level or ``eta``: a real number, finite and non-negative (a string or a tensor would
+    fail later, far from the option that caused it)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
+    if not (value >= 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be finite and non-negative, got {value}")
 
 
 def stages_on_points(points: Points, updates: list[Lin]) -> list[Stage]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from ..grids import Points
 from ..schedules import Schedule
-from .base import Lin, Solver, Stage, X, eps_of, noise, stages_on_points
+from .base import Lin, Solver, Stage, X, check_scale, eps_of, noise, stages_on_points
 
 
 def ddim_update(i: int, a_t: float, s_t: float, a_s: float, s_s: float, eta: float) -> Lin:
@@ -33,8 +33,7 @@ class DDIM(Solver):
     eta: float = 0.0
 
     def __post_init__(self) -> None:
-        if not (self.eta >= 0.0 and math.isfinite(self.eta)):
-            raise ValueError(f"eta must be a finite non-negative number, got {self.eta}")
+        check_scale("eta", self.eta)
         self.name = "ddim"
         self.stochastic = self.eta > 0
 

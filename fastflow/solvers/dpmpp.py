@@ -138,6 +138,8 @@ class DPMSolverPP(Solver):
             raise ValueError(f"DPM-Solver++ order must be 1, 2 or 3, got {self.order}")
         if self.sde and self.order == 3:
             raise ValueError("SDE-DPM-Solver++ supports orders 1 and 2")
+        if self.diffusers_3m and self.order != 3:
+            raise ValueError(f"diffusers_3m halves the third-order term, which order {self.order} does not have")
         if self.solver_type not in SOLVER_TYPES:
             raise ValueError(f"unknown solver_type {self.solver_type!r}; valid: {', '.join(SOLVER_TYPES)}")
         self.name = ("sde-" if self.sde else "") + f"dpm++{self.order}{'m' if self.order > 1 else ''}"

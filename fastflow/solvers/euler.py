@@ -14,7 +14,7 @@ import numpy as np
 
 from ..grids import Points, points_at
 from ..schedules import Schedule
-from .base import Lin, Solver, Stage, UndefinedStepError, X, Z, eps_of, noise, stages_on_points, ve
+from .base import Lin, Solver, Stage, UndefinedStepError, X, Z, check_scale, eps_of, noise, stages_on_points, ve
 
 
 @dataclass
@@ -68,12 +68,6 @@ def ancestral_levels(s: float, s_next: float, eta: float) -> tuple[float, float]
     return up, math.sqrt(max(0.0, s_next**2 - up**2))
 
 
-def _check_scale(name: str, value: float) -> None:
-    """Noise scales and churn levels must be finite and non-negative."""
-    if not (value >= 0 and math.isfinite(value)):
-        raise ValueError(f"{name} must be finite and non-negative, got {value}")
-
-
 def _stage_point(schedule: Schedule, points: Points, i: int, s_ve: float) -> Points:
     """The point at noise level ``s_ve``: point ``i`` itself unless churn raised it."""
     if s_ve == ve(points)[i]:
@@ -102,7 +96,9 @@ class Euler(Solver):
 
     def __post_init__(self) -> None:
         for k in ("s_churn", "s_tmin", "s_noise"):
-            _check_scale(k, getattr(self, k))
+            check_scale(k, getattr(self, k))
+        if isinstance(self.s_tmax, bool) or not isinstance(self.s_tmax, (int, float, np.integer, np.floating)):
+            raise TypeError(f"s_tmax must be a real number, got {self.s_tmax!r} ({type(self.s_tmax).__name__})")
         if not self.s_tmax >= self.s_tmin:
             raise ValueError(
                 f"s_tmax must be a number at least s_tmin (churn applies where s_tmin <= sigma <= s_tmax), got "
@@ -137,8 +133,8 @@ class EulerAncestral(Solver):
     s_noise: float = 1.0
 
     def __post_init__(self) -> None:
-        _check_scale("eta", self.eta)
-        _check_scale("s_noise", self.s_noise)
+        check_scale("eta", self.eta)
+        check_scale("s_noise", self.s_noise)
         self.name = "euler-ancestral"
         self.stochastic = self.eta > 0
 

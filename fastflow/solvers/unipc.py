@@ -138,11 +138,20 @@ class UniPC(Solver):
         if self.variant not in VARIANTS:
             raise ValueError(f"unknown UniPC variant {self.variant!r}; valid: {', '.join(VARIANTS)}")
         self.name = "unipc"
+        if isinstance(self.disable_corrector, (str, bytes)) or not hasattr(self.disable_corrector, "__iter__"):
+            raise TypeError(f"disable_corrector must be a sequence of step indices, got {self.disable_corrector!r}")
         self.disable_corrector = tuple(self.disable_corrector)
+        if not all(isinstance(j, (int, np.integer)) and not isinstance(j, bool) for j in self.disable_corrector):
+            raise TypeError(f"disable_corrector must hold int step indices, got {self.disable_corrector!r}")
 
     def build(self, schedule: Schedule, points: Points) -> list[Stage]:
         lam, a, s = points.half_logsnr, points.alpha, points.sigma
         n = len(points) - 1
+        outside = [j for j in self.disable_corrector if not 0 <= j < n - 1]
+        if outside:  # step j's corrector runs at step j + 1: the last step's has none
+            raise ValueError(
+                f"disable_corrector {outside} outside the correctable steps 0..{n - 2} of a {n}-step loop"
+            )
         orders = [
             multistep_order(i, n, self.order, self.lower_order_final, lower_below=math.inf) for i in range(n)
         ]

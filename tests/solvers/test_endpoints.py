@@ -65,7 +65,7 @@ def test_unipc_3_from_pure_noise_is_the_limit_of_grids_that_start_below_it(steps
     for delta in (1e-12, 1e-15):
         grid = t.copy()
         grid[0] = 1.0 - delta
-        near = ff.Sampler(fm, "unipc", order=3, prediction="flow", steps=steps, grid=grid)
+        near = ff.Sampler(ff.FlowMatching(), "unipc", order=3, prediction="flow", steps=steps, grid=grid)
         lam0 = abs(float(fm.logsnr(grid[0]))) / 2
         scaled.append(lam0 * np.abs(near.plan.coefs - limit.plan.coefs).max())
     assert 0 < scaled[1] < 1.0

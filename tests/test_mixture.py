@@ -1,0 +1,33 @@
+"""The Gaussian-mixture test target: its exact denoiser and the checks of its construction."""
+
+import pytest
+import torch
+
+from fastflow.mixture import GaussianMixture
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (([[0, 0], [1, 1]], [1, 1], [0.5, 0.25, 0.25]), r"weights must be one per component \(2,\)"),
+        (([[0, 0], [1, 1]], [1, 1, 1]), r"stds must be one per component \(2,\) or \[K, D\]"),
+        (([[0, 0], [1, 1]], [-1, 1]), "stds must be positive"),
+        (([0, 0], [1]), r"means must be \[K, D\]"),
+        (([[0, 0], [1, 1]], [1, 1], [0.7, 0.7]), "sum to 1"),
+    ],
+)
+def test_inconsistent_components_raise(args, match):
+    """Three weights for two components sampled an IndexError at random, or broadcast in the denoiser."""
+    with pytest.raises(ValueError, match=match):
+        GaussianMixture(*args)
+
+
+def test_denoiser_is_the_posterior_mean_of_one_component():
+    """With one component, E[x | z] is the Gaussian posterior mean: mu + alpha s^2 / (alpha^2 s^2 + sigma^2) (z -
+    alpha mu), per dimension."""
+    mix = GaussianMixture([[0.5, -1.0]], [[0.3, 2.0]])
+    z = torch.randn(7, 2, dtype=torch.float64)
+    alpha, sigma = 0.8, 0.6
+    mu, s2 = mix.means[0], mix.stds[0] ** 2
+    want = mu + alpha * s2 / (alpha**2 * s2 + sigma**2) * (z - alpha * mu)
+    torch.testing.assert_close(mix.denoise(z, alpha, sigma), want)
