@@ -27,16 +27,21 @@ def input_scales(sigmas: torch.Tensor) -> list[float]:
 class TwoCallMixin(FastflowScheduler):
     """Call order of a two-call scheduler."""
 
+    _ff_last_call_saves = True  # diffusers' first-order call to sigma 0 saves its sample too (DPM-Solver SDE's not)
+
     def _ff_first_order(self, idx: int) -> bool:
         """Whether call ``idx`` of the current loop is first-order."""
         return (idx - self._ff_loop_start) % 2 == 0
 
     @property
     def state_in_first_order(self) -> bool:
-        """Whether the next ``step`` call is a first-order (predictor) call."""
+        """Whether the next ``step`` call is a first-order (predictor) call. After a loop's last call, as in
+        diffusers (which keys it on a saved sample): False where that call was a first-order one that saved it."""
         idx = self.step_index
-        if idx is None or not self._ff_loop_start <= idx < self._ff_steps:
+        if idx is None or not self._ff_loop_start <= idx <= self._ff_steps:
             return True
+        if idx == self._ff_steps:
+            return not (self._ff_last_call_saves and idx > self._ff_loop_start and self._ff_first_order(idx - 1))
         return self._ff_first_order(idx)
 
 

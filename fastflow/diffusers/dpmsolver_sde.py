@@ -111,6 +111,7 @@ class DPMSolverSDEScheduler(ScaledTwoCallMixin, _sde.DPMSolverSDEScheduler):
     beta sigmas and every timestep spacing (diffusers' own schedule); ``s_noise`` as a step argument.
     """
 
+    _ff_last_call_saves = False  # diffusers' step to sigma 0 is an Euler step that saves nothing
     _ff_default_variant = (1.0, False)  # (s_noise, noise passed to the kernel rather than drawn there)
 
     def _ff_check_config(self) -> None:

@@ -7,7 +7,10 @@ this step's model output and the noise the predictor drew there), then predicts 
 same sample over the same interval with the same ``tau``, so their sample and noise terms are
 equal: the corrected sample is the given one plus a combination of data (or noise) predictions,
 ``c_i = z_i + sum_j (B'_j - B_j) m_j``. The fused stage folds that into the prediction, so no
-noise is stored and each step is one kernel call over ``z_i`` and the stored predictions.
+noise is stored and each step is one kernel call over ``z_i`` and the stored predictions. In a
+loop this equals diffusers' form (which rebuilds the corrected sample from the previous step's
+input and noise) to float32 round-off; a pipeline that edits the sample between steps keeps its
+edit here, where diffusers' corrector discards it.
 
 Coefficients: for the Lagrange basis ``l_j`` in ``lambda = log(alpha / sigma)`` through the
 last ``order`` steps, data prediction weighs ``m_j`` by ``(1 + tau^2) sigma_t e^{-tau^2 lambda_t}

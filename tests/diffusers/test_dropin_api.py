@@ -504,6 +504,27 @@ def test_only_an_undefined_step_waits_until_it_runs(monkeypatch, name):
             x = ff.step(stand_in(ff.scale_model_input(x, t), t), t, x).prev_sample
 
 
+@pytest.mark.parametrize("begin", [0, 2])
+@pytest.mark.parametrize("name", ["HeunDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
+                                  "FlowMatchHeunDiscreteScheduler", "DPMSolverSDEScheduler"])
+def test_two_call_order_flag_is_diffusers_after_every_call(name, begin):
+    """``state_in_first_order`` before the loop, after each call and after the last (diffusers keys it on a saved
+    sample: after a loop that ends on a first-order call that saved it, False)."""
+    ref = getattr(diffusers, name)()
+    ff = ffd.from_scheduler(ref)
+    flags = []
+    for s in (ref, ff):
+        s.set_timesteps(4)
+        s.set_begin_index(begin)
+        seen = [s.state_in_first_order]
+        x = start_noise(1)
+        for t in s.timesteps[begin:]:
+            x = s.step(stand_in(x, t), t, x).prev_sample
+            seen.append(s.state_in_first_order)
+        flags.append(seen)
+    assert flags[1] == flags[0]
+
+
 VALUE_ADDRESSED = [("DDIMScheduler", dict(SD, clip_sample=False)), ("DDPMScheduler", dict(SD, clip_sample=False)),
                    ("UnCLIPScheduler", {}), ("CogVideoXDDIMScheduler", {}), ("DDIMInverseScheduler", SD)]
 
