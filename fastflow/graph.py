@@ -35,9 +35,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+import os
+import sys
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
+from types import FrameType
 from typing import Any
 
 import numpy as np
@@ -65,10 +68,37 @@ class _NotCapturable(Exception):
     """Internal: the loop runs fine eagerly but cannot be recorded into a graph."""
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _next_external_frame(frame: FrameType) -> FrameType | None:
+    """The next frame out that ``warnings.warn`` counts for ``stacklevel`` (it skips importlib's bootstrap)."""
+    frame = frame.f_back
+    while frame is not None and "importlib" in frame.f_code.co_filename and "_bootstrap" in frame.f_code.co_filename:
+        frame = frame.f_back
+    return frame
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` that makes a ``warnings.warn`` in the calling function point at the first frame outside
+    fastflow: the user's call, however deep in fastflow the warning is raised (a fixed level breaks as soon as
+    another fastflow function sits in between)."""
+    frame = sys._getframe(1)  # the function that calls warnings.warn: stacklevel 1
+    level = 1
+    while os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR):
+        outer = _next_external_frame(frame)
+        if outer is None:
+            break
+        frame, level = outer, level + 1
+    return level
+
+
 def _warn_once(reason: str) -> None:
     if reason not in _WARNED:
         _WARNED.add(reason)
-        warnings.warn(f"fastflow.graph: running the eager loop: {reason}", CaptureFallbackWarning, stacklevel=3)
+        warnings.warn(
+            f"fastflow.graph: running the eager loop: {reason}", CaptureFallbackWarning, stacklevel=_user_stacklevel()
+        )
 
 
 # ----------------------------------------------------------------------------- validation helpers
@@ -242,7 +272,7 @@ class CapturedLoop:
         self._times = sampler.timesteps_on(self.device)
         self._steps = torch.arange(self.num_stages, dtype=torch.int64, device=self.device)
         self._zero_step = torch.zeros(1, dtype=torch.int64, device=self.device)
-        self._init_scale = math.hypot(sampler.stage_alpha[0], sampler.stage_sigma[0])
+        self._init_scale = _init_scale(sampler)
         self._cond_kind, items = _cond_items(cond)
         self._cond_sig = _cond_signature(cond)
         self._cond = {key: t.detach().to(self.device, copy=True) for key, t in items}
@@ -597,14 +627,25 @@ def capture(
 
 
 # ----------------------------------------------------------------------------- many captures, bounded
+def _init_scale(sampler: Sampler) -> float:
+    """The initial state's scale, ``sqrt(alpha^2 + sigma^2)`` at stage 0 (as :meth:`Sampler.init_noise`)."""
+    return math.hypot(sampler.stage_alpha[0], sampler.stage_sigma[0])
+
+
 def sampler_key(sampler: Sampler) -> str:
-    """A digest of everything a capture of ``sampler`` bakes in (all but the guidance scale)."""
+    """A digest of everything a capture of ``sampler`` bakes in (all but the guidance scale).
+
+    That is what :meth:`CapturedLoop._loop` and the initial draw read: the plan (its table, less the guidance
+    column, and its structure), the timesteps, stage 0's model-input scale (the table holds only the scale of each
+    stage's next input), the initial noise scale, the backend and whether the loop is guided.
+    """
     plan = sampler.plan
     h = hashlib.sha256()
     coefs = plan.coefs.copy()
     coefs[:, W] = 0.0
     h.update(coefs.tobytes())
     h.update(sampler.timesteps.numpy().tobytes())
+    h.update(np.array([sampler.input_scale[0], _init_scale(sampler)], dtype=np.float64).tobytes())
     h.update(
         repr((plan.history, plan.write_x, plan.keep_z, plan.keep_o, plan.noise, plan.clip, sampler.backend,
               sampler.guided)).encode()
@@ -616,10 +657,12 @@ class GraphCache:
     """Captured loops of one model, one per configuration, least recently used evicted.
 
     The key is everything a capture bakes in: the sampler's plan and timesteps
-    (so steps, solver, schedule, prediction), the backend, the state shape and
-    dtype, the model dtype and the conditioning's shapes and dtypes. At most
-    ``max_graphs`` captures (each with its own memory pool) are alive; evicting
-    one releases its pool to PyTorch's caching allocator.
+    (so steps, solver, schedule, prediction), its model-input and initial noise
+    scales (:func:`sampler_key`), the backend, the state shape and dtype, the
+    model dtype and the conditioning's shapes and dtypes. At most ``max_graphs``
+    captures (each with its own memory pool) are alive between calls; a new one is
+    made before the oldest is evicted (so a capture that fails evicts nothing), and
+    evicting one releases its pool to PyTorch's caching allocator.
     """
 
     def __init__(
@@ -664,10 +707,8 @@ class GraphCache:
         if loop is not None:
             self._loops.move_to_end(key)
             return loop
-        while len(self._loops) >= self.max_graphs:
-            _, old = self._loops.popitem(last=False)
-            old.release()
-            self.evictions += 1
+        # Capture first: a capture that raises (a backend that cannot run here, a bad model) must leave the cache as
+        # it was. Until the eviction below, one capture more than max_graphs is alive.
         loop = capture(
             self.model_fn,
             sampler,
@@ -679,6 +720,10 @@ class GraphCache:
             warmup=self.warmup,
             check_syncs=self.check_syncs,
         )
+        while len(self._loops) >= self.max_graphs:
+            _, old = self._loops.popitem(last=False)
+            old.release()
+            self.evictions += 1
         self._loops[key] = loop
         self.captures += 1
         return loop

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -82,11 +83,12 @@ def test_rejects_bad_arguments():
         capture(toy_model, s, SHAPE, device="cpu", cond={"a": 1.0})
 
 
-def test_rejects_backend_that_cannot_run(monkeypatch):
-    class GpuOnly(TorchBackend):
-        def supports(self, device):
-            return None if torch.device(device).type == "cuda" else "this backend runs on CUDA devices only"
+class GpuOnly(TorchBackend):
+    def supports(self, device):
+        return None if torch.device(device).type == "cuda" else "this backend runs on CUDA devices only"
 
+
+def test_rejects_backend_that_cannot_run(monkeypatch):
     use_torch_backend(monkeypatch, GpuOnly())
     with pytest.raises(ValueError, match="cannot run on cpu.*CUDA devices only"):
         capture(toy_model, make_sampler(), SHAPE, device="cpu")
@@ -287,6 +289,59 @@ def test_sampler_key():
     assert sampler_key(make_sampler("ddim")) != sampler_key(make_sampler("dpm++2m"))
     g1, g2 = make_sampler(guidance_scale=2.0), make_sampler(guidance_scale=5.0)
     assert sampler_key(g1) == sampler_key(g2) != sampler_key(make_sampler())
+
+
+@pytest.mark.parametrize(
+    "a, b",
+    [
+        # stage 0's model-input scale is not in the plan's table (its CIN column holds the next stage's)
+        (make_sampler(steps=4, input_scale=[1.0] * 4), make_sampler(steps=4, input_scale=[0.5, 1.0, 1.0, 1.0])),
+        # one x0 step to sigma = 0: the same table and timesteps, but twice the initial noise
+        (
+            fastflow.Sampler(fastflow.VP(), "ddim", prediction="x0", steps=1, backend="torch"),
+            fastflow.Sampler(fastflow.schedules.Rescaled(fastflow.VP(), 2.0), "ddim", prediction="x0", steps=1,
+                             backend="torch"),
+        ),
+    ],
+    ids=["input_scale", "init_scale"],
+)
+def test_graph_cache_keys_what_a_capture_reads(a, b):
+    assert sampler_key(a) != sampler_key(b)
+    cache = GraphCache(toy_model, device="cpu")
+    for s in (a, b):
+        assert torch.equal(cache(s, seed=3, shape=SHAPE), fastflow.sample(toy_model, s.init_noise(SHAPE, seed=3), s))
+    assert cache.captures == 2
+
+
+def test_graph_cache_failed_capture_evicts_nothing(monkeypatch):
+    monkeypatch.setitem(backends._CACHE, "cuda", GpuOnly())
+    monkeypatch.setattr(backends, "_RESOLVED", {})
+    cache = GraphCache(toy_model, device="cpu", max_graphs=1)
+    good = cache.get(make_sampler(), SHAPE)
+    with pytest.raises(ValueError, match="cannot run on cpu"):
+        cache.get(make_sampler(backend="cuda"), SHAPE)
+    assert len(cache) == 1 and cache.evictions == 0
+    assert cache.get(make_sampler(), SHAPE) is good
+
+
+def _fallback_warning_site(call: Callable[[], object]) -> tuple[str, int]:
+    ffgraph._WARNED.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        call()
+    ours = [w for w in caught if issubclass(w.category, CaptureFallbackWarning)]
+    assert len(ours) == 1
+    return ours[0].filename, ours[0].lineno
+
+
+def test_fallback_warning_points_at_the_callers_line():
+    """However deep in fastflow the fallback is found, the warning names the line outside fastflow that called it."""
+    for call in (
+        lambda: capture(toy_model, make_sampler(), SHAPE, device="cpu"),
+        lambda: GraphCache(toy_model, device="cpu").get(make_sampler(), SHAPE),
+        lambda: GraphCache(toy_model, device="cpu")(make_sampler(), shape=SHAPE),
+    ):
+        assert _fallback_warning_site(call) == (__file__, call.__code__.co_firstlineno)
 
 
 def test_graph_cache_bounded():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 
 import pytest
@@ -208,6 +209,16 @@ def test_cpu_pipeline_runs_eagerly_with_reason():
     ref = pipe(batch_size=2, num_inference_steps=3, generator=torch.manual_seed(1), output_type="np").images
     assert (got == ref).all()
     assert "CUDA" in fast.reason and fast.captures == 0
+
+
+def test_fallback_warning_points_at_the_callers_line():
+    fast = capture_pipeline(ddim_pipe())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        line = sys._getframe().f_lineno + 1
+        fast(batch_size=1, num_inference_steps=2, output_type="np")  # the blockers' path: CUDA graphs need CUDA
+    ours = [w for w in caught if issubclass(w.category, PipelineFallbackWarning)]
+    assert [(w.filename, w.lineno) for w in ours] == [(__file__, line)]
 
 
 def test_callbacks_block_capture():
@@ -546,8 +557,9 @@ def test_replay_of_cfg_loop_diverging_is_reported(stand_in_capture, changed, mes
 def test_uncapturable_glue_runs_eagerly(stand_in_capture, mode):
     pipe = LoopPipeline(tiny_unet(), ffd.from_scheduler(DiffusersDDIM(), backend="torch"), mode=mode)
     fast = capture_pipeline(pipe)
-    with pytest.warns(PipelineFallbackWarning):
+    with pytest.warns(PipelineFallbackWarning) as caught:
         got = [fast(batch_size=2, num_inference_steps=3, generator=torch.manual_seed(s)) for s in (0, 0)]
+    assert caught[0].filename == __file__
     ref = pipe(batch_size=2, num_inference_steps=3, generator=torch.manual_seed(0))
     assert fast.captures == 0 and fast.reason is not None
     assert torch.equal(got[0], ref) and torch.equal(got[1], ref)

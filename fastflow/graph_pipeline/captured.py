@@ -13,7 +13,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from .. import noise as noise_spec
-from ..graph import _probing_syncs
+from ..graph import _probing_syncs, _user_stacklevel
 from .loop_ops import _GapWatch, _LoopOps, _new_tensors, _record_op
 from .params import _is_float, _make_param_values, _param_mul, _write_params
 from .recording import (
@@ -53,7 +53,9 @@ def _warn_once(reason: str) -> None:
     if reason not in _WARNED:
         _WARNED.add(reason)
         warnings.warn(
-            f"fastflow.graph_pipeline: running the pipeline eagerly: {reason}", PipelineFallbackWarning, stacklevel=3
+            f"fastflow.graph_pipeline: running the pipeline eagerly: {reason}",
+            PipelineFallbackWarning,
+            stacklevel=_user_stacklevel(),
         )
 
 
