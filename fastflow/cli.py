@@ -8,6 +8,8 @@ import sys
 
 import torch
 
+from .backends import BACKEND_NAMES
+
 
 def info() -> int:
     """Versions, devices, and for every backend whether it is available or why not."""
@@ -58,22 +60,64 @@ def _devices(name: str) -> str:
     parts = []
     for device in ("cpu", "cuda"):
         why = backend.supports(torch.device(device))
+        if why is None and device == "cuda" and not torch.cuda.is_available():
+            # supports() says whether the backend can step such tensors; there must also be a device to make them on
+            why = "no CUDA device" if torch.version.cuda else "torch is a CPU-only build"
         parts.append(f"{device}: {'yes' if why is None else 'no, ' + why}")
     return "; ".join(parts)
+
+
+_SEED_END = 2**64  # fastflow's seeds (and torch.Generator's) are 64-bit
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an int >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    """argparse type: a seed in [0, 2**64)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= value < _SEED_END:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**64), got {value}")
+    return value
+
+
+def _check_demo_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """What the demo needs beyond each argument's own range; parser.error exits with a usage message."""
+    from .backends import resolve_backend
+
+    # sample b draws from seed + b, and the reference draws use seed + 1 and seed + 2
+    if args.seed + max(args.n - 1, 2) >= _SEED_END:
+        parser.error(f"--seed {args.seed} with -n {args.n} runs past 2**64 - 1 (sample b uses seed + b)")
+    try:
+        resolve_backend(args.backend, "cpu")  # the demo runs on the CPU
+    except RuntimeError as exc:
+        parser.error(f"--backend {args.backend}: {exc}")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastflow", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions and available backends")
-    demo = sub.add_parser("demo", help="sample a 2-D Gaussian mixture with several samplers")
+    demo = sub.add_parser("demo", help="sample a 2-D Gaussian mixture with every sampler")
     demo.add_argument("--out", default="fastflow-demo.png", help="figure path")
-    demo.add_argument("-n", type=int, default=2000, help="samples per sampler")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--backend", default="auto")
+    demo.add_argument("-n", type=_positive_int, default=2000, help="samples per sampler (at least 1)")
+    demo.add_argument("--seed", type=_seed, default=0, help="seed of the first sample, in [0, 2**64)")
+    demo.add_argument("--backend", default="auto", choices=BACKEND_NAMES, help="the backend every sampler steps with")
     args = parser.parse_args(argv)
     if args.command == "info":
         return info()
+    _check_demo_args(demo, args)
     from .demo import run_demo
 
     run_demo(args.out, n=args.n, seed=args.seed, backend=args.backend)

@@ -1,4 +1,4 @@
-"""``fastflow demo``: sample a 2-D Gaussian mixture with its exact denoiser through several samplers.
+"""``fastflow demo``: sample a 2-D Gaussian mixture with its exact denoiser through every sampler.
 
 Prints, per sampler, the sliced Wasserstein distance of its samples to fresh
 draws of the true distribution (with the distance between two true draws as the
@@ -36,12 +36,14 @@ RUNS = [
     Run("Euler ancestral", VP(), "euler-ancestral", "eps", 20, {}),
     Run("EDM Euler + churn", EDM(), "euler", "x0", 20, {"s_churn": 20.0, "s_tmin": 0.05, "s_tmax": 10.0}),
     Run("EDM Heun", EDM(), "heun", "x0", 10, {}),
+    Run("DPM-Solver++ 1", VP(), "dpm++1", "eps", 10, {"grid": "logsnr", "t_min": 1.0}),
     Run("DPM-Solver++ 2M", VP(), "dpm++2m", "eps", 10, {"grid": "logsnr", "t_min": 1.0}),
     Run("DPM-Solver++ 3M", VP(), "dpm++3m", "eps", 10, {"grid": "logsnr", "t_min": 1.0}),
     Run("SDE-DPM-Solver++ 2M", VP(), "sde-dpm++2m", "eps", 20, {}),
     Run("UniPC bh2 (order 2)", VP(), "unipc", "eps", 10, {"grid": "logsnr", "t_min": 1.0}),
 ]
 FIGURE_RUNS = ("DDIM", "DDPM", "flow-matching Euler")
+FIGURE_PATHS = 40  # trajectories drawn per panel (all of them when fewer samples are drawn)
 
 
 def _sample(run: Run, mixture: GaussianMixture, n: int, seed: int, backend: str):
@@ -63,6 +65,8 @@ def _sample(run: Run, mixture: GaussianMixture, n: int, seed: int, backend: str)
 
 def run_demo(out: str | Path = "fastflow-demo.png", n: int = 2000, seed: int = 0, backend: str = "auto") -> list[dict]:
     """Run every demo sampler, print the table, write the figure; returns the table rows."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be an int >= 1 (samples per sampler), got {n!r}")
     mixture = GaussianMixture.ring()
     truth = mixture.sample(n, torch.Generator().manual_seed(seed + 1))
     floor = sliced_wasserstein(mixture.sample(n, torch.Generator().manual_seed(seed + 2)), truth)
@@ -98,7 +102,7 @@ def _figure(out: Path, mixture: GaussianMixture, truth: torch.Tensor, paths: dic
         norm = [float(a * a + s * s) ** 0.5 for a, s in zip(sampler.stage_alpha, sampler.stage_sigma, strict=True)]
         view = path / torch.tensor(norm + [1.0], dtype=path.dtype)[:, None, None]
         ax.scatter(truth[:, 0], truth[:, 1], s=2, c="0.8", label="data")
-        for k in range(40):
+        for k in range(min(FIGURE_PATHS, view.shape[1])):
             ax.plot(view[:, k, 0], view[:, k, 1], lw=0.7, alpha=0.8)
         ax.scatter(view[-1, :, 0], view[-1, :, 1], s=2, c="k", label="samples")
         ax.set_title(f"{label}: {sampler.steps} steps")

@@ -1,8 +1,11 @@
 """The command line: `fastflow info` and `fastflow demo`."""
 
 import pytest
+import torch
 
-from fastflow import cli, demo
+from fastflow import backends, cli, demo
+from fastflow.backends.reference import TorchBackend
+from fastflow.solvers import SOLVER_NAMES
 
 
 def test_info_lists_every_backend(capsys):
@@ -11,7 +14,19 @@ def test_info_lists_every_backend(capsys):
     for name in ("torch", "triton", "cuda"):
         assert f"  {name}" in out
     assert "fastflow 0." in out
-    assert "  torch   available (cpu: yes; cuda: yes)" in out  # an available backend says where it runs
+    cuda = "yes" if torch.cuda.is_available() else "no, "
+    assert f"  torch   available (cpu: yes; cuda: {cuda}" in out  # an available backend says where it runs
+
+
+def test_info_says_no_cuda_without_a_device(capsys, monkeypatch):
+    """The torch reference steps CUDA tensors, but without a CUDA device there are none to step."""
+    backends.backend_report()  # availability is probed once and cached: probe it with the real device state
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "device   no CUDA device" in out
+    assert "  torch   available (cpu: yes; cuda: no, " in out
+    assert "cuda: yes" not in out
 
 
 def test_demo_writes_its_figure(tmp_path, capsys, monkeypatch):
@@ -22,3 +37,53 @@ def test_demo_writes_its_figure(tmp_path, capsys, monkeypatch):
     assert [r["sampler"] for r in rows] == ["DDIM", "DDPM", "DDPM", "flow-matching Euler"]
     assert all(r["distance"] < 0.5 for r in rows)  # every sampler lands near the mixture
     assert "two true draws" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("n", [1, 7])
+def test_demo_with_fewer_samples_than_drawn_paths(tmp_path, monkeypatch, n):
+    pytest.importorskip("matplotlib")
+    monkeypatch.setattr(demo, "RUNS", demo.RUNS[:4])
+    assert cli.main(["demo", "-n", str(n), "--out", str(tmp_path / "demo.png"), "--backend", "torch"]) == 0
+    assert (tmp_path / "demo.png").exists()
+
+
+def test_demo_runs_every_sampler():
+    """The README says the demo samples the mixture with every sampler."""
+    assert {run.solver for run in demo.RUNS} == set(SOLVER_NAMES)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["-n", "0"], "-n: must be at least 1"),
+        (["-n", "ten"], "-n: expected an integer"),
+        (["--backend", "bogus"], "--backend: invalid choice: 'bogus'"),
+        (["--seed", "-1"], "--seed: must be in [0, 2**64)"),
+        (["--seed", str(2**64)], "--seed: must be in [0, 2**64)"),
+        (["--seed", str(2**64 - 3), "-n", "5"], "runs past 2**64 - 1"),
+    ],
+)
+def test_demo_refuses_bad_arguments(capsys, args, message):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["demo", *args])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: fastflow demo" in err and message in err
+
+
+class CudaOnly(TorchBackend):
+    def supports(self, device):
+        return None if torch.device(device).type == "cuda" else "it runs on CUDA devices only"
+
+
+def test_demo_refuses_a_backend_that_cannot_run_on_the_cpu(capsys, monkeypatch):
+    monkeypatch.setitem(backends._CACHE, "cuda", CudaOnly())
+    monkeypatch.setattr(backends, "_RESOLVED", {})
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--backend", "cuda"])
+    assert "--backend cuda: backend 'cuda' cannot run on cpu: it runs on CUDA devices only" in capsys.readouterr().err
+
+
+def test_run_demo_refuses_no_samples(tmp_path):
+    with pytest.raises(ValueError, match="n must be an int >= 1"):
+        demo.run_demo(tmp_path / "demo.png", n=0)
