@@ -9,8 +9,8 @@ equal: the corrected sample is the given one plus a combination of data (or nois
 ``c_i = z_i + sum_j (B'_j - B_j) m_j``. The fused stage folds that into the prediction, so no
 noise is stored and each step is one kernel call over ``z_i`` and the stored predictions. In a
 loop this equals diffusers' form (which rebuilds the corrected sample from the previous step's
-input and noise) to float32 round-off; a pipeline that edits the sample between steps keeps its
-edit here, where diffusers' corrector discards it.
+input and noise) to float32 round-off; a sample edited between steps is stepped as diffusers'
+corrector does, see :mod:`._rebuilt_corrector`.
 
 Coefficients: for the Lagrange basis ``l_j`` in ``lambda = log(alpha / sigma)`` through the
 last ``order`` steps, data prediction weighs ``m_j`` by ``(1 + tau^2) sigma_t e^{-tau^2 lambda_t}
@@ -32,7 +32,8 @@ from diffusers.schedulers import scheduling_sasolver as _sa
 
 from ..solvers.base import Lin, UndefinedStepError
 from ._base import Z, noise, output_maker, promoted_dtype
-from ._multistep import MultistepScheduler, Undefined, half_logsnr, stored_prediction
+from ._multistep import Undefined, half_logsnr, stored_prediction
+from ._rebuilt_corrector import RebuiltCorrectorMixin
 
 __all__ = ["SASolverScheduler", "exp_lagrange_integrals", "sa_orders", "sa_updates"]
 _OUTPUT = output_maker(_sa.SchedulerOutput, "prev_sample")
@@ -143,7 +144,7 @@ def sa_updates(
     return updates
 
 
-class SASolverScheduler(MultistepScheduler, _sa.SASolverScheduler):
+class SASolverScheduler(RebuiltCorrectorMixin, _sa.SASolverScheduler):
     """diffusers' ``SASolverScheduler`` whose ``step`` is one fused fastflow call.
 
     ``data_prediction`` and ``noise_prediction``, predictor orders 1-3, corrector orders 1-4, any ``tau_func``,
@@ -189,6 +190,9 @@ class SASolverScheduler(MultistepScheduler, _sa.SASolverScheduler):
         self._ff_taus = [float(self.tau_func(torch.tensor(t, dtype=kind))) for t in self._ff_host_values]
         super()._ff_prepare()
 
+    def _ff_corrects(self, i: int, start: int) -> bool:
+        return i > start  # diffusers corrects every step after a loop's first
+
     def _ff_updates(self, start: int) -> list[Lin | Undefined]:
         cfg = self.config
         return sa_updates(
@@ -215,12 +219,16 @@ class SASolverScheduler(MultistepScheduler, _sa.SASolverScheduler):
         return_dict: bool = True,
     ) -> _sa.SchedulerOutput | tuple:
         """diffusers' SA-Solver step (same arguments and output), in one backend call."""
+        shift = None if sample is self._ff_returned else self._ff_edit_shift(sample)
         if generator is None and (done := self._ff_lane_step(model_output, timestep, sample)) is not None:
-            return (done[0],) if not return_dict else _OUTPUT(done[0])
+            prev = done[0] if shift is None else self._ff_shifted(done[0], sample, shift)
+            self._ff_returned = prev if self._step_index < self._ff_steps else None  # (see _ff_kept)
+            return (prev,) if not return_dict else _OUTPUT(prev)
         prev = self._ff_multistep_step(  # diffusers computes in the promoted dtype and returns the sample's
             model_output, timestep, sample, draw=self._ff_draw(generator, model_output),
             state_dtype=promoted_dtype(sample, model_output), out_dtype=sample.dtype, lane=generator is None,
         )
+        prev = self._ff_kept(prev, sample, shift)
         if not return_dict:
             return (prev,)
         return _OUTPUT(prev)

@@ -6,8 +6,9 @@ incoming sample, ``z + (C - P)``, where ``P`` is the previous predictor's
 higher-order term and ``C`` the corrector's, so a step stays linear in the sample
 and at most three stored predictions. In a loop this equals diffusers' form
 (which rebuilds the corrected sample from the previous step's input) to float32
-round-off; a pipeline that edits the sample between steps keeps its edit here,
-where diffusers' corrector discards it.
+round-off; a sample edited between steps (another tensor than the one the last
+step returned) is stepped as diffusers' corrector does, discarding the edit, see
+:mod:`._rebuilt_corrector`.
 
 Per-step orders follow diffusers: warm-up from the first step taken, and with
 ``lower_order_final`` the order never exceeds the number of steps left (at any
@@ -26,7 +27,8 @@ from ..solvers.base import Lin, UndefinedStepError
 from ..solvers.dpmpp import multistep_order
 from ..solvers.unipc import correction, differences, predictor_update
 from ._base import X, Z, output_maker
-from ._multistep import MultistepScheduler, Undefined, half_logsnr, stored_prediction
+from ._multistep import Undefined, half_logsnr, stored_prediction
+from ._rebuilt_corrector import RebuiltCorrectorMixin
 
 __all__ = ["UniPCMultistepScheduler", "unipc_orders", "unipc_updates"]
 _OUTPUT = output_maker(_unipc.SchedulerOutput, "prev_sample")
@@ -121,7 +123,7 @@ def unipc_updates(
     return updates, orders
 
 
-class UniPCMultistepScheduler(MultistepScheduler, _unipc.UniPCMultistepScheduler):
+class UniPCMultistepScheduler(RebuiltCorrectorMixin, _unipc.UniPCMultistepScheduler):
     """diffusers' ``UniPCMultistepScheduler`` whose ``step`` is one fused fastflow call.
 
     bh1/bh2, orders 1-3, ``disable_corrector``, ``lower_order_final``, flow sigmas and
@@ -149,6 +151,9 @@ class UniPCMultistepScheduler(MultistepScheduler, _unipc.UniPCMultistepScheduler
     def _ff_stores_noise(self) -> bool:
         return not self.predict_x0
 
+    def _ff_corrects(self, i: int, start: int) -> bool:
+        return i > start and (i - 1) not in self.disable_corrector
+
     def _ff_updates(self, start: int) -> list[Lin | Undefined]:
         cfg = self.config
         updates, _ = unipc_updates(
@@ -172,9 +177,12 @@ class UniPCMultistepScheduler(MultistepScheduler, _unipc.UniPCMultistepScheduler
         return_dict: bool = True,
     ) -> _unipc.SchedulerOutput | tuple:
         """diffusers' step (same arguments and output), in one backend call."""
+        shift = None if sample is self._ff_returned else self._ff_edit_shift(sample)
         if (done := self._ff_lane_step(model_output, timestep, sample)) is not None:
-            return (done[0],) if not return_dict else _OUTPUT(done[0])
-        prev = self._ff_multistep_step(model_output, timestep, sample, lane=True)
+            prev = done[0] if shift is None else self._ff_shifted(done[0], sample, shift)
+            self._ff_returned = prev if self._step_index < self._ff_steps else None  # (see _ff_kept)
+            return (prev,) if not return_dict else _OUTPUT(prev)
+        prev = self._ff_kept(self._ff_multistep_step(model_output, timestep, sample, lane=True), sample, shift)
         if not return_dict:
             return (prev,)
         return _OUTPUT(prev)
