@@ -217,6 +217,33 @@ def _probing_syncs():
 
 
 # ----------------------------------------------------------------------------- the captured loop
+def _checked_arguments(
+    model_fn: Any, sampler: Any, shape: Sequence[int], device: torch.device | str, dtype: torch.dtype,
+    model_dtype: torch.dtype | None, warmup: Any,
+) -> tuple[tuple[int, ...], torch.device]:
+    """A capture's arguments checked before any work (``(shape, device)``, the device with its index): what can be
+    refused at once is, so :class:`GraphCache` evicts nothing for a call that cannot capture."""
+    if not callable(model_fn):
+        raise TypeError(f"model_fn must be callable, got {type(model_fn).__name__}")
+    if not isinstance(sampler, Sampler):
+        raise TypeError(f"sampler must be a fastflow.Sampler, got {type(sampler).__name__}")
+    shape = _check_shape(shape)
+    _check_float_dtype("dtype", dtype)
+    _check_float_dtype("model_dtype", model_dtype)
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
+        raise ValueError(f"warmup must be an int >= 1 (CUDA graphs need an eager run first), got {warmup!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device} requested, but CUDA is not available")
+    try:
+        resolve_backend(sampler.backend, device, dtype)
+    except RuntimeError as exc:
+        raise ValueError(f"this sampler cannot run on {device}: {exc}") from exc
+    return shape, device
+
+
 class CapturedLoop:
     """A sampling loop recorded once as a CUDA graph and replayed per call (or run eagerly, see ``reason``).
 
@@ -239,24 +266,7 @@ class CapturedLoop:
         warmup: int = 2,
         check_syncs: bool = True,
     ):
-        if not callable(model_fn):
-            raise TypeError(f"model_fn must be callable, got {type(model_fn).__name__}")
-        if not isinstance(sampler, Sampler):
-            raise TypeError(f"sampler must be a fastflow.Sampler, got {type(sampler).__name__}")
-        self.shape = _check_shape(shape)
-        _check_float_dtype("dtype", dtype)
-        _check_float_dtype("model_dtype", model_dtype)
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and self.device.index is None and torch.cuda.is_available():
-            self.device = torch.device("cuda", torch.cuda.current_device())
-        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
-            raise ValueError(f"warmup must be an int >= 1 (CUDA graphs need an eager run first), got {warmup!r}")
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {self.device} requested, but CUDA is not available")
-        try:
-            resolve_backend(sampler.backend, self.device, dtype)
-        except RuntimeError as exc:
-            raise ValueError(f"this sampler cannot run on {self.device}: {exc}") from exc
+        self.shape, self.device = _checked_arguments(model_fn, sampler, shape, device, dtype, model_dtype, warmup)
         if guidance_scale is not None:
             self._check_guidance(sampler, guidance_scale)
         self.model_fn = model_fn
@@ -660,9 +670,10 @@ class GraphCache:
     (so steps, solver, schedule, prediction), its model-input and initial noise
     scales (:func:`sampler_key`), the backend, the state shape and dtype, the
     model dtype and the conditioning's shapes and dtypes. At most ``max_graphs``
-    captures (each with its own memory pool) are alive between calls; a new one is
-    made before the oldest is evicted (so a capture that fails evicts nothing), and
-    evicting one releases its pool to PyTorch's caching allocator.
+    captures (each with its own memory pool) are alive: the oldest is evicted before
+    a new one is made (a call whose arguments cannot capture is refused first and
+    evicts nothing), and evicting one releases its pool to PyTorch's caching
+    allocator.
     """
 
     def __init__(
@@ -707,8 +718,13 @@ class GraphCache:
         if loop is not None:
             self._loops.move_to_end(key)
             return loop
-        # Capture first: a capture that raises (a backend that cannot run here, a bad model) must leave the cache as
-        # it was. Until the eviction below, one capture more than max_graphs is alive.
+        # Arguments that cannot capture are refused before anything is evicted; the eviction then comes before the
+        # capture, so no more than max_graphs pools are ever alive (a model that fails mid-capture costs the oldest).
+        _checked_arguments(self.model_fn, sampler, shape, self.device, self.dtype, self.model_dtype, self.warmup)
+        while len(self._loops) >= self.max_graphs:
+            _, old = self._loops.popitem(last=False)
+            old.release()
+            self.evictions += 1
         loop = capture(
             self.model_fn,
             sampler,
@@ -720,10 +736,6 @@ class GraphCache:
             warmup=self.warmup,
             check_syncs=self.check_syncs,
         )
-        while len(self._loops) >= self.max_graphs:
-            _, old = self._loops.popitem(last=False)
-            old.release()
-            self.evictions += 1
         self._loops[key] = loop
         self.captures += 1
         return loop

@@ -313,7 +313,9 @@ def test_graph_cache_keys_what_a_capture_reads(a, b):
     assert cache.captures == 2
 
 
-def test_graph_cache_failed_capture_evicts_nothing(monkeypatch):
+def test_graph_cache_refuses_what_cannot_capture_before_evicting(monkeypatch):
+    """Arguments that cannot capture (a backend that cannot run here) raise before the oldest capture is evicted;
+    the eviction comes before a capture, so no more than max_graphs pools are ever alive."""
     monkeypatch.setitem(backends._CACHE, "cuda", GpuOnly())
     monkeypatch.setattr(backends, "_RESOLVED", {})
     cache = GraphCache(toy_model, device="cpu", max_graphs=1)
