@@ -2,7 +2,8 @@
 
 It runs on any device and dtype (float64 included), is the oracle every kernel is
 tested against, and never syncs the host: the coefficient row is indexed on the
-device, so it also runs under CUDA-graph capture and on the meta device.
+device, so it also runs under CUDA-graph capture and on the meta device. Like the
+kernels, it records nothing for autograd, so backends are interchangeable there too.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ class TorchBackend(Backend):
     def supports(self, device: torch.device) -> str | None:
         return None
 
+    @torch.no_grad()  # a step is an inference op on every backend: the kernels record nothing for autograd
     def fused_step(
         self,
         z: torch.Tensor,

@@ -256,3 +256,25 @@ def test_triton_table_error_names_the_dtypes_it_takes():
     out = torch.empty_like(case.z)
     backend.fused_step(case.z, out, case.model_out, None, [], case.table.double(), case.step)
     torch.testing.assert_close(out, case.run(REF)["out"], rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_outputs_never_require_grad(name):
+    """A step is an inference op on every backend: inputs that require grad give outputs that do not (the
+    reference used to record a graph the kernels do not), and an ``out`` that is a leaf requiring grad is written
+    as the kernels write it."""
+    backend = _backend(name)
+    case = make_case(SHAPE, torch.float32, torch.float32, guided=True, hist=1, noise="none", seed=5,
+                     device=str(_device()))
+    want = case.run(REF)["out"]
+    model_out = case.model_out.clone().requires_grad_()
+    z = case.z.clone().requires_grad_()
+    out, x, model_in = backend.fused_step_alloc(
+        z, model_out, case.uncond, list(case.history), case.table, case.step, want_x=True,
+        model_in_dtype=torch.float32,
+    )
+    assert not (out.requires_grad or x.requires_grad or model_in.requires_grad)
+    torch.testing.assert_close(out, want, rtol=2e-5, atol=2e-5)
+    leaf = torch.zeros_like(case.z, requires_grad=True)
+    backend.fused_step_alloc(z, model_out, case.uncond, list(case.history), case.table, case.step, out=leaf)
+    torch.testing.assert_close(leaf.detach(), want, rtol=2e-5, atol=2e-5)
