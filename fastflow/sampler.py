@@ -66,7 +66,8 @@ def _check_grid_options(grid: str | np.ndarray, options: dict[str, float]) -> No
 
 def _shape_of(shape: Sequence[int]) -> tuple[int, ...]:
     """``shape`` as a tuple of non-negative ints, refusing floats, bools and negatives (``int()`` would truncate)."""
-    if isinstance(shape, torch.Tensor) or not isinstance(shape, Sequence):
+    array = isinstance(shape, (torch.Tensor, np.ndarray))
+    if (array and shape.ndim != 1) or not (array or isinstance(shape, Sequence)):
         raise TypeError(f"shape must be a sequence of ints such as (batch, channels, height, width), got {shape!r}")
     dims = []
     for s in shape:

@@ -190,7 +190,8 @@ def test_init_noise_refuses_what_it_would_truncate(kwargs, exc, match):
 def test_init_noise_takes_numpy_and_tensor_sizes():
     s = ff.Sampler(ff.VP(), "ddpm", steps=3)
     want = s.init_noise((2, 3), seed=1)
-    for shape in ((np.int64(2), 3), torch.Size([2, 3]), (torch.tensor(2), 3), [2, np.uint8(3)]):
+    for shape in ((np.int64(2), 3), torch.Size([2, 3]), (torch.tensor(2), 3), [2, np.uint8(3)], np.array([2, 3]),
+                  torch.tensor([2, 3])):
         torch.testing.assert_close(s.init_noise(shape, seed=1), want, rtol=0, atol=0)
 
 

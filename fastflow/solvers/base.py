@@ -108,11 +108,15 @@ class Solver:
         raise NotImplementedError
 
 
-def check_scale(name: str, value: object) -> None:
-    """A noise scale, churn level or ``eta``: a real number, finite and non-negative (a string or a tensor would
-    fail later, far from the option that caused it)."""
+def check_real(name: str, value: object) -> None:
+    """A solver option that is a number: a string or a tensor would fail later, far from the option."""
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
+
+
+def check_scale(name: str, value: object) -> None:
+    """A noise scale, churn level or ``eta``: a real number, finite and non-negative."""
+    check_real(name, value)
     if not (value >= 0 and math.isfinite(value)):
         raise ValueError(f"{name} must be finite and non-negative, got {value}")
 

@@ -14,7 +14,20 @@ import numpy as np
 
 from ..grids import Points, points_at
 from ..schedules import Schedule
-from .base import Lin, Solver, Stage, UndefinedStepError, X, Z, check_scale, eps_of, noise, stages_on_points, ve
+from .base import (
+    Lin,
+    Solver,
+    Stage,
+    UndefinedStepError,
+    X,
+    Z,
+    check_real,
+    check_scale,
+    eps_of,
+    noise,
+    stages_on_points,
+    ve,
+)
 
 
 @dataclass
@@ -97,8 +110,7 @@ class Euler(Solver):
     def __post_init__(self) -> None:
         for k in ("s_churn", "s_tmin", "s_noise"):
             check_scale(k, getattr(self, k))
-        if isinstance(self.s_tmax, bool) or not isinstance(self.s_tmax, (int, float, np.integer, np.floating)):
-            raise TypeError(f"s_tmax must be a real number, got {self.s_tmax!r} ({type(self.s_tmax).__name__})")
+        check_real("s_tmax", self.s_tmax)
         if not self.s_tmax >= self.s_tmin:
             raise ValueError(
                 f"s_tmax must be a number at least s_tmin (churn applies where s_tmin <= sigma <= s_tmax), got "
