@@ -88,6 +88,41 @@ void refuse_partial_overlap(const char* name, const at::Tensor& written, const a
   if (use_noise && noise.has_value()) compare("the noise", *noise);
 }
 
+// Refuse two outputs that overlap each other in part (the state's and x_hat's, say): each is written block by
+// block, so which value an element ends with would depend on the launch. The same tensor twice is fine.
+void refuse_outputs_overlap(const at::Tensor& out, const std::optional<at::Tensor>& x_out,
+                            const std::optional<at::Tensor>& model_in_out) {
+  const at::Tensor* outputs[3] = {&out, x_out.has_value() ? &*x_out : nullptr,
+                                  model_in_out.has_value() ? &*model_in_out : nullptr};
+  const char* names[3] = {"out", "x_out", "model_in_out"};
+  for (int i = 0; i < 3; ++i) {
+    for (int j = i + 1; j < 3; ++j) {
+      const at::Tensor* a = outputs[i];
+      const at::Tensor* b = outputs[j];
+      if (a == nullptr || b == nullptr || a->is_same(*b) || a->numel() == 0 || b->numel() == 0) continue;
+      if (a->device() != b->device() || !(a->is_cpu() || a->is_cuda())) continue;
+      const auto* a0 = static_cast<const char*>(a->data_ptr());
+      const auto* b0 = static_cast<const char*>(b->data_ptr());
+      // spans from the storage offsets of the elements at both ends, any strides
+      const auto span = [](const at::Tensor& t, const char* p0) {
+        int64_t lo = 0, hi = 0;
+        for (int64_t d = 0; d < t.dim(); ++d) {
+          const int64_t reach = (t.size(d) - 1) * t.stride(d);
+          (reach < 0 ? lo : hi) += reach;
+        }
+        return std::make_pair(p0 + lo * t.element_size(), p0 + (hi + 1) * t.element_size());
+      };
+      const auto [a_lo, a_hi] = span(*a, a0);
+      const auto [b_lo, b_hi] = span(*b, b0);
+      const bool same = a_lo == b_lo && a_hi == b_hi && a->element_size() == b->element_size() &&
+                        a->strides() == b->strides() && a->sizes() == b->sizes();
+      TORCH_CHECK_VALUE(!(a_lo < b_hi && b_lo < a_hi) || same, "fastflow: ", names[i], " and ", names[j],
+                        " overlap in part; the kernels write each block by block, so pass separate tensors or the "
+                        "same one");
+    }
+  }
+}
+
 // The operator's body without the dispatcher: prepare the launch (a paired model
 // output read in place, see step_host.h) and run the kernel of the state's device.
 void run_step(const at::Tensor& z, const at::Tensor& out, const at::Tensor& model_out,
@@ -122,6 +157,7 @@ void fused_step_direct(const at::Tensor& z, const at::Tensor& out, const at::Ten
                        const std::optional<at::Tensor>& x_out, const std::optional<at::Tensor>& model_in_out,
                        std::optional<double> clip, bool use_noise) {
   refuse_partial_overlap("out", out, z, model_out, model_out_uncond, history, noise, use_noise, false);
+  refuse_outputs_overlap(out, x_out, model_in_out);
   if (x_out.has_value()) {
     refuse_partial_overlap("x_out", *x_out, z, model_out, model_out_uncond, history, noise, use_noise, false);
   }

@@ -184,6 +184,8 @@ inline PreparedStep prepare_step(const at::Tensor& z, const at::Tensor& out, con
     }
   }
   if (clip.has_value()) {
+    // NaN fails the test too: a clip that is not positive has no one clamp every backend agrees on
+    TORCH_CHECK_VALUE(*clip > 0, "fastflow: clip must be a positive number or None, got ", *clip);
     p.has_clip = 1;
     p.clip = *clip;
   }

@@ -188,8 +188,13 @@ def normal(
 ) -> torch.Tensor:
     """Noise of the spec for each sample: shape ``[len(seeds), *sample_shape]``.
 
-    ``step`` may be a device tensor (graph mode); the result never syncs the host.
+    ``step`` may be a device tensor (graph mode); the result never syncs the host. ``seeds`` is an int64 tensor
+    (its 64 bits are the key: a narrower dtype would give other words) and ``tag`` a 32-bit counter word.
     """
+    if seeds.dtype != torch.int64:
+        raise TypeError(f"seeds must be an int64 tensor (the 64-bit Philox key), got {seeds.dtype}")
+    if isinstance(tag, bool) or not isinstance(tag, (int, np.integer)) or not 0 <= tag <= _MASK32:
+        raise ValueError(f"tag must be an int in [0, 2**32), the spec's fourth counter word, got {tag!r}")
     device = seeds.device
     n = int(np.prod(sample_shape)) if len(sample_shape) else 1
     groups = (n + 3) // 4

@@ -157,7 +157,7 @@ def _store(ptrs, x, mask):
         tl.store(ptrs, x.to(ptrs.dtype.element_ty), mask=mask)
 
 
-@triton.jit(do_not_specialize=["step"])
+@triton.jit(do_not_specialize=["step", "rows"])
 def fused_step_kernel(
     z_ptr,
     out_ptr,
@@ -173,6 +173,7 @@ def fused_step_kernel(
     table_ptr,
     step,
     n,
+    rows,
     clip,
     STEP_PTR: tl.constexpr,
     GUIDED: tl.constexpr,
@@ -195,10 +196,13 @@ def fused_step_kernel(
         row_step = tl.load(step).to(tl.int64)
     else:
         row_step = step.to(tl.int64)
-    row = table_ptr + row_step * _NUM_COEFS
-    az = tl.load(row + _AZ).to(tl.float32)
-    ao = tl.load(row + _AO).to(tl.float32)
-    cz = tl.load(row + _CZ).to(tl.float32)
+    # A step outside the table (a device tensor the host never reads) reads row 0 and makes every output NaN, as
+    # the CUDA kernel does: the device cannot raise, and NaN makes the error visible.
+    in_table = (row_step >= 0) & (row_step < rows)
+    row = table_ptr + tl.where(in_table, row_step, 0) * _NUM_COEFS
+    az = tl.where(in_table, tl.load(row + _AZ).to(tl.float32), float("nan"))
+    ao = tl.where(in_table, tl.load(row + _AO).to(tl.float32), float("nan"))
+    cz = tl.where(in_table, tl.load(row + _CZ).to(tl.float32), float("nan"))
     cx = tl.load(row + _CX).to(tl.float32)
 
     z = tl.load(z_ptr + idx, mask=mask, other=0.0).to(tl.float32)
@@ -209,7 +213,7 @@ def fused_step_kernel(
         o = ou + w * (o - ou)
     x = az * z + ao * o
     if CLIP:
-        x = tl.minimum(tl.maximum(x, -clip), clip)
+        x = tl.where(x != x, x, tl.minimum(tl.maximum(x, -clip), clip))  # NaN stays NaN, as torch.clamp keeps it
     zn = cz * z + cx * x
     if NUM_HIST >= 1:
         zn = zn + tl.load(row + _H0).to(tl.float32) * tl.load(h0_ptr + idx, mask=mask, other=0.0).to(tl.float32)
@@ -322,6 +326,7 @@ def launch_fused_step(
         table,
         step,
         n,
+        table.shape[0],
         0.0 if clip is None else float(clip),
         STEP_PTR=step_ptr,
         GUIDED=model_out_uncond is not None,

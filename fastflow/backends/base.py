@@ -40,9 +40,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 
-from ..plan import MAX_HISTORY
+from ..plan import MAX_HISTORY, NUM_COEFS
 
 OutputTriple = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
 # The dtypes every kernel reads and writes (the C++ extension's list); a model input in another dtype (an int, a bool,
@@ -248,6 +249,10 @@ def check_step_args(
             raise ValueError(f"seeds must be int64 [{z.shape[0]}] on {z.device}")
     if table.device != z.device or table.dim() != 2:
         raise ValueError(f"coefficient table must be 2-D on {z.device}")
+    if table.shape[1] != NUM_COEFS:
+        raise ValueError(f"coefficient table must be [stages, {NUM_COEFS}], got {tuple(table.shape)}")
+    if table.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"coefficient table must be float32 or float64, got {table.dtype}")
     if model_in_out is not None:
         b = z.shape[0]
         if model_in_out.shape[1:] != z.shape[1:] or model_in_out.shape[0] not in (b, 2 * b):
@@ -292,6 +297,7 @@ def check_out_overlap(
     model_out_uncond: torch.Tensor | None,
     history: Sequence[torch.Tensor],
     noise: torch.Tensor | None,
+    name: str = "out",
 ) -> None:
     """Refuse an ``out`` that overlaps an input in part (a ValueError): the kernels run block by block, so an element
     could be overwritten before another block reads it. The same elements in the same layout (``out`` is ``z``) are
@@ -303,12 +309,52 @@ def check_out_overlap(
     named = [("the state", z), ("the model output", model_out), ("the unconditional model output", model_out_uncond)]
     named += [(f"history tensor h{k}", h) for k, h in enumerate(history)]
     named.append(("the noise", noise))
-    for name, t in named:
+    for what, t in named:
         if t is None or t is out or not t.is_contiguous() or t.numel() == 0 or t.device != out.device:
             continue
         t0, t1 = memory_span(t)
         if o0 < t1 and t0 < o1 and (o0, o1, out.element_size()) != (t0, t1, t.element_size()):
             raise ValueError(
-                f"out overlaps {name} in part; the kernels write block by block, so pass a separate tensor or "
+                f"{name} overlaps {what} in part; the kernels write block by block, so pass a separate tensor or "
                 "exactly the same one"
             )
+
+
+def check_outputs_overlap(
+    out: torch.Tensor,
+    x_out: torch.Tensor | None,
+    model_in_out: torch.Tensor | None,
+    z: torch.Tensor,
+    model_out: torch.Tensor,
+    model_out_uncond: torch.Tensor | None,
+    history: Sequence[torch.Tensor],
+    noise: torch.Tensor | None,
+) -> None:
+    """The direct form's outputs, as the C++ entry refuses them: each against the inputs (:func:`check_out_overlap`)
+    and against each other (two outputs written block by block into shared memory end with either's values)."""
+    named = [("out", out), ("x_out", x_out), ("model_in_out", model_in_out)]
+    for name, t in named:
+        if t is not None:
+            check_out_overlap(t, z, model_out, model_out_uncond, history, noise, name=name)
+    for k, (name_a, a) in enumerate(named):
+        for name_b, b in named[k + 1 :]:
+            if a is None or b is None or a is b or a.numel() == 0 or b.numel() == 0 or not shares_memory(a, b):
+                continue
+            if (memory_span(a), a.stride(), a.shape, a.dtype) != (memory_span(b), b.stride(), b.shape, b.dtype):
+                raise ValueError(
+                    f"{name_a} and {name_b} overlap in part; the kernels write each block by block, so pass separate "
+                    "tensors or the same one"
+                )
+
+
+def check_clip(clip: float | None) -> None:
+    """A clip every backend clamps alike: positive (the C++ entries refuse the same; NaN fails the test too)."""
+    if clip is not None and not clip > 0:
+        raise ValueError(f"fastflow: clip must be a positive number or None, got {clip}")
+
+
+def step_int(step: object) -> int:
+    """A host step index as an int: an int or numpy integer, not a float or a bool (``int()`` would truncate)."""
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
+        raise TypeError(f"step must be an int or a one-element integer tensor, got {type(step).__name__}")
+    return int(step)

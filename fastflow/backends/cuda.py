@@ -37,6 +37,7 @@ import torch
 
 from ..noise import STEP_TAG
 from .base import AllocEntry, Backend, OutputTriple, check_step_args
+from .base import step_int as host_step
 
 _STATE: dict[str, Any] = {}
 _FAKES_REGISTERED: list[bool] = []  # kept apart from _STATE: a fake may be registered only once per process
@@ -223,7 +224,7 @@ class CudaBackend(Backend):
         if isinstance(step, torch.Tensor):
             step_int, step_tensor = 0, step
         else:
-            step_int, step_tensor = int(step), None
+            step_int, step_tensor = host_step(step), None
         if clip is not None:
             clip = float(clip)
         if not isinstance(history, list):

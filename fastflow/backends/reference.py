@@ -14,7 +14,7 @@ import torch
 
 from .. import noise as noise_spec
 from ..plan import AO, AZ, CIN, CN, CX, CZ, H0, W
-from .base import Backend, check_step_args
+from .base import Backend, check_clip, check_outputs_overlap, check_step_args, step_int
 
 
 class TorchBackend(Backend):
@@ -46,6 +46,11 @@ class TorchBackend(Backend):
         check_step_args(
             z, out, model_out, model_out_uncond, history, table, seeds, noise, x_out, model_in_out, use_noise
         )
+        check_clip(clip)
+        if z.device.type != "meta" and not torch.compiler.is_compiling():  # fake and meta tensors have no memory
+            # whole-tensor ops would get these right; the kernels refuse them, and the backends must agree
+            check_outputs_overlap(out, x_out, model_in_out, z, model_out, model_out_uncond, history,
+                                  noise if use_noise else None)
         cdt = torch.float64 if z.dtype == torch.float64 else torch.float32
         row = _row(table, step).to(cdt)
         o = model_out.to(cdt)
@@ -74,6 +79,14 @@ class TorchBackend(Backend):
 
 
 def _row(table: torch.Tensor, step: int | torch.Tensor) -> torch.Tensor:
+    """The coefficient row of ``step``: an int in range (``table[-1]`` would be the last row, which the kernels
+    refuse), or a one-element integer tensor (a float one would be truncated)."""
     if isinstance(step, torch.Tensor):
+        if step.numel() != 1 or step.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"a step tensor must hold one int32 or int64 element, got {step.dtype} "
+                            f"{tuple(step.shape)}")
         return table.index_select(0, step.reshape(1).to(torch.int64)).reshape(-1)
-    return table[step]
+    i = step_int(step)
+    if not 0 <= i < table.shape[0]:
+        raise IndexError(f"step {i} is outside the coefficient table's {table.shape[0]} rows")
+    return table[i]

@@ -22,7 +22,7 @@ from types import ModuleType
 import torch
 
 from ..plan import NUM_COEFS
-from .base import Backend, check_step_args
+from .base import Backend, check_clip, check_outputs_overlap, check_step_args, step_int
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _TABLE_DTYPES = (torch.float32, torch.float64)
@@ -124,6 +124,10 @@ class TritonBackend(Backend):
         check_step_args(
             z, out, model_out, model_out_uncond, history, table, seeds, noise, x_out, model_in_out, use_noise
         )
+        check_clip(clip)
+        if not torch.compiler.is_compiling():  # fake tensors have no memory to compare
+            check_outputs_overlap(out, x_out, model_in_out, z, model_out, model_out_uncond, history,
+                                  noise if use_noise else None)
         kernels = self._kernels
         if kernels is None:
             reason = self.availability()
@@ -163,7 +167,7 @@ class TritonBackend(Backend):
             if step.numel() != 1 or step.dtype not in (torch.int32, torch.int64) or step.device != z.device:
                 raise ValueError(f"step tensor must be one int32/int64 element on {z.device}")
         else:
-            step = int(step)
+            step = step_int(step)
             if not 0 <= step < table.shape[0]:
                 raise IndexError(f"step {step} is outside the coefficient table's {table.shape[0]} rows")
         if z.shape[0] > kernels.MAX_GRID_Y:

@@ -355,7 +355,7 @@ def test_errors(tb):
         _bad(tb, step=torch.tensor([1.0], device=_dev()))
     with pytest.raises(ValueError, match="table"):
         _bad(tb, table=torch.zeros(5, NUM_COEFS - 1, device=_dev()))
-    with pytest.raises(ValueError, match="table"):
+    with pytest.raises(TypeError, match="table"):  # as the C++ entry: a dtype is a TypeError
         _bad(tb, table=torch.zeros(5, NUM_COEFS, device=_dev(), dtype=torch.float16))
     with pytest.raises(ValueError, match="model input"):
         _bad(tb, model_in_out=torch.empty(3, 12, device=_dev()))
@@ -649,7 +649,7 @@ except ImportError as exc:
 k = _load_kernels()
 base = {"z_ptr": "*fp32", "out_ptr": "*fp32", "o_ptr": "*bf16", "ou_ptr": "*bf16", "h0_ptr": "*fp32",
         "h1_ptr": "*fp16", "h2_ptr": "*bf16", "xi_ptr": "*fp16", "seeds_ptr": "*i64", "x_ptr": "*bf16",
-        "mi_ptr": "*bf16", "table_ptr": "*fp32", "step": "*i64", "n": "i64", "clip": "fp32"}
+        "mi_ptr": "*bf16", "table_ptr": "*fp32", "step": "*i64", "n": "i64", "rows": "i64", "clip": "fp32"}
 full = dict(STEP_PTR=True, GUIDED=True, NUM_HIST=3, CLIP=True, NOISE=1, WRITE_X=True, WRITE_MI=True,
             MI_DUP=True, TAG=0, BLOCK=1024)
 # Pointers 16-byte aligned and n a multiple of 16, as the launcher specializes for real latents.

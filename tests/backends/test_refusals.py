@@ -1,0 +1,122 @@
+"""Backends are interchangeable for bad calls too: each refuses the same ones with the same error, or, where a
+device cannot raise, gives the same visible result (NaN)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from backends.step_cases import make_case
+
+from fastflow import noise as noise_spec
+from fastflow.backends import get_backend
+from fastflow.plan import NUM_COEFS
+
+BACKENDS = ("torch", "cuda", "triton")
+SHAPE = (2, 3, 37)  # 111 elements per sample
+
+
+def _backend(name: str):
+    backend = get_backend(name)
+    reason = backend.availability() or backend.supports(torch.device("cpu"))
+    if reason is not None:
+        pytest.skip(f"{name} backend: {reason}")
+    return backend
+
+
+def _case(**kw):
+    return make_case(SHAPE, torch.float32, torch.float32, guided=False, hist=1, noise="none", seed=11, **kw)
+
+
+def _call(backend, case, out=None, **kw):
+    out = torch.empty_like(case.z) if out is None else out
+    args = dict(seeds=case.seeds, noise=case.noise, use_noise=case.use_noise, clip=case.clip) | kw
+    step = args.pop("step", case.step)
+    backend.fused_step(case.z, out, case.model_out, case.uncond, case.history, case.table, step, **args)
+    return out
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("clip", [-1.0, 0.0, float("nan")])
+def test_a_clip_that_is_not_positive_is_refused(name, clip):
+    """A negative clip clamped to -clip on one backend and swapped its bounds on another; a NaN clip gave NaN on
+    one and no clamp on the others."""
+    with pytest.raises(ValueError, match="clip must be a positive number"):
+        _call(_backend(name), _case(), clip=clip)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_a_nan_prediction_stays_nan_under_clip(name):
+    """torch.clamp keeps NaN; so does every kernel (Triton's min/max had turned it into +-clip)."""
+    case = _case()
+    case.model_out[0, 0, 0] = float("nan")
+    x = torch.empty_like(case.z)
+    out = _call(_backend(name), case, clip=0.5, x_out=x)
+    assert torch.isnan(x[0, 0, 0]) and torch.isnan(out[0, 0, 0])
+    assert x.isnan().sum() == 1 and x.nan_to_num(0.0).abs().max().item() <= 0.5
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize(("step", "error"), [(-1, IndexError), (5, IndexError), (1.0, TypeError), (True, TypeError)])
+def test_a_host_step_outside_the_table_or_not_an_int_is_refused(name, step, error):
+    """``table[-1]`` was the last row on the reference only; a float step was truncated by the kernels' int()."""
+    with pytest.raises(error):
+        _call(_backend(name), _case(), step=step)
+
+
+@pytest.mark.parametrize("name", ["cuda", "triton"])
+def test_a_device_step_outside_the_table_gives_nan(name):
+    """A step tensor is not read on the host (a sync): a row outside the table makes every output NaN, on both
+    kernels (Triton read past the table's end)."""
+    x = torch.empty(SHAPE)
+    out = _call(_backend(name), _case(), step=torch.tensor([7]), x_out=x)
+    assert out.isnan().all() and x.isnan().all()
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("kind", ["out-x_out", "out-z"])
+def test_outputs_overlapping_in_part_are_refused(name, kind):
+    """Two outputs sharing memory in part, or an output over an input in part, end with values that depend on the
+    kernel's blocks; every backend refuses them (the reference computed them, Triton's direct form wrote them)."""
+    case = _case()
+    n = case.z.numel()
+    buf = torch.zeros(n + n // 2)
+    if kind == "out-x_out":
+        out, kw = buf[n // 2 :].view(SHAPE), {"x_out": buf[:n].view(SHAPE)}
+    else:
+        case.z = buf[:n].view(SHAPE).copy_(case.z)
+        out, kw = buf[n // 2 :].view(SHAPE), {}
+    with pytest.raises(ValueError, match="overlap"):
+        _call(_backend(name), case, out=out, **kw)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_the_same_output_twice_is_taken(name):
+    """x_out that is out itself is not a partial overlap: each element is written from the same thread."""
+    case = _case()
+    out = torch.empty_like(case.z)
+    _call(_backend(name), case, out=out, x_out=out)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize(("width", "dtype", "error", "match"), [
+    (NUM_COEFS - 1, torch.float32, ValueError, r"table must be \[stages, 10\]"),
+    (NUM_COEFS, torch.float16, TypeError, "table must be float32 or float64"),
+])
+def test_a_table_of_another_width_or_dtype_is_refused(name, width, dtype, error, match):
+    """The reference computed with either (its row has enough columns, a float16 row casts)."""
+    case = _case()
+    case.table = torch.zeros(5, width, dtype=dtype)
+    with pytest.raises(error, match=match):
+        _call(_backend(name), case)
+
+
+def test_spec_noise_refuses_narrow_seeds_and_tags_outside_32_bits():
+    """int32 seeds gave NaN (the key's shifts overflow), a tag of -1 NaN: the spec takes int64 keys and a 32-bit
+    counter word, as the C++ kernel does."""
+    with pytest.raises(TypeError, match="int64"):
+        noise_spec.normal(torch.tensor([5, 6], dtype=torch.int32), (8,))
+    for tag in (-1, 2**32):
+        with pytest.raises(ValueError, match="tag must be an int in"):
+            noise_spec.normal(torch.tensor([5, 6]), (8,), tag=tag)
+    assert torch.isfinite(noise_spec.normal(torch.tensor([5, -6, 2**40]), (8,), tag=2**32 - 1)).all()
