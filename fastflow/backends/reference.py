@@ -42,12 +42,13 @@ class TorchBackend(Backend):
         model_in_out: torch.Tensor | None = None,
         clip: float | None = None,
         use_noise: bool = False,
+        check_overlap: bool = True,
     ) -> None:
         check_step_args(
             z, out, model_out, model_out_uncond, history, table, seeds, noise, x_out, model_in_out, use_noise
         )
         check_clip(clip)
-        if z.device.type != "meta" and not torch.compiler.is_compiling():  # fake and meta tensors have no memory
+        if check_overlap and z.device.type != "meta" and not torch.compiler.is_compiling():  # (fake: no memory)
             # whole-tensor ops would get these right; the kernels refuse them, and the backends must agree
             check_outputs_overlap(out, x_out, model_in_out, z, model_out, model_out_uncond, history,
                                   noise if use_noise else None)
