@@ -4,26 +4,28 @@ Signature (the backend contract, shared by the torch reference, Triton and C++/C
 
     fused_step(z, out, model_out, model_out_uncond, history, table, step,
                seeds=None, noise=None, x_out=None, model_in_out=None, clip=None,
-               use_noise=False) -> None
+               use_noise=False, check_overlap=True) -> None
 
 * ``z``: state ``[B, ...]`` (float32, bfloat16, float16 or float64 for the reference).
 * ``out``: the next state, same shape and dtype as ``z``; may be ``z`` itself (or another
-  input, exactly: each element is read before it is written), never part of an input
-  (the kernels write block by block: the C++ entries and the allocating form refuse it).
+  input, exactly: each element is read before it is written), never part of an input or
+  of another output (the kernels write block by block: every backend refuses it; the
+  Python backends skip that test with ``check_overlap=False``, as the allocating form does).
 * ``model_out``: model output (the conditional one when guided), same shape as ``z``,
   any floating dtype. ``model_out_uncond``: the unconditional output, or None.
 * ``history``: 0 to 3 tensors shaped like ``z``, bound to slots ``h0, h1, h2``.
-* ``table``: coefficient table ``[stages, NUM_COEFS]`` on ``z``'s device
-  (float32 for kernels; the reference computes in float64 for float64 states).
-* ``step``: the row to use, a Python int or an integer tensor of one element on
-  ``z``'s device (graph mode: read on the device, never on the host). It is also
+* ``table``: coefficient table ``[stages, NUM_COEFS]``, float32 or float64, on ``z``'s
+  device (the reference computes in float64 for float64 states).
+* ``step``: the row to use, a Python int in range or an int32/int64 tensor of one element
+  on ``z``'s device (graph mode: read on the device, never on the host; a row outside
+  the table gives NaN outputs on the kernels, which cannot raise there). It is also
   the noise counter's step index.
 * ``seeds``: int64 ``[B]`` per-sample seeds, needed when ``use_noise`` and ``noise``
   is None. ``noise``: explicit standard-normal noise shaped like ``z``.
 * ``x_out``: if given, receives x_hat (after clipping), same shape as ``z``.
 * ``model_in_out``: if given, receives ``CIN * z_next`` cast to its dtype; its batch
   may be ``2B``, in which case both halves receive it (classifier-free guidance).
-* ``clip``: clamp x_hat to ``[-clip, clip]`` when not None.
+* ``clip``: clamp x_hat to ``[-clip, clip]`` when not None (a positive number; NaN stays NaN).
 
 Arithmetic is float32 (float64 for float64 states); every output is rounded once.
 
