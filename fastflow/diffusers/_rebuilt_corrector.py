@@ -6,7 +6,7 @@ through the model output it produced. Their drop-ins correct the sample they are
 ``z + (C - P)``, which equals diffusers' ``R + (C - P)`` when ``z`` is ``R``, the tensor the
 previous step returned. When it is another tensor (a callback made new latents), the step's
 output is moved by ``w (R - z)``, ``w`` being its update's weight on the corrected sample:
-diffusers' numbers, from two tensor ops taken only then. An edit made in place on the
+diffusers' numbers, from three tensor ops taken only then. An edit made in place on the
 returned tensor leaves nothing to return to, so it is kept, as any edit is in a step traced by
 ``torch.compile`` (a trace makes no identity test).
 """

@@ -30,7 +30,7 @@ from ._base import X, Z, output_maker
 from ._multistep import Undefined, half_logsnr, stored_prediction
 from ._rebuilt_corrector import RebuiltCorrectorMixin
 
-__all__ = ["UniPCMultistepScheduler", "unipc_orders", "unipc_updates"]
+__all__ = ["UniPCMultistepScheduler", "unipc_corrects", "unipc_orders", "unipc_updates"]
 _OUTPUT = output_maker(_unipc.SchedulerOutput, "prev_sample")
 
 SOLVER_TYPES = ("bh1", "bh2")
@@ -43,6 +43,12 @@ def unipc_orders(n: int, start: int, solver_order: int, lower_order_final: bool)
         multistep_order(i, n, solver_order, lower_order_final, start=start, lower_below=math.inf)
         for i in range(start, n)
     ]
+
+
+def unipc_corrects(i: int, start: int, disable_corrector: Sequence[int]) -> bool:
+    """Whether diffusers' UniPC runs its corrector at step ``i`` of a loop from ``start``: every step after the
+    first taken, but those whose previous step ``disable_corrector`` lists."""
+    return i > start and (i - 1) not in disable_corrector
 
 
 def unipc_updates(
@@ -105,7 +111,7 @@ def unipc_updates(
         k = i - start
         try:
             z = Z(k)
-            if i > start and (i - 1) not in skip:
+            if unipc_corrects(i, start, skip):
                 rks, d1s = differences(lam, i - 1, orders[k - 1], m)
                 z = z + correction(m(i), m(i - 1), rks, d1s, sign * -(lam[i] - lam[i - 1]), solver_type, scale(i))
             check(i, p, "predictor")
@@ -152,7 +158,7 @@ class UniPCMultistepScheduler(RebuiltCorrectorMixin, _unipc.UniPCMultistepSchedu
         return not self.predict_x0
 
     def _ff_corrects(self, i: int, start: int) -> bool:
-        return i > start and (i - 1) not in self.disable_corrector
+        return unipc_corrects(i, start, {int(j) for j in self.disable_corrector})
 
     def _ff_updates(self, start: int) -> list[Lin | Undefined]:
         cfg = self.config
