@@ -56,6 +56,7 @@ __all__ = [
     "INIT_TAG",
     "STEP_TAG",
     "as_seed_tensor",
+    "check_normal_args",
     "draw_seed",
     "normal",
     "philox4x32_numpy",
@@ -156,6 +157,8 @@ def as_seed_tensor(seed: int | Sequence[int] | torch.Tensor, batch: int, device)
             raise ValueError(f"seed tensor must be int64 of shape ({batch},), got {seed.dtype} {tuple(seed.shape)}")
         return to_device(seed, device)
     if _is_int(seed):
+        if 0 <= seed <= _SEED_MAX < seed + batch - 1:
+            raise ValueError(f"seed {seed} seeds a batch of {batch} with seed + b, past 2**64 - 1: pass a smaller seed")
         seeds = [int(seed) + b for b in range(batch)]
     elif isinstance(seed, (str, bytes)) or not isinstance(seed, (Sequence, np.ndarray)):
         raise TypeError(f"seed must be an int, a sequence of ints or an integer tensor, got {type(seed).__name__}")
@@ -179,6 +182,36 @@ def _is_int(value: object) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
+def check_normal_args(
+    seeds: torch.Tensor, sample_shape: Sequence[int], step: int | torch.Tensor, tag: int, dtype: torch.dtype
+) -> None:
+    """The arguments every backend's draw of :func:`normal` refuses alike (metadata only: no host sync).
+
+    A counter word is 32 bits, so a host ``step`` or ``tag`` outside ``[0, 2**32)`` would alias another stream;
+    a float or bool step would be truncated; an integer ``dtype`` would truncate the normals.
+    """
+    if not isinstance(seeds, torch.Tensor) or seeds.dtype != torch.int64:
+        got = seeds.dtype if isinstance(seeds, torch.Tensor) else type(seeds).__name__
+        raise TypeError(f"seeds must be an int64 tensor (the 64-bit Philox key), got {got}")
+    if seeds.dim() != 1:
+        raise ValueError(f"seeds must be 1-D, one per sample, got shape {tuple(seeds.shape)}")
+    if isinstance(sample_shape, (str, bytes, torch.Tensor)) or not isinstance(sample_shape, Sequence):
+        raise TypeError(f"sample_shape must be a sequence of ints, got {type(sample_shape).__name__}")
+    if not all(_is_int(d) and d >= 0 for d in sample_shape):
+        raise ValueError(f"sample_shape must hold non-negative ints, got {tuple(sample_shape)!r}")
+    if isinstance(step, torch.Tensor):
+        if step.numel() != 1 or step.dtype.is_floating_point or step.dtype.is_complex or step.dtype == torch.bool:
+            raise TypeError(f"a step tensor must hold one integer, got {step.dtype} of shape {tuple(step.shape)}")
+    elif not _is_int(step):
+        raise TypeError(f"step must be an int or a one-element integer tensor, got {type(step).__name__}")
+    elif not 0 <= step <= _MASK32:
+        raise ValueError(f"step must be in [0, 2**32), the spec's third counter word, got {step}")
+    if not _is_int(tag) or not 0 <= tag <= _MASK32:
+        raise ValueError(f"tag must be an int in [0, 2**32), the spec's fourth counter word, got {tag!r}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"noise dtype must be a floating-point torch.dtype, got {dtype}")
+
+
 def normal(
     seeds: torch.Tensor,
     sample_shape: Sequence[int],
@@ -191,10 +224,7 @@ def normal(
     ``step`` may be a device tensor (graph mode); the result never syncs the host. ``seeds`` is an int64 tensor
     (its 64 bits are the key: a narrower dtype would give other words) and ``tag`` a 32-bit counter word.
     """
-    if seeds.dtype != torch.int64:
-        raise TypeError(f"seeds must be an int64 tensor (the 64-bit Philox key), got {seeds.dtype}")
-    if isinstance(tag, bool) or not isinstance(tag, (int, np.integer)) or not 0 <= tag <= _MASK32:
-        raise ValueError(f"tag must be an int in [0, 2**32), the spec's fourth counter word, got {tag!r}")
+    check_normal_args(seeds, sample_shape, step, tag, dtype)
     device = seeds.device
     n = int(np.prod(sample_shape)) if len(sample_shape) else 1
     groups = (n + 3) // 4

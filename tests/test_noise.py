@@ -92,6 +92,10 @@ def test_seed_validation():
         noise.as_seed_tensor(-1, 1, "cpu")
     with pytest.raises(ValueError, match="int64"):
         noise.as_seed_tensor(torch.zeros(2, dtype=torch.int32), 2, "cpu")
+    # the last seed of a batch past 64 bits is named as what it is, not as an out-of-range seed the caller never gave
+    with pytest.raises(ValueError, match="seeds a batch of 2 with seed \\+ b"):
+        noise.as_seed_tensor(2**64 - 1, 2, "cpu")
+    assert noise.as_seed_tensor(2**64 - 1, 1, "cpu").tolist() == [-1]
 
 
 @pytest.mark.parametrize(

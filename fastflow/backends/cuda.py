@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from ..noise import STEP_TAG
+from ..noise import STEP_TAG, check_normal_args
 from .base import AllocEntry, Backend, OutputTriple, check_step_args
 from .base import step_int as host_step
 
@@ -304,6 +304,7 @@ class CudaBackend(Backend):
         dtype: torch.dtype = torch.float32,
     ) -> torch.Tensor:
         """The noise of :func:`fastflow.noise.normal`, drawn by the extension's kernel."""
+        check_normal_args(seeds, sample_shape, step, tag, dtype)
         reason = self.supports(seeds.device)
         if reason is not None:
             raise RuntimeError(f"cuda backend unavailable: {reason}")

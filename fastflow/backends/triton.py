@@ -21,6 +21,7 @@ from types import ModuleType
 
 import torch
 
+from ..noise import check_normal_args
 from .base import Backend, check_clip, check_outputs_overlap, check_step_args, step_int
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -199,6 +200,7 @@ class TritonBackend(Backend):
         ``step``, or code being traced, takes the torch spec: the launch takes the row as a host int)."""
         if isinstance(step, torch.Tensor) or torch.compiler.is_compiling():
             return super().noise(seeds, sample_shape, step, tag, dtype)
+        check_normal_args(seeds, sample_shape, step, tag, dtype)
         reason = self.availability() or self.supports(seeds.device)
         if reason is not None:
             raise RuntimeError(f"Triton backend unavailable: {reason}")

@@ -120,3 +120,51 @@ def test_spec_noise_refuses_narrow_seeds_and_tags_outside_32_bits():
         with pytest.raises(ValueError, match="tag must be an int in"):
             noise_spec.normal(torch.tensor([5, 6]), (8,), tag=tag)
     assert torch.isfinite(noise_spec.normal(torch.tensor([5, -6, 2**40]), (8,), tag=2**32 - 1)).all()
+
+
+_SEEDS = torch.tensor([5, 2**40 + 3])
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize(
+    ("args", "kw", "error", "match"),
+    [
+        ((_SEEDS.view(2, 1), (8,)), {}, ValueError, "seeds must be 1-D"),
+        ((_SEEDS[0], (8,)), {}, ValueError, "seeds must be 1-D"),
+        ((_SEEDS.int(), (8,)), {}, TypeError, "int64"),
+        ((_SEEDS, (-3,)), {}, ValueError, "non-negative ints"),
+        ((_SEEDS, (2.0, 4)), {}, ValueError, "non-negative ints"),
+        ((_SEEDS, 8), {}, TypeError, "sequence of ints"),
+        ((_SEEDS, (8,)), {"dtype": torch.int32}, TypeError, "floating-point"),
+        ((_SEEDS, (8,)), {"dtype": torch.bool}, TypeError, "floating-point"),
+        ((_SEEDS, (8,)), {"step": -1}, ValueError, "third counter word"),
+        ((_SEEDS, (8,)), {"step": 2**32}, ValueError, "third counter word"),
+        ((_SEEDS, (8,)), {"step": 1.5}, TypeError, "step must be an int"),
+        ((_SEEDS, (8,)), {"step": True}, TypeError, "step must be an int"),
+        ((_SEEDS, (8,)), {"step": torch.tensor([1.0])}, TypeError, "one integer"),
+        ((_SEEDS, (8,)), {"step": torch.tensor([1, 2])}, TypeError, "one integer"),
+        ((_SEEDS, (8,)), {"tag": 2**32}, ValueError, "fourth counter word"),
+    ],
+    ids=[
+        "2d-seeds", "0d-seeds", "int32-seeds", "negative-dim", "float-dim", "int-shape", "int-dtype", "bool-dtype",
+        "negative-step", "step-past-32-bits", "float-step", "bool-step", "float-step-tensor", "two-step-tensor",
+        "tag-past-32-bits",
+    ],
+)
+def test_a_noise_draw_every_backend_refuses_alike(name, args, kw, error, match):
+    """The torch spec flattened 2-D seeds and took 0-d ones that the C++ kernel refused; integer dtypes gave
+    truncated normals, a float step was truncated and the C++ draw aliased a tag past 32 bits onto another
+    stream, on every backend or some."""
+    with pytest.raises(error, match=match):
+        _backend(name).noise(*args, **kw)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_noise_edge_shapes_agree_with_the_spec(name):
+    """An empty sample shape and a zero-sized dimension are draws of their own, the same on every backend."""
+    backend = _backend(name)
+    for shape in ((), (0, 3), (5,)):
+        got = backend.noise(_SEEDS, shape, step=2**32 - 1, tag=3)
+        want = noise_spec.normal(_SEEDS, shape, step=2**32 - 1, tag=3)
+        assert got.shape == (2, *shape)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
