@@ -47,6 +47,24 @@ def run_bound(
                  False)
 
 
+class HistoryShapeError(ValueError):
+    """A stage's state has another shape than the tensors earlier stages of its loop kept for it to read."""
+
+    def __init__(self, stage: int, state_shape: tuple[int, ...], kept_shape: tuple[int, ...]):
+        self.stage, self.state_shape, self.kept_shape = stage, state_shape, kept_shape
+        super().__init__(
+            f"stage {stage}'s state has shape {state_shape}, but the tensors earlier stages of this loop kept for it "
+            f"to read have shape {kept_shape}: a loop's state keeps one shape (start a new loop to change it)"
+        )
+
+
+def _reshaped(i: int, z: torch.Tensor, history: Sequence[torch.Tensor]) -> HistoryShapeError | None:
+    """The error to raise in place of a backend's shape error when stage ``i``'s state and kept history differ in
+    shape (asked only after a backend raised, so the usual step pays nothing for it)."""
+    kept = next((h for h in history if h.shape != z.shape), None)
+    return None if kept is None else HistoryShapeError(i, tuple(z.shape), tuple(kept.shape))
+
+
 class PlanRunner:
     """Evaluates stage ``i`` of ``plan`` with one backend call, keeping the history later stages read.
 
@@ -219,10 +237,15 @@ class PlanRunner:
         if out is not None and (self._keeps_inputs or store):
             self._check_out_spares_kept(i, out, z, cond)
         found = self._dispatch.get((z.device, z.dtype)) or self._table_and_backend_for(z.device, z.dtype)
-        out, x_out, model_in = found[2](  # the dispatch entry
-            z, out, cond, uncond, history, found[0], i if step is None else step, seeds, noise, write_x or want_x,
-            x_dtype, model_in_dtype, model_in_double, self.plan.clip, use_noise, paired,
-        )
+        try:
+            out, x_out, model_in = found[2](  # the dispatch entry
+                z, out, cond, uncond, history, found[0], i if step is None else step, seeds, noise, write_x or want_x,
+                x_dtype, model_in_dtype, model_in_double, self.plan.clip, use_noise, paired,
+            )
+        except ValueError as exc:
+            if needs and (reshaped := _reshaped(i, z, history[: len(needs)])) is not None:
+                raise reshaped from exc
+            raise
         if bookkeeping is not None:  # what it keeps and frees (the same lines as run_kept's: a helper's frame
             outputs = (x_out, z, cond)  # would cost every multistep step)
             for key, src in bookkeeping[0]:
@@ -276,8 +299,13 @@ class PlanRunner:
         else:
             history = extra_history
         entry, table, clip, want_x, x_dtype = bound
-        out, x_out, model_in = entry(z, None, cond, None, history, table, step, seeds, None, write_x or want_x,
-                                     x_dtype, None, False, clip, use_noise, False)
+        try:
+            out, x_out, model_in = entry(z, None, cond, None, history, table, step, seeds, None, write_x or want_x,
+                                         x_dtype, None, False, clip, use_noise, False)
+        except ValueError as exc:
+            if needs and (reshaped := _reshaped(i, z, history[: len(needs)])) is not None:
+                raise reshaped from exc
+            raise
         if bookkeeping is not None:
             outputs = (x_out, z, cond)
             for key, src in bookkeeping[0]:

@@ -9,7 +9,7 @@ import torch
 import fastflow as ff
 from fastflow.backends import get_backend
 from fastflow.plan import H0, StepPlan, compile_plan
-from fastflow.runner import PlanRunner, run_bound
+from fastflow.runner import HistoryShapeError, PlanRunner, run_bound
 from fastflow.solvers.base import Lin, Points, Stage
 
 
@@ -94,6 +94,30 @@ def test_run_kept_names_a_missing_stored_tensor():
     bound = runner.bind(z.device, z.dtype, False, None)
     with pytest.raises(RuntimeError, match="run the stages in order from 0"):
         runner.run_kept(bound, reads, reads, z, z, [], None)
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("path", ["run", "run_kept"])
+def test_a_state_that_changed_shape_mid_loop_is_named_so(backend, path):
+    """A stage whose state has another shape than the history its loop kept raises HistoryShapeError naming both
+    shapes (the backends' own error named a history tensor and left the cause to guess)."""
+    runner = _sampler("dpm++2m", backend).runner
+    reads = next(i for i in range(runner.plan.coefs.shape[0]) if runner._stages[i][0])
+    z = torch.randn(1, 4, 5, 6)
+    bound = runner.bind(z.device, z.dtype, False, None)
+    for i in range(reads):
+        z = runner.run(i, z, torch.randn_like(z))[0] if path == "run" else runner.run_kept(
+            bound, i, i, z, torch.randn_like(z), [], None)[0]
+    trimmed = z[:, :, [0, -1]].contiguous()
+    with pytest.raises(HistoryShapeError, match=r"state has shape \(1, 4, 2, 6\).*have shape \(1, 4, 5, 6\)"):
+        if path == "run":
+            runner.run(reads, trimmed, torch.randn_like(trimmed))
+        else:
+            runner.run_kept(bound, reads, reads, trimmed, torch.randn_like(trimmed), [], None)
+    # another bad input of the same stage keeps the backend's own error
+    with pytest.raises(ValueError, match="model output") as info:
+        runner.run(reads, z, torch.randn(1, 4, 5, 7))
+    assert not isinstance(info.value, HistoryShapeError)
 
 
 def test_run_plain_of_a_noisy_stage_needs_seeds_or_noise():

@@ -69,7 +69,7 @@ from .. import noise as noise_spec
 from ..backends import resolve_backend
 from ..grids import Points
 from ..plan import AO, AZ, H0, MAX_HISTORY, StepPlan, compile_plan
-from ..runner import PlanRunner, run_bound
+from ..runner import HistoryShapeError, PlanRunner, run_bound
 from ..solvers.base import NOISE, Lin, Stage, UndefinedStepError, X, Z, noise
 
 __all__ = [
@@ -772,10 +772,13 @@ class FastflowScheduler:
             history = [model_output] if uses_o else []
             out, x, _ = runner.run_plain(k, z, cond, seeds, noise, want_x, history, row, x_dtype)
         else:
-            out, x, _ = runner.run(
-                k, z, cond, None, seeds=seeds, noise=noise, want_x=want_x,
-                extra_history=(model_output,) if uses_o else (), step=row, x_dtype=x_dtype,
-            )
+            try:
+                out, x, _ = runner.run(
+                    k, z, cond, None, seeds=seeds, noise=noise, want_x=want_x,
+                    extra_history=(model_output,) if uses_o else (), step=row, x_dtype=x_dtype,
+                )
+            except HistoryShapeError as exc:
+                raise self._ff_reshaped(exc) from exc
         pred = None
         if want_x:
             pred = x if pred_lin is None else self._ff_eval(
@@ -878,8 +881,11 @@ class FastflowScheduler:
             out, x, _ = run_bound(bound, k if row is None else row, sample, model_output, history,
                                   seeds if noisy else None, noisy)
         else:  # a stage that reads or keeps stored tensors: the runner's bookkeeping
-            out, x, _ = runner.run_kept(bound, k, k if row is None else row, sample, model_output, history,
-                                        seeds if noisy else None)
+            try:
+                out, x, _ = runner.run_kept(bound, k, k if row is None else row, sample, model_output, history,
+                                            seeds if noisy else None)
+            except HistoryShapeError as exc:
+                raise self._ff_reshaped(exc) from exc
         if pred is not None and x is not None:  # a prediction field of its own (LMS's x0, for one)
             x = self._ff_eval(pred, k, x, sample, model_output, None, seeds if noisy else None,
                               k if row is None else row)
@@ -887,6 +893,16 @@ class FastflowScheduler:
         if out_dtype is not None and out.dtype is not out_dtype:
             out = out.to(out_dtype)
         return out, x
+
+    def _ff_reshaped(self, exc: HistoryShapeError) -> ValueError:
+        """The error of a step whose sample changed shape mid-loop, said in a pipeline's terms."""
+        return ValueError(
+            f"{type(self).__name__}: the sample's shape changed mid-loop, from {exc.kept_shape} to "
+            f"{exc.state_shape}. This drop-in keeps earlier steps' tensors inside its fused plan and does not read "
+            "diffusers' own solver state (model_outputs, last_sample, ...) or edits of it, as a pipeline that "
+            "trims the latents mid-loop makes (ChronoEdit's temporal reasoning): such a pipeline needs diffusers' "
+            "scheduler; or call set_timesteps to start a new loop at the new shape"
+        )
 
     @staticmethod
     def _ff_eval(

@@ -579,3 +579,36 @@ def test_a_mixed_addressed_step_refuses_another_timestep(name):
         with pytest.raises(NotImplementedError, match=f"given timestep {int(t)} at step 1, whose timestep is"):
             ff.step(stand_in(x, t), t, x)
     ff.step(stand_in(x, ts[1]), ts[1], x)
+
+
+@pytest.mark.parametrize("lane", [True, False], ids=["lane", "general"])
+@pytest.mark.parametrize(
+    "name", ["DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "LMSDiscreteScheduler", "PNDMScheduler"]
+)
+def test_a_sample_trimmed_mid_loop_is_refused_in_a_pipeline_s_terms(name, lane, monkeypatch):
+    """A pipeline that trims the latents mid-loop (ChronoEdit's temporal reasoning, which trims diffusers'
+    model_outputs and last_sample too) cannot go on with a drop-in that keeps earlier steps' tensors: the error says
+    so, where it named a history tensor. A class that keeps none steps the trimmed sample as diffusers does."""
+    config = dict(SD, skip_prk_steps=True) if name == "PNDMScheduler" else dict(SD)
+    _, ff = pair(name, **config)
+    ff.set_timesteps(8)
+    x = start_noise(shape=(1, 4, 5, 6, 6))
+    if not lane:
+        monkeypatch.setattr(type(ff), "_ff_lane_step", lambda *args, **kwargs: None)
+    with pytest.raises(ValueError, match="the sample's shape changed mid-loop, from \\(1, 4, 5, 6, 6\\) to "
+                                         "\\(1, 4, 2, 6, 6\\).*diffusers' scheduler"):
+        for i, t in enumerate(ff.timesteps):
+            if i == 4:
+                x = x[:, :, [0, -1]]
+            x = ff.step(stand_in(ff.scale_model_input(x, t), t), t, x).prev_sample
+    ref, ff = pair("EulerDiscreteScheduler", **SD)
+    finals = []
+    for sched in (ref, ff):
+        sched.set_timesteps(8)
+        x = start_noise(shape=(1, 4, 5, 6, 6)) * sched.init_noise_sigma
+        for i, t in enumerate(sched.timesteps):
+            if i == 4:
+                x = x[:, :, [0, -1]]
+            x = sched.step(stand_in(sched.scale_model_input(x, t), t), t, x).prev_sample
+        finals.append(x)
+    assert_close(finals[1], finals[0])
