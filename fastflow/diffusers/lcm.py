@@ -24,6 +24,8 @@ _OUTPUT = output_maker(scheduling_lcm.LCMSchedulerOutput, "prev_sample", "denois
 class LCMScheduler(_VPMixin, scheduling_lcm.LCMScheduler):
     """diffusers' ``LCMScheduler`` whose ``step`` is one fused fastflow call (returns ``denoised`` too)."""
 
+    # diffusers' step sets this constant of its boundary scalings (c_skip, c_out below use its square, 0.25)
+    sigma_data = 0.5
     _ff_timestep_addressed = False  # diffusers' LCM counts steps like Euler
     _ff_mixed_addressed = True  # and reads alphas_cumprod at the timestep's value
 

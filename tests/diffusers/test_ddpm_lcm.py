@@ -124,3 +124,11 @@ def test_lcm_thresholding():
     assert_close(xb, xa)
     for a, b in zip(oa, ob, strict=True):
         assert_close(b.denoised, a.denoised)
+
+
+def test_lcm_sigma_data_is_diffusers_after_a_step():
+    """diffusers' step sets ``sigma_data`` (the constant of its boundary scalings); the drop-in lacked it."""
+    ref, ff = pair("LCMScheduler")
+    _gen_loops(ref, ff, steps=4)
+    assert ff.sigma_data == ref.sigma_data == 0.5
+    assert ff.get_scalings_for_boundary_condition_discrete(499) == ref.get_scalings_for_boundary_condition_discrete(499)
