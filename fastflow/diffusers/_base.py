@@ -254,8 +254,15 @@ def _host_number(timestep: Any) -> float | None:
         n = timestep.numel()
         if n == 1:
             return float(timestep.item())  # one op: a loop's first step reads its timestep
-        if n > 1:
-            return float(timestep.reshape(-1)[0])
+        if n > 1:  # a batch's timestep, read where every sample's is the same
+            flat = timestep.reshape(-1)
+            if not bool((flat == flat[0]).all()):
+                raise ValueError(
+                    f"step was given {n} different timesteps ({', '.join(f'{v:g}' for v in flat[:4].tolist())}"
+                    f"{', ...' if n > 4 else ''}): a drop-in steps every sample of a batch from the same timestep, "
+                    "as diffusers' step does; pass one"
+                )
+            return float(flat[0])
     return None
 
 

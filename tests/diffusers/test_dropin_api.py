@@ -612,3 +612,21 @@ def test_a_sample_trimmed_mid_loop_is_refused_in_a_pipeline_s_terms(name, lane, 
             x = sched.step(stand_in(sched.scale_model_input(x, t), t), t, x).prev_sample
         finals.append(x)
     assert_close(finals[1], finals[0])
+
+
+@pytest.mark.parametrize(
+    "name", ["DDIMScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler"]
+)
+def test_a_first_timestep_of_several_values_is_refused(name):
+    """diffusers' step fails on a timestep tensor of several values; the drop-in read its first element and
+    stepped every sample from it. Several copies of one value are that value."""
+    _, ff = pair(name, **SD)
+    ff.set_timesteps(6)
+    x = start_noise()
+    t0, t1 = ff.timesteps[0], ff.timesteps[1]
+    with pytest.raises(ValueError, match=f"step was given 2 different timesteps \\({float(t0):g}, {float(t1):g}\\)"):
+        ff.step(stand_in(x, t0), torch.stack([t0, t1]), x)
+    want = ff.step(stand_in(x, t0), t0, x).prev_sample
+    ff.set_timesteps(6)
+    got = ff.step(stand_in(x, t0), t0.repeat(2), x).prev_sample
+    assert torch.equal(got, want)
