@@ -293,7 +293,8 @@ class FastflowScheduler:
 
     * ``backend``: fastflow backend for ``step`` (``auto``, ``torch``, ``triton``, ``cuda``).
     * ``compute_pred_original_sample``: also write the prediction field ``step`` returns
-      (one more output tensor); set False to get ``None`` there and save the write.
+      (one more output tensor; a copy of it where a later step reads it, as Heun's second call
+      reads its first's); set False to get ``None`` there and save the write.
     * ``diffusers_noise``: a stochastic step given neither ``generator`` nor ``variance_noise``
       draws its noise as diffusers does, from torch's global generator of the sample's device,
       instead of fastflow's in-kernel noise: outputs then match diffusers' in pipelines that
@@ -788,9 +789,10 @@ class FastflowScheduler:
                 raise self._ff_reshaped(exc) from exc
         pred = None
         if want_x:
-            pred = x if pred_lin is None else self._ff_eval(
-                pred_lin, k, x, z, model_output, noise, seeds, k if row is None else row
-            )
+            if pred_lin is not None:
+                pred = self._ff_eval(pred_lin, k, x, z, model_output, noise, seeds, k if row is None else row)
+            else:  # a stage that keeps its x_hat for a later one returns a copy: an edit of it changes no step
+                pred = x.clone() if runner.plan.write_x[k] else x
         if lane:
             self._ff_update_lane(idx, variant, stage, sample, model_output, want_x, state_x_dtype, out_dtype)
         self._step_index = idx + 1
@@ -893,9 +895,14 @@ class FastflowScheduler:
                                             seeds if noisy else None)
             except HistoryShapeError as exc:
                 raise self._ff_reshaped(exc) from exc
-        if pred is not None and x is not None:  # a prediction field of its own (LMS's x0, for one)
-            x = self._ff_eval(pred, k, x, sample, model_output, None, seeds if noisy else None,
-                              k if row is None else row)
+        if x is not None:
+            if not bound.want_x:  # written only for a later stage to read
+                x = None
+            elif pred is not None:  # a prediction field of its own (LMS's x0, for one)
+                x = self._ff_eval(pred, k, x, sample, model_output, None, seeds if noisy else None,
+                                  k if row is None else row)
+            elif runner.plan.write_x[k]:  # kept for a later stage: the caller gets a copy (see _ff_step)
+                x = x.clone()
         self._step_index = idx + 1
         if out_dtype is not None and out.dtype is not out_dtype:
             out = out.to(out_dtype)

@@ -393,3 +393,35 @@ def test_learned_variance_dpm_solvers_keep_to_their_step(counts, name):
         o = torch.cat([stand_in(x, t), torch.zeros_like(x)], dim=1)
         x = ff.step(o, t, x, return_dict=False)[0]
     assert counts["lane"] == 0 and counts["step"] == STEPS
+
+
+@pytest.mark.parametrize("name", ["HeunDiscreteScheduler", "LMSDiscreteScheduler", "KDPM2DiscreteScheduler"])
+def test_no_prediction_field_when_it_is_off(monkeypatch, name):
+    """With compute_pred_original_sample False every step returns None there: the lane returned the x_hat a
+    stage writes for a later one to read (Heun's first calls, LMS's steps) on both ways."""
+
+    def off(i, ff, o, t, x):
+        ff.compute_pred_original_sample = False
+        return None
+
+    with_lane, without = _both(monkeypatch, lambda: pair(name)[1], lambda ff: _loop(ff, call=off))
+    assert all(out[1] is None for out in with_lane + without)
+
+
+@pytest.mark.parametrize("lane", [True, False], ids=["lane", "general"])
+def test_an_edit_of_a_returned_prediction_changes_no_later_step(monkeypatch, lane):
+    """Heun's first call returns the x0 its second call reads; a callback that edited it in place (diffusers'
+    stored derivative is another tensor) moved the second call's result. The drop-in returns a copy there."""
+    ref, ff = pair("HeunDiscreteScheduler")
+    if not lane:
+        _without_lane(monkeypatch)
+    finals = []
+    for sched in (ref, ff):
+        sched.set_timesteps(5)
+        x = start_noise(3) * sched.init_noise_sigma
+        for t in sched.timesteps:
+            out = sched.step(stand_in(sched.scale_model_input(x, t), t), t, x)
+            out.pred_original_sample.mul_(0.5)
+            x = out.prev_sample
+        finals.append(x)
+    torch.testing.assert_close(finals[1], finals[0], rtol=1e-5, atol=1e-5)
