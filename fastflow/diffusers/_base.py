@@ -315,6 +315,9 @@ class FastflowScheduler:
     # timestep's position in this scheduler's own timesteps where it is one of them, else by the value's first
     # occurrence (diffusers' rule of a repeat's second match is its locating classes').
     _ff_counts_calls: bool = False
+    # True where the caller hands each returned prediction back to the next step (CogVideoX's DPM): it is then the
+    # kept tensor itself, as an edit of it reaches diffusers' next step; elsewhere a kept one is returned as a copy.
+    _ff_pred_handed_back: bool = False
     # False for single-step solvers: one plan from step 0 serves a loop starting anywhere.
     _ff_start_dependent: bool = True
     # The variant plain ``step`` calls use, compiled ahead in set_timesteps (and others callers commonly use).
@@ -792,7 +795,7 @@ class FastflowScheduler:
             if pred_lin is not None:
                 pred = self._ff_eval(pred_lin, k, x, z, model_output, noise, seeds, k if row is None else row)
             else:  # a stage that keeps its x_hat for a later one returns a copy: an edit of it changes no step
-                pred = x.clone() if runner.plan.write_x[k] else x
+                pred = x.clone() if runner.plan.write_x[k] and not self._ff_pred_handed_back else x
         if lane:
             self._ff_update_lane(idx, variant, stage, sample, model_output, want_x, state_x_dtype, out_dtype)
         self._step_index = idx + 1
@@ -901,7 +904,7 @@ class FastflowScheduler:
             elif pred is not None:  # a prediction field of its own (LMS's x0, for one)
                 x = self._ff_eval(pred, k, x, sample, model_output, None, seeds if noisy else None,
                                   k if row is None else row)
-            elif runner.plan.write_x[k]:  # kept for a later stage: the caller gets a copy (see _ff_step)
+            elif runner.plan.write_x[k] and not self._ff_pred_handed_back:  # kept: a copy (see _ff_step)
                 x = x.clone()
         self._step_index = idx + 1
         if out_dtype is not None and out.dtype is not out_dtype:

@@ -96,6 +96,7 @@ class CogVideoXDPMScheduler(_VPMixin, _cogdpm.CogVideoXDPMScheduler):
 
     _ff_returns_raw_x0 = True
     _ff_start_dependent = True  # a loop's first call is first-order, the later ones read the call before
+    _ff_pred_handed_back = True  # the caller passes each returned prediction to the next call
 
     @property
     def compute_pred_original_sample(self) -> bool:

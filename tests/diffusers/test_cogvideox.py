@@ -329,3 +329,21 @@ def test_dpm_copied_with_its_history_continues(how):
     expected = ff.step(o, old, ts[3], ts[2], x)[0]
     torch.manual_seed(0)
     torch.testing.assert_close(twin.step(o, old2, ts[3], ts[2], x2)[0], expected, rtol=0, atol=0)
+
+
+def test_dpm_prediction_edited_before_it_is_handed_back_is_stepped_as_diffusers():
+    """CogVideoX's DPM caller passes each returned prediction to the next call, so an edit of it in place reaches
+    diffusers' next step; the drop-in returns the tensor its next call reads (not a copy), so it reaches it too."""
+    ref, ff = pair(DPM)
+    model = posterior_model(ref)
+    finals = []
+    for s in (ref, ff):
+        s.set_timesteps(6)
+        g = torch.Generator().manual_seed(5)
+        x, old = start_noise(0), None
+        for i, t in enumerate(s.timesteps):
+            x, old = s.step(model(x, t), old, t, s.timesteps[i - 1] if i > 0 else None, x, generator=g,
+                            return_dict=False)
+            old.mul_(0.9)
+        finals.append(x)
+    assert_close(finals[1], finals[0])
