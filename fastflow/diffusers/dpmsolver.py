@@ -135,10 +135,10 @@ def dpm_updates(
                     )
                 updates.append(Z(k))
                 continue
-            if sde and p > (sde_max_order if plus else 2):
+            if sde and p > (top := sde_max_order if plus else 2):
                 raise UndefinedStepError(
                     f"step {i} is of order {p}, and {algorithm_type!r} has no step of that order in this scheduler "
-                    f"(diffusers fails there); use solver_order={sde_max_order}"
+                    f"(diffusers fails there); use solver_order={top}"
                 )
             if sde and h32 < 0:
                 if h < 0:  # the schedule itself raises the noise level (an inversion)
@@ -237,11 +237,6 @@ class DPMSolverOptions(DPMSolverFormulas):
         if cfg.algorithm_type not in ALGORITHMS:
             raise NotImplementedError(f"algorithm_type={cfg.algorithm_type!r} is not supported by fastflow's {name}")
         if cfg.algorithm_type in ("dpmsolver", "sde-dpmsolver"):
-            if cfg.algorithm_type == "sde-dpmsolver" and cfg.solver_order > 2:
-                raise NotImplementedError(
-                    f"algorithm_type='sde-dpmsolver' with solver_order={cfg.solver_order} is not supported: diffusers "
-                    "defines no third-order step for it (its step fails there); use solver_order=2"
-                )
             if cfg.solver_order > 2 and cfg.thresholding:
                 raise NotImplementedError(
                     f"algorithm_type={cfg.algorithm_type!r} with thresholding=True and "

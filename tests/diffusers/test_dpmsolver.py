@@ -313,8 +313,6 @@ def test_save_load_config(tmp_path):
     [
         (dict(algorithm_type="dpmsolver", solver_order=3, final_sigmas_type="sigma_min", thresholding=True),
          "thresholding=True and solver_order=3"),
-        (dict(algorithm_type="sde-dpmsolver", solver_order=3, final_sigmas_type="sigma_min"),
-         "no third-order step"),
         (dict(algorithm_type="dpmsolver", prediction_type="flow_prediction", final_sigmas_type="sigma_min"),
          "flow_prediction"),
     ],
@@ -322,6 +320,22 @@ def test_save_load_config(tmp_path):
 def test_unsupported_options_raise(config, match):
     with pytest.raises(NotImplementedError, match=match):
         DPMSolverMultistepScheduler(**config)
+
+
+def test_sde_dpmsolver_at_order_3_runs_until_a_third_order_step():
+    """diffusers defines no third-order ``sde-dpmsolver`` step (it fails there), but its loops that never take one
+    (three steps or four with lower_order_final) run: the drop-in refused the config; it now runs those loops with
+    diffusers' numbers and raises at the step where diffusers fails."""
+    cfg = dict(SD, algorithm_type="sde-dpmsolver", solver_order=3, final_sigmas_type="sigma_min")
+    for steps in (2, 3, 4):
+        ref, ff = pair(**cfg)
+        xa, xb = posterior_loops(ref, ff, steps, _gen)
+        assert_close(xb, xa)
+    ref, ff = pair(**cfg)
+    with pytest.raises(UnboundLocalError):
+        run_loop(ref, 5, step_kwargs=_gen())  # orders 1, 2, 3, 2, 1
+    with pytest.raises(ValueError, match="step 2 is of order 3.*use solver_order=2"):
+        run_loop(ff, 5)
 
 
 @pytest.mark.parametrize("algorithm_type", ["dpmsolver++", "sde-dpmsolver++", "dpmsolver"])
