@@ -190,23 +190,30 @@ def check_normal_args(
     A counter word is 32 bits, so a host ``step`` or ``tag`` outside ``[0, 2**32)`` would alias another stream;
     a float or bool step would be truncated; an integer ``dtype`` would truncate the normals.
     """
+    # On a step's path (a stochastic step of the torch backend draws here): the usual types are tested first.
     if not isinstance(seeds, torch.Tensor) or seeds.dtype != torch.int64:
         got = seeds.dtype if isinstance(seeds, torch.Tensor) else type(seeds).__name__
         raise TypeError(f"seeds must be an int64 tensor (the 64-bit Philox key), got {got}")
     if seeds.dim() != 1:
         raise ValueError(f"seeds must be 1-D, one per sample, got shape {tuple(seeds.shape)}")
-    if isinstance(sample_shape, (str, bytes, torch.Tensor)) or not isinstance(sample_shape, Sequence):
-        raise TypeError(f"sample_shape must be a sequence of ints, got {type(sample_shape).__name__}")
-    if not all(_is_int(d) and d >= 0 for d in sample_shape):
+    if type(sample_shape) is not torch.Size:  # a tensor's shape holds ints; anything else is read element by element
+        if isinstance(sample_shape, (str, bytes, torch.Tensor)) or not isinstance(sample_shape, Sequence):
+            raise TypeError(f"sample_shape must be a sequence of ints, got {type(sample_shape).__name__}")
+        if not all(_is_int(d) for d in sample_shape):
+            raise ValueError(f"sample_shape must hold non-negative ints, got {tuple(sample_shape)!r}")
+    if sample_shape and min(sample_shape) < 0:
         raise ValueError(f"sample_shape must hold non-negative ints, got {tuple(sample_shape)!r}")
-    if isinstance(step, torch.Tensor):
+    if type(step) is int:
+        if not 0 <= step <= _MASK32:
+            raise ValueError(f"step must be in [0, 2**32), the spec's third counter word, got {step}")
+    elif isinstance(step, torch.Tensor):
         if step.numel() != 1 or step.dtype.is_floating_point or step.dtype.is_complex or step.dtype == torch.bool:
             raise TypeError(f"a step tensor must hold one integer, got {step.dtype} of shape {tuple(step.shape)}")
     elif not _is_int(step):
         raise TypeError(f"step must be an int or a one-element integer tensor, got {type(step).__name__}")
     elif not 0 <= step <= _MASK32:
         raise ValueError(f"step must be in [0, 2**32), the spec's third counter word, got {step}")
-    if not _is_int(tag) or not 0 <= tag <= _MASK32:
+    if (type(tag) is not int and not _is_int(tag)) or not 0 <= tag <= _MASK32:
         raise ValueError(f"tag must be an int in [0, 2**32), the spec's fourth counter word, got {tag!r}")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"noise dtype must be a floating-point torch.dtype, got {dtype}")
