@@ -203,16 +203,14 @@ def check_normal_args(
             raise ValueError(f"sample_shape must hold non-negative ints, got {tuple(sample_shape)!r}")
     if sample_shape and min(sample_shape) < 0:
         raise ValueError(f"sample_shape must hold non-negative ints, got {tuple(sample_shape)!r}")
-    if type(step) is int:
-        if not 0 <= step <= _MASK32:
-            raise ValueError(f"step must be in [0, 2**32), the spec's third counter word, got {step}")
-    elif isinstance(step, torch.Tensor):
+    if type(step) is not int and isinstance(step, torch.Tensor):  # an int, the usual step, tested first
         if step.numel() != 1 or step.dtype.is_floating_point or step.dtype.is_complex or step.dtype == torch.bool:
             raise TypeError(f"a step tensor must hold one integer, got {step.dtype} of shape {tuple(step.shape)}")
-    elif not _is_int(step):
-        raise TypeError(f"step must be an int or a one-element integer tensor, got {type(step).__name__}")
-    elif not 0 <= step <= _MASK32:
-        raise ValueError(f"step must be in [0, 2**32), the spec's third counter word, got {step}")
+    else:
+        if type(step) is not int and not _is_int(step):
+            raise TypeError(f"step must be an int or a one-element integer tensor, got {type(step).__name__}")
+        if not 0 <= step <= _MASK32:
+            raise ValueError(f"step must be in [0, 2**32), the spec's third counter word, got {step}")
     if (type(tag) is not int and not _is_int(tag)) or not 0 <= tag <= _MASK32:
         raise ValueError(f"tag must be an int in [0, 2**32), the spec's fourth counter word, got {tag!r}")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
