@@ -117,9 +117,16 @@ def learned_range_scale(predicted_variance: torch.Tensor, min_log: float, max_lo
 
 def thresholded_x0(coefs: tuple[float, float], model_output: torch.Tensor, sample: torch.Tensor,
                    config: Any) -> torch.Tensor:
-    """diffusers' thresholded ``x0 = xz * sample + xo * model_output`` for ``coefs = (xz, xo)`` and its config."""
+    """diffusers' thresholded ``x0 = xz * sample + xo * model_output`` for ``coefs = (xz, xo)`` and its config.
+
+    The model output is upcast to the sample's dtype before the multiply: ``xo`` reaches -156 at the noisiest
+    timestep, so a 16-bit product would round ``x0`` by far more than the model output's own rounding.
+    """
     xz, xo = coefs
-    x0 = model_output * xo if xz == 0.0 else sample * xz + model_output * xo
+    if xz == 0.0:
+        x0 = model_output * xo
+    else:
+        x0 = sample * xz + model_output.to(torch.promote_types(model_output.dtype, sample.dtype)) * xo
     return dynamic_threshold(x0, config.dynamic_thresholding_ratio, config.sample_max_value)
 
 

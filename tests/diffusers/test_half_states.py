@@ -109,3 +109,32 @@ def test_output_dtypes_are_diffusers(name, config, sample_dtype, output_dtype):
             # diffusers rounds to half precision several times a step, the drop-in once: a few ulps a step apart.
             bound = 8 * torch.finfo(torch.bfloat16).eps * (1 + va.float().abs().max().item())
             torch.testing.assert_close(vb.float(), va.float(), rtol=0, atol=bound, msg=f"step {i} {field}")
+
+
+THRESHOLDING_CLASSES = ["DDIMScheduler", "DDPMScheduler", "LCMScheduler", "DPMSolverMultistepScheduler",
+                        "DPMSolverSinglestepScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler",
+                        "SASolverScheduler"]
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("output_dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("name", THRESHOLDING_CLASSES)
+def test_thresholding_converts_a_half_model_output_at_the_sample_dtype(name, output_dtype):
+    """A 16-bit model output on a float32 sample is converted to x0 in float32 before the threshold: at t=999 the
+    x0 coefficient of epsilon is about -156, and a 16-bit product moved the step by 0.68. The reference is the
+    float32 step of the same (rounded) model output."""
+    make = getattr(ffd, name)
+    config = {"thresholding": True}
+    if "timestep_spacing" in make().config:
+        config["timestep_spacing"] = "trailing"  # the first step at t=999
+    x = start_noise(4)
+    model_output = (0.98 * x + 0.05 * start_noise(5)).to(output_dtype)
+    steps = []
+    for out in (model_output, model_output.float()):
+        sched = make(**config)
+        sched.set_timesteps(1)
+        assert int(sched.timesteps[0]) == 999
+        kw = {"generator": torch.Generator().manual_seed(3)} if "generator" in sched.step.__code__.co_varnames else {}
+        steps.append(sched.step(out, sched.timesteps[0], x, **kw).prev_sample)
+    assert steps[0].dtype == torch.float32
+    torch.testing.assert_close(steps[0], steps[1], rtol=1e-5, atol=1e-5)
