@@ -44,6 +44,8 @@ def exp_lagrange_integrals(nodes: Sequence[float], lo: float, hi: float, rate: f
     """For each node: the integral over ``[lo, hi]`` of ``l_j(lambda) e^{rate lambda}``, ``l_j`` the Lagrange basis
     polynomial that is 1 at node ``j`` and 0 at the others (``rate`` nonzero). In ``u = lambda - lo`` the integral of
     ``P(u) e^{rate u}`` is ``e^{rate u}`` times ``sum_d (-1)^d P^(d)(u) / rate^(d + 1)``."""
+    if len(set(nodes)) < len(nodes):
+        raise ValueError(f"the interpolation nodes {list(nodes)} repeat: their Lagrange basis is undefined")
     u = np.asarray(nodes, dtype=np.float64) - lo
     width = hi - lo
     out = []
@@ -80,6 +82,10 @@ def _adams(
     the weights newest node first."""
     top = i + 1 if corrector else i
     nodes = [lam[top - j] for j in range(order)]
+    if len(set(nodes)) < len(nodes):  # a timestep the schedule repeats (1000 leading steps repeat t=500)
+        raise UndefinedStepError(
+            f"step {top}: SA-Solver's order-{order} {'corrector' if corrector else 'predictor'} interpolates "
+            "through the same lambda twice (the schedule repeats a timestep), where diffusers' step divides by zero")
     h = lam[i + 1] - lam[i]
     c = 1.0 + tau * tau
     if data:

@@ -23,6 +23,7 @@ from dropin_helpers import (
 )
 from posterior_model import posterior_model
 
+import fastflow
 import fastflow.diffusers as ffd
 import fastflow.diffusers._base as dropin_base
 
@@ -162,3 +163,44 @@ def test_unsupported_options_raise_naming_them(config, match):
     learned-variance shape)."""
     with pytest.raises(NotImplementedError, match=match):
         ffd.SASolverScheduler(**config)
+
+
+def test_a_repeated_timestep_raises_where_diffusers_turns_nan():
+    """1000 leading steps repeat t=500, so step 500's corrector interpolates through one lambda twice: diffusers'
+    step returns NaN there, the drop-in raises. ``set_timesteps`` itself runs (it raised ZeroDivisionError), and
+    the steps before agree with diffusers'."""
+    ref, ff = pair(NAME)
+    for s in (ref, ff):
+        s.set_timesteps(1000)
+        s.set_begin_index(496)
+    xr = xf = start_noise(6)
+    for i, t in enumerate(ref.timesteps[496:501], start=496):
+        model_output = 0.9 * xr
+        xr = ref.step(model_output, t, xr, generator=torch.Generator().manual_seed(i)).prev_sample
+        if i < 500:
+            xf = ff.step(model_output, t, xf, generator=torch.Generator().manual_seed(i)).prev_sample
+            assert torch.isfinite(xr).all()
+            torch.testing.assert_close(xf, xr, rtol=1e-5, atol=1e-5)
+        else:
+            assert not torch.isfinite(xr).all()
+            with pytest.raises(fastflow.UndefinedStepError, match="step 500: .*same lambda twice"):
+                ff.step(model_output, t, xf, generator=torch.Generator().manual_seed(i))
+
+
+def test_exp_lagrange_integrals():
+    """The weights integrate polynomials through the nodes exactly (the basis sums to 1, so they sum to the
+    integral of e^{rate lambda}; with lambda as the data they give that of lambda e^{rate lambda}), and repeated
+    nodes are refused."""
+    from fastflow.diffusers.sasolver import exp_lagrange_integrals
+
+    lo, hi, rate, nodes = 0.3, 0.9, -1.7, [0.9, 0.3, -0.4]
+    weights = exp_lagrange_integrals(nodes, lo, hi, rate)
+    assert math.isclose(sum(weights), (math.exp(rate * hi) - math.exp(rate * lo)) / rate, rel_tol=1e-12)
+
+    def lam_exp(v: float) -> float:  # an antiderivative of lambda e^{rate lambda}
+        return math.exp(rate * v) * (v / rate - 1 / rate**2)
+
+    moment = sum(w * v for w, v in zip(weights, nodes, strict=True))
+    assert math.isclose(moment, lam_exp(hi) - lam_exp(lo), rel_tol=1e-12)
+    with pytest.raises(ValueError, match="repeat"):
+        exp_lagrange_integrals([0.5, 0.5], lo, hi, rate)
