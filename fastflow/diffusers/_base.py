@@ -42,8 +42,9 @@ when it runs; ``set_timesteps`` does not, since an img2img loop may start after 
 a loop may stop before it (:attr:`StepSpec.error`).
 
 Noise of stochastic steps: ``variance_noise`` (where the original takes it) is used
-as given; a ``generator`` draws exactly the tensor diffusers would draw (same call,
-shape, device, dtype and order), so outputs match diffusers'. With neither, the
+as given, broadcast to the sample as diffusers adds it; a ``generator`` draws exactly
+the tensor diffusers would draw (same call, shape, device, dtype and order), so outputs
+match diffusers'. A model output must have the sample's shape. With neither, the
 kernel draws fastflow's counter-based noise (:mod:`fastflow.noise`), seeded from torch's
 global CPU generator at the first noisy step after each ``set_timesteps`` (so
 ``torch.manual_seed`` reproduces it and a pipeline's initial latents are unchanged):
@@ -102,6 +103,22 @@ def generator_draw(
         return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
 
     return draw
+
+
+def _fit_noise(noise: torch.Tensor, model_output: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """A step's noise of another shape than its state, broadcast as diffusers adds it (a ``variance_noise`` of
+    batch 1 serves every sample). Noise drawn in a model output's shape that is not the state's means that model
+    output broadcasts, which fastflow refuses: that is named, not the draw."""
+    if model_output.shape != z.shape:
+        raise ValueError(f"model output has shape {tuple(model_output.shape)}, state has {tuple(z.shape)}")
+    try:
+        fits = torch.broadcast_shapes(noise.shape, z.shape) == z.shape
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(f"the noise has shape {tuple(noise.shape)}, which does not broadcast to the sample's "
+                         f"{tuple(z.shape)}")
+    return noise.expand(z.shape)
 
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -429,12 +446,34 @@ class FastflowScheduler:
         self._ff_lane = None
         self._ff_loop_start = 0
         self._ff_x0_is_output = self._ff_returns_raw_x0 and self.config.get("prediction_type") == "sample"
+        sigmas = getattr(self, "sigmas", None)  # the host copies' source, see _ff_follow_sigma_edit
+        self._ff_sigmas_seen = (
+            (sigmas, sigmas._version, sigmas.detach().to("cpu", copy=True)) if isinstance(sigmas, torch.Tensor)
+            else None
+        )
         self._ff_prepare()
         self._ff_steps = self._ff_num_steps()  # read by every step
         self._ff_warm()
 
     def _ff_prepare(self) -> None:
         """Precompute host data of the new schedule (families override)."""
+
+    def _ff_follow_sigma_edit(self) -> None:
+        """A loop is about to start: if ``sigmas`` was edited in place or replaced since the host copies were taken
+        (Cosmos 2 pipelines set ``sigmas[-1] = sigmas[-2]`` after ``set_timesteps``), rebuild them from it, keeping
+        ``begin_index``. The test reads no device memory; a changed tensor is read once, to compare its values.
+        An edit made after the loop's first step is not followed (docs/diffusers.md)."""
+        seen, version, values = self._ff_sigmas_seen
+        now = self.sigmas
+        if now is seen and now._version == version:
+            return
+        current = now.detach().to("cpu") if isinstance(now, torch.Tensor) else None
+        if current is not None and current.shape == values.shape and torch.equal(current, values.to(current.dtype)):
+            self._ff_sigmas_seen = (now, now._version, values)  # the same values (moved or cast): nothing to redo
+            return
+        begin = self._begin_index
+        self._ff_reset()
+        self._begin_index = begin
 
     def _ff_ready(self) -> bool:
         return getattr(self, "_ff_compiled", None) is not None
@@ -579,6 +618,9 @@ class FastflowScheduler:
         """The index of the step about to run, without reading device memory (set up: _ff_reset has run)."""
         idx = self._step_index
         if idx is None or idx >= self._ff_steps:
+            if self._ff_sigmas_seen is not None and not torch.compiler.is_compiling():
+                self._ff_follow_sigma_edit()
+                idx = self._step_index
             if self.begin_index is not None:
                 idx = self.begin_index
             else:
@@ -766,7 +808,7 @@ class FastflowScheduler:
             elif noisy:
                 seeds, row = self._ff_noise_inputs(k, z)
         if noise is not None and noise.shape != z.shape:
-            noise = noise.reshape(z.shape)
+            noise = _fit_noise(noise, model_output, z)
         cond = model_output
         if kernel_output is not None:
             if runner.plan.keep_o:  # the runner keeps the tensor the kernel converts; O(j) means the raw output

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 
+import numpy as np
 import pytest
 import torch
 from dropin_helpers import SD, SHAPE, TREE_NOISE, assert_close, pair, stand_in, start_noise
@@ -630,3 +631,82 @@ def test_a_first_timestep_of_several_values_is_refused(name):
     ff.set_timesteps(6)
     got = ff.step(stand_in(x, t0), t0.repeat(2), x).prev_sample
     assert torch.equal(got, want)
+
+
+SIGMA_EDIT_CASES = [
+    ("EulerDiscreteScheduler", {}),
+    ("EulerAncestralDiscreteScheduler", {}),
+    ("HeunDiscreteScheduler", {}),
+    ("FlowMatchEulerDiscreteScheduler", {"shift": 3.0}),
+    ("DPMSolverMultistepScheduler", {}),
+    ("UniPCMultistepScheduler", {}),
+    ("DEISMultistepScheduler", {}),
+    ("EDMEulerScheduler", {}),
+]
+
+
+def _edited_loop(sched, edit, begin: int = 0) -> list[torch.Tensor]:
+    """A pipeline's loop that edits ``scheduler.sigmas`` between ``set_timesteps`` and its first step."""
+    sched.set_timesteps(8)
+    if begin:
+        sched.set_begin_index(begin)
+    edit(sched)
+    x = start_noise(2) * getattr(sched, "init_noise_sigma", 1.0)
+    draws = "generator" in inspect.signature(sched.step).parameters
+    outs = []
+    for i, t in enumerate(sched.timesteps[begin:]):
+        o = stand_in(sched.scale_model_input(x, t) if hasattr(sched, "scale_model_input") else x, t)
+        kw = {"generator": torch.Generator().manual_seed(i)} if draws else {}
+        x = sched.step(o, t, x, **kw).prev_sample
+        outs.append(x)
+    return outs
+
+
+def _halve_last_sigma(sched) -> None:
+    sched.sigmas[-2] = sched.sigmas[-2] * 0.5
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("begin", [0, 3])
+@pytest.mark.parametrize(("name", "config"), SIGMA_EDIT_CASES, ids=lambda v: v if isinstance(v, str) else None)
+def test_sigmas_edited_before_the_loop_are_followed(name, config, begin):
+    """An edit of ``scheduler.sigmas`` after ``set_timesteps`` (in place, as Cosmos 2 pipelines set ``sigmas[-1] =
+    sigmas[-2]``) steps as diffusers', which reads ``sigmas`` every step; ``begin_index`` is kept."""
+    ref, ff = pair(name, **config)
+    want, got = (_edited_loop(s, _halve_last_sigma, begin) for s in (ref, ff))
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_the_cosmos_2_final_sigma_is_followed():
+    """Cosmos 2's text-to-image setup: Karras flow-match sigmas from linspace(0, 1), then ``sigmas[-1] =
+    sigmas[-2]``, so diffusers' last step moves nothing (the drop-in stepped to sigma 0)."""
+    ref, ff = pair("FlowMatchEulerDiscreteScheduler", use_karras_sigmas=True, shift=1.0)
+
+    def cosmos(sched) -> None:
+        sched.register_to_config(sigma_max=80.0, sigma_min=0.002, sigma_data=1.0, final_sigmas_type="sigma_min")
+        sched.set_timesteps(sigmas=np.linspace(0, 1, 6))
+        sched.sigmas[-1] = sched.sigmas[-2]
+
+    outs = []
+    for sched in (ref, ff):
+        cosmos(sched)
+        x, steps = start_noise(1), []
+        for t in sched.timesteps:
+            x = sched.step(0.3 * x, t, x).prev_sample
+            steps.append(x)
+        outs.append(steps)
+    assert torch.equal(outs[0][-1], outs[0][-2])
+    for a, b in zip(outs[1], outs[0], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_sigmas_replaced_by_the_same_values_keep_the_plans():
+    """``sigmas`` moved or reassigned with unchanged values rebuilds nothing: the compiled plans stay."""
+    _, ff = pair("EulerDiscreteScheduler")
+    ff.set_timesteps(8)
+    plans = ff._ff_compiled
+    ff.sigmas = ff.sigmas.clone()
+    x = start_noise(2)
+    ff.step(0.5 * x, ff.timesteps[0], x)
+    assert ff._ff_compiled is plans

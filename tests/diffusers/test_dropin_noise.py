@@ -138,3 +138,40 @@ def test_diffusers_noise_without_a_generator_is_diffusers_draw(name, config, kw)
     torch.testing.assert_close(x_ff, x_ref, rtol=1e-4, atol=1e-4)  # float32 round-off of the SDE solver's loop
     assert torch.equal(after_ff, after_ref)
     assert (x_own - x_ref).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("shape", [(1, 4, 8, 8), (4, 8, 8), (2, 4, 1, 1), (2, 4, 8, 8)])
+def test_variance_noise_broadcasts_as_diffusers_adds_it(shape):
+    """A ``variance_noise`` that broadcasts to the sample (one noise for the whole batch) steps as diffusers'."""
+    ref, ff = pair("DDIMScheduler", clip_sample=False)
+    for s in (ref, ff):
+        s.set_timesteps(4)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    want, got = (s.step(0.9 * x, s.timesteps[1], x, eta=1.0, variance_noise=noise).prev_sample for s in (ref, ff))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_variance_noise_that_does_not_broadcast_is_refused():
+    """Noise with the sample's element count in another shape is refused (it was silently reshaped)."""
+    _, ff = pair("DDIMScheduler", clip_sample=False)
+    ff.set_timesteps(4)
+    x = torch.randn(2, 4, 8, 8)
+    with pytest.raises(ValueError, match=r"noise has shape \(2, 256\), which does not broadcast"):
+        ff.step(0.9 * x, ff.timesteps[1], x, eta=1.0, variance_noise=torch.randn(2, 256))
+
+
+GENERATOR_DRAWS = ["DDPMScheduler", "EulerAncestralDiscreteScheduler", "LCMScheduler", "TCDScheduler",
+                   "SASolverScheduler", "SCMScheduler", "UnCLIPScheduler", "CMStochasticIterativeScheduler"]
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("name", GENERATOR_DRAWS)
+def test_model_output_of_another_shape_with_a_generator_names_the_model_output(name):
+    """diffusers draws a generator's noise in the model output's shape: a model output that would broadcast (batch
+    1 on a batch-2 sample) is refused as it is without a generator, naming the model output, not the noise."""
+    _, ff = pair(name)
+    ff.set_timesteps(2)
+    x = torch.randn(2, 4, 8, 8)
+    with pytest.raises(ValueError, match=r"model output has shape \(1, 4, 8, 8\), state has \(2, 4, 8, 8\)"):
+        ff.step(torch.randn(1, 4, 8, 8), ff.timesteps[0], x, generator=torch.Generator().manual_seed(0))
