@@ -325,9 +325,11 @@ class FastflowScheduler:
     # True where diffusers derives each step from the timestep value alone (DDIM, DDPM):
     # then a host-readable timestep relocates the step index.
     _ff_timestep_addressed: bool = False
-    # True where diffusers' step reads its counter and the timestep's value both (LCM, TCD): mid-loop, a timestep
-    # whose value the host knows must be the counter's step's.
+    # True where diffusers' step reads its counter and the timestep's value both (LCM, TCD, PNDM, SA-Solver):
+    # mid-loop, a timestep whose value the host knows must be the counter's step's. _ff_value_reads names what
+    # diffusers reads at the value, for the error.
     _ff_mixed_addressed: bool = False
+    _ff_value_reads: str = "alphas_cumprod"
     # True where diffusers never locates a step but counts its calls (PNDM): a loop's first call is found by its
     # timestep's position in this scheduler's own timesteps where it is one of them, else by the value's first
     # occurrence (diffusers' rule of a repeat's second match is its locating classes').
@@ -551,8 +553,8 @@ class FastflowScheduler:
             return
         raise NotImplementedError(
             f"{type(self).__name__}.step was given timestep {value:g} at step {idx}, whose timestep is "
-            f"{self._ff_host_values[idx]:g}: diffusers' step then mixes the two (alphas_cumprod at the given "
-            "timestep, the next timestep from its step counter); fastflow's steps through its timesteps in order "
+            f"{self._ff_host_values[idx]:g}: diffusers' step then mixes the two (it reads {self._ff_value_reads} "
+            "from the given timestep, the rest from its step counter); fastflow's steps through its timesteps in order "
             "(call set_timesteps, or set_begin_index, to start a loop elsewhere)"
         )
 

@@ -87,6 +87,8 @@ class PNDMScheduler(FastflowScheduler, _pndm.PNDMScheduler):
     """diffusers' ``PNDMScheduler`` whose ``step`` is one fused fastflow call."""
 
     _ff_counts_calls = True  # diffusers' counter: a loop's first call starts the warm-up wherever it is
+    _ff_mixed_addressed = True  # and reads alphas_cumprod at the timestep's value and one stride from it
+    _ff_value_reads = "alphas_cumprod and the previous timestep"
     _ff_prk_mark: tuple[int, int] | None = None
 
     def _ff_check_config(self) -> None:

@@ -159,6 +159,9 @@ class SASolverScheduler(RebuiltCorrectorMixin, _sa.SASolverScheduler):
     in-kernel noise, or with a ``generator`` diffusers' draw.
     """
 
+    _ff_mixed_addressed = True  # diffusers counts steps and reads tau_func at the timestep's value
+    _ff_value_reads = "tau_func's noise level"
+
     @property
     def _ff_stores_noise(self) -> bool:
         return self.config.algorithm_type == "noise_prediction"

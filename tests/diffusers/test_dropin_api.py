@@ -568,16 +568,29 @@ def test_a_step_taken_again_draws_fresh_noise():
     assert abs(diff.mean().item()) < 0.03 and abs(diff.std().item() - 1) < 0.03
 
 
-@pytest.mark.parametrize("name", ["LCMScheduler", "TCDScheduler"])
-def test_a_mixed_addressed_step_refuses_another_timestep(name):
-    """diffusers' LCM and TCD read their step counter and the timestep's value both: mid-loop, a timestep other
-    than the counter's step's raises (a number, a CPU tensor, an element of the timesteps), naming both."""
-    ff = getattr(ffd, name)(**SD)
+@pytest.mark.parametrize(
+    ("name", "config", "reads"),
+    [
+        ("LCMScheduler", {}, "alphas_cumprod"),
+        ("TCDScheduler", {}, "alphas_cumprod"),
+        ("PNDMScheduler", {}, "alphas_cumprod and the previous timestep"),
+        ("PNDMScheduler", {"skip_prk_steps": True}, "alphas_cumprod and the previous timestep"),
+        ("SASolverScheduler", {}, "tau_func's noise level"),
+    ],
+    ids=["LCM", "TCD", "PNDM", "PLMS", "SA-Solver"],
+)
+def test_a_mixed_addressed_step_refuses_another_timestep(name, config, reads):
+    """diffusers' LCM, TCD, PNDM and SA-Solver read their step counter and the timestep's value both: mid-loop, a
+    timestep other than the counter's step's raises (a number, a CPU tensor, an element of the timesteps), naming
+    both and what diffusers would read from it (PNDM and SA-Solver took the counter's step silently)."""
+    ff = getattr(ffd, name)(**SD, **config)
     ff.set_timesteps(4)
     ts = ff.timesteps
+    others = [i for i in range(len(ts)) if ts[i] != ts[1]]
     x = ff.step(stand_in(start_noise(), ts[0]), ts[0], start_noise()).prev_sample
-    for t in (ts[0], int(ts[2]), ts[2].clone()):
-        with pytest.raises(NotImplementedError, match=f"given timestep {int(t)} at step 1, whose timestep is"):
+    for t in (ts[others[0]], int(ts[others[-1]]), ts[others[-1]].clone()):
+        match = f"given timestep {int(t)} at step 1, whose timestep is .*it reads {reads} from the given"
+        with pytest.raises(NotImplementedError, match=match):
             ff.step(stand_in(x, t), t, x)
     ff.step(stand_in(x, ts[1]), ts[1], x)
 
