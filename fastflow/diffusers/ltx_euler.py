@@ -36,6 +36,7 @@ class LTXEulerAncestralRFScheduler(FastflowScheduler, _ltx.LTXEulerAncestralRFSc
 
     def _ff_prepare(self) -> None:
         self._ff_sig32 = self.sigmas.detach().to("cpu", torch.float32)
+        self._ff_last_index = len(self._ff_sig32) - 1  # diffusers' step_index stops here
         cfg = self.config
         self._ff_noisy = float(cfg.eta) > 0.0 and float(cfg.s_noise) > 0.0
 
@@ -69,14 +70,18 @@ class LTXEulerAncestralRFScheduler(FastflowScheduler, _ltx.LTXEulerAncestralRFSc
     ) -> _ltx.LTXEulerAncestralRFSchedulerOutput | tuple[torch.FloatTensor]:
         """diffusers' LTX Euler-ancestral step (same arguments and output), in one backend call."""
         self._ff_check_timestep(timestep)
-        if generator is None and (done := self._ff_lane_step(model_output, timestep, sample)) is not None:
-            return (done[0],) if not return_dict else _OUTPUT(done[0])
-        if self.sigmas is None or self.timesteps is None:
-            raise ValueError("Scheduler has not been initialized. Call `set_timesteps` before `step`.")
-        prev, _ = self._ff_step(
-            model_output, timestep, sample, draw=self._ff_draw(generator, sample, torch.float32),
-            state_dtype=torch.float32, out_dtype=sample.dtype, want_pred=False, lane=generator is None,
-        )
+        done = self._ff_lane_step(model_output, timestep, sample) if generator is None else None
+        if done is not None:
+            prev = done[0]
+        else:
+            if self.sigmas is None or self.timesteps is None:
+                raise ValueError("Scheduler has not been initialized. Call `set_timesteps` before `step`.")
+            prev, _ = self._ff_step(
+                model_output, timestep, sample, draw=self._ff_draw(generator, sample, torch.float32),
+                state_dtype=torch.float32, out_dtype=sample.dtype, want_pred=False, lane=generator is None,
+            )
+        if self._step_index > self._ff_last_index:  # sigmas that do not end at 0: the last step repeats
+            self._step_index = self._ff_last_index
         if not return_dict:
             return (prev,)
         return _OUTPUT(prev)

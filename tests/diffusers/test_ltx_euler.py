@@ -112,3 +112,25 @@ def test_meta_loop_and_from_scheduler():
     assert type(ff) is ffd.LTXEulerAncestralRFScheduler and dict(ff.config) == dict(ref.config)
     x, out = meta_loop(ff, 5)
     assert x.device.type == "meta" and out.prev_sample.device.type == "meta"
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("generator", [True, False], ids=["generator", "lane"])
+def test_sigmas_not_ending_at_zero_stop_the_step_index_as_diffusers(generator):
+    """With explicit sigmas that do not end at 0 the last step returns its sample and diffusers' step_index stays at
+    the last sigma's index (the drop-in's ran one past it); a call after it repeats that step, as diffusers'."""
+    ref, ff = pair(NAME, eta=0.0)
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    runs = []
+    for sched in (ref, ff):
+        sched.set_timesteps(sigmas=[1.0, 0.7, 0.4, 0.2])
+        y, seen = x, []
+        for i, t in enumerate([*sched.timesteps, sched.timesteps[-1]]):
+            kw = {"generator": torch.Generator().manual_seed(i)} if generator else {}
+            y = sched.step(0.5 * y, t, y, **kw).prev_sample
+            seen.append((sched.step_index, y))
+        runs.append(seen)
+    for (index, got), (want_index, want) in zip(runs[1], runs[0], strict=True):
+        assert index == want_index
+        assert_close(got, want)
+    assert runs[0][-1][0] == 3
