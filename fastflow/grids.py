@@ -110,6 +110,11 @@ def grid_times(
         t = schedule.t_from_sigma_ve(s)
         t[0], t[-1] = (hi, lo) if n > 1 else (hi, hi)
         return t
+    if not schedule.discrete:
+        raise ValueError(
+            f"{kind} spacing lays out diffusers' integer training timesteps, so it needs a discrete schedule (VP "
+            f"with betas or alphas_cumprod), not {schedule!r}; use 'uniform', 'logsnr' or 'karras'"
+        )
     total = int(round(hi)) + 1
     if n > total:
         raise ValueError(f"{kind} spacing: {n} steps exceed the {total} training steps")
@@ -117,8 +122,8 @@ def grid_times(
         t = np.linspace(0, total - 1, n).round()[::-1]
     elif kind == "leading":
         t = (np.arange(0, n) * (total // n)).round()[::-1] + steps_offset
-    else:
-        t = np.round(np.arange(total, 0, -total / n)) - 1
+    else:  # n terms of arange(total, 0, -total / n), whose float stop can add an n + 1-th (diffusers' does)
+        t = np.round(total - np.arange(n) * (total / n)) - 1
     return np.ascontiguousarray(t, dtype=np.float64)
 
 

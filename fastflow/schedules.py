@@ -30,6 +30,8 @@ class Schedule:
 
     t_min: float
     t_max: float
+    # True where time is a training-step index (diffusers' discrete schedules): the integer grid spacings apply.
+    discrete: bool = False
 
     def alpha(self, t: ArrayLike) -> np.ndarray:
         raise NotImplementedError
@@ -196,6 +198,8 @@ class VP(Schedule):
             betas = _betas(beta_schedule, num_train_timesteps, beta_start, beta_end)
             alphas_cumprod = np.cumprod(1.0 - betas)
         alphas_cumprod = np.asarray(alphas_cumprod, dtype=np.float64)
+        if alphas_cumprod.ndim != 1 or len(alphas_cumprod) < 2:
+            raise ValueError(f"alphas_cumprod must be 1-D with at least 2 entries, got shape {alphas_cumprod.shape}")
         if rescale_betas_zero_snr:
             alphas_cumprod = rescale_zero_terminal_snr(alphas_cumprod)
             # Keep the last step finite for conversions, as diffusers does.
@@ -206,6 +210,7 @@ class VP(Schedule):
             raise ValueError("alphas_cumprod must be strictly decreasing")
         self.alphas_cumprod = alphas_cumprod
         self.kind = "discrete"
+        self.discrete = True
         self.t_min, self.t_max = 0.0, float(len(alphas_cumprod) - 1)
         with np.errstate(divide="ignore"):
             self._log_s = 0.5 * np.log((1.0 - alphas_cumprod) / alphas_cumprod)  # log sigma_ve per index
@@ -213,7 +218,10 @@ class VP(Schedule):
 
     @classmethod
     def cosine(cls, t_min: float = 1e-4, t_max: float = 0.9999) -> VP:
-        """Continuous cosine schedule ``alpha = cos(pi t / 2)``, ``sigma = sin(pi t / 2)``."""
+        """Continuous cosine schedule ``alpha = cos(pi t / 2)``, ``sigma = sin(pi t / 2)``.
+
+        ``alpha`` is evaluated as ``sin(pi (1 - t) / 2)``, exactly 0 at ``t = 1`` (``cos`` gives 6e-17 there, which
+        an eps model's data prediction would divide by instead of refusing the step)."""
         self = cls.__new__(cls)
         if not 0.0 <= t_min < t_max <= 1.0:
             raise ValueError(f"need 0 <= t_min < t_max <= 1, got {t_min}, {t_max}")
@@ -240,7 +248,7 @@ class VP(Schedule):
 
     def alpha(self, t):
         if self.kind == "cosine":
-            return np.cos(0.5 * np.pi * _arr(t))
+            return np.sin(0.5 * np.pi * (1.0 - _arr(t)))
         return 1.0 / np.sqrt(1.0 + np.exp(2 * self._log_sve(t)))
 
     def sigma(self, t):
@@ -257,7 +265,7 @@ class VP(Schedule):
 
     def d_sigma(self, t):
         if self.kind == "cosine":
-            return 0.5 * np.pi * np.cos(0.5 * np.pi * _arr(t))
+            return 0.5 * np.pi * np.sin(0.5 * np.pi * (1.0 - _arr(t)))
         return self.sigma(t) * self.alpha(t) ** 2 * self._dlog_sve(t)
 
     def t_from_sigma_ve(self, s):
@@ -333,6 +341,7 @@ class Rescaled(Schedule):
             self._dc = lambda t: np.zeros_like(_arr(t))
         self.base = base
         self.t_min, self.t_max = base.t_min, base.t_max
+        self.discrete = base.discrete
 
     def scale(self, t):
         return self._c(_arr(t))

@@ -112,3 +112,21 @@ def test_a_karras_exponent_must_be_positive_and_finite(rho):
     """rho = 0 divided by zero; a negative rho gave a grid of another shape without a word."""
     with pytest.raises(ValueError, match="rho must be a positive finite number"):
         Sampler(EDM(), "euler", prediction="x0", steps=4, rho=rho)
+
+
+@pytest.mark.parametrize(("total", "n"), [(1000, 61), (1000, 103), (1000, 25), (37, 5)])
+def test_trailing_spacing_has_the_steps_asked_for(total, n):
+    """Trailing spacing is diffusers' ``round(arange(T, 0, -T / n)) - 1``; where that float ``arange`` overshoots
+    by one element (T = 1000 with 61 or 103 steps; diffusers' own list then ends at -1) the grid keeps its ``n``."""
+    t = grid_times(VP(alphas_cumprod=np.linspace(0.999, 0.01, total)), n, "trailing")
+    assert len(t) == n and t[-1] >= 0
+    np.testing.assert_array_equal(t, (np.round(np.arange(total, 0, -total / n)) - 1)[:n])
+
+
+@pytest.mark.parametrize("schedule", [VP.cosine(), EDM(), FlowMatching(), Rescaled(VP.cosine(), 2.0)], ids=repr)
+@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
+def test_integer_spacings_need_a_discrete_schedule(schedule, spacing):
+    """diffusers' integer spacings on a continuous time (cosine's [0, 1], EDM's sigma) gave times 1.0 and 0.0."""
+    with pytest.raises(ValueError, match=f"{spacing} spacing .*needs a discrete schedule"):
+        grid_times(schedule, 2, spacing)
+    assert len(grid_times(Rescaled(VP(), 2.0), 4, spacing)) == 4

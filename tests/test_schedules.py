@@ -118,3 +118,23 @@ def test_time_range_is_where_the_schedule_is_defined(s):
     for t in (lo - eps, hi + eps if np.isfinite(hi) else np.inf):
         with pytest.raises(ValueError, match=r"is outside the time range \["):
             s.check_times(t)
+
+
+def test_cosine_alpha_is_zero_at_t_one():
+    """alpha(1) is exactly 0 (cos(pi / 2) is 6e-17), so an eps model's step from t = 1 is refused as at
+    FlowMatching's t = 1 instead of dividing by 6e-17."""
+    import fastflow as ff
+
+    vp = VP.cosine(t_max=1.0)
+    assert vp.alpha(1.0) == 0.0 and vp.sigma(1.0) == 1.0 and vp.d_sigma(1.0) == 0.0
+    t = np.random.default_rng().uniform(0, 1, 64)
+    np.testing.assert_allclose(vp.alpha(t), np.cos(np.pi * t / 2), rtol=0, atol=1e-15)
+    np.testing.assert_allclose(vp.d_sigma(t), np.pi / 2 * np.cos(np.pi * t / 2), rtol=0, atol=1e-15)
+    with pytest.raises(ff.UndefinedStepError, match="no data prediction where alpha = 0"):
+        ff.Sampler(vp, "dpm++2m", prediction="eps", steps=3)
+
+
+@pytest.mark.parametrize("ac", [np.full((2, 5), 0.5), np.array([0.5]), np.array(0.5)], ids=["2-D", "one", "0-d"])
+def test_alphas_cumprod_must_be_a_1d_schedule(ac):
+    with pytest.raises(ValueError, match="alphas_cumprod must be 1-D with at least 2 entries"):
+        VP(alphas_cumprod=ac)

@@ -34,6 +34,8 @@ class DDIM(Solver):
 
     def __post_init__(self) -> None:
         check_scale("eta", self.eta)
+        if self.eta > 1:  # c = eta sigma_s sqrt(1 - e^{lambda_t - lambda_s}) would exceed the next sigma
+            raise ValueError(f"DDIM needs eta <= 1 (eta = 1 is DDPM's ancestral step), got {self.eta}")
         self.name = "ddim"
         self.stochastic = self.eta > 0
 

@@ -17,6 +17,7 @@ BAD = [
     ("euler", {"s_churn": 40.0, "s_tmin": -1.0}, "s_tmin must be finite and non-negative"),
     ("euler", {"s_churn": 40.0, "s_tmax": math.nan}, r"s_tmax must be a number at least s_tmin .*s_tmax=nan"),
     ("euler", {"s_churn": 40.0, "s_tmin": 5.0, "s_tmax": 1.0}, r"s_tmax must be .*s_tmin=5.0, s_tmax=1.0"),
+    ("ddim", {"eta": 1.5}, r"DDIM needs eta <= 1 .*got 1.5"),  # its noise would exceed the next sigma
 ]
 
 
