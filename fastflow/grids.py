@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .schedules import FlowMatching, Schedule
+from .schedules import FlowMatching, Schedule, root_schedule
 
 GRID_NAMES = ("uniform", "logsnr", "exponential", "karras", "linspace", "leading", "trailing")
 FINAL_NAMES = ("clean", "t_min")
@@ -57,10 +57,12 @@ def points_at(schedule: Schedule, t: np.ndarray) -> Points:
 
 
 def clean_point(schedule: Schedule) -> Points:
-    """The clean end point ``alpha=1, sigma=0``; its time is the schedule's clean time if it has one, else NaN."""
+    """The clean end point ``sigma=0``; its time is the schedule's clean time if it has one, else NaN (then its
+    ``alpha`` is :meth:`~fastflow.schedules.Schedule.clean_alpha`, 1 unless the schedule is rescaled)."""
     if float(schedule.sigma(0.0)) == 0.0 and float(schedule.alpha(0.0)) > 0:
         return points_at(schedule, np.array([0.0]))  # a rescaled schedule's clean state is alpha(0) * x
-    return Points(np.array([np.nan]), np.array([1.0]), np.array([0.0]), np.array([np.nan]), np.array([np.nan]))
+    alpha = np.array([schedule.clean_alpha()])
+    return Points(np.array([np.nan]), alpha, np.array([0.0]), np.array([np.nan]), np.array([np.nan]))
 
 
 def grid_times(
@@ -93,8 +95,9 @@ def grid_times(
         raise ValueError(f"need t_min < t_max, got {lo}, {hi}")
     if kind == "uniform":
         t = np.linspace(hi, lo, n)
-        if isinstance(schedule, FlowMatching):
-            t = schedule.warp(t)
+        root = root_schedule(schedule)
+        if isinstance(root, FlowMatching):
+            t = root.warp(t)
         return t
     if kind in ("logsnr", "exponential", "karras"):
         s_hi, s_lo = float(schedule.sigma_ve(hi)), float(schedule.sigma_ve(lo))
@@ -137,7 +140,8 @@ def make_points(
     """The ``steps + 1`` points of a loop: ``steps`` evaluation points then the end point."""
     if final not in FINAL_NAMES:
         raise ValueError(f"unknown final {final!r}; valid: {', '.join(FINAL_NAMES)}")
-    warped = isinstance(schedule, FlowMatching) and (schedule.shift != 1.0 or schedule.mu is not None)
+    root = root_schedule(schedule)
+    warped = isinstance(root, FlowMatching) and (root.shift != 1.0 or root.mu is not None)
     if warped and not (isinstance(grid, str) and grid == "uniform"):
         which = f"the {grid!r} grid" if isinstance(grid, str) else "an explicit grid"
         raise ValueError(

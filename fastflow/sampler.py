@@ -25,7 +25,7 @@ from .grids import Points, make_points
 from .plan import StepPlan, compile_plan
 from .predictions import canonical_prediction
 from .runner import PlanRunner
-from .schedules import EDM, Schedule
+from .schedules import EDM, Schedule, root_schedule
 from .solvers import Solver, Stage, get_solver
 
 __all__ = ["Sampler", "sample"]
@@ -47,7 +47,7 @@ _GRID_READS = {
 
 
 def _default_grid(schedule: Schedule) -> str:
-    return "karras" if isinstance(schedule, EDM) else "uniform"
+    return "karras" if isinstance(root_schedule(schedule), EDM) else "uniform"
 
 
 def _check_grid_options(grid: str | np.ndarray, options: dict[str, float]) -> None:

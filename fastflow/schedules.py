@@ -15,7 +15,7 @@ import numpy as np
 
 ArrayLike = float | np.ndarray
 
-__all__ = ["Schedule", "FlowMatching", "VP", "EDM", "Rescaled"]
+__all__ = ["Schedule", "FlowMatching", "VP", "EDM", "Rescaled", "root_schedule"]
 
 
 def _arr(t: ArrayLike) -> np.ndarray:
@@ -44,6 +44,10 @@ class Schedule:
 
     def d_sigma(self, t: ArrayLike) -> np.ndarray:
         raise NotImplementedError
+
+    def clean_alpha(self) -> float:
+        """``alpha`` of the clean end state where the schedule has no clean time (1: the data itself)."""
+        return 1.0
 
     def logsnr(self, t: ArrayLike) -> np.ndarray:
         """``log(alpha^2 / sigma^2)``; +inf where sigma is 0."""
@@ -342,9 +346,15 @@ class Rescaled(Schedule):
         self.base = base
         self.t_min, self.t_max = base.t_min, base.t_max
         self.discrete = base.discrete
+        if hasattr(base, "rho"):  # the Karras grid's default exponent is the base's
+            self.rho = base.rho
 
     def scale(self, t):
         return self._c(_arr(t))
+
+    def clean_alpha(self) -> float:
+        """Every state is ``c`` times the base's, the clean one too: ``c`` at ``t_min``, the time nearest it."""
+        return float(self._c(_arr(self.t_min))) * self.base.clean_alpha()
 
     def alpha(self, t):
         return self._c(_arr(t)) * self.base.alpha(t)
@@ -366,3 +376,10 @@ class Rescaled(Schedule):
 
     def __repr__(self) -> str:
         return f"Rescaled({self.base!r})"
+
+
+def root_schedule(schedule: Schedule) -> Schedule:
+    """The schedule a :class:`Rescaled` chain rescales (the schedule itself otherwise)."""
+    while isinstance(schedule, Rescaled):
+        schedule = schedule.base
+    return schedule

@@ -130,3 +130,20 @@ def test_integer_spacings_need_a_discrete_schedule(schedule, spacing):
     with pytest.raises(ValueError, match=f"{spacing} spacing .*needs a discrete schedule"):
         grid_times(schedule, 2, spacing)
     assert len(grid_times(Rescaled(VP(), 2.0), 4, spacing)) == 4
+
+
+@pytest.mark.parametrize("base", [VP(), VP.cosine(), EDM(rho=5.0), FlowMatching(shift=3.0)], ids=repr)
+def test_a_rescaled_schedule_is_its_base_times_c_throughout(base):
+    """Rescaled(base, c) takes the base's default grid (Karras with the base's rho for EDM, the shift warp for flow
+    matching), and every point, the clean end one included, is c times the base's (discrete VP ended at alpha 1)."""
+    import fastflow as ff
+
+    c = float(np.random.default_rng().uniform(0.5, 3.0))
+    plain = ff.Sampler(base, "ddim", prediction="x0", steps=6)
+    scaled = ff.Sampler(Rescaled(base, c), "ddim", prediction="x0", steps=6)
+    np.testing.assert_allclose(scaled.timesteps.numpy(), plain.timesteps.numpy(), rtol=1e-12)
+    grid = "karras" if isinstance(base, EDM) else "uniform"
+    ends = [make_points(s, 6, grid) for s in (base, Rescaled(base, c))]
+    assert ends[0].sigma[-1] == ends[1].sigma[-1] == 0.0
+    np.testing.assert_allclose(ends[1].alpha, c * ends[0].alpha, rtol=1e-12)
+    np.testing.assert_allclose(ends[1].sigma, c * ends[0].sigma, rtol=1e-12)
