@@ -108,9 +108,9 @@ class Schedule:
 class FlowMatching(Schedule):
     """Rectified flow: ``alpha = 1 - t``, ``sigma = t`` on ``[0, 1]``.
 
-    ``shift`` (constant, SD3-style) and ``mu`` (resolution-dependent, Flux-style)
-    warp the ``uniform`` step grid (the default) toward high noise:
-    ``t' = shift*t / (1 + (shift-1)*t)`` and ``t' = e^mu / (e^mu + 1/t - 1)``; another grid
+    ``shift`` (constant, SD3-style) or ``mu`` (resolution-dependent, Flux-style), one
+    of them, warps the ``uniform`` step grid (the default) toward high noise:
+    ``t' = shift*t / (1 + (shift-1)*t)`` or ``t' = e^mu / (e^mu + 1/t - 1)``; another grid
     refuses them. The schedule itself is unchanged, so a model is always called with
     ``t = sigma``.
     """
@@ -120,6 +120,11 @@ class FlowMatching(Schedule):
             raise ValueError(f"shift must be a positive finite number, got {shift}")
         if mu is not None and not math.isfinite(mu):
             raise ValueError(f"mu must be finite, got {mu}")
+        if mu is not None and shift != 1.0:
+            raise ValueError(
+                f"pass shift or mu, not both (got shift={shift}, mu={mu}): diffusers' dynamic shifting applies mu "
+                "alone, ignoring the config's shift"
+            )
         if not 0.0 <= t_min < t_max <= 1.0:
             raise ValueError(f"need 0 <= t_min < t_max <= 1, got {t_min}, {t_max}")
         self.shift, self.mu, self.t_min, self.t_max = float(shift), mu, float(t_min), float(t_max)
@@ -144,7 +149,7 @@ class FlowMatching(Schedule):
         return 0.0, 1.0
 
     def warp(self, t: np.ndarray) -> np.ndarray:
-        """Apply ``mu`` (if set) and ``shift`` to grid times in [0, 1]."""
+        """Apply ``mu`` or ``shift`` to grid times in [0, 1]."""
         t = np.asarray(t, dtype=np.float64)
         if self.mu is not None:
             with np.errstate(divide="ignore"):

@@ -138,3 +138,16 @@ def test_cosine_alpha_is_zero_at_t_one():
 def test_alphas_cumprod_must_be_a_1d_schedule(ac):
     with pytest.raises(ValueError, match="alphas_cumprod must be 1-D with at least 2 entries"):
         VP(alphas_cumprod=ac)
+
+
+def test_flow_matching_takes_shift_or_mu_not_both():
+    """Flux's diffusers config has shift=3.0 and dynamic shifting, which applies mu alone: composing both warps gave
+    another grid silently. mu alone is diffusers' grid."""
+    with pytest.raises(ValueError, match="pass shift or mu, not both"):
+        FlowMatching(shift=3.0, mu=1.15)
+    diffusers = pytest.importorskip("diffusers")
+    ref = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
+    ref.set_timesteps(6, mu=1.15)
+    from fastflow.grids import grid_times
+
+    np.testing.assert_allclose(grid_times(FlowMatching(mu=1.15), 6), ref.sigmas[:-1].numpy(), rtol=1e-6)
