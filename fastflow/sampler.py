@@ -234,8 +234,10 @@ class Sampler:
         """The initial state: fastflow noise scaled to the first stage's marginal ``sqrt(alpha^2 + sigma^2)``.
 
         ``seed`` is one int (sample ``b`` gets ``seed + b``) or one per sample (ints, numpy
-        integers, or an int64 tensor). The seeds are kept for the stochastic stages of
-        the loop that follows. ``dtype`` is a floating dtype (the noise is not integer).
+        integers, or an int64 tensor). The seeds are kept, until the next ``init_noise``, for
+        the stochastic stages of every loop of that batch size (a loop from other initial
+        noise draws the same stage noise unless ``step`` gets ``seed=``).
+        ``dtype`` is a floating dtype (the noise is not integer).
         """
         shape = _shape_of(shape)
         if len(shape) < 1 or shape[0] < 1:
@@ -328,7 +330,8 @@ class Sampler:
         next state; with ``return_model_input``, also the next model input (cast to
         ``model_input_dtype``, a float dtype; batch doubled if ``duplicate_model_input``);
         with ``return_x0``, also the data prediction. Every output is a new tensor unless
-        ``out`` is given.
+        ``out`` is given. ``seed`` and ``noise`` are read by stages that draw noise only
+        (a loop may pass them to every stage).
 
         ``out`` may be ``z`` itself, or any tensor that shares no memory with the inputs,
         except where a later stage reads what it would overwrite (Heun's predictor keeps
