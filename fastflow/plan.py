@@ -24,7 +24,7 @@ import torch
 
 from .devices import to_device
 from .predictions import to_x_eps
-from .solvers.base import NOISE, Stage, UndefinedStepError
+from .solvers.base import NOISE, Stage, UndefinedStepError, check_real
 
 # Column layout of a coefficient table row. Kernels index rows by these numbers.
 W, AZ, AO, CZ, CX, H0, H1, H2, CN, CIN = range(10)
@@ -119,8 +119,14 @@ def compile_plan(
     n = len(stages)
     if n == 0:
         raise ValueError("a plan needs at least one stage")
-    if clip is not None and not (clip > 0 and np.isfinite(clip)):
-        raise ValueError(f"clip must be a positive finite number, got {clip}")
+    if clip is not None:
+        check_real("clip", clip)
+        if not (clip > 0 and np.isfinite(clip)):
+            raise ValueError(f"clip must be a positive finite number, got {clip}")
+    if guidance_scale is not None:
+        check_real("guidance_scale", guidance_scale)
+        if not np.isfinite(guidance_scale):
+            raise ValueError(f"guidance_scale must be finite, got {guidance_scale}")
     scale = np.ones(n) if input_scale is None else np.asarray(input_scale, dtype=np.float64)
     coefs = np.zeros((n, NUM_COEFS))
     coefs[:, W] = 1.0 if guidance_scale is None else float(guidance_scale)

@@ -140,8 +140,6 @@ class Sampler:
             raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
         if backend not in BACKEND_NAMES:
             raise ValueError(f"unknown backend {backend!r}; valid: {', '.join(BACKEND_NAMES)}")
-        if guidance_scale is not None and not math.isfinite(guidance_scale):
-            raise ValueError(f"guidance_scale must be finite, got {guidance_scale}")
         if not isinstance(schedule, Schedule):
             raise TypeError(f"schedule must be a fastflow Schedule (VP, EDM, FlowMatching, ...), got {schedule!r}")
         schedule.validate()
