@@ -213,9 +213,17 @@ class MultistepScheduler(FastflowScheduler):
             tuple(float(c) for c in coefs(cfg.prediction_type, a[i], s[i], sig[i])) for i in range(len(sig) - 1)
         ]
 
+    def _ff_cached_updates(self, start: int) -> list[Lin | Undefined]:
+        """:meth:`_ff_updates` of a loop from ``start``, built once per schedule (SA-Solver's take milliseconds a
+        step)."""
+        found = self._ff_host_cache.get(("updates", start))
+        if found is None:
+            found = self._ff_host_cache["updates", start] = self._ff_updates(start)
+        return found
+
     def _ff_build(self, start: int) -> list[StepSpec]:
         specs = []
-        for k, u in enumerate(self._ff_updates(start)):
+        for k, u in enumerate(self._ff_cached_updates(start)):
             if isinstance(u, Undefined):
                 specs.append(StepSpec(0.0, 1.0, Z(k), error=u.why))
                 continue

@@ -228,10 +228,13 @@ class SASolverScheduler(RebuiltCorrectorMixin, _sa.SASolverScheduler):
         return_dict: bool = True,
     ) -> _sa.SchedulerOutput | tuple:
         """diffusers' SA-Solver step (same arguments and output), in one backend call."""
-        shift = None if sample is self._ff_returned else self._ff_edit_shift(sample)
+        shift = None if sample is self._ff_returned and self._ff_given is None else self._ff_edit_shift(sample)
         if generator is None and (done := self._ff_lane_step(model_output, timestep, sample)) is not None:
-            prev = done[0] if shift is None else self._ff_shifted(done[0], sample, shift)
-            self._ff_returned = prev if self._step_index < self._ff_steps else None  # (see _ff_kept)
+            prev = done[0] if shift is None else self._ff_shifted(done[0], shift)
+            idx = self._step_index  # _ff_kept, inlined: the lane runs mid-loop, untraced
+            self._ff_returned = prev if idx < self._ff_steps else None
+            if idx - 1 in self._ff_uncorrected:
+                self._ff_keep_given(sample, idx - 1)
             return (prev,) if not return_dict else _OUTPUT(prev)
         prev = self._ff_multistep_step(  # diffusers computes in the promoted dtype and returns the sample's
             model_output, timestep, sample, draw=self._ff_draw(generator, model_output),

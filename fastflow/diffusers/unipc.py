@@ -157,6 +157,10 @@ class UniPCMultistepScheduler(RebuiltCorrectorMixin, _unipc.UniPCMultistepSchedu
     def _ff_stores_noise(self) -> bool:
         return not self.predict_x0
 
+    def _ff_prepare(self) -> None:
+        super()._ff_prepare()
+        self._ff_uncorrected = frozenset(int(j) + 1 for j in self.disable_corrector)
+
     def _ff_corrects(self, i: int, start: int) -> bool:
         return unipc_corrects(i, start, {int(j) for j in self.disable_corrector})
 
@@ -183,10 +187,13 @@ class UniPCMultistepScheduler(RebuiltCorrectorMixin, _unipc.UniPCMultistepSchedu
         return_dict: bool = True,
     ) -> _unipc.SchedulerOutput | tuple:
         """diffusers' step (same arguments and output), in one backend call."""
-        shift = None if sample is self._ff_returned else self._ff_edit_shift(sample)
+        shift = None if sample is self._ff_returned and self._ff_given is None else self._ff_edit_shift(sample)
         if (done := self._ff_lane_step(model_output, timestep, sample)) is not None:
-            prev = done[0] if shift is None else self._ff_shifted(done[0], sample, shift)
-            self._ff_returned = prev if self._step_index < self._ff_steps else None  # (see _ff_kept)
+            prev = done[0] if shift is None else self._ff_shifted(done[0], shift)
+            idx = self._step_index  # _ff_kept, inlined: the lane runs mid-loop, untraced
+            self._ff_returned = prev if idx < self._ff_steps else None
+            if idx - 1 in self._ff_uncorrected:
+                self._ff_keep_given(sample, idx - 1)
             return (prev,) if not return_dict else _OUTPUT(prev)
         prev = self._ff_kept(self._ff_multistep_step(model_output, timestep, sample, lane=True), sample, shift)
         if not return_dict:
