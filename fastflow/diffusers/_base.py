@@ -89,6 +89,16 @@ def registry() -> dict[str, type]:
     return dict(_REGISTRY)
 
 
+def spec_finiteness_error(spec: StepSpec, i: int) -> str | None:
+    """Why step ``i``'s spec is undefined where a coefficient is not finite (diffusers returns inf or NaN there;
+    the step raises this when it runs), else None."""
+    coefs = [spec.xz, spec.xo, *(c for _, c in spec.update), *(c for _, c in spec.pred or ())]
+    if all(math.isfinite(c) for c in coefs):
+        return None
+    return (f"step {i} has a coefficient that is not finite (diffusers returns inf or NaN there); this "
+            "configuration has no defined step there")
+
+
 def generator_draw(
     generator: torch.Generator | None, like: torch.Tensor, dtype: torch.dtype | None = None, always: bool = False
 ) -> Callable[[], torch.Tensor] | None:
@@ -419,11 +429,9 @@ class FastflowScheduler:
         except UndefinedStepError as exc:
             error = str(exc)
         else:
-            coefs = [spec.xz, spec.xo, *(c for _, c in spec.update), *(c for _, c in spec.pred or ())]
-            if all(math.isfinite(c) for c in coefs):
+            error = spec_finiteness_error(spec, i)
+            if error is None:
                 return spec
-            error = (f"step {i} has a coefficient that is not finite (diffusers returns inf or NaN there); this "
-                     "configuration has no defined step there")
         return StepSpec(0.0, 1.0, Z(k), error=error)
 
     def _ff_clip(self) -> float | None:
@@ -549,7 +557,7 @@ class FastflowScheduler:
             value = _host_number(timestep) if pos is None else self._ff_host_values[pos]
         else:
             value = _host_number(timestep)
-        if value is None or value == self._ff_host_values[idx]:
+        if value is None or not self._ff_value_differs(value, idx):
             return
         raise NotImplementedError(
             f"{type(self).__name__}.step was given timestep {value:g} at step {idx}, whose timestep is "
@@ -557,6 +565,10 @@ class FastflowScheduler:
             "from the given timestep, the rest from its step counter); fastflow's steps through its timesteps in order "
             "(call set_timesteps, or set_begin_index, to start a loop elsewhere)"
         )
+
+    def _ff_value_differs(self, value: float, idx: int) -> bool:
+        """Whether diffusers' step ``idx`` given timestep ``value`` reads other numbers than at its own timestep."""
+        return value != self._ff_host_values[idx]
 
     def _ff_view_position(self, timestep: Any) -> int | None:
         """The index in this schedule of a timestep that is an element of its ``timesteps`` (its offset in their

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..solvers.base import Lin, eps_of
-from ._base import FastflowScheduler, StepSpec, X, Z
+from ._base import FastflowScheduler, StepSpec, X, Z, spec_finiteness_error
 from .ddim import thresholded_x0
 
 __all__ = [
@@ -228,7 +228,9 @@ class MultistepScheduler(FastflowScheduler):
                 specs.append(StepSpec(0.0, 1.0, Z(k), error=u.why))
                 continue
             xz, xo = (0.0, 1.0) if self._ff_thresholding else self._ff_kernel_conv[start + k]
-            specs.append(StepSpec(xz, xo, u, draws=self._ff_draws))
+            spec = StepSpec(xz, xo, u, draws=self._ff_draws)
+            error = spec_finiteness_error(spec, start + k)
+            specs.append(spec if error is None else StepSpec(0.0, 1.0, Z(k), error=error))
         return specs
 
     def _ff_multistep_step(

@@ -199,6 +199,9 @@ class SASolverScheduler(RebuiltCorrectorMixin, _sa.SASolverScheduler):
         self._ff_taus = [float(self.tau_func(torch.tensor(t, dtype=kind))) for t in self._ff_host_values]
         super()._ff_prepare()
 
+    def _ff_value_differs(self, value: float, idx: int) -> bool:
+        return float(self.tau_func(torch.tensor(value, dtype=self.timesteps.dtype))) != self._ff_taus[idx]
+
     def _ff_corrects(self, i: int, start: int) -> bool:
         return i > start  # diffusers corrects every step after a loop's first
 

@@ -575,7 +575,7 @@ def test_a_step_taken_again_draws_fresh_noise():
         ("TCDScheduler", {}, "alphas_cumprod"),
         ("PNDMScheduler", {}, "alphas_cumprod and the previous timestep"),
         ("PNDMScheduler", {"skip_prk_steps": True}, "alphas_cumprod and the previous timestep"),
-        ("SASolverScheduler", {}, "tau_func's noise level"),
+        ("SASolverScheduler", {"tau_func": lambda t: float(t) / 1000}, "tau_func's noise level"),
     ],
     ids=["LCM", "TCD", "PNDM", "PLMS", "SA-Solver"],
 )
@@ -593,6 +593,21 @@ def test_a_mixed_addressed_step_refuses_another_timestep(name, config, reads):
         with pytest.raises(NotImplementedError, match=match):
             ff.step(stand_in(x, t), t, x)
     ff.step(stand_in(x, ts[1]), ts[1], x)
+
+
+def test_sa_solver_takes_another_timestep_with_the_same_tau():
+    """SA-Solver's diffusers step reads the timestep's value through tau_func alone: a timestep whose tau is the
+    counter's step's steps as diffusers' does (the default tau is 1 from 200 to 800)."""
+    ref, ff = pair("SASolverScheduler", **SD)
+    outs = []
+    for sched in (ref, ff):
+        sched.set_timesteps(4)
+        ts, x = sched.timesteps, start_noise()
+        steps = [(ts[0], ts[0]), (ts[3], ts[1]), (ts[2], ts[2])]  # step 1 given 249: tau 1, as 749's
+        for i, (given, own) in enumerate(steps):
+            x = sched.step(stand_in(x, own), given, x, generator=torch.Generator().manual_seed(i)).prev_sample
+        outs.append(x)
+    assert_close(outs[1], outs[0])
 
 
 @pytest.mark.parametrize("lane", [True, False], ids=["lane", "general"])

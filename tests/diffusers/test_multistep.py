@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from dropin_helpers import assert_close, compiled_loops, pair, run_loop, stand_in
+from dropin_helpers import assert_close, compiled_loops, pair, run_loop, stand_in, start_noise
 
 from fastflow import UndefinedStepError
 
@@ -99,3 +99,32 @@ def test_an_undefined_step_raises_when_it_runs_not_before(name, config, bad):
         assert_close(xb, xa, atol=1e-5 * float(xa.abs().max()))  # float32 round-off of samples far from 1
     else:
         pytest.fail("the loop never reached the undefined step")
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize(
+    "name",
+    ["UniPCMultistepScheduler", "DPMSolverMultistepScheduler", "DEISMultistepScheduler",
+     "DPMSolverSinglestepScheduler", "SASolverScheduler"],
+)
+def test_more_steps_than_training_timesteps_raise_where_diffusers_turns_nan(name):
+    """2000 steps over 1000 training timesteps repeat timesteps, so a zero-length step makes a coefficient infinite:
+    the first steps run as diffusers' and the step diffusers turns NaN raises (the first step raised a ValueError
+    about a non-finite plan coefficient)."""
+    ref, ff = pair(name)
+    for s in (ref, ff):
+        s.set_timesteps(2000)
+    xr = xf = start_noise(1)
+    for i, t in enumerate(ref.timesteps[:3]):
+        kw = {"generator": torch.Generator().manual_seed(i)} if "SASolver" in name else {}
+        out_r, out_f = 0.9 * xr, 0.9 * xf
+        xr = ref.step(out_r, t, xr, **kw).prev_sample
+        if not torch.isfinite(xr).all():
+            assert i == 2
+            with pytest.raises(UndefinedStepError):
+                ff.step(out_f, t, xf, **kw)
+            return
+        kw = {"generator": torch.Generator().manual_seed(i)} if "SASolver" in name else {}
+        xf = ff.step(out_f, t, xf, **kw).prev_sample
+        assert_close(xf, xr)
+    raise AssertionError("diffusers' loop stayed finite")
