@@ -89,6 +89,17 @@ def registry() -> dict[str, type]:
     return dict(_REGISTRY)
 
 
+class absent_method:  # noqa: N801 (used as a class attribute, like a decorator)
+    """An inherited method the diffusers class lacks: reading it raises AttributeError, so ``hasattr`` is False
+    where pipelines branch on it."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: object, owner: type | None = None) -> Any:
+        raise AttributeError(f"{(owner or type(obj)).__name__} has no {self.name!r} (nor has diffusers' class)")
+
+
 def spec_finiteness_error(spec: StepSpec, i: int) -> str | None:
     """Why step ``i``'s spec is undefined where a coefficient is not finite (diffusers returns inf or NaN there;
     the step raises this when it runs), else None."""

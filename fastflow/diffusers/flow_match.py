@@ -22,7 +22,7 @@ import torch
 from diffusers.schedulers import scheduling_flow_match_euler_discrete as fm
 from diffusers.schedulers import scheduling_flow_match_heun_discrete as fmh
 
-from ._base import StepSpec, X, Z, noise, output_maker
+from ._base import StepSpec, X, Z, absent_method, noise, output_maker
 from ._two_call import TwoCallMixin
 from .euler import _SigmaMixin
 
@@ -40,6 +40,8 @@ class FlowMatchEulerDiscreteScheduler(_SigmaMixin, fm.FlowMatchEulerDiscreteSche
     schedule's next sigma below it) runs diffusers' formula as torch ops on the device, sync-free but not fused:
     the sigmas differ per token and are chosen by comparisons on device data.
     """
+
+    scale_model_input = absent_method()  # diffusers' class has none, and pipelines test hasattr (EasyAnimate)
 
     def _ff_spec(self, i: int, k: int, variant: object) -> StepSpec:
         sig, sig_next = self._ff_sig[i], self._ff_sig[i + 1]

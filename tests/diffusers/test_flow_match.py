@@ -265,3 +265,13 @@ def test_heun_bf16_model_output():
         outs.append(x)
     assert outs[0].dtype == outs[1].dtype == torch.bfloat16
     assert_close(outs[1].float(), outs[0].float(), rtol=0, atol=0.05)
+
+
+def test_euler_has_no_scale_model_input_as_diffusers():
+    """Pipelines branch on ``hasattr(scheduler, "scale_model_input")`` (EasyAnimate, Stable Diffusion's): the flow
+    Euler drop-in has none, as diffusers' class has none."""
+    ref, ff = pair("FlowMatchEulerDiscreteScheduler")
+    assert not hasattr(ref, "scale_model_input")
+    assert not hasattr(ff, "scale_model_input") and not hasattr(type(ff), "scale_model_input")
+    with pytest.raises(AttributeError, match="scale_model_input"):
+        ff.scale_model_input(start_noise(1), 1.0)
