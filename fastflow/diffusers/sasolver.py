@@ -43,19 +43,29 @@ _MAX_HISTORY_ORDER = 3  # a predictor of order 4 would read four earlier predict
 def exp_lagrange_integrals(nodes: Sequence[float], lo: float, hi: float, rate: float) -> list[float]:
     """For each node: the integral over ``[lo, hi]`` of ``l_j(lambda) e^{rate lambda}``, ``l_j`` the Lagrange basis
     polynomial that is 1 at node ``j`` and 0 at the others (``rate`` nonzero). In ``u = lambda - lo`` the integral of
-    ``P(u) e^{rate u}`` is ``e^{rate u}`` times ``sum_d (-1)^d P^(d)(u) / rate^(d + 1)``."""
+    ``P(u) e^{rate u}`` is ``e^{rate u}`` times ``sum_d (-1)^d P^(d)(u) / rate^(d + 1)``. Plain floats: a schedule
+    evaluates this a few times a step, and numpy's polynomial objects took a millisecond a call."""
     if len(set(nodes)) < len(nodes):
         raise ValueError(f"the interpolation nodes {list(nodes)} repeat: their Lagrange basis is undefined")
-    u = np.asarray(nodes, dtype=np.float64) - lo
+    u = [float(v) - lo for v in nodes]
     width = hi - lo
+    grow = math.exp(rate * width)
     out = []
-    for j in range(len(u)):
-        basis = np.polynomial.Polynomial([1.0])
-        for m in range(len(u)):
+    for j, uj in enumerate(u):
+        coefs = [1.0]  # l_j's coefficients, lowest degree first
+        for m, um in enumerate(u):
             if m != j:
-                basis = basis * np.polynomial.Polynomial([-u[m], 1.0]) / (u[j] - u[m])
-        antiderivative = sum(((-1) ** d) * basis.deriv(d) / rate ** (d + 1) for d in range(len(u)))
-        out.append(math.exp(rate * lo) * (math.exp(rate * width) * antiderivative(width) - antiderivative(0.0)))
+                d = uj - um
+                coefs = [((coefs[p - 1] if p else 0.0) - (coefs[p] * um if p < len(coefs) else 0.0)) / d
+                         for p in range(len(coefs) + 1)]
+        at_width = at_zero = 0.0
+        scale = 1.0 / rate
+        for _ in range(len(u)):  # the derivatives of P, each over one more power of rate, signs alternating
+            at_width += scale * sum(c * width**p for p, c in enumerate(coefs))
+            at_zero += scale * coefs[0]
+            coefs = [p * c for p, c in enumerate(coefs)][1:] or [0.0]
+            scale = -scale / rate
+        out.append(math.exp(rate * lo) * (grow * at_width - at_zero))
     return out
 
 
