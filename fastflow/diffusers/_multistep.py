@@ -19,6 +19,7 @@ prediction is two tensors, the sample and ``x_hat`` (orders 1 and 2).
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -30,8 +31,8 @@ from ._base import FastflowScheduler, StepSpec, X, Z, spec_finiteness_error
 from .ddim import thresholded_x0
 
 __all__ = [
-    "MultistepScheduler", "Undefined", "alpha_sigma", "eps_coefs", "float32_step_length", "half_logsnr", "noise_coefs",
-    "stored_prediction", "x0_coefs", "x0_of_noise_coefs",
+    "MultistepScheduler", "Undefined", "alpha_sigma", "eps_coefs", "exp_lagrange_integrals", "float32_step_length",
+    "half_logsnr", "noise_coefs", "stored_prediction", "x0_coefs", "x0_of_noise_coefs",
 ]
 
 
@@ -41,6 +42,35 @@ class Undefined(NamedTuple):
     an img2img loop's end) runs as diffusers' does."""
 
     why: str
+
+
+def exp_lagrange_integrals(nodes: Sequence[float], lo: float, hi: float, rate: float) -> list[float]:
+    """For each node: the integral over ``[lo, hi]`` of ``l_j(lambda) e^{rate lambda}``, ``l_j`` the Lagrange basis
+    polynomial that is 1 at node ``j`` and 0 at the others (``rate`` nonzero). In ``u = lambda - lo`` the integral of
+    ``P(u) e^{rate u}`` is ``e^{rate u}`` times ``sum_d (-1)^d P^(d)(u) / rate^(d + 1)``. Plain floats: a schedule
+    evaluates this a few times a step, and numpy's polynomial objects took a millisecond a call."""
+    if len(set(nodes)) < len(nodes):
+        raise ValueError(f"the interpolation nodes {list(nodes)} repeat: their Lagrange basis is undefined")
+    u = [float(v) - lo for v in nodes]
+    width = hi - lo
+    grow = math.exp(rate * width)
+    out = []
+    for j, uj in enumerate(u):
+        coefs = [1.0]  # l_j's coefficients, lowest degree first
+        for m, um in enumerate(u):
+            if m != j:
+                d = uj - um
+                coefs = [((coefs[p - 1] if p else 0.0) - (coefs[p] * um if p < len(coefs) else 0.0)) / d
+                         for p in range(len(coefs) + 1)]
+        at_width = at_zero = 0.0
+        scale = 1.0 / rate
+        for _ in range(len(u)):  # the derivatives of P, each over one more power of rate, signs alternating
+            at_width += scale * sum(c * width**p for p, c in enumerate(coefs))
+            at_zero += scale * coefs[0]
+            coefs = [p * c for p, c in enumerate(coefs)][1:] or [0.0]
+            scale = -scale / rate
+        out.append(math.exp(rate * lo) * (grow * at_width - at_zero))
+    return out
 
 
 def alpha_sigma(sigmas: Sequence[float] | np.ndarray | torch.Tensor, flow: bool, ve: bool = False) -> tuple[Any, Any]:

@@ -12,16 +12,16 @@ predictions are noise predictions (see :mod:`._multistep` for how the kernel hol
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 from diffusers.schedulers import scheduling_deis_multistep as _deis
 
 from ..solvers.base import Lin, UndefinedStepError
 from ..solvers.dpmpp import repeated_point
 from ._base import Z, output_maker, promoted_dtype
-from ._multistep import MultistepScheduler, Undefined, half_logsnr, stored_prediction
+from ._multistep import MultistepScheduler, Undefined, exp_lagrange_integrals, half_logsnr, stored_prediction
 from .dpmsolver import dpm_orders
 
 __all__ = ["DEISMultistepScheduler", "deis_updates", "logrho_coefficients"]
@@ -30,19 +30,9 @@ _OUTPUT = output_maker(_deis.SchedulerOutput, "prev_sample")
 
 def logrho_coefficients(nodes: Sequence[float], rho_from: float, rho_to: float) -> list[float]:
     """For each node ``rho_j``: the integral over ``[rho_from, rho_to]`` of the Lagrange basis polynomial in
-    ``log rho`` that is 1 at ``log rho_j`` and 0 at the other nodes' (nodes newest first, as DEIS takes them)."""
-    u = np.log(np.asarray(nodes, dtype=np.float64))
-    ua, ub = np.log(rho_from), np.log(rho_to)
-    coefs = []
-    for j in range(len(u)):
-        basis = np.polynomial.Polynomial([1.0])
-        for m in range(len(u)):
-            if m != j:
-                basis = basis * np.polynomial.Polynomial([-u[m], 1.0]) / (u[j] - u[m])
-        # d/du [e^u (P - P' + P'' - ...)] = e^u P
-        alternating = sum(((-1) ** d) * basis.deriv(d) for d in range(len(u)))
-        coefs.append(float(np.exp(ub) * alternating(ub) - np.exp(ua) * alternating(ua)))
-    return coefs
+    ``log rho`` that is 1 at ``log rho_j`` and 0 at the other nodes' (nodes newest first, as DEIS takes them): in
+    ``u = log rho`` (``d rho = e^u du``), :func:`exp_lagrange_integrals` at rate 1."""
+    return exp_lagrange_integrals([math.log(v) for v in nodes], math.log(rho_from), math.log(rho_to), 1.0)
 
 
 def deis_updates(

@@ -32,41 +32,12 @@ from diffusers.schedulers import scheduling_sasolver as _sa
 
 from ..solvers.base import Lin, UndefinedStepError
 from ._base import Z, noise, output_maker, promoted_dtype
-from ._multistep import Undefined, half_logsnr, stored_prediction
+from ._multistep import Undefined, exp_lagrange_integrals, half_logsnr, stored_prediction
 from ._rebuilt_corrector import RebuiltCorrectorMixin
 
 __all__ = ["SASolverScheduler", "exp_lagrange_integrals", "sa_orders", "sa_updates"]
 _OUTPUT = output_maker(_sa.SchedulerOutput, "prev_sample")
 _MAX_HISTORY_ORDER = 3  # a predictor of order 4 would read four earlier predictions: the kernel has three slots
-
-
-def exp_lagrange_integrals(nodes: Sequence[float], lo: float, hi: float, rate: float) -> list[float]:
-    """For each node: the integral over ``[lo, hi]`` of ``l_j(lambda) e^{rate lambda}``, ``l_j`` the Lagrange basis
-    polynomial that is 1 at node ``j`` and 0 at the others (``rate`` nonzero). In ``u = lambda - lo`` the integral of
-    ``P(u) e^{rate u}`` is ``e^{rate u}`` times ``sum_d (-1)^d P^(d)(u) / rate^(d + 1)``. Plain floats: a schedule
-    evaluates this a few times a step, and numpy's polynomial objects took a millisecond a call."""
-    if len(set(nodes)) < len(nodes):
-        raise ValueError(f"the interpolation nodes {list(nodes)} repeat: their Lagrange basis is undefined")
-    u = [float(v) - lo for v in nodes]
-    width = hi - lo
-    grow = math.exp(rate * width)
-    out = []
-    for j, uj in enumerate(u):
-        coefs = [1.0]  # l_j's coefficients, lowest degree first
-        for m, um in enumerate(u):
-            if m != j:
-                d = uj - um
-                coefs = [((coefs[p - 1] if p else 0.0) - (coefs[p] * um if p < len(coefs) else 0.0)) / d
-                         for p in range(len(coefs) + 1)]
-        at_width = at_zero = 0.0
-        scale = 1.0 / rate
-        for _ in range(len(u)):  # the derivatives of P, each over one more power of rate, signs alternating
-            at_width += scale * sum(c * width**p for p, c in enumerate(coefs))
-            at_zero += scale * coefs[0]
-            coefs = [p * c for p, c in enumerate(coefs)][1:] or [0.0]
-            scale = -scale / rate
-        out.append(math.exp(rate * lo) * (grow * at_width - at_zero))
-    return out
 
 
 def sa_orders(n: int, start: int, predictor_order: int, corrector_order: int,
