@@ -466,12 +466,13 @@ class FastflowScheduler:
         self._ff_stages: dict[tuple[Hashable, int], _StageCall] = {}
         self._ff_lane = None
         self._ff_loop_start = 0
-        self._ff_x0_is_output = self._ff_returns_raw_x0 and self.config.get("prediction_type") == "sample"
-        sigmas = getattr(self, "sigmas", None)  # the host copies' source, see _ff_follow_sigma_edit
+        self._ff_x0_is_output = self._ff_returns_raw_x0 and getattr(self.config, "prediction_type", None) == "sample"
+        sigmas = getattr(self, "sigmas", None)  # the host copies' sources, see _ff_follow_edits
         self._ff_sigmas_seen = (
             (sigmas, sigmas._version, sigmas.detach().to("cpu", copy=True)) if isinstance(sigmas, torch.Tensor)
             else None
         )
+        self._ff_config_seen = dict(vars(self.config))
         self._ff_prepare()
         self._ff_steps = self._ff_num_steps()  # read by every step
         self._ff_warm()
@@ -479,22 +480,32 @@ class FastflowScheduler:
     def _ff_prepare(self) -> None:
         """Precompute host data of the new schedule (families override)."""
 
-    def _ff_follow_sigma_edit(self) -> None:
-        """A loop is about to start: if ``sigmas`` was edited in place or replaced since the host copies were taken
-        (Cosmos 2 pipelines set ``sigmas[-1] = sigmas[-2]`` after ``set_timesteps``), rebuild them from it, keeping
-        ``begin_index``. The test reads no device memory; a changed tensor is read once, to compare its values.
-        An edit made after the loop's first step is not followed (docs/diffusers.md)."""
-        seen, version, values = self._ff_sigmas_seen
-        now = self.sigmas
-        if now is seen and now._version == version:
-            return
-        current = now.detach().to("cpu") if isinstance(now, torch.Tensor) else None
-        if current is not None and current.shape == values.shape and torch.equal(current, values.to(current.dtype)):
-            self._ff_sigmas_seen = (now, now._version, values)  # the same values (moved or cast): nothing to redo
-            return
-        begin = self._begin_index
-        self._ff_reset()
-        self._begin_index = begin
+    def _ff_follow_edits(self) -> None:
+        """A loop is about to start: where ``sigmas`` was edited in place or replaced since the host copies were
+        taken (Cosmos 2 pipelines set ``sigmas[-1] = sigmas[-2]`` after ``set_timesteps``), or a config attribute
+        was set (Stable Cascade sets ``scheduler.config.clip_sample = False``, which diffusers' step reads), rebuild
+        them, keeping ``begin_index``. The test reads no device memory; a changed tensor is read once, to compare
+        its values. An edit made after the loop's first step is not followed (docs/diffusers.md)."""
+        edited = False
+        if self._ff_sigmas_seen is not None:
+            seen, version, values = self._ff_sigmas_seen
+            now = self.sigmas
+            if now is not seen or now._version != version:
+                current = now.detach().to("cpu") if isinstance(now, torch.Tensor) else None
+                if (current is not None and current.shape == values.shape
+                        and torch.equal(current, values.to(current.dtype))):
+                    self._ff_sigmas_seen = (now, now._version, values)  # the same values (moved or cast)
+                else:
+                    edited = True
+        try:
+            edited = edited or vars(self.config) != self._ff_config_seen
+        except (ValueError, RuntimeError, TypeError):  # a replaced array value compares element-wise
+            edited = True
+        if edited:
+            begin = self._begin_index
+            self._ff_check_config()
+            self._ff_reset()
+            self._begin_index = begin
 
     def _ff_ready(self) -> bool:
         return getattr(self, "_ff_compiled", None) is not None
@@ -643,8 +654,8 @@ class FastflowScheduler:
         """The index of the step about to run, without reading device memory (set up: _ff_reset has run)."""
         idx = self._step_index
         if idx is None or idx >= self._ff_steps:
-            if self._ff_sigmas_seen is not None and not torch.compiler.is_compiling():
-                self._ff_follow_sigma_edit()
+            if not torch.compiler.is_compiling():
+                self._ff_follow_edits()
                 idx = self._step_index
             if self.begin_index is not None:
                 idx = self.begin_index

@@ -149,7 +149,7 @@ class _VPMixin(FastflowScheduler):
         self._ff_ac = ac.detach().to("cpu", torch.float64).numpy()
         # Python numbers for what step reads per call (torch.compile traces numpy reads as tensors).
         self._ff_t = [int(v) for v in self._ff_host_timesteps]
-        self._ff_thresholding_on = bool(self.config.get("thresholding", False))
+        self._ff_thresholding_on = bool(getattr(self.config, "thresholding", False))
         if self._ff_thresholding:
             self._ff_raw_x0 = [self._ff_raw_x0_of(t) for t in self._ff_t]
 
@@ -166,11 +166,11 @@ class _VPMixin(FastflowScheduler):
     @property
     def _ff_thresholding(self) -> bool:
         cached = self.__dict__.get("_ff_thresholding_on")  # set by _ff_prepare
-        return bool(self.config.get("thresholding", False)) if cached is None else cached
+        return bool(getattr(self.config, "thresholding", False)) if cached is None else cached
 
     def _ff_clip(self) -> float | None:
         cfg = self.config
-        if cfg.get("clip_sample", False) and not self._ff_thresholding:
+        if getattr(cfg, "clip_sample", False) and not self._ff_thresholding:
             return float(cfg.clip_sample_range)
         return None
 

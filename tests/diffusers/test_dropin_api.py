@@ -738,3 +738,26 @@ def test_sigmas_replaced_by_the_same_values_keep_the_plans():
     x = start_noise(2)
     ff.step(0.5 * x, ff.timesteps[0], x)
     assert ff._ff_compiled is plans
+
+
+@pytest.mark.parametrize(
+    ("name", "attribute", "value"),
+    [("DDPMScheduler", "clip_sample", False), ("DDIMScheduler", "clip_sample", False),
+     ("DDIMScheduler", "prediction_type", "v_prediction"), ("EulerDiscreteScheduler", "prediction_type", "sample")],
+)
+def test_a_config_attribute_set_before_the_loop_is_followed(name, attribute, value):
+    """diffusers' steps read ``self.config.<name>``, an attribute a pipeline may set on the frozen config after
+    ``set_timesteps`` (Stable Cascade's ``scheduler.config.clip_sample = False``; the dict entry keeps the old
+    value): the drop-in's loop follows it (it clipped at 1, 134 away from diffusers' loop)."""
+    ref, ff = pair(name)
+    outs = []
+    for sched in (ref, ff):
+        sched.set_timesteps(4)
+        setattr(sched.config, attribute, value)
+        x = start_noise(1) * 3.0
+        for i, t in enumerate(sched.timesteps):
+            kw = {"generator": torch.Generator().manual_seed(i)} if name == "DDPMScheduler" else {}
+            x = sched.step(torch.tanh(x) * 2.0, t, x, **kw).prev_sample
+        outs.append(x)
+    assert ff.config[attribute] != value  # the dict entry the drop-in used to read
+    assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-4)
