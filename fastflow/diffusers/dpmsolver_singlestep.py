@@ -201,12 +201,11 @@ class DPMSolverSinglestepScheduler(MultistepScheduler, _dps.DPMSolverSinglestepS
         idx = self._ff_scheduled_index(timestep)
         if self._ff_learned_eps:
             model_output = model_output[:, :3]  # diffusers keeps the first three channels as the noise
-        prev = self._ff_multistep_step(
-            model_output, timestep, sample, idx,
-            draw=self._ff_draw(generator, model_output) if self._ff_draws else None,
-            state_dtype=promoted_dtype(sample, model_output),  # diffusers steps in that dtype (no upcast)
-            lane=default,
-        )
+        dtype = promoted_dtype(sample, model_output)  # diffusers steps in that dtype (no upcast)
+        # diffusers draws in its converted output's dtype: the model output itself for 'sample', else promoted
+        raw = self.config.prediction_type == "sample"
+        draw = self._ff_draw(generator, model_output, model_output.dtype if raw else dtype) if self._ff_draws else None
+        prev = self._ff_multistep_step(model_output, timestep, sample, idx, draw=draw, state_dtype=dtype, lane=default)
         if not return_dict:
             return (prev,)
         return _OUTPUT(prev)

@@ -101,10 +101,10 @@ class EDMDPMSolverMultistepScheduler(EDMPreconditioned, _edm_dpm.EDMDPMSolverMul
         if generator is None and (done := self._ff_lane_step(model_output, timestep, sample)) is not None:
             return (done[0],) if not return_dict else _OUTPUT(done[0])
         dtype = promoted_dtype(sample, model_output)
+        # diffusers draws in its preconditioned output's dtype, the promotion of the sample's and the output's
+        draw = self._ff_draw(generator, model_output, dtype) if self._ff_draws else None
         prev = self._ff_multistep_step(
-            model_output, timestep, sample,
-            draw=self._ff_draw(generator, model_output) if self._ff_draws else None, state_dtype=dtype, out_dtype=dtype,
-            lane=generator is None,
+            model_output, timestep, sample, draw=draw, state_dtype=dtype, out_dtype=dtype, lane=generator is None,
         )
         if not return_dict:
             return (prev,)

@@ -138,3 +138,37 @@ def test_thresholding_converts_a_half_model_output_at_the_sample_dtype(name, out
         steps.append(sched.step(out, sched.timesteps[0], x, **kw).prev_sample)
     assert steps[0].dtype == torch.float32
     torch.testing.assert_close(steps[0], steps[1], rtol=1e-5, atol=1e-5)
+
+
+SDE_DRAW_CASES = [
+    ("DPMSolverMultistepScheduler", {}),
+    ("DPMSolverSinglestepScheduler", {}),
+    ("DPMSolverSinglestepScheduler", {"prediction_type": "sample"}),
+    ("EDMDPMSolverMultistepScheduler", {}),
+]
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize(
+    ("sample_dtype", "output_dtype"), [(torch.float32, torch.float16), (torch.float64, torch.float32)],
+    ids=["f32-f16", "f64-f32"],
+)
+@pytest.mark.parametrize(("name", "config"), SDE_DRAW_CASES, ids=lambda v: v if isinstance(v, str) else None)
+def test_sde_noise_is_drawn_in_the_converted_output_dtype(name, config, sample_dtype, output_dtype):
+    """diffusers' SDE step draws its generator's noise in the dtype of its converted output (the sample's
+    promotion with the model output's, the model output's own for prediction_type='sample'); on the CPU another
+    dtype draws other numbers (DPM-Solver singlestep and EDM's moved by 3 and 32)."""
+    diffusers = pytest.importorskip("diffusers")
+    ref = getattr(diffusers, name)(algorithm_type="sde-dpmsolver++", **config)
+    outs = []
+    for sched in (ref, ffd.from_scheduler(ref)):
+        sched.set_timesteps(4)
+        # batch 1, 120 elements: torch's CPU randn draws such a size differently per dtype, not just rounded
+        x = (start_noise(1, shape=(1, 4, 6, 5)) * sched.init_noise_sigma).to(sample_dtype)
+        t = sched.timesteps[0]
+        o = stand_in(sched.scale_model_input(x, t).float(), t).to(output_dtype)
+        outs.append(sched.step(o, t, x, generator=torch.Generator().manual_seed(1)).prev_sample)
+    assert outs[1].dtype == outs[0].dtype
+    # diffusers rounds its noise term to the draw's dtype; another draw would be off by the noise itself
+    bound = 4 * torch.finfo(output_dtype).eps * float(outs[0].abs().max())
+    torch.testing.assert_close(outs[1].double(), outs[0].double(), rtol=0, atol=bound)
