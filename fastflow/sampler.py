@@ -324,7 +324,9 @@ class Sampler:
     ):
         """Stage ``i``: from the model output at state ``z`` to the next state, in one backend call.
 
-        Stages must run in order from 0 when the solver keeps history. Returns the
+        Stages must run in order from 0 when the solver keeps history (a stage cannot tell a new
+        loop from the old one: stage ``i`` right after stage ``i - 1`` of an abandoned loop reads
+        that loop's stored predictions). Returns the
         next state; with ``return_model_input``, also the next model input (cast to
         ``model_input_dtype``, a float dtype; batch doubled if ``duplicate_model_input``);
         with ``return_x0``, also the data prediction. Every output is a new tensor unless
