@@ -849,3 +849,94 @@ def test_replay_logic_sdxl_pipeline(stand_in_capture):
     assert (fast(generator=torch.manual_seed(0), **conds[1], **kw).images == refs[1]).all()
     assert (fast(generator=torch.manual_seed(0), **conds[0], **kw).images == refs[0]).all()
     assert fast.replays == 2
+
+
+class _LinearNet(torch.nn.Module):
+    """A denoiser of (x, t, embedding) with one linear layer: enough data flow for the replay checks."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = torch.nn.Linear(3, 3)
+
+    def forward(self, x, t, emb):
+        return self.lin(x.transpose(1, -1)).transpose(1, -1) * torch.cos(t.reshape(-1, 1, 1, 1) / 500) + emb
+
+
+class OutsideInputsPipeline(DiffusionPipeline):
+    """Loops that hand the model tensors from outside the loop the ways a graph cannot take: ``pair`` passes
+    two embeddings (FLUX's true CFG), ``refill`` refills one preallocated timestep tensor each step,
+    ``trajectory`` stacks the loop's states after it, ``last_output`` returns the last model output."""
+
+    def __init__(self, unet, scheduler, mode: str):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler)
+        self.mode = mode
+
+    @torch.no_grad()
+    def __call__(self, positive, negative, generator=None):
+        x = torch.randn((2, 3, 4, 4), generator=generator)
+        tt = torch.zeros(2)
+        self.scheduler.set_timesteps(3)
+        states = [x]
+        for t in self.scheduler.timesteps:
+            if self.mode == "refill":
+                tt.fill_(float(t))
+            step_t = tt if self.mode == "refill" else t.expand(2)
+            pos = self.unet(x, step_t, positive)
+            o = pos if self.mode != "pair" else self.unet(x, step_t, negative) * -1.0 + pos * 2.0
+            x = self.scheduler.step(o, t, x).prev_sample
+            states.append(x)
+        if self.mode == "trajectory":
+            return torch.stack(states)
+        return (x, o) if self.mode == "last_output" else x
+
+
+@pytest.mark.parametrize(
+    ("mode", "reason"),
+    [
+        ("pair", "takes another tensor, or one changed in place, where the recorded loop passed again"),
+        ("refill", "changed in place between loop calls"),
+        ("trajectory", "calls stack after the loop's last step on a tensor of the loop"),
+        ("last_output", "returns a tensor of the loop other than its last step's outputs"),
+    ],
+)
+def test_outside_inputs_a_graph_cannot_take_run_eagerly_with_the_reason(stand_in_capture, mode, reason):
+    """Each of these replayed wrong numbers without a word: the pair (recorded with one tensor at both places) read
+    the positive embedding twice; the refilled tensor held its first value for every step; stand-ins of the loop's
+    tensors came back from the graph as garbage. They now run eagerly, saying why."""
+    pipe = OutsideInputsPipeline(_LinearNet(), ffd.from_scheduler(DiffusersDDIM(), backend="torch"), mode)
+    fast = capture_pipeline(pipe)
+    g = torch.Generator().manual_seed(2)
+    same = torch.randn(1, 3, 1, 1, generator=g)
+    fast(same, same, generator=torch.manual_seed(0))  # the recording call: one tensor for both embeddings
+    calls = [(torch.randn(1, 3, 1, 1, generator=g), torch.randn(1, 3, 1, 1, generator=g)) for _ in range(2)]
+    for k, (positive, negative) in enumerate(calls):
+        want = pipe(positive, negative, generator=torch.manual_seed(k + 1))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PipelineFallbackWarning)
+            got = fast(positive, negative, generator=torch.manual_seed(k + 1))
+        for a, b in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,),
+                        strict=True):
+            assert torch.equal(a, b), (mode, k)
+    assert fast.replays == 0 and reason in fast.reason
+
+
+def test_a_pil_image_input_replays_the_graph(stand_in_capture):
+    """A PIL image is a graph input through the tensor the pipeline makes of it: the same size and mode replay
+    the capture (keyed by identity, every call recorded and captured again)."""
+    pil = pytest.importorskip("PIL.Image")
+    import numpy as np
+
+    pipe = controlnet_pipe()
+    fast = capture_pipeline(pipe)
+    g = torch.Generator().manual_seed(3)
+    embeds = {"prompt_embeds": torch.randn(1, 5, 12, generator=g),
+              "negative_prompt_embeds": torch.randn(1, 5, 12, generator=g)}
+    kw = {"num_inference_steps": 2, "height": 8, "width": 8, "output_type": "np", **embeds}
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        image = pil.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8))
+        ref = pipe(generator=torch.manual_seed(0), image=image, **kw).images
+        assert (fast(generator=torch.manual_seed(0), image=image, **kw).images == ref).all()
+    assert (fast.captures, fast.replays) == (1, 2) and fast.reason is None

@@ -14,7 +14,7 @@ import torch.utils._pytree as pytree
 
 from .. import noise as noise_spec
 from ..graph import _probing_syncs, _user_stacklevel
-from .loop_ops import _GapWatch, _LoopOps, _new_tensors, _record_op
+from .loop_ops import _after_loop_op, _GapWatch, _LoopOps, _new_tensors, _record_op, _stale_use
 from .params import _is_float, _make_param_values, _param_mul, _write_params
 from .recording import (
     _LEAF_TYPES,
@@ -283,6 +283,7 @@ class CapturedPipeline:
         rec = _Recorder(self.device)
         watch = rec.watch = _GapWatch(rec.device.type == "cuda" and torch.cuda.is_available())
         ops = _LoopOps(lambda func, a, k: _record_op(rec, func, a, k))
+        after = _LoopOps(lambda func, a, k: _after_loop_op(rec, func, a, k))
         scheduler = self.scheduler
 
         def record(kind: str, fn: Callable, call_args: tuple, call_kwargs: dict) -> Any:
@@ -310,6 +311,7 @@ class CapturedPipeline:
             rec.last_label = label
             if kind == "step" and _loop_finished(scheduler):
                 rec.done = True
+                after.start()
             else:
                 ops.start()
             watch.open()
@@ -333,7 +335,11 @@ class CapturedPipeline:
                     result = self.pipe(*args, **kwargs)
                 finally:
                     ops.stop()
+                    after.stop()
                     watch.stop()
+        if rec.done and rec.problem is None and _stale_use((pytree.tree_leaves(result),), {}, rec):
+            rec.fail("the pipeline returns a tensor of the loop other than its last step's outputs, which a graph "
+                     "does not keep")
         for w in caught:  # pass on what the pipeline warned, minus the sync probes
             if not any(w is ours for ours in watch.ours):
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
@@ -443,7 +449,7 @@ class CapturedPipeline:
     def _replay_once(self, trace: _Trace, args: tuple, kwargs: dict) -> Any:
         events = trace.events
         state: dict[str, Any] = {"k": 0, "done": False}
-        loaded: set[int] = set()
+        loaded: dict[int, tuple[torch.Tensor, int]] = {}  # static buffer -> the tensor loaded into it, its version
         live: dict[int, int] = {}  # id(placeholder) -> loop value, for the placeholders handed out so far
         params = list(trace.params)  # this call's parameter values, as its operations come
 
@@ -476,9 +482,14 @@ class CapturedPipeline:
                     buf = trace.buffers[arg.index]
                     if not isinstance(leaf, torch.Tensor) or leaf.shape != buf.shape or leaf.dtype != buf.dtype:
                         diverged(f"an input of loop call {k} ({_describe(ev)}) changed shape or dtype")
-                    if arg.index not in loaded:
+                    first = loaded.get(arg.index)
+                    if first is None:
                         buf.copy_(leaf)
-                        loaded.add(arg.index)
+                        loaded[arg.index] = (leaf, leaf._version)
+                    elif first[0] is not leaf or first[1] != leaf._version:
+                        # the recording passed one unchanged tensor at both places: the graph reads one buffer
+                        diverged(f"loop call {k} ({_describe(ev)}) takes another tensor, or one changed in place, "
+                                 "where the recorded loop passed again a tensor it had already taken")
                 elif arg.kind == "param":
                     if not _is_float(leaf):
                         diverged(f"loop call {k} ({_describe(ev)}) multiplies by {leaf!r}, recorded a float")
@@ -543,6 +554,8 @@ class CapturedPipeline:
             ops.stop()
         if not state["done"]:
             raise _Diverged("the pipeline ended before the recorded loop's last step")
+        if _uses((pytree.tree_leaves(result),), {}, live):  # a stand-in holds no data (see _after_loop_op)
+            diverged("the pipeline returns a tensor of the loop other than its last step's outputs")
         self.replays += 1  # counted once the call is over: a loop found longer after the replay is rerun eagerly
         self.reason = None
         return result

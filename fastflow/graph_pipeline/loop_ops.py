@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch.overrides import TorchFunctionMode
 
 from ..graph import _is_sync_warning
@@ -105,6 +106,26 @@ class _LoopOps(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         return self.handler(func, args, kwargs or {})
+
+
+def _stale_use(args: tuple, kwargs: dict, rec: _Recorder) -> bool:
+    """Whether a loop tensor other than the last step's outputs is among the arguments (after the loop)."""
+    final = set(rec.trace.events[-1].outs) if rec.trace.events else set()
+    for leaf in pytree.tree_leaves((args, kwargs)):
+        entry = rec.values.get(id(leaf)) if isinstance(leaf, torch.Tensor) else None
+        if entry is not None and entry[1]() is leaf and entry[0] not in final:
+            return True
+    return False
+
+
+def _after_loop_op(rec: _Recorder, func: Any, args: tuple, kwargs: dict) -> Any:
+    """A torch function call of the pipeline's code after the loop's last step: a replay hands out stand-ins for
+    the loop's tensors, and only the last step's outputs come out of the graph, so code that reads another (a
+    trajectory stacked after the loop, the last model output) makes the loop uncapturable."""
+    if rec.problem is None and _stale_use(args, kwargs, rec):
+        rec.fail(f"the pipeline's code calls {getattr(func, '__name__', func)} after the loop's last step on a tensor "
+                 "of the loop other than that step's outputs, which a graph does not keep")
+    return func(*args, **kwargs)
 
 
 def _record_op(rec: _Recorder, func: Any, args: tuple, kwargs: dict) -> Any:

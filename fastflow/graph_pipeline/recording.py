@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 import torch.utils._pytree as pytree
 
@@ -62,6 +63,11 @@ def _signature(value: Any) -> Any:
         return value
     if isinstance(value, torch.dtype | torch.device):
         return str(value)
+    if isinstance(value, np.ndarray):
+        return ("array", value.shape, str(value.dtype))
+    if type(value).__module__.startswith("PIL.") and hasattr(value, "size") and hasattr(value, "mode"):
+        # an image the pipeline turns into a tensor outside the loop (a static input): its content is no key
+        return ("image", tuple(value.size), value.mode)
     return ("object", type(value).__qualname__, id(value))
 
 
@@ -188,6 +194,7 @@ class _Recorder:
         # id(tensor) -> (loop value index, weak reference): weak, so the decoding after the loop frees its memory
         self.values: dict[int, tuple[int, weakref.ref]] = {}
         self.ids: dict[int, int] = {}  # id(tensor) -> static buffer index
+        self.versions: dict[int, int] = {}  # id(tensor) -> its version counter when first seen
         self.problem: str | None = None
         self.keep: list[Any] = []  # keeps the outside inputs alive so their ids stay unique in this call
         self.last_label = "the first loop call"
@@ -219,8 +226,15 @@ class _Recorder:
             if value.device == self.device:
                 if key not in self.ids:
                     self.ids[key] = len(self.trace.buffers)
+                    self.versions[key] = value._version
                     self.trace.buffers.append(value.detach().clone())
                     self.keep.append(value)
+                elif value._version != self.versions[key]:
+                    raise _Uncapturable(
+                        "an input from outside the loop is changed in place between loop calls (a preallocated "
+                        "tensor refilled each step): a graph reads one value of it for every step; pass a new "
+                        "tensor each step"
+                    )
                 return _Arg("buffer", index=self.ids[key])
             if value.device.type == "cpu":
                 # a host tensor (a timestep from a CPU schedule): a constant of the loop, moved once
