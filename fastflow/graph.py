@@ -527,6 +527,12 @@ class CapturedLoop:
         else:
             self._seeds.copy_(host)
 
+    def _set_guidance(self, scale: float) -> None:
+        """The guidance scale later calls run with (a checked float; written to the table only when it changes)."""
+        if scale != self.guidance_scale:
+            self._table[:, W].fill_(scale)
+            self.guidance_scale = scale
+
     def __call__(
         self,
         noise: torch.Tensor | None = None,
@@ -558,9 +564,8 @@ class CapturedLoop:
             if items is not None:
                 for key, t in items:
                     self._cond[key].copy_(t)
-            if scale is not None and scale != self.guidance_scale:
-                self._table[:, W].fill_(scale)
-                self.guidance_scale = scale
+            if scale is not None:
+                self._set_guidance(scale)
             if noise is not None:
                 self._z0.copy_(noise)
             else:
@@ -717,6 +722,9 @@ class GraphCache:
         loop = self._loops.get(key)
         if loop is not None:
             self._loops.move_to_end(key)
+            if sampler.guided:  # samplers differing only in their scale share a capture: set this one's
+                with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
+                    loop._set_guidance(float(sampler.guidance_scale))
             return loop
         # Arguments that cannot capture are refused before anything is evicted; the eviction then comes before the
         # capture, so no more than max_graphs pools are ever alive (a model that fails mid-capture costs the oldest).

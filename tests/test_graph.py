@@ -543,3 +543,22 @@ def test_gpu_cache_evicts_and_frees():
     assert cache.memory_bytes > 0
     cache.clear()
     assert cache.memory_bytes == 0
+
+
+def test_graph_cache_get_sets_the_sampler_s_guidance_scale():
+    """Samplers that differ only in their guidance scale share a capture; ``get`` hands it over with the asked
+    sampler's scale (it ran with the scale the last call left: 7 for a sampler of 3)."""
+
+    def doubled(z, t):
+        base = toy_model(z, t)
+        return torch.cat([base, base * 0.8 + 0.1])
+
+    low, high = make_sampler(guidance_scale=3.0), make_sampler(guidance_scale=7.0)
+    cache = GraphCache(doubled, device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CaptureFallbackWarning)
+        cache(high, seed=1, shape=SHAPE)
+        loop = cache.get(low, SHAPE)
+        assert loop.guidance_scale == 3.0 and len(cache) == 1
+        want = fastflow.sample(doubled, low.init_noise(SHAPE, seed=1), low)
+        torch.testing.assert_close(loop(seed=1), want, rtol=0, atol=0)
