@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
+from pathlib import Path
 
 import torch
 
@@ -103,6 +104,20 @@ def _check_demo_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         resolve_backend(args.backend, "cpu")  # the demo runs on the CPU
     except RuntimeError as exc:
         parser.error(f"--backend {args.backend}: {exc}")
+    formats = _figure_formats()
+    suffix = Path(args.out).suffix.lower().lstrip(".")
+    if formats is not None and suffix not in formats:  # found before the samplers run, not when saving
+        kinds = ", ".join(sorted(formats))
+        parser.error(f"--out {args.out}: the figure's format comes from its suffix, one of {kinds}")
+
+
+def _figure_formats() -> set[str] | None:
+    """The file suffixes matplotlib saves figures as (None without matplotlib: the demo says so itself)."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    return set(Figure().canvas.get_supported_filetypes())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -61,6 +61,8 @@ def test_demo_runs_every_sampler():
         (["--seed", "-1"], "--seed: must be in [0, 2**64)"),
         (["--seed", str(2**64)], "--seed: must be in [0, 2**64)"),
         (["--seed", str(2**64 - 3), "-n", "5"], "runs past 2**64 - 1"),
+        (["--out", "figure.xyz"], "--out figure.xyz: the figure's format comes from its suffix, one of"),
+        (["--out", "figure"], "--out figure: the figure's format comes from its suffix"),
     ],
 )
 def test_demo_refuses_bad_arguments(capsys, args, message):
