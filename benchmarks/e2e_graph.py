@@ -17,10 +17,10 @@ H100). Prints a table and writes ``e2e_graph.json`` with medians and ratios.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -276,4 +276,7 @@ def main(out_dir: str | os.PathLike | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else os.environ.get("OUT"))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out_dir", nargs="?", default=os.environ.get("OUT"),
+                        help="where e2e_graph.json goes (default: $OUT, else the working directory)")
+    main(parser.parse_args().out_dir)

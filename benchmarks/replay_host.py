@@ -13,6 +13,7 @@ this in each, side by side.
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
 import time
@@ -73,4 +74,5 @@ def main(repeats: int = 9) -> None:
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     main()
