@@ -56,6 +56,11 @@ What falls back to eager (``.reason`` says which and why, a warning is given onc
 * the pipeline's code changes a loop tensor in place (``latents.mul_(...)``), makes
   more than ``_MAX_OPS_BETWEEN_CALLS`` operations between two loop calls, or steps
   with a tensor that is not made from the model's output;
+* an input from outside the loop is refilled in place between loop calls (a graph reads
+  one value of each input), or a replay passes two tensors where the recording passed
+  one tensor twice (a new signature's recording with distinct tensors captures it);
+* the pipeline's code reads a loop tensor other than the last step's outputs after the
+  loop (a trajectory, the last model output): only those outputs come out of a graph;
 * the pipeline's code between loop calls, the model or the step syncs with the
   host (``.item()``, a data-dependent branch, per-step noise from a CPU
   ``torch.Generator`` at a stochastic step), or the capture itself fails;
