@@ -58,7 +58,7 @@ What falls back to eager (``.reason`` says which and why, a warning is given onc
   with a tensor that is not made from the model's output;
 * an input from outside the loop is refilled in place between loop calls (a graph reads
   one value of each input), or a replay passes two tensors where the recording passed
-  one tensor twice (a new signature's recording with distinct tensors captures it);
+  one tensor twice (a warm-up call should pass distinct tensors where later calls do);
 * the pipeline's code reads a loop tensor other than the last step's outputs after the
   loop (a trajectory, the last model output): only those outputs come out of a graph;
 * the pipeline's code between loop calls, the model or the step syncs with the
