@@ -244,7 +244,13 @@ class PlanRunner:
             )
         except ValueError as exc:
             if needs and (reshaped := _reshaped(i, z, history[: len(needs)])) is not None:
-                raise reshaped from exc
+                if not self._broadcast_store(z):
+                    raise reshaped from exc
+                return self.run(  # once: the kept tensors now have the state's shape
+                    i, z, cond, uncond, seeds=seeds, noise=noise, out=out, want_x=want_x, model_in_dtype=model_in_dtype,
+                    model_in_double=model_in_double, step=step, extra_history=extra_history, paired=paired,
+                    x_dtype=x_dtype,
+                )
             raise
         if bookkeeping is not None:  # what it keeps and frees (the same lines as run_kept's: a helper's frame
             outputs = (x_out, z, cond)  # would cost every multistep step)
@@ -304,7 +310,9 @@ class PlanRunner:
                                          x_dtype, None, False, clip, use_noise, False)
         except ValueError as exc:
             if needs and (reshaped := _reshaped(i, z, history[: len(needs)])) is not None:
-                raise reshaped from exc
+                if not self._broadcast_store(z):
+                    raise reshaped from exc
+                return self.run_kept(bound, i, step, z, cond, extra_history, seeds)  # once, as run's
             raise
         if bookkeeping is not None:
             outputs = (x_out, z, cond)
@@ -313,6 +321,21 @@ class PlanRunner:
             for key in bookkeeping[1]:
                 store.pop(key, None)
         return out, x_out, model_in
+
+    def _broadcast_store(self, z: torch.Tensor) -> bool:
+        """Kept tensors that broadcast to the state's shape (a loop continued on a larger batch from batch-1 history,
+        as Text2Video-Zero does; diffusers' stored history broadcasts there): expanded to it in the store, one copy
+        each; False, changing nothing, where one of them does not broadcast (a trimmed state)."""
+        shape = z.shape
+        try:
+            if any(torch.broadcast_shapes(t.shape, shape) != shape for t in self._store.values()):
+                return False
+        except RuntimeError:
+            return False
+        for key, t in list(self._store.items()):
+            if t.shape != shape:
+                self._store[key] = t.expand(shape).contiguous()
+        return True
 
     def _missing(self, i: int, needs: tuple[tuple[str, int], ...]) -> RuntimeError:
         """The error of stage ``i`` run before a stage it reads a stored tensor of."""

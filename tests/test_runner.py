@@ -161,3 +161,25 @@ def test_a_kept_model_output_is_the_callers_tensor(backend):
     assert torch.equal(given.run(1, z1, o1, extra_history=(o0,))[0], z2)
     with pytest.raises(ValueError, match="keeps its model output, which a guided call does not have"):
         runner.run(0, z, o0, o1)
+
+
+def test_kept_tensors_broadcast_to_a_larger_batch_not_to_another_shape():
+    """History kept at batch 1 serves a state of batch 3 as its broadcast (each kept tensor copied once to the new
+    shape); a state whose shape it does not broadcast to still raises HistoryShapeError."""
+    def loop(switch_to: tuple[int, ...]) -> torch.Tensor:
+        sampler = ff.Sampler(ff.VP(), "dpm++2m", steps=4, backend="torch")
+        z = sampler.init_noise((1, 2, 3), seed=0)
+        z = sampler.step(torch.tanh(z), z, 0)
+        if switch_to[0] > 1:
+            z = z.expand(switch_to).clone()
+        elif switch_to != tuple(z.shape):
+            z = torch.randn(switch_to)
+        for i in range(1, 4):
+            z = sampler.step(torch.tanh(z), z, i)
+        return z
+
+    wide = loop((3, 2, 3))
+    one = loop((1, 2, 3))
+    torch.testing.assert_close(wide, one.expand(3, 2, 3), rtol=0, atol=0)
+    with pytest.raises(HistoryShapeError, match=r"state has shape \(1, 2, 5\)"):
+        loop((1, 2, 5))

@@ -128,3 +128,33 @@ def test_more_steps_than_training_timesteps_raise_where_diffusers_turns_nan(name
         xf = ff.step(out_f, t, xf, **kw).prev_sample
         assert_close(xf, xr)
     raise AssertionError("diffusers' loop stayed finite")
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize(
+    "name",
+    ["DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler", "PNDMScheduler",
+     "DPMSolverSinglestepScheduler", "SASolverScheduler"],
+)
+def test_a_loop_continued_on_a_larger_batch_broadcasts_its_history(name):
+    """Text2Video-Zero steps frame 0 alone, deep-copies the scheduler and continues the copy on every frame:
+    diffusers' batch-1 history broadcasts against the larger batch, and so does the drop-in's (it raised that the
+    sample's shape changed mid-loop)."""
+    import copy
+
+    config = {"skip_prk_steps": True} if name == "PNDMScheduler" else {}
+    outs = []
+    for sched in pair(name, **config):
+        sched.set_timesteps(10)
+        ts = sched.timesteps
+        x = start_noise(0, shape=(1, 4, 8, 8)) * sched.init_noise_sigma
+        kw = (lambda i: {"generator": torch.Generator().manual_seed(i)}) if "SASolver" in name else (lambda i: {})
+        for i, t in enumerate(ts[:2]):
+            x = sched.step(stand_in(x, t), t, x, **kw(i)).prev_sample
+        frames = copy.deepcopy(sched)
+        x = torch.cat([x, x * 0.9 + 0.1, x * 1.1])
+        for i, t in enumerate(ts[2:], start=2):
+            x = frames.step(stand_in(x, t), t, x, **kw(i)).prev_sample
+        outs.append(x)
+    assert outs[0].shape == (3, 4, 8, 8)
+    assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4 * max(1.0, float(outs[0].abs().max())))
