@@ -54,7 +54,8 @@ class HistoryShapeError(ValueError):
         self.stage, self.state_shape, self.kept_shape = stage, state_shape, kept_shape
         super().__init__(
             f"stage {stage}'s state has shape {state_shape}, but the tensors earlier stages of this loop kept for it "
-            f"to read have shape {kept_shape}: a loop's state keeps one shape (start a new loop to change it)"
+            f"to read have shape {kept_shape}: a loop's state keeps its shape, or takes one they broadcast to (a "
+            "larger batch); start a new loop to change it otherwise"
         )
 
 
