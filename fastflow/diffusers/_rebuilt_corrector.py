@@ -78,6 +78,8 @@ class RebuiltCorrectorMixin(MultistepScheduler):
     def _ff_keep_given(self, sample: torch.Tensor, i: int) -> None:
         """Step ``i`` ran no corrector: where step ``i + 1`` corrects, diffusers reads ``sample`` there."""
         start = self._ff_loop_start
+        if torch.compiler.is_compiling():  # a trace has no version counters (edits are kept, see the module)
+            return
         if i + 1 < self._ff_steps and self._ff_corrects(i + 1, start) and not self._ff_corrects(i, start):
             w = self._ff_sample_weight(i + 1) * self._ff_sample_weight(i)
             if w != 0.0:

@@ -215,7 +215,7 @@ class SASolverScheduler(RebuiltCorrectorMixin, _sa.SASolverScheduler):
         shift = None if sample is self._ff_returned and self._ff_given is None else self._ff_edit_shift(sample)
         if generator is None and (done := self._ff_lane_step(model_output, timestep, sample)) is not None:
             prev = done[0] if shift is None else self._ff_shifted(done[0], shift)
-            idx = self._step_index  # _ff_kept, inlined: the lane runs mid-loop, untraced
+            idx = self._step_index  # _ff_kept, inlined without its trace test (a traced step keeps nothing)
             self._ff_returned = prev if idx < self._ff_steps else None
             if idx - 1 in self._ff_uncorrected:
                 self._ff_keep_given(sample, idx - 1)

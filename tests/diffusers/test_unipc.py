@@ -207,9 +207,11 @@ def test_meta_device_step():
     assert x.device.type == "meta" and x.shape == SHAPE
 
 
-def test_torch_compile_fullgraph():
-    """After the first (eager) step has built the plan, each step traces with fullgraph=True."""
-    ref, ff = pair(**SD, solver_order=3)
+@pytest.mark.parametrize("disable_corrector", [[], [1, 3]], ids=["all-corrected", "disable_corrector"])
+def test_torch_compile_fullgraph(disable_corrector):
+    """After the first (eager) step has built the plan, each step traces with fullgraph=True (steps without a
+    corrector too, whose eager call keeps the sample the next corrector reads)."""
+    ref, ff = pair(**SD, solver_order=3, disable_corrector=disable_corrector)
     xb, xa = compiled_loops(ref, ff, posterior_model(ref), 6)
     assert_close(xb, xa)
 
