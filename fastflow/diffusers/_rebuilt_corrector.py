@@ -10,12 +10,12 @@ diffusers' numbers, from three tensor ops taken only then. An edit made in place
 returned tensor leaves nothing to return to, so it is kept, as any edit is in a step traced by
 ``torch.compile`` (a trace makes no identity test).
 
-Where a step runs no corrector (a loop's first, a ``disable_corrector`` step), diffusers keeps the
-caller's own sample as the next corrector's ``last_sample``; a pipeline that then writes into that
-tensor (SkyReels-V2's ``latents[:, :, idx] = step(..., latents[:, :, idx])``, a ``copy_``) changes
-what that corrector reads. The drop-ins keep a copy of such a sample with its version counter (one
-copy a loop) and, where the counter moved, shift the next step's output by ``w r (L - x)``: ``r``
-the sample's weight in the step that kept it, ``L`` its contents now, ``x`` its copy.
+Where a step runs no corrector (a loop's first, one after a ``disable_corrector`` step), diffusers
+keeps the caller's own sample as the next corrector's ``last_sample``; a pipeline that then writes
+into that tensor (SkyReels-V2's ``latents[:, :, idx] = step(..., latents[:, :, idx])``, a ``copy_``)
+changes what that corrector reads. The drop-ins keep a copy of such a sample with its version counter
+(one copy per such step) and, where the counter moved, shift the next step's output by ``w r (L - x)``:
+``r`` the sample's weight in the step that kept it, ``L`` its contents now, ``x`` its copy.
 """
 
 from __future__ import annotations
