@@ -40,7 +40,9 @@ from .unclip import UnCLIPScheduler
 from .unipc import UniPCMultistepScheduler
 from .wuerstchen import DDPMWuerstchenScheduler
 
-if importlib.util.find_spec("torchsde") is not None:  # diffusers' modules of these two import it
+_NEED_TORCHSDE = ("CosineDPMSolverMultistepScheduler", "DPMSolverSDEScheduler")  # diffusers' modules import it
+_HAVE_TORCHSDE = importlib.util.find_spec("torchsde") is not None
+if _HAVE_TORCHSDE:
     from .cosine_dpmsolver import CosineDPMSolverMultistepScheduler  # noqa: F401 - exported when present
     from .dpmsolver_sde import DPMSolverSDEScheduler  # noqa: F401
 
@@ -82,6 +84,15 @@ __all__ = [
     "from_scheduler",
     "supported",
 ]
+if not _HAVE_TORCHSDE:
+    __all__ = [name for name in __all__ if name not in _NEED_TORCHSDE]
+
+
+def __getattr__(name: str) -> Any:
+    """Say why a drop-in that needs torchsde is missing, rather than a bare AttributeError."""
+    if name in _NEED_TORCHSDE:
+        raise ImportError(f"fastflow.diffusers.{name} needs torchsde, as diffusers' class does: pip install torchsde")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def supported() -> list[str]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import inspect
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -253,6 +255,25 @@ def test_construction_sets_up_nothing_for_diffusers_throwaway_schedule(name, mon
 def test_from_scheduler_unsupported_names_the_class():
     with pytest.raises(NotImplementedError, match="RePaintScheduler"):
         ffd.from_scheduler(diffusers.RePaintScheduler())
+
+
+def test_without_torchsde_the_two_classes_that_need_it_are_named_missing():
+    """diffusers' DPM-Solver SDE and cosine DPM-Solver modules import torchsde: without it the other drop-ins
+    import, ``import *`` works and the two say what they need."""
+    code = (
+        "import sys; sys.modules['torchsde'] = None\n"
+        "import importlib.util; importlib.util.find_spec = lambda name, *a, _f=importlib.util.find_spec: "
+        "None if name == 'torchsde' else _f(name, *a)\n"
+        "from fastflow.diffusers import *\n"
+        "import fastflow.diffusers as ffd\n"
+        "assert 'DPMSolverSDEScheduler' not in ffd.__all__ and len(ffd.supported()) == 31, ffd.supported()\n"
+        "try:\n    ffd.DPMSolverSDEScheduler\nexcept ImportError as e:\n    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
+    assert "DPMSolverSDEScheduler needs torchsde" in out.stdout
+    with pytest.raises(AttributeError, match="NoSuchScheduler"):
+        ffd.NoSuchScheduler  # noqa: B018
 
 
 def test_from_config_of_another_scheduler_and_save_load(tmp_path):
