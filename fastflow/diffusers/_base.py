@@ -443,6 +443,7 @@ class FastflowScheduler:
             error = spec_finiteness_error(spec, i)
             if error is None:
                 return spec
+            error += self._ff_schedule_note()
         return StepSpec(0.0, 1.0, Z(k), error=error)
 
     def _ff_clip(self) -> float | None:
@@ -531,10 +532,26 @@ class FastflowScheduler:
         try:
             i = values.index(value)  # a scan in C that stops at the first match (a loop's first step: at once)
         except ValueError:
-            raise ValueError(f"timestep {value} is not in this scheduler's timesteps") from None
+            note = self._ff_schedule_note()
+            raise ValueError(f"timestep {value} is not in this scheduler's timesteps{note}") from None
         if not (self._ff_timestep_addressed or self._ff_counts_calls) and value in values[i + 1 :]:
             i = values.index(value, i + 1)
         return i
+
+    def _ff_schedule_note(self) -> str:
+        """Where ``set_timesteps`` made non-finite timesteps (a ``mu`` or shift the schedule cannot take, NaN
+        sigmas passed in), the clause an error adds to say so; else nothing."""
+        what, values = "timesteps", self._ff_host_values
+        bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
+        sigmas = getattr(self, "sigmas", None)
+        if not bad and isinstance(sigmas, torch.Tensor) and sigmas.device.type == "cpu":  # no device read here
+            what, values = "sigmas", sigmas.tolist()
+            bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
+        if not bad:
+            return ""
+        listed = ", ".join(map(str, bad[:4])) + (", ..." if len(bad) > 4 else "")
+        return (f"; set_timesteps made {what} that are not finite (at index {listed} of {len(values)}): check its "
+                "sigmas, shift or mu (diffusers steps to NaN there)")
 
     def _ff_view_value(self, timestep: Any) -> float | None:
         """The value of a device timestep that is an element of this scheduler's own ``timesteps`` (a pipeline's

@@ -260,6 +260,7 @@ class MultistepScheduler(FastflowScheduler):
             xz, xo = (0.0, 1.0) if self._ff_thresholding else self._ff_kernel_conv[start + k]
             spec = StepSpec(xz, xo, u, draws=self._ff_draws)
             error = spec_finiteness_error(spec, start + k)
+            error = error and error + self._ff_schedule_note()
             specs.append(spec if error is None else StepSpec(0.0, 1.0, Z(k), error=error))
         return specs
 

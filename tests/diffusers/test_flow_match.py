@@ -275,3 +275,22 @@ def test_euler_has_no_scale_model_input_as_diffusers():
     assert not hasattr(ff, "scale_model_input") and not hasattr(type(ff), "scale_model_input")
     with pytest.raises(AttributeError, match="scale_model_input"):
         ff.scale_model_input(start_noise(1), 1.0)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("begin", [None, 0])
+def test_a_mu_the_schedule_cannot_take_is_named_in_the_error(begin):
+    """A resolution shift far past the config's range (Qwen-Image edit's ~1024^2 image on a small
+    max_image_seq_len) makes NaN sigmas: diffusers steps to NaN, the drop-in's error says where they came from."""
+    config = dict(use_dynamic_shifting=True, shift_terminal=0.02, time_shift_type="exponential")
+    ref, ff = pair("FlowMatchEulerDiscreteScheduler", **config)
+    for s in (ref, ff):
+        s.set_timesteps(4, mu=100.0)
+    assert torch.isnan(ref.sigmas[:-1]).all()
+    x = start_noise(0)
+    if begin is not None:
+        ref.set_begin_index(begin)
+        ff.set_begin_index(begin)
+        assert torch.isnan(ref.step(stand_in(x, 0.0), ref.timesteps[0], x).prev_sample).all()
+    with pytest.raises(ValueError, match="set_timesteps made timesteps that are not finite .*mu"):
+        ff.step(stand_in(x, 0.0), ff.timesteps[0], x)
