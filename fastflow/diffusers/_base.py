@@ -838,6 +838,8 @@ class FastflowScheduler:
         class's default call, whose arguments to this method depend on no step index, so the loop's steps may
         be bound for :meth:`_ff_lane_step`.
         """
+        if torch.is_grad_enabled() and (model_output.requires_grad or sample.requires_grad):
+            self._ff_refuse_grad()
         idx = self._ff_peek_index(timestep) if index is None else index
         lane = lane and noise is None and draw is None and kernel_output is None
         stage = self._ff_stages.get((variant, idx)) or self._ff_stage(idx, variant)
@@ -945,6 +947,8 @@ class FastflowScheduler:
         idx = self._step_index
         if lane is None or idx is None:
             return None
+        if torch.is_grad_enabled() and (model_output.requires_grad or sample.requires_grad):
+            return None  # _ff_step refuses it
         if self._ff_timestep_addressed or self._ff_mixed_addressed:  # the step may depend on the timestep's value
             if type(timestep) is not torch.Tensor:
                 return None  # _ff_peek_index finds it
@@ -1005,6 +1009,16 @@ class FastflowScheduler:
         if out_dtype is not None and out.dtype is not out_dtype:
             out = out.to(out_dtype)
         return out, x
+
+    def _ff_refuse_grad(self) -> None:
+        """diffusers' step is differentiable; the fused one is an inference op whose output records nothing for
+        autograd, so a loss through it would get wrong gradients without an error."""
+        raise RuntimeError(
+            f"{type(self).__name__}.step was given a tensor that requires grad with gradients enabled: fastflow's "
+            "fused step is an inference op and would return a result that does not require grad, cutting the "
+            "gradient diffusers' step carries. Step under torch.no_grad() (as diffusers' pipelines do) or with "
+            "detached tensors; to backpropagate through the sampler step, use diffusers' own scheduler"
+        )
 
     def _ff_reshaped(self, exc: HistoryShapeError) -> ValueError:
         """The error of a step whose sample changed shape mid-loop, said in a pipeline's terms."""

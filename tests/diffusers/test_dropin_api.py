@@ -83,6 +83,33 @@ def test_meta_device_loop(name, config, kw):
     assert x.device.type == "meta" and x.shape == SHAPE
 
 
+@pytest.mark.parametrize("name,config,kw", CLASSES, ids=IDS)
+@pytest.mark.parametrize("needs_grad", ["sample", "model_output"])
+def test_a_step_that_would_cut_a_gradient_raises(name, config, kw, needs_grad):
+    """diffusers' step is differentiable; the fused step records nothing for autograd. With gradients enabled, a
+    tensor that requires grad is refused (first step, and mid-loop where the lane holds the step), rather than a
+    result whose gradient is silently cut; under no_grad the same loop runs."""
+    _, ff = pair(name, backend="auto", **config)
+    ff.set_timesteps(5, **SET_KWARGS.get(name, {}))
+
+    def step(x, t):
+        x_in = ff.scale_model_input(x, t) if hasattr(ff, "scale_model_input") else x
+        out = stand_in(x_in, t)
+        x = x.requires_grad_() if needs_grad == "sample" else x
+        out = out.requires_grad_() if needs_grad == "model_output" else out
+        return ff.step(out, t, x, **kw).prev_sample.detach()
+
+    x = start_noise(0)
+    with pytest.raises(RuntimeError, match="requires grad.*torch.no_grad"):
+        step(x.clone(), ff.timesteps[0])
+    ff.set_timesteps(5, **SET_KWARGS.get(name, {}))
+    with torch.no_grad():
+        for t in ff.timesteps[:3]:
+            x = step(x, t)
+    with pytest.raises(RuntimeError, match="requires grad"):
+        step(x, ff.timesteps[3])
+
+
 # Classes whose diffusers step fails before set_timesteps on state it has not made yet (PNDM a TypeError, flow
 # matching Heun an AttributeError): the drop-in raises the ValueError that asks for set_timesteps, or steps.
 _DIFFUSERS_CRASHES_BEFORE_SET = {"PNDMScheduler", "FlowMatchHeunDiscreteScheduler"}
