@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from diffusers.schedulers import scheduling_dpmsolver_sde as _sde
 
+from ..runner import HistoryShapeError
 from ..solvers.base import UndefinedStepError
 from ._base import StepSpec, X, Z, noise, output_maker, promoted_dtype
 from ._two_call import ScaledTwoCallMixin, input_scales
@@ -53,6 +54,16 @@ def _x0_coefs(prediction: str, sigma: torch.Tensor) -> tuple[float, float]:
     if prediction == "epsilon":
         return 1.0, -float(sigma)
     return 1.0 / float(sigma**2 + 1), float(-sigma / (sigma**2 + 1) ** 0.5)
+
+
+def _broadcasts_to(shape: torch.Size | None, target: torch.Size) -> bool:
+    """Whether a tensor of ``shape`` (None: none kept) broadcasts to ``target``."""
+    if shape is None or shape == target:
+        return True
+    try:
+        return torch.broadcast_shapes(shape, target) == target
+    except RuntimeError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -143,6 +154,7 @@ class DPMSolverSDEScheduler(ScaledTwoCallMixin, _sde.DPMSolverSDEScheduler):
             self._ff_fold_seed(seed)
         self._ff_first_out: tuple[int, torch.Tensor, int] | None = None  # (call, tensor it returned, version)
         self._ff_first_call: tuple[int, Any] | None = None  # (call, variant) of the last first-order call
+        self._ff_first_shape: torch.Size | None = None  # the sample shape of that call
 
     def _ff_interval(self, j: int) -> SDEInterval | None:
         found = self._ff_intervals[j] if 0 <= j < len(self._ff_intervals) else None
@@ -224,12 +236,22 @@ class DPMSolverSDEScheduler(ScaledTwoCallMixin, _sde.DPMSolverSDEScheduler):
                 "the second call of a DPMSolverSDEScheduler step continues its first: call step with the same "
                 "s_noise and diffusers_noise as the first call"
             )
+        # The second call steps from the first call's sample, which must broadcast to this one (a larger batch).
+        if not first and interval is not None and not _broadcasts_to(self._ff_first_shape, sample.shape):
+            raise self._ff_reshaped(HistoryShapeError(idx, tuple(sample.shape), tuple(self._ff_first_shape)))
         given = None
         if explicit:
             if self.noise_sampler is None:
                 self._ff_make_noise_sampler(sample)
             if interval is not None:  # drawn at s_noise = 0 too, as diffusers draws it
                 draw = self.noise_sampler(*(interval.first if first else interval.second).query)
+                if not _broadcasts_to(draw.shape, sample.shape):
+                    raise ValueError(
+                        f"DPMSolverSDEScheduler with diffusers_noise: diffusers' Brownian tree was made for this "
+                        f"loop's first sample, of shape {tuple(draw.shape)}, and the sample now has shape "
+                        f"{tuple(sample.shape)} (diffusers broadcasts the two into a result of neither's shape); "
+                        "call set_timesteps to start a new loop at the new shape"
+                    )
                 given = draw if s_noise else None
         elif not first and interval is not None and s_noise and interval.rho and (
             torch.compiler.is_compiling() or not self._ff_first_noise_is_readable(idx, sample)
@@ -241,6 +263,7 @@ class DPMSolverSDEScheduler(ScaledTwoCallMixin, _sde.DPMSolverSDEScheduler):
         )
         self._ff_first_out = None
         self._ff_first_call = (idx, variant) if first else None
+        self._ff_first_shape = sample.shape if first else None
         if first and interval is not None and not explicit and not torch.compiler.is_compiling():
             self._ff_first_out = (idx, prev, prev._version)
         if not return_dict:

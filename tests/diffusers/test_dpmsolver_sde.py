@@ -18,6 +18,7 @@ from dropin_helpers import (
     meta_loop,
     pair,
     run_loop,
+    stand_in,
     start_noise,
 )
 from posterior_model import posterior_model
@@ -317,3 +318,47 @@ def test_stable_diffusion_pipelines(kind):
     images = [stable_diffusion_images(pipe_cls, s, kwargs, vae, unet) for s in schedulers]
     np.testing.assert_allclose(images[1], images[0], rtol=0, atol=1e-5)
     assert np.isfinite(images[2]).all()
+
+
+def _batch_changed_loop(scheduler, change, at: int, batch: int = 2):
+    scheduler.set_timesteps(6)
+    x = start_noise(0)[:batch] * scheduler.init_noise_sigma
+    for i, t in enumerate(scheduler.timesteps):
+        if i == at:  # between the two calls of a step: the second steps from the first's sample
+            x = change(x)
+        x_in = scheduler.scale_model_input(x, t)
+        x = scheduler.step(stand_in(x_in, t), t, x).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+@pytest.mark.parametrize("diffusers_noise", [True, False])
+def test_a_batch_shrunk_between_the_two_calls_raises_the_shape_error(backend, diffusers_noise):
+    """diffusers broadcasts the first call's kept batch-2 sample into a batch-2 result; the drop-in says the shape
+    changed mid-loop, as its other two-call and multistep classes do (it returned batch 1 silently, or named a
+    noise the caller never passed)."""
+    _, ff = sde_pair(backend, diffusers_noise)
+    with pytest.raises(ValueError, match=r"shape changed mid-loop, from \(2, 4, 16, 16\) to \(1, 4, 16, 16\)"):
+        _batch_changed_loop(ff, lambda x: x[:1], at=5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_a_batch_shrunk_before_a_first_call_with_diffusers_noise_names_the_tree(backend):
+    """diffusers' Brownian tree draws the first sample's batch; a shrunk batch after it is refused, naming the
+    tree (the error named a noise the caller never passed). fastflow's own noise steps the new batch."""
+    _, ff = sde_pair(backend, True)
+    with pytest.raises(ValueError, match=r"Brownian tree was made for .* shape \(2, 4, 16, 16\).*set_timesteps"):
+        _batch_changed_loop(ff, lambda x: x[:1], at=4)
+    _, ff = sde_pair(backend, False)
+    assert _batch_changed_loop(ff, lambda x: x[:1], at=4).shape[0] == 1
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_a_batch_grown_between_the_two_calls_is_diffusers(backend):
+    """A kept sample of batch 1 broadcasts to a larger batch in diffusers' second call; so it does here."""
+    ref, ff = sde_pair(backend, True, noise_sampler_seed=7)
+    grow = lambda x: torch.cat([x, 0.9 * x])  # noqa: E731
+    xa = _batch_changed_loop(ref, grow, at=5, batch=1)
+    xb = _batch_changed_loop(ff, grow, at=5, batch=1)
+    assert xb.shape == xa.shape
+    assert_close(xb, xa)
