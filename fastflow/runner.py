@@ -235,8 +235,16 @@ class PlanRunner:
             raise ValueError(f"stage {i} draws noise: pass seeds or noise")
         if keeps_o and (uncond is not None or paired):
             raise ValueError(f"stage {i} keeps its model output, which a guided call does not have")
-        if out is not None and (self._keeps_inputs or store):
-            self._check_out_spares_kept(i, out, z, cond)
+        given_out = out
+        if out is not None:
+            if out.requires_grad and torch.is_grad_enabled():
+                raise RuntimeError(
+                    "out= was given a tensor that requires grad: a step is an inference op, and writing it into "
+                    "such a tensor would corrupt the gradient through it (torch's own out= ops refuse it too); "
+                    "step under torch.no_grad() or into a tensor that does not require grad"
+                )
+            if self._keeps_inputs or store:
+                self._check_out_spares_kept(i, out, z, cond)
         found = self._dispatch.get((z.device, z.dtype)) or self._table_and_backend_for(z.device, z.dtype)
         try:
             out, x_out, model_in = found[2](  # the dispatch entry
@@ -259,6 +267,10 @@ class PlanRunner:
                 store[key] = outputs[src]
             for key in bookkeeping[1]:
                 store.pop(key, None)
+        if given_out is not None and not torch.compiler.is_compiling():
+            # A kernel writes through a pointer that autograd does not see: say the tensor changed, so that a graph
+            # that saved it for backward raises, as it does after an in-place torch op.
+            torch.autograd.graph.increment_version(given_out)
         return out, x_out, model_in
 
     def _check_out_spares_kept(self, i: int, out: torch.Tensor, z: torch.Tensor, cond: torch.Tensor) -> None:

@@ -132,6 +132,31 @@ def test_out_that_a_later_stage_reads_is_refused(backend):
         multi.step(model(z, 2), z, 2, out=x1)  # stage 3 reads x1 too
 
 
+@pytest.mark.parametrize("backend", ["torch", "cuda", "triton"])
+def test_out_and_autograd(backend):
+    """``out=`` into a tensor that requires grad is refused with gradients enabled, as torch's out= ops refuse it
+    (a leaf was rewritten silently; a graph's tensor gave a wrong gradient). A tensor that a graph saved for backward
+    is marked changed, so that backward raises rather than using the overwritten values (the kernels' writes did not
+    bump its version)."""
+    sampler = _sampler_on(backend, ff.VP(), "ddim", steps=4)
+    z = sampler.init_noise((2, 5), seed=1)
+    o = torch.tanh(z)
+    w = torch.randn(2, 5, requires_grad=True)
+    with pytest.raises(RuntimeError, match="requires grad"):
+        sampler.step(o, z, 0, out=w.exp())
+    leaf = torch.zeros(2, 5, requires_grad=True)
+    with pytest.raises(RuntimeError, match="requires grad"):
+        sampler.step(o, z, 0, out=leaf)
+    with torch.no_grad():  # as an in-place torch op on a leaf is allowed there
+        sampler.step(o, z, 0, out=leaf)
+    torch.testing.assert_close(leaf.detach(), sampler.step(o, z, 0), rtol=0, atol=0)
+    saved = torch.randn(2, 5)
+    loss = (w * saved).sum()  # saves `saved` for w's gradient
+    sampler.step(o, z, 0, out=saved)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
 @pytest.mark.parametrize("backend", ["torch", "cuda"])
 def test_out_overlapping_the_state_in_part_is_refused(backend):
     """``out`` shifted by one element against ``z``: the extension's block-wise CPU kernel gave wrong values
