@@ -149,8 +149,7 @@ class Sampler:
         self.solver = get_solver(solver, **solver_options)
         self.prediction = canonical_prediction(prediction)
         self.steps = int(steps)
-        self.guidance_scale = guidance_scale
-        self.backend = backend
+        self._guidance_scale = guidance_scale
         grid = _default_grid(schedule) if grid is None else grid
         grid_options = {k: v for k, v in (("t_min", t_min), ("t_max", t_max), ("rho", rho)) if v is not None}
         if not isinstance(grid, str):
@@ -184,7 +183,31 @@ class Sampler:
 
     @property
     def guided(self) -> bool:
-        return self.guidance_scale is not None
+        return self._guidance_scale is not None
+
+    @property
+    def guidance_scale(self) -> float | None:
+        """The classifier-free guidance scale, compiled into the plan: fixed for the sampler's life (a captured loop
+        takes a new one per call: ``loop(guidance_scale=...)``)."""
+        return self._guidance_scale
+
+    @guidance_scale.setter
+    def guidance_scale(self, value: float | None) -> None:
+        raise AttributeError(
+            "Sampler.guidance_scale is compiled into its plan and cannot be set afterwards (steps would keep the old "
+            "scale); build a new Sampler, or pass guidance_scale= to a captured loop's call"
+        )
+
+    @property
+    def backend(self) -> str:
+        """The backend the steps run on; setting it switches them (resolved again per device and dtype)."""
+        return self.runner.backend
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        if name not in BACKEND_NAMES:
+            raise ValueError(f"unknown backend {name!r}; valid: {', '.join(BACKEND_NAMES)}")
+        self.runner.backend = name
 
     def __len__(self) -> int:
         return self.num_stages
@@ -267,7 +290,7 @@ class Sampler:
         """``(cond, uncond, paired)``: a guided doubled batch stays whole (``paired``), split by the backend."""
         # type() first: isinstance against torch.Tensor goes through its metaclass (this is the hot path).
         if type(model_output) is torch.Tensor or isinstance(model_output, torch.Tensor):
-            if self.guidance_scale is None:
+            if self._guidance_scale is None:
                 return model_output, None, False
             if model_output.dim() < 1 or model_output.shape[0] != 2 * z.shape[0]:
                 raise ValueError(

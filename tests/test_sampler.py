@@ -132,6 +132,19 @@ def test_out_that_a_later_stage_reads_is_refused(backend):
         multi.step(model(z, 2), z, 2, out=x1)  # stage 3 reads x1 too
 
 
+def test_guidance_scale_is_fixed_and_backend_switches_the_steps():
+    """The scale is compiled into the plan: setting it was ignored by steps but read by GraphCache (two answers
+    from one sampler); it now raises. Setting ``backend`` switches the steps (it changed only the repr)."""
+    sampler = ff.Sampler(ff.VP(), steps=3, guidance_scale=5.0, backend="torch")
+    with pytest.raises(AttributeError, match="guidance_scale is compiled into its plan"):
+        sampler.guidance_scale = 2.0
+    assert sampler.guidance_scale == 5.0 and sampler.guided
+    with pytest.raises(ValueError, match="unknown backend 'nonsense'"):
+        sampler.backend = "nonsense"
+    sampler.backend = "cuda"
+    assert sampler.backend == "cuda" and sampler.runner.backend == "cuda" and "backend='cuda'" in repr(sampler)
+
+
 @pytest.mark.parametrize("backend", ["torch", "cuda", "triton"])
 def test_out_and_autograd(backend):
     """``out=`` into a tensor that requires grad is refused with gradients enabled, as torch's out= ops refuse it
