@@ -533,6 +533,9 @@ class FastflowScheduler:
             i = values.index(value)  # a scan in C that stops at the first match (a loop's first step: at once)
         except ValueError:
             note = self._ff_schedule_note()
+            if not note and self._ff_timestep_addressed and not self._ff_mixed_addressed:
+                note = (f" (diffusers' {type(self).__name__} steps from any timestep's value; this drop-in steps "
+                        "the timesteps of its schedule only)")
             raise ValueError(f"timestep {value} is not in this scheduler's timesteps{note}") from None
         if not (self._ff_timestep_addressed or self._ff_counts_calls) and value in values[i + 1 :]:
             i = values.index(value, i + 1)
@@ -674,8 +677,12 @@ class FastflowScheduler:
             if not torch.compiler.is_compiling():
                 self._ff_follow_edits()
                 idx = self._step_index
-            if self.begin_index is not None:
-                idx = self.begin_index
+            begin = self.begin_index
+            # diffusers' DDIM family has no begin index: each step is its timestep's, which a begin index left from
+            # an earlier loop must not override; it places the first step only where the value is not known.
+            by_value = self._ff_timestep_addressed and not self._ff_mixed_addressed
+            if begin is not None and (not by_value or torch.compiler.is_compiling()):
+                idx = begin
             else:
                 on_host = isinstance(timestep, torch.Tensor) and timestep.device.type == "cpu"
                 if on_host and torch.compiler.is_compiling():
@@ -692,7 +699,7 @@ class FastflowScheduler:
                     value = _host_number(timestep)
                     if value is None and pos is not None:
                         value = self._ff_host_values[pos]
-                    idx = 0 if value is None else self._ff_locate(value)
+                    idx = (begin or 0) if value is None else self._ff_locate(value)
             self._step_index = idx
             self._ff_set_loop_start(idx)
         elif (

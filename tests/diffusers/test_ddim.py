@@ -266,3 +266,34 @@ def test_half_precision_sample_and_output():
     """float16 in, float16 out (diffusers' dtype promotion). diffusers computes in float16, the kernel in
     float32: both sit within float16 round-off of the float32 loop, fastflow no further than diffusers."""
     assert_half_loop_bounded(*pair("DDIMScheduler", **SD, clip_sample=False), torch.float16, model=stand_in)
+
+
+@pytest.mark.parametrize("name", ["DDIMScheduler", "DDIMInverseScheduler", "CogVideoXDDIMScheduler"])
+def test_a_begin_index_left_from_an_earlier_loop_does_not_override_the_timestep(name):
+    """diffusers' DDIM family has no begin index: each step is its timestep's. A begin index from an img2img loop
+    (a pipeline calls set_begin_index where the drop-in has it) placed the next loop's first step there instead."""
+    ref, ff = pair(name)
+    for s in (ref, ff):
+        s.set_timesteps(10)
+    ff.set_begin_index(5)
+    x0 = start_noise(0)
+
+    def loop(s, ts):
+        x = x0
+        for t in ts:
+            x = s.step(stand_in(x, t), t, x).prev_sample
+        return x
+
+    assert_close(loop(ff, ff.timesteps[5:]), loop(ref, ref.timesteps[5:]))
+    assert_close(loop(ff, ff.timesteps), loop(ref, ref.timesteps))  # no set_timesteps between: begin index stays
+    ff.set_begin_index(3)
+    t = ff.timesteps[0]
+    assert_close(ff.step(stand_in(x0, t), t, x0).prev_sample, ref.step(stand_in(x0, t), t, x0).prev_sample)
+
+
+def test_an_off_schedule_timestep_says_diffusers_steps_it():
+    _, ff = pair("DDIMScheduler")
+    ff.set_timesteps(10)
+    x = start_noise(0)
+    with pytest.raises(ValueError, match="timestep 7.0 is not in .* diffusers' DDIMScheduler steps from any"):
+        ff.step(x, 7, x)
