@@ -295,5 +295,5 @@ def test_an_off_schedule_timestep_says_diffusers_steps_it():
     _, ff = pair("DDIMScheduler")
     ff.set_timesteps(10)
     x = start_noise(0)
-    with pytest.raises(ValueError, match="timestep 7.0 is not in .* diffusers' DDIMScheduler steps from any"):
+    with pytest.raises(ValueError, match=r"timestep 7.0 is not in .*\(diffusers' DDIMScheduler steps from any"):
         ff.step(x, 7, x)
