@@ -1090,13 +1090,22 @@ def _wrap_init(parent_init: Callable) -> Callable:
 def _wrap_set_timesteps(parent_set: Callable) -> Callable:
     """``set_timesteps`` with the parent's signature (pipelines inspect it for ``timesteps``/``sigmas``/``mu``)."""
 
+    signature = inspect.signature(parent_set)
+
     @functools.wraps(parent_set)
     def set_timesteps(self, *args: Any, **kwargs: Any) -> None:
+        device = signature.bind_partial(self, *args, **kwargs).arguments.get("device")
+        if device is not None and torch.device(device).type == "meta":
+            raise NotImplementedError(
+                f"{type(self).__name__}.set_timesteps(device='meta'): the drop-in keeps host copies of the schedule "
+                "and locates steps by their timesteps' addresses, which meta tensors have neither of; set the "
+                "timesteps on the CPU (steps take meta tensors, timesteps moved to meta included)"
+            )
         parent_set(self, *args, **kwargs)
         if not self._ff_initializing:
             self._ff_reset()
 
-    set_timesteps.__signature__ = inspect.signature(parent_set)
+    set_timesteps.__signature__ = signature
     return set_timesteps
 
 

@@ -141,6 +141,17 @@ def test_step_before_set_timesteps_as_diffusers(name, config, kw):
         assert b.shape == x.shape and torch.isfinite(b).all()
 
 
+@pytest.mark.parametrize("name", ["DDIMScheduler", "DPMSolverMultistepScheduler", "FlowMatchEulerDiscreteScheduler"])
+def test_set_timesteps_on_meta_says_to_set_them_on_the_cpu(name):
+    """diffusers' set_timesteps(device="meta") runs for these (their steps then fail on a read); the drop-in's host
+    copies cannot be made from meta tensors: the error says so (it was torch's 'Cannot copy out of meta tensor')."""
+    _, ff = pair(name)
+    with pytest.raises(NotImplementedError, match="set_timesteps\\(device='meta'\\).*set the timesteps on the CPU"):
+        ff.set_timesteps(4, device="meta")
+    with pytest.raises(NotImplementedError, match="device='meta'"):
+        ff.set_timesteps(4, torch.device("meta"))
+
+
 def test_meta_device_given_noise():
     _, ff = pair("DDIMScheduler")
     ff.set_timesteps(3)
