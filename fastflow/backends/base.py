@@ -123,7 +123,8 @@ class Backend:
         split here, where a backend can do it cheaply.
         Kernels read flat row-major memory (the noise is keyed by the row-major index), so
         inputs in another layout (channels_last model outputs, say) are copied once here,
-        and outputs are allocated row-major.
+        outputs are allocated row-major, and a given ``out`` in another layout is written
+        through a row-major temporary.
         """
         if model_in_dtype is not None and model_in_dtype not in MODEL_INPUT_DTYPES:
             check_model_input_dtype(model_in_dtype)
@@ -143,10 +144,14 @@ class Backend:
         if noise is not None and not noise.is_contiguous():
             noise = noise.contiguous()
         history = [h if h.is_contiguous() else h.contiguous() for h in history]
+        target = None  # a given out in another layout, written through a row-major temporary
         if out is None:
             out = torch.empty(z.shape, dtype=z.dtype, device=z.device)
-        elif not torch.compiler.is_compiling():  # fake tensors have no memory to compare
-            check_out_overlap(out, z, model_out, model_out_uncond, history, noise if use_noise else None)
+        else:
+            if not torch.compiler.is_compiling():  # fake tensors have no memory to compare
+                check_out_overlap(out, z, model_out, model_out_uncond, history, noise if use_noise else None)
+            if not out.is_contiguous():
+                target, out = out, torch.empty(out.shape, dtype=out.dtype, device=out.device)
         x_out = torch.empty(z.shape, dtype=x_dtype or z.dtype, device=z.device) if want_x else None
         model_in = None
         if model_in_dtype is not None:
@@ -157,6 +162,8 @@ class Backend:
             seeds=seeds, noise=noise, x_out=x_out, model_in_out=model_in, clip=clip, use_noise=use_noise,
             check_overlap=False,
         )
+        if target is not None:
+            out = target.copy_(out)
         return out, x_out, model_in
 
     def fused_step_alloc_args(

@@ -97,6 +97,25 @@ def test_alloc_non_contiguous_inputs(name):
 
 
 @pytest.mark.parametrize("name", BACKENDS)
+def test_alloc_given_out_in_another_layout(name):
+    """A given ``out`` that is not row-major (channels_last, a transposed view, the state itself in that layout) is
+    written by value on every backend (Triton refused it, while the other two wrote it)."""
+    backend = _backend(name)
+    case = make_case((2, 4, 3, 5), torch.float32, torch.float32, guided=False, hist=0, noise="none", seed=4,
+                     device=str(_device()))
+    want = case.run(REF)["out"]
+    for out in (torch.empty_like(case.z, memory_format=torch.channels_last),
+                torch.empty(case.z.shape[::-1], device=case.z.device).permute(3, 2, 1, 0)):
+        got, _, _ = backend.fused_step_alloc(case.z, case.model_out, None, [], case.table, case.step, out=out)
+        assert got is out
+        torch.testing.assert_close(out, want, rtol=2e-5, atol=2e-5)
+    z = case.z.to(memory_format=torch.channels_last)
+    got, _, _ = backend.fused_step_alloc(z, case.model_out, None, [], case.table, case.step, out=z)
+    assert got is z
+    torch.testing.assert_close(z, want, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
 def test_alloc_rejects_a_bad_model_input_shape(name):
     """The allocating form checks what it is given like ``fused_step`` (a shape mismatch names the tensor)."""
     backend = _backend(name)
