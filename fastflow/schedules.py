@@ -202,6 +202,8 @@ class VP(Schedule):
         alphas_cumprod: np.ndarray | None = None,
     ):
         if alphas_cumprod is None:
+            if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, (int, np.integer)):
+                raise TypeError(f"num_train_timesteps must be an int, got {num_train_timesteps!r}")
             if num_train_timesteps < 2:
                 raise ValueError("num_train_timesteps must be at least 2")
             betas = _betas(beta_schedule, num_train_timesteps, beta_start, beta_end)

@@ -100,6 +100,12 @@ def test_bad_schedule_parameters_raise(make, match):
         make()
 
 
+@pytest.mark.parametrize("n", [2.5, True, "1000"])
+def test_num_train_timesteps_must_be_an_int(n):
+    with pytest.raises(TypeError, match="num_train_timesteps must be an int"):
+        VP(num_train_timesteps=n)
+
+
 def test_nan_time_raises():
     with pytest.raises(ValueError, match="NaN"):
         VP().alpha(np.nan)

@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import fields
 
-from .base import Lin, Solver, Stage, X, Z, eps_of, noise
+import numpy as np
+
+from .base import Lin, Solver, Stage, X, Z, check_real, eps_of, noise
 from .ddim import DDIM, DDPM
 from .dpmpp import DPMSolverPP
 from .euler import Euler, EulerAncestral, FlowEuler, Heun
@@ -70,7 +72,30 @@ def get_solver(name: str | Solver, **options) -> Solver:
     if unknown:
         takes = ", ".join(solver_options(key)) or "none"
         raise TypeError(f"solver {key!r} does not take option(s) {unknown}; it takes: {takes}")
+    cls = _CLASS_OF.get(key, (_FACTORIES[key], {}))[0]
+    types = {f.name: f.type for f in fields(cls)}
+    for option, value in options.items():
+        _check_option_type(option, value, types[option])
     return _FACTORIES[key](**options)
+
+
+def _check_option_type(name: str, value: object, annotation: object) -> None:
+    """An option of the type its solver's field declares: a string for a flag was taken as True, a float order
+    failed deep in the coefficients, True was taken as order 1."""
+    kind = str(annotation)
+    if kind == "bool":
+        ok = isinstance(value, (bool, np.bool_))
+    elif kind == "int":
+        ok = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+    elif kind == "float":
+        check_real(name, value)
+        return
+    elif kind == "str":
+        ok = isinstance(value, str)
+    else:  # a sequence (UniPC's disable_corrector checks its own)
+        return
+    if not ok:
+        raise TypeError(f"solver option {name} must be {kind}, got {value!r} ({type(value).__name__})")
 
 
 def solver_options(name: str) -> list[str]:
