@@ -41,7 +41,7 @@ _GRID_READS = {
     "exponential": ("t_min", "t_max"),
     "karras": ("t_min", "t_max", "rho"),
     "linspace": ("t_max",),
-    "leading": ("t_max",),
+    "leading": ("t_max", "steps_offset"),
     "trailing": ("t_max",),
 }
 
@@ -60,7 +60,7 @@ def _check_grid_options(grid: str | np.ndarray, options: dict[str, float]) -> No
         reads, which = (), "an explicit grid"
     ignored = [name for name in options if name not in reads]
     if ignored:
-        takes = f"it reads {', '.join(reads)} only" if reads else "it reads none of t_min, t_max, rho"
+        takes = f"it reads {', '.join(reads)} only" if reads else "it reads none of t_min, t_max, rho, steps_offset"
         raise ValueError(f"{which} ignores {', '.join(ignored)}; {takes}")
 
 
@@ -113,7 +113,9 @@ class Sampler:
             ``exponential`` and ``karras`` read both; ``linspace``, ``leading`` and ``trailing`` read ``t_max`` only
             (the last training step; their low end follows from the spacing, not from ``t_min``).
         rho: the Karras grid's exponent (default the schedule's ``rho``, else 7); only ``karras`` reads it.
-            An option the grid does not read (any of the three with explicit times) raises a ValueError.
+        steps_offset: added to every timestep of the ``leading`` grid (diffusers' ``steps_offset``: 1 in Stable
+            Diffusion's configs); only ``leading`` reads it, as in diffusers. An option the grid does not read (any
+            with explicit times) raises a ValueError.
         input_scale: per-stage factor on the state to form the model input (default 1).
         **solver_options: passed to the solver (``s_churn``, ``order``, ``variant``, ...).
     """
@@ -133,6 +135,7 @@ class Sampler:
         t_min: float | None = None,
         t_max: float | None = None,
         rho: float | None = None,
+        steps_offset: int | None = None,
         input_scale: Sequence[float] | np.ndarray | None = None,
         **solver_options,
     ):
@@ -151,7 +154,14 @@ class Sampler:
         self.steps = int(steps)
         self._guidance_scale = guidance_scale
         grid = _default_grid(schedule) if grid is None else grid
-        grid_options = {k: v for k, v in (("t_min", t_min), ("t_max", t_max), ("rho", rho)) if v is not None}
+        grid_options = {
+            k: v for k, v in (("t_min", t_min), ("t_max", t_max), ("rho", rho), ("steps_offset", steps_offset))
+            if v is not None
+        }
+        if steps_offset is not None and (
+            isinstance(steps_offset, bool) or not isinstance(steps_offset, (int, np.integer)) or steps_offset < 0
+        ):
+            raise ValueError(f"steps_offset must be a non-negative int, got {steps_offset!r}")
         if not isinstance(grid, str):
             grid = np.asarray(grid, dtype=np.float64)
         _check_grid_options(grid, grid_options)

@@ -147,3 +147,17 @@ def test_a_rescaled_schedule_is_its_base_times_c_throughout(base):
     assert ends[0].sigma[-1] == ends[1].sigma[-1] == 0.0
     np.testing.assert_allclose(ends[1].alpha, c * ends[0].alpha, rtol=1e-12)
     np.testing.assert_allclose(ends[1].sigma, c * ends[0].sigma, rtol=1e-12)
+
+
+def test_sampler_takes_diffusers_steps_offset_on_the_leading_grid():
+    """Stable Diffusion's configs set ``steps_offset=1`` with leading spacing; the Sampler passes it to the grid
+    (it was refused as a solver option), and refuses it on a grid that would ignore it."""
+    diffusers = pytest.importorskip("diffusers")
+    sched = diffusers.DDIMScheduler(timestep_spacing="leading", steps_offset=1)
+    sched.set_timesteps(20)
+    sampler = Sampler(VP(), grid="leading", steps=20, steps_offset=1)
+    np.testing.assert_array_equal(sampler.timesteps.numpy(), sched.timesteps.numpy())
+    with pytest.raises(ValueError, match="'trailing' grid ignores steps_offset"):
+        Sampler(VP(), grid="trailing", steps=20, steps_offset=1)
+    with pytest.raises(ValueError, match="steps_offset must be a non-negative int"):
+        Sampler(VP(), grid="leading", steps=20, steps_offset=0.5)
