@@ -104,6 +104,8 @@ def _check_demo_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         resolve_backend(args.backend, "cpu")  # the demo runs on the CPU
     except RuntimeError as exc:
         parser.error(f"--backend {args.backend}: {exc}")
+    if Path(args.out).is_dir():
+        parser.error(f"--out {args.out} is a directory; give the figure's file path")
     formats = _figure_formats()
     suffix = Path(args.out).suffix.lower().lstrip(".")
     if formats is not None and suffix not in formats:  # found before the samplers run, not when saving

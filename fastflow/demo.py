@@ -82,12 +82,13 @@ def run_demo(out: str | Path = "fastflow-demo.png", n: int = 2000, seed: int = 0
         if run.label in FIGURE_RUNS and run.label not in paths:
             paths[run.label] = (path, sampler)
     print(f"{'two true draws (floor)':24s} {'':28s} {'':5s} {'':5s} {floor:11.4f}")
-    _figure(Path(out), mixture, truth, paths)
-    print(f"figure: {out}")
+    if _figure(Path(out), mixture, truth, paths):
+        print(f"figure: {out}")
     return rows
 
 
-def _figure(out: Path, mixture: GaussianMixture, truth: torch.Tensor, paths: dict) -> None:
+def _figure(out: Path, mixture: GaussianMixture, truth: torch.Tensor, paths: dict) -> bool:
+    """Write the figure; False (said why) without matplotlib."""
     try:
         import matplotlib
 
@@ -95,7 +96,7 @@ def _figure(out: Path, mixture: GaussianMixture, truth: torch.Tensor, paths: dic
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib is not installed; skipping the figure (pip install fastflow[demo])")
-        return
+        return False
     fig, axes = plt.subplots(1, len(paths), figsize=(5 * len(paths), 5), squeeze=False)
     for ax, (label, (path, sampler)) in zip(axes[0], paths.items(), strict=True):
         # Plot z / sqrt(alpha^2 + sigma^2): every schedule's state at a common, unit scale.
@@ -115,3 +116,4 @@ def _figure(out: Path, mixture: GaussianMixture, truth: torch.Tensor, paths: dic
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)
+    return True

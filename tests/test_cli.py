@@ -1,5 +1,7 @@
 """The command line: `fastflow info` and `fastflow demo`."""
 
+import sys
+
 import pytest
 import torch
 
@@ -71,6 +73,23 @@ def test_demo_refuses_bad_arguments(capsys, args, message):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "usage: fastflow demo" in err and message in err
+
+
+def test_demo_refuses_an_out_that_is_a_directory(capsys, tmp_path):
+    """Found before the samplers run (it failed in savefig after all of them)."""
+    folder = tmp_path / "figure.png"
+    folder.mkdir()
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["demo", "--out", str(folder)])
+    assert exc.value.code == 2 and "is a directory" in capsys.readouterr().err
+
+
+def test_demo_without_matplotlib_names_no_figure(capsys, monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setattr(demo, "RUNS", demo.RUNS[:1])
+    demo.run_demo(tmp_path / "f.png", n=50)
+    out = capsys.readouterr().out
+    assert "skipping the figure" in out and "figure:" not in out and not (tmp_path / "f.png").exists()
 
 
 class CudaOnly(TorchBackend):
