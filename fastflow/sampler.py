@@ -410,11 +410,17 @@ def sample(
     stage ``i``, whose model call was at time ``t``. A callback taking fewer positional
     parameters gets the first ones (``callback(i)``, ``callback(i, t)``); one taking
     ``*args`` gets all three.
+
+    The first model call gets ``noise`` itself when the first stage's input scale is 1 and no ``model_dtype``
+    casts it (as a diffusers loop passes its latents): a model that writes into its input changes the caller's
+    tensor.
     """
     if not isinstance(sampler, Sampler):
         raise TypeError(f"sampler must be a fastflow Sampler, got {type(sampler).__name__}")
     if not isinstance(noise, torch.Tensor):
         raise TypeError(f"noise must be the initial state as a torch.Tensor, got {type(noise).__name__}")
+    if not noise.is_floating_point():
+        raise TypeError(f"noise, the initial state, must be a floating-point tensor, got {noise.dtype}")
     if not callable(model_fn):
         raise TypeError(f"model_fn must be callable as model_fn(z_in, t), got {type(model_fn).__name__}")
     z = noise

@@ -322,6 +322,8 @@ def test_sample_names_a_misplaced_argument():
         ff.sample(z, lambda z, t: z, s)
     with pytest.raises(TypeError, match="noise must be the initial state as a torch.Tensor, got ndarray"):
         ff.sample(lambda z, t: z, z.numpy(), s)
+    with pytest.raises(TypeError, match="initial state, must be a floating-point tensor, got torch.int64"):
+        ff.sample(lambda z, t: z, z.long(), s)
 
 
 def test_seeds_for_another_batch_are_named_as_such():

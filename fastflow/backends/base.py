@@ -209,7 +209,8 @@ class Backend:
         """fastflow's noise for each seed (:func:`fastflow.noise.normal`, the numbers a stage with ``use_noise``
         draws at row ``step``), for front ends that need a stage's noise outside its kernel. This default is the
         torch spec (any device; ``step`` may be a device tensor); kernels with a noise path of their own override
-        it."""
+        it. Those draw the float32 normals their kernels add, so a float64 ``dtype`` there holds float32 values
+        (within about 1e-7 of the spec's float64 normals)."""
         from ..noise import normal
 
         return normal(seeds, sample_shape, step=step, tag=tag, dtype=dtype)
