@@ -210,7 +210,7 @@ class Backend:
         draws at row ``step``), for front ends that need a stage's noise outside its kernel. This default is the
         torch spec (any device; ``step`` may be a device tensor); kernels with a noise path of their own override
         it. Those draw the float32 normals their kernels add, so a float64 ``dtype`` there holds float32 values
-        (within about 1e-7 of the spec's float64 normals)."""
+        (the spec's float64 normals to float32 round-off)."""
         from ..noise import normal
 
         return normal(seeds, sample_shape, step=step, tag=tag, dtype=dtype)
