@@ -39,7 +39,8 @@ def _say(msg: str) -> None:
 
 
 def _cuda_archs() -> list[str]:
-    """Architectures like ``["9.0"]`` from FASTFLOW_CUDA_ARCHS or TORCH_CUDA_ARCH_LIST (sm_90, 90, 9.0 all work)."""
+    """Architectures like ``["9.0"]`` from FASTFLOW_CUDA_ARCHS or TORCH_CUDA_ARCH_LIST (sm_90, 90, 9.0 all work;
+    an arch-specific ``90a`` or family ``120f`` keeps its letter: ``9.0a``, ``12.0f``)."""
     raw = os.environ.get("FASTFLOW_CUDA_ARCHS") or os.environ.get("TORCH_CUDA_ARCH_LIST") or "9.0"
     archs = []
     for tok in raw.replace(",", ";").replace(" ", ";").split(";"):
@@ -48,9 +49,11 @@ def _cuda_archs() -> list[str]:
             continue
         ptx = tok.endswith("+ptx")
         tok = tok.removesuffix("+ptx")
+        letter = tok[-1] if tok[-1] in "af" else ""
+        tok = tok.removesuffix(letter) if letter else tok
         if "." not in tok:
             tok = f"{tok[:-1]}.{tok[-1]}"
-        archs.append(tok + ("+PTX" if ptx else ""))
+        archs.append(tok + letter + ("+PTX" if ptx else ""))
     return archs
 
 

@@ -53,76 +53,6 @@ at::Tensor empty_output(at::IntArrayRef sizes, at::ScalarType dtype, c10::Device
   return at::empty(sizes, at::TensorOptions().dtype(dtype).device(device));
 }
 
-// A written tensor that overlaps an input in part is refused (ValueError, as fastflow.backends.base.check_out_overlap
-// does): the kernels run block by block, so an element could be overwritten before another block reads it. The same
-// bytes with the same element size (`out` is `z`) are fine, as each element is read before it is written. Only
-// contiguous tensors are compared: step_host.h reads a copy of any other input and writes any other output through
-// a temporary. A paired model output is read as two halves, each compared alone. Metadata and pointers only.
-void refuse_partial_overlap(const char* name, const at::Tensor& written, const at::Tensor& z,
-                            const at::Tensor& model_out, const std::optional<at::Tensor>& model_out_uncond,
-                            at::TensorList history, const std::optional<at::Tensor>& noise, bool use_noise,
-                            bool paired) {
-  if (!(written.is_cpu() || written.is_cuda()) || !written.is_contiguous() || written.numel() == 0) return;
-  const auto* w0 = static_cast<const char*>(written.data_ptr());
-  const auto* w1 = w0 + written.numel() * written.element_size();
-  auto refuse = [&](const char* what, const char* t0, const char* t1, int64_t item) {
-    const bool same = t0 == w0 && t1 == w1 && item == written.element_size();
-    TORCH_CHECK_VALUE(!(t0 < w1 && w0 < t1) || same, "fastflow: ", name, " overlaps ", what,
-                      " in part; the kernels write block by block, so pass a separate tensor or exactly the same one");
-  };
-  auto compare = [&](const char* what, const at::Tensor& t, bool halves = false) {
-    if (t.is_same(written) || !t.is_contiguous() || t.numel() == 0 || t.device() != written.device()) return;
-    const auto* t0 = static_cast<const char*>(t.data_ptr());
-    const int64_t bytes = t.numel() * t.element_size();
-    if (halves) {
-      refuse("the unconditional half of the model output", t0, t0 + bytes / 2, t.element_size());
-      refuse("the conditional half of the model output", t0 + bytes / 2, t0 + bytes, t.element_size());
-    } else {
-      refuse(what, t0, t0 + bytes, t.element_size());
-    }
-  };
-  compare("the state", z);
-  compare("the model output", model_out, paired);
-  if (model_out_uncond.has_value()) compare("the unconditional model output", *model_out_uncond);
-  for (const at::Tensor& h : history) compare("a history tensor", h);
-  if (use_noise && noise.has_value()) compare("the noise", *noise);
-}
-
-// Refuse two outputs that overlap each other in part (the state's and x_hat's, say): each is written block by
-// block, so which value an element ends with would depend on the launch. The same tensor twice is fine.
-void refuse_outputs_overlap(const at::Tensor& out, const std::optional<at::Tensor>& x_out,
-                            const std::optional<at::Tensor>& model_in_out) {
-  const at::Tensor* outputs[3] = {&out, x_out.has_value() ? &*x_out : nullptr,
-                                  model_in_out.has_value() ? &*model_in_out : nullptr};
-  const char* names[3] = {"out", "x_out", "model_in_out"};
-  for (int i = 0; i < 3; ++i) {
-    for (int j = i + 1; j < 3; ++j) {
-      const at::Tensor* a = outputs[i];
-      const at::Tensor* b = outputs[j];
-      if (a == nullptr || b == nullptr || a->is_same(*b) || a->numel() == 0 || b->numel() == 0) continue;
-      if (a->device() != b->device() || !(a->is_cpu() || a->is_cuda())) continue;
-      const auto* a0 = static_cast<const char*>(a->data_ptr());
-      const auto* b0 = static_cast<const char*>(b->data_ptr());
-      // spans from the storage offsets of the elements at both ends, any strides
-      const auto span = [](const at::Tensor& t, const char* p0) {
-        int64_t lo = 0, hi = 0;
-        for (int64_t d = 0; d < t.dim(); ++d) {
-          const int64_t reach = (t.size(d) - 1) * t.stride(d);
-          (reach < 0 ? lo : hi) += reach;
-        }
-        return std::make_pair(p0 + lo * t.element_size(), p0 + (hi + 1) * t.element_size());
-      };
-      const auto [a_lo, a_hi] = span(*a, a0);
-      const auto [b_lo, b_hi] = span(*b, b0);
-      const bool same = a_lo == b_lo && a_hi == b_hi && a->element_size() == b->element_size() &&
-                        a->strides() == b->strides() && a->sizes() == b->sizes();
-      TORCH_CHECK_VALUE(!(a_lo < b_hi && b_lo < a_hi) || same, "fastflow: ", names[i], " and ", names[j],
-                        " overlap in part; the kernels write each block by block, so pass separate tensors or the "
-                        "same one");
-    }
-  }
-}
-
 // The operator's body without the dispatcher: prepare the launch (a paired model
 // output read in place, see step_host.h) and run the kernel of the state's device.
 void run_step(const at::Tensor& z, const at::Tensor& out, const at::Tensor& model_out,
@@ -156,15 +86,7 @@ void fused_step_direct(const at::Tensor& z, const at::Tensor& out, const at::Ten
                        const std::optional<at::Tensor>& seeds, const std::optional<at::Tensor>& noise,
                        const std::optional<at::Tensor>& x_out, const std::optional<at::Tensor>& model_in_out,
                        std::optional<double> clip, bool use_noise) {
-  refuse_partial_overlap("out", out, z, model_out, model_out_uncond, history, noise, use_noise, false);
-  refuse_outputs_overlap(out, x_out, model_in_out);
-  if (x_out.has_value()) {
-    refuse_partial_overlap("x_out", *x_out, z, model_out, model_out_uncond, history, noise, use_noise, false);
-  }
-  if (model_in_out.has_value()) {
-    refuse_partial_overlap("model_in_out", *model_in_out, z, model_out, model_out_uncond, history, noise, use_noise,
-                           false);
-  }
+  fastflow::refuse_overlaps(z, out, model_out, model_out_uncond, history, noise, x_out, model_in_out, use_noise);
   run_step(z, out, model_out, model_out_uncond, history, table, step, step_tensor, seeds, noise, x_out, model_in_out,
            clip, use_noise, false);
 }
@@ -187,7 +109,7 @@ std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> fus
     bool paired) {
   const c10::Device device = z.device();
   if (out.has_value()) {  // the out= path only: a fresh output overlaps nothing
-    refuse_partial_overlap("out", *out, z, model_out, model_out_uncond, history, noise, use_noise, paired);
+    fastflow::refuse_partial_overlap("out", *out, z, model_out, model_out_uncond, history, noise, use_noise, paired);
   }
   const at::Tensor next = out.has_value() ? *out : empty_output(z.sizes(), z.scalar_type(), device);
   std::optional<at::Tensor> x_out;
@@ -264,7 +186,7 @@ PyObject* fused_step_alloc_py(PyObject* /*module*/, PyObject* const* args, Py_ss
   if (THPVariable_Check(args[6])) {
     step_tensor = THPVariable_Unpack(args[6]);
   } else {
-    TORCH_CHECK_TYPE(PyLong_Check(args[6]) || PyIndex_Check(args[6]),
+    TORCH_CHECK_TYPE(!PyBool_Check(args[6]) && (PyLong_Check(args[6]) || PyIndex_Check(args[6])),
                      "fastflow._C.fused_step_alloc: step must be an int or a tensor, got ", Py_TYPE(args[6])->tp_name);
     step = PyLong_AsLongLong(args[6]);  // calls __index__ for integer types that are not int
     if (step == -1 && PyErr_Occurred()) throw python_error();

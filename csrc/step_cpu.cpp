@@ -215,6 +215,7 @@ void fused_step_cpu(const at::Tensor& z, const at::Tensor& out, const at::Tensor
                     const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& x_out,
                     const std::optional<at::Tensor>& model_in_out, std::optional<double> clip, bool use_noise) {
   TORCH_CHECK(z.device().is_cpu(), "fastflow: the CPU kernel got a tensor on ", z.device());
+  refuse_overlaps(z, out, model_out, model_out_uncond, history, noise, x_out, model_in_out, use_noise);
   PreparedStep s = prepare_step(z, out, model_out, model_out_uncond, history, table, step, step_tensor, seeds, noise,
                                 x_out, model_in_out, clip, use_noise);
   run_prepared_cpu(s);
@@ -237,8 +238,11 @@ at::Tensor noise_cpu(const at::Tensor& seeds, at::IntArrayRef sample_shape, int6
   if (step_tensor.has_value()) {
     TORCH_CHECK(step_tensor->numel() == 1 && step_tensor->device().is_cpu(),
                 "fastflow: the step tensor must be one element on the CPU");
+    TORCH_CHECK_TYPE(step_tensor->scalar_type() == at::kLong || step_tensor->scalar_type() == at::kInt,
+                     "fastflow: the step tensor must be int64 or int32");
     step = step_tensor->to(at::kLong).item<int64_t>();  // a CPU read is not a device sync
   }
+  check_noise_counters(step, tag);
   std::vector<int64_t> shape{seeds.size(0)};
   shape.insert(shape.end(), sample_shape.begin(), sample_shape.end());
   at::Tensor result = at::empty(shape, seeds.options().dtype(at::kFloat));
@@ -275,6 +279,7 @@ at::Tensor philox_cpu(const at::Tensor& counter, const at::Tensor& key, int64_t 
   const int64_t* cp = c.data_ptr<int64_t>();
   const int64_t* kp = k.data_ptr<int64_t>();
   int64_t* rp = result.data_ptr<int64_t>();
+  check_philox_rounds(rounds);
   const int r = static_cast<int>(rounds);
   at::parallel_for(0, c.numel() / 4, 4096, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {

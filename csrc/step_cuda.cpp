@@ -33,6 +33,7 @@ void fused_step_cuda(const at::Tensor& z, const at::Tensor& out, const at::Tenso
                      const std::optional<at::Tensor>& x_out, const std::optional<at::Tensor>& model_in_out,
                      std::optional<double> clip, bool use_noise) {
   TORCH_CHECK(z.is_cuda(), "fastflow: the CUDA kernel got a tensor on ", z.device());
+  refuse_overlaps(z, out, model_out, model_out_uncond, history, noise, x_out, model_in_out, use_noise);
   const c10::cuda::CUDAGuard guard(z.device());
   PreparedStep s = prepare_step(z, out, model_out, model_out_uncond, history, table, step, step_tensor, seeds, noise,
                                 x_out, model_in_out, clip, use_noise);
@@ -50,6 +51,7 @@ at::Tensor noise_cuda(const at::Tensor& seeds, at::IntArrayRef sample_shape, int
                       const std::optional<at::Tensor>& step_tensor, int64_t tag) {
   TORCH_CHECK(seeds.is_cuda() && seeds.scalar_type() == at::kLong && seeds.dim() == 1,
               "fastflow: seeds must be a 1-D int64 CUDA tensor");
+  check_noise_counters(step_tensor.has_value() ? 0 : step, tag);  // a device step is read by the kernel
   const c10::cuda::CUDAGuard guard(seeds.device());
   const void* step_ptr = nullptr;
   int step_is_int32 = 0;
@@ -81,6 +83,7 @@ at::Tensor philox_cuda(const at::Tensor& counter, const at::Tensor& key, int64_t
   TORCH_CHECK(counter.dim() >= 1 && counter.size(-1) == 4 && key.dim() >= 1 && key.size(-1) == 2 &&
                   counter.numel() / 4 == key.numel() / 2,
               "fastflow: philox wants counter [..., 4] and key [..., 2] with as many rows");
+  check_philox_rounds(rounds);
   const c10::cuda::CUDAGuard guard(counter.device());
   const at::Tensor c = counter.contiguous();
   const at::Tensor k = key.contiguous();

@@ -17,6 +17,7 @@
 
 #include <array>
 #include <cstdint>
+#include <limits>
 #include <optional>
 #include <utility>
 #include <vector>
@@ -65,6 +66,104 @@ inline void check_like(const at::Tensor& z, const at::Tensor& t, const char* nam
 inline bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
 
 }  // namespace detail
+
+// A written tensor that overlaps an input in part is refused (ValueError, as fastflow.backends.base.check_out_overlap
+// does): the kernels run block by block, so an element could be overwritten before another block reads it. The same
+// bytes with the same element size (`out` is `z`) are fine, as each element is read before it is written. Only
+// contiguous tensors are compared: step_host.h reads a copy of any other input and writes any other output through
+// a temporary. A paired model output is read as two halves, each compared alone. Metadata and pointers only.
+inline void refuse_partial_overlap(const char* name, const at::Tensor& written, const at::Tensor& z,
+                            const at::Tensor& model_out, const std::optional<at::Tensor>& model_out_uncond,
+                            at::TensorList history, const std::optional<at::Tensor>& noise, bool use_noise,
+                            bool paired) {
+  if (!(written.is_cpu() || written.is_cuda()) || !written.is_contiguous() || written.numel() == 0) return;
+  const auto* w0 = static_cast<const char*>(written.data_ptr());
+  const auto* w1 = w0 + written.numel() * written.element_size();
+  auto refuse = [&](const char* what, const char* t0, const char* t1, int64_t item) {
+    const bool same = t0 == w0 && t1 == w1 && item == written.element_size();
+    TORCH_CHECK_VALUE(!(t0 < w1 && w0 < t1) || same, "fastflow: ", name, " overlaps ", what,
+                      " in part; the kernels write block by block, so pass a separate tensor or exactly the same one");
+  };
+  auto compare = [&](const char* what, const at::Tensor& t, bool halves = false) {
+    if (t.is_same(written) || !t.is_contiguous() || t.numel() == 0 || t.device() != written.device()) return;
+    const auto* t0 = static_cast<const char*>(t.data_ptr());
+    const int64_t bytes = t.numel() * t.element_size();
+    if (halves) {
+      refuse("the unconditional half of the model output", t0, t0 + bytes / 2, t.element_size());
+      refuse("the conditional half of the model output", t0 + bytes / 2, t0 + bytes, t.element_size());
+    } else {
+      refuse(what, t0, t0 + bytes, t.element_size());
+    }
+  };
+  compare("the state", z);
+  compare("the model output", model_out, paired);
+  if (model_out_uncond.has_value()) compare("the unconditional model output", *model_out_uncond);
+  for (const at::Tensor& h : history) compare("a history tensor", h);
+  if (use_noise && noise.has_value()) compare("the noise", *noise);
+}
+
+// Refuse two outputs that overlap each other in part (the state's and x_hat's, say): each is written block by
+// block, so which value an element ends with would depend on the launch. The same tensor twice is fine.
+inline void refuse_outputs_overlap(const at::Tensor& out, const std::optional<at::Tensor>& x_out,
+                            const std::optional<at::Tensor>& model_in_out) {
+  const at::Tensor* outputs[3] = {&out, x_out.has_value() ? &*x_out : nullptr,
+                                  model_in_out.has_value() ? &*model_in_out : nullptr};
+  const char* names[3] = {"out", "x_out", "model_in_out"};
+  for (int i = 0; i < 3; ++i) {
+    for (int j = i + 1; j < 3; ++j) {
+      const at::Tensor* a = outputs[i];
+      const at::Tensor* b = outputs[j];
+      if (a == nullptr || b == nullptr || a->is_same(*b) || a->numel() == 0 || b->numel() == 0) continue;
+      if (a->device() != b->device() || !(a->is_cpu() || a->is_cuda())) continue;
+      const auto* a0 = static_cast<const char*>(a->data_ptr());
+      const auto* b0 = static_cast<const char*>(b->data_ptr());
+      // spans from the storage offsets of the elements at both ends, any strides
+      const auto span = [](const at::Tensor& t, const char* p0) {
+        int64_t lo = 0, hi = 0;
+        for (int64_t d = 0; d < t.dim(); ++d) {
+          const int64_t reach = (t.size(d) - 1) * t.stride(d);
+          (reach < 0 ? lo : hi) += reach;
+        }
+        return std::make_pair(p0 + lo * t.element_size(), p0 + (hi + 1) * t.element_size());
+      };
+      const auto [a_lo, a_hi] = span(*a, a0);
+      const auto [b_lo, b_hi] = span(*b, b0);
+      const bool same = a_lo == b_lo && a_hi == b_hi && a->element_size() == b->element_size() &&
+                        a->strides() == b->strides() && a->sizes() == b->sizes();
+      TORCH_CHECK_VALUE(!(a_lo < b_hi && b_lo < a_hi) || same, "fastflow: ", names[i], " and ", names[j],
+                        " overlap in part; the kernels write each block by block, so pass separate tensors or the "
+                        "same one");
+    }
+  }
+}
+
+// Every tensor a fused_step call writes, against its inputs and against each other: the eager entry and the
+// registered operators (a traced step calls the operator) refuse the same calls.
+inline void refuse_overlaps(const at::Tensor& z, const at::Tensor& out, const at::Tensor& model_out,
+                            const std::optional<at::Tensor>& model_out_uncond, at::TensorList history,
+                            const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& x_out,
+                            const std::optional<at::Tensor>& model_in_out, bool use_noise) {
+  refuse_partial_overlap("out", out, z, model_out, model_out_uncond, history, noise, use_noise, false);
+  refuse_outputs_overlap(out, x_out, model_in_out);
+  if (x_out.has_value()) {
+    refuse_partial_overlap("x_out", *x_out, z, model_out, model_out_uncond, history, noise, use_noise, false);
+  }
+  if (model_in_out.has_value()) {
+    refuse_partial_overlap("model_in_out", *model_in_out, z, model_out, model_out_uncond, history, noise, use_noise,
+                           false);
+  }
+}
+
+// The noise operators' host counters: the spec's words are 32 bits (the Python wrappers check the same).
+inline void check_noise_counters(int64_t step, int64_t tag) {
+  TORCH_CHECK_VALUE(step >= 0 && step <= 0xFFFFFFFFLL, "fastflow: the noise step must be in [0, 2**32), got ", step);
+  TORCH_CHECK_VALUE(tag >= 0 && tag <= 0xFFFFFFFFLL, "fastflow: the noise tag must be in [0, 2**32), got ", tag);
+}
+
+// Philox rounds as the raw operator takes them (the spec uses 10).
+inline void check_philox_rounds(int64_t rounds) {
+  TORCH_CHECK_VALUE(rounds >= 0 && rounds <= 64, "fastflow: philox rounds must be in [0, 64], got ", rounds);
+}
 
 inline PreparedStep prepare_step(const at::Tensor& z, const at::Tensor& out, const at::Tensor& model_out,
                                  const std::optional<at::Tensor>& model_out_uncond, at::TensorList history,
@@ -186,6 +285,9 @@ inline PreparedStep prepare_step(const at::Tensor& z, const at::Tensor& out, con
   if (clip.has_value()) {
     // NaN fails the test too: a clip that is not positive has no one clamp every backend agrees on
     TORCH_CHECK_VALUE(*clip > 0, "fastflow: clip must be a positive number or None, got ", *clip);
+    TORCH_CHECK_VALUE(s.compute_double || *clip <= static_cast<double>(std::numeric_limits<float>::max()),
+                      "fastflow: clip ", *clip, " is past float32's range, which a ", z.scalar_type(),
+                      " state computes in");
     p.has_clip = 1;
     p.clip = *clip;
   }

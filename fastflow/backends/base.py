@@ -362,10 +362,18 @@ def check_outputs_overlap(
                 )
 
 
-def check_clip(clip: float | None) -> None:
-    """A clip every backend clamps alike: positive (the C++ entries refuse the same; NaN fails the test too)."""
-    if clip is not None and not clip > 0:
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def check_clip(clip: float | None, state_dtype: torch.dtype | None = None) -> None:
+    """A clip every backend clamps alike: positive (the C++ entries refuse the same; NaN fails the test too), and
+    within float32's range unless the state is float64 (the arithmetic it clamps in)."""
+    if clip is None:
+        return
+    if not clip > 0:
         raise ValueError(f"fastflow: clip must be a positive number or None, got {clip}")
+    if state_dtype is not torch.float64 and clip > _FLOAT32_MAX:
+        raise ValueError(f"fastflow: clip {clip} is past float32's range, which a {state_dtype} state computes in")
 
 
 def step_int(step: object) -> int:

@@ -70,12 +70,14 @@ def _try_load() -> str | None:
         why = "" if info is None else f" ({info.get('reason')})"
         return (
             "the C++/CUDA extension fastflow._C is not built"
-            f"{why}; build it with `pip install --no-build-isolation -e .` where torch is installed"
+            f"{why}; install the binary wheel built for this torch, or build it where torch is installed: "
+            "`pip install --no-build-isolation .` in a checkout or on the sdist"
         )
     if info.get("torch") != torch.__version__:
         return (
             f"fastflow._C was built for torch {info.get('torch')} but torch {torch.__version__} is running; "
-            "rebuild it (`pip install --no-build-isolation -e .`)"
+            "install the binary wheel built for this torch, or rebuild it (`pip install --no-build-isolation .` "
+            "in a checkout or on the sdist)"
         )
     try:
         module = importlib.import_module("fastflow._C")
@@ -114,6 +116,21 @@ def has_cuda_kernels() -> bool:
     return _load() is None and _STATE["cuda"]
 
 
+def _parse_arch(arch: str) -> tuple[int, int, bool, bool] | None:
+    """``(major, minor, arch-specific, PTX)`` of a recorded arch (``9.0``, ``9.0a``, ``12.0f``, ``8.0+PTX``; also
+    ``90a`` as older builds recorded it), or None for a spelling it does not know."""
+    ptx = arch.endswith("+PTX")
+    core = arch.removesuffix("+PTX").lower()
+    letter = core[-1:] if core[-1:] in ("a", "f") else ""
+    core = core.removesuffix(letter) if letter else core
+    if "." not in core:
+        core = f"{core[:-1]}.{core[-1:]}"
+    major, _, minor = core.partition(".")
+    if not (major.isdigit() and minor.isdigit()):
+        return None
+    return int(major), int(minor), letter == "a", ptx
+
+
 def _arch_reason(device: torch.device) -> str | None:
     """None when the build's CUDA archs can run on ``device``, else why not (cached per device)."""
     cache = _STATE.setdefault("arch", {})
@@ -123,10 +140,16 @@ def _arch_reason(device: torch.device) -> str | None:
         archs = (build_info() or {}).get("cuda_archs") or []
         ok = not archs  # unknown: let the launch report it
         for arch in archs:
-            ptx = arch.endswith("+PTX")
-            a_major, a_minor = (int(v) for v in arch.removesuffix("+PTX").rstrip("a").split("."))
-            # SASS runs on the same major version with an equal or newer minor; PTX on anything newer.
-            if (a_major == major and a_minor <= minor) or (ptx and (a_major, a_minor) <= (major, minor)):
+            found = _parse_arch(arch)
+            if found is None:  # a spelling this check does not know: let the launch report it
+                ok = True
+                continue
+            a_major, a_minor, specific, ptx = found
+            # SASS runs on the same major version with an equal or newer minor (an arch-specific "a" build on that
+            # arch only); PTX on anything newer.
+            if (a_major == major and (a_minor == minor if specific else a_minor <= minor)) or (
+                ptx and (a_major, a_minor) <= (major, minor)
+            ):
                 ok = True
         cache[index] = (
             None

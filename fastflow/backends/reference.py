@@ -47,7 +47,7 @@ class TorchBackend(Backend):
         check_step_args(
             z, out, model_out, model_out_uncond, history, table, seeds, noise, x_out, model_in_out, use_noise
         )
-        check_clip(clip)
+        check_clip(clip, z.dtype)
         if check_overlap and z.device.type != "meta" and not torch.compiler.is_compiling():  # (fake: no memory)
             # whole-tensor ops would get these right; the kernels refuse them, and the backends must agree
             check_outputs_overlap(out, x_out, model_in_out, z, model_out, model_out_uncond, history,

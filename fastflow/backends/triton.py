@@ -124,7 +124,7 @@ class TritonBackend(Backend):
         check_step_args(
             z, out, model_out, model_out_uncond, history, table, seeds, noise, x_out, model_in_out, use_noise
         )
-        check_clip(clip)
+        check_clip(clip, z.dtype)
         if check_overlap and not torch.compiler.is_compiling():  # fake tensors have no memory to compare
             check_outputs_overlap(out, x_out, model_in_out, z, model_out, model_out_uncond, history,
                                   noise if use_noise else None)

@@ -155,6 +155,50 @@ def test_outputs_overlapping_an_input_in_part_are_refused(cb, written):
     assert torch.equal(z, want)
 
 
+def test_the_registered_operator_refuses_what_the_eager_entry_refuses(cb):
+    """A traced step calls torch.ops.fastflow.fused_step: an out one element off the state was written there block by
+    block (wrong numbers), where the eager entry raised."""
+    n = 1031
+    case = make_case((2, n), torch.float32, torch.float32, guided=False, hist=0, noise="none")
+    buf = torch.zeros(2 * n + 1)
+    buf[:-1] = case.z.flatten()
+    z, shifted = buf[:-1].view(2, n), buf[1:].view(2, n)
+    with pytest.raises(ValueError, match="out overlaps the state in part"):
+        torch.ops.fastflow.fused_step(z, shifted, case.model_out, None, [], case.table, case.step, None, None, None,
+                                      None, None, None, False)
+    x = torch.empty(2 * n + 1)
+    with pytest.raises(ValueError, match="out and x_out overlap in part"):
+        torch.ops.fastflow.fused_step(case.z, x[:-1].view(2, n), case.model_out, None, [], case.table, case.step,
+                                      None, None, None, x[1:].view(2, n), None, None, False)
+
+
+def test_operators_refuse_bad_counters_and_clips(cb):
+    """Inputs the Python wrappers and the reference refuse, refused by the raw operators and entries too (a bool
+    step was row 1, a float step tensor was truncated, a counter past 32 bits wrapped, rounds were cast, a clip past
+    float32 clamped nothing)."""
+    alloc = cb.alloc_entry()
+    case = make_case((2, 3, 8), torch.float32, torch.float32, hist=0, noise="none")
+    with pytest.raises(TypeError, match="step must be an int or a tensor, got bool"):
+        alloc(case.z, None, case.model_out, None, [], case.table, True, None, None, False, None, None, False, None,
+              False, False)
+    seeds = torch.tensor([1, 2])
+    with pytest.raises(TypeError, match="step tensor must be int64 or int32"):
+        torch.ops.fastflow.noise(seeds, [4], 0, torch.tensor(2.7), 0)
+    for step, tag in ((2**32, 0), (-1, 0), (0, 2**32)):
+        with pytest.raises(ValueError, match="must be in \\[0, 2\\*\\*32\\)"):
+            torch.ops.fastflow.noise(seeds, [4], step, None, tag)
+    counter, key = torch.zeros(1, 4, dtype=torch.int64), torch.zeros(1, 2, dtype=torch.int64)
+    for rounds in (-5, 2**32 + 10):
+        with pytest.raises(ValueError, match="philox rounds must be in"):
+            torch.ops.fastflow.philox(counter, key, rounds)
+    for backend in (cb, REF):
+        with pytest.raises(ValueError, match="clip 1e\\+300 is past float32's range"):
+            backend.fused_step(case.z, torch.empty_like(case.z), case.model_out, None, [], case.table, case.step,
+                               clip=1e300)
+    z64 = case.z.double()
+    cb.fused_step(z64, torch.empty_like(z64), case.model_out, None, [], case.table, case.step, clip=1e300)
+
+
 def test_step_tensor_equals_int(cb):
     """Graph mode (the step read from a tensor) gives the same numbers and the same noise as a Python int."""
     case = make_case((2, 50), torch.float32, torch.float32, noise="philox", mi="dup-fp16", x_dtype=torch.float32)
@@ -554,6 +598,11 @@ def test_entry_is_the_binding_with_a_traced_stand_in(cb):
         (["8.0"], (9, 0), False),
         (["8.0+PTX"], (9, 0), True),
         (["8.0", "9.0"], (9, 0), True),
+        (["9.0a"], (9, 0), True),
+        (["9.0a"], (9, 1), False),  # arch-specific: that arch only
+        (["10.0a", "12.0f"], (12, 1), True),
+        (["12.0f"], (10, 0), False),
+        (["90.a"], (8, 0), True),  # a spelling older builds recorded: left to the launch to report
     ],
 )
 def test_arch_check(monkeypatch, archs, cap, ok):

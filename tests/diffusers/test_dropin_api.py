@@ -295,6 +295,14 @@ def test_from_scheduler_unsupported_names_the_class():
         ffd.from_scheduler(diffusers.RePaintScheduler())
 
 
+def test_without_diffusers_the_error_names_the_extra():
+    code = "import sys; sys.modules['diffusers'] = None\nimport fastflow.diffusers\n"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert out.returncode != 0 and "pip install 'fastflow[diffusers]'" in out.stderr, out.stderr[-500:]
+    code = "import sys; sys.modules['diffusers'] = None\nimport fastflow; fastflow.Sampler(fastflow.VP())\n"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0  # the core needs none
+
+
 def test_without_torchsde_the_two_classes_that_need_it_are_named_missing():
     """diffusers' DPM-Solver SDE and cosine DPM-Solver modules import torchsde: without it the other drop-ins
     import, ``import *`` works and the two say what they need."""
