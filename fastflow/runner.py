@@ -121,14 +121,14 @@ class PlanRunner:
             self._tables[key] = self.plan.table(device, dtype)
         return self._tables[key]
 
-    def warm(self, device: torch.device | str) -> None:
-        """Resolve the backend for states on ``device`` (float32, float16, bfloat16) before the first step,
-        which may then run under torch.compile's tracing (it cannot import a backend). A backend that does not
-        resolve is left to the first step, which raises its error."""
+    def warm(self, device: torch.device | str, also: torch.dtype | None = None) -> None:
+        """Resolve the backend for states on ``device`` (float32, float16, bfloat16, and ``also``) before the first
+        step, which may then run under torch.compile's tracing (it cannot import a backend). A backend that does
+        not resolve is left to the first step, which raises its error."""
         device = torch.device(device)
         if device.type == "cuda" and device.index is None and torch.cuda.is_available():
             device = torch.device("cuda", torch.cuda.current_device())  # as a tensor's .device reads
-        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for dtype in (torch.float32, torch.float16, torch.bfloat16, *(() if also is None else (also,))):
             with contextlib.suppress(Exception):
                 self._table_and_backend_for(device, dtype)
 

@@ -249,9 +249,11 @@ class Sampler:
         return views
 
     def prepare(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> Sampler:
-        """Upload the table and timesteps now, so the first step does no host-to-device copy."""
+        """Upload the table and timesteps and resolve the backend now, so the first step does no host-to-device copy
+        and may be traced by torch.compile (a traced step cannot import a backend)."""
         self.table(device, torch.float64 if dtype == torch.float64 else torch.float32)
         self.timesteps_on(device)
+        self.runner.warm(device, dtype)
         return self
 
     # ----------------------------------------------------------------- loop pieces

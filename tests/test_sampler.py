@@ -1,5 +1,8 @@
 """The public sampling API: every solver reachable, guidance, clipping, inputs, and clear errors."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -130,6 +133,26 @@ def test_out_that_a_later_stage_reads_is_refused(backend):
     z, x1 = multi.step(model(z, 1), z, 1, return_x0=True)
     with pytest.raises(ValueError, match="x0 of stage 1"):
         multi.step(model(z, 2), z, 2, out=x1)  # stage 3 reads x1 too
+
+
+def test_a_prepared_sampler_traces_from_its_first_step_in_a_fresh_process():
+    """prepare() resolves the backend, so the first step may be traced by torch.compile(fullgraph=True): a traced
+    step cannot import one (it failed with 'function marked as skipped')."""
+    code = (
+        "import torch, fastflow as ff\n"
+        "for backend in ('torch', 'cuda'):\n"
+        "    s = ff.Sampler(ff.VP(), 'dpm++2m', steps=3, backend=backend).prepare('cpu')\n"
+        "    step = torch.compile(s.step, fullgraph=True, backend='eager')\n"
+        "    z = zz = s.init_noise((1, 8), seed=0)\n"
+        "    for i in range(s.num_stages):\n"
+        "        z = step(torch.tanh(z), z, i)\n"
+        "    eager = ff.Sampler(ff.VP(), 'dpm++2m', steps=3, backend=backend)\n"
+        "    for i in range(eager.num_stages):\n"
+        "        zz = eager.step(torch.tanh(zz), zz, i)\n"
+        "    assert torch.equal(z, zz), backend\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
 
 
 def test_guidance_scale_is_fixed_and_backend_switches_the_steps():

@@ -82,6 +82,7 @@ _O_KIND = "o"
 _UNIT_POINT = Points(*(np.array([v]) for v in (1.0, 1.0, 1.0, 0.0, 0.0)))
 _REGISTRY: dict[str, type] = {}
 _NO_DEFAULT = object()
+_MAX_WARMED_VARIANTS = 4  # step variants beyond the default that set_timesteps builds again (see _ff_warm)
 
 
 def registry() -> dict[str, type]:
@@ -706,7 +707,7 @@ class FastflowScheduler:
             self._ff_timestep_addressed
             and type(timestep) is not torch.Tensor  # the usual case, decided before a four-type isinstance
             and isinstance(timestep, (int, float, np.integer, np.floating))
-            and self._ff_host_timesteps[idx] != float(timestep)
+            and self._ff_host_values[idx] != float(timestep)  # a list: numpy would be traced as a tensor
         ):
             idx = self._ff_locate(float(timestep))
             self._step_index = idx
@@ -748,22 +749,32 @@ class FastflowScheduler:
         if comp is None:
             comp = compile_specs(self._ff_specs(start, variant), self._ff_clip(), self.backend, start=start)
             self._ff_compiled[key] = comp
+            used = self.__dict__.setdefault("_ff_used_variants", [])
+            if variant != self._ff_default_variant and variant not in used and not torch.compiler.is_compiling():
+                used.append(variant)  # warmed by later set_timesteps calls (see _ff_warm)
+                del used[:-_MAX_WARMED_VARIANTS]
         return comp
 
     def _ff_warm(self) -> None:
-        """Compile the default variant (and ``_ff_warm_variants``) from step 0, enter its steps' calls and upload
-        its table where the timesteps live. Done in ``set_timesteps`` so that no ``step`` does host work or a copy
-        for it.
+        """Compile the default variant (and ``_ff_warm_variants``, and the last variants earlier schedules built:
+        a step with ``eta``, say) from step 0, enter its steps' calls and upload its table where the timesteps live.
+        Done in ``set_timesteps`` so that no ``step`` does host work or a copy for it, and so that a step traced by
+        torch.compile finds its plan built (building one reads numpy arrays, which a graph cannot).
         """
         if self._ff_default_variant is _NO_DEFAULT:
             return
         self._ff_set_loop_start(0)
         device = self.timesteps.device
-        for variant in (self._ff_default_variant, *self._ff_warm_variants):
+        used = self.__dict__.get("_ff_used_variants", ())
+        for variant in (self._ff_default_variant, *self._ff_warm_variants, *used):
             try:
                 runner = self._ff_stage(0, variant).runner  # every step's call, entered now
             except ValueError:  # a loop from step 0 is undefined: its first step raises (one from later may run)
                 continue
+            except Exception:  # an earlier schedule's variant this one cannot build: left to a step that asks
+                if variant in used:
+                    continue
+                raise
             if device.type != "cpu":
                 runner.table(device, torch.float32)
             runner.warm(device)  # the backend too: a first step traced by torch.compile cannot import one

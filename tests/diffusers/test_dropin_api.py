@@ -424,6 +424,32 @@ def test_torch_compile_whole_loop_from_the_first_step():
     assert torch.equal(x, xe)
 
 
+def test_torch_compile_a_step_option_in_later_loops_and_number_timesteps():
+    """A step variant other than the default (DDIM's eta with given noise) is built by set_timesteps once a loop has
+    used it, so later loops trace from their first step (its plan was built inside the trace, which fullgraph
+    refused); Python-number timesteps trace too (their check read a numpy array)."""
+    torch._dynamo.reset()
+    _, ff = pair("DDIMScheduler", **SD)
+    noise = [start_noise(10 + i) for i in range(5)]
+
+    def loop(step, number=False):
+        ff.set_timesteps(5)
+        ff.set_begin_index(0)
+        x = start_noise()
+        for i, t in enumerate(ff.timesteps):
+            t = int(t) if number else t
+            x = step(stand_in(x, t), t, x, noise[i])
+        return x
+
+    eager = lambda o, t, x, n: ff.step(o, t, x, eta=1.0, variance_noise=n).prev_sample  # noqa: E731
+    want = loop(eager)
+    compiled = torch.compile(eager, fullgraph=True, backend="eager")
+    with torch._dynamo.config.patch(recompile_limit=16):
+        assert torch.equal(loop(compiled), want)
+        torch._dynamo.reset()
+        assert torch.equal(loop(compiled, number=True), want)
+
+
 def test_torch_compile_first_step_needs_its_index():
     """Locating a loop's first step reads the timestep's value: under tracing, a CPU tensor says what to do."""
     torch._dynamo.reset()
