@@ -911,7 +911,7 @@ class FastflowScheduler:
                 pred = self._ff_eval(pred_lin, k, x, z, model_output, noise, seeds, k if row is None else row)
             else:  # a stage that keeps its x_hat for a later one returns a copy: an edit of it changes no step
                 pred = x.clone() if runner.plan.write_x[k] and not self._ff_pred_handed_back else x
-        if lane:
+        if lane and not torch.compiler.is_compiling():  # a host-time shortcut, which would guard a graph on the batch
             self._ff_update_lane(idx, variant, stage, sample, model_output, want_x, state_x_dtype, out_dtype)
         self._step_index = idx + 1
         if out_dtype is not None and out.dtype is not out_dtype:

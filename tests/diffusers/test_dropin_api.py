@@ -450,6 +450,26 @@ def test_torch_compile_a_step_option_in_later_loops_and_number_timesteps():
         assert torch.equal(loop(compiled, number=True), want)
 
 
+def test_torch_compile_dynamic_takes_a_new_batch_without_recompiling():
+    """With dynamic=True a deterministic step's graphs serve any batch (the host-time lane, bound inside the trace,
+    guarded every graph on the batch, so a new batch compiled each step again)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    _, ff = pair("DDIMScheduler", **SD)
+    step = torch.compile(lambda o, t, x: ff.step(o, t, x).prev_sample, fullgraph=True, dynamic=True,
+                         backend="eager")
+    with torch._dynamo.config.patch(recompile_limit=16):
+        for batch in (3, 5, 7):
+            ff.set_timesteps(4)
+            ff.set_begin_index(0)
+            x = torch.randn(batch, 4, 6, 10)
+            for t in ff.timesteps:
+                x = step(stand_in(x, t), t, x)
+    assert counters["stats"]["unique_graphs"] == 4
+
+
 def test_torch_compile_first_step_needs_its_index():
     """Locating a loop's first step reads the timestep's value: under tracing, a CPU tensor says what to do."""
     torch._dynamo.reset()
