@@ -273,13 +273,13 @@ at::Tensor philox_cpu(const at::Tensor& counter, const at::Tensor& key, int64_t 
   TORCH_CHECK(counter.dim() >= 1 && counter.size(-1) == 4 && key.dim() >= 1 && key.size(-1) == 2 &&
                   counter.numel() / 4 == key.numel() / 2,
               "fastflow: philox wants counter [..., 4] and key [..., 2] with as many rows");
+  check_philox_rounds(rounds);
   const at::Tensor c = counter.contiguous();
   const at::Tensor k = key.contiguous();
   at::Tensor result = at::empty(counter.sizes(), counter.options());
   const int64_t* cp = c.data_ptr<int64_t>();
   const int64_t* kp = k.data_ptr<int64_t>();
   int64_t* rp = result.data_ptr<int64_t>();
-  check_philox_rounds(rounds);
   const int r = static_cast<int>(rounds);
   at::parallel_for(0, c.numel() / 4, 4096, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {

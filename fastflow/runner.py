@@ -59,6 +59,16 @@ class HistoryShapeError(ValueError):
         )
 
 
+def broadcasts_to(shape: Sequence[int] | None, target: Sequence[int]) -> bool:
+    """Whether a tensor of ``shape`` (None: there is none) broadcasts to ``target`` exactly."""
+    if shape is None or tuple(shape) == tuple(target):
+        return True
+    try:
+        return torch.broadcast_shapes(shape, target) == target
+    except RuntimeError:
+        return False
+
+
 def _reshaped(i: int, z: torch.Tensor, history: Sequence[torch.Tensor]) -> HistoryShapeError | None:
     """The error to raise in place of a backend's shape error when stage ``i``'s state and kept history differ in
     shape (asked only after a backend raised, so the usual step pays nothing for it)."""
@@ -340,10 +350,7 @@ class PlanRunner:
         as Text2Video-Zero does; diffusers' stored history broadcasts there): expanded to it in the store, one copy
         each; False, changing nothing, where one of them does not broadcast (a trimmed state)."""
         shape = z.shape
-        try:
-            if any(torch.broadcast_shapes(t.shape, shape) != shape for t in self._store.values()):
-                return False
-        except RuntimeError:
+        if not all(broadcasts_to(t.shape, shape) for t in self._store.values()):
             return False
         for key, t in list(self._store.items()):
             if t.shape != shape:

@@ -70,7 +70,7 @@ from .. import noise as noise_spec
 from ..backends import resolve_backend
 from ..grids import Points
 from ..plan import AO, AZ, H0, MAX_HISTORY, StepPlan, compile_plan
-from ..runner import HistoryShapeError, PlanRunner, run_bound
+from ..runner import HistoryShapeError, PlanRunner, broadcasts_to, run_bound
 from ..solvers.base import NOISE, Lin, Stage, UndefinedStepError, X, Z, noise
 
 __all__ = [
@@ -133,11 +133,7 @@ def _fit_noise(noise: torch.Tensor, model_output: torch.Tensor, z: torch.Tensor)
     output broadcasts, which fastflow refuses: that is named, not the draw."""
     if model_output.shape != z.shape:
         raise ValueError(f"model output has shape {tuple(model_output.shape)}, state has {tuple(z.shape)}")
-    try:
-        fits = torch.broadcast_shapes(noise.shape, z.shape) == z.shape
-    except RuntimeError:
-        fits = False
-    if not fits:
+    if not broadcasts_to(noise.shape, z.shape):
         raise ValueError(f"the noise has shape {tuple(noise.shape)}, which does not broadcast to the sample's "
                          f"{tuple(z.shape)}")
     return noise.expand(z.shape)
@@ -441,11 +437,15 @@ class FastflowScheduler:
         except UndefinedStepError as exc:
             error = str(exc)
         else:
-            error = spec_finiteness_error(spec, i)
+            error = self._ff_finiteness_error(spec, i)
             if error is None:
                 return spec
-            error += self._ff_schedule_note()
         return StepSpec(0.0, 1.0, Z(k), error=error)
+
+    def _ff_finiteness_error(self, spec: StepSpec, i: int) -> str | None:
+        """:func:`spec_finiteness_error`, naming non-finite timesteps or sigmas of the schedule where they are why."""
+        error = spec_finiteness_error(spec, i)
+        return None if error is None else error + self._ff_schedule_note()
 
     def _ff_clip(self) -> float | None:
         return None

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ..solvers.base import Lin, eps_of
-from ._base import FastflowScheduler, StepSpec, X, Z, spec_finiteness_error
+from ._base import FastflowScheduler, StepSpec, X, Z
 from .ddim import thresholded_x0
 
 __all__ = [
@@ -259,8 +259,7 @@ class MultistepScheduler(FastflowScheduler):
                 continue
             xz, xo = (0.0, 1.0) if self._ff_thresholding else self._ff_kernel_conv[start + k]
             spec = StepSpec(xz, xo, u, draws=self._ff_draws)
-            error = spec_finiteness_error(spec, start + k)
-            error = error and error + self._ff_schedule_note()
+            error = self._ff_finiteness_error(spec, start + k)
             specs.append(spec if error is None else StepSpec(0.0, 1.0, Z(k), error=error))
         return specs
 

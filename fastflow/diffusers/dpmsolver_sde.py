@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from diffusers.schedulers import scheduling_dpmsolver_sde as _sde
 
-from ..runner import HistoryShapeError
+from ..runner import HistoryShapeError, broadcasts_to
 from ..solvers.base import UndefinedStepError
 from ._base import StepSpec, X, Z, noise, output_maker, promoted_dtype
 from ._two_call import ScaledTwoCallMixin, input_scales
@@ -54,16 +54,6 @@ def _x0_coefs(prediction: str, sigma: torch.Tensor) -> tuple[float, float]:
     if prediction == "epsilon":
         return 1.0, -float(sigma)
     return 1.0 / float(sigma**2 + 1), float(-sigma / (sigma**2 + 1) ** 0.5)
-
-
-def _broadcasts_to(shape: torch.Size | None, target: torch.Size) -> bool:
-    """Whether a tensor of ``shape`` (None: none kept) broadcasts to ``target``."""
-    if shape is None or shape == target:
-        return True
-    try:
-        return torch.broadcast_shapes(shape, target) == target
-    except RuntimeError:
-        return False
 
 
 @dataclass(frozen=True)
@@ -237,7 +227,7 @@ class DPMSolverSDEScheduler(ScaledTwoCallMixin, _sde.DPMSolverSDEScheduler):
                 "s_noise and diffusers_noise as the first call"
             )
         # The second call steps from the first call's sample, which must broadcast to this one (a larger batch).
-        if not first and interval is not None and not _broadcasts_to(self._ff_first_shape, sample.shape):
+        if not first and interval is not None and not broadcasts_to(self._ff_first_shape, sample.shape):
             raise self._ff_reshaped(HistoryShapeError(idx, tuple(sample.shape), tuple(self._ff_first_shape)))
         given = None
         if explicit:
@@ -245,7 +235,7 @@ class DPMSolverSDEScheduler(ScaledTwoCallMixin, _sde.DPMSolverSDEScheduler):
                 self._ff_make_noise_sampler(sample)
             if interval is not None:  # drawn at s_noise = 0 too, as diffusers draws it
                 draw = self.noise_sampler(*(interval.first if first else interval.second).query)
-                if not _broadcasts_to(draw.shape, sample.shape):
+                if not broadcasts_to(draw.shape, sample.shape):
                     raise ValueError(
                         f"DPMSolverSDEScheduler with diffusers_noise: diffusers' Brownian tree was made for this "
                         f"loop's first sample, of shape {tuple(draw.shape)}, and the sample now has shape "
