@@ -79,6 +79,16 @@ void run_step(const at::Tensor& z, const at::Tensor& out, const at::Tensor& mode
   fastflow::run_prepared_cpu(s);
 }
 
+// Whether an eager call releases the GIL while it runs: a CPU step is synchronous and
+// takes milliseconds at megabytes, and other Python threads (a UI, a data loader) should
+// run meanwhile, as they do during torch's own ops. Small or CUDA steps (an asynchronous
+// launch) keep it: releasing and taking it back costs a few tenths of a microsecond on
+// a host-bound loop's step.
+bool runs_long(const at::Tensor& z) {
+  constexpr int64_t kLongStepElements = int64_t{1} << 16;
+  return z.is_cpu() && z.numel() >= kLongStepElements;
+}
+
 // The operator's body as the eager entry `fastflow._C.fused_step`.
 void fused_step_direct(const at::Tensor& z, const at::Tensor& out, const at::Tensor& model_out,
                        const std::optional<at::Tensor>& model_out_uncond, const std::vector<at::Tensor>& history,
@@ -86,6 +96,8 @@ void fused_step_direct(const at::Tensor& z, const at::Tensor& out, const at::Ten
                        const std::optional<at::Tensor>& seeds, const std::optional<at::Tensor>& noise,
                        const std::optional<at::Tensor>& x_out, const std::optional<at::Tensor>& model_in_out,
                        std::optional<double> clip, bool use_noise) {
+  std::optional<pybind11::gil_scoped_release> no_gil;  // pybind11 has converted the arguments
+  if (runs_long(z)) no_gil.emplace();
   fastflow::refuse_overlaps(z, out, model_out, model_out_uncond, history, noise, x_out, model_in_out, use_noise);
   run_step(z, out, model_out, model_out_uncond, history, table, step, step_tensor, seeds, noise, x_out, model_in_out,
            clip, use_noise, false);
@@ -196,11 +208,25 @@ PyObject* fused_step_alloc_py(PyObject* /*module*/, PyObject* const* args, Py_ss
     clip = PyFloat_AsDouble(args[13]);
     if (*clip == -1.0 && PyErr_Occurred()) throw python_error();
   }
-  auto [next, x_out, model_in] = fused_step_alloc_direct(
-      tensor_arg(args, 0), optional_tensor_arg(args, 1), tensor_arg(args, 2), optional_tensor_arg(args, 3), history,
-      tensor_arg(args, 5), step, step_tensor, optional_tensor_arg(args, 7), optional_tensor_arg(args, 8),
-      bool_arg(args, 9), dtype_arg(args, 10), dtype_arg(args, 11), bool_arg(args, 12), clip, bool_arg(args, 14),
-      bool_arg(args, 15));
+  const at::Tensor& z = tensor_arg(args, 0);
+  const std::optional<at::Tensor> out = optional_tensor_arg(args, 1);
+  const at::Tensor& model_out = tensor_arg(args, 2);
+  const std::optional<at::Tensor> model_out_uncond = optional_tensor_arg(args, 3);
+  const at::Tensor& table = tensor_arg(args, 5);
+  const std::optional<at::Tensor> seeds = optional_tensor_arg(args, 7);
+  const std::optional<at::Tensor> noise = optional_tensor_arg(args, 8);
+  const bool want_x = bool_arg(args, 9), model_in_double = bool_arg(args, 12);
+  const bool use_noise = bool_arg(args, 14), paired = bool_arg(args, 15);
+  const std::optional<at::ScalarType> x_dtype = dtype_arg(args, 10), model_in_dtype = dtype_arg(args, 11);
+  std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> outputs;
+  {
+    std::optional<pybind11::gil_scoped_release> no_gil;  // the arguments are parsed above, under the GIL
+    if (runs_long(z)) no_gil.emplace();
+    outputs = fused_step_alloc_direct(z, out, model_out, model_out_uncond, history, table, step, step_tensor, seeds,
+                                      noise, want_x, x_dtype, model_in_dtype, model_in_double, clip, use_noise,
+                                      paired);
+  }
+  auto& [next, x_out, model_in] = outputs;
   PyObject* items[3] = {THPVariable_Wrap(next), wrap(x_out), wrap(model_in)};
   PyObject* result = items[0] && items[1] && items[2] ? PyTuple_Pack(3, items[0], items[1], items[2]) : nullptr;
   for (PyObject* item : items) Py_XDECREF(item);

@@ -10,6 +10,9 @@ one-ulp agreement with it.
 from __future__ import annotations
 
 import sys
+import threading
+import time
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -641,6 +644,57 @@ def test_threads_split_the_work_not_the_result(cb):
     finally:
         torch.set_num_threads(before)
     assert_matches(many, one, exact=True)
+
+
+def _entry_runs_without_the_gil(entry: Callable[[], object]) -> bool:
+    """Whether another Python thread ran while a long call of ``entry`` was in its C++ body.
+
+    Holding the GIL, the call lets the other thread run only before it enters C++ (microseconds,
+    or the OS's few milliseconds of scheduling) and after it returns (as long as the OS likes);
+    released, throughout. So the window checked runs from a fifth to three fifths of the call's
+    duration measured alone (after a first call, which may pay for warming up).
+    """
+    entry()
+    t0 = time.perf_counter()
+    entry()
+    alone = time.perf_counter() - t0
+    stamps: list[float] = []
+    stop = threading.Event()
+
+    def count() -> None:
+        while not stop.is_set():
+            stamps.append(time.perf_counter())
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-4)
+    worker = threading.Thread(target=count)
+    worker.start()
+    try:
+        for _ in range(5):
+            t0 = time.perf_counter()
+            entry()
+            if alone > 0.03 and any(t0 + alone / 5 < t < t0 + 3 * alone / 5 for t in stamps):
+                return True
+        return False
+    finally:
+        stop.set()
+        worker.join()
+        sys.setswitchinterval(interval)
+
+
+@pytest.mark.parametrize("entry", ["fused_step_alloc", "fused_step"])
+def test_entries_release_the_gil(cb, entry):
+    """A CPU step takes tens of milliseconds at megabytes: other Python threads (a UI, a data loader) run meanwhile,
+    as they do during torch's own ops."""
+    z = torch.randn(2, 1 << 23)  # about 0.1 s a call on one thread
+    o = torch.randn_like(z)
+    out = torch.empty_like(z)
+    table = _copy_table(0.5, 0.5, 0.5, 0.5)
+    if entry == "fused_step_alloc":
+        call = lambda: _entry_outputs(cb, z, o, table)  # noqa: E731
+    else:
+        call = lambda: cb.fused_step(z, out, o, None, [], table, 0)  # noqa: E731
+    assert _entry_runs_without_the_gil(call)
 
 
 def _copy_table(az: float, ao: float, cz: float, cx: float) -> torch.Tensor:
