@@ -24,7 +24,7 @@ diffusers' img2img pipelines do. Mid-loop, classes whose diffusers step derives 
 timestep's value alone (DDIM, DDPM, their inverse, UnCLIP, CogVideoX) follow a timestep that
 is not the counter's step (a step taken twice, a loop that skips steps) where the host knows it
 without a read: an element of ``timesteps`` by its position, a number or a CPU tensor by its
-value (a step taken again draws fresh in-kernel noise); LCM and TCD, whose diffusers step reads
+value (a step taken again draws fresh in-kernel noise); LCM, TCD and PNDM, whose diffusers step reads
 its counter and the timestep both, raise for such a timestep.
 
 ``torch.compile``: ``step`` traces without a graph break (``fullgraph=True``) once its
