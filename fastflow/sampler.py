@@ -19,7 +19,7 @@ import torch
 
 from . import noise as noise_spec
 from .backends import BACKEND_NAMES
-from .backends.base import MODEL_INPUT_DTYPES, check_model_input_dtype
+from .backends.base import STEP_DTYPES, check_model_input_dtype
 from .devices import to_device
 from .grids import Points, make_points
 from .plan import StepPlan, compile_plan
@@ -377,7 +377,7 @@ class Sampler:
         """
         if type(i) is not int or not 0 <= i < self._num_stages:  # the fast test first: this is the hot path
             self._check_index(i)
-        if model_input_dtype is not None and model_input_dtype not in MODEL_INPUT_DTYPES:
+        if model_input_dtype is not None and model_input_dtype not in STEP_DTYPES:
             check_model_input_dtype(model_input_dtype)
         if not return_model_input and (model_input_dtype is not None or duplicate_model_input):
             raise ValueError(

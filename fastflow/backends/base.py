@@ -48,9 +48,10 @@ import torch
 from ..plan import MAX_HISTORY, NUM_COEFS
 
 OutputTriple = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
-# The dtypes every kernel reads and writes (the C++ extension's list); a model input in another dtype (an int, a bool,
-# a complex) would be a silent cast on the reference, so every front end and backend refuses it alike.
-MODEL_INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# The dtypes every kernel reads and writes (the C++ extension's list); a tensor in another dtype (an int, a bool, a
+# complex, a float8) would be a silent cast on the reference, so every front end and backend refuses it alike.
+STEP_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_STEP_DTYPE_NAMES = "float32, float16, bfloat16 or float64"
 # fused_step_alloc with every argument positional: (z, out, model_out, model_out_uncond, history (a list),
 # table, step, seeds, noise, want_x, x_dtype, model_in_dtype, model_in_double, clip, use_noise, paired).
 AllocEntry = Callable[..., OutputTriple]
@@ -126,7 +127,7 @@ class Backend:
         outputs are allocated row-major, and a given ``out`` in another layout is written
         through a row-major temporary.
         """
-        if model_in_dtype is not None and model_in_dtype not in MODEL_INPUT_DTYPES:
+        if model_in_dtype is not None and model_in_dtype not in STEP_DTYPES:
             check_model_input_dtype(model_in_dtype)
         if paired:
             if model_out_uncond is not None or model_out.dim() < 1 or model_out.shape[0] != 2 * z.shape[0]:
@@ -230,8 +231,8 @@ def check_step_args(
     use_noise: bool,
 ) -> None:
     """Shape, dtype and device checks shared by all backends (metadata only: no sync)."""
-    if not z.is_floating_point():
-        raise TypeError(f"state must be floating point, got {z.dtype}")
+    if z.dtype not in STEP_DTYPES:
+        raise TypeError(f"state must be {_STEP_DTYPE_NAMES}, got {z.dtype}")
     if z.dim() < 1:
         raise ValueError("state must have a batch dimension")
 
@@ -240,8 +241,8 @@ def check_step_args(
             raise ValueError(f"{name} has shape {tuple(t.shape)}, state has {tuple(z.shape)}")
         if t.device != z.device:
             raise ValueError(f"{name} is on {t.device}, state is on {z.device}")
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must be floating point, got {t.dtype}")
+        if t.dtype not in STEP_DTYPES:
+            raise TypeError(f"{name} must be {_STEP_DTYPE_NAMES}, got {t.dtype}")
 
     same("model output", model_out)
     same("output state", out)
@@ -277,14 +278,14 @@ def check_step_args(
             )
         if model_in_out.device != z.device:
             raise ValueError(f"model input output is on {model_in_out.device}, state is on {z.device}")
-        if model_in_out.dtype not in MODEL_INPUT_DTYPES:
+        if model_in_out.dtype not in STEP_DTYPES:
             check_model_input_dtype(model_in_out.dtype)
 
 
 def check_model_input_dtype(dtype: torch.dtype) -> None:
     """Refuse a model input dtype no kernel writes, with the one message every backend gives."""
-    if dtype not in MODEL_INPUT_DTYPES:
-        raise TypeError(f"the model input dtype must be float32, float16, bfloat16 or float64, got {dtype}")
+    if dtype not in STEP_DTYPES:
+        raise TypeError(f"the model input dtype must be {_STEP_DTYPE_NAMES}, got {dtype}")
 
 
 def memory_span(t: torch.Tensor) -> tuple[int, int]:

@@ -168,3 +168,22 @@ def test_noise_edge_shapes_agree_with_the_spec(name):
         want = noise_spec.normal(_SEEDS, shape, step=2**32 - 1, tag=3)
         assert got.shape == (2, *shape)
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("role", ["state", "model output", "history tensor h0"])
+def test_a_float8_tensor_is_refused(name, role):
+    """No kernel reads or writes float8; the reference had cast through it silently, returning a float8 state."""
+    case = _case()
+    f8 = torch.float8_e4m3fn
+    if role == "state":
+        case.z = case.z.to(f8)
+        out = torch.empty_like(case.z)
+    else:
+        out = None
+        if role == "model output":
+            case.model_out = case.model_out.to(f8)
+        else:
+            case.history = [case.history[0].to(f8)]
+    with pytest.raises(TypeError, match="float32, float16, bfloat16 or float64"):
+        _call(_backend(name), case, out=out)
