@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .schedules import FlowMatching, Schedule, root_schedule
+from .schedules import FlowMatching, Schedule, check_real, root_schedule
 
 GRID_NAMES = ("uniform", "logsnr", "exponential", "karras", "linspace", "leading", "trailing")
 FINAL_NAMES = ("clean", "t_min")
@@ -77,7 +77,8 @@ def grid_times(
 ) -> np.ndarray:
     """``n`` decreasing times from ``t_max`` to ``t_min`` laid out by ``kind``.
 
-    ``uniform``: uniform in t (flow-matching shift/mu applied). ``logsnr`` and its
+    ``uniform``: uniform in t, then warped by a flow-matching shift/mu, ends included (so from ``warp(t_max)`` to
+    ``warp(t_min)``, as diffusers shifts its sigmas). ``logsnr`` and its
     alias ``exponential``: uniform in log-SNR (equivalently in log sigma_ve).
     ``karras``: uniform in ``sigma_ve^(1/rho)``. ``linspace``, ``leading``,
     ``trailing``: diffusers' integer spacings for discrete schedules (``n`` of them,
@@ -85,8 +86,15 @@ def grid_times(
     """
     if kind not in GRID_NAMES:
         raise ValueError(f"unknown grid {kind!r}; valid: {', '.join(GRID_NAMES)}")
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+        raise TypeError(f"steps must be an int, got {n!r} ({type(n).__name__})")
     if n < 1:
         raise ValueError(f"steps must be at least 1, got {n}")
+    for name, value in (("t_min", t_min), ("t_max", t_max), ("rho", rho)):
+        if value is not None:
+            check_real(name, value)
+    if isinstance(steps_offset, bool) or not isinstance(steps_offset, (int, np.integer)) or steps_offset < 0:
+        raise ValueError(f"steps_offset must be a non-negative int, got {steps_offset!r}")
     lo = schedule.t_min if t_min is None else float(t_min)
     hi = schedule.t_max if t_max is None else float(t_max)
     schedule.check_times(lo, "t_min")
@@ -160,7 +168,11 @@ def make_points(
     schedule.check_times(t)
     pts = points_at(schedule, t)
     lam = pts.half_logsnr
-    if np.any(np.isnan(lam)) or np.any(np.diff(lam) <= 0):
+    # "not all > 0" rather than "any <= 0": two points at alpha = 0 (t = 1 of flow matching) both have log-SNR
+    # -inf, whose difference is NaN, and NaN <= 0 is False: such a repeated time slipped through.
+    with np.errstate(invalid="ignore"):
+        increasing = bool(np.all(np.diff(lam) > 0))
+    if np.any(np.isnan(lam)) or not increasing:
         raise ValueError("grid times must go strictly from high noise to low noise")
     if final == "clean":
         pts = pts.concat(clean_point(schedule))

@@ -31,6 +31,7 @@ The angle is centred on zero so that fast device ``sin``/``cos`` stay accurate.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -231,7 +232,9 @@ def normal(
     """
     check_normal_args(seeds, sample_shape, step, tag, dtype)
     device = seeds.device
-    n = int(np.prod(sample_shape)) if len(sample_shape) else 1
+    # math.prod, not np.prod: torch.compile traces np.prod of a one-element shape as a tensor op whose int() it
+    # cannot put in a graph, so a stochastic step of a [batch, dim] state broke fullgraph=True.
+    n = math.prod(sample_shape)
     groups = (n + 3) // 4
     g = torch.arange(groups, device=device, dtype=torch.int64)
     k0 = (seeds & _MASK32).view(-1, 1)

@@ -102,7 +102,8 @@ class Sampler:
         schedule: a :mod:`fastflow.schedules` schedule.
         solver: a name from :data:`fastflow.solvers.SOLVER_NAMES` or a Solver instance.
         prediction: what the model outputs: ``eps``, ``x0``, ``v``, ``flow`` or ``score``.
-        steps: number of steps (Heun makes two model calls per step but the last).
+        steps: number of steps (Heun makes two model calls per step, except a step to sigma = 0, as the last step of
+            ``final="clean"``).
         eta: noise scale for ``ddim``, ``ddpm`` and ``euler-ancestral``.
         guidance_scale: classifier-free guidance scale, or None for unguided models.
         clip: clamp the data prediction to ``[-clip, clip]``.
@@ -111,7 +112,9 @@ class Sampler:
         final: ``clean`` (end at sigma = 0) or ``t_min`` (end at the grid's last time).
         t_min, t_max: the span of a named grid in schedule time (default the schedule's). ``uniform``, ``logsnr``,
             ``exponential`` and ``karras`` read both; ``linspace``, ``leading`` and ``trailing`` read ``t_max`` only
-            (the last training step; their low end follows from the spacing, not from ``t_min``).
+            (the last training step; their low end follows from the spacing, not from ``t_min``). A FlowMatching
+            ``shift`` or ``mu`` warps the span with the rest of the grid, as diffusers shifts its sigmas: times run
+            from ``warp(t_max)`` to ``warp(t_min)`` (``t_max=0.5`` with ``shift=3`` starts at 0.75).
         rho: the Karras grid's exponent (default the schedule's ``rho``, else 7); only ``karras`` reads it.
         steps_offset: added to every timestep of the ``leading`` grid (diffusers' ``steps_offset``: 1 in Stable
             Diffusion's configs); only ``leading`` reads it, as in diffusers. An option the grid does not read (any

@@ -18,6 +18,13 @@ ArrayLike = float | np.ndarray
 __all__ = ["Schedule", "FlowMatching", "VP", "EDM", "Rescaled", "root_schedule"]
 
 
+def check_real(name: str, value: object) -> None:
+    """A number option (of a schedule, grid or solver): a string or a tensor would fail later, far from the option,
+    with an error that does not name it (``'>' not supported between 'str' and 'int'``), or be converted silently."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
+
+
 def _arr(t: ArrayLike) -> np.ndarray:
     a = np.asarray(t, dtype=np.float64)
     if np.any(np.isnan(a)):
@@ -116,6 +123,9 @@ class FlowMatching(Schedule):
     """
 
     def __init__(self, shift: float = 1.0, mu: float | None = None, t_min: float = 1e-3, t_max: float = 1.0):
+        for name, value in (("shift", shift), ("mu", mu), ("t_min", t_min), ("t_max", t_max)):
+            if value is not None:
+                check_real(name, value)
         if not (shift > 0 and math.isfinite(shift)):
             raise ValueError(f"shift must be a positive finite number, got {shift}")
         if mu is not None and not math.isfinite(mu):
@@ -201,6 +211,8 @@ class VP(Schedule):
         rescale_betas_zero_snr: bool = False,
         alphas_cumprod: np.ndarray | None = None,
     ):
+        # An explicit alphas_cumprod is the schedule: beta_schedule and the betas are not read (nor named by repr).
+        source = beta_schedule if alphas_cumprod is None else "alphas_cumprod"
         if alphas_cumprod is None:
             if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, (int, np.integer)):
                 raise TypeError(f"num_train_timesteps must be an int, got {num_train_timesteps!r}")
@@ -225,7 +237,7 @@ class VP(Schedule):
         self.t_min, self.t_max = 0.0, float(len(alphas_cumprod) - 1)
         with np.errstate(divide="ignore"):
             self._log_s = 0.5 * np.log((1.0 - alphas_cumprod) / alphas_cumprod)  # log sigma_ve per index
-        self._desc = f"VP({beta_schedule}, T={len(alphas_cumprod)}{', zero-SNR' if rescale_betas_zero_snr else ''})"
+        self._desc = f"VP({source}, T={len(alphas_cumprod)}{', zero-SNR' if rescale_betas_zero_snr else ''})"
 
     @classmethod
     def cosine(cls, t_min: float = 1e-4, t_max: float = 0.9999) -> VP:
@@ -234,6 +246,8 @@ class VP(Schedule):
         ``alpha`` is evaluated as ``sin(pi (1 - t) / 2)``, exactly 0 at ``t = 1`` (``cos`` gives 6e-17 there, which
         an eps model's data prediction would divide by instead of refusing the step)."""
         self = cls.__new__(cls)
+        check_real("t_min", t_min)
+        check_real("t_max", t_max)
         if not 0.0 <= t_min < t_max <= 1.0:
             raise ValueError(f"need 0 <= t_min < t_max <= 1, got {t_min}, {t_max}")
         self.kind = "cosine"
@@ -298,6 +312,8 @@ class EDM(Schedule):
     """
 
     def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0):
+        for name, value in (("sigma_min", sigma_min), ("sigma_max", sigma_max), ("rho", rho)):
+            check_real(name, value)
         if not (0 < sigma_min < sigma_max and math.isfinite(sigma_max)):
             raise ValueError(f"need 0 < sigma_min < sigma_max < inf, got {sigma_min}, {sigma_max}")
         if not (rho > 0 and math.isfinite(rho)):

@@ -161,3 +161,50 @@ def test_sampler_takes_diffusers_steps_offset_on_the_leading_grid():
         Sampler(VP(), grid="trailing", steps=20, steps_offset=1)
     with pytest.raises(ValueError, match="steps_offset must be a non-negative int"):
         Sampler(VP(), grid="leading", steps=20, steps_offset=0.5)
+
+
+@pytest.mark.parametrize(
+    "schedule, grid, final",
+    [
+        (FlowMatching(), [1.0, 1.0, 0.5], "clean"),  # two points at alpha = 0: log-SNR -inf twice
+        (VP.cosine(t_max=1.0), [1.0, 1.0, 0.5], "clean"),
+        (FlowMatching(t_min=0.0), [0.5, 0.0, 0.0], "t_min"),  # two points at sigma = 0: log-SNR +inf twice
+    ],
+)
+@pytest.mark.parametrize("solver", ["ddim", "dpm++2m", "unipc", "euler"])
+def test_a_time_repeated_at_an_infinite_log_snr_is_refused(schedule, grid, final, solver):
+    """The grid check compared log-SNR differences with ``<= 0``; at a repeated alpha = 0 (or sigma = 0) point the
+    difference is NaN, which passed: DDIM then evaluated the model twice at t = 1, and other solvers failed later
+    with a misleading 'non-finite plan coefficient' (UniPC's even told a bh2 user to use bh2)."""
+    steps = len(grid) - (final == "t_min")
+    with pytest.raises(ValueError, match="grid times must go strictly from high noise to low noise"):
+        Sampler(schedule, solver, "flow", steps=steps, grid=grid, final=final)
+
+
+@pytest.mark.parametrize(
+    "make, name",
+    [
+        (lambda: Sampler(VP(), grid="karras", rho="7"), "rho"),  # failed with "'>' not supported between ..."
+        (lambda: Sampler(VP(), t_max="999"), "t_max"),  # float("999") took it silently
+        (lambda: grid_times(VP(), 4, t_min="1"), "t_min"),
+        (lambda: grid_times(VP(), True), "steps"),  # True was one step
+    ],
+)
+def test_a_grid_option_given_as_another_type_is_refused_naming_it(make, name):
+    with pytest.raises(TypeError, match=rf"^{name} must be"):
+        make()
+
+
+def test_grid_times_refuses_a_fractional_steps_offset():
+    """grid_times is public: a float steps_offset gave fractional 'integer' training steps (668.5, 335.5, 2.5)."""
+    with pytest.raises(ValueError, match="steps_offset must be a non-negative int"):
+        grid_times(VP(), 3, "leading", steps_offset=2.5)
+
+
+def test_a_flow_shift_warps_the_ends_of_the_span_too():
+    """Pins what the t_min/t_max docs say: shift/mu warp the whole uniform grid, its ends included, so the first
+    time is warp(t_max), not t_max."""
+    schedule = FlowMatching(shift=3.0)
+    t = grid_times(schedule, 4, t_min=0.1, t_max=0.5)
+    np.testing.assert_allclose(t, schedule.warp(np.linspace(0.5, 0.1, 4)))
+    assert t[0] == pytest.approx(0.75) and t[-1] == pytest.approx(0.25)

@@ -137,3 +137,30 @@ def test_angle_part_over_every_angle_in_float32():
     exact = np.pi * v.astype(np.float64)
     assert np.abs(sin_v - np.sin(exact)).max() < 1e-7
     assert np.abs(cos_v - np.cos(exact)).max() < 1e-7
+
+
+@pytest.mark.parametrize("sample_shape", [(), (7,), (3, 5)], ids=str)
+def test_normal_traces_with_fullgraph_for_every_sample_rank(sample_shape):
+    """torch.compile(fullgraph=True) traces normal(): np.prod of a one-element shape broke the graph (int() of a
+    traced tensor), so a stochastic torch-backend step of a [batch, dim] state did not trace."""
+    seeds = noise.as_seed_tensor(3, 2, "cpu")
+    torch._dynamo.reset()
+    traced = torch.compile(lambda s: noise.normal(s, sample_shape, step=1), fullgraph=True, backend="eager")
+    assert torch.equal(traced(seeds), noise.normal(seeds, sample_shape, step=1))
+
+
+def test_stochastic_torch_step_of_a_2d_state_traces_with_fullgraph():
+    """The README's claim that Sampler.step traces under fullgraph=True, for a DDPM step on the torch reference
+    with a [batch, dim] state (as the Gaussian-mixture demo steps)."""
+    import fastflow as ff
+
+    sampler = ff.Sampler(ff.VP(), "ddpm", steps=3, backend="torch").prepare("cpu")
+    eager = ff.Sampler(ff.VP(), "ddpm", steps=3, backend="torch")
+    z = zz = sampler.init_noise((4, 2), seed=0)
+    eager.init_noise((4, 2), seed=0)
+    torch._dynamo.reset()
+    step = torch.compile(sampler.step, fullgraph=True, backend="eager")
+    for i in range(sampler.num_stages):
+        z = step(torch.tanh(z), z, i)
+        zz = eager.step(torch.tanh(zz), zz, i)
+    assert torch.equal(z, zz)

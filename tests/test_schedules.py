@@ -157,3 +157,28 @@ def test_flow_matching_takes_shift_or_mu_not_both():
     from fastflow.grids import grid_times
 
     np.testing.assert_allclose(grid_times(FlowMatching(mu=1.15), 6), ref.sigmas[:-1].numpy(), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "make, name",
+    [
+        (lambda: FlowMatching(shift="3"), "shift"),
+        (lambda: FlowMatching(mu="1.2"), "mu"),
+        (lambda: FlowMatching(t_max="1"), "t_max"),
+        (lambda: VP.cosine(t_min="0"), "t_min"),
+        (lambda: EDM(sigma_min="0.1"), "sigma_min"),
+        (lambda: EDM(sigma_max="80"), "sigma_max"),
+    ],
+)
+def test_a_number_parameter_given_as_another_type_is_refused_naming_it(make, name):
+    """A string number failed in a comparison with "'>' not supported between instances of 'str' and 'int'" (which
+    parameter?); it is refused as the solvers' options are, naming the parameter."""
+    with pytest.raises(TypeError, match=rf"^{name} must be a real number"):
+        make()
+
+
+def test_vp_from_alphas_cumprod_does_not_name_a_beta_schedule():
+    """With alphas_cumprod given, repr named the unused default beta schedule: VP(scaled_linear, T=3)."""
+    s = VP(alphas_cumprod=np.array([0.9, 0.5, 0.1]))
+    assert repr(s) == "VP(alphas_cumprod, T=3)"
+    assert repr(VP(beta_schedule="linear", num_train_timesteps=10)) == "VP(linear, T=10)"

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..grids import Points
-from ..schedules import Schedule
+from ..schedules import Schedule, check_real
 
 Atom = tuple[str, int]
 NOISE: Atom = ("n", -1)
@@ -106,12 +106,6 @@ class Solver:
 
     def build(self, schedule: Schedule, points: Points) -> list[Stage]:
         raise NotImplementedError
-
-
-def check_real(name: str, value: object) -> None:
-    """A solver option that is a number: a string or a tensor would fail later, far from the option."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
 
 
 def check_scale(name: str, value: object) -> None:
