@@ -14,9 +14,11 @@ that grid, so use a fine grid for accurate schedules.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
-from .schedules import Schedule
+from .schedules import Schedule, check_real
 
 __all__ = ["flow_to_sde", "schedule_to_sde", "sde_to_flow"]
 
@@ -38,11 +40,22 @@ def flow_to_sde(alpha, sigma, d_alpha, d_sigma, eps=None):
 
 
 def sde_to_flow(t, f, g, eta=None, alpha0: float = 1.0, sigma0: float = 0.0):
-    """``(alpha, sigma, eps)`` on grid ``t`` from SDE coefficients sampled on the same grid."""
+    """``(alpha, sigma, eps)`` on grid ``t`` from SDE coefficients sampled on the same grid.
+
+    ``alpha0 > 0`` and ``sigma0 >= 0`` are the interpolant at ``t[0]`` (a zero or negative ``alpha0`` has no
+    logarithm: it gave a bare ZeroDivisionError or arrays of NaN).
+    """
     t = np.asarray(t, np.float64)
     f, g = np.asarray(f, np.float64), np.asarray(g, np.float64)
     if t.ndim != 1 or len(t) < 2 or np.any(np.diff(t) <= 0):
         raise ValueError("t must be an increasing 1-D grid with at least two points")
+    for name, value in (("f", f), ("g", g)):
+        if value.shape != t.shape:
+            raise ValueError(f"{name} must be sampled on the grid t: shape {value.shape}, t has {t.shape}")
+    check_real("alpha0", alpha0)
+    check_real("sigma0", sigma0)
+    if not (0.0 < alpha0 < math.inf and 0.0 <= sigma0 < math.inf):
+        raise ValueError(f"need alpha0 > 0 and sigma0 >= 0, both finite; got alpha0={alpha0}, sigma0={sigma0}")
     dt = np.diff(t)
     log_alpha = np.log(alpha0) + np.concatenate([[0.0], np.cumsum(0.5 * (f[1:] + f[:-1]) * dt)])
     alpha = np.exp(log_alpha)

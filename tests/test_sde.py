@@ -36,3 +36,24 @@ def test_bad_input():
         sde_to_flow(np.array([0.0, 0.0]), np.zeros(2), np.ones(2))
     with pytest.raises(ValueError, match="decrease"):
         flow_to_sde(1.0, 0.5, 0.0, -1.0)
+
+
+@pytest.mark.parametrize(
+    ("kw", "error", "match"),
+    [
+        ({"alpha0": 0.0}, ValueError, "alpha0 > 0"),  # was a bare ZeroDivisionError
+        ({"alpha0": -1.0}, ValueError, "alpha0 > 0"),  # was arrays of NaN
+        ({"sigma0": -0.5}, ValueError, "sigma0 >= 0"),
+        ({"alpha0": "1"}, TypeError, "alpha0 must be a real number"),
+    ],
+)
+def test_sde_to_flow_refuses_a_bad_start(kw, error, match):
+    t = np.linspace(0.0, 1.0, 5)
+    with pytest.raises(error, match=match):
+        sde_to_flow(t, np.zeros(5), np.ones(5), **kw)
+
+
+def test_sde_to_flow_refuses_coefficients_off_the_grid():
+    t = np.linspace(0.0, 1.0, 5)
+    with pytest.raises(ValueError, match="g must be sampled on the grid t"):
+        sde_to_flow(t, np.zeros(5), np.ones(4))
