@@ -115,6 +115,11 @@ def _check_shape(shape: Sequence[int]) -> tuple[int, ...]:
     return out
 
 
+def _check_sampler(sampler: Any) -> None:
+    if not isinstance(sampler, Sampler):
+        raise TypeError(f"sampler must be a fastflow.Sampler, got {type(sampler).__name__}")
+
+
 def _check_float_dtype(name: str, dtype: torch.dtype | None) -> None:
     if dtype is None:
         return
@@ -225,8 +230,7 @@ def _checked_arguments(
     refused at once is, so :class:`GraphCache` evicts nothing for a call that cannot capture."""
     if not callable(model_fn):
         raise TypeError(f"model_fn must be callable, got {type(model_fn).__name__}")
-    if not isinstance(sampler, Sampler):
-        raise TypeError(f"sampler must be a fastflow.Sampler, got {type(sampler).__name__}")
+    _check_sampler(sampler)
     shape = _check_shape(shape)
     _check_float_dtype("dtype", dtype)
     _check_float_dtype("model_dtype", model_dtype)
@@ -515,6 +519,11 @@ class CapturedLoop:
                 )
         return items
 
+    def _load_cond(self, items: list[tuple[Any, torch.Tensor]]) -> None:
+        """Checked conditioning (:meth:`_check_cond`) into the static buffers the loop reads."""
+        for key, t in items:
+            self._cond[key].copy_(t)
+
     def _describe_cond(self) -> str:
         if self._cond_kind == "none":
             return "no conditioning"
@@ -562,8 +571,7 @@ class CapturedLoop:
             if seed is not None:
                 self._set_seeds(seed)
             if items is not None:
-                for key, t in items:
-                    self._cond[key].copy_(t)
+                self._load_cond(items)
             if scale is not None:
                 self._set_guidance(scale)
             if noise is not None:
@@ -716,15 +724,23 @@ class GraphCache:
         return sum(loop.memory_bytes for loop in self._loops.values())
 
     def get(self, sampler: Sampler, shape: Sequence[int], cond: Cond = None) -> CapturedLoop:
-        """The capture for this configuration, made (and the oldest evicted) if needed."""
+        """The capture for this configuration, made (and the oldest evicted) if needed.
+
+        It comes with ``cond`` (when given) and the sampler's guidance scale loaded: a capture is shared by every
+        call with the same key, so without that it would run with the values the last call left in it.
+        """
+        _check_sampler(sampler)
         shape = _check_shape(shape)
         key = (sampler_key(sampler), shape, self.dtype, self.model_dtype, _cond_signature(cond))
         loop = self._loops.get(key)
         if loop is not None:
             self._loops.move_to_end(key)
-            if sampler.guided:  # samplers differing only in their scale share a capture: set this one's
-                with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
+            items = loop._check_cond(cond) if cond is not None else None
+            with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
+                if sampler.guided:  # samplers differing only in their scale share a capture: set this one's
                     loop._set_guidance(float(sampler.guidance_scale))
+                if items is not None:
+                    loop._load_cond(items)
             return loop
         # Arguments that cannot capture are refused before anything is evicted; the eviction then comes before the
         # capture, so no more than max_graphs pools are ever alive (a model that fails mid-capture costs the oldest).
@@ -759,15 +775,29 @@ class GraphCache:
         shape: Sequence[int] | None = None,
         copy: bool = True,
     ) -> torch.Tensor:
-        """Run ``sampler``'s loop from the matching capture; ``shape`` is needed when ``noise`` is not given."""
+        """Run ``sampler``'s loop from the matching capture; ``shape`` is needed when ``noise`` is not given.
+
+        The call's arguments are checked before a capture is looked up: one that the loop would refuse costs no
+        capture and evicts nothing.
+        """
+        _check_sampler(sampler)
         if noise is not None:
+            if not isinstance(noise, torch.Tensor):
+                raise TypeError(f"noise must be a tensor, got {type(noise).__name__}")
+            if noise.dtype != self.dtype:
+                raise TypeError(f"noise has dtype {noise.dtype}; this cache captures {self.dtype} loops (its dtype=)")
             shape = tuple(noise.shape)
         if shape is None:
             raise ValueError("pass noise= or shape=")
-        loop = self.get(sampler, shape, cond)
+        shape = _check_shape(shape)
+        if seed is not None:
+            noise_spec.as_seed_tensor(seed, shape[0], "cpu")
         if guidance_scale is None and sampler.guided:
             guidance_scale = sampler.guidance_scale
-        return loop(noise, seed, cond, guidance_scale, copy=copy)
+        elif guidance_scale is not None:
+            guidance_scale = CapturedLoop._check_guidance(sampler, guidance_scale)
+        loop = self.get(sampler, shape, cond)  # loads cond
+        return loop(noise, seed, None, guidance_scale, copy=copy)
 
     def clear(self) -> None:
         """Release every capture."""

@@ -562,3 +562,45 @@ def test_graph_cache_get_sets_the_sampler_s_guidance_scale():
         assert loop.guidance_scale == 3.0 and len(cache) == 1
         want = fastflow.sample(doubled, low.init_noise(SHAPE, seed=1), low)
         torch.testing.assert_close(loop(seed=1), want, rtol=0, atol=0)
+
+
+def test_graph_cache_get_loads_the_asked_cond():
+    """Calls with the same key share a capture; ``get`` hands it over with the asked conditioning loaded (it ran
+    with the conditioning the last call left in it: c1's for a get of c2)."""
+
+    def model(z, t, c):
+        return toy_model(z, t) + 0.1 * c
+
+    s = make_sampler()
+    c1, c2 = torch.zeros(SHAPE), torch.ones(SHAPE)
+    noise = s.init_noise(SHAPE, seed=0)
+    cache = GraphCache(model, device="cpu")
+    cache(s, noise=noise, cond=c1)
+    loop = cache.get(s, SHAPE, cond=c2)
+    assert cache.captures == 1
+    assert torch.equal(loop(noise=noise), fastflow.sample(lambda z, t: model(z, t, c2), noise, s))
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"noise": torch.zeros(SHAPE, dtype=torch.float64)},
+        {"noise": [[0.0]]},
+        {"shape": SHAPE, "seed": [1, 2, 3]},
+        {"shape": SHAPE, "seed": 1.5},
+        {"shape": SHAPE, "guidance_scale": math.nan},
+    ],
+    ids=["noise_dtype", "noise_list", "seed_count", "seed_float", "guidance_nan"],
+)
+def test_graph_cache_call_refused_before_it_captures(bad):
+    """A call the loop would refuse raises before a capture is looked up: it evicts nothing and captures nothing
+    (on a GPU a capture is warm-up loops and a new memory pool, all for an error)."""
+
+    def doubled(z, t):
+        return torch.cat([toy_model(z, t)] * 2)
+
+    cache = GraphCache(doubled, device="cpu", max_graphs=1)
+    good = cache.get(make_sampler(steps=4, guidance_scale=2.0), SHAPE)
+    with pytest.raises((TypeError, ValueError)):
+        cache(make_sampler(steps=5, guidance_scale=2.0), **bad)
+    assert cache.captures == 1 and cache.evictions == 0 and list(cache._loops.values()) == [good]

@@ -107,7 +107,9 @@ class LoopPipeline(DiffusionPipeline):
                 o = torch.zeros_like(x) if x.device.type == "meta" else torch.ones(shape, device=device)
             else:
                 o = self.unet(x, t).sample
-            x = self.scheduler.step(o, t, x).prev_sample
+            # "step_generator": the step takes the generator, as Stable Audio's pipeline passes it
+            step_kw = {"generator": generator} if self.mode == "step_generator" else {}
+            x = self.scheduler.step(o, t, x, **step_kw).prev_sample
             if self.mode == "sync" and torch.isnan(x).any():  # a data-dependent branch: a host sync
                 raise FloatingPointError("NaN latents")
         if self.mode == "extra_call":  # one more model call after the scheduler's last step
@@ -439,6 +441,27 @@ def test_replay_logic_stochastic_seeds(stand_in_capture):
     assert fast.replays == 1
     assert (replay == ref).all()
     assert not (fast(**kw).images == replay).all()
+
+
+@pytest.mark.parametrize(
+    ("make", "mode"),
+    [
+        (lambda: diffusers.DPMSolverSDEScheduler(noise_sampler_seed=42), "plain"),
+        (diffusers.CosineDPMSolverMultistepScheduler, "step_generator"),
+    ],
+    ids=["noise_sampler_seed", "step_generator"],
+)
+def test_replay_draws_the_noise_seed_the_drop_in_would(stand_in_capture, make, mode):
+    """Drop-ins that seed their noise from their config (DPMSolverSDE's noise_sampler_seed) or from the step's
+    generator (CosineDPMSolverMultistep) give the same images on every eager call of that seed; replays did not (they
+    wrote a fresh seed from torch's global generator)."""
+    pipe = LoopPipeline(tiny_unet(), ffd.from_scheduler(make(), backend="torch"), mode=mode)
+    fast = capture_pipeline(pipe)
+    kw = {"batch_size": 2, "num_inference_steps": 3}
+    ref = pipe(generator=torch.Generator().manual_seed(7), **kw)
+    for _ in range(3):
+        assert torch.equal(fast(generator=torch.Generator().manual_seed(7), **kw), ref)
+    assert fast.captures == 1 and fast.replays == 2 and fast.reason is None, fast.reason
 
 
 def test_replay_divergence_is_reported(stand_in_capture):

@@ -67,9 +67,11 @@ What falls back to eager (``.reason`` says which and why, a warning is given onc
 * a per-step noise ``generator`` on a CUDA device (its state is host-side).
 
 Stochastic drop-in steps without a generator draw fastflow's counter-based noise;
-each replay writes a fresh seed from torch's global CPU generator into the seed
-buffer, as the eager drop-in does once per loop, so replays give fresh samples and
-match an eager call made from the same global RNG state.
+each replay writes into the seed buffer the seed the eager drop-in takes at its
+loop's first step: a fresh one from torch's global CPU generator, so replays give
+fresh samples and match an eager call made from the same global RNG state, or the
+one the drop-in fixes (DPMSolverSDE's ``noise_sampler_seed``, the initial seed of the
+generator CosineDPMSolverMultistep's step is given), so replays match eager calls too.
 
 Memory: one private pool per captured signature (about one eager loop's working
 set), at most ``max_graphs`` signatures (least recently used released first).

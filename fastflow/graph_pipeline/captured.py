@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import warnings
 from collections import OrderedDict
@@ -516,10 +517,12 @@ class CapturedPipeline:
             def call(*a: Any, **kw: Any) -> Any:
                 ops.start()
                 ev = take(kind, None, a, kw)
+                if kind == "step" and trace.seeds is not None and "seed" not in state:
+                    state["seed"] = _loop_seed(self.scheduler, a, kw)  # at the first step, as the drop-in takes it
                 if kind == "step" and state["k"] == len(events):
                     ops.stop()
                     if trace.seeds is not None:
-                        _write_seeds(trace.seeds)
+                        _write_seeds(trace.seeds, state["seed"])
                     _write_params(trace, params)
                     trace.graph.replay()
                     state["done"] = True
@@ -607,8 +610,26 @@ def _fresh_seed() -> int:
     return noise_spec.draw_seed()
 
 
-def _write_seeds(seeds: torch.Tensor) -> None:
-    host = torch.arange(seeds.shape[0], dtype=torch.int64) + _fresh_seed()
+def _loop_seed(scheduler: Any, args: tuple, kwargs: dict) -> int:
+    """The seed of a replayed loop's in-kernel noise, taken as the eager drop-in takes it at its first step: the one
+    its schedule fixes (DPMSolverSDE's ``noise_sampler_seed``, folded in by ``set_timesteps``) or the step's generator
+    gives (CosineDPMSolverMultistep's), else a fresh one from torch's global CPU generator. (A fresh one in every
+    case would give other noise than the eager call of the same seed.)"""
+    seed_from = getattr(scheduler, "_ff_seed_from", None)
+    if seed_from is not None:
+        try:
+            bound = inspect.signature(type(scheduler).step).bind(scheduler, *args, **kwargs)
+        except TypeError:  # the step itself raises for these arguments; the recording ran it fine
+            bound = None
+        seed_from(None if bound is None else bound.arguments.get("generator"))
+    seed = getattr(scheduler, "_ff_seed", None)
+    if seed is None:
+        seed = scheduler._ff_seed = _fresh_seed()
+    return seed
+
+
+def _write_seeds(seeds: torch.Tensor, seed: int) -> None:
+    host = torch.arange(seeds.shape[0], dtype=torch.int64) + seed
     if seeds.device.type == "cuda":
         seeds.copy_(host.pin_memory(), non_blocking=True)
     else:
