@@ -90,6 +90,8 @@ bool runs_long(const at::Tensor& z) {
 }
 
 // The operator's body as the eager entry `fastflow._C.fused_step`.
+// A state dense in another order (channels_last) is stepped in it, every tensor viewed in that order (see
+// fastflow::dense_order), so outputs in its layout are written in place; not where the kernel draws noise.
 void fused_step_direct(const at::Tensor& z, const at::Tensor& out, const at::Tensor& model_out,
                        const std::optional<at::Tensor>& model_out_uncond, const std::vector<at::Tensor>& history,
                        const at::Tensor& table, int64_t step, const std::optional<at::Tensor>& step_tensor,
@@ -98,27 +100,41 @@ void fused_step_direct(const at::Tensor& z, const at::Tensor& out, const at::Ten
                        std::optional<double> clip, bool use_noise) {
   std::optional<pybind11::gil_scoped_release> no_gil;  // pybind11 has converted the arguments
   if (runs_long(z)) no_gil.emplace();
-  fastflow::refuse_overlaps(z, out, model_out, model_out_uncond, history, noise, x_out, model_in_out, use_noise);
-  run_step(z, out, model_out, model_out_uncond, history, table, step, step_tensor, seeds, noise, x_out, model_in_out,
-           clip, use_noise, false);
+  std::vector<int64_t> order;
+  const bool model_in_like = !model_in_out.has_value() || (model_in_out->dim() == z.dim() &&
+                                                           model_in_out->sizes().slice(1) == z.sizes().slice(1));
+  if (!z.is_contiguous() && !(use_noise && !noise.has_value()) && model_in_like) {
+    order = fastflow::dense_order(
+        z, {&out, &model_out, model_out_uncond ? &*model_out_uncond : nullptr, noise ? &*noise : nullptr,
+            x_out ? &*x_out : nullptr}, history);
+  }
+  if (order.empty()) {
+    fastflow::refuse_overlaps(z, out, model_out, model_out_uncond, history, noise, x_out, model_in_out, use_noise);
+    run_step(z, out, model_out, model_out_uncond, history, table, step, step_tensor, seeds, noise, x_out, model_in_out,
+             clip, use_noise, false);
+    return;
+  }
+  std::vector<at::Tensor> hist;
+  hist.reserve(history.size());
+  for (const at::Tensor& h : history) hist.push_back(h.permute(order));
+  const at::Tensor zp = z.permute(order), outp = out.permute(order), mop = model_out.permute(order);
+  const auto up = fastflow::in_order(model_out_uncond, order), nop = fastflow::in_order(noise, order);
+  const auto xp = fastflow::in_order(x_out, order);
+  // A model input of another batch (doubled) has another shape: its order is the same permutation.
+  const auto mip = fastflow::in_order(model_in_out, order);
+  fastflow::refuse_overlaps(zp, outp, mop, up, hist, nop, xp, mip, use_noise);
+  run_step(zp, outp, mop, up, hist, table, step, step_tensor, seeds, nop, xp, mip, clip, use_noise, false);
 }
 
-// The same stage, allocating the outputs the caller did not pass: the next state
-// (when `out` is None), x_hat (when `want_x`; in `x_dtype` when given, else the
-// state's) and the next model input (when `model_in_dtype` is given; its batch
-// doubled with `model_in_double`). Allocating here costs a fraction of a
-// Python-side torch.empty per tensor, and eager front ends make up to three per
-// step. Outputs are contiguous, shaped like the state. With `paired`,
-// `model_out` is a guided model's doubled batch, unconditional half first, read in
-// place through two pointers (views, in Python or C++, would cost about a
-// microsecond each).
-std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> fused_step_alloc_direct(
+// fused_step_alloc_direct's body for tensors viewed in `order` (empty: their own): outputs made contiguous in that
+// order and returned in the caller's (views), a given `out` returned as the caller's tensor (`given`).
+std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> fused_step_alloc_ordered(
     const at::Tensor& z, const std::optional<at::Tensor>& out, const at::Tensor& model_out,
     const std::optional<at::Tensor>& model_out_uncond, at::TensorList history, const at::Tensor& table, int64_t step,
     const std::optional<at::Tensor>& step_tensor, const std::optional<at::Tensor>& seeds,
     const std::optional<at::Tensor>& noise, bool want_x, std::optional<at::ScalarType> x_dtype,
     std::optional<at::ScalarType> model_in_dtype, bool model_in_double, std::optional<double> clip, bool use_noise,
-    bool paired) {
+    bool paired, at::IntArrayRef order, const std::optional<at::Tensor>& given) {
   const c10::Device device = z.device();
   if (out.has_value()) {  // the out= path only: a fresh output overlaps nothing
     fastflow::refuse_partial_overlap("out", *out, z, model_out, model_out_uncond, history, noise, use_noise, paired);
@@ -135,7 +151,51 @@ std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> fus
   }
   run_step(z, next, model_out, model_out_uncond, history, table, step, step_tensor, seeds, noise, x_out, model_in, clip,
            use_noise, paired);
-  return {next, x_out, model_in};
+  if (order.empty()) return {next, x_out, model_in};
+  const std::vector<int64_t> inverse = fastflow::inverse_order(order);
+  return {given.has_value() ? *given : next.permute(inverse), fastflow::in_order(x_out, inverse),
+          fastflow::in_order(model_in, inverse)};
+}
+
+// The same stage, allocating the outputs the caller did not pass: the next state
+// (when `out` is None), x_hat (when `want_x`; in `x_dtype` when given, else the
+// state's) and the next model input (when `model_in_dtype` is given; its batch
+// doubled with `model_in_double`). Allocating here costs a fraction of a
+// Python-side torch.empty per tensor, and eager front ends make up to three per
+// step. Outputs are contiguous, shaped like the state; in the state's layout where it is dense in another order
+// (channels_last) and the kernel draws no noise (fastflow::dense_order). With `paired`,
+// `model_out` is a guided model's doubled batch, unconditional half first, read in
+// place through two pointers (views, in Python or C++, would cost about a
+// microsecond each).
+std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> fused_step_alloc_direct(
+    const at::Tensor& z, const std::optional<at::Tensor>& out, const at::Tensor& model_out,
+    const std::optional<at::Tensor>& model_out_uncond, at::TensorList history, const at::Tensor& table, int64_t step,
+    const std::optional<at::Tensor>& step_tensor, const std::optional<at::Tensor>& seeds,
+    const std::optional<at::Tensor>& noise, bool want_x, std::optional<at::ScalarType> x_dtype,
+    std::optional<at::ScalarType> model_in_dtype, bool model_in_double, std::optional<double> clip, bool use_noise,
+    bool paired) {
+  std::vector<int64_t> order;  // z's own order where it is dense in one and the kernel draws no noise
+  if (!z.is_contiguous() && !(use_noise && !noise.has_value()) && !(paired && model_out.dim() != z.dim())) {
+    // a paired model output has another batch: the same permutation serves it, so only its sample shape is compared
+    const bool paired_ok = !paired || model_out.sizes().slice(1) == z.sizes().slice(1);
+    if (paired_ok) {
+      order = fastflow::dense_order(
+          z, {out ? &*out : nullptr, paired ? nullptr : &model_out, model_out_uncond ? &*model_out_uncond : nullptr,
+              noise ? &*noise : nullptr}, history);
+    }
+  }
+  if (!order.empty()) {
+    std::vector<at::Tensor> hist;
+    hist.reserve(history.size());
+    for (const at::Tensor& h : history) hist.push_back(h.permute(order));
+    return fused_step_alloc_ordered(z.permute(order), fastflow::in_order(out, order), model_out.permute(order),
+                                    fastflow::in_order(model_out_uncond, order), hist, table, step, step_tensor, seeds,
+                                    fastflow::in_order(noise, order), want_x, x_dtype, model_in_dtype, model_in_double,
+                                    clip, use_noise, paired, order, out);
+  }
+  return fused_step_alloc_ordered(z, out, model_out, model_out_uncond, history, table, step, step_tensor, seeds, noise,
+                                  want_x, x_dtype, model_in_dtype, model_in_double, clip, use_noise, paired, order,
+                                  out);
 }
 
 // `fastflow._C.fused_step_alloc`, the per-step entry of the front ends (fastflow/runner.py

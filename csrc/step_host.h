@@ -8,14 +8,18 @@
 // TypeError for dtypes), so callers need no second, Python-side check. Inputs that are not contiguous are
 // copied to contiguous tensors; outputs that are not contiguous are written to a
 // contiguous temporary and copied back, so the kernels only see dense row-major
-// samples (the noise of element e depends on its row-major index in the sample).
+// samples (the noise of element e depends on its row-major index in the sample). The
+// entries in ops.cpp pass a state dense in another order (channels_last) as permuted
+// views (dense_order below), which are contiguous here, unless the stage draws noise.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <array>
+#include <initializer_list>
 #include <cstdint>
 #include <limits>
 #include <optional>
@@ -152,6 +156,40 @@ inline void refuse_overlaps(const at::Tensor& z, const at::Tensor& out, const at
     refuse_partial_overlap("model_in_out", *model_in_out, z, model_out, model_out_uncond, history, noise, use_noise,
                            false);
   }
+}
+
+// The order of z's dimensions, batch first, in which its memory is row-major ({0, 2, 3, 1} for channels_last), where
+// that is not their own order and every tensor given has z's shape; empty otherwise (row-major already, dense in no
+// such order, or a shape the checks refuse). The allocating and direct entries step such a state in that order, as
+// permuted views (no copy of it; outputs made in its layout), as TensorIterator does (fastflow.backends.base.dense_order
+// is the same rule). Metadata only.
+inline std::vector<int64_t> dense_order(const at::Tensor& z, std::initializer_list<const at::Tensor*> others,
+                                        at::TensorList history) {
+  std::vector<int64_t> order;
+  if (z.dim() < 3 || z.is_contiguous()) return order;
+  order.resize(z.dim());
+  for (int64_t d = 0; d < z.dim(); ++d) order[d] = d;
+  const auto strides = z.strides();
+  std::stable_sort(order.begin() + 1, order.end(), [&](int64_t a, int64_t b) { return strides[a] > strides[b]; });
+  bool identity = true;
+  for (int64_t d = 0; d < z.dim(); ++d) identity = identity && order[d] == d;
+  bool same_shapes = true;
+  for (const at::Tensor* t : others) same_shapes = same_shapes && (t == nullptr || t->sizes() == z.sizes());
+  for (const at::Tensor& h : history) same_shapes = same_shapes && h.sizes() == z.sizes();
+  if (identity || !same_shapes || !z.permute(order).is_contiguous()) order.clear();
+  return order;
+}
+
+// `t` viewed in `order` (a dense_order, or its inverse); `t` itself when the order is empty.
+inline std::optional<at::Tensor> in_order(const std::optional<at::Tensor>& t, at::IntArrayRef order) {
+  if (!t.has_value() || order.empty()) return t;
+  return t->permute(order);
+}
+
+inline std::vector<int64_t> inverse_order(at::IntArrayRef order) {
+  std::vector<int64_t> inverse(order.size());
+  for (size_t k = 0; k < order.size(); ++k) inverse[order[k]] = static_cast<int64_t>(k);
+  return inverse;
 }
 
 // The noise operators' host counters: the spec's words are 32 bits (the Python wrappers check the same).

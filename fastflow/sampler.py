@@ -369,7 +369,12 @@ class Sampler:
         ``model_input_dtype``, a float dtype; batch doubled if ``duplicate_model_input``);
         with ``return_x0``, also the data prediction. Every output is a new tensor unless
         ``out`` is given. ``seed`` and ``noise`` are read by stages that draw noise only
-        (a loop may pass them to every stage).
+        (a loop may pass them to every stage). Outputs made here keep ``z``'s layout where
+        ``z`` is dense in another order of its dimensions, batch first (channels_last, from a
+        ``unet.to(memory_format=torch.channels_last)`` pipeline: inputs in that layout are read
+        in place, as torch's own elementwise ops do), except at a stage that draws its noise in
+        the kernel (keyed by the row-major index), which computes and returns row-major, copying
+        inputs in another layout once.
 
         ``out`` may be ``z`` itself, or any tensor that shares no memory with the inputs,
         except where a later stage reads what it would overwrite (Heun's predictor keeps
@@ -436,9 +441,14 @@ def sample(
     n = sampler.num_stages
     # Without a callback nobody else sees the intermediate states, so two buffers take turns
     # (one allocation less per step). Solvers that read an earlier state keep fresh tensors.
+    # The buffers take the noise's layout (channels_last stays channels_last, written in place) unless a stage
+    # draws its noise in the kernel, which steps row-major (Backend.fused_step_alloc).
     buffers = None
     if callback is None and not any(sampler.plan.keep_z):
-        buffers = [torch.empty(z.shape, dtype=z.dtype, device=z.device) for _ in range(min(n, 2))]
+        if any(sampler.plan.noise):
+            buffers = [torch.empty(z.shape, dtype=z.dtype, device=z.device) for _ in range(min(n, 2))]
+        else:
+            buffers = [torch.empty_like(z) for _ in range(min(n, 2))]
     for i in range(n):
         t = times[i]
         output = model_fn(z_in, t)

@@ -463,3 +463,27 @@ def test_cpu_seeds_on_a_gpu_loop_do_not_sync():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(z).all()
+
+
+@pytest.mark.parametrize("backend", ["torch", "cuda"])
+def test_channels_last_state_keeps_its_layout(backend):
+    """A channels_last state (a ``unet.to(memory_format=torch.channels_last)`` pipeline) and model outputs in its
+    layout give channels_last outputs (the next model input, doubled for guidance, too), read and written in place,
+    with the bits of the row-major step; ``sample`` keeps the noise's layout through its loop."""
+    if ff.backends.get_backend(backend).availability() is not None:
+        pytest.skip(f"{backend} backend unavailable")
+    cl = torch.channels_last
+    s = ff.Sampler(ff.VP(), "dpm++2m", steps=4, guidance_scale=3.0, backend=backend)
+    z = s.init_noise((2, 4, 6, 5), seed=7)
+    o = torch.randn((4, 4, 6, 5), generator=torch.Generator().manual_seed(2))
+    want, want_in = s.step(o, z, 0, return_model_input=True, duplicate_model_input=True)
+    got, got_in = s.step(o.to(memory_format=cl), z.to(memory_format=cl), 0, return_model_input=True,
+                         duplicate_model_input=True)
+    assert got.is_contiguous(memory_format=cl) and not got.is_contiguous()
+    assert got_in.shape == (4, 4, 6, 5) and got_in.is_contiguous(memory_format=cl)
+    assert torch.equal(got, want) and torch.equal(got_in, want_in)
+    plain = ff.Sampler(ff.VP(), "ddim", steps=3, backend=backend)
+    x = ff.sample(lambda zi, t: 0.5 * zi, plain.init_noise((2, 4, 6, 5), seed=1).to(memory_format=cl), plain)
+    assert x.is_contiguous(memory_format=cl)
+    torch.testing.assert_close(x, ff.sample(lambda zi, t: 0.5 * zi, plain.init_noise((2, 4, 6, 5), seed=1), plain),
+                               rtol=0, atol=0)

@@ -122,10 +122,14 @@ class Backend:
         With ``paired``, ``model_out`` is a guided model's output on a doubled batch
         (``2B``, unconditional half first) and ``model_out_uncond`` is None: the halves are
         split here, where a backend can do it cheaply.
-        Kernels read flat row-major memory (the noise is keyed by the row-major index), so
-        inputs in another layout (channels_last model outputs, say) are copied once here,
-        outputs are allocated row-major, and a given ``out`` in another layout is written
-        through a row-major temporary.
+        Kernels read flat memory sample by sample. A state that is dense in another order of its
+        dimensions, batch first (channels_last, as a ``unet.to(memory_format=torch.channels_last)``
+        pipeline makes), is stepped in that order (:func:`dense_order`): inputs in the same layout
+        are read in place, others copied once into it, and the outputs made come back in the state's
+        layout, as diffusers' torch ops return them. A stage that draws its noise in the kernel
+        (keyed by the row-major index), or a state in no dense order, is stepped row-major: inputs
+        in another layout are copied once, outputs made row-major. A given ``out`` the kernel cannot
+        write in place is written through a temporary in its order.
         """
         if model_in_dtype is not None and model_in_dtype not in STEP_DTYPES:
             check_model_input_dtype(model_in_dtype)
@@ -136,6 +140,21 @@ class Backend:
                     f"got shape {tuple(model_out.shape)}"
                 )
             model_out_uncond, model_out = model_out.chunk(2)
+        # The kernel's order: z's own where it is dense in one (no copy of z, outputs in its layout), else row-major.
+        order = None if z.is_contiguous() or (use_noise and noise is None) else dense_order(z)
+        if order is not None and not _shaped_like(z, model_out, model_out_uncond, noise, out, *history):
+            order = None  # a shape error: raised by the checks below, in the caller's order
+        if order is not None:
+            inverse = [0] * len(order)
+            for k, d in enumerate(order):
+                inverse[d] = k
+            z = z.permute(order)
+            model_out = model_out.permute(order)
+            if model_out_uncond is not None:
+                model_out_uncond = model_out_uncond.permute(order)
+            if noise is not None:
+                noise = noise.permute(order)
+            history = [h.permute(order) for h in history]
         if not z.is_contiguous():
             z = z.contiguous()
         if not model_out.is_contiguous():
@@ -145,10 +164,13 @@ class Backend:
         if noise is not None and not noise.is_contiguous():
             noise = noise.contiguous()
         history = [h if h.is_contiguous() else h.contiguous() for h in history]
-        target = None  # a given out in another layout, written through a row-major temporary
+        given = out
+        target = None  # a given out the kernel cannot write in place, written through a temporary in its order
         if out is None:
             out = torch.empty(z.shape, dtype=z.dtype, device=z.device)
         else:
+            if order is not None:
+                out = out.permute(order)
             if not torch.compiler.is_compiling():  # fake tensors have no memory to compare
                 check_out_overlap(out, z, model_out, model_out_uncond, history, noise if use_noise else None)
             if not out.is_contiguous():
@@ -164,8 +186,12 @@ class Backend:
             check_overlap=False,
         )
         if target is not None:
-            out = target.copy_(out)
-        return out, x_out, model_in
+            target.copy_(out)
+        if order is not None:  # back to the caller's order: views, the given out itself
+            out = out.permute(inverse)
+            x_out = None if x_out is None else x_out.permute(inverse)
+            model_in = None if model_in is None else model_in.permute(inverse)
+        return (out if given is None else given), x_out, model_in
 
     def fused_step_alloc_args(
         self,
@@ -215,6 +241,42 @@ class Backend:
         from ..noise import normal
 
         return normal(seeds, sample_shape, step=step, tag=tag, dtype=dtype)
+
+
+def dense_order(z: torch.Tensor) -> list[int] | None:
+    """The order of ``z``'s dimensions, batch first, in which its memory is row-major (``[0, 2, 3, 1]`` for
+    channels_last), where that is not their own order; else None (row-major already, or dense in no such order:
+    a slice, an expanded tensor). Elementwise kernels step such a state in place in that order, as torch's
+    TensorIterator does, and the outputs they make keep its layout."""
+    if z.dim() < 3:
+        return None
+    strides = z.stride()
+    order = [0, *sorted(range(1, z.dim()), key=lambda d: -strides[d])]  # stable: ties keep their order
+    if order == list(range(z.dim())) or not z.permute(order).is_contiguous():
+        return None
+    return order
+
+
+def kernel_layout(t: torch.Tensor, z: torch.Tensor, draws: bool) -> torch.Tensor:
+    """``t`` (shaped like the state ``z``) in the layout :meth:`Backend.fused_step_alloc` reads it in for ``z``: ``t``
+    itself where that needs no copy, else one copy in that layout (row-major, or ``z``'s own dense order unless the
+    stage ``draws`` its noise in the kernel). For a front end that binds one tensor to two slots, so that it is copied
+    once, not once per slot."""
+    order = None if z.is_contiguous() or draws else dense_order(z)
+    if order is None:
+        return t if t.is_contiguous() else t.contiguous()
+    permuted = t.permute(order)
+    if permuted.is_contiguous():
+        return t
+    inverse = [0] * len(order)
+    for k, d in enumerate(order):
+        inverse[d] = k
+    return permuted.contiguous().permute(inverse)
+
+
+def _shaped_like(z: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
+    """Whether every tensor given has ``z``'s shape (so that one permutation serves them all)."""
+    return all(t is None or t.shape == z.shape for t in tensors)
 
 
 def check_step_args(

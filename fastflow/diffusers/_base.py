@@ -68,6 +68,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .. import noise as noise_spec
 from ..backends import resolve_backend
+from ..backends.base import kernel_layout
 from ..grids import Points
 from ..plan import AO, AZ, H0, MAX_HISTORY, StepPlan, compile_plan
 from ..runner import HistoryShapeError, PlanRunner, broadcasts_to, run_bound
@@ -888,9 +889,11 @@ class FastflowScheduler:
                 raise ValueError("a plan that keeps earlier model outputs cannot convert another tensor")
             cond = kernel_output
         elif uses_o and not model_output.is_contiguous():
-            # Inputs in any layout: the backend reads them by value (a contiguous copy only where needed). The
-            # model output bound twice (as the kernel's output and a history slot) is copied once here, not twice.
-            cond = model_output = model_output.contiguous()
+            # Inputs in any layout: the backend reads them by value (a copy only where needed). The model output
+            # bound twice (as the kernel's output and a history slot) is copied once here, not twice, into the
+            # layout the kernel reads the state in (channels_last stays so: no copy of a model output in the
+            # sample's own layout).
+            cond = model_output = kernel_layout(model_output, z, noisy and noise is None)
         want_x = want_pred and self.compute_pred_original_sample
         if want_x and self._ff_x0_is_output and pred_lin is None and model_output.dtype != (x_dtype or z.dtype):
             x_dtype = model_output.dtype  # diffusers' prediction field is the model output: its values and dtype
@@ -1001,7 +1004,8 @@ class FastflowScheduler:
                 if row is None:
                     row = self._ff_noise_inputs(k, sample)[1]
         if uses_o:
-            if not model_output.is_contiguous():
+            # read in place: row-major, or in the layout of a sample the kernel steps in its own order (no draw)
+            if not model_output.is_contiguous() and (noisy or model_output.stride() != sample.stride()):
                 return None
             history = [model_output]
         else:

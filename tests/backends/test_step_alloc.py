@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from backends.step_cases import EXTENSION_TOL, REF, TRITON_TOL, assert_matches, make_case
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastflow.backends import get_backend
 
@@ -94,6 +95,111 @@ def test_alloc_non_contiguous_inputs(name):
     )
     assert out.is_contiguous()
     torch.testing.assert_close(out, want, rtol=2e-5, atol=2e-5)
+
+
+class _CountCopies(TorchDispatchMode):
+    """Counts the whole-tensor copies torch makes in its scope (``contiguous()`` and ``copy_`` both end in one of
+    these; the C++ extension's go through the dispatcher too)."""
+
+    COPIES = (torch.ops.aten.clone.default, torch.ops.aten.copy_.default, torch.ops.aten._to_copy.default)
+
+    def __init__(self, numel: int):
+        super().__init__()
+        self.numel, self.count = numel, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        if func in self.COPIES and isinstance(result, torch.Tensor) and result.numel() >= self.numel:
+            self.count += 1
+        return result
+
+
+def _channels_last_case(noise: str):
+    case = make_case((2, 4, 3, 5), torch.float32, torch.bfloat16, guided=True, hist=2, noise=noise, seed=13,
+                     device=str(_device()))
+    cl = torch.channels_last
+    layout = dict(z=case.z.to(memory_format=cl), model_out=case.model_out.to(memory_format=cl),
+                  uncond=case.uncond.to(memory_format=cl), history=[h.to(memory_format=cl) for h in case.history],
+                  noise=None if case.noise is None else case.noise.to(memory_format=cl))
+    return case, layout
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("noise", ["none", "tensor"])
+def test_alloc_keeps_a_channels_last_state(name, noise):
+    """A channels_last state (a ``unet.to(memory_format=torch.channels_last)`` pipeline) with inputs in its layout is
+    stepped in place in that order: outputs come back channels_last, as diffusers' torch ops return them, with the
+    bits of the row-major step, and the extension's kernel copies nothing (row-major outputs cost a copy of every
+    input per step; the reference and Triton's interpreter copy for casts of their own, so only it is counted)."""
+    backend = _backend(name)
+    case, cl = _channels_last_case(noise)
+    want, _, want_mi = _alloc(backend, case, want_x=True, model_in_dtype=torch.bfloat16, model_in_double=True)
+    kw = dict(seeds=case.seeds, noise=cl["noise"], clip=case.clip, use_noise=case.use_noise, want_x=True,
+              model_in_dtype=torch.bfloat16, model_in_double=True)
+    with _CountCopies(case.z.numel()) as copies:
+        out, x, model_in = backend.fused_step_alloc(cl["z"], cl["model_out"], cl["uncond"], cl["history"], case.table,
+                                                    case.step, **kw)
+    assert copies.count == 0 or name != "cuda"
+    for t in (out, x, model_in):
+        assert t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+    assert torch.equal(out, want) and torch.equal(model_in, want_mi)
+    # A given out in that layout is written in place (no temporary); a guided doubled batch is split there too.
+    given = torch.full_like(cl["z"], float("nan"))
+    paired = torch.cat([case.uncond, case.model_out]).to(memory_format=torch.channels_last)
+    with _CountCopies(case.z.numel()) as copies:
+        got, _, _ = backend.fused_step_alloc(cl["z"], paired, None, cl["history"], case.table, case.step, out=given,
+                                             paired=True, seeds=case.seeds, noise=cl["noise"], clip=case.clip,
+                                             use_noise=case.use_noise)
+    assert got is given and (copies.count == 0 or name != "cuda")
+    assert torch.equal(given, want)
+
+
+@pytest.mark.parametrize("name", ("torch", "cuda"))  # Triton's direct form takes row-major tensors only
+def test_fused_step_writes_channels_last_outputs_in_place(name):
+    """The direct form into outputs in the state's channels_last layout (a doubled model input too) writes them with
+    the bits of the row-major step; the extension's entry copies nothing for it."""
+    backend = _backend(name)
+    case, cl = _channels_last_case("tensor")
+    want, want_x, want_mi = _alloc(backend, case, want_x=True, model_in_dtype=torch.bfloat16, model_in_double=True)
+    fmt = torch.channels_last
+    out, x = torch.empty_like(cl["z"]), torch.empty_like(cl["z"])
+    mi = torch.empty((4, *case.z.shape[1:]), dtype=torch.bfloat16).to(memory_format=fmt)
+    with _CountCopies(case.z.numel()) as copies:
+        backend.fused_step(cl["z"], out, cl["model_out"], cl["uncond"], cl["history"], case.table, case.step,
+                           noise=cl["noise"], x_out=x, model_in_out=mi, clip=case.clip, use_noise=True)
+    assert copies.count == 0 or name != "cuda"
+    assert torch.equal(out, want) and torch.equal(x, want_x) and torch.equal(mi, want_mi)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_alloc_steps_a_drawing_stage_row_major(name):
+    """A stage that draws its noise in the kernel keys it by the row-major index: a channels_last state is stepped
+    row-major there (the same noise as a row-major state's), and its outputs come back row-major."""
+    backend = _backend(name)
+    case, cl = _channels_last_case("philox")
+    want = case.run(REF)["out"]
+    out, _, _ = backend.fused_step_alloc(cl["z"], cl["model_out"], cl["uncond"], cl["history"], case.table, case.step,
+                                         seeds=case.seeds, use_noise=True)
+    assert out.is_contiguous()
+    torch.testing.assert_close(out, want, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_alloc_mixed_layouts_follow_the_state(name):
+    """Inputs in another layout than the state's are copied once into the state's, whose layout the outputs take
+    (diffusers' ``sample + c * model_output`` does the same); a shape error is still named in the caller's order."""
+    backend = _backend(name)
+    case, cl = _channels_last_case("none")
+    want = case.run(REF)["out"]
+    for z, o in ((cl["z"], case.model_out), (case.z, cl["model_out"])):
+        out, _, _ = backend.fused_step_alloc(z, o, case.uncond, case.history, case.table, case.step)
+        assert out.stride() == z.stride()
+        torch.testing.assert_close(out, want, rtol=2e-5, atol=2e-5)
+    sliced = cl["z"][:, :, :2]  # channels_last, not dense: stepped row-major
+    got, _, _ = backend.fused_step_alloc(sliced, case.model_out[:, :, :2], None, [], case.table, case.step)
+    assert got.is_contiguous()
+    with pytest.raises(ValueError, match=r"[(\[]2, 4, 3, 4[)\]]"):
+        backend.fused_step_alloc(cl["z"], case.model_out[..., :4], None, [], case.table, case.step)
 
 
 @pytest.mark.parametrize("name", BACKENDS)

@@ -673,7 +673,7 @@ def _entry_runs_without_the_gil(entry: Callable[[], object]) -> bool:
         for _ in range(5):
             t0 = time.perf_counter()
             entry()
-            if alone > 0.03 and any(t0 + alone / 5 < t < t0 + 3 * alone / 5 for t in stamps):
+            if alone > 0.01 and any(t0 + alone / 5 < t < t0 + 3 * alone / 5 for t in stamps):
                 return True
         return False
     finally:
@@ -686,7 +686,7 @@ def _entry_runs_without_the_gil(entry: Callable[[], object]) -> bool:
 def test_entries_release_the_gil(cb, entry):
     """A CPU step takes tens of milliseconds at megabytes: other Python threads (a UI, a data loader) run meanwhile,
     as they do during torch's own ops."""
-    z = torch.randn(2, 1 << 23)  # about 0.1 s a call on one thread
+    z = torch.randn(2, 1 << 23)  # tens of milliseconds a call on one thread
     o = torch.randn_like(z)
     out = torch.empty_like(z)
     table = _copy_table(0.5, 0.5, 0.5, 0.5)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from dropin_helpers import assert_close, pair, run_loop
+from dropin_helpers import assert_close, pair, run_loop, stand_in
 
 from fastflow.backends import get_backend
 
@@ -66,3 +66,47 @@ def test_channels_last_inputs_give_the_same_bits(backend, name, config, kw):
         outs.append(ff.step(o.to(memory_format=layout), t, x.to(memory_format=layout), **kw))
     for a, b in zip(outs[0].values(), outs[1].values(), strict=True):
         assert torch.equal(a, b)
+
+
+LAYOUT_CASES = [
+    ("DDIMScheduler", dict(), dict(eta=0.0)),  # the raw model output bound twice (clipped x0, unclipped noise)
+    ("LMSDiscreteScheduler", dict(prediction_type="v_prediction"), dict()),  # kept derivatives
+    ("DPMSolverMultistepScheduler", dict(), dict()),  # kept x0s
+    ("FlowMatchEulerDiscreteScheduler", dict(), dict()),
+    ("EulerAncestralDiscreteScheduler", dict(), "generator"),  # noise given (drawn as diffusers draws it)
+]
+
+
+@pytest.mark.parametrize("backend", ["torch", "cuda"])
+@pytest.mark.parametrize("name,config,kw", LAYOUT_CASES, ids=[c[0] for c in LAYOUT_CASES])
+def test_channels_last_sample_keeps_its_layout(backend, name, config, kw):
+    """diffusers' step returns ``prev_sample`` in the sample's layout (channels_last in, channels_last out: torch's
+    elementwise ops keep it); so does the drop-in, at every step of a loop (its lane too), with the bits of a
+    row-major loop. It came back row-major, which made every later step copy the channels_last model output."""
+    if not _available(backend):
+        pytest.skip(f"backend {backend} unavailable on the CPU")
+    cl = torch.channels_last
+    x0 = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(1))
+    loops = []
+    for layout in (torch.contiguous_format, cl):
+        ref, ff = pair(name, backend=backend, **config)
+        samples = []
+        for sched in (ref, ff):
+            sched.set_timesteps(5)
+            x = (x0 * getattr(sched, "init_noise_sigma", 1.0)).to(memory_format=layout)
+            g = torch.Generator().manual_seed(5)
+            states = []
+            for t in sched.timesteps:
+                inp = sched.scale_model_input(x, t) if hasattr(sched, "scale_model_input") else x
+                o = stand_in(inp, t).contiguous(memory_format=layout)
+                step_kw = dict(generator=g) if kw == "generator" else kw
+                x = sched.step(o, t, x, **step_kw).prev_sample
+                states.append(x)
+            samples.append(states)
+        for a, b in zip(*samples, strict=True):
+            assert b.stride() == a.stride()  # diffusers' layout
+            assert_close(b, a)
+        loops.append(samples[1])
+    for a, b in zip(*loops, strict=True):
+        assert torch.equal(a, b)
+    assert loops[1][-1].is_contiguous(memory_format=cl)
