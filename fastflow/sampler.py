@@ -424,6 +424,10 @@ def sample(
     The first model call gets ``noise`` itself when the first stage's input scale is 1 and no ``model_dtype``
     casts it (as a diffusers loop passes its latents): a model that writes into its input changes the caller's
     tensor.
+
+    A sampler runs one loop at a time: a multistep solver keeps its loop's stored predictions in the sampler, so
+    two threads sampling with one sampler at once would read each other's. Give each thread its own sampler (they
+    are cheap: ``copy.deepcopy`` one).
     """
     if not isinstance(sampler, Sampler):
         raise TypeError(f"sampler must be a fastflow Sampler, got {type(sampler).__name__}")

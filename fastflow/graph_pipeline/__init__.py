@@ -73,6 +73,14 @@ fresh samples and match an eager call made from the same global RNG state, or th
 one the drop-in fixes (DPMSolverSDE's ``noise_sampler_seed``, the initial seed of the
 generator CosineDPMSolverMultistep's step is given), so replays match eager calls too.
 
+The networks are captured whole, kernels and weights' addresses included: a replay
+runs the model as it was at capture. Weights changed in place (``load_state_dict``,
+``param.copy_``) are read by replays; weights replaced by new tensors, and anything
+that changes what ``forward`` runs (LoRA adapters loaded, fused or reweighted,
+``enable_freeu``, new attention processors, a module replaced), are not, and the
+signature check does not see them. Call ``fast.release()`` after such a change, so
+the next call records the loop again.
+
 Memory: one private pool per captured signature (about one eager loop's working
 set), at most ``max_graphs`` signatures (least recently used released first).
 """
