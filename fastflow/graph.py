@@ -134,7 +134,8 @@ def _cond_items(cond: Cond) -> tuple[str, list[tuple[Any, torch.Tensor]]]:
     if isinstance(cond, torch.Tensor):
         return "tensor", [(0, cond)]
     if isinstance(cond, Mapping):
-        items = list(cond.items())
+        # by name: the model gets them as keywords, whose order means nothing (a capture per order would be a waste)
+        items = sorted(cond.items(), key=lambda kv: str(kv[0]))
         kind = "map"
     elif isinstance(cond, Sequence) and not isinstance(cond, (str, bytes)):
         items = list(enumerate(cond))

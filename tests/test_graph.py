@@ -604,3 +604,21 @@ def test_graph_cache_call_refused_before_it_captures(bad):
     with pytest.raises((TypeError, ValueError)):
         cache(make_sampler(steps=5, guidance_scale=2.0), **bad)
     assert cache.captures == 1 and cache.evictions == 0 and list(cache._loops.values()) == [good]
+
+
+def test_dict_cond_in_another_key_order_shares_the_capture():
+    """The model gets a dict's conditioning as keywords: the same keys in another order are the same call (they
+    were refused by a loop, and made a second capture in a GraphCache)."""
+
+    def model(z, t, a, b):
+        return toy_model(z, t) + 0.1 * a - 0.2 * b
+
+    s = make_sampler()
+    a, b = torch.zeros(SHAPE), torch.ones(SHAPE)
+    noise = s.init_noise(SHAPE, seed=0)
+    cache = GraphCache(model, device="cpu")
+    first = cache(s, noise=noise, cond={"a": a, "b": b})
+    again = cache(s, noise=noise, cond={"b": b, "a": a})
+    assert cache.captures == 1 and torch.equal(first, again)
+    loop = cache.get(s, SHAPE, cond={"a": a, "b": b})
+    assert torch.equal(loop(noise=noise, cond={"b": b, "a": a}), first)
