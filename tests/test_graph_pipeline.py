@@ -963,3 +963,18 @@ def test_a_pil_image_input_replays_the_graph(stand_in_capture):
         ref = pipe(generator=torch.manual_seed(0), image=image, **kw).images
         assert (fast(generator=torch.manual_seed(0), image=image, **kw).images == ref).all()
     assert (fast.captures, fast.replays) == (1, 2) and fast.reason is None
+
+
+def test_a_new_scheduler_at_a_freed_one_s_address_is_not_replayed(stand_in_capture, monkeypatch):
+    """Captures were keyed by ``id()`` of the networks and the scheduler, which a new object takes over once the old
+    one is freed: a pipeline given a new scheduler there (another prediction type, the same timesteps) replayed the
+    old one's capture. ``id`` is made to collide here, as CPython's allocator makes it in a long-running process."""
+    monkeypatch.setattr(gp.captured, "id", lambda obj: 1, raising=False)
+    pipe = LoopPipeline(tiny_unet(), ffd.from_scheduler(DiffusersDDIM(), backend="torch"))
+    fast = capture_pipeline(pipe)
+    kw = {"batch_size": 2, "num_inference_steps": 3}
+    fast(generator=torch.Generator().manual_seed(3), **kw)
+    pipe.scheduler = ffd.from_scheduler(DiffusersDDIM(prediction_type="sample"), backend="torch")
+    want = pipe(generator=torch.Generator().manual_seed(3), **kw)
+    got = fast(generator=torch.Generator().manual_seed(3), **kw)
+    assert torch.equal(got, want) and fast.captures == 2 and fast.replays == 0

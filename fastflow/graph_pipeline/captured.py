@@ -6,6 +6,7 @@ import contextlib
 import inspect
 import math
 import warnings
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -152,9 +153,11 @@ class CapturedPipeline:
 
     # ------------------------------------------------------------------ calls
     def _key(self, args: tuple, kwargs: dict) -> tuple:
+        # Weak references, not id(): a new network or scheduler at a freed one's address is another object (its
+        # loop a new capture, not a replay that diverges and leaves the signature eager for good).
         return (
-            tuple(id(net) for net in self._networks().values()),
-            id(self.scheduler),
+            tuple(weakref.ref(net) for net in self._networks().values()),
+            weakref.ref(self.scheduler),
             type(self.scheduler).__name__,
             _signature(args),
             _signature(dict(kwargs)),
