@@ -253,6 +253,11 @@ class PlanRunner:
                     "such a tensor would corrupt the gradient through it (torch's own out= ops refuse it too); "
                     "step under torch.no_grad() or into a tensor that does not require grad"
                 )
+            if any(stride == 0 and size > 1 for size, stride in zip(out.shape, out.stride(), strict=True)):
+                raise ValueError(  # an expanded tensor: several elements would be written to one address
+                    f"out has stride 0 in a dimension of size > 1 (an expanded tensor, strides {out.stride()}): "
+                    "several of its elements are one memory location; pass a tensor of its own"
+                )
             if self._keeps_inputs or store:
                 self._check_out_spares_kept(i, out, z, cond)
         found = self._dispatch.get((z.device, z.dtype)) or self._table_and_backend_for(z.device, z.dtype)

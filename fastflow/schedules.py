@@ -128,8 +128,8 @@ class FlowMatching(Schedule):
                 check_real(name, value)
         if not (shift > 0 and math.isfinite(shift)):
             raise ValueError(f"shift must be a positive finite number, got {shift}")
-        if mu is not None and not math.isfinite(mu):
-            raise ValueError(f"mu must be finite, got {mu}")
+        if mu is not None and not abs(mu) <= 700.0:  # e^mu overflows float64 past 709; real models use 0.5-3
+            raise ValueError(f"mu must be finite and within [-700, 700], got {mu}")
         if mu is not None and shift != 1.0:
             raise ValueError(
                 f"pass shift or mu, not both (got shift={shift}, mu={mu}): diffusers' dynamic shifting applies mu "

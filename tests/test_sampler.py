@@ -211,6 +211,20 @@ def test_out_overlapping_the_state_in_part_is_refused(backend):
 
 
 @pytest.mark.parametrize("backend", ["torch", "cuda"])
+def test_an_expanded_out_is_refused_before_the_step(backend):
+    """An expanded ``out`` (stride 0) names several elements at one address: it got torch's own copy error after the
+    kernel had run; it is refused first, saying why."""
+    s = _sampler_on(backend, ff.VP(), "ddim", steps=4)
+    z, o = torch.randn(2, 4, 8), torch.randn(2, 4, 8)
+    with pytest.raises(ValueError, match="stride 0"):
+        s.step(o, z, 0, out=torch.empty(1, 4, 8).expand(2, 4, 8))
+    z1, o1 = z.reshape(2, 1, 32), o.reshape(2, 1, 32)
+    out = torch.empty(2, 32).as_strided((2, 1, 32), (32, 0, 1))  # stride 0 on a size-1 dimension: one element
+    assert s.step(o1, z1, 0, out=out) is out
+    torch.testing.assert_close(out, s.step(o1, z1, 0), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cuda"])
 @pytest.mark.parametrize("dtype", [torch.int32, torch.bool, torch.complex64, "float32"], ids=str)
 def test_model_input_dtype_must_be_a_float_dtype(backend, dtype):
     """The torch backend cast the model input to an int, a bool or a complex silently; every backend now raises the

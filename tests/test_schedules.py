@@ -1,5 +1,7 @@
 """Schedules: values, derivatives, inverses, diffusers' beta schedules, validation."""
 
+import math
+
 import numpy as np
 import pytest
 
@@ -182,3 +184,11 @@ def test_vp_from_alphas_cumprod_does_not_name_a_beta_schedule():
     s = VP(alphas_cumprod=np.array([0.9, 0.5, 0.1]))
     assert repr(s) == "VP(alphas_cumprod, T=3)"
     assert repr(VP(beta_schedule="linear", num_train_timesteps=10)) == "VP(linear, T=10)"
+
+
+@pytest.mark.parametrize("mu", [800.0, -800.0, math.inf, math.nan])
+def test_flow_mu_beyond_exp_s_range_is_refused(mu):
+    """e^mu overflows float64 past 709: mu=800 built a schedule whose Sampler then raised OverflowError, and -800
+    gave NaN grid times."""
+    with pytest.raises(ValueError, match=r"mu must be finite and within \[-700, 700\]"):
+        FlowMatching(mu=mu)
