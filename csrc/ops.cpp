@@ -101,8 +101,11 @@ void fused_step_direct(const at::Tensor& z, const at::Tensor& out, const at::Ten
   std::optional<pybind11::gil_scoped_release> no_gil;  // pybind11 has converted the arguments
   if (runs_long(z)) no_gil.emplace();
   std::vector<int64_t> order;
-  const bool model_in_like = !model_in_out.has_value() || (model_in_out->dim() == z.dim() &&
-                                                           model_in_out->sizes().slice(1) == z.sizes().slice(1));
+  // A model input of batch B or 2B shaped like the state otherwise (another is refused by the checks, in the
+  // caller's order).
+  const bool model_in_like = !model_in_out.has_value() ||
+                             (model_in_out->dim() == z.dim() && model_in_out->sizes().slice(1) == z.sizes().slice(1) &&
+                              (model_in_out->size(0) == z.size(0) || model_in_out->size(0) == 2 * z.size(0)));
   if (!z.is_contiguous() && !(use_noise && !noise.has_value()) && model_in_like) {
     order = fastflow::dense_order(
         z, {&out, &model_out, model_out_uncond ? &*model_out_uncond : nullptr, noise ? &*noise : nullptr,

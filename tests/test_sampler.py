@@ -501,3 +501,25 @@ def test_channels_last_state_keeps_its_layout(backend):
     assert x.is_contiguous(memory_format=cl)
     torch.testing.assert_close(x, ff.sample(lambda zi, t: 0.5 * zi, plain.init_noise((2, 4, 6, 5), seed=1), plain),
                                rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cuda"])
+def test_channels_last_step_traces_with_dynamic_shapes(backend):
+    """torch.compile(fullgraph=True, dynamic=True) traces a step of a channels_last state: the order it is stepped
+    in was found with sorted(key=stride), which dynamo cannot trace on symbolic strides (a graph break, an error with
+    fullgraph); the traced step gives eager's bits and layout."""
+    if ff.backends.get_backend(backend).availability() is not None:
+        pytest.skip(f"{backend} backend unavailable")
+    torch._dynamo.reset()
+    cl = torch.channels_last
+    s = ff.Sampler(ff.VP(), "dpm++2m", steps=3, guidance_scale=2.0, backend=backend)
+    z0 = s.init_noise((2, 4, 6, 5), seed=7).to(memory_format=cl)
+    o = torch.randn((4, 4, 6, 5), generator=torch.Generator().manual_seed(2)).to(memory_format=cl)
+    s.prepare(z0.device, z0.dtype)
+    step = torch.compile(lambda o, z: s.step(o, z, 0, return_model_input=True, duplicate_model_input=True),
+                         fullgraph=True, dynamic=True, backend="eager")
+    got, got_in = step(o, z0)
+    s.runner.reset()
+    want, want_in = s.step(o, z0, 0, return_model_input=True, duplicate_model_input=True)
+    assert got.stride() == want.stride() == z0.stride() and got_in.stride() == want_in.stride()
+    assert torch.equal(got, want) and torch.equal(got_in, want_in)

@@ -251,7 +251,15 @@ def dense_order(z: torch.Tensor) -> list[int] | None:
     if z.dim() < 3:
         return None
     strides = z.stride()
-    order = [0, *sorted(range(1, z.dim()), key=lambda d: -strides[d])]  # stable: ties keep their order
+    # A stable insertion sort by decreasing stride (ties keep their order), not sorted(key=...): under
+    # torch.compile(dynamic=True) strides are symbolic and dynamo cannot trace a sort with such keys (a graph break,
+    # an error with fullgraph); comparisons of them it traces (as guards).
+    order = [0]
+    for d in range(1, z.dim()):
+        k = len(order)
+        while k > 1 and strides[order[k - 1]] < strides[d]:
+            k -= 1
+        order.insert(k, d)
     if order == list(range(z.dim())) or not z.permute(order).is_contiguous():
         return None
     return order
@@ -262,8 +270,8 @@ def kernel_layout(t: torch.Tensor, z: torch.Tensor, draws: bool) -> torch.Tensor
     itself where that needs no copy, else one copy in that layout (row-major, or ``z``'s own dense order unless the
     stage ``draws`` its noise in the kernel). For a front end that binds one tensor to two slots, so that it is copied
     once, not once per slot."""
-    order = None if z.is_contiguous() or draws else dense_order(z)
-    if order is None:
+    order = None if z.is_contiguous() or draws or t.shape != z.shape else dense_order(z)
+    if order is None:  # (a shape error is left to the backend's checks, which name it)
         return t if t.is_contiguous() else t.contiguous()
     permuted = t.permute(order)
     if permuted.is_contiguous():

@@ -403,3 +403,15 @@ def test_outputs_never_require_grad(name):
     leaf = torch.zeros_like(case.z, requires_grad=True)
     backend.fused_step_alloc(z, model_out, case.uncond, list(case.history), case.table, case.step, out=leaf)
     torch.testing.assert_close(leaf.detach(), want, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("name", ("torch", "cuda"))
+def test_channels_last_direct_form_names_a_model_input_of_another_batch(name):
+    """A model input output of another batch than B or 2B, with a channels_last state, is refused naming its shape
+    in the caller's order (the extension's entry viewed it in the state's order first and named [3, 3, 5, 4])."""
+    backend = _backend(name)
+    case, cl = _channels_last_case("none")
+    mi = torch.empty((3, *case.z.shape[1:])).to(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match=r"[(\[]3, 4, 3, 5[)\]].*sample shape [(\[]4, 3, 5[)\]]"):
+        backend.fused_step(cl["z"], torch.empty_like(cl["z"]), cl["model_out"], cl["uncond"], cl["history"],
+                           case.table, case.step, model_in_out=mi)

@@ -110,3 +110,45 @@ def test_channels_last_sample_keeps_its_layout(backend, name, config, kw):
     for a, b in zip(*loops, strict=True):
         assert torch.equal(a, b)
     assert loops[1][-1].is_contiguous(memory_format=cl)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cuda"])
+def test_channels_last_sample_traces_with_dynamic_shapes(backend):
+    """A drop-in's step of a channels_last sample traces with torch.compile(fullgraph=True, dynamic=True) (the
+    sample's dense order was found with sorted(key=stride), which dynamo cannot trace on symbolic strides), with
+    the bits and layout of the eager loop."""
+    if not _available(backend):
+        pytest.skip(f"backend {backend} unavailable on the CPU")
+    cl = torch.channels_last
+    loops = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        _, ff = pair("DDIMScheduler", backend=backend)
+        step = lambda o, t, x, ff=ff: ff.step(o, t, x).prev_sample  # noqa: E731
+        if compiled:
+            step = torch.compile(step, fullgraph=True, dynamic=True, backend="eager")
+        ff.set_timesteps(3)
+        ff.set_begin_index(0)
+        x = torch.randn((2, 4, 6, 10), generator=torch.Generator().manual_seed(0)).to(memory_format=cl)
+        states = []
+        for t in ff.timesteps:
+            x = step(stand_in(x, t).contiguous(memory_format=cl), t, x)
+            states.append(x)
+        loops.append(states)
+    for a, b in zip(*loops, strict=True):
+        assert b.stride() == a.stride() and torch.equal(a, b)
+    assert loops[1][-1].is_contiguous(memory_format=cl)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cuda"])
+def test_channels_last_sample_with_a_misshapen_model_output_is_named(backend):
+    """A model output of another rank than a channels_last sample is refused by the backend's shape check, which
+    names both shapes (the copy into the sample's layout permuted it first: a RuntimeError from permute)."""
+    if not _available(backend):
+        pytest.skip(f"backend {backend} unavailable on the CPU")
+    _, ff = pair("DDIMScheduler", backend=backend)
+    ff.set_timesteps(4)
+    x = torch.randn(2, 4, 6, 10).to(memory_format=torch.channels_last)
+    o = torch.randn(4, 10, 6).transpose(-1, -2)  # 3-D, not contiguous
+    with pytest.raises(ValueError, match=r"[(\[]4, 6, 10[)\]]"):
+        ff.step(o, ff.timesteps[0], x)
