@@ -370,9 +370,9 @@ class Sampler:
         with ``return_x0``, also the data prediction. Every output is a new tensor unless
         ``out`` is given. ``seed`` and ``noise`` are read by stages that draw noise only
         (a loop may pass them to every stage). Outputs made here keep ``z``'s layout where
-        ``z`` is dense in another order of its dimensions, batch first (channels_last, from a
-        ``unet.to(memory_format=torch.channels_last)`` pipeline: inputs in that layout are read
-        in place, as torch's own elementwise ops do), except at a stage that draws its noise in
+        ``z`` is dense in another order of its dimensions, batch first (channels_last, say:
+        inputs in that layout are read in place, as torch's own elementwise ops read them),
+        except at a stage that draws its noise in
         the kernel (keyed by the row-major index), which computes and returns row-major, copying
         inputs in another layout once.
 

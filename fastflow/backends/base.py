@@ -123,10 +123,9 @@ class Backend:
         (``2B``, unconditional half first) and ``model_out_uncond`` is None: the halves are
         split here, where a backend can do it cheaply.
         Kernels read flat memory sample by sample. A state that is dense in another order of its
-        dimensions, batch first (channels_last, as a ``unet.to(memory_format=torch.channels_last)``
-        pipeline makes), is stepped in that order (:func:`dense_order`): inputs in the same layout
-        are read in place, others copied once into it, and the outputs made come back in the state's
-        layout, as diffusers' torch ops return them. A stage that draws its noise in the kernel
+        dimensions, batch first (channels_last, say), is stepped in that order (:func:`dense_order`):
+        inputs in the same layout are read in place, others copied once into it, and the outputs made
+        come back in the state's layout, as diffusers' torch ops return them. A stage that draws its noise in the kernel
         (keyed by the row-major index), or a state in no dense order, is stepped row-major: inputs
         in another layout are copied once, outputs made row-major. A given ``out`` the kernel cannot
         write in place is written through a temporary in its order.
