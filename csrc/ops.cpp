@@ -104,7 +104,7 @@ void fused_step_direct(const at::Tensor& z, const at::Tensor& out, const at::Ten
   // A model input of batch B or 2B shaped like the state otherwise (another is refused by the checks, in the
   // caller's order).
   const bool model_in_like = !model_in_out.has_value() ||
-                             (model_in_out->dim() == z.dim() && model_in_out->sizes().slice(1) == z.sizes().slice(1) &&
+                             (fastflow::same_sample_shape(*model_in_out, z) &&
                               (model_in_out->size(0) == z.size(0) || model_in_out->size(0) == 2 * z.size(0)));
   if (!z.is_contiguous() && !(use_noise && !noise.has_value()) && model_in_like) {
     order = fastflow::dense_order(
@@ -117,9 +117,7 @@ void fused_step_direct(const at::Tensor& z, const at::Tensor& out, const at::Ten
              clip, use_noise, false);
     return;
   }
-  std::vector<at::Tensor> hist;
-  hist.reserve(history.size());
-  for (const at::Tensor& h : history) hist.push_back(h.permute(order));
+  const std::vector<at::Tensor> hist = fastflow::in_order(history, order);
   const at::Tensor zp = z.permute(order), outp = out.permute(order), mop = model_out.permute(order);
   const auto up = fastflow::in_order(model_out_uncond, order), nop = fastflow::in_order(noise, order);
   const auto xp = fastflow::in_order(x_out, order);
@@ -178,23 +176,18 @@ std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> fus
     std::optional<at::ScalarType> model_in_dtype, bool model_in_double, std::optional<double> clip, bool use_noise,
     bool paired) {
   std::vector<int64_t> order;  // z's own order where it is dense in one and the kernel draws no noise
-  if (!z.is_contiguous() && !(use_noise && !noise.has_value()) && !(paired && model_out.dim() != z.dim())) {
-    // a paired model output has another batch: the same permutation serves it, so only its sample shape is compared
-    const bool paired_ok = !paired || model_out.sizes().slice(1) == z.sizes().slice(1);
-    if (paired_ok) {
-      order = fastflow::dense_order(
-          z, {out ? &*out : nullptr, paired ? nullptr : &model_out, model_out_uncond ? &*model_out_uncond : nullptr,
-              noise ? &*noise : nullptr}, history);
-    }
+  // a paired model output has another batch: the same permutation serves it, so only its sample shape is compared
+  if (!z.is_contiguous() && !(use_noise && !noise.has_value()) &&
+      (!paired || fastflow::same_sample_shape(model_out, z))) {
+    order = fastflow::dense_order(
+        z, {out ? &*out : nullptr, paired ? nullptr : &model_out, model_out_uncond ? &*model_out_uncond : nullptr,
+            noise ? &*noise : nullptr}, history);
   }
   if (!order.empty()) {
-    std::vector<at::Tensor> hist;
-    hist.reserve(history.size());
-    for (const at::Tensor& h : history) hist.push_back(h.permute(order));
     return fused_step_alloc_ordered(z.permute(order), fastflow::in_order(out, order), model_out.permute(order),
-                                    fastflow::in_order(model_out_uncond, order), hist, table, step, step_tensor, seeds,
-                                    fastflow::in_order(noise, order), want_x, x_dtype, model_in_dtype, model_in_double,
-                                    clip, use_noise, paired, order, out);
+                                    fastflow::in_order(model_out_uncond, order), fastflow::in_order(history, order),
+                                    table, step, step_tensor, seeds, fastflow::in_order(noise, order), want_x, x_dtype,
+                                    model_in_dtype, model_in_double, clip, use_noise, paired, order, out);
   }
   return fused_step_alloc_ordered(z, out, model_out, model_out_uncond, history, table, step, step_tensor, seeds, noise,
                                   want_x, x_dtype, model_in_dtype, model_in_double, clip, use_noise, paired, order,

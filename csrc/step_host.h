@@ -19,8 +19,8 @@
 
 #include <algorithm>
 #include <array>
-#include <initializer_list>
 #include <cstdint>
+#include <initializer_list>
 #include <limits>
 #include <optional>
 #include <utility>
@@ -77,9 +77,9 @@ inline bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr
 // contiguous tensors are compared: step_host.h reads a copy of any other input and writes any other output through
 // a temporary. A paired model output is read as two halves, each compared alone. Metadata and pointers only.
 inline void refuse_partial_overlap(const char* name, const at::Tensor& written, const at::Tensor& z,
-                            const at::Tensor& model_out, const std::optional<at::Tensor>& model_out_uncond,
-                            at::TensorList history, const std::optional<at::Tensor>& noise, bool use_noise,
-                            bool paired) {
+                                   const at::Tensor& model_out, const std::optional<at::Tensor>& model_out_uncond,
+                                   at::TensorList history, const std::optional<at::Tensor>& noise, bool use_noise,
+                                   bool paired) {
   if (!(written.is_cpu() || written.is_cuda()) || !written.is_contiguous() || written.numel() == 0) return;
   const auto* w0 = static_cast<const char*>(written.data_ptr());
   const auto* w1 = w0 + written.numel() * written.element_size();
@@ -109,7 +109,7 @@ inline void refuse_partial_overlap(const char* name, const at::Tensor& written, 
 // Refuse two outputs that overlap each other in part (the state's and x_hat's, say): each is written block by
 // block, so which value an element ends with would depend on the launch. The same tensor twice is fine.
 inline void refuse_outputs_overlap(const at::Tensor& out, const std::optional<at::Tensor>& x_out,
-                            const std::optional<at::Tensor>& model_in_out) {
+                                   const std::optional<at::Tensor>& model_in_out) {
   const at::Tensor* outputs[3] = {&out, x_out.has_value() ? &*x_out : nullptr,
                                   model_in_out.has_value() ? &*model_in_out : nullptr};
   const char* names[3] = {"out", "x_out", "model_in_out"};
@@ -184,6 +184,20 @@ inline std::vector<int64_t> dense_order(const at::Tensor& z, std::initializer_li
 inline std::optional<at::Tensor> in_order(const std::optional<at::Tensor>& t, at::IntArrayRef order) {
   if (!t.has_value() || order.empty()) return t;
   return t->permute(order);
+}
+
+// Every tensor of `ts` viewed in `order` (a non-empty dense_order).
+inline std::vector<at::Tensor> in_order(at::TensorList ts, at::IntArrayRef order) {
+  std::vector<at::Tensor> viewed;
+  viewed.reserve(ts.size());
+  for (const at::Tensor& t : ts) viewed.push_back(t.permute(order));
+  return viewed;
+}
+
+// Whether `t` is shaped like a sample of the state `z` with any batch (a doubled model output or model input is
+// viewed in z's dense order by the same permutation).
+inline bool same_sample_shape(const at::Tensor& t, const at::Tensor& z) {
+  return t.dim() == z.dim() && t.sizes().slice(1) == z.sizes().slice(1);
 }
 
 inline std::vector<int64_t> inverse_order(at::IntArrayRef order) {

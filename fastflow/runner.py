@@ -253,9 +253,10 @@ class PlanRunner:
                     "such a tensor would corrupt the gradient through it (torch's own out= ops refuse it too); "
                     "step under torch.no_grad() or into a tensor that does not require grad"
                 )
-            if any(stride == 0 and size > 1 for size, stride in zip(out.shape, out.stride(), strict=True)):
+            strides = out.stride()
+            if 0 in strides and any(st == 0 and size > 1 for size, st in zip(out.shape, strides, strict=True)):
                 raise ValueError(  # an expanded tensor: several elements would be written to one address
-                    f"out has stride 0 in a dimension of size > 1 (an expanded tensor, strides {out.stride()}): "
+                    f"out has stride 0 in a dimension of size > 1 (an expanded tensor, strides {strides}): "
                     "several of its elements are one memory location; pass a tensor of its own"
                 )
             if self._keeps_inputs or store:

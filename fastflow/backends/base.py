@@ -125,9 +125,9 @@ class Backend:
         Kernels read flat memory sample by sample. A state that is dense in another order of its
         dimensions, batch first (channels_last, say), is stepped in that order (:func:`dense_order`):
         inputs in the same layout are read in place, others copied once into it, and the outputs made
-        come back in the state's layout, as diffusers' torch ops return them. A stage that draws its noise in the kernel
-        (keyed by the row-major index), or a state in no dense order, is stepped row-major: inputs
-        in another layout are copied once, outputs made row-major. A given ``out`` the kernel cannot
+        come back in the state's layout, as diffusers' torch ops return them. A stage that draws its
+        noise in the kernel (keyed by the row-major index), or a state in no dense order, is stepped
+        row-major: inputs in another layout are copied once, outputs made row-major. A given ``out`` the kernel cannot
         write in place is written through a temporary in its order.
         """
         if model_in_dtype is not None and model_in_dtype not in STEP_DTYPES:
@@ -144,9 +144,7 @@ class Backend:
         if order is not None and not _shaped_like(z, model_out, model_out_uncond, noise, out, *history):
             order = None  # a shape error: raised by the checks below, in the caller's order
         if order is not None:
-            inverse = [0] * len(order)
-            for k, d in enumerate(order):
-                inverse[d] = k
+            inverse = _inverse_order(order)
             z = z.permute(order)
             model_out = model_out.permute(order)
             if model_out_uncond is not None:
@@ -275,10 +273,15 @@ def kernel_layout(t: torch.Tensor, z: torch.Tensor, draws: bool) -> torch.Tensor
     permuted = t.permute(order)
     if permuted.is_contiguous():
         return t
+    return permuted.contiguous().permute(_inverse_order(order))
+
+
+def _inverse_order(order: list[int]) -> list[int]:
+    """The permutation that undoes ``order`` (``t.permute(order).permute(_inverse_order(order))`` is ``t``)."""
     inverse = [0] * len(order)
     for k, d in enumerate(order):
         inverse[d] = k
-    return permuted.contiguous().permute(inverse)
+    return inverse
 
 
 def _shaped_like(z: torch.Tensor, *tensors: torch.Tensor | None) -> bool:

@@ -816,15 +816,20 @@ class FastflowScheduler:
         seeds = self._ff_seed_tensor(like.shape[0], device)
         return backend.noise(seeds, like.shape[1:], step=self._ff_noise_counter(k, device))
 
+    def _ff_loop_seed(self) -> int:
+        """This loop's seed of fastflow's noise: a fixed one (a config's, a generator's), else drawn from torch's
+        global CPU generator at the loop's first noisy step, not in set_timesteps, so that a pipeline's initial
+        latents drawn from the global generator stay what diffusers draws. Graph replays take it here too."""
+        if self._ff_seed is None:
+            self._ff_seed = noise_spec.draw_seed()
+        return self._ff_seed
+
     def _ff_seed_tensor(self, batch: int, device: torch.device) -> torch.Tensor:
         key = (device, batch)
         seeds = self._ff_seeds.get(key)
         if seeds is None:
-            if self._ff_seed is None:
-                # Drawn at the first noisy step, not in set_timesteps, so that a pipeline's
-                # initial latents drawn from the global generator stay what diffusers draws.
-                self._ff_seed = noise_spec.draw_seed()
-            seeds = torch.arange(self._ff_seed, self._ff_seed + batch, dtype=torch.int64, device=device)
+            seed = self._ff_loop_seed()
+            seeds = torch.arange(seed, seed + batch, dtype=torch.int64, device=device)
             self._ff_seeds[key] = seeds
         return seeds
 

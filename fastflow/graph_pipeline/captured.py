@@ -14,7 +14,6 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
-from .. import noise as noise_spec
 from ..graph import _probing_syncs, _user_stacklevel
 from .loop_ops import _after_loop_op, _GapWatch, _LoopOps, _new_tensors, _record_op, _stale_use
 from .params import _is_float, _make_param_values, _param_mul, _write_params
@@ -608,11 +607,6 @@ def _host_timesteps(scheduler: Any) -> Any:
     return None
 
 
-def _fresh_seed() -> int:
-    """As the drop-ins draw their per-loop seed: from torch's global CPU generator."""
-    return noise_spec.draw_seed()
-
-
 def _loop_seed(scheduler: Any, args: tuple, kwargs: dict) -> int:
     """The seed of a replayed loop's in-kernel noise, taken as the eager drop-in takes it at its first step: the one
     its schedule fixes (DPMSolverSDE's ``noise_sampler_seed``, folded in by ``set_timesteps``) or the step's generator
@@ -625,10 +619,7 @@ def _loop_seed(scheduler: Any, args: tuple, kwargs: dict) -> int:
         except TypeError:  # the step itself raises for these arguments; the recording ran it fine
             bound = None
         seed_from(None if bound is None else bound.arguments.get("generator"))
-    seed = getattr(scheduler, "_ff_seed", None)
-    if seed is None:
-        seed = scheduler._ff_seed = _fresh_seed()
-    return seed
+    return scheduler._ff_loop_seed()
 
 
 def _write_seeds(seeds: torch.Tensor, seed: int) -> None:
