@@ -10,8 +10,10 @@
 // per-step entry, with its arguments parsed by hand (a CPython fast call). Traced
 // code (torch.compile) calls the operator, which the tracer can see.
 #include <ATen/EmptyTensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
 #include <c10/core/DeviceGuard.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
 #if defined(FASTFLOW_WITH_CUDA)
 #include <ATen/cuda/EmptyTensor.h>
 #endif
@@ -21,6 +23,7 @@
 #include <torch/library.h>
 #include <torch/python.h>
 
+#include <initializer_list>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -89,6 +92,44 @@ bool runs_long(const at::Tensor& z) {
   return z.is_cpu() && z.numel() >= kLongStepElements;
 }
 
+// Whether a call must go through torch's dispatcher rather than straight to a kernel: a tensor that only Python's
+// dispatch can run (a fake or functional tensor, as torch.export's default non-strict tracing and FakeTensorMode
+// make, or another tensor subclass), or an active TorchDispatchMode. The kernels read data pointers that such
+// tensors do not have; the operator reaches their fake implementation or the mode instead. A few bit tests a call.
+bool needs_dispatcher(std::initializer_list<const at::Tensor*> tensors, at::TensorList history) {
+  static const c10::DispatchKeySet python_keys =
+      c10::DispatchKeySet(c10::DispatchKey::Python) | c10::DispatchKeySet(c10::DispatchKey::Functionalize);
+  if (c10::impl::TorchDispatchModeTLS::any_modes_set()) return true;
+  for (const at::Tensor* t : tensors) {
+    if (t != nullptr && t->key_set().has_any(python_keys)) return true;
+  }
+  for (const at::Tensor& h : history) {
+    if (h.key_set().has_any(python_keys)) return true;
+  }
+  return false;
+}
+
+const at::Tensor* maybe(const std::optional<at::Tensor>& t) { return t.has_value() ? &*t : nullptr; }
+
+// The registered operator, called through the dispatcher (see needs_dispatcher).
+void fused_step_operator(const at::Tensor& z, const at::Tensor& out, const at::Tensor& model_out,
+                         const std::optional<at::Tensor>& model_out_uncond, at::TensorList history,
+                         const at::Tensor& table, int64_t step, const std::optional<at::Tensor>& step_tensor,
+                         const std::optional<at::Tensor>& seeds, const std::optional<at::Tensor>& noise,
+                         const std::optional<at::Tensor>& x_out, const std::optional<at::Tensor>& model_in_out,
+                         std::optional<double> clip, bool use_noise) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("fastflow::fused_step", "")
+          .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                      at::TensorList, const at::Tensor&, int64_t, const std::optional<at::Tensor>&,
+                      const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                      const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, std::optional<double>,
+                      bool)>();
+  op.call(z, out, model_out, model_out_uncond, history, table, step, step_tensor, seeds, noise, x_out, model_in_out,
+          clip, use_noise);
+}
+
 // The operator's body as the eager entry `fastflow._C.fused_step`.
 // A state dense in another order (channels_last) is stepped in it, every tensor viewed in that order (see
 // fastflow::dense_order), so outputs in its layout are written in place; not where the kernel draws noise.
@@ -98,6 +139,13 @@ void fused_step_direct(const at::Tensor& z, const at::Tensor& out, const at::Ten
                        const std::optional<at::Tensor>& seeds, const std::optional<at::Tensor>& noise,
                        const std::optional<at::Tensor>& x_out, const std::optional<at::Tensor>& model_in_out,
                        std::optional<double> clip, bool use_noise) {
+  if (needs_dispatcher({&z, &out, &model_out, maybe(model_out_uncond), &table, maybe(step_tensor), maybe(seeds),
+                        maybe(noise), maybe(x_out), maybe(model_in_out)},
+                       history)) {
+    fused_step_operator(z, out, model_out, model_out_uncond, history, table, step, step_tensor, seeds, noise, x_out,
+                        model_in_out, clip, use_noise);
+    return;
+  }
   std::optional<pybind11::gil_scoped_release> no_gil;  // pybind11 has converted the arguments
   if (runs_long(z)) no_gil.emplace();
   std::vector<int64_t> order;
@@ -232,6 +280,25 @@ PyObject* wrap(const std::optional<at::Tensor>& t) {
   Py_RETURN_NONE;
 }
 
+// What fused_step_alloc calls, with its own arguments, where needs_dispatcher holds: a Python function that makes
+// the outputs with torch and steps through the operator (fastflow/backends/cuda.py sets it when it loads the module).
+PyObject* python_entry = nullptr;
+
+PyObject* set_python_entry_py(PyObject* /*module*/, PyObject* entry) {
+  HANDLE_TH_ERRORS
+  TORCH_CHECK_TYPE(PyCallable_Check(entry), "fastflow._C.set_python_entry takes a callable, got ",
+                   Py_TYPE(entry)->tp_name);
+  Py_INCREF(entry);
+  Py_XSETREF(python_entry, entry);
+  Py_RETURN_NONE;
+  END_HANDLE_TH_ERRORS
+}
+
+PyMethodDef set_python_entry_def = {
+    "set_python_entry", set_python_entry_py, METH_O,
+    "The function fused_step_alloc calls, with its arguments, for fake, functional or subclassed tensors or under "
+    "a TorchDispatchMode (fastflow.backends.cuda sets it)."};
+
 PyObject* fused_step_alloc_py(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   TORCH_CHECK_TYPE(nargs == kNumAllocArgs, "fastflow._C.fused_step_alloc takes ", kNumAllocArgs,
@@ -274,6 +341,14 @@ PyObject* fused_step_alloc_py(PyObject* /*module*/, PyObject* const* args, Py_ss
   const bool want_x = bool_arg(args, 9), model_in_double = bool_arg(args, 12);
   const bool use_noise = bool_arg(args, 14), paired = bool_arg(args, 15);
   const std::optional<at::ScalarType> x_dtype = dtype_arg(args, 10), model_in_dtype = dtype_arg(args, 11);
+  if (needs_dispatcher({&z, maybe(out), &model_out, maybe(model_out_uncond), &table, maybe(step_tensor), maybe(seeds),
+                        maybe(noise)},
+                       history)) {
+    TORCH_CHECK(python_entry != nullptr,
+                "fastflow._C.fused_step_alloc was given fake, functional or subclassed tensors (or runs under a "
+                "TorchDispatchMode), which need the Python entry that importing fastflow.backends.cuda sets");
+    return PyObject_Vectorcall(python_entry, args, nargs, nullptr);
+  }
   std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> outputs;
   {
     std::optional<pybind11::gil_scoped_release> no_gil;  // the arguments are parsed above, under the GIL
@@ -305,6 +380,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   PyObject* alloc = PyCFunction_NewEx(&fused_step_alloc_def, nullptr, m.attr("__name__").ptr());
   if (alloc == nullptr) throw pybind11::error_already_set();
   m.attr("fused_step_alloc") = pybind11::reinterpret_steal<pybind11::object>(alloc);
+  PyObject* set_entry = PyCFunction_NewEx(&set_python_entry_def, nullptr, m.attr("__name__").ptr());
+  if (set_entry == nullptr) throw pybind11::error_already_set();
+  m.attr("set_python_entry") = pybind11::reinterpret_steal<pybind11::object>(set_entry);
   m.attr("with_cuda") =
 #if defined(FASTFLOW_WITH_CUDA)
       true;

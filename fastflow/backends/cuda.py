@@ -25,6 +25,9 @@ registered with ``torch.compiler.substitute_in_graph``, so the tracer enters
 :meth:`CudaBackend.fused_step_alloc_args` where eager code calls the binding, and the
 front ends call one entry without asking whether they are being traced (on a torch
 before 2.5, which lacks it, their entry is that Python method, traced and run alike).
+Tensors that only torch's Python dispatch can run (the fake tensors of ``torch.export``'s default, non-strict
+tracing or of a ``FakeTensorMode``, functional tensors, other subclasses) or a call under a
+``TorchDispatchMode`` go from either binding to the operator, so they trace or run as it does.
 """
 
 from __future__ import annotations
@@ -87,6 +90,9 @@ def _try_load() -> str | None:
         return "fastflow._C imported but registered no operators"
     _STATE["direct"] = module.fused_step
     _STATE["alloc"] = _traceable(getattr(module, "fused_step_alloc", None))
+    set_python_entry = getattr(module, "set_python_entry", None)
+    if set_python_entry is not None:
+        set_python_entry(_python_alloc)
     _STATE["op"] = torch.ops.fastflow.fused_step.default
     _STATE["cuda"] = bool(getattr(module, "with_cuda", False))
     return None
@@ -109,6 +115,22 @@ def _traceable(alloc: AllocEntry | None) -> AllocEntry | None:
 def _traced_alloc(*args: Any) -> OutputTriple:
     """What torch.compile traces for a call of the binding (a module-level backend: tracing reads it by name)."""
     return _TRACING_BACKEND.fused_step_alloc_args(*args)
+
+
+def _python_alloc(
+    z: torch.Tensor, out: torch.Tensor | None, model_out: torch.Tensor, model_out_uncond: torch.Tensor | None,
+    history: list[torch.Tensor], table: torch.Tensor, step: int | torch.Tensor, seeds: torch.Tensor | None,
+    noise: torch.Tensor | None, want_x: bool, x_dtype: torch.dtype | None, model_in_dtype: torch.dtype | None,
+    model_in_double: bool, clip: float | None, use_noise: bool, paired: bool,
+) -> OutputTriple:
+    """What the allocating binding calls for tensors it cannot step itself (fake, functional or subclassed, or under
+    a TorchDispatchMode): the outputs made with torch, the stage run through :meth:`CudaBackend.fused_step`, whose
+    binding passes such tensors on to the operator."""
+    return Backend.fused_step_alloc(
+        _TRACING_BACKEND, z, model_out, model_out_uncond, list(history), table, step, out=out, seeds=seeds,
+        noise=noise, want_x=want_x, model_in_dtype=model_in_dtype, model_in_double=model_in_double, clip=clip,
+        use_noise=use_noise, paired=paired, x_dtype=x_dtype,
+    )
 
 
 def has_cuda_kernels() -> bool:

@@ -561,6 +561,92 @@ def test_compile_sampler_step(cb, solver, eta, guided):
     assert torch.equal(torch.compile(f, fullgraph=True)(mo, z), eager)
 
 
+@pytest.mark.parametrize("solver, guided", [("ddim", False), ("sde-dpm++2m", False), ("dpm++2m", True)])
+def test_export_non_strict_sampler_step(cb, solver, guided):
+    """torch.export's default (non-strict) tracing runs the Python code on fake tensors, which the bindings hand to
+    the operator: the exported program holds it, takes other sizes along a dynamic dimension and new seeds, and
+    gives eager's numbers (the next model input included)."""
+    from fastflow import VP, Sampler
+
+    sampler = Sampler(VP(), solver=solver, prediction="eps", steps=6, backend="cuda",
+                      guidance_scale=3.0 if guided else None)
+    sampler.prepare("cpu")
+
+    class Step(torch.nn.Module):
+        def forward(self, cond, uncond, z, seed):
+            out = (cond, uncond) if guided else cond
+            return sampler.step(out, z, 0, seed=seed, return_model_input=True, model_input_dtype=torch.bfloat16)
+
+    def inputs(h: int, seed: int) -> tuple[torch.Tensor, ...]:
+        cond, uncond, z = torch.randn(3, 2, 4, h, 5, generator=torch.Generator().manual_seed(h))
+        return cond, uncond, z, torch.tensor([seed, seed + 1])
+
+    h = torch.export.Dim("h", min=2, max=64)
+    exported = torch.export.export(Step(), inputs(7, 3), dynamic_shapes=({2: h}, {2: h}, {2: h}, None))
+    assert "fastflow.fused_step" in str(exported.graph)
+    results = []
+    for args in (inputs(7, 3), inputs(11, 3), inputs(11, 8)):
+        got, want = exported.module()(*args), Step()(*args)
+        assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+        results.append(got[0])
+    assert torch.equal(results[1], results[2]) is (solver != "sde-dpm++2m")  # only the stochastic step reads the seed
+
+
+def _entry_calls(cb: CudaBackend, z: torch.Tensor, table: torch.Tensor) -> dict[str, Callable[[], object]]:
+    """Both bindings on ``z``: the direct one into outputs made here, the allocating one making its own."""
+    direct_out = torch.empty_like(z)
+    x_out = torch.empty_like(z)
+
+    def direct() -> tuple[torch.Tensor, torch.Tensor]:
+        cb.fused_step(z, direct_out, z * 0.5, None, [], table, 1, x_out=x_out)
+        return direct_out, x_out
+
+    def alloc() -> tuple[torch.Tensor | None, ...]:
+        return cb.alloc_entry()(z, None, z * 0.5, None, [], table, 1, None, None, True, torch.float16, torch.bfloat16,
+                                True, None, False, False)
+
+    return {"direct": direct, "alloc": alloc}
+
+
+@pytest.mark.parametrize("entry", ["direct", "alloc"])
+def test_fake_tensors_take_the_operator(cb, entry):
+    """A step on a FakeTensorMode's tensors (shape inference, memory planning) reaches the operator's fake
+    implementation through either binding and returns fake outputs of the right shapes and dtypes."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    case = make_case((2, 3, 5), torch.float32, torch.float32, hist=0, noise="none")
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        z = torch.empty(2, 3, 5)
+        outputs = _entry_calls(cb, z, case.table)[entry]()
+    assert all(isinstance(t, FakeTensor) for t in outputs)
+    assert [t.shape for t in outputs] == ([(2, 3, 5)] * 2 if entry == "direct" else [(2, 3, 5), (2, 3, 5), (4, 3, 5)])
+    if entry == "alloc":
+        assert [t.dtype for t in outputs] == [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("entry", ["direct", "alloc"])
+def test_dispatch_modes_see_the_operator(cb, entry):
+    """Under a TorchDispatchMode (a FLOP counter, a debugging mode) both bindings step through the operator, so the
+    mode sees the step, and the numbers are those of the plain call."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    case = make_case((2, 3, 5), torch.float32, torch.float32, hist=0, noise="none")
+    plain = [t.clone() for t in _entry_calls(cb, case.z, case.table)[entry]()]
+    with Recorder() as recorder:
+        seen = _entry_calls(cb, case.z, case.table)[entry]()
+    assert "fastflow.fused_step.default" in recorder.ops
+    assert all(torch.equal(a, b) for a, b in zip(seen, plain, strict=True))
+
+
 def test_entry_is_the_binding_with_a_traced_stand_in(cb):
     """Front ends call the binding itself, eagerly and under torch.compile (the tracer is given
     ``fused_step_alloc_args`` in its place); a torch without ``substitute_in_graph`` gets the Python entry, which
