@@ -504,6 +504,38 @@ def test_channels_last_state_keeps_its_layout(backend):
 
 
 @pytest.mark.parametrize("backend", ["torch", "cuda"])
+@pytest.mark.parametrize("solver, guided", [("ddim", False), ("sde-dpm++2m", False), ("dpm++2m", True)])
+def test_export_non_strict(backend, solver, guided):
+    """torch.export's default (non-strict) tracing runs the step's Python on fake tensors (the C++ bindings hand
+    them to the operator, which the exported program then holds): the program takes other sizes along a dynamic
+    dimension and new seeds, and gives eager's numbers, the next model input included."""
+    if ff.backends.get_backend(backend).availability() is not None:
+        pytest.skip(f"{backend} backend unavailable")
+    sampler = ff.Sampler(ff.VP(), solver=solver, prediction="eps", steps=6, backend=backend,
+                         guidance_scale=3.0 if guided else None)
+    sampler.prepare("cpu")
+
+    class Step(torch.nn.Module):
+        def forward(self, cond, uncond, z, seed):
+            out = (cond, uncond) if guided else cond
+            return sampler.step(out, z, 0, seed=seed, return_model_input=True, model_input_dtype=torch.bfloat16)
+
+    def inputs(h: int, seed: int) -> tuple[torch.Tensor, ...]:
+        cond, uncond, z = torch.randn(3, 2, 4, h, 5, generator=torch.Generator().manual_seed(h))
+        return cond, uncond, z, torch.tensor([seed, seed + 1])
+
+    h = torch.export.Dim("h", min=2, max=64)
+    exported = torch.export.export(Step(), inputs(7, 3), dynamic_shapes=({2: h}, {2: h}, {2: h}, None))
+    assert ("fastflow.fused_step" in str(exported.graph)) is (backend == "cuda")
+    results = []
+    for args in (inputs(7, 3), inputs(11, 3), inputs(11, 8)):
+        got, want = exported.module()(*args), Step()(*args)
+        assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+        results.append(got[0])
+    assert torch.equal(results[1], results[2]) is (solver != "sde-dpm++2m")  # only the stochastic step reads the seed
+
+
+@pytest.mark.parametrize("backend", ["torch", "cuda"])
 def test_channels_last_step_traces_with_dynamic_shapes(backend):
     """torch.compile(fullgraph=True, dynamic=True) traces a step of a channels_last state: the order it is stepped
     in was found with sorted(key=stride), which dynamo cannot trace on symbolic strides (a graph break, an error with

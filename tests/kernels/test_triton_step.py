@@ -381,6 +381,24 @@ def test_dispatch(tb, monkeypatch):
         assert "TRITON_INTERPRET" in TritonBackend().availability()
 
 
+def test_non_strict_export_is_refused_by_name():
+    """torch.export's default tracing runs the step on fake tensors, which a Triton launch cannot take: it says so
+    and names the backends that export, rather than failing on a data pointer inside Triton."""
+    from fastflow import VP, Sampler
+
+    sampler = Sampler(VP(), solver="ddim", prediction="eps", steps=4, backend="triton")
+    sampler.prepare(_dev())
+
+    class Step(torch.nn.Module):
+        def forward(self, out, z):
+            return sampler.step(out, z, 1)
+
+    z = torch.randn(1, 4, 8, 8, device=_dev())
+    with pytest.raises(RuntimeError, match="non-strict tracing.*backend='cuda'"):
+        torch.export.export(Step(), (torch.randn_like(z), z))
+    assert torch.equal(Step()(z, z), sampler.step(z, z, 1))  # eager calls are untouched
+
+
 def test_reports_missing_triton(monkeypatch):
     """Without Triton the backend says so instead of failing at import (``import fastflow`` never needs it)."""
     import fastflow.backends.triton as triton_backend
