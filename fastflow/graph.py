@@ -682,8 +682,9 @@ class GraphCache:
 
     The key is everything a capture bakes in: the sampler's plan and timesteps
     (so steps, solver, schedule, prediction), its model-input and initial noise
-    scales (:func:`sampler_key`), the backend, the state shape and dtype, the
-    model dtype and the conditioning's shapes and dtypes. At most ``max_graphs``
+    scales (:func:`sampler_key`), the backend, the state shape, device and dtype, the
+    model dtype and the conditioning's shapes and dtypes (``device="cuda"``: the current
+    CUDA device at each call). At most ``max_graphs``
     captures (each with its own memory pool) are alive: the oldest is evicted before
     a new one is made (a call whose arguments cannot capture is refused first and
     evicts nothing), and evicting one releases its pool to PyTorch's caching
@@ -719,6 +720,15 @@ class GraphCache:
     def __len__(self) -> int:
         return len(self._loops)
 
+    def _call_device(self) -> torch.device:
+        """The device of this call's capture: ``cuda`` without an index is the current CUDA device at the call, as
+        for torch's own tensors, so a process that moves between GPUs (``torch.cuda.set_device``) gets a capture on
+        each, each in the key."""
+        device = self.device
+        if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        return device
+
     @property
     def memory_bytes(self) -> int:
         """Bytes held by the pools of the captures alive now."""
@@ -732,12 +742,13 @@ class GraphCache:
         """
         _check_sampler(sampler)
         shape = _check_shape(shape)
-        key = (sampler_key(sampler), shape, self.dtype, self.model_dtype, _cond_signature(cond))
+        device = self._call_device()
+        key = (sampler_key(sampler), shape, device, self.dtype, self.model_dtype, _cond_signature(cond))
         loop = self._loops.get(key)
         if loop is not None:
             self._loops.move_to_end(key)
             items = loop._check_cond(cond) if cond is not None else None
-            with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
+            with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
                 if sampler.guided:  # samplers differing only in their scale share a capture: set this one's
                     loop._set_guidance(float(sampler.guidance_scale))
                 if items is not None:
@@ -745,7 +756,7 @@ class GraphCache:
             return loop
         # Arguments that cannot capture are refused before anything is evicted; the eviction then comes before the
         # capture, so no more than max_graphs pools are ever alive (a model that fails mid-capture costs the oldest).
-        _checked_arguments(self.model_fn, sampler, shape, self.device, self.dtype, self.model_dtype, self.warmup)
+        _checked_arguments(self.model_fn, sampler, shape, device, self.dtype, self.model_dtype, self.warmup)
         while len(self._loops) >= self.max_graphs:
             _, old = self._loops.popitem(last=False)
             old.release()
@@ -754,7 +765,7 @@ class GraphCache:
             self.model_fn,
             sampler,
             shape,
-            device=self.device,
+            device=device,
             dtype=self.dtype,
             model_dtype=self.model_dtype,
             cond=cond,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import types
 import warnings
 from collections.abc import Callable
 
@@ -324,6 +326,35 @@ def test_graph_cache_refuses_what_cannot_capture_before_evicting(monkeypatch):
         cache.get(make_sampler(backend="cuda"), SHAPE)
     assert len(cache) == 1 and cache.evictions == 0
     assert cache.get(make_sampler(), SHAPE) is good
+
+
+def test_graph_cache_follows_the_current_cuda_device(monkeypatch):
+    """``device="cuda"`` is the current device at each call, as for torch's tensors: after
+    ``torch.cuda.set_device`` a call gets a capture on the new device, not the one made on the last (which would run
+    the loop on the other GPU). Stand-ins replace the GPU: the capture records the device it is asked for."""
+    current = [0]
+    made: list[torch.device] = []
+
+    def fake_capture(model_fn, sampler, shape, *, device, **kwargs):
+        made.append(device)
+        return types.SimpleNamespace(device=device)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(ffgraph, "_checked_arguments", lambda *args: (SHAPE, args[3]))
+    monkeypatch.setattr(ffgraph, "capture", fake_capture)
+    cache = GraphCache(toy_model, device="cuda")
+    sampler = make_sampler()
+    first = cache.get(sampler, SHAPE)
+    current[0] = 1
+    second = cache.get(sampler, SHAPE)
+    current[0] = 0
+    assert cache.get(sampler, SHAPE) is first
+    assert made == [torch.device("cuda", 0), torch.device("cuda", 1)] and second.device == torch.device("cuda", 1)
+    pinned = GraphCache(toy_model, device="cuda:0")
+    current[0] = 1
+    assert pinned.get(sampler, SHAPE).device == torch.device("cuda", 0)  # an index given is kept
 
 
 def _fallback_warning_site(call: Callable[[], object]) -> tuple[str, int]:
