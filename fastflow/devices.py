@@ -9,7 +9,15 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["to_device"]
+__all__ = ["to_device", "traced_without_dynamo"]
+
+
+def traced_without_dynamo() -> bool:
+    """Whether this Python runs under torch.export's non-strict tracing (its default): on fake tensors, outside
+    torch.compile's tracer. A tensor made then is a fake: a device cache must not keep it for later eager steps,
+    which would read no data from it, and a kernel launch cannot take it."""
+    exporting = getattr(torch.compiler, "is_exporting", None)  # torch >= 2.5
+    return exporting is not None and exporting() and not torch.compiler.is_dynamo_compiling()
 
 
 def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:

@@ -14,6 +14,7 @@ import torch
 
 from .backends import resolve_backend
 from .backends.base import AllocEntry, Backend, OutputTriple, shares_memory
+from .devices import traced_without_dynamo
 from .plan import StepPlan
 
 
@@ -127,9 +128,12 @@ class PlanRunner:
     def table(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The coefficient table on ``device`` (cached; float64 for float64 states)."""
         key = (torch.device(device), dtype)
-        if key not in self._tables:
-            self._tables[key] = self.plan.table(device, dtype)
-        return self._tables[key]
+        table = self._tables.get(key)
+        if table is None:
+            table = self.plan.table(device, dtype)
+            if not traced_without_dynamo():  # a fake there: kept, later eager steps would read no data
+                self._tables[key] = table
+        return table
 
     def warm(self, device: torch.device | str, also: torch.dtype | None = None) -> None:
         """Resolve the backend for states on ``device`` (float32, float16, bfloat16, and ``also``) before the first
@@ -162,7 +166,9 @@ class PlanRunner:
         on a miss. An entry is traceable by torch.compile (see :meth:`Backend.alloc_entry`)."""
         table = self.table(device, torch.float64 if dtype == torch.float64 else torch.float32)
         backend = resolve_backend(self.backend, device, dtype)
-        found = self._dispatch[(device, dtype)] = (table, backend, backend.alloc_entry())
+        found = (table, backend, backend.alloc_entry())
+        if not traced_without_dynamo():  # its table is a fake there (see table)
+            self._dispatch[(device, dtype)] = found
         return found
 
     def is_plain(self, i: int) -> bool:

@@ -20,7 +20,7 @@ import torch
 from . import noise as noise_spec
 from .backends import BACKEND_NAMES
 from .backends.base import STEP_DTYPES, check_model_input_dtype
-from .devices import to_device
+from .devices import to_device, traced_without_dynamo
 from .grids import Points, make_points
 from .plan import StepPlan, compile_plan
 from .predictions import canonical_prediction
@@ -181,6 +181,7 @@ class Sampler:
         self.stage_sigma = np.array([st.point.sigma[0] for st in self.stages])
         self.timesteps = torch.tensor([st.point.t[0] for st in self.stages], dtype=torch.float64)
         self.seeds: torch.Tensor | None = None
+        self._fake_seeds = False  # init_noise made them under torch.export's tracing (see _stage_seeds)
         self._seeds_copy: tuple[torch.Tensor, int, torch.device, torch.Tensor] | None = None
         self.runner = PlanRunner(self.plan, backend)
         self._num_stages = n
@@ -239,16 +240,21 @@ class Sampler:
     def timesteps_on(self, device: torch.device | str) -> torch.Tensor:
         """``timesteps`` on ``device`` (cached, so indexing it in a loop never syncs)."""
         device = torch.device(device)
-        if device not in self._times:
-            self._times[device] = to_device(self.timesteps, device)
-        return self._times[device]
+        times = self._times.get(device)
+        if times is None:
+            times = to_device(self.timesteps, device)
+            if not traced_without_dynamo():  # a fake there, which later eager steps could not read
+                self._times[device] = times
+        return times
 
     def _timestep_views(self, device: torch.device) -> tuple[torch.Tensor, ...]:
         """Each stage's 0-d view of :meth:`timesteps_on` (made once per device: indexing a tensor in a loop costs
         about a microsecond of host time per step)."""
         views = self._time_views.get(device)
         if views is None:
-            views = self._time_views[device] = self.timesteps_on(device).unbind()
+            views = self.timesteps_on(device).unbind()
+            if not traced_without_dynamo():
+                self._time_views[device] = views
         return views
 
     def prepare(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> Sampler:
@@ -282,6 +288,7 @@ class Sampler:
             raise TypeError(f"init_noise makes floating-point noise; dtype must be a floating dtype, got {dtype}")
         device = torch.device("cpu") if device is None else torch.device(device)
         self.seeds = noise_spec.as_seed_tensor(seed, shape[0], device)
+        self._fake_seeds = traced_without_dynamo()
         scale = math.hypot(self.stage_alpha[0], self.stage_sigma[0])
         z = noise_spec.normal(self.seeds, shape[1:], step=0, tag=noise_spec.INIT_TAG, dtype=torch.float32)
         return (z * scale).to(dtype)
@@ -327,6 +334,11 @@ class Sampler:
             return noise_spec.as_seed_tensor(seed, z.shape[0], z.device)
         seeds = self.seeds
         if seeds is not None and seeds.shape[0] == z.shape[0]:
+            if self._fake_seeds and not traced_without_dynamo():
+                raise ValueError(
+                    f"stage {i} draws noise from the seeds init_noise kept while torch.export traced it, which are "
+                    "fake tensors without values: call init_noise again before an eager loop, or pass step's seed="
+                )
             if seeds.device == z.device:
                 return seeds
             return to_device(seeds, z.device) if torch.compiler.is_compiling() else self._seeds_on(seeds, z.device)

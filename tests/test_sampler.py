@@ -536,6 +536,60 @@ def test_export_non_strict(backend, solver, guided):
 
 
 @pytest.mark.parametrize("backend", ["torch", "cuda"])
+@pytest.mark.parametrize("solver", ["dpm++2m", "heun", "sde-dpm++2m"])
+def test_export_whole_loop_with_its_model(backend, solver):
+    """A module whose forward is the whole loop, model included (``fastflow.sample``), exports (non-strict) with
+    the stored predictions, corrector stages or noise of its solver, and its program gives eager's numbers."""
+    if ff.backends.get_backend(backend).availability() is not None:
+        pytest.skip(f"{backend} backend unavailable")
+    sampler = ff.Sampler(ff.VP(), solver=solver, prediction="eps", steps=4, backend=backend)
+    net = torch.nn.Conv2d(4, 4, 3, padding=1)
+
+    class Loop(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, noise: torch.Tensor) -> torch.Tensor:
+            return ff.sample(lambda z_in, t: 0.1 * self.net(z_in), noise, sampler)
+
+    noise = sampler.init_noise((2, 4, 8, 8), seed=1)
+    with torch.no_grad():
+        exported = torch.export.export(Loop(), (noise,))  # unprepared: its tables are first made while tracing
+        assert torch.equal(exported.module()(noise), Loop()(noise))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cuda"])
+def test_export_leaves_no_fake_tensors_for_eager_steps(backend):
+    """Non-strict tracing runs the sampler's Python on fake tensors: the device tables and timesteps it makes are not
+    cached for later eager steps (they read garbage from them), and the seeds a traced ``init_noise`` kept are
+    refused by name until ``init_noise`` runs again."""
+    if ff.backends.get_backend(backend).availability() is not None:
+        pytest.skip(f"{backend} backend unavailable")
+
+    def make() -> ff.Sampler:
+        return ff.Sampler(ff.VP(), solver="sde-dpm++2m", prediction="eps", steps=4, backend=backend)
+
+    def model(z_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return 0.1 * z_in
+
+    sampler = make()
+
+    class Loop(torch.nn.Module):
+        def forward(self, seed: torch.Tensor) -> torch.Tensor:
+            return ff.sample(model, sampler.init_noise((2, 3, 5), seed=seed), sampler)
+
+    seed = torch.tensor([4, 9])
+    exported = torch.export.export(Loop(), (seed,))
+    fresh = make()
+    want = ff.sample(model, fresh.init_noise((2, 3, 5), seed=seed), fresh)
+    assert torch.equal(exported.module()(seed), want)
+    with pytest.raises(ValueError, match="init_noise kept while torch.export traced it"):
+        ff.sample(model, fresh.init_noise((2, 3, 5), seed=seed), sampler)
+    assert torch.equal(ff.sample(model, sampler.init_noise((2, 3, 5), seed=seed), sampler), want)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cuda"])
 def test_channels_last_step_traces_with_dynamic_shapes(backend):
     """torch.compile(fullgraph=True, dynamic=True) traces a step of a channels_last state: the order it is stepped
     in was found with sorted(key=stride), which dynamo cannot trace on symbolic strides (a graph break, an error with

@@ -21,6 +21,7 @@ from types import ModuleType
 
 import torch
 
+from ..devices import traced_without_dynamo
 from ..noise import check_normal_args
 from .base import Backend, check_clip, check_outputs_overlap, check_step_args, step_int
 
@@ -61,12 +62,6 @@ def _check_layout(name: str, t: torch.Tensor | None, dtypes: tuple[torch.dtype, 
         raise TypeError(f"{name} has dtype {t.dtype}; the Triton kernel takes {names}")
 
 
-
-def _traced_without_dynamo() -> bool:
-    """Whether torch.export traces this call outside torch.compile's tracer (non-strict: real Python on fake
-    tensors), where a kernel launch would read data pointers that its tensors do not have."""
-    exporting = getattr(torch.compiler, "is_exporting", None)
-    return exporting is not None and exporting() and not torch.compiler.is_dynamo_compiling()
 
 class TritonBackend(Backend):
     """The fused step as one Triton kernel launch."""
@@ -128,7 +123,7 @@ class TritonBackend(Backend):
         ``block`` overrides the elements per program (a power of two; tests use it
         to get several programs per sample).
         """
-        if _traced_without_dynamo():
+        if traced_without_dynamo():
             raise RuntimeError(
                 "torch.export's non-strict tracing (its default) runs the step on fake tensors, which a Triton "
                 "launch cannot take: step with backend='cuda' (whose operator it traces) or 'torch' to export"
