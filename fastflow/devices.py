@@ -26,11 +26,11 @@ def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     capture, copy plainly too: a captured copy from a temporary pinned buffer would read that buffer again at
     every replay, after it is freed, so there a copy from the host stays the error it is."""
     device = torch.device(device)
-    if (
-        device.type == "cuda"
-        and tensor.device.type == "cpu"
-        and not torch.compiler.is_compiling()
-        and not torch.cuda.is_current_stream_capturing()
-    ):
-        return tensor.pin_memory().to(device, non_blocking=True)
+    if device.type == "cuda" and tensor.device.type == "cpu" and not torch.compiler.is_compiling():
+        try:
+            capturing = torch.cuda.is_current_stream_capturing()
+        except RuntimeError:  # a torch without CUDA ("dummy base class"): the plain copy raises torch's own error
+            capturing = True
+        if not capturing:
+            return tensor.pin_memory().to(device, non_blocking=True)
     return tensor.to(device)

@@ -362,6 +362,8 @@ class CapturedLoop:
                 f"model_fn must return a tensor (or a (cond, uncond) pair), got {type(out).__name__} at stage {i}"
             )
         for part, exp in zip(parts, expected, strict=True):
+            if not isinstance(part, torch.Tensor):
+                raise TypeError(f"model_fn returned a {type(part).__name__} in its (cond, uncond) pair at stage {i}")
             if tuple(part.shape) != tuple(exp):
                 raise ValueError(f"model_fn returned shape {tuple(part.shape)} at stage {i}; expected {tuple(exp)}")
             if part.device != self.device:
@@ -564,6 +566,10 @@ class CapturedLoop:
             self._check_noise(noise)
         items = self._check_cond(cond) if cond is not None else None
         scale = self._check_guidance(self.sampler, guidance_scale) if guidance_scale is not None else None
+        if scale is not None and abs(scale) > torch.finfo(self._table.dtype).max:
+            raise ValueError(  # a scale the table's dtype cannot hold would replay to inf or NaN
+                f"guidance_scale {scale:g} is past the range of this loop's {self._table.dtype} coefficient table"
+            )
         if seed is None and (noise is None or self.stochastic):
             seed = noise_spec.draw_seed()
         if seed is not None:
@@ -704,6 +710,11 @@ class GraphCache:
     ):
         if isinstance(max_graphs, bool) or not isinstance(max_graphs, int) or max_graphs < 1:
             raise ValueError(f"max_graphs must be an int >= 1, got {max_graphs!r}")
+        # What every capture reads, refused here rather than at the first call
+        if not callable(model_fn):
+            raise TypeError(f"model_fn must be callable, got {type(model_fn).__name__}")
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
+            raise ValueError(f"warmup must be an int >= 1 (CUDA graphs need an eager run first), got {warmup!r}")
         _check_float_dtype("dtype", dtype)
         _check_float_dtype("model_dtype", model_dtype)
         self.model_fn = model_fn

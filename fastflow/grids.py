@@ -115,7 +115,12 @@ def grid_times(
             r = rho if rho is not None else getattr(schedule, "rho", 7.0)
             if not (r > 0 and math.isfinite(r)):
                 raise ValueError(f"rho must be a positive finite number, got {r}")
-            s = (s_hi ** (1 / r) + np.linspace(0, 1, n) * (s_lo ** (1 / r) - s_hi ** (1 / r))) ** r
+            try:
+                s = (s_hi ** (1 / r) + np.linspace(0, 1, n) * (s_lo ** (1 / r) - s_hi ** (1 / r))) ** r
+            except OverflowError:  # a bare "(34, 'Numerical result out of range')" otherwise
+                raise ValueError(
+                    f"rho {r:g} is too small for noise levels {s_lo:g} to {s_hi:g}: sigma ** (1 / rho) overflows"
+                ) from None
         else:
             s = np.exp(np.linspace(np.log(s_hi), np.log(s_lo), n))
         t = schedule.t_from_sigma_ve(s)

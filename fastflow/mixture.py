@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .predictions import from_x_eps
+from .predictions import canonical_prediction, from_x_eps
 from .schedules import Schedule
 
 __all__ = ["GaussianMixture", "sliced_wasserstein"]
@@ -28,13 +28,15 @@ class GaussianMixture:
         means = np.asarray(means, dtype=np.float64)
         if means.ndim != 2 or 0 in means.shape:
             raise ValueError(f"means must be [K, D] with K, D >= 1, got shape {means.shape}")
+        if not np.all(np.isfinite(means)):
+            raise ValueError("means must be finite")
         self.means = torch.as_tensor(means)
         k, d = self.means.shape
         stds = np.asarray(stds, dtype=np.float64)
         if stds.shape not in ((k,), (k, 1), (k, d)):
             raise ValueError(f"stds must be one per component ({k},) or [K, D] ({k}, {d}), got shape {stds.shape}")
-        if not np.all(stds > 0):
-            raise ValueError("stds must be positive")
+        if not np.all((stds > 0) & np.isfinite(stds)):
+            raise ValueError("stds must be positive and finite")
         self.stds = torch.as_tensor(np.broadcast_to(stds.reshape(k, -1), (k, d)).copy())
         w = np.full(k, 1.0 / k) if weights is None else np.asarray(weights, dtype=np.float64)
         if w.shape != (k,):
@@ -70,6 +72,7 @@ class GaussianMixture:
 
     def model(self, schedule: Schedule, prediction: str):
         """An exact model ``fn(z, t)`` with the given prediction type under ``schedule``."""
+        prediction = canonical_prediction(prediction)  # refused here, not at the first model call
 
         def fn(z: torch.Tensor, t) -> torch.Tensor:
             tt = float(t)

@@ -70,6 +70,7 @@ class StepPlan:
         if not np.all(np.isfinite(self.coefs)):
             bad = np.argwhere(~np.isfinite(self.coefs))[0]
             raise ValueError(f"non-finite plan coefficient {COLUMN_NAMES[bad[1]]} at stage {bad[0]}")
+        object.__setattr__(self, "max_coef", float(np.abs(self.coefs).max(initial=0.0)))  # see table
         for i, refs in enumerate(self.history):
             if len(refs) > MAX_HISTORY:
                 raise ValueError(f"stage {i} needs {len(refs)} stored tensors; at most {MAX_HISTORY} are supported")
@@ -85,7 +86,15 @@ class StepPlan:
         return StepPlan(coefs, self.history, self.write_x, self.keep_z, self.noise, self.clip, self.keep_o)
 
     def table(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The coefficient table on ``device`` (copied without a host sync where the device allows)."""
+        """The coefficient table on ``device`` (copied without a host sync where the device allows). A coefficient
+        past ``dtype``'s range (a guidance scale of 1e39 in a float32 table) raises: it would step to inf or NaN."""
+        if self.max_coef > torch.finfo(dtype).max:  # host numbers, so a traced table build reads no tensor
+            stage, col = np.argwhere(np.abs(self.coefs) > torch.finfo(dtype).max)[0].tolist()
+            raise ValueError(
+                f"plan coefficient {COLUMN_NAMES[col]} at stage {stage} is {self.coefs[stage, col]:g}, past the range "
+                f"of a {dtype} table (steps with it would give inf or NaN): bring the option behind it "
+                "(guidance_scale, the schedule's range, input_scale) within that range"
+            )
         return to_device(torch.from_numpy(self.coefs).to(dtype), device)
 
 

@@ -83,6 +83,17 @@ def _shape_of(shape: Sequence[int]) -> tuple[int, ...]:
     return tuple(dims)
 
 
+def _check_tensor_args(**args: object) -> None:
+    """Raise a TypeError naming the first of ``args`` (None: not given) that is not a tensor (``model_output`` may be
+    a pair of them); called where a step failed with an AttributeError, so the usual step pays nothing for it."""
+    for name, value in args.items():
+        parts = value if name == "model_output" and isinstance(value, (tuple, list)) else (value,)
+        for k, part in enumerate(parts):
+            if part is not None and not isinstance(part, torch.Tensor):
+                what = f"{name}[{k}]" if parts is value else name
+                raise TypeError(f"{what} must be a torch.Tensor, got {type(part).__name__}")
+
+
 def _callback_arity(callback: Callable[..., None]) -> int:
     """How many of ``(i, t, z)`` :func:`sample` passes ``callback``: as many as it takes positionally, all three
     when it takes ``*args`` (or its signature cannot be read)."""
@@ -175,6 +186,8 @@ class Sampler:
             input_scale = np.asarray(input_scale, dtype=np.float64)
             if input_scale.shape != (n,):
                 raise ValueError(f"input_scale must have one value per stage ({n}), got shape {input_scale.shape}")
+            if not np.all(np.isfinite(input_scale)):  # stage 0's is not in the table's finiteness check
+                raise ValueError(f"input_scale must be finite, got {input_scale.tolist()}")
         self.input_scale = np.ones(n) if input_scale is None else input_scale
         self.plan: StepPlan = compile_plan(self.stages, self.prediction, guidance_scale, clip, self.input_scale)
         self.stage_alpha = np.array([st.point.alpha[0] for st in self.stages])
@@ -325,6 +338,11 @@ class Sampler:
                 raise ValueError("a guided model output pair must be (cond, uncond)")
             if not self.guided:
                 raise ValueError("got a (cond, uncond) pair but this sampler has no guidance_scale")
+            if model_output[1] is None:  # the backend would take it as unguided: the scale silently dropped
+                raise ValueError(
+                    "a guided model output pair must be (cond, uncond) tensors, got (cond, None): the step would "
+                    "ignore guidance_scale"
+                )
             return model_output[0], model_output[1], False
         raise TypeError(f"model output must be a tensor or a (cond, uncond) pair, got {type(model_output).__name__}")
 
@@ -404,13 +422,17 @@ class Sampler:
                 "model_input_dtype and duplicate_model_input shape the model input that return_model_input=True "
                 "returns; without it they would be ignored"
             )
-        cond, uncond, paired = self._split_output(model_output, z)
-        seeds = self._stage_seeds(i, seed, z) if noise is None and self._noisy[i] else None
-        out, x_out, model_in = self.runner.run(
-            i, z, cond, uncond, seeds=seeds, noise=noise, out=out, want_x=return_x0,
-            model_in_dtype=(model_input_dtype or z.dtype) if return_model_input else None,
-            model_in_double=duplicate_model_input, paired=paired,
-        )
+        try:  # free until it raises: a non-tensor argument fails inside with an AttributeError naming no argument
+            cond, uncond, paired = self._split_output(model_output, z)
+            seeds = self._stage_seeds(i, seed, z) if noise is None and self._noisy[i] else None
+            out, x_out, model_in = self.runner.run(
+                i, z, cond, uncond, seeds=seeds, noise=noise, out=out, want_x=return_x0,
+                model_in_dtype=(model_input_dtype or z.dtype) if return_model_input else None,
+                model_in_double=duplicate_model_input, paired=paired,
+            )
+        except AttributeError:
+            _check_tensor_args(z=z, out=out, noise=noise, model_output=model_output)
+            raise
         if return_model_input:
             return (out, model_in, x_out) if return_x0 else (out, model_in)
         return (out, x_out) if return_x0 else out
@@ -449,6 +471,8 @@ def sample(
         raise TypeError(f"noise, the initial state, must be a floating-point tensor, got {noise.dtype}")
     if not callable(model_fn):
         raise TypeError(f"model_fn must be callable as model_fn(z_in, t), got {type(model_fn).__name__}")
+    if callback is not None and not callable(callback):  # else it fails only after the first model call and step
+        raise TypeError(f"callback must be callable as callback(i, t, z), got {type(callback).__name__}")
     z = noise
     sampler.prepare(z.device, z.dtype)
     times = sampler._timestep_views(z.device)

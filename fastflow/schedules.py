@@ -213,11 +213,18 @@ class VP(Schedule):
     ):
         # An explicit alphas_cumprod is the schedule: beta_schedule and the betas are not read (nor named by repr).
         source = beta_schedule if alphas_cumprod is None else "alphas_cumprod"
+        if not isinstance(rescale_betas_zero_snr, (bool, np.bool_)):  # a string flag would be taken as True
+            raise TypeError(f"rescale_betas_zero_snr must be a bool, got {rescale_betas_zero_snr!r}")
         if alphas_cumprod is None:
             if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, (int, np.integer)):
                 raise TypeError(f"num_train_timesteps must be an int, got {num_train_timesteps!r}")
             if num_train_timesteps < 2:
                 raise ValueError("num_train_timesteps must be at least 2")
+            for name, value in (("beta_start", beta_start), ("beta_end", beta_end)):
+                check_real(name, value)
+                # scaled_linear takes square roots: a negative beta's is complex, whose real part (0) numpy keeps
+                if not 0.0 <= value < 1.0:
+                    raise ValueError(f"{name} must lie in [0, 1), got {value}")
             betas = _betas(beta_schedule, num_train_timesteps, beta_start, beta_end)
             alphas_cumprod = np.cumprod(1.0 - betas)
         alphas_cumprod = np.asarray(alphas_cumprod, dtype=np.float64)
@@ -356,11 +363,14 @@ class Rescaled(Schedule):
         scale: float | Callable[[np.ndarray], np.ndarray],
         d_scale: Callable[[np.ndarray], np.ndarray] | None = None,
     ):
+        if not isinstance(base, Schedule):
+            raise TypeError(f"base must be a fastflow Schedule (VP, EDM, FlowMatching, ...), got {base!r}")
         if callable(scale):
             if d_scale is None:
                 raise ValueError("a time-dependent scale needs its derivative d_scale")
             self._c, self._dc = scale, d_scale
         else:
+            check_real("scale", scale)  # float() would take a string or a bool
             c = float(scale)
             if not (c > 0 and math.isfinite(c)):
                 raise ValueError(f"scale must be positive and finite, got {scale}")

@@ -49,9 +49,12 @@ def sde_to_flow(t, f, g, eta=None, alpha0: float = 1.0, sigma0: float = 0.0):
     f, g = np.asarray(f, np.float64), np.asarray(g, np.float64)
     if t.ndim != 1 or len(t) < 2 or np.any(np.diff(t) <= 0):
         raise ValueError("t must be an increasing 1-D grid with at least two points")
-    for name, value in (("f", f), ("g", g)):
+    for name, value in (("t", t), ("f", f), ("g", g)):
         if value.shape != t.shape:
             raise ValueError(f"{name} must be sampled on the grid t: shape {value.shape}, t has {t.shape}")
+        if not np.all(np.isfinite(value)):  # NaN passes the comparisons above and below and fills the result
+            k = int(np.argmin(np.isfinite(value)))
+            raise ValueError(f"{name} must be finite, got {value[k]} at index {k}")
     check_real("alpha0", alpha0)
     check_real("sigma0", sigma0)
     if not (0.0 < alpha0 < math.inf and 0.0 <= sigma0 < math.inf):
@@ -69,5 +72,6 @@ def sde_to_flow(t, f, g, eta=None, alpha0: float = 1.0, sigma0: float = 0.0):
 def schedule_to_sde(schedule: Schedule, t, eta=0.0):
     """``(f, g, eps)`` of a schedule at times ``t`` for sampler noise ``eta`` (scalar or array)."""
     t = np.asarray(t, np.float64)
+    schedule.check_times(t, "time")  # outside its range a schedule gives its nearest end's values, not an error
     f, g, _ = flow_to_sde(schedule.alpha(t), schedule.sigma(t), schedule.d_alpha(t), schedule.d_sigma(t))
     return f, g, np.asarray(eta, np.float64) * g

@@ -78,3 +78,13 @@ def test_to_device_pins_only_outside_graph_capture(monkeypatch, capturing):
     host = _HostData()
     to_device(host, "cuda")
     assert host.calls == ([("to", "cuda", False)] if capturing else ["pin", ("to", "cuda", True)])
+
+
+@pytest.mark.skipif(torch.backends.cuda.is_built(), reason="checks the error of a torch built without CUDA")
+def test_to_cuda_on_a_torch_without_cuda_gives_torchs_own_error():
+    """The capture-state query raised "Tried to instantiate dummy base class _cuda_isCurrentStreamCapturing"
+    (init_noise(device='cuda'), timesteps_on('cuda'), prepare('cuda'))."""
+    s = ff.Sampler(ff.VP(), steps=3)
+    for call in (lambda: s.init_noise((1, 2), device="cuda"), lambda: s.timesteps_on("cuda")):
+        with pytest.raises((AssertionError, RuntimeError), match="not compiled with CUDA"):
+            call()

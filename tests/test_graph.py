@@ -653,3 +653,29 @@ def test_dict_cond_in_another_key_order_shares_the_capture():
     assert cache.captures == 1 and torch.equal(first, again)
     loop = cache.get(s, SHAPE, cond={"a": a, "b": b})
     assert torch.equal(loop(noise=noise, cond={"b": b, "a": a}), first)
+
+
+def test_guidance_scale_past_the_tables_float32_range_is_refused():
+    """A finite 1e300 became inf in the loop's float32 table: the loop returned NaN."""
+    s = make_sampler(guidance_scale=2.0)
+    c = torch.zeros(SHAPE)
+    with pytest.raises(ValueError, match="past the range"):
+        capture(guided_model, s, SHAPE, device="cpu", cond=c, guidance_scale=1e300)
+    loop = capture(guided_model, s, SHAPE, device="cpu", cond=c)
+    with pytest.raises(ValueError, match="past the range"):
+        loop(seed=0, guidance_scale=1e39)
+
+
+def test_a_none_in_a_guided_models_pair_is_named():
+    """(cond, None) failed with "'NoneType' object has no attribute 'shape'"."""
+    s = make_sampler(guidance_scale=2.0)
+    with pytest.raises(TypeError, match="returned a NoneType in its"):
+        capture(lambda z, t: (toy_model(z, t), None), s, SHAPE, device="cpu")(seed=0)
+
+
+def test_graph_cache_refuses_a_bad_model_fn_or_warmup_when_made():
+    """Both were accepted by the constructor and refused only at the first call."""
+    with pytest.raises(TypeError, match="model_fn must be callable"):
+        GraphCache(3, device="cpu")
+    with pytest.raises(ValueError, match="warmup must be an int >= 1"):
+        GraphCache(toy_model, device="cpu", warmup=0)

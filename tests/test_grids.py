@@ -208,3 +208,9 @@ def test_a_flow_shift_warps_the_ends_of_the_span_too():
     t = grid_times(schedule, 4, t_min=0.1, t_max=0.5)
     np.testing.assert_allclose(t, schedule.warp(np.linspace(0.5, 0.1, 4)))
     assert t[0] == pytest.approx(0.75) and t[-1] == pytest.approx(0.25)
+
+
+def test_karras_rho_so_small_that_sigma_overflows_is_a_value_error_naming_rho():
+    """sigma_max ** (1 / rho) raised a bare OverflowError (34, 'Numerical result out of range')."""
+    with pytest.raises(ValueError, match="rho 1e-300 is too small"):
+        Sampler(EDM(), steps=3, solver="euler", rho=1e-300)

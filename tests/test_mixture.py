@@ -31,3 +31,23 @@ def test_denoiser_is_the_posterior_mean_of_one_component():
     mu, s2 = mix.means[0], mix.stds[0] ** 2
     want = mu + alpha * s2 / (alpha**2 * s2 + sigma**2) * (z - alpha * mu)
     torch.testing.assert_close(mix.denoise(z, alpha, sigma), want)
+
+
+@pytest.mark.parametrize(
+    "means, stds, match",
+    [
+        ([[float("nan"), 0.0]], [1.0], "means must be finite"),
+        ([[float("inf"), 0.0]], [1.0], "means must be finite"),
+        ([[0.0, 0.0]], [float("inf")], "stds must be positive and finite"),
+    ],
+)
+def test_non_finite_means_and_stds_are_refused(means, stds, match):
+    """They were accepted, and the denoiser and samples were NaN or inf."""
+    with pytest.raises(ValueError, match=match):
+        GaussianMixture(means, stds)
+
+
+def test_model_refuses_an_unknown_prediction_when_made():
+    """An unknown prediction was accepted, and raised only at the first model call, inside a sampling loop."""
+    with pytest.raises(ValueError, match="unknown prediction type"):
+        GaussianMixture.ring().model(__import__("fastflow").VP(), "nope")

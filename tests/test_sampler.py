@@ -1,5 +1,6 @@
 """The public sampling API: every solver reachable, guidance, clipping, inputs, and clear errors."""
 
+import math
 import subprocess
 import sys
 
@@ -609,3 +610,67 @@ def test_channels_last_step_traces_with_dynamic_shapes(backend):
     want, want_in = s.step(o, z0, 0, return_model_input=True, duplicate_model_input=True)
     assert got.stride() == want.stride() == z0.stride() and got_in.stride() == want_in.stride()
     assert torch.equal(got, want) and torch.equal(got_in, want_in)
+
+
+def test_guided_pair_with_a_none_uncond_is_refused():
+    """``(cond, None)`` reached the backend as an unguided output: the step silently ignored guidance_scale."""
+    s = ff.Sampler(ff.VP(), steps=3, guidance_scale=3.0, backend="torch")
+    z = torch.randn(2, 3)
+    with pytest.raises(ValueError, match=r"\(cond, None\)"):
+        s.step((torch.randn(2, 3), None), z, 0)
+
+
+@pytest.mark.parametrize("name", ["z", "out", "noise", "uncond"])
+def test_a_non_tensor_argument_to_step_is_named(name):
+    """A numpy state, out or noise (or a list) failed inside with "'numpy.ndarray' object has no attribute
+    'is_contiguous'" (or 'device', 'requires_grad'), naming no argument."""
+    guided = name == "uncond"
+    s = ff.Sampler(ff.VP(), "ddpm", steps=3, backend="torch", guidance_scale=2.0 if guided else None)
+    z, o = torch.randn(2, 3), torch.randn(2, 3)
+    bad = np.zeros((2, 3), dtype=np.float32)
+    kw = {"seed": 0}
+    if name == "z":
+        z = bad
+    elif name in ("out", "noise"):
+        kw[name] = bad
+    output = (o, bad) if guided else o
+    named = r"model_output\[1\]" if guided else name
+    with pytest.raises(TypeError, match=rf"^{named} must be a torch.Tensor"):
+        s.step(output, z, 0, **kw)
+
+
+def test_a_0d_state_with_return_model_input_names_the_batch_dimension():
+    """The torch backend sized the model input from z.shape[0] before its checks: IndexError 'tuple index out of
+    range' (fastflow.sample of a 0-d noise tensor too)."""
+    s = ff.Sampler(ff.VP(), steps=3, backend="torch")
+    with pytest.raises(ValueError, match="batch dimension"):
+        s.step(torch.tensor(1.0), torch.tensor(1.0), 0, return_model_input=True)
+    with pytest.raises(ValueError, match="batch dimension"):
+        ff.sample(lambda z, t: torch.zeros_like(z), torch.tensor(1.0), s)
+
+
+@pytest.mark.parametrize("scale", [math.inf, math.nan])
+def test_a_non_finite_first_input_scale_is_refused(scale):
+    """input_scale[0] is not in the coefficient table (CIN holds the next stage's), so its finiteness went unchecked
+    and model_input(z, 0) returned inf or NaN."""
+    with pytest.raises(ValueError, match="input_scale must be finite"):
+        ff.Sampler(ff.VP(), steps=3, input_scale=[scale, 1.0, 1.0])
+
+
+def test_a_guidance_scale_past_float32_is_refused_not_stepped_to_inf():
+    """1e39 is finite in float64, so it passed the check, and became inf in the float32 table: every output inf."""
+    s = ff.Sampler(ff.VP(), steps=3, guidance_scale=1e39, backend="torch")
+    z = torch.randn(2, 3)
+    with pytest.raises(ValueError, match=r"coefficient W at stage 0 is 1e\+39, past the range of a torch.float32"):
+        s.step((z, 0.5 * z), z, 0)
+    out = s.step((z.double(), 0.5 * z.double()), z.double(), 0)  # a float64 table holds it
+    assert torch.isfinite(out).all()
+
+
+def test_sample_refuses_a_callback_that_is_not_callable_before_the_first_model_call():
+    """callback=3 ran the first model call and step, then failed with "'int' object is not callable"."""
+    calls = []
+    s = ff.Sampler(ff.VP(), steps=3, backend="torch")
+    with pytest.raises(TypeError, match="callback must be callable"):
+        ff.sample(lambda z, t: calls.append(t) or torch.zeros_like(z), torch.zeros(1, 2), s, callback=3)
+    assert not calls

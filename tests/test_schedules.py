@@ -192,3 +192,28 @@ def test_flow_mu_beyond_exp_s_range_is_refused(mu):
     gave NaN grid times."""
     with pytest.raises(ValueError, match=r"mu must be finite and within \[-700, 700\]"):
         FlowMatching(mu=mu)
+
+
+@pytest.mark.parametrize("beta_start", [-1.0, math.nan, 1.0])
+def test_vp_beta_outside_0_1_is_refused(beta_start):
+    """scaled_linear takes sqrt(beta_start): a negative one's root is complex, numpy kept its real part 0, and
+    VP(beta_start=-1.0) was silently VP(beta_start=0.0)."""
+    with pytest.raises(ValueError, match=r"beta_start must lie in \[0, 1\)"):
+        VP(beta_start=beta_start)
+
+
+@pytest.mark.parametrize(
+    "make, error, match",
+    [
+        (lambda: VP(beta_end="0.012"), TypeError, "beta_end must be a real number"),
+        (lambda: VP(rescale_betas_zero_snr="no"), TypeError, "rescale_betas_zero_snr must be a bool"),
+        (lambda: Rescaled(VP(), "2"), TypeError, "scale must be a real number"),
+        (lambda: Rescaled(VP(), True), TypeError, "scale must be a real number"),
+        (lambda: Rescaled("VP", 2.0), TypeError, "base must be a fastflow Schedule"),
+    ],
+)
+def test_schedule_options_of_the_wrong_type_are_refused_naming_them(make, error, match):
+    """A string beta failed in '**' naming neither; the string "no" zero-SNR-rescaled; Rescaled took "2" and True
+    through float(), and a non-schedule base failed on its t_min."""
+    with pytest.raises(error, match=match):
+        make()

@@ -57,3 +57,22 @@ def test_sde_to_flow_refuses_coefficients_off_the_grid():
     t = np.linspace(0.0, 1.0, 5)
     with pytest.raises(ValueError, match="g must be sampled on the grid t"):
         sde_to_flow(t, np.zeros(5), np.ones(4))
+
+
+def test_schedule_to_sde_refuses_times_outside_the_schedule():
+    """VP clamps t to its range: t = 5000 gave t = 999's coefficients silently; FlowMatching's t = 2 a misleading
+    'sigma/alpha must not decrease'."""
+    with pytest.raises(ValueError, match="time 5000 is outside the time range"):
+        schedule_to_sde(VP(), np.array([500.0, 5000.0]))
+    with pytest.raises(ValueError, match="time 2 is outside the time range"):
+        schedule_to_sde(FlowMatching(), np.array([0.5, 2.0]))
+
+
+@pytest.mark.parametrize("which", ["t", "f", "g"])
+def test_sde_to_flow_refuses_non_finite_coefficients(which):
+    """NaN passes every comparison: a NaN in t, f or g returned arrays of NaN without an error."""
+    args = {"t": np.linspace(0.0, 1.0, 5), "f": np.zeros(5), "g": np.ones(5)}
+    args[which] = args[which].copy()
+    args[which][2] = np.nan
+    with pytest.raises(ValueError, match=rf"{which} must be finite, got nan at index 2"):
+        sde_to_flow(args["t"], args["f"], args["g"])

@@ -175,7 +175,10 @@ class Backend:
         x_out = torch.empty(z.shape, dtype=x_dtype or z.dtype, device=z.device) if want_x else None
         model_in = None
         if model_in_dtype is not None:
-            batch = 2 * z.shape[0] if model_in_double else z.shape[0]
+            try:
+                batch = 2 * z.shape[0] if model_in_double else z.shape[0]
+            except IndexError:  # a 0-d state: the message fused_step's checks give it (they run after this)
+                raise ValueError("state must have a batch dimension") from None
             model_in = torch.empty((batch, *z.shape[1:]), dtype=model_in_dtype, device=z.device)
         self.fused_step(  # x_out and model_in are fresh, and a given out was checked above
             z, out, model_out, model_out_uncond, history, table, step,
