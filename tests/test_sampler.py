@@ -674,3 +674,24 @@ def test_sample_refuses_a_callback_that_is_not_callable_before_the_first_model_c
     with pytest.raises(TypeError, match="callback must be callable"):
         ff.sample(lambda z, t: calls.append(t) or torch.zeros_like(z), torch.zeros(1, 2), s, callback=3)
     assert not calls
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+@pytest.mark.parametrize("backend", ["torch", "cuda", "triton"])
+def test_a_sampler_that_has_stepped_copies_and_its_copy_steps_alike(backend, how):
+    """The docs give each thread a ``copy.deepcopy`` of a sampler. One that has stepped keeps its backend, and the
+    Triton backend holds its kernels' module, which cannot be copied: the copy failed. Backends are shared by copies
+    (and pickled by name); the copy then finishes the loop as the original does."""
+    import copy
+    import pickle
+
+    if ff.backends.get_backend(backend).availability() is not None:
+        pytest.skip(f"{backend} backend unavailable")
+    sampler = ff.Sampler(ff.VP(), solver="dpm++2m", prediction="eps", steps=4, backend=backend)
+    z = sampler.init_noise((2, 3, 5), seed=2)
+    o = torch.randn(2, 3, 5, generator=torch.Generator().manual_seed(1))
+    z = sampler.step(o, z, 0)
+    twin = copy.deepcopy(sampler) if how == "deepcopy" else pickle.loads(pickle.dumps(sampler))
+    assert twin.runner._dispatch and all(found[1] is ff.backends.get_backend(backend)
+                                         for found in twin.runner._dispatch.values())
+    assert torch.equal(twin.step(0.5 * o, z, 1), sampler.step(0.5 * o, z, 1))

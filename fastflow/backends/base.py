@@ -41,6 +41,7 @@ no Python frame sits between a front end and the launch.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -62,6 +63,17 @@ class Backend:
     allocating form built on it. Each backend subclasses this and defines the first three."""
 
     name = "backend"
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Backend:
+        """The backend itself: a copy of a sampler or drop-in that has stepped (and keeps its backend) shares it, as
+        every sampler does (the Triton backend holds its kernels' module, which cannot be copied)."""
+        return self
+
+    def __reduce__(self) -> tuple[Callable[[str], Backend], tuple[str]]:
+        """Pickled by name: unpickled as that process's backend of the name."""
+        from . import get_backend
+
+        return get_backend, (self.name,)
 
     def availability(self) -> str | None:
         """None when usable, else the reason it is not."""

@@ -54,9 +54,11 @@ the same distribution as diffusers' ``torch.randn``, not the same numbers; or, w
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import math
+import sys
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
@@ -64,6 +66,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+from diffusers import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
 from .. import noise as noise_spec
@@ -377,10 +380,38 @@ class FastflowScheduler:
         if parent is None:  # an intermediate mixin
             return
         _REGISTRY.setdefault(parent.__name__, cls)
+        module = sys.modules.get(cls.__module__)
+        if module is not None and cls.__module__.startswith(f"{__package__}."):
+            # A pipeline saved with a drop-in names it by its module's path; diffusers' loader looks up the base
+            # classes it knows how to load (SchedulerMixin) in that module, so DiffusionPipeline.from_pretrained
+            # gets the drop-in back rather than refusing the component.
+            module.SchedulerMixin = SchedulerMixin
         if "__init__" not in cls.__dict__:
             cls.__init__ = _wrap_init(parent.__init__)
         if "set_timesteps" not in cls.__dict__:
             cls.set_timesteps = _wrap_set_timesteps(parent.set_timesteps)
+
+    def __copy__(self) -> FastflowScheduler:
+        """``copy.copy``: diffusers' attributes shared, as a shallow copy of diffusers' scheduler shares them, but
+        this drop-in's own loop state (the stored tensors of a multistep solver, the noise seeds, the bound steps)
+        copied, so that the copy and the original each continue their own loop (a copy of diffusers' scheduler
+        whose state is plain attributes, Heun's or KDPM2's, continues independently too)."""
+        state = self.__dict__
+        shared = {id(v): v for k, v in state.items() if not k.startswith("_ff_")}  # deepcopy's memo: kept as is
+        new = type(self).__new__(type(self))
+        new.__dict__.update(state)
+        new.__dict__.update(copy.deepcopy({k: v for k, v in state.items() if k.startswith("_ff_")}, shared))
+        return new
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """``copy.deepcopy`` and ``pickle``: the state as it was, but the address of the copy's own ``timesteps``,
+        by which its steps know an element of them (see :meth:`_ff_is_element`; the original's would send every step
+        of a copy of the classes that locate steps by value off the bound steps, and could match a tensor that
+        later takes the original's freed storage)."""
+        self.__dict__.update(state)
+        ts = state.get("_ff_schedule_tensor")
+        if isinstance(ts, torch.Tensor) and "_ff_timesteps_address" in state:
+            self._ff_timesteps_address = (ts.data_ptr(), ts.element_size() * ts.stride(0))
 
     @staticmethod
     def _ff_check_timestep(timestep: float | torch.Tensor) -> None:

@@ -534,6 +534,37 @@ def test_a_copy_made_mid_loop_continues_as_the_original(name, how):
     torch.testing.assert_close(step(twin, o, t, x), expected, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("name", ["HeunDiscreteScheduler", "KDPM2DiscreteScheduler", "DPMSolverMultistepScheduler",
+                                  "PNDMScheduler"])
+def test_a_shallow_copy_made_mid_loop_and_the_original_each_continue_their_own_loop(name):
+    """``copy.copy`` between steps: diffusers' Heun and KDPM2 keep their pending stage in plain attributes, so a
+    shallow copy and the original continue apart; the drop-ins keep theirs in their plans, which the copy must not
+    share (the original's next step raised "run the stages in order"). diffusers' multistep classes share their
+    history list with the copy (the original then steps from the copy's history); the drop-ins keep each loop's
+    own, the numbers of a loop that was never copied."""
+    import copy
+
+    ref, ff = pair(name)
+    generator = torch.Generator().manual_seed(5)
+    outputs = [torch.randn(SHAPE, generator=generator) for _ in range(30)]
+
+    def run(scheduler, x, steps):
+        for i in steps:
+            t = scheduler.timesteps[i]
+            x = scheduler.step(outputs[i] + 0.1 * x, t, x).prev_sample
+        return x
+
+    ref.set_timesteps(6)
+    want = run(ref, start_noise(), range(len(ref.timesteps)))
+    ff.set_timesteps(6)
+    x = run(ff, start_noise(), range(3))
+    twin = copy.copy(ff)
+    assert twin.timesteps is ff.timesteps and twin.config is ff.config  # shallow, as a copy of diffusers' is
+    rest = range(3, len(ff.timesteps))
+    assert_close(run(twin, x, rest), want)
+    assert_close(run(ff, x, rest), want)
+
+
 def test_an_element_of_the_schedule_is_located_without_reading_it():
     """A device timestep is never read; one that is an element of the scheduler's own ``timesteps`` (a pipeline's
     loop variable, from a slice too) gives its value by its offset in their storage. Checked here on the

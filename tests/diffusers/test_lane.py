@@ -425,3 +425,28 @@ def test_an_edit_of_a_returned_prediction_changes_no_later_step(monkeypatch, lan
             x = out.prev_sample
         finals.append(x)
     torch.testing.assert_close(finals[1], finals[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+@pytest.mark.parametrize("name", ["DDIMScheduler", "LCMScheduler", "DDPMScheduler"])
+def test_a_copy_keeps_the_lane(counts, name, how):
+    """A copy made mid-loop (Text2Video-Zero deep-copies its DDIM scheduler and finishes the loop with the copy)
+    knows its own timesteps' elements by their addresses, so the classes that locate a step by its timestep keep
+    the lane (the copy held the original's address: every step took _ff_step), and step as the original does."""
+    import copy
+    import pickle
+
+    ff = pair(name)[1]
+    ff.set_timesteps(STEPS)
+    x = start_noise(3)
+    for t in ff.timesteps[:3]:
+        x = ff.step(stand_in(x, t), t, x).prev_sample
+    twin = copy.deepcopy(ff) if how == "deepcopy" else pickle.loads(pickle.dumps(ff))
+    counts.update(step=0, lane=0)
+    xt = x
+    for t in twin.timesteps[3:]:
+        xt = twin.step(stand_in(xt, t), t, xt).prev_sample
+    assert counts == {"step": 0, "lane": STEPS - 3}
+    for t in ff.timesteps[3:]:
+        x = ff.step(stand_in(x, t), t, x).prev_sample
+    assert torch.equal(xt, x)

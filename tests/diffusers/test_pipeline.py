@@ -106,6 +106,23 @@ def test_swap_by_from_config_on_a_pipeline():
     assert np.isfinite(out).all()
 
 
+@pytest.mark.parametrize("name", ["EulerDiscreteScheduler", "DPMSolverMultistepScheduler"])
+def test_a_pipeline_saved_with_a_drop_in_loads_it_back(tmp_path, name):
+    """``pipe.save_pretrained`` records a drop-in by its module's path, as diffusers records any component from
+    outside its libraries; ``DiffusionPipeline.from_pretrained`` then looks up how to load it in that module (it
+    refused the drop-in: "cannot be loaded as it does not seem to have any of the loading methods"), and a
+    scheduler passed to ``from_pretrained`` is checked against it (a TypeError)."""
+    pipe = diffusers.DDPMPipeline(unet=tiny_unet(), scheduler=diffusers.DDPMScheduler())
+    pipe.scheduler = getattr(ffd, name).from_config(pipe.scheduler.config)
+    pipe.save_pretrained(tmp_path)
+    back = diffusers.DiffusionPipeline.from_pretrained(tmp_path)
+    assert type(back) is diffusers.DDPMPipeline and type(back.scheduler) is getattr(ffd, name)
+    public = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}  # noqa: E731
+    assert public(back.scheduler.config) == public(pipe.scheduler.config)
+    given = diffusers.DDIMScheduler()
+    assert diffusers.DDPMPipeline.from_pretrained(tmp_path, scheduler=given).scheduler is given
+
+
 SD_CLASSES = [
     ("DDIMScheduler", dict(SD, clip_sample=False, set_alpha_to_one=False, steps_offset=1)),
     ("DDPMScheduler", dict(SD, clip_sample=False)),
