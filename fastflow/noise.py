@@ -157,6 +157,8 @@ def as_seed_tensor(seed: int | Sequence[int] | torch.Tensor, batch: int, device)
         if seed.dtype != torch.int64 or seed.shape != (batch,):
             raise ValueError(f"seed tensor must be int64 of shape ({batch},), got {seed.dtype} {tuple(seed.shape)}")
         return to_device(seed, device)
+    if isinstance(seed, np.ndarray) and seed.ndim == 0:  # a 0-d array holds one seed (it cannot be iterated)
+        seed = seed[()]
     if _is_int(seed):
         if 0 <= seed <= _SEED_MAX < seed + batch - 1:
             raise ValueError(f"seed {seed} seeds a batch of {batch} with seed + b, past 2**64 - 1: pass a smaller seed")

@@ -273,6 +273,8 @@ class Sampler:
     def prepare(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> Sampler:
         """Upload the table and timesteps and resolve the backend now, so the first step does no host-to-device copy
         and may be traced by torch.compile (a traced step cannot import a backend)."""
+        if not isinstance(dtype, torch.dtype):
+            raise TypeError(f"dtype must be a torch.dtype (the state's), got {dtype!r}")
         self.table(device, torch.float64 if dtype == torch.float64 else torch.float32)
         self.timesteps_on(device)
         self.runner.warm(device, dtype)

@@ -164,3 +164,11 @@ def test_stochastic_torch_step_of_a_2d_state_traces_with_fullgraph():
         z = step(torch.tanh(z), z, i)
         zz = eager.step(torch.tanh(zz), zz, i)
     assert torch.equal(z, zz)
+
+
+def test_a_0d_integer_array_is_one_seed():
+    """``np.array(3)`` (what indexing or reducing an array gives) failed with "iteration over a 0-d array"; it is the
+    seed 3, and a 0-d float array stays refused like a float."""
+    assert torch.equal(noise.as_seed_tensor(np.array(3), 2, "cpu"), torch.tensor([3, 4]))
+    with pytest.raises(TypeError, match="got float64"):
+        noise.as_seed_tensor(np.array(3.0), 2, "cpu")

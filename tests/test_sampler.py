@@ -695,3 +695,9 @@ def test_a_sampler_that_has_stepped_copies_and_its_copy_steps_alike(backend, how
     assert twin.runner._dispatch and all(found[1] is ff.backends.get_backend(backend)
                                          for found in twin.runner._dispatch.values())
     assert torch.equal(twin.step(0.5 * o, z, 1), sampler.step(0.5 * o, z, 1))
+
+
+def test_prepare_refuses_a_dtype_that_is_not_a_torch_dtype():
+    """``prepare("cpu", "float32")`` prepared nothing for float32 states, silently."""
+    with pytest.raises(TypeError, match="dtype must be a torch.dtype"):
+        ff.Sampler(ff.VP(), steps=3).prepare("cpu", "float32")
