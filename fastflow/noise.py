@@ -59,6 +59,7 @@ __all__ = [
     "as_seed_tensor",
     "check_normal_args",
     "draw_seed",
+    "draw_seed_tensor",
     "normal",
     "philox4x32_numpy",
     "philox4x32_torch",
@@ -68,7 +69,13 @@ __all__ = [
 
 def draw_seed() -> int:
     """A seed from torch's global CPU generator, so that ``torch.manual_seed`` reproduces it."""
-    return int(torch.randint(0, DRAWN_SEED_RANGE, (1,)).item())
+    return int(draw_seed_tensor().item())
+
+
+def draw_seed_tensor() -> torch.Tensor:
+    """:func:`draw_seed`'s draw, as a one-element int64 CPU tensor: for callers that must not read its value (a
+    fake tensor has none)."""
+    return torch.randint(0, DRAWN_SEED_RANGE, (1,), dtype=torch.int64)
 
 
 def philox4x32_numpy(c0, c1, c2, c3, k0, k1, rounds: int = PHILOX_ROUNDS):

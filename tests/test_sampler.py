@@ -701,3 +701,25 @@ def test_prepare_refuses_a_dtype_that_is_not_a_torch_dtype():
     """``prepare("cpu", "float32")`` prepared nothing for float32 states, silently."""
     with pytest.raises(TypeError, match="dtype must be a torch.dtype"):
         ff.Sampler(ff.VP(), steps=3).prepare("cpu", "float32")
+
+
+@pytest.mark.parametrize("backend", ["torch", "cuda"])
+def test_continuing_a_traced_loop_eagerly_is_refused(backend):
+    """A multistep stage traced by torch.export (non-strict) keeps fake tensors as the loop's history; the next
+    eager stage read them and stepped to garbage (the operator's fake writes nothing; torch's ops give NaN). It
+    raises, naming them, and a loop started again at stage 0 steps as usual."""
+    if ff.backends.get_backend(backend).availability() is not None:
+        pytest.skip(f"{backend} backend unavailable")
+    sampler = ff.Sampler(ff.VP(), solver="dpm++2m", prediction="eps", steps=4, backend=backend)
+    z = sampler.init_noise((2, 3, 5), seed=1)
+
+    class First(torch.nn.Module):
+        def forward(self, o: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+            return sampler.step(o, z, 0)
+
+    torch.export.export(First(), (0.5 * z, z))
+    with pytest.raises(RuntimeError, match=r"fake tensors \(history\)"):
+        sampler.step(0.5 * z, z, 1)
+    fresh = ff.Sampler(ff.VP(), solver="dpm++2m", prediction="eps", steps=4, backend=backend)
+    assert torch.equal(sampler.step(0.5 * sampler.step(0.5 * z, z, 0), z, 1),
+                       fresh.step(0.5 * fresh.step(0.5 * z, z, 0), z, 1))

@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from ..plan import MAX_HISTORY, NUM_COEFS
 
@@ -421,6 +422,27 @@ def check_out_overlap(
                 f"{name} overlaps {what} in part; the kernels write block by block, so pass a separate tensor or "
                 "exactly the same one"
             )
+
+
+def refuse_leaked_fakes(
+    z: torch.Tensor, history: Sequence[torch.Tensor], **inputs: torch.Tensor | None
+) -> None:
+    """Refuse a step of a real state given fake tensors, which a torch.export trace (non-strict) or a
+    FakeTensorMode left in a loop's state (its stored history): they hold no values, so the step would write
+    nothing real (the operator's fake) or garbage (torch's ops), silently. Outside the hot path: the reference
+    backend's step and the C++ backend's Python entry call it."""
+    if is_fake(z):
+        return
+    leaked = [name for name, t in inputs.items() if t is not None and is_fake(t)]
+    if any(is_fake(h) for h in history):
+        leaked.append("history")
+    if leaked:
+        raise RuntimeError(
+            f"fastflow: a step of a real state was given fake tensors ({', '.join(leaked)}), which a trace by "
+            "torch.export (non-strict) or a FakeTensorMode left behind: they hold no values. Start the loop again "
+            "(a Sampler at stage 0, a diffusers drop-in with set_timesteps) rather than continuing a traced one "
+            "eagerly"
+        )
 
 
 def check_outputs_overlap(

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from ..noise import STEP_TAG, check_normal_args
-from .base import AllocEntry, Backend, OutputTriple, check_step_args
+from .base import AllocEntry, Backend, OutputTriple, check_step_args, refuse_leaked_fakes
 from .base import step_int as host_step
 
 _STATE: dict[str, Any] = {}
@@ -126,6 +126,8 @@ def _python_alloc(
     """What the allocating binding calls for tensors it cannot step itself (fake, functional or subclassed, or under
     a TorchDispatchMode): the outputs made with torch, the stage run through :meth:`CudaBackend.fused_step`, whose
     binding passes such tensors on to the operator."""
+    refuse_leaked_fakes(z, history, model_out=model_out, model_out_uncond=model_out_uncond, seeds=seeds,
+                        noise=noise, out=out, table=table)
     return Backend.fused_step_alloc(
         _TRACING_BACKEND, z, model_out, model_out_uncond, list(history), table, step, out=out, seeds=seeds,
         noise=noise, want_x=want_x, model_in_dtype=model_in_dtype, model_in_double=model_in_double, clip=clip,

@@ -14,7 +14,7 @@ import torch
 
 from .. import noise as noise_spec
 from ..plan import AO, AZ, CIN, CN, CX, CZ, H0, W
-from .base import Backend, check_clip, check_outputs_overlap, check_step_args, step_int
+from .base import Backend, check_clip, check_outputs_overlap, check_step_args, refuse_leaked_fakes, step_int
 
 
 class TorchBackend(Backend):
@@ -52,6 +52,9 @@ class TorchBackend(Backend):
             # whole-tensor ops would get these right; the kernels refuse them, and the backends must agree
             check_outputs_overlap(out, x_out, model_in_out, z, model_out, model_out_uncond, history,
                                   noise if use_noise else None)
+        if not torch.compiler.is_compiling():
+            refuse_leaked_fakes(z, history, model_out=model_out, model_out_uncond=model_out_uncond, table=table,
+                                seeds=seeds if use_noise else None, noise=noise if use_noise else None)
         cdt = torch.float64 if z.dtype == torch.float64 else torch.float32
         row = _row(table, step).to(cdt)
         o = model_out.to(cdt)

@@ -68,6 +68,7 @@ import numpy as np
 import torch
 from diffusers import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
+from torch._subclasses.fake_tensor import FakeTensor
 
 from .. import noise as noise_spec
 from ..backends import resolve_backend
@@ -779,6 +780,12 @@ class FastflowScheduler:
         key = (variant, start)
         comp = compiled.get(key)
         if comp is None:
+            if torch.compiler.is_dynamo_compiling():  # building a plan reads numpy arrays: say so, not numpy's error
+                torch._dynamo.graph_break(
+                    msg=f"{type(self).__name__}.step: the plan of this step variant ({variant!r}) is built on its "
+                    "first use, which a graph cannot trace: run the first loop's first such call eagerly (later "
+                    "loops' set_timesteps build it), or compile without fullgraph"
+                )
             comp = compile_specs(self._ff_specs(start, variant), self._ff_clip(), self.backend, start=start)
             self._ff_compiled[key] = comp
             used = self.__dict__.setdefault("_ff_used_variants", [])
@@ -859,6 +866,14 @@ class FastflowScheduler:
         key = (device, batch)
         seeds = self._ff_seeds.get(key)
         if seeds is None:
+            if self._ff_seed is None and not torch.compiler.is_dynamo_compiling():
+                drawn = noise_spec.draw_seed_tensor()
+                if isinstance(drawn, FakeTensor):
+                    # torch.export's non-strict tracing (or a FakeTensorMode): the draw has no value to take int()
+                    # of, so the seeds stay ops on it (the exported program draws as eager does), and are not kept:
+                    # a fake tensor in the schedule's state would outlive the trace.
+                    return (drawn + torch.arange(batch, dtype=torch.int64)).to(device)
+                self._ff_seed = int(drawn.item())
             seed = self._ff_loop_seed()
             seeds = torch.arange(seed, seed + batch, dtype=torch.int64, device=device)
             self._ff_seeds[key] = seeds

@@ -153,7 +153,7 @@ class CogVideoXDPMScheduler(_VPMixin, _cogdpm.CogVideoXDPMScheduler):
         """diffusers' CogVideoX DPM step (same arguments and outputs; ``eta``, ``use_clipped_model_output`` and
         ``variance_noise`` ignored, as diffusers ignores them), in one backend call."""
         idx = self._ff_scheduled_index(timestep)
-        t = int(self._ff_host_timesteps[idx])
+        t = int(self._ff_host_values[idx])  # a list: dynamo traces a numpy array's element as a tensor, then reads it
         second = idx > self._ff_loop_start and self._ff_prev_t(t) >= 0
         self._ff_check_history(idx, old_pred_original_sample, timestep_back)
         draw = one = self._ff_draw(generator, sample)
@@ -188,7 +188,8 @@ class CogVideoXDPMScheduler(_VPMixin, _cogdpm.CogVideoXDPMScheduler):
                 "the previous call (the drop-in reads it from its own history); another tensor, or None mid-loop, "
                 "is not supported"
             )
-        back = _host_number(timestep_back)
+        # A traced step cannot read a tensor's value (a CPU one included): it takes the counter's step, as documented.
+        back = None if torch.compiler.is_compiling() else _host_number(timestep_back)
         if back is not None and back != float(self._ff_host_timesteps[idx - 1]):
             raise NotImplementedError(
                 f"{name}: timestep_back={back:g} is not the previous call's timestep "

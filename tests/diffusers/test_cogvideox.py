@@ -219,6 +219,33 @@ def test_dpm_history_must_be_the_schedulers_own():
     assert torch.isfinite(x2).all()
 
 
+def test_dpm_pipeline_loop_traces_with_fullgraph():
+    """CogVideoX's pipeline loop, its step under torch.compile(fullgraph=True) from the first call
+    (set_begin_index(0)): a CPU timestep_back was read with .item(), and the step's timestep taken from a numpy
+    array, both data-dependent in a graph (an error at the second call); now every call traces, with eager's bits."""
+    _, ff = pair(DPM)
+
+    def loop(step):
+        ff.set_timesteps(5)
+        ff.set_begin_index(0)
+        ts, x, old = list(ff.timesteps), start_noise(0), None
+        for i, t in enumerate(ts):
+            x, old = step(stand_in(x, t), old, t, ts[i - 1] if i > 0 else None, x)
+        return x
+
+    def eager(o, old, t, back, x):
+        return ff.step(o, old, t, back, x, return_dict=False)
+
+    torch.manual_seed(0)
+    want = loop(eager)
+    torch._dynamo.reset()
+    compiled = torch.compile(eager, fullgraph=True, backend="eager")
+    torch.manual_seed(0)
+    with torch._dynamo.config.patch(recompile_limit=8):
+        got = loop(compiled)
+    assert torch.equal(got, want)
+
+
 def test_dpm_prediction_cannot_be_switched_off():
     """Its caller hands each returned prediction to the next step, so the prediction is always computed."""
     _, ff = pair(DPM)

@@ -13,6 +13,7 @@ from dropin_helpers import SD, SHAPE, TREE_NOISE, assert_close, pair, stand_in, 
 
 import fastflow.diffusers as ffd
 import fastflow.diffusers._base as dropin_base
+from fastflow.backends import get_backend
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -479,6 +480,85 @@ def test_torch_compile_first_step_needs_its_index():
     step = torch.compile(lambda o, t, x: ff.step(o, t, x).prev_sample, fullgraph=True, backend="eager")
     with pytest.raises(Exception, match="set_begin_index"):
         step(stand_in(start_noise(), t), t, start_noise())
+
+
+def test_torch_compile_a_step_option_on_first_use_says_what_to_do():
+    """A step option's plan is built on first use, which a graph cannot trace (documented): fullgraph and strict
+    export say so and what to do, rather than numpy's TypeError from inside dynamo."""
+    torch._dynamo.reset()
+    _, ff = pair("DDIMScheduler", **SD)
+    ff.set_timesteps(4)
+    ff.set_begin_index(0)
+    t, x = ff.timesteps[0], start_noise()
+    step = torch.compile(lambda o, t, x: ff.step(o, t, x, eta=1.0).prev_sample, fullgraph=True, backend="eager")
+    with pytest.raises(Exception, match="built on its first use.*eagerly"):
+        step(stand_in(x, t), t, x)
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["non-strict", "strict"])
+@pytest.mark.parametrize("name,config", [
+    ("EulerAncestralDiscreteScheduler", {}),
+    ("DDPMScheduler", {}),
+    ("DPMSolverMultistepScheduler", dict(algorithm_type="sde-dpmsolver++")),
+    ("FlowMatchEulerDiscreteScheduler", dict(stochastic_sampling=True)),
+])
+def test_export_a_step_with_fastflow_noise(name, config, strict):
+    """torch.export of a step whose kernel draws fastflow's noise: the loop's seed, drawn from torch's global
+    generator, was read with int() on a fake tensor in the default non-strict tracing (a data-dependent guard
+    error). The exported program draws it as the eager step does (the same numbers after the same manual_seed,
+    other numbers after another), and the tracing leaves no fake seed in the scheduler."""
+    _, ff = pair(name, backend="auto", **config)
+
+    class Step(torch.nn.Module):
+        def forward(self, o, t, x):
+            return ff.step(o, t, x).prev_sample
+
+    def args():
+        ff.set_timesteps(4)
+        ff.set_begin_index(0)
+        t = ff.timesteps[0]
+        x = start_noise(0)
+        return stand_in(x, t), t, x
+
+    exported = torch.export.export(Step(), args(), strict=strict)
+    assert ff._ff_seed is None and not ff._ff_seeds
+    results = []
+    for seed in (0, 0, 1):
+        inputs = args()
+        torch.manual_seed(seed)
+        want = Step()(*inputs)
+        torch.manual_seed(seed)
+        results.append(exported.module()(*args()))
+        assert torch.equal(results[-1], want)
+    assert not torch.equal(results[0], results[2])
+
+
+@pytest.mark.parametrize("backend", ["torch", "cuda"])
+def test_continuing_a_loop_after_a_non_strict_export_is_refused(backend):
+    """Non-strict tracing runs step's Python: the counter moves on while the history it keeps is fake. Stepping
+    that scheduler on eagerly gave garbage (1e26 and more); it raises, naming the fake history, and set_timesteps
+    starts a loop that steps as diffusers' does."""
+    if get_backend(backend).availability() is not None:
+        pytest.skip(f"{backend} backend unavailable")
+    ref, ff = pair("DPMSolverMultistepScheduler", backend=backend)
+
+    class Step(torch.nn.Module):
+        def forward(self, o, t, x):
+            return ff.step(o, t, x).prev_sample
+
+    ff.set_timesteps(4)
+    ff.set_begin_index(0)
+    x = start_noise(0)
+    torch.export.export(Step(), (stand_in(x, ff.timesteps[0]), ff.timesteps[0], x))
+    with pytest.raises(RuntimeError, match=r"fake tensors \(history\)"):
+        ff.step(stand_in(x, ff.timesteps[1]), ff.timesteps[1], x)
+    ff.set_timesteps(4)
+    ref.set_timesteps(4)
+    a = b = x
+    for t in ref.timesteps:
+        a = ff.step(stand_in(a, t), t, a).prev_sample
+        b = ref.step(stand_in(b, t), t, b).prev_sample
+    assert_close(a, b)
 
 
 @pytest.mark.parametrize("name", ["HeunDiscreteScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler",
