@@ -318,7 +318,10 @@ inline PreparedStep prepare_step(const at::Tensor& z, const at::Tensor& out, con
     p.history_dtype[j] = dtype_code(history[j].scalar_type(), "a history tensor");
     p.history[j] = input(history[j]);
   }
-  if (noise.has_value()) check_like(z, *noise, "the noise");  // checked even when unused, as the contract does
+  if (noise.has_value()) {  // checked even when unused (its dtype too), as the contract does
+    check_like(z, *noise, "the noise");
+    dtype_code(noise->scalar_type(), "the noise");
+  }
   p.use_noise = use_noise;
   if (use_noise) {
     if (noise.has_value()) {

@@ -145,6 +145,8 @@ class Backend:
         """
         if model_in_dtype is not None and model_in_dtype not in STEP_DTYPES:
             check_model_input_dtype(model_in_dtype)
+        if (paired or model_in_dtype is not None) and z.dim() < 1:
+            raise ValueError("state must have a batch dimension")  # fused_step's message (the C++ entry's too)
         if paired:
             if model_out_uncond is not None or model_out.dim() < 1 or model_out.shape[0] != 2 * z.shape[0]:
                 raise ValueError(
@@ -173,6 +175,10 @@ class Backend:
             model_out_uncond = model_out_uncond.contiguous()
         if noise is not None and not noise.is_contiguous():
             noise = noise.contiguous()
+        if seeds is not None and not seeds.is_contiguous():  # (a caller's seed tensor: Triton reads flat memory)
+            seeds = seeds.contiguous()
+        if not table.is_contiguous():
+            table = table.contiguous()
         history = [h if h.is_contiguous() else h.contiguous() for h in history]
         given = out
         target = None  # a given out the kernel cannot write in place, written through a temporary in its order
@@ -188,10 +194,7 @@ class Backend:
         x_out = torch.empty(z.shape, dtype=x_dtype or z.dtype, device=z.device) if want_x else None
         model_in = None
         if model_in_dtype is not None:
-            try:
-                batch = 2 * z.shape[0] if model_in_double else z.shape[0]
-            except IndexError:  # a 0-d state: the message fused_step's checks give it (they run after this)
-                raise ValueError("state must have a batch dimension") from None
+            batch = 2 * z.shape[0] if model_in_double else z.shape[0]
             model_in = torch.empty((batch, *z.shape[1:]), dtype=model_in_dtype, device=z.device)
         self.fused_step(  # x_out and model_in are fresh, and a given out was checked above
             z, out, model_out, model_out_uncond, history, table, step,

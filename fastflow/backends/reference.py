@@ -86,9 +86,10 @@ def _row(table: torch.Tensor, step: int | torch.Tensor) -> torch.Tensor:
     """The coefficient row of ``step``: an int in range (``table[-1]`` would be the last row, which the kernels
     refuse), or a one-element integer tensor (a float one would be truncated)."""
     if isinstance(step, torch.Tensor):
-        if step.numel() != 1 or step.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"a step tensor must hold one int32 or int64 element, got {step.dtype} "
-                            f"{tuple(step.shape)}")
+        if step.numel() != 1:  # a ValueError, a dtype a TypeError: the kernels' checks, in their order
+            raise ValueError(f"a step tensor must hold one element, got shape {tuple(step.shape)}")
+        if step.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"a step tensor must be int32 or int64, got {step.dtype}")
         return table.index_select(0, step.reshape(1).to(torch.int64)).reshape(-1)
     i = step_int(step)
     if not 0 <= i < table.shape[0]:

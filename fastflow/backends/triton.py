@@ -168,8 +168,10 @@ class TritonBackend(Backend):
         if use_noise and noise is None and not seeds.is_contiguous():
             raise ValueError("seeds must be contiguous")
         if isinstance(step, torch.Tensor):
-            if step.numel() != 1 or step.dtype not in (torch.int32, torch.int64) or step.device != z.device:
+            if step.numel() != 1 or step.device != z.device:
                 raise ValueError(f"step tensor must be one int32/int64 element on {z.device}")
+            if step.dtype not in (torch.int32, torch.int64):  # a TypeError, as the other backends raise
+                raise TypeError(f"step tensor must be int32 or int64, got {step.dtype}")
         else:
             step = step_int(step)
             if not 0 <= step < table.shape[0]:

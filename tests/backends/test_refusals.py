@@ -187,3 +187,30 @@ def test_a_float8_tensor_is_refused(name, role):
             case.history = [case.history[0].to(f8)]
     with pytest.raises(TypeError, match="float32, float16, bfloat16 or float64"):
         _call(_backend(name), case, out=out)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("use_noise", [True, False], ids=["drawn", "unused"])
+def test_a_noise_tensor_in_a_dtype_no_kernel_reads_is_refused(name, use_noise):
+    """A noise tensor is checked even at a stage that adds none (as its shape is): the C++ entry had refused an
+    integer one only where the stage drew noise, and took it silently where the reference and Triton refuse it."""
+    case = _case()
+    with pytest.raises(TypeError, match="float32, float16, bfloat16 or float64"):
+        _call(_backend(name), case, noise=torch.zeros(case.z.shape, dtype=torch.int64), use_noise=use_noise)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize(
+    ("step", "error"),
+    [
+        (torch.tensor([1, 2]), ValueError),
+        (torch.tensor([1.0]), TypeError),
+        (torch.tensor(1, dtype=torch.int16), TypeError),
+    ],
+    ids=["two-elements", "float", "int16"],
+)
+def test_a_step_tensor_of_another_size_or_dtype_is_refused_alike(name, step, error):
+    """Its size is a ValueError, its dtype a TypeError, as for every other tensor argument: the reference had raised
+    a TypeError for both, Triton a ValueError for both."""
+    with pytest.raises(error, match="step tensor"):
+        _call(_backend(name), _case(), step=step)

@@ -13,6 +13,7 @@ from backends.step_cases import EXTENSION_TOL, REF, TRITON_TOL, assert_matches, 
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastflow.backends import get_backend
+from fastflow.plan import NUM_COEFS
 
 BACKENDS = ("torch", "cuda", "triton")
 SHAPE = (3, 5, 7)  # 35 elements per sample: no multiple of a vector width or block
@@ -415,3 +416,30 @@ def test_channels_last_direct_form_names_a_model_input_of_another_batch(name):
     with pytest.raises(ValueError, match=r"[(\[]3, 4, 3, 5[)\]].*sample shape [(\[]4, 3, 5[)\]]"):
         backend.fused_step(cl["z"], torch.empty_like(cl["z"]), cl["model_out"], cl["uncond"], cl["history"],
                            case.table, case.step, model_in_out=mi)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_alloc_takes_seeds_and_a_table_in_any_layout(name):
+    """A caller's seed tensor (``Sampler.step(seed=...)``) or table may be a strided view: read by value on every
+    backend (Triton's allocating form had refused both with a ValueError the others do not raise)."""
+    backend = _backend(name)
+    case = make_case(SHAPE, torch.float32, torch.float32, guided=False, hist=1, noise="philox", seed=5,
+                     device=str(_device()))
+    want = case.run(REF)["out"]
+    seeds = torch.stack([case.seeds, case.seeds], 1)[:, 1]  # same values, stride 2
+    table = case.table.t().contiguous().t()  # same values, column-major
+    assert not seeds.is_contiguous() and not table.is_contiguous()
+    out, _, _ = backend.fused_step_alloc(case.z, case.model_out, None, list(case.history), table, case.step,
+                                         seeds=seeds, use_noise=True)
+    rtol, atol = (TRITON_TOL if name == "triton" else EXTENSION_TOL)[torch.float32]
+    torch.testing.assert_close(out, want, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_alloc_refuses_a_0d_state_with_a_paired_output_alike(name):
+    """A 0-d state has no batch to pair: a ValueError on every backend (the Python allocating form had raised an
+    IndexError from its batch arithmetic where the C++ entry says why)."""
+    z = torch.zeros((), device=_device())
+    table = torch.zeros(2, NUM_COEFS, device=_device())
+    with pytest.raises(ValueError, match="batch dimension"):
+        _backend(name).fused_step_alloc(z, torch.zeros(2, device=_device()), None, [], table, 0, paired=True)
