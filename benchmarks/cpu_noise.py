@@ -59,6 +59,12 @@ def main() -> None:
     args = parser.parse_args()
     from diffusers.utils import logging as diffusers_logging
 
+    from fastflow.diffusers import supported
+
+    unknown = [name for name in args.classes if name not in supported()]
+    if unknown:
+        parser.error(f"not drop-in classes: {', '.join(unknown)} (fastflow.diffusers.supported() lists them)")
+
     diffusers_logging.set_verbosity_error()  # the Euler classes log a scale_model_input reminder per loop
     gen = torch.Generator().manual_seed(0)
     z0 = torch.randn(*args.shape, generator=gen)

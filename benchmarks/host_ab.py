@@ -204,8 +204,10 @@ def _run_tree(tree: Path, steps: int, classes: str | None, shape: list[int]) -> 
     out = subprocess.run(
         [sys.executable, __file__, "--child", "--steps", str(steps), *(["--classes", classes] if classes else []),
          "--shape", *map(str, shape)],
-        cwd=tree, env=env, capture_output=True, text=True, check=True,
+        cwd=tree, env=env, capture_output=True, text=True,
     )
+    if out.returncode != 0:
+        raise SystemExit(f"host_ab: the run in {tree} failed (exit {out.returncode}):\n{out.stderr.strip()[-4000:]}")
     result = json.loads(out.stdout.strip().splitlines()[-1])
     where = Path(result.pop("fastflow")).resolve()
     if tree not in where.parents:
@@ -223,6 +225,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shape", type=int, nargs="+", default=list(TINY), help="the drop-in loops' latents")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.base is not None and not (args.base / "fastflow" / "__init__.py").is_file():
+        parser.error(f"--base {args.base}: not a fastflow checkout (no fastflow/__init__.py in it)")
+    unknown = [name for name in (args.classes or "").split(",") if name and name not in DROPINS]
+    if unknown:
+        parser.error(f"--classes: not drop-in classes: {', '.join(unknown)}")
     if args.child:
         import fastflow
 

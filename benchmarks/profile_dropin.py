@@ -3,8 +3,8 @@
     python benchmarks/profile_dropin.py [--device cuda] [--loops 100] [CLASS ...]
 
 For each diffusers class named (default: a deterministic and a stochastic few), the drop-in runs
-``--loops`` pipeline-style loops of 10 steps on (1,4,16,16) tensors, three unprofiled (warm-up), then
-the rest with their ``step`` calls under ``cProfile`` (``set_timesteps`` outside it). It prints the
+pipeline-style loops of 10 steps on (1,4,16,16) tensors: three unprofiled (warm-up), then ``--loops``
+with their ``step`` calls under ``cProfile`` (``set_timesteps`` outside it). It prints the
 profiled time per step and the functions with the most time of their own, with their calls per step.
 The profiler's own cost inflates every figure, so read the table for what is called and how often,
 and ``benchmarks/test_host_overhead.py`` for times.
@@ -69,6 +69,13 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=15)
     args = parser.parse_args()
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA device")
+    from fastflow.diffusers import supported
+
+    unknown = [name for name in args.classes if name not in supported()]
+    if unknown:
+        parser.error(f"not drop-in classes: {', '.join(unknown)} (fastflow.diffusers.supported() lists them)")
     for name in args.classes:
         print(profile_class(name, device, args.loops, args.top), end="\n\n", flush=True)
 

@@ -58,12 +58,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--families", nargs="+", choices=sorted(FAMILIES), default=None)
     p.add_argument("--compile-families", nargs="*", choices=sorted(FAMILIES), default=None,
                    help="families whose naive step is also run under torch.compile (default: all; quick: a few)")
-    p.add_argument("--steps", type=int, default=None, help="steps per loop (default 30; quick 10)")
+    p.add_argument("--steps", type=_positive_int, default=None, help="steps per loop (default 30; quick 10)")
     p.add_argument("--budget", type=float, default=None, help="seconds; cases left when it runs out are skipped")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--no-fp16", action="store_true", help="skip the float16 model-output run")
     p.add_argument("--no-e2e", action="store_true", help="skip the end-to-end benchmark")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.device is not None:
+        why = _device_reason(args.device)
+        if why is not None:
+            p.error(f"--device {args.device}: {why}")
+    return args
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an int >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _device_reason(name: str) -> str | None:
+    """Why the benchmarks cannot run on device ``name``, or None."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        return "expected cpu or cuda"
+    if device.type not in ("cpu", "cuda"):
+        return "expected cpu or cuda"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device" if torch.version.cuda else "no CUDA device (torch is a CPU-only build)"
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        return f"there are {torch.cuda.device_count()} CUDA devices"
+    return None
 
 
 # ----------------------------------------------------------------------------- machine info

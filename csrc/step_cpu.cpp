@@ -33,6 +33,18 @@ constexpr int64_t kBlock = 512;  // elements per block (multiple of 4)
 constexpr int64_t kGrainElements = 32768;
 constexpr int64_t kDrawGrainElements = 4096;
 
+// Items (the `blocks` blocks of one sample of `numel` elements) per task, for tasks worth about `elements` elements:
+// an item costs its elements plus a fixed overhead of about kItemOverhead elements (one thread, DDIM: 20 ns an
+// item against 1.6 ns an element), which dominates where samples are smaller than a block (a batch of 2-D points).
+// Counting each such item as a whole block split a batch of 200 points over threads: 400 elements a step, which
+// took milliseconds where the threads had to wait for a loaded machine's cores.
+constexpr int64_t kItemOverhead = 16;
+
+int64_t grain_items(int64_t elements, int64_t numel, int64_t blocks) {
+  const int64_t item_elements = (numel + blocks - 1) / std::max<int64_t>(1, blocks);
+  return std::max<int64_t>(1, elements / (item_elements + kItemOverhead));
+}
+
 // float16 and bfloat16 blocks in float, eight elements at a time where the CPU has the instructions (half_x86.h);
 // false where it has not (or the type is double), and the caller converts one element at a time.
 template <typename T>
@@ -159,7 +171,7 @@ void run_step(const StepParams& p) {
   const int64_t blocks = (p.numel + kBlock - 1) / kBlock;
   const int64_t total = p.batch * blocks;
   const bool draws = p.use_noise && p.noise == nullptr;
-  const int64_t grain = std::max<int64_t>(1, (draws ? kDrawGrainElements : kGrainElements) / kBlock);
+  const int64_t grain = grain_items(draws ? kDrawGrainElements : kGrainElements, p.numel, blocks);
   at::parallel_for(0, total, grain, [&](int64_t begin, int64_t end) {
     T z[kBlock], o[kBlock], ou[kBlock], h[kMaxHistory][kBlock], xi[kBlock], x[kBlock], zn[kBlock];
     for (int64_t item = begin; item < end; ++item) {
@@ -254,7 +266,7 @@ at::Tensor noise_cpu(const at::Tensor& seeds, at::IntArrayRef sample_shape, int6
   const int64_t blocks = (numel + kBlock - 1) / kBlock;
   const uint32_t step32 = static_cast<uint32_t>(step);
   const uint32_t tag32 = static_cast<uint32_t>(tag);
-  const int64_t grain = std::max<int64_t>(1, kDrawGrainElements / kBlock);
+  const int64_t grain = grain_items(kDrawGrainElements, numel, blocks);
   at::parallel_for(0, batch * blocks, grain, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / blocks;

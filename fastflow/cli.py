@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 from pathlib import Path
@@ -106,6 +107,11 @@ def _check_demo_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         parser.error(f"--backend {args.backend}: {exc}")
     if Path(args.out).is_dir():
         parser.error(f"--out {args.out} is a directory; give the figure's file path")
+    folder = next(p for p in Path(args.out).absolute().parents if p.exists())  # the demo creates the rest
+    if not folder.is_dir():
+        parser.error(f"--out {args.out}: {folder} is not a directory")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        parser.error(f"--out {args.out}: cannot write in {folder}")
     formats = _figure_formats()
     suffix = Path(args.out).suffix.lower().lstrip(".")
     if formats is not None and suffix not in formats:  # found before the samplers run, not when saving
@@ -137,7 +143,12 @@ def main(argv: list[str] | None = None) -> int:
     _check_demo_args(demo, args)
     from .demo import run_demo
 
-    run_demo(args.out, n=args.n, seed=args.seed, backend=args.backend)
+    try:
+        run_demo(args.out, n=args.n, seed=args.seed, backend=args.backend)
+    except BrokenPipeError:  # stdout closed early (`| head`): not the figure
+        raise
+    except OSError as exc:  # the figure could not be written (the only file the demo writes)
+        demo.error(f"--out {args.out}: cannot write the figure: {exc.strerror or exc}")
     return 0
 
 

@@ -84,6 +84,28 @@ def test_demo_refuses_an_out_that_is_a_directory(capsys, tmp_path):
     assert exc.value.code == 2 and "is a directory" in capsys.readouterr().err
 
 
+def test_demo_refuses_an_out_under_a_file(capsys, monkeypatch, tmp_path):
+    """Found before the samplers run (creating the figure's folder failed after all of them)."""
+    monkeypatch.setattr(demo, "RUNS", demo.RUNS[:1])
+    (tmp_path / "notes.txt").write_text("")
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["demo", "-n", "5", "--out", str(tmp_path / "notes.txt" / "figures" / "demo.png")])
+    assert exc.value.code == 2 and f"{tmp_path / 'notes.txt'} is not a directory" in capsys.readouterr().err
+
+
+def test_demo_says_why_its_figure_was_not_written(capsys, monkeypatch, tmp_path):
+    """A write that fails anyway ends with a usage error naming the path, not a traceback."""
+    def unwritable(out, *args):
+        raise PermissionError(13, "Permission denied", str(out))
+
+    monkeypatch.setattr(demo, "RUNS", demo.RUNS[:1])
+    monkeypatch.setattr(demo, "_figure", unwritable)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["demo", "-n", "5", "--out", str(tmp_path / "demo.png")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and f"--out {tmp_path / 'demo.png'}: cannot write the figure: Permission denied" in err
+
+
 def test_demo_without_matplotlib_names_no_figure(capsys, monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     monkeypatch.setattr(demo, "RUNS", demo.RUNS[:1])

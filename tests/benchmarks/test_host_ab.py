@@ -44,3 +44,26 @@ def test_classes_restrict_the_cases_to_their_loops():
         for label in ("diffusers", "fastflow drop-in")
     )
     assert all(v > 0 for v in results.values())
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--classes", "DDIMScheduler,NoSuchScheduler"], "--classes: not drop-in classes: NoSuchScheduler"),
+        (["--base", "{tmp}"], "--base {tmp}: not a fastflow checkout"),
+    ],
+)
+def test_refuses_bad_arguments(capsys, tmp_path, args, message):
+    """Said before any run (a bad class failed inside the child, which only said that it failed)."""
+    with pytest.raises(SystemExit) as exc:
+        host_ab.main([a.format(tmp=tmp_path) for a in args] + ["--rounds", "1", "--steps", "2"])
+    assert exc.value.code == 2 and message.format(tmp=tmp_path) in capsys.readouterr().err
+
+
+def test_a_failing_run_says_why(tmp_path):
+    """The child's error reaches the caller (it was captured and dropped: only the child's exit status showed)."""
+    (tmp_path / "fastflow").mkdir()
+    (tmp_path / "fastflow" / "__init__.py").write_text('raise ImportError("this checkout does not import")\n')
+    with pytest.raises(SystemExit, match="this checkout does not import") as exc:
+        host_ab.main(["--base", str(tmp_path), "--classes", "DDIMScheduler", "--rounds", "1", "--steps", "2"])
+    assert f"the run in {tmp_path}" in str(exc.value.code)
