@@ -7,6 +7,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 command=${1:-test}
 shift || true
+case "$command" in
+  demo | test) ;;
+  *)
+    echo "usage: scripts/dev.sh demo|test [args...]" >&2
+    exit 2
+    ;;
+esac
 
 if [ ! -x .venv/bin/python ]; then
   "${PYTHON:-python3}" -m venv .venv
@@ -26,9 +33,5 @@ case "$command" in
     ruff check .
     bash scripts/check_cuda_compile.sh
     python -m pytest -q "$@" tests
-    ;;
-  *)
-    echo "usage: scripts/dev.sh demo|test [args...]" >&2
-    exit 2
     ;;
 esac
