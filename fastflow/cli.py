@@ -129,7 +129,7 @@ def _figure_formats() -> set[str] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fastflow", description=__doc__)
+    parser = argparse.ArgumentParser(prog="fastflow", description=__doc__.replace("``", "`"))
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions and available backends")
     demo = sub.add_parser("demo", help="sample a 2-D Gaussian mixture with every sampler")
