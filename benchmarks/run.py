@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from fastflow.cli import positive_int
+
 from . import report, timing
 from .cases import FAMILIES, QUICK_CPU_SIZES, SIZES, Case, parse_size, step_bytes_per_element
 from .check import naive_agreement
@@ -58,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--families", nargs="+", choices=sorted(FAMILIES), default=None)
     p.add_argument("--compile-families", nargs="*", choices=sorted(FAMILIES), default=None,
                    help="families whose naive step is also run under torch.compile (default: all; quick: a few)")
-    p.add_argument("--steps", type=_positive_int, default=None, help="steps per loop (default 30; quick 10)")
+    p.add_argument("--steps", type=positive_int, default=None, help="steps per loop (default 30; quick 10)")
     p.add_argument("--budget", type=float, default=None, help="seconds; cases left when it runs out are skipped")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--no-fp16", action="store_true", help="skip the float16 model-output run")
@@ -69,17 +71,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if why is not None:
             p.error(f"--device {args.device}: {why}")
     return args
-
-
-def _positive_int(text: str) -> int:
-    """argparse type: an int >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def _device_reason(name: str) -> str | None:

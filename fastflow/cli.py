@@ -72,8 +72,8 @@ def _devices(name: str) -> str:
 _SEED_END = 2**64  # fastflow's seeds (and torch.Generator's) are 64-bit
 
 
-def _positive_int(text: str) -> int:
-    """argparse type: an int >= 1."""
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1 (the benchmarks' command line uses it too)."""
     try:
         value = int(text)
     except ValueError:
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("info", help="versions and available backends")
     demo = sub.add_parser("demo", help="sample a 2-D Gaussian mixture with every sampler")
     demo.add_argument("--out", default="fastflow-demo.png", help="figure path")
-    demo.add_argument("-n", type=_positive_int, default=2000, help="samples per sampler (at least 1)")
+    demo.add_argument("-n", type=positive_int, default=2000, help="samples per sampler (at least 1)")
     demo.add_argument("--seed", type=_seed, default=0, help="seed of the first sample, in [0, 2**64)")
     demo.add_argument("--backend", default="auto", choices=BACKEND_NAMES, help="the backend every sampler steps with")
     args = parser.parse_args(argv)
