@@ -33,16 +33,15 @@ constexpr int64_t kBlock = 512;  // elements per block (multiple of 4)
 constexpr int64_t kGrainElements = 32768;
 constexpr int64_t kDrawGrainElements = 4096;
 
-// Items (the `blocks` blocks of one sample of `numel` elements) per task, for tasks worth about `elements` elements:
-// an item costs its elements plus a fixed overhead of about kItemOverhead elements (one thread, DDIM: 20 ns an
-// item against 1.6 ns an element), which dominates where samples are smaller than a block (a batch of 2-D points).
-// Counting each such item as a whole block split a batch of 200 points over threads: 400 elements a step, which
-// took milliseconds where the threads had to wait for a loaded machine's cores.
-constexpr int64_t kItemOverhead = 16;
-
+// Items (the `blocks` blocks of one sample of `numel` elements) per task of at least `elements` elements, counted
+// by the items' mean size: a sample smaller than a block (a batch of 2-D points) makes items of its own size.
+// Counting kBlock for each split a batch of 2,000 points over threads at 128 elements a task, and a parallel region
+// that small took milliseconds a step where its threads had to wait for a loaded machine's cores (the demo's steps:
+// 7 ms against 0.09). Such a batch's steps cost more than their elements say (about 20 ns an item against 1.6 an
+// element, one thread), but they are left on one thread, as torch leaves its own ops on that many elements.
 int64_t grain_items(int64_t elements, int64_t numel, int64_t blocks) {
   const int64_t item_elements = (numel + blocks - 1) / std::max<int64_t>(1, blocks);
-  return std::max<int64_t>(1, elements / (item_elements + kItemOverhead));
+  return std::max<int64_t>(1, elements / std::max<int64_t>(1, item_elements));
 }
 
 // float16 and bfloat16 blocks in float, eight elements at a time where the CPU has the instructions (half_x86.h);
