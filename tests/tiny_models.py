@@ -132,3 +132,23 @@ def stable_diffusion_images(pipe_cls: type, scheduler, kwargs: dict, vae, unet):
     pipe.set_progress_bar_config(disable=True)
     with torch.no_grad():
         return pipe(generator=torch.Generator().manual_seed(0), **kwargs).images
+
+
+def tiny_sana_transformer() -> diffusers.SanaTransformer2DModel:
+    """Sana's linear-attention transformer with small random weights (4 latent channels, text tokens of 8)."""
+    torch.manual_seed(0)
+    return diffusers.SanaTransformer2DModel(
+        patch_size=1, in_channels=4, out_channels=4, num_layers=1, num_attention_heads=2, attention_head_dim=4,
+        num_cross_attention_heads=2, cross_attention_head_dim=4, cross_attention_dim=8, caption_channels=8,
+        sample_size=8,
+    ).eval()
+
+
+def tiny_wan_transformer() -> diffusers.WanTransformer3DModel:
+    """Wan 2.1's video transformer with small random weights (4 latent channels, text tokens of 16)."""
+    torch.manual_seed(0)
+    return diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, text_dim=16,
+        freq_dim=16, ffn_dim=16, num_layers=1, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    ).eval()

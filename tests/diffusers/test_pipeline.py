@@ -288,3 +288,104 @@ def test_ltx_condition_pipeline(stochastic):
     assert torch.isfinite(latents[0]).all()
     torch.testing.assert_close(latents[1], latents[0], rtol=1e-5, atol=1e-5)
 
+
+
+FLOW_SOLVERS = dict(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+
+
+@pytest.mark.parametrize(
+    ("model", "name", "config"),
+    [("sana", "DPMSolverMultistepScheduler", FLOW_SOLVERS),
+     ("sana", "DPMSolverMultistepScheduler", dict(FLOW_SOLVERS, algorithm_type="sde-dpmsolver++")),
+     ("sana", "DPMSolverSinglestepScheduler", FLOW_SOLVERS),
+     ("wan", "UniPCMultistepScheduler", FLOW_SOLVERS),
+     ("wan", "UniPCMultistepScheduler", dict(FLOW_SOLVERS, solver_order=3))],
+    ids=["sana-dpm", "sana-sde-dpm", "sana-dpm-singlestep", "wan-unipc", "wan-unipc-order3"],
+)
+def test_flow_prediction_solver_pipelines(model, name, config):
+    """Sana's (DPM-Solver on flow sigmas, guided, its generator passed to ``step``) and Wan 2.1's text-to-video
+    pipeline (UniPC on flow sigmas, ``set_begin_index(0)``): the same latents with the drop-in."""
+    from tiny_models import tiny_sana_transformer, tiny_wan_transformer
+
+    g = torch.Generator().manual_seed(1)
+    if model == "sana":
+        transformer, pipe_cls, field, width = tiny_sana_transformer(), diffusers.SanaPipeline, "images", 8
+        kwargs = dict(prompt_attention_mask=torch.ones(1, 5), negative_prompt_attention_mask=torch.ones(1, 5),
+                      height=256, width=256, use_resolution_binning=False, complex_human_instruction=None)
+    else:
+        transformer, pipe_cls, field, width = tiny_wan_transformer(), diffusers.WanPipeline, "frames", 16
+        kwargs = dict(height=16, width=16, num_frames=5)
+    kwargs.update(prompt_embeds=torch.randn(1, 5, width, generator=g),
+                  negative_prompt_embeds=torch.randn(1, 5, width, generator=g))
+    ref = getattr(diffusers, name)(**config)
+    latents = []
+    for scheduler in (ref, ffd.from_scheduler(ref)):
+        pipe = pipe_cls(tokenizer=None, text_encoder=None, vae=None, transformer=transformer, scheduler=scheduler)
+        pipe.set_progress_bar_config(disable=True)
+        with torch.no_grad():
+            out = pipe(generator=torch.Generator().manual_seed(0), num_inference_steps=5, guidance_scale=4.5,
+                       negative_prompt=None, output_type="latent", **kwargs)
+        latents.append(getattr(out, field))
+    assert torch.isfinite(latents[0]).all()
+    torch.testing.assert_close(latents[1], latents[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["EulerAncestralDiscreteScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler"])
+def test_dit_pipeline(name):
+    """DiTPipeline (class-conditional, guided, the learned sigma split off before ``step``): it passes no generator
+    to ``step``, so the stochastic classes match diffusers' draws from torch's global generator with
+    ``diffusers_noise``."""
+    vae = _seeded_tiny_vae()
+    torch.manual_seed(0)
+    transformer = diffusers.DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=4, in_channels=4, out_channels=8, num_layers=1, sample_size=8,
+        patch_size=2, norm_num_groups=2,
+    ).eval()
+    ref = getattr(diffusers, name)()
+    images = []
+    for scheduler in (ref, ffd.from_scheduler(ref, diffusers_noise=True)):
+        pipe = diffusers.DiTPipeline(transformer=transformer, vae=vae, scheduler=scheduler)
+        pipe.set_progress_bar_config(disable=True)
+        torch.manual_seed(7)
+        with torch.no_grad():
+            images.append(pipe(class_labels=[1, 7], generator=torch.Generator().manual_seed(0), num_inference_steps=5,
+                               guidance_scale=4.0, output_type="np").images)
+    np.testing.assert_allclose(images[1], images[0], rtol=0, atol=1e-5)
+
+
+def _seeded_tiny_vae():
+    """:func:`tiny_models.tiny_vae` with the same weights at every call (it draws from torch's global generator)."""
+    from tiny_models import tiny_vae
+
+    torch.manual_seed(0)
+    return tiny_vae()
+
+
+def test_latent_upscaler_pipeline():
+    """The SD x2 latent upscaler: Euler with sample prediction, ``scale_model_input`` called twice a step (on the
+    latents, and on the 0-dim sigma to precondition the output), the loop's sigmas read from ``scheduler.sigmas``."""
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        act_fn="gelu", attention_head_dim=8, norm_num_groups=None, block_out_channels=(32, 32, 64, 64),
+        time_cond_proj_dim=140, conv_in_kernel=1, conv_out_kernel=1, cross_attention_dim=12,
+        down_block_types=("KDownBlock2D",) + ("KCrossAttnDownBlock2D",) * 3, in_channels=8, mid_block_type=None,
+        only_cross_attention=False, out_channels=5, resnet_time_scale_shift="scale_shift",
+        time_embedding_type="fourier", timestep_post_act="gelu",
+        up_block_types=("KCrossAttnUpBlock2D",) * 3 + ("KUpBlock2D",),
+    ).eval()
+    g = torch.Generator().manual_seed(1)
+    kwargs = dict(image=torch.randn(1, 4, 8, 8, generator=g), prompt_embeds=torch.randn(1, 5, 12, generator=g),
+                  negative_prompt_embeds=torch.randn(1, 5, 12, generator=g),
+                  pooled_prompt_embeds=torch.randn(1, 12, generator=g),
+                  negative_pooled_prompt_embeds=torch.randn(1, 12, generator=g))
+    ref = diffusers.EulerDiscreteScheduler(**SD, prediction_type="sample")
+    latents = []
+    for scheduler in (ref, ffd.from_scheduler(ref)):
+        pipe = diffusers.StableDiffusionLatentUpscalePipeline(vae=_seeded_tiny_vae(), text_encoder=None, tokenizer=None,
+                                                              unet=unet, scheduler=scheduler)
+        pipe.set_progress_bar_config(disable=True)
+        with torch.no_grad():
+            latents.append(pipe(generator=torch.Generator().manual_seed(0), num_inference_steps=5, guidance_scale=3.0,
+                                output_type="latent", **kwargs).images)
+    assert latents[0].shape == (1, 4, 16, 16)
+    torch.testing.assert_close(latents[1], latents[0], rtol=1e-5, atol=1e-5)
