@@ -365,6 +365,35 @@ inline PreparedStep prepare_step(const at::Tensor& z, const at::Tensor& out, con
   }
   p.out = output(out);
 
+  // Every thread of the CUDA kernel reads the coefficient row, the device step and its sample's seed while other
+  // blocks write their outputs (the CPU kernel reads the row once, its seeds block by block): an output overlapping
+  // them would change them under the running launch, so what a thread reads would depend on the schedule. Refused
+  // (ValueError, as a partial overlap); they never share all of an output's bytes. The pointers the kernels use: a
+  // written temporary or an input's copy is fresh memory. Metadata and pointers only.
+  if (!s.empty) {
+    using Span = std::pair<const char*, const char*>;
+    const auto span = [](const void* ptr, int64_t bytes) {
+      return Span{static_cast<const char*>(ptr), static_cast<const char*>(ptr) + bytes};
+    };
+    const Span read[3] = {span(p.table, tab.numel() * tab.element_size()),
+                          span(p.step_ptr, step_tensor.has_value() ? step_tensor->element_size() : 0),
+                          span(p.seeds, p.seeds != nullptr ? batch * static_cast<int64_t>(sizeof(int64_t)) : 0)};
+    const char* const read_names[3] = {"the coefficient table", "the step tensor", "the seeds"};
+    const Span written[3] = {
+        span(p.out, z.numel() * out.element_size()),
+        span(p.x_out, x_out.has_value() ? z.numel() * x_out->element_size() : 0),
+        span(p.model_in_out, model_in_out.has_value() ? model_in_out->numel() * model_in_out->element_size() : 0)};
+    const char* const written_names[3] = {"out", "x_out", "model_in_out"};
+    for (int w = 0; w < 3; ++w) {
+      for (int r = 0; r < 3; ++r) {
+        const bool overlap = written[w].first < written[w].second && read[r].first < read[r].second &&
+                             written[w].first < read[r].second && read[r].first < written[w].second;
+        TORCH_CHECK_VALUE(!overlap, "fastflow: ", written_names[w], " overlaps ", read_names[r],
+                          ", which every block of the kernels reads; pass a separate tensor");
+      }
+    }
+  }
+
   // Vector loads and stores need every base pointer and every sample start 16-byte aligned.
   bool vec = true;
   for (int i = 0; i < num_used; ++i) {

@@ -188,7 +188,8 @@ class Backend:
             if order is not None:
                 out = out.permute(order)
             if not torch.compiler.is_compiling():  # fake tensors have no memory to compare
-                check_out_overlap(out, z, model_out, model_out_uncond, history, noise if use_noise else None)
+                check_out_overlap(out, z, model_out, model_out_uncond, history, noise if use_noise else None,
+                                  read_by_all=kernel_wide_inputs(table, step, seeds, noise, use_noise))
             if not out.is_contiguous():
                 target, out = out, torch.empty(out.shape, dtype=out.dtype, device=out.device)
         x_out = torch.empty(z.shape, dtype=x_dtype or z.dtype, device=z.device) if want_x else None
@@ -405,14 +406,24 @@ def check_out_overlap(
     history: Sequence[torch.Tensor],
     noise: torch.Tensor | None,
     name: str = "out",
+    read_by_all: Sequence[tuple[str, torch.Tensor | None]] = (),
 ) -> None:
     """Refuse an ``out`` that overlaps an input in part (a ValueError): the kernels run block by block, so an element
     could be overwritten before another block reads it. The same elements in the same layout (``out`` is ``z``) are
     fine, since each element is read before it is written. Only contiguous tensors are compared: a kernel reads a
-    copy of any other input and writes any other ``out`` through a temporary. Runs on the ``out=`` path only."""
+    copy of any other input and writes any other ``out`` through a temporary. Runs on the ``out=`` path only.
+    ``read_by_all``: ``(what, tensor)`` that every block of a kernel reads (the table, a step tensor, the seeds it
+    draws from), which ``out`` may not overlap at all (the C++ entries refuse the same)."""
     if not out.is_contiguous() or out.numel() == 0 or out.device.type == "meta":  # meta tensors have no memory
         return
     o0, o1 = memory_span(out)
+    for what, t in read_by_all:
+        if t is not None and t.is_contiguous() and t.numel() and t.device == out.device:
+            t0, t1 = memory_span(t)
+            if o0 < t1 and t0 < o1:
+                raise ValueError(
+                    f"fastflow: {name} overlaps {what}, which every block of the kernels reads; pass a separate tensor"
+                )
     named = [("the state", z), ("the model output", model_out), ("the unconditional model output", model_out_uncond)]
     named += [(f"history tensor h{k}", h) for k, h in enumerate(history)]
     named.append(("the noise", noise))
@@ -448,6 +459,19 @@ def refuse_leaked_fakes(
         )
 
 
+def kernel_wide_inputs(
+    table: torch.Tensor, step: int | torch.Tensor, seeds: torch.Tensor | None, noise: torch.Tensor | None,
+    use_noise: bool,
+) -> tuple[tuple[str, torch.Tensor | None], ...]:
+    """What every block of a kernel reads, for :func:`check_out_overlap`: the table, a step tensor, and the seeds
+    of a stage that draws its noise."""
+    return (
+        ("the coefficient table", table),
+        ("the step tensor", step if isinstance(step, torch.Tensor) else None),
+        ("the seeds", seeds if use_noise and noise is None else None),
+    )
+
+
 def check_outputs_overlap(
     out: torch.Tensor,
     x_out: torch.Tensor | None,
@@ -457,13 +481,14 @@ def check_outputs_overlap(
     model_out_uncond: torch.Tensor | None,
     history: Sequence[torch.Tensor],
     noise: torch.Tensor | None,
+    read_by_all: Sequence[tuple[str, torch.Tensor | None]] = (),
 ) -> None:
     """The direct form's outputs, as the C++ entry refuses them: each against the inputs (:func:`check_out_overlap`)
     and against each other (two outputs written block by block into shared memory end with either's values)."""
     named = [("out", out), ("x_out", x_out), ("model_in_out", model_in_out)]
     for name, t in named:
         if t is not None:
-            check_out_overlap(t, z, model_out, model_out_uncond, history, noise, name=name)
+            check_out_overlap(t, z, model_out, model_out_uncond, history, noise, name=name, read_by_all=read_by_all)
     for k, (name_a, a) in enumerate(named):
         for name_b, b in named[k + 1 :]:
             if a is None or b is None or a is b or a.numel() == 0 or b.numel() == 0 or not shares_memory(a, b):

@@ -14,7 +14,15 @@ import torch
 
 from .. import noise as noise_spec
 from ..plan import AO, AZ, CIN, CN, CX, CZ, H0, W
-from .base import Backend, check_clip, check_outputs_overlap, check_step_args, refuse_leaked_fakes, step_int
+from .base import (
+    Backend,
+    check_clip,
+    check_outputs_overlap,
+    check_step_args,
+    kernel_wide_inputs,
+    refuse_leaked_fakes,
+    step_int,
+)
 
 
 class TorchBackend(Backend):
@@ -51,7 +59,8 @@ class TorchBackend(Backend):
         if check_overlap and z.device.type != "meta" and not torch.compiler.is_compiling():  # (fake: no memory)
             # whole-tensor ops would get these right; the kernels refuse them, and the backends must agree
             check_outputs_overlap(out, x_out, model_in_out, z, model_out, model_out_uncond, history,
-                                  noise if use_noise else None)
+                                  noise if use_noise else None,
+                                  read_by_all=kernel_wide_inputs(table, step, seeds, noise, use_noise))
         if not torch.compiler.is_compiling():
             refuse_leaked_fakes(z, history, model_out=model_out, model_out_uncond=model_out_uncond, table=table,
                                 seeds=seeds if use_noise else None, noise=noise if use_noise else None)

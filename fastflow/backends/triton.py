@@ -23,7 +23,7 @@ import torch
 
 from ..devices import traced_without_dynamo
 from ..noise import check_normal_args
-from .base import Backend, check_clip, check_outputs_overlap, check_step_args, step_int
+from .base import Backend, check_clip, check_outputs_overlap, check_step_args, kernel_wide_inputs, step_int
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -134,7 +134,8 @@ class TritonBackend(Backend):
         check_clip(clip, z.dtype)
         if check_overlap and not torch.compiler.is_compiling():  # fake tensors have no memory to compare
             check_outputs_overlap(out, x_out, model_in_out, z, model_out, model_out_uncond, history,
-                                  noise if use_noise else None)
+                                  noise if use_noise else None,
+                                  read_by_all=kernel_wide_inputs(table, step, seeds, noise, use_noise))
         kernels = self._kernels
         if kernels is None:
             reason = self.availability()

@@ -214,3 +214,34 @@ def test_a_step_tensor_of_another_size_or_dtype_is_refused_alike(name, step, err
     a TypeError for both, Triton a ValueError for both."""
     with pytest.raises(error, match="step tensor"):
         _call(_backend(name), _case(), step=step)
+
+
+@pytest.mark.parametrize("form", ["direct", "alloc"])
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("what", ["table", "step", "seeds"])
+def test_an_output_overlapping_what_every_block_reads_is_refused(name, what, form):
+    """Every block of the kernels reads the table row, a step tensor and the seeds it draws from while others write
+    their outputs: an ``out`` sharing their memory would change them under a running launch. Every backend refuses
+    it alike, in the direct form and as the allocating form's given ``out`` (the C++ entries did; the others took
+    it)."""
+    case = _case()
+    z, table, step, seeds = case.z, case.table, case.step, None
+    size = z.numel()
+    if what == "table":  # out's last elements are the table
+        buf = torch.zeros(size + table.numel(), device=z.device)
+        table = buf[size:].view_as(table).copy_(table)
+        out = buf[table.numel() :].view_as(z)
+    elif what == "step":  # out's first element holds the step
+        buf = torch.zeros(size, device=z.device)
+        out, step = buf.view_as(z), buf[:1].view(torch.int32)
+    else:  # out's first elements hold the seeds
+        buf = torch.zeros(size, device=z.device)
+        out, seeds = buf.view_as(z), buf[: 2 * z.shape[0]].view(torch.int64)
+    backend = _backend(name)
+    with pytest.raises(ValueError, match="which every block of the kernels reads"):
+        if form == "direct":
+            backend.fused_step(z, out, case.model_out, None, case.history, table, step, seeds=seeds,
+                               use_noise=seeds is not None)
+        else:
+            backend.fused_step_alloc(z, case.model_out, None, case.history, table, step, out=out, seeds=seeds,
+                                     use_noise=seeds is not None)

@@ -197,6 +197,26 @@ def test_unaligned_pointers(emu):
     assert_matches(case.run(Emulated(emu)), want, exact=True)
 
 
+@pytest.mark.parametrize("written", ["out", "x_out"])
+def test_outputs_overlapping_the_table_are_refused(emu, written):
+    """Every block of the CUDA kernel reads the coefficient row while others write their outputs: an output sharing
+    memory with the table would change the row under the launch (one emulated thread per item, as a GPU may run them,
+    read rows the first items had overwritten). Refused, by the emulated launcher's argument handling and the CPU
+    kernel's alike."""
+    b, n = 2, 64
+    buf = torch.zeros(b * n + 10)
+    table = buf[b * n :].view(1, 10)  # the buffer's last 10 floats; the output's last 10 elements
+    table.copy_(torch.tensor([[0, 1, 0.5, 0.5, 0.5, 0, 0, 0, 0, 0]]))
+    aliased = buf[10 : 10 + b * n].view(b, n)
+    z, model_out = torch.randn(b, n), torch.randn(b, n)
+    out, x_out = (aliased, None) if written == "out" else (torch.empty(b, n), aliased)
+    args = (z, out, model_out, None, [], table, 0, None, None, None, x_out, None, None, False)
+    with pytest.raises(ValueError, match="overlaps the coefficient table"):
+        emu.fused_step(*args, 0, 0)
+    with pytest.raises(ValueError, match="overlaps the coefficient table"):
+        cuda_backend().fused_step(z, out, model_out, None, [], table, 0, x_out=x_out)
+
+
 def _plan(emu, case: Case) -> str:
     """The plan the launcher picks for ``case`` (outputs allocated as ``Case.run`` does)."""
     z = case.z
