@@ -198,7 +198,9 @@ def check_normal_args(
     """The arguments every backend's draw of :func:`normal` refuses alike (metadata only: no host sync).
 
     A counter word is 32 bits, so a host ``step`` or ``tag`` outside ``[0, 2**32)`` would alias another stream;
-    a float or bool step would be truncated; an integer ``dtype`` would truncate the normals.
+    a float or bool step would be truncated; an integer ``dtype`` would truncate the normals. A step held in a
+    device tensor is not read here (that would sync): the CPU kernels refuse one outside that range when they read
+    it, and the GPU kernels take its low 32 bits.
     """
     # On a step's path (a stochastic step of the torch backend draws here): the usual types are tested first.
     if not isinstance(seeds, torch.Tensor) or seeds.dtype != torch.int64:
