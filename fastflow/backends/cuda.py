@@ -33,6 +33,7 @@ tracing or of a ``FakeTensorMode``, functional tensors, other subclasses) or a c
 from __future__ import annotations
 
 import importlib
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -45,6 +46,9 @@ from .base import step_int as host_step
 _STATE: dict[str, Any] = {}
 _FAKES_REGISTERED: list[bool] = []  # kept apart from _STATE: a fake may be registered only once per process
 _TRACED_ALLOC: set[int] = set()  # id of each binding given a traceable stand-in (once per process, as fakes)
+# Held while the extension is loaded: threads that first use the backend at once (a server's pool) load it once, not
+# each its own (a second traceable stand-in for the same binding raises). Steps never take it once loaded.
+_LOAD_LOCK = threading.RLock()
 
 
 def build_info() -> dict[str, Any] | None:
@@ -60,10 +64,13 @@ def _load() -> str | None:
     """Import ``fastflow._C`` once; None on success, else why it is unavailable."""
     if "reason" in _STATE:
         return _STATE["reason"]
-    reason = _try_load()
-    _STATE["reason"] = reason
-    if reason is None:
-        _register_fakes()
+    with _LOAD_LOCK:
+        if "reason" in _STATE:  # loaded by another thread while this one waited
+            return _STATE["reason"]
+        reason = _try_load()
+        if reason is None:
+            _register_fakes()
+        _STATE["reason"] = reason  # last: another thread reading it finds the fakes registered
     return reason
 
 

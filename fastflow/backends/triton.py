@@ -15,6 +15,7 @@ import importlib
 import importlib.util
 import os
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
@@ -27,6 +28,10 @@ from .base import Backend, check_clip, check_outputs_overlap, check_step_args, k
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# Triton's interpreter (TRITON_INTERPRET=1) keeps a launch's state process-wide (the program ids, triton.language
+# patched for the launch), so two launches at once from two threads fail or write wrong blocks: interpreted launches
+# take this lock. Compiled (GPU) launches never do.
+_INTERPRETER_LOCK = threading.Lock()
 
 
 def _interpret() -> bool:
@@ -72,6 +77,7 @@ class TritonBackend(Backend):
         self._unavailable: str | None = None
         self._checked = False
         self._kernels: ModuleType | None = None
+        self._interpreted = False  # the kernels run on Triton's interpreter (see _INTERPRETER_LOCK)
 
     def availability(self) -> str | None:
         if not self._checked:
@@ -85,9 +91,12 @@ class TritonBackend(Backend):
         if not torch.cuda.is_available() and not _interpret():
             return "no CUDA device (set TRITON_INTERPRET=1 to run the kernel on the CPU interpreter)"
         try:
-            self._kernels = _load_kernels()
+            kernels = _load_kernels()
         except Exception as exc:  # a broken Triton install must read as "unavailable", not crash dispatch
             return f"the Triton kernels failed to import: {type(exc).__name__}: {exc}"
+        # Set before _kernels, which a step reads first: it then knows how to launch.
+        self._interpreted = type(getattr(kernels, "fused_step_kernel", None)).__module__ == "triton.runtime.interpreter"
+        self._kernels = kernels
         return None
 
     def supports(self, device: torch.device) -> str | None:
@@ -180,7 +189,10 @@ class TritonBackend(Backend):
         if z.shape[0] > kernels.MAX_GRID_Y:
             raise ValueError(f"batch {z.shape[0]} exceeds the kernel's {kernels.MAX_GRID_Y} samples per launch")
         args = (z, out, model_out, model_out_uncond, history, table, step, seeds, noise, x_out, model_in_out, clip)
-        if z.is_cuda and z.get_device() != torch.cuda.current_device():
+        if self._interpreted:
+            with _INTERPRETER_LOCK:
+                kernels.launch_fused_step(*args, use_noise, block)
+        elif z.is_cuda and z.get_device() != torch.cuda.current_device():
             # Triton launches on the current device; follow the tensors instead.
             with torch.cuda.device(z.device):
                 kernels.launch_fused_step(*args, use_noise, block)
@@ -215,5 +227,9 @@ class TritonBackend(Backend):
         if reason is not None:
             raise RuntimeError(f"Triton backend unavailable: {reason}")
         out = torch.empty((seeds.shape[0], *sample_shape), dtype=dtype, device=seeds.device)
-        self._kernels.launch_noise(out, seeds.contiguous(), int(step), tag)
+        if self._interpreted:
+            with _INTERPRETER_LOCK:
+                self._kernels.launch_noise(out, seeds.contiguous(), int(step), tag)
+        else:
+            self._kernels.launch_noise(out, seeds.contiguous(), int(step), tag)
         return out

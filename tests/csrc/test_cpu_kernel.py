@@ -682,6 +682,42 @@ def test_reload_after_reset(monkeypatch):
     assert CudaBackend().supports(torch.device("cpu")) is None
 
 
+def test_threads_first_using_the_backend_load_it_once(monkeypatch):
+    """Threads that first use the backend at once (a server's pool) each get it, loaded once: a second traceable
+    stand-in for the binding raises (torch refuses a duplicate rule for it), which reached some of the threads."""
+    cuda_backend()
+    registered: list[int] = []
+
+    def substitute(original, **kwargs):  # as torch's: one rule per binding; slow, so the threads meet here
+        time.sleep(0.05)
+        if id(original) in registered:
+            raise ValueError(f"Duplicate dispatch rule for {original}")
+        registered.append(id(original))
+        return lambda fn: fn
+
+    monkeypatch.setattr(cuda_mod, "_STATE", {})
+    monkeypatch.setattr(cuda_mod, "_TRACED_ALLOC", set())
+    monkeypatch.setattr(torch.compiler, "substitute_in_graph", substitute)
+    n = 8
+    barrier = threading.Barrier(n)
+    reasons: list[object] = []
+
+    def first_use() -> None:
+        barrier.wait()
+        try:
+            reasons.append(CudaBackend().availability())
+        except Exception as exc:  # noqa: BLE001 - the assertion below names it
+            reasons.append(exc)
+
+    threads = [threading.Thread(target=first_use) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert reasons == [None] * n
+    assert len(registered) == 1
+
+
 
 def test_threads_split_the_work_not_the_result(cb):
     """The kernel runs on torch's intra-op threads (OpenMP where torch has it); any thread count gives the same bits."""

@@ -229,6 +229,45 @@ def test_batch_independence(tb):
             assert torch.equal(a[0], bt[2]) and torch.equal(a[0], mv[1]), key
 
 
+def test_threads_step_at_once(tb):
+    """Threads stepping their own states at once (a server's pool) get what each gets alone, noise draws too. Triton's
+    interpreter, which runs these on the CPU, keeps a launch's state process-wide: there the backend launches one at
+    a time (unserialized, most of the threads failed with an InterpreterError)."""
+    import threading
+
+    n = 4
+    g = torch.Generator().manual_seed(5)
+    cases = [{k: torch.randn(2, 3, 40, generator=g).to(_dev()) for k in ("z", "o", "h0")} for _ in range(n)]
+    seeds = torch.tensor([11, 12], dtype=torch.int64, device=_dev())
+    table = torch.randn(3, NUM_COEFS, generator=g).to(_dev())
+
+    def run(k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        c = cases[k]
+        out = torch.empty_like(c["z"])
+        tb.fused_step(c["z"], out, c["o"], None, [c["h0"]], table, 1, seeds=seeds + k, use_noise=True, block=64)
+        return out, tb.noise(seeds + k, (3, 40), step=k)
+
+    alone = [run(k) for k in range(n)]
+    got: list[object] = [None] * n
+    barrier = threading.Barrier(n)
+
+    def worker(k: int) -> None:
+        barrier.wait()
+        try:
+            got[k] = run(k)
+        except Exception as exc:  # noqa: BLE001 - the assertion below shows it
+            got[k] = exc
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for k in range(n):
+        assert isinstance(got[k], tuple), got[k]
+        assert all(torch.equal(a, b) for a, b in zip(got[k], alone[k], strict=True)), k
+
+
 @triton.jit
 def _philox_probe(c_ptr, out_ptr, N: tl.constexpr):
     i = tl.arange(0, N)
