@@ -537,6 +537,22 @@ def test_new_prompt_string_replays_without_a_new_capture(stand_in_capture):
     assert len({r.numpy().tobytes() for r in refs}) == len(refs)  # prompts and scales matter
 
 
+def test_prompts_replayed_as_aliases_are_bounded(stand_in_capture, monkeypatch):
+    """A server replays one capture for endless prompts: the signatures it remembers as replaying that capture are a
+    bounded, least recently used table (one per prompt kept every prompt for the capture's life), and a prompt
+    forgotten from it replays the same capture again."""
+    monkeypatch.setattr(gp.captured, "_MAX_ALIASES", 2, raising=False)
+    pipe = LoopPipeline(tiny_unet(), ffd.from_scheduler(DiffusersDDIM(), backend="torch"), mode="cfg_shifted")
+    fast = capture_pipeline(pipe)
+    kw = {"batch_size": 1, "num_inference_steps": 2, "guidance_scale": 3.0}
+    prompts = ["a", "b", "c", "d", "e", "b"]  # "b" again after it was forgotten
+    refs = {p: pipe(generator=torch.manual_seed(1), prompt=p, **kw) for p in set(prompts)}
+    for p in prompts:
+        assert torch.equal(fast(generator=torch.manual_seed(1), prompt=p, **kw), refs[p]), p
+        assert len(fast._aliases) <= 2
+    assert fast.captures == 1 and fast.replays == len(prompts) - 1 and fast.reason is None
+
+
 def test_a_float_beyond_a_multiplication_gets_its_own_capture(stand_in_capture):
     """Guidance written as torch.lerp takes the scale as an argument the graph holds fixed: a new scale is found to
     differ as the loop runs, and that call is recorded (from its own random state) and captured on its own."""

@@ -820,13 +820,16 @@ class FastflowScheduler:
 
     def _ff_row(self, k: int, device: torch.device) -> torch.Tensor:
         """Row ``k`` of ``arange(steps)`` on ``device`` as a one-element view: the noise counter a kernel reads
-        there. Each view is made on first use and kept for later schedules of as many steps (its value never
-        changes), so loops after the first make none (a view costs about a microsecond of host time)."""
+        there. Each view is made on first use and kept for later schedules (its value, ``k``, is the same whatever
+        their number of steps), so loops after the first make none (a view costs about a microsecond of host time).
+        One counter tensor per device, as long as the longest schedule yet: a server running loops of ever other
+        lengths keeps that many views, not a set per length."""
         rows = self.__dict__.setdefault("_ff_rows", {})
-        key = (self._ff_steps, device)
-        found = rows.get(key)
-        if found is None:
-            found = rows[key] = (torch.arange(self._ff_steps, dtype=torch.int64, device=device), {})
+        found = rows.get(device)
+        length = max(self._ff_steps, k + 1)
+        if found is None or len(found[0]) < length:
+            # a longer schedule: the views of the shorter counters go with them (a loop holding one keeps it)
+            found = rows[device] = (torch.arange(length, dtype=torch.int64, device=device), {})
         counters, views = found
         view = views.get(k)
         if view is None:

@@ -112,6 +112,12 @@ class CogVideoXDPMScheduler(_VPMixin, _cogdpm.CogVideoXDPMScheduler):
     def _ff_clip(self) -> float | None:
         return None  # its step never clips
 
+    def _ff_prepare(self) -> None:
+        super()._ff_prepare()
+        # The last loop's returned prediction, which no call of a new schedule reads (its loop's first call takes
+        # no history): not kept alive, a sample's size, until that loop's first step.
+        self._ff_last_pred = None
+
     def _ff_prev_t(self, t: int) -> int:
         return t - self.config.num_train_timesteps // self.num_inference_steps
 

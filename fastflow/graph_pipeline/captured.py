@@ -44,6 +44,10 @@ _MODEL_ATTRS = ("unet", "transformer", "prior", "decoder")
 _AUX_MODEL_ATTRS = ("controlnet",)
 _CALLBACK_KWARGS = ("callback", "callback_on_step_end", "callback_steps")
 _WARNED: set[str] = set()
+# Signatures remembered as replaying another capture (they differ from it only in float or string values: every
+# new prompt or guidance scale makes one). Least recently used first out: a forgotten one finds its capture again
+# through _sibling, so the bound costs a lookup, and a server seeing endless prompts keeps a bounded table.
+_MAX_ALIASES = 64
 
 
 class PipelineFallbackWarning(UserWarning):
@@ -92,7 +96,7 @@ class CapturedPipeline:
         self.replays = 0
         self._traces: OrderedDict[tuple, _Trace] = OrderedDict()
         # signature -> the captured signature whose graph it replays (it differs only in parameters' values)
-        self._aliases: dict[tuple, tuple] = {}
+        self._aliases: OrderedDict[tuple, tuple] = OrderedDict()
 
     # ------------------------------------------------------------------ static checks
     @property
@@ -171,6 +175,8 @@ class CapturedPipeline:
         trace = self._traces.get(found) if found is not None else None
         if trace is not None:
             self._traces.move_to_end(found)
+            if found is not key:
+                self._aliases.move_to_end(key)
             if trace.reason is not None:
                 return self._eager(trace.reason, args, kwargs)
             return self._replay(trace, args, kwargs)
@@ -186,6 +192,8 @@ class CapturedPipeline:
                 rng.restore()  # a float or string reached the loop's structure or constants: record this call
             else:
                 self._aliases[key] = sibling_key
+                while len(self._aliases) > _MAX_ALIASES:
+                    self._aliases.popitem(last=False)
                 self._traces.move_to_end(sibling_key)
                 return result
         trace, result = self._record(args, kwargs)

@@ -219,6 +219,29 @@ def test_dpm_history_must_be_the_schedulers_own():
     assert torch.isfinite(x2).all()
 
 
+def test_dpm_set_timesteps_lets_the_last_loops_prediction_go():
+    """A long-lived scheduler keeps no tensor of a finished loop once set_timesteps starts the next: the prediction
+    it returned last (kept to check the caller hands it back) is freed with the caller's references, and the next
+    loop steps as a fresh scheduler's does."""
+    import gc
+    import weakref
+
+    _, ff = pair(DPM)
+    model = posterior_model(ff)
+    _dpm_loop(ff, 4, model)
+    ff.set_timesteps(4)
+    x, old = start_noise(0), None
+    for i, t in enumerate(ff.timesteps):
+        x, old = ff.step(model(x, t), old, t, ff.timesteps[i - 1] if i > 0 else None, x, return_dict=False)
+    last = weakref.ref(old)
+    del x, old
+    ff.set_timesteps(3)
+    gc.collect()
+    assert last() is None
+    _, fresh = pair(DPM)
+    assert torch.equal(_dpm_loop(ff, 3, model), _dpm_loop(fresh, 3, model))
+
+
 def test_dpm_pipeline_loop_traces_with_fullgraph():
     """CogVideoX's pipeline loop, its step under torch.compile(fullgraph=True) from the first call
     (set_begin_index(0)): a CPU timestep_back was read with .item(), and the step's timestep taken from a numpy

@@ -90,8 +90,8 @@ def test_seed_drawn_from_global_generator_lazily():
 
 def test_noise_counters_are_made_once_per_step_count():
     """Off the CPU the kernel reads each step's noise counter from a one-element device view; a later loop with
-    as many steps reuses the first loop's views (no view made per step), and a loop of another length gets its
-    own, holding its step indices."""
+    as many steps reuses the first loop's views (no view made per step), and a longer loop gets longer counters,
+    holding its step indices."""
     _, ff = pair("DDPMScheduler")
 
     def loop(steps: int) -> dict:
@@ -99,7 +99,7 @@ def test_noise_counters_are_made_once_per_step_count():
         x = torch.empty(2, 4, 8, 8, device="meta")
         for t in ff.timesteps.to("meta"):
             x = ff.step(torch.empty_like(x), t, x).prev_sample
-        return dict(ff._ff_rows[(steps, x.device)][1])
+        return dict(ff._ff_rows[x.device][1])
 
     first = loop(5)
     assert sorted(first) == [0, 1, 2, 3]  # DDPM's last step draws no noise
@@ -110,6 +110,34 @@ def test_noise_counters_are_made_once_per_step_count():
     _, cpu = pair("DDPMScheduler")
     cpu.set_timesteps(4)
     assert cpu._ff_row(2, torch.device("cpu")).item() == 2  # the view holds its index
+
+
+def test_noise_counters_do_not_grow_with_the_step_counts_seen():
+    """A server runs loops of many lengths on one scheduler: the noise counter views are shared by every length (a
+    view holds its index whatever the schedule's length), so they number the longest loop's steps, not a set per
+    length (which grew quadratically with the lengths seen)."""
+    _, ff = pair("DDPMScheduler")
+    meta = torch.device("meta")
+
+    def loop(steps: int) -> None:
+        ff.set_timesteps(steps)
+        x = torch.empty(1, 2, 2, 2, device="meta")
+        for t in ff.timesteps.to("meta"):
+            x = ff.step(torch.empty_like(x), t, x).prev_sample
+
+    def kept_tensors(value) -> int:
+        if isinstance(value, torch.Tensor):
+            return 1
+        items = value.values() if isinstance(value, dict) else value if isinstance(value, (tuple, list)) else ()
+        return sum(kept_tensors(v) for v in items)
+
+    loop(12)
+    view = ff._ff_row(3, meta)
+    for steps in range(2, 13):
+        loop(steps)
+        assert ff._ff_row(3, meta) is view  # a shorter loop reuses the longest one's views
+    assert kept_tensors(ff.__dict__["_ff_rows"]) <= 12 + 1  # the views and their counter (a set per length before)
+    assert ff._ff_row(7, meta).shape == (1,)
 
 
 STOCHASTIC = [
