@@ -443,8 +443,8 @@ def refuse_leaked_fakes(
 ) -> None:
     """Refuse a step of a real state given fake tensors, which a torch.export trace (non-strict) or a
     FakeTensorMode left in a loop's state (its stored history): they hold no values, so the step would write
-    nothing real (the operator's fake) or garbage (torch's ops), silently. Outside the hot path: the reference
-    backend's step and the C++ backend's Python entry call it."""
+    nothing real (the operator's fake) or garbage (torch's ops), silently. Off the kernels' per-step path: the
+    reference backend's step (torch ops, slow beside it) and the C++ backend's Python entry call it."""
     if is_fake(z):
         return
     leaked = [name for name, t in inputs.items() if t is not None and is_fake(t)]

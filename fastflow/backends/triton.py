@@ -67,7 +67,6 @@ def _check_layout(name: str, t: torch.Tensor | None, dtypes: tuple[torch.dtype, 
         raise TypeError(f"{name} has dtype {t.dtype}; the Triton kernel takes {names}")
 
 
-
 class TritonBackend(Backend):
     """The fused step as one Triton kernel launch."""
 

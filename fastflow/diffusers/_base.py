@@ -68,7 +68,7 @@ import numpy as np
 import torch
 from diffusers import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
-from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.fake_tensor import is_fake
 
 from .. import noise as noise_spec
 from ..backends import resolve_backend
@@ -871,7 +871,7 @@ class FastflowScheduler:
         if seeds is None:
             if self._ff_seed is None and not torch.compiler.is_dynamo_compiling():
                 drawn = noise_spec.draw_seed_tensor()
-                if isinstance(drawn, FakeTensor):
+                if is_fake(drawn):
                     # torch.export's non-strict tracing (or a FakeTensorMode): the draw has no value to take int()
                     # of, so the seeds stay ops on it (the exported program draws as eager does), and are not kept:
                     # a fake tensor in the schedule's state would outlive the trace.
