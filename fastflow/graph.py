@@ -57,7 +57,34 @@ __all__ = ["CaptureFallbackWarning", "CapturedLoop", "GraphCache", "capture", "c
 Cond = torch.Tensor | Sequence[torch.Tensor] | Mapping[str, torch.Tensor] | None
 Seed = int | Sequence[int] | torch.Tensor
 
-_WARNED: set[str] = set()
+_MAX_WARNED = 256
+
+
+class _WarnedTexts:
+    """The texts a warn-once helper has warned, as an ordered set of at most ``_MAX_WARNED`` (oldest out first):
+    a fallback's reason can quote a shape or an exception, so a long-running server sees ever new ones."""
+
+    def __init__(self) -> None:
+        self._texts: OrderedDict[str, None] = OrderedDict()
+
+    def first(self, text: str) -> bool:
+        """Whether ``text`` is new (it is remembered from now on)."""
+        if text in self._texts:
+            self._texts.move_to_end(text)
+            return False
+        self._texts[text] = None
+        if len(self._texts) > _MAX_WARNED:
+            self._texts.popitem(last=False)
+        return True
+
+    def __len__(self) -> int:
+        return len(self._texts)
+
+    def clear(self) -> None:
+        self._texts.clear()
+
+
+_WARNED = _WarnedTexts()
 
 
 class CaptureFallbackWarning(UserWarning):
@@ -94,8 +121,7 @@ def _user_stacklevel() -> int:
 
 
 def _warn_once(reason: str) -> None:
-    if reason not in _WARNED:
-        _WARNED.add(reason)
+    if _WARNED.first(reason):
         warnings.warn(
             f"fastflow.graph: running the eager loop: {reason}", CaptureFallbackWarning, stacklevel=_user_stacklevel()
         )

@@ -679,3 +679,18 @@ def test_graph_cache_refuses_a_bad_model_fn_or_warmup_when_made():
         GraphCache(3, device="cpu")
     with pytest.raises(ValueError, match="warmup must be an int >= 1"):
         GraphCache(toy_model, device="cpu", warmup=0)
+
+
+def test_fallback_warnings_remember_a_bounded_number_of_reasons():
+    """A reason can quote shapes or an exception's text, so a server meets ever new ones: the warn-once memory keeps
+    the latest ``_MAX_WARNED`` and warns again for one it has forgotten, instead of growing without end."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i in range(ffgraph._MAX_WARNED + 40):
+            ffgraph._warn_once(f"reason {i}")
+        assert len(ffgraph._WARNED) == ffgraph._MAX_WARNED
+        assert len(caught) == ffgraph._MAX_WARNED + 40
+        ffgraph._warn_once(f"reason {ffgraph._MAX_WARNED + 39}")  # the newest: still remembered
+        assert len(caught) == ffgraph._MAX_WARNED + 40
+        ffgraph._warn_once("reason 0")  # the oldest: forgotten, so it warns again
+        assert len(caught) == ffgraph._MAX_WARNED + 41

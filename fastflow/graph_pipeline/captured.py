@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
-from ..graph import _probing_syncs, _user_stacklevel
+from ..graph import _probing_syncs, _user_stacklevel, _WarnedTexts
 from .loop_ops import _after_loop_op, _GapWatch, _LoopOps, _new_tensors, _record_op, _stale_use
 from .params import _is_float, _make_param_values, _param_mul, _write_params
 from .recording import (
@@ -43,7 +43,7 @@ _MODEL_ATTRS = ("unet", "transformer", "prior", "decoder")
 # residuals go into the denoiser), captured into the graph rather than recorded op by op.
 _AUX_MODEL_ATTRS = ("controlnet",)
 _CALLBACK_KWARGS = ("callback", "callback_on_step_end", "callback_steps")
-_WARNED: set[str] = set()
+_WARNED = _WarnedTexts()
 # Signatures remembered as replaying another capture (they differ from it only in float or string values: every
 # new prompt or guidance scale makes one). Least recently used first out: a forgotten one finds its capture again
 # through _sibling, so the bound costs a lookup, and a server seeing endless prompts keeps a bounded table.
@@ -55,8 +55,7 @@ class PipelineFallbackWarning(UserWarning):
 
 
 def _warn_once(reason: str) -> None:
-    if reason not in _WARNED:
-        _WARNED.add(reason)
+    if _WARNED.first(reason):
         warnings.warn(
             f"fastflow.graph_pipeline: running the pipeline eagerly: {reason}",
             PipelineFallbackWarning,
