@@ -24,6 +24,18 @@
 
 namespace cuda_bench {
 
+// Exits with a plain message where no GPU can run the benchmark (no driver, a driver older
+// than the toolkit, no device), instead of the first allocation's CUDA error.
+inline void require_gpu(const char* program) {
+  int count = 0;
+  const cudaError_t e = cudaGetDeviceCount(&count);
+  if (e != cudaSuccess || count == 0) {
+    fprintf(stderr, "%s: no usable CUDA GPU (%s); it times kernels on one\n", program,
+            e != cudaSuccess ? cudaGetErrorString(e) : "no device found");
+    exit(2);
+  }
+}
+
 // Keeps the GPU busy while the host queues the timed launch, so a small kernel's time
 // excludes the host's launch cost (as benchmarks/timing.py does with torch.cuda._sleep).
 __global__ void spin_kernel(int64_t cycles) {

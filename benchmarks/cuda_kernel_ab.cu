@@ -57,6 +57,7 @@ uint64_t hash_words(const void* data, int64_t bytes) {
 
 int main(int argc, char** argv) {
   const char* label = argc > 1 ? argv[1] : "kernels";
+  cuda_bench::require_gpu("cuda_kernel_ab");
   const int64_t batch = 4, numel = 16LL * 21 * 90 * 160, n = batch * numel;
   const int64_t flush_n = 64LL << 20;  // 256 MiB
   float *z, *out, *hist, *x_hat, *table;

@@ -176,6 +176,7 @@ float max_abs_diff(const float* a, const float* b, int64_t n) {
 }  // namespace
 
 int main() {
+  cuda_bench::require_gpu("cuda_step_variants");
   const int64_t batch = 4, numel = 16LL * 21 * 90 * 160, n = batch * numel;
   cudaDeviceProp prop;
   CHECK(cudaGetDeviceProperties(&prop, 0));
