@@ -104,8 +104,9 @@ def step_bytes_per_element(
 ) -> int:
     """The least traffic of one stage per element: read z and the output(s) and history, write z (and x_hat).
 
-    fp32 state with a bf16 output: 10 bytes; 14 with a guidance pair; +4 per stored
-    prediction read and +4 when the stage also writes its x_hat for later stages.
+    fp32 state with a bf16 output: 10 bytes; 12 with a guidance pair (two bf16 outputs read);
+    +4 per stored prediction read and +4 when the stage also writes its x_hat for later stages.
+    The device-time step writes no next model input, so none is counted.
     """
     zs = torch.empty((), dtype=state_dtype).element_size()
     ms = torch.empty((), dtype=model_dtype).element_size()

@@ -5,8 +5,9 @@ Run: ``pytest benchmarks/test_host_overhead.py --benchmark-only``. Tensors are t
 work around a step, not memory traffic. Groups: the C++ extension's entry points;
 plan building per solver; one ``Sampler.step`` per backend; 10 calls of a diffusers
 drop-in's ``step`` beside diffusers' own; a whole 10-step loop per family, fastflow's
-backends beside diffusers' scheduler; and a 30-step ``Sampler.step`` loop at (1,16,128,128) that
-also writes the next model input, the loop and size of the CUDA extension's host-time target.
+backends beside diffusers' scheduler (``set_timesteps`` and history resets untimed, before each loop);
+and a 30-step ``Sampler.step`` loop at (1,16,128,128) that also writes the next model input, the loop
+and size of the CUDA extension's host-time target.
 ``FASTFLOW_HOST_BENCH_DEVICE=cuda`` puts the tensors on the GPU: each call is then
 timed as the host spends it (queued, not waited for; a loop waits for its last
 step), which splits the GPU's per-step host time between the layers of the call.
@@ -15,8 +16,9 @@ Speed is read from the report, never asserted.
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Callable
+import time
 
 import pytest
 import torch
@@ -169,25 +171,36 @@ def _loop_impl(kind: str, family: str, shape: tuple[int, ...] = SHAPE, steps: in
     return impl
 
 
-def _whole_loop(impl) -> Callable[[], None]:
-    """One timed loop: reset, run, and on a GPU wait for its last step."""
+def _time_loops(benchmark, request, impl) -> None:
+    """Time whole loops of ``impl``: each round runs the loop and on a GPU waits for its last step; ``prepare()``
+    (diffusers' ``set_timesteps``, a naive solver's history reset) runs untimed before each round, as in
+    ``python -m benchmarks``, so the per-step figure is the steps'. Rounds fill ``--benchmark-max-time`` (at least
+    ``--benchmark-min-rounds``), as ``benchmark(...)`` would choose them."""
 
     def loop() -> None:
-        impl.prepare()
         impl.run()
         if DEVICE.type == "cuda":
             torch.cuda.synchronize(DEVICE)
 
-    return loop
+    impl.prepare()
+    loop()  # untimed: compiles and warms the allocator
+    impl.prepare()
+    t0 = time.perf_counter()
+    loop()  # untimed: sizes the rounds
+    once = max(time.perf_counter() - t0, 1e-9)
+    max_time = float(request.config.getoption("benchmark_max_time", 1.0))
+    min_rounds = int(request.config.getoption("benchmark_min_rounds", 5))
+    rounds = max(min_rounds, min(10_000, math.ceil(max_time / once)))
+    benchmark.pedantic(loop, setup=impl.prepare, rounds=rounds, warmup_rounds=1)
 
 
-@pytest.mark.benchmark(group="loop: 10 steps, 1x4x16x16 (divide by 10 for per step)")
+@pytest.mark.benchmark(group="loop: 10 steps, 1x4x16x16 (divide by 10 for per step; set_timesteps untimed)")
 @pytest.mark.parametrize("kind", ("torch", "cuda", "naive", "diffusers"))
 @pytest.mark.parametrize("family", LOOP_FAMILIES)
-def test_loop(benchmark, kind: str, family: str) -> None:
+def test_loop(benchmark, request, kind: str, family: str) -> None:
     """A whole loop with the model replaced by a fixed output, as a pipeline drives each implementation."""
     impl = _loop_impl(kind, family)
-    benchmark(_whole_loop(impl))
+    _time_loops(benchmark, request, impl)
     assert impl.final is not None and torch.isfinite(impl.final.float()).all()
 
 
@@ -199,9 +212,9 @@ SD_LOOP_STEPS = 30
                              "(divide by 30 for per step)")
 @pytest.mark.parametrize("backend", ("cuda", "triton"))
 @pytest.mark.parametrize("family", LOOP_FAMILIES)
-def test_sd_latent_loop(benchmark, backend: str, family: str) -> None:
+def test_sd_latent_loop(benchmark, request, backend: str, family: str) -> None:
     """The benchmark suite's host-inclusive loop (float32 state, bfloat16 model input written by the step), timed
     over many rounds: on a GPU its per-step time is the host's, since the step's device time is shorter."""
     impl = _loop_impl(backend, family, SD_LATENT, SD_LOOP_STEPS)
-    benchmark(_whole_loop(impl))
+    _time_loops(benchmark, request, impl)
     assert torch.isfinite(impl.final).all()
