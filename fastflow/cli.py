@@ -13,18 +13,24 @@ import torch
 from .backends import BACKEND_NAMES
 
 
-def info() -> int:
-    """Versions, devices, and for every backend whether it is available or why not."""
+def installed_version() -> str:
+    """The installed distribution's version, which carries a binary wheel's local label (``0.1.0+cu130.torch2.14``);
+    ``fastflow.__version__`` (the base version) for a checkout that is not installed."""
     from importlib import metadata
 
     from . import __version__
+
+    try:
+        return metadata.version("fastflow")
+    except metadata.PackageNotFoundError:
+        return __version__
+
+
+def info() -> int:
+    """Versions, devices, and for every backend whether it is available or why not."""
     from .backends import backend_report
 
-    try:  # the installed distribution's version carries the wheel's local label (+cu130.torch2.14)
-        version = metadata.version("fastflow")
-    except metadata.PackageNotFoundError:
-        version = __version__
-    print(f"fastflow {version}")
+    print(f"fastflow {installed_version()}")
     print(f"python   {platform.python_version()} ({sys.executable})")
     print(f"torch    {torch.__version__} (CUDA {torch.version.cuda or 'none'})")
     try:
@@ -130,6 +136,7 @@ def _figure_formats() -> set[str] | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastflow", description=__doc__.replace("``", "`"))
+    parser.add_argument("--version", action="version", version=f"fastflow {installed_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions and available backends")
     demo = sub.add_parser("demo", help="sample a 2-D Gaussian mixture with every sampler")

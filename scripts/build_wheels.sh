@@ -177,18 +177,23 @@ build_binary() {
   publish "$whl" "$t0"
 }
 
-# manylinux tag through auditwheel when it is installed; torch's own libraries (and the CUDA
-# runtime that torch's wheel brings) are left out, since the wheel must use the ones torch loads.
+# The libraries auditwheel must not copy into a binary wheel: torch's own, the OpenMP runtime torch's wheel
+# brings (torch/lib/libgomp.so.1, which the extension's -fopenmp code must share: a grafted copy is a second
+# OpenMP runtime in the process) and the CUDA runtime torch loads. tests/test_wheels.py reads this line.
+REPAIR_EXCLUDES=('libtorch*.so' 'libc10*.so' 'libtorch_python.so' 'libgomp.so.*' 'libcudart.so.*')
+
+# manylinux tag through auditwheel when it is installed; the libraries above are left out, since the
+# wheel must use the ones torch loads.
 repair() {
-  local whl="$1" dir="$2"
+  local whl="$1" dir="$2" pattern excludes=()
   if ! command -v auditwheel > /dev/null; then
     say "auditwheel not found: keeping the linux_x86_64 platform tag"
     echo "$whl"
     return
   fi
+  for pattern in "${REPAIR_EXCLUDES[@]}"; do excludes+=(--exclude "$pattern"); done
   mkdir -p "$dir/repaired"
-  if auditwheel repair -w "$dir/repaired" --exclude 'libtorch*.so' --exclude 'libc10*.so' \
-    --exclude 'libcudart.so.*' --exclude 'libtorch_python.so' "$whl" >&2; then
+  if auditwheel repair -w "$dir/repaired" "${excludes[@]}" "$whl" >&2; then
     only_wheel "$dir/repaired"
   else
     say "auditwheel repair failed: keeping the linux_x86_64 platform tag"

@@ -20,6 +20,17 @@ def test_info_lists_every_backend(capsys):
     assert f"  torch   available (cpu: yes; cuda: {cuda}" in out  # an available backend says where it runs
 
 
+def test_version_flag(capsys):
+    """`fastflow --version` (and `python -m fastflow --version`) prints the version and exits 0."""
+    import fastflow
+
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--version"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out.strip()
+    assert out.startswith(f"fastflow {fastflow.__version__}"), out  # an installed binary wheel adds its local label
+
+
 def test_info_says_no_cuda_without_a_device(capsys, monkeypatch):
     """The torch reference steps CUDA tensors, but without a CUDA device there are none to step."""
     backends.backend_report()  # availability is probed once and cached: probe it with the real device state

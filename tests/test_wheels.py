@@ -10,8 +10,12 @@ FASTFLOW_SKIP_WHEEL_TEST=1 to skip it.
 
 from __future__ import annotations
 
+import email.message
+import email.parser
+import fnmatch
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -197,6 +201,30 @@ def test_binary_cpu_wheel(env, wheels, tmp_path):
     assert "cuda    available" in info
 
 
+def test_binary_wheel_repair_leaves_torchs_libraries(wheels, tmp_path):
+    """auditwheel (scripts/build_wheels.sh's repair step) must not copy into the wheel a library that torch's wheel
+    brings and the extension links: a copy is loaded beside torch's, so the extension's -fopenmp code ran on a second
+    OpenMP runtime (it grafted libgomp). Checked without auditwheel: every library the built extension needs that
+    torch ships in torch/lib must match one of the script's exclusions."""
+    if "binary" not in wheels:
+        pytest.skip("no C++ compiler: the binary wheel was not built")
+    if shutil.which("readelf") is None:
+        pytest.skip("needs readelf")
+    with zipfile.ZipFile(wheels["binary"]) as z:
+        (name,) = [n for n in z.namelist() if n.startswith("fastflow/_C") and n.endswith(".so")]
+        so = Path(z.extract(name, tmp_path))
+    dynamic = _run(["readelf", "-d", str(so)], timeout=60).stdout
+    needed = re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", dynamic)
+    torch_lib = Path(torch.__file__).resolve().parent / "lib"
+    from_torch = [lib for lib in needed if (torch_lib / lib).exists()]
+    assert "libc10.so" in from_torch, needed
+    line = re.search(r"^REPAIR_EXCLUDES=\((.*)\)$", SCRIPT.read_text(), re.M)
+    assert line, "scripts/build_wheels.sh has no REPAIR_EXCLUDES"
+    patterns = re.findall(r"'([^']+)'", line.group(1))
+    grafted = [lib for lib in from_torch if not any(fnmatch.fnmatchcase(lib, p) for p in patterns)]
+    assert not grafted, f"auditwheel would copy {grafted} (torch loads its own) into the wheel; excluded: {patterns}"
+
+
 def _version() -> str:
     namespace: dict = {}
     exec((ROOT / "fastflow" / "_version.py").read_text(), namespace)
@@ -216,23 +244,66 @@ def _source_copy(tmp_path: Path) -> Path:
     return tree
 
 
-def test_sdist_has_every_extension_source(tmp_path):
-    """The source distribution carries all of csrc/ (headers and the CUDA files included, which setup.py does not
-    list on a machine without CUDA), so the extension builds from it anywhere."""
-    tree = _source_copy(tmp_path)
+def _build_sdist(tree: Path, out: Path) -> tuple[set[str], email.message.Message]:
+    """The paths (below its top folder) in the sdist that ``setup.py sdist`` makes of ``tree``, and its PKG-INFO."""
     build = subprocess.run(
-        [sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path)],
+        [sys.executable, "setup.py", "-q", "sdist", "-d", str(out)],
         cwd=tree, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert build.returncode == 0, build.stderr[-2000:]
-    (sdist,) = tmp_path.glob("fastflow-*.tar.gz")
+    (sdist,) = out.glob("fastflow-*.tar.gz")
     with tarfile.open(sdist) as tar:
         names = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
+        info = tar.extractfile(f"{sdist.name.removesuffix('.tar.gz')}/PKG-INFO").read().decode()
+    return names, email.parser.Parser().parsestr(info)
+
+
+@pytest.fixture(scope="module")
+def sdist(tmp_path_factory):
+    """The sdist of a clean copy of the checkout: its paths and its metadata (about 5 s)."""
+    tmp = tmp_path_factory.mktemp("sdist")
+    return _build_sdist(_source_copy(tmp), tmp)
+
+
+def test_sdist_has_every_extension_source(sdist):
+    """The source distribution carries all of csrc/ (headers and the CUDA files included, which setup.py does not
+    list on a machine without CUDA), so the extension builds from it anywhere."""
+    names, _ = sdist
     sources = {f"csrc/{p.name}" for p in (ROOT / "csrc").iterdir() if p.suffix in (".h", ".cpp", ".cu")}
     assert {"csrc/step_kernel.cu", "csrc/step_plans.h", "csrc/fastflow_step.h"} <= sources
     assert sources <= names, sorted(sources - names)
     assert {"setup.py", "pyproject.toml", "LICENSE", "kernels/step.py"} <= names
     assert not [n for n in names if n.startswith("tests/")]  # setuptools' default took a broken part of the suite
+
+
+def test_sdist_from_a_built_checkout_leaves_out_its_build(tmp_path):
+    """An sdist made in a checkout where the extension was built in place (scripts/dev.sh does) carries neither the
+    compiled module nor the build info setup.py wrote for it: that file said "extension built for torch X" in an
+    sdist that has no extension, and a build from the sdist that compiles nothing (an editable one) kept it."""
+    tree = _source_copy(tmp_path)
+    (tree / "fastflow" / "_build_info.py").write_text("BUILD_INFO = {'extension': True, 'torch': 'the checkout'}\n")
+    (tree / "fastflow" / "_C.cpython-311-x86_64-linux-gnu.so").write_bytes(b"\x7fELF not really")
+    (tree / "fastflow" / "__pycache__").mkdir(exist_ok=True)
+    (tree / "fastflow" / "__pycache__" / "cli.cpython-311.pyc").write_bytes(b"")
+    names, _ = _build_sdist(tree, tmp_path)
+    assert "fastflow/cli.py" in names and "csrc/ops.cpp" in names
+    assert not [n for n in names if n.endswith((".so", ".pyc")) or "_build_info" in n], sorted(names)
+
+
+def test_sdist_metadata(sdist):
+    """What pip and an index read: the version of fastflow/_version.py (no local label), the extras the README and
+    docs name, the license, and classifiers that claim no more than is built (no OS or Python version list)."""
+    _, meta = sdist
+    assert meta["Name"] == "fastflow" and meta["Version"] == _version()
+    assert meta["Requires-Python"] == ">=3.10"
+    assert meta["License-Expression"] == "MIT"
+    assert set(meta.get_all("Provides-Extra")) == {"triton", "demo", "diffusers", "test", "bench"}
+    requires = meta.get_all("Requires-Dist")
+    assert [r for r in requires if r.startswith("torch>=")] and not [r for r in requires if r.startswith("torch==")]
+    assert 'diffusers>=0.39; extra == "diffusers"' in requires
+    classifiers = set(meta.get_all("Classifier") or [])
+    assert {"Programming Language :: Python :: 3 :: Only", "Programming Language :: C++"} <= classifiers
+    assert not [c for c in classifiers if c.startswith(("Operating System ::", "License ::"))]
 
 
 def test_a_pure_wheel_built_in_a_checkout_leaves_its_build_info(tmp_path):

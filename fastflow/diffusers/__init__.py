@@ -13,15 +13,8 @@ from __future__ import annotations
 import importlib.util
 from typing import Any
 
-try:
-    import diffusers  # noqa: F401 - the dependency, checked first so that its absence is named with the fix
-except ImportError as exc:
-    raise ModuleNotFoundError(
-        "fastflow.diffusers needs diffusers: pip install 'fastflow[diffusers]' (or pip install diffusers)",
-        name="diffusers",
-    ) from exc
-
-from ._base import FastflowScheduler, registry  # noqa: E402 - after the check that names the missing package
+from . import _requires  # noqa: F401 - first: names a missing or too old diffusers with the fix
+from ._base import FastflowScheduler, registry
 from .cogvideox import CogVideoXDDIMScheduler, CogVideoXDPMScheduler
 from .consistency import CMStochasticIterativeScheduler
 from .ddim import DDIMScheduler, DDPMScheduler

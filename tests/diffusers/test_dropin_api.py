@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import inspect
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -302,6 +304,23 @@ def test_without_diffusers_the_error_names_the_extra():
     assert out.returncode != 0 and "pip install 'fastflow[diffusers]'" in out.stderr, out.stderr[-500:]
     code = "import sys; sys.modules['diffusers'] = None\nimport fastflow; fastflow.Sampler(fastflow.VP())\n"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0  # the core needs none
+
+
+def test_a_too_old_diffusers_is_named_with_the_fix():
+    """diffusers before 0.39 lacks scheduler modules the drop-ins import: the error says which diffusers is needed
+    (it was an ImportError on a diffusers module, naming no fix), and pyproject.toml's extras ask for the same."""
+    code = "import diffusers; diffusers.__version__ = '0.36.0'\nimport fastflow.diffusers\n"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert out.returncode != 0 and "needs diffusers>=0.39, found 0.36.0" in out.stderr, out.stderr[-500:]
+    from fastflow.diffusers import _requires
+
+    assert _requires.release("0.40.0.dev0") == (0, 40, 0) and _requires.release("0.39.0rc1") == (0, 39, 0)
+    _requires.check("0.39.0")
+    _requires.check("1.0")
+    pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
+    need = "diffusers>=" + ".".join(map(str, _requires.MIN_DIFFUSERS))
+    extras = re.findall(r'"diffusers>=[^"]*"', pyproject.read_text())
+    assert extras and set(extras) == {f'"{need}"'}, extras
 
 
 def test_without_torchsde_the_two_classes_that_need_it_are_named_missing():
