@@ -145,18 +145,29 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--seed", type=_seed, default=0, help="seed of the first sample, in [0, 2**64)")
     demo.add_argument("--backend", default="auto", choices=BACKEND_NAMES, help="the backend every sampler steps with")
     args = parser.parse_args(argv)
-    if args.command == "info":
-        return info()
-    _check_demo_args(demo, args)
-    from .demo import run_demo
-
     try:
-        run_demo(args.out, n=args.n, seed=args.seed, backend=args.backend)
-    except BrokenPipeError:  # stdout closed early (`| head`): not the figure
-        raise
-    except OSError as exc:  # the figure could not be written (the only file the demo writes)
-        demo.error(f"--out {args.out}: cannot write the figure: {exc.strerror or exc}")
+        if args.command == "info":
+            return info()
+        _check_demo_args(demo, args)
+        from .demo import run_demo
+
+        try:
+            run_demo(args.out, n=args.n, seed=args.seed, backend=args.backend)
+        except BrokenPipeError:  # stdout closed early: not the figure
+            raise
+        except OSError as exc:  # the figure could not be written (the only file the demo writes)
+            demo.error(f"--out {args.out}: cannot write the figure: {exc.strerror or exc}")
+    except BrokenPipeError:
+        return _stdout_closed()
     return 0
+
+
+def _stdout_closed() -> int:
+    """The reader of stdout went away (``fastflow info | head -1``): stop without a traceback, and point stdout at
+    the null device so that the interpreter's own flush at exit does not raise again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 1
 
 
 if __name__ == "__main__":

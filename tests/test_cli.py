@@ -141,3 +141,21 @@ def test_demo_refuses_a_backend_that_cannot_run_on_the_cpu(capsys, monkeypatch):
 def test_run_demo_refuses_no_samples(tmp_path):
     with pytest.raises(ValueError, match="n must be an int >= 1"):
         demo.run_demo(tmp_path / "demo.png", n=0)
+
+
+def test_info_into_a_closed_pipe_stops_without_a_traceback():
+    """`fastflow info | head -1`: the reader goes away before fastflow writes; the command stops quietly (exit 1)
+    rather than ending in a BrokenPipeError traceback, at its write or at the interpreter's flush on exit."""
+    import os
+    import subprocess
+
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first write
+    try:
+        proc = subprocess.run([sys.executable, "-m", "fastflow", "info"], stdout=write, stderr=subprocess.PIPE,
+                              text=True, timeout=120)
+    finally:
+        os.close(write)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert proc.returncode == 1, proc.stderr
+

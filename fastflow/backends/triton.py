@@ -85,7 +85,11 @@ class TritonBackend(Backend):
         return self._unavailable
 
     def _probe(self) -> str | None:
-        if importlib.util.find_spec("triton") is None:
+        try:
+            spec = importlib.util.find_spec("triton")
+        except (ImportError, ValueError) as exc:  # a module named triton without a spec, or a broken parent
+            return f"Triton cannot be found: {type(exc).__name__}: {exc}"
+        if spec is None:
             return "Triton is not installed (pip install triton)"
         if not torch.cuda.is_available() and not _interpret():
             return "no CUDA device (set TRITON_INTERPRET=1 to run the kernel on the CPU interpreter)"

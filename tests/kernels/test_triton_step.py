@@ -454,6 +454,19 @@ def test_reports_missing_triton(monkeypatch):
         b.fused_step(z, z, z, None, [], torch.zeros(1, NUM_COEFS), 0)
 
 
+def test_a_triton_module_without_a_spec_reads_as_unavailable(monkeypatch):
+    """A module named triton that import machinery cannot place (a stub in sys.modules, no ``__spec__``) makes the
+    backend unavailable with the reason, as a missing one does; ``find_spec`` raised from dispatch."""
+    import sys
+    import types
+
+    stub = types.ModuleType("triton")
+    stub.__spec__ = None
+    monkeypatch.setitem(sys.modules, "triton", stub)
+    reason = TritonBackend().availability()
+    assert reason is not None and "Triton cannot be found" in reason
+
+
 # --------------------------------------------------------------------------- GPU
 
 GPU_SHAPES = [(1, 16, 128, 128), (3, 4, 33, 65)]
