@@ -324,6 +324,14 @@ def _diffusers_parent(cls: type) -> type | None:
     return None
 
 
+def _from_diffusers(cls: type, name: str) -> bool:
+    """Whether ``cls`` takes ``name`` from a diffusers class, so that it needs wrapping: not where it defines it,
+    nor where it inherits it from a drop-in (wrapped already) or from a subclass of one, whose override would be
+    replaced by the wrapped diffusers method."""
+    owner = next((base for base in cls.__mro__ if name in base.__dict__), None)
+    return owner is not None and owner.__module__.startswith("diffusers.")
+
+
 class FastflowScheduler:
     """Mixin placed before a diffusers scheduler class; see the module docstring.
 
@@ -387,9 +395,9 @@ class FastflowScheduler:
             # classes it knows how to load (SchedulerMixin) in that module, so DiffusionPipeline.from_pretrained
             # gets the drop-in back rather than refusing the component.
             module.SchedulerMixin = SchedulerMixin
-        if "__init__" not in cls.__dict__:
+        if _from_diffusers(cls, "__init__"):
             cls.__init__ = _wrap_init(parent.__init__)
-        if "set_timesteps" not in cls.__dict__:
+        if _from_diffusers(cls, "set_timesteps"):
             cls.set_timesteps = _wrap_set_timesteps(parent.set_timesteps)
 
     def __copy__(self) -> FastflowScheduler:

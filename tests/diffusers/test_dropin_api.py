@@ -293,6 +293,32 @@ def test_construction_sets_up_nothing_for_diffusers_throwaway_schedule(name, mon
     assert ff._ff_compiled is not None
 
 
+def test_a_subclass_of_a_users_subclass_keeps_its_overrides():
+    """A class below a user's subclass of a drop-in inherits that subclass's ``__init__`` and ``set_timesteps``:
+    only a method taken from diffusers is wrapped (it replaced both by diffusers' own, skipping the override)."""
+    calls = []
+
+    class Custom(ffd.EulerDiscreteScheduler):
+        def __init__(self, **kwargs):
+            calls.append("__init__")
+            super().__init__(**kwargs)
+
+        def set_timesteps(self, *args, **kwargs):
+            calls.append("set_timesteps")
+            super().set_timesteps(*args, **kwargs)
+
+    class Leaf(Custom):
+        pass
+
+    leaf, plain = Leaf(), ffd.EulerDiscreteScheduler()
+    for scheduler in (leaf, plain):
+        scheduler.set_timesteps(4)
+    assert calls == ["__init__", "set_timesteps"]
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    t = plain.timesteps[0]
+    assert torch.equal(leaf.step(0.1 * x, t, x).prev_sample, plain.step(0.1 * x, t, x).prev_sample)
+
+
 def test_from_scheduler_unsupported_names_the_class():
     with pytest.raises(NotImplementedError, match="RePaintScheduler"):
         ffd.from_scheduler(diffusers.RePaintScheduler())
