@@ -26,6 +26,17 @@ def test_karras_and_logsnr_spacing():
     np.testing.assert_allclose(np.diff(lam), np.diff(lam)[0], rtol=1e-6)
 
 
+def test_karras_grid_of_a_vp_schedule_is_diffusers_karras_sigmas():
+    """A schedule without its own rho (VP) takes Karras' default 7, as diffusers' use_karras_sigmas does: the EDM test
+    above passes rho explicitly through EDM(), so it cannot see that default."""
+    diffusers = pytest.importorskip("diffusers")
+    betas = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    ref = diffusers.EulerDiscreteScheduler(**betas, use_karras_sigmas=True)
+    ref.set_timesteps(12)
+    s = VP(**betas)
+    np.testing.assert_allclose(s.sigma_ve(grid_times(s, 12, "karras")), ref.sigmas[:-1].double().numpy(), rtol=5e-5)
+
+
 @pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
 def test_integer_spacings_match_diffusers(spacing):
     diffusers = pytest.importorskip("diffusers")

@@ -51,3 +51,18 @@ def test_model_refuses_an_unknown_prediction_when_made():
     """An unknown prediction was accepted, and raised only at the first model call, inside a sampling loop."""
     with pytest.raises(ValueError, match="unknown prediction type"):
         GaussianMixture.ring().model(__import__("fastflow").VP(), "nope")
+
+
+def test_denoiser_is_the_posterior_mean_by_quadrature():
+    """With components of different widths, E[x | z] weighs each by its evidence N(z; alpha mu, alpha^2 s^2 +
+    sigma^2), normalization included (one component alone cannot show that): compared with the posterior mean
+    integrated over a fine grid of x in float64."""
+    mix = GaussianMixture([[-1.0], [1.5]], [0.2, 1.0], [0.3, 0.7])
+    alpha, sigma = 0.7, 0.5
+    z = torch.linspace(-2.0, 2.0, 9, dtype=torch.float64)[:, None]
+    x = torch.linspace(-12.0, 12.0, 200001, dtype=torch.float64)
+    components = zip([0.3, 0.7], [-1.0, 1.5], [0.2, 1.0], strict=True)  # the mixture's weights, means, stds
+    prior = sum(w * torch.exp(-0.5 * ((x - m) / s) ** 2) / s for w, m, s in components)
+    like = torch.exp(-0.5 * ((z - alpha * x) / sigma) ** 2)  # [9, len(x)]
+    want = (like * prior * x).sum(1) / (like * prior).sum(1)
+    torch.testing.assert_close(mix.denoise(z, alpha, sigma)[:, 0], want, rtol=1e-7, atol=1e-9)

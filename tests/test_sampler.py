@@ -46,6 +46,27 @@ def test_init_noise_seeds_and_scale():
     assert s.init_noise((2, 3), seed=0, dtype=torch.bfloat16).dtype == torch.bfloat16
 
 
+def test_init_noise_is_the_first_stage_marginal_where_alpha_is_not_negligible():
+    """Under EDM sqrt(1 + 80^2) and 80 differ by 1e-4, so the test above cannot tell the marginal from sigma alone;
+    at t = 0.5 of the cosine schedule alpha = sigma, and the marginal std of unit data is 1, not sigma = 0.71."""
+    sched = ff.VP.cosine()
+    s = ff.Sampler(sched, "ddim", steps=4, grid=[0.5, 0.4, 0.3, 0.2], final="clean")
+    z = s.init_noise((1, 100_000), seed=0, dtype=torch.float64)
+    want = math.hypot(float(sched.alpha(0.5)), float(sched.sigma(0.5)))
+    assert want == pytest.approx(1.0)
+    assert float(z.std()) == pytest.approx(want, rel=0.02)
+
+
+def test_init_noise_is_not_the_first_stochastic_stage_noise():
+    """The initial noise has its own stream (INIT_TAG): drawn from the step-0 stream instead, a DDPM loop would add
+    the very noise it started from at its first step (correlation 1)."""
+    s = ff.Sampler(ff.VP(), "ddpm", steps=4)
+    z = s.init_noise((1, 20_000), seed=5, dtype=torch.float64)
+    first_step = ff.noise.normal(s.seeds, (20_000,), step=0, dtype=torch.float64)
+    corr = float(torch.corrcoef(torch.cat([z, first_step]))[0, 1])
+    assert abs(corr) < 0.05, corr
+
+
 def test_guidance_pair_and_doubled_batch():
     s = ff.Sampler(ff.VP(), "ddim", steps=5, guidance_scale=4.0, backend="torch")
     g = torch.Generator().manual_seed(0)

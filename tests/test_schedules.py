@@ -66,6 +66,27 @@ def test_zero_terminal_snr_rescale_reaches_near_zero():
     assert s.alphas_cumprod[0] == pytest.approx(VP().alphas_cumprod[0], rel=1e-12)
 
 
+def test_squaredcos_tail_matches_diffusers_in_log_space():
+    """The comparison above is absolute (atol 1e-7), and the cosine schedule's last alphas_cumprod lie far below that:
+    its last beta is capped at 0.999, which only the final timestep (trailing spacing's first) sees. In log space the
+    tail is as visible as the head."""
+    diffusers = pytest.importorskip("diffusers")
+    theirs = diffusers.DDIMScheduler(beta_schedule="squaredcos_cap_v2").alphas_cumprod.double().numpy()
+    ours = VP(beta_schedule="squaredcos_cap_v2").alphas_cumprod
+    np.testing.assert_allclose(np.log(ours), np.log(theirs), rtol=0, atol=1e-4)
+
+
+def test_zero_terminal_snr_keeps_the_last_sigma_diffusers_euler_steps_from():
+    """The rescaled last alphas_cumprod (0) is replaced by a finite value; diffusers' Euler uses 2**-24, so a
+    trailing loop's first sigma (sigma_ve at the last training step, 4096) is the same in both."""
+    diffusers = pytest.importorskip("diffusers")
+    betas = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, rescale_betas_zero_snr=True)
+    ref = diffusers.EulerDiscreteScheduler(**betas, timestep_spacing="trailing")
+    ref.set_timesteps(10)
+    ours = VP(**betas)
+    assert float(ours.sigma_ve(ours.t_max)) == pytest.approx(float(ref.sigmas[0]), rel=1e-6)
+
+
 def test_flow_matching_shift_and_mu_warp_the_grid():
     t = np.linspace(0, 1, 11)
     np.testing.assert_allclose(FlowMatching().warp(t), t)

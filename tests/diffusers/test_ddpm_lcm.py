@@ -107,8 +107,10 @@ def test_ddpm_learned_variance_default_noise_runs():
         (dict(), dict(timesteps=[999, 759, 499, 259])),
         (dict(), dict(num_inference_steps=4, strength=0.5)),
         (dict(), dict(timesteps=[999, 759, 499, 259, 119], strength=0.6)),
+        # timestep_scaling 10 makes c_skip under 1e-5 at every timestep but 0; a small one weighs the boundary terms
+        (dict(timestep_scaling=0.01), dict(num_inference_steps=4)),
     ],
-    ids=["default", "v", "clip", "sample-orig40", "custom", "strength", "custom-strength"],
+    ids=["default", "v", "clip", "sample-orig40", "custom", "strength", "custom-strength", "small-scaling"],
 )
 def test_lcm_generator(config, set_kwargs):
     ref, ff = pair("LCMScheduler", **config)

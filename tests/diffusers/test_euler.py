@@ -62,6 +62,21 @@ def test_euler_churn_generator(prediction_type):
         assert_close(b.pred_original_sample, a.pred_original_sample)
 
 
+def test_euler_churn_window_includes_its_ends():
+    """diffusers churns a step whose sigma lies in [s_tmin, s_tmax], ends included: a window of one sigma churns
+    that step in both (the window above holds several sigmas, none of them on its ends)."""
+    ref, ff = pair("EulerDiscreteScheduler", **SD)
+    ref.set_timesteps(10)
+    level = float(ref.sigmas[4])  # a float32 value, compared exactly in both
+    churn = dict(s_churn=4.0, s_tmin=level, s_tmax=level)
+    ga, gb = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    xa, _ = run_loop(ref, 10, step_kwargs=lambda i: dict(churn, generator=ga))
+    xb, _ = run_loop(ff, 10, step_kwargs=lambda i: dict(churn, generator=gb))
+    assert_close(xb, xa)
+    plain, _ = run_loop(ref, 10)
+    assert not torch.allclose(xa, plain)  # the window did churn a step
+
+
 @pytest.mark.parametrize(
     "name,config", [("EulerDiscreteScheduler", SD), ("EDMEulerScheduler", {})], ids=["euler", "edm"]
 )

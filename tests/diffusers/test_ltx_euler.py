@@ -52,6 +52,16 @@ def test_loops_match_diffusers(schedule, eta, s_noise):
     assert_close(xb, xa)
 
 
+def test_a_step_up_the_noise_levels_adds_no_noise_as_in_diffusers():
+    """Explicit sigmas may rise (a re-noising schedule): there the ancestral variance is negative, and diffusers
+    clamps it to 0. Loops over the other schedules never reach that clamp."""
+    ref, ff = pair(NAME, eta=1.0, s_noise=1.0)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    (xa, _), (xb, _) = (_loop(s, dict(sigmas=[1.0, 0.6, 0.8, 0.3, 0.0]), x, generators=True) for s in (ref, ff))
+    assert torch.isfinite(xa).all()
+    assert_close(xb, xa)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_samples_are_stepped_in_float32_and_rounded_once(dtype):
     """diffusers upcasts a 16-bit sample and output, steps in float32 and casts back: the kernel computes in float32

@@ -79,6 +79,7 @@ CASES = [
     ("ddim", {}, "v", "DDIMScheduler", dict(clip_sample=False, prediction_type="v_prediction"), {}),
     ("ddim", {}, "x0", "DDIMScheduler", dict(clip_sample=False, prediction_type="sample"), {}),
     ("ddim", {"eta": 1.0}, "eps", "DDIMScheduler", dict(clip_sample=False), {"eta": 1.0}),
+    ("ddim", {"eta": 0.5}, "eps", "DDIMScheduler", dict(clip_sample=False), {"eta": 0.5}),  # 0, 1: their own squares
     ("ddpm", {}, "eps", "DDPMScheduler", dict(clip_sample=False), {}),
     ("euler", {}, "eps", "EulerDiscreteScheduler", {}, {}),
     ("euler-ancestral", {}, "eps", "EulerAncestralDiscreteScheduler", {}, {}),
@@ -156,3 +157,30 @@ def test_flow_matching_solver_matches_diffusers(solver, options, name, config, s
 def _noise_dtype(name: str) -> torch.dtype:
     """diffusers draws DPM-Solver's noise in float32 and the others' in the sample's dtype (float64 here)."""
     return torch.float32 if name.startswith("DPM") else torch.float64
+
+
+@pytest.mark.parametrize("steps", [14, 15])
+def test_dpm_solver_lowers_its_last_orders_below_15_steps_only(steps):
+    """diffusers lowers DPM-Solver's last orders in loops of fewer than 15 steps: the 8 and 20 steps above sit on
+    either side of that rule, not on its edge. 3M shows it (its next-to-last step); 2M's last step, to sigma 0, is
+    first order either way."""
+    ref = diffusers.DPMSolverMultistepScheduler(**SD, **LEADING, solver_order=3)
+    x_ref = diffusers_loop(ref, steps, {})
+    sampler = ff.Sampler(ff.VP(**SD), "dpm++3m", prediction="eps", steps=steps, grid=ref.timesteps.double().numpy(),
+                         backend="torch", diffusers_3m=True)
+    x = core_loop(sampler, torch.float32, ref.timesteps)
+    torch.testing.assert_close(x, x_ref, rtol=0, atol=2e-6 * x_ref.abs().max().item())
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_unipc_bh1_matches_diffusers(order):
+    """UniPC's bh1 variant (B(h) = h) on a loop ending at sigma_min (diffusers' bh1 step to sigma 0 is NaN): the
+    convergence test measures its order, which any B(h) = h + O(h^2) keeps."""
+    ref = diffusers.UniPCMultistepScheduler(**SD, **LEADING, solver_order=order, solver_type="bh1",
+                                            final_sigmas_type="sigma_min")
+    x_ref = diffusers_loop(ref, 8, {})
+    times = np.append(ref.timesteps.double().numpy(), 0.0)  # sigma_min: the schedule's sigma at t = 0
+    sampler = ff.Sampler(ff.VP(**SD), "unipc", prediction="eps", steps=8, grid=times, final="t_min", backend="torch",
+                         order=order, variant="bh1")
+    x = core_loop(sampler, torch.float64, ref.timesteps)
+    torch.testing.assert_close(x, x_ref, rtol=0, atol=2e-6 * x_ref.abs().max().item())

@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 import fastflow as ff
 
@@ -37,6 +38,52 @@ def test_churn_window_with_equal_ends_churns_that_level_only():
     s = ff.Sampler(ff.EDM(), "euler", steps=10, s_churn=float(rng.uniform(1.0, 40.0)), s_tmin=level, s_tmax=level)
     assert [i for i, n in enumerate(s.plan.noise) if n] == [k - 1]
     assert s.stage_sigma[k] > level and np.array_equal(np.delete(s.stage_sigma, k), np.delete(plain.stage_sigma, k))
+
+
+@pytest.mark.parametrize(("s_churn", "s_noise"), [(2.0, 0.7), (40.0, 1.0)], ids=["gamma-below-cap", "gamma-capped"])
+def test_euler_churn_is_karras_algorithm_2(s_churn, s_noise):
+    """EDM Euler with churn against Karras et al.'s Algorithm 2 in float64: raise sigma by gamma = min(S / N, sqrt(2)
+    - 1) with noise of variance s_noise^2 (t_hat^2 - t^2), then an Euler step from t_hat. The plan draws stage
+    i + 1's churn noise in stage i, and the first stage starts at its raised level."""
+    n = 6
+    s = ff.Sampler(ff.EDM(), "euler", prediction="x0", steps=n, s_churn=s_churn, s_noise=s_noise, backend="torch")
+    sig = ff.Sampler(ff.EDM(), "euler", prediction="x0", steps=n).stage_sigma
+    sig_next = np.append(sig[1:], 0.0)
+    gamma = min(s_churn / n, math.sqrt(2) - 1)
+    gen = torch.Generator().manual_seed(0)
+    xi = [torch.randn(4, 3, dtype=torch.float64, generator=gen) for _ in range(n)]
+    x_hat = torch.randn(4, 3, dtype=torch.float64, generator=gen) * sig[0] * (1 + gamma)
+    z = x_hat.clone()
+    for i in range(n):
+        t_hat = sig[i] * (1 + gamma)
+        assert s.stage_sigma[i] == pytest.approx(t_hat, rel=1e-12)
+        denoised = torch.tanh(x_hat / t_hat)  # the model, called at the raised level
+        x_next = x_hat + (sig_next[i] - t_hat) * (x_hat - denoised) / t_hat
+        if i + 1 < n:
+            x_next = x_next + s_noise * math.sqrt((sig[i + 1] * (1 + gamma)) ** 2 - sig[i + 1] ** 2) * xi[i + 1]
+        z = s.step(torch.tanh(z / t_hat), z, i, noise=xi[i + 1] if i + 1 < n else None)
+        torch.testing.assert_close(z, x_next, rtol=1e-10, atol=1e-10)
+        x_hat = x_next
+
+
+@pytest.mark.parametrize(("eta", "s_noise"), [(0.5, 0.7), (2.0, 1.0)], ids=["eta-0.5", "eta-2-capped"])
+def test_euler_ancestral_eta_is_k_diffusions_ancestral_step(eta, s_noise):
+    """Euler ancestral against k-diffusion's definition in float64: sigma_up = min(s', eta s' sqrt(1 - s'^2 / s^2)),
+    sigma_down = sqrt(s'^2 - sigma_up^2), an Euler step to sigma_down, then s_noise sigma_up of fresh noise. diffusers'
+    scheduler has eta = 1 only, which the comparison with it cannot tell from eta^2 (nor the cap at s')."""
+    n = 6
+    s = ff.Sampler(ff.EDM(), "euler-ancestral", prediction="x0", steps=n, eta=eta, s_noise=s_noise, backend="torch")
+    sig = np.append(s.stage_sigma, 0.0)
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(4, 3, dtype=torch.float64, generator=gen) * sig[0]
+    for i in range(n):
+        xi = torch.randn(4, 3, dtype=torch.float64, generator=gen)
+        up = min(sig[i + 1], eta * sig[i + 1] * math.sqrt(1 - sig[i + 1] ** 2 / sig[i] ** 2))
+        down = math.sqrt(sig[i + 1] ** 2 - up**2)
+        denoised = torch.tanh(z / sig[i])
+        want = z + (down - sig[i]) * (z - denoised) / sig[i] + s_noise * up * xi
+        z = s.step(denoised, z, i, noise=xi if s.plan.noise[i] else None)
+        torch.testing.assert_close(z, want, rtol=1e-10, atol=1e-10)
 
 
 TYPED = [
