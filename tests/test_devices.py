@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fastflow as ff
-from fastflow.devices import to_device
+from fastflow.devices import to_device, traced_without_dynamo
 
 
 def test_to_device_keeps_values_and_returns_a_tensor_already_there():
@@ -88,3 +88,19 @@ def test_to_cuda_on_a_torch_without_cuda_gives_torchs_own_error():
     for call in (lambda: s.init_noise((1, 2), device="cuda"), lambda: s.timesteps_on("cuda")):
         with pytest.raises((AssertionError, RuntimeError), match="not compiled with CUDA"):
             call()
+
+
+@pytest.mark.parametrize(("exporting", "dynamo", "expected"), [
+    (False, False, False),  # eager
+    (False, True, False),  # torch.compile
+    (True, True, False),  # torch.export's strict tracing, which is dynamo's: its tensors are the graph's
+    (True, False, True),  # torch.export's non-strict tracing: fake tensors outside dynamo
+])
+def test_traced_without_dynamo_is_non_strict_export_only(monkeypatch, exporting, dynamo, expected):
+    """Only a non-strict export trace makes fakes that a device cache must not keep; under torch.compile or a strict
+    export the caches fill as eagerly."""
+    if getattr(torch.compiler, "is_exporting", None) is None:
+        pytest.skip("torch without torch.compiler.is_exporting")
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: exporting)
+    monkeypatch.setattr(torch.compiler, "is_dynamo_compiling", lambda: dynamo)
+    assert traced_without_dynamo() is expected

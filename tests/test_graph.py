@@ -694,3 +694,15 @@ def test_fallback_warnings_remember_a_bounded_number_of_reasons():
         assert len(caught) == ffgraph._MAX_WARNED + 40
         ffgraph._warn_once("reason 0")  # the oldest: forgotten, so it warns again
         assert len(caught) == ffgraph._MAX_WARNED + 41
+
+
+def test_graph_cache_keys_the_conditioning_signature():
+    """Conditioning of another dtype or shape is captured apart (a capture's cond buffers have fixed ones), and a
+    later call with the first conditioning finds its own capture again."""
+    s = make_sampler(guidance_scale=2.0)
+    cache = GraphCache(guided_model, device="cpu")
+    conds = [torch.full(SHAPE, 0.5), torch.full(SHAPE, 0.5, dtype=torch.float64), torch.full(SHAPE[1:], 0.5)]
+    outs = [cache(s, seed=3, shape=SHAPE, cond=c) for c in conds]
+    assert cache.captures == 3 and len(cache) == 3
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])  # the same values, broadcast or cast
+    assert torch.equal(cache(s, seed=3, shape=SHAPE, cond=conds[0]), outs[0]) and cache.captures == 3

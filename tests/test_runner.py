@@ -183,3 +183,65 @@ def test_kept_tensors_broadcast_to_a_larger_batch_not_to_another_shape():
     torch.testing.assert_close(wide, one.expand(3, 2, 3), rtol=0, atol=0)
     with pytest.raises(HistoryShapeError, match=r"state has shape \(1, 2, 5\)"):
         loop((1, 2, 5))
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_run_kept_puts_stored_history_before_the_callers_slots(backend):
+    """A stage that reads a stored tensor and takes a caller's tensor on the slot after the plan's (a drop-in's raw
+    model output): run_kept binds them in run's order, so both give the same bits."""
+    point = Points(*(np.array([v]) for v in (1.0, 1.0, 1.0, 0.0, 0.0)))  # x0 prediction
+    first = Stage(point, Lin({("z", 0): 0.9, ("x", 0): 0.1}))
+    plan = compile_plan([first, Stage(point, Lin({("z", 1): 0.8, ("x", 1): 0.3, ("x", 0): 0.5}))], "x0")
+    assert len(plan.history[1]) == 1  # stage 1 reads stage 0's x_hat from slot h0
+    coefs = plan.coefs.copy()
+    coefs[1, H0 + 1] = -0.7  # the caller's tensor, on the next slot
+    plan = StepPlan(coefs, plan.history, plan.write_x, plan.keep_z, plan.noise, plan.clip)
+    general, kept = PlanRunner(plan, backend), PlanRunner(plan, backend)
+    bound = kept.bind(torch.device("cpu"), torch.float32, False, None)
+    gen = torch.Generator().manual_seed(3)
+    z, o0, o1, extra = (torch.randn(2, 3, 5, 7, generator=gen) for _ in range(4))
+    z1 = general.run(0, z, o0)[0]
+    assert torch.equal(kept.run_kept(bound, 0, 0, z, o0, [], None)[0], z1)
+    a = general.run(1, z1, o1, extra_history=(extra,))[0]
+    b = kept.run_kept(bound, 1, 1, z1, o1, [extra], None)[0]
+    assert torch.equal(a, b)
+
+
+def test_run_kept_of_stage_0_forgets_an_abandoned_loop():
+    """A loop through run_kept that starts again at stage 0 forgets what the abandoned loop kept: a later stage
+    run out of order then raises, as through run, instead of reading the old loop's tensors."""
+    for path in ("run", "run_kept"):
+        runner = _sampler("dpm++2m", "torch").runner
+        z = torch.randn(1, 2, 3, 3, generator=torch.Generator().manual_seed(4))
+        bound = runner.bind(z.device, z.dtype, False, None)
+
+        def stage(i, z, path=path, runner=runner, bound=bound):
+            o = torch.tanh(z)
+            return runner.run(i, z, o)[0] if path == "run" else runner.run_kept(bound, i, i, z, o, [], None)[0]
+
+        x = z
+        for i in range(3):  # the abandoned loop: stage 2 keeps its x_hat for stage 3
+            x = stage(i, x)
+        assert ("x", 2) in runner._store
+        stage(0, z)
+        assert ("x", 2) not in runner._store, path
+        with pytest.raises(RuntimeError, match="run the stages in order from 0"):
+            stage(3, z)
+
+
+def test_tables_and_dispatch_are_made_once_per_device_and_dtype():
+    """The coefficient table and the backend's entry are built on a device's first step and reused after (every step
+    reads them; a new table per call would be an upload per step off the CPU)."""
+    runner = _sampler("dpm++2m", "torch").runner
+    cpu = torch.device("cpu")
+    assert runner.table(cpu) is runner.table(cpu)
+    assert runner.table(cpu, torch.float64) is runner.table(cpu, torch.float64)
+    assert runner.table(cpu).dtype == torch.float32 and runner.table(cpu, torch.float64).dtype == torch.float64
+    z = torch.zeros(1, 2, 3, 3)
+    runner.run(0, z, z)
+    entry = runner._dispatch[(cpu, torch.float32)]
+    assert (cpu, torch.float64) not in runner._dispatch
+    runner.run(0, z.double(), z.double())
+    runner.run(0, z, z)
+    assert runner._dispatch[(cpu, torch.float32)] is entry
+    assert runner._dispatch[(cpu, torch.float64)][0] is runner.table(cpu, torch.float64)

@@ -624,7 +624,12 @@ class FastflowScheduler:
             if value is None or value == self._ff_host_values[idx]:
                 return idx
             pos = self._ff_locate(value)
-        if pos < idx:  # a step this loop has run: its in-kernel noise, keyed by the step, would repeat
+        return self._ff_move_to(pos, idx)
+
+    def _ff_move_to(self, pos: int, idx: int) -> int:
+        """Move the step counter from ``idx`` to step ``pos``, which the timestep named. Back to a step this loop
+        has run, the in-kernel noise, keyed by the step, would repeat: it is drawn afresh, as diffusers draws."""
+        if pos < idx:
             self._ff_seed = None
             self._ff_seeds = {}
             self._ff_lane = None
@@ -750,8 +755,7 @@ class FastflowScheduler:
             and isinstance(timestep, (int, float, np.integer, np.floating))
             and self._ff_host_values[idx] != float(timestep)  # a list: numpy would be traced as a tensor
         ):
-            idx = self._ff_locate(float(timestep))
-            self._step_index = idx
+            idx = self._ff_move_to(self._ff_locate(float(timestep)), idx)
         return idx
 
     # ------------------------------------------------------------ the step

@@ -245,3 +245,49 @@ def test_an_output_overlapping_what_every_block_reads_is_refused(name, what, for
         else:
             backend.fused_step_alloc(z, case.model_out, None, case.history, table, step, out=out, seeds=seeds,
                                      use_noise=seeds is not None)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_an_output_state_in_another_dtype_than_the_state_is_refused(name, dtype):
+    """The next state is written in the state's dtype: an ``out`` in another one is refused by every backend (a
+    kernel would write the state's element size into it)."""
+    with pytest.raises(TypeError, match="dtype"):
+        _call(_backend(name), _case(), out=torch.empty(SHAPE, dtype=dtype))
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("seeds", [torch.arange(3), torch.arange(1), torch.arange(2, dtype=torch.int32)],
+                         ids=["batch 3", "batch 1", "int32"])
+def test_seeds_that_are_not_one_int64_per_sample_are_refused(name, seeds):
+    """A stage drawing its noise in the kernel reads one int64 seed per sample: seeds for another batch (the kernel
+    would read past them, or leave samples unseeded) or of another dtype are refused alike."""
+    case = make_case(SHAPE, torch.float32, torch.float32, guided=False, hist=1, noise="philox", seed=11)
+    assert case.use_noise and case.noise is None
+    with pytest.raises(ValueError, match="seeds"):
+        _call(_backend(name), case, seeds=seeds)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_outputs_side_by_side_in_one_buffer_are_taken(name):
+    """Outputs that end where the next begins share no element: taken, with the values of separate tensors (an
+    overlap test that counted a shared end address refused them)."""
+    case = _case()
+    n = case.z.numel()
+    buf = torch.full((2 * n,), float("nan"))
+    out, x_out = buf[:n].view(SHAPE), buf[n:].view(SHAPE)
+    _call(_backend(name), case, out=out, x_out=x_out)
+    ref_x = torch.empty_like(case.z)
+    ref = _call(_backend(name), case, x_out=ref_x)
+    assert torch.equal(out, ref) and torch.equal(x_out, ref_x)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_outputs_on_the_same_memory_in_another_order_are_refused(name):
+    """x_out over out's very bytes but transposed (same span, shape and dtype, other strides): each element would
+    get the other output's value of another element, so it is refused as a partial overlap is."""
+    shape = (2, 6, 6)
+    case = make_case(shape, torch.float32, torch.float32, guided=False, hist=1, noise="none", seed=11)
+    out = torch.empty(shape)
+    with pytest.raises(ValueError, match="overlap"):
+        _call(_backend(name), case, out=out, x_out=out.transpose(1, 2))

@@ -203,3 +203,43 @@ def test_model_output_of_another_shape_with_a_generator_names_the_model_output(n
     x = torch.randn(2, 4, 8, 8)
     with pytest.raises(ValueError, match=r"model output has shape \(1, 4, 8, 8\), state has \(2, 4, 8, 8\)"):
         ff.step(torch.randn(1, 4, 8, 8), ff.timesteps[0], x, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("name", ["DDPMScheduler", "EulerAncestralDiscreteScheduler"])
+def test_each_set_timesteps_draws_a_new_seed(name):
+    """A new schedule seeds fastflow's noise afresh from the global generator: after another torch.manual_seed the
+    next loop's noise differs (per-batch seed tensors of the last schedule are not reused), after the same one it
+    repeats."""
+    _, ff = pair(name)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    def loop(seed: int) -> torch.Tensor:
+        torch.manual_seed(seed)
+        ff.set_timesteps(4)
+        z = x * getattr(ff, "init_noise_sigma", 1.0)
+        for t in ff.timesteps:
+            z = ff.step(stand_in(z, t), t, z).prev_sample
+        return z
+
+    first = loop(0)
+    other = loop(1)
+    again = loop(0)
+    assert not torch.equal(first, other)
+    assert torch.equal(first, again)
+
+
+@pytest.mark.parametrize("timestep", ["element", "number"])
+def test_a_step_taken_again_draws_fresh_noise(timestep):
+    """DDPM steps from the timestep's value: a step taken again (its timestep passed a second time) draws new
+    in-kernel noise, as diffusers' draws a new tensor, not the noise it drew the first time."""
+    _, ff = pair("DDPMScheduler")
+    torch.manual_seed(0)
+    ff.set_timesteps(6)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    for i in range(3):
+        x = ff.step(stand_in(x, ff.timesteps[i]), ff.timesteps[i], x).prev_sample
+    t = ff.timesteps[2] if timestep == "element" else int(ff.timesteps[2])
+    o = stand_in(x, t)
+    again, twice = ff.step(o, t, x).prev_sample, ff.step(o, t, x).prev_sample
+    assert ff.step_index == 3
+    assert not torch.equal(again, twice)

@@ -450,3 +450,18 @@ def test_a_copy_keeps_the_lane(counts, name, how):
     for t in ff.timesteps[3:]:
         x = ff.step(stand_in(x, t), t, x).prev_sample
     assert torch.equal(xt, x)
+
+
+@pytest.mark.parametrize("how", ["skip", "repeat"])
+@pytest.mark.parametrize("name", ["DDIMScheduler", "DDPMScheduler"])
+def test_timestep_elements_off_the_counter_relocate_the_step(monkeypatch, counts, name, how):
+    """DDIM and DDPM find their step by the timestep: an element of ``timesteps`` that is not the counter's step (a
+    loop that skips one, a step taken again) is located by its position, not taken from the lane's counter."""
+
+    def off(i, ff, o, t, x):
+        j = i + (i >= 3) if how == "skip" else i - (i == 4)
+        return ff.step(o, ff.timesteps[min(j, len(ff.timesteps) - 1)], x, return_dict=False)
+
+    with_lane, without = _both(monkeypatch, lambda: pair(name)[1], lambda ff: _loop(ff, call=off))
+    _same_bits(with_lane, without)
+    assert counts["lane"] > 0  # the on-counter steps still run from it
