@@ -1,6 +1,7 @@
 """A numpy statement of the GPU kernels' float32 angle evaluation (``fastflow.noise`` writes it out),
 with exactly rounded fmas, so the Triton and CUDA implementations can each be checked against it bit for bit
-on the CPU. Imported as ``noise_f32`` (``tests/`` is on ``sys.path`` through its conftest).
+on the CPU; and of the CUDA kernel's radius log (``log_uniform``). Imported as ``noise_f32`` (``tests/`` is on
+``sys.path`` through its conftest).
 """
 
 from __future__ import annotations
@@ -46,3 +47,25 @@ def cos_sin_pi(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     sin_v = np.where((quarter & 2) != 0, -sin_v, sin_v)
     cos_v = np.where(((quarter + 1) & 2) != 0, -cos_v, cos_v)
     return cos_v.astype(np.float32), sin_v.astype(np.float32)
+
+
+# log_uniform's polynomial P(f), highest power first, and ln 2 (float32 values: CUDA's logf, read off its code).
+LOG_POLY = tuple(float.fromhex(c) for c in (
+    "-0x1.0aa04ep-3", "0x1.2073ecp-3", "-0x1.f19b98p-4", "0x1.1e52aap-3", "-0x1.55b172p-3", "0x1.99da16p-3",
+    "-0x1.fffe44p-3", "0x1.5554f0p-2", "-0x1p-1",
+))  # fmt: skip
+LN2 = float.fromhex("0x1.62e430p-1")
+
+
+def log_uniform(u: np.ndarray) -> np.ndarray:
+    """float32 log(u) for a transform's uniform u, as csrc/fastflow_step.h's log_uniform_f32 (CUDA's logf for a
+    positive normal input): u = 2**k (1 + f) with 1 + f in [2/3, 4/3), then k ln2 + f + f**2 P(f) in fmas."""
+    bits = np.asarray(u, np.float32).view(np.uint32)
+    k_bits = (bits - np.uint32(0x3F2AAAAB)) & np.uint32(0xFF800000)
+    f = (bits - k_bits).view(np.float32) - np.float32(1)
+    k = k_bits.view(np.int32).astype(np.float32) * np.float32(2.0**-23)
+    p = fma32(f, LOG_POLY[0], LOG_POLY[1])
+    for c in LOG_POLY[2:]:
+        p = fma32(f, p, c)
+    p = f * p
+    return fma32(k, LN2, fma32(f, p, f))

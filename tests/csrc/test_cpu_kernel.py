@@ -158,6 +158,44 @@ def test_outputs_overlapping_an_input_in_part_are_refused(cb, written):
     assert torch.equal(z, want)
 
 
+def test_outputs_starting_where_an_input_starts_are_refused_unless_the_same(cb):
+    """Only the very same bytes in the same element size are an input written in place: an x_hat in bfloat16 over the
+    first half of a float32 state, or a model input of batch 2B starting where the state starts, begin at the state's
+    address but overlap it in part, and are refused (written block by block, they would change state elements not
+    yet read)."""
+    n = 64
+    case = make_case((2, n), torch.float32, torch.float32, guided=False, hist=0, noise="none")
+    buf = torch.zeros(4 * n)
+    z = buf[: 2 * n].view(2, n)
+    z.copy_(case.z)
+    outputs = {"x_out": buf.view(torch.bfloat16)[: 2 * n].view(2, n), "model_in_out": buf.view(4, n)}
+    for name, t in outputs.items():
+        with pytest.raises(ValueError, match=f"{name} overlaps the state in part"):
+            cb.fused_step(z, torch.empty_like(z), case.model_out, None, [], case.table, case.step, **{name: t})
+        with pytest.raises(ValueError, match=f"{name} overlaps the state in part"):
+            kw = {"x_out": None, "model_in_out": None} | {name: t}
+            torch.ops.fastflow.fused_step(z, torch.empty_like(z), case.model_out, None, [], case.table, case.step,
+                                          None, None, None, kw["x_out"], kw["model_in_out"], None, False)
+    assert torch.equal(z, case.z)
+
+
+def test_model_input_of_another_sample_shape_is_refused(cb):
+    """The next model input must have the state's sample shape (batch B or 2B): one of as many dimensions but fewer
+    elements a sample would be written past its end, one of more elements left partly unwritten. Refused by the
+    registered operator and the eager entry, which take it from the caller."""
+    import fastflow._C as fastflow_c
+
+    case = make_case((2, 3, 4), torch.float32, torch.float32, guided=False, hist=0, noise="none")
+    for shape in ((2, 3, 3), (4, 3, 5), (2, 4, 3)):
+        mi = torch.empty(shape)
+        with pytest.raises(ValueError, match="model input output has shape"):
+            torch.ops.fastflow.fused_step(case.z, torch.empty_like(case.z), case.model_out, None, [], case.table,
+                                          case.step, None, None, None, None, mi, None, False)
+        with pytest.raises(ValueError, match="model input output has shape"):
+            fastflow_c.fused_step(case.z, torch.empty_like(case.z), case.model_out, None, [], case.table, case.step,
+                                  None, None, None, None, mi, None, False)
+
+
 def test_the_registered_operator_refuses_what_the_eager_entry_refuses(cb):
     """A traced step calls torch.ops.fastflow.fused_step: an out one element off the state was written there block by
     block (wrong numbers), where the eager entry raised."""

@@ -118,9 +118,10 @@ def test_matrix_vectorized(emu, zdt, odt, guided, hist, noise):
 @pytest.mark.parametrize(
     "shape", [(1, 1), (2, 3), (3, 4), (2, 5), (2, 12), (2, 130), (2, 3, 7, 11), (1, 517), (3, 1030)], ids=str
 )
-@pytest.mark.parametrize("zdt", [torch.float32, torch.bfloat16], ids=["z_f32", "z_bf16"])
+@pytest.mark.parametrize("zdt", [torch.float32, torch.bfloat16, torch.float64], ids=["z_f32", "z_bf16", "z_f64"])
 def test_tails_and_scalar_path(emu, shape, zdt):
-    """Partial last items, samples that break 16-byte alignment, float32 samples of 4 mod 8 (vector + tail)."""
+    """Partial last items, samples that break 16-byte alignment, float32 samples of 4 mod 8 (vector + tail);
+    float64 states draw in items of 8, so their scalar path takes two Philox groups an item."""
     case = make_case(shape, zdt, torch.float16, hist=2, noise="philox", x_dtype=torch.float32, mi="dup-bf16")
     _check(emu, case)
 
@@ -195,6 +196,60 @@ def test_unaligned_pointers(emu):
     assert not emu.vectorized(shifted, torch.empty_like(shifted), case.model_out)
     case.z = shifted
     assert_matches(case.run(Emulated(emu)), want, exact=True)
+
+
+def _guarded(shape: tuple[int, ...], dtype: torch.dtype, pad: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """A tensor of ``shape`` inside a buffer of sentinels (7.0), ``pad`` bytes of them on each side (its start
+    stays 16-byte aligned): (buffer, tensor)."""
+    n = 1
+    for s in shape:
+        n *= s
+    k = pad // torch.empty((), dtype=dtype).element_size()
+    buf = torch.full((n + 2 * k,), 7.0, dtype=dtype)
+    return buf, buf[k : k + n].view(shape)
+
+
+@pytest.mark.parametrize("noise", ["philox", "tensor"])
+@pytest.mark.parametrize(
+    "shape,zdt,odt",
+    [((3, 12), torch.float32, torch.float32), ((2, 3, 4), torch.float64, torch.float32),
+     ((3, 20), torch.float32, torch.float32)],
+    ids=str,
+)  # fmt: skip
+def test_partial_last_item_of_aligned_samples(emu, shape, zdt, odt, noise):
+    """Samples aligned for 16-byte accesses whose last item (8 elements) is partial: float32 samples of 4 mod 8
+    elements, float64 ones of 4 mod 8. That item takes the scalar path: no access runs past a sample's end into the
+    next sample (which another block may have stepped already: the in-place run) or past an output's end (each
+    output sits between sentinels, the doubled model input too)."""
+    case = make_case(shape, zdt, odt, guided=True, hist=1, noise=noise, x_dtype=zdt, mi="same",
+                     hist_dtypes=(torch.float32,), noise_dtype=torch.float32)  # fmt: skip
+    case.mi_dup = True
+    want = case.run(cuda_backend())
+    z = case.z.clone()
+    out_buf, out = _guarded(z.shape, zdt)
+    x_buf, x = _guarded(z.shape, zdt)
+    mi_buf, mi = _guarded((2 * z.shape[0], *z.shape[1:]), zdt)
+    assert emu.vectorized(z, out, case.model_out)
+    case.call(Emulated(emu), z, out, x_out=x, model_in_out=mi)
+    assert_matches({"out": out, "x": x, "mi": mi}, want, exact=True)
+    for buf, t in ((out_buf, out), (x_buf, x), (mi_buf, mi)):
+        k = (buf.numel() - t.numel()) // 2
+        assert (buf[:k] == 7).all() and (buf[k + t.numel() :] == 7).all(), "a write landed past an output"
+    assert_matches(case.run(Emulated(emu), in_place=True), case.run(cuda_backend(), in_place=True), exact=True)
+
+
+def test_vector_path_needs_16_byte_alignment(emu):
+    """16-byte vector accesses need every tensor to start on a 16-byte boundary and every sample to span a multiple
+    of 16 bytes (the device faults on a misaligned one; the emulation would not notice): a tensor 8 bytes past a
+    boundary (aligned for 8-byte accesses only), or samples of 24 bytes (12 bfloat16 elements) that 16-byte-aligned
+    tensors start, take the scalar path."""
+    z, mo = torch.randn(2, 12), torch.randn(2, 12)
+    assert emu.vectorized(z, torch.empty_like(z), mo)
+    buf = torch.empty(z.numel() + 2)
+    shifted = buf[2:].view(z.shape)  # 8 bytes past the buffer's (aligned) start
+    assert not emu.vectorized(shifted, torch.empty_like(z), mo)
+    assert not emu.vectorized(z, shifted, mo)
+    assert not emu.vectorized(z, torch.empty_like(z), mo.bfloat16())
 
 
 @pytest.mark.parametrize("written", ["out", "x_out"])
@@ -399,4 +454,13 @@ def test_log_uniform_on_every_uniform(emu):
     ulp = (torch.nextafter(got.float(), torch.tensor(-float("inf"))).double() - got).abs()
     assert ((got - want).abs() <= ulp).all()
     assert not torch.equal(got, want.float().double())  # not the correctly rounded log: about 1 ulp, as logf
+
+
+def test_log_uniform_bit_exact_over_every_uniform(emu):
+    """log_uniform_f32 equals the numpy statement of its reduction and fmas (noise_f32.log_uniform) bit for bit on
+    every uniform: the GPU check holds it to logf, and a changed constant or step, within an ulp of the log
+    still, would move the device's normals off the Triton kernel's."""
+    u = ((np.arange(1 << 23, dtype=np.int64) * 2 + 1) * 2.0**-24).astype(np.float32)
+    got = emu.log_uniform_f32(torch.from_numpy(u)).numpy()
+    np.testing.assert_array_equal(got.view(np.int32), noise_f32.log_uniform(u).view(np.int32))
 
