@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from ..solvers.base import Lin, eps_of
-from ._base import FastflowScheduler, StepSpec, X, Z
+from ._base import FastflowScheduler
+from ._spec import StepSpec, X, Z
 from .ddim import thresholded_x0
 
 __all__ = [

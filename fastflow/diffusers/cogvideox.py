@@ -29,7 +29,9 @@ from diffusers.schedulers import scheduling_ddim_cogvideox as _cogvideox
 from diffusers.schedulers import scheduling_dpm_cogvideox as _cogdpm
 
 from ..solvers.base import UndefinedStepError
-from ._base import StepSpec, X, Z, _host_number, noise, output_maker, promoted_dtype
+from ._locate import host_number
+from ._outputs import output_maker
+from ._spec import StepSpec, X, Z, noise, promoted_dtype
 from .ddim import _VPMixin, x0_coefs
 
 __all__ = ["CogVideoXDDIMScheduler", "CogVideoXDPMScheduler"]
@@ -195,7 +197,7 @@ class CogVideoXDPMScheduler(_VPMixin, _cogdpm.CogVideoXDPMScheduler):
                 "is not supported"
             )
         # A traced step cannot read a tensor's value (a CPU one included): it takes the counter's step, as documented.
-        back = None if torch.compiler.is_compiling() else _host_number(timestep_back)
+        back = None if torch.compiler.is_compiling() else host_number(timestep_back)
         if back is not None and back != float(self._ff_host_timesteps[idx - 1]):
             raise NotImplementedError(
                 f"{name}: timestep_back={back:g} is not the previous call's timestep "

@@ -14,7 +14,9 @@ from typing import Any
 import torch
 from diffusers.schedulers import scheduling_consistency_models as _cm
 
-from ._base import FastflowScheduler, StepSpec, X, noise, output_maker, promoted_dtype
+from ._base import FastflowScheduler
+from ._outputs import output_maker
+from ._spec import StepSpec, X, noise, promoted_dtype
 
 __all__ = ["CMStochasticIterativeScheduler"]
 _OUTPUT = output_maker(_cm.CMStochasticIterativeSchedulerOutput, "prev_sample")

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from diffusers.schedulers import scheduling_cosine_dpmsolver_multistep as _cos
 
-from ._base import output_maker, promoted_dtype
+from ._outputs import output_maker
+from ._spec import promoted_dtype
 from .edm_dpmsolver import EDMPreconditioned
 
 __all__ = ["CosineDPMSolverMultistepScheduler"]

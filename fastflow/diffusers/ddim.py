@@ -10,7 +10,7 @@ so loops agree to float32 round-off instead of to that cancellation.
 
 With ``clip_sample`` and diffusers' default ``use_clipped_model_output=False``, the
 noise estimate comes from the unclipped model output while ``x0`` is clipped: the
-raw output is bound to a kernel history slot (:func:`fastflow.diffusers._base.O`).
+raw output is bound to a kernel history slot (:func:`fastflow.diffusers._spec.O`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ import torch
 from diffusers.schedulers import scheduling_ddim, scheduling_ddpm
 
 from ..solvers.base import UndefinedStepError
-from ._base import FastflowScheduler, O, StepSpec, X, Z, noise, output_maker, promoted_dtype, sqrt
+from ._base import FastflowScheduler
+from ._outputs import output_maker
+from ._spec import O, StepSpec, X, Z, noise, promoted_dtype, sqrt
 
 __all__ = ["DDIMScheduler", "DDPMScheduler", "ddim_noise_and_direction", "dynamic_threshold", "eps_coefs", "x0_coefs"]
 

@@ -19,7 +19,8 @@ import torch
 from diffusers.schedulers import scheduling_ddim_inverse as _inverse
 
 from ..solvers.base import UndefinedStepError
-from ._base import O, StepSpec, X, Z, output_maker, promoted_dtype
+from ._outputs import output_maker
+from ._spec import O, StepSpec, X, Z, promoted_dtype
 from .ddim import _VPMixin, eps_coefs
 
 __all__ = ["DDIMInverseScheduler"]

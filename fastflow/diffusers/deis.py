@@ -20,8 +20,9 @@ from diffusers.schedulers import scheduling_deis_multistep as _deis
 
 from ..solvers.base import Lin, UndefinedStepError
 from ..solvers.dpmpp import repeated_point
-from ._base import Z, output_maker, promoted_dtype
 from ._multistep import MultistepScheduler, Undefined, exp_lagrange_integrals, half_logsnr, stored_prediction
+from ._outputs import output_maker
+from ._spec import Z, promoted_dtype
 from .dpmsolver import dpm_orders
 
 __all__ = ["DEISMultistepScheduler", "deis_updates", "logrho_coefficients"]

@@ -17,7 +17,6 @@ from diffusers.schedulers import scheduling_dpmsolver_multistep as _dpm
 
 from ..solvers.base import Lin, UndefinedStepError
 from ..solvers.dpmpp import dpmpp_differences, dpmpp_update, multistep_order
-from ._base import X, Z, noise, output_maker, promoted_dtype
 from ._multistep import (
     MultistepScheduler,
     Undefined,
@@ -27,6 +26,8 @@ from ._multistep import (
     stored_prediction,
     x0_coefs,
 )
+from ._outputs import output_maker
+from ._spec import X, Z, noise, promoted_dtype
 
 __all__ = [
     "DPMSolverFormulas", "DPMSolverMultistepScheduler", "DPMSolverOptions", "alpha_sigma", "dpm_orders", "dpm_updates",

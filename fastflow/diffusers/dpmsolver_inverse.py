@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from diffusers.schedulers import scheduling_dpmsolver_multistep_inverse as _inverse
 
-from ._base import output_maker, promoted_dtype
+from ._outputs import output_maker
+from ._spec import promoted_dtype
 from .dpmsolver import DPMSolverOptions
 
 __all__ = ["DPMSolverMultistepInverseScheduler"]

@@ -33,7 +33,8 @@ from diffusers.schedulers import scheduling_dpmsolver_sde as _sde
 
 from ..runner import HistoryShapeError, broadcasts_to
 from ..solvers.base import UndefinedStepError
-from ._base import StepSpec, X, Z, noise, output_maker, promoted_dtype
+from ._outputs import output_maker
+from ._spec import StepSpec, X, Z, noise, promoted_dtype
 from ._two_call import ScaledTwoCallMixin, input_scales
 
 __all__ = ["DPMSolverSDEScheduler", "SDEInterval", "sde_interval"]

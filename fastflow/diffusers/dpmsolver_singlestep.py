@@ -20,8 +20,9 @@ from diffusers.schedulers import scheduling_dpmsolver_singlestep as _dps
 
 from ..solvers.base import Lin, UndefinedStepError
 from ..solvers.dpmpp import repeated_point
-from ._base import X, Z, noise, output_maker, promoted_dtype
 from ._multistep import MultistepScheduler, Undefined, half_logsnr, stored_prediction
+from ._outputs import output_maker
+from ._spec import X, Z, noise, promoted_dtype
 
 __all__ = ["DPMSolverSinglestepScheduler", "singlestep_updates"]
 _OUTPUT = output_maker(_dps.SchedulerOutput, "prev_sample")

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from diffusers.schedulers import scheduling_edm_dpmsolver_multistep as _edm_dpm
 
-from ._base import output_maker, promoted_dtype
+from ._outputs import output_maker
+from ._spec import promoted_dtype
 from .dpmsolver import DPMSolverFormulas
 
 __all__ = ["EDMDPMSolverMultistepScheduler", "EDMPreconditioned"]

@@ -17,7 +17,9 @@ import numpy as np
 import torch
 from diffusers.schedulers import scheduling_edm_euler, scheduling_euler_ancestral_discrete, scheduling_euler_discrete
 
-from ._base import FastflowScheduler, Lin, StepSpec, X, Z, noise, output_maker
+from ._base import FastflowScheduler
+from ._outputs import output_maker
+from ._spec import Lin, StepSpec, X, Z, noise
 
 __all__ = ["EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "EDMEulerScheduler", "ve_x0_coefs"]
 

@@ -21,7 +21,9 @@ import numpy as np
 import torch
 from diffusers.schedulers import scheduling_flow_map_euler_discrete as _fmap
 
-from ._base import FastflowScheduler, StepSpec, X, Z, output_maker, promoted_dtype
+from ._base import FastflowScheduler
+from ._outputs import output_maker
+from ._spec import StepSpec, X, Z, promoted_dtype
 
 __all__ = ["FlowMapEulerDiscreteScheduler"]
 _OUTPUT = output_maker(_fmap.FlowMapEulerDiscreteSchedulerOutput, "prev_sample")

@@ -22,7 +22,9 @@ import torch
 from diffusers.schedulers import scheduling_flow_match_euler_discrete as fm
 from diffusers.schedulers import scheduling_flow_match_heun_discrete as fmh
 
-from ._base import StepSpec, X, Z, absent_method, noise, output_maker
+from ._base import absent_method
+from ._outputs import output_maker
+from ._spec import StepSpec, X, Z, noise
 from ._two_call import TwoCallMixin
 from .euler import _SigmaMixin
 

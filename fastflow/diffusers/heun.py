@@ -12,7 +12,8 @@ from typing import Any
 import torch
 from diffusers.schedulers import scheduling_heun_discrete as _heun
 
-from ._base import StepSpec, X, Z, output_maker, promoted_dtype
+from ._outputs import output_maker
+from ._spec import StepSpec, X, Z, promoted_dtype
 from ._two_call import ScaledTwoCallMixin, input_scales
 from .euler import ve_x0_coefs
 

@@ -18,7 +18,9 @@ import torch
 from diffusers.schedulers import scheduling_ipndm as _ipndm
 
 from ..solvers.base import UndefinedStepError
-from ._base import FastflowScheduler, O, StepSpec, X, Z, output_maker, promoted_dtype
+from ._base import FastflowScheduler
+from ._outputs import output_maker
+from ._spec import O, StepSpec, X, Z, promoted_dtype
 
 __all__ = ["IPNDMScheduler", "adams_bashforth_weights"]
 _OUTPUT = output_maker(_ipndm.SchedulerOutput, "prev_sample")

@@ -19,7 +19,8 @@ from diffusers.schedulers import scheduling_k_dpm_2_ancestral_discrete as _kdpm2
 from diffusers.schedulers import scheduling_k_dpm_2_discrete as _kdpm2
 
 from ..solvers.base import UndefinedStepError
-from ._base import StepSpec, X, Z, noise, output_maker, promoted_dtype
+from ._outputs import output_maker
+from ._spec import StepSpec, X, Z, noise, promoted_dtype
 from ._two_call import ScaledTwoCallMixin, input_scales
 from .euler import ve_x0_coefs
 

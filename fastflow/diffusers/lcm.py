@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from diffusers.schedulers import scheduling_lcm
 
-from ._base import StepSpec, X, Z, noise, output_maker, promoted_dtype
+from ._outputs import output_maker
+from ._spec import StepSpec, X, Z, noise, promoted_dtype
 from .ddim import _VPMixin
 
 __all__ = ["LCMScheduler"]

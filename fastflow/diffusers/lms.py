@@ -29,7 +29,8 @@ import torch
 from diffusers.schedulers import scheduling_lms_discrete as _lms
 
 from ..solvers.base import UndefinedStepError
-from ._base import O, StepSpec, X, Z, output_maker, promoted_dtype
+from ._outputs import output_maker
+from ._spec import O, StepSpec, X, Z, promoted_dtype
 from .euler import _VEInputMixin
 
 __all__ = ["LMSDiscreteScheduler", "lms_coefficients"]

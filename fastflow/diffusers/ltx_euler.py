@@ -18,7 +18,9 @@ from typing import Any
 import torch
 from diffusers.schedulers import scheduling_ltx_euler_ancestral_rf as _ltx
 
-from ._base import FastflowScheduler, StepSpec, X, Z, noise, output_maker
+from ._base import FastflowScheduler
+from ._outputs import output_maker
+from ._spec import StepSpec, X, Z, noise
 
 __all__ = ["LTXEulerAncestralRFScheduler"]
 _OUTPUT = output_maker(_ltx.LTXEulerAncestralRFSchedulerOutput, "prev_sample")

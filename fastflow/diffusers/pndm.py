@@ -38,7 +38,9 @@ from diffusers.schedulers import scheduling_pndm as _pndm
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
 from ..solvers.base import Lin, UndefinedStepError
-from ._base import FastflowScheduler, O, StepSpec, X, Z, output_maker, promoted_dtype
+from ._base import FastflowScheduler
+from ._outputs import output_maker
+from ._spec import O, StepSpec, X, Z, promoted_dtype
 
 __all__ = ["PNDMScheduler", "plms_weights"]
 _OUTPUT = output_maker(SchedulerOutput, "prev_sample")

@@ -31,9 +31,10 @@ import torch
 from diffusers.schedulers import scheduling_sasolver as _sa
 
 from ..solvers.base import Lin, UndefinedStepError
-from ._base import Z, noise, output_maker, promoted_dtype
 from ._multistep import Undefined, exp_lagrange_integrals, half_logsnr, stored_prediction
+from ._outputs import output_maker
 from ._rebuilt_corrector import RebuiltCorrectorMixin
+from ._spec import Z, noise, promoted_dtype
 
 __all__ = ["SASolverScheduler", "exp_lagrange_integrals", "sa_orders", "sa_updates"]
 _OUTPUT = output_maker(_sa.SchedulerOutput, "prev_sample")

@@ -14,7 +14,9 @@ from typing import Any
 import torch
 from diffusers.schedulers import scheduling_scm as _scm
 
-from ._base import FastflowScheduler, StepSpec, X, noise, output_maker, promoted_dtype
+from ._base import FastflowScheduler
+from ._outputs import output_maker
+from ._spec import StepSpec, X, noise, promoted_dtype
 
 __all__ = ["SCMScheduler"]
 _OUTPUT = output_maker(_scm.SCMSchedulerOutput, "prev_sample", "pred_original_sample")

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from diffusers.schedulers import scheduling_tcd
 
-from ._base import StepSpec, X, noise, output_maker, promoted_dtype
+from ._outputs import output_maker
+from ._spec import StepSpec, X, noise, promoted_dtype
 from .ddim import _VPMixin, eps_coefs, x0_coefs
 
 __all__ = ["TCDScheduler", "tcd_intermediate_timestep"]

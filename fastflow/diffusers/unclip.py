@@ -18,7 +18,9 @@ import numpy as np
 import torch
 from diffusers.schedulers import scheduling_unclip as _unclip
 
-from ._base import StepSpec, X, Z, _host_number, noise, output_maker, promoted_dtype
+from ._locate import host_number
+from ._outputs import output_maker
+from ._spec import StepSpec, X, Z, noise, promoted_dtype
 from .ddim import _VPMixin, learned_range_scale
 
 __all__ = ["UnCLIPScheduler"]
@@ -90,7 +92,7 @@ class UnCLIPScheduler(_VPMixin, _unclip.UnCLIPScheduler):
         t = self._ff_t[idx]
         if prev_timestep is None:
             return _NEXT if idx == len(self._ff_t) - 1 else _ONE_BACK
-        value = _host_number(prev_timestep)
+        value = host_number(prev_timestep)
         if value is None and not torch.compiler.is_compiling():
             value = self._ff_view_value(prev_timestep)
         if value is None:

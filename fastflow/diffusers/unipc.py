@@ -26,9 +26,10 @@ from diffusers.schedulers import scheduling_unipc_multistep as _unipc
 from ..solvers.base import Lin, UndefinedStepError
 from ..solvers.dpmpp import multistep_order
 from ..solvers.unipc import correction, differences, predictor_update
-from ._base import X, Z, output_maker
 from ._multistep import Undefined, half_logsnr, stored_prediction
+from ._outputs import output_maker
 from ._rebuilt_corrector import RebuiltCorrectorMixin
+from ._spec import X, Z
 
 __all__ = ["UniPCMultistepScheduler", "unipc_corrects", "unipc_orders", "unipc_updates"]
 _OUTPUT = output_maker(_unipc.SchedulerOutput, "prev_sample")

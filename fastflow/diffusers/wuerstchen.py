@@ -19,7 +19,10 @@ from typing import Any
 import torch
 from diffusers.schedulers import scheduling_ddpm_wuerstchen as _w
 
-from ._base import FastflowScheduler, StepSpec, X, Z, _host_number, noise, output_maker
+from ._base import FastflowScheduler
+from ._locate import host_number
+from ._outputs import output_maker
+from ._spec import StepSpec, X, Z, noise
 
 __all__ = ["DDPMWuerstchenScheduler"]
 _OUTPUT = output_maker(_w.DDPMWuerstchenSchedulerOutput, "prev_sample")
@@ -78,7 +81,7 @@ class DDPMWuerstchenScheduler(FastflowScheduler, _w.DDPMWuerstchenScheduler):
         """The step of a timestep whose value the host has (a number or a CPU tensor): diffusers evaluates its
         schedule at that value, so it must be one of the schedule's timesteps (rounded to the timestep's dtype),
         found by value as diffusers finds the next one; a device timestep is not read and takes ``idx``."""
-        value = _host_number(timestep)
+        value = host_number(timestep)
         if value is None:
             return idx
         key = ("rounded timesteps", variant)

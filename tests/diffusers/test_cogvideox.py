@@ -142,7 +142,7 @@ def _dpm_loop(s, steps: int, model, x=None, begin: int = 0, float32_noise: bool 
     ``float32_noise``: draw the noise as in float32 and widen it (a float64 loop then adds the float32 loop's)."""
     import diffusers.schedulers.scheduling_dpm_cogvideox as module
 
-    import fastflow.diffusers._base as base
+    import fastflow.diffusers._noise_draws as base
 
     s.set_timesteps(steps)
     ts = s.timesteps[begin:]  # (both address a step by its timestep's value, read on the host here)

@@ -92,7 +92,7 @@ def _diffusers_float64(cfg: dict, steps: int, model, begin: int = 0) -> torch.Te
 
 
 def _fastflow_float64(ff, cfg: dict, steps: int, model, begin: int = 0) -> torch.Tensor:
-    import fastflow.diffusers._base as module
+    import fastflow.diffusers._noise_draws as module
 
     with float32_draws(module):
         x, _ = run_loop(ff, steps, model=model, x=start_noise(0).double(), step_kwargs=_generator(cfg), begin=begin)

@@ -14,7 +14,7 @@ import torch
 from dropin_helpers import SD, SHAPE, TREE_NOISE, assert_close, pair, stand_in, start_noise
 
 import fastflow.diffusers as ffd
-import fastflow.diffusers._base as dropin_base
+import fastflow.diffusers._locate as dropin_locate
 from fastflow.backends import get_backend
 
 diffusers = pytest.importorskip("diffusers")
@@ -412,7 +412,7 @@ def test_step_output_is_the_diffusers_output():
     import pickle
     from dataclasses import fields
 
-    from fastflow.diffusers._base import output_maker
+    from fastflow.diffusers._outputs import output_maker
 
     a, b = torch.ones(2), torch.zeros(2)
     for cls in _output_classes():
@@ -433,7 +433,7 @@ def test_step_output_falls_back_for_a_class_that_builds_differently():
 
     from diffusers.utils import BaseOutput
 
-    from fastflow.diffusers._base import output_maker
+    from fastflow.diffusers._outputs import output_maker
 
     @dataclass
     class Extra(BaseOutput):  # a field the caller does not pass: only the constructor sets it
@@ -714,7 +714,7 @@ def test_a_slice_put_in_timesteps_keeps_the_schedule_s_steps(monkeypatch, name):
         s.set_timesteps(10)
         s.timesteps = s.timesteps[3:]
         if s is ff:
-            monkeypatch.setattr(dropin_base, "_host_number", lambda v: None if isinstance(v, torch.Tensor) else v)
+            monkeypatch.setattr(dropin_locate, "host_number", lambda v: None if isinstance(v, torch.Tensor) else v)
         x = start_noise(0)
         for t in s.timesteps:
             x = s.step(stand_in(x, 0.0) + 0.01 * x, t, x).prev_sample

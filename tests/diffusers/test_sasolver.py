@@ -25,7 +25,7 @@ from posterior_model import posterior_model
 
 import fastflow
 import fastflow.diffusers as ffd
-import fastflow.diffusers._base as dropin_base
+import fastflow.diffusers._noise_draws as dropin_noise
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers.schedulers import scheduling_sasolver  # noqa: E402
@@ -47,7 +47,7 @@ def _float64_loop(scheduler, steps: int, model, begin: int = 0) -> torch.Tensor:
     if begin:
         scheduler.set_begin_index(begin)
     x = start_noise().double()
-    with float32_draws(scheduling_sasolver, dropin_base):
+    with float32_draws(scheduling_sasolver, dropin_noise):
         for i, t in enumerate(scheduler.timesteps[begin:]):
             x = scheduler.step(model(x, t), t, x, **_generators(i)).prev_sample
     return x

@@ -11,7 +11,7 @@ import torch
 from dropin_helpers import assert_close, assert_independent_standard_normals, pair
 
 import fastflow.diffusers as ffd
-import fastflow.diffusers._base as dropin_base
+import fastflow.diffusers._locate as dropin_locate
 import fastflow.diffusers.unclip as unclip_module
 
 diffusers = pytest.importorskip("diffusers")
@@ -72,8 +72,8 @@ def test_a_device_prev_timestep_is_located_not_read(monkeypatch):
     ref, ff = pair(NAME)
     xa, _ = _loop(ref, 6, "pipeline", learned=False)
     unreadable = lambda value: None if isinstance(value, torch.Tensor) else float(value)  # noqa: E731
-    monkeypatch.setattr(dropin_base, "_host_number", unreadable)
-    monkeypatch.setattr(unclip_module, "_host_number", unreadable)
+    monkeypatch.setattr(dropin_locate, "host_number", unreadable)
+    monkeypatch.setattr(unclip_module, "host_number", unreadable)
     xb, _ = _loop(ff, 6, "pipeline", learned=False)
     assert_close(xb, xa)
     ff.set_timesteps(6)
