@@ -5,16 +5,22 @@
 Both runs should come from one machine in one session (``scripts/gpu_check.sh`` runs
 a base checkout's benchmarks right before this tree's when ``AB_BASE`` is set);
 ratios below 1 mean the new tree is faster. Cases and implementations found in only
-one run are left out.
+one run are left out. Where the two runs differ in what their times depend on (the
+card, its driver and clocks, the software versions, the benchmark settings), the table
+opens with a warning naming each difference, and so does standard error: such ratios
+compare machines or methods, not trees.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 METRICS = (("device_us", "device"), ("host_us", "loop"), ("step_us", "step"), ("graph_us", "graph"))
+# Machine fields that differ between two runs of one A/B by design (the trees compared, and their builds).
+_EXPECTED_TO_DIFFER = frozenset({"git_commit", "fastflow", "fastflow_build", "backends", "host"})
 
 
 def _cases(path: Path) -> dict[tuple[str, str, str], dict]:
@@ -22,12 +28,35 @@ def _cases(path: Path) -> dict[tuple[str, str, str], dict]:
     return {(c["family"], c["size"], c.get("model_dtype", "")): c["impls"] for c in data["cases"]}
 
 
+def differences(base: Path, new: Path) -> list[str]:
+    """What the two runs' times depend on and differ in: machine fields (not the trees' own) and settings."""
+    old, cur = json.loads(base.read_text()), json.loads(new.read_text())
+    found = []
+    for section in ("machine", "settings"):
+        a, b = old.get(section) or {}, cur.get(section) or {}
+        for key in sorted(a.keys() | b.keys()):
+            if section == "machine" and key in _EXPECTED_TO_DIFFER:
+                continue
+            if a.get(key) != b.get(key):
+                found.append(f"{section}.{key}: base {a.get(key)!r}, new {b.get(key)!r}")
+    return found
+
+
 def compare(base: Path, new: Path) -> str:
-    """A markdown table of ``new / base`` for every metric both runs measured."""
+    """A markdown table of ``new / base`` for every metric both runs measured, after any :func:`differences`."""
     old, cur = _cases(base), _cases(new)
     lines = [
         f"# `{new}` against `{base}` (new / base; below 1 is faster)",
         "",
+    ]
+    unlike = differences(base, new)
+    if unlike:
+        lines += [
+            "> **Warning**: the runs differ in more than their trees, so these ratios do not compare the trees alone:",
+            *(f"> - {d}" for d in unlike),
+            "",
+        ]
+    lines += [
         "| family | size | model out | impl | "
         + " | ".join(f"{label} base us | {label} new us | {label} ratio" for _, label in METRICS)
         + " |",
@@ -54,6 +83,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("new", type=Path)
     parser.add_argument("--out", type=Path, help="also write the table here")
     args = parser.parse_args(argv)
+    for difference in differences(args.base, args.new):
+        print(f"warning: the runs differ in {difference}", file=sys.stderr)
     table = compare(args.base, args.new)
     print(table)
     if args.out:

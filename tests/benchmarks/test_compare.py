@@ -2,7 +2,7 @@
 
 import json
 
-from benchmarks.compare import compare
+from benchmarks.compare import compare, differences, main
 
 
 def _run(path, cases):
@@ -31,3 +31,37 @@ def test_ratios_of_shared_cases_only(tmp_path):
     assert rows == [want]
     table = compare(base, new)
     assert "ddpm" not in table and "unipc" not in table and "naive" not in table
+
+
+def _with(path, machine, settings):
+    path.write_text(json.dumps({"machine": machine, "settings": settings, "cases": [_case("ddim", {
+        "fastflow-cuda": {"device_us": 10.0}})]}))
+    return path
+
+
+def test_runs_of_one_machine_and_method_compare_without_a_warning(tmp_path, capsys):
+    machine = {"card": "NVIDIA H200", "torch": "2.11.0", "git_commit": "a" * 40, "fastflow_build": {"cuda": "13.0"}}
+    base = _with(tmp_path / "base.json", machine, {"steps": 30})
+    new = _with(tmp_path / "new.json", {**machine, "git_commit": "b" * 40, "fastflow_build": {"cuda": None}},
+                {"steps": 30})
+    assert differences(base, new) == []  # the trees and their builds differ by design
+    assert "Warning" not in compare(base, new)
+    main([str(base), str(new)])
+    assert capsys.readouterr().err == ""
+
+
+def test_another_card_or_settings_are_named_in_the_table_and_on_stderr(tmp_path, capsys):
+    base = _with(tmp_path / "base.json", {"card": "NVIDIA H200", "torch": "2.11.0"}, {"steps": 30, "quick": True})
+    new = _with(tmp_path / "new.json", {"card": "NVIDIA H100 80GB HBM3", "torch": "2.11.0"}, {"steps": 10})
+    found = differences(base, new)
+    assert found == [
+        "machine.card: base 'NVIDIA H200', new 'NVIDIA H100 80GB HBM3'",
+        "settings.quick: base True, new None",
+        "settings.steps: base 30, new 10",
+    ]
+    table = compare(base, new)
+    assert table.index("Warning") < table.index("| family")
+    assert all(f"> - {d}" in table for d in found)
+    main([str(base), str(new)])
+    err = capsys.readouterr().err
+    assert err.count("warning: the runs differ in") == 3 and "machine.card" in err
