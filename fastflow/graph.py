@@ -35,18 +35,16 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
-import os
-import sys
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from types import FrameType
 from typing import Any
 
 import numpy as np
 import torch
 
 from . import noise as noise_spec
+from ._capture import SyncProbe, WarnedTexts, probing_syncs, user_stacklevel
 from .backends import resolve_backend
 from .plan import W
 from .runner import PlanRunner
@@ -57,34 +55,8 @@ __all__ = ["CaptureFallbackWarning", "CapturedLoop", "GraphCache", "capture", "c
 Cond = torch.Tensor | Sequence[torch.Tensor] | Mapping[str, torch.Tensor] | None
 Seed = int | Sequence[int] | torch.Tensor
 
-_MAX_WARNED = 256
 
-
-class _WarnedTexts:
-    """The texts a warn-once helper has warned, as an ordered set of at most ``_MAX_WARNED`` (oldest out first):
-    a fallback's reason can quote a shape or an exception, so a long-running server sees ever new ones."""
-
-    def __init__(self) -> None:
-        self._texts: OrderedDict[str, None] = OrderedDict()
-
-    def first(self, text: str) -> bool:
-        """Whether ``text`` is new (it is remembered from now on)."""
-        if text in self._texts:
-            self._texts.move_to_end(text)
-            return False
-        self._texts[text] = None
-        if len(self._texts) > _MAX_WARNED:
-            self._texts.popitem(last=False)
-        return True
-
-    def __len__(self) -> int:
-        return len(self._texts)
-
-    def clear(self) -> None:
-        self._texts.clear()
-
-
-_WARNED = _WarnedTexts()
+_WARNED = WarnedTexts()
 
 
 class CaptureFallbackWarning(UserWarning):
@@ -95,35 +67,10 @@ class _NotCapturable(Exception):
     """Internal: the loop runs fine eagerly but cannot be recorded into a graph."""
 
 
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
-
-
-def _next_external_frame(frame: FrameType) -> FrameType | None:
-    """The next frame out that ``warnings.warn`` counts for ``stacklevel`` (it skips importlib's bootstrap)."""
-    frame = frame.f_back
-    while frame is not None and "importlib" in frame.f_code.co_filename and "_bootstrap" in frame.f_code.co_filename:
-        frame = frame.f_back
-    return frame
-
-
-def _user_stacklevel() -> int:
-    """The ``stacklevel`` that makes a ``warnings.warn`` in the calling function point at the first frame outside
-    fastflow: the user's call, however deep in fastflow the warning is raised (a fixed level breaks as soon as
-    another fastflow function sits in between)."""
-    frame = sys._getframe(1)  # the function that calls warnings.warn: stacklevel 1
-    level = 1
-    while os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR):
-        outer = _next_external_frame(frame)
-        if outer is None:
-            break
-        frame, level = outer, level + 1
-    return level
-
-
 def _warn_once(reason: str) -> None:
     if _WARNED.first(reason):
         warnings.warn(
-            f"fastflow.graph: running the eager loop: {reason}", CaptureFallbackWarning, stacklevel=_user_stacklevel()
+            f"fastflow.graph: running the eager loop: {reason}", CaptureFallbackWarning, stacklevel=user_stacklevel()
         )
 
 
@@ -206,46 +153,6 @@ def capture_blockers(sampler: Sampler, device: torch.device | str, dtype: torch.
             why = getattr(backend, "capture_reason", None) or "it declares itself not capture-safe"
             reasons.append(f"the {backend.name!r} backend cannot be captured: {why}")
     return reasons
-
-
-def _is_sync_warning(w: warnings.WarningMessage) -> bool:
-    """Whether a caught warning reports a CUDA host sync.
-
-    torch's own notice that the sync debug mode is a prototype mentions syncs too; it is not one.
-    """
-    text = str(w.message).lower()
-    return "synchronizing" in text and "prototype" not in text
-
-
-class _SyncProbe:
-    """Attributes CUDA sync warnings raised in warm-up to the part of the loop that caused them."""
-
-    def __init__(self, caught: list):
-        self.caught = caught
-        self.seen = 0
-        self.culprit: str | None = None
-
-    def mark(self, label: str) -> None:
-        new = self.caught[self.seen :]
-        self.seen = len(self.caught)
-        if self.culprit is None:
-            for w in new:
-                if _is_sync_warning(w):
-                    self.culprit = f"{label} synchronizes with the host ({str(w.message).strip()})"
-                    return
-
-
-@contextlib.contextmanager
-def _probing_syncs():
-    """CUDA sync warnings on ("warn" debug mode) inside the block, recorded by the :class:`_SyncProbe` it yields."""
-    previous = torch.cuda.get_sync_debug_mode()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            yield _SyncProbe(caught)
-        finally:
-            torch.cuda.set_sync_debug_mode(previous)
 
 
 # ----------------------------------------------------------------------------- the captured loop
@@ -399,7 +306,7 @@ class CapturedLoop:
             if not part.is_floating_point():
                 raise TypeError(f"model_fn returned dtype {part.dtype} at stage {i}; expected a floating dtype")
 
-    def _loop(self, graph_mode: bool, probe: _SyncProbe | None = None) -> torch.Tensor:
+    def _loop(self, graph_mode: bool, probe: SyncProbe | None = None) -> torch.Tensor:
         """The loop of :func:`fastflow.sample`, from the static initial state; step rows on the device in graph mode."""
         sampler, runner, plan = self.sampler, self._runner, self._runner.plan
         z = self._z0
@@ -455,7 +362,7 @@ class CapturedLoop:
 
     def _probe_syncs(self) -> str | None:
         """One warm-up loop with CUDA sync warnings on; returns which part synced, if any."""
-        with _probing_syncs() as probe:
+        with probing_syncs() as probe:
             self._loop(graph_mode=True, probe=probe)
         return probe.culprit
 

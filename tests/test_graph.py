@@ -14,6 +14,7 @@ import torch
 import fastflow
 from fastflow import backends
 from fastflow import graph as ffgraph
+from fastflow._capture import MAX_WARNED
 from fastflow.backends.reference import TorchBackend
 from fastflow.graph import CaptureFallbackWarning, GraphCache, capture, capture_blockers, sampler_key
 from fastflow.plan import W
@@ -683,17 +684,17 @@ def test_graph_cache_refuses_a_bad_model_fn_or_warmup_when_made():
 
 def test_fallback_warnings_remember_a_bounded_number_of_reasons():
     """A reason can quote shapes or an exception's text, so a server meets ever new ones: the warn-once memory keeps
-    the latest ``_MAX_WARNED`` and warns again for one it has forgotten, instead of growing without end."""
+    the latest ``MAX_WARNED`` and warns again for one it has forgotten, instead of growing without end."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        for i in range(ffgraph._MAX_WARNED + 40):
+        for i in range(MAX_WARNED + 40):
             ffgraph._warn_once(f"reason {i}")
-        assert len(ffgraph._WARNED) == ffgraph._MAX_WARNED
-        assert len(caught) == ffgraph._MAX_WARNED + 40
-        ffgraph._warn_once(f"reason {ffgraph._MAX_WARNED + 39}")  # the newest: still remembered
-        assert len(caught) == ffgraph._MAX_WARNED + 40
+        assert len(ffgraph._WARNED) == MAX_WARNED
+        assert len(caught) == MAX_WARNED + 40
+        ffgraph._warn_once(f"reason {MAX_WARNED + 39}")  # the newest: still remembered
+        assert len(caught) == MAX_WARNED + 40
         ffgraph._warn_once("reason 0")  # the oldest: forgotten, so it warns again
-        assert len(caught) == ffgraph._MAX_WARNED + 41
+        assert len(caught) == MAX_WARNED + 41
 
 
 def test_graph_cache_keys_the_conditioning_signature():

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
-from ..graph import _probing_syncs, _user_stacklevel, _WarnedTexts
+from .._capture import WarnedTexts, probing_syncs, user_stacklevel
 from .loop_ops import _after_loop_op, _GapWatch, _LoopOps, _new_tensors, _record_op, _stale_use
 from .params import _is_float, _make_param_values, _param_mul, _write_params
 from .recording import (
@@ -43,7 +43,7 @@ _MODEL_ATTRS = ("unet", "transformer", "prior", "decoder")
 # residuals go into the denoiser), captured into the graph rather than recorded op by op.
 _AUX_MODEL_ATTRS = ("controlnet",)
 _CALLBACK_KWARGS = ("callback", "callback_on_step_end", "callback_steps")
-_WARNED = _WarnedTexts()
+_WARNED = WarnedTexts()
 # Signatures remembered as replaying another capture (they differ from it only in float or string values: every
 # new prompt or guidance scale makes one). Least recently used first out: a forgotten one finds its capture again
 # through _sibling, so the bound costs a lookup, and a server seeing endless prompts keeps a bounded table.
@@ -59,7 +59,7 @@ def _warn_once(reason: str) -> None:
         warnings.warn(
             f"fastflow.graph_pipeline: running the pipeline eagerly: {reason}",
             PipelineFallbackWarning,
-            stacklevel=_user_stacklevel(),
+            stacklevel=user_stacklevel(),
         )
 
 
@@ -413,7 +413,7 @@ class CapturedPipeline:
             with torch.cuda.stream(side):
                 for _ in range(self.warmup - 1):
                     self._run_trace(trace, originals)
-                with _probing_syncs() as probe:
+                with probing_syncs() as probe:
                     self._run_trace(trace, originals, probe.mark)
                 culprit = probe.culprit
             torch.cuda.current_stream(device).wait_stream(side)

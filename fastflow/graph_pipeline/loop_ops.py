@@ -10,7 +10,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch.overrides import TorchFunctionMode
 
-from ..graph import _is_sync_warning
+from .._capture import is_sync_warning
 from .params import _param_position
 from .recording import (
     _any_tensor,
@@ -62,7 +62,7 @@ class _GapWatch:
     def _collect(self) -> list:
         torch.cuda.set_sync_debug_mode(self.previous)
         self.active = False
-        found = [w for w in self.caught[self.mark :] if _is_sync_warning(w)]
+        found = [w for w in self.caught[self.mark :] if is_sync_warning(w)]
         self.ours.extend(found)
         return [w for w in found if not any(w is e for e in self.excused)]
 
