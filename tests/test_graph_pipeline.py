@@ -179,7 +179,7 @@ def test_recorded_cfg_loop_has_the_guidance_ops():
     assert trace.reason is None
     kinds = [ev.kind for ev in trace.events]
     assert kinds.count("model") == 3 and kinds.count("step") == 3 and kinds[-1] == "step"
-    names = [recording._describe(ev) for ev in trace.events if ev.kind == "op"]
+    names = [recording.describe(ev) for ev in trace.events if ev.kind == "op"]
     assert sum("cat" in n for n in names) == 2  # the first cat runs before the loop: an input of the graph
     assert sum("chunk" in n for n in names) == 3 and sum("sub" in n for n in names) == 3
 
@@ -383,7 +383,7 @@ class StandInGraph:
             scheduler._ff_seeds[(trace.device, trace.batch)] = trace.seeds
         with torch.no_grad():
             final = self.fast._run_trace(trace, self.originals)
-        for dst, src in zip(recording._tensors(trace.outputs), recording._tensors(final), strict=True):
+        for dst, src in zip(recording.tree_tensors(trace.outputs), recording.tree_tensors(final), strict=True):
             dst.copy_(src)
 
     def reset(self) -> None:
@@ -396,7 +396,7 @@ def capture_on_host(fast, trace, make_graph) -> None:
     originals = fast._originals()
     if trace.stochastic:
         trace.seeds = fast.scheduler._ff_seed_tensor(trace.batch, trace.device)
-    params._make_param_values(trace)
+    params.make_param_values(trace)
     with torch.no_grad():
         final = fast._run_trace(trace, originals)
     trace.outputs = pytree.tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, final)

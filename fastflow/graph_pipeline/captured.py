@@ -15,27 +15,27 @@ import torch
 import torch.utils._pytree as pytree
 
 from .._capture import WarnedTexts, probing_syncs, user_stacklevel
-from .loop_ops import _after_loop_op, _GapWatch, _LoopOps, _new_tensors, _record_op, _stale_use
-from .params import _is_float, _make_param_values, _param_mul, _write_params
+from .loop_ops import GapWatch, LoopOps, after_loop_op, new_tensors, record_op, stale_use
+from .params import is_float, make_param_values, param_mul, write_params
 from .recording import (
-    _LEAF_TYPES,
-    _describe,
-    _describe_call,
-    _Diverged,
-    _Event,
-    _flat_args,
-    _label,
-    _leaves,
-    _loosen,
-    _note,
-    _note_output,
-    _Recorder,
-    _resolve,
-    _RngState,
-    _signature,
-    _Trace,
-    _Uncapturable,
-    _uses,
+    LEAF_TYPES,
+    Diverged,
+    Event,
+    Recorder,
+    RngState,
+    Trace,
+    Uncapturable,
+    call_signature,
+    describe,
+    describe_call,
+    flat_args,
+    leaves_and_spec,
+    loop_call_label,
+    loosen,
+    note,
+    note_output,
+    resolve,
+    uses_any,
 )
 
 _MODEL_ATTRS = ("unet", "transformer", "prior", "decoder")
@@ -93,7 +93,7 @@ class CapturedPipeline:
         self.reason: str | None = None
         self.captures = 0
         self.replays = 0
-        self._traces: OrderedDict[tuple, _Trace] = OrderedDict()
+        self._traces: OrderedDict[tuple, Trace] = OrderedDict()
         # signature -> the captured signature whose graph it replays (it differs only in parameters' values)
         self._aliases: OrderedDict[tuple, tuple] = OrderedDict()
 
@@ -161,8 +161,8 @@ class CapturedPipeline:
             tuple(weakref.ref(net) for net in self._networks().values()),
             weakref.ref(self.scheduler),
             type(self.scheduler).__name__,
-            _signature(args),
-            _signature(dict(kwargs)),
+            call_signature(args),
+            call_signature(dict(kwargs)),
         )
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -184,10 +184,10 @@ class CapturedPipeline:
         if sibling_key is not None:
             # The same call but for floats or strings (a guidance scale, a prompt): replay that capture, with this
             # call's parameter values and inputs.
-            rng = _RngState(args, kwargs, self.device)
+            rng = RngState(args, kwargs, self.device)
             try:
                 result = self._replay_once(self._traces[sibling_key], args, kwargs)
-            except _Diverged:
+            except Diverged:
                 rng.restore()  # a float or string reached the loop's structure or constants: record this call
             else:
                 self._aliases[key] = sibling_key
@@ -206,7 +206,7 @@ class CapturedPipeline:
             try:
                 self._capture(trace)
                 self.captures += 1
-            except _Uncapturable as exc:
+            except Uncapturable as exc:
                 trace.reason = str(exc)
                 trace.release()
         if trace.reason is not None:
@@ -220,9 +220,9 @@ class CapturedPipeline:
         Replaying it is safe whatever those values do: every loop call and operation is checked against the
         recording as it comes, so a value that reaches more than a parameter or an input shows as a divergence.
         """
-        loose = _loosen(key)
+        loose = loosen(key)
         return next((k for k, t in reversed(self._traces.items())
-                     if t.reason is None and t.graph is not None and _loosen(k) == loose), None)
+                     if t.reason is None and t.graph is not None and loosen(k) == loose), None)
 
     def explain(self, *args: Any, **kwargs: Any) -> str | None:
         """Run one eager call while recording its loop; None when the loop's data flow can be captured, else why.
@@ -288,12 +288,12 @@ class CapturedPipeline:
         return forwards, step, scale
 
     # ------------------------------------------------------------------ record (eager call)
-    def _record(self, args: tuple, kwargs: dict) -> tuple[_Trace, Any]:
+    def _record(self, args: tuple, kwargs: dict) -> tuple[Trace, Any]:
         forwards, step, scale = self._originals()
-        rec = _Recorder(self.device)
-        watch = rec.watch = _GapWatch(rec.device.type == "cuda" and torch.cuda.is_available())
-        ops = _LoopOps(lambda func, a, k: _record_op(rec, func, a, k))
-        after = _LoopOps(lambda func, a, k: _after_loop_op(rec, func, a, k))
+        rec = Recorder(self.device)
+        watch = rec.watch = GapWatch(rec.device.type == "cuda" and torch.cuda.is_available())
+        ops = LoopOps(lambda func, a, k: record_op(rec, func, a, k))
+        after = LoopOps(lambda func, a, k: after_loop_op(rec, func, a, k))
         scheduler = self.scheduler
 
         def record(kind: str, fn: Callable, call_args: tuple, call_kwargs: dict) -> Any:
@@ -301,7 +301,7 @@ class CapturedPipeline:
             # loop calls themselves (the model, the step) run without the mode.
             ops.stop()
             watch.close(rec, kind)
-            label = f"{_label(kind)} at loop call {len(rec.trace.events)}"
+            label = f"{loop_call_label(kind)} at loop call {len(rec.trace.events)}"
             if rec.overflow is not None:
                 rec.fail(rec.overflow)
             if rec.done:  # the scheduler said its loop was over: the operations since were not recorded
@@ -309,14 +309,14 @@ class CapturedPipeline:
             rec.ops_since_call = 0
             try:
                 if rec.problem is None:
-                    _note(rec, kind, call_args, call_kwargs)
-            except _Uncapturable as exc:
+                    note(rec, kind, call_args, call_kwargs)
+            except Uncapturable as exc:
                 rec.fail(f"{label}: {exc}")
             out = fn(*call_args, **call_kwargs)
             try:
                 if rec.problem is None:
-                    _note_output(rec, kind, out)
-            except _Uncapturable as exc:
+                    note_output(rec, kind, out)
+            except Uncapturable as exc:
                 rec.fail(f"{label}: {exc}")
             rec.last_label = label
             if kind == "step" and _loop_finished(scheduler):
@@ -347,7 +347,7 @@ class CapturedPipeline:
                     ops.stop()
                     after.stop()
                     watch.stop()
-        if rec.done and rec.problem is None and _stale_use((pytree.tree_leaves(result),), {}, rec):
+        if rec.done and rec.problem is None and stale_use((pytree.tree_leaves(result),), {}, rec):
             rec.fail("the pipeline returns a tensor of the loop other than its last step's outputs, which a graph "
                      "does not keep")
         for w in caught:  # pass on what the pipeline warned, minus the sync probes
@@ -372,40 +372,40 @@ class CapturedPipeline:
         return trace, result
 
     # ------------------------------------------------------------------ capture
-    def _run_trace(self, trace: _Trace, originals: tuple, probe: Callable[[str], None] | None = None) -> Any:
+    def _run_trace(self, trace: Trace, originals: tuple, probe: Callable[[str], None] | None = None) -> Any:
         """The recorded loop on the static buffers (warm-up and capture); returns the last step's output."""
         forwards, step, scale = originals
         calls = {**forwards, "step": step, "scale": scale}
         values: list[Any] = [None] * len(trace.value_meta)
         final = None
         for k, ev in enumerate(trace.events):
-            leaves = [_resolve(arg, trace, values, ev.kind) for arg in ev.args]
+            leaves = [resolve(arg, trace, values, ev.kind) for arg in ev.args]
             a, kw = pytree.tree_unflatten(leaves, ev.spec)
             if ev.kind != "op":
                 out = calls[ev.kind](*a, **kw)
-            else:  # a parameter is one of the two positional arguments of a multiplication (see _record_op)
+            else:  # a parameter is one of the two positional arguments of a multiplication (see record_op)
                 factor = next((j for j, arg in enumerate(ev.args) if arg.kind == "param"), None)
-                out = ev.func(*a, **kw) if factor is None else _param_mul(a[1 - factor], a[factor])
+                out = ev.func(*a, **kw) if factor is None else param_mul(a[1 - factor], a[factor])
             out_leaves = pytree.tree_leaves(out)
             if len(out_leaves) != len(ev.outs):
-                raise _Uncapturable(f"{_describe(ev)} at loop call {k} returned a different structure than recorded")
+                raise Uncapturable(f"{describe(ev)} at loop call {k} returned a different structure than recorded")
             for index, leaf in zip(ev.outs, out_leaves, strict=True):
                 if index is not None:
                     values[index] = leaf
             if ev.kind == "step":
                 final = out
             if probe is not None:
-                probe(f"{_describe(ev)} at loop call {k}")
+                probe(f"{describe(ev)} at loop call {k}")
         return final
 
-    def _capture(self, trace: _Trace) -> None:
+    def _capture(self, trace: Trace) -> None:
         originals = self._originals()
         scheduler = self.scheduler
         device = self.device
         if trace.stochastic and hasattr(scheduler, "_ff_seed_tensor"):
             # The drop-in caches the seed tensor its steps read; creating it now makes it a static buffer.
             trace.seeds = scheduler._ff_seed_tensor(trace.batch, trace.device)
-        _make_param_values(trace)
+        make_param_values(trace)
         with torch.cuda.device(device), torch.no_grad():
             side = torch.cuda.Stream(device)
             side.wait_stream(torch.cuda.current_stream(device))
@@ -419,7 +419,7 @@ class CapturedPipeline:
             torch.cuda.current_stream(device).wait_stream(side)
             torch.cuda.synchronize(device)
             if culprit is not None:
-                raise _Uncapturable(culprit)
+                raise Uncapturable(culprit)
             graph = torch.cuda.CUDAGraph()
             before = torch.cuda.memory_reserved(device)
             with torch.cuda.stream(side):
@@ -431,11 +431,11 @@ class CapturedPipeline:
                         graph.capture_end()
                     with contextlib.suppress(Exception):
                         torch.cuda.synchronize(device)
-                    raise _Uncapturable(f"capture failed: {type(exc).__name__}: {exc}") from exc
+                    raise Uncapturable(f"capture failed: {type(exc).__name__}: {exc}") from exc
                 try:
                     graph.capture_end()
                 except Exception as exc:
-                    raise _Uncapturable(f"capture failed: {type(exc).__name__}: {exc}") from exc
+                    raise Uncapturable(f"capture failed: {type(exc).__name__}: {exc}") from exc
             trace.memory_bytes = max(0, torch.cuda.memory_reserved(device) - before)
         trace.graph = graph
         trace.outputs = final
@@ -444,19 +444,19 @@ class CapturedPipeline:
         trace.keep = dict(vars(scheduler))
 
     # ------------------------------------------------------------------ replay
-    def _replay(self, trace: _Trace, args: tuple, kwargs: dict) -> Any:
+    def _replay(self, trace: Trace, args: tuple, kwargs: dict) -> Any:
         """A call from the graph; if the pipeline's loop turns out to differ from the recording, the call is run
         again eagerly from the same random state (as if it had never been replayed), and so are later ones."""
-        rng = _RngState(args, kwargs, self.device)
+        rng = RngState(args, kwargs, self.device)
         try:
             return self._replay_once(trace, args, kwargs)
-        except _Diverged as exc:
+        except Diverged as exc:
             trace.reason = str(exc)
             trace.release()
             rng.restore()
             return self._eager(trace.reason, args, kwargs)
 
-    def _replay_once(self, trace: _Trace, args: tuple, kwargs: dict) -> Any:
+    def _replay_once(self, trace: Trace, args: tuple, kwargs: dict) -> Any:
         events = trace.events
         state: dict[str, Any] = {"k": 0, "done": False}
         loaded: dict[int, tuple[torch.Tensor, int]] = {}  # static buffer -> the tensor loaded into it, its version
@@ -464,52 +464,52 @@ class CapturedPipeline:
         params = list(trace.params)  # this call's parameter values, as its operations come
 
         def diverged(why: str) -> None:
-            raise _Diverged(f"the pipeline's loop diverged from the recorded one: {why}")
+            raise Diverged(f"the pipeline's loop diverged from the recorded one: {why}")
 
-        def take(kind: str, func: Any, a: tuple, kw: dict) -> _Event:
+        def take(kind: str, func: Any, a: tuple, kw: dict) -> Event:
             """Match this call against the next recorded event; load its outside inputs into the static buffers."""
             k = state["k"]
             if k >= len(events):
                 diverged(f"more loop calls than the {len(events)} recorded")
             ev = events[k]
             if ev.kind != kind or (kind == "op" and ev.func != func):
-                diverged(f"loop call {k} is {_describe_call(kind, func)}, recorded {_describe(ev)}")
+                diverged(f"loop call {k} is {describe_call(kind, func)}, recorded {describe(ev)}")
             if k == 0 and not _same_host(_host_timesteps(self.scheduler), trace.host_timesteps):
                 diverged("the scheduler's timesteps differ from the recorded ones")
             if k == 0 and getattr(self.scheduler, "begin_index", None) != trace.begin_index:
                 # the graph's steps are the recorded ones; a timestep tensor on the device is not compared
                 diverged("the scheduler's first step (begin_index) differs from the recorded one")
-            leaves = _flat_args(a, kw) if ev.flat == (len(a), tuple(kw)) else None
+            leaves = flat_args(a, kw) if ev.flat == (len(a), tuple(kw)) else None
             if leaves is None:  # arguments with structure: compare it whole
-                leaves, spec = _leaves((a, kw))
+                leaves, spec = leaves_and_spec((a, kw))
                 if spec != ev.spec:
-                    diverged(f"loop call {k} ({_describe(ev)}) has different arguments than recorded")
+                    diverged(f"loop call {k} ({describe(ev)}) has different arguments than recorded")
             for arg, leaf in zip(ev.args, leaves, strict=True):
                 if arg.kind == "value":
                     if not isinstance(leaf, torch.Tensor) or live.get(id(leaf)) != arg.index:
-                        diverged(f"loop call {k} ({_describe(ev)}) does not take the tensors the recorded loop gave it")
+                        diverged(f"loop call {k} ({describe(ev)}) does not take the tensors the recorded loop gave it")
                 elif arg.kind == "buffer":
                     buf = trace.buffers[arg.index]
                     if not isinstance(leaf, torch.Tensor) or leaf.shape != buf.shape or leaf.dtype != buf.dtype:
-                        diverged(f"an input of loop call {k} ({_describe(ev)}) changed shape or dtype")
+                        diverged(f"an input of loop call {k} ({describe(ev)}) changed shape or dtype")
                     first = loaded.get(arg.index)
                     if first is None:
                         buf.copy_(leaf)
                         loaded[arg.index] = (leaf, leaf._version)
                     elif first[0] is not leaf or first[1] != leaf._version:
                         # the recording passed one unchanged tensor at both places: the graph reads one buffer
-                        diverged(f"loop call {k} ({_describe(ev)}) takes another tensor, or one changed in place, "
+                        diverged(f"loop call {k} ({describe(ev)}) takes another tensor, or one changed in place, "
                                  "where the recorded loop passed again a tensor it had already taken")
                 elif arg.kind == "param":
-                    if not _is_float(leaf):
-                        diverged(f"loop call {k} ({_describe(ev)}) multiplies by {leaf!r}, recorded a float")
+                    if not is_float(leaf):
+                        diverged(f"loop call {k} ({describe(ev)}) multiplies by {leaf!r}, recorded a float")
                     params[arg.index] = float(leaf)
                 elif not _same_host(leaf, arg.host):
-                    diverged(f"a host input of loop call {k} ({_describe(ev)}) changed ({leaf!r} vs {arg.host!r})")
+                    diverged(f"a host input of loop call {k} ({describe(ev)}) changed ({leaf!r} vs {arg.host!r})")
             state["k"] = k + 1
             return ev
 
-        def placeholders(ev: _Event) -> Any:
+        def placeholders(ev: Event) -> Any:
             leaves = []
             for index, const in zip(ev.outs, ev.out_consts, strict=True):
                 if index is None:
@@ -532,7 +532,7 @@ class CapturedPipeline:
                     ops.stop()
                     if trace.seeds is not None:
                         _write_seeds(trace.seeds, state["seed"])
-                    _write_params(trace, params)
+                    write_params(trace, params)
                     trace.graph.replay()
                     state["done"] = True
                     return pytree.tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, trace.outputs)
@@ -541,18 +541,18 @@ class CapturedPipeline:
             return call
 
         def op(func: Any, a: tuple, kw: dict) -> Any:
-            if state["done"] or not _uses(a, kw, live):
+            if state["done"] or not uses_any(a, kw, live):
                 return func(*a, **kw)
             k = state["k"]
             if k < len(events) and events[k].kind == "op" and events[k].func == func:
                 return placeholders(take("op", func, a, kw))
             out = func(*a, **kw)  # a read of metadata (shape, dtype) is fine; new tensors are not in the graph
-            if _new_tensors(out, pytree.tree_leaves((a, kw))):
-                diverged(f"the pipeline's code calls {_describe_call('op', func)} on loop tensors at loop call {k}, "
+            if new_tensors(out, pytree.tree_leaves((a, kw))):
+                diverged(f"the pipeline's code calls {describe_call('op', func)} on loop tensors at loop call {k}, "
                          "which the recorded loop does not")
             return out
 
-        ops = _LoopOps(op)
+        ops = LoopOps(op)
         forwards, _, scale = self._originals()
         wrappers = (
             {kind: loop_call(kind) for kind in forwards},
@@ -565,8 +565,8 @@ class CapturedPipeline:
         finally:
             ops.stop()
         if not state["done"]:
-            raise _Diverged("the pipeline ended before the recorded loop's last step")
-        if _uses((pytree.tree_leaves(result),), {}, live):  # a stand-in holds no data (see _after_loop_op)
+            raise Diverged("the pipeline ended before the recorded loop's last step")
+        if uses_any((pytree.tree_leaves(result),), {}, live):  # a stand-in holds no data (see after_loop_op)
             diverged("the pipeline returns a tensor of the loop other than its last step's outputs")
         self.replays += 1  # counted once the call is over: a loop found longer after the replay is rerun eagerly
         self.reason = None
@@ -581,7 +581,7 @@ def _loop_finished(scheduler: Any) -> bool:
 
 
 def _same_host(a: Any, b: Any) -> bool:
-    if type(a) is type(b) and type(a) in _LEAF_TYPES:  # None, numbers, strings: the common host constants
+    if type(a) is type(b) and type(a) in LEAF_TYPES:  # None, numbers, strings: the common host constants
         return a == b or (isinstance(a, float) and math.isnan(a) and math.isnan(b))
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):

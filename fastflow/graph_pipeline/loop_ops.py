@@ -11,18 +11,18 @@ import torch.utils._pytree as pytree
 from torch.overrides import TorchFunctionMode
 
 from .._capture import is_sync_warning
-from .params import _param_position
+from .params import param_position
 from .recording import (
-    _any_tensor,
-    _Arg,
-    _describe_call,
-    _Event,
-    _flat_shape,
-    _label,
-    _leaves,
-    _Recorder,
-    _tensors,
-    _Uncapturable,
+    Arg,
+    Event,
+    Recorder,
+    Uncapturable,
+    any_tensor,
+    describe_call,
+    flat_shape,
+    leaves_and_spec,
+    loop_call_label,
+    tree_tensors,
 )
 
 # Tensor operations on loop tensors recorded between two loop calls, at most: guidance takes a handful;
@@ -30,7 +30,7 @@ from .recording import (
 _MAX_OPS_BETWEEN_CALLS = 64
 
 
-class _GapWatch:
+class GapWatch:
     """CUDA sync warnings in the pipeline's own code between two loop calls (data-dependent branches, ``.item()``).
 
     A sync in an operation on tensors from outside the loop (a CPU timestep moved to the
@@ -66,13 +66,13 @@ class _GapWatch:
         self.ours.extend(found)
         return [w for w in found if not any(w is e for e in self.excused)]
 
-    def close(self, rec: _Recorder, kind: str) -> None:
+    def close(self, rec: Recorder, kind: str) -> None:
         if not self.active:
             return
         found = self._collect()
         if found and self.culprit is None:
             self.culprit = (
-                f"the pipeline's own code between {rec.last_label} and the next {_label(kind)} "
+                f"the pipeline's own code between {rec.last_label} and the next {loop_call_label(kind)} "
                 f"synchronizes with the host ({str(found[0].message).strip()})"
             )
 
@@ -82,7 +82,7 @@ class _GapWatch:
             self._collect()
 
 
-class _LoopOps(TorchFunctionMode):
+class LoopOps(TorchFunctionMode):
     """Hands every torch function call made while it is pushed to ``handler(func, args, kwargs)``.
 
     Pushed at the first loop call and popped after the last step, so the pipeline's code
@@ -108,7 +108,7 @@ class _LoopOps(TorchFunctionMode):
         return self.handler(func, args, kwargs or {})
 
 
-def _stale_use(args: tuple, kwargs: dict, rec: _Recorder) -> bool:
+def stale_use(args: tuple, kwargs: dict, rec: Recorder) -> bool:
     """Whether a loop tensor other than the last step's outputs is among the arguments (after the loop)."""
     final = set(rec.trace.events[-1].outs) if rec.trace.events else set()
     for leaf in pytree.tree_leaves((args, kwargs)):
@@ -118,22 +118,22 @@ def _stale_use(args: tuple, kwargs: dict, rec: _Recorder) -> bool:
     return False
 
 
-def _after_loop_op(rec: _Recorder, func: Any, args: tuple, kwargs: dict) -> Any:
+def after_loop_op(rec: Recorder, func: Any, args: tuple, kwargs: dict) -> Any:
     """A torch function call of the pipeline's code after the loop's last step: a replay hands out stand-ins for
     the loop's tensors, and only the last step's outputs come out of the graph, so code that reads another (a
     trajectory stacked after the loop, the last model output) makes the loop uncapturable."""
-    if rec.problem is None and _stale_use(args, kwargs, rec):
+    if rec.problem is None and stale_use(args, kwargs, rec):
         rec.fail(f"the pipeline's code calls {getattr(func, '__name__', func)} after the loop's last step on a tensor "
                  "of the loop other than that step's outputs, which a graph does not keep")
     return func(*args, **kwargs)
 
 
-def _record_op(rec: _Recorder, func: Any, args: tuple, kwargs: dict) -> Any:
+def record_op(rec: Recorder, func: Any, args: tuple, kwargs: dict) -> Any:
     """One torch function call of the pipeline's own code inside the loop: recorded when it makes new tensors from
     loop tensors (classifier-free guidance, ``torch.cat([latents] * 2)``, a rescale), else just run."""
     if rec.done or rec.problem is not None or rec.overflow is not None:
         return func(*args, **kwargs)
-    if not _any_tensor((args, kwargs), rec.is_value):
+    if not any_tensor((args, kwargs), rec.is_value):
         watch = rec.watch
         if watch is None or not watch.active:
             return func(*args, **kwargs)
@@ -141,13 +141,13 @@ def _record_op(rec: _Recorder, func: Any, args: tuple, kwargs: dict) -> Any:
         out = func(*args, **kwargs)
         watch.excuse_since(start)
         return out
-    leaves, spec = _leaves((args, kwargs))
-    name = _describe_call("op", func)
+    leaves, spec = leaves_and_spec((args, kwargs))
+    name = describe_call("op", func)
     if _in_place(func, kwargs):
         rec.fail(f"{name} after {rec.last_label} changes a loop tensor in place; a replay could not follow it")
         return func(*args, **kwargs)
     out = func(*args, **kwargs)
-    if not _new_tensors(out, leaves):  # a read of metadata (shape, dtype), or an op that returned its input
+    if not new_tensors(out, leaves):  # a read of metadata (shape, dtype), or an op that returned its input
         return out
     rec.ops_since_call += 1
     if rec.ops_since_call > _MAX_OPS_BETWEEN_CALLS:
@@ -158,13 +158,13 @@ def _record_op(rec: _Recorder, func: Any, args: tuple, kwargs: dict) -> Any:
         )
         return out
     try:
-        event = _Event("op", [rec.classify(leaf) for leaf in leaves], spec, func=func, flat=_flat_shape(args, kwargs))
-        factor = _param_position(func, args, kwargs)
+        event = Event("op", [rec.classify(leaf) for leaf in leaves], spec, func=func, flat=flat_shape(args, kwargs))
+        factor = param_position(func, args, kwargs)
         if factor is not None:
-            event.args[factor] = _Arg("param", index=len(rec.trace.params), host=args[factor])
+            event.args[factor] = Arg("param", index=len(rec.trace.params), host=args[factor])
             rec.trace.params.append(float(args[factor]))
         event.outs, event.out_spec, event.out_consts = rec.add_values(out)
-    except _Uncapturable as exc:
+    except Uncapturable as exc:
         rec.fail(f"{name} after {rec.last_label}: {exc}")
         return out
     rec.trace.events.append(event)
@@ -182,6 +182,6 @@ def _in_place(func: Any, kwargs: dict) -> bool:
     )
 
 
-def _new_tensors(out: Any, inputs: list[Any]) -> list[torch.Tensor]:
+def new_tensors(out: Any, inputs: list[Any]) -> list[torch.Tensor]:
     """The tensors of ``out`` that are not among ``inputs`` (an op may hand back its input unchanged)."""
-    return [t for t in _tensors(out) if not any(t is leaf for leaf in inputs)]
+    return [t for t in tree_tensors(out) if not any(t is leaf for leaf in inputs)]

@@ -13,18 +13,18 @@ import torch
 import torch.utils._pytree as pytree
 
 if TYPE_CHECKING:
-    from .loop_ops import _GapWatch
+    from .loop_ops import GapWatch
 
 
-class _Uncapturable(Exception):
+class Uncapturable(Exception):
     pass
 
 
-class _Diverged(Exception):
+class Diverged(Exception):
     """A replayed call's loop differs from the recorded one (its message says where)."""
 
 
-class _RngState:
+class RngState:
     """The random state a pipeline call starts from: its generators' and torch's global ones, to rerun it exactly."""
 
     def __init__(self, args: tuple, kwargs: dict, device: torch.device):
@@ -47,16 +47,16 @@ class _RngState:
 _TEXT = "<text>"  # tags a string argument's value in a signature (prompts), apart from the signature's own tags
 
 
-def _signature(value: Any) -> Any:
+def call_signature(value: Any) -> Any:
     """A hashable summary of a call argument: what a capture depends on (tensors by metadata, not values)."""
     if isinstance(value, torch.Tensor):
         return ("tensor", tuple(value.shape), value.dtype, str(value.device))
     if isinstance(value, torch.Generator):
         return ("generator", str(value.device))
     if isinstance(value, (list, tuple)):
-        return (type(value).__name__, tuple(_signature(v) for v in value))
+        return (type(value).__name__, tuple(call_signature(v) for v in value))
     if isinstance(value, Mapping):
-        return ("map", tuple(sorted((str(k), _signature(v)) for k, v in value.items())))
+        return ("map", tuple(sorted((str(k), call_signature(v)) for k, v in value.items())))
     if isinstance(value, str):
         return (_TEXT, value)
     if value is None or isinstance(value, (bool, int, float, bytes)):
@@ -71,51 +71,51 @@ def _signature(value: Any) -> Any:
     return ("object", type(value).__qualname__, id(value))
 
 
-def _leaves(tree: Any) -> tuple[list[Any], pytree.TreeSpec]:
+def leaves_and_spec(tree: Any) -> tuple[list[Any], pytree.TreeSpec]:
     """The leaves of an argument or output structure (tuples, lists, dicts, diffusers outputs) and its shape."""
     return pytree.tree_flatten(tree)
 
 
-def _any_tensor(tree: Any, test: Callable[[torch.Tensor], bool]) -> bool:
+def any_tensor(tree: Any, test: Callable[[torch.Tensor], bool]) -> bool:
     """Whether a tensor in ``tree`` passes ``test``: the cheap first look at every operation inside the loop."""
     if isinstance(tree, torch.Tensor):
         return test(tree)
     if isinstance(tree, (list, tuple)):
-        return any(_any_tensor(v, test) for v in tree)
+        return any(any_tensor(v, test) for v in tree)
     if isinstance(tree, dict):
-        return any(_any_tensor(v, test) for v in tree.values())
+        return any(any_tensor(v, test) for v in tree.values())
     return False
 
 
-_LEAF_TYPES = frozenset({int, float, bool, str, type(None), slice, type(Ellipsis), torch.dtype, torch.device})
+LEAF_TYPES = frozenset({int, float, bool, str, type(None), slice, type(Ellipsis), torch.dtype, torch.device})
 
 
-def _flat_args(args: tuple, kwargs: dict) -> list[Any] | None:
+def flat_args(args: tuple, kwargs: dict) -> list[Any] | None:
     """The leaves of ``(args, kwargs)`` when every argument is a leaf itself (a tensor, a number, None...), in
     pytree's order, without pytree's walk: the common case of a loop call or operation. None otherwise."""
     for value in (*args, *kwargs.values()):
-        if not isinstance(value, torch.Tensor) and type(value) not in _LEAF_TYPES:
+        if not isinstance(value, torch.Tensor) and type(value) not in LEAF_TYPES:
             return None
     return [*args, *kwargs.values()]
 
 
-def _uses(args: tuple, kwargs: dict, ids: Mapping[int, Any]) -> bool:
+def uses_any(args: tuple, kwargs: dict, ids: Mapping[int, Any]) -> bool:
     """Whether a tensor among the arguments (or in lists, tuples and dicts among them) has its id in ``ids``."""
     for value in (*args, *kwargs.values()):
         if isinstance(value, torch.Tensor):
             if id(value) in ids:
                 return True
-        elif isinstance(value, (list, tuple, dict)) and _any_tensor(value, lambda t: id(t) in ids):
+        elif isinstance(value, (list, tuple, dict)) and any_tensor(value, lambda t: id(t) in ids):
             return True
     return False
 
 
-def _tensors(tree: Any) -> list[torch.Tensor]:
+def tree_tensors(tree: Any) -> list[torch.Tensor]:
     return [leaf for leaf in pytree.tree_leaves(tree) if isinstance(leaf, torch.Tensor)]
 
 
 @dataclass
-class _Arg:
+class Arg:
     """One leaf of a recorded call's arguments.
 
     ``value``: a tensor the loop itself made (an output of an earlier model call, step or
@@ -133,9 +133,9 @@ class _Arg:
 
 
 @dataclass
-class _Event:
+class Event:
     kind: str  # "scale", "model" (the denoiser), "model:<attr>" (another network, e.g. a ControlNet), "step", "op"
-    args: list[_Arg]
+    args: list[Arg]
     spec: pytree.TreeSpec  # (args, kwargs) structure
     func: Any = None  # op: the torch function called
     outs: list[int | None] = field(default_factory=list)  # output leaf -> value index (None: not a tensor)
@@ -145,10 +145,10 @@ class _Event:
 
 
 @dataclass
-class _Trace:
+class Trace:
     """A recorded loop and, once captured, its graph and static buffers."""
 
-    events: list[_Event] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
     buffers: list[torch.Tensor] = field(default_factory=list)
     value_meta: list[tuple[tuple[int, ...], torch.dtype]] = field(default_factory=list)
     device: torch.device | None = None
@@ -185,11 +185,11 @@ class _Trace:
         self.memory_bytes = 0
 
 
-class _Recorder:
-    """The wrappers' state for one eager call: builds a _Trace of loop calls and the operations between them."""
+class Recorder:
+    """The wrappers' state for one eager call: builds a Trace of loop calls and the operations between them."""
 
     def __init__(self, device: torch.device):
-        self.trace = _Trace(device=device)
+        self.trace = Trace(device=device)
         self.device = device
         # id(tensor) -> (loop value index, weak reference): weak, so the decoding after the loop frees its memory
         self.values: dict[int, tuple[int, weakref.ref]] = {}
@@ -201,7 +201,7 @@ class _Recorder:
         self.ops_since_call = 0
         self.overflow: str | None = None
         self.done = False  # the scheduler has taken its last step
-        self.watch: _GapWatch | None = None
+        self.watch: GapWatch | None = None
 
     def fail(self, reason: str) -> None:
         if self.problem is None:
@@ -216,12 +216,12 @@ class _Recorder:
     def is_value(self, leaf: Any) -> bool:
         return self.value_index(leaf) is not None
 
-    def classify(self, value: Any, for_model: bool = False) -> _Arg:
+    def classify(self, value: Any, for_model: bool = False) -> Arg:
         """One argument leaf: a loop value, a device tensor from outside (a static buffer), or a host constant."""
         if isinstance(value, torch.Tensor):
             index = self.value_index(value)
             if index is not None:
-                return _Arg("value", index=index)
+                return Arg("value", index=index)
             key = id(value)
             if value.device == self.device:
                 if key not in self.ids:
@@ -230,30 +230,30 @@ class _Recorder:
                     self.trace.buffers.append(value.detach().clone())
                     self.keep.append(value)
                 elif value._version != self.versions[key]:
-                    raise _Uncapturable(
+                    raise Uncapturable(
                         "an input from outside the loop is changed in place between loop calls (a preallocated "
                         "tensor refilled each step): a graph reads one value of it for every step; pass a new "
                         "tensor each step"
                     )
-                return _Arg("buffer", index=self.ids[key])
+                return Arg("buffer", index=self.ids[key])
             if value.device.type == "cpu":
                 # a host tensor (a timestep from a CPU schedule): a constant of the loop, moved once
                 copy = value.to(self.device) if for_model and self.device.type == "cuda" else None
-                return _Arg("host", host=value.clone(), device_copy=copy)
-            raise _Uncapturable(f"an input lives on {value.device}, the loop on {self.device}")
+                return Arg("host", host=value.clone(), device_copy=copy)
+            raise Uncapturable(f"an input lives on {value.device}, the loop on {self.device}")
         if isinstance(value, torch.Generator) and value.device.type != "cpu":
-            raise _Uncapturable("a CUDA torch.Generator is passed into the loop; its state is kept on the host")
-        return _Arg("host", host=value)
+            raise Uncapturable("a CUDA torch.Generator is passed into the loop; its state is kept on the host")
+        return Arg("host", host=value)
 
     def add_values(self, out: Any) -> tuple[list[int | None], pytree.TreeSpec, list[Any]]:
         """Register the tensors of a call's output as new loop values."""
-        leaves, spec = _leaves(out)
+        leaves, spec = leaves_and_spec(out)
         outs: list[int | None] = []
         consts: list[Any] = []
         for leaf in leaves:
             if isinstance(leaf, torch.Tensor):
                 if leaf.device != self.device:
-                    raise _Uncapturable(f"an output lives on {leaf.device}, the loop on {self.device}")
+                    raise Uncapturable(f"an output lives on {leaf.device}, the loop on {self.device}")
                 index = len(self.trace.value_meta)
                 self.trace.value_meta.append((tuple(leaf.shape), leaf.dtype))
                 self.values[id(leaf)] = (index, weakref.ref(leaf))
@@ -268,7 +268,7 @@ class _Recorder:
 _LABELS = {"model": "the model call", "step": "scheduler.step", "scale": "scheduler.scale_model_input"}
 
 
-def _label(kind: str) -> str:
+def loop_call_label(kind: str) -> str:
     return f"the {kind.partition(':')[2]} call" if kind.startswith("model:") else _LABELS[kind]
 
 
@@ -276,7 +276,7 @@ def _is_network(kind: str) -> bool:
     return kind == "model" or kind.startswith("model:")
 
 
-def _loosen(signature: Any) -> Any:
+def loosen(signature: Any) -> Any:
     """A signature with every float and string value replaced by a token: calls that differ only in those (a
     guidance scale, a prompt, an output type) match; their ints, shapes and structure still have to agree."""
     if isinstance(signature, float):
@@ -284,12 +284,12 @@ def _loosen(signature: Any) -> Any:
     if isinstance(signature, tuple):
         if len(signature) == 2 and signature[0] == _TEXT:
             return (_TEXT, "<any>")
-        return tuple(_loosen(v) for v in signature)
+        return tuple(loosen(v) for v in signature)
     return signature
 
 
-def _flat_shape(args: tuple, kwargs: dict) -> tuple[int, tuple[str, ...]] | None:
-    return (len(args), tuple(kwargs)) if _flat_args(args, kwargs) is not None else None
+def flat_shape(args: tuple, kwargs: dict) -> tuple[int, tuple[str, ...]] | None:
+    return (len(args), tuple(kwargs)) if flat_args(args, kwargs) is not None else None
 
 
 def _step_parts(call_args: tuple, call_kwargs: dict) -> tuple[Any, Any]:
@@ -298,34 +298,34 @@ def _step_parts(call_args: tuple, call_kwargs: dict) -> tuple[Any, Any]:
     return o, sample
 
 
-def _note(rec: _Recorder, kind: str, call_args: tuple, call_kwargs: dict) -> None:
+def note(rec: Recorder, kind: str, call_args: tuple, call_kwargs: dict) -> None:
     """Record one loop call's arguments: loop tensors by value, outside device tensors as buffers, the rest as is."""
     if kind == "step":
         o, sample = _step_parts(call_args, call_kwargs)
         if not rec.is_value(o):
-            raise _Uncapturable(
+            raise Uncapturable(
                 "the step does not take a tensor the loop made from the model's output (it takes a tensor made "
                 "outside the loop)"
             )
         if not isinstance(sample, torch.Tensor):
-            raise _Uncapturable("the step takes no latents tensor")
+            raise Uncapturable("the step takes no latents tensor")
         if not rec.trace.batch:
             rec.trace.batch = sample.shape[0]
-    leaves, spec = _leaves((call_args, call_kwargs))
+    leaves, spec = leaves_and_spec((call_args, call_kwargs))
     args = [rec.classify(leaf, for_model=_is_network(kind)) for leaf in leaves]
-    rec.trace.events.append(_Event(kind, args, spec, flat=_flat_shape(call_args, call_kwargs)))
+    rec.trace.events.append(Event(kind, args, spec, flat=flat_shape(call_args, call_kwargs)))
 
 
-def _note_output(rec: _Recorder, kind: str, out: Any) -> None:
+def note_output(rec: Recorder, kind: str, out: Any) -> None:
     if kind == "scale" and not isinstance(out, torch.Tensor):
-        raise _Uncapturable("scale_model_input did not return a tensor")
+        raise Uncapturable("scale_model_input did not return a tensor")
     ev = rec.trace.events[-1]
     ev.outs, ev.out_spec, ev.out_consts = rec.add_values(out)
     if all(index is None for index in ev.outs):
-        raise _Uncapturable(f"{_label(kind)} returned no tensor")
+        raise Uncapturable(f"{loop_call_label(kind)} returned no tensor")
 
 
-def _resolve(arg: _Arg, trace: _Trace, values: list[Any], kind: str) -> Any:
+def resolve(arg: Arg, trace: Trace, values: list[Any], kind: str) -> Any:
     if arg.kind == "value":
         return values[arg.index]
     if arg.kind == "buffer":
@@ -337,11 +337,11 @@ def _resolve(arg: _Arg, trace: _Trace, values: list[Any], kind: str) -> Any:
     return arg.host
 
 
-def _describe_call(kind: str, func: Any) -> str:
+def describe_call(kind: str, func: Any) -> str:
     if kind != "op":
-        return _label(kind)
+        return loop_call_label(kind)
     return f"the operation {getattr(func, '__qualname__', None) or getattr(func, '__name__', repr(func))}"
 
 
-def _describe(ev: _Event) -> str:
-    return _describe_call(ev.kind, ev.func)
+def describe(ev: Event) -> str:
+    return describe_call(ev.kind, ev.func)
