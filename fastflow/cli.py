@@ -48,6 +48,9 @@ def info() -> int:
         from ._build_info import BUILD_INFO
 
         print(f"build    {BUILD_INFO}")
+        threads = cpu_kernel_threads(BUILD_INFO)
+        if threads:
+            print(f"threads  {threads}")
     except ImportError:
         print("build    no extension build recorded (pure-Python install)")
     print("backends:")
@@ -57,6 +60,17 @@ def info() -> int:
         else:
             print(f"  {name:7s} unavailable: {reason}")
     return 0
+
+
+def cpu_kernel_threads(info: dict) -> str | None:
+    """Whether the extension's CPU kernel runs threaded, from its build info (None when no extension was built):
+    it threads only when compiled with OpenMP, which setup.py uses with GCC on Linux only."""
+    if not info.get("extension"):
+        return None
+    if info.get("openmp"):
+        return f"CPU kernel multi-threaded (OpenMP; torch uses {torch.get_num_threads()} threads)"
+    why = info.get("openmp_skipped") or "built without OpenMP"
+    return f"CPU kernel single-threaded: built without OpenMP ({why})"
 
 
 def _devices(name: str) -> str:

@@ -14,6 +14,8 @@
 # Environment: TORCH_SPEC (torch requirement for --cuda; default torch==2.14.1 for 13.0, none for 12.x),
 # TORCH_INDEX_URL (extra index for that torch, e.g. the PyTorch cu128 index), CUDA_HOME (toolkit,
 # default /usr/local/cuda), FASTFLOW_SKIP_CUDA_BUILD=1 (binary wheel with the CPU kernel only),
+# FASTFLOW_LOCAL_VERSION (replaces the local version label setup.py gives the binary wheel, such as
+# cpu.torch2.13; none: no label), FASTFLOW_DEBUG=1 (keep debug info in the extension),
 # MAX_JOBS (parallel compile jobs, default nproc).
 #
 # Every build runs on a copy of the sources (tracked and untracked, not ignored files), so the
@@ -129,24 +131,25 @@ build_pure() {
   publish "$whl" "$t0"
 }
 
-# Binary wheel against the torch of interpreter $1.
+# Binary wheel against the torch of interpreter $1. setup.py labels its version with what it is built for
+# (cpu or cuXY, and the torch minor: +cpu.torch2.13, +cu130.torch2.14); this script only checks that label.
 build_binary() {
-  local py="$1" t0 src dir whl info meta torch_ver torch_cuda label
+  local py="$1" t0 src dir whl info meta torch_ver torch_cuda expect label
   t0=$(date +%s)
   meta="$("$py" -c 'import torch, setuptools; print(torch.__version__, torch.version.cuda or "none")')" ||
     die "$py cannot import torch and setuptools (the binary wheel is built against the installed torch)"
   read -r torch_ver torch_cuda <<< "$meta"
   local nvcc="${CUDA_HOME:-/usr/local/cuda}/bin/nvcc"
   [ -x "$nvcc" ] || nvcc="$(command -v nvcc || true)"
-  # The label says what the wheel's kernels need: cpu, or the CUDA major.minor of torch (cu130, cu128).
+  # What the wheel's kernels will need: cpu, or the CUDA major.minor of torch (cu130, cu128).
   if [ "$torch_cuda" = none ] || [ "${FASTFLOW_SKIP_CUDA_BUILD:-0}" != 0 ]; then
-    label=cpu
+    expect=cpu
   elif [ -z "$nvcc" ]; then
     say "torch has CUDA $torch_cuda but nvcc is not found (set CUDA_HOME): building the CPU kernel only"
-    label=cpu
+    expect=cpu
     export FASTFLOW_SKIP_CUDA_BUILD=1
   else
-    label="cu${torch_cuda//./}"
+    expect="cu${torch_cuda//./}"
     local nvcc_ver
     nvcc_ver="$("$nvcc" --version | sed -n 's/.*release \([0-9.]*\),.*/\1/p')"
     # nvcc and torch must agree on the CUDA major (one libcudart in the process).
@@ -155,24 +158,24 @@ build_binary() {
     export CUDA_HOME="${CUDA_HOME:-$(cd "$(dirname "$nvcc")/.." && pwd)}"
     export FASTFLOW_CUDA_ARCHS="$ARCHS"
   fi
-  # The extension uses torch's C++ API (not its stable ABI), so the wheel fits one torch minor.
-  local minor
-  minor="$(echo "$torch_ver" | sed -E 's/^([0-9]+)\.([0-9]+).*/\1.\2/')"
-  label="$label.torch$minor"
-  src="$(stage_source "binary-$label")"
-  dir="$TMP/binary-$label"
-  say "binary wheel +$label: torch $torch_ver (CUDA $torch_cuda), $py, archs ${FASTFLOW_CUDA_ARCHS:-none}"
+  src="$(stage_source "binary-$expect")"
+  dir="$TMP/binary-$expect"
+  say "binary wheel ($expect): torch $torch_ver (CUDA $torch_cuda), $py, archs ${FASTFLOW_CUDA_ARCHS:-none}"
   # No build isolation: the extension is compiled against this environment's torch.
-  FASTFLOW_LOCAL_VERSION="$label" "$py" -m pip wheel -q --no-deps --no-build-isolation --no-cache-dir \
-    -w "$dir" "$src" >&2
+  "$py" -m pip wheel -q --no-deps --no-build-isolation --no-cache-dir -w "$dir" "$src" >&2
   whl="$(only_wheel "$dir")"
   wheel_has_so "$whl" || die "binary wheel has no compiled extension"
   info="$(wheel_build_info "$whl")"
   [[ "$info" == *"'extension': True"* ]] || die "binary wheel's build info has no extension: $info"
-  if [[ "$label" == cu* ]] && [[ "$info" == *"'cuda': None"* ]]; then
-    die "binary wheel +$label was built without CUDA kernels: $info"
+  if [[ "$expect" == cu* ]] && [[ "$info" == *"'cuda': None"* ]]; then
+    die "binary wheel for $expect was built without CUDA kernels: $info"
   fi
-  say "binary wheel build info: $info"
+  label="$(basename "$whl" | sed -n 's/^fastflow-[^-+]*+\([^-]*\)-.*/\1/p')"
+  # FASTFLOW_LOCAL_VERSION, when set, replaces setup.py's label (none: no label).
+  if [ -z "${FASTFLOW_LOCAL_VERSION:-}" ] && [[ "$label" != "$expect".torch* ]]; then
+    die "binary wheel $(basename "$whl") is not labelled +$expect.torchX.Y"
+  fi
+  say "binary wheel label: ${label:-none}; build info: $info"
   whl="$(repair "$whl" "$dir")"
   publish "$whl" "$t0"
 }

@@ -1,6 +1,7 @@
 """The command line: `fastflow info` and `fastflow demo`."""
 
 import sys
+import types
 
 import pytest
 import torch
@@ -29,6 +30,31 @@ def test_version_flag(capsys):
     assert exc.value.code == 0
     out = capsys.readouterr().out.strip()
     assert out.startswith(f"fastflow {fastflow.__version__}"), out  # an installed binary wheel adds its local label
+
+
+@pytest.mark.parametrize(
+    ("openmp", "skipped", "says"),
+    [
+        (True, None, "threads  CPU kernel multi-threaded (OpenMP; torch uses"),
+        (False, "clang's -fopenmp links libomp", "threads  CPU kernel single-threaded: built without OpenMP (clang"),
+    ],
+)
+def test_info_says_whether_the_cpu_kernel_is_threaded(capsys, monkeypatch, openmp, skipped, says):
+    """A compiler without a usable OpenMP (clang, MSVC) builds a CPU kernel that runs on one thread: info says so."""
+    build = types.ModuleType("fastflow._build_info")
+    build.BUILD_INFO = {"extension": True, "torch": torch.__version__, "openmp": openmp, "openmp_skipped": skipped}
+    monkeypatch.setitem(sys.modules, "fastflow._build_info", build)
+    assert cli.main(["info"]) == 0
+    assert says in capsys.readouterr().out
+
+
+def test_info_says_nothing_of_threads_without_an_extension(capsys, monkeypatch):
+    build = types.ModuleType("fastflow._build_info")
+    build.BUILD_INFO = {"extension": False, "reason": "built without torch (no extension)"}
+    monkeypatch.setitem(sys.modules, "fastflow._build_info", build)
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "'extension': False" in out and "threads" not in out
 
 
 def test_info_says_no_cuda_without_a_device(capsys, monkeypatch):

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from elf_sections import elf_section_names
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "build_wheels.sh"
@@ -187,9 +188,13 @@ def test_binary_cpu_wheel(env, wheels, tmp_path):
     py = f"cp{sys.version_info.major}{sys.version_info.minor}"
     assert wheel.name.startswith(f"fastflow-{_version()}+"), wheel.name
     assert f".torch{minor}-{py}-{py}-" in wheel.name, wheel.name
+    assert f"+cpu.torch{minor}-" in wheel.name, wheel.name  # setup.py's label: the script sets none
     names = _names(wheel)
-    assert [n for n in names if n.startswith("fastflow/_C") and n.endswith(".so")]
+    (so,) = [n for n in names if n.startswith("fastflow/_C") and n.endswith(".so")]
     assert _expected_modules() <= names, sorted(_expected_modules() - names)
+    with zipfile.ZipFile(wheel) as z:
+        sections = elf_section_names(Path(z.extract(so, tmp_path / "so")))
+    assert not [s for s in sections if s.startswith(".debug")], sorted(sections)  # a release build: no debug info
 
     result, info = _install_and_check(env, wheel, "cuda", tmp_path)
     assert result["backends"]["cuda"] is None, result["backends"]
@@ -199,6 +204,7 @@ def test_binary_cpu_wheel(env, wheels, tmp_path):
     assert build["extension"] is True and build["torch"] == torch.__version__
     assert f"'torch': '{torch.__version__}'" in info
     assert "cuda    available" in info
+    assert "threads  CPU kernel multi-threaded (OpenMP" in info  # GCC on Linux, torch's libgomp
 
 
 def test_binary_wheel_repair_leaves_torchs_libraries(wheels, tmp_path):
@@ -304,6 +310,33 @@ def test_sdist_metadata(sdist):
     classifiers = set(meta.get_all("Classifier") or [])
     assert {"Programming Language :: Python :: 3 :: Only", "Programming Language :: C++"} <= classifiers
     assert not [c for c in classifiers if c.startswith(("Operating System ::", "License ::"))]
+
+
+def _setup_version(tree: Path, *, hide_torch: bool, env: dict | None = None) -> str:
+    """What ``setup.py --version`` prints in ``tree``, with torch importable (as in a build without isolation) or
+    hidden (as in pip's isolated build)."""
+    code = "import runpy, sys; sys.argv[0] = 'setup.py'; runpy.run_path('setup.py', run_name='__main__')"
+    if hide_torch:
+        code = "import sys; sys.modules['torch'] = None; " + code
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "--version"],
+        cwd=tree, capture_output=True, text=True, timeout=300, env=_env(env),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout.strip().splitlines()[-1]
+
+
+def test_a_build_with_the_extension_is_labelled_with_what_it_was_built_for(tmp_path, monkeypatch):
+    """Any wheel or install that compiles the extension (``pip wheel --no-build-isolation .``, not only
+    scripts/build_wheels.sh) carries the local label of its kernels and torch: ``+cpu.torch2.13``; a build without
+    torch carries the bare version (an sdist too: test_sdist_metadata)."""
+    monkeypatch.delenv("FASTFLOW_LOCAL_VERSION", raising=False)
+    tree = _source_copy(tmp_path)
+    minor = ".".join(torch.__version__.split(".")[:2])
+    cpu = _setup_version(tree, hide_torch=False, env={"FASTFLOW_SKIP_CUDA_BUILD": "1"})
+    assert cpu == f"{_version()}+cpu.torch{minor}"
+    assert _setup_version(tree, hide_torch=True) == _version()
+    assert _setup_version(tree, hide_torch=False, env={"FASTFLOW_LOCAL_VERSION": "none"}) == _version()
 
 
 def test_a_pure_wheel_built_in_a_checkout_leaves_its_build_info(tmp_path):
