@@ -1,4 +1,5 @@
-"""Default noise mode: fastflow's in-kernel noise has the distribution of diffusers' ``torch.randn``.
+"""fastflow/diffusers/_noise_draws.py: fastflow's in-kernel noise has the distribution of diffusers' ``torch.randn``;
+seeds and counters are made once, and given or drawn noise is used as diffusers uses it.
 
 For one step, the noise component is ``prev_fastflow - prev_diffusers(noise = 0)`` and its
 scale is ``prev_diffusers(noise = 1) - prev_diffusers(noise = 0)``; their ratio must be
