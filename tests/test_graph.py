@@ -305,8 +305,13 @@ def test_sampler_key():
             fastflow.Sampler(fastflow.schedules.Rescaled(fastflow.VP(), 2.0), "ddim", prediction="x0", steps=1,
                              backend="torch"),
         ),
+        # one x0 step to sigma = 0 again: the same table from any start time, but the model is called at t_max
+        (
+            fastflow.Sampler(fastflow.VP(), "ddim", prediction="x0", steps=1, backend="torch"),
+            fastflow.Sampler(fastflow.VP(), "ddim", prediction="x0", steps=1, backend="torch", t_max=500),
+        ),
     ],
-    ids=["input_scale", "init_scale"],
+    ids=["input_scale", "init_scale", "timesteps"],
 )
 def test_graph_cache_keys_what_a_capture_reads(a, b):
     assert sampler_key(a) != sampler_key(b)

@@ -8,7 +8,7 @@ import torch
 
 import fastflow as ff
 from fastflow.backends import get_backend
-from fastflow.plan import H0, StepPlan, compile_plan
+from fastflow.plan import H0, HistoryRef, StepPlan, compile_plan
 from fastflow.runner import HistoryShapeError, PlanRunner, run_bound
 from fastflow.solvers.base import Lin, Points, Stage
 
@@ -185,6 +185,16 @@ def test_kept_tensors_broadcast_to_a_larger_batch_not_to_another_shape():
         loop((1, 2, 5))
 
 
+def test_a_smaller_batch_than_the_kept_history_is_named_so():
+    """History kept at batch 3 does not serve a state trimmed to batch 1 (a broadcast runs the other way): the
+    step raises HistoryShapeError, naming both shapes, not the backend's error."""
+    sampler = ff.Sampler(ff.VP(), "dpm++2m", steps=4, backend="torch")
+    z = sampler.init_noise((3, 2, 3), seed=0)
+    z = sampler.step(torch.tanh(z), z, 0)[:1].clone()
+    with pytest.raises(HistoryShapeError, match=r"state has shape \(1, 2, 3\).*shape \(3, 2, 3\)"):
+        sampler.step(torch.tanh(z), z, 1)
+
+
 @pytest.mark.parametrize("backend", _backends())
 def test_run_kept_puts_stored_history_before_the_callers_slots(backend):
     """A stage that reads a stored tensor and takes a caller's tensor on the slot after the plan's (a drop-in's raw
@@ -245,3 +255,27 @@ def test_tables_and_dispatch_are_made_once_per_device_and_dtype():
     runner.run(0, z, z)
     assert runner._dispatch[(cpu, torch.float32)] is entry
     assert runner._dispatch[(cpu, torch.float64)][0] is runner.table(cpu, torch.float64)
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_out_may_be_the_stored_x0_its_stage_reads_last(backend):
+    """DPM-Solver++(3M)'s stage ``i`` reads the x0 of stages ``i - 1`` and ``i - 2``, the latter for the last time:
+    writing its next state over that tensor (``out=``) overwrites nothing a later stage reads, so it is allowed,
+    and the loop is the one without ``out=``. Over the x0 of stage ``i - 1``, which stage ``i + 1`` reads too, it
+    is refused (first at stage 1, over stage 0's)."""
+    sampler = _sampler("dpm++3m", backend)
+    assert sampler.plan.history[2] == (HistoryRef("x", 1), HistoryRef("x", 0))
+
+    def loop(out_from: int | None) -> torch.Tensor:
+        z = sampler.init_noise((1, 2, 4, 4), seed=1)
+        x0s: list[torch.Tensor] = []
+        for i in range(sampler.num_stages):
+            out = x0s[i - out_from] if out_from is not None and i >= out_from else None
+            z, x0 = sampler.step(torch.tanh(z) * 0.5, z, i, out=out, return_x0=True)
+            assert out is None or z is out
+            x0s.append(x0)
+        return z
+
+    assert torch.equal(loop(2), loop(None))
+    with pytest.raises(ValueError, match="x0 of stage 0, which is kept"):
+        loop(1)

@@ -723,6 +723,39 @@ def test_a_slice_put_in_timesteps_keeps_the_schedule_s_steps(monkeypatch, name):
     assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
 
 
+def test_a_tensor_past_the_end_of_a_replaced_timesteps_is_read_by_value():
+    """``scheduler.timesteps`` replaced by the first elements of a longer tensor: that tensor's next element shares
+    their storage but is none of their steps. DDIM steps by the timestep's value, as diffusers' does, so a loop
+    that passes it (holding step 2's value) in place of step 2 is diffusers' loop."""
+    ref, ff = pair("DDIMScheduler")
+    outs = []
+    for s in (ref, ff):
+        s.set_timesteps(10)
+        longer = torch.cat([s.timesteps, s.timesteps[2:3]])
+        s.timesteps = longer[:10]
+        x = start_noise(0)
+        for t in [longer[0], longer[1], longer[10], *longer[3:10]]:
+            x = s.step(stand_in(x, t), t, x).prev_sample
+        outs.append(x)
+    assert ff.step_index == 10
+    assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+
+
+def test_the_timesteps_memory_read_in_another_dtype_is_not_a_timestep():
+    """A tensor that reinterprets the timesteps' memory in another dtype (int64 read as float64: a denormal) shares
+    their storage but is not one of them: its value is read, and it is in no schedule. diffusers' DDIM fails on
+    it too; the drop-in must not take it for the step at that address."""
+    ref, ff = pair("DDIMScheduler")
+    for s in (ref, ff):
+        s.set_timesteps(10)
+    x = start_noise(0)
+    with pytest.raises(IndexError):
+        ref.step(stand_in(x, 0.0), ref.timesteps.view(torch.float64)[0], x)
+    ff.step(stand_in(x, 0.0), ff.timesteps[0], x)
+    with pytest.raises(ValueError, match="not in this scheduler's timesteps"):
+        ff.step(stand_in(x, 0.0), ff.timesteps.view(torch.float64)[0], x)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["DDIMScheduler", "CogVideoXDDIMScheduler", "EulerDiscreteScheduler"])
 def test_gpu_loop_from_a_slice_without_set_begin_index(name):

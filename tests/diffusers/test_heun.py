@@ -97,6 +97,41 @@ def test_scale_model_input_bit_identical():
         x = xa
 
 
+@pytest.mark.parametrize("name", ["HeunDiscreteScheduler", "KDPM2DiscreteScheduler", "DPMSolverSDEScheduler"])
+@pytest.mark.parametrize("begin", [None, 2])
+def test_order_flag_after_the_loop_s_last_call(name, begin):
+    """After a loop's last call ``state_in_first_order`` is diffusers': False for Heun and KDPM2, whose last
+    (first-order) call to sigma 0 saves its sample; True for DPM-Solver SDE, whose does not."""
+    ref, ff = dropin_pair(name, **SD)
+    model = posterior_model(ref)
+    for s in (ref, ff):
+        s.set_timesteps(4)
+        if begin is not None:
+            s.set_begin_index(begin)
+    x = start_noise(5)
+    for t in ref.timesteps[begin or 0 :]:
+        xa = ref.step(model(x, t), t, x).prev_sample
+        ff.step(model(x, t), t, x)
+        x = xa
+    assert ff.step_index == ref.step_index == len(ref.timesteps)
+    assert ff.state_in_first_order == ref.state_in_first_order
+
+
+@pytest.mark.parametrize("name", ["HeunDiscreteScheduler", "KDPM2DiscreteScheduler"])
+def test_scale_model_input_before_set_timesteps(name):
+    """diffusers' constructor sets a schedule of every training step: a pipeline that never calls set_timesteps
+    scales its first input (the first call a scheduler gets) and steps as diffusers does."""
+    ref, ff = dropin_pair(name, **SD)
+    x = start_noise(0)
+    outs = []
+    for s in (ref, ff):
+        t = s.timesteps[0]
+        x_in = s.scale_model_input(x, t)
+        outs.append((x_in, s.step(posterior_model(ref)(x_in, t), t, x).prev_sample))
+    assert torch.equal(outs[1][0], outs[0][0])
+    assert_close(outs[1][1], outs[0][1])
+
+
 def test_begin_index_partial_loop():
     """img2img: set_begin_index(t_start * order), then the remaining calls, as diffusers."""
     ref, ff = pair(**SD)

@@ -26,6 +26,21 @@ def test_flow_sigmas_past_one_raise(name, sigmas):
 
 
 @pytest.mark.parametrize("name", ["DPMSolverMultistepScheduler", "UniPCMultistepScheduler"])
+def test_flow_sigmas_past_one_before_a_loop_s_start_are_not_its_concern(name):
+    """The same schedule, from the first step whose sigma is at most 1 (an img2img loop): every sigma it reads is a
+    flow sigma, diffusers' loop is finite, and the drop-in runs it as diffusers does."""
+    ref, ff = pair(name, use_flow_sigmas=True, flow_shift=3.0, prediction_type="flow_prediction",
+                   use_exponential_sigmas=True)
+    ref.set_timesteps(8)
+    begin = next(i for i, s in enumerate(ref.sigmas.tolist()) if s <= 1.0)
+    assert 0 < begin < 6 and ref.sigmas.max() > 1.0
+    xa, _ = run_loop(ref, 8, begin=begin)
+    assert torch.isfinite(xa).all()
+    xb, _ = run_loop(ff, 8, begin=begin)
+    assert_close(xb, xa)
+
+
+@pytest.mark.parametrize("name", ["DPMSolverMultistepScheduler", "UniPCMultistepScheduler"])
 def test_thresholded_steps_trace_with_fullgraph(name):
     """Dynamic thresholding reads the step's x0 conversion as Python numbers (torch.compile traces numpy scalars
     as tensors, and a branch on one broke the graph): a thresholded step traces with fullgraph=True and matches
