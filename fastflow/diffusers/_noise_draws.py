@@ -9,6 +9,8 @@ the first noisy step after each ``set_timesteps`` (so ``torch.manual_seed`` repr
 it and a pipeline's initial latents are unchanged): the same distribution as diffusers'
 ``torch.randn``, not the same numbers; or, with ``diffusers_noise``, diffusers' own draw
 from torch's global generator.
+
+Under ``torch.compile``, a ``generator`` draw is diffusers' ``randn_tensor`` with it, which dynamo cannot trace.
 """
 
 from __future__ import annotations
