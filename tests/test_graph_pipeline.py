@@ -961,6 +961,120 @@ def test_outside_inputs_a_graph_cannot_take_run_eagerly_with_the_reason(stand_in
     assert fast.replays == 0 and reason in fast.reason
 
 
+class PromptEditPipeline(DiffusionPipeline):
+    """Conditions every step on an embedding it makes before the loop; from step ``edit_step`` on (a prompt-to-prompt
+    style edit set on the pipeline, off by default) it changes that embedding in place."""
+
+    def __init__(self, unet, scheduler):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler)
+        self.edit_step: int | None = None
+
+    @torch.no_grad()
+    def __call__(self, prompt_embeds, generator=None):
+        x = torch.randn((2, 3, 4, 4), generator=generator)
+        emb = prompt_embeds * 2.0  # the "encoding": the pipeline's own tensor, from outside the loop
+        self.scheduler.set_timesteps(3)
+        for i, t in enumerate(self.scheduler.timesteps):
+            if i == self.edit_step:
+                emb.mul_(-1.0)
+            x = self.scheduler.step(self.unet(x, t.expand(2), emb), t, x).prev_sample
+        return x
+
+
+def test_an_input_changed_in_place_between_loop_calls_of_a_replay_runs_eagerly(stand_in_capture):
+    """The recording passed one unchanged embedding to every model call, so the graph loads it once, at the first;
+    a replay whose loop changes it in place between two of them would run the later steps on its old values. The
+    in-place change shows in the tensor's version: the call runs eagerly with the divergence warning."""
+    pipe = PromptEditPipeline(_LinearNet(), ffd.from_scheduler(DiffusersDDIM(), backend="torch"))
+    fast = capture_pipeline(pipe)
+    emb = torch.randn(1, 3, 1, 1, generator=torch.Generator().manual_seed(2))
+    for seed in (0, 1):  # records, then replays
+        assert torch.equal(fast(emb, generator=torch.manual_seed(seed)), pipe(emb, generator=torch.manual_seed(seed)))
+    assert (fast.captures, fast.replays) == (1, 1) and fast.reason is None, fast.reason
+    unedited = pipe(emb, generator=torch.manual_seed(2))
+    pipe.edit_step = 1
+    want = pipe(emb, generator=torch.manual_seed(2))
+    assert not torch.equal(want, unedited)  # the edit matters: a replay on the old embedding would show
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = fast(emb, generator=torch.manual_seed(2))
+    assert torch.equal(got, want), (got - want).abs().max()
+    warned = [str(w.message) for w in caught if w.category is PipelineFallbackWarning]
+    assert len(warned) == 1 and warned[0].endswith(fast.reason)
+    assert "diverged" in fast.reason and "changed in place" in fast.reason and fast.replays == 1
+
+
+class PartialLoopPipeline(DiffusionPipeline):
+    """An img2img loop given both ends, as SDXL's ``denoising_start`` with ``denoising_end`` makes it: ``steps``
+    steps of a fixed schedule from ``denoising_start`` on (the pipeline's ``default_start`` where not given).
+    Another start keeps the loop's length and the scheduler's timesteps; only its ``begin_index`` differs."""
+
+    def __init__(self, unet, scheduler):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler)
+        self.default_start = 0.0
+
+    @torch.no_grad()
+    def __call__(self, generator=None, denoising_start: float | None = None, steps: int = 3):
+        x = randn_tensor((2, 3, 8, 8), generator=generator, device=self.unet.device, dtype=self.unet.dtype)
+        self.scheduler.set_timesteps(6)
+        begin = round((self.default_start if denoising_start is None else denoising_start) * 6)
+        self.scheduler.set_begin_index(begin)
+        for t in self.scheduler.timesteps[begin : begin + steps]:
+            o = self.unet(self.scheduler.scale_model_input(x, t), t).sample
+            x = self.scheduler.step(o, t, x).prev_sample
+        return x
+
+
+class RecordedStepsGraph(StandInGraph):
+    """A stand-in that, as a CUDA graph does, takes the steps the recorded loop took (their indices are fixed in the
+    captured kernels), whatever step the replaying call's loop starts at; the timesteps are still its inputs."""
+
+    def replay(self) -> None:
+        scheduler = self.fast.scheduler
+        now = scheduler._begin_index, scheduler._step_index
+        scheduler._begin_index, scheduler._step_index = self.trace.begin_index, None
+        try:
+            super().replay()
+        finally:
+            scheduler._begin_index, scheduler._step_index = now
+
+
+@pytest.mark.parametrize("via", ["denoising_start", "default_start"])
+def test_a_loop_that_starts_at_another_step_is_not_replayed(monkeypatch, via):
+    """A loop of the recorded length from another step of the same schedule: every loop call matches the recording
+    but the steps a graph would take. Its begin index tells it apart: a new ``denoising_start`` (a float, which
+    would replay the capture) is recorded and captured anew; a call of the recorded signature whose loop starts
+    elsewhere (the pipeline's default changed) runs eagerly with the divergence warning. Both give eager's result."""
+    monkeypatch.setattr(gp.CapturedPipeline, "_capture",
+                        lambda self, trace: capture_on_host(self, trace, RecordedStepsGraph))
+    monkeypatch.setattr(gp.CapturedPipeline, "blockers", lambda self, kwargs=None: [])
+    pipe = PartialLoopPipeline(tiny_unet(), euler_dropin())
+    fast = capture_pipeline(pipe)
+    kw = {"denoising_start": 0.0} if via == "denoising_start" else {}
+    for seed in (0, 1):  # records, then replays
+        assert torch.equal(fast(generator=torch.manual_seed(seed), **kw), pipe(generator=torch.manual_seed(seed), **kw))
+    assert (fast.captures, fast.replays) == (1, 1) and fast.reason is None, fast.reason
+    if via == "denoising_start":
+        kw = {"denoising_start": 0.5}
+    else:
+        pipe.default_start = 0.5
+    want = pipe(generator=torch.manual_seed(2), **kw)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = fast(generator=torch.manual_seed(2), **kw)
+    assert torch.equal(got, want), (got - want).abs().max()
+    assert fast.replays == 1
+    warned = [str(w.message) for w in caught if w.category is PipelineFallbackWarning]
+    if via == "denoising_start":  # a sibling's replay that diverges records the call: no warning
+        assert warned == [] and fast.captures == 2 and fast.reason is None, fast.reason
+    else:
+        assert len(warned) == 1 and warned[0].endswith(fast.reason)
+        assert fast.captures == 1 and "diverged" in fast.reason and "begin_index" in fast.reason
+    assert torch.equal(fast(generator=torch.manual_seed(3), **kw), pipe(generator=torch.manual_seed(3), **kw))
+
+
 def test_a_pil_image_input_replays_the_graph(stand_in_capture):
     """A PIL image is a graph input through the tensor the pipeline makes of it: the same size and mode replay
     the capture (keyed by identity, every call recorded and captured again)."""
@@ -994,3 +1108,36 @@ def test_a_new_scheduler_at_a_freed_one_s_address_is_not_replayed(stand_in_captu
     want = pipe(generator=torch.Generator().manual_seed(3), **kw)
     got = fast(generator=torch.Generator().manual_seed(3), **kw)
     assert torch.equal(got, want) and fast.captures == 2 and fast.replays == 0
+
+
+def test_the_runs_of_a_capture_take_the_recorded_steps_of_a_loop_that_stops_early():
+    """A loop that stops before its schedule's end (SDXL's ``denoising_end``) leaves the scheduler's step counter
+    mid-schedule, where a next run of the recorded loop would go on. Warm-up, the sync probe and the capture each run
+    the recorded loop: each must take the recorded steps (a graph captured from another run would replay the wrong
+    ones), and leave the counter where the eager call left it, as a replay does."""
+    pipe = PartialLoopPipeline(tiny_unet(), euler_dropin())
+    fast = capture_pipeline(pipe)
+    ref = pipe(generator=torch.manual_seed(0))
+    trace, result = fast._record((), {"generator": torch.manual_seed(0)})
+    assert trace.reason is None and torch.equal(result, ref)
+    end = pipe.scheduler.step_index
+    assert end == 3  # steps 0-2 of 6
+    for _ in range(3):
+        with torch.no_grad():
+            out = fast._run_trace(trace, fast._originals())
+        assert torch.equal(out.prev_sample, ref)
+        assert pipe.scheduler.step_index == end
+
+
+@gpu
+def test_gpu_loop_that_stops_early_replays_its_own_steps():
+    """A CUDA graph fixes its steps' indices when it is captured, after warm-up runs: a loop that stops before its
+    schedule's end must be captured taking its own steps (they were the next ones, 3-5 of 6, before the fix)."""
+    pipe = PartialLoopPipeline(tiny_unet().to("cuda"), euler_dropin())
+    fast = capture_pipeline(pipe)
+    refs = [pipe(generator=torch.manual_seed(seed)) for seed in (0, 1)]
+    for seed in (0, 0, 1):
+        out = fast(generator=torch.manual_seed(seed))
+        assert fast.reason is None, fast.reason
+        assert torch.equal(out, refs[seed]), (out - refs[seed]).abs().max()
+    assert (fast.captures, fast.replays) == (1, 2)

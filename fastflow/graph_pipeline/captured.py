@@ -313,6 +313,9 @@ class CapturedPipeline:
             except Uncapturable as exc:
                 rec.fail(f"{label}: {exc}")
             out = fn(*call_args, **call_kwargs)
+            if kind == "step" and rec.trace.first_step is None:
+                index = getattr(scheduler, "step_index", None)
+                rec.trace.first_step = index - 1 if isinstance(index, int) else None
             try:
                 if rec.problem is None:
                     note_output(rec, kind, out)
@@ -373,7 +376,22 @@ class CapturedPipeline:
 
     # ------------------------------------------------------------------ capture
     def _run_trace(self, trace: Trace, originals: tuple, probe: Callable[[str], None] | None = None) -> Any:
-        """The recorded loop on the static buffers (warm-up and capture); returns the last step's output."""
+        """The recorded loop on the static buffers (warm-up and capture); returns the last step's output.
+
+        The scheduler's step counter starts at the recorded loop's first step and is given back after, as a replay
+        leaves it: a loop that stops before its schedule's end (SDXL's ``denoising_end``) leaves the counter
+        mid-schedule, where a run would otherwise go on with the steps after the recorded ones."""
+        scheduler = self.scheduler
+        kept = getattr(scheduler, "_step_index", None)
+        if trace.first_step is not None:
+            scheduler._step_index = trace.first_step
+        try:
+            return self._run_events(trace, originals, probe)
+        finally:
+            if trace.first_step is not None:
+                scheduler._step_index = kept
+
+    def _run_events(self, trace: Trace, originals: tuple, probe: Callable[[str], None] | None) -> Any:
         forwards, step, scale = originals
         calls = {**forwards, "step": step, "scale": scale}
         values: list[Any] = [None] * len(trace.value_meta)

@@ -155,6 +155,7 @@ class Trace:
     batch: int = 0  # the batch of the first step's latents (per-sample seeds)
     host_timesteps: Any = None
     begin_index: int | None = None  # the scheduler's first step (img2img pipelines set it)
+    first_step: int | None = None  # the step index the loop's first step took (its runs start there)
     seeds: torch.Tensor | None = None
     graph: torch.cuda.CUDAGraph | None = None
     outputs: Any = None
