@@ -1114,7 +1114,7 @@ def test_the_runs_of_a_capture_take_the_recorded_steps_of_a_loop_that_stops_earl
     """A loop that stops before its schedule's end (SDXL's ``denoising_end``) leaves the scheduler's step counter
     mid-schedule, where a next run of the recorded loop would go on. Warm-up, the sync probe and the capture each run
     the recorded loop: each must take the recorded steps (a graph captured from another run would replay the wrong
-    ones), and leave the counter where the eager call left it, as a replay does."""
+    ones), and leave the counter as they found it (where the eager call left it)."""
     pipe = PartialLoopPipeline(tiny_unet(), euler_dropin())
     fast = capture_pipeline(pipe)
     ref = pipe(generator=torch.manual_seed(0))
@@ -1141,3 +1141,172 @@ def test_gpu_loop_that_stops_early_replays_its_own_steps():
         assert fast.reason is None, fast.reason
         assert torch.equal(out, refs[seed]), (out - refs[seed]).abs().max()
     assert (fast.captures, fast.replays) == (1, 2)
+
+
+# ----------------------------------------------------------------------------- CPU: a stand-in with frozen arguments
+class FrozenArgsGraph:
+    """A CPU stand-in closer to a CUDA graph than :class:`StandInGraph`: it records the ATen ops of its capture and
+    replays them with their arguments as captured (Python numbers, step indices and tensors alike), running no
+    Python of the scheduler. Tensors the capture made stay held (a graph's private pool); tensors from before it are
+    only weakly referenced, as a graph holds none: a replay that would read freed memory raises."""
+
+    def __init__(self):
+        self.ops: list | None = None
+
+    def capture_begin(self, *args, **kwargs) -> None:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        ops = self.ops = []
+
+        class Record(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                ops.append((func, (args, kwargs or {}), out))
+                return out
+
+        self.mode = Record()
+        self.mode.__enter__()
+
+    def capture_end(self) -> None:
+        import itertools
+        import weakref
+
+        self.mode.__exit__(None, None, None)
+        slots = itertools.count()
+        made: dict[int, int] = {}  # id(tensor made during capture) -> slot
+        self.pool: dict[int, torch.Tensor] = {}  # slot -> tensor with memory of its own (the pool)
+        tape = []
+        for func, inputs, out in self.ops:
+            leaves, spec = pytree.tree_flatten(inputs)
+            storages = {t.untyped_storage().data_ptr() for t in leaves if isinstance(t, torch.Tensor)}
+            refs = [("slot", made[id(t)]) if isinstance(t, torch.Tensor) and id(t) in made
+                    else ("outside", weakref.ref(t)) if isinstance(t, torch.Tensor) else ("const", t) for t in leaves]
+            outs = []
+            for t in pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    made[id(t)] = slot = next(slots)
+                    if t.untyped_storage().data_ptr() not in storages:  # not a view of an input: pool memory
+                        self.pool[slot] = t
+                    outs.append(slot)
+                else:
+                    outs.append(None)
+            tape.append((func, refs, spec, outs))
+        self.ops.clear()  # the capture's references go: a graph holds none to what it did not allocate
+        self.ops, self.mode, self.tape = None, None, tape
+
+    def replay(self) -> None:
+        env = dict(self.pool)
+        with torch.no_grad():
+            for func, refs, spec, outs in self.tape:
+                leaves = []
+                for kind, ref in refs:
+                    if kind == "outside" and ref() is None:
+                        raise RuntimeError(f"the graph's {func} reads a tensor from before its capture that was freed")
+                    leaves.append(env[ref] if kind == "slot" else ref() if kind == "outside" else ref)
+                args, kwargs = pytree.tree_unflatten(leaves, spec)
+                for slot, t in zip(outs, pytree.tree_leaves(func(*args, **kwargs)), strict=True):
+                    if slot in self.pool:
+                        if t is not self.pool[slot]:
+                            self.pool[slot].copy_(t)
+                    elif slot is not None:
+                        env[slot] = t
+
+    def reset(self) -> None:
+        self.tape = self.pool = None
+
+
+@pytest.fixture
+def frozen_args_capture(monkeypatch):
+    """``CapturedPipeline._capture`` itself runs on the CPU, :class:`FrozenArgsGraph` as its CUDA graph."""
+    import contextlib
+
+    class Stream:
+        def __init__(self, *args):
+            pass
+
+        def wait_stream(self, other):
+            pass
+
+    for name, value in {
+        "device": lambda *a: contextlib.nullcontext(), "stream": lambda *a: contextlib.nullcontext(),
+        "Stream": Stream, "current_stream": lambda *a: Stream(), "synchronize": lambda *a: None,
+        "memory_reserved": lambda *a: 0, "CUDAGraph": FrozenArgsGraph, "get_sync_debug_mode": lambda: 0,
+        "set_sync_debug_mode": lambda mode: None,
+    }.items():
+        monkeypatch.setattr(torch.cuda, name, value)
+    monkeypatch.setattr(gp.CapturedPipeline, "blockers", lambda self, kwargs=None: [])
+
+
+def test_frozen_args_graph_replays_a_capture(frozen_args_capture):
+    """The stand-in itself: replays of the captured ops give eager's results for new inputs and guidance scales."""
+    pipe = LoopPipeline(tiny_unet(), euler_dropin(), mode="cfg_scaled")
+    fast = capture_pipeline(pipe)
+    for seed, scale in ((0, 2.0), (1, 2.0), (2, 5.0)):
+        want = pipe(generator=torch.manual_seed(seed), guidance_scale=scale)
+        assert torch.equal(fast(generator=torch.manual_seed(seed), guidance_scale=scale), want)
+    assert (fast.captures, fast.replays) == (1, 2) and isinstance(fast._traces.popitem()[1].graph, FrozenArgsGraph)
+    assert pipe.scheduler.step_index is None  # a replay runs no step's Python (graph_pipeline's docstring says so)
+
+
+def test_a_capture_holds_the_noise_counters_a_longer_schedule_replaces(frozen_args_capture, monkeypatch):
+    """On a CUDA device a noisy step's counter is a view of ``_ff_row``'s counter tensor, which the drop-in keeps
+    across schedules and replaces, in place in its dict, by a longer one when a longer schedule needs it. A capture
+    held that dict, not the tensor: a later call with more steps freed the memory the graph's noise draws read
+    (DDPM's learned variance draws its noise outside the kernel, from those views alone)."""
+    from fastflow.diffusers._noise_draws import KernelNoise
+
+    monkeypatch.setattr(KernelNoise, "_ff_noise_counter", lambda self, k, device: self._ff_row(k, device))
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=6, layers_per_block=1, block_out_channels=(16, 32),
+                       norm_num_groups=8, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D")).eval()
+    scheduler = ffd.from_scheduler(diffusers.DDPMScheduler(variance_type="learned_range"), backend="torch")
+    pipe = LoopPipeline(unet, scheduler)
+    fast = capture_pipeline(pipe)
+    for steps in (3, 3, 5, 3):
+        torch.manual_seed(steps)
+        want = pipe(batch_size=2, num_inference_steps=steps)
+        torch.manual_seed(steps)
+        assert torch.equal(fast(batch_size=2, num_inference_steps=steps), want)
+    assert (fast.captures, fast.replays, fast.reason) == (2, 2, None)
+
+
+@gpu
+def test_gpu_replay_after_a_longer_schedule_draws_the_recorded_noise():
+    """The CUDA counterpart of the test above (unverified on a GPU when written): small blocks allocated after the
+    longer schedule's call take over freed memory, which a replay reading a freed counter would show."""
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=6, layers_per_block=1, block_out_channels=(16, 32),
+                       norm_num_groups=8, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D")).eval().to("cuda")
+    pipe = LoopPipeline(unet, ffd.from_scheduler(diffusers.DDPMScheduler(variance_type="learned_range")))
+    fast = capture_pipeline(pipe)
+    for steps in (3, 3, 5):
+        fast(batch_size=2, num_inference_steps=steps)
+    filler = [torch.full((8,), 7, dtype=torch.int64, device="cuda") for _ in range(64)]  # noqa: F841
+    torch.manual_seed(9)
+    want = pipe(batch_size=2, num_inference_steps=3)
+    torch.manual_seed(9)
+    got = fast(batch_size=2, num_inference_steps=3)
+    assert fast.reason is None and fast.replays == 2, fast.reason
+    assert torch.equal(got, want), (got - want).abs().max()
+
+
+@pytest.mark.parametrize("change", ["config", "attribute"])
+def test_a_scheduler_changed_in_place_after_its_capture_is_not_replayed(frozen_args_capture, change):
+    """A graph steps with the coefficient tables of its capture; a scheduler reconfigured in place (the same object,
+    so the same signature) with the same timesteps builds others, which the graph would never read. The call runs
+    eagerly with the divergence warning, and gives the reconfigured scheduler's result."""
+    pipe = LoopPipeline(tiny_unet(), euler_dropin())
+    fast = capture_pipeline(pipe)
+    for seed in (0, 1):
+        assert torch.equal(fast(generator=torch.manual_seed(seed)), pipe(generator=torch.manual_seed(seed)))
+    assert (fast.captures, fast.replays) == (1, 1)
+    if change == "config":  # Stable Cascade's pipeline edits a scheduler's config this way
+        pipe.scheduler.register_to_config(prediction_type="v_prediction")
+    else:
+        pipe.scheduler.compute_pred_original_sample = False
+    want = pipe(generator=torch.manual_seed(2))
+    with pytest.warns(gp.PipelineFallbackWarning, match="scheduler"):
+        got = fast(generator=torch.manual_seed(2))
+    assert torch.equal(got, want) and fast.replays == 1

@@ -64,7 +64,14 @@ What falls back to eager (``.reason`` says which and why, a warning is given onc
 * the pipeline's code between loop calls, the model or the step syncs with the
   host (``.item()``, a data-dependent branch, per-step noise from a CPU
   ``torch.Generator`` at a stochastic step), or the capture itself fails;
-* a per-step noise ``generator`` on a CUDA device (its state is host-side).
+* a per-step noise ``generator`` on a CUDA device (its state is host-side);
+* a replay whose scheduler was reconfigured in place since the capture (``register_to_config``, its
+  ``backend`` or ``compute_pred_original_sample`` set): the graph steps with the coefficients of its capture.
+  That signature then stays eager; ``fast.release()`` records it again.
+
+A replay runs the steps inside the graph, none of the scheduler's Python: after it, the
+scheduler's ``step_index`` is what ``set_timesteps`` left (None), not the loop's end as
+after an eager call.
 
 Stochastic drop-in steps without a generator draw fastflow's counter-based noise;
 each replay writes into the seed buffer the seed the eager drop-in takes at its

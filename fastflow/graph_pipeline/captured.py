@@ -307,6 +307,8 @@ class CapturedPipeline:
             if rec.done:  # the scheduler said its loop was over: the operations since were not recorded
                 rec.fail(f"{label} comes after the scheduler's last step")
             rec.ops_since_call = 0
+            if not rec.trace.events:  # the loop's first call: what its steps are built from, as it starts
+                rec.trace.scheduler_settings = _scheduler_settings(scheduler)
             try:
                 if rec.problem is None:
                     note(rec, kind, call_args, call_kwargs)
@@ -378,9 +380,10 @@ class CapturedPipeline:
     def _run_trace(self, trace: Trace, originals: tuple, probe: Callable[[str], None] | None = None) -> Any:
         """The recorded loop on the static buffers (warm-up and capture); returns the last step's output.
 
-        The scheduler's step counter starts at the recorded loop's first step and is given back after, as a replay
-        leaves it: a loop that stops before its schedule's end (SDXL's ``denoising_end``) leaves the counter
-        mid-schedule, where a run would otherwise go on with the steps after the recorded ones."""
+        The scheduler's step counter starts at the recorded loop's first step and is put back after, so these runs
+        leave the scheduler as they found it: a loop that stops before its schedule's end (SDXL's
+        ``denoising_end``) leaves the counter mid-schedule, where a run would otherwise go on with the steps after
+        the recorded ones."""
         scheduler = self.scheduler
         kept = getattr(scheduler, "_step_index", None)
         if trace.first_step is not None:
@@ -459,7 +462,7 @@ class CapturedPipeline:
         trace.outputs = final
         # The graph reads device tensors the scheduler made outside it (coefficient tables, seeds, step
         # counters); set_timesteps replaces the scheduler's dicts of them, so hold this generation alive.
-        trace.keep = dict(vars(scheduler))
+        trace.keep = _held(vars(scheduler))
 
     # ------------------------------------------------------------------ replay
     def _replay(self, trace: Trace, args: tuple, kwargs: dict) -> Any:
@@ -497,6 +500,11 @@ class CapturedPipeline:
             if k == 0 and getattr(self.scheduler, "begin_index", None) != trace.begin_index:
                 # the graph's steps are the recorded ones; a timestep tensor on the device is not compared
                 diverged("the scheduler's first step (begin_index) differs from the recorded one")
+            if k == 0:
+                changed = _changed_settings(self.scheduler, trace.scheduler_settings)
+                if changed:  # the graph steps with the tables built at its capture
+                    diverged(f"the scheduler's {', '.join(changed)} changed since the loop was captured (call "
+                             "fast.release() after reconfiguring a scheduler in place)")
             leaves = flat_args(a, kw) if ev.flat == (len(a), tuple(kw)) else None
             if leaves is None:  # arguments with structure: compare it whole
                 leaves, spec = leaves_and_spec((a, kw))
@@ -589,6 +597,36 @@ class CapturedPipeline:
         self.replays += 1  # counted once the call is over: a loop found longer after the replay is rerun eagerly
         self.reason = None
         return result
+
+
+def _held(value: Any, depth: int = 4) -> Any:
+    """``value`` with its dicts, lists and tuples copied (``depth`` levels down): a capture's hold on the tensors the
+    graph reads must outlive in-place changes of the scheduler's own containers, such as ``_ff_row`` replacing a
+    shorter noise counter tensor in the dict it keeps across schedules (freed, its memory would be reused while a
+    replay still reads it)."""
+    if depth and isinstance(value, dict):
+        return {k: _held(v, depth - 1) for k, v in value.items()}
+    if depth and isinstance(value, (list, tuple)):
+        return [_held(v, depth - 1) for v in value]
+    return value
+
+
+_SCHEDULER_OPTIONS = ("backend", "compute_pred_original_sample", "diffusers_noise")
+
+
+def _scheduler_settings(scheduler: Any) -> dict[str, Any]:
+    """What a drop-in's steps are built from besides its timesteps: its config and its own options. A graph keeps the
+    tables built at its capture, so the same scheduler reconfigured in place (the same signature) is not replayed."""
+    settings = dict(getattr(scheduler, "config", None) or {})
+    settings.update({f"option {name}": getattr(scheduler, name, None) for name in _SCHEDULER_OPTIONS})
+    return settings
+
+
+def _changed_settings(scheduler: Any, recorded: dict[str, Any]) -> list[str]:
+    """The names of the settings (:func:`_scheduler_settings`) that differ from the recorded ones."""
+    now = _scheduler_settings(scheduler)
+    return [name for name in sorted(now.keys() | recorded.keys())
+            if name not in now or name not in recorded or not _same_host(now[name], recorded[name])]
 
 
 def _loop_finished(scheduler: Any) -> bool:

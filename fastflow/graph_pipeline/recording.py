@@ -156,6 +156,7 @@ class Trace:
     host_timesteps: Any = None
     begin_index: int | None = None  # the scheduler's first step (img2img pipelines set it)
     first_step: int | None = None  # the step index the loop's first step took (its runs start there)
+    scheduler_settings: dict = field(default_factory=dict)  # the config and options its steps were built from
     seeds: torch.Tensor | None = None
     graph: torch.cuda.CUDAGraph | None = None
     outputs: Any = None
