@@ -16,8 +16,12 @@ def traced_without_dynamo() -> bool:
     """Whether this Python runs under torch.export's non-strict tracing (its default): on fake tensors, outside
     torch.compile's tracer. A tensor made then is a fake: a device cache must not keep it for later eager steps,
     which would read no data from it, and a kernel launch cannot take it."""
-    exporting = getattr(torch.compiler, "is_exporting", None)  # torch >= 2.5
-    return exporting is not None and exporting() and not torch.compiler.is_dynamo_compiling()
+    exporting = getattr(torch.compiler, "is_exporting", None)
+    if exporting is None:
+        # torch 2.6 has no is_exporting (it said False there: tables made of fakes were kept); its non-strict tracing
+        # sets is_compiling, which is otherwise dynamo's (torch.compile, strict export)
+        return torch.compiler.is_compiling() and not torch.compiler.is_dynamo_compiling()
+    return exporting() and not torch.compiler.is_dynamo_compiling()
 
 
 def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:

@@ -213,8 +213,9 @@ def check_normal_args(
             raise TypeError(f"sample_shape must be a sequence of ints, got {type(sample_shape).__name__}")
         if not all(_is_int(d) for d in sample_shape):
             raise ValueError(f"sample_shape must hold non-negative ints, got {tuple(sample_shape)!r}")
-    if sample_shape and min(sample_shape) < 0:
-        raise ValueError(f"sample_shape must hold non-negative ints, got {tuple(sample_shape)!r}")
+    for d in sample_shape:  # not min(), which compares sizes: torch 2.6's export made that a guard (h >= 4)
+        if d < 0:
+            raise ValueError(f"sample_shape must hold non-negative ints, got {tuple(sample_shape)!r}")
     if type(step) is not int and isinstance(step, torch.Tensor):  # an int, the usual step, tested first
         if step.numel() != 1 or step.dtype.is_floating_point or step.dtype.is_complex or step.dtype == torch.bool:
             raise TypeError(f"a step tensor must hold one integer, got {step.dtype} of shape {tuple(step.shape)}")

@@ -167,7 +167,9 @@ class PlanRunner:
         table = self.table(device, torch.float64 if dtype == torch.float64 else torch.float32)
         backend = resolve_backend(self.backend, device, dtype)
         found = (table, backend, backend.alloc_entry())
-        if not traced_without_dynamo():  # its table is a fake there (see table)
+        # not under non-strict export (its table is a fake there, see table), nor for a numpy array's dtype (a
+        # non-tensor state the caller names): traced steps read this dict, and torch 2.8's dynamo cannot hash that
+        if not traced_without_dynamo() and isinstance(dtype, torch.dtype):
             self._dispatch[(device, dtype)] = found
         return found
 

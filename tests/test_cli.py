@@ -105,6 +105,8 @@ def test_demo_runs_every_sampler():
     ],
 )
 def test_demo_refuses_bad_arguments(capsys, args, message):
+    if "figure's format" in message:  # the formats are matplotlib's; without it the demo skips the figure (said)
+        pytest.importorskip("matplotlib")
     with pytest.raises(SystemExit) as exc:
         cli.main(["demo", *args])
     assert exc.value.code == 2

@@ -547,7 +547,7 @@ def test_export_non_strict(backend, solver, guided):
         return cond, uncond, z, torch.tensor([seed, seed + 1])
 
     h = torch.export.Dim("h", min=2, max=64)
-    exported = torch.export.export(Step(), inputs(7, 3), dynamic_shapes=({2: h}, {2: h}, {2: h}, None))
+    exported = torch.export.export(Step(), inputs(7, 3), dynamic_shapes=({2: h}, {2: h}, {2: h}, None), strict=False)
     assert ("fastflow.fused_step" in str(exported.graph)) is (backend == "cuda")
     results = []
     for args in (inputs(7, 3), inputs(11, 3), inputs(11, 8)):
@@ -577,7 +577,8 @@ def test_export_whole_loop_with_its_model(backend, solver):
 
     noise = sampler.init_noise((2, 4, 8, 8), seed=1)
     with torch.no_grad():
-        exported = torch.export.export(Loop(), (noise,))  # unprepared: its tables are first made while tracing
+        # unprepared: its tables are first made while tracing
+        exported = torch.export.export(Loop(), (noise,), strict=False)
         assert torch.equal(exported.module()(noise), Loop()(noise))
 
 
@@ -602,7 +603,7 @@ def test_export_leaves_no_fake_tensors_for_eager_steps(backend):
             return ff.sample(model, sampler.init_noise((2, 3, 5), seed=seed), sampler)
 
     seed = torch.tensor([4, 9])
-    exported = torch.export.export(Loop(), (seed,))
+    exported = torch.export.export(Loop(), (seed,), strict=False)
     fresh = make()
     want = ff.sample(model, fresh.init_noise((2, 3, 5), seed=seed), fresh)
     assert torch.equal(exported.module()(seed), want)
@@ -658,6 +659,12 @@ def test_a_non_tensor_argument_to_step_is_named(name):
     named = r"model_output\[1\]" if guided else name
     with pytest.raises(TypeError, match=rf"^{named} must be a torch.Tensor"):
         s.step(output, z, 0, **kw)
+    # nor does it leave a numpy dtype in the backend caches: torch 2.8's dynamo cannot hash that key, and every
+    # later traced step that read them failed
+    from fastflow.backends import _RESOLVED
+
+    assert all(isinstance(key[2], (torch.dtype, type(None))) for key in _RESOLVED)
+    assert all(isinstance(key[1], torch.dtype) for key in s.runner._dispatch)
 
 
 def test_a_0d_state_with_return_model_input_names_the_batch_dimension():
@@ -738,7 +745,7 @@ def test_continuing_a_traced_loop_eagerly_is_refused(backend):
         def forward(self, o: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
             return sampler.step(o, z, 0)
 
-    torch.export.export(First(), (0.5 * z, z))
+    torch.export.export(First(), (0.5 * z, z), strict=False)
     with pytest.raises(RuntimeError, match=r"fake tensors \(history\)"):
         sampler.step(0.5 * z, z, 1)
     fresh = ff.Sampler(ff.VP(), solver="dpm++2m", prediction="eps", steps=4, backend=backend)

@@ -73,7 +73,10 @@ def resolve_backend(name: str, device: torch.device | str, dtype: torch.dtype | 
         reason = backend.availability() or backend.supports(device)
         if reason is not None:
             raise RuntimeError(f"backend {name!r} cannot run on {device}: {reason}")
-    _RESOLVED[key] = backend
+    if dtype is None or isinstance(dtype, torch.dtype):
+        # not a numpy dtype (a numpy state's, before step names it): torch 2.8's dynamo cannot hash such a key, so
+        # every later traced step that reads this cache failed (an "Observed exception", under fullgraph)
+        _RESOLVED[key] = backend
     return backend
 
 

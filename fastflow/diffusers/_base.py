@@ -44,6 +44,9 @@ _REGISTRY: dict[str, type] = {}
 _NO_DEFAULT = object()
 _MAX_WARMED_VARIANTS = 4  # step variants beyond the default that set_timesteps builds again (see _ff_warm)
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
+# torch 2.6's graph_break takes no message: called with one, the call dynamo leaves to eager after the break raised
+# TypeError (torch._dynamo is imported by now: diffusers and torch's fake tensors import it)
+_GRAPH_BREAK_TAKES_MSG = "msg" in inspect.signature(torch._dynamo.graph_break).parameters
 
 
 def registry() -> dict[str, type]:
@@ -297,11 +300,14 @@ class FastflowScheduler(StepLocator, KernelNoise, StepLane):
         comp = compiled.get(key)
         if comp is None:
             if torch.compiler.is_dynamo_compiling():  # building a plan reads numpy arrays: say so, not numpy's error
-                torch._dynamo.graph_break(
-                    msg=f"{type(self).__name__}.step: the plan of this step variant ({variant!r}) is built on its "
-                    "first use, which a graph cannot trace: run the first loop's first such call eagerly (later "
-                    "loops' set_timesteps build it), or compile without fullgraph"
-                )
+                if _GRAPH_BREAK_TAKES_MSG:
+                    torch._dynamo.graph_break(
+                        msg=f"{type(self).__name__}.step: the plan of this step variant ({variant!r}) is built on its "
+                        "first use, which a graph cannot trace: run the first loop's first such call eagerly (later "
+                        "loops' set_timesteps build it), or compile without fullgraph"
+                    )
+                else:  # torch 2.6: fullgraph's error shows the next line, its comment included
+                    torch._dynamo.graph_break()  # a step variant's plan is built on its first use: run that eagerly
             comp = compile_specs(self._ff_specs(start, variant), self._ff_clip(), self.backend, start=start)
             self._ff_compiled[key] = comp
             used = self.__dict__.setdefault("_ff_used_variants", [])

@@ -27,7 +27,8 @@ from ._base import FastflowScheduler
 from ._outputs import output_maker
 from ._spec import O, StepSpec, X, Z, noise, promoted_dtype, sqrt
 
-__all__ = ["DDIMScheduler", "DDPMScheduler", "ddim_noise_and_direction", "dynamic_threshold", "eps_coefs", "x0_coefs"]
+__all__ = ["DDIMScheduler", "DDPMScheduler", "ddim_noise_and_direction", "dynamic_threshold", "eps_coefs",
+           "row_quantile", "x0_coefs"]
 
 _PREDICTIONS = ("epsilon", "sample", "v_prediction")
 _ONE = np.float32(1.0)
@@ -96,6 +97,25 @@ def eps_coefs(prediction: str, a: float) -> tuple[float, float]:
     return sb, sa
 
 
+def row_quantile(a: torch.Tensor, q: float) -> torch.Tensor:
+    """``torch.quantile(a, q, dim=1)`` of a 2-d float tensor (linear interpolation), bit for bit, from the ops it
+    runs (sort, rank in ``a``'s dtype, gather, lerp; a row holding NaN gives NaN).
+
+    Written out because ``torch.quantile`` does not trace on older torch: inside it is an ``aten.equal`` that fake
+    tensors cannot answer, so torch 2.6 and 2.8 refused ``torch.compile(fullgraph=True)``, strict and
+    non-strict ``torch.export`` and ``FakeTensorMode`` of a thresholded step (torch 2.13 traces it).
+    """
+    last = a.shape[1] - 1
+    if last >= 2**24:  # torch.quantile's own limit: a float32 rank no longer names every element
+        raise RuntimeError("quantile() input tensor is too large")
+    ordered = a.sort(dim=1).values
+    ranks = (torch.scalar_tensor(q, dtype=a.dtype, device=a.device) * last).expand(a.shape[0], 1)
+    ranks = ranks.masked_fill(ordered.isnan().any(1, keepdim=True), last)  # NaN sorts last: the row's quantile
+    below = ranks.long()
+    above = ordered.gather(1, ranks.ceil().long())
+    return ordered.gather(1, below).lerp(above, ranks - below).squeeze(1)
+
+
 def dynamic_threshold(x0: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:
     """Imagen's dynamic thresholding as diffusers defines it, per sample and sync-free.
 
@@ -106,7 +126,7 @@ def dynamic_threshold(x0: torch.Tensor, ratio: float, max_value: float) -> torch
     flat = x0.reshape(x0.shape[0], -1)
     if dtype not in (torch.float32, torch.float64):
         flat = flat.float()
-    s = torch.quantile(flat.abs(), ratio, dim=1).clamp(min=1, max=max_value).unsqueeze(1)
+    s = row_quantile(flat.abs(), ratio).clamp(min=1, max=max_value).unsqueeze(1)
     return (flat.clamp(-s, s) / s).reshape(x0.shape).to(dtype)
 
 

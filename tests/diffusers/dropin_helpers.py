@@ -24,6 +24,13 @@ SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)  # 
 TREE_NOISE = ("DPMSolverSDEScheduler", "CosineDPMSolverMultistepScheduler")
 
 
+def recompile_limit(n: int) -> contextlib.AbstractContextManager:
+    """``torch._dynamo.config.patch(recompile_limit=n)``, under the name torch 2.6 gives it (``cache_size_limit``):
+    the same limit, renamed later."""
+    name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    return torch._dynamo.config.patch(**{name: n})
+
+
 def stand_in(x: torch.Tensor, t) -> torch.Tensor:
     """``a(t) x + b(t) sin(x)`` with smooth, bounded ``a, b`` of the timestep value."""
     tau = float(t)

@@ -17,6 +17,7 @@ from dropin_helpers import (
     assert_unet_loops_match,
     float32_draws,
     pair,
+    recompile_limit,
     run_loop,
     stand_in,
     start_noise,
@@ -264,7 +265,7 @@ def test_dpm_pipeline_loop_traces_with_fullgraph():
     torch._dynamo.reset()
     compiled = torch.compile(eager, fullgraph=True, backend="eager")
     torch.manual_seed(0)
-    with torch._dynamo.config.patch(recompile_limit=8):
+    with recompile_limit(8):
         got = loop(compiled)
     assert torch.equal(got, want)
 

@@ -18,7 +18,7 @@ from dropin_helpers import (
 )
 
 from fastflow import UndefinedStepError
-from fastflow.diffusers.ddim import ddim_noise_and_direction
+from fastflow.diffusers.ddim import ddim_noise_and_direction, row_quantile
 
 GRID = [
     dict(prediction_type=p, clip_sample=c, timestep_spacing=s, **extra)
@@ -136,6 +136,37 @@ def test_dynamic_thresholding(prediction_type, use_clipped):
     model = lambda x, t: 1.5 * stand_in(x, t)  # noqa: E731
     kw = lambda i: dict(use_clipped_model_output=use_clipped)  # noqa: E731
     assert_loops_match(ref, ff, steps=10, model=model, step_kwargs=kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("q", [0.0, 0.5, 0.9, 0.995, 1 / 3, 1.0])
+def test_row_quantile_is_torch_quantile_bit_for_bit(q, dtype):
+    """Thresholding's quantile, written out so that older torch traces it, is torch.quantile's (which diffusers
+    calls) exactly: ties, a single element, NaN (the row's quantile is NaN) and inf."""
+    g = torch.Generator().manual_seed(0)
+    for shape in [(1, 1), (2, 2), (3, 7), (4, 256), (2, 3 * 17 * 19)]:
+        for kind in ("plain", "ties", "nan"):
+            a = (torch.randn(shape, generator=g, dtype=torch.float64) * 3).to(dtype).abs()
+            if kind == "ties":
+                a = a.round()
+            elif kind == "nan" and shape[0] > 1:
+                a[0, 0], a[-1, -1] = float("nan"), float("inf")
+            want, got = torch.quantile(a, q, dim=1), row_quantile(a, q)
+            assert got.dtype == want.dtype and got.shape == want.shape
+            assert torch.equal(got.nan_to_num(-1.0), want.nan_to_num(-1.0)) and torch.equal(got.isnan(), want.isnan())
+
+
+def test_row_quantile_traces():
+    """fullgraph torch.compile and fake tensors (the tracing of torch.export): torch.quantile of torch 2.6 and 2.8
+    failed both (a data-dependent aten.equal)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    torch._dynamo.reset()
+    a = torch.randn(3, 256, generator=torch.Generator().manual_seed(0)).abs()
+    compiled = torch.compile(lambda a: row_quantile(a, 0.995), fullgraph=True, backend="eager")
+    assert torch.equal(compiled(a), torch.quantile(a, 0.995, dim=1))
+    with FakeTensorMode():
+        assert row_quantile(torch.empty(3, 256), 0.9).shape == (3,)
 
 
 def test_step_before_set_timesteps_raises():

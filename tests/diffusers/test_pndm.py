@@ -17,6 +17,7 @@ from dropin_helpers import (
     compiled_loops,
     float64_distance,
     meta_loop,
+    recompile_limit,
     run_loop,
     stand_in,
     start_noise,
@@ -206,7 +207,7 @@ def test_warm_up_meta_compile_and_unet():
     x, out = meta_loop(ff, 5)
     assert x.device.type == "meta" and out.prev_sample is x
     ref, ff = prk_pair(**SD)
-    with torch._dynamo.config.patch(recompile_limit=16):
+    with recompile_limit(16):
         xb, xa = compiled_loops(ref, ff, posterior_model(ref), 4)
     assert_close(xb, xa)
     assert_unet_loops_match(diffusers.PNDMScheduler(**SD, steps_offset=1), 5)
