@@ -138,15 +138,16 @@ def test_dynamic_thresholding(prediction_type, use_clipped):
     assert_loops_match(ref, ff, steps=10, model=model, step_kwargs=kw)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("q", [0.0, 0.5, 0.9, 0.995, 1 / 3, 1.0])
-def test_row_quantile_is_torch_quantile_bit_for_bit(q, dtype):
+def test_row_quantile_is_torch_quantile_bit_for_bit(q, dtype, device):
     """Thresholding's quantile, written out so that older torch traces it, is torch.quantile's (which diffusers
     calls) exactly: ties, a single element, NaN (the row's quantile is NaN) and inf."""
     g = torch.Generator().manual_seed(0)
     for shape in [(1, 1), (2, 2), (3, 7), (4, 256), (2, 3 * 17 * 19)]:
         for kind in ("plain", "ties", "nan"):
-            a = (torch.randn(shape, generator=g, dtype=torch.float64) * 3).to(dtype).abs()
+            a = (torch.randn(shape, generator=g, dtype=torch.float64) * 3).to(device, dtype).abs()
             if kind == "ties":
                 a = a.round()
             elif kind == "nan" and shape[0] > 1:
