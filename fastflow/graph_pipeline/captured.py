@@ -617,7 +617,10 @@ _SCHEDULER_OPTIONS = ("backend", "compute_pred_original_sample", "diffusers_nois
 def _scheduler_settings(scheduler: Any) -> dict[str, Any]:
     """What a drop-in's steps are built from besides its timesteps: its config and its own options. A graph keeps the
     tables built at its capture, so the same scheduler reconfigured in place (the same signature) is not replayed."""
-    settings = dict(getattr(scheduler, "config", None) or {})
+    config = getattr(scheduler, "config", None)
+    # the config's attributes, as the drop-in follows them (_ff_follow_edits): a pipeline may set one on the frozen
+    # config (Stable Cascade's ``config.clip_sample = False``), which its items do not show
+    settings = dict(vars(config)) if config is not None else {}
     settings.update({f"option {name}": getattr(scheduler, name, None) for name in _SCHEDULER_OPTIONS})
     return settings
 
