@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -66,16 +67,20 @@ class LoopPipeline(DiffusionPipeline):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
         self.mode = mode
+        self.final_sigma: float | None = None
 
     @torch.no_grad()
     def __call__(self, batch_size: int = 2, num_inference_steps: int = 4, generator=None, guidance_scale: float = 2.0,
-                 prompt: str = ""):
+                 prompt: str = "", final_sigma: float | None = None):
         shape = (batch_size, 3, 8, 8)
         device = self.unet.device
         x = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
         # "Text encoding" before the loop: the prompt becomes a device tensor the loop reads.
         cond = torch.full((1,), sum(map(ord, prompt)) % 17 / 17.0, device=device, dtype=self.unet.dtype)
         self.scheduler.set_timesteps(num_inference_steps)
+        final_sigma = self.final_sigma if final_sigma is None else final_sigma
+        if final_sigma is not None:  # an edit of the schedule after set_timesteps, as Cosmos 2 pipelines make one
+            self.scheduler.sigmas[-1] = final_sigma
         for t in self.scheduler.timesteps:
             if self.mode in ("cfg", "cfg_scaled"):  # as StableDiffusionPipeline does it
                 inp = torch.cat([x] * 2)
@@ -1312,3 +1317,34 @@ def test_a_scheduler_changed_in_place_after_its_capture_is_not_replayed(frozen_a
     with pytest.warns(gp.PipelineFallbackWarning, match="scheduler"):
         got = fast(generator=torch.manual_seed(2))
     assert torch.equal(got, want) and fast.replays == 1
+
+
+@pytest.mark.parametrize("edit_from", ["argument", "attribute"])
+def test_a_schedule_edited_in_place_is_replayed_only_with_the_recorded_edit(frozen_args_capture, edit_from):
+    """A pipeline may edit the scheduler's ``sigmas`` between ``set_timesteps`` and its loop (Cosmos 2 pipelines set
+    ``sigmas[-1] = sigmas[-2]``); the drop-in follows the edit, so the graph holds tables built from the edited
+    schedule. The same edit at every call replays. Another edit with the same timesteps was replayed with the
+    recorded one's tables: now a float argument that makes it gets a capture of its own, and an edit the call's
+    arguments do not show (the pipeline's own state) runs eagerly with the divergence warning."""
+    pipe = LoopPipeline(tiny_unet(), euler_dropin())
+    fast = capture_pipeline(pipe)
+
+    def call(seed: int, final_sigma: float, run: Callable) -> torch.Tensor:
+        if edit_from == "argument":
+            return run(generator=torch.manual_seed(seed), final_sigma=final_sigma)
+        pipe.final_sigma = final_sigma
+        return run(generator=torch.manual_seed(seed))
+
+    for seed in (0, 1, 2):
+        assert torch.equal(call(seed, 0.5, fast), call(seed, 0.5, pipe))
+    assert (fast.captures, fast.replays) == (1, 2)
+    want = call(3, 0.25, pipe)
+    assert not torch.equal(want, call(3, 0.5, pipe))  # the edit matters
+    if edit_from == "argument":
+        got = call(3, 0.25, fast)
+        assert (fast.captures, fast.replays) == (2, 2)
+    else:
+        with pytest.warns(gp.PipelineFallbackWarning, match="sigmas differ"):
+            got = call(3, 0.25, fast)
+        assert (fast.captures, fast.replays) == (1, 2)
+    assert torch.equal(got, want)

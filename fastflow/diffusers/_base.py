@@ -242,16 +242,13 @@ class FastflowScheduler(StepLocator, KernelNoise, StepLane):
         them, keeping ``begin_index``. The test reads no device memory; a changed tensor is read once, to compare
         its values. An edit made after the loop's first step is not followed (docs/diffusers.md)."""
         edited = False
-        if self._ff_sigmas_seen is not None:
-            seen, version, values = self._ff_sigmas_seen
-            now = self.sigmas
-            if now is not seen or now._version != version:
-                current = now.detach().to("cpu") if isinstance(now, torch.Tensor) else None
-                if (current is not None and current.shape == values.shape
-                        and torch.equal(current, values.to(current.dtype))):
-                    self._ff_sigmas_seen = (now, now._version, values)  # the same values (moved or cast)
-                else:
-                    edited = True
+        current = self._ff_sigmas_now()
+        if self._ff_sigmas_seen is not None and current is not self._ff_sigmas_seen[2]:
+            values = self._ff_sigmas_seen[2]
+            if current is not None and current.shape == values.shape and torch.equal(current, values.to(current.dtype)):
+                self._ff_sigmas_seen = (self.sigmas, self.sigmas._version, values)  # the same values (moved or cast)
+            else:
+                edited = True
         try:
             edited = edited or vars(self.config) != self._ff_config_seen
         except (ValueError, RuntimeError, TypeError):  # a replaced array value compares element-wise
@@ -261,6 +258,17 @@ class FastflowScheduler(StepLocator, KernelNoise, StepLane):
             self._ff_check_config()
             self._ff_reset()
             self._begin_index = begin
+
+    def _ff_sigmas_now(self) -> torch.Tensor | None:
+        """The values of ``sigmas`` that a loop starting now follows: the host copy taken at ``set_timesteps``
+        (this very tensor) while ``sigmas`` is that tensor unchanged, else the current values, read once."""
+        if self._ff_sigmas_seen is None:
+            return None
+        seen, version, values = self._ff_sigmas_seen
+        now = getattr(self, "sigmas", None)
+        if now is seen and now._version == version:
+            return values
+        return now.detach().to("cpu", copy=True) if isinstance(now, torch.Tensor) else None
 
     def _ff_ready(self) -> bool:
         return getattr(self, "_ff_compiled", None) is not None

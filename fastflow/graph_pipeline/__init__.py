@@ -66,8 +66,10 @@ What falls back to eager (``.reason`` says which and why, a warning is given onc
   ``torch.Generator`` at a stochastic step), or the capture itself fails;
 * a per-step noise ``generator`` on a CUDA device (its state is host-side);
 * a replay whose scheduler was reconfigured in place since the capture (``register_to_config``, its
-  ``backend`` or ``compute_pred_original_sample`` set): the graph steps with the coefficients of its capture.
-  That signature then stays eager; ``fast.release()`` records it again.
+  ``backend`` or ``compute_pred_original_sample`` set), or whose ``sigmas`` the pipeline edited after
+  ``set_timesteps`` otherwise than at the capture (the same edit at every call, as Cosmos 2 pipelines make
+  one, replays; an edited tensor is read once per call, as the eager step reads it): the graph steps with the
+  coefficients of its capture. That signature then stays eager; ``fast.release()`` records it again.
 
 A replay runs the steps inside the graph, none of the scheduler's Python: after it, the
 scheduler's ``step_index`` is what ``set_timesteps`` left (None), not the loop's end as

@@ -309,6 +309,7 @@ class CapturedPipeline:
             rec.ops_since_call = 0
             if not rec.trace.events:  # the loop's first call: what its steps are built from, as it starts
                 rec.trace.scheduler_settings = _scheduler_settings(scheduler)
+                rec.trace.host_sigmas = _host_sigmas(scheduler)
             try:
                 if rec.problem is None:
                     note(rec, kind, call_args, call_kwargs)
@@ -505,6 +506,8 @@ class CapturedPipeline:
                 if changed:  # the graph steps with the tables built at its capture
                     diverged(f"the scheduler's {', '.join(changed)} changed since the loop was captured (call "
                              "fast.release() after reconfiguring a scheduler in place)")
+                if not _same_host(_host_sigmas(self.scheduler), trace.host_sigmas):
+                    diverged("the scheduler's sigmas differ from the recorded ones (edited after set_timesteps)")
             leaves = flat_args(a, kw) if ev.flat == (len(a), tuple(kw)) else None
             if leaves is None:  # arguments with structure: compare it whole
                 leaves, spec = leaves_and_spec((a, kw))
@@ -661,6 +664,14 @@ def _same_host(a: Any, b: Any) -> bool:
         return bool(a == b)
     except Exception:
         return a is b
+
+
+def _host_sigmas(scheduler: Any) -> torch.Tensor | None:
+    """The sigmas a drop-in's loop starting now is built from, as host values: a pipeline may edit them in place
+    between ``set_timesteps`` and its loop (Cosmos 2's ``sigmas[-1] = sigmas[-2]``), which the drop-in follows and a
+    graph keeps. Unedited, this reads nothing from the device; an edited tensor is read once, as the eager step does."""
+    now = getattr(scheduler, "_ff_sigmas_now", None)
+    return now() if now is not None else None
 
 
 def _host_timesteps(scheduler: Any) -> Any:

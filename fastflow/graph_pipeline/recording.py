@@ -154,6 +154,7 @@ class Trace:
     device: torch.device | None = None
     batch: int = 0  # the batch of the first step's latents (per-sample seeds)
     host_timesteps: Any = None
+    host_sigmas: torch.Tensor | None = None  # the sigmas its steps were built from, edits included (_host_sigmas)
     begin_index: int | None = None  # the scheduler's first step (img2img pipelines set it)
     first_step: int | None = None  # the step index the loop's first step took (its runs start there)
     scheduler_settings: dict = field(default_factory=dict)  # the config and options its steps were built from
