@@ -99,21 +99,45 @@ def eps_coefs(prediction: str, a: float) -> tuple[float, float]:
 
 def row_quantile(a: torch.Tensor, q: float) -> torch.Tensor:
     """``torch.quantile(a, q, dim=1)`` of a 2-d float tensor (linear interpolation), bit for bit, from the ops it
-    runs (sort, rank in ``a``'s dtype, gather, lerp; a row holding NaN gives NaN).
+    runs (sort, rank, gather, lerp; a row holding NaN gives NaN), with its ranks in the dtype the running torch forms
+    them in (:data:`QUANTILE_RANK_DTYPE`).
 
     Written out because ``torch.quantile`` does not trace on older torch: inside it is an ``aten.equal`` that fake
     tensors cannot answer, so torch 2.6 and 2.8 refused ``torch.compile(fullgraph=True)``, strict and
     non-strict ``torch.export`` and ``FakeTensorMode`` of a thresholded step (torch 2.13 traces it).
     """
+    if QUANTILE_RANK_DTYPE is None:  # a torch whose quantile this does not know: diffusers' call itself
+        return torch.quantile(a, q, dim=1)
+    return _row_quantile(a, q, QUANTILE_RANK_DTYPE)
+
+
+def _row_quantile(a: torch.Tensor, q: float, rank_dtype: torch.dtype | str) -> torch.Tensor:
+    """:func:`row_quantile` with ranks formed in ``rank_dtype`` ("input": ``a``'s dtype) from ``q`` in ``a``'s."""
     last = a.shape[1] - 1
     if last >= 2**24:  # torch.quantile's own limit: a float32 rank no longer names every element
         raise RuntimeError("quantile() input tensor is too large")
     ordered = a.sort(dim=1).values
-    ranks = (torch.scalar_tensor(q, dtype=a.dtype, device=a.device) * last).expand(a.shape[0], 1)
+    ranks = torch.scalar_tensor(q, dtype=a.dtype, device=a.device)
+    if rank_dtype != "input":
+        ranks = ranks.to(rank_dtype)
+    ranks = (ranks * last).expand(a.shape[0], 1)
     ranks = ranks.masked_fill(ordered.isnan().any(1, keepdim=True), last)  # NaN sorts last: the row's quantile
     below = ranks.long()
     above = ordered.gather(1, ranks.ceil().long())
-    return ordered.gather(1, below).lerp(above, ranks - below).squeeze(1)
+    return ordered.gather(1, below).lerp(above, (ranks - below).to(a.dtype)).squeeze(1)
+
+
+def _quantile_rank_dtype() -> torch.dtype | str | None:
+    """How this torch's ``torch.quantile`` forms the ranks of a float32 input: in the input's dtype ("input", torch
+    2.13 and older) or in float64 (torch 2.14), told apart by an input whose quantile differs between the two; None
+    when neither matches (:func:`row_quantile` then calls ``torch.quantile``)."""
+    a = (torch.arange(1001, device="cpu") >= 900).to(torch.float32).unsqueeze(0)  # rank 899.99998 or 900
+    want = torch.quantile(a, 0.9, dim=1)
+    return next((dtype for dtype in ("input", torch.float64) if torch.equal(_row_quantile(a, 0.9, dtype), want)),
+                None)
+
+
+QUANTILE_RANK_DTYPE = _quantile_rank_dtype()
 
 
 def dynamic_threshold(x0: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:

@@ -157,6 +157,22 @@ def test_row_quantile_is_torch_quantile_bit_for_bit(q, dtype, device):
             assert torch.equal(got.nan_to_num(-1.0), want.nan_to_num(-1.0)) and torch.equal(got.isnan(), want.isnan())
 
 
+def test_row_quantile_follows_the_running_torchs_ranks(monkeypatch):
+    """torch 2.14 forms a float32 input's ranks in float64, earlier releases in float32: the probe at import tells
+    which this torch does (a quantile both formulas give differently), and a torch doing neither is called itself."""
+    from fastflow.diffusers import ddim
+
+    assert ddim.QUANTILE_RANK_DTYPE in ("input", torch.float64)
+    a = (torch.arange(1001) >= 900).float().unsqueeze(0).repeat(2, 1)  # the probe's input: rank 899.99998 or 900
+    assert torch.equal(ddim._row_quantile(a, 0.9, "input"), torch.ones(2))
+    assert torch.equal(ddim._row_quantile(a, 0.9, torch.float64), torch.full((2,), 0.99997616))
+    real = torch.quantile
+    monkeypatch.setattr(torch, "quantile", lambda a, q, dim: real(a, q, dim=dim).nextafter(torch.tensor(2.0)))
+    assert ddim._quantile_rank_dtype() is None
+    monkeypatch.setattr(ddim, "QUANTILE_RANK_DTYPE", None)
+    assert torch.equal(row_quantile(a, 0.9), torch.quantile(a, 0.9, dim=1))
+
+
 def test_row_quantile_traces():
     """fullgraph torch.compile and fake tensors (the tracing of torch.export): torch.quantile of torch 2.6 and 2.8
     failed both (a data-dependent aten.equal)."""
