@@ -23,9 +23,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' own helper modules
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "graph_pipeline"))  # and graph_pipeline's
+
+from stand_in_graphs import capture_on_host  # noqa: E402
+from tiny_pipelines import dit_pipe, sd_pipe  # noqa: E402
 
 import fastflow.graph_pipeline as gp  # noqa: E402
-from tests.test_graph_pipeline import capture_on_host, dit_pipe, sd_pipe  # noqa: E402
 
 STEPS = 30
 

@@ -188,7 +188,7 @@ gpu_tests() {
     local extra=()
     if "$PY" -c "import pytest_timeout" 2>/dev/null; then extra+=(--timeout=90); fi
     # No -x: one failing file must not hide the others' results. Kernels first, then the rest.
-    local paths=(tests/kernels tests/csrc tests/backends tests/test_graph.py tests/test_graph_pipeline.py
+    local paths=(tests/kernels tests/csrc tests/backends tests/test_graph.py tests/graph_pipeline
         tests/diffusers tests)
     # shellcheck disable=SC2206  # GPU_TESTS is a list of words
     [ -n "${GPU_TESTS:-}" ] && paths=($GPU_TESTS)
