@@ -30,16 +30,23 @@ def all_angles() -> np.ndarray:
     return ((2 * m + 1).astype(np.float32) * np.float32(2.0**-23) - np.float32(1)).astype(np.float32)
 
 
-def cos_sin_pi(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """float32 cos(pi v), sin(pi v): quarter-turn reduction, fma polynomials, swap and signs."""
+def mul_add32(a, b, c) -> np.ndarray:
+    """float32 ``a * b + c`` rounded twice (the product, then the sum): an fma as an evaluator without one makes it."""
+    return (np.asarray(a, np.float32) * np.asarray(b, np.float32)).astype(np.float32) + np.asarray(c, np.float32)
+
+
+def cos_sin_pi(v: np.ndarray, fused: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """float32 cos(pi v), sin(pi v): quarter-turn reduction, fma polynomials, swap and signs. ``fused=False``: each
+    fma rounded twice, as Triton's interpreter before 3.9 evaluates ``tl.fma``."""
+    fma = fma32 if fused else mul_add32
     v = np.asarray(v, np.float32)
     q = np.floor(v * np.float32(2) + np.float32(0.5)).astype(np.float32)
     t = ((v + q * np.float32(-0.5)) * np.float32(np.pi)).astype(np.float32)
     s = t * t
     s0, s1, s2 = (np.float32(c) for c in noise.SIN_POLY)
     c0, c1, c2, c3 = (np.float32(c) for c in noise.COS_POLY)
-    sin_t = fma32(t * s, fma32(s, fma32(s, s2, s1), s0), t)
-    cos_t = fma32(s, fma32(s, fma32(s, fma32(s, c3, c2), c1), c0), np.float32(1))
+    sin_t = fma(t * s, fma(s, fma(s, s2, s1), s0), t)
+    cos_t = fma(s, fma(s, fma(s, fma(s, c3, c2), c1), c0), np.float32(1))
     quarter = q.astype(np.int64) & 3
     odd = (quarter & 1) != 0
     sin_v = np.where(odd, cos_t, sin_t)

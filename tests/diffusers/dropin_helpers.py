@@ -7,6 +7,7 @@ wrong step index, scaling or coefficient shows up over a loop.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import math
 from collections.abc import Callable, Iterator
@@ -29,6 +30,26 @@ def recompile_limit(n: int) -> contextlib.AbstractContextManager:
     the same limit, renamed later."""
     name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
     return torch._dynamo.config.patch(**{name: n})
+
+
+@functools.cache
+def fullgraph_traces_item() -> bool:
+    """Whether fullgraph=True traces ``Tensor.item()`` (2.13 captures the scalar; older dynamo, 2.6's and 2.8's,
+    refuses unless ``torch._dynamo.config.capture_scalar_outputs`` is set, which its error says)."""
+    try:
+        torch.compile(lambda x: x + x.sum().item(), fullgraph=True, backend="eager")(torch.zeros(1))
+    except torch._dynamo.exc.Unsupported:
+        return False
+    return True
+
+
+def fullgraph_seed_draws() -> contextlib.AbstractContextManager:
+    """What a fullgraph=True trace of a loop's first noisy step (its seed is drawn with ``.item()``) needs: nothing
+    where dynamo traces ``Tensor.item()``, ``capture_scalar_outputs=True`` where it does not (docs/diffusers.md
+    tells users so)."""
+    if fullgraph_traces_item():
+        return contextlib.nullcontext()
+    return torch._dynamo.config.patch(capture_scalar_outputs=True)
 
 
 def stand_in(x: torch.Tensor, t) -> torch.Tensor:

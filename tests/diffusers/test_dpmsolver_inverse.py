@@ -199,6 +199,7 @@ def test_half_states(dtype):
 def test_diffedit_inversion_matches():
     """DiffEdit's ``invert`` (guided, a prefix of the schedule, every step's latents kept) with a tiny random UNet
     and VAE: the drop-in's latents are diffusers'."""
+    pytest.importorskip("transformers", reason="the DiffEdit pipeline needs transformers")
     from tiny_models import tiny_cond_unet, tiny_vae
 
     vae, unet = tiny_vae(), tiny_cond_unet()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 import re
@@ -13,7 +12,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from dropin_helpers import SD, SHAPE, TREE_NOISE, assert_close, pair, recompile_limit, stand_in, start_noise
+from dropin_helpers import (
+    SD,
+    SHAPE,
+    TREE_NOISE,
+    assert_close,
+    fullgraph_seed_draws,
+    pair,
+    recompile_limit,
+    stand_in,
+    start_noise,
+)
 
 import fastflow.diffusers as ffd
 import fastflow.diffusers._locate as dropin_locate
@@ -24,17 +33,6 @@ diffusers = pytest.importorskip("diffusers")
 
 # What torch 2.13's dynamo does and 2.6's and 2.8's do not (features probed, not versions): the tests that need one
 # check, on a torch without it, what a user of that torch sees instead (docs/wheels.md, "Oldest torch").
-@functools.cache
-def fullgraph_traces_item() -> bool:
-    """Whether fullgraph=True traces ``Tensor.item()`` (2.13 captures the scalar; older dynamo refuses unless
-    ``torch._dynamo.config.capture_scalar_outputs`` is set, which its error says)."""
-    try:
-        torch.compile(lambda x: x + x.sum().item(), fullgraph=True, backend="eager")(torch.zeros(1))
-    except torch._dynamo.exc.Unsupported:
-        return False
-    return True
-
-
 @functools.cache
 def fullgraph_keeps_error_messages() -> bool:
     """Whether an exception raised in code fullgraph=True traces reaches the caller with its message (older dynamo
@@ -233,11 +231,8 @@ def test_torch_compile_fullgraph(name, config, kw):
         out = ff.step(o, t, x, **kw)
         return out.prev_sample
 
-    # A loop's first noisy step draws its seed with .item() (KDPM2 ancestral's is traced here); a dynamo that does
-    # not trace that under fullgraph needs capture_scalar_outputs, as its error says and docs/diffusers.md tells.
-    captures = contextlib.nullcontext() if fullgraph_traces_item() else torch._dynamo.config.patch(
-        capture_scalar_outputs=True)
-    with captures:
+    # A loop's first noisy step draws its seed with .item() (KDPM2 ancestral's is traced here)
+    with fullgraph_seed_draws():
         for t in ts[1:2]:
             x = step(stand_in(x, t), t, x)
     if not stochastic:  # the compiled steps compute what diffusers does

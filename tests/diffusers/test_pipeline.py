@@ -233,6 +233,7 @@ def test_cogvideox_pipelines(name, video2video):
     """CogVideoX's text-to-video pipeline (classifier-free guidance; the DPM scheduler's caller-held history) and its
     video-to-video pipeline (starting part-way by slicing the timesteps, with no set_begin_index): the same videos
     with each drop-in."""
+    pytest.importorskip("transformers", reason="the CogVideoX pipelines need transformers")
     from tiny_models import tiny_cogvideox_transformer, tiny_cogvideox_vae
 
     transformer, vae = tiny_cogvideox_transformer(), tiny_cogvideox_vae()
@@ -263,6 +264,7 @@ def test_ltx_condition_pipeline(stochastic):
     """LTX-Video's conditioning pipeline (an image held at frame 0; its tokens step with per-token timesteps, guided):
     the same latents with the flow-matching Euler drop-in (with stochastic sampling, drawing diffusers' noise from
     the global generator as the pipeline passes none)."""
+    pytest.importorskip("transformers", reason="the LTX-Video pipelines need transformers")
     from diffusers.pipelines.ltx.pipeline_ltx_condition import LTXVideoCondition
     from tiny_models import tiny_ltx_transformer, tiny_ltx_vae
 
@@ -305,6 +307,7 @@ FLOW_SOLVERS = dict(prediction_type="flow_prediction", use_flow_sigmas=True, flo
 def test_flow_prediction_solver_pipelines(model, name, config):
     """Sana's (DPM-Solver on flow sigmas, guided, its generator passed to ``step``) and Wan 2.1's text-to-video
     pipeline (UniPC on flow sigmas, ``set_begin_index(0)``): the same latents with the drop-in."""
+    pytest.importorskip("transformers", reason="the Sana and Wan pipelines need transformers")
     from tiny_models import tiny_sana_transformer, tiny_wan_transformer
 
     g = torch.Generator().manual_seed(1)
@@ -364,6 +367,7 @@ def _seeded_tiny_vae():
 def test_latent_upscaler_pipeline():
     """The SD x2 latent upscaler: Euler with sample prediction, ``scale_model_input`` called twice a step (on the
     latents, and on the 0-dim sigma to precondition the output), the loop's sigmas read from ``scheduler.sigmas``."""
+    pytest.importorskip("transformers", reason="the latent upscaler pipeline needs transformers")
     torch.manual_seed(0)
     unet = diffusers.UNet2DConditionModel(
         act_fn="gelu", attention_head_dim=8, norm_num_groups=None, block_out_channels=(32, 32, 64, 64),
