@@ -23,14 +23,20 @@ METRICS = (("device_us", "device"), ("host_us", "loop"), ("step_us", "step"), ("
 _EXPECTED_TO_DIFFER = frozenset({"git_commit", "fastflow", "fastflow_build", "backends", "host"})
 
 
-def _cases(path: Path) -> dict[tuple[str, str, str], dict]:
-    data = json.loads(path.read_text())
+Run = Path | dict  # a results.json, or its contents already read
+
+
+def _read(run: Run) -> dict:
+    return run if isinstance(run, dict) else json.loads(Path(run).read_text())
+
+
+def _cases(data: dict) -> dict[tuple[str, str, str], dict]:
     return {(c["family"], c["size"], c.get("model_dtype", "")): c["impls"] for c in data["cases"]}
 
 
-def differences(base: Path, new: Path) -> list[str]:
+def differences(base: Run, new: Run) -> list[str]:
     """What the two runs' times depend on and differ in: machine fields (not the trees' own) and settings."""
-    old, cur = json.loads(base.read_text()), json.loads(new.read_text())
+    old, cur = _read(base), _read(new)
     found = []
     for section in ("machine", "settings"):
         a, b = old.get(section) or {}, cur.get(section) or {}
@@ -42,14 +48,16 @@ def differences(base: Path, new: Path) -> list[str]:
     return found
 
 
-def compare(base: Path, new: Path) -> str:
-    """A markdown table of ``new / base`` for every metric both runs measured, after any :func:`differences`."""
-    old, cur = _cases(base), _cases(new)
+def compare(base: Path, new: Path, base_run: dict | None = None, new_run: dict | None = None) -> str:
+    """A markdown table of ``new / base`` for every metric both runs measured, after any :func:`differences`
+    (``base_run`` / ``new_run``: the files' contents, where the caller has read them)."""
+    base_run, new_run = _read(base if base_run is None else base_run), _read(new if new_run is None else new_run)
+    old, cur = _cases(base_run), _cases(new_run)
     lines = [
         f"# `{new}` against `{base}` (new / base; below 1 is faster)",
         "",
     ]
-    unlike = differences(base, new)
+    unlike = differences(base_run, new_run)
     if unlike:
         lines += [
             "> **Warning**: the runs differ in more than their trees, so these ratios do not compare the trees alone:",
@@ -83,9 +91,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("new", type=Path)
     parser.add_argument("--out", type=Path, help="also write the table here")
     args = parser.parse_args(argv)
-    for difference in differences(args.base, args.new):
+    base_run, new_run = _read(args.base), _read(args.new)
+    for difference in differences(base_run, new_run):
         print(f"warning: the runs differ in {difference}", file=sys.stderr)
-    table = compare(args.base, args.new)
+    table = compare(args.base, args.new, base_run, new_run)
     print(table)
     if args.out:
         args.out.write_text(table)

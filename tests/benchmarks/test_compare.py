@@ -65,3 +65,18 @@ def test_another_card_or_settings_are_named_in_the_table_and_on_stderr(tmp_path,
     main([str(base), str(new)])
     err = capsys.readouterr().err
     assert err.count("warning: the runs differ in") == 3 and "machine.card" in err
+
+
+def test_main_reads_each_run_once(tmp_path, monkeypatch, capsys):
+    """The warnings and the table come from one reading of each file (they were read three times each)."""
+    from pathlib import Path
+
+    base = _with(tmp_path / "base.json", {"card": "NVIDIA H200"}, {"steps": 30})
+    new = _with(tmp_path / "new.json", {"card": "NVIDIA H100 80GB HBM3"}, {"steps": 30})
+    reads: list[str] = []
+    real = Path.read_text
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: reads.append(self.name) or real(self, *a, **k))
+    out = tmp_path / "table.md"
+    main([str(base), str(new), "--out", str(out)])
+    assert sorted(reads) == ["base.json", "new.json"]
+    assert "machine.card" in capsys.readouterr().err and "| ddim |" in out.read_text()
